@@ -1,0 +1,3 @@
+from dtop_export.cli import main
+
+main()

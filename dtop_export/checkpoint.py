@@ -1,0 +1,222 @@
+"""The dtop-export checkpoint: one file with config, weights, whitening, preprocessing and provenance.
+
+The file is a ``torch.save`` archive holding only tensors and plain Python values (dict, list, str,
+int, float, bool, None), so it is always loaded with ``torch.load(weights_only=True)``: a pickle that
+would construct arbitrary objects (and so could run code) is refused. Writes are atomic.
+
+Layout (format version 1)::
+
+    {
+      "format": "dtop-export/checkpoint", "format_version": 1,
+      "config": DToPConfig.to_dict(),
+      "state_dict": {name: tensor},
+      "whitening": None | {"mean": [N] tensor, "proj": [d, N] tensor, "kind": "lw"|"pca", ...},
+      "preprocess": PreprocessConfig.to_dict(),
+      "provenance": {"created": iso-8601, "code_version": str, "source": str, "training_set": str|None,
+                     "epoch": int|None, "step": int|None, "metrics": dict, ...},
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtop_export import __version__
+from dtop_export._io import atomic_path
+from dtop_export.errors import CheckpointError
+from dtop_export.model.config import DToPConfig
+from dtop_export.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtop_export.model import DToP
+
+FORMAT = "dtop-export/checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Whitening:
+    """Learned whitening, cirtorch semantics: ``normalize(proj @ (x - mean))`` on L2-normalised x.
+
+    mean: [N]; proj: [d, N] with d <= N (the output descriptor dimension).
+    """
+
+    mean: torch.Tensor
+    proj: torch.Tensor
+    kind: str = "lw"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.proj.shape[0])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Whiten L2-normalised descriptors [B, N] -> L2-normalised [B, d]."""
+        import torch.nn.functional as F
+
+        return F.normalize((x - self.mean) @ self.proj.T, dim=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "proj": self.proj, "kind": self.kind, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Whitening:
+        return cls(mean=d["mean"], proj=d["proj"], kind=d.get("kind", "lw"), info=d.get("info", {}))
+
+
+@dataclass
+class Checkpoint:
+    """Everything the toolkit needs to rebuild, run and deploy a DToP model."""
+
+    config: DToPConfig
+    state_dict: dict[str, torch.Tensor]
+    preprocess: PreprocessConfig
+    whitening: Whitening | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str | None = None
+
+    def build_model(self) -> DToP:
+        """Instantiate the model and load the weights (strict; mismatches named)."""
+        from dtop_export.model import build_model
+
+        model = build_model(self.config)
+        load_state_dict_checked(model, self.state_dict, self.path)
+        return model.eval()
+
+
+def new_provenance(source: str, **extra: Any) -> dict[str, Any]:
+    """Provenance record for a checkpoint created now by this toolkit version."""
+    prov: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "source": source,
+        "training_set": None,
+        "epoch": None,
+        "step": None,
+        "metrics": {},
+    }
+    prov.update(extra)
+    return prov
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: DToP,
+    preprocess: PreprocessConfig,
+    whitening: Whitening | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename) and return its path."""
+    import torch
+
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "whitening": None if whitening is None else whitening.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "provenance": provenance or new_provenance("unknown"),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found: create one with `dtop-export init -o {path}`")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    data = path.read_bytes()
+    if not data.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{path} is not a dtop-export checkpoint (not a torch.save archive)")
+    try:
+        zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-copy or re-create it") from e
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled Python objects that could run code; "
+            "only dtop-export checkpoints (tensors and plain values) are accepted"
+        ) from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e.__class__.__name__}); re-create it") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not a dtop-export checkpoint (no '{FORMAT}' tag)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, newer than this dtop-export "
+            f"({__version__}) reads (<= {FORMAT_VERSION}): upgrade with `pip install -U dtop-export`"
+        )
+    for key in ("config", "state_dict", "preprocess"):
+        if not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path} is missing its '{key}' section")
+    config = DToPConfig.from_dict(payload["config"])
+    whitening = Whitening.from_dict(payload["whitening"]) if payload.get("whitening") else None
+    return Checkpoint(
+        config=config,
+        state_dict=payload["state_dict"],
+        preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
+        whitening=whitening,
+        provenance=payload.get("provenance") or {},
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | None) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first mismatching keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        where = f"{path}: " if path else ""
+        bits = []
+        if missing:
+            bits.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            bits.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+        if shapes:
+            bits.append(f"shape mismatch in {len(shapes)} key(s) e.g. {'; '.join(shapes[:2])}")
+        raise CheckpointError(f"{where}weights do not match the stored config ({'; '.join(bits)})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path) -> tuple[DToP, Checkpoint]:
+    """Load a checkpoint and return the eval-mode model with it."""
+    ckpt = load_checkpoint(path)
+    return ckpt.build_model(), ckpt

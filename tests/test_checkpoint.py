@@ -1,0 +1,149 @@
+"""Checkpoint format: round trip, atomic writes and one-line errors for every bad file."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtop_export.checkpoint import FORMAT_VERSION, Whitening, load_checkpoint, load_model, save_checkpoint
+from dtop_export.errors import CheckpointError
+from dtop_export.model import DToP, build_model, get_preset
+from dtop_export.preprocess import default_preprocess
+
+
+def test_roundtrip_is_bit_exact(tmp_path: Path, small_model: DToP) -> None:
+    wh = Whitening(mean=torch.randn(256), proj=torch.randn(128, 256), kind="lw", info={"pairs": 10})
+    path = save_checkpoint(tmp_path / "a.pt", small_model, default_preprocess("x", 16), whitening=wh)
+    model, ckpt = load_model(path)
+    for k, v in small_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert ckpt.config == small_model.cfg
+    assert torch.equal(ckpt.whitening.proj, wh.proj) and ckpt.whitening.info == {"pairs": 10}
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), small_model(x))
+    assert len(ckpt.sha256) == 64
+
+
+def test_whitening_semantics() -> None:
+    """cirtorch: normalize(P (x - m)) on L2-normalised descriptors."""
+    x = torch.nn.functional.normalize(torch.randn(4, 6), dim=-1)
+    wh = Whitening(mean=torch.randn(6), proj=torch.randn(3, 6))
+    ref = (wh.proj @ (x - wh.mean).T).T
+    torch.testing.assert_close(wh.apply(x), ref / ref.norm(dim=1, keepdim=True))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    p = tmp_path / "x.pt"
+    p.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a dtop-export checkpoint"):
+        load_checkpoint(p)
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, p)  # a torch file, but not ours
+    with pytest.raises(CheckpointError, match="not a dtop-export checkpoint"):
+        load_checkpoint(p)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.95])
+def test_truncated_file(tmp_path: Path, small_ckpt: Path, keep: float) -> None:
+    data = small_ckpt.read_bytes()
+    p = tmp_path / "t.pt"
+    p.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(p)
+
+
+def _rewrite(src: Path, dst: Path, **changes: object) -> None:
+    payload = torch.load(src, weights_only=True)
+    payload.update(changes)
+    torch.save(payload, dst)
+
+
+def test_newer_format_version(tmp_path: Path, small_ckpt: Path) -> None:
+    p = tmp_path / "new.pt"
+    _rewrite(small_ckpt, p, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(CheckpointError, match=rf"format version {FORMAT_VERSION + 1}.*upgrade"):
+        load_checkpoint(p)
+
+
+def test_config_weights_mismatch_names_keys(tmp_path: Path, small_ckpt: Path) -> None:
+    p = tmp_path / "mm.pt"
+    cfg = get_preset("small").replace(descriptor_dim=128).to_dict()
+    _rewrite(small_ckpt, p, config=cfg)
+    with pytest.raises(CheckpointError, match=r"shape mismatch .* global_branch\.fc\.weight"):
+        load_model(p)
+    payload = torch.load(small_ckpt, weights_only=True)
+    del payload["state_dict"]["head.fc.bias"]
+    payload["state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(payload, p)
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\) e\.g\. head\.fc\.bias.*unexpected.*extra\.weight"):
+        load_model(p)
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pt"
+    torch.save({"format": "dtop-export/checkpoint", "format_version": 1, "x": _Evil(str(marker))}, p)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(p)
+    assert not marker.exists()
+    # and a raw pickle (not even a zip) is refused before unpickling
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_save_is_atomic(tmp_path: Path, small_model: DToP, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "c.pt"
+    dest.write_bytes(b"previous")
+
+    def failing_save(obj: object, f: object) -> None:
+        Path(f).write_bytes(b"PK\x03\x04half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(dest, small_model, default_preprocess("x", 16))
+    assert dest.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_saved_file_is_a_plain_zip_of_tensors(small_ckpt: Path) -> None:
+    names = zipfile.ZipFile(io.BytesIO(small_ckpt.read_bytes())).namelist()
+    assert any(n.endswith("data.pkl") for n in names)
+    # weights_only loading works with no dtop-export code involved
+    payload = torch.load(small_ckpt, weights_only=True)
+    assert payload["format"] == "dtop-export/checkpoint" and payload["config"]["backbone"] == "dtop_tiny_r_s16"
+
+
+def test_provenance_and_preprocess_survive(small_ckpt: Path) -> None:
+    ckpt = load_checkpoint(small_ckpt)
+    assert ckpt.provenance["source"] == "test" and ckpt.provenance["code_version"]
+    assert ckpt.preprocess.mean == (0.5, 0.5, 0.5) and ckpt.preprocess.stride == 16
+
+
+def test_checkpoint_builds_same_architecture(small_ckpt: Path) -> None:
+    model = load_checkpoint(small_ckpt).build_model()
+    assert isinstance(model, DToP) and not model.training
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in build_model(get_preset("small")).parameters()
+    )

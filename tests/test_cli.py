@@ -1,0 +1,75 @@
+"""The command line: fast start-up, one-line errors with exit code 2, init/info round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = [sys.executable, "-m", "dtop_export"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; import dtop_export.cli as c; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "init" in r.stdout and "info" in r.stdout
+
+
+def test_version() -> None:
+    from dtop_export import __version__
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"dtop-export {__version__}"
+
+
+def test_init_and_info(tmp_path: Path) -> None:
+    ckpt = tmp_path / "s.pt"
+    r = run("init", "--preset", "small", "-o", str(ckpt))
+    assert r.returncode == 0, r.stderr
+    assert ckpt.exists() and "5.1M parameters" in r.stdout
+    r = run("info", str(ckpt), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["config"]["backbone"] == "dtop_tiny_r_s16"
+    p = report["parameters"]
+    assert p["total"] == sum(
+        p[k] for k in ("stem", "transformer", "pos_embed", "global_branch", "local_branch", "head")
+    )
+    assert report["provenance"]["backbone_init"] == "random-init"
+    r = run("info", str(ckpt))
+    assert r.returncode == 0 and "local_branch" in r.stdout and "provenance" in r.stdout
+    r = run("init", "--preset", "small", "-o", str(ckpt))  # exists
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "missing.pt"], "not found"),
+        (["init", "--preset", "nope", "-o", "x.pt"], "unknown preset 'nope'"),
+        (["info", "garbage.pt"], "not a dtop-export checkpoint"),
+        (["init", "--preset", "small", "-o", "no/such/dir/x.pt"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    r = subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    r = subprocess.run([*EXE, "--debug", "info", "missing.pt"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
