@@ -120,6 +120,7 @@ def _print_info(report: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     con = console()
@@ -136,7 +137,7 @@ def _print_info(report: dict[str, Any], as_json: bool, title: str) -> None:
                     v = f"{v:,}"
                 elif isinstance(v, (dict, list)):
                     v = json.dumps(v, default=str)
-                table.add_row(str(k), str(v))
+                table.add_row(escape(str(k)), escape(str(v)))
             con.print(table)
         else:
-            con.print(f"[cyan]{section}[/cyan]: {value}")
+            con.print(f"[cyan]{section}[/cyan]: {escape(str(value))}")

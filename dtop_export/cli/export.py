@@ -1,0 +1,55 @@
+"""Export commands: ``onnx`` (checkpoint -> one deployable ONNX file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli._app import app, console
+from dtop_export.errors import DToPError
+
+
+@app.command()
+def onnx(
+    checkpoint: Annotated[Path, typer.Argument(help="dtop-export checkpoint (.pt).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="ONNX file to write (default: next to the checkpoint).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18..23).")] = 18,
+    static: Annotated[
+        str | None, typer.Option("--static", help="Fix HxW (e.g. 512x512) for runtimes without dynamic shapes.")
+    ] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Fix the batch size (default: dynamic).")] = None,
+    no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the checkpoint's whitening out.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Export a checkpoint to one self-contained ONNX file: dynamic batch/height/width, DPE in-graph,
+    batchnorm and whitening folded, metadata for deployers."""
+    from dtop_export.export import export_onnx, parse_hw
+
+    output = output or checkpoint.with_suffix(".onnx")
+    if output.exists() and not force:
+        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    static_hw = parse_hw(static) if static else None
+    con = console()
+    with con.status("exporting") as status:
+        result = export_onnx(
+            checkpoint,
+            output,
+            opset=opset,
+            static_hw=static_hw,
+            batch=batch,
+            whiten=not no_whiten,
+            on_stage=lambda s: status.update(f"exporting: {s}"),
+        )
+    whitening = "whitened" if '"applied": true' in result.metadata["dtop.whitening"] else "not whitened"
+    dims = "dynamic batch/height/width" if not (static_hw or batch) else f"static {static or ''} batch {batch or 'dyn'}"
+    con.print(
+        f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {result.nodes} nodes, "
+        f"{dims}, descriptor {result.metadata['dtop.descriptor_dim']}-d {whitening}) in {result.seconds:.1f} s",
+        soft_wrap=True,
+    )
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
+    con.print(f"stages: {timings}", style="dim")

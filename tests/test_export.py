@@ -1,0 +1,272 @@
+"""ONNX export: folding, graph invariants, metadata, atomic writes, and ORT-vs-PyTorch parity."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtop_export.checkpoint import Whitening, load_checkpoint, new_provenance, save_checkpoint
+from dtop_export.errors import DToPError
+from dtop_export.export import export_onnx, graph_problems, parse_hw, read_onnx_metadata
+from dtop_export.fold import fold_for_deployment
+from dtop_export.model import DToP, build_model, get_preset
+from dtop_export.preprocess import default_preprocess
+from engines import load_engine
+
+PARITY_SHAPES = [(224, 224), (384, 384), (384, 512), (512, 384), (640, 384), (768, 1024), (1024, 1024)]
+
+
+def _randomise_batchnorm(model: DToP) -> None:
+    """Non-trivial BN statistics so that folding is really exercised."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+
+
+def _whitening(n: int, out: int) -> Whitening:
+    g = torch.Generator().manual_seed(1)
+    proj = torch.linalg.qr(torch.randn(n, n, generator=g))[0][:out] * 3.0
+    return Whitening(mean=torch.randn(n, generator=g) * 0.05, proj=proj, kind="lw")
+
+
+def _make_ckpt(path: Path, preset: str = "small", whiten: bool = True, **changes: object) -> Path:
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset).replace(**changes)).eval()
+    _randomise_batchnorm(model)
+    wh = _whitening(model.descriptor_dim, model.descriptor_dim // 2) if whiten else None
+    save_checkpoint(
+        path,
+        model,
+        default_preprocess(model.cfg.backbone, model.stride),
+        whitening=wh,
+        provenance=new_provenance("test"),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("export")
+    ckpt = _make_ckpt(d / "small.pt")
+    onnx_path = d / "small.onnx"
+    export_onnx(ckpt, onnx_path)
+    return ckpt, onnx_path
+
+
+# folding ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_bn_at_inference", [False, True])
+def test_folded_module_matches_unfolded_pipeline(head_bn_at_inference: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model(get_preset("small").replace(head_bn_at_inference=head_bn_at_inference)).eval()
+    _randomise_batchnorm(model)
+    wh = _whitening(256, 128)
+    deploy, stats = fold_for_deployment(model, wh)
+    assert stats["batchnorm_folded"] == 7 and stats["std_conv_baked"] == 13
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
+    x = torch.randn(3, 3, 192, 256)
+    with torch.no_grad():
+        ref = wh.apply(F.normalize(model(x), dim=-1))
+        out = deploy(x)
+    assert out.shape == (3, 128)
+    assert F.cosine_similarity(ref, out).min() >= 0.999999
+    # the original model is untouched by folding
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_head_bn_fold_differs_from_drop() -> None:
+    """Folding the kept head BN is not the same as dropping it (so the test above checks something)."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("small").replace(head_bn_at_inference=True)).eval()
+    _randomise_batchnorm(model)
+    dropped = copy.deepcopy(model)
+    dropped.head.bn_at_inference = False
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert F.cosine_similarity(model(x), dropped(x)).min() < 0.9999
+
+
+# the exported graph ----------------------------------------------------------------------------------
+
+
+def test_graph_invariants(exported: tuple[Path, Path]) -> None:
+    _, onnx_path = exported
+    proto = onnx.load(str(onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops and "Dropout" not in ops
+    assert not ops & {"RandomUniformLike", "RandomUniform", "Bernoulli"}  # no WaveBlock
+    assert graph_problems(proto) == []
+    opset = next(o.version for o in proto.opset_import if o.domain == "")
+    assert opset >= 17
+    assert "LayerNormalization" in ops
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "", "height", "width"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    assert out_dims[0].dim_param == "batch" and out_dims[1].dim_value == 128
+
+
+def test_dpe_resize_is_dynamic_and_not_antialiased(exported: tuple[Path, Path]) -> None:
+    proto = onnx.load(str(exported[1]))
+    consts = {i.name for i in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 1
+    r = resizes[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in r.attribute}
+    assert attrs.get("antialias", 0) == 0
+    assert attrs["mode"] == b"cubic" and attrs.get("coordinate_transformation_mode") == b"half_pixel"
+    assert attrs.get("cubic_coeff_a") == pytest.approx(-0.75)
+    sizes = r.input[3]
+    assert sizes and sizes not in consts  # computed from the input's Shape at run time
+
+
+def test_metadata(exported: tuple[Path, Path]) -> None:
+    ckpt_path, onnx_path = exported
+    info = read_onnx_metadata(onnx_path)
+    meta = info["metadata"]
+    assert meta["descriptor_dim"] == 128 and meta["whitening"]["applied"] is True
+    assert meta["input_layout"] == "NCHW" and meta["color_order"] == "RGB"
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["stride"] == 16
+    assert meta["checkpoint_sha256"] == load_checkpoint(ckpt_path).sha256
+    assert info["config"]["num_layers"] == 4
+    assert info["inputs"]["images"] == "float32 [batch, 3, height, width]"
+
+
+@pytest.mark.parametrize(("h", "w"), PARITY_SHAPES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ort_matches_pytorch(exported: tuple[Path, Path], h: int, w: int, batch: int) -> None:
+    ckpt_path, onnx_path = exported
+    ref, ort = _engines(ckpt_path, onnx_path)
+    x = np.random.default_rng(h * w + batch).standard_normal((batch, 3, h, w)).astype(np.float32)
+    a, b = ref.embed(x), ort.embed(x)
+    assert a.shape == b.shape == (batch, 128)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.99999
+    assert np.abs(a - b).max() <= 1e-4
+
+
+_ENGINES: dict = {}
+
+
+def _engines(ckpt_path: Path, onnx_path: Path):  # noqa: ANN202
+    key = (ckpt_path, onnx_path)
+    if key not in _ENGINES:
+        _ENGINES[key] = (load_engine(ckpt_path), load_engine(onnx_path))
+    return _ENGINES[key]
+
+
+def test_no_whiten_and_static_and_fixed_batch(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+    ckpt_path, _ = exported
+    out = tmp_path / "static.onnx"
+    export_onnx(ckpt_path, out, static_hw=(128, 192), batch=2, whiten=False, opset=20)
+    proto = onnx.load(str(out))
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 128, 192]
+    assert next(o.version for o in proto.opset_import if o.domain == "") == 20
+    eng = load_engine(out)
+    assert eng.descriptor_dim == 256 and eng.fixed_batch == 2
+    ref = load_engine(ckpt_path, whiten=False)
+    x = np.random.default_rng(0).standard_normal((3, 3, 128, 192)).astype(np.float32)  # 3 = 2 + padded 1
+    a, b = ref.embed(x), eng.embed(x)
+    assert b.shape == (3, 256)
+    assert ((a * b).sum(1)).min() >= 0.99999
+    with pytest.raises(DToPError, match="exported for 128x192 inputs only"):
+        eng.embed(x[:2, :, :96, :96].copy())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(static_hw=(250, 256)), "not a multiple of the model stride 16"),
+        (dict(opset=17), "opset 17 is not supported"),
+        (dict(batch=0), "--batch must be >= 1"),
+    ],
+)
+def test_refuses_what_it_cannot_honour(tmp_path: Path, exported: tuple[Path, Path], kwargs: dict, message: str) -> None:
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(DToPError, match=message):
+        export_onnx(exported[0], out, **kwargs)
+    assert not out.exists()
+
+
+def test_failed_export_leaves_nothing(
+    tmp_path: Path, exported: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.onnx"
+
+    def boom(proto: object, f: str, *a: object, **k: object) -> None:
+        Path(f).write_bytes(b"partial")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(OSError, match="no space"):
+        export_onnx(exported[0], out, static_hw=(64, 64), batch=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_hw() -> None:
+    assert parse_hw("512x384") == (512, 384) and parse_hw("256") == (256, 256)
+    with pytest.raises(DToPError):
+        parse_hw("big")
+
+
+def test_cli_onnx_and_info(tmp_path: Path) -> None:
+    ckpt = _make_ckpt(tmp_path / "c.pt", whiten=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "onnx", str(ckpt), "--static", "64x96"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "c.onnx"
+    assert out.exists() and "wrote" in r.stdout and "not whitened" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "info", str(out), "--json"], capture_output=True, text=True
+    )
+    report = json.loads(r.stdout)
+    assert report["metadata"]["static_hw"] == [64, 96] and report["metadata"]["whitening"]["applied"] is False
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "onnx", str(ckpt), "--static", "64x96"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "onnx", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--static", "60x96"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4])
+def test_full_preset_ort_matches_pytorch(tmp_path_factory: pytest.TempPathFactory, batch: int) -> None:
+    """The paper's R50+ViT-B/16 model: export in-budget and ORT parity at every shape."""
+    d = tmp_path_factory.getbasetemp() / "full"
+    d.mkdir(exist_ok=True)
+    ckpt, onnx_path = d / "full.pt", d / "full.onnx"
+    if not onnx_path.exists():
+        _make_ckpt(ckpt, preset="r50-vitb16")
+        export_onnx(ckpt, onnx_path)
+    ref, ort = _engines(ckpt, onnx_path)
+    for h, w in PARITY_SHAPES:
+        x = np.random.default_rng(h + w).standard_normal((batch, 3, h, w)).astype(np.float32)
+        a, b = ref.embed(x), ort.embed(x)
+        cos = (a * b).sum(1)
+        assert cos.min() >= 0.99999, (h, w)
+        assert np.abs(a - b).max() <= 1e-4, (h, w)
