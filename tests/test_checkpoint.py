@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dtop_export.checkpoint import FORMAT_VERSION, Whitening, load_checkpoint, load_model, save_checkpoint
-from dtop_export.errors import CheckpointError
+from dtop_export.errors import CheckpointError, DToPError
 from dtop_export.model import DToP, build_model, get_preset
 from dtop_export.preprocess import default_preprocess
 
@@ -147,3 +147,28 @@ def test_checkpoint_builds_same_architecture(small_ckpt: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in build_model(get_preset("small")).parameters()
     )
+
+
+def test_init_from_local_backbone_weights(tmp_path: Path) -> None:
+    """`--backbone-weights FILE` (offline machines): the backbone gets exactly those weights."""
+    from safetensors.torch import save_file
+
+    from dtop_export.model.backbone import create_vit
+
+    torch.manual_seed(123)
+    donor = create_vit("dtop_tiny_r_s16", img_size=256)
+    weights = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(weights))
+    torch.manual_seed(0)
+    model = build_model(get_preset("small"), backbone_weights=weights)
+    torch.testing.assert_close(model.encoder.blocks[0].attn.qkv.weight, donor.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(model.encoder.pos_embed.weight, donor.pos_embed)
+    torch.testing.assert_close(
+        model.encoder.patch_embed.backbone.stem.conv.weight, donor.patch_embed.backbone.stem.conv.weight
+    )
+    bad = tmp_path / "bad.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(DToPError, match="does not fit backbone"):
+        build_model(get_preset("small"), backbone_weights=bad)
+    with pytest.raises(DToPError, match="not found"):
+        build_model(get_preset("small"), backbone_weights=tmp_path / "missing.safetensors")

@@ -116,7 +116,11 @@ def _load_backbone_weights(vit: nn.Module, path: Path, name: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = checkpoint_filter_fn(state, vit)
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise DToPError(f"{path} does not fit backbone {name}: {first.strip()}") from e
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
         raise DToPError(f"{path} does not fit backbone {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
