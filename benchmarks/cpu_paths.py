@@ -1,0 +1,177 @@
+"""The CPU paths of a DToP model, side by side: PyTorch eager fp32 and bf16, ONNX Runtime fp32 (plain
+export and ``optimize``d) and INT8 (``quantize``). Produces the tables in ``benchmarks/README.md``.
+
+    python benchmarks/cpu_paths.py --preset r50-vitb16 --sizes 384,512 --batch 1,8 --runs 3 --out bench-out
+
+1. Builds a benchmark checkpoint: the preset with random weights, then biases, norm parameters and BN
+   statistics perturbed and a random whitening added. (Random init has zero biases and unit norms,
+   which the export's clean-up folds away; a trained model has neither, and the graphs must match.)
+2. Derives the artifacts with their build times (``dtop_export.bench.derive_specs``).
+3. ``dtop_export.bench.run_bench``: interleaved timings, memory, GFLOP/s -> bench.md/json/png.
+4. Accuracy on the embedded sample set (when ``dtop_export.evaluate`` is available): per-image cosine
+   against PyTorch fp32 and Easy/Medium/Hard mAP of every engine at ``--eval-size`` -> accuracy.md/json.
+
+A measurement, not a test: run it on a quiet machine (it prints the load average) and quote medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_bench_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
+    """Random-init ``preset`` with perturbed biases/norms/BN statistics and a random whitening."""
+    import torch
+
+    from dtop_export.checkpoint import Whitening, new_provenance, save_checkpoint
+    from dtop_export.model import build_model, get_preset
+    from dtop_export.preprocess import default_preprocess
+
+    torch.manual_seed(seed)
+    model = build_model(get_preset(preset)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:  # norm scales
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.05 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.mul_(1 + 0.2 * torch.rand(b.shape, generator=g))
+    n = model.descriptor_dim
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    whitening = Whitening(
+        mean=0.01 * torch.randn(n, generator=g),
+        proj=q * (1 + torch.rand(n, generator=g))[:, None],
+        info={"note": "random, for benchmarks"},
+    )
+    save_checkpoint(
+        out,
+        model,
+        default_preprocess(model.cfg.backbone, model.stride),
+        whitening=whitening,
+        provenance=new_provenance(f"benchmarks/cpu_paths.py --preset {preset}", seed=seed),
+    )
+    return out
+
+
+def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
+    """Per-image cosine vs the first spec (PyTorch fp32) and mAP of every engine on the sample set."""
+    from dtop_export.evaluate import evaluate_descriptors, extract_many, resolve_dataset
+    from engines import load_engine
+
+    ds = resolve_dataset("sample")
+    engines = [load_engine(s.path, threads=threads, **s.options) for s in specs]
+    labels = [f"{e.name} {e.precision} · {s.path.name}" for e, s in zip(engines, specs)]
+    t0 = time.perf_counter()
+    qs = extract_many(engines, ds.queries, bboxes=ds.bboxes, image_size=size, description="queries")
+    dbs = extract_many(engines, ds.images, image_size=size, description="database")
+    rows = []
+    for label, q, db in zip(labels, qs, dbs):
+        cos = np.concatenate([np.sum(q * qs[0], axis=1), np.sum(db * dbs[0], axis=1)])
+        m = evaluate_descriptors(db, q, ds.gnd)["map"]
+        rows.append({"engine": label, "cos_min": float(cos.min()), "cos_mean": float(cos.mean()), "map": m})
+    ref = rows[0]["map"]
+    for r in rows:
+        r["map_delta"] = {k: r["map"][k] - ref[k] for k in ref}
+    lines = [
+        f"Sample set: {ds.n_queries} queries, {ds.n_images} database images, longer side {size}, single scale; "
+        f"reference {labels[0]}; {time.perf_counter() - t0:.0f} s.",
+        "",
+        "| engine | cos min | cos mean | mAP E / M / H | ΔmAP E / M / H |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, d = r["map"], r["map_delta"]
+        lines.append(
+            f"| {r['engine']} | {r['cos_min']:.5f} | {r['cos_mean']:.5f} | "
+            f"{' / '.join(f'{m[k]:.2f}' for k in ('easy', 'medium', 'hard'))} | "
+            f"{' / '.join(f'{d[k]:+.2f}' for k in ('easy', 'medium', 'hard'))} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out_dir / "accuracy.md").write_text(text)
+    (out_dir / "accuracy.json").write_text(json.dumps({"size": size, "rows": rows}, indent=2))
+    print(text)
+    return {"rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="r50-vitb16")
+    ap.add_argument("--sizes", default="384,512")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--eval-size", type=int, default=384)
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    args = ap.parse_args()
+
+    from dtop_export.bench import EngineSpec, derive_specs, parse_int_list, quiet_ort_logs, run_bench
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / f"{args.preset}.pt"
+    with quiet_ort_logs():
+        if not ckpt.exists():
+            make_bench_checkpoint(args.preset, ckpt)
+        manifest = args.out / "artifacts.json"
+        if manifest.exists():
+            specs = [
+                EngineSpec(Path(d["path"]), d["options"], None, d["build_seconds"], d["derived_from"])
+                for d in json.loads(manifest.read_text())
+            ]
+        else:
+            specs = [EngineSpec(ckpt), EngineSpec(ckpt, {"precision": "bf16"})]
+            specs += derive_specs(ckpt, ["onnx", "optimized", "int8"], args.out, on_stage=print)
+            manifest.write_text(
+                json.dumps(
+                    [
+                        {
+                            "path": str(s.path),
+                            "options": s.options,
+                            "build_seconds": s.build_seconds,
+                            "derived_from": s.derived_from,
+                        }
+                        for s in specs
+                    ],
+                    indent=2,
+                )
+            )
+        if not args.skip_bench:
+            print(f"load average before: {os.getloadavg()}")
+            report = run_bench(
+                specs,
+                parse_int_list(args.sizes, "--sizes"),
+                parse_int_list(args.batch, "--batch"),
+                runs=args.runs,
+                warmup=args.warmup,
+                threads=args.threads,
+                progress=lambda d, n: print(f"  {d}", flush=True) if n == 0 else None,
+            )
+            text = report.to_markdown()
+            (args.out / "bench.md").write_text(text)
+            report.write_json(args.out / "bench.json")
+            report.write_plot(args.out / "bench.png")
+            print(text)
+        if not args.skip_accuracy:
+            try:
+                import dtop_export.evaluate  # noqa: F401
+            except ImportError:
+                print("dtop_export.evaluate not available: accuracy skipped")
+                return
+            accuracy(specs, args.threads, args.eval_size, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Benchmark command: ``bench`` (every engine side by side, interleaved, one report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli._app import app, console
+from dtop_export.errors import DToPError
+
+
+@app.command()
+def bench(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Models to compare: checkpoint (.pt, PyTorch; add :bf16 for autocast), .onnx (ONNX Runtime), "
+            ".plan (TensorRT). Options after a colon: model.pt:bf16, model.onnx:label=ort,threads=1."
+        ),
+    ],
+    sizes: Annotated[str, typer.Option("--sizes", help="Square image sizes, comma-separated.")] = "224,384,512",
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads for every engine (default: all cores).")
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per engine and shape (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed interleaved rounds before timing.")] = 1,
+    derive: Annotated[
+        str | None,
+        typer.Option(
+            "--derive",
+            help="Also build and time these from the first checkpoint: bf16 (PyTorch autocast), onnx (export), "
+            "optimized (ORT CPU rewrites), int8 (static quantisation). E.g. --derive bf16,onnx,optimized,int8.",
+        ),
+    ] = None,
+    calib: Annotated[
+        Path | None, typer.Option("--calib", help="Calibration images for --derive int8 (default: sample set).")
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Where --derive writes its files (default: a temp folder).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report (raw times) as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the Markdown tables here.")] = None,
+    no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip counting FLOPs (GFLOP/s column).")] = False,
+) -> None:
+    """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
+    first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
+    import tempfile
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dtop_export._io import atomic_write_text
+    from dtop_export.bench import (
+        bench_steps,
+        derive_specs,
+        parse_int_list,
+        parse_spec,
+        quiet_ort_logs,
+        run_bench,
+    )
+
+    size_list = parse_int_list(sizes, "--sizes")
+    batch_list = parse_int_list(batch, "--batch")
+    if threads is not None and threads < 1:
+        raise DToPError(f"--threads must be >= 1, got {threads}")
+    specs = [parse_spec(m) for m in models]
+    for out in (json_out, plot, markdown):
+        if out is not None and not (out.parent if str(out.parent) else Path(".")).is_dir():
+            raise DToPError(f"output folder {out.parent} does not exist")
+    con = console()
+    with quiet_ort_logs():
+        if derive:
+            ckpt = next((s.path for s in specs if s.kind == "checkpoint"), None)
+            if ckpt is None:
+                raise DToPError("--derive needs a checkpoint (.pt) among the models")
+            calib_paths, source = None, ""
+            if calib is not None:
+                from dtop_export.quantize import list_images
+
+                calib_paths, source = list_images(calib), str(calib)
+            wd = workdir or Path(tempfile.mkdtemp(prefix="dtop-bench-"))
+            kinds = [k.strip() for k in derive.split(",") if k.strip()]
+            with con.status("building") as status:
+                specs += derive_specs(
+                    ckpt,
+                    kinds,
+                    wd,
+                    calib_paths=calib_paths,
+                    calib_source=source,
+                    on_stage=lambda s: status.update(s),
+                )
+            con.print(f"built {', '.join(s.path.name for s in specs[len(models) :])} in {wd}", style="dim")
+        total = bench_steps(len(specs), len(size_list) * len(batch_list), runs, warmup)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=con,
+            transient=True,
+        ) as prog:
+            task = prog.add_task("benchmarking", total=total)
+            report = run_bench(
+                specs,
+                size_list,
+                batch_list,
+                runs=runs,
+                warmup=warmup,
+                threads=threads,
+                count_flops=not no_flops,
+                progress=lambda d, n: prog.update(task, description=d, advance=n),
+            )
+    text = report.to_markdown()
+    typer.echo(text)
+    if max(report.load_before[0], report.load_after[0]) > report.machine.get("cores", 1):
+        con.print(
+            f"warning: load average above the core count ({report.load_before[0]:.2f} before, "
+            f"{report.load_after[0]:.2f} after): these timings are contended",
+            style="yellow",
+        )
+    if markdown:
+        atomic_write_text(markdown, text)
+    if json_out:
+        report.write_json(json_out)
+    if plot:
+        report.write_plot(plot)
+    written = [str(p) for p in (markdown, json_out, plot) if p]
+    if written:
+        con.print(f"wrote {', '.join(written)} ({report.seconds:.0f} s)", style="dim")

@@ -1,0 +1,376 @@
+"""INT8 for CPUs: ONNX Runtime static quantisation (QDQ) of an exported DToP model.
+
+Weights are int8 per output channel, activations uint8 per tensor (the u8×s8 pair that AVX-512 VNNI
+and ARM dot-product kernels run natively), with scales from calibration images. Only the heavy
+operators are quantised: the stem and ELM convolutions and the transformer's linear layers (MatMul).
+What stays float, because it is either cheap or sensitive: LayerNormalization, Softmax, GELU, the
+GroupNorm of the CNN stem, the DPE ``Resize``, the branch/head FCs and whitening (``Gemm``), the L2
+normalisations, and by default the first stem conv (3 input channels, no gain) and the two attention
+matmuls (QKᵀ and attention·V: a uint8 softmax rounds most of 1000+ attention weights to zero).
+
+The quantised model keeps dynamic batch/height/width: scales are per tensor, not per shape, and the
+calibration set mixes several image sizes so the ranges cover the sizes it will see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dtop_export._io import atomic_path
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from dtop_export.preprocess import PreprocessConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Real photographs that scikit-image ships (its ``data/`` folder): the fallback calibration set when no
+# --calib folder is given and the embedded sample data set is not available.
+SKIMAGE_FALLBACK_IMAGES = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "page.png",
+    "text.png",
+)
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_int8` wrote and how."""
+
+    path: Path
+    seconds: float
+    size_bytes: int
+    quantized_nodes: dict[str, int]
+    float_nodes: dict[str, int]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+# calibration images ----------------------------------------------------------------------------------
+
+
+def skimage_fallback_images() -> list[Path]:
+    """Paths of the scikit-image sample photographs (the documented fallback calibration set)."""
+    try:
+        import skimage
+    except ImportError as e:
+        raise DToPError("no calibration images: pass --calib DIR (or install scikit-image for its photos)") from e
+    root = Path(skimage.__file__).parent / "data"
+    paths = [root / n for n in SKIMAGE_FALLBACK_IMAGES if (root / n).is_file()]
+    if not paths:
+        raise DToPError(f"scikit-image ships no sample photos under {root}: pass --calib DIR")
+    return paths
+
+
+def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
+    """The embedded sample set's database images when ``dtop_export.sample_data`` exists, else the
+    scikit-image photos. Returns (paths, a one-line description of the source)."""
+    try:
+        from dtop_export.sample_data import build_sample_dataset
+    except ImportError:
+        return skimage_fallback_images(), "scikit-image sample photos (fallback: no embedded sample set)"
+    import pickle
+
+    root = cache_dir or Path(tempfile.gettempdir()) / "dtop-export-data"
+    folder = Path(build_sample_dataset(root))
+    pkls = sorted(folder.glob("gnd_*.pkl"))
+    if pkls:
+        with open(pkls[0], "rb") as fh:
+            cfg = pickle.load(fh)  # our own file, just built
+        paths = [folder / "jpg" / f"{n}{cfg.get('ext', '.jpg')}" for n in cfg["imlist"]]
+        return [p for p in paths if p.is_file()], f"embedded sample set, database images ({folder})"
+    return list_images(folder), f"embedded sample set ({folder})"
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DToPError(f"calibration folder {folder} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DToPError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def load_image(path: Path, pp: PreprocessConfig, longest_side: int, square: bool = False) -> np.ndarray:
+    """One image -> float32 [1, 3, H, W]: RGB, longer side ``longest_side`` (aspect kept, sides rounded
+    to the stride), scaled to [0, 1] and normalised with the model's mean/std. ``square``: shorter side
+    resized to ``longest_side`` instead, then a centre crop of ``longest_side``²."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the same user error
+        raise DToPError(f"cannot read image {path} ({e.__class__.__name__})") from e
+    w, h = img.size
+    s = pp.stride
+    if square:
+        side = max(s, longest_side // s * s)
+        scale = side / min(w, h)
+        img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BILINEAR)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    else:
+        scale = longest_side / max(w, h)
+        nw, nh = (max(s, round(w * scale / s) * s), max(s, round(h * scale / s) * s))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def calibration_tensors(
+    paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
+) -> list[np.ndarray]:
+    """``limit`` images spread evenly over ``paths`` (sets are often grouped by object), each at every size
+    in ``sizes`` (longer side, or square crops), as model inputs."""
+    if limit < 1:
+        raise DToPError(f"--calib-count must be >= 1, got {limit}")
+    if not sizes or min(sizes) < pp.stride:
+        raise DToPError(f"calibration sizes must be >= the stride {pp.stride}, got {list(sizes)}")
+    paths = list(paths)
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
+    return [load_image(p, pp, s, square) for p in picked for s in sizes]
+
+
+# graph analysis --------------------------------------------------------------------------------------
+
+
+def _initializer_names(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
+
+
+def node_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """Role of every Conv/MatMul node, by position and weight shape: ``first_conv``, ``stem`` (CNN stem
+    convs), ``elm`` (local-branch convs), ``qkv``/``proj``/``fc1``/``fc2`` (transformer linears),
+    ``attention`` (activation x activation matmuls), ``linear`` (any other weighted MatMul).
+    Nodes without a name get one (``<op>_<index>``)."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    roles: dict[str, str] = {}
+    seen_conv = seen_transformer = False
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+        if n.op_type in ("LayerNormalization", "SkipLayerNormalization", "MultiHeadAttention"):
+            seen_transformer = True
+        if n.op_type == "Conv":
+            roles[n.name] = "first_conv" if not seen_conv else ("elm" if seen_transformer else "stem")
+            seen_conv = True
+        elif n.op_type == "MatMul" and n.name.startswith("dtop_dpe/"):
+            roles[n.name] = "dpe"  # the DPE resize as matmuls (dtop_export.optimize)
+        elif n.op_type == "MatMul":
+            w = next((shapes[x] for x in n.input[1:] if x in shapes), None)
+            if w is None:
+                roles[n.name] = "linear" if any(x in consts for x in n.input) else "attention"
+            elif len(w) != 2:
+                roles[n.name] = "dpe" if len(w) == 4 else "linear"
+            elif w[1] == 3 * w[0]:
+                roles[n.name] = "qkv"
+            elif w[1] == 4 * w[0]:
+                roles[n.name] = "fc1"
+            elif w[0] == 4 * w[1]:
+                roles[n.name] = "fc2"
+            elif w[0] == w[1]:
+                roles[n.name] = "proj"
+            else:
+                roles[n.name] = "linear"
+    return roles
+
+
+DEFAULT_FLOAT_ROLES = ("first_conv", "stem", "attention", "dpe")
+
+
+def plan_quantization(
+    model: onnx.ModelProto, *, keep_float: Sequence[str] = DEFAULT_FLOAT_ROLES
+) -> tuple[list[str], list[str]]:
+    """Names of the Conv/MatMul nodes to quantise, and of those kept float (their role is in ``keep_float``)."""
+    roles = node_roles(model)
+    unknown = set(keep_float) - {*roles.values(), *ROLES}
+    if unknown:
+        raise DToPError(f"unknown node role(s) {', '.join(sorted(unknown))}: choose from {', '.join(ROLES)}")
+    quant = [n for n, r in roles.items() if r not in keep_float]
+    keep = [n for n, r in roles.items() if r in keep_float]
+    return quant, keep
+
+
+ROLES = ("first_conv", "stem", "elm", "qkv", "proj", "fc1", "fc2", "attention", "dpe", "linear")
+
+
+# quantisation ----------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """CalibrationDataReader over a list of input tensors."""
+
+    def __init__(self, input_name: str, tensors: list[np.ndarray], on_item: Callable[[], None] | None) -> None:
+        self.input_name = input_name
+        self._it: Iterator[np.ndarray] = iter(tensors)
+        self.on_item = on_item
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        if x is None:
+            return None
+        if self.on_item:
+            self.on_item()
+        return {self.input_name: x}
+
+    def rewind(self) -> None:  # pragma: no cover - not used by the static calibrators we call
+        raise NotImplementedError
+
+
+def quantize_int8(
+    onnx_path: str | Path,
+    output: str | Path,
+    calib: Sequence[np.ndarray],
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    keep_float: Sequence[str] = DEFAULT_FLOAT_ROLES,
+    exclude_nodes: Sequence[str] = (),
+    calibration_source: str = "",
+    on_item: Callable[[], None] | None = None,
+) -> QuantizeResult:
+    """Statically quantise the dtop-export ONNX ``onnx_path`` to ``output`` (QDQ, atomic write).
+
+    ``calib``: preprocessed images [1, 3, H, W] (any mix of sizes). ``keep_float``: roles of Conv/MatMul
+    nodes (see :func:`node_roles`) left in float; by default the first stem conv and the attention matmuls.
+    ``on_item`` is called once per calibration image (progress bars).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from dtop_export.export import INPUT_NAME
+
+    t0 = time.perf_counter()
+    onnx_path, output = Path(onnx_path), Path(output)
+    if not onnx_path.is_file():
+        raise DToPError(f"ONNX file {onnx_path} not found")
+    if method not in CALIBRATION_METHODS:
+        raise DToPError(f"unknown calibration method {method!r}: choose {', '.join(CALIBRATION_METHODS)}")
+    if not calib:
+        raise DToPError("no calibration images")
+    if method != "minmax" and len({x.shape for x in calib}) > 1:
+        raise DToPError(
+            f"{method} calibration needs every calibration image at one shape (an ONNX Runtime limitation): "
+            "use square crops at one size, or --method minmax"
+        )
+    model = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("dtop.precision", "fp32") != "fp32":
+        raise DToPError(f"{onnx_path} is already {meta['dtop.precision']}: quantise the fp32 export")
+    if [i.name for i in model.graph.input] != [INPUT_NAME]:
+        raise DToPError(f"{onnx_path} is not a dtop-export model (input must be '{INPUT_NAME}')")
+    quant, keep = plan_quantization(model, keep_float=keep_float)
+    if exclude_nodes:
+        keep += [n for n in quant if n in set(exclude_nodes)]
+        quant = [n for n in quant if n not in set(exclude_nodes)]
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    with tempfile.TemporaryDirectory(prefix="dtop-quant-") as tmp:
+        named = Path(tmp) / "named.onnx"
+        onnx.save_model(model, str(named))  # node names filled in by plan_quantization
+        del model
+        staged = Path(tmp) / "int8.onnx"
+        from dtop_export.optimize import quiet_logging
+
+        with quiet_logging():
+            quantize_static(
+                str(named),
+                str(staged),
+                _Reader(INPUT_NAME, list(calib), on_item),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MatMul"],
+                nodes_to_quantize=quant,
+                per_channel=per_channel,
+                reduce_range=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={
+                    "CalibTensorRangeSymmetric": False,
+                    # MatMul outputs stay float: ONNX Runtime runs DQ→MatMul as MatMulIntegerToFloat (no
+                    # requantisation of the output; better accuracy and fewer Q/DQ nodes than QLinearMatMul).
+                    "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                    "CalibPercentile": 99.999,
+                },
+                calibration_providers=["CPUExecutionProvider"],
+            )
+        qmodel = onnx.load(str(staged))
+    seconds = time.perf_counter() - t0
+    calibration = {
+        "method": method,
+        "images": len(calib),
+        "shapes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib}),
+        "source": calibration_source,
+        "per_channel": per_channel,
+        "activations": "uint8 per-tensor asymmetric",
+        "weights": "int8 per-channel symmetric" if per_channel else "int8 per-tensor symmetric",
+        "float_ops": "LayerNormalization, Softmax, Gelu, GroupNorm, Resize (DPE), Gemm (FCs, whitening), L2 norms",
+        "float_roles": list(keep_float),
+    }
+    meta.update(
+        {
+            "dtop.precision": "int8",
+            "dtop.quantization": json.dumps(calibration, sort_keys=True),
+            "dtop.derived_from": onnx_path.name,
+            "dtop.build_seconds": f"{seconds:.2f}",
+        }
+    )
+    del qmodel.metadata_props[:]
+    for k, v in meta.items():
+        e = qmodel.metadata_props.add()
+        e.key, e.value = k, v
+    with atomic_path(output) as tmp_out:
+        onnx.save_model(qmodel, str(tmp_out))
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in qmodel.graph.node)
+    q_types = {"QuantizeLinear", "DequantizeLinear"}
+    return QuantizeResult(
+        path=output,
+        seconds=seconds,
+        size_bytes=output.stat().st_size,
+        quantized_nodes={"Conv/MatMul": len(quant), **{k: v for k, v in ops.items() if k in q_types}},
+        float_nodes={"Conv/MatMul kept float": len(keep)},
+        calibration=calibration,
+    )
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,135 @@
+"""Benchmark harness, ORT CPU optimisation and INT8 quantisation on the small preset (fast; no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dtop_export.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# INT8 (weights per channel, activations per tensor) of the small random-init preset vs fp32 ONNX Runtime,
+# per image, on real photos at two sizes. Measured ~0.996-0.999; the bound leaves room for BLAS variation.
+INT8_MIN_COSINE = 0.98
+
+
+def cli(*argv: str) -> int:
+    """Run the CLI in-process; returns its exit code."""
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def small_onnx(small_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dtop_export.export import export_onnx
+
+    out = tmp_path_factory.mktemp("bench") / "small.onnx"
+    export_onnx(small_ckpt, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_opt(small_onnx: Path) -> Path:
+    from dtop_export.optimize import optimize_onnx
+
+    out = small_onnx.with_name("small.opt.onnx")
+    r = optimize_onnx(small_onnx, out, check_sizes=(64, 96))
+    assert r.rewrites["multi_head_attention"] == 6  # one per transformer block of the small preset
+    assert r.rewrites["dpe_resize_as_matmul"] == 1
+    assert r.max_abs_diff is not None and r.max_abs_diff < 1e-5
+    return out
+
+
+def test_bench_cli_writes_json_plot_markdown(small_ckpt: Path, small_onnx: Path, tmp_path: Path, capsys) -> None:
+    js, png, md = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "b.md"
+    code = cli(
+        "bench",
+        str(small_ckpt),
+        f"{small_ckpt}:bf16",
+        str(small_onnx),
+        *("--sizes", "64,96", "--batch", "1,2", "--runs", "2", "--warmup", "0", "--threads", "1"),
+        *("--json", str(js), "--plot", str(png), "--markdown", str(md)),
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| engine | size | batch | p50 ms |" in out
+    data = json.loads(js.read_text())
+    assert data["format"] == "dtop-export/bench"
+    assert data["reference"].startswith("pytorch fp32")
+    assert [e["precision"] for e in data["engines"]] == ["fp32", "bf16", "fp32"]
+    for e in data["engines"]:
+        assert {(t["size"], t["batch"]) for t in e["timings"]} == {(64, 1), (96, 1), (64, 2), (96, 2)}
+        assert e["peak_rss_mb"] >= 0 and e["first_call_s"] >= e["load_s"] > 0 and e["file_mb"] > 0
+        for t in e["timings"]:
+            assert len(t["times_s"]) == 2 and t["p50_s"] > 0 and t["images_per_s"] > 0
+            assert t["speedup"] > 0 and t["gflops_per_s"] > 0
+            assert t["cosine_min"] > 0.999  # the same model in three engines
+    ref = data["engines"][0]
+    assert all(t["speedup"] == pytest.approx(1.0) for t in ref["timings"])
+    assert set(data["gflops_per_image"]) == {"64", "96"}
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    assert md.read_text().startswith(out.strip().splitlines()[0][:20])
+
+
+def test_bench_rejects_bad_input(small_ckpt: Path, tmp_path: Path, capsys) -> None:
+    for argv, needle in [
+        (["bench", str(tmp_path / "missing.pt")], "not found"),
+        (["bench", str(small_ckpt), "--sizes", "a,b"], "--sizes"),
+        (["bench", f"{small_ckpt}:turbo"], "engine option"),
+        (["bench", str(small_ckpt), "--sizes", "72"], "multiple of the model stride"),
+    ]:
+        assert cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_optimized_model_matches_and_benches(small_onnx: Path, small_opt: Path) -> None:
+    from engines import load_engine
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 128, 80), dtype=np.float32)
+    a = load_engine(small_onnx).embed(x)
+    b = load_engine(small_opt).embed(x)
+    assert np.abs(a - b).max() < 1e-5
+
+
+def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, tmp_path: Path, capsys) -> None:
+    import onnx
+
+    from dtop_export.quantize import load_image, skimage_fallback_images
+    from engines import load_engine
+
+    out = tmp_path / "small.int8.onnx"
+    assert cli("quantize", str(small_opt), "-o", str(out), "--calib-count", "6", "--calib-sizes", "128,192") == 0
+    assert "Conv/MatMul int8" in capsys.readouterr().out
+    proto = onnx.load(str(out), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization"} <= ops
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["per_channel"]
+    fp32, int8 = load_engine(small_onnx), load_engine(out)
+    assert int8.precision == "int8"
+    photos = skimage_fallback_images()[8:12]  # original photos, not the sample set's calibration views
+    for size in (160, 256):  # neither is a calibration size: dynamic H/W survive quantisation
+        for p in photos:
+            x = load_image(p, fp32.preprocess, size)
+            cos = float((fp32.embed(x) * int8.embed(x)).sum())
+            assert cos > INT8_MIN_COSINE, (p.name, size, cos)
+
+
+def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) -> None:
+    img_dir = tmp_path / "empty"
+    img_dir.mkdir()
+    for argv, needle in [
+        (["quantize", str(tmp_path / "nope.onnx")], "not found"),
+        (["quantize", str(small_onnx), "-o", str(tmp_path / "q.onnx"), "--calib", str(img_dir)], "no images"),
+        (["quantize", str(small_onnx), "-o", str(tmp_path / "q.onnx"), "--keep-float", "heads"], "unknown node role"),
+    ]:
+        assert cli(*argv) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
