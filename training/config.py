@@ -1,0 +1,346 @@
+"""Training configuration: nested dataclasses, loaded from YAML with ``section.key=value`` overrides.
+
+Defaults follow DESIGN.md ("What the paper leaves open"): the paper gives no training settings, so we
+take the same authors' GLAM recipe — ArcFace with margin 0.3; SGD, lr 1e-3, momentum 0.9, weight decay
+1e-5; batch 64; group-size sampling (Yokoo et al.); augmentation by scaling, random crop and
+illumination. Every value is a field here and can be changed in the YAML file or on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtop_export.errors import DToPError
+
+DATASETS = ("sample", "folder", "revisitop", "sfm120k", "gldv2", "gldv1", "nc-clean")
+
+
+@dataclass
+class ModelSection:
+    """Which model to train.
+
+    preset: a ``DToPConfig`` preset (``dtop-export info --presets``); ``overrides`` change single fields.
+    init: start from this dtop-export checkpoint (fine-tuning) instead of a fresh model.
+    pretrained: let timm download ImageNet weights for the backbone (network; explicit opt-in).
+    backbone_weights: local timm backbone weights file (.safetensors/.pth) for offline machines.
+    """
+
+    preset: str = "r50-vitb16"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    pretrained: bool = False
+    backbone_weights: str | None = None
+
+
+@dataclass
+class DataSection:
+    """The training set (paper §4.1).
+
+    dataset: ``sample`` (the embedded offline set, built on demand), ``folder`` (one sub-folder per
+        class), ``revisitop`` (a revisitop-layout set; classes from its query positives), ``sfm120k``
+        (cirtorch ``retrieval-SfM-120k.pkl`` + ``ims/``), ``gldv2`` (``train_clean.csv`` + ``train/a/b/c/``),
+        ``gldv1`` (``train.csv`` id,url,landmark_id + local images), ``nc-clean`` (list of ``path label``).
+    root: dataset folder. list_file: the csv/pkl/list file when it is not at its standard place.
+    split: SfM-120k part (``train``/``val``). name: revisitop set name (``gnd_<name>.pkl``).
+    min_per_class: drop classes with fewer images (ArcFace needs >= 1; 2 keeps only re-occurring landmarks).
+    exclude_classes: class names (folder names / landmark ids) to leave out, e.g. to hold objects out of
+        training (``sample``: ``[astronaut, camera, ...]`` are the evaluation set's query objects).
+    max_images: keep only the first N usable images (quick runs).
+    workers: DataLoader worker processes. size_cache: TSV of image sizes (default: in the output folder).
+    """
+
+    dataset: str = "sample"
+    root: str | None = None
+    list_file: str | None = None
+    split: str = "train"
+    name: str = "sample"
+    min_per_class: int = 1
+    exclude_classes: tuple[str, ...] = ()
+    max_images: int | None = None
+    workers: int = 2
+    size_cache: str | None = None
+
+
+@dataclass
+class SamplerSection:
+    """Group-size sampling (paper §3.2; Yokoo et al., CVPRW 2020).
+
+    Images are assigned to the aspect-ratio group (W/H) nearest in log scale; every group has one fixed
+    input size of area ≈ ``base_size``², both sides multiples of the model stride; a batch holds images of
+    one group only, so every batch has its own H×W and DPE resamples per batch.
+    batch_size: images per step on each process (the global batch is batch_size × processes × accum_steps).
+    """
+
+    base_size: int = 384
+    aspect_ratios: tuple[float, ...] = (0.5, 0.667, 0.75, 1.0, 1.333, 1.5, 2.0)
+    batch_size: int = 64
+    drop_last: bool = True
+
+
+@dataclass
+class AugmentSection:
+    """Training augmentation: scaling + random crop (area fraction ``scale``), flip, illumination."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    hflip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+@dataclass
+class LossSection:
+    """Loss. ``arcface`` for class-labelled sets (default), ``contrastive`` for SfM-120k tuples.
+
+    ArcFace: logits s·cos(θ + m) for the true class, s·cos θ otherwise (Deng et al.; GLAM: m = 0.3).
+    Contrastive (cirtorch): ½·D² for the positive, ½·max(0, margin − D)² per negative, each tuple
+    (q, p, n1..n_nnum) with ``nnum`` hard negatives mined every epoch from ``pool_size`` random images
+    among ``query_size`` random queries; one negative per cluster, none from the query's cluster.
+    """
+
+    name: str = "arcface"
+    scale: float = 30.0
+    margin: float = 0.3
+    contrastive_margin: float = 0.7
+    nnum: int = 5
+    query_size: int = 2000
+    pool_size: int = 20000
+
+
+@dataclass
+class OptimSection:
+    """Optimiser and schedule.
+
+    optimizer: ``sgd`` (GLAM: momentum 0.9) or ``adamw``. Weight decay is not applied to norms,
+    biases, the position embedding or the [CLS] token. backbone_lr_mult scales the LR of the
+    pretrained encoder (e.g. 0.1); layer_decay < 1 lowers it further layer by layer towards the stem
+    (block i of L gets ``layer_decay ** (L - i)``); head_lr_mult scales that of the ArcFace class weights.
+    Schedule per step: linear warm-up over ``warmup_epochs`` then cosine to ``min_lr_ratio``·lr.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    backbone_lr_mult: float = 1.0
+    layer_decay: float = 1.0
+    head_lr_mult: float = 1.0
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ValSection:
+    """Validation mAP (revisitop protocol, Easy/Medium/Hard) after every epoch; best checkpoint kept.
+
+    root/name: a revisitop-layout set (``<root>/<name>/gnd_<name>.pkl`` + ``jpg/``); ``root: null`` means
+    ``dtop_export.evaluate.default_data_root()``, where the embedded ``sample`` set is built on first use.
+    metric: the protocol that picks the best checkpoint. size: longer image side (null: the set's own
+    ``image_size``, 256 for the sample, else the model's preprocessing size). scales: multi-scale factors.
+    """
+
+    enabled: bool = True
+    root: str | None = None
+    name: str = "sample"
+    metric: str = "medium"
+    size: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``dtop-export train`` needs (see each section's docstring).
+
+    out_dir: run folder (checkpoints, training state, logs). epochs: passes over the set (or, for SfM-120k,
+    over ``loss.query_size`` tuples). amp: ``auto`` (bf16 on CPU and bf16-capable GPUs, else fp16),
+    ``bf16``, ``fp16`` or ``none``. accum_steps: micro-batches per optimiser step. clip_grad: max gradient
+    norm (0: off). threads: torch CPU threads. save_state_every: also write the training state every N
+    optimiser steps (it is always written at the end of an epoch). keep_every_epoch: keep ``epoch-NNN.pt``
+    besides ``last.pt``. max_steps_per_epoch: cut epochs short (quick runs). log_every: steps per CSV row.
+    """
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    val: ValSection = field(default_factory=ValSection)
+    out_dir: str = "runs/train"
+    epochs: int = 10
+    amp: str = "auto"
+    accum_steps: int = 1
+    clip_grad: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    save_state_every: int = 0
+    keep_every_epoch: bool = False
+    max_steps_per_epoch: int | None = None
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`DToPError` for values training cannot run with."""
+        if self.data.dataset not in DATASETS:
+            raise DToPError(f"data.dataset must be one of {', '.join(DATASETS)}; got {self.data.dataset!r}")
+        if self.loss.name not in ("arcface", "contrastive"):
+            raise DToPError(f"loss.name must be arcface or contrastive; got {self.loss.name!r}")
+        if self.loss.name == "contrastive" and self.data.dataset != "sfm120k":
+            raise DToPError("loss.name=contrastive needs query/positive tuples: use data.dataset=sfm120k")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise DToPError(f"optim.layer_decay must be in (0, 1]; got {self.optim.layer_decay}")
+        if self.optim.optimizer not in ("sgd", "adamw"):
+            raise DToPError(f"optim.optimizer must be sgd or adamw; got {self.optim.optimizer!r}")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise DToPError(f"amp must be auto, none, bf16 or fp16; got {self.amp!r}")
+        if self.sampler.batch_size < 2:
+            raise DToPError("sampler.batch_size must be >= 2 (the head's batch norm needs two images)")
+        if self.sampler.base_size < 16 or not self.sampler.aspect_ratios:
+            raise DToPError("sampler.base_size must be >= 16 and sampler.aspect_ratios non-empty")
+        if any(r <= 0 for r in self.sampler.aspect_ratios):
+            raise DToPError("sampler.aspect_ratios must be positive W/H ratios")
+        if self.epochs < 1 or self.accum_steps < 1:
+            raise DToPError("epochs and accum_steps must be >= 1")
+        if self.val.metric not in ("easy", "medium", "hard"):
+            raise DToPError(f"val.metric must be easy, medium or hard; got {self.val.metric!r}")
+        lo, hi = self.augment.scale
+        if not 0 < lo <= hi <= 1:
+            raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists instead of tuples): goes into checkpoints' provenance and the YAML dump."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        cfg = _build(cls, d, "")
+        cfg.validate()
+        return cfg
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise DToPError(f"config section {where or '(top level)'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise DToPError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise DToPError(f"config key {key} cannot be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DToPError(f"config key {key} must be a mapping")
+        return dict(value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.lower() in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise DToPError(f"config key {key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``optim.lr=1e-3`` -> (["optim", "lr"], 0.001); the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in item:
+        raise DToPError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-3" as a string: accept plain floats written that way.
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults) and apply ``section.key=value`` overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DToPError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise DToPError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DToPError(f"{path} must hold a mapping of config sections at the top level")
+        data = loaded or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise DToPError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return TrainConfig.from_dict(data)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML text of a config (what ``train --print-config`` shows and the run folder keeps)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,126 @@
+"""The embedded offline training set: class-per-folder views of real photos that scikit-image ships.
+
+There is no internet at run time, so a newcomer trains on views made from the photos of an installed
+package: one class per photo (the motorcycle stereo pair is one class, two real viewpoints), each view a
+random crop of varying aspect ratio and scale, a small rotation, an illumination change and JPEG
+re-compression. Built on demand, deterministic given the seed, cached (a marker file records the recipe).
+
+The embedded *evaluation* set (``dtop_export.sample_data``) is made from the same kind of photos with
+other crops: training here and validating there measures retrieval of seen objects under new views,
+which is enough to show that training works, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from dtop_export.errors import DToPError
+
+RECIPE_VERSION = 2
+# class name -> photo files in skimage/data (real photographs; grey ones are converted to RGB)
+PHOTOS: dict[str, tuple[str, ...]] = {
+    "astronaut": ("astronaut.png",),
+    "camera": ("camera.png",),
+    "chelsea": ("chelsea.png",),
+    "coffee": ("coffee.png",),
+    "coins": ("coins.png",),
+    "hubble": ("hubble_deep_field.jpg",),
+    "ihc": ("ihc.png",),
+    "moon": ("moon.png",),
+    "motorcycle": ("motorcycle_left.png", "motorcycle_right.png"),
+    "rocket": ("rocket.jpg",),
+    "brick": ("brick.png",),
+    "grass": ("grass.png",),
+    "gravel": ("gravel.png",),
+    "cell": ("cell.png",),
+    "clock_motion": ("clock_motion.png",),
+    "color": ("color.png",),
+    "page": ("page.png",),
+    "text": ("text.png",),
+    "phantom": ("phantom.png",),
+    "retina": ("retina.jpg",),
+}
+# the photos the embedded evaluation set uses as its query objects (dtop_export.sample_data.OBJECTS)
+EVAL_OBJECTS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble", "ihc", "moon", "motorcycle", "rocket")
+
+
+def default_root() -> Path:
+    """``$DTOP_EXPORT_CACHE/train-sample`` (default ``~/.cache/dtop-export/train-sample``)."""
+    base = os.environ.get("DTOP_EXPORT_CACHE") or Path.home() / ".cache" / "dtop-export"
+    return Path(base) / "train-sample"
+
+
+def _photo_dir() -> Path:
+    try:
+        import skimage
+    except ImportError as e:
+        raise DToPError("the embedded training set is made from scikit-image's photos: pip install scikit-image") from e
+    return Path(skimage.__file__).parent / "data"
+
+
+def build_training_sample(
+    root: str | Path | None = None, views_per_class: int = 24, seed: int = 0, max_side: int = 320
+) -> Path:
+    """Write (or reuse) ``root/<class>/<view>.jpg`` and return ``root``."""
+    from PIL import Image
+
+    root = Path(root).expanduser() if root else default_root()
+    recipe = {"version": RECIPE_VERSION, "views": views_per_class, "seed": seed, "max_side": max_side}
+    marker = root / "RECIPE.json"
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == recipe:
+                return root
+        except json.JSONDecodeError:
+            pass
+    src = _photo_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a build interrupted from here on is redone next time
+    for cls in PHOTOS:  # views of another recipe must not linger
+        for old in (root / cls).glob("*.jpg") if (root / cls).is_dir() else ():
+            old.unlink()
+    from dtop_export._io import atomic_path, atomic_write_text
+
+    for cls, files in PHOTOS.items():
+        photos = []
+        for f in files:
+            p = src / f
+            if p.is_file():
+                with Image.open(p) as im:
+                    photos.append(im.convert("RGB"))
+        if not photos:
+            continue
+        (root / cls).mkdir(exist_ok=True)
+        rng = random.Random(f"{seed}:{cls}")
+        for v in range(views_per_class):
+            view = _make_view(photos[v % len(photos)], rng, max_side)
+            with atomic_path(root / cls / f"{v:03d}.jpg") as tmp:
+                view.save(tmp, format="JPEG", quality=rng.randint(60, 95))
+    atomic_write_text(marker, json.dumps(recipe))
+    return root
+
+
+def _make_view(img, rng: random.Random, max_side: int):  # noqa: ANN001, ANN202 - PIL images
+    from PIL import Image, ImageEnhance
+
+    w, h = img.size
+    angle = rng.uniform(-10, 10)
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False)
+    # crop: area 30-100 %, aspect ratio W/H in [0.5, 2] (log-uniform), inside the rotated frame
+    aspect = 2 ** rng.uniform(-1, 1)
+    area = rng.uniform(0.3, 1.0) * w * h * 0.8
+    cw = min(w * 0.95, (area * aspect) ** 0.5)
+    ch = min(h * 0.95, cw / aspect)
+    cw = min(cw, ch * aspect)
+    x0 = rng.uniform(0.025 * w, w - cw - 0.025 * w) if w - cw > 0.05 * w else (w - cw) / 2
+    y0 = rng.uniform(0.025 * h, h - ch - 0.025 * h) if h - ch > 0.05 * h else (h - ch) / 2
+    img = img.crop((round(x0), round(y0), round(x0 + cw), round(y0 + ch)))
+    side = rng.randint(max_side // 2, max_side)
+    s = side / max(img.size)
+    img = img.resize((max(8, round(img.size[0] * s)), max(8, round(img.size[1] * s))), Image.Resampling.BILINEAR)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.7, 1.3))
+    return img
