@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -63,3 +70,134 @@ def default_preprocess(backbone: str, stride: int) -> PreprocessConfig:
     except ImportError:  # pragma: no cover - timm is a hard dependency
         pass
     return PreprocessConfig(mean=mean, std=std, stride=stride)
+
+
+# Image loading and the resize/normalise steps every engine shares -----------------------------------
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_WHITE = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Alpha (RGBA, LA, PA, palette with transparency) is composited on white; 16-bit (``I;16*``) and 32-bit
+    integer (``I``, read as the 16-bit range 0..65535 that 16-bit PNG/TIFF decode to) are scaled to 8 bits;
+    float (``F``) is taken as [0, 1] when its maximum is at most 1, else as [0, 255]; CMYK, YCbCr, LAB,
+    HSV, 1-bit and grayscale go through PIL's RGB conversion.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(a, 0, 65535) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.round(np.clip(a, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, apply_exif: bool = True) -> Image.Image:
+    """Read an image file as 8-bit RGB, with its EXIF orientation applied (see :func:`to_rgb`).
+
+    An unreadable, truncated or non-image file raises :class:`DToPError` naming the file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if apply_exif:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img).copy()
+    except FileNotFoundError as e:
+        raise DToPError(f"image {path} not found") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DToPError(f"cannot read image {path}: {reason}") from e
+
+
+def model_size(
+    width: int, height: int, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
+) -> tuple[int, int]:
+    """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride."""
+    if cfg.resize != "longest_side":
+        raise DToPError(f"resize policy {cfg.resize!r} is not supported: only 'longest_side'")
+    target = (size or cfg.size) * scale
+    if target <= 0 or width <= 0 or height <= 0:
+        raise DToPError(f"cannot resize a {width}x{height} image to a longer side of {target:g}")
+    f = target / max(width, height)
+    stride = cfg.stride
+
+    def snap(v: float) -> int:
+        return max(stride, int(math.floor(v * f / stride + 0.5)) * stride)
+
+    return snap(width), snap(height)
+
+
+def resize_for_model(
+    img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
+) -> Image.Image:
+    """Resize so the longer side is ``size*scale`` (default ``cfg.size``) keeping the aspect ratio, then round
+    each side to the nearest multiple of ``cfg.stride`` (at least one stride)."""
+    resample = _RESAMPLE.get(cfg.interpolation)
+    if resample is None:
+        raise DToPError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
+    w, h = model_size(img.width, img.height, cfg, size, scale)
+    if (w, h) == img.size:
+        return img
+    return img.resize((w, h), resample=resample)
+
+
+def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """8-bit RGB image -> float32 [3, H, W]: pixels scaled to [0, 1], then ``(x - mean) / std``."""
+    import numpy as np
+
+    a = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
+    a = (a - mean) / std
+    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+
+
+def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
+    """Crop to a revisitop query box ``(x1, y1, x2, y2)`` in pixels, rounded like PIL, clamped to the image."""
+    if len(bbx) != 4:
+        raise DToPError(f"a bounding box has 4 numbers (x1, y1, x2, y2), got {list(bbx)}")
+    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+    x1, x2 = max(0, min(x1, img.width)), max(0, min(x2, img.width))
+    y1, y2 = max(0, min(y1, img.height)), max(0, min(y2, img.height))
+    if x2 <= x1 or y2 <= y1:
+        raise DToPError(f"bounding box {list(bbx)} is empty inside a {img.width}x{img.height} image")
+    return img.crop((x1, y1, x2, y2))
+
+
+def prepare(
+    img: Image.Image,
+    cfg: PreprocessConfig,
+    size: int | None = None,
+    scale: float = 1.0,
+    bbx: Sequence[float] | None = None,
+) -> np.ndarray:
+    """crop (optional) -> resize -> normalise: the model input [3, H, W] for one image at one scale."""
+    if bbx is not None:
+        img = crop_bbox(img, bbx)
+    return to_tensor(resize_for_model(to_rgb(img), cfg, size, scale), cfg)

@@ -1,0 +1,198 @@
+"""Image loading (every PIL mode, EXIF orientation, unreadable files) and the resize/normalise contract."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dtop_export.errors import DToPError
+from dtop_export.preprocess import (
+    PreprocessConfig,
+    crop_bbox,
+    load_image,
+    model_size,
+    prepare,
+    resize_for_model,
+    to_rgb,
+    to_tensor,
+)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def test_rgb_is_unchanged() -> None:
+    a = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(_rgb(Image.fromarray(a, "RGB")), a)
+
+
+def test_grayscale_and_one_bit_replicate_the_channel() -> None:
+    g = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+    out = _rgb(Image.fromarray(g, "L"))
+    assert out.shape == (5, 7, 3) and all(np.array_equal(out[..., c], g) for c in range(3))
+    bits = Image.fromarray((g > 100).astype(np.uint8) * 255, "L").convert("1")
+    assert set(np.unique(_rgb(bits))) == {0, 255}
+
+
+def test_rgba_is_composited_on_white() -> None:
+    a = np.zeros((2, 2, 4), dtype=np.uint8)
+    a[0, 0] = (255, 0, 0, 255)  # opaque red stays red
+    a[0, 1] = (255, 0, 0, 0)  # transparent red becomes white
+    a[1, 0] = (0, 0, 0, 128)  # half-transparent black becomes mid grey
+    a[1, 1] = (0, 0, 255, 255)
+    out = _rgb(Image.fromarray(a, "RGBA")).astype(int)
+    assert out[0, 0].tolist() == [255, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert all(abs(v - 127) <= 1 for v in out[1, 0])
+    assert out[1, 1].tolist() == [0, 0, 255]
+
+
+def test_la_and_palette_with_transparency() -> None:
+    la = Image.fromarray(np.array([[[0, 0], [0, 255]]], dtype=np.uint8), "LA")
+    assert _rgb(la).tolist() == [[[255, 255, 255], [0, 0, 0]]]
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    p.putpixel((0, 0), 0)
+    p.putpixel((1, 0), 1)
+    assert _rgb(p).tolist() == [[[10, 20, 30], [200, 100, 50]]]
+    p.info["transparency"] = 0
+    assert _rgb(p).tolist() == [[[255, 255, 255], [200, 100, 50]]]
+
+
+def test_cmyk_converts_to_rgb() -> None:
+    c = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # pure red in CMYK
+    assert _rgb(c).tolist() == [[[255, 0, 0]]]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_is_scaled_to_eight(mode: str) -> None:
+    v = np.array([[0, 257 * 100, 65535, 257 * 200 + 100]], dtype=np.uint16)
+    img = Image.fromarray(v) if mode == "I;16" else Image.fromarray(v.astype(np.int32))
+    assert img.mode == mode
+    assert _rgb(img)[..., 0].tolist() == [[0, 100, 255, 200]]
+
+
+def test_sixteen_bit_png_file(tmp_path: Path) -> None:
+    v = (np.arange(12, dtype=np.uint32).reshape(3, 4) * 5000).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(v).save(path)
+    out = np.asarray(load_image(path))
+    assert out.shape == (3, 4, 3)
+    assert np.array_equal(out[..., 1], np.round(v / 257).astype(np.uint8))
+
+
+def test_float_images() -> None:
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    assert _rgb(unit)[..., 2].tolist() == [[0, 128, 255]]
+    wide = Image.fromarray(np.array([[-3.0, 100.0, 300.0]], dtype=np.float32), "F")
+    assert _rgb(wide)[..., 2].tolist() == [[0, 100, 255]]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # stored 60 wide x 40 high, left half red, right half blue; orientation 6 = rotate 90° clockwise to view
+    a = np.zeros((40, 60, 3), dtype=np.uint8)
+    a[:, :30] = (255, 0, 0)
+    a[:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(a).save(path, exif=exif.tobytes(), quality=95)
+    img = load_image(path)
+    assert img.size == (40, 60)  # upright: 40 wide, 60 high
+    px = np.asarray(img).astype(int)
+    assert px[5, 20, 0] > 200 and px[5, 20, 2] < 60  # the left (red) half is now on top
+    assert px[55, 20, 2] > 200 and px[55, 20, 0] < 60
+    raw = load_image(path, apply_exif=False)
+    assert raw.size == (60, 40)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK"])
+def test_load_image_any_mode_from_file(tmp_path: Path, mode: str) -> None:
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, size=(9, 11, 3), dtype=np.uint8), "RGB")
+    img = base.convert(mode)
+    path = tmp_path / f"img.{'jpg' if mode == 'CMYK' else 'png'}"
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (11, 9)
+
+
+def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    text = tmp_path / "not_an_image.jpg"
+    text.write_text("hello")
+    with pytest.raises(DToPError, match="not_an_image.jpg"):
+        load_image(text)
+    truncated = tmp_path / "truncated.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(truncated, quality=90)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(DToPError, match="truncated.jpg"):
+        load_image(truncated)
+    with pytest.raises(DToPError, match="missing.png not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_model_size_rounds_to_the_stride() -> None:
+    cfg = PreprocessConfig(stride=16)
+    # 500x300 -> longer side 256: 256 x 153.6 -> 153.6/16 = 9.6 -> 10 strides = 160
+    assert model_size(500, 300, cfg, 256) == (256, 160)
+    # scale sqrt(2): 362.04 x 217.22 -> 22.6 -> 23, 13.6 -> 14 strides
+    assert model_size(500, 300, cfg, 256, math.sqrt(2)) == (368, 224)
+    # portrait keeps its orientation; a very thin image gets at least one stride
+    assert model_size(300, 500, cfg, 256) == (160, 256)
+    assert model_size(1000, 10, cfg, 256) == (256, 16)
+    assert model_size(500, 300, cfg) == (1024, 608)  # default cfg.size: 614.4 -> 38.4 -> 38 strides
+    assert model_size(500, 300, PreprocessConfig(stride=32), 256) == (256, 160)  # 4.8 -> 5 strides of 32
+
+
+def test_resize_for_model_and_interpolation() -> None:
+    img = Image.new("RGB", (500, 300), (1, 2, 3))
+    out = resize_for_model(img, PreprocessConfig(stride=16), 256)
+    assert out.size == (256, 160)
+    with pytest.raises(DToPError, match="interpolation"):
+        resize_for_model(img, PreprocessConfig(interpolation="magic"), 256)
+    with pytest.raises(DToPError, match="resize policy"):
+        resize_for_model(img, PreprocessConfig(resize="center_crop"), 256)
+
+
+def test_to_tensor_normalises_per_channel() -> None:
+    cfg = PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    a = np.zeros((2, 3, 3), dtype=np.uint8)
+    a[..., 0] = 255
+    a[..., 1] = 51
+    a[0, 0, 2] = 102
+    t = to_tensor(Image.fromarray(a), cfg)
+    assert t.dtype == np.float32 and t.shape == (3, 2, 3)
+    assert np.allclose(t[0], (1.0 - 0.485) / 0.229)
+    assert np.allclose(t[1], (0.2 - 0.456) / 0.224)
+    assert np.isclose(t[2, 0, 0], (0.4 - 0.406) / 0.225) and np.isclose(t[2, 1, 1], -0.406 / 0.225)
+
+
+def test_crop_bbox_rounds_like_pil_and_clamps() -> None:
+    a = np.random.default_rng(2).integers(0, 256, size=(50, 80, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    box = (10.4, 20.6, 50.5, 40.49)
+    assert np.array_equal(np.asarray(crop_bbox(img, box)), np.asarray(img.crop(box)))
+    clamped = crop_bbox(img, (-5, -5, 500, 30))
+    assert clamped.size == (80, 30) and np.array_equal(np.asarray(clamped), a[:30])
+    with pytest.raises(DToPError, match="empty"):
+        crop_bbox(img, (90, 0, 100, 10))
+    with pytest.raises(DToPError, match="4 numbers"):
+        crop_bbox(img, (1, 2, 3))
+
+
+def test_prepare_is_crop_then_resize_then_normalise() -> None:
+    cfg = PreprocessConfig(stride=16)
+    a = np.zeros((100, 200, 3), dtype=np.uint8)
+    a[:, 100:] = 255
+    img = Image.fromarray(a)
+    t = prepare(img, cfg, 64, bbx=(100, 0, 200, 50))  # the white half, 100x50 -> 64x32
+    assert t.shape == (3, 32, 64) and np.allclose(t, (1.0 - 0.5) / 0.5)
+    t2 = prepare(img, cfg, 64, scale=0.5)
+    assert t2.shape == (3, 16, 32)
