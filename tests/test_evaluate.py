@@ -1,0 +1,315 @@
+"""Revisited Oxford/Paris protocol on hand-worked cases, ranking/distractor equivalences, extraction."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from eval_helpers import TinyImageEngine
+from PIL import Image
+
+from dtop_export.errors import DToPError
+from dtop_export.evaluate import (
+    MULTI_SCALES,
+    compute_ap,
+    compute_map,
+    compute_map_positions,
+    evaluate,
+    evaluate_descriptors,
+    extract,
+    load_revisitop,
+    parse_scales,
+    rank_database,
+    ranking_positions,
+    resolve_dataset,
+    revisited_metrics,
+    setup_gnd,
+)
+from dtop_export.preprocess import PreprocessConfig
+
+
+def _ranks(*orders: list[int]) -> np.ndarray:
+    """ranks[:, q] = database indices of query q, best first."""
+    return np.array(orders).T
+
+
+# hand-worked protocol cases --------------------------------------------------------------------------
+
+
+def test_perfect_ranking() -> None:
+    m, aps, pr, prs = compute_map(_ranks([0, 1, 2, 3]), [{"ok": [0, 1], "junk": []}], [1, 5, 10])
+    assert m == pytest.approx(1.0) and aps[0] == pytest.approx(1.0)
+    assert pr.tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_worst_ranking() -> None:
+    # the only positive last of 4: AP = (0/3 + 1/4) / 2 = 0.125
+    m, _, pr, _ = compute_map(_ranks([0, 1, 2, 3]), [{"ok": [3], "junk": []}], [1, 5, 10])
+    assert m == pytest.approx(0.125)
+    # revisitop's mP@k: kq = min(max(pos), k) with 1-based pos = 4 -> P@1 = 0, P@5 = P@10 = 1/4
+    assert pr.tolist() == pytest.approx([0.0, 0.25, 0.25])
+
+
+def test_junk_ranked_before_positives_is_ignored() -> None:
+    # order: junk(0), pos(1), neg(2), pos(3). Junk removed -> positives at 0 and 2:
+    # AP = [(1 + 1)/2 + (1/2 + 2/3)/2] / 2 = 19/24
+    gnd = [{"ok": [1, 3], "junk": [0]}]
+    m, *_ = compute_map(_ranks([0, 1, 2, 3]), gnd)
+    assert m == pytest.approx(19 / 24)
+    # the same ranking with the junk image counted as a negative is worse: 1/3
+    m_neg, *_ = compute_map(_ranks([0, 1, 2, 3]), [{"ok": [1, 3], "junk": []}])
+    assert m_neg == pytest.approx(1 / 3)
+    assert compute_ap([0, 2], 2) == pytest.approx(19 / 24)
+
+
+def test_positives_missing_from_a_truncated_ranking_count_as_misses() -> None:
+    # 2 positives exist, only one is in the (truncated) ranking, at the top: AP = 1/2
+    m, *_ = compute_map(_ranks([5, 0, 1]), [{"ok": [5, 9], "junk": []}])
+    assert m == pytest.approx(0.5)
+
+
+def test_queries_without_positives_are_left_out_of_the_mean() -> None:
+    gnd = [{"ok": [3], "junk": []}, {"ok": [], "junk": [1]}, {"ok": [0], "junk": []}]
+    m, aps, pr, prs = compute_map(_ranks([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]), gnd, [1, 5])
+    assert np.isnan(aps[1]) and np.isnan(prs[1]).all()
+    assert m == pytest.approx((0.125 + 1.0) / 2)  # not / 3
+    assert pr.tolist() == pytest.approx([(0 + 1) / 2, (0.25 + 1) / 2])
+
+
+def test_all_queries_without_positives_give_nan() -> None:
+    m, _, pr, _ = compute_map(_ranks([0, 1]), [{"ok": [], "junk": []}], [1])
+    assert np.isnan(m) and np.isnan(pr).all()
+
+
+def test_ties_are_broken_by_database_index() -> None:
+    db = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert rank_database(db, q)[:, 0].tolist() == [0, 2, 1]
+    # image 2 ties with image 0 but ranks second: AP = (0/1 + 1/2) / 2 = 0.25
+    assert evaluate_descriptors(db, q, [{"easy": [2], "hard": [], "junk": []}])["map"]["easy"] == pytest.approx(25)
+    assert evaluate_descriptors(db, q, [{"easy": [0], "hard": [], "junk": []}])["map"]["easy"] == pytest.approx(100)
+    # a tied junk image ranked first is ignored
+    assert evaluate_descriptors(db, q, [{"easy": [2], "hard": [], "junk": [0]}])["map"]["easy"] == pytest.approx(100)
+
+
+def test_easy_medium_hard_setups() -> None:
+    gnd = [{"easy": [0], "hard": [1], "junk": [2]}]
+    e, m, h = (setup_gnd(gnd, s)[0] for s in ("easy", "medium", "hard"))
+    assert sorted(e["ok"]) == [0] and sorted(e["junk"]) == [1, 2]
+    assert sorted(m["ok"]) == [0, 1] and sorted(m["junk"]) == [2]
+    assert sorted(h["ok"]) == [1] and sorted(h["junk"]) == [0, 2]
+    # ranking 3 (negative), 1 (hard), 2 (junk), 0 (easy):
+    # easy: 0 at 3, junk {1, 2} before it -> position 1 -> AP 0.25
+    # medium: 1 at 1, 0 at 3 with junk 2 before it -> positions 1, 2 -> AP (1/2/2 + (1/2 + 2/3)/2) / 2 = 5/12
+    # hard: 1 at 1, junk {2, 0} after it -> AP 0.25
+    res = revisited_metrics(gnd, ranks=_ranks([3, 1, 2, 0]))
+    assert res["map"] == pytest.approx({"easy": 25.0, "medium": 500 / 12, "hard": 25.0})
+    assert res["mp"]["medium"] == pytest.approx({1: 0.0, 5: 200 / 3, 10: 200 / 3})
+    with pytest.raises(DToPError, match="unknown protocol setup"):
+        setup_gnd(gnd, "extreme")
+
+
+def test_positions_path_equals_ranks_path_on_random_data() -> None:
+    rng = np.random.default_rng(3)
+    n_db, nq = 60, 12
+    db = rng.normal(size=(n_db, 8)).round(1).astype(np.float32)  # rounding creates ties
+    q = rng.normal(size=(nq, 8)).round(1).astype(np.float32)
+    gnd = []
+    for _ in range(nq):
+        perm = rng.permutation(n_db)
+        gnd.append({"ok": perm[: rng.integers(0, 6)], "junk": perm[6 : 6 + rng.integers(0, 4)]})
+    a = compute_map(rank_database(db, q), gnd, [1, 5, 10])
+    b = compute_map_positions(ranking_positions(db, q), gnd, [1, 5, 10])
+    assert a[0] == pytest.approx(b[0])
+    assert np.allclose(a[1], b[1], equal_nan=True) and np.allclose(a[3], b[3], equal_nan=True)
+
+
+def test_distractors_equal_a_full_ranking_of_the_concatenation() -> None:
+    rng = np.random.default_rng(4)
+    db = rng.normal(size=(40, 6)).round(1).astype(np.float32)
+    q = rng.normal(size=(7, 6)).round(1).astype(np.float32)
+    dis = rng.normal(size=(300, 6)).round(1).astype(np.float32)
+    dis[:5] = db[:5]  # exact ties between distractors and database images
+    gnd = [{"easy": list(rng.choice(40, 3, replace=False)), "hard": [int(rng.integers(40))], "junk": []} for _ in q]
+    full = np.argsort(-(np.concatenate([db, dis]) @ q.T), axis=0, kind="stable")
+    expected = revisited_metrics(gnd, ranks=full)
+    got = evaluate_descriptors(db, q, gnd, distractors=dis)
+    for s in ("easy", "medium", "hard"):
+        assert got["map"][s] == pytest.approx(expected["map"][s])
+        assert got["mp"][s] == pytest.approx(expected["mp"][s])
+    # chunked scoring gives the same positions
+    assert np.array_equal(ranking_positions(db, q, dis, chunk=17), ranking_positions(db, q, dis))
+    # distractors can only push positives down
+    assert all(got["map"][s] <= evaluate_descriptors(db, q, gnd)["map"][s] + 1e-9 for s in got["map"])
+    with pytest.raises(DToPError, match="distractor descriptors are 5-d"):
+        evaluate_descriptors(db, q, gnd, distractors=dis[:, :5])
+
+
+# data set loading ------------------------------------------------------------------------------------
+
+
+def _write_tiny_set(root: Path, name: str = "tiny") -> Path:
+    folder = root / name
+    (folder / "jpg").mkdir(parents=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
+    imlist, qimlist, gnd = [], [], []
+    for i, (cname, c) in enumerate(colours.items()):
+        for k in range(2):
+            a = np.full((48, 64, 3), c, dtype=np.uint8)
+            a[:, : 8 * (k + 1)] = 128
+            Image.fromarray(a).save(folder / "jpg" / f"{cname}{k}.jpg", quality=95)
+            imlist.append(f"{cname}{k}")
+        q = np.full((40, 40, 3), 255, dtype=np.uint8)
+        q[10:30, 5:35] = c
+        Image.fromarray(q).save(folder / "jpg" / f"q_{cname}.jpg", quality=95)
+        qimlist.append(f"q_{cname}")
+        gnd.append({"bbx": [5.0, 10.0, 35.0, 30.0], "easy": [2 * i], "hard": [2 * i + 1], "junk": []})
+    with open(folder / f"gnd_{name}.pkl", "wb") as fh:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, fh)
+    return folder
+
+
+def test_load_revisitop_layout(tmp_path: Path) -> None:
+    _write_tiny_set(tmp_path)
+    ds = load_revisitop(tmp_path, "tiny")
+    assert ds.n_images == 6 and ds.n_queries == 3
+    assert ds.images[0] == tmp_path / "tiny" / "jpg" / "red0.jpg" and all(p.exists() for p in ds.images)
+    assert ds.bboxes[1] == [5.0, 10.0, 35.0, 30.0] and ds.gnd[2] == {"easy": [4], "hard": [5], "junk": []}
+    assert resolve_dataset(str(tmp_path / "tiny")).images == ds.images
+    with pytest.raises(DToPError, match="gnd_roxford5k.pkl not found"):
+        resolve_dataset("roxford5k", tmp_path)
+    with pytest.raises(DToPError, match="unknown data set"):
+        resolve_dataset("nope", tmp_path)
+
+
+def test_load_revisitop_rejects_bad_ground_truth(tmp_path: Path) -> None:
+    folder = _write_tiny_set(tmp_path)
+    with open(folder / "gnd_tiny.pkl", "rb") as fh:
+        cfg = pickle.load(fh)
+    cfg["gnd"][0]["easy"] = [99]
+    with open(folder / "gnd_tiny.pkl", "wb") as fh:
+        pickle.dump(cfg, fh)
+    with pytest.raises(DToPError, match="out of range"):
+        load_revisitop(tmp_path, "tiny")
+    (folder / "gnd_tiny.pkl").write_bytes(b"garbage")
+    with pytest.raises(DToPError, match="cannot read"):
+        load_revisitop(tmp_path, "tiny")
+
+
+def test_evaluate_crops_queries_to_their_box(tmp_path: Path) -> None:
+    _write_tiny_set(tmp_path)
+    engine = TinyImageEngine()
+    res = evaluate(engine, tmp_path, "tiny", progress=False, image_size=64)
+    # cropped, each query is a pure colour: its own object's two views rank first
+    assert res.map == pytest.approx({"easy": 100.0, "medium": 100.0, "hard": 100.0})
+    assert engine.calls[0][2:] == (48, 64)  # the 30x20 box resized to 64 x 42.7 -> 48
+    uncropped = TinyImageEngine()
+    evaluate(uncropped, tmp_path, "tiny", progress=False, image_size=64, crop_queries=False)
+    assert uncropped.calls[0][2:] == (64, 64)  # the whole 40x40 query
+    q_cropped = extract(engine, [tmp_path / "tiny/jpg/q_red.jpg"], bboxes=[[5, 10, 35, 30]], progress=False)
+    q_whole = extract(engine, [tmp_path / "tiny/jpg/q_red.jpg"], progress=False)
+    assert (q_cropped @ q_whole.T)[0, 0] < 0.999
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["n_queries"] == 3 and d["crop_queries"] is True and d["map"]["hard"] == 100.0
+    table = res.table()
+    assert table.splitlines()[2].startswith("| mAP | 100.00") and "mP@10" in table
+
+
+def test_evaluate_uses_the_datasets_image_size(tmp_path: Path) -> None:
+    folder = _write_tiny_set(tmp_path)
+    with open(folder / "gnd_tiny.pkl", "rb") as fh:
+        cfg = pickle.load(fh)
+    cfg["image_size"] = 32
+    with open(folder / "gnd_tiny.pkl", "wb") as fh:
+        pickle.dump(cfg, fh)
+    engine = TinyImageEngine()
+    res = evaluate(engine, tmp_path, "tiny", progress=False)
+    assert res.image_size == 32 and max(engine.calls[-1][2:]) == 32
+
+
+# extraction ------------------------------------------------------------------------------------------
+
+
+def _images(n: int = 5) -> list[Image.Image]:
+    rng = np.random.default_rng(5)
+    sizes = [(64, 48), (48, 64), (64, 48), (80, 80), (64, 48)]
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+
+
+def test_multiscale_is_the_normalised_mean_of_normalised_descriptors() -> None:
+    engine = TinyImageEngine()
+    imgs = _images()
+    scales = (1.0, 0.5)
+    ms = extract(engine, imgs, scales=scales, progress=False, image_size=64)
+    singles = [extract(engine, imgs, scales=(s,), progress=False, image_size=64) for s in scales]
+    expected = singles[0] + singles[1]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(ms, expected, atol=1e-6)
+    assert not np.allclose(ms, singles[0], atol=1e-3)
+    assert np.allclose(np.linalg.norm(ms, axis=1), 1.0, atol=1e-6)
+
+
+def test_extract_image_sizes_per_scale() -> None:
+    engine = TinyImageEngine()
+    extract(engine, _images(1), scales=MULTI_SCALES, progress=False, image_size=128)
+    # 64x48 image: longer side 128, 90.5, 181 -> widths 128, 96, 176; heights rounded to 16
+    assert [c[2:] for c in engine.calls] == [(96, 128), (64, 96), (128, 176)]
+
+
+def test_batching_groups_equal_shapes_and_changes_nothing() -> None:
+    imgs = _images()
+    one = TinyImageEngine()
+    a = extract(one, imgs, progress=False, image_size=64, batch_size=1)
+    many = TinyImageEngine()
+    b = extract(many, imgs, progress=False, image_size=64, batch_size=4)
+    assert np.allclose(a, b, atol=1e-6)
+    assert max(c[0] for c in many.calls) == 3  # the three 64x48 images went together
+    assert sum(c[0] for c in many.calls) == len(imgs)
+
+
+def test_unreadable_images_are_recorded_or_raised(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    _images(1)[0].save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    errors: list[tuple[int, str]] = []
+    out = extract(TinyImageEngine(), [good, bad, good], progress=False, image_size=64, errors=errors)
+    assert out.shape == (2, 51) and [i for i, _ in errors] == [1] and "bad.jpg" in errors[0][1]
+    with pytest.raises(DToPError, match="bad.jpg"):
+        extract(TinyImageEngine(), [good, bad], progress=False, image_size=64)
+
+
+def test_extract_uses_the_given_preprocessing() -> None:
+    imgs = _images(2)
+    a = extract(TinyImageEngine(), imgs, PreprocessConfig(mean=(0.5, 0.5, 0.5)), progress=False, image_size=64)
+    b = extract(TinyImageEngine(), imgs, PreprocessConfig(mean=(0.2, 0.5, 0.8)), progress=False, image_size=64)
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_parse_scales() -> None:
+    assert parse_scales("1,0.707,1.414") == (1.0, 0.707, 1.414)
+    assert parse_scales("ms") == MULTI_SCALES
+    for bad in ("", "1,x", "0", "-1", "nan"):
+        with pytest.raises(DToPError, match="scales"):
+            parse_scales(bad)
+
+
+def test_small_model_on_the_sample_set(small_model, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001
+    from dtop_export.preprocess import default_preprocess
+    from engines.pytorch import TorchEngine
+
+    root = tmp_path_factory.getbasetemp() / "data"
+    engine = TorchEngine(small_model, default_preprocess("dtop_tiny_r_s16", 16))
+    res = evaluate(engine, root, "sample", progress=False, image_size=128)
+    assert res.n_queries == 20 and res.n_images == 90 and res.image_size == 128
+    assert all(0.0 < res.map[s] <= 100.0 for s in res.map)
+    # ranking and metric code against a direct computation from the same descriptors
+    ds = load_revisitop(root, "sample")
+    q = extract(engine, ds.queries, bboxes=ds.bboxes, progress=False, image_size=128)
+    db = extract(engine, ds.images, progress=False, image_size=128)
+    direct = revisited_metrics(ds.gnd, ranks=rank_database(db, q))
+    assert res.map == pytest.approx(direct["map"], abs=1e-6)

@@ -1,0 +1,88 @@
+"""Nearest-neighbour search: faiss exact = numpy brute force, IVF-PQ recall, lazy import, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dtop_export.errors import DToPError
+from dtop_export.search import build_index, have_faiss, knn
+
+needs_faiss = pytest.mark.skipif(not have_faiss(), reason="faiss-cpu not installed")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _data(n: int = 500, nq: int = 20, dim: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    db = _unit(rng.normal(size=(n, dim)))
+    q = _unit(db[:nq] + 0.2 * rng.normal(size=(nq, dim)) / np.sqrt(dim))
+    return db, q
+
+
+def test_numpy_exact_is_brute_force() -> None:
+    db, q = _data()
+    scores, ids = knn(db, q, 10, use_faiss=False)
+    full = q @ db.T
+    expected = np.argsort(-full, axis=1)[:, :10]
+    assert np.array_equal(ids, expected)
+    assert np.allclose(scores, np.take_along_axis(full, expected, axis=1), atol=1e-6)
+    assert np.array_equal(ids[:, 0], np.arange(len(q)))  # each query's source is its nearest neighbour
+
+
+@needs_faiss
+def test_faiss_exact_matches_numpy() -> None:
+    db, q = _data()
+    s1, i1 = knn(db, q, 10)
+    s2, i2 = knn(db, q, 10, use_faiss=False)
+    assert build_index(db).backend == "faiss"
+    assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-5)
+
+
+def test_k_larger_than_the_database_pads() -> None:
+    db, q = _data(n=5, nq=2)
+    scores, ids = knn(db, q, 8, use_faiss=False)
+    assert ids.shape == (2, 8) and (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    assert sorted(ids[0, :5].tolist()) == [0, 1, 2, 3, 4]
+
+
+@needs_faiss
+def test_ivfpq_finds_the_true_neighbour() -> None:
+    db, q = _data(n=2000, nq=100, dim=32, seed=1)
+    index = build_index(db, "ivfpq", nprobe=8)
+    assert index.method == "ivfpq" and index.ntotal == 2000
+    _, ids = index.search(q, 10)
+    recall = np.mean([i in row for i, row in enumerate(ids)])
+    assert recall >= 0.9, recall
+
+
+@needs_faiss
+def test_ivfpq_refuses_what_it_cannot_do() -> None:
+    db, _ = _data(n=100)
+    with pytest.raises(DToPError, match="at least"):
+        build_index(db, "ivfpq", nlist=64, nbits=8)
+    with pytest.raises(DToPError, match="must divide"):
+        build_index(db, "ivfpq", m=5)
+
+
+def test_errors() -> None:
+    db, q = _data()
+    with pytest.raises(DToPError, match="unknown search method"):
+        build_index(db, "hnsw")
+    with pytest.raises(DToPError, match="queries are 16-d"):
+        knn(db, q[:, :16], 5)
+    with pytest.raises(DToPError, match="matrix"):
+        build_index(db[0])
+    with pytest.raises(DToPError, match="needs faiss"):
+        build_index(db, "ivfpq", use_faiss=False)
+
+
+def test_faiss_is_imported_lazily() -> None:
+    code = "import sys, dtop_export.search, dtop_export.evaluate; assert 'faiss' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
