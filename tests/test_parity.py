@@ -1,0 +1,244 @@
+"""Parity: identical engines pass, a perturbed weight fails, contracts follow the precision, ONNX end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import NoisyEngine, TinyImageEngine, TruncatedEngine
+
+from dtop_export.checkpoint import Whitening, load_checkpoint, new_provenance, save_checkpoint
+from dtop_export.errors import DToPError
+from dtop_export.evaluate import RevisitopDataset, load_revisitop
+from dtop_export.model import build_model, get_preset
+from dtop_export.parity import CONTRACTS, compare, contract_for, cosine_per_row, parity
+from dtop_export.preprocess import PreprocessConfig, default_preprocess
+from dtop_export.sample_data import build_sample_dataset
+from engines.pytorch import TorchEngine
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("parity_data")
+    build_sample_dataset(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sample(data_root: Path) -> RevisitopDataset:
+    return load_revisitop(data_root, "sample")
+
+
+@pytest.fixture(scope="module")
+def ref_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small preset with non-trivial batchnorm statistics and whitening, so export folding is exercised."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    n = model.descriptor_dim
+    proj = torch.linalg.qr(torch.randn(n, n, generator=g))[0][: n // 2] * 3.0
+    wh = Whitening(mean=torch.randn(n, generator=g) * 0.05, proj=proj, kind="lw")
+    path = tmp_path_factory.mktemp("parity_ckpt") / "ref.pt"
+    save_checkpoint(path, model, default_preprocess(model.cfg.backbone, model.stride), wh, new_provenance("test"))
+    return path
+
+
+def _perturbed_engine(ckpt_path: Path) -> TorchEngine:
+    """The reference model with one weight tensor (the head's FC) perturbed by 10% of its scale."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = ckpt.build_model()
+    with torch.no_grad():
+        w = model.head.fc.weight
+        w.add_(0.1 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    return TorchEngine(model, ckpt.preprocess, ckpt.whitening)
+
+
+# PyTorch vs PyTorch ----------------------------------------------------------------------------------
+
+
+def test_identical_engines_pass(ref_ckpt: Path, sample: RevisitopDataset) -> None:
+    ref, other = TorchEngine.from_checkpoint(ref_ckpt), TorchEngine.from_checkpoint(ref_ckpt)
+    report = parity(ref, [other], sample, progress=False, image_size=128)
+    e = report.engines[0]
+    assert report.passed and e.passed and not e.failures()
+    assert e.cosine_min >= 1 - 1e-6 and e.max_abs <= 1e-6 and e.topk_agreement == 1.0
+    assert e.map == pytest.approx(report.reference["map"]) and all(abs(d) < 1e-9 for d in e.map_delta.values())
+    assert {c.metric for c in e.checks} >= {"preprocess", "cosine_min", "max_abs", "map_delta_easy", "map_delta_hard"}
+    table = report.table()
+    assert "(reference)" in table and "PASS" in table and "FAIL" not in table
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["passed"] is True and d["engines"][0]["contract"]["cosine_min"] == 0.99999
+
+
+def test_perturbed_weight_fails(ref_ckpt: Path, sample: RevisitopDataset) -> None:
+    ref = TorchEngine.from_checkpoint(ref_ckpt)
+    report = parity(ref, [_perturbed_engine(ref_ckpt)], sample, progress=False, image_size=128)
+    e = report.engines[0]
+    assert not report.passed and not e.passed
+    failing = {c.metric for c in e.checks if not c.passed}
+    assert {"cosine_min", "max_abs"} <= failing and "preprocess" not in failing
+    assert e.cosine_min < CONTRACTS["fp32"].cosine_min
+    assert any(line.startswith("cosine_min ") and " < 0.99999" in line for line in e.failures())
+    assert "FAIL" in report.table() and report.failures()[0].startswith(e.label)
+
+
+# contracts (no model needed) -------------------------------------------------------------------------
+
+
+def _synthetic(noise: float, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple, list[dict]]:
+    """Reference descriptors with clear answers, and a copy with relative noise ``noise``."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    db = unit(rng.normal(size=(50, 64)))
+    q = unit(db[:5] + 0.05 * rng.normal(size=(5, 64)))
+    gnd = [{"easy": [i], "hard": [i + 5], "junk": []} for i in range(5)]
+    db[5:10] = unit(db[:5] + 0.5 * rng.normal(size=(5, 64)) / 8)  # hard views: further away, still nearest
+    noisy = [unit(x + noise * rng.normal(size=x.shape) / 8) for x in (db, q)]
+    return (db, q), (noisy[0], noisy[1]), gnd
+
+
+@pytest.mark.parametrize(
+    ("noise", "precision", "passes"),
+    [
+        (0.0, "fp32", True),
+        (0.014, "fp32", False),  # cosine ~0.9999: too far for fp32 ...
+        (0.014, "fp16", True),  # ... within fp16's 0.999
+        (0.08, "fp16", False),  # cosine ~0.997
+        (0.08, "int8", True),  # within int8's 0.99
+    ],
+)
+def test_contract_depends_on_precision(noise: float, precision: str, passes: bool) -> None:
+    ref, cand, gnd = _synthetic(noise)
+    from dtop_export.evaluate import evaluate_descriptors
+
+    ref_map = evaluate_descriptors(ref[0], ref[1], gnd)["map"]
+    res = compare(ref, cand, gnd, contract_for(precision), ref_map, "candidate")
+    assert all(abs(d) < 1e-9 for d in res.map_delta.values())  # rankings unchanged by the noise
+    assert res.passed is passes, res.failures()
+    assert ("max_abs" in {c.metric for c in res.checks}) is (precision == "fp32")
+    if not passes:
+        failing = {f.split()[0] for f in res.failures()}
+        assert "cosine_min" in failing and failing <= {"cosine_min", "max_abs"}
+
+
+def test_map_delta_is_checked() -> None:
+    ref, _, gnd = _synthetic(0.0)
+    from dtop_export.evaluate import evaluate_descriptors
+
+    ref_map = evaluate_descriptors(ref[0], ref[1], gnd)["map"]
+    swapped = (ref[0][[1, 0, *range(2, 50)]], ref[1])  # rows 0 and 1 exchanged: query 0 and 1 lose their match
+    res = compare(ref, swapped, gnd, contract_for("int8"), ref_map, "swapped")
+    assert not res.passed and "map_delta_easy" in {c.metric for c in res.checks if not c.passed}
+    assert res.map_delta["easy"] < -1.0
+
+
+def test_non_finite_descriptors_fail() -> None:
+    ref, cand, gnd = _synthetic(0.0)
+    cand[0][3, 0] = np.nan
+    res = compare(ref, cand, gnd, contract_for("fp32"), {"easy": 0, "medium": 0, "hard": 0}, "nan")
+    assert not res.passed and "finite" in {c.metric for c in res.checks if not c.passed}
+    assert np.isnan(cosine_per_row(ref[0], cand[0])[3])
+
+
+def test_unknown_precision_and_bad_reference() -> None:
+    with pytest.raises(DToPError, match="no parity contract for precision 'fp8'"):
+        contract_for("fp8")
+    with pytest.raises(DToPError, match="must run in fp32"):
+        parity(TinyImageEngine(precision="fp16"), [TinyImageEngine()], None)  # type: ignore[arg-type]
+
+
+def test_wrong_dimension_and_preprocessing_fail(sample: RevisitopDataset) -> None:
+    ref = TinyImageEngine()
+    other_mean = TinyImageEngine(PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    report = parity(
+        ref, [TinyImageEngine(), TruncatedEngine(TinyImageEngine(), 20), other_mean], sample, progress=False,
+        image_size=64,
+    )  # fmt: skip
+    same, short, mean = report.engines
+    assert same.passed
+    assert not short.passed and [c.metric for c in short.checks if not c.passed] == ["descriptor_dim"]
+    assert not mean.passed and [c.metric for c in mean.checks if not c.passed] == ["preprocess"]
+    assert "mean" in mean.failures()[0]
+
+
+def test_noisy_engine_is_judged_by_its_precision(sample: RevisitopDataset) -> None:
+    ref = TinyImageEngine()
+    report = parity(
+        ref, [NoisyEngine(TinyImageEngine(), 0.01), NoisyEngine(TinyImageEngine(), 0.01, precision="int8")],
+        sample, progress=False, image_size=64,
+    )  # fmt: skip
+    fp32, int8 = report.engines
+    assert fp32.cosine_min < 0.99999 and not fp32.passed
+    assert int8.cosine_min > 0.99
+    assert {c.metric for c in int8.checks if not c.passed} <= {"map_delta_easy", "map_delta_medium", "map_delta_hard"}
+
+
+# ONNX end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(ref_ckpt: Path) -> tuple[Path, Path]:
+    """The reference exported to ONNX, and a copy with one initializer corrupted."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from dtop_export.export import export_onnx
+
+    good = ref_ckpt.with_name("ref.onnx")
+    export_onnx(ref_ckpt, good)
+    proto = onnx.load(str(good))
+    inits = sorted(proto.graph.initializer, key=lambda t: -int(np.prod(t.dims)) if t.dims else 0)
+    target = next(t for t in inits if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+    w = numpy_helper.to_array(target).copy()
+    w += 0.5 * w.std() * np.random.default_rng(0).normal(size=w.shape).astype(w.dtype)
+    target.CopyFrom(numpy_helper.from_array(w, target.name))
+    bad = ref_ckpt.with_name("corrupted.onnx")
+    onnx.save(proto, str(bad))
+    return good, bad
+
+
+def test_onnx_passes_on_the_sample_set(ref_ckpt: Path, onnx_pair: tuple[Path, Path], sample: RevisitopDataset) -> None:
+    from engines.ort import OnnxRuntimeEngine
+
+    ref = TorchEngine.from_checkpoint(ref_ckpt)
+    report = parity(ref, [OnnxRuntimeEngine(onnx_pair[0])], sample, progress=False)  # the set's 256 px
+    e = report.engines[0]
+    assert report.image_size == 256
+    assert report.passed, e.failures()
+    assert e.cosine_min >= 0.99999 and e.max_abs <= 1e-4
+    assert all(abs(d) <= 0.05 for d in e.map_delta.values()) and e.topk_agreement == 1.0
+
+
+def test_cli_parity_gates_a_corrupted_onnx(
+    ref_ckpt: Path, onnx_pair: tuple[Path, Path], data_root: Path, tmp_path: Path
+) -> None:
+    good, bad = onnx_pair
+    out = tmp_path / "parity.json"
+    args = [str(ref_ckpt), str(good), str(bad), "--dataset", "sample", "--data-root", str(data_root)]
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "parity", *args, "--image-size", "128", "--json", str(out),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "corrupted.onnx" in fails[0]
+    assert "cosine_min" in fails[0] or "max_abs" in fails[0]  # the failing metric is named
+    assert "| engine |" in r.stdout and "(reference)" in r.stdout
+    report = json.loads(out.read_text())
+    assert [e["passed"] for e in report["engines"]] == [True, False] and report["passed"] is False
+    assert report["engines"][1]["cosine_min"] < 0.99999
