@@ -1,0 +1,176 @@
+"""Training commands: ``train`` (DToP on a landmark set; torchrun for several GPUs) and ``whiten``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli._app import app
+from dtop_export.errors import DToPError
+
+_SHORTCUTS = {
+    "out": "out_dir",
+    "preset": "model.preset",
+    "init": "model.init",
+    "backbone_weights": "model.backbone_weights",
+    "dataset": "data.dataset",
+    "data_root": "data.root",
+    "epochs": "epochs",
+    "batch_size": "sampler.batch_size",
+    "lr": "optim.lr",
+}
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(message)s")
+    root.setLevel(level)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (sections as in training/config.py).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue a run from its folder (or its train_state.pt).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (out_dir).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset (model.preset).")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Fine-tune this checkpoint (model.init).")] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="Download timm's ImageNet backbone weights (network).")
+    ] = False,
+    backbone_weights: Annotated[
+        Path | None, typer.Option("--backbone-weights", help="Local timm backbone weights (offline).")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="data.dataset: sample, folder, revisitop, sfm120k, gldv2, gldv1, nc-clean.")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="data.root: the dataset folder.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step per process.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate (optim.lr).")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs only).")] = False,
+) -> None:
+    """Train DToP (group-size batches, ArcFace or contrastive); checkpoints + state in the run folder.
+
+    Several processes: torchrun --nproc_per_node=N -m training --config cfg.yaml
+    """
+    sets = list(overrides or [])
+    given = {
+        "out": out,
+        "preset": preset,
+        "init": init,
+        "backbone_weights": backbone_weights,
+        "dataset": dataset,
+        "data_root": data_root,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+    }
+    for name, value in given.items():
+        if value is not None:
+            sets.append(f"{_SHORTCUTS[name]}={value}")
+    if pretrained:
+        sets.append("model.pretrained=true")
+    if no_progress:
+        sets.append("progress=false")
+    _setup_logging()
+    from training.config import TrainConfig, dump_config, load_config
+
+    if resume is not None and config is None:
+        from training.loop import read_state
+
+        base = TrainConfig.from_dict(read_state(resume)["config"])
+        cfg = _apply(base, sets)
+    else:
+        cfg = load_config(config, sets)
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    if cfg.model.pretrained and cfg.model.backbone_weights:
+        raise DToPError("use either --pretrained or --backbone-weights, not both")
+    from training.loop import Trainer
+
+    result = Trainer(cfg, resume=resume).run()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    last = result.history[-1] if result.history else {}
+    typer.echo(f"trained {result.epochs} epoch(s), {result.steps} steps, {result.images_per_second:.1f} img/s")
+    if last.get("metrics"):
+        from training.loop import _fmt_map
+
+        typer.echo(f"validation mAP {_fmt_map(last['metrics'])}")
+    typer.echo(f"wrote {result.final}" + (f" (best: {result.best})" if result.best else ""))
+
+
+def _apply(cfg, sets: list[str]):  # noqa: ANN001, ANN202 - TrainConfig is imported lazily
+    from training.config import TrainConfig, parse_override
+
+    d = cfg.to_dict()
+    for item in sets:
+        keys, value = parse_override(item)
+        node = d
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return TrainConfig.from_dict(d)
+
+
+@app.command()
+def whiten(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to add whitening to (rewritten atomically).")],
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Matching pairs for supervised Lw: cirtorch *-whiten.pkl / SfM-120k pkl, a CSV of query,positive "
+            "paths, or a class-per-folder directory."
+        ),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder the pair paths are relative to (pkl: holds ims/).")] = None,
+    dim: Annotated[int | None, typer.Option(help="Output dimension (leading components); default: N.")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
+    ] = None,
+    scales: Annotated[str, typer.Option(help="Comma-separated scales, e.g. 1,0.7071,1.4142.")] = "1",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of in place.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
+    try:
+        scale_list = tuple(float(s) for s in scales.split(",") if s.strip())
+    except ValueError:
+        raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    if not scale_list or any(s <= 0 for s in scale_list):
+        raise DToPError("--scales must list positive numbers")
+    _setup_logging()
+    from training.whitening import whiten_checkpoint
+
+    out, wh = whiten_checkpoint(
+        checkpoint,
+        output,
+        pairs=pairs,
+        images=images,
+        root=root,
+        dim=dim,
+        size=size,
+        scales=scale_list,
+        progress=not no_progress,
+    )
+    what = f"{wh.info.get('pairs')} pairs, " if wh.kind == "lw" else ""
+    typer.echo(
+        f"wrote {out}: {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} ({what}{wh.info.get('images')} images)"
+    )

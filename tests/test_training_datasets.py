@@ -1,0 +1,170 @@
+"""Training-set readers on tiny fixtures in their real on-disk formats; bad images counted, never fatal."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from _training_data import (
+    make_folder,
+    make_gldv1,
+    make_gldv2,
+    make_nc_clean,
+    make_revisitop,
+    make_sfm120k,
+    write_garbage,
+    write_truncated,
+)
+
+from dtop_export.errors import DToPError
+from training import datasets as D
+
+
+def test_sfm120k(tmp_path: Path) -> None:
+    make_sfm120k(tmp_path)
+    ts = D.read_sfm120k(tmp_path, "train")
+    assert len(ts) == 12 and ts.num_classes == 3
+    assert ts.skipped == {"missing": 1, "unreadable": 1, "pairs_with_skipped_image": 1}
+    # clusters are the labels; pairs point at the same images as in the pkl
+    assert ts.qidxs is not None and len(ts.qidxs) == 4
+    for q, p in zip(ts.qidxs, ts.pidxs):
+        assert ts.labels[q] == ts.labels[p]
+        assert Path(ts.paths[q]).parent.parent.parent.parent == tmp_path / "ims"
+    assert Path(ts.paths[0]) == tmp_path / "ims" / "00" / "ef" / "cd" / "0000abcdef00"  # cirtorch's cid2filename
+    assert ts.sizes[0] == (64, 48) and ts.sizes[1] == (48, 64)
+    val = D.read_sfm120k(tmp_path, "val")
+    assert len(val) == 4 and val.qidxs == [0]
+    with pytest.raises(DToPError, match="no 'test' part"):
+        D.read_sfm120k(tmp_path, "test")
+
+
+def test_gldv2(tmp_path: Path) -> None:
+    make_gldv2(tmp_path)
+    ts = D.read_gldv2(tmp_path)
+    assert len(ts) == 9 and ts.class_names == ["100", "101", "102"]
+    assert ts.skipped == {"missing": 1, "unreadable": 1, "bad_id": 1}
+    p = Path(ts.paths[0]).relative_to(tmp_path)
+    assert p.parts[0] == "train" and p.parts[1:4] == tuple(p.stem[:3])
+    (tmp_path / "train_clean.csv").write_text("id,url\n1,2\n")
+    with pytest.raises(DToPError, match="landmark_id,images"):
+        D.read_gldv2(tmp_path)
+
+
+def test_gldv1(tmp_path: Path) -> None:
+    make_gldv1(tmp_path)
+    ts = D.read_gldv1(tmp_path)
+    assert len(ts) == 9 and ts.class_names == ["7", "8", "9"]
+    assert ts.skipped == {"missing": 1, "unlabelled": 1}
+    assert all(Path(p).parent == tmp_path / "train" for p in ts.paths)
+
+
+def test_nc_clean(tmp_path: Path) -> None:
+    make_nc_clean(tmp_path)
+    ts = D.read_nc_clean(tmp_path)
+    assert len(ts) == 9 and ts.num_classes == 3
+    assert ts.skipped == {"missing": 1, "unreadable": 1}
+    # the JSON form of the same list
+    import json
+
+    js = {f"images/{c}_{k}.jpg": c for c in range(3) for k in range(3)}
+    (tmp_path / "list.json").write_text(json.dumps(js))
+    assert len(D.read_nc_clean(tmp_path, tmp_path / "list.json")) == 9
+
+
+def test_folder_and_limits(tmp_path: Path) -> None:
+    make_folder(tmp_path, classes=3, per_class=4)
+    write_garbage(tmp_path / "class0" / "broken.jpg")
+    (tmp_path / "class1" / "notes.txt").write_text("not an image, ignored")
+    ts = D.read_folder(tmp_path)
+    assert len(ts) == 12 and ts.class_names == ["class0", "class1", "class2"]
+    assert ts.skipped == {"unreadable": 1}
+    assert sorted(set(ts.labels)) == [0, 1, 2]
+    (tmp_path / "class3").mkdir()
+    make_folder(tmp_path / "x", classes=1, per_class=1)  # class "x" with one image below a sub-folder
+    ts = D.read_folder(tmp_path, min_per_class=2)
+    assert "x" not in ts.class_names and ts.skipped["in_small_classes"] == 1
+    assert len(D.read_folder(tmp_path, max_images=5)) == 5
+
+
+def test_revisitop_classes(tmp_path: Path) -> None:
+    make_revisitop(tmp_path, "tiny")
+    ts = D.read_revisitop(tmp_path, "tiny")
+    # per class: the query + 2 easy + 1 hard (junk is not a positive)
+    assert ts.num_classes == 3 and len(ts) == 12
+
+
+def test_missing_root_and_lists(tmp_path: Path) -> None:
+    with pytest.raises(DToPError, match="set data.root"):
+        D.read_gldv2(None)
+    with pytest.raises(DToPError, match="not a folder"):
+        D.read_folder(tmp_path / "nope")
+    with pytest.raises(DToPError, match="retrieval-SfM-120k.pkl"):
+        D.read_sfm120k(tmp_path)
+    with pytest.raises(DToPError, match="no image list"):
+        D.read_nc_clean(tmp_path)
+    (tmp_path / "c").mkdir()
+    write_garbage(tmp_path / "c" / "a.jpg")
+    with pytest.raises(DToPError, match="no usable images"):
+        D.read_folder(tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):  # noqa: ANN204
+        return (print, ("pwned",))
+
+
+def test_pickles_cannot_run_code(tmp_path: Path) -> None:
+    p = tmp_path / "retrieval-SfM-120k.pkl"
+    p.write_bytes(pickle.dumps({"train": _Evil()}))
+    with pytest.raises(DToPError, match="refusing to unpickle builtins.print"):
+        D.read_sfm120k(tmp_path)
+
+
+def test_size_cache(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data", classes=2, per_class=2)
+    cache = tmp_path / "sizes.tsv"
+    a = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert cache.is_file() and len(cache.read_text().splitlines()) == 4
+    b = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert a.sizes == b.sizes
+
+
+def test_image_dataset_and_decode_failures(tmp_path: Path) -> None:
+    make_folder(tmp_path, classes=2, per_class=2)
+    write_truncated(tmp_path / "class1" / "truncated.jpg")
+    ts = D.read_folder(tmp_path)
+    assert len(ts) == 5  # the truncated file's header reads fine
+    ds = D.ImageDataset(ts, (0.5,) * 3, (0.5,) * 3, D.Augment())
+    bad = ts.paths.index(str(tmp_path / "class1" / "truncated.jpg"))
+    items = [(i, 32, 48, 7) for i in range(len(ts))]
+    batch = D.collate([ds[it] for it in items])
+    assert batch["failed"] == 1 and bad not in batch["indices"]
+    assert batch["images"].shape == (4, 3, 32, 48) and batch["images"].dtype == torch.float32
+    # the same seed gives the same augmented image; another seed a different one
+    x1, x2, x3 = ds[(0, 32, 48, 7)][0], ds[(0, 32, 48, 7)][0], ds[(0, 32, 48, 8)][0]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def test_exclude_classes(tmp_path: Path) -> None:
+    make_folder(tmp_path, classes=3, per_class=2)
+    ts = D.read_folder(tmp_path, exclude_classes=("class1",))
+    assert ts.class_names == ["class0", "class2"] and ts.skipped == {"excluded_classes": 2}
+
+
+def test_embedded_training_sample(tmp_path: Path) -> None:
+    pytest.importorskip("skimage", reason="the embedded training set is made from scikit-image's photos")
+    from training.sample import PHOTOS, build_training_sample
+
+    root = build_training_sample(tmp_path / "s", views_per_class=2, max_side=96)
+    ts = D.read_folder(root)
+    assert ts.num_classes == len(PHOTOS) and len(ts) == 2 * len(PHOTOS)
+    assert all(max(s) <= 96 for s in ts.sizes) and len({round(w / h, 1) for w, h in ts.sizes}) > 3
+    first = Path(ts.paths[0]).read_bytes()
+    build_training_sample(tmp_path / "s", views_per_class=2, max_side=96)  # cached: untouched
+    assert Path(ts.paths[0]).read_bytes() == first
+    build_training_sample(tmp_path / "t", views_per_class=2, max_side=96)  # deterministic
+    assert (tmp_path / "t" / Path(ts.paths[0]).relative_to(root)).read_bytes() == first
+    build_training_sample(tmp_path / "s", views_per_class=1, max_side=96)  # another recipe: rebuilt
+    assert len(D.read_folder(root)) == len(PHOTOS)

@@ -1,0 +1,276 @@
+"""The training loop on the small preset: outputs, resume == uninterrupted, validation, DDP with gloo, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _training_data import make_folder, make_revisitop
+
+from dtop_export.checkpoint import load_checkpoint
+from dtop_export.errors import DToPError
+from training.config import TrainConfig, load_config
+from training.loop import Trainer
+
+BASE = [
+    "model.preset=small",
+    "data.dataset=folder",
+    "data.workers=0",
+    "sampler.base_size=64",
+    "sampler.batch_size=4",
+    "sampler.aspect_ratios=[0.75, 1.0, 1.333, 2.0]",
+    "optim.optimizer=adamw",
+    "optim.lr=1e-3",
+    "optim.warmup_epochs=0.5",
+    "epochs=2",
+    "val.enabled=false",
+    "progress=false",
+    "log_every=1",
+    "threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 3 classes x 8 images, 4 aspect groups (6 images each): 4 batches of 4 per epoch
+    return make_folder(tmp_path_factory.mktemp("folder"), classes=3, per_class=8)
+
+
+def _cfg(out: Path, data: Path, *extra: str) -> TrainConfig:
+    return load_config(None, [*BASE, f"data.root={data}", f"out_dir={out}", *extra])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).state_dict
+
+
+def test_train_writes_checkpoints_state_and_logs(tmp_path: Path, folder_data: Path) -> None:
+    cfg = _cfg(tmp_path / "run", folder_data, "keep_every_epoch=true", "clip_grad=1.0", "accum_steps=2")
+    res = Trainer(cfg).run()
+    out = tmp_path / "run"
+    assert res.final == out / "final.pt" and res.steps == 4  # 4 batches / accum 2 = 2 steps x 2 epochs
+    for name in ("final.pt", "last.pt", "epoch-001.pt", "epoch-002.pt", "train_state.pt", "config.yaml"):
+        assert (out / name).is_file(), name
+    ck = load_checkpoint(out / "final.pt")
+    prov = ck.provenance
+    assert prov["source"] == "train" and prov["training_set"] == "folder" and prov["training_classes"] == 3
+    assert prov["epoch"] == 2 and prov["step"] == 4 and prov["config"]["sampler"]["base_size"] == 64
+    assert ck.config.descriptor_dim == 256 and ck.preprocess.stride == 16
+    # the weights moved away from the initialisation
+    torch.manual_seed(0)
+    from dtop_export.model import build_model, get_preset
+
+    init = build_model(get_preset("small")).state_dict()
+    assert not torch.equal(init["head.fc.weight"], ck.state_dict["head.fc.weight"])
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert len(list(csv.DictReader((out / "epochs.csv").open()))) == 2
+    assert load_checkpoint(out / "epoch-001.pt").provenance["epoch"] == 1
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
+    ref = Trainer(_cfg(tmp_path / "a", folder_data)).run()
+    assert ref.steps == 8
+
+    def crash_at_5(tr: Trainer) -> None:
+        if tr.global_step == 5:
+            raise _Crash
+
+    cfg = _cfg(tmp_path / "b", folder_data, "save_state_every=3")
+    with pytest.raises(_Crash):
+        Trainer(cfg, callbacks=[crash_at_5]).run()
+    assert not (tmp_path / "b" / "final.pt").exists()
+    # the last state on disk is the end of epoch 1 (step 4): steps 5.. are redone on resume
+    from training.loop import read_state
+
+    assert read_state(tmp_path / "b")["step"] == 4
+    res = Trainer(cfg, resume=tmp_path / "b").run()
+    assert res.steps == 8
+    a, b = _weights(tmp_path / "a" / "final.pt"), _weights(tmp_path / "b" / "final.pt")
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"resumed run differs in {diff[:5]}"
+    # the step log was cut back to the state and continued: every step once
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "b" / "log.csv").open())]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
+    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+
+    def crash_at_3(tr: Trainer) -> None:
+        if tr.global_step == 3:
+            raise _Crash
+
+    cfg = _cfg(tmp_path / "b", folder_data, "epochs=1", "save_state_every=2")
+    with pytest.raises(_Crash):
+        Trainer(cfg, callbacks=[crash_at_3]).run()
+    from training.loop import read_state
+
+    st = read_state(tmp_path / "b")
+    assert (st["step"], st["sampler"]["position"], st["epoch"]) == (2, 2, 0)  # inside the epoch
+    Trainer(cfg, resume=tmp_path / "b").run()
+    a, b = _weights(ref.final), _weights(tmp_path / "b" / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
+    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+
+    def interrupt_at_3(tr: Trainer) -> None:
+        if tr.global_step == 3:
+            raise KeyboardInterrupt
+
+    cfg = _cfg(tmp_path / "b", folder_data, "epochs=1")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, callbacks=[interrupt_at_3]).run()
+    from training.loop import read_state
+
+    assert read_state(tmp_path / "b")["step"] == 3
+    Trainer(cfg, resume=tmp_path / "b").run()
+    a, b = _weights(ref.final), _weights(tmp_path / "b" / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) -> None:
+    cfg = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")
+    Trainer(cfg).run()
+    other = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1", "optim.lr=0.5")
+    with pytest.raises(DToPError, match=r"optim\.lr changed"):
+        Trainer(other, resume=tmp_path / "a")
+    with pytest.raises(DToPError, match="no training state"):
+        Trainer(cfg, resume=tmp_path / "nothing")
+
+
+def test_validation_and_best_checkpoint(tmp_path: Path, folder_data: Path) -> None:
+    pytest.importorskip("dtop_export.evaluate", reason="validation runs dtop_export.evaluate (evaluation issue)")
+    val = make_revisitop(tmp_path / "val", "tiny")
+    cfg = _cfg(tmp_path / "run", folder_data, "val.enabled=true", f"val.root={val}", "val.name=tiny", "val.size=64")
+    res = Trainer(cfg).run()
+    assert res.best == tmp_path / "run" / "best.pt"
+    ck = load_checkpoint(res.final)
+    m = ck.provenance["metrics"]
+    assert {"easy", "medium", "hard"} <= set(m) and all(0 <= m[k] <= 100 for k in ("easy", "medium", "hard"))
+    assert set(ck.provenance["initial_metrics"]) >= {"easy", "medium", "hard"}
+    best = load_checkpoint(res.best).provenance
+    assert best["best"]["metric"] == "medium"
+    assert best["metrics"]["medium"] == max(h["metrics"]["medium"] for h in res.history)
+    rows = list(csv.DictReader((tmp_path / "run" / "epochs.csv").open()))
+    assert all(r["map_medium"] for r in rows)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(DToPError, match=r"unknown config key\(s\) optim\.lrr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(DToPError, match="data.dataset must be one of"):
+        load_config(None, ["data.dataset=imagenet"])
+    with pytest.raises(DToPError, match="not a valid int"):
+        load_config(None, ["epochs=two"])
+    with pytest.raises(DToPError, match="contrastive needs"):
+        load_config(None, ["loss.name=contrastive"])
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 1e-4\n  optimizer: adamw\nsampler:\n  aspect_ratios: [1.0, 2.0]\n")
+    cfg = load_config(y, ["optim.lr=3e-4", "model.overrides.descriptor_dim=128"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.optimizer == "adamw" and cfg.sampler.aspect_ratios == (1.0, 2.0)
+    assert cfg.model.overrides == {"descriptor_dim": 128}
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_train_errors_are_one_line(tmp_path: Path) -> None:
+    exe = [sys.executable, "-m", "dtop_export", "train"]
+    r = subprocess.run([*exe, "-s", "optim.lrr=1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown config key(s) optim.lrr")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([*exe, "--dataset", "gldv2", "--print-config"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "dataset: gldv2" in r.stdout
+
+
+def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path) -> None:
+    """torchrun with 2 CPU processes: each trains on its own shard; DDP keeps the replicas identical.
+
+    Eight images of one aspect group (1:2) only fail when decoded: their two batches are empty on
+    whichever process gets them, which must still join the gradient all-reduce (no hang, no divergence).
+    """
+    import shutil
+
+    import yaml
+    from _training_data import write_truncated
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_data, data)
+    for k in range(8):
+        write_truncated(data / "broken" / f"{k}.jpg", (32, 64))
+    cfg = _cfg(tmp_path / "ddp", data, "epochs=1", "sampler.aspect_ratios=[0.5, 0.75, 1.0, 1.333, 2.0]")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "training", "--config", str(tmp_path / "cfg.yaml"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    prov = load_checkpoint(tmp_path / "ddp" / "final.pt").provenance
+    digests = prov["ddp_rank_weight_sha256"]
+    assert prov["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    # 6 batches (4 good, 2 undecodable) split over 2 processes: 3 steps on a global batch of 8
+    assert prov["step"] == 3 and prov["skipped_images"]["decode_failed"] == 8
+
+
+def test_contrastive_on_sfm120k_tuples(tmp_path: Path) -> None:
+    from _training_data import make_sfm120k
+
+    make_sfm120k(tmp_path / "sfm")
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            "data.dataset=sfm120k",
+            f"data.root={tmp_path / 'sfm'}",
+            f"out_dir={tmp_path / 'run'}",
+            "loss.name=contrastive",
+            "loss.nnum=2",
+            "loss.query_size=4",
+            "loss.pool_size=12",
+            "sampler.batch_size=2",
+            "sampler.drop_last=false",
+        ],
+    )
+    tr = Trainer(cfg)
+    res = tr.run()
+    ds = tr.dataset
+    assert ds.tuple_size == 4 and len(ds.q) == 4
+    for q, p, negs in zip(ds.q, ds.p, ds.n):
+        assert tr.ts.labels[q] == tr.ts.labels[p]
+        assert len(negs) == 2 and len({tr.ts.labels[n] for n in negs} | {tr.ts.labels[q]}) == 3
+    prov = load_checkpoint(res.final).provenance
+    assert prov["training_set"] == "sfm120k" and prov["skipped_images"]["missing"] == 1
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert rows and all(float(r["loss"]) >= 0 for r in rows)
+
+
+def test_cli_train_then_resume_with_more_epochs(tmp_path: Path, folder_data: Path) -> None:
+    import yaml
+
+    cfg = _cfg(tmp_path / "run", folder_data, "epochs=1", "max_steps_per_epoch=1")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    exe = [sys.executable, "-m", "dtop_export", "train"]
+    r = subprocess.run([*exe, "-c", str(tmp_path / "cfg.yaml")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained 1 epoch(s), 1 steps" in r.stdout and "final.pt" in r.stdout
+    # no --config: the run's own config, with epochs raised
+    r = subprocess.run(
+        [*exe, "--resume", str(tmp_path / "run"), "--epochs", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "trained 2 epoch(s), 2 steps" in r.stdout
+    assert load_checkpoint(tmp_path / "run" / "final.pt").provenance["step"] == 2

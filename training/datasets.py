@@ -1,0 +1,572 @@
+"""Training-set readers (paper §4.1) in their real on-disk formats, and the image dataset they feed.
+
+Every reader returns a :class:`TrainSet`: absolute image paths, contiguous class labels, image sizes
+(for group-size sampling) and counts of what was skipped. Missing or unreadable images are counted and
+skipped, never fatal; so is an image that fails to decode later, during training.
+
+Formats
+    sfm120k   cirtorch's ``retrieval-SfM-120k.pkl`` ({'train'|'val': {'cids', 'cluster', 'qidxs', 'pidxs'}})
+              with images at ``ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``; labels are the clusters.
+    gldv2     GLDv2-clean ``train_clean.csv`` (``landmark_id,images`` with space-separated ids) and the
+              ``train/<a>/<b>/<c>/<id>.jpg`` tree.
+    gldv1     GLDv1 ``train.csv`` (``id,url,landmark_id``; ``None`` labels skipped) + local ``<id>.jpg``
+              files in ``train/`` (or the root).
+    nc-clean  NC-clean list (Gordo et al.; dirtorch's ``annotation_clean_train.txt``): ``path label``
+              per line relative to the root (``.txt``/``.csv``/``.json`` {path: label}).
+    folder    one sub-folder per class, images anywhere below it.
+    revisitop a revisitop-layout set ``<root>/<name>/gnd_<name>.pkl`` + ``jpg/``: every query with its
+              easy and hard positives is one class (queries sharing positives are merged).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import pickle
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtop_export.errors import DToPError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class TrainSet:
+    """A labelled list of usable images.
+
+    paths/labels/sizes are aligned; labels are 0..num_classes-1; sizes are (width, height).
+    qidxs/pidxs: query/positive index pairs (SfM-120k) into ``paths``; None for class-labelled sets.
+    skipped: counts of dropped entries by reason (``missing``, ``unreadable``, ``unlabelled``, ...).
+    """
+
+    name: str
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    sizes: list[tuple[int, int]]
+    class_names: list[str]
+    qidxs: list[int] | None = None
+    pidxs: list[int] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()) if v) or "none"
+        pairs = f", {len(self.qidxs)} query/positive pairs" if self.qidxs is not None else ""
+        return f"{self.name}: {len(self)} images, {self.num_classes} classes{pairs} (skipped: {skipped})"
+
+
+# safe pickle ----------------------------------------------------------------------------------------------
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a dataset file must not be able to run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("collections", "OrderedDict"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def load_pickle(path: str | Path) -> Any:
+    """Load a dataset pickle (cirtorch/revisitop) allowing only plain data: never runs code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DToPError(f"{path} not found")
+    try:
+        with open(path, "rb") as fh:
+            return _SafeUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
+
+
+def _as_list(v: Any) -> list:
+    return v.tolist() if hasattr(v, "tolist") else list(v)
+
+
+# image scanning -------------------------------------------------------------------------------------------
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the image header; None if the file is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+    return (int(w), int(h)) if w > 0 and h > 0 else None
+
+
+def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
+    if path is None or not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            out[parts[2]] = (int(parts[0]), int(parts[1]))
+    return out
+
+
+def _write_size_cache(path: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    from dtop_export._io import atomic_write_text
+
+    atomic_write_text(path, "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items()))
+
+
+def finalize(
+    name: str,
+    root: Path,
+    entries: Iterable[tuple[str, str]],
+    skipped: Counter | None = None,
+    min_per_class: int = 1,
+    max_images: int | None = None,
+    size_cache: Path | None = None,
+    threads: int = 16,
+    exclude_classes: Sequence[str] = (),
+) -> TrainSet:
+    """Turn (path, label) candidates into a :class:`TrainSet`: check every image, relabel 0..C-1."""
+    skipped = Counter() if skipped is None else skipped
+    entries = list(entries)
+    if exclude_classes:
+        excluded = {str(c) for c in exclude_classes}
+        n = len(entries)
+        entries = [e for e in entries if e[1] not in excluded]
+        if len(entries) < n:
+            skipped["excluded_classes"] += n - len(entries)
+    cache = _read_size_cache(size_cache)
+    todo = sorted({p for p, _ in entries if p not in cache})
+    if todo:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for p, s in zip(todo, pool.map(image_size, todo, chunksize=64)):
+                if s is not None:
+                    cache[p] = s
+        if size_cache is not None and size_cache.parent.is_dir():
+            _write_size_cache(size_cache, cache)
+    usable: list[tuple[str, str, tuple[int, int]]] = []
+    for p, label in entries:
+        s = cache.get(p)
+        if s is None:
+            skipped["missing" if not Path(p).exists() else "unreadable"] += 1
+            continue
+        usable.append((p, label, s))
+    counts = Counter(lbl for _, lbl, _ in usable)
+    if min_per_class > 1:
+        small = {lbl for lbl, n in counts.items() if n < min_per_class}
+        if small:
+            skipped["in_small_classes"] += sum(counts[lbl] for lbl in small)
+            usable = [u for u in usable if u[1] not in small]
+    if max_images is not None and len(usable) > max_images:
+        skipped["over_max_images"] += len(usable) - max_images
+        usable = usable[:max_images]
+    if not usable:
+        raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check data.root")
+    class_names = sorted({lbl for _, lbl, _ in usable}, key=_natural)
+    index = {c: i for i, c in enumerate(class_names)}
+    ts = TrainSet(
+        name=name,
+        root=root,
+        paths=[u[0] for u in usable],
+        labels=[index[u[1]] for u in usable],
+        sizes=[u[2] for u in usable],
+        class_names=class_names,
+        skipped=dict(skipped),
+    )
+    if any(skipped.values()):
+        log.warning("%s: skipped %s", name, _fmt(skipped))
+    return ts
+
+
+def _natural(s: str) -> tuple:
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def _fmt(c: Counter | dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(c.items()) if v) or "nothing"
+
+
+def _need_dir(root: str | Path | None, what: str) -> Path:
+    if root is None:
+        raise DToPError(f"{what}: set data.root to the dataset folder")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DToPError(f"{what}: data.root {root} is not a folder")
+    return root.resolve()
+
+
+def _need_file(path: Path, what: str, hint: str) -> Path:
+    if not path.is_file():
+        raise DToPError(f"{what}: {path} not found ({hint})")
+    return path
+
+
+# readers --------------------------------------------------------------------------------------------------
+
+
+def cid2filename(cid: str, ims_root: Path) -> Path:
+    """cirtorch's image path for an SfM-120k cluster image id."""
+    return ims_root / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+
+
+def read_sfm120k(
+    root: str | Path | None, split: str = "train", list_file: str | Path | None = None, **kw: Any
+) -> TrainSet:
+    """SfM-120k (Radenović et al.): clusters as labels, plus the query/positive pairs of ``split``."""
+    root = _need_dir(root, "sfm120k")
+    pkl = _need_file(
+        Path(list_file) if list_file else root / "retrieval-SfM-120k.pkl",
+        "sfm120k",
+        "expected cirtorch's retrieval-SfM-120k.pkl; set data.list_file",
+    )
+    db = load_pickle(pkl)
+    if not isinstance(db, dict) or split not in db:
+        raise DToPError(f"{pkl}: no '{split}' part (expected cirtorch's {{'train': ..., 'val': ...}})")
+    db = db[split]
+    try:
+        cids, clusters = _as_list(db["cids"]), _as_list(db["cluster"])
+        qidxs, pidxs = _as_list(db["qidxs"]), _as_list(db["pidxs"])
+    except KeyError as e:
+        raise DToPError(f"{pkl}: '{split}' has no {e} list") from None
+    ims = root / "ims"
+    paths = [str(cid2filename(str(c), ims)) for c in cids]
+    entries = [(p, str(int(c))) for p, c in zip(paths, clusters)]
+    ts = finalize("sfm120k", root, entries, **kw)
+    pos = {p: i for i, p in enumerate(ts.paths)}
+    q, pp = [], []
+    lost = 0
+    for a, b in zip(qidxs, pidxs):
+        ia, ib = pos.get(paths[int(a)]), pos.get(paths[int(b)])
+        if ia is None or ib is None:
+            lost += 1
+            continue
+        q.append(ia)
+        pp.append(ib)
+    if lost:
+        ts.skipped["pairs_with_skipped_image"] = lost
+    if not q:
+        raise DToPError(f"{pkl}: no query/positive pair has both images on disk under {ims}")
+    ts.qidxs, ts.pidxs = q, pp
+    return ts
+
+
+def gldv2_path(root: Path, image_id: str) -> Path:
+    """GLDv2's ``train/<a>/<b>/<c>/<id>.jpg`` path."""
+    return root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **kw: Any) -> TrainSet:
+    """GLDv2-clean (Weyand et al.): ``train_clean.csv`` rows ``landmark_id,images`` (space-separated ids)."""
+    root = _need_dir(root, "gldv2")
+    path = _need_file(
+        Path(list_file) if list_file else root / "train_clean.csv",
+        "gldv2",
+        "expected train_clean.csv with columns landmark_id,images",
+    )
+    entries = []
+    skipped: Counter = Counter()
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"landmark_id", "images"} <= set(reader.fieldnames):
+            raise DToPError(f"{path}: expected a header landmark_id,images (GLDv2 train_clean.csv)")
+        for row in reader:
+            label = (row.get("landmark_id") or "").strip()
+            ids = (row.get("images") or "").split()
+            if not label:
+                skipped["unlabelled"] += len(ids)
+                continue
+            for image_id in ids:
+                if len(image_id) < 3:
+                    skipped["bad_id"] += 1
+                    continue
+                entries.append((str(gldv2_path(root, image_id)), label))
+    return finalize("gldv2", root, entries, skipped, **kw)
+
+
+def read_gldv1(root: str | Path | None, list_file: str | Path | None = None, **kw: Any) -> TrainSet:
+    """GLDv1 noisy (Noh et al.): ``train.csv`` rows ``id,url,landmark_id`` + downloaded ``<id>.jpg``."""
+    root = _need_dir(root, "gldv1")
+    path = _need_file(
+        Path(list_file) if list_file else root / "train.csv",
+        "gldv1",
+        "expected train.csv with columns id,url,landmark_id",
+    )
+    images = root / "train" if (root / "train").is_dir() else root
+    entries = []
+    skipped: Counter = Counter()
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"id", "landmark_id"} <= set(reader.fieldnames):
+            raise DToPError(f"{path}: expected a header id,url,landmark_id (GLDv1 train.csv)")
+        for row in reader:
+            image_id = (row.get("id") or "").strip()
+            label = (row.get("landmark_id") or "").strip()
+            if not image_id or not label or label == "None":
+                skipped["unlabelled"] += 1
+                continue
+            entries.append((str(images / f"{image_id}.jpg"), label))
+    return finalize("gldv1", root, entries, skipped, **kw)
+
+
+NC_CLEAN_LISTS = ("annotations/annotation_clean_train.txt", "nc_clean.txt", "list.txt")
+
+
+def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, **kw: Any) -> TrainSet:
+    """NC-clean (Gordo et al.): ``path label`` lines (``.txt``/``.csv``) or a ``.json`` {path: label}."""
+    root = _need_dir(root, "nc-clean")
+    if list_file:
+        path = _need_file(Path(list_file), "nc-clean", "set data.list_file to the image list")
+    else:
+        found = [root / c for c in NC_CLEAN_LISTS if (root / c).is_file()]
+        if not found:
+            raise DToPError(f"nc-clean: no image list in {root} (looked for {', '.join(NC_CLEAN_LISTS)})")
+        path = found[0]
+    pairs: list[tuple[str, str]] = []
+    skipped: Counter = Counter()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DToPError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise DToPError(f"{path}: expected a JSON object {{image_path: label}}")
+        pairs = [(str(k), str(v)) for k, v in data.items()]
+    else:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.replace(",", " ").split()
+            if len(parts) < 2:
+                skipped["unlabelled"] += 1
+                continue
+            pairs.append((parts[0], parts[1]))
+    entries = [(str(root / p), lbl) for p, lbl in pairs]
+    return finalize("nc-clean", root, entries, skipped, **kw)
+
+
+def read_folder(root: str | Path | None, name: str = "folder", **kw: Any) -> TrainSet:
+    """One sub-folder per class (``root/<class>/**/<image>``); non-image files are ignored."""
+    root = _need_dir(root, "folder")
+    entries = []
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DToPError(f"folder: {root} has no class sub-folders (expected root/<class>/<image>.jpg)")
+    for d in classes:
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                entries.append((str(p), d.name))
+    return finalize(name, root, entries, **kw)
+
+
+def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> TrainSet:
+    """A revisitop-layout set as classes: each query + its easy/hard positives (overlaps merged)."""
+    root = _need_dir(root, "revisitop")
+    folder = root / name
+    gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", f"expected {root}/{name}/gnd_{name}.pkl")
+    cfg = load_pickle(gnd_path)
+    try:
+        imlist, qimlist, gnd = _as_list(cfg["imlist"]), _as_list(cfg["qimlist"]), _as_list(cfg["gnd"])
+    except (KeyError, TypeError) as e:
+        raise DToPError(f"{gnd_path}: not a revisitop ground truth (missing {e})") from None
+    ext = cfg.get("ext", ".jpg") or ""
+    qext = cfg.get("qext", ext) or ""
+    # union-find over queries sharing a positive
+    parent = list(range(len(qimlist)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for qi, g in enumerate(gnd):
+        for di in [*_as_list(g.get("easy", [])), *_as_list(g.get("hard", []))]:
+            di = int(di)
+            if di in owner:
+                parent[find(qi)] = find(owner[di])
+            else:
+                owner[di] = qi
+    entries = [(str(folder / "jpg" / f"{qimlist[qi]}{qext}"), f"q{find(qi)}") for qi in range(len(qimlist))]
+    entries += [(str(folder / "jpg" / f"{imlist[di]}{ext}"), f"q{find(qi)}") for di, qi in sorted(owner.items())]
+    return finalize(f"revisitop:{name}", root, entries, **kw)
+
+
+def read_sample(root: str | Path | None, **kw: Any) -> TrainSet:
+    """The embedded offline training set (class-per-folder views of packaged photos), built on demand."""
+    from training.sample import build_training_sample
+
+    return read_folder(build_training_sample(root), name="sample", **kw)
+
+
+def load_train_set(data: Any, size_cache: Path | None = None) -> TrainSet:
+    """Read the set a :class:`training.config.DataSection` names."""
+    kw: dict[str, Any] = {
+        "min_per_class": data.min_per_class,
+        "max_images": data.max_images,
+        "exclude_classes": tuple(data.exclude_classes),
+    }
+    kw["size_cache"] = Path(data.size_cache) if data.size_cache else size_cache
+    ds = data.dataset
+    if ds == "sample":
+        return read_sample(data.root, **kw)
+    if ds == "folder":
+        return read_folder(data.root, **kw)
+    if ds == "revisitop":
+        return read_revisitop(data.root, data.name, **kw)
+    if ds == "sfm120k":
+        return read_sfm120k(data.root, data.split, data.list_file, **kw)
+    if ds == "gldv2":
+        return read_gldv2(data.root, data.list_file, **kw)
+    if ds == "gldv1":
+        return read_gldv1(data.root, data.list_file, **kw)
+    if ds == "nc-clean":
+        return read_nc_clean(data.root, data.list_file, **kw)
+    raise DToPError(f"unknown dataset {ds!r}")
+
+
+# images ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Augment:
+    """Per-image augmentation, driven by an explicit seed so that a run is reproducible and resumable."""
+
+    scale: tuple[float, float] = (0.6, 1.0)
+    hflip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    train: bool = True
+
+
+def load_rgb(path: str) -> Any:
+    """Decode an image file to 8-bit RGB with its EXIF orientation (the toolkit's shared loader).
+
+    Raises :class:`DToPError` for a missing, truncated or non-image file.
+    """
+    from dtop_export.preprocess import load_image
+
+    return load_image(path)
+
+
+def crop_resize(img: Any, out_hw: tuple[int, int], aug: Augment, rng: random.Random) -> Any:
+    """Random crop with the target aspect ratio (area fraction in ``aug.scale``), resized to ``out_hw``.
+
+    Without ``aug.train`` the crop is the largest centred one of that aspect ratio.
+    """
+    from PIL import Image
+
+    oh, ow = out_hw
+    w, h = img.size
+    target = ow / oh
+    # largest crop of the target aspect ratio inside the image
+    cw, ch = (w, w / target) if w / h < target else (h * target, h)
+    if aug.train:
+        frac = rng.uniform(*aug.scale)
+        cw, ch = cw * frac**0.5, ch * frac**0.5
+        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    else:
+        x0, y0 = (w - cw) / 2, (h - ch) / 2
+    box = (x0, y0, x0 + cw, y0 + ch)
+    return img.resize((ow, oh), Image.Resampling.BILINEAR, box=box)
+
+
+def augment_colour(img: Any, aug: Augment, rng: random.Random) -> Any:
+    """Horizontal flip and illumination changes (brightness, contrast, saturation)."""
+    from PIL import Image, ImageEnhance
+
+    if not aug.train:
+        return img
+    if aug.hflip and rng.random() < aug.hflip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for amount, enhancer in (
+        (aug.brightness, ImageEnhance.Brightness),
+        (aug.contrast, ImageEnhance.Contrast),
+        (aug.saturation, ImageEnhance.Color),
+    ):
+        if amount > 0:
+            img = enhancer(img).enhance(rng.uniform(1 - amount, 1 + amount))
+    return img
+
+
+def to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """PIL RGB -> float32 [3, H, W] normalised with mean/std."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - m) / s
+
+
+class ImageDataset:
+    """Map-style dataset indexed by the sampler's ``(index, height, width, seed)`` items.
+
+    Returns ``(tensor [3, H, W], label, index)``, or ``None`` when the image cannot be decoded — the
+    collate function drops it and counts it.
+    """
+
+    def __init__(self, ts: TrainSet, mean: Sequence[float], std: Sequence[float], aug: Augment | None = None) -> None:
+        self.ts = ts
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.aug = aug or Augment()
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> tuple | None:
+        idx, h, w, seed = item
+        rng = random.Random(seed)
+        try:
+            img = load_rgb(self.ts.paths[idx])
+        except DToPError:
+            return None
+        img = augment_colour(crop_resize(img, (h, w), self.aug, rng), self.aug, rng)
+        return to_tensor(img, self.mean, self.std), self.ts.labels[idx], idx
+
+
+def collate(batch: list[tuple | None]) -> dict[str, Any]:
+    """Stack one group's images; undecodable ones are dropped and counted in ``failed``."""
+    import torch
+
+    ok = [b for b in batch if b is not None]
+    if not ok:
+        return {"images": None, "labels": None, "indices": [], "failed": len(batch)}
+    return {
+        "images": torch.stack([b[0] for b in ok]),
+        "labels": torch.tensor([b[1] for b in ok], dtype=torch.long),
+        "indices": [b[2] for b in ok],
+        "failed": len(batch) - len(ok),
+    }

@@ -1,0 +1,706 @@
+"""The training loop: DToP on a landmark set with group-size batches, ArcFace or contrastive tuples.
+
+Single process or DDP under torchrun (NCCL on GPUs, gloo on CPU). Per epoch: train, validate (mAP on a
+revisitop-layout set), write ``last.pt`` (and ``best.pt``) in the toolkit's checkpoint format plus the
+training state ``train_state.pt`` that ``--resume`` continues from exactly: model, ArcFace head,
+optimiser, scheduler, AMP scaler, sampler position, mined tuples and every RNG. Writes are atomic.
+
+Output folder::
+
+    config.yaml      the resolved config          train_state.pt  everything --resume needs
+    last.pt          after every epoch             best.pt         best validation mAP so far
+    final.pt         at the end                    log.csv / epochs.csv   step and epoch logs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dtop_export._io import atomic_path, atomic_write_text
+from dtop_export.errors import DToPError
+from training.config import TrainConfig, dump_config
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "dtop-export/train-state"
+STATE_VERSION = 1
+# config keys that may change when resuming (they do not change what is computed)
+RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    out_dir: Path
+    final: Path | None
+    best: Path | None
+    epochs: int
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    images_per_second: float = 0.0
+
+
+class _TrainModule(nn.Module):
+    """Model + loss in one module, so DDP synchronises the ArcFace weights with the model's."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None, tuple_size: int, margin: float
+    ) -> torch.Tensor:
+        from training.losses import contrastive_loss
+
+        u = self.model(images)
+        if self.head is not None:
+            return self.head(u, labels)
+        return contrastive_loss(F.normalize(u.float(), dim=-1), tuple_size, margin)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and not prefix.endswith("overrides."):
+            keys += _flat_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """Load a ``train_state.pt`` (a folder means its ``train_state.pt``); weights_only, validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train_state.pt"
+    if not path.is_file():
+        raise DToPError(f"no training state at {path}: resume from a run folder that holds train_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
+        raise DToPError(f"cannot read training state {path}: {e.__class__.__name__}; it is truncated or not one") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DToPError(f"{path} is not a dtop-export training state")
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise DToPError(f"{path} was written by a newer dtop-export: upgrade to resume it")
+    state["_path"] = str(path)
+    return state
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`.
+
+    ``resume``: a run folder or ``train_state.pt`` to continue. ``callbacks`` are called with the trainer
+    after every optimiser step (after any state save) — tests use them to simulate a crash.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: str | Path | None = None,
+        callbacks: list[Callable[[Trainer], None]] | None = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.resume_state = read_state(resume) if resume is not None else None
+        if self.resume_state is not None:
+            changed = [k for k in _flat_diff(self.resume_state["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            if changed:
+                raise DToPError(
+                    f"cannot resume with a different config ({', '.join(changed[:5])} changed); "
+                    "resume with the run's own config (omit --config) or start a new run"
+                )
+        self.callbacks = callbacks or []
+        self.out = Path(cfg.out_dir)
+        self.rank, self.world, self.local_rank = _dist_info()
+        self.global_step = 0
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"value": -1.0, "epoch": None}
+        self.initial_metrics: dict[str, Any] | None = None
+        self.skipped_decode = 0
+        self._boundary_rng: dict[str, Any] | None = None
+
+    # set-up -------------------------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _setup_dist(self) -> None:
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+
+    def _amp(self) -> tuple[bool, torch.dtype]:
+        amp = self.cfg.amp
+        if amp == "none":
+            return False, torch.float32
+        if amp == "auto":
+            if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return True, torch.float16
+            return True, torch.bfloat16
+        return True, torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def _build_model(self) -> None:
+        from dtop_export.checkpoint import load_checkpoint
+        from dtop_export.model import build_model, get_preset
+        from dtop_export.preprocess import default_preprocess
+
+        m = self.cfg.model
+        torch.manual_seed(self.cfg.seed)
+        if m.init:
+            ckpt = load_checkpoint(m.init)
+            self.model = ckpt.build_model()
+            self.preprocess = ckpt.preprocess
+            self.init_source = f"checkpoint:{m.init}"
+        else:
+            mcfg = get_preset(m.preset)
+            if m.overrides:
+                try:
+                    mcfg = mcfg.replace(**m.overrides)
+                except TypeError as e:
+                    raise DToPError(f"model.overrides: {e}") from None
+            self.model = build_model(mcfg, pretrained=m.pretrained, backbone_weights=m.backbone_weights)
+            self.preprocess = default_preprocess(mcfg.backbone, self.model.stride)
+            self.init_source = (
+                "pretrained"
+                if m.pretrained
+                else (f"backbone-weights:{m.backbone_weights}" if m.backbone_weights else "random-init")
+            )
+        self.model.to(self.device).train()
+
+    def _load_data(self) -> None:
+        from training.datasets import Augment, ImageDataset, load_train_set
+
+        cache = self.out / "image_sizes.tsv"
+        if self.world > 1 and not self.is_main:
+            dist.barrier()  # let rank 0 scan the images and write the size cache first
+        self.ts = load_train_set(
+            self.cfg.data, size_cache=cache if self.is_main else (cache if cache.exists() else None)
+        )
+        if self.world > 1 and self.is_main:
+            dist.barrier()
+        a = self.cfg.augment
+        aug = Augment(tuple(a.scale), a.hflip, a.brightness, a.contrast, a.saturation, train=True)
+        if self.cfg.loss.name == "contrastive":
+            from training.tuples import TupleDataset
+
+            self.dataset = TupleDataset(self.ts, self.preprocess.mean, self.preprocess.std, aug)
+        else:
+            self.dataset = ImageDataset(self.ts, self.preprocess.mean, self.preprocess.std, aug)
+        if self.is_main:
+            log.info("%s", self.ts.summary())
+
+    def _make_sampler(self, sizes: list[tuple[int, int]]) -> Any:
+        from training.sampler import GroupSizeBatchSampler
+
+        s = self.cfg.sampler
+        sampler = GroupSizeBatchSampler(
+            sizes,
+            s.batch_size,
+            self.model.stride,
+            s.base_size,
+            s.aspect_ratios,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world,
+            drop_last=s.drop_last,
+        )
+        sampler.max_batches = self.cfg.max_steps_per_epoch and self.cfg.max_steps_per_epoch * self.cfg.accum_steps
+        return sampler
+
+    # state ----------------------------------------------------------------------------------------------
+
+    def _rng_state(self) -> dict[str, Any]:
+        st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+        if torch.cuda.is_available():
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def _set_rng_state(self, st: dict[str, Any]) -> None:
+        torch.set_rng_state(st["torch"])
+        random.setstate((3, tuple(st["python"]), st["python_pos"]))
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda"], self.device)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_state(self, rng: dict[str, Any] | None = None) -> Path | None:
+        """Write ``train_state.pt`` atomically (collective under DDP: every rank must call it)."""
+        rngs = self._gather(rng or self._rng_state())
+        if not self.is_main:
+            return None
+        state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "head": None if self.head is None else {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "rng": rngs,
+            "best": self.best,
+            "history": self.history,
+            "initial_metrics": self.initial_metrics,
+            "tuples": getattr(self.dataset, "tuples_state", lambda: None)(),
+            "skipped_decode": self.skipped_decode,
+        }
+        path = self.out / "train_state.pt"
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return path
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        from dtop_export.checkpoint import load_state_dict_checked
+
+        load_state_dict_checked(self.model, st["model"], Path(st["_path"]))
+        if self.head is not None and st["head"] is not None:
+            self.head.load_state_dict(st["head"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.epoch, self.global_step = int(st["epoch"]), int(st["step"])
+        self.best = st.get("best") or self.best
+        self.history = list(st.get("history") or [])
+        self.initial_metrics = st.get("initial_metrics")
+        self.skipped_decode = int(st.get("skipped_decode", 0))
+        if st.get("tuples") is not None:
+            self.dataset.load_tuples_state(st["tuples"])
+        self._resume_sampler = st["sampler"]
+        rngs = st["rng"]
+        if len(rngs) != self.world:
+            raise DToPError(f"cannot resume: the run used {len(rngs)} processes, this one has {self.world}")
+        self._set_rng_state(rngs[self.rank])
+
+    # checkpoints ------------------------------------------------------------------------------------------
+
+    def _provenance(self, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        from dtop_export.checkpoint import new_provenance
+
+        return new_provenance(
+            "train",
+            training_set=self.ts.name,
+            training_root=str(self.ts.root),
+            training_images=len(self.ts),
+            training_classes=self.ts.num_classes,
+            skipped_images={**self.ts.skipped, "decode_failed": self.skipped_decode},
+            epoch=self.epoch,
+            step=self.global_step,
+            metrics=metrics,
+            initial_metrics=self.initial_metrics,
+            config=self.cfg.to_dict(),
+            backbone_init=self.init_source,
+            world_size=self.world,
+            **extra,
+        )
+
+    def _save_ckpt(self, name: str, metrics: dict[str, Any], **extra: Any) -> Path:
+        from dtop_export.checkpoint import save_checkpoint
+
+        return save_checkpoint(
+            self.out / name, self.model, self.preprocess, provenance=self._provenance(metrics, **extra)
+        )
+
+    # validation -------------------------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any]:
+        """mAP (E/M/H) on the validation set; empty when disabled or unavailable (rank 0 only)."""
+        if not self.cfg.val.enabled:
+            return {}
+        from training.validate import validate
+
+        return validate(self.model, self.preprocess, self.cfg.val, self.device, progress=self.cfg.progress)
+
+    # logs ------------------------------------------------------------------------------------------------
+
+    def _open_logs(self, resumed: bool) -> None:
+        self._tb = None
+        if not self.is_main:
+            return
+        self._log_path = self.out / "log.csv"
+        self._epoch_log = self.out / "epochs.csv"
+        if resumed:
+            for p in (self._log_path, self._epoch_log):
+                if p.is_file():  # drop rows written after the state we resume from
+                    rows = list(csv.reader(p.read_text().splitlines()))
+                    keep = [rows[0]] + [r for r in rows[1:] if r and int(float(r[1])) <= self.global_step]
+                    atomic_write_text(p, "".join(",".join(r) + "\n" for r in keep))
+        if not self._log_path.is_file():
+            atomic_write_text(self._log_path, "epoch,step,loss,lr,images_per_s,seconds\n")
+        if not self._epoch_log.is_file():
+            atomic_write_text(self._epoch_log, "epoch,step,loss,map_easy,map_medium,map_hard,images_per_s,seconds\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tb"))
+        except (ImportError, ModuleNotFoundError):
+            self._tb = None
+
+    def _log_step(self, loss: float, lr: float, ips: float, secs: float) -> None:
+        if not self.is_main:
+            return
+        with open(self._log_path, "a") as fh:
+            fh.write(f"{self.epoch},{self.global_step},{loss:.6f},{lr:.6g},{ips:.2f},{secs:.2f}\n")
+        if self._tb is not None:
+            self._tb.add_scalar("train/loss", loss, self.global_step)
+            self._tb.add_scalar("train/lr", lr, self.global_step)
+            self._tb.add_scalar("train/images_per_s", ips, self.global_step)
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        m = row.get("metrics", {})
+        cells = [row["epoch"], row["step"], f"{row['loss']:.6f}"]
+        cells += [f"{m[k]:.2f}" if k in m else "" for k in ("easy", "medium", "hard")]
+        cells += [f"{row['images_per_s']:.2f}", f"{row['seconds']:.1f}"]
+        with open(self._epoch_log, "a") as fh:
+            fh.write(",".join(str(c) for c in cells) + "\n")
+        if self._tb is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"val/map_{k}", v, self.global_step)
+
+    # the run ---------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train; returns where the checkpoints are. Leaves the process group as it found it."""
+        own_group = self.world > 1 and not dist.is_initialized()
+        try:
+            return self._run()
+        finally:
+            if own_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _run(self) -> TrainResult:
+        from training.losses import ArcFace
+        from training.optim import build_optimizer, build_scheduler
+        from training.progress import TrainBar
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self._setup_dist()
+        if self.is_main:
+            if not self.out.parent.is_dir():
+                raise DToPError(f"output folder's parent {self.out.parent} does not exist")
+            self.out.mkdir(exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+        if self.world > 1:
+            dist.barrier()
+        random.seed(cfg.seed)
+        self._build_model()
+        self._load_data()
+        self.head = None
+        if cfg.loss.name == "arcface":
+            torch.manual_seed(cfg.seed + 1)
+            self.head = ArcFace(self.model.descriptor_dim, self.ts.num_classes, cfg.loss.scale, cfg.loss.margin)
+            self.head.to(self.device)
+        # dropout / WaveBlock draws differ per process
+        torch.manual_seed(cfg.seed + 1000 * (self.rank + 1))
+
+        if cfg.loss.name == "contrastive":
+            # queries are chosen per epoch without the model: every epoch's batch count is known up front
+            self.dataset.configure(cfg.loss.nnum, cfg.loss.query_size, cfg.loss.pool_size, cfg.seed)
+            counts = [len(self._make_sampler(self.dataset.select(e))) for e in range(cfg.epochs)]
+            self.sampler = None
+        else:
+            self.sampler = self._make_sampler(self.ts.sizes)
+            counts = [len(self.sampler)] * cfg.epochs
+        if min(counts) == 0:
+            raise DToPError(
+                f"{self.ts.name}: not one full batch of {cfg.sampler.batch_size} per process in any aspect group "
+                f"({len(self.ts)} images, {self.world} process(es)); "
+                "lower sampler.batch_size or set sampler.drop_last=false"
+            )
+        steps = [math.ceil(c / cfg.accum_steps) for c in counts]
+        total_steps = sum(steps)
+        warmup = round(cfg.optim.warmup_epochs * steps[0])
+
+        self.opt = build_optimizer(self.model, self.head, cfg.optim)
+        self.sched = build_scheduler(self.opt, total_steps, warmup, cfg.optim.min_lr_ratio)
+        use_amp, amp_dtype = self._amp()
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_amp and amp_dtype == torch.float16 else None
+
+        self._resume_sampler = None
+        self._tb = None
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+            self.resume_state = None
+        resumed = self._resume_sampler is not None
+
+        module: nn.Module = _TrainModule(self.model, self.head)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.module = module
+        self._open_logs(resumed)
+
+        if self.is_main and not resumed and cfg.val.enabled and self.initial_metrics is None:
+            self.initial_metrics = self.validate()
+            if self.initial_metrics:
+                log.info("mAP before training: %s", _fmt_map(self.initial_metrics))
+        if self.world > 1:
+            dist.barrier()
+
+        bar = TrainBar(enabled=cfg.progress and self.is_main)
+        loader_gen = torch.Generator().manual_seed(cfg.seed)
+        total_images, total_time = 0, 0.0
+        start_epoch = self.epoch
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                self.epoch = epoch
+                position = 0
+                restored = resumed and self._resume_sampler is not None
+                if restored:
+                    if int(self._resume_sampler["epoch"]) == epoch:
+                        position = int(self._resume_sampler["position"])
+                    self._resume_sampler = None
+                if cfg.loss.name == "contrastive":
+                    if not (restored and self.dataset.epoch == epoch):
+                        self.dataset.select(epoch)
+                        dist_ = self.dataset.mine(self, cfg.sampler.base_size)
+                        if self.is_main:
+                            log.info("epoch %d: mined hard negatives (mean distance %.3f)", epoch + 1, dist_)
+                    self.sampler = self._make_sampler(self.dataset.query_sizes())
+                self.sampler.set_epoch(epoch, position)
+                n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
+                total_images += n_img
+                total_time += secs
+                self._end_epoch(epoch, loss_avg, n_img, secs)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
+                self.sampler.position = self._boundary_position
+                self.save_state(self._boundary_rng)
+                log.warning(
+                    "interrupted: state saved at step %d; continue with --resume %s", self.global_step, self.out
+                )
+            raise
+        finally:
+            bar.close()
+            if self._tb is not None:
+                self._tb.close()
+
+        extra = self._check_replicas()
+        self.skipped_decode = sum(self._gather(self.skipped_decode))  # every process's failures
+        final = (
+            self._save_ckpt("final.pt", self.history[-1]["metrics"] if self.history else {}, **extra)
+            if self.is_main
+            else None
+        )
+        if self.world > 1:
+            dist.barrier()
+        best = self.out / "best.pt"
+        return TrainResult(
+            out_dir=self.out,
+            final=final,
+            best=best if best.is_file() else None,
+            epochs=cfg.epochs,
+            steps=self.global_step,
+            history=self.history,
+            images_per_second=total_images / total_time if total_time else 0.0,
+        )
+
+    def _train_epoch(
+        self, epoch: int, position: int, bar: Any, loader_gen: torch.Generator, use_amp: bool, amp_dtype: torch.dtype
+    ) -> tuple[int, float, float]:
+        from torch.utils.data import DataLoader
+
+        from training.datasets import collate
+
+        cfg = self.cfg
+        accum = cfg.accum_steps
+        n_batches = len(self.sampler)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=cfg.data.workers,
+            collate_fn=getattr(self.dataset, "collate", collate),
+            generator=loader_gen,
+            persistent_workers=False,
+        )
+        self.module.train()
+        self.opt.zero_grad(set_to_none=True)
+        bar.start_epoch(epoch, cfg.epochs, math.ceil(n_batches / accum), done=position // accum)
+        self._boundary_rng, self._boundary_position = self._rng_state(), position
+        t_epoch = time.perf_counter()
+        t_step = time.perf_counter()
+        images_step = images_epoch = 0
+        loss_sum, loss_n, step_loss, step_parts = 0.0, 0, 0.0, 0
+        backward_done = False
+        tuple_size = getattr(self.dataset, "tuple_size", 1)
+        pos = position
+        for batch in loader:
+            self.skipped_decode += batch["failed"]
+            pos += 1
+            last_in_step = pos % accum == 0 or pos == n_batches
+            images = batch["images"]
+            usable = images is not None and images.shape[0] >= 2
+            weight = 1.0
+            if not usable and self.world > 1:
+                # every process must join the gradient all-reduce: a zero-weighted dummy batch
+                n = max(2, tuple_size)
+                s = self.model.stride
+                images = torch.zeros(n, 3, 2 * s, 2 * s)
+                batch["labels"] = torch.zeros(n, dtype=torch.long) if self.head is not None else None
+                usable, weight = True, 0.0
+            if usable:
+                images = images.to(self.device, non_blocking=True)
+                labels = batch["labels"].to(self.device) if batch["labels"] is not None else None
+                sync = self.world == 1 or last_in_step
+                ctx = self.module.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
+                        loss = self.module(images, labels, tuple_size, cfg.loss.contrastive_margin)
+                    parts = (
+                        accum if pos <= n_batches - n_batches % accum or n_batches % accum == 0 else n_batches % accum
+                    )
+                    scaled = loss.float() * (weight / parts)
+                    if self.scaler is not None:
+                        self.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                    backward_done = True
+                if weight:
+                    step_loss += float(loss.detach())
+                    step_parts += 1
+                    images_step += images.shape[0]
+            self.sampler.advance()
+            if not last_in_step:
+                continue
+            # optimiser step
+            if backward_done:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)
+                if cfg.clip_grad > 0:
+                    params = [p for g in self.opt.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                if self.scaler is not None:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            self.global_step += 1
+            now = time.perf_counter()
+            dt = now - t_step
+            t_step = now
+            ips = images_step * self.world / dt if dt > 0 else 0.0
+            avg = step_loss / step_parts if step_parts else float("nan")
+            loss_sum += step_loss
+            loss_n += step_parts
+            images_epoch += images_step
+            lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)
+            bar.update(avg, lr, ips)
+            if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
+                self._log_step(avg, lr, ips, now - t_epoch)
+            step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
+            self._boundary_rng, self._boundary_position = self._rng_state(), pos
+            if cfg.save_state_every and self.global_step % cfg.save_state_every == 0 and pos < n_batches:
+                self.save_state(self._boundary_rng)
+            for cb in self.callbacks:
+                cb(self)
+        bar.close()
+        secs = time.perf_counter() - t_epoch
+        return images_epoch * self.world, secs, (loss_sum / loss_n if loss_n else float("nan"))
+
+    def _end_epoch(self, epoch: int, loss: float, n_img: int, secs: float) -> None:
+        metrics = self.validate() if self.is_main else {}
+        row = {
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            "loss": loss,
+            "metrics": metrics,
+            "images_per_s": n_img / secs if secs else 0.0,
+            "seconds": secs,
+        }
+        self.history.append(row)
+        self._log_epoch(row)
+        # the sampler has finished this epoch: a resume starts the next one
+        self.epoch = epoch + 1
+        self.sampler.set_epoch(epoch + 1, 0)
+        if self.is_main:
+            self._save_ckpt("last.pt", metrics)
+            if self.cfg.keep_every_epoch:
+                self._save_ckpt(f"epoch-{epoch + 1:03d}.pt", metrics)
+            key = self.cfg.val.metric
+            if metrics and key in metrics and metrics[key] > self.best["value"]:
+                self.best = {"value": float(metrics[key]), "epoch": epoch + 1, "metric": key}
+                self._save_ckpt("best.pt", metrics, best=self.best)
+            msg = f"epoch {epoch + 1}/{self.cfg.epochs}: loss {loss:.4f}, {row['images_per_s']:.1f} img/s"
+            if metrics:
+                msg += f", mAP {_fmt_map(metrics)}"
+            log.info("%s", msg)
+        self.save_state(self._rng_state())
+        self._boundary_rng = None  # the state just written is the one to resume from until the next step
+        if self.world > 1:
+            dist.barrier()
+
+    def _check_replicas(self) -> dict[str, Any]:
+        """Under DDP: every process's weights must be bit-identical at the end (recorded in provenance)."""
+        if self.world == 1:
+            return {}
+        # batch-norm running stats are updated after DDP's per-forward broadcast: take rank 0's
+        for b in self.model.buffers():
+            dist.broadcast(b.data, 0)
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests = self._gather(h.hexdigest())
+        if len(set(digests)) != 1:
+            raise DToPError(f"DDP replicas diverged: weight digests differ across ranks {digests}")
+        return {"ddp_rank_weight_sha256": digests}
+
+
+def _fmt_map(m: dict[str, Any]) -> str:
+    return " / ".join(f"{m[k]:.2f}" for k in ("easy", "medium", "hard") if k in m) + " (E/M/H)"
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
+    """Run a training job (see :class:`Trainer`)."""
+    return Trainer(cfg, resume=resume).run()

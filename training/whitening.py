@@ -1,0 +1,257 @@
+"""Learned whitening of descriptors (cirtorch semantics: ``normalize(P·(x − m))``).
+
+* Supervised Lw (Radenović et al., TPAMI 2019; cirtorch ``whitenlearn``) from matching pairs (q_i, p_i):
+  m = mean of the queries; S = Σ (q_i − p_i)(q_i − p_i)ᵀ / n; P₁ = L⁻¹ with S = L Lᵀ (Cholesky);
+  then PCA of the P₁-whitened, centred data: P = Eᵀ P₁, eigenvectors by decreasing eigenvalue.
+* Unsupervised PCA whitening (cirtorch ``pcawhitenlearn``): P = Λ^(-1/2) Eᵀ of the data covariance.
+
+``dim`` keeps the first rows of P (the leading components), giving a d-dimensional output. The result
+is a :class:`dtop_export.checkpoint.Whitening` stored in the checkpoint and folded in on export.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtop_export.checkpoint import Whitening
+from dtop_export.errors import DToPError
+
+log = logging.getLogger(__name__)
+
+
+def cholesky_jitter(S: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of S, adding 1e-10, 1e-9, … to the diagonal until S is positive definite."""
+    alpha = 0.0
+    eye = torch.eye(S.shape[0], dtype=S.dtype)
+    while True:
+        L, info = torch.linalg.cholesky_ex(S + alpha * eye)
+        if int(info) == 0:
+            return L, alpha
+        alpha = 1e-10 if alpha == 0 else alpha * 10
+        if alpha > 1e3:
+            raise DToPError("whitening: the pair-difference covariance is degenerate; use more (distinct) pairs")
+
+
+def _check_dim(dim: int | None, n: int) -> int:
+    if dim is None:
+        return n
+    if not 1 <= dim <= n:
+        raise DToPError(f"whitening output dimension must be in 1..{n}, got {dim}")
+    return dim
+
+
+def learn_lw(
+    X: torch.Tensor, qidxs: Sequence[int], pidxs: Sequence[int], dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised whitening from pairs. X: descriptors [n, N] (rows). Returns m [N], P [d, N] (float64)."""
+    if len(qidxs) != len(pidxs) or not qidxs:
+        raise DToPError("whitening needs a non-empty list of query/positive pairs")
+    X = X.double()
+    n_dim = X.shape[1]
+    d = _check_dim(dim, n_dim)
+    q, p = X[list(qidxs)], X[list(pidxs)]
+    m = q.mean(0)
+    df = q - p
+    S = df.T @ df / df.shape[0]
+    L, alpha = cholesky_jitter(S)
+    if alpha:
+        log.warning("whitening: covariance not positive definite, added %.0e on the diagonal", alpha)
+    P1 = torch.linalg.inv(L)
+    Y = (X - m) @ P1.T  # rows: P1 (x - m)
+    D = Y.T @ Y
+    evals, evecs = torch.linalg.eigh(D)
+    order = evals.argsort(descending=True)
+    P = evecs[:, order].T @ P1
+    return m, P[:d]
+
+
+def learn_pca(X: torch.Tensor, dim: int | None = None, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsupervised PCA whitening. X: descriptors [n, N]. Returns m [N], P [d, N] (float64)."""
+    X = X.double()
+    n, n_dim = X.shape
+    if n < 2:
+        raise DToPError("PCA whitening needs at least 2 descriptors")
+    d = _check_dim(dim, n_dim)
+    if d > n - 1:
+        raise DToPError(
+            f"PCA whitening to {d} dimensions needs more than {d} images (got {n}): use more images or --dim <= {n - 1}"
+        )
+    m = X.mean(0)
+    Xc = X - m
+    C = Xc.T @ Xc
+    C = (C + C.T) / (2 * n)
+    evals, evecs = torch.linalg.eigh(C)
+    order = evals.argsort(descending=True)
+    evals, evecs = evals[order], evecs[:, order]
+    P = torch.diag(evals.clamp_min(eps).rsqrt()) @ evecs.T
+    return m, P[:d]
+
+
+def make_whitening(m: torch.Tensor, P: torch.Tensor, kind: str, **info: Any) -> Whitening:
+    """Pack m, P (float32) into the checkpoint's :class:`Whitening`."""
+    info = {"in_dim": int(P.shape[1]), "out_dim": int(P.shape[0]), **info}
+    return Whitening(mean=m.float().contiguous(), proj=P.float().contiguous(), kind=kind, info=info)
+
+
+# pairs ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairList:
+    """Images and index pairs into them."""
+
+    paths: list[str]
+    qidxs: list[int]
+    pidxs: list[int]
+    source: str
+
+
+def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "val") -> PairList:
+    """Matching pairs from: a cirtorch pickle (``*-whiten.pkl`` {cids, qidxs, pidxs} or SfM-120k's
+    {'train','val'} — images under ``<root or pkl folder>/ims``), a CSV/TSV/TXT of ``query,positive`` image
+    paths (relative to ``root`` or the list's folder), or a class-per-folder directory (consecutive
+    images of a class are paired)."""
+    spec = Path(spec)
+    if spec.is_dir():
+        from training.datasets import read_folder
+
+        ts = read_folder(spec)
+        by_class: dict[int, list[int]] = {}
+        for i, lbl in enumerate(ts.labels):
+            by_class.setdefault(lbl, []).append(i)
+        q, p = [], []
+        for members in by_class.values():
+            for a, b in zip(members, members[1:]):
+                q.append(a)
+                p.append(b)
+        if not q:
+            raise DToPError(f"{spec}: no class has two images to pair")
+        return PairList(ts.paths, q, p, f"folder:{spec}")
+    if not spec.is_file():
+        raise DToPError(f"pairs file {spec} not found")
+    if spec.suffix == ".pkl":
+        from training.datasets import _as_list, cid2filename, load_pickle
+
+        db = load_pickle(spec)
+        if isinstance(db, dict) and "cids" not in db and split in db:
+            db = db[split]
+        if not isinstance(db, dict) or not {"cids", "qidxs", "pidxs"} <= set(db):
+            raise DToPError(f"{spec}: expected cirtorch's whitening pickle with cids, qidxs, pidxs")
+        ims = Path(root) / "ims" if root else spec.parent / "ims"
+        paths = [str(cid2filename(str(c), ims)) for c in _as_list(db["cids"])]
+        return PairList(
+            paths, [int(i) for i in _as_list(db["qidxs"])], [int(i) for i in _as_list(db["pidxs"])], str(spec)
+        )
+    base = Path(root) if root else spec.parent
+    paths: list[str] = []
+    index: dict[str, int] = {}
+    q, p = [], []
+    with open(spec, newline="", encoding="utf-8") as fh:
+        text = fh.read()
+    dialect = "excel-tab" if "\t" in text else "excel"
+    for row in csv.reader(text.splitlines(), dialect=dialect):
+        row = [c.strip() for c in row if c.strip()]
+        if len(row) == 1 and " " in row[0]:
+            row = row[0].split()
+        if not row or row[0].startswith("#") or row[0].lower() in ("query", "q"):
+            continue
+        if len(row) < 2:
+            raise DToPError(f"{spec}: every line needs two image paths (query,positive); got {row}")
+        ids = []
+        for name in row[:2]:
+            full = str(base / name)
+            if full not in index:
+                index[full] = len(paths)
+                paths.append(full)
+            ids.append(index[full])
+        q.append(ids[0])
+        p.append(ids[1])
+    if not q:
+        raise DToPError(f"{spec}: no pairs found")
+    return PairList(paths, q, p, str(spec))
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """All image files below ``folder`` (sorted), for PCA whitening."""
+    from training.datasets import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DToPError(f"image folder {folder} not found")
+    paths = [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        raise DToPError(f"no images in {folder}")
+    return paths
+
+
+def whiten_checkpoint(
+    ckpt_path: str | Path,
+    output: str | Path | None = None,
+    pairs: str | Path | None = None,
+    images: str | Path | None = None,
+    root: str | Path | None = None,
+    dim: int | None = None,
+    size: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    progress: bool = True,
+) -> tuple[Path, Whitening]:
+    """Learn Lw (``pairs``) or PCA (``images``) whitening on a checkpoint's descriptors and store it.
+
+    The checkpoint is rewritten atomically (to ``output`` if given); unreadable images are skipped.
+    """
+    from dtop_export.checkpoint import load_checkpoint, save_checkpoint
+    from training.datasets import image_size
+
+    if (pairs is None) == (images is None):
+        raise DToPError("give either --pairs (supervised Lw) or --images (unsupervised PCA whitening)")
+    ckpt = load_checkpoint(ckpt_path)
+    model = ckpt.build_model()
+    size = size or ckpt.preprocess.size
+    if pairs is not None:
+        pl = read_pairs(pairs, root)
+        used = sorted(set(pl.qidxs) | set(pl.pidxs))
+        ok = {i for i in used if image_size(pl.paths[i]) is not None}
+        keep = [(a, b) for a, b in zip(pl.qidxs, pl.pidxs) if a in ok and b in ok]
+        if len(keep) < len(pl.qidxs):
+            log.warning(
+                "whitening: %d of %d pairs skipped (missing/unreadable images)",
+                len(pl.qidxs) - len(keep),
+                len(pl.qidxs),
+            )
+        if not keep:
+            raise DToPError(f"{pairs}: no pair has both images readable")
+        order = sorted({i for ab in keep for i in ab})
+        remap = {i: k for k, i in enumerate(order)}
+        paths = [pl.paths[i] for i in order]
+        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        m, P = learn_lw(X, [remap[a] for a, _ in keep], [remap[b] for _, b in keep], dim)
+        wh = make_whitening(
+            m, P, "lw", pairs=len(keep), images=len(paths), source=pl.source, size=size, scales=list(scales)
+        )
+    else:
+        paths = [p for p in list_images(images) if image_size(p) is not None]
+        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        m, P = learn_pca(X, dim)
+        wh = make_whitening(m, P, "pca", images=len(paths), source=str(images), size=size, scales=list(scales))
+    prov = dict(ckpt.provenance)
+    prov["whitening"] = {k: v for k, v in wh.info.items()} | {"kind": wh.kind}
+    out = Path(output) if output else Path(ckpt_path)
+    save_checkpoint(out, model, ckpt.preprocess, whitening=wh, provenance=prov)
+    return out, wh
+
+
+def _embed(
+    model: Any, paths: list[str], preprocess: Any, size: int, scales: Sequence[float], progress: bool
+) -> torch.Tensor:
+    from training.embed import embed_paths
+    from training.progress import track
+
+    with track(len(paths), "descriptors", enabled=progress) as advance:
+        return embed_paths(model, paths, preprocess, size, scales, progress=advance)
