@@ -21,6 +21,7 @@ from dtop_export.cli import export as _export  # noqa: F401  (registers onnx)
 from dtop_export.cli import model as _model  # noqa: F401  (registers init, info)
 from dtop_export.cli import quantize as _quantize  # noqa: F401  (registers optimize, quantize)
 from dtop_export.cli import train as _train  # noqa: F401  (registers train, whiten)
+from dtop_export.cli import trt as _trt  # noqa: F401  (registers trt, check)
 from dtop_export.cli._app import app
 from dtop_export.errors import DToPError
 

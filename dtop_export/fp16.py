@@ -1,0 +1,382 @@
+"""FP16 ONNX with FP32 islands made by ``Cast`` nodes: the ``--fp16`` artefact for strongly typed TensorRT.
+
+TensorRT 11 removed the FP16 builder flag and per-layer precision (deprecated since 10.12): a network's
+precision is whatever the tensor types and ``Cast`` nodes of the ONNX say. So ``--fp16`` means an ONNX
+whose weights and activations are float16 except for *islands* kept in float32:
+
+* ``LayerNormalization``, ``Softmax``, ``InstanceNormalization``/``GroupNormalization`` (mean/variance
+  reductions overflow or lose precision in FP16: the ViT pitfalls reported upstream);
+* the L2 normalisations — ``ReduceL2`` and the ``Clip``/``Expand``/``Div`` that divide by the norm (an
+  FP16 sum of squares overflows once ‖x‖ > 256);
+* whitening: the ``Gemm`` (or ``MatMul`` + ``Add``) applied to an L2-normalised descriptor;
+* whatever else the FP16 audit (:func:`dtop_export.checks.fp16_audit`) finds out of FP16 range, passed
+  by node name.
+
+The conversion itself is ONNX Runtime's maintained converter
+(``onnxruntime.transformers.float16.convert_float_to_float16``, ``keep_io_types=True``: input ``images``
+and output ``descriptors`` stay float32). Two clean-ups follow: the FP32→FP16→FP32 round trips it
+leaves between two adjacent FP32 nodes are removed (an island stays FP32 end to end), and the node list
+is sorted topologically again. The result passes the ONNX checker and runs in ONNX Runtime on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dtop_export._io import atomic_path
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+# Op types kept in FP32 by default (whole op types; L2 norms and whitening are found structurally).
+DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = (
+    "LayerNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "LpNormalization",
+)
+# Element-wise glue between a norm and the division by it (``x / clamp(‖x‖, eps).expand_as(x)``).
+_NORM_GLUE = {"Clip", "Max", "Expand", "Add", "Sqrt", "Reciprocal", "Unsqueeze", "Reshape", "Identity", "Cast"}
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
+
+
+@dataclass
+class Fp16Plan:
+    """Which nodes stay FP32 and why (node name -> reason)."""
+
+    islands: dict[str, str] = field(default_factory=dict)
+
+    def reasons(self) -> dict[str, int]:
+        """Count of island nodes per reason."""
+        out: dict[str, int] = defaultdict(int)
+        for r in self.islands.values():
+            out[r] += 1
+        return dict(out)
+
+
+# graph helpers ---------------------------------------------------------------------------------------
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name (``<op>_<index>``); block lists and reports use names."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            cand = f"{n.op_type}_{i}"
+            while cand in seen:
+                cand += "_"
+            n.name = cand
+            seen.add(cand)
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    out = {t.name for t in model.graph.initializer}
+    out |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return out
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                out[i].append(n)
+    return out
+
+
+def l2_norm_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of every L2 normalisation ``x / f(‖x‖)``: the ``ReduceL2`` (or
+    ``ReduceSumSquare``), the glue after it (Clip, Expand, Sqrt, ...) and the dividing ``Div``/``Mul``."""
+    consumers = _consumers(model)
+    found: list[str] = []
+    for n in model.graph.node:
+        if n.op_type not in ("ReduceL2", "ReduceSumSquare"):
+            continue
+        found.append(n.name)
+        queue = deque(n.output)
+        seen: set[str] = set()
+        while queue:
+            t = queue.popleft()
+            for c in consumers.get(t, []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.op_type in ("Div", "Mul"):
+                    found.append(c.name)
+                elif c.op_type in _NORM_GLUE:
+                    found.append(c.name)
+                    queue.extend(c.output)
+    return list(dict.fromkeys(found))
+
+
+def whitening_nodes(model: onnx.ModelProto, l2_nodes: Iterable[str]) -> list[str]:
+    """Names of the affine maps applied to an L2-normalised vector (cirtorch whitening ``P·(x − m)``):
+    an optional ``Sub``/``Add`` of a constant, then a ``Gemm`` or ``MatMul`` with constant weights, and the
+    bias ``Add`` after a ``MatMul``."""
+    consts = _constant_names(model)
+    consumers = _consumers(model)
+    by_name = {n.name: n for n in model.graph.node}
+    found: list[str] = []
+    for name in l2_nodes:
+        node = by_name.get(name)
+        if node is None or node.op_type not in ("Div", "Mul"):
+            continue
+        frontier = list(node.output)
+        for _ in range(3):  # Sub(m) -> MatMul/Gemm(P) -> Add(b)
+            nxt: list[str] = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    others = [i for i in c.input if i and i != t]
+                    const_operand = bool(others) and all(i in consts for i in others)
+                    if const_operand and c.op_type in ("Gemm", "MatMul", "Sub", "Add"):
+                        found.append(c.name)
+                        nxt.extend(c.output)
+            frontier = nxt
+    return list(dict.fromkeys(found))
+
+
+def plan_fp32_islands(
+    model: onnx.ModelProto,
+    keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS,
+    keep_fp32_nodes: Sequence[str] = (),
+) -> Fp16Plan:
+    """The FP32 islands of ``model`` (names unnamed nodes in place). Unknown names in ``keep_fp32_nodes``
+    are an error: a typo would silently leave an overflowing layer in FP16."""
+    name_nodes(model)
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in keep_fp32_nodes if n not in names]
+    if unknown:
+        raise DToPError(f"no node named {', '.join(unknown[:5])} in the model: take names from `dtop-export check`")
+    plan = Fp16Plan()
+    ops = set(keep_fp32_ops)
+    for n in model.graph.node:
+        if n.op_type in ops:
+            plan.islands[n.name] = f"op {n.op_type}"
+    l2 = l2_norm_nodes(model)
+    for name in l2:
+        plan.islands.setdefault(name, "L2 normalisation")
+    for name in whitening_nodes(model, l2):
+        plan.islands.setdefault(name, "whitening")
+    for name in keep_fp32_nodes:
+        plan.islands.setdefault(name, "requested (FP16 audit)")
+    return plan
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder ``model.graph.node`` so that every node comes after the producers of its inputs (stable)."""
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    for n in nodes:
+        deps.append({producer[i] for i in n.input if i in producer})
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    indeg = [len(d) for d in deps]
+    ready = deque(i for i, k in enumerate(indeg) if k == 0)
+    order: list[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):
+        raise DToPError("the converted graph has a cycle: cannot sort it")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    for a in node.attribute:
+        if a.name == "to":
+            return int(a.i)
+    return None
+
+
+def remove_cast_round_trips(model: onnx.ModelProto, types: dict[str, int]) -> int:
+    """Bypass ``Cast(to=fp32)(Cast(to=fp16)(x))`` where ``x`` is float32: the round trips the converter
+    leaves between two adjacent FP32 nodes. Returns how many were removed."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    for n in model.graph.node:
+        if n.op_type != "Cast" or _cast_to(n) != FLOAT:
+            continue
+        first = producer.get(n.input[0])
+        if first is None or first.op_type != "Cast" or _cast_to(first) != FLOAT16:
+            continue
+        src = first.input[0]
+        if types.get(src) != FLOAT:
+            continue
+        if n.output[0] in outputs:  # keep the graph output's name: an Identity of the FP32 value
+            n.op_type = "Identity"
+            del n.attribute[:]
+            n.input[0] = src
+        else:
+            rename[n.output[0]] = src
+            drop.add(id(n))
+    if not rename and not drop:
+        return 0
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    kept = [n for n in model.graph.node if id(n) not in drop]
+    # FP16 casts that nobody reads any more
+    used = {i for n in kept for i in n.input} | outputs
+    kept = [n for n in kept if not (n.op_type == "Cast" and _cast_to(n) == FLOAT16 and n.output[0] not in used)]
+    removed = len(model.graph.node) - len(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    live = {o for n in kept for o in n.output} | {i.name for i in model.graph.input}
+    keep_vi = [v for v in model.graph.value_info if v.name in live]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep_vi)
+    return removed
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every named tensor (inputs, outputs, initializers, inferred intermediates)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out: dict[str, int] = {}
+    for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
+        if v.type.HasField("tensor_type"):
+            out[v.name] = v.type.tensor_type.elem_type
+    for t in inferred.graph.initializer:
+        out[t.name] = t.data_type
+    for n in inferred.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t.data_type
+    return out
+
+
+# the conversion --------------------------------------------------------------------------------------
+
+
+def convert_to_fp16(
+    model: onnx.ModelProto,
+    keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS,
+    keep_fp32_nodes: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """An FP16 copy of the float32 ``model`` with FP32 islands (see the module docstring).
+
+    ``keep_fp32_ops``: op types kept FP32 (default :data:`DEFAULT_KEEP_FP32_OPS`); ``keep_fp32_nodes``:
+    node names kept FP32 in addition (the FP16 audit's list). Graph inputs and outputs stay float32.
+    ``dtop.precision`` becomes ``fp16`` and ``dtop.fp16`` records the islands.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = _copy(model)
+    _check_float32(model)
+    plan = plan_fp32_islands(model, keep_fp32_ops, keep_fp32_nodes)
+    from dtop_export.optimize import quiet_logging
+
+    with quiet_logging():
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=sorted(set(keep_fp32_ops)),
+            node_block_list=sorted(plan.islands),
+        )
+    topological_sort(converted)
+    removed = remove_cast_round_trips(converted, tensor_types(converted))
+    topological_sort(converted)
+    meta = {p.key: p.value for p in converted.metadata_props}
+    meta["dtop.precision"] = "fp16"
+    meta["dtop.fp16"] = json.dumps(
+        {
+            "converter": "onnxruntime.transformers.float16.convert_float_to_float16",
+            "keep_io_types": True,
+            "keep_fp32_ops": sorted(set(keep_fp32_ops)),
+            "fp32_nodes": sorted(plan.islands),
+            "fp32_reasons": plan.reasons(),
+            "cast_round_trips_removed": removed,
+        },
+        sort_keys=True,
+    )
+    del converted.metadata_props[:]
+    for k, v in meta.items():
+        e = converted.metadata_props.add()
+        e.key, e.value = k, v
+    converted = onnx.shape_inference.infer_shapes(converted)
+    try:
+        onnx.checker.check_model(converted, full_check=True)
+    except onnx.checker.ValidationError as e:  # pragma: no cover - would be a converter bug
+        raise DToPError(f"the FP16 model fails the ONNX checker: {str(e).splitlines()[0]}") from e
+    return converted
+
+
+def fp32_nodes_of(model: onnx.ModelProto) -> list[str]:
+    """The FP32 island node names recorded in an FP16 model's ``dtop.fp16`` metadata (empty if none)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        return list(json.loads(meta.get("dtop.fp16", "{}")).get("fp32_nodes", []))
+    except json.JSONDecodeError:
+        return []
+
+
+def is_fp16_model(model: onnx.ModelProto) -> bool:
+    """True when ``model`` already computes in FP16 (metadata says so, or any float16 initializer)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("dtop.precision") == "fp16":
+        return True
+    return any(t.data_type == FLOAT16 for t in model.graph.initializer)
+
+
+def convert_file(
+    src: str | Path,
+    dst: str | Path,
+    keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32_OPS,
+    keep_fp32_nodes: Sequence[str] = (),
+) -> onnx.ModelProto:
+    """:func:`convert_to_fp16` from file ``src`` to file ``dst`` (atomic; ``dst`` may equal ``src``)."""
+    import onnx
+
+    src = Path(src)
+    if not src.is_file():
+        raise DToPError(f"ONNX file {src} not found")
+    model = onnx.load(str(src))
+    if is_fp16_model(model):
+        raise DToPError(f"{src} is already FP16: convert the float32 export")
+    out = convert_to_fp16(model, keep_fp32_ops, keep_fp32_nodes)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(out, str(tmp))
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _check_float32(model: onnx.ModelProto) -> None:
+    if is_fp16_model(model):
+        raise DToPError("the model is already FP16: convert the float32 export")
+    bad = [i.name for i in model.graph.input if i.type.tensor_type.elem_type not in (FLOAT, 0)]
+    if bad:
+        raise DToPError(f"input(s) {', '.join(bad)} are not float32: expected a float32 dtop-export model")
