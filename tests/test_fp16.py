@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from trt_helpers import descriptor_model, dtop_onnx, sample_images
+from trt_helpers import descriptor_model, dtop_ckpt, dtop_onnx, sample_images
 
 from dtop_export.errors import DToPError
 from dtop_export.fp16 import (
@@ -183,3 +185,25 @@ def test_convert_file_and_refuse_fp16_twice(tmp_path) -> None:
     assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "conv.w")).dtype == np.float16
     with pytest.raises(DToPError, match="already FP16"):
         convert_file(dst, tmp_path / "again.onnx")
+
+
+def test_onnx_cli_fp16(tmp_path) -> None:
+    """`dtop-export onnx --fp16` writes the FP16 artefact; the ONNX Runtime engine reports it as fp16."""
+    from engines import load_engine
+
+    out = tmp_path / "m.fp16.onnx"
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "onnx", str(dtop_ckpt()), "--fp16", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "converted to FP16" in r.stdout
+    model = onnx.load(str(out))
+    assert fp32_nodes_of(model) and any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+    engine = load_engine(out)
+    assert engine.precision == "fp16"
+    x = np.zeros((1, 3, 64, 96), np.float32)
+    ref = load_engine(dtop_onnx()).embed(x)
+    assert cosine_per_row(ref, engine.embed(x))[0] >= 0.999

@@ -72,6 +72,12 @@ def dtop_onnx(whiten: bool = True) -> Path:
     return out
 
 
+def dtop_ckpt(whiten: bool = True) -> Path:
+    """The checkpoint :func:`dtop_onnx` exported."""
+    dtop_onnx(whiten)
+    return _TMP / f"small_{int(whiten)}.pt"
+
+
 @functools.cache
 def sample_root() -> Path:
     """The embedded sample set (revisitop layout), built once per test process."""

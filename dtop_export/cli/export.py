@@ -23,13 +23,19 @@ def onnx(
     ] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="Fix the batch size (default: dynamic).")] = None,
     no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the checkpoint's whitening out.")] = False,
+    fp16: Annotated[
+        bool,
+        typer.Option(
+            "--fp16", help="FP16 with FP32 islands as Casts (strongly typed TensorRT); default MODEL.fp16.onnx."
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Export a checkpoint to one self-contained ONNX file: dynamic batch/height/width, DPE in-graph,
     batchnorm and whitening folded, metadata for deployers."""
     from dtop_export.export import export_onnx, parse_hw
 
-    output = output or checkpoint.with_suffix(".onnx")
+    output = output or checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
     static_hw = parse_hw(static) if static else None
@@ -53,3 +59,12 @@ def onnx(
     )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     con.print(f"stages: {timings}", style="dim")
+    if fp16:
+        from dtop_export.fp16 import convert_file, fp32_nodes_of
+
+        try:
+            fp16_model = convert_file(output, output)
+        except BaseException:
+            output.unlink(missing_ok=True)
+            raise
+        con.print(f"converted to FP16: {len(fp32_nodes_of(fp16_model))} nodes kept FP32 (casts around them)")
