@@ -38,7 +38,7 @@ from dtop_export._io import atomic_path, atomic_write_text
 from dtop_export.errors import DToPError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-DERIVE_KINDS = ("bf16", "onnx", "optimized", "int8")
+DERIVE_KINDS = ("bf16", "bf16-compiled", "onnx", "optimized", "int8")
 
 
 # specs -----------------------------------------------------------------------------------------------
@@ -321,7 +321,10 @@ class BenchReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(self.batches), figsize=(6 * len(self.batches), 4.5), squeeze=False)
+        n_rows = len(self.engines)
+        fig, axes = plt.subplots(
+            1, len(self.batches), figsize=(6 * len(self.batches), 4.5 + 0.22 * n_rows), squeeze=False
+        )
         for ax, b in zip(axes[0], self.batches):
             for e in self.engines:
                 pts = [(t.size, t.p50_s * 1e3) for t in sorted(e.timings, key=lambda t: t.size) if t.batch == b]
@@ -334,9 +337,11 @@ class BenchReport:
             if len(self.sizes) > 1:
                 ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+        # one legend under the plots, so no curve is hidden behind it
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
         fig.suptitle(f"dtop-export bench: {self.machine.get('cpu')}, {self.threads} threads", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.04 * n_rows, 1, 1))
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
@@ -533,8 +538,10 @@ def derive_specs(
     on_stage: Callable[[str], None] | None = None,
 ) -> list[EngineSpec]:
     """Build the artifacts a deployer would use from ``checkpoint`` and return their specs, timing each
-    build: ``bf16`` (PyTorch autocast, nothing to build), ``onnx`` (export), ``optimized`` (ORT CPU
-    graph rewrites), ``int8`` (static quantisation of the optimized model, else the plain export)."""
+    build: ``bf16`` (PyTorch deployment path, nothing to build), ``bf16-compiled`` (the same through
+    ``torch.compile(mode="max-autotune")``, one static graph per shape, compiled on the first call),
+    ``onnx`` (export), ``optimized`` (ORT CPU graph rewrites), ``int8`` (static quantisation of the
+    optimized model, else the plain export)."""
     from dtop_export.export import export_onnx
 
     bad = sorted(set(kinds) - set(DERIVE_KINDS))
@@ -546,6 +553,8 @@ def derive_specs(
     specs: list[EngineSpec] = []
     if "bf16" in kinds:
         specs.append(EngineSpec(checkpoint, {"precision": "bf16"}))
+    if "bf16-compiled" in kinds:
+        specs.append(EngineSpec(checkpoint, {"precision": "bf16", "compile": "max-autotune", "dynamic": False}))
     onnx_path = workdir / f"{stem}.onnx"
     need_onnx = any(k in kinds for k in ("onnx", "optimized", "int8"))
     if need_onnx:

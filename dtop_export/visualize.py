@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from dtop_export._io import atomic_path
+
+if TYPE_CHECKING:
+    from dtop_export.evaluate import RevisitopDataset
 
 COLOURS = {"positive": (46, 160, 67), "junk": (230, 160, 20), "negative": (215, 40, 40), "query": (40, 90, 200)}
 LEGEND = "blue: query   green: correct   orange: junk (ignored)   red: wrong"
@@ -58,3 +63,52 @@ def retrieval_grid(
     with atomic_path(output) as tmp:
         canvas.save(tmp, format="PNG")
     return output
+
+
+def pick_queries(aps: Sequence[float | None], n: int) -> list[int]:
+    """``n`` query indices spread over the AP ranking (best first), so a picture shows hits and misses."""
+    scored = [(a, i) for i, a in enumerate(aps) if a is not None]
+    if not scored or n < 1:
+        return []
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    if n >= len(scored):
+        return [i for _, i in scored]
+    picks = sorted({round(j * (len(scored) - 1) / (n - 1)) for j in range(n)} if n > 1 else {0})
+    return [scored[p][1] for p in picks]
+
+
+def retrieval_picture(
+    dataset: RevisitopDataset,
+    db: np.ndarray,
+    queries: np.ndarray,
+    output: str | Path,
+    n_queries: int = 5,
+    k: int = 5,
+    setup: str = "medium",
+    crop_queries: bool = True,
+    tile: int = 160,
+) -> Path:
+    """PNG of ``n_queries`` queries of ``dataset`` (spread from best to worst AP in ``setup``) and their
+    top-``k`` results from descriptors ``db`` [n_db, N] and ``queries`` [n_q, N], each result marked
+    correct / junk / wrong by the revisitop ground truth of that setup."""
+    from dtop_export.evaluate import rank_database, revisited_metrics, setup_gnd
+    from dtop_export.preprocess import crop_bbox, load_image
+
+    if db.shape[0] != dataset.n_images or queries.shape[0] != dataset.n_queries:
+        raise ValueError("descriptors do not match the data set")
+    ranks = rank_database(db, queries)  # [n_db, n_q]
+    aps = revisited_metrics(dataset.gnd, ranks=ranks)["aps"][setup]
+    gnd = setup_gnd(dataset.gnd, setup)
+    q_imgs, results, labels, captions = [], [], [], []
+    for qi in pick_queries(aps, n_queries):
+        img = load_image(dataset.queries[qi])
+        bbx = dataset.bboxes[qi]
+        q_imgs.append(crop_bbox(img, bbx) if crop_queries and bbx is not None else img)
+        ok, junk = set(map(int, gnd[qi]["ok"])), set(map(int, gnd[qi]["junk"]))
+        top = [int(j) for j in ranks[:k, qi]]
+        results.append([load_image(dataset.images[j]) for j in top])
+        labels.append(["positive" if j in ok else "junk" if j in junk else "negative" for j in top])
+        captions.append(f"query {qi}: AP {aps[qi]:.0f}% ({setup})")
+    if not q_imgs:
+        raise ValueError(f"no query of {dataset.name} has positives in the {setup} setup")
+    return retrieval_grid(q_imgs, results, labels, output, tile=tile, captions=captions)

@@ -423,9 +423,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self._setup_dist()
         if self.is_main:
-            if not self.out.parent.is_dir():
-                raise DToPError(f"output folder's parent {self.out.parent} does not exist")
-            self.out.mkdir(exist_ok=True)
+            if self.out.exists() and not self.out.is_dir():
+                raise DToPError(f"run folder {self.out} is a file: choose another out_dir (-o)")
+            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         if self.world > 1:
             dist.barrier()

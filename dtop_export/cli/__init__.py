@@ -16,6 +16,7 @@ import sys
 import typer
 
 from dtop_export.cli import bench as _bench  # noqa: F401  (registers bench)
+from dtop_export.cli import demo as _demo  # noqa: F401  (registers demo)
 from dtop_export.cli import evaluate as _evaluate  # noqa: F401  (registers data, evaluate, embed, parity)
 from dtop_export.cli import export as _export  # noqa: F401  (registers onnx)
 from dtop_export.cli import model as _model  # noqa: F401  (registers init, info)

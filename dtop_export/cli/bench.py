@@ -16,8 +16,9 @@ def bench(
     models: Annotated[
         list[str],
         typer.Argument(
-            help="Models to compare: checkpoint (.pt, PyTorch; add :bf16 for autocast), .onnx (ONNX Runtime), "
-            ".plan (TensorRT). Options after a colon: model.pt:bf16, model.onnx:label=ort,threads=1."
+            help="Models to compare: checkpoint (.pt, PyTorch; :bf16 for the bf16 deployment path, "
+            ":bf16,compile=max-autotune to torch.compile it), .onnx (ONNX Runtime), .plan (TensorRT). Options "
+            "after a colon: model.pt:bf16, model.onnx:label=ort,threads=1."
         ),
     ],
     sizes: Annotated[str, typer.Option("--sizes", help="Square image sizes, comma-separated.")] = "224,384,512",
@@ -31,8 +32,9 @@ def bench(
         str | None,
         typer.Option(
             "--derive",
-            help="Also build and time these from the first checkpoint: bf16 (PyTorch autocast), onnx (export), "
-            "optimized (ORT CPU rewrites), int8 (static quantisation). E.g. --derive bf16,onnx,optimized,int8.",
+            help="Also build and time these from the first checkpoint: bf16 (PyTorch bf16 deployment path), "
+            "bf16-compiled (the same, torch.compile max-autotune), onnx (export), optimized (ORT CPU rewrites), "
+            "int8 (static quantisation). E.g. --derive bf16,bf16-compiled,onnx,optimized,int8.",
         ),
     ] = None,
     calib: Annotated[

@@ -78,6 +78,10 @@ def evaluate(
         Path | None, typer.Option("--distractors", help="+R1M-style distractor descriptors (.npy, [M, N]).")
     ] = None,
     json_out: JsonOpt = None,
+    picture: Annotated[
+        Path | None,
+        typer.Option("--picture", help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked."),
+    ] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Revisited Oxford/Paris evaluation: Easy/Medium/Hard mAP and mP@1/5/10 of MODEL on a data set."""
@@ -86,11 +90,15 @@ def evaluate(
 
     sc = parse_scales(scales)
     ds = resolve_dataset(dataset, data_root)
+    if picture is not None and picture.suffix.lower() != ".png":
+        raise DToPError(f"--picture {picture} should end in .png")
     engine = load_engine(model)
+    captured: dict[str, Any] = {}
     with engine:
         result = evaluate_dataset(
-            engine, ds, sc, not no_crop, batch_size, progress, image_size, distractors=distractors
-        )
+            engine, ds, sc, not no_crop, batch_size, progress, image_size, distractors=distractors,
+            on_extract=(lambda db, q: captured.update(db=db, q=q)) if picture is not None else None,
+        )  # fmt: skip
     typer.echo(result.table())
     typer.echo(
         f"{engine.label}, {result.image_size}px, scales {', '.join(f'{s:g}' for s in sc)}, "
@@ -99,6 +107,11 @@ def evaluate(
     if json_out is not None:
         _write_json(json_out, {"model": str(model), **result.to_dict()})
         typer.echo(f"wrote {json_out}")
+    if picture is not None:
+        from dtop_export.visualize import retrieval_picture
+
+        retrieval_picture(ds, captured["db"], captured["q"], picture, crop_queries=not no_crop)
+        typer.echo(f"wrote {picture}")
 
 
 # embed -----------------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""``dtop-export demo``: every artefact of a tiny-budget run exists and is valid; re-runs reuse them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dtop_export.visualize import COLOURS
+
+EXE = [sys.executable, "-m", "dtop_export"]
+TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--no-progress"]
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("demo") / "work"
+    r = run("demo", "--workdir", work, *TINY)
+    return work, r
+
+
+def _stages(work: Path) -> dict[str, dict]:
+    return {s["name"]: s for s in json.loads((work / "demo.json").read_text())["stages"]}
+
+
+def test_demo_writes_every_artefact(demo_dir: tuple[Path, subprocess.CompletedProcess]) -> None:
+    import onnx
+
+    from dtop_export.checkpoint import load_checkpoint
+    from dtop_export.model import get_preset
+
+    work, r = demo_dir
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stages = _stages(work)
+    trt = stages["tensorrt"]
+    assert list(stages) == ["data", "train", "whiten", "onnx", "tensorrt"] + (
+        ["fp16-audit"] if trt["status"] == "skipped" else []
+    ) + ["parity", "evaluate"]
+    assert all(stages[s]["status"] == "built" for s in ("data", "train", "whiten", "onnx", "parity", "evaluate"))
+
+    trained = load_checkpoint(work / "train" / "final.pt")
+    assert trained.config == get_preset("small")
+    assert stages["train"]["facts"]["steps"] == 2
+    model = load_checkpoint(work / "model.pt")
+    assert model.whitening is not None and model.whitening.proj.shape[0] == model.build_model().descriptor_dim
+
+    graph = onnx.load(str(work / "model.onnx"))
+    onnx.checker.check_model(graph)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["dtop.whitening"])["applied"] is True
+
+    report = json.loads((work / "parity.json").read_text())
+    assert report["passed"] is True and report["n_queries"] == 20 and report["n_images"] == 90
+    ort = next(e for e in report["engines"] if e["engine"]["name"] == "onnxruntime")
+    assert ort["passed"] and ort["cosine_min"] >= 0.9999 and max(abs(v) for v in ort["map_delta"].values()) <= 0.5
+    assert [e["engine"]["name"] for e in report["engines"]] == (
+        ["onnxruntime", "tensorrt"] if stages["tensorrt"]["status"] == "built" else ["onnxruntime"]
+    )
+
+    ev = json.loads((work / "evaluation.json").read_text())
+    assert set(ev["map"]) == {"easy", "medium", "hard"} and ev["engine"]["name"] == "onnxruntime"
+    # the evaluation and the parity run saw the same ONNX descriptors
+    assert ev["map"] == pytest.approx(ort["map"], abs=1e-3)
+
+    png = Image.open(work / "retrieval.png")
+    assert png.format == "PNG"
+    img = np.asarray(png.convert("RGB"))
+    rows = (img.shape[0] - 24 - 4) // (160 + 18 + 4)
+    assert rows == 5 and img.shape[1] == 6 * (160 + 4) + 4  # 5 queries, the query + top-5 each
+    colours = {tuple(c) for c in img[24 + 1 :: 160 + 18 + 4, 4 + 80 :: 164][:5].reshape(-1, 3)}
+    assert tuple(COLOURS["query"]) in colours
+    assert colours & {tuple(COLOURS["positive"]), tuple(COLOURS["negative"]), tuple(COLOURS["junk"])}
+
+    # TensorRT: built where a GPU and TensorRT exist; otherwise said so, and its FP16 emulated on the CPU
+    assert trt["status"] in ("built", "skipped")
+    if trt["status"] == "skipped":
+        assert "TensorRT engine not built" in trt["note"] and "pip install 'dtop-export[gpu]'" in r.stdout
+        audit = json.loads((work / "fp16-audit.json").read_text())
+        final = audit["runs"][-1]
+        assert audit["images"] == 110 and final["finite"] and final["fp32_nodes"] > 0
+        assert 0.99 < final["cosine_min"] < 1.0 and stages["fp16-audit"]["facts"]["passed"] == audit["passed"]
+        assert "FP16 preview" in r.stdout
+    out = r.stdout
+    assert "dtop-export demo" in out and "PASS" in out and "total" in out
+    assert not list(work.rglob(".*.tmp"))  # atomic writes left nothing behind
+
+
+def test_demo_rerun_reuses_everything(demo_dir: tuple[Path, subprocess.CompletedProcess]) -> None:
+    work, first = demo_dir
+    assert first.returncode == 0
+    files = [work / "train" / "final.pt", work / "model.pt", work / "model.onnx", work / "parity.json"]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    r = run("demo", "--workdir", work, *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = _stages(work)
+    assert {n: s["status"] for n, s in stages.items() if n != "tensorrt"} == dict.fromkeys(
+        ["data", "train", "whiten", "onnx", *(["fp16-audit"] if "fp16-audit" in stages else []), "parity", "evaluate"],
+        "reused",
+    )
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    # the reused facts still reach the summary
+    assert "PASS" in r.stdout and "mAP E/M/H" in r.stdout
+
+
+def test_demo_rebuilds_from_a_given_checkpoint(
+    demo_dir: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    """--checkpoint replaces training; its whitening is kept; downstream stages are rebuilt, not reused."""
+    work, first = demo_dir
+    assert first.returncode == 0
+    r = run("demo", "--workdir", work, "--checkpoint", work / "model.pt", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = _stages(work)
+    assert stages["data"]["status"] == "reused"
+    assert stages["train"]["status"] == "skipped" and stages["whiten"]["status"] == "skipped"
+    assert "kept the checkpoint's own whitening" in stages["whiten"]["note"]
+    assert stages["onnx"]["status"] == "built" and stages["parity"]["status"] == "built"
+    report = json.loads((work / "parity.json").read_text())
+    assert report["passed"] and [e["engine"]["precision"] for e in report["engines"]] == ["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--checkpoint", "no/such.pt"], "checkpoint no/such.pt not found"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ],
+)
+def test_demo_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    r = run("demo", "--workdir", tmp_path / "w", *args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_demo_workdir_that_is_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run("demo", "--workdir", f)
+    assert r.returncode == 2 and "is a file" in r.stderr
