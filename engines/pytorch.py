@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from dtop_export.model import DToP
     from dtop_export.preprocess import PreprocessConfig
 
+# torch.compile settings as they arrive from Python or a bench spec (``model.pt:bf16,compile=true``) -> mode
+COMPILE_MODES: dict[bool | str, str | None] = {
+    False: None,
+    "false": None,
+    "none": None,
+    True: "default",
+    "true": "default",
+    "default": "default",
+    "max-autotune": "max-autotune",
+}
+
 
 class TorchEngine(Engine):
     """Eager PyTorch on CPU/CUDA: ``normalize(whiten(normalize(model(x))))`` like the exported graph.
@@ -52,11 +63,9 @@ class TorchEngine(Engine):
             torch.set_num_threads(threads)
         if precision not in ("fp32", "bf16", "fp16"):
             raise DToPError(f"pytorch engine precision must be fp32, bf16 or fp16, got {precision!r}")
-        modes = {False: None, "false": None, "none": None, True: "default", "true": "default", "default": "default"}
-        modes["max-autotune"] = "max-autotune"
-        if compile not in modes:
+        if compile not in COMPILE_MODES:
             raise DToPError(f"compile must be false, true/default or max-autotune, got {compile!r}")
-        self.compile_mode = modes[compile]
+        self.compile_mode = COMPILE_MODES[compile]
         self.stride = model.stride
         self.channels_last = False
         if precision == "bf16":

@@ -8,18 +8,22 @@ whose inputs were themselves reused (``--force`` rebuilds everything). ``demo.js
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from dtop_export.cli._app import app, console
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.evaluate import RevisitopDataset
 
 STATE_FILE = "demo.json"
 STATE_VERSION = 1
@@ -218,24 +222,26 @@ def demo(
     eval_json = workdir / "evaluation.json"
     picture = workdir / "retrieval.png"
 
+    @functools.cache
+    def sample_set() -> RevisitopDataset:
+        """The embedded evaluation set in the workdir (built by the data stage), read once."""
+        from dtop_export.evaluate import resolve_dataset
+
+        return resolve_dataset("sample", data_root)
+
     # 1. data ------------------------------------------------------------------------------------------
     def build_data(st: Stage) -> None:
-        import pickle
-
-        from dtop_export.sample_data import build_sample_dataset
         from training.sample import build_training_sample
 
         data_root.mkdir(exist_ok=True)
         with run.con.status("building the embedded evaluation and training sets"):
-            folder = build_sample_dataset(data_root)
+            ds = sample_set()
             build_training_sample(train_root)
-        with open(folder / "gnd_sample.pkl", "rb") as fh:
-            gnd = pickle.load(fh)
         classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
         views = sum(len(list((train_root / c).glob("*.jpg"))) for c in classes)
-        st.facts = {"eval_images": len(gnd["imlist"]), "eval_queries": len(gnd["qimlist"]), "train_views": views}
+        st.facts = {"eval_images": ds.n_images, "eval_queries": ds.n_queries, "train_views": views}
         st.note = (
-            f"evaluation set {folder}: {len(gnd['imlist'])} database images, {len(gnd['qimlist'])} queries; "
+            f"evaluation set {ds.folder}: {ds.n_images} database images, {ds.n_queries} queries; "
             f"training set {train_root}: {views} views of {len(classes)} photos"
         )
 
@@ -312,7 +318,7 @@ def demo(
             st.status = "skipped"
             st.note = "kept the checkpoint's own whitening"
             return
-        size = _sample_size(data_root)
+        size = sample_set().image_size or 256
         _, wh = whiten_checkpoint(trained, model_pt, pairs=train_root, size=size, progress=progress)
         st.facts = {"kind": wh.kind, "pairs": wh.info.get("pairs"), "images": wh.info.get("images")}
         st.note = f"learned {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} from {wh.info.get('pairs')} pairs"
@@ -357,11 +363,9 @@ def demo(
         def build_audit(st: Stage) -> None:
             from dtop_export._io import atomic_write_text
             from dtop_export.checks import fp16_audit
-            from dtop_export.evaluate import resolve_dataset
 
-            ds = resolve_dataset("sample", data_root)
             with run.con.status("emulating TensorRT's FP16 (FP32 islands) on the CPU"):
-                res = fp16_audit(model_onnx, ds)
+                res = fp16_audit(model_onnx, sample_set())
             atomic_write_text(audit_json, json.dumps(res.to_dict(), indent=2, default=str) + "\n")
             run.con.print(res.table(), soft_wrap=True, markup=False)
             final = res.final
@@ -387,12 +391,11 @@ def demo(
     # 6. parity ------------------------------------------------------------------------------------------
     def build_parity(st: Stage) -> None:
         from dtop_export._io import atomic_write_text
-        from dtop_export.evaluate import resolve_dataset
         from dtop_export.parity import parity
         from engines.base import load_engine
         from engines.pytorch import TorchEngine
 
-        ds = resolve_dataset("sample", data_root)
+        ds = sample_set()
         ref = TorchEngine.from_checkpoint(model_pt)
         engines = [load_engine(model_onnx)]
         if trt_stage.status in ("built", "reused") and plan.exists():
@@ -428,11 +431,11 @@ def demo(
     # 7. evaluate + picture -------------------------------------------------------------------------------
     def build_eval(st: Stage) -> None:
         from dtop_export._io import atomic_write_text
-        from dtop_export.evaluate import evaluate_dataset, resolve_dataset
+        from dtop_export.evaluate import evaluate_dataset
         from dtop_export.visualize import retrieval_picture
         from engines.base import load_engine
 
-        ds = resolve_dataset("sample", data_root)
+        ds = sample_set()
         captured: dict[str, Any] = {}
         with load_engine(model_onnx) as engine:
             res = evaluate_dataset(engine, ds, progress=progress, on_extract=lambda db, q: captured.update(db=db, q=q))
@@ -481,13 +484,8 @@ def _sample_config() -> Path:
     return path
 
 
-def _sample_size(data_root: Path) -> int:
-    from dtop_export.evaluate import load_revisitop
-
-    return load_revisitop(data_root, "sample").image_size or 256
-
-
 def _summary(run: DemoRun, seconds: float) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"dtop-export demo: {run.workdir}", title_justify="left")
@@ -496,8 +494,6 @@ def _summary(run: DemoRun, seconds: float) -> None:
     table.add_column("time", justify="right")
     table.add_column("artefacts / result")
     colours = {"built": "green", "reused": "cyan", "skipped": "yellow", "failed": "red"}
-    from rich.markup import escape
-
     for s in run.stages:
         what = escape(", ".join(_rel(p, run.workdir) for p in s.outputs) or s.note)
         if s.name == "parity":
