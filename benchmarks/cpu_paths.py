@@ -9,7 +9,7 @@ ONNX Runtime fp32 (plain export and ``optimize``d) and INT8 (``quantize``). Prod
    which the export's clean-up folds away; a trained model has neither, and the graphs must match.)
 2. Derives the artifacts with their build times (``dtop_export.bench.derive_specs``).
 3. ``dtop_export.bench.run_bench``: interleaved timings, memory, GFLOP/s -> bench.md/json/png.
-4. Accuracy on the embedded sample set (when ``dtop_export.evaluate`` is available): per-image cosine
+4. Accuracy on the embedded sample set (when ``dtop_export.retrieval.evaluate`` is available): per-image cosine
    against PyTorch fp32 and Easy/Medium/Hard mAP of every engine at ``--eval-size`` -> accuracy.md/json.
    The sample set has many image shapes, so compiled engines run there with dynamic shapes (one graph)
    instead of the benchmark's one static graph per shape; the benchmark's "cos min" column covers those.
@@ -69,8 +69,10 @@ def make_bench_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
 
 def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
     """Per-image cosine vs the first spec (PyTorch fp32) and mAP of every engine on the sample set."""
-    from dtop_export.evaluate import evaluate_descriptors, extract_many, resolve_dataset
-    from engines import load_engine
+    from dtop_export.engines import load_engine
+    from dtop_export.retrieval.datasets import resolve_dataset
+    from dtop_export.retrieval.extract import extract_many
+    from dtop_export.retrieval.metrics import evaluate_descriptors
 
     ds = resolve_dataset("sample")
     # compiled engines: one dynamic-shape graph for the set's many shapes, not one compile per shape
@@ -126,7 +128,10 @@ def main() -> None:
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
 
-    from dtop_export.bench import EngineSpec, derive_specs, parse_int_list, quiet_ort_logs, run_bench
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec, parse_int_list
+    from dtop_export.logs import quiet_ort_logs
+    from dtop_export.pipeline.artefacts import derive_specs
 
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / f"{args.preset}.pt"
@@ -178,9 +183,9 @@ def main() -> None:
             print(text)
         if not args.skip_accuracy:
             try:
-                import dtop_export.evaluate  # noqa: F401
+                import dtop_export.retrieval.evaluate  # noqa: F401
             except ImportError:
-                print("dtop_export.evaluate not available: accuracy skipped")
+                print("dtop_export.retrieval.evaluate not available: accuracy skipped")
                 return
             accuracy(specs, args.threads, args.eval_size, args.out)
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from dtop_export.checkpoint import new_provenance, save_checkpoint
+from dtop_export.engines import load_engine
 from dtop_export.export import export_onnx
 from dtop_export.model import build_model, get_preset
 from dtop_export.preprocess import default_preprocess
-from engines import load_engine
 
 SHAPES = [(224, 224), (384, 384), (384, 512), (512, 384), (640, 384), (768, 1024), (1024, 1024)]
 

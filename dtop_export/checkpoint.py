@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtop_export import __version__
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
 from dtop_export.errors import CheckpointError
 from dtop_export.model.config import DToPConfig
 from dtop_export.preprocess import PreprocessConfig

@@ -11,7 +11,6 @@ height and width multiples of ``stride``), output ``descriptors`` float32 [batch
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtop_export import __version__
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
+from dtop_export.contract import INPUT_NAME, OUTPUT_NAME, onnx_metadata, opset_of, set_metadata
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
     from dtop_export.checkpoint import Checkpoint
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "descriptors"
 MIN_OPSET = 18  # torch.onnx (dynamo) emits opset 18 natively; down-conversion is not supported
 # (LayerNormalization, native since 17, stays one node that TensorRT keeps accurate in FP16)
 MAX_OPSET = 23
@@ -72,54 +70,6 @@ def parse_hw(text: str) -> tuple[int, int]:
     if len(parts) != 2 or min(parts) <= 0:
         raise DToPError(f"cannot read size {text!r}: write HxW, e.g. 512x384")
     return parts[0], parts[1]
-
-
-def onnx_metadata(
-    ckpt: Checkpoint,
-    descriptor_dim: int,
-    whiten: bool,
-    opset: int,
-    static_hw: tuple[int, int] | None,
-    batch: int | None,
-    precision: str = "fp32",
-) -> dict[str, str]:
-    """``metadata_props`` of the exported file: everything a deployer needs, as strings."""
-    pp = ckpt.preprocess
-    wh = ckpt.whitening if whiten else None
-    return {
-        "dtop.format": "dtop-export/onnx",
-        "dtop.toolkit_version": __version__,
-        "dtop.config": json.dumps(ckpt.config.to_dict(), sort_keys=True),
-        "dtop.descriptor_dim": str(descriptor_dim),
-        "dtop.l2_normalized": "true",
-        "dtop.whitening": json.dumps(
-            {
-                "applied": wh is not None,
-                "kind": wh.kind if wh else None,
-                "in_dim": int(wh.proj.shape[1]) if wh else None,
-                "out_dim": wh.out_dim if wh else None,
-            }
-        ),
-        "dtop.precision": precision,
-        "dtop.input_name": INPUT_NAME,
-        "dtop.output_name": OUTPUT_NAME,
-        "dtop.input_layout": pp.layout,
-        "dtop.input_dtype": "float32",
-        "dtop.color_order": pp.color_order,
-        "dtop.mean": json.dumps(list(pp.mean)),
-        "dtop.std": json.dumps(list(pp.std)),
-        "dtop.pixel_range": "[0, 1] before mean/std",
-        "dtop.resize_policy": json.dumps({"policy": pp.resize, "size": pp.size, "interpolation": pp.interpolation}),
-        "dtop.stride": str(pp.stride),
-        "dtop.dynamic_axes": json.dumps(
-            {"batch": batch is None, "height": static_hw is None, "width": static_hw is None}
-        ),
-        "dtop.static_hw": json.dumps(list(static_hw) if static_hw else None),
-        "dtop.fixed_batch": json.dumps(batch),
-        "dtop.checkpoint_sha256": ckpt.sha256 or "",
-        "dtop.provenance": json.dumps(ckpt.provenance, default=str, sort_keys=True),
-        "dtop.opset": str(opset),
-    }
 
 
 def export_onnx(
@@ -245,10 +195,7 @@ def finalize_model(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.Mod
 
     proto.producer_name = "dtop-export"
     proto.producer_version = __version__
-    del proto.metadata_props[:]
-    for k, v in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    set_metadata(proto, metadata)
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -261,7 +208,7 @@ def graph_problems(proto: onnx.ModelProto) -> list[str]:
     bad = sorted(ops & TRAINING_ONLY_OPS)
     if bad:
         problems.append(f"training-only ops left: {', '.join(bad)}")
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(proto)
     if opset < MIN_OPSET:
         problems.append(f"opset {opset} < {MIN_OPSET}")
     inputs = [i.name for i in proto.graph.input]
@@ -269,52 +216,3 @@ def graph_problems(proto: onnx.ModelProto) -> list[str]:
     if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
         problems.append(f"graph I/O is {inputs} -> {outputs}, expected [{INPUT_NAME}] -> [{OUTPUT_NAME}]")
     return problems
-
-
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """What ``dtop-export info model.onnx`` prints: I/O signature, opset, size and the dtop metadata."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise DToPError(f"ONNX file {path} not found")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
-        raise DToPError(f"{path} is not a readable ONNX file ({e.__class__.__name__})") from e
-
-    def sig(values: Any) -> dict[str, str]:
-        out = {}
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
-            out[v.name] = f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)} [{', '.join(dims)}]"
-        return out
-
-    meta = {p.key: p.value for p in proto.metadata_props}
-    nice: dict[str, Any] = {}
-    for k, v in meta.items():
-        key = k.removeprefix("dtop.")
-        try:
-            nice[key] = json.loads(v) if key not in ("format", "toolkit_version", "checkpoint_sha256") else v
-        except json.JSONDecodeError:
-            nice[key] = v
-    config = nice.pop("config", None)
-    provenance = nice.pop("provenance", None)
-    report: dict[str, Any] = {
-        "file": str(path),
-        "size_mb": round(path.stat().st_size / 2**20, 2),
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
-        "inputs": sig(proto.graph.input),
-        "outputs": sig(proto.graph.output),
-        "nodes": len(proto.graph.node),
-        "metadata": nice,
-    }
-    if config is not None:
-        report["config"] = config
-    if provenance is not None:
-        report["provenance"] = provenance
-    if not meta:
-        report["note"] = "no dtop-export metadata: not exported by dtop-export"
-    return report

@@ -23,19 +23,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
+from dtop_export.contract import metadata_of, set_metadata
 from dtop_export.errors import DToPError
+from dtop_export.logs import quiet_logging
+from dtop_export.onnx_graph import attr
 
 if TYPE_CHECKING:
     import onnx
@@ -111,16 +112,6 @@ class _Graph:
     def made_by(self, tensor: str, op: str) -> Any | None:
         p = self.producer.get(tensor)
         return p if p is not None and p.op_type == op else None
-
-
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
@@ -218,11 +209,11 @@ def rewrite_dpe_resize(model: onnx.ModelProto) -> int:
         if n.op_type != "Resize" or len(n.input) < 4 or not n.input[3]:
             continue
         if (
-            _attr(n, "mode", "nearest") != "cubic"
-            or _attr(n, "coordinate_transformation_mode", "half_pixel") != "half_pixel"
-            or _attr(n, "antialias", 0) != 0
-            or _attr(n, "exclude_outside", 0) != 0
-            or _attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch"
+            attr(n, "mode", "nearest") != "cubic"
+            or attr(n, "coordinate_transformation_mode", "half_pixel") != "half_pixel"
+            or attr(n, "antialias", 0) != 0
+            or attr(n, "exclude_outside", 0) != 0
+            or attr(n, "keep_aspect_ratio_policy", "stretch") != "stretch"
             or (len(n.input) > 2 and n.input[2] and g.const_value(n.input[2]) is not None)
         ):
             continue
@@ -230,7 +221,7 @@ def rewrite_dpe_resize(model: onnx.ModelProto) -> int:
         if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
             continue
         h0, w0 = int(shape[2]), int(shape[3])
-        a = float(_attr(n, "cubic_coeff_a", -0.75))
+        a = float(attr(n, "cubic_coeff_a", -0.75))
         new: list[Any] = []
         sizes = n.input[3]
         hh, ww = g.name("out_h"), g.name("out_w")
@@ -261,7 +252,7 @@ def fuse_attention(model: onnx.ModelProto) -> int:
     g = _Graph(model, "dtop_mha")
     count = 0
     for sm in [n for n in model.graph.node if n.op_type == "Softmax"]:
-        if _attr(sm, "axis", -1) not in (-1, 3):
+        if attr(sm, "axis", -1) not in (-1, 3):
             continue
         qk = g.made_by(sm.input[0], "MatMul")
         av = g.single(sm.output[0], "MatMul")
@@ -269,13 +260,13 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             continue
         tr = g.single(av.output[0], "Transpose")
         rs = g.single(tr.output[0], "Reshape") if tr is not None else None
-        if tr is None or rs is None or list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
+        if tr is None or rs is None or list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
             continue
         # v = Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(qkv))))
         sq = g.made_by(av.input[1], "Squeeze")
         sl = g.made_by(sq.input[0], "Slice") if sq is not None else None
         perm = g.made_by(sl.input[0], "Transpose") if sl is not None else None
-        if perm is None or list(_attr(perm, "perm", [])) != [2, 0, 3, 1, 4]:
+        if perm is None or list(attr(perm, "perm", [])) != [2, 0, 3, 1, 4]:
             continue
         view = g.made_by(perm.input[0], "Reshape")
         if view is None:
@@ -341,19 +332,6 @@ def _qkv_width(g: _Graph, tensor: str) -> int | None:
     return None if w is None or w.ndim != 2 else int(w.shape[1])
 
 
-@contextlib.contextmanager
-def quiet_logging(level: int = logging.ERROR) -> Iterator[None]:
-    """Raise the root logger's level for a while: ONNX Runtime's Python tools log notes that do not apply
-    here (symbolic shape inference of dynamic H/W, "consider pre-processing")."""
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(level)
-    try:
-        yield
-    finally:
-        root.setLevel(old)
-
-
 # the command -----------------------------------------------------------------------------------------
 
 
@@ -379,7 +357,7 @@ def optimize_onnx(
     if not onnx_path.is_file():
         raise DToPError(f"ONNX file {onnx_path} not found")
     model = onnx.load(str(onnx_path))
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata_of(model)
     if meta.get("dtop.precision", "fp32") != "fp32":
         raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: optimise the fp32 export, then quantise")
     if any(o.domain == MS_DOMAIN for o in model.opset_import) and "dtop.optimized" in meta:
@@ -402,10 +380,7 @@ def optimize_onnx(
             "dtop.build_seconds": f"{seconds:.2f}",
         }
     )
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        e = model.metadata_props.add()
-        e.key, e.value = k, v
+    set_metadata(model, meta)
     max_abs = None
     checked: list[str] = []
     with tempfile.TemporaryDirectory(prefix="dtop-opt-") as tmp:
@@ -458,7 +433,7 @@ def _ort_transformer_fusions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, d
 def _transformer_dims(model: onnx.ModelProto) -> tuple[int, int]:
     """(num_heads, hidden) from fused MultiHeadAttention nodes or the qkv weights; (0, 0) = let ORT detect."""
     heads = next(
-        (int(_attr(n, "num_heads")) for n in model.graph.node if n.op_type == "MultiHeadAttention"),
+        (int(attr(n, "num_heads")) for n in model.graph.node if n.op_type == "MultiHeadAttention"),
         0,
     )
     hidden = next(

@@ -31,8 +31,8 @@ import numpy as np
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
-    from dtop_export.evaluate import RevisitopDataset
-    from engines.base import Engine
+    from dtop_export.contract import Engine
+    from dtop_export.retrieval.datasets import RevisitopDataset
 
 SETUP_LETTERS = {"easy": "E", "medium": "M", "hard": "H"}
 
@@ -103,6 +103,11 @@ class EngineParity:
     @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def finite(self) -> bool:
+        """Every descriptor component is finite (no FP16 overflow turned into inf/NaN)."""
+        return next((c.passed for c in self.checks if c.metric == "finite"), False)
 
     def failures(self) -> list[str]:
         """Descriptions of the failing checks."""
@@ -215,7 +220,7 @@ def cosine_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def topk_agreement(ref_db: np.ndarray, ref_q: np.ndarray, db: np.ndarray, q: np.ndarray, k: int = 10) -> float:
     """Mean over queries of |top-k(reference) ∩ top-k(engine)| / k, exact inner-product search."""
-    from dtop_export.search import knn
+    from dtop_export.retrieval.search import knn
 
     k = min(k, len(ref_db))
     _, ref_ids = knn(ref_db, ref_q, k)
@@ -241,15 +246,18 @@ def _preprocess_mismatch(reference: Engine, engine: Engine) -> str | None:
 def compare(
     reference: tuple[np.ndarray, np.ndarray],
     candidate: tuple[np.ndarray, np.ndarray],
-    gnd: Sequence[dict[str, Any]],
+    gnd: Sequence[dict[str, Any]] | None,
     contract: Contract,
-    ref_map: dict[str, float],
+    ref_map: dict[str, float] | None,
     label: str,
     engine_info: dict[str, Any] | None = None,
     k: int = 10,
 ) -> EngineParity:
-    """Compare an engine's (db, queries) descriptors with the reference's and apply ``contract``."""
-    from dtop_export.evaluate import SETUPS, evaluate_descriptors
+    """Compare an engine's (db, queries) descriptors with the reference's and apply ``contract``.
+
+    Without ground truth (``gnd`` None: plain images, all of them passed as ``db`` and no queries) only the
+    descriptor checks apply: finite, cosine, max-abs."""
+    from dtop_export.retrieval.metrics import SETUPS, evaluate_descriptors
 
     (rdb, rq), (db, q) = reference, candidate
     res = EngineParity(label=label, engine=engine_info or {}, contract=contract)
@@ -263,7 +271,7 @@ def compare(
     diff = np.abs(ref_all.astype(np.float64) - all_.astype(np.float64))
     res.max_abs = float(diff.max()) if np.isfinite(diff).all() else float("nan")
     finite = bool(np.isfinite(db).all() and np.isfinite(q).all())
-    if finite:
+    if finite and gnd is not None and ref_map is not None:
         res.topk_agreement = topk_agreement(rdb, rq, db, q, k)
         res.map = evaluate_descriptors(db, q, gnd)["map"]
         res.map_delta = {s: res.map[s] - ref_map[s] for s in SETUPS}
@@ -273,7 +281,7 @@ def compare(
     )
     if contract.max_abs is not None:
         res.checks.append(Check("max_abs", res.max_abs, contract.max_abs, "<=", bool(res.max_abs <= contract.max_abs)))
-    for s in SETUPS:
+    for s in SETUPS if gnd is not None else ():
         d = res.map_delta.get(s, float("nan"))
         res.checks.append(
             Check(f"map_delta_{s}", abs(d), contract.map_delta, "<=", bool(abs(d) <= contract.map_delta + 1e-9))
@@ -293,7 +301,8 @@ def parity(
     k: int = 10,
 ) -> ParityReport:
     """Run ``dataset`` through ``reference`` (PyTorch fp32) and every engine; compare them."""
-    from dtop_export.evaluate import evaluate_descriptors, extract_many
+    from dtop_export.retrieval.extract import extract_many
+    from dtop_export.retrieval.metrics import evaluate_descriptors
 
     if reference.precision != "fp32":
         raise DToPError(f"the parity reference must run in fp32, got {reference.precision}")

@@ -1,4 +1,11 @@
-"""Image preprocessing contract shared by every engine: how pixels become the model's input tensor."""
+"""The one preprocessing path: how image files become the model's input tensor, for every consumer.
+
+Engines (through :mod:`dtop_export.retrieval.extract`), INT8 calibration, whitening, training's final tensor
+step, ``embed`` and the demo all go through here: decoding with EXIF orientation, any PIL mode to 8-bit RGB
+(alpha composited on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride
+(``floor(v + 0.5)``), ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set. The contract's
+values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ if TYPE_CHECKING:
 
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
+# The image files every command reads (folders are searched recursively for these suffixes).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
@@ -167,15 +176,18 @@ def resize_for_model(
     return img.resize((w, h), resample=resample)
 
 
-def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """8-bit RGB image -> float32 [3, H, W]: pixels scaled to [0, 1], then ``(x - mean) / std``."""
     import numpy as np
 
     a = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
-    mean = np.asarray(cfg.mean, dtype=np.float32)
-    std = np.asarray(cfg.std, dtype=np.float32)
-    a = (a - mean) / std
+    a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+
+
+def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """8-bit RGB image -> float32 [3, H, W] normalised with ``cfg``'s mean/std (:func:`normalize`)."""
+    return normalize(img, cfg.mean, cfg.std)
 
 
 def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
@@ -201,3 +213,69 @@ def prepare(
     if bbx is not None:
         img = crop_bbox(img, bbx)
     return to_tensor(resize_for_model(to_rgb(img), cfg, size, scale), cfg)
+
+
+def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.ndarray:
+    """The model input [3, S, S] of a centre square: the shorter side resized to ``S`` (``side`` rounded down
+    to the stride, at least one stride) keeping the aspect ratio, the longer side rounded like
+    :func:`model_size`, then the centre ``S×S`` crop. For calibrators that need one input shape."""
+    resample = _RESAMPLE.get(cfg.interpolation)
+    if resample is None:
+        raise DToPError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
+    img = to_rgb(img)
+    s = max(cfg.stride, side // cfg.stride * cfg.stride)
+    f = s / min(img.width, img.height)
+    w, h = (max(s, int(math.floor(v * f + 0.5))) for v in img.size)
+    if (w, h) != img.size:
+        img = img.resize((w, h), resample=resample)
+    left, top = (w - s) // 2, (h - s) // 2
+    return to_tensor(img.crop((left, top, left + s, top + s)), cfg)
+
+
+# image files ----------------------------------------------------------------------------------------------
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of the image as :func:`load_image` will return it (EXIF orientation applied), read
+    from the file's header without decoding; None for a missing or non-image file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90°: exif_transpose swaps the sides
+        w, h = h, w
+    return (int(w), int(h)) if w > 0 and h > 0 else None
+
+
+def is_image_file(path: Path) -> bool:
+    """A file whose suffix is one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted); a missing folder or one without images is a
+    :class:`DToPError` naming the suffixes looked for."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DToPError(f"image folder {folder} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if is_image_file(p))
+    if not paths:
+        raise DToPError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def expand_images(items: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders replaced by the images under them (:func:`list_images` order); an empty folder
+    contributes nothing."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if is_image_file(f)))
+        else:
+            out.append(p)
+    return out

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Real photographs that scikit-image ships (its ``data/`` folder): the fallback calibration set when no
 # --calib folder is given and the embedded sample data set is not available.
 SKIMAGE_FALLBACK_IMAGES = (
@@ -89,75 +88,40 @@ def skimage_fallback_images() -> list[Path]:
 
 
 def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
-    """The embedded sample set's database images when ``dtop_export.sample_data`` exists, else the
-    scikit-image photos. Returns (paths, a one-line description of the source)."""
-    try:
-        from dtop_export.sample_data import build_sample_dataset
-    except ImportError:
-        return skimage_fallback_images(), "scikit-image sample photos (fallback: no embedded sample set)"
-    import pickle
+    """The embedded sample set's database images (built in ``cache_dir`` on first use). Returns (paths, a
+    one-line description of the source)."""
+    from dtop_export.retrieval.datasets import load_revisitop
+    from dtop_export.retrieval.sample_data import NAME, build_sample_dataset
 
     root = cache_dir or Path(tempfile.gettempdir()) / "dtop-export-data"
-    folder = Path(build_sample_dataset(root))
-    pkls = sorted(folder.glob("gnd_*.pkl"))
-    if pkls:
-        with open(pkls[0], "rb") as fh:
-            cfg = pickle.load(fh)  # our own file, just built
-        paths = [folder / "jpg" / f"{n}{cfg.get('ext', '.jpg')}" for n in cfg["imlist"]]
-        return [p for p in paths if p.is_file()], f"embedded sample set, database images ({folder})"
-    return list_images(folder), f"embedded sample set ({folder})"
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DToPError(f"calibration folder {folder} does not exist")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise DToPError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return paths
-
-
-def load_image(path: Path, pp: PreprocessConfig, longest_side: int, square: bool = False) -> np.ndarray:
-    """One image -> float32 [1, 3, H, W]: RGB, longer side ``longest_side`` (aspect kept, sides rounded
-    to the stride), scaled to [0, 1] and normalised with the model's mean/std. ``square``: shorter side
-    resized to ``longest_side`` instead, then a centre crop of ``longest_side``²."""
-    from PIL import Image
-
-    try:
-        img = Image.open(path).convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any decoding failure is the same user error
-        raise DToPError(f"cannot read image {path} ({e.__class__.__name__})") from e
-    w, h = img.size
-    s = pp.stride
-    if square:
-        side = max(s, longest_side // s * s)
-        scale = side / min(w, h)
-        img = img.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BILINEAR)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    else:
-        scale = longest_side / max(w, h)
-        nw, nh = (max(s, round(w * scale / s) * s), max(s, round(h * scale / s) * s))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = (x - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    build_sample_dataset(root)
+    ds = load_revisitop(root, NAME)
+    return [p for p in ds.images if p.is_file()], f"embedded sample set, database images ({ds.folder})"
 
 
 def calibration_tensors(
     paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
 ) -> list[np.ndarray]:
     """``limit`` images spread evenly over ``paths`` (sets are often grouped by object), each at every size
-    in ``sizes`` (longer side, or square crops), as model inputs."""
+    in ``sizes`` (longer side, or square crops), as model inputs [1, 3, H, W] made by the one preprocessing
+    path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std)."""
+    from dtop_export.preprocess import load_image, prepare, prepare_square
+
     if limit < 1:
         raise DToPError(f"--calib-count must be >= 1, got {limit}")
     if not sizes or min(sizes) < pp.stride:
         raise DToPError(f"calibration sizes must be >= the stride {pp.stride}, got {list(sizes)}")
     paths = list(paths)
+    if not paths:
+        raise DToPError("no calibration images")
     picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
-    return [load_image(p, pp, s, square) for p in picked for s in sizes]
+    out = []
+    for path in picked:
+        img = load_image(path)
+        for size in sizes:
+            x = prepare_square(img, pp, size) if square else prepare(img, pp, size)
+            out.append(x[None])
+    return out
 
 
 # graph analysis --------------------------------------------------------------------------------------
@@ -268,7 +232,7 @@ def quantize_int8(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from dtop_export.export import INPUT_NAME
+    from dtop_export.contract import INPUT_NAME, metadata_of, set_metadata
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -284,7 +248,7 @@ def quantize_int8(
             "use square crops at one size, or --method minmax"
         )
     model = onnx.load(str(onnx_path))
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata_of(model)
     if meta.get("dtop.precision", "fp32") != "fp32":
         raise DToPError(f"{onnx_path} is already {meta['dtop.precision']}: quantise the fp32 export")
     if [i.name for i in model.graph.input] != [INPUT_NAME]:
@@ -303,7 +267,7 @@ def quantize_int8(
         onnx.save_model(model, str(named))  # node names filled in by plan_quantization
         del model
         staged = Path(tmp) / "int8.onnx"
-        from dtop_export.optimize import quiet_logging
+        from dtop_export.logs import quiet_logging
 
         with quiet_logging():
             quantize_static(
@@ -348,10 +312,7 @@ def quantize_int8(
             "dtop.build_seconds": f"{seconds:.2f}",
         }
     )
-    del qmodel.metadata_props[:]
-    for k, v in meta.items():
-        e = qmodel.metadata_props.add()
-        e.key, e.value = k, v
+    set_metadata(qmodel, meta)
     with atomic_path(output) as tmp_out:
         onnx.save_model(qmodel, str(tmp_out))
     from collections import Counter

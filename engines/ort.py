@@ -2,107 +2,118 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dtop_export.errors import DToPError
-from engines.base import Engine
+from dtop_export.contract import INPUT_NAME, OUTPUT_NAME, Engine, metadata_of, preprocess_from_metadata
+from dtop_export.errors import DToPError, ShapeError
 
-_PROVIDERS = {
+if TYPE_CHECKING:
+    import onnx
+
+PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+GRAPH_OPTIMIZATION = ("all", "extended", "basic", "disabled")
 
 
 class OnnxRuntimeEngine(Engine):
-    """Runs a dtop-export ONNX file (``images`` -> ``descriptors``) in an ONNX Runtime session.
+    """Runs a dtop-export ONNX model (``images`` -> ``descriptors``) in an ONNX Runtime session.
 
-    provider: ``cpu`` (default), ``cuda`` or ``tensorrt``; a provider that is not installed is an
-    error, never a silent fall-back to CPU. threads: intra-op threads (default: ORT's choice).
-    graph_optimization: ``all`` (default), ``extended``, ``basic`` or ``disabled``.
+    model: a file, or an in-memory ``onnx.ModelProto`` (the FP16 audit's emulated and instrumented graphs).
+    provider: ``cpu`` (default), ``cuda`` or ``tensorrt``; a provider that is not installed is an error, never
+    a silent fall-back to CPU. threads: intra-op threads (default: ORT's choice). graph_optimization: ``all``
+    (default), ``extended``, ``basic`` (constant folding only: what an emulated graph needs, so that no fusion
+    skips its casts) or ``disabled``. on_run: called after every run with the input batch and *every* graph
+    output by name (an instrumented model's extra outputs included).
+    Preprocessing, stride, precision and descriptor size come from the model's metadata
+    (:func:`dtop_export.contract.preprocess_from_metadata`).
     """
 
     name = "onnxruntime"
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | onnx.ModelProto,
         provider: str = "cpu",
         threads: int | None = None,
         graph_optimization: str = "all",
+        on_run: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         import onnxruntime as ort
 
-        from dtop_export.export import INPUT_NAME, OUTPUT_NAME
-        from dtop_export.preprocess import PreprocessConfig
-
-        self.source = Path(path)
-        if provider not in _PROVIDERS:
-            raise DToPError(f"unknown ONNX Runtime provider {provider!r}: choose {', '.join(_PROVIDERS)}")
-        wanted = _PROVIDERS[provider]
+        if provider not in PROVIDERS:
+            raise DToPError(f"unknown ONNX Runtime provider {provider!r}: choose {', '.join(PROVIDERS)}")
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise DToPError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}")
+        wanted = PROVIDERS[provider]
         if wanted not in ort.get_available_providers():
             raise DToPError(
                 f"ONNX Runtime has no {wanted} here (available: {', '.join(ort.get_available_providers())}); "
                 "install onnxruntime-gpu for cuda/tensorrt"
             )
+        in_memory = not isinstance(model, (str, Path))
         opts = ort.SessionOptions()
+        if in_memory:
+            opts.log_severity_level = 3  # generated graphs (audits): ORT's notes about them are noise
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        levels = {
+        opts.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }
-        opts.graph_optimization_level = levels[graph_optimization]
+        }[graph_optimization]
+        what = "the in-memory model" if in_memory else str(model)
+        self.source = None if in_memory else Path(model)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[wanted])
+            blob = model.SerializeToString() if in_memory else str(model)
+            self.session = ort.InferenceSession(blob, sess_options=opts, providers=[wanted])
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise DToPError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from e
-        meta: dict[str, Any] = dict(self.session.get_modelmeta().custom_metadata_map)
+            raise DToPError(f"ONNX Runtime cannot load {what}: {str(e).splitlines()[0]}") from e
+        meta = metadata_of(model) if in_memory else dict(self.session.get_modelmeta().custom_metadata_map)
         self.metadata = meta
         inputs = self.session.get_inputs()
         outputs = self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or OUTPUT_NAME not in [o.name for o in outputs]:
             raise DToPError(
-                f"{path} is not a dtop-export model: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'"
+                f"{what} is not a dtop-export model: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}'"
             )
-        self._input = inputs[0]
-        fixed_batch = self._input.shape[0]
+        fixed_batch = inputs[0].shape[0]
         self.fixed_batch = fixed_batch if isinstance(fixed_batch, int) else None
-        hw = self._input.shape[2:]
+        hw = inputs[0].shape[2:]
         self.static_hw = tuple(hw) if all(isinstance(v, int) for v in hw) else None
         self.device = "cpu" if provider == "cpu" else "cuda:0"
         self.provider = provider
         self.precision = meta.get("dtop.precision", "fp32")
-        self.stride = int(meta.get("dtop.stride", 16))
-        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", outputs[0].shape[-1]))
-        self.preprocess = PreprocessConfig(
-            mean=tuple(json.loads(meta.get("dtop.mean", "[0.5, 0.5, 0.5]"))),
-            std=tuple(json.loads(meta.get("dtop.std", "[0.5, 0.5, 0.5]"))),
-            color_order=meta.get("dtop.color_order", "RGB"),
-            stride=self.stride,
-            **_resize_fields(meta.get("dtop.resize_policy")),
-        )
+        self.preprocess = preprocess_from_metadata(meta)
+        self.stride = self.preprocess.stride
+        out_dim = next(o.shape[-1] for o in outputs if o.name == OUTPUT_NAME)
+        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", out_dim))
+        self.on_run = on_run
+        self._fetch = [o.name for o in outputs] if on_run is not None else [OUTPUT_NAME]
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        res = dict(zip(self._fetch, self.session.run(self._fetch, {INPUT_NAME: x})))
+        if self.on_run is not None:
+            self.on_run(x, res)
+        return np.asarray(res[OUTPUT_NAME], dtype=np.float32)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        from dtop_export.export import INPUT_NAME, OUTPUT_NAME
-
-        x = self._check_images(images)
+        x = self.check_images(images)
         if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
-            from dtop_export.errors import ShapeError
-
             raise ShapeError(
                 f"{self.source} was exported for {self.static_hw[0]}x{self.static_hw[1]} inputs only, got "
                 f"{x.shape[2]}x{x.shape[3]}: resize, or re-export without --static"
             )
         if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
+            return self._run(x)
         # A fixed-batch export: run in chunks of that batch, padding the last one.
         out = []
         b = self.fixed_batch
@@ -111,19 +122,8 @@ class OnnxRuntimeEngine(Engine):
             n = chunk.shape[0]
             if n < b:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            out.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0][:n])
+            out.append(self._run(chunk)[:n])
         return np.concatenate(out).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "provider": self.provider}
-
-
-def _resize_fields(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    d = json.loads(text)
-    return {
-        "resize": d.get("policy", "longest_side"),
-        "size": d.get("size", 1024),
-        "interpolation": d.get("interpolation", "bilinear"),
-    }

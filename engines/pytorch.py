@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engines.base import Engine
+from dtop_export.contract import Engine
 
 if TYPE_CHECKING:
     from dtop_export.checkpoint import Checkpoint, Whitening
@@ -104,7 +104,7 @@ class TorchEngine(Engine):
         import torch
         import torch.nn.functional as F
 
-        x = torch.from_numpy(self._check_images(images)).to(self.device)
+        x = torch.from_numpy(self.check_images(images)).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

@@ -55,7 +55,7 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
 
 def make_sfm120k(root: Path) -> dict:
     """cirtorch layout: retrieval-SfM-120k.pkl + ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>."""
-    from training.datasets import cid2filename
+    from dtop_export.training.datasets import cid2filename
 
     cids, clusters = [], []
     for c in range(3):
@@ -82,7 +82,7 @@ def make_sfm120k(root: Path) -> dict:
 
 def make_gldv2(root: Path) -> None:
     """GLDv2-clean: train_clean.csv (landmark_id,images) + train/a/b/c/<id>.jpg."""
-    from training.datasets import gldv2_path
+    from dtop_export.training.datasets import gldv2_path
 
     rows = []
     for c in range(3):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dtop_export.contract import Engine
 from dtop_export.preprocess import PreprocessConfig
-from engines.base import Engine
 
 
 class TinyImageEngine(Engine):
@@ -24,7 +24,7 @@ class TinyImageEngine(Engine):
         self.calls: list[tuple[int, ...]] = []
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        x = self._check_images(images)
+        x = self.check_images(images)
         self.calls.append(tuple(x.shape))
         b, c, h, w = x.shape
         grid = x.reshape(b, c, 4, h // 4, 4, w // 4).mean(axis=(3, 5)).reshape(b, -1)

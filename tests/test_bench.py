@@ -90,7 +90,7 @@ def test_bench_rejects_bad_input(small_ckpt: Path, tmp_path: Path, capsys) -> No
 
 
 def test_optimized_model_matches_and_benches(small_onnx: Path, small_opt: Path) -> None:
-    from engines import load_engine
+    from dtop_export.engines import load_engine
 
     x = np.random.default_rng(0).standard_normal((2, 3, 128, 80), dtype=np.float32)
     a = load_engine(small_onnx).embed(x)
@@ -101,8 +101,9 @@ def test_optimized_model_matches_and_benches(small_onnx: Path, small_opt: Path) 
 def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, tmp_path: Path, capsys) -> None:
     import onnx
 
-    from dtop_export.quantize import load_image, skimage_fallback_images
-    from engines import load_engine
+    from dtop_export.engines import load_engine
+    from dtop_export.preprocess import load_image, prepare
+    from dtop_export.quantize import skimage_fallback_images
 
     out = tmp_path / "small.int8.onnx"
     assert cli("quantize", str(small_opt), "-o", str(out), "--calib-count", "6", "--calib-sizes", "128,192") == 0
@@ -117,7 +118,7 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
     photos = skimage_fallback_images()[8:12]  # original photos, not the sample set's calibration views
     for size in (160, 256):  # neither is a calibration size: dynamic H/W survive quantisation
         for p in photos:
-            x = load_image(p, fp32.preprocess, size)
+            x = prepare(load_image(p), fp32.preprocess, size)[None]
             cos = float((fp32.embed(x) * int8.embed(x)).sum())
             assert cos > INT8_MIN_COSINE, (p.name, size, cos)
 

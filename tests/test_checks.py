@@ -14,16 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from trt_helpers import descriptor_model, dtop_onnx, sample_images, sample_root
 
-from dtop_export.checks import (
-    FP16_MAX,
-    SessionEngine,
-    emulate_fp16,
-    fp16_audit,
-    instrument_ranges,
-    lint_tensorrt,
-    preprocess_from_metadata,
-)
-from dtop_export.fp16 import convert_to_fp16
+from dtop_export.contract import preprocess_from_metadata
+from dtop_export.engines.ort import OnnxRuntimeEngine
+from dtop_export.engines.tensorrt.lint import lint_tensorrt
+from dtop_export.fp16.audit import fp16_audit
+from dtop_export.fp16.convert import convert_to_fp16
+from dtop_export.fp16.emulate import FP16_MAX, emulate_fp16, instrument_ranges
 
 EXE = [sys.executable, "-m", "dtop_export"]
 
@@ -197,14 +193,16 @@ def test_fp16_audit_of_the_dtop_graph_on_the_sample_set() -> None:
     assert "| variant |" in r.table()
 
 
-def test_session_engine_preprocess_from_metadata() -> None:
+def test_in_memory_engine_and_preprocess_from_metadata() -> None:
     meta = {"dtop.stride": "32", "dtop.mean": "[0.1, 0.2, 0.3]", "dtop.std": "[1, 2, 3]"}
     meta["dtop.resize_policy"] = json.dumps({"policy": "longest_side", "size": 640, "interpolation": "bicubic"})
     pp = preprocess_from_metadata(meta)
     assert pp.stride == 32 and pp.mean == (0.1, 0.2, 0.3) and pp.size == 640 and pp.interpolation == "bicubic"
-    eng = SessionEngine(descriptor_model(), preprocess_from_metadata({}), 16)
+    seen: list[tuple[tuple[int, ...], list[str]]] = []
+    eng = OnnxRuntimeEngine(descriptor_model(), on_run=lambda x, res: seen.append((x.shape, sorted(res))))
+    assert eng.source is None and eng.stride == 16 and eng.descriptor_dim == 16
     out = eng.embed(np.zeros((1, 3, 32, 48), np.float32))
-    assert out.shape == (1, 16) and eng.shapes == {(1, 3, 32, 48)}
+    assert out.shape == (1, 16) and seen == [((1, 3, 32, 48), ["descriptors"])]
 
 
 # CLI ----------------------------------------------------------------------------------------------------

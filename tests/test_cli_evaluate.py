@@ -38,8 +38,8 @@ def test_data_sample_is_cached_and_forced(data_root: Path) -> None:
 
 
 def test_evaluate_prints_the_table_and_writes_json(small_ckpt: Path, data_root: Path, tmp_path: Path) -> None:
-    from dtop_export.evaluate import evaluate
-    from engines.pytorch import TorchEngine
+    from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.retrieval.evaluate import evaluate
 
     out = tmp_path / "eval.json"
     r = run("evaluate", small_ckpt, "--data-root", data_root, "--image-size", "128", "--json", out, "--no-progress")
@@ -75,8 +75,8 @@ def test_evaluate_missing_model(tmp_path: Path) -> None:
 
 
 def test_embed_skips_unreadable_images(small_ckpt: Path, tmp_path: Path) -> None:
-    from dtop_export.evaluate import extract
-    from engines.pytorch import TorchEngine
+    from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.retrieval.extract import extract
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"

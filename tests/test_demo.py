@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtop_export.visualize import COLOURS
+from dtop_export.retrieval.visualize import COLOURS
 
 EXE = [sys.executable, "-m", "dtop_export"]
 TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--no-progress"]

@@ -12,23 +12,20 @@ from eval_helpers import TinyImageEngine
 from PIL import Image
 
 from dtop_export.errors import DToPError
-from dtop_export.evaluate import (
-    MULTI_SCALES,
+from dtop_export.preprocess import PreprocessConfig
+from dtop_export.retrieval.datasets import load_revisitop, resolve_dataset
+from dtop_export.retrieval.evaluate import evaluate
+from dtop_export.retrieval.extract import MULTI_SCALES, extract, parse_scales
+from dtop_export.retrieval.metrics import (
     compute_ap,
     compute_map,
     compute_map_positions,
-    evaluate,
     evaluate_descriptors,
-    extract,
-    load_revisitop,
-    parse_scales,
     rank_database,
     ranking_positions,
-    resolve_dataset,
     revisited_metrics,
     setup_gnd,
 )
-from dtop_export.preprocess import PreprocessConfig
 
 
 def _ranks(*orders: list[int]) -> np.ndarray:
@@ -299,8 +296,8 @@ def test_parse_scales() -> None:
 
 
 def test_small_model_on_the_sample_set(small_model, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001
+    from dtop_export.engines.pytorch import TorchEngine
     from dtop_export.preprocess import default_preprocess
-    from engines.pytorch import TorchEngine
 
     root = tmp_path_factory.getbasetemp() / "data"
     engine = TorchEngine(small_model, default_preprocess("dtop_tiny_r_s16", 16))

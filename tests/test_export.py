@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from dtop_export.checkpoint import Whitening, load_checkpoint, new_provenance, save_checkpoint
+from dtop_export.contract import read_onnx_metadata
+from dtop_export.engines import load_engine
 from dtop_export.errors import DToPError
-from dtop_export.export import export_onnx, graph_problems, parse_hw, read_onnx_metadata
+from dtop_export.export import export_onnx, graph_problems, parse_hw
 from dtop_export.fold import fold_for_deployment
 from dtop_export.model import DToP, build_model, get_preset
 from dtop_export.preprocess import default_preprocess
-from engines import load_engine
 
 PARITY_SHAPES = [(224, 224), (384, 384), (384, 512), (512, 384), (640, 384), (768, 1024), (1024, 1024)]
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from trt_helpers import descriptor_model, dtop_ckpt, dtop_onnx, sample_images
 
 from dtop_export.errors import DToPError
-from dtop_export.fp16 import (
+from dtop_export.fp16.convert import (
     convert_file,
     convert_to_fp16,
     fp32_nodes_of,
@@ -189,7 +189,7 @@ def test_convert_file_and_refuse_fp16_twice(tmp_path) -> None:
 
 def test_onnx_cli_fp16(tmp_path) -> None:
     """`dtop-export onnx --fp16` writes the FP16 artefact; the ONNX Runtime engine reports it as fp16."""
-    from engines import load_engine
+    from dtop_export.engines import load_engine
 
     out = tmp_path / "m.fp16.onnx"
     r = subprocess.run(

@@ -13,13 +13,13 @@ import torch
 from eval_helpers import NoisyEngine, TinyImageEngine, TruncatedEngine
 
 from dtop_export.checkpoint import Whitening, load_checkpoint, new_provenance, save_checkpoint
+from dtop_export.engines.pytorch import TorchEngine
 from dtop_export.errors import DToPError
-from dtop_export.evaluate import RevisitopDataset, load_revisitop
 from dtop_export.model import build_model, get_preset
 from dtop_export.parity import CONTRACTS, compare, contract_for, cosine_per_row, parity
 from dtop_export.preprocess import PreprocessConfig, default_preprocess
-from dtop_export.sample_data import build_sample_dataset
-from engines.pytorch import TorchEngine
+from dtop_export.retrieval.datasets import RevisitopDataset, load_revisitop
+from dtop_export.retrieval.sample_data import build_sample_dataset
 
 # ---------------------------------------------------------------------------------------------------
 
@@ -123,7 +123,7 @@ def _synthetic(noise: float, seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarra
 )
 def test_contract_depends_on_precision(noise: float, precision: str, passes: bool) -> None:
     ref, cand, gnd = _synthetic(noise)
-    from dtop_export.evaluate import evaluate_descriptors
+    from dtop_export.retrieval.metrics import evaluate_descriptors
 
     ref_map = evaluate_descriptors(ref[0], ref[1], gnd)["map"]
     res = compare(ref, cand, gnd, contract_for(precision), ref_map, "candidate")
@@ -137,7 +137,7 @@ def test_contract_depends_on_precision(noise: float, precision: str, passes: boo
 
 def test_map_delta_is_checked() -> None:
     ref, _, gnd = _synthetic(0.0)
-    from dtop_export.evaluate import evaluate_descriptors
+    from dtop_export.retrieval.metrics import evaluate_descriptors
 
     ref_map = evaluate_descriptors(ref[0], ref[1], gnd)["map"]
     swapped = (ref[0][[1, 0, *range(2, 50)]], ref[1])  # rows 0 and 1 exchanged: query 0 and 1 lose their match
@@ -212,7 +212,7 @@ def onnx_pair(ref_ckpt: Path) -> tuple[Path, Path]:
 
 
 def test_onnx_passes_on_the_sample_set(ref_ckpt: Path, onnx_pair: tuple[Path, Path], sample: RevisitopDataset) -> None:
-    from engines.ort import OnnxRuntimeEngine
+    from dtop_export.engines.ort import OnnxRuntimeEngine
 
     ref = TorchEngine.from_checkpoint(ref_ckpt)
     report = parity(ref, [OnnxRuntimeEngine(onnx_pair[0])], sample, progress=False)  # the set's 256 px
@@ -246,8 +246,8 @@ def test_cli_parity_gates_a_corrupted_onnx(
 
 @pytest.mark.slow
 def test_full_preset_onnx_passes_on_the_sample_set(tmp_path: Path, sample: RevisitopDataset) -> None:
+    from dtop_export.engines.ort import OnnxRuntimeEngine
     from dtop_export.export import export_onnx
-    from engines.ort import OnnxRuntimeEngine
 
     torch.manual_seed(0)
     model = build_model(get_preset("r50-vitb16")).eval()

@@ -196,3 +196,70 @@ def test_prepare_is_crop_then_resize_then_normalise() -> None:
     assert t.shape == (3, 32, 64) and np.allclose(t, (1.0 - 0.5) / 0.5)
     t2 = prepare(img, cfg, 64, scale=0.5)
     assert t2.shape == (3, 16, 32)
+
+
+# one preprocessing path for every consumer -------------------------------------------------------------------
+
+
+def test_image_size_is_the_upright_size(tmp_path: Path) -> None:
+    from dtop_export.preprocess import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: load_image returns it 40 wide, 60 high
+    path = tmp_path / "rotated.jpg"
+    Image.new("RGB", (60, 40)).save(path, exif=exif.tobytes())
+    assert image_size(path) == load_image(path).size == (40, 60)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (60, 40)).save(plain)
+    assert image_size(plain) == (60, 40)
+    (tmp_path / "text.jpg").write_text("not an image")
+    assert image_size(tmp_path / "text.jpg") is None and image_size(tmp_path / "missing.png") is None
+
+
+def test_list_and_expand_images_use_one_suffix_set(tmp_path: Path) -> None:
+    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images, list_images
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPG", "sub/a.png", "c.webp", "d.gif", "e.tiff"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    found = list_images(tmp_path)
+    assert [p.name for p in found] == ["b.JPG", "c.webp", "d.gif", "e.tiff", "a.png"]
+    assert all(p.suffix.lower() in IMAGE_SUFFIXES for p in found)
+    assert expand_images([tmp_path / "notes.txt", tmp_path]) == [tmp_path / "notes.txt", *found]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DToPError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(DToPError, match="does not exist"):
+        list_images(tmp_path / "nope")
+
+
+def test_square_crop_rounds_like_the_resize(tmp_path: Path) -> None:
+    from dtop_export.preprocess import prepare_square
+
+    cfg = PreprocessConfig(stride=16)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 401, 3), dtype=np.uint8))
+    x = prepare_square(img, cfg, 250)  # side rounded down to the stride: 240
+    assert x.shape == (3, 240, 240) and x.dtype == np.float32
+    # shorter side 300 -> 240: the longer side is floor(401 * 0.8 + 0.5) = 321, then the centre 240 columns
+    ref = img.resize((321, 240), Image.Resampling.BILINEAR).crop((40, 0, 280, 240))
+    assert np.allclose(x, to_tensor(ref, cfg))
+
+
+def test_int8_calibration_sees_what_the_engines_see(tmp_path: Path) -> None:
+    """The calibration tensors are the engines' inputs: EXIF applied, RGBA composited, sizes rounded alike."""
+    from dtop_export.quantize import calibration_tensors
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgba = np.random.default_rng(1).integers(0, 256, (50, 70, 4), dtype=np.uint8)
+    paths = [tmp_path / "rot.jpg", tmp_path / "alpha.png"]
+    Image.fromarray(rgba[..., :3]).save(paths[0], exif=exif.tobytes())
+    Image.fromarray(rgba, "RGBA").save(paths[1])
+    cfg = PreprocessConfig(stride=16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    tensors = calibration_tensors(paths, cfg, [72, 40], limit=2)
+    expected = [prepare(load_image(p), cfg, s)[None] for p in paths for s in (72, 40)]
+    assert len(tensors) == 4
+    for got, want in zip(tensors, expected):
+        assert got.shape == want.shape and np.array_equal(got, want)
+    assert tensors[0].shape[2] > tensors[0].shape[3]  # the rotated photo stands upright

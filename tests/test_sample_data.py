@@ -12,8 +12,10 @@ from eval_helpers import TinyImageEngine
 from PIL import Image
 
 from dtop_export.errors import DToPError
-from dtop_export.evaluate import evaluate, evaluate_descriptors, load_revisitop
-from dtop_export.sample_data import MAX_SIDE, build_sample_dataset
+from dtop_export.retrieval.datasets import load_revisitop
+from dtop_export.retrieval.evaluate import evaluate
+from dtop_export.retrieval.metrics import evaluate_descriptors
+from dtop_export.retrieval.sample_data import MAX_SIDE, build_sample_dataset
 
 
 @pytest.fixture(scope="module")

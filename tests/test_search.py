@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dtop_export.errors import DToPError
-from dtop_export.search import build_index, have_faiss, knn
+from dtop_export.retrieval.search import build_index, have_faiss, knn
 
 needs_faiss = pytest.mark.skipif(not have_faiss(), reason="faiss-cpu not installed")
 
@@ -83,6 +83,9 @@ def test_errors() -> None:
 
 
 def test_faiss_is_imported_lazily() -> None:
-    code = "import sys, dtop_export.search, dtop_export.evaluate; assert 'faiss' not in sys.modules; print('ok')"
+    code = (
+        "import sys, dtop_export.retrieval.search, dtop_export.retrieval.evaluate; "
+        "assert 'faiss' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

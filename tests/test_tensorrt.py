@@ -16,26 +16,14 @@ import onnx
 import pytest
 from trt_helpers import descriptor_model, dtop_onnx, needs_gpu, sample_images
 
-import engines.tensorrt as trtmod
+import dtop_export.engines.tensorrt.install as trtmod
+from dtop_export.engines import load_engine
+from dtop_export.engines.tensorrt.builder import layer_owner, parser_error_lines, pin_layers_fp32
+from dtop_export.engines.tensorrt.install import GpuInfo
+from dtop_export.engines.tensorrt.profiles import Profile, make_profiles, parse_shape, select_profile, split_batches
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, compatibility, read_sidecar, sidecar_path, write_sidecar
+from dtop_export.engines.tensorrt.trtexec import trtexec_command
 from dtop_export.errors import DToPError, ShapeError
-from engines import load_engine
-from engines.tensorrt import (
-    GpuInfo,
-    PlanInfo,
-    Profile,
-    compatibility,
-    layer_owner,
-    make_profiles,
-    parse_shape,
-    parser_error_lines,
-    pin_layers_fp32,
-    read_sidecar,
-    select_profile,
-    sidecar_path,
-    split_batches,
-    trtexec_command,
-    write_sidecar,
-)
 
 EXE = [sys.executable, "-m", "dtop_export"]
 # Runs the CLI with `import tensorrt` failing, whatever is installed on the machine.
@@ -324,10 +312,12 @@ def test_parser_error_lines() -> None:
 def test_build_and_run_fp16_engine_on_gpu(tmp_path: Path, weak: bool) -> None:
     import tensorrt as trt
 
+    from dtop_export.engines.ort import OnnxRuntimeEngine
+    from dtop_export.engines.tensorrt.builder import build_engine
+    from dtop_export.engines.tensorrt.install import version_tuple
+    from dtop_export.engines.tensorrt.runner import TensorRTEngine
     from dtop_export.parity import cosine_per_row
     from dtop_export.preprocess import load_image, prepare
-    from engines.ort import OnnxRuntimeEngine
-    from engines.tensorrt import TensorRTEngine, build_engine, version_tuple
 
     if weak and version_tuple(trt.__version__)[0] != 10:
         pytest.skip(f"weak typing exists on TensorRT 10.x only (this is {trt.__version__})")

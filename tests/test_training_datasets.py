@@ -19,7 +19,8 @@ from _training_data import (
 )
 
 from dtop_export.errors import DToPError
-from training import datasets as D
+from dtop_export.training import datasets as D
+from dtop_export.training import transforms as T
 
 
 def test_sfm120k(tmp_path: Path) -> None:
@@ -136,10 +137,10 @@ def test_image_dataset_and_decode_failures(tmp_path: Path) -> None:
     write_truncated(tmp_path / "class1" / "truncated.jpg")
     ts = D.read_folder(tmp_path)
     assert len(ts) == 5  # the truncated file's header reads fine
-    ds = D.ImageDataset(ts, (0.5,) * 3, (0.5,) * 3, D.Augment())
+    ds = T.ImageDataset(ts, (0.5,) * 3, (0.5,) * 3, T.Augment())
     bad = ts.paths.index(str(tmp_path / "class1" / "truncated.jpg"))
     items = [(i, 32, 48, 7) for i in range(len(ts))]
-    batch = D.collate([ds[it] for it in items])
+    batch = T.collate([ds[it] for it in items])
     assert batch["failed"] == 1 and bad not in batch["indices"]
     assert batch["images"].shape == (4, 3, 32, 48) and batch["images"].dtype == torch.float32
     # the same seed gives the same augmented image; another seed a different one
@@ -155,7 +156,7 @@ def test_exclude_classes(tmp_path: Path) -> None:
 
 def test_embedded_training_sample(tmp_path: Path) -> None:
     pytest.importorskip("skimage", reason="the embedded training set is made from scikit-image's photos")
-    from training.sample import PHOTOS, build_training_sample
+    from dtop_export.training.sample import PHOTOS, build_training_sample
 
     root = build_training_sample(tmp_path / "s", views_per_class=2, max_side=96)
     ts = D.read_folder(root)

@@ -14,8 +14,8 @@ from _training_data import make_folder, make_revisitop
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
-from training.config import TrainConfig, load_config
-from training.loop import Trainer
+from dtop_export.training.config import TrainConfig, load_config
+from dtop_export.training.loop import Trainer
 
 BASE = [
     "model.preset=small",
@@ -91,7 +91,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
         Trainer(cfg, callbacks=[crash_at_5]).run()
     assert not (tmp_path / "b" / "final.pt").exists()
     # the last state on disk is the end of epoch 1 (step 4): steps 5.. are redone on resume
-    from training.loop import read_state
+    from dtop_export.training.state import read_state
 
     assert read_state(tmp_path / "b")["step"] == 4
     res = Trainer(cfg, resume=tmp_path / "b").run()
@@ -115,7 +115,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path
     cfg = _cfg(tmp_path / "b", folder_data, "epochs=1", "save_state_every=2")
     with pytest.raises(_Crash):
         Trainer(cfg, callbacks=[crash_at_3]).run()
-    from training.loop import read_state
+    from dtop_export.training.state import read_state
 
     st = read_state(tmp_path / "b")
     assert (st["step"], st["sampler"]["position"], st["epoch"]) == (2, 2, 0)  # inside the epoch
@@ -134,7 +134,7 @@ def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Pat
     cfg = _cfg(tmp_path / "b", folder_data, "epochs=1")
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, callbacks=[interrupt_at_3]).run()
-    from training.loop import read_state
+    from dtop_export.training.state import read_state
 
     assert read_state(tmp_path / "b")["step"] == 3
     Trainer(cfg, resume=tmp_path / "b").run()
@@ -153,7 +153,6 @@ def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) ->
 
 
 def test_validation_and_best_checkpoint(tmp_path: Path, folder_data: Path) -> None:
-    pytest.importorskip("dtop_export.evaluate", reason="validation runs dtop_export.evaluate (evaluation issue)")
     val = make_revisitop(tmp_path / "val", "tiny")
     cfg = _cfg(tmp_path / "run", folder_data, "val.enabled=true", f"val.root={val}", "val.name=tiny", "val.size=64")
     res = Trainer(cfg).run()
@@ -215,9 +214,9 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "training", "--config", str(tmp_path / "cfg.yaml"),
+        "-m", "dtop_export", "train", "--config", str(tmp_path / "cfg.yaml"),
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     prov = load_checkpoint(tmp_path / "ddp" / "final.pt").provenance
     digests = prov["ddp_rank_weight_sha256"]

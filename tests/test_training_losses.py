@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from training.config import OptimSection
-from training.losses import ArcFace, contrastive_loss, mine_hard_negatives
-from training.optim import build_optimizer, lr_factor, param_groups
+from dtop_export.training.config import OptimSection
+from dtop_export.training.losses import ArcFace, contrastive_loss, mine_hard_negatives
+from dtop_export.training.optim import build_optimizer, lr_factor, param_groups
 
 
 def _ce(logits: list[float], y: int) -> float:

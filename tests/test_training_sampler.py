@@ -8,7 +8,7 @@ import random
 import pytest
 
 from dtop_export.errors import DToPError
-from training.sampler import GroupSizeBatchSampler, assign_groups, group_sizes
+from dtop_export.training.sampler import GroupSizeBatchSampler, assign_groups, group_sizes
 
 RATIOS = (0.5, 0.75, 1.0, 1.333, 2.0)
 

@@ -13,7 +13,7 @@ from _training_data import make_folder
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
-from training.whitening import learn_lw, learn_pca, read_pairs, whiten_checkpoint
+from dtop_export.training.whitening import learn_lw, learn_pca, read_pairs, whiten_checkpoint
 
 
 def _pairs(n_dim: int = 12, n_pairs: int = 400, seed: int = 0) -> tuple[np.ndarray, list[int], list[int]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dtop_export.visualize import COLOURS, retrieval_grid
+from dtop_export.retrieval.visualize import COLOURS, retrieval_grid
 
 
 def test_retrieval_grid_colours_results(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_retrieval_grid_colours_results(tmp_path: Path) -> None:
 
 
 def test_pick_queries_spreads_over_the_ap_ranking() -> None:
-    from dtop_export.visualize import pick_queries
+    from dtop_export.retrieval.visualize import pick_queries
 
     aps = [50.0, None, 100.0, 10.0, 75.0, 0.0]
     assert pick_queries(aps, 3) == [2, 0, 5]  # best, middle, worst; queries without positives left out
@@ -39,8 +39,9 @@ def test_pick_queries_spreads_over_the_ap_ranking() -> None:
 def test_retrieval_picture_marks_ground_truth(tmp_path: Path) -> None:
     """Descriptors built from the ground truth: every query's top results are its positives (green); a
     query whose descriptor is flipped ranks its positives last, so its row is red."""
-    from dtop_export.evaluate import resolve_dataset, setup_gnd
-    from dtop_export.visualize import retrieval_picture
+    from dtop_export.retrieval.datasets import resolve_dataset
+    from dtop_export.retrieval.metrics import setup_gnd
+    from dtop_export.retrieval.visualize import retrieval_picture
 
     ds = resolve_dataset("sample", tmp_path / "data")
     gnd = setup_gnd(ds.gnd, "medium")

@@ -81,7 +81,7 @@ def dtop_ckpt(whiten: bool = True) -> Path:
 @functools.cache
 def sample_root() -> Path:
     """The embedded sample set (revisitop layout), built once per test process."""
-    from dtop_export.sample_data import build_sample_dataset
+    from dtop_export.retrieval.sample_data import build_sample_dataset
 
     return build_sample_dataset(_TMP / "data")
 

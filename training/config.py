@@ -18,6 +18,9 @@ from typing import Any
 from dtop_export.errors import DToPError
 
 DATASETS = ("sample", "folder", "revisitop", "sfm120k", "gldv2", "gldv1", "nc-clean")
+CONFIGS = Path(__file__).parent / "configs"
+# The shipped recipe the demo trains with: small preset on the embedded training set.
+SAMPLE_CONFIG = CONFIGS / "sample-small.yaml"
 
 
 @dataclass
@@ -140,7 +143,7 @@ class ValSection:
     """Validation mAP (revisitop protocol, Easy/Medium/Hard) after every epoch; best checkpoint kept.
 
     root/name: a revisitop-layout set (``<root>/<name>/gnd_<name>.pkl`` + ``jpg/``); ``root: null`` means
-    ``dtop_export.evaluate.default_data_root()``, where the embedded ``sample`` set is built on first use.
+    ``dtop_export.retrieval.datasets.default_data_root()``, where the embedded ``sample`` set is built on first use.
     metric: the protocol that picks the best checkpoint. size: longer image side (null: the set's own
     ``image_size``, 256 for the sample, else the model's preprocessing size). scales: multi-scale factors.
     """

@@ -1,4 +1,4 @@
-"""Training-set readers (paper §4.1) in their real on-disk formats, and the image dataset they feed.
+"""Training-set readers (paper §4.1) in their real on-disk formats (the images they feed: ``transforms``).
 
 Every reader returns a :class:`TrainSet`: absolute image paths, contiguous class labels, image sizes
 (for group-size sampling) and counts of what was skipped. Missing or unreadable images are counted and
@@ -24,7 +24,6 @@ import csv
 import json
 import logging
 import pickle
-import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from dtop_export.errors import DToPError
+from dtop_export.preprocess import image_size, is_image_file
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -108,23 +106,12 @@ def load_pickle(path: str | Path) -> Any:
         raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
 
 
-def _as_list(v: Any) -> list:
+def as_list(v: Any) -> list:
+    """A pickled sequence (list, tuple or numpy array) as a plain list."""
     return v.tolist() if hasattr(v, "tolist") else list(v)
 
 
 # image scanning -------------------------------------------------------------------------------------------
-
-
-def image_size(path: str) -> tuple[int, int] | None:
-    """(width, height) from the image header; None if the file is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        return None
-    return (int(w), int(h)) if w > 0 and h > 0 else None
 
 
 def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
@@ -139,7 +126,7 @@ def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
 
 
 def _write_size_cache(path: Path, sizes: dict[str, tuple[int, int]]) -> None:
-    from dtop_export._io import atomic_write_text
+    from dtop_export.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items()))
 
@@ -253,8 +240,8 @@ def read_sfm120k(
         raise DToPError(f"{pkl}: no '{split}' part (expected cirtorch's {{'train': ..., 'val': ...}})")
     db = db[split]
     try:
-        cids, clusters = _as_list(db["cids"]), _as_list(db["cluster"])
-        qidxs, pidxs = _as_list(db["qidxs"]), _as_list(db["pidxs"])
+        cids, clusters = as_list(db["cids"]), as_list(db["cluster"])
+        qidxs, pidxs = as_list(db["qidxs"]), as_list(db["pidxs"])
     except KeyError as e:
         raise DToPError(f"{pkl}: '{split}' has no {e} list") from None
     ims = root / "ims"
@@ -383,7 +370,7 @@ def read_folder(root: str | Path | None, name: str = "folder", **kw: Any) -> Tra
         raise DToPError(f"folder: {root} has no class sub-folders (expected root/<class>/<image>.jpg)")
     for d in classes:
         for p in sorted(d.rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_file(p):
                 entries.append((str(p), d.name))
     return finalize(name, root, entries, **kw)
 
@@ -395,7 +382,7 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
     gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", f"expected {root}/{name}/gnd_{name}.pkl")
     cfg = load_pickle(gnd_path)
     try:
-        imlist, qimlist, gnd = _as_list(cfg["imlist"]), _as_list(cfg["qimlist"]), _as_list(cfg["gnd"])
+        imlist, qimlist, gnd = as_list(cfg["imlist"]), as_list(cfg["qimlist"]), as_list(cfg["gnd"])
     except (KeyError, TypeError) as e:
         raise DToPError(f"{gnd_path}: not a revisitop ground truth (missing {e})") from None
     ext = cfg.get("ext", ".jpg") or ""
@@ -411,7 +398,7 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
 
     owner: dict[int, int] = {}
     for qi, g in enumerate(gnd):
-        for di in [*_as_list(g.get("easy", [])), *_as_list(g.get("hard", []))]:
+        for di in [*as_list(g.get("easy", [])), *as_list(g.get("hard", []))]:
             di = int(di)
             if di in owner:
                 parent[find(qi)] = find(owner[di])
@@ -424,7 +411,7 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
 
 def read_sample(root: str | Path | None, **kw: Any) -> TrainSet:
     """The embedded offline training set (class-per-folder views of packaged photos), built on demand."""
-    from training.sample import build_training_sample
+    from dtop_export.training.sample import build_training_sample
 
     return read_folder(build_training_sample(root), name="sample", **kw)
 
@@ -453,120 +440,3 @@ def load_train_set(data: Any, size_cache: Path | None = None) -> TrainSet:
     if ds == "nc-clean":
         return read_nc_clean(data.root, data.list_file, **kw)
     raise DToPError(f"unknown dataset {ds!r}")
-
-
-# images ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Augment:
-    """Per-image augmentation, driven by an explicit seed so that a run is reproducible and resumable."""
-
-    scale: tuple[float, float] = (0.6, 1.0)
-    hflip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    train: bool = True
-
-
-def load_rgb(path: str) -> Any:
-    """Decode an image file to 8-bit RGB with its EXIF orientation (the toolkit's shared loader).
-
-    Raises :class:`DToPError` for a missing, truncated or non-image file.
-    """
-    from dtop_export.preprocess import load_image
-
-    return load_image(path)
-
-
-def crop_resize(img: Any, out_hw: tuple[int, int], aug: Augment, rng: random.Random) -> Any:
-    """Random crop with the target aspect ratio (area fraction in ``aug.scale``), resized to ``out_hw``.
-
-    Without ``aug.train`` the crop is the largest centred one of that aspect ratio.
-    """
-    from PIL import Image
-
-    oh, ow = out_hw
-    w, h = img.size
-    target = ow / oh
-    # largest crop of the target aspect ratio inside the image
-    cw, ch = (w, w / target) if w / h < target else (h * target, h)
-    if aug.train:
-        frac = rng.uniform(*aug.scale)
-        cw, ch = cw * frac**0.5, ch * frac**0.5
-        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-    else:
-        x0, y0 = (w - cw) / 2, (h - ch) / 2
-    box = (x0, y0, x0 + cw, y0 + ch)
-    return img.resize((ow, oh), Image.Resampling.BILINEAR, box=box)
-
-
-def augment_colour(img: Any, aug: Augment, rng: random.Random) -> Any:
-    """Horizontal flip and illumination changes (brightness, contrast, saturation)."""
-    from PIL import Image, ImageEnhance
-
-    if not aug.train:
-        return img
-    if aug.hflip and rng.random() < aug.hflip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    for amount, enhancer in (
-        (aug.brightness, ImageEnhance.Brightness),
-        (aug.contrast, ImageEnhance.Contrast),
-        (aug.saturation, ImageEnhance.Color),
-    ):
-        if amount > 0:
-            img = enhancer(img).enhance(rng.uniform(1 - amount, 1 + amount))
-    return img
-
-
-def to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """PIL RGB -> float32 [3, H, W] normalised with mean/std."""
-    import numpy as np
-    import torch
-
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s
-
-
-class ImageDataset:
-    """Map-style dataset indexed by the sampler's ``(index, height, width, seed)`` items.
-
-    Returns ``(tensor [3, H, W], label, index)``, or ``None`` when the image cannot be decoded — the
-    collate function drops it and counts it.
-    """
-
-    def __init__(self, ts: TrainSet, mean: Sequence[float], std: Sequence[float], aug: Augment | None = None) -> None:
-        self.ts = ts
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.aug = aug or Augment()
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def __getitem__(self, item: tuple[int, int, int, int]) -> tuple | None:
-        idx, h, w, seed = item
-        rng = random.Random(seed)
-        try:
-            img = load_rgb(self.ts.paths[idx])
-        except DToPError:
-            return None
-        img = augment_colour(crop_resize(img, (h, w), self.aug, rng), self.aug, rng)
-        return to_tensor(img, self.mean, self.std), self.ts.labels[idx], idx
-
-
-def collate(batch: list[tuple | None]) -> dict[str, Any]:
-    """Stack one group's images; undecodable ones are dropped and counted in ``failed``."""
-    import torch
-
-    ok = [b for b in batch if b is not None]
-    if not ok:
-        return {"images": None, "labels": None, "indices": [], "failed": len(batch)}
-    return {
-        "images": torch.stack([b[0] for b in ok]),
-        "labels": torch.tensor([b[1] for b in ok], dtype=torch.long),
-        "indices": [b[2] for b in ok],
-        "failed": len(batch) - len(ok),
-    }

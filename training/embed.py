@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dtop_export.contract import Engine
+
 if TYPE_CHECKING:
     from dtop_export.model import DToP
     from dtop_export.preprocess import PreprocessConfig
@@ -77,11 +79,43 @@ def embed_paths(
     return torch.cat(out)
 
 
-class ModelEmbedder:
-    """A duck-typed engine over an in-memory model, for ``dtop_export.evaluate`` during training.
+def embed_paths_distributed(
+    model: DToP,
+    paths: Sequence[str],
+    preprocess: PreprocessConfig,
+    size: int,
+    device: str | torch.device,
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """:func:`embed_paths` shared over a DDP group: each process embeds every ``world``-th image, then all are
+    gathered. Returns (descriptors [len(paths), N] on the CPU in ``paths`` order, images this process could
+    not read; theirs are zero)."""
+    import torch.distributed as dist
 
-    Same contract as ``engines.base.Engine.embed``: float32 [B, 3, H, W] -> float32 L2-normalised [B, N]
-    (whitened when ``whitening`` is given). Lives here because training must not import ``engines``.
+    mine = list(paths[rank::world])
+    failed: list[int] = []
+    d = embed_paths(model, mine, preprocess, size, device=device, failed=failed).to(device)
+    if world == 1:
+        return d.cpu(), len(failed)
+    per = -(-len(paths) // world)
+    buf = torch.zeros(per, d.shape[1], device=device)
+    buf[: d.shape[0]] = d
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    out = torch.empty(len(paths), d.shape[1])
+    for r in range(world):
+        n_r = len(paths[r::world])
+        out[r::world] = parts[r][:n_r].cpu()
+    return out, len(failed)
+
+
+class ModelEmbedder(Engine):
+    """The in-memory model being trained behind the engine interface, for validation mAP during training.
+
+    float32 [B, 3, H, W] -> float32 L2-normalised [B, N] (whitened when ``whitening`` is given); the model is
+    put in eval mode for the call and returned to its mode after. Training never imports ``engines``: this is
+    its own engine.
     """
 
     name = "pytorch-train"
@@ -97,7 +131,7 @@ class ModelEmbedder:
         self.source = None
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        x = torch.from_numpy(self.check_images(images)).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -107,19 +141,3 @@ class ModelEmbedder:
         if self.whitening is not None:
             d = self.whitening.apply(d)
         return d.cpu().numpy().astype(np.float32)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} {self.precision} {self.device}"
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "precision": self.precision, "device": self.device}
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> ModelEmbedder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

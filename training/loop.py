@@ -19,11 +19,11 @@ import csv
 import hashlib
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dtop_export._io import atomic_path, atomic_write_text
+from dtop_export.atomic import atomic_path, atomic_write_text
 from dtop_export.errors import DToPError
-from training.config import TrainConfig, dump_config
+from dtop_export.retrieval.metrics import format_map
+from dtop_export.training.config import TrainConfig, dump_config
+from dtop_export.training.state import (
+    RESUMABLE_CHANGES,
+    STATE_FORMAT,
+    STATE_VERSION,
+    config_changes,
+    dist_info,
+    read_state,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
-
-STATE_FORMAT = "dtop-export/train-state"
-STATE_VERSION = 1
-# config keys that may change when resuming (they do not change what is computed)
-RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
 
 
 @dataclass
@@ -68,49 +74,12 @@ class _TrainModule(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None, tuple_size: int, margin: float
     ) -> torch.Tensor:
-        from training.losses import contrastive_loss
+        from dtop_export.training.losses import contrastive_loss
 
         u = self.model(images)
         if self.head is not None:
             return self.head(u, labels)
         return contrastive_loss(F.normalize(u.float(), dim=-1), tuple_size, margin)
-
-
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-def _flat_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict) and not prefix.endswith("overrides."):
-            keys += _flat_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
-
-
-def read_state(path: str | Path) -> dict[str, Any]:
-    """Load a ``train_state.pt`` (a folder means its ``train_state.pt``); weights_only, validated."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "train_state.pt"
-    if not path.is_file():
-        raise DToPError(f"no training state at {path}: resume from a run folder that holds train_state.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
-        raise DToPError(f"cannot read training state {path}: {e.__class__.__name__}; it is truncated or not one") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DToPError(f"{path} is not a dtop-export training state")
-    if int(state.get("version", 0)) > STATE_VERSION:
-        raise DToPError(f"{path} was written by a newer dtop-export: upgrade to resume it")
-    state["_path"] = str(path)
-    return state
 
 
 class Trainer:
@@ -130,7 +99,9 @@ class Trainer:
         self.cfg = cfg
         self.resume_state = read_state(resume) if resume is not None else None
         if self.resume_state is not None:
-            changed = [k for k in _flat_diff(self.resume_state["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+            changed = [
+                k for k in config_changes(self.resume_state["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES
+            ]
             if changed:
                 raise DToPError(
                     f"cannot resume with a different config ({', '.join(changed[:5])} changed); "
@@ -138,7 +109,7 @@ class Trainer:
                 )
         self.callbacks = callbacks or []
         self.out = Path(cfg.out_dir)
-        self.rank, self.world, self.local_rank = _dist_info()
+        self.rank, self.world, self.local_rank = dist_info()
         self.global_step = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -202,7 +173,8 @@ class Trainer:
         self.model.to(self.device).train()
 
     def _load_data(self) -> None:
-        from training.datasets import Augment, ImageDataset, load_train_set
+        from dtop_export.training.datasets import load_train_set
+        from dtop_export.training.transforms import Augment, ImageDataset
 
         cache = self.out / "image_sizes.tsv"
         if self.world > 1 and not self.is_main:
@@ -215,7 +187,7 @@ class Trainer:
         a = self.cfg.augment
         aug = Augment(tuple(a.scale), a.hflip, a.brightness, a.contrast, a.saturation, train=True)
         if self.cfg.loss.name == "contrastive":
-            from training.tuples import TupleDataset
+            from dtop_export.training.tuples import TupleDataset
 
             self.dataset = TupleDataset(self.ts, self.preprocess.mean, self.preprocess.std, aug)
         else:
@@ -224,7 +196,7 @@ class Trainer:
             log.info("%s", self.ts.summary())
 
     def _make_sampler(self, sizes: list[tuple[int, int]]) -> Any:
-        from training.sampler import GroupSizeBatchSampler
+        from dtop_export.training.sampler import GroupSizeBatchSampler
 
         s = self.cfg.sampler
         sampler = GroupSizeBatchSampler(
@@ -243,18 +215,6 @@ class Trainer:
 
     # state ----------------------------------------------------------------------------------------------
 
-    def _rng_state(self) -> dict[str, Any]:
-        st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
-        if torch.cuda.is_available():
-            st["cuda"] = torch.cuda.get_rng_state(self.device)
-        return st
-
-    def _set_rng_state(self, st: dict[str, Any]) -> None:
-        torch.set_rng_state(st["torch"])
-        random.setstate((3, tuple(st["python"]), st["python_pos"]))
-        if "cuda" in st and torch.cuda.is_available():
-            torch.cuda.set_rng_state(st["cuda"], self.device)
-
     def _gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
@@ -264,7 +224,7 @@ class Trainer:
 
     def save_state(self, rng: dict[str, Any] | None = None) -> Path | None:
         """Write ``train_state.pt`` atomically (collective under DDP: every rank must call it)."""
-        rngs = self._gather(rng or self._rng_state())
+        rngs = self._gather(rng or rng_state(self.device))
         if not self.is_main:
             return None
         state = {
@@ -312,7 +272,7 @@ class Trainer:
         rngs = st["rng"]
         if len(rngs) != self.world:
             raise DToPError(f"cannot resume: the run used {len(rngs)} processes, this one has {self.world}")
-        self._set_rng_state(rngs[self.rank])
+        set_rng_state(rngs[self.rank], self.device)
 
     # checkpoints ------------------------------------------------------------------------------------------
 
@@ -345,11 +305,22 @@ class Trainer:
 
     # validation -------------------------------------------------------------------------------------------
 
+    def embed_paths(self, paths: list[str], size: int) -> torch.Tensor:
+        """Descriptors of ``paths`` with the current model, shared over the DDP group (hard-negative mining);
+        unreadable images count as skipped and get a zero descriptor."""
+        from dtop_export.training.embed import embed_paths_distributed
+
+        d, failed = embed_paths_distributed(
+            self.model, paths, self.preprocess, size, self.device, world=self.world, rank=self.rank
+        )
+        self.skipped_decode += failed
+        return d
+
     def validate(self) -> dict[str, Any]:
         """mAP (E/M/H) on the validation set; empty when disabled or unavailable (rank 0 only)."""
         if not self.cfg.val.enabled:
             return {}
-        from training.validate import validate
+        from dtop_export.training.validate import validate
 
         return validate(self.model, self.preprocess, self.cfg.val, self.device, progress=self.cfg.progress)
 
@@ -414,9 +385,9 @@ class Trainer:
                 dist.destroy_process_group()
 
     def _run(self) -> TrainResult:
-        from training.losses import ArcFace
-        from training.optim import build_optimizer, build_scheduler
-        from training.progress import TrainBar
+        from dtop_export.training.losses import ArcFace
+        from dtop_export.training.optim import build_optimizer, build_scheduler
+        from dtop_export.training.progress import TrainBar
 
         cfg = self.cfg
         if cfg.threads:
@@ -481,7 +452,7 @@ class Trainer:
         if self.is_main and not resumed and cfg.val.enabled and self.initial_metrics is None:
             self.initial_metrics = self.validate()
             if self.initial_metrics:
-                log.info("mAP before training: %s", _fmt_map(self.initial_metrics))
+                log.info("mAP before training: %s", format_map(self.initial_metrics) + " (E/M/H)")
         if self.world > 1:
             dist.barrier()
 
@@ -501,7 +472,7 @@ class Trainer:
                 if cfg.loss.name == "contrastive":
                     if not (restored and self.dataset.epoch == epoch):
                         self.dataset.select(epoch)
-                        dist_ = self.dataset.mine(self, cfg.sampler.base_size)
+                        dist_ = self.dataset.mine(partial(self.embed_paths, size=cfg.sampler.base_size))
                         if self.is_main:
                             log.info("epoch %d: mined hard negatives (mean distance %.3f)", epoch + 1, dist_)
                     self.sampler = self._make_sampler(self.dataset.query_sizes())
@@ -549,7 +520,7 @@ class Trainer:
     ) -> tuple[int, float, float]:
         from torch.utils.data import DataLoader
 
-        from training.datasets import collate
+        from dtop_export.training.transforms import collate
 
         cfg = self.cfg
         accum = cfg.accum_steps
@@ -565,7 +536,7 @@ class Trainer:
         self.module.train()
         self.opt.zero_grad(set_to_none=True)
         bar.start_epoch(epoch, cfg.epochs, math.ceil(n_batches / accum), done=position // accum)
-        self._boundary_rng, self._boundary_position = self._rng_state(), position
+        self._boundary_rng, self._boundary_position = rng_state(self.device), position
         t_epoch = time.perf_counter()
         t_step = time.perf_counter()
         images_step = images_epoch = 0
@@ -639,7 +610,7 @@ class Trainer:
             if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
                 self._log_step(avg, lr, ips, now - t_epoch)
             step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
-            self._boundary_rng, self._boundary_position = self._rng_state(), pos
+            self._boundary_rng, self._boundary_position = rng_state(self.device), pos
             if cfg.save_state_every and self.global_step % cfg.save_state_every == 0 and pos < n_batches:
                 self.save_state(self._boundary_rng)
             for cb in self.callbacks:
@@ -673,9 +644,9 @@ class Trainer:
                 self._save_ckpt("best.pt", metrics, best=self.best)
             msg = f"epoch {epoch + 1}/{self.cfg.epochs}: loss {loss:.4f}, {row['images_per_s']:.1f} img/s"
             if metrics:
-                msg += f", mAP {_fmt_map(metrics)}"
+                msg += f", mAP {format_map(metrics)} (E/M/H)"
             log.info("%s", msg)
-        self.save_state(self._rng_state())
+        self.save_state(rng_state(self.device))
         self._boundary_rng = None  # the state just written is the one to resume from until the next step
         if self.world > 1:
             dist.barrier()
@@ -695,10 +666,6 @@ class Trainer:
         if len(set(digests)) != 1:
             raise DToPError(f"DDP replicas diverged: weight digests differ across ranks {digests}")
         return {"ddp_rank_weight_sha256": digests}
-
-
-def _fmt_map(m: dict[str, Any]) -> str:
-    return " / ".join(f"{m[k]:.2f}" for k in ("easy", "medium", "hard") if k in m) + " (E/M/H)"
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import OptimSection
+from dtop_export.training.config import OptimSection
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 

@@ -5,7 +5,7 @@ package: one class per photo (the motorcycle stereo pair is one class, two real 
 random crop of varying aspect ratio and scale, a small rotation, an illumination change and JPEG
 re-compression. Built on demand, deterministic given the seed, cached (a marker file records the recipe).
 
-The embedded *evaluation* set (``dtop_export.sample_data``) is made from the same kind of photos with
+The embedded *evaluation* set (``dtop_export.retrieval.sample_data``) is made from the same kind of photos with
 other crops: training here and validating there measures retrieval of seen objects under new views,
 which is enough to show that training works, not a benchmark.
 """
@@ -43,7 +43,7 @@ PHOTOS: dict[str, tuple[str, ...]] = {
     "phantom": ("phantom.png",),
     "retina": ("retina.jpg",),
 }
-# the photos the embedded evaluation set uses as its query objects (dtop_export.sample_data.OBJECTS)
+# the photos the embedded evaluation set uses as its query objects (dtop_export.retrieval.sample_data.OBJECTS)
 EVAL_OBJECTS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble", "ihc", "moon", "motorcycle", "rocket")
 
 
@@ -82,7 +82,7 @@ def build_training_sample(
     for cls in PHOTOS:  # views of another recipe must not linger
         for old in (root / cls).glob("*.jpg") if (root / cls).is_dir() else ():
             old.unlink()
-    from dtop_export._io import atomic_path, atomic_write_text
+    from dtop_export.atomic import atomic_path, atomic_write_text
 
     for cls, files in PHOTOS.items():
         photos = []

@@ -9,16 +9,15 @@ A batch holds whole tuples of one aspect group (the query's), all resized to tha
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from dtop_export.errors import DToPError
-from training.datasets import Augment, TrainSet, augment_colour, crop_resize, load_rgb, to_tensor
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
+from dtop_export.preprocess import load_image
+from dtop_export.training.datasets import TrainSet
+from dtop_export.training.transforms import Augment, augment_colour, crop_resize, to_tensor
 
 
 class TupleDataset:
@@ -53,16 +52,17 @@ class TupleDataset:
         self.epoch = epoch
         return [self.ts.sizes[i] for i in self.q]
 
-    def mine(self, trainer: Trainer, size: int) -> float:
-        """Hard negatives with the current model; returns the mean query-negative distance."""
-        from training.losses import mine_hard_negatives
+    def mine(self, embed: Callable[[list[str]], torch.Tensor]) -> float:
+        """Hard negatives with the current model (``embed``: image paths -> L2-normalised descriptors [n, N]);
+        returns the mean query-negative distance."""
+        from dtop_export.training.losses import mine_hard_negatives
 
         if self.nnum == 0:
             return 0.0
         rng = random.Random(f"{self.seed}:pool:{self.epoch}")
         pool = rng.sample(range(len(self.ts)), min(self.pool_size, len(self.ts)))
-        qv = _embed_distributed(trainer, [self.ts.paths[i] for i in self.q], size)
-        pv = _embed_distributed(trainer, [self.ts.paths[i] for i in pool], size)
+        qv = embed([self.ts.paths[i] for i in self.q])
+        pv = embed([self.ts.paths[i] for i in pool])
         clusters = self.ts.labels
         self.n = mine_hard_negatives(qv, pv, pool, [clusters[i] for i in self.q], clusters, self.nnum)
         short = [i for i, n in enumerate(self.n) if len(n) < self.nnum]
@@ -94,7 +94,7 @@ class TupleDataset:
         out = []
         for idx in [self.q[t], self.p[t], *self.n[t]]:
             try:
-                img = load_rgb(self.ts.paths[idx])
+                img = load_image(self.ts.paths[idx])
             except DToPError:
                 return None
             img = augment_colour(crop_resize(img, (h, w), self.aug, rng), self.aug, rng)
@@ -112,29 +112,3 @@ class TupleDataset:
             "indices": [b[2] for b in ok],
             "failed": len(batch) - len(ok),
         }
-
-
-def _embed_distributed(trainer: Trainer, paths: list[str], size: int) -> torch.Tensor:
-    """Descriptors of ``paths``: each process embeds every world-th image, then all are gathered."""
-    import torch.distributed as dist
-
-    from training.embed import embed_paths
-
-    world, rank = trainer.world, trainer.rank
-    mine = paths[rank::world]
-    failed: list[int] = []
-    d = embed_paths(trainer.model, mine, trainer.preprocess, size, device=trainer.device, failed=failed)
-    trainer.skipped_decode += len(failed)
-    d = d.to(trainer.device)
-    if world == 1:
-        return d.cpu()
-    per = -(-len(paths) // world)
-    buf = torch.zeros(per, d.shape[1], device=trainer.device)
-    buf[: d.shape[0]] = d
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    dist.all_gather(parts, buf)
-    out = torch.empty(len(paths), d.shape[1])
-    for r in range(world):
-        n_r = len(paths[r::world])
-        out[r::world] = parts[r][:n_r].cpu()
-    return out

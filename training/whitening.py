@@ -120,7 +120,7 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     images of a class are paired)."""
     spec = Path(spec)
     if spec.is_dir():
-        from training.datasets import read_folder
+        from dtop_export.training.datasets import read_folder
 
         ts = read_folder(spec)
         by_class: dict[int, list[int]] = {}
@@ -137,7 +137,7 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     if not spec.is_file():
         raise DToPError(f"pairs file {spec} not found")
     if spec.suffix == ".pkl":
-        from training.datasets import _as_list, cid2filename, load_pickle
+        from dtop_export.training.datasets import as_list, cid2filename, load_pickle
 
         db = load_pickle(spec)
         if isinstance(db, dict) and "cids" not in db and split in db:
@@ -145,9 +145,9 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
         if not isinstance(db, dict) or not {"cids", "qidxs", "pidxs"} <= set(db):
             raise DToPError(f"{spec}: expected cirtorch's whitening pickle with cids, qidxs, pidxs")
         ims = Path(root) / "ims" if root else spec.parent / "ims"
-        paths = [str(cid2filename(str(c), ims)) for c in _as_list(db["cids"])]
+        paths = [str(cid2filename(str(c), ims)) for c in as_list(db["cids"])]
         return PairList(
-            paths, [int(i) for i in _as_list(db["qidxs"])], [int(i) for i in _as_list(db["pidxs"])], str(spec)
+            paths, [int(i) for i in as_list(db["qidxs"])], [int(i) for i in as_list(db["pidxs"])], str(spec)
         )
     base = Path(root) if root else spec.parent
     paths: list[str] = []
@@ -178,19 +178,6 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     return PairList(paths, q, p, str(spec))
 
 
-def list_images(folder: str | Path) -> list[str]:
-    """All image files below ``folder`` (sorted), for PCA whitening."""
-    from training.datasets import IMAGE_SUFFIXES
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DToPError(f"image folder {folder} not found")
-    paths = [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not paths:
-        raise DToPError(f"no images in {folder}")
-    return paths
-
-
 def whiten_checkpoint(
     ckpt_path: str | Path,
     output: str | Path | None = None,
@@ -207,7 +194,7 @@ def whiten_checkpoint(
     The checkpoint is rewritten atomically (to ``output`` if given); unreadable images are skipped.
     """
     from dtop_export.checkpoint import load_checkpoint, save_checkpoint
-    from training.datasets import image_size
+    from dtop_export.preprocess import image_size, list_images
 
     if (pairs is None) == (images is None):
         raise DToPError("give either --pairs (supervised Lw) or --images (unsupervised PCA whitening)")
@@ -250,8 +237,8 @@ def whiten_checkpoint(
 def _embed(
     model: Any, paths: list[str], preprocess: Any, size: int, scales: Sequence[float], progress: bool
 ) -> torch.Tensor:
-    from training.embed import embed_paths
-    from training.progress import track
+    from dtop_export.training.embed import embed_paths
+    from dtop_export.training.progress import track
 
     with track(len(paths), "descriptors", enabled=progress) as advance:
         return embed_paths(model, paths, preprocess, size, scales, progress=advance)

@@ -4,8 +4,10 @@ Everything heavy (torch, timm, onnx, onnxruntime, tensorrt) is imported inside t
 ``dtop-export --help`` is instant. Any :class:`DToPError` becomes one ``error: ...`` line on stderr and
 exit code 2; ``--debug`` (or ``DTOP_EXPORT_DEBUG=1``) shows the traceback instead.
 
-Each command module registers its commands on :data:`app` when imported; keep their top-level imports
-to typer and the standard library.
+One module per command (or command group), named after it (``cli/evaluate.py`` registers ``evaluate``,
+``cli/data.py`` the ``data`` group); each registers on :data:`app` when imported and keeps its top-level
+imports to typer, the standard library and ``cli.common``. The modules parse options, call the library and
+print; the work happens in the library. Nothing outside the CLI imports it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ import sys
 
 import typer
 
-from dtop_export.cli import bench as _bench  # noqa: F401  (registers bench)
-from dtop_export.cli import demo as _demo  # noqa: F401  (registers demo)
-from dtop_export.cli import evaluate as _evaluate  # noqa: F401  (registers data, evaluate, embed, parity)
-from dtop_export.cli import export as _export  # noqa: F401  (registers onnx)
-from dtop_export.cli import model as _model  # noqa: F401  (registers init, info)
-from dtop_export.cli import quantize as _quantize  # noqa: F401  (registers optimize, quantize)
-from dtop_export.cli import train as _train  # noqa: F401  (registers train, whiten)
-from dtop_export.cli import trt as _trt  # noqa: F401  (registers trt, check)
-from dtop_export.cli._app import app
+from dtop_export.cli import (  # noqa: F401 - each module registers the command it is named after
+    bench,
+    check,
+    data,
+    demo,
+    embed,
+    evaluate,
+    info,
+    init,
+    onnx,
+    optimize,
+    parity,
+    quantize,
+    train,
+    trt,
+    whiten,
+)
+from dtop_export.cli.common import app
 from dtop_export.errors import DToPError
 
 __all__ = ["app", "main"]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli._app import app, console
+from dtop_export.cli.common import app, console, progress_bar
 from dtop_export.errors import DToPError
 
 
@@ -52,17 +52,11 @@ def bench(
     first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
     import tempfile
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from dtop_export._io import atomic_write_text
-    from dtop_export.bench import (
-        bench_steps,
-        derive_specs,
-        parse_int_list,
-        parse_spec,
-        quiet_ort_logs,
-        run_bench,
-    )
+    from dtop_export.atomic import atomic_write_text
+    from dtop_export.bench.harness import bench_steps, run_bench
+    from dtop_export.bench.spec import parse_int_list, parse_spec
+    from dtop_export.logs import quiet_ort_logs
+    from dtop_export.pipeline.artefacts import derive_specs
 
     size_list = parse_int_list(sizes, "--sizes")
     batch_list = parse_int_list(batch, "--batch")
@@ -80,7 +74,7 @@ def bench(
                 raise DToPError("--derive needs a checkpoint (.pt) among the models")
             calib_paths, source = None, ""
             if calib is not None:
-                from dtop_export.quantize import list_images
+                from dtop_export.preprocess import list_images
 
                 calib_paths, source = list_images(calib), str(calib)
             wd = workdir or Path(tempfile.mkdtemp(prefix="dtop-bench-"))
@@ -96,14 +90,7 @@ def bench(
                 )
             con.print(f"built {', '.join(s.path.name for s in specs[len(models) :])} in {wd}", style="dim")
         total = bench_steps(len(specs), len(size_list) * len(batch_list), runs, warmup)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=con,
-            transient=True,
-        ) as prog:
+        with progress_bar(con, transient=True) as prog:
             task = prog.add_task("benchmarking", total=total)
             report = run_bench(
                 specs,

@@ -1,4 +1,4 @@
-"""Training commands: ``train`` (DToP on a landmark set; torchrun for several GPUs) and ``whiten``."""
+"""``dtop-export train``: DToP on a landmark set (``torchrun ... -m dtop_export train`` for several processes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli._app import app
+from dtop_export.cli.common import app
 from dtop_export.errors import DToPError
 
 _SHORTCUTS = {
@@ -25,7 +25,8 @@ _SHORTCUTS = {
 }
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """INFO on rank 0, warnings elsewhere (DDP), one line per message."""
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     root = logging.getLogger()
@@ -66,7 +67,7 @@ def train(
 ) -> None:
     """Train DToP (group-size batches, ArcFace or contrastive); checkpoints + state in the run folder.
 
-    Several processes: torchrun --nproc_per_node=N -m training --config cfg.yaml
+    Several processes: torchrun --nproc_per_node=N -m dtop_export train --config cfg.yaml
     """
     sets = list(overrides or [])
     given = {
@@ -87,11 +88,11 @@ def train(
         sets.append("model.pretrained=true")
     if no_progress:
         sets.append("progress=false")
-    _setup_logging()
-    from training.config import TrainConfig, dump_config, load_config
+    setup_logging()
+    from dtop_export.training.config import TrainConfig, dump_config, load_config
 
     if resume is not None and config is None:
-        from training.loop import read_state
+        from dtop_export.training.state import read_state
 
         base = TrainConfig.from_dict(read_state(resume)["config"])
         cfg = _apply(base, sets)
@@ -102,7 +103,7 @@ def train(
         return
     if cfg.model.pretrained and cfg.model.backbone_weights:
         raise DToPError("use either --pretrained or --backbone-weights, not both")
-    from training.loop import Trainer
+    from dtop_export.training.loop import Trainer
 
     result = Trainer(cfg, resume=resume).run()
     if int(os.environ.get("RANK", "0")) != 0:
@@ -110,14 +111,14 @@ def train(
     last = result.history[-1] if result.history else {}
     typer.echo(f"trained {result.epochs} epoch(s), {result.steps} steps, {result.images_per_second:.1f} img/s")
     if last.get("metrics"):
-        from training.loop import _fmt_map
+        from dtop_export.retrieval.metrics import format_map
 
-        typer.echo(f"validation mAP {_fmt_map(last['metrics'])}")
+        typer.echo(f"validation mAP {format_map(last['metrics'])} (E/M/H)")
     typer.echo(f"wrote {result.final}" + (f" (best: {result.best})" if result.best else ""))
 
 
 def _apply(cfg, sets: list[str]):  # noqa: ANN001, ANN202 - TrainConfig is imported lazily
-    from training.config import TrainConfig, parse_override
+    from dtop_export.training.config import TrainConfig, parse_override
 
     d = cfg.to_dict()
     for item in sets:
@@ -127,50 +128,3 @@ def _apply(cfg, sets: list[str]):  # noqa: ANN001, ANN202 - TrainConfig is impor
             node = node.setdefault(k, {})
         node[keys[-1]] = value
     return TrainConfig.from_dict(d)
-
-
-@app.command()
-def whiten(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to add whitening to (rewritten atomically).")],
-    pairs: Annotated[
-        Path | None,
-        typer.Option(
-            help="Matching pairs for supervised Lw: cirtorch *-whiten.pkl / SfM-120k pkl, a CSV of query,positive "
-            "paths, or a class-per-folder directory."
-        ),
-    ] = None,
-    images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
-    root: Annotated[Path | None, typer.Option(help="Folder the pair paths are relative to (pkl: holds ims/).")] = None,
-    dim: Annotated[int | None, typer.Option(help="Output dimension (leading components); default: N.")] = None,
-    size: Annotated[
-        int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
-    ] = None,
-    scales: Annotated[str, typer.Option(help="Comma-separated scales, e.g. 1,0.7071,1.4142.")] = "1",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of in place.")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
-) -> None:
-    """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
-    try:
-        scale_list = tuple(float(s) for s in scales.split(",") if s.strip())
-    except ValueError:
-        raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
-    if not scale_list or any(s <= 0 for s in scale_list):
-        raise DToPError("--scales must list positive numbers")
-    _setup_logging()
-    from training.whitening import whiten_checkpoint
-
-    out, wh = whiten_checkpoint(
-        checkpoint,
-        output,
-        pairs=pairs,
-        images=images,
-        root=root,
-        dim=dim,
-        size=size,
-        scales=scale_list,
-        progress=not no_progress,
-    )
-    what = f"{wh.info.get('pairs')} pairs, " if wh.kind == "lw" else ""
-    typer.echo(
-        f"wrote {out}: {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} ({what}{wh.info.get('images')} images)"
-    )

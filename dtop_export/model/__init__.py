@@ -1,4 +1,7 @@
-"""DToP model (paper §3.3). Imports torch, timm and torchvision only."""
+"""DToP model (paper §3.3), one module per part: ``config`` (``DToPConfig``, presets, every paper choice),
+``backbone`` (timm's hybrid ViT with static "same" padding), ``dpe`` (dynamic position embedding), ``elm``
+(enhanced locality module) and ``dtop`` (branches, head, the model). Imports torch, timm and torchvision (and
+``dtop_export.errors``) only: no runtime, no training, no engine."""
 
 from dtop_export.model.config import DEFAULT_PRESET, PRESETS, DToPConfig, get_preset
 from dtop_export.model.dpe import DynamicPosEmbed

@@ -1,4 +1,4 @@
-"""Model commands: ``init`` (create a checkpoint from a preset) and ``info`` (describe a file)."""
+"""``dtop-export info``: describe a checkpoint, an exported model, or the presets."""
 
 from __future__ import annotations
 
@@ -8,54 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from dtop_export.cli._app import app, console
+from dtop_export.cli.common import app, console
 from dtop_export.errors import DToPError
-
-# init ------------------------------------------------------------------------------------------------
-
-
-@app.command()
-def init(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint file to write.")],
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Model preset (see `info --presets`).")] = (
-        "r50-vitb16"
-    ),
-    pretrained: Annotated[
-        bool, typer.Option("--pretrained", help="Download timm's ImageNet weights for the backbone (network).")
-    ] = False,
-    backbone_weights: Annotated[
-        Path | None,
-        typer.Option("--backbone-weights", help="Local timm backbone weights (.safetensors/.pth) for offline use."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the random initialisation.")] = 0,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
-) -> None:
-    """Create a checkpoint from a preset: random init (offline) or pretrained backbone weights."""
-    if pretrained and backbone_weights is not None:
-        raise DToPError("use either --pretrained or --backbone-weights, not both")
-    if output.exists() and not force:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
-    import torch
-
-    from dtop_export.checkpoint import new_provenance, save_checkpoint
-    from dtop_export.model import build_model, get_preset
-    from dtop_export.preprocess import default_preprocess
-
-    cfg = get_preset(preset)
-    torch.manual_seed(seed)
-    model = build_model(cfg, pretrained=pretrained, backbone_weights=backbone_weights)
-    source = (
-        "pretrained"
-        if pretrained
-        else (f"backbone-weights:{backbone_weights.name}" if backbone_weights else "random-init")
-    )
-    prov = new_provenance(f"init --preset {preset}", backbone_init=source, seed=seed)
-    save_checkpoint(output, model, default_preprocess(cfg.backbone, model.stride), provenance=prov)
-    n = sum(p.numel() for p in model.parameters())
-    typer.echo(f"wrote {output} (preset {preset}, {n / 1e6:.1f}M parameters, backbone {source})")
-
-
-# info ------------------------------------------------------------------------------------------------
 
 
 @app.command()
@@ -71,7 +25,7 @@ def info(
     if path is None:
         raise DToPError("give a checkpoint or .onnx path, or --presets")
     if path.suffix.lower() == ".onnx":
-        from dtop_export.export import read_onnx_metadata
+        from dtop_export.contract import read_onnx_metadata
 
         _print_info(read_onnx_metadata(path), as_json, title=str(path))
         return

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from dtop_export.evaluate import RevisitopDataset
+    from dtop_export.retrieval.datasets import RevisitopDataset
 
 COLOURS = {"positive": (46, 160, 67), "junk": (230, 160, 20), "negative": (215, 40, 40), "query": (40, 90, 200)}
 LEGEND = "blue: query   green: correct   orange: junk (ignored)   red: wrong"
@@ -91,8 +91,8 @@ def retrieval_picture(
     """PNG of ``n_queries`` queries of ``dataset`` (spread from best to worst AP in ``setup``) and their
     top-``k`` results from descriptors ``db`` [n_db, N] and ``queries`` [n_q, N], each result marked
     correct / junk / wrong by the revisitop ground truth of that setup."""
-    from dtop_export.evaluate import rank_database, revisited_metrics, setup_gnd
     from dtop_export.preprocess import crop_bbox, load_image
+    from dtop_export.retrieval.metrics import rank_database, revisited_metrics, setup_gnd
 
     if db.shape[0] != dataset.n_images or queries.shape[0] != dataset.n_queries:
         raise ValueError("descriptors do not match the data set")

@@ -1,4 +1,4 @@
-"""Export commands: ``onnx`` (checkpoint -> one deployable ONNX file)."""
+"""``dtop-export onnx``: checkpoint -> one deployable ONNX file (``--fp16``: its FP16 conversion)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli._app import app, console
+from dtop_export.cli.common import app, console
 from dtop_export.errors import DToPError
 
 
@@ -60,7 +60,7 @@ def onnx(
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     con.print(f"stages: {timings}", style="dim")
     if fp16:
-        from dtop_export.fp16 import convert_file, fp32_nodes_of
+        from dtop_export.fp16.convert import convert_file, fp32_nodes_of
 
         try:
             fp16_model = convert_file(output, output)

@@ -9,7 +9,7 @@ whose weights and activations are float16 except for *islands* kept in float32:
 * the L2 normalisations — ``ReduceL2`` and the ``Clip``/``Expand``/``Div`` that divide by the norm (an
   FP16 sum of squares overflows once ‖x‖ > 256);
 * whitening: the ``Gemm`` (or ``MatMul`` + ``Add``) applied to an L2-normalised descriptor;
-* whatever else the FP16 audit (:func:`dtop_export.checks.fp16_audit`) finds out of FP16 range, passed
+* whatever else the FP16 audit (:func:`dtop_export.fp16.audit.fp16_audit`) finds out of FP16 range, passed
   by node name.
 
 The conversion itself is ONNX Runtime's maintained converter
@@ -29,8 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dtop_export._io import atomic_path
+from dtop_export.atomic import atomic_path
+from dtop_export.contract import metadata_of, set_metadata
 from dtop_export.errors import DToPError
+from dtop_export.onnx_graph import (
+    FLOAT,
+    FLOAT16,
+    constant_names,
+    consumers,
+    copy_model,
+    name_nodes,
+    tensor_types,
+    topological_sort,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -50,7 +61,6 @@ DEFAULT_KEEP_FP32_OPS: tuple[str, ...] = (
 )
 # Element-wise glue between a norm and the division by it (``x / clamp(‖x‖, eps).expand_as(x)``).
 _NORM_GLUE = {"Clip", "Max", "Expand", "Add", "Sqrt", "Reciprocal", "Unsqueeze", "Reshape", "Identity", "Cast"}
-FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 
 
 @dataclass
@@ -70,37 +80,10 @@ class Fp16Plan:
 # graph helpers ---------------------------------------------------------------------------------------
 
 
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name (``<op>_<index>``); block lists and reports use names."""
-    seen = {n.name for n in model.graph.node if n.name}
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            cand = f"{n.op_type}_{i}"
-            while cand in seen:
-                cand += "_"
-            n.name = cand
-            seen.add(cand)
-
-
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    out = {t.name for t in model.graph.initializer}
-    out |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return out
-
-
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            if i:
-                out[i].append(n)
-    return out
-
-
 def l2_norm_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes of every L2 normalisation ``x / f(‖x‖)``: the ``ReduceL2`` (or
     ``ReduceSumSquare``), the glue after it (Clip, Expand, Sqrt, ...) and the dividing ``Div``/``Mul``."""
-    consumers = _consumers(model)
+    readers = consumers(model)
     found: list[str] = []
     for n in model.graph.node:
         if n.op_type not in ("ReduceL2", "ReduceSumSquare"):
@@ -110,7 +93,7 @@ def l2_norm_nodes(model: onnx.ModelProto) -> list[str]:
         seen: set[str] = set()
         while queue:
             t = queue.popleft()
-            for c in consumers.get(t, []):
+            for c in readers.get(t, []):
                 if c.name in seen:
                     continue
                 seen.add(c.name)
@@ -126,8 +109,8 @@ def whitening_nodes(model: onnx.ModelProto, l2_nodes: Iterable[str]) -> list[str
     """Names of the affine maps applied to an L2-normalised vector (cirtorch whitening ``P·(x − m)``):
     an optional ``Sub``/``Add`` of a constant, then a ``Gemm`` or ``MatMul`` with constant weights, and the
     bias ``Add`` after a ``MatMul``."""
-    consts = _constant_names(model)
-    consumers = _consumers(model)
+    consts = constant_names(model)
+    readers = consumers(model)
     by_name = {n.name: n for n in model.graph.node}
     found: list[str] = []
     for name in l2_nodes:
@@ -138,7 +121,7 @@ def whitening_nodes(model: onnx.ModelProto, l2_nodes: Iterable[str]) -> list[str
         for _ in range(3):  # Sub(m) -> MatMul/Gemm(P) -> Add(b)
             nxt: list[str] = []
             for t in frontier:
-                for c in consumers.get(t, []):
+                for c in readers.get(t, []):
                     others = [i for i in c.input if i and i != t]
                     const_operand = bool(others) and all(i in consts for i in others)
                     if const_operand and c.op_type in ("Gemm", "MatMul", "Sub", "Add"):
@@ -173,33 +156,6 @@ def plan_fp32_islands(
     for name in keep_fp32_nodes:
         plan.islands.setdefault(name, "requested (FP16 audit)")
     return plan
-
-
-def topological_sort(model: onnx.ModelProto) -> None:
-    """Reorder ``model.graph.node`` so that every node comes after the producers of its inputs (stable)."""
-    nodes = list(model.graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps: list[set[int]] = []
-    for n in nodes:
-        deps.append({producer[i] for i in n.input if i in producer})
-    users: dict[int, list[int]] = defaultdict(list)
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    indeg = [len(d) for d in deps]
-    ready = deque(i for i, k in enumerate(indeg) if k == 0)
-    order: list[int] = []
-    while ready:
-        i = ready.popleft()
-        order.append(i)
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                ready.append(u)
-    if len(order) != len(nodes):
-        raise DToPError("the converted graph has a cycle: cannot sort it")
-    del model.graph.node[:]
-    model.graph.node.extend(nodes[i] for i in order)
 
 
 def _cast_to(node: onnx.NodeProto) -> int | None:
@@ -252,25 +208,6 @@ def remove_cast_round_trips(model: onnx.ModelProto, types: dict[str, int]) -> in
     return removed
 
 
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every named tensor (inputs, outputs, initializers, inferred intermediates)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out: dict[str, int] = {}
-    for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
-        if v.type.HasField("tensor_type"):
-            out[v.name] = v.type.tensor_type.elem_type
-    for t in inferred.graph.initializer:
-        out[t.name] = t.data_type
-    for n in inferred.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    out[n.output[0]] = a.t.data_type
-    return out
-
-
 # the conversion --------------------------------------------------------------------------------------
 
 
@@ -288,10 +225,10 @@ def convert_to_fp16(
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = _copy(model)
+    model = copy_model(model)
     _check_float32(model)
     plan = plan_fp32_islands(model, keep_fp32_ops, keep_fp32_nodes)
-    from dtop_export.optimize import quiet_logging
+    from dtop_export.logs import quiet_logging
 
     with quiet_logging():
         converted = convert_float_to_float16(
@@ -303,7 +240,7 @@ def convert_to_fp16(
     topological_sort(converted)
     removed = remove_cast_round_trips(converted, tensor_types(converted))
     topological_sort(converted)
-    meta = {p.key: p.value for p in converted.metadata_props}
+    meta = metadata_of(converted)
     meta["dtop.precision"] = "fp16"
     meta["dtop.fp16"] = json.dumps(
         {
@@ -316,10 +253,7 @@ def convert_to_fp16(
         },
         sort_keys=True,
     )
-    del converted.metadata_props[:]
-    for k, v in meta.items():
-        e = converted.metadata_props.add()
-        e.key, e.value = k, v
+    set_metadata(converted, meta)
     converted = onnx.shape_inference.infer_shapes(converted)
     try:
         onnx.checker.check_model(converted, full_check=True)
@@ -330,7 +264,7 @@ def convert_to_fp16(
 
 def fp32_nodes_of(model: onnx.ModelProto) -> list[str]:
     """The FP32 island node names recorded in an FP16 model's ``dtop.fp16`` metadata (empty if none)."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata_of(model)
     try:
         return list(json.loads(meta.get("dtop.fp16", "{}")).get("fp32_nodes", []))
     except json.JSONDecodeError:
@@ -339,7 +273,7 @@ def fp32_nodes_of(model: onnx.ModelProto) -> list[str]:
 
 def is_fp16_model(model: onnx.ModelProto) -> bool:
     """True when ``model`` already computes in FP16 (metadata says so, or any float16 initializer)."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata_of(model)
     if meta.get("dtop.precision") == "fp16":
         return True
     return any(t.data_type == FLOAT16 for t in model.graph.initializer)
@@ -364,14 +298,6 @@ def convert_file(
     with atomic_path(dst) as tmp:
         onnx.save_model(out, str(tmp))
     return out
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
 
 
 def _check_float32(model: onnx.ModelProto) -> None:

@@ -1,0 +1,105 @@
+"""``dtop-export check``: CPU-side checks of an ONNX file (TensorRT parser lint, FP16 audit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import KeepFp32Opt, app, console, parse_keep_fp32
+from dtop_export.errors import DToPError
+
+
+@app.command()
+def check(
+    model: Annotated[Path, typer.Argument(help="An ONNX file.")],
+    target: Annotated[
+        str | None, typer.Option("--target", help="Runtime whose ONNX parser to lint against: tensorrt.")
+    ] = None,
+    fp16_audit: Annotated[
+        bool, typer.Option("--fp16-audit", help="Emulate FP16 on the CPU: cosine, mAP delta, out-of-range layers.")
+    ] = False,
+    images: Annotated[
+        str,
+        typer.Option("--images", help="Audit images: a folder, a revisitop folder (gnd_*.pkl: adds mAP), or sample."),
+    ] = "sample",
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Longer image side (default: set's).")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Audit at most this many images (plain folders).")
+    ] = None,
+    underflow: Annotated[
+        float, typer.Option("--underflow", help="Flag tensors with more than this share of values flushed to 0.")
+    ] = 0.01,
+    keep_fp32: KeepFp32Opt = None,
+    no_crop: Annotated[bool, typer.Option("--no-crop", help="Whole query images, not their boxes.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Check an ONNX file on the CPU: `--target tensorrt` lints it against TensorRT's ONNX parser (exit 1 when
+    something would fail to parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails)."""
+    if target is None and not fp16_audit:
+        target = "tensorrt"
+    if target is not None and target != "tensorrt":
+        raise DToPError(f"unknown --target {target!r}: only tensorrt")
+    if not model.is_file():
+        raise DToPError(f"ONNX file {model} not found")
+    con = console()
+    report: dict[str, object] = {"model": str(model)}
+    failed = False
+    if target == "tensorrt":
+        from dtop_export.engines.tensorrt.lint import lint_tensorrt
+
+        issues = lint_tensorrt(model)
+        report["tensorrt"] = [i.__dict__ for i in issues]
+        errors = [i for i in issues if i.severity == "error"]
+        if issues:
+            from rich.table import Table
+
+            table = Table(title=f"TensorRT ONNX parser check: {model.name}", show_lines=False)
+            for col in ("severity", "node", "op", "problem", "fix"):
+                table.add_column(col, overflow="fold")
+            for i in issues:
+                table.add_row(i.severity, i.node, i.op, i.problem, i.fix, style="red" if i.severity == "error" else "")
+            con.print(table)
+        if errors:
+            con.print(f"{len(errors)} problem(s) would make TensorRT's ONNX parser fail", style="bold red")
+            failed = True
+        else:
+            warn = sum(1 for i in issues if i.severity == "warning")
+            con.print(f"ok: {model.name} should parse on TensorRT 10.x ({warn} warning(s))")
+    if fp16_audit:
+        from dtop_export.fp16.audit import fp16_audit as run_audit
+
+        with con.status("FP16 audit (CPU emulation)"):
+            result = run_audit(
+                model,
+                images,
+                image_size=image_size,
+                keep_fp32_nodes=parse_keep_fp32(keep_fp32),
+                underflow_threshold=underflow,
+                crop_queries=not no_crop,
+                limit=limit,
+            )
+        report["fp16_audit"] = result.to_dict()
+        con.print(result.table(), soft_wrap=True)
+        con.print(
+            f"{result.images} images ({result.queries} queries) at longer side {result.image_size}, "
+            f"{result.watched_tensors} tensors watched, {result.seconds:.0f} s",
+            style="dim",
+        )
+        if result.keep_fp32_nodes:
+            con.print(f"keep in FP32 (pass to `trt --fp16 --keep-fp32`): {','.join(result.keep_fp32_nodes)}")
+        else:
+            con.print("no tensor leaves FP16 range: the default FP32 islands suffice")
+        if result.passed:
+            con.print("FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2)")
+        else:
+            con.print("FP16 contract NOT met (cosine >= 0.999, finite, |ΔmAP| <= 0.2)", style="bold red")
+            failed = True
+    if json_out is not None:
+        from dtop_export.atomic import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+    if failed:
+        raise typer.Exit(code=1)

@@ -1,0 +1,166 @@
+"""The Typer application object, the root options, and what several commands share (options, printing).
+
+Top-level imports: typer and the standard library only, so that ``dtop-export --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from dtop_export import __version__
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dtop_export.pipeline.stages import Reporter
+
+app = typer.Typer(
+    name="dtop-export",
+    help="Train DToP image-retrieval models and ship them as ONNX / TensorRT descriptors with proven parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"dtop-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """dtop-export: DToP checkpoints -> ONNX / TensorRT descriptors, with parity and mAP checks."""
+    if debug:
+        os.environ["DTOP_EXPORT_DEBUG"] = "1"
+
+
+def console() -> Console:
+    """A rich console on stdout."""
+    from rich.console import Console
+
+    return Console()
+
+
+def progress_bar(con: Console | None = None, transient: bool = False) -> Any:
+    """A rich progress bar: description, bar, done/total, elapsed time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=con,
+        transient=transient,
+    )
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON, written atomically."""
+    from dtop_export.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def new_output(src: Path, output: Path | None, suffix: str, force: bool) -> Path:
+    """The file a command derived from ``src`` writes (default ``src`` with ``suffix``), refusing to
+    overwrite one without ``--force``."""
+    if not src.is_file():
+        raise DToPError(f"ONNX file {src} not found")
+    output = output or src.with_name(src.stem + suffix)
+    if output.exists() and not force:
+        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    return output
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"224,384,512"`` -> [224, 384, 512] (the library's parser, imported lazily)."""
+    from dtop_export.bench.spec import parse_int_list as parse
+
+    return parse(text, what)
+
+
+def rich_reporter(con: Console) -> Reporter:
+    """A :class:`~dtop_export.pipeline.stages.Reporter` that draws a rule per stage and spinners."""
+    from dtop_export.pipeline.stages import Reporter
+
+    class RichReporter(Reporter):
+        def stage(self, number: int, title: str) -> None:
+            con.rule(f"[bold][{number}] {title}")
+
+        def note(self, text: str) -> None:
+            con.print(text, markup=False, soft_wrap=True)
+
+        @contextlib.contextmanager
+        def status(self, text: str) -> Iterator[Callable[[str], None]]:
+            with con.status(text) as status:
+                yield lambda update: status.update(update)
+
+    return RichReporter()
+
+
+# options several commands share ---------------------------------------------------------------------------
+
+ScalesOpt = Annotated[
+    str,
+    typer.Option("--scales", help="Comma-separated scales (cirtorch multi-scale: 1,0.707,1.414 or `ms`)."),
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option("--image-size", help="Longer image side before scaling (default: the data set's, else 1024)."),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass (same-shape images).")]
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="roxford5k, rparis6k, sample, or a folder with gnd_<name>.pkl + jpg/.")
+]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Folder holding the data sets (default: $DTOP_EXPORT_DATA or ~/.cache)."),
+]
+NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use whole query images, not their bounding boxes.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+KeepFp32Opt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--keep-fp32",
+        help="Node names kept FP32 besides the default islands (comma-separated, repeatable, or @audit.json "
+        "from `check --fp16-audit --json`).",
+    ),
+]
+
+
+def parse_keep_fp32(values: list[str] | None) -> list[str]:
+    """Node names from ``--keep-fp32`` values: names, comma lists, or ``@file.json`` (an audit report's
+    ``keep_fp32_nodes`` or a JSON list)."""
+    out: list[str] = []
+    for v in values or []:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise DToPError(f"cannot read --keep-fp32 file {path}: {e}") from e
+            names = data.get("keep_fp32_nodes") if isinstance(data, dict) else data
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DToPError(f"{path} holds no list of node names (expected keep_fp32_nodes)")
+            out += names
+        else:
+            out += [n.strip() for n in v.split(",") if n.strip()]
+    return list(dict.fromkeys(out))

@@ -1,0 +1,27 @@
+"""``dtop-export data``: the data sets the toolkit builds itself (``data sample``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import app
+
+data_app = typer.Typer(help="Data sets: build the embedded sample set.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("sample")
+def data_sample(
+    root: Annotated[Path, typer.Argument(help="Folder to build into; the set lands in ROOT/sample.")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Rebuild even if a valid copy exists.")] = False,
+) -> None:
+    """Build the embedded sample set (revisitop layout, from scikit-image's photos): deterministic, cached."""
+    from dtop_export.retrieval.datasets import load_revisitop_folder
+    from dtop_export.retrieval.sample_data import NAME, build_sample_dataset
+
+    folder = build_sample_dataset(root, force=force)
+    ds = load_revisitop_folder(folder, NAME)
+    typer.echo(f"{folder}: {ds.n_images} database images, {ds.n_queries} queries")

@@ -1,0 +1,59 @@
+"""``dtop-export whiten``: learn whitening (supervised Lw from pairs, or PCA) into a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import app
+from dtop_export.cli.train import setup_logging
+from dtop_export.errors import DToPError
+
+
+@app.command()
+def whiten(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to add whitening to (rewritten atomically).")],
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Matching pairs for supervised Lw: cirtorch *-whiten.pkl / SfM-120k pkl, a CSV of query,positive "
+            "paths, or a class-per-folder directory."
+        ),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
+    root: Annotated[Path | None, typer.Option(help="Folder the pair paths are relative to (pkl: holds ims/).")] = None,
+    dim: Annotated[int | None, typer.Option(help="Output dimension (leading components); default: N.")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
+    ] = None,
+    scales: Annotated[str, typer.Option(help="Comma-separated scales, e.g. 1,0.7071,1.4142.")] = "1",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of in place.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
+    try:
+        scale_list = tuple(float(s) for s in scales.split(",") if s.strip())
+    except ValueError:
+        raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
+    if not scale_list or any(s <= 0 for s in scale_list):
+        raise DToPError("--scales must list positive numbers")
+    setup_logging()
+    from dtop_export.training.whitening import whiten_checkpoint
+
+    out, wh = whiten_checkpoint(
+        checkpoint,
+        output,
+        pairs=pairs,
+        images=images,
+        root=root,
+        dim=dim,
+        size=size,
+        scales=scale_list,
+        progress=not no_progress,
+    )
+    what = f"{wh.info.get('pairs')} pairs, " if wh.kind == "lw" else ""
+    typer.echo(
+        f"wrote {out}: {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} ({what}{wh.info.get('images')} images)"
+    )

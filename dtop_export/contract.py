@@ -1,0 +1,246 @@
+"""The deployment contract, in one place: the engine interface and the metadata an exported model carries.
+
+* :class:`Engine`: what every runtime implements (PyTorch, ONNX Runtime, TensorRT, the trainer's in-memory
+  model): ``embed(images float32 [B, 3, H, W]) -> float32 [B, N]`` L2-normalised descriptors, plus ``name``,
+  ``precision``, ``device``, ``descriptor_dim``, ``stride`` and ``preprocess``. Parity, evaluation and the
+  benchmarks take engines, never a runtime directly (Polygraphy's runners).
+* The model's metadata (ONNX ``metadata_props``, copied into TensorRT sidecars and OpenVINO ``rt_info``):
+  :func:`onnx_metadata` writes it, :func:`metadata_of` / :func:`read_metadata` read it back as a dict of
+  strings, :func:`preprocess_from_metadata` turns it into the :class:`~dtop_export.preprocess.PreprocessConfig`
+  every engine feeds its images through, and :func:`read_onnx_metadata` is the report ``dtop-export info``
+  prints.
+
+Imports numpy and the errors only; onnx is imported inside the functions that read files.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dtop_export import __version__
+from dtop_export.errors import DToPError, ShapeError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from dtop_export.checkpoint import Checkpoint
+    from dtop_export.preprocess import PreprocessConfig
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "descriptors"
+MODEL_FORMAT = "dtop-export/onnx"
+
+
+# the engine interface ---------------------------------------------------------------------------------
+
+
+class Engine(ABC):
+    """One runtime holding one model.
+
+    Attributes: ``name`` (e.g. ``onnxruntime``), ``precision`` (``fp32``, ``fp16``, ``bf16``, ``int8``),
+    ``device`` (``cpu``, ``cuda:0``), ``descriptor_dim`` (N), ``stride`` (H and W must be multiples of it),
+    ``preprocess`` (the image contract the model was trained with), ``source`` (the file it was loaded from).
+    """
+
+    name: str = "engine"
+    precision: str = "fp32"
+    device: str = "cpu"
+    descriptor_dim: int
+    stride: int
+    preprocess: PreprocessConfig
+    source: Path | None = None
+
+    @abstractmethod
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """float32 images [B, 3, H, W] -> float32 L2-normalised descriptors [B, N]."""
+
+    def describe(self) -> dict[str, Any]:
+        """A short JSON-able description for reports."""
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "device": self.device,
+            "descriptor_dim": self.descriptor_dim,
+            "source": str(self.source) if self.source else None,
+        }
+
+    @property
+    def label(self) -> str:
+        """Display label, e.g. ``onnxruntime fp32 cpu``."""
+        return f"{self.name} {self.precision} {self.device}"
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release runtime resources."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as a contiguous float32 [B, 3, H, W] array with H and W multiples of the stride, or a
+        :class:`ShapeError` saying what is wrong."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ShapeError(f"{self.name}: expected images [B, 3, H, W], got {list(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ShapeError(f"{self.name}: image size {h}x{w} is not a multiple of the stride {self.stride}")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+
+# metadata: write ------------------------------------------------------------------------------------------
+
+
+def onnx_metadata(
+    ckpt: Checkpoint,
+    descriptor_dim: int,
+    whiten: bool,
+    opset: int,
+    static_hw: tuple[int, int] | None,
+    batch: int | None,
+    precision: str = "fp32",
+) -> dict[str, str]:
+    """``metadata_props`` of an exported file: everything a deployer needs, as strings."""
+    pp = ckpt.preprocess
+    wh = ckpt.whitening if whiten else None
+    return {
+        "dtop.format": MODEL_FORMAT,
+        "dtop.toolkit_version": __version__,
+        "dtop.config": json.dumps(ckpt.config.to_dict(), sort_keys=True),
+        "dtop.descriptor_dim": str(descriptor_dim),
+        "dtop.l2_normalized": "true",
+        "dtop.whitening": json.dumps(
+            {
+                "applied": wh is not None,
+                "kind": wh.kind if wh else None,
+                "in_dim": int(wh.proj.shape[1]) if wh else None,
+                "out_dim": wh.out_dim if wh else None,
+            }
+        ),
+        "dtop.precision": precision,
+        "dtop.input_name": INPUT_NAME,
+        "dtop.output_name": OUTPUT_NAME,
+        "dtop.input_layout": pp.layout,
+        "dtop.input_dtype": "float32",
+        "dtop.color_order": pp.color_order,
+        "dtop.mean": json.dumps(list(pp.mean)),
+        "dtop.std": json.dumps(list(pp.std)),
+        "dtop.pixel_range": "[0, 1] before mean/std",
+        "dtop.resize_policy": json.dumps({"policy": pp.resize, "size": pp.size, "interpolation": pp.interpolation}),
+        "dtop.stride": str(pp.stride),
+        "dtop.dynamic_axes": json.dumps(
+            {"batch": batch is None, "height": static_hw is None, "width": static_hw is None}
+        ),
+        "dtop.static_hw": json.dumps(list(static_hw) if static_hw else None),
+        "dtop.fixed_batch": json.dumps(batch),
+        "dtop.checkpoint_sha256": ckpt.sha256 or "",
+        "dtop.provenance": json.dumps(ckpt.provenance, default=str, sort_keys=True),
+        "dtop.opset": str(opset),
+    }
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Replace ``model``'s ``metadata_props`` by ``metadata`` (in place)."""
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+# metadata: read -------------------------------------------------------------------------------------------
+
+
+def metadata_of(model: onnx.ModelProto) -> dict[str, str]:
+    """``model``'s ``metadata_props`` as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def load_onnx(path: str | Path, weights: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, or one :class:`DToPError` line when it is missing or not ONNX. ``weights=False``
+    leaves external weight files unread (enough for metadata and the graph's structure)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise DToPError(f"ONNX file {path} not found")
+    try:
+        return onnx.load(str(path), load_external_data=weights)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
+        raise DToPError(f"{path} is not a readable ONNX file ({e.__class__.__name__})") from e
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of the ONNX file ``path`` (empty for a file that dtop-export did not write)."""
+    return metadata_of(load_onnx(path, weights=False))
+
+
+def preprocess_from_metadata(meta: dict[str, str]) -> PreprocessConfig:
+    """The image contract a dtop-export model carries in its metadata (defaults for missing keys)."""
+    from dtop_export.preprocess import PreprocessConfig
+
+    resize = json.loads(meta.get("dtop.resize_policy", "{}") or "{}")
+    return PreprocessConfig(
+        mean=tuple(json.loads(meta.get("dtop.mean", "[0.5, 0.5, 0.5]"))),
+        std=tuple(json.loads(meta.get("dtop.std", "[0.5, 0.5, 0.5]"))),
+        color_order=meta.get("dtop.color_order", "RGB"),
+        stride=int(meta.get("dtop.stride", 16)),
+        resize=resize.get("policy", "longest_side"),
+        size=int(resize.get("size", 1024)),
+        interpolation=resize.get("interpolation", "bilinear"),
+    )
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """What ``dtop-export info model.onnx`` prints: I/O signature, opset, size and the dtop metadata."""
+    import onnx
+
+    path = Path(path)
+    proto = load_onnx(path, weights=False)
+
+    def sig(values: Any) -> dict[str, str]:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or str(d.dim_value) for d in t.shape.dim]
+            out[v.name] = f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)} [{', '.join(dims)}]"
+        return out
+
+    meta = metadata_of(proto)
+    nice: dict[str, Any] = {}
+    for k, v in meta.items():
+        key = k.removeprefix("dtop.")
+        try:
+            nice[key] = json.loads(v) if key not in ("format", "toolkit_version", "checkpoint_sha256") else v
+        except json.JSONDecodeError:
+            nice[key] = v
+    config = nice.pop("config", None)
+    provenance = nice.pop("provenance", None)
+    report: dict[str, Any] = {
+        "file": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "opset": opset_of(proto) or None,
+        "inputs": sig(proto.graph.input),
+        "outputs": sig(proto.graph.output),
+        "nodes": len(proto.graph.node),
+        "metadata": nice,
+    }
+    if config is not None:
+        report["config"] = config
+    if provenance is not None:
+        report["provenance"] = provenance
+    if not meta:
+        report["note"] = "no dtop-export metadata: not exported by dtop-export"
+    return report
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset of ``model`` (0 when it has none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

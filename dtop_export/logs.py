@@ -1,0 +1,33 @@
+"""Quieting chatty libraries for a while: Python logging (ONNX Runtime's Python tools) and ONNX Runtime's
+C++ logger."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_logging(level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the root logger's level for a while: ONNX Runtime's Python tools log notes that do not apply
+    here (symbolic shape inference of dynamic H/W, "consider pre-processing")."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+@contextlib.contextmanager
+def quiet_ort_logs() -> Iterator[None]:
+    """Silence ONNX Runtime's C++ warnings (e.g. NCHWc serialisation notes) while benchmarking or converting."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)

@@ -1,0 +1,308 @@
+"""Build a serialized engine (``.plan`` + JSON sidecar) from a dtop-export ONNX file (TensorRT 10.x and 11.x).
+
+Polygraphy's ``EngineFromNetwork`` in small: ONNX parser (errors name the node and its op), one optimization
+profile per ``--min/--opt/--max`` triple, workspace memory-pool limit, timing cache loaded and saved,
+optional TF32 off. Precision:
+
+* **strongly typed** (default; the only mode on TensorRT 11): ``--fp16`` builds the FP16 ONNX of
+  :mod:`dtop_export.fp16.convert` (FP16 with FP32 islands made by ``Cast`` nodes); without it the float32
+  ONNX builds as FP32 (TF32 allowed unless turned off).
+* **weakly typed** (TensorRT 10.0–10.11; deprecated from 10.12, removed in 11): the float32 ONNX with
+  ``BuilderFlag.FP16`` and ``OBEY_PRECISION_CONSTRAINTS``, the islands' layers pinned to FP32.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from dtop_export.atomic import atomic_path, atomic_write_bytes
+from dtop_export.contract import load_onnx, metadata_of
+from dtop_export.engines.tensorrt.install import make_logger, require_tensorrt_and_gpu, version_tuple
+from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, sha256_file, write_sidecar
+from dtop_export.errors import DToPError
+
+log = logging.getLogger("dtop_export.engines.tensorrt")
+
+WEAK_TYPING_DEPRECATED = (10, 12)  # FP16 flag and layer precision deprecated from here, removed in 11
+
+
+def parser_error_lines(parser: Any) -> list[str]:
+    """One line per ONNX-parser error: ``node 'name' (Op): description``."""
+
+    def call(obj: Any, name: str) -> Any:
+        fn = getattr(obj, name, None)
+        try:
+            return fn() if callable(fn) else None
+        except Exception:  # noqa: BLE001 - older bindings lack some accessors
+            return None
+
+    lines = []
+    for i in range(int(parser.num_errors)):
+        err = parser.get_error(i)
+        desc = " ".join(str(call(err, "desc") or "unknown error").split())
+        node_name, op, node = call(err, "node_name"), call(err, "node_operator"), call(err, "node")
+        if node_name:
+            where = f"node {node_name!r} ({op or '?'})"
+        elif node is not None and int(node) >= 0:
+            where = f"node #{int(node)}" + (f" ({op})" if op else "")
+        else:
+            where = "graph"
+        lines.append(f"{where}: {desc}")
+    return lines
+
+
+def layer_owner(layer_name: str, node_names: Sequence[str]) -> str | None:
+    """The ONNX node a TensorRT layer came from: the longest node name equal to the layer name or a prefix
+    of it followed by a non-alphanumeric character (the parser names layers after their node and
+    suffixes the extra layers it creates)."""
+    best = None
+    for n in node_names:
+        if not n or not layer_name.startswith(n):
+            continue
+        rest = layer_name[len(n) :]
+        if rest and rest[0].isalnum():
+            continue
+        if best is None or len(n) > len(best):
+            best = n
+    return best
+
+
+def pin_layers_fp32(trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]) -> list[str]:
+    """Weak typing: set ``precision`` and output types to FP32 on every layer that came from one of
+    ``keep_nodes`` (by layer name, or by an output tensor named like the node's). Returns the layer names."""
+    keep = set(keep_nodes)
+    floats = {trt.float32, trt.float16}
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        owner = layer_owner(layer.name, all_nodes)
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if owner not in keep and not any(layer_owner(t.name, all_nodes) in keep for t in outputs):
+            continue
+        if not any(t.dtype in floats for t in outputs):
+            continue
+        layer.precision = trt.float32
+        for j, t in enumerate(outputs):
+            if t.dtype in floats:
+                layer.set_output_type(j, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_engine` wrote."""
+
+    plan: Path
+    sidecar: Path
+    info: PlanInfo
+    seconds: float
+    size_bytes: int
+    built_onnx: Path
+
+
+def prepare_fp16_onnx(
+    onnx_path: Path, out_path: Path, keep_fp32_nodes: Sequence[str] = (), keep_fp32_ops: Sequence[str] | None = None
+) -> tuple[Path, list[str]]:
+    """The ONNX a strongly typed ``--fp16`` build parses: ``onnx_path`` itself when it is already FP16, else
+    its FP16 conversion written to ``out_path``. Returns (path, FP32 island nodes)."""
+    import onnx
+
+    from dtop_export.fp16.convert import DEFAULT_KEEP_FP32_OPS, convert_to_fp16, fp32_nodes_of, is_fp16_model
+
+    model = load_onnx(onnx_path)
+    if is_fp16_model(model):
+        if keep_fp32_nodes:
+            raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
+        return onnx_path, fp32_nodes_of(model)
+    converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(converted, str(tmp))
+    return out_path, fp32_nodes_of(converted)
+
+
+def _onnx_facts(onnx_path: Path) -> tuple[dict[str, str], list[str], bool]:
+    """(dtop metadata, node names, is FP16) of an ONNX file, without loading its weights twice."""
+    from dtop_export.fp16.convert import is_fp16_model, name_nodes
+
+    model = load_onnx(onnx_path)
+    name_nodes(model)
+    return metadata_of(model), [n.name for n in model.graph.node], is_fp16_model(model)
+
+
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    *,
+    fp16: bool = False,
+    profiles: Sequence[Profile] | None = None,
+    workspace_gb: float = 4.0,
+    timing_cache: str | Path | None = None,
+    weak_typing: bool = False,
+    tf32: bool = True,
+    keep_fp32_nodes: Sequence[str] = (),
+    fp16_onnx_path: str | Path | None = None,
+    device: int = 0,
+    verbose: bool = False,
+) -> BuildResult:
+    """Build ``plan_path`` (+ its sidecar) from the dtop-export ONNX ``onnx_path`` on this GPU.
+
+    ``fp16``: strongly typed FP16 ONNX with FP32 islands (written to ``fp16_onnx_path``, default
+    ``<plan>.fp16.onnx``), or with ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands'
+    layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` is loaded
+    when it exists and saved after the build. ``tf32=False`` for strict FP32 parity.
+    """
+    t0 = time.perf_counter()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise DToPError(f"ONNX file {onnx_path} not found")
+    if workspace_gb <= 0:
+        raise DToPError(f"--workspace must be > 0 GiB, got {workspace_gb:g}")
+    if weak_typing and not fp16:
+        raise DToPError("--weak-typing only applies to --fp16 builds")
+    meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
+    stride = int(meta.get("dtop.stride", 16))
+    profiles = list(profiles) if profiles else make_profiles(stride=stride)
+    trt, gpu = require_tensorrt_and_gpu(device)
+    version = trt.__version__
+    if weak_typing:
+        vt = version_tuple(version)
+        if vt[:1] != (10,):
+            raise DToPError(
+                f"--weak-typing needs TensorRT 10.x (this is {version}: 11 builds strongly typed only): drop "
+                "--weak-typing, --fp16 then builds the FP16 ONNX with FP32 islands"
+            )
+        if onnx_is_fp16:
+            raise DToPError(f"{onnx_path} is already FP16: --weak-typing builds from the float32 export")
+        if vt[:2] >= WEAK_TYPING_DEPRECATED:
+            log.warning("TensorRT %s deprecates weak typing (FP16 flag, layer precision); 11 removes it", version)
+
+    # what the parser reads, and which nodes stay FP32
+    keep_nodes: list[str] = []
+    source = onnx_path
+    if fp16 and not weak_typing:
+        dst = Path(fp16_onnx_path) if fp16_onnx_path else plan_path.with_suffix(".fp16.onnx")
+        source, keep_nodes = prepare_fp16_onnx(onnx_path, dst, keep_fp32_nodes)
+    elif fp16:
+        from dtop_export.fp16.convert import plan_fp32_islands
+
+        keep_nodes = sorted(plan_fp32_islands(load_onnx(onnx_path), keep_fp32_nodes=keep_fp32_nodes).islands)
+    elif onnx_is_fp16:
+        fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
+
+    logger = make_logger(trt, verbose)
+    builder = trt.Builder(logger)
+    flags = 0
+    strong = not weak_typing
+    strong_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strong and strong_flag is not None:  # 10.x opts in; 11.x is always strongly typed
+        flags |= 1 << int(strong_flag)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        lines = parser_error_lines(parser) or [logger.last_error or "unknown parser error"]
+        more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise DToPError(
+            f"TensorRT's ONNX parser rejected {source.name}: {lines[0]}{more}; "
+            f"`dtop-export check {source} --target tensorrt` lists every problem"
+        )
+    if network.num_inputs != 1:
+        raise DToPError(f"{source.name} has {network.num_inputs} inputs: a dtop-export model has one (images)")
+    inp = network.get_input(0)
+    input_name, net_shape = inp.name, tuple(inp.shape)
+    _check_static_dims(net_shape, profiles)
+    output_name = network.get_output(0).name if network.num_outputs else "descriptors"
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    pinned: list[str] = []
+    if weak_typing:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = pin_layers_fp32(trt, network, keep_nodes, node_names)
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        prof.set_shape(input_name, p.min, p.opt, p.max)
+        config.add_optimization_profile(prof)
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            log.warning("timing cache %s was made on another device or TensorRT: starting a new one", timing_cache)
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise DToPError(
+            f"TensorRT could not build the engine: {logger.last_error or 'see the TensorRT log'} "
+            "(try a larger --workspace or a narrower profile)"
+        )
+    atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+
+    from dtop_export import __version__
+
+    seconds = time.perf_counter() - t0
+    info = PlanInfo(
+        tensorrt_version=version,
+        gpu={"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index},
+        profiles=[p.to_dict() for p in profiles],
+        precision={
+            "mode": "fp16" if fp16 else "fp32",
+            "typing": "weak" if weak_typing else "strong",
+            "tf32": bool(tf32),
+            "fp32_nodes": keep_nodes,
+            "fp32_layers_pinned": len(pinned),
+        },
+        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "built_from": str(source)},
+        build={
+            "seconds": round(seconds, 2),
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "workspace_gb": workspace_gb,
+            "timing_cache": str(timing_cache) if timing_cache else None,
+            "cuda": _torch_cuda_version(),
+        },
+        input_name=input_name,
+        output_name=output_name,
+        metadata={k: v for k, v in meta.items() if k.startswith("dtop.")},
+        toolkit_version=__version__,
+    )
+    side = write_sidecar(plan_path, info)
+    return BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source)
+
+
+def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) -> None:
+    """A static ONNX dimension must equal min = opt = max of every profile."""
+    if len(net_shape) != 4:
+        raise DToPError(f"the network input has rank {len(net_shape)}: expected images [B, 3, H, W]")
+    names = ("batch", "channels", "height", "width")
+    for p in profiles:
+        for d, (fixed, lo, op, hi) in enumerate(zip(net_shape, p.min, p.opt, p.max)):
+            if fixed >= 0 and not fixed == lo == op == hi:
+                raise DToPError(
+                    f"the ONNX fixes {names[d]} = {fixed} but the profile asks {lo}..{hi}: make --min/--opt/--max "
+                    f"use {fixed} there, or re-export without --static/--batch"
+                )
+
+
+def _torch_cuda_version() -> str | None:
+    try:
+        import torch
+
+        return torch.version.cuda
+    except ImportError:  # pragma: no cover
+        return None

@@ -1,0 +1,139 @@
+"""Run a ``.plan`` built by :func:`~dtop_export.engines.tensorrt.builder.build_engine` behind the engine interface.
+
+The runner reads the sidecar first (version and GPU checks), sets input shapes per call, splits batches larger
+than the profile allows, pads smaller ones, rejects sizes outside every profile, and runs ``execute_async_v3``
+on its own CUDA stream with device buffers from torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtop_export.contract import Engine, preprocess_from_metadata
+from dtop_export.engines.tensorrt.install import make_logger, require_tensorrt_and_gpu
+from dtop_export.engines.tensorrt.profiles import Profile, format_shape, select_profile, split_batches
+from dtop_export.engines.tensorrt.sidecar import compatibility, read_sidecar
+from dtop_export.errors import DToPError, ShapeError
+
+log = logging.getLogger("dtop_export.engines.tensorrt")
+
+
+class TensorRTEngine(Engine):
+    """Runs a ``.plan`` built by :func:`build_engine` (its JSON sidecar next to it) on a CUDA GPU.
+
+    Input shapes are set per call; a batch larger than the profile's maximum is split, one smaller than
+    its minimum padded; a size outside every profile is a :class:`ShapeError`.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, path: str | Path, sidecar: str | Path | None = None, device: int = 0) -> None:
+        self.source = Path(path)
+        if not self.source.is_file():
+            raise DToPError(f"engine file {self.source} not found")
+        self.info = read_sidecar(self.source, sidecar)
+        trt, gpu = require_tensorrt_and_gpu(device)
+        problem, warning = compatibility(self.info, trt.__version__, gpu)
+        if problem:
+            raise DToPError(f"{self.source}: {problem}")
+        if warning:
+            log.warning("%s: %s", self.source, warning)
+        import torch
+
+        self._trt = trt
+        self._logger = make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.source.read_bytes())
+        if self.engine is None:
+            raise DToPError(
+                f"TensorRT could not load {self.source} ({self._logger.last_error or 'corrupt or foreign plan'}): "
+                "rebuild it with `dtop-export trt`"
+            )
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._input, self._output = self.info.input_name, self.info.output_name
+        if self._input not in names or self._output not in names:
+            raise DToPError(f"{self.source} has tensors {names}, expected {self._input} and {self._output}")
+        self.profiles = [
+            Profile(*(tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape(self._input, k)))
+            for k in range(self.engine.num_optimization_profiles)
+        ]
+        self.device = f"cuda:{device}"
+        self._torch_device = torch.device(self.device)
+        self.precision = str(self.info.precision.get("mode", "fp32"))
+        meta = self.info.metadata
+        self.preprocess = preprocess_from_metadata(meta)
+        self.stride = self.preprocess.stride
+        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", 0)) or int(
+            self.engine.get_tensor_shape(self._output)[-1]
+        )
+        self._stream = torch.cuda.Stream(device=self._torch_device)  # not the default stream
+        self._contexts: dict[int, Any] = {}
+
+    def _context(self, k: int) -> Any:
+        ctx = self._contexts.get(k)
+        if ctx is None:
+            ctx = self.engine.create_execution_context()
+            if ctx is None:
+                raise DToPError(f"TensorRT could not create an execution context: {self._logger.last_error}")
+            if self.engine.num_optimization_profiles > 1:
+                ctx.set_optimization_profile_async(k, self._stream.cuda_stream)
+            self._contexts[k] = ctx
+        return ctx
+
+    def _torch_dtype(self, name: str) -> Any:
+        import torch
+
+        dt = self.engine.get_tensor_dtype(name)
+        table = {self._trt.float32: torch.float32, self._trt.float16: torch.float16}
+        if dt not in table:
+            raise DToPError(f"{self.source}: tensor {name} has type {dt}, expected float32 or float16")
+        return table[dt]
+
+    def _run(self, k: int, chunk: np.ndarray) -> np.ndarray:
+        import torch
+
+        ctx = self._context(k)
+        with torch.cuda.stream(self._stream):
+            x = torch.from_numpy(chunk).to(self._torch_device, dtype=self._torch_dtype(self._input))
+            if not ctx.set_input_shape(self._input, tuple(chunk.shape)):
+                raise ShapeError(f"{self.source}: TensorRT refused input shape {format_shape(chunk.shape)}")
+            out = torch.empty(
+                tuple(ctx.get_tensor_shape(self._output)),
+                dtype=self._torch_dtype(self._output),
+                device=self._torch_device,
+            )
+            ctx.set_tensor_address(self._input, x.data_ptr())
+            ctx.set_tensor_address(self._output, out.data_ptr())
+            if not ctx.execute_async_v3(self._stream.cuda_stream):
+                raise DToPError(f"TensorRT execution failed: {self._logger.last_error or 'see the TensorRT log'}")
+            result = out.float().cpu()
+        self._stream.synchronize()
+        return result.numpy()
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        x = self.check_images(images)
+        k = select_profile(self.profiles, x.shape[1:])
+        prof = self.profiles[k]
+        outs = []
+        for start, stop, pad in split_batches(x.shape[0], prof.min[0], prof.max[0]):
+            chunk = x[start:stop]
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(self._run(k, np.ascontiguousarray(chunk))[: stop - start])
+        return np.concatenate(outs).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "tensorrt_version": self.info.tensorrt_version,
+            "gpu": self.info.gpu.get("name"),
+            "typing": self.info.precision.get("typing"),
+            "profiles": [p.describe() for p in self.profiles],
+        }
+
+    def close(self) -> None:
+        self._contexts.clear()

@@ -1,0 +1,73 @@
+"""The resumable training state (``train_state.pt``): its format, reading it back, what may change on resume,
+and the RNG streams a bit-exact continuation needs. Under DDP, the process's place in the group."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtop_export.errors import DToPError
+
+STATE_FORMAT = "dtop-export/train-state"
+STATE_VERSION = 1
+# config keys that may change when resuming (they do not change what is computed)
+RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def config_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``overrides`` compared whole)."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and not prefix.endswith("overrides."):
+            keys += config_changes(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """Load a ``train_state.pt`` (a folder means its ``train_state.pt``); weights_only, validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train_state.pt"
+    if not path.is_file():
+        raise DToPError(f"no training state at {path}: resume from a run folder that holds train_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
+        raise DToPError(f"cannot read training state {path}: {e.__class__.__name__}; it is truncated or not one") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DToPError(f"{path} is not a dtop-export training state")
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise DToPError(f"{path} was written by a newer dtop-export: upgrade to resume it")
+    state["_path"] = str(path)
+    return state
+
+
+def rng_state(device: Any) -> dict[str, Any]:
+    """The torch, Python (and CUDA) RNG streams of this process."""
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def set_rng_state(st: dict[str, Any], device: Any) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"], device)
