@@ -28,45 +28,6 @@ from pathlib import Path
 import numpy as np
 
 
-def make_bench_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
-    """Random-init ``preset`` with perturbed biases/norms/BN statistics and a random whitening."""
-    import torch
-
-    from dtop_export.checkpoint import Whitening, new_provenance, save_checkpoint
-    from dtop_export.model import build_model, get_preset
-    from dtop_export.preprocess import default_preprocess
-
-    torch.manual_seed(seed)
-    model = build_model(get_preset(preset)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:  # norm scales
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.add_(0.05 * torch.randn(b.shape, generator=g))
-            elif name.endswith("running_var"):
-                b.mul_(1 + 0.2 * torch.rand(b.shape, generator=g))
-    n = model.descriptor_dim
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    whitening = Whitening(
-        mean=0.01 * torch.randn(n, generator=g),
-        proj=q * (1 + torch.rand(n, generator=g))[:, None],
-        info={"note": "random, for benchmarks"},
-    )
-    save_checkpoint(
-        out,
-        model,
-        default_preprocess(model.cfg.backbone, model.stride),
-        whitening=whitening,
-        provenance=new_provenance(f"benchmarks/cpu_paths.py --preset {preset}", seed=seed),
-    )
-    return out
-
-
 def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
     """Per-image cosine vs the first spec (PyTorch fp32) and mAP of every engine on the sample set."""
     from dtop_export.engines import load_engine
@@ -130,6 +91,7 @@ def main() -> None:
 
     from dtop_export.bench.harness import run_bench
     from dtop_export.bench.spec import EngineSpec, parse_int_list
+    from dtop_export.checkpoint import random_checkpoint
     from dtop_export.logs import quiet_ort_logs
     from dtop_export.pipeline.artefacts import derive_specs
 
@@ -137,7 +99,7 @@ def main() -> None:
     ckpt = args.out / f"{args.preset}.pt"
     with quiet_ort_logs():
         if not ckpt.exists():
-            make_bench_checkpoint(args.preset, ckpt)
+            random_checkpoint(args.preset, ckpt, source=f"benchmarks/cpu_paths.py --preset {args.preset}")
         manifest = args.out / "artifacts.json"
         if manifest.exists():
             specs = [

@@ -220,3 +220,43 @@ def load_model(path: str | Path) -> tuple[DToP, Checkpoint]:
     """Load a checkpoint and return the eval-mode model with it."""
     ckpt = load_checkpoint(path)
     return ckpt.build_model(), ckpt
+
+
+def random_checkpoint(preset: str, out: str | Path, seed: int = 0, source: str = "random_checkpoint") -> Path:
+    """Random-init ``preset`` with perturbed biases/norms/BN statistics and a random whitening, saved to
+    ``out``: a model where nothing folds away that a trained one would keep (benchmarks, the TensorRT
+    self-test; no weights are downloaded)."""
+    import torch
+
+    from dtop_export.model import build_model, get_preset
+    from dtop_export.preprocess import default_preprocess
+
+    torch.manual_seed(seed)
+    model = build_model(get_preset(preset)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:  # norm scales
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.05 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.mul_(1 + 0.2 * torch.rand(b.shape, generator=g))
+    n = model.descriptor_dim
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    whitening = Whitening(
+        mean=0.01 * torch.randn(n, generator=g),
+        proj=q * (1 + torch.rand(n, generator=g))[:, None],
+        info={"note": "random, for benchmarks and self-tests"},
+    )
+    save_checkpoint(
+        out,
+        model,
+        default_preprocess(model.cfg.backbone, model.stride),
+        whitening=whitening,
+        provenance=new_provenance(source, seed=seed),
+    )
+    return Path(out)

@@ -83,6 +83,11 @@ class Engine(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def no_descriptors(self) -> np.ndarray:
+        """What ``embed`` of zero images returns: float32 [0, N] (every engine answers an empty batch the
+        same way instead of failing in a reshape)."""
+        return np.zeros((0, self.descriptor_dim), np.float32)
+
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """``images`` as a contiguous float32 [B, 3, H, W] array with H and W multiples of the stride, or a
         :class:`ShapeError` saying what is wrong."""

@@ -107,6 +107,8 @@ class OnnxRuntimeEngine(Engine):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = self.check_images(images)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
         if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
             raise ShapeError(
                 f"{self.source} was exported for {self.static_hw[0]}x{self.static_hw[1]} inputs only, got "

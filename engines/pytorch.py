@@ -80,6 +80,10 @@ class TorchEngine(Engine):
 
             inductor_config.freezing = True  # constant-fold the weights (prepacked for oneDNN / AMX)
             self.model = torch.compile(self.model, mode=self.compile_mode, dynamic=dynamic)
+        if whitening is not None and str(device) != "cpu":  # the whitening runs where the descriptors are
+            import dataclasses
+
+            whitening = dataclasses.replace(whitening, mean=whitening.mean.to(device), proj=whitening.proj.to(device))
         self.whitening = whitening
         self.precision = precision
         self.device = device
@@ -105,6 +109,8 @@ class TorchEngine(Engine):
         import torch.nn.functional as F
 
         x = torch.from_numpy(self.check_images(images)).to(self.device)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():

@@ -13,7 +13,14 @@ from _training_data import make_folder
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
-from dtop_export.training.whitening import learn_lw, learn_pca, read_pairs, whiten_checkpoint
+from dtop_export.training.whitening import (
+    condition_number,
+    learn_lw,
+    learn_pca,
+    ledoit_wolf_shrinkage,
+    read_pairs,
+    whiten_checkpoint,
+)
 
 
 def _pairs(n_dim: int = 12, n_pairs: int = 400, seed: int = 0) -> tuple[np.ndarray, list[int], list[int]]:
@@ -48,7 +55,8 @@ def _align(P: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def test_lw_matches_the_textbook_steps_and_whitens_pair_differences() -> None:
     X, q, p = _pairs()
-    m, P = learn_lw(torch.from_numpy(X), q, p)
+    m, P, alpha = learn_lw(torch.from_numpy(X), q, p, shrinkage=0)
+    assert alpha == 0
     m_ref, P_ref = _textbook_lw(X, q, p)
     np.testing.assert_allclose(m.numpy(), m_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(_align(P.numpy(), P_ref), P_ref, rtol=1e-6, atol=1e-8)
@@ -68,8 +76,8 @@ def test_lw_matches_the_textbook_steps_and_whitens_pair_differences() -> None:
 
 def test_lw_output_dimension_keeps_leading_components() -> None:
     X, q, p = _pairs()
-    _, full = learn_lw(torch.from_numpy(X), q, p)
-    _, part = learn_lw(torch.from_numpy(X), q, p, dim=5)
+    _, full, _ = learn_lw(torch.from_numpy(X), q, p)
+    _, part, _ = learn_lw(torch.from_numpy(X), q, p, dim=5)
     assert part.shape == (5, X.shape[1])
     np.testing.assert_allclose(np.abs(part.numpy()), np.abs(full[:5].numpy()), rtol=1e-8)
     with pytest.raises(DToPError, match="dimension"):
@@ -126,8 +134,97 @@ def test_whiten_cli(tmp_path: Path, small_ckpt: Path) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert "pca whitening 256 -> 4 (12 images)" in r.stdout
+    assert "pca whitening 256 -> 4 (12 images, condition number" in r.stdout
     assert load_checkpoint(ck).whitening.out_dim == 4
     r = subprocess.run(exe, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: give either --pairs")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# shrinkage (issue: FP16 that holds on trained models) ---------------------------------------------------
+
+
+def _ledoit_wolf_reference(D: np.ndarray) -> float:
+    """Ledoit & Wolf (2004), Lemma 3.2-3.4 with centred rows: a_n = <S, I>/p ... written out in numpy."""
+    n, p = D.shape
+    S = D.T @ D / n
+    mu = np.trace(S) / p
+    d2 = np.sum((S - mu * np.eye(p)) ** 2) / p
+    b2_bar = sum(np.sum((np.outer(x, x) - S) ** 2) for x in D) / n**2 / p
+    return float(min(b2_bar, d2) / d2)
+
+
+def test_ledoit_wolf_shrinkage_matches_the_paper_and_its_limits() -> None:
+    rng = np.random.default_rng(0)
+    aniso = rng.normal(0, 1, (60, 10)) * np.linspace(0.1, 3.0, 10)
+    assert ledoit_wolf_shrinkage(torch.from_numpy(aniso)) == pytest.approx(_ledoit_wolf_reference(aniso), rel=1e-9)
+    few = rng.normal(0, 1, (15, 40)) * np.linspace(0.5, 1.5, 40)  # fewer samples than dimensions
+    assert ledoit_wolf_shrinkage(torch.from_numpy(few)) == pytest.approx(_ledoit_wolf_reference(few), rel=1e-9)
+    # many samples of a very anisotropic covariance: little shrinkage; isotropic data: (almost) all of it
+    many = rng.normal(0, 1, (20000, 8)) * np.array([0.01, 0.1, 1, 3, 5, 8, 10, 20])
+    assert ledoit_wolf_shrinkage(torch.from_numpy(many)) < 0.01
+    iso = rng.normal(0, 1, (50, 30))
+    assert ledoit_wolf_shrinkage(torch.from_numpy(iso)) > 0.5
+
+
+def test_lw_shrinkage_bounds_the_condition_number_and_keeps_the_ranking() -> None:
+    # the demo's regime: few pairs for the dimension, so the raw pair covariance is ill-conditioned
+    X, q, p = _pairs(n_dim=64, n_pairs=90, seed=3)
+    Xt = torch.from_numpy(X)
+    _, P0, a0 = learn_lw(Xt, q, p, shrinkage=0)
+    _, Pa, aa = learn_lw(Xt, q, p, shrinkage="auto")
+    _, P1, a1 = learn_lw(Xt, q, p, shrinkage=1)
+    assert a0 == 0 and 0 < aa < 1 and a1 == 1
+    c0, ca, c1 = condition_number(P0), condition_number(Pa), condition_number(P1)
+    assert c0 > 50 and ca < c0 / 3, (c0, ca)
+    assert c1 < ca  # full shrinkage: P1 only rotates and scales the data covariance's PCA
+    # matching pairs stay closer than non-matching ones after shrunk whitening
+    y = torch.nn.functional.normalize((Xt - Xt[q].mean(0)) @ Pa.T, dim=1)
+    pos = (y[q] * y[p]).sum(1).mean()
+    neg = (y[q] * y[p].roll(1, 0)).sum(1).mean()
+    assert pos > neg + 0.15
+    with pytest.raises(DToPError, match="--shrinkage must be"):
+        learn_lw(Xt, q, p, shrinkage=1.5)
+    with pytest.raises(DToPError, match="--shrinkage must be"):
+        learn_lw(Xt, q, p, shrinkage="lots")
+
+
+def test_whiten_records_shrinkage_condition_and_warns_when_ill_conditioned(
+    tmp_path: Path, small_ckpt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_folder(tmp_path / "imgs", classes=4, per_class=4)
+    out = tmp_path / "w.pt"
+    with caplog.at_level("WARNING", logger="dtop_export.training.whitening"):
+        _, exact = whiten_checkpoint(small_ckpt, out, pairs=tmp_path / "imgs", size=64, progress=False, shrinkage=0)
+    # 12 pairs for 256 dimensions: the exact Lw is degenerate, the warning says so with the number
+    assert exact.info["shrinkage"] == 0 and exact.info["condition_number"] > 1000
+    assert any("ill-conditioned" in r.getMessage() and "--shrinkage auto" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dtop_export.training.whitening"):
+        _, auto = whiten_checkpoint(small_ckpt, out, pairs=tmp_path / "imgs", size=64, progress=False)
+    assert 0 < auto.info["shrinkage"] <= 1 and auto.info["condition_number"] < exact.info["condition_number"]
+    assert load_checkpoint(out).provenance["whitening"]["condition_number"] == auto.info["condition_number"]
+
+
+def test_whiten_cli_dim_and_shrinkage_for_lw(tmp_path: Path, small_ckpt: Path) -> None:
+    from dtop_export.contract import read_metadata
+    from dtop_export.export import export_onnx
+
+    make_folder(tmp_path / "imgs", classes=3, per_class=4)
+    ck = tmp_path / "c.pt"
+    ck.write_bytes(small_ckpt.read_bytes())
+    exe = [sys.executable, "-m", "dtop_export", "whiten", str(ck), "--pairs", str(tmp_path / "imgs")]
+    r = subprocess.run([*exe, "--dim", "32", "--size", "64", "--no-progress", "--shrinkage", "0.25"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "lw whitening 256 -> 32 (9 pairs, 12 images, shrinkage 0.25, condition number" in r.stdout
+    wh = load_checkpoint(ck).whitening
+    assert wh.out_dim == 32 and wh.info["shrinkage"] == 0.25
+    res = export_onnx(ck, tmp_path / "c.onnx")  # --dim reaches the deployed descriptor
+    assert read_metadata(res.path)["dtop.descriptor_dim"] == "32"
+    for bad in ("2", "x"):
+        r = subprocess.run([*exe, "--shrinkage", bad], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error: --shrinkage must be 'auto' or a number")
+    r = subprocess.run([*exe[:5], "--images", str(tmp_path / "imgs"), "--shrinkage", "0.1"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "--shrinkage applies to supervised Lw" in r.stderr

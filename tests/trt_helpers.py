@@ -28,7 +28,7 @@ def have_gpu_tensorrt() -> tuple[bool, str]:
 
         trt.Builder  # noqa: B018 - the stub package has no Builder
     except Exception as e:  # noqa: BLE001
-        return False, f"needs TensorRT (pip install 'dtop-export[gpu]'): {e.__class__.__name__}"
+        return False, f"needs TensorRT (pip install 'dtop-export[cuda12]'): {e.__class__.__name__}"
     return True, ""
 
 

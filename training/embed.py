@@ -132,6 +132,8 @@ class ModelEmbedder(Engine):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(self.check_images(images)).to(self.device)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
         was_training = self.model.training
         self.model.eval()
         try:

@@ -67,7 +67,7 @@ def check(
             failed = True
         else:
             warn = sum(1 for i in issues if i.severity == "warning")
-            con.print(f"ok: {model.name} should parse on TensorRT 10.x ({warn} warning(s))")
+            con.print(f"ok: {model.name} should parse on TensorRT 10.x and 11.x ({warn} warning(s))")
     if fp16_audit:
         from dtop_export.fp16.audit import fp16_audit as run_audit
 

@@ -31,6 +31,7 @@ def demo(
         int | None, typer.Option("--steps-per-epoch", help="Cap the optimiser steps per epoch (quick runs).")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training images per step.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Training seed (initialisation, sampling, augmentation).")] = 0,
     fp16_emulate: Annotated[
         bool,
         typer.Option(
@@ -56,6 +57,7 @@ def demo(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         batch_size=batch_size,
+        seed=seed,
         fp16_emulate=fp16_emulate,
         force=force,
         progress=progress,

@@ -18,7 +18,7 @@ MaxOpt = Annotated[list[str] | None, typer.Option("--max", help=_SHAPE_HELP.form
 
 @app.command()
 def trt(
-    model: Annotated[Path, typer.Argument(help="A float32 (or FP16) ONNX file from `dtop-export onnx`.")],
+    model: Annotated[Path | None, typer.Argument(help="A float32 (or FP16) ONNX file from `dtop-export onnx`.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Engine file (default: MODEL.plan).")] = None,
     fp16: Annotated[
         bool, typer.Option("--fp16", help="FP16 with FP32 islands (LayerNorm, Softmax, L2 norms, ...).")
@@ -42,16 +42,44 @@ def trt(
     print_trtexec: Annotated[
         bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec command and stop (no GPU needed).")
     ] = False,
+    trt_version: Annotated[
+        int | None,
+        typer.Option(
+            "--trt-version",
+            help="TensorRT major version the trtexec line is for: 10 or 11 (default: the installed TensorRT, else 11).",
+        ),
+    ] = None,
+    self_test: Annotated[
+        bool,
+        typer.Option("--self-test", help="GPU acceptance: build, inspect and check the small model (no MODEL)."),
+    ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="--self-test: also r50-vitb16 at the default profile + latency vs ORT.")
+    ] = False,
+    report: Annotated[Path | None, typer.Option("--json", help="--self-test: write the JSON report here.")] = None,
     device: Annotated[int, typer.Option("--device", help="CUDA device index.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing engine.")] = False,
 ) -> None:
     r"""Build a TensorRT engine (.plan + .plan.json sidecar) with dynamic-shape profiles. Needs an NVIDIA GPU and
-    `pip install 'dtop-export\[gpu]'`; --print-trtexec works anywhere."""
+    `pip install 'dtop-export\[cuda12]'` (or \[cuda13]); --print-trtexec works anywhere; --self-test checks a
+    new GPU machine end to end (exit 2 when TensorRT or the GPU is missing)."""
     from dtop_export.contract import read_metadata
     from dtop_export.engines.tensorrt.builder import build_engine, prepare_fp16_onnx
     from dtop_export.engines.tensorrt.profiles import make_profiles
-    from dtop_export.engines.tensorrt.trtexec import trtexec_command
+    from dtop_export.engines.tensorrt.trtexec import default_trt_major, trtexec_command
 
+    if self_test:
+        if model is not None or print_trtexec:
+            raise DToPError("--self-test takes no MODEL and no --print-trtexec: it exports its own test models")
+        from dtop_export.pipeline.trt_selftest import run_self_test
+
+        raise typer.Exit(run_self_test(full=full, device=device, report_path=report, console=console()))
+    if full or report is not None:
+        raise DToPError("--full and --json belong to --self-test")
+    if model is None:
+        raise DToPError("give the ONNX file to build (e.g. `dtop-export trt model.onnx --fp16`), or --self-test")
+    if trt_version is not None and not print_trtexec:
+        raise DToPError("--trt-version only applies to --print-trtexec (a build uses the installed TensorRT)")
     if not model.is_file():
         raise DToPError(f"ONNX file {model} not found")
     output = output or model.with_suffix(".plan")
@@ -68,16 +96,27 @@ def trt(
     con = console()
 
     if print_trtexec:
+        major = trt_version if trt_version is not None else default_trt_major()
+        if weak_typing and major != 10:
+            raise DToPError(f"--weak-typing exists on TensorRT 10 only: drop it for the TensorRT {major} line")
         src, layers, typing = model, [], "strong"
         if fp16 and not weak_typing:
             src, _ = prepare_fp16_onnx(model, fp16_path, keep)
             if src != model:
                 typer.echo(f"# wrote the FP16 ONNX (FP32 islands as casts) to {src}", err=True)
         elif fp16:
-            from dtop_export.contract import load_onnx
-            from dtop_export.fp16.convert import plan_fp32_islands
+            from dtop_export.engines.tensorrt.builder import weak_typing_layer_names
 
-            layers, typing = sorted(plan_fp32_islands(load_onnx(model), keep_fp32_nodes=keep).islands), "weak"
+            try:
+                layers, unmatched = weak_typing_layer_names(model, keep, device)
+            except DToPError as e:
+                raise DToPError(
+                    f"--print-trtexec --weak-typing names the exact TensorRT layers to pin, which needs TensorRT 10 "
+                    f"and a GPU here ({e}); the strongly typed line (drop --weak-typing) needs neither"
+                ) from e
+            if unmatched:
+                typer.echo(f"# {len(unmatched)} FP32 node(s) match no TensorRT layer: {', '.join(unmatched)}", err=True)
+            typing = "weak"
         typer.echo(
             trtexec_command(
                 src,
@@ -88,6 +127,7 @@ def trt(
                 timing_cache=timing_cache,
                 fp32_layers=layers,
                 tf32=not no_tf32,
+                trt_major=major,
             )
         )
         return

@@ -29,6 +29,13 @@ def whiten(
         int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
     ] = None,
     scales: Annotated[str, typer.Option(help="Comma-separated scales, e.g. 1,0.7071,1.4142.")] = "1",
+    shrinkage: Annotated[
+        str,
+        typer.Option(
+            help="Lw: shrink the pair covariance towards a scaled identity: 'auto' (Ledoit-Wolf), or a number "
+            "in [0, 1] (0 = cirtorch's exact Lw). Keeps the projection well-conditioned for FP16/INT8."
+        ),
+    ] = "auto",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of in place.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -39,6 +46,16 @@ def whiten(
         raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
     if not scale_list or any(s <= 0 for s in scale_list):
         raise DToPError("--scales must list positive numbers")
+    shrink: float | str = shrinkage.strip().lower()
+    if shrink != "auto":
+        try:
+            shrink = float(shrink)
+        except ValueError:
+            raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}") from None
+        if not 0.0 <= shrink <= 1.0:
+            raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+    if shrink != "auto" and pairs is None:
+        raise DToPError("--shrinkage applies to supervised Lw (--pairs) only")
     setup_logging()
     from dtop_export.training.whitening import whiten_checkpoint
 
@@ -52,8 +69,11 @@ def whiten(
         size=size,
         scales=scale_list,
         progress=not no_progress,
+        shrinkage=shrink,
     )
     what = f"{wh.info.get('pairs')} pairs, " if wh.kind == "lw" else ""
+    how = f", shrinkage {wh.info['shrinkage']:.3g}" if "shrinkage" in wh.info else ""
     typer.echo(
-        f"wrote {out}: {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} ({what}{wh.info.get('images')} images)"
+        f"wrote {out}: {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} ({what}{wh.info.get('images')} images"
+        f"{how}, condition number {wh.info['condition_number']:.0f})"
     )

@@ -44,6 +44,7 @@ class DemoSettings:
     epochs: int = 15
     steps_per_epoch: int | None = None
     batch_size: int = 32
+    seed: int = 0
     fp16_emulate: bool = False
     force: bool = False
     progress: bool = True
@@ -165,7 +166,13 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
     train_key: dict[str, Any] = (
         {"checkpoint": str(s.checkpoint.resolve()), "mtime": s.checkpoint.stat().st_mtime}
         if s.checkpoint is not None
-        else {"preset": s.preset, "epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch, "batch_size": s.batch_size}
+        else {
+            "preset": s.preset,
+            "epochs": s.epochs,
+            "steps_per_epoch": s.steps_per_epoch,
+            "batch_size": s.batch_size,
+            **({"seed": s.seed} if s.seed else {}),  # seed 0 keeps the key (and caches) of earlier runs
+        }
     )
 
     def build_train(st: Stage) -> None:
@@ -190,6 +197,7 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             f"out_dir={train_dir}",
             f"epochs={s.epochs}",
             f"sampler.batch_size={s.batch_size}",
+            f"seed={s.seed}",
             f"progress={str(s.progress).lower()}",
         ]
         if s.steps_per_epoch is not None:
@@ -227,10 +235,27 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             return
         size = sample_set().image_size or 256
         _, wh = whiten_checkpoint(trained, model_pt, pairs=train_root, size=size, progress=s.progress)
-        st.facts = {"kind": wh.kind, "pairs": wh.info.get("pairs"), "images": wh.info.get("images")}
-        st.note = f"learned {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} from {wh.info.get('pairs')} pairs"
+        st.facts = {
+            "kind": wh.kind,
+            "pairs": wh.info.get("pairs"),
+            "images": wh.info.get("images"),
+            "shrinkage": wh.info.get("shrinkage"),
+            "condition_number": wh.info.get("condition_number"),
+        }
+        st.note = (
+            f"learned {wh.kind} whitening {wh.info['in_dim']} -> {wh.out_dim} from {wh.info.get('pairs')} pairs "
+            f"(Ledoit-Wolf shrinkage {wh.info.get('shrinkage', 0):.3f}, condition number "
+            f"{wh.info.get('condition_number', 0):.0f})"
+        )
 
-    run.stage("whiten", "learn whitening (supervised Lw)", [model_pt], build_whiten, valid=_loads_checkpoint(model_pt))
+    run.stage(
+        "whiten",
+        "learn whitening (supervised Lw)",
+        [model_pt],
+        build_whiten,
+        {"shrinkage": "ledoit-wolf"},
+        valid=_loads_checkpoint(model_pt),
+    )
 
     # 4. onnx --------------------------------------------------------------------------------------------
     def build_onnx(st: Stage) -> None:

@@ -24,7 +24,16 @@ from typing import Any
 
 from dtop_export.atomic import atomic_path, atomic_write_bytes
 from dtop_export.contract import load_onnx, metadata_of
-from dtop_export.engines.tensorrt.install import make_logger, require_tensorrt_and_gpu, version_tuple
+from dtop_export.engines.tensorrt.install import (
+    GpuInfo,
+    create_builder,
+    driver_cuda_version,
+    process_logger,
+    require_tensorrt_and_gpu,
+    tensorrt_cuda_major,
+    use_device,
+    version_tuple,
+)
 from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, sha256_file, write_sidecar
 from dtop_export.errors import DToPError
@@ -75,26 +84,92 @@ def layer_owner(layer_name: str, node_names: Sequence[str]) -> str | None:
     return best
 
 
-def pin_layers_fp32(trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]) -> list[str]:
-    """Weak typing: set ``precision`` and output types to FP32 on every layer that came from one of
-    ``keep_nodes`` (by layer name, or by an output tensor named like the node's). Returns the layer names."""
+def fp32_layers(
+    trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]
+) -> tuple[list[tuple[Any, str]], list[str]]:
+    """Weak typing: the layers of ``network`` that came from one of ``keep_nodes`` (by layer name, or by an
+    output tensor named like the node's) and compute floats, as (layer, owning node); and the keep nodes
+    that matched no such layer. Constant and shape layers, and layers whose outputs are shape tensors or
+    not floats, are skipped (Polygraphy's rule: pinning them only blocks fusions or fails the build)."""
     keep = set(keep_nodes)
     floats = {trt.float32, trt.float16}
-    pinned = []
+    skip_types = {getattr(trt.LayerType, t) for t in ("CONSTANT", "SHAPE") if hasattr(trt.LayerType, t)}
+    found: list[tuple[Any, str]] = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        owner = layer_owner(layer.name, all_nodes)
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if owner not in keep and not any(layer_owner(t.name, all_nodes) in keep for t in outputs):
+        owner = layer_owner(layer.name, all_nodes)
+        if owner not in keep:
+            owner = next((o for o in (layer_owner(t.name, all_nodes) for t in outputs) if o in keep), None)
+        if owner is None or layer.type in skip_types:
             continue
-        if not any(t.dtype in floats for t in outputs):
+        if any(getattr(t, "is_shape_tensor", False) for t in outputs) or not any(t.dtype in floats for t in outputs):
             continue
+        found.append((layer, owner))
+    matched = {owner for _, owner in found}
+    return found, sorted(keep - matched)
+
+
+def pin_layers_fp32(
+    trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Weak typing: set ``precision`` and float output types to FP32 on the layers :func:`fp32_layers`
+    selects. Returns (pinned layer names, keep nodes that matched no layer — also a warning)."""
+    found, unmatched = fp32_layers(trt, network, keep_nodes, all_nodes)
+    floats = {trt.float32, trt.float16}
+    for layer, _ in found:
         layer.precision = trt.float32
-        for j, t in enumerate(outputs):
-            if t.dtype in floats:
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype in floats:
                 layer.set_output_type(j, trt.float32)
-        pinned.append(layer.name)
-    return pinned
+    if unmatched:
+        log.warning(
+            "weak typing: %d FP32 node(s) matched no TensorRT layer (fused away or renamed), not pinned: %s",
+            len(unmatched),
+            ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
+        )
+    return [layer.name for layer, _ in found], unmatched
+
+
+def load_timing_cache(config: Any, path: Path) -> Any:
+    """The timing cache from ``path`` set on ``config``; a missing, corrupt or foreign file (other GPU or
+    TensorRT) gives a fresh cache with a warning instead of failing the build."""
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+            if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                return cache
+            why = "it was made on another GPU or TensorRT"
+        except Exception as e:  # noqa: BLE001 - TensorRT raises various types on a corrupt blob
+            why = f"it cannot be read ({e.__class__.__name__}: {' '.join(str(e).split())[:120]})"
+        log.warning("timing cache %s ignored (%s): starting a new one, saved there after the build", path, why)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise DToPError("TensorRT could not create an empty timing cache: build without --timing-cache")
+    return cache
+
+
+def weak_typing_layer_names(
+    onnx_path: str | Path, keep_fp32_nodes: Sequence[str] = (), device: int = 0
+) -> tuple[list[str], list[str]]:
+    """(TensorRT layer names a weakly typed ``--fp16`` build pins to FP32, FP32 nodes that match no layer):
+    the network is parsed exactly as :func:`build_engine` parses it, nothing is built. Needs TensorRT 10."""
+    from dtop_export.fp16.convert import plan_fp32_islands
+
+    model, _, node_names, _ = _onnx_facts(Path(onnx_path))
+    keep = sorted(plan_fp32_islands(model, keep_fp32_nodes=keep_fp32_nodes).islands)
+    trt, gpu = require_tensorrt_and_gpu(device)
+    if version_tuple(trt.__version__)[:1] != (10,):
+        raise DToPError(f"weak typing exists on TensorRT 10 only (this is {trt.__version__})")
+    use_device(gpu.index)
+    logger = process_logger(trt)
+    network = create_builder(trt, logger).create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString(), str(onnx_path)):
+        raise DToPError(f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(parser_error_lines(parser))}")
+    found, unmatched = fp32_layers(trt, network, keep, node_names)
+    return [layer.name for layer, _ in found], unmatched
 
 
 @dataclass
@@ -129,13 +204,13 @@ def prepare_fp16_onnx(
     return out_path, fp32_nodes_of(converted)
 
 
-def _onnx_facts(onnx_path: Path) -> tuple[dict[str, str], list[str], bool]:
-    """(dtop metadata, node names, is FP16) of an ONNX file, without loading its weights twice."""
+def _onnx_facts(onnx_path: Path) -> tuple[Any, dict[str, str], list[str], bool]:
+    """(model with every node named, dtop metadata, node names, is FP16) of an ONNX file."""
     from dtop_export.fp16.convert import is_fp16_model, name_nodes
 
     model = load_onnx(onnx_path)
     name_nodes(model)
-    return metadata_of(model), [n.name for n in model.graph.node], is_fp16_model(model)
+    return model, metadata_of(model), [n.name for n in model.graph.node], is_fp16_model(model)
 
 
 def build_engine(
@@ -152,13 +227,16 @@ def build_engine(
     fp16_onnx_path: str | Path | None = None,
     device: int = 0,
     verbose: bool = False,
+    detailed_profile: bool = False,
 ) -> BuildResult:
     """Build ``plan_path`` (+ its sidecar) from the dtop-export ONNX ``onnx_path`` on this GPU.
 
     ``fp16``: strongly typed FP16 ONNX with FP32 islands (written to ``fp16_onnx_path``, default
     ``<plan>.fp16.onnx``), or with ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands'
     layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` is loaded
-    when it exists and saved after the build. ``tf32=False`` for strict FP32 parity.
+    when it exists and saved after the build (a corrupt or foreign cache is replaced, with a warning).
+    ``tf32=False`` for strict FP32 parity. ``detailed_profile`` keeps per-layer precision for the engine
+    inspector (the self-test reads it). ``device`` is made current before any TensorRT object exists.
     """
     t0 = time.perf_counter()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
@@ -168,7 +246,7 @@ def build_engine(
         raise DToPError(f"--workspace must be > 0 GiB, got {workspace_gb:g}")
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
-    meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
+    named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
     trt, gpu = require_tensorrt_and_gpu(device)
@@ -194,12 +272,14 @@ def build_engine(
     elif fp16:
         from dtop_export.fp16.convert import plan_fp32_islands
 
-        keep_nodes = sorted(plan_fp32_islands(load_onnx(onnx_path), keep_fp32_nodes=keep_fp32_nodes).islands)
+        keep_nodes = sorted(plan_fp32_islands(named_model, keep_fp32_nodes=keep_fp32_nodes).islands)
     elif onnx_is_fp16:
         fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
+    built_meta = meta if source == onnx_path else metadata_of(load_onnx(source))
 
-    logger = make_logger(trt, verbose)
-    builder = trt.Builder(logger)
+    use_device(gpu.index)  # before the builder: TensorRT tunes on the current CUDA device
+    logger = process_logger(trt, verbose)
+    builder = create_builder(trt, logger)
     flags = 0
     strong = not weak_typing
     strong_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -207,7 +287,11 @@ def build_engine(
         flags |= 1 << int(strong_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(source)):
+    if weak_typing:  # parse the copy whose nodes all have names: the layer names pinning matches against
+        parsed = parser.parse(named_model.SerializeToString(), str(source))
+    else:
+        parsed = parser.parse_from_file(str(source))
+    if not parsed:
         lines = parser_error_lines(parser) or [logger.last_error or "unknown parser error"]
         more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
         raise DToPError(
@@ -225,25 +309,23 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
+    if detailed_profile:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     pinned: list[str] = []
     if weak_typing:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = pin_layers_fp32(trt, network, keep_nodes, node_names)
+        pinned, unmatched = pin_layers_fp32(trt, network, keep_nodes, node_names)
+        keep_nodes = [n for n in keep_nodes if n not in set(unmatched)]  # the sidecar lists what is FP32
     for p in profiles:
         prof = builder.create_optimization_profile()
         prof.set_shape(input_name, p.min, p.opt, p.max)
         config.add_optimization_profile(prof)
-    cache = None
     if timing_cache is not None:
         timing_cache = Path(timing_cache)
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            log.warning("timing cache %s was made on another device or TensorRT: starting a new one", timing_cache)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
+        load_timing_cache(config, timing_cache)
 
+    logger.reset()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise DToPError(
@@ -254,13 +336,11 @@ def build_engine(
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    from dtop_export import __version__
-
     seconds = time.perf_counter() - t0
-    info = PlanInfo(
-        tensorrt_version=version,
-        gpu={"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index},
-        profiles=[p.to_dict() for p in profiles],
+    info = plan_info(
+        version,
+        gpu,
+        profiles,
         precision={
             "mode": "fp16" if fp16 else "fp32",
             "typing": "weak" if weak_typing else "strong",
@@ -268,18 +348,17 @@ def build_engine(
             "fp32_nodes": keep_nodes,
             "fp32_layers_pinned": len(pinned),
         },
-        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "built_from": str(source)},
+        onnx_path=onnx_path,
+        built_from=source,
+        built_metadata=built_meta,
         build={
             "seconds": round(seconds, 2),
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "workspace_gb": workspace_gb,
             "timing_cache": str(timing_cache) if timing_cache else None,
-            "cuda": _torch_cuda_version(),
+            "detailed_profile": detailed_profile,
         },
         input_name=input_name,
         output_name=output_name,
-        metadata={k: v for k, v in meta.items() if k.startswith("dtop.")},
-        toolkit_version=__version__,
     )
     side = write_sidecar(plan_path, info)
     return BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source)
@@ -299,10 +378,39 @@ def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) ->
                 )
 
 
-def _torch_cuda_version() -> str | None:
-    try:
-        import torch
+def plan_info(
+    tensorrt_version: str,
+    gpu: GpuInfo,
+    profiles: Sequence[Profile],
+    *,
+    precision: dict[str, Any],
+    onnx_path: Path,
+    built_from: Path,
+    built_metadata: dict[str, str],
+    build: dict[str, Any],
+    input_name: str,
+    output_name: str,
+) -> PlanInfo:
+    """The sidecar of a finished build. ``metadata`` is that of the ONNX TensorRT parsed (``built_from``: the
+    FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32 islands); ``build.cuda`` is the
+    CUDA that TensorRT was built for and ``build.driver_cuda`` what the driver supports."""
+    from dtop_export import __version__
 
-        return torch.version.cuda
-    except ImportError:  # pragma: no cover
-        return None
+    trt_cuda = tensorrt_cuda_major()
+    return PlanInfo(
+        tensorrt_version=tensorrt_version,
+        gpu={"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index},
+        profiles=[p.to_dict() for p in profiles],
+        precision=precision,
+        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "built_from": str(built_from)},
+        build={
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cuda": str(trt_cuda) if trt_cuda else None,
+            "driver_cuda": driver_cuda_version(),
+            **build,
+        },
+        input_name=input_name,
+        output_name=output_name,
+        metadata={k: v for k, v in built_metadata.items() if k.startswith("dtop.")},
+        toolkit_version=__version__,
+    )

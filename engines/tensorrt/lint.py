@@ -89,10 +89,13 @@ class Issue:
 
 
 def lint_tensorrt(model: onnx.ModelProto | str | Path) -> list[Issue]:
-    """Problems TensorRT 10.x's ONNX parser would have with ``model`` (a ModelProto or a path).
+    """Problems the ONNX parser of TensorRT 10.x or 11.x (what ``pip`` installs today) would have with
+    ``model`` (a ModelProto or a path).
 
-    Severity ``error``: the parse (or build) fails; ``warning``: it works only on some 10.x releases or
-    with a caveat. An empty list means the graph should parse on every TensorRT 10.x.
+    The rules are those of the 10.x parsers, whose op and opset support 11.x keeps; 11.x additionally builds
+    strongly typed only, which every dtop-export artefact is. Severity ``error``: the parse (or build)
+    fails; ``warning``: it works only on some 10.x releases or with a caveat. An empty list means the graph
+    should parse on every TensorRT 10.x and 11.x.
     """
     if not hasattr(model, "graph"):
         model = load_onnx(model)

@@ -1,8 +1,10 @@
 """Run a ``.plan`` built by :func:`~dtop_export.engines.tensorrt.builder.build_engine` behind the engine interface.
 
-The runner reads the sidecar first (version and GPU checks), sets input shapes per call, splits batches larger
-than the profile allows, pads smaller ones, rejects sizes outside every profile, and runs ``execute_async_v3``
-on its own CUDA stream with device buffers from torch.
+The runner reads the sidecar first (version and GPU checks), makes its GPU current before TensorRT loads
+anything, sets input shapes per call, splits batches larger than the profile allows, pads smaller ones,
+rejects sizes outside every profile, and runs ``execute_async_v3`` on its own CUDA stream with device buffers
+from torch. One execution context serves every profile; its activation memory is sized for the profile in
+use (``ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE``), not for the largest one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dtop_export.contract import Engine, preprocess_from_metadata
-from dtop_export.engines.tensorrt.install import make_logger, require_tensorrt_and_gpu
+from dtop_export.engines.tensorrt.install import create_runtime, process_logger, require_tensorrt_and_gpu, use_device
 from dtop_export.engines.tensorrt.profiles import Profile, format_shape, select_profile, split_batches
 from dtop_export.engines.tensorrt.sidecar import compatibility, read_sidecar
 from dtop_export.errors import DToPError, ShapeError
@@ -45,8 +47,10 @@ class TensorRTEngine(Engine):
         import torch
 
         self._trt = trt
-        self._logger = make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
+        self._index = gpu.index
+        use_device(gpu.index)  # before the runtime: TensorRT deserializes onto the current CUDA device
+        self._logger = process_logger(trt)
+        self._runtime = create_runtime(trt, self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.source.read_bytes())
         if self.engine is None:
             raise DToPError(
@@ -71,18 +75,26 @@ class TensorRTEngine(Engine):
             self.engine.get_tensor_shape(self._output)[-1]
         )
         self._stream = torch.cuda.Stream(device=self._torch_device)  # not the default stream
-        self._contexts: dict[int, Any] = {}
+        self._ctx: Any = None
+        self._profile = -1
 
     def _context(self, k: int) -> Any:
-        ctx = self._contexts.get(k)
-        if ctx is None:
-            ctx = self.engine.create_execution_context()
-            if ctx is None:
+        """The one execution context, switched to profile ``k`` (memory re-sized on a switch)."""
+        if self._ctx is None:
+            self._logger.reset()
+            strategy = getattr(self._trt, "ExecutionContextAllocationStrategy", None)
+            if strategy is not None:
+                self._ctx = self.engine.create_execution_context(strategy.ON_PROFILE_CHANGE)
+            else:  # pragma: no cover - TensorRT < 10
+                self._ctx = self.engine.create_execution_context()
+            if self._ctx is None:
                 raise DToPError(f"TensorRT could not create an execution context: {self._logger.last_error}")
-            if self.engine.num_optimization_profiles > 1:
-                ctx.set_optimization_profile_async(k, self._stream.cuda_stream)
-            self._contexts[k] = ctx
-        return ctx
+            self._profile = 0
+        if k != self._profile:
+            if not self._ctx.set_optimization_profile_async(k, self._stream.cuda_stream):
+                raise DToPError(f"TensorRT could not switch to optimization profile {k}: {self._logger.last_error}")
+            self._profile = k
+        return self._ctx
 
     def _torch_dtype(self, name: str) -> Any:
         import torch
@@ -97,7 +109,8 @@ class TensorRTEngine(Engine):
         import torch
 
         ctx = self._context(k)
-        with torch.cuda.stream(self._stream):
+        self._logger.reset()
+        with torch.cuda.device(self._index), torch.cuda.stream(self._stream):
             x = torch.from_numpy(chunk).to(self._torch_device, dtype=self._torch_dtype(self._input))
             if not ctx.set_input_shape(self._input, tuple(chunk.shape)):
                 raise ShapeError(f"{self.source}: TensorRT refused input shape {format_shape(chunk.shape)}")
@@ -116,6 +129,8 @@ class TensorRTEngine(Engine):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = self.check_images(images)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
         k = select_profile(self.profiles, x.shape[1:])
         prof = self.profiles[k]
         outs = []
@@ -136,4 +151,5 @@ class TensorRTEngine(Engine):
         }
 
     def close(self) -> None:
-        self._contexts.clear()
+        self._ctx = None
+        self._profile = -1

@@ -1,0 +1,443 @@
+"""The TensorRT path's review fixes, decided on a CPU with fake ``tensorrt``/CUDA modules: device selection
+before every TensorRT object, the CUDA-mismatch line, one logger per process, the timing-cache fallback,
+trtexec lines per TensorRT version, the sidecar's fields, one execution context, empty batches, the extras
+and the self-test's report, arguments and skip line. (The real builds are the ``gpu`` tests and
+``dtop-export trt --self-test``.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tomllib
+from trt_helpers import descriptor_model, dtop_onnx
+
+import dtop_export.engines.tensorrt.builder as builder_mod
+import dtop_export.engines.tensorrt.install as install
+import dtop_export.engines.tensorrt.runner as runner_mod
+from dtop_export.engines.tensorrt.builder import load_timing_cache, plan_info
+from dtop_export.engines.tensorrt.install import GpuInfo, process_logger
+from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, write_sidecar
+from dtop_export.engines.tensorrt.trtexec import layer_spec, trtexec_command
+from dtop_export.errors import DToPError
+from dtop_export.pipeline.trt_selftest import Check, SelfTestReport, check_io, island_precisions
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TRT = "import sys; sys.modules['tensorrt'] = None; from dtop_export.cli import main; main(sys.argv[1:])"
+
+
+def _fake_trt(version: str = "10.8.0.43", **attrs: object) -> types.ModuleType:
+    class ILogger:
+        class Severity:
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self) -> None:
+            pass
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.ILogger = ILogger
+    for k, v in attrs.items():
+        setattr(trt, k, v)
+    return trt
+
+
+@pytest.fixture
+def cuda_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """torch.cuda.set_device/init replaced by recorders (no GPU needed)."""
+    import torch
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"set_device({i})"))
+    monkeypatch.setattr(torch.cuda, "init", lambda: calls.append("init"))
+    return calls
+
+
+# 1. device selection ------------------------------------------------------------------------------------
+
+
+def test_build_selects_the_device_before_the_builder(monkeypatch: pytest.MonkeyPatch, cuda_calls: list[str]) -> None:
+    def builder(logger: object) -> None:
+        cuda_calls.append("Builder")
+        raise TypeError("factory function returned nullptr")
+
+    trt = _fake_trt(Builder=builder)
+    monkeypatch.setattr(builder_mod, "require_tensorrt_and_gpu", lambda i: (trt, GpuInfo("Fake GPU", "9.0", i)))
+    with pytest.raises(DToPError, match="could not create a builder"):  # the fake builder's failure, as one line
+        builder_mod.build_engine(dtop_onnx(), Path("unused.plan"), device=1)
+    assert cuda_calls == ["set_device(1)", "init", "Builder"]
+
+
+def test_runner_selects_the_device_before_the_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cuda_calls: list[str]
+) -> None:
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"plan")
+    write_sidecar(plan, _info())
+
+    def runtime(logger: object) -> None:
+        cuda_calls.append("Runtime")
+        raise TypeError("factory function returned nullptr")
+
+    trt = _fake_trt("10.8.0.43", Runtime=runtime)
+    monkeypatch.setattr(runner_mod, "require_tensorrt_and_gpu", lambda i: (trt, GpuInfo("NVIDIA H100", "9.0", i)))
+    with pytest.raises(DToPError, match="could not create a runtime"):
+        runner_mod.TensorRTEngine(plan, device=1)
+    assert cuda_calls == ["set_device(1)", "init", "Runtime"]
+
+
+# 2. the CUDA mismatch, and the extras -------------------------------------------------------------------
+
+
+def test_builder_nullptr_names_both_cuda_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    def builder(logger: object) -> None:
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    trt = _fake_trt("11.4.0.106", Builder=builder)
+    monkeypatch.setattr(install, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(install, "driver_cuda_version", lambda: "12.8")
+    with pytest.raises(DToPError) as e:
+        install.create_builder(trt, object())
+    msg = str(e.value)
+    assert "\n" not in msg and "TensorRT 11.4.0.106 (built for CUDA 13)" in msg
+    assert "driver supports CUDA up to 12.8" in msg and "pip install 'dtop-export[cuda12]'" in msg
+    monkeypatch.setattr(install, "driver_cuda_version", lambda: None)
+    with pytest.raises(DToPError, match="no NVIDIA driver"):
+        install.create_runtime(_fake_trt(Runtime=lambda logger: None), object())
+
+
+def test_tensorrt_cuda_major_from_the_installed_wheels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata as md
+
+    def dists(*names: str) -> list[types.SimpleNamespace]:
+        return [types.SimpleNamespace(metadata={"Name": n}) for n in names]
+
+    monkeypatch.setattr(md, "distributions", lambda: dists("numpy", "tensorrt_cu12_libs", "tensorrt-cu12-bindings"))
+    assert install.tensorrt_cuda_major() == 12
+    monkeypatch.setattr(md, "distributions", lambda: dists("tensorrt-cu12", "tensorrt-cu13"))  # ambiguous
+    assert install.tensorrt_cuda_major() is None
+
+
+def test_extras_install_one_consistent_stack() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["cuda12"] == ["tensorrt-cu12>=10.0,<12"] and extras["cuda13"][0].startswith("tensorrt-cu13>=")
+    flat = [req.split(">")[0].split("=")[0].split("<")[0] for reqs in extras.values() for req in reqs]
+    # no unpinned metapackage (resolves to the newest CUDA), no package that fights the core onnxruntime,
+    # nothing unused
+    assert "tensorrt" not in flat and "onnxruntime-gpu" not in flat and "cuda-python" not in flat
+    assert any(d.startswith("onnxruntime") for d in project["dependencies"])
+    readme = (ROOT / "README.md").read_text()
+    assert "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" in readme
+    assert "pip install -e '.[cuda12]'" in readme and "[cuda13]" in readme
+
+
+# 4. timing cache ------------------------------------------------------------------------------------------
+
+
+class _Config:
+    """A builder config whose timing-cache calls behave like TensorRT's on good, foreign and corrupt blobs."""
+
+    def __init__(self) -> None:
+        self.set: list[bytes] = []
+
+    def create_timing_cache(self, blob: bytes) -> object:
+        if blob.startswith(b"corrupt"):
+            raise RuntimeError("Assertion failed: magic number mismatch")
+        return types.SimpleNamespace(blob=blob)
+
+    def set_timing_cache(self, cache: types.SimpleNamespace, ignore_mismatch: bool) -> bool:
+        if cache.blob.startswith(b"foreign"):
+            return False
+        self.set.append(cache.blob)
+        return True
+
+
+@pytest.mark.parametrize("blob", [b"corrupt cache", b"foreign device"])
+def test_a_bad_timing_cache_falls_back_to_a_fresh_one(
+    tmp_path: Path, blob: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "timing.cache"
+    path.write_bytes(blob)
+    config = _Config()
+    with caplog.at_level(logging.WARNING, logger="dtop_export.engines.tensorrt"):
+        load_timing_cache(config, path)
+    assert config.set == [b""]
+    assert any("timing cache" in r.getMessage() and "starting a new one" in r.getMessage() for r in caplog.records)
+
+
+def test_a_good_or_missing_timing_cache_is_used_silently(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "timing.cache"
+    config = _Config()
+    with caplog.at_level(logging.WARNING, logger="dtop_export.engines.tensorrt"):
+        load_timing_cache(config, path)  # missing: a fresh cache
+        path.write_bytes(b"good")
+        load_timing_cache(config, path)
+    assert config.set == [b"", b"good"] and not caplog.records
+
+
+# 5. logger ------------------------------------------------------------------------------------------------
+
+
+def test_one_logger_per_process_reset_between_operations() -> None:
+    trt = _fake_trt()
+    first = process_logger(trt)
+    first.log(trt.ILogger.Severity.ERROR, "bad  thing\n happened")
+    assert first.last_error == "bad thing happened"
+    second = process_logger(trt, verbose=True)
+    assert second is first and second.last_error == "" and second.verbose  # never a stale error
+    second.log(trt.ILogger.Severity.WARNING, "just a warning")
+    assert second.last_error == ""
+
+
+# 7. trtexec per version -------------------------------------------------------------------------------------
+
+
+def test_trtexec_line_uses_only_the_flags_of_its_version() -> None:
+    profiles = make_profiles()
+    line11 = shlex.split(trtexec_command("m.fp16.onnx", "m.plan", profiles, tf32=False, trt_major=11))
+    removed_in_11 = ("--fp16", "--precisionConstraints", "--layerPrecisions", "--layerOutputTypes", "--stronglyTyped")
+    assert not [a for a in line11 if a.split("=")[0] in removed_in_11]
+    assert "--noTF32" in line11 and "--maxShapes=images:8x3x1024x1024" in line11
+    line10 = shlex.split(trtexec_command("m.fp16.onnx", "m.plan", profiles, trt_major=10))
+    assert "--stronglyTyped" in line10 and line10[:-1] == [a for a in line11 if a != "--noTF32"]
+    with pytest.raises(DToPError, match="weak typing exists on TensorRT 10 only"):
+        trtexec_command("m.onnx", "m.plan", profiles, typing="weak", trt_major=11)
+    with pytest.raises(DToPError, match="--trt-version must be one of 10, 11"):
+        trtexec_command("m.onnx", "m.plan", profiles, trt_major=9)
+    assert layer_spec(["/blocks.1/norm1/LayerNormalization", "l2"]) == "/blocks.1/norm1/LayerNormalization:fp32,l2:fp32"
+    with pytest.raises(DToPError, match="cannot express"):
+        layer_spec(["a,b"])
+
+
+def test_print_trtexec_cli_per_version(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.onnx"
+    onnx.save(descriptor_model(), str(model))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", NO_TRT, "trt", str(model), *args], capture_output=True, text=True)
+
+    default = run("--fp16", "--print-trtexec")  # no TensorRT here: the line is for 11
+    assert default.returncode == 0, default.stderr
+    assert "--stronglyTyped" not in default.stdout and "--fp16" not in default.stdout.replace(".fp16.onnx", "")
+    ten = run("--fp16", "--print-trtexec", "--trt-version", "10")
+    assert ten.returncode == 0 and "--stronglyTyped" in ten.stdout
+    for args, message in [
+        (("--fp16", "--weak-typing", "--print-trtexec"), "--weak-typing exists on TensorRT 10 only"),
+        (("--fp16", "--weak-typing", "--print-trtexec", "--trt-version", "10"), "needs TensorRT 10 and a GPU here"),
+        (("--print-trtexec", "--trt-version", "9"), "--trt-version must be one of 10, 11"),
+        (("--trt-version", "10",), "--trt-version only applies to --print-trtexec"),
+    ]:  # fmt: skip
+        r = run(*args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# 8. sidecar -------------------------------------------------------------------------------------------------
+
+
+def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dtop_export.contract import read_metadata
+    from dtop_export.engines.tensorrt.builder import prepare_fp16_onnx
+
+    fp16_path, islands = prepare_fp16_onnx(dtop_onnx(), tmp_path / "m.fp16.onnx")
+    monkeypatch.setattr(builder_mod, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(builder_mod, "driver_cuda_version", lambda: "13.0")
+    info = plan_info(
+        "11.4.0.106",
+        GpuInfo("NVIDIA H200", "9.0", 0),
+        make_profiles(),
+        precision={"mode": "fp16", "typing": "strong", "fp32_nodes": islands},
+        onnx_path=dtop_onnx(),
+        built_from=fp16_path,
+        built_metadata=read_metadata(fp16_path),
+        build={"seconds": 1.0},
+        input_name="images",
+        output_name="descriptors",
+    )
+    assert info.build["cuda"] == "13" and info.build["driver_cuda"] == "13.0" and info.build["seconds"] == 1.0
+    assert info.metadata["dtop.precision"] == "fp16" and "dtop.fp16" in info.metadata  # the file TensorRT built
+    assert read_metadata(dtop_onnx()).get("dtop.precision", "fp32") == "fp32"
+    assert info.onnx["built_from"] == str(fp16_path)
+
+
+# 9. runner: one context, empty batches ------------------------------------------------------------------------
+
+
+def _runner_without_gpu(profiles: list[Profile]) -> runner_mod.TensorRTEngine:
+    """A TensorRTEngine whose TensorRT objects are recorders (no GPU): enough for context and batch logic."""
+    calls: list[str] = []
+    trt = types.SimpleNamespace(ExecutionContextAllocationStrategy=types.SimpleNamespace(ON_PROFILE_CHANGE="opc"))
+
+    class Context:
+        def set_optimization_profile_async(self, k: int, stream: int) -> bool:
+            calls.append(f"profile {k}")
+            return True
+
+    class CudaEngine:
+        def create_execution_context(self, strategy: str) -> Context:
+            calls.append(f"context {strategy}")
+            return Context()
+
+    eng = object.__new__(runner_mod.TensorRTEngine)
+    eng._trt, eng.engine, eng.profiles = trt, CudaEngine(), profiles
+    eng._ctx, eng._profile, eng.descriptor_dim, eng.stride = None, -1, 16, 16
+    eng._stream = types.SimpleNamespace(cuda_stream=0)
+    eng._logger = types.SimpleNamespace(last_error="", reset=lambda: None)
+    eng._run = lambda k, chunk: (eng._context(k), np.ones((chunk.shape[0], 16), np.float32))[1]  # type: ignore[method-assign]
+    eng.calls = calls  # type: ignore[attr-defined]
+    return eng
+
+
+def test_runner_uses_one_context_sized_per_profile() -> None:
+    small, large = (
+        Profile((1, 3, 64, 64), (1, 3, 64, 64), (4, 3, 128, 128)),
+        Profile((1, 3, 256, 256), (1, 3, 256, 256), (2, 3, 512, 512)),
+    )
+    eng = _runner_without_gpu([small, large])
+    eng.embed(np.zeros((3, 3, 64, 64), np.float32))
+    eng.embed(np.zeros((3, 3, 512, 512), np.float32))  # split 2 + 1 (padded to the min of 1: no pad)
+    eng.embed(np.zeros((1, 3, 128, 128), np.float32))
+    assert eng.calls == ["context opc", "profile 1", "profile 0"]  # type: ignore[attr-defined]
+
+
+def test_every_engine_answers_an_empty_batch(tmp_path: Path) -> None:
+    from trt_helpers import dtop_ckpt
+
+    from dtop_export.engines.ort import OnnxRuntimeEngine
+    from dtop_export.engines.pytorch import TorchEngine
+
+    empty = np.zeros((0, 3, 128, 128), np.float32)
+    trt_engine = _runner_without_gpu([make_profiles()[0]])
+    assert trt_engine.embed(empty).shape == (0, 16) and trt_engine.calls == []  # type: ignore[attr-defined]
+    ort_engine = OnnxRuntimeEngine(dtop_onnx())
+    out = ort_engine.embed(empty)
+    assert out.shape == (0, ort_engine.descriptor_dim) and out.dtype == np.float32
+    torch_engine = TorchEngine.from_checkpoint(dtop_ckpt())
+    assert torch_engine.embed(empty).shape == (0, torch_engine.descriptor_dim)
+
+
+# 10. lint wording --------------------------------------------------------------------------------------------
+
+
+def test_check_names_both_tensorrt_versions() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "check", str(dtop_onnx()), "--target", "tensorrt"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "should parse on TensorRT 10.x and 11.x" in r.stdout, r.stdout + r.stderr
+
+
+# the self-test ----------------------------------------------------------------------------------------------
+
+
+def test_self_test_without_tensorrt_is_one_line_exit_2(tmp_path: Path) -> None:
+    report = tmp_path / "selftest.json"
+    r = subprocess.run(
+        [sys.executable, "-c", NO_TRT, "trt", "--self-test", "--full", "--json", str(report)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("self-test cannot run: TensorRT is not installed")
+    assert "Traceback" not in r.stderr and not report.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["x.onnx", "--self-test"], "--self-test takes no MODEL"),
+        (["--self-test", "--print-trtexec"], "--self-test takes no MODEL and no --print-trtexec"),
+        (["x.onnx", "--full"], "--full and --json belong to --self-test"),
+        ([], "give the ONNX file to build"),
+    ],
+)
+def test_self_test_arguments(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-c", NO_TRT, "trt", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_self_test_report() -> None:
+    env = {"tensorrt": "10.13.3.9", "gpu": {"name": "NVIDIA H100 80GB HBM3"}}
+    rep = SelfTestReport(env, full=False)
+    assert not rep.passed  # nothing ran
+    rep.checks += [Check("build", "pass", "ok", 3.2), Check("islands", "skip", "Myelin", 0.1)]
+    assert rep.passed
+    assert (
+        rep.verdict() == "self-test PASS: 1 passed, 0 failed, 1 skipped (TensorRT 10.13.3.9 on NVIDIA H100 80GB HBM3)"
+    )
+    rep.checks.append(Check("parity", "fail", "cos min 0.99 (>= 0.999)", 1.0, {"cosine_min": 0.99}))
+    assert not rep.passed and rep.verdict().startswith("self-test FAIL: 1 passed, 1 failed, 1 skipped")
+    table = rep.table().splitlines()
+    assert table[0] == "| check | result | seconds | detail |" and "| parity | **FAIL** | 1.0 |" in table[-1]
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["passed"] is False and d["checks"][2]["data"] == {"cosine_min": 0.99} and d["environment"] == env
+
+
+def test_self_test_io_and_island_checks() -> None:
+    profiles = make_profiles(["1x3x128x128"], ["2x3x256x256"], ["4x3x384x384"])
+    facts = {
+        "tensors": {"images": {"mode": "input", "dtype": "FLOAT"}, "descriptors": {"mode": "output", "dtype": "FLOAT"}},
+        "profiles": [[[1, 3, 128, 128], [2, 3, 256, 256], [4, 3, 384, 384]]],
+    }
+    assert check_io(facts, profiles) == []
+    facts["tensors"]["descriptors"]["dtype"] = "HALF"
+    facts["profiles"][0][2] = [8, 3, 384, 384]
+    problems = check_io(facts, profiles)
+    assert len(problems) == 2 and "descriptors is output HALF" in problems[0] and "profiles" in problems[1]
+
+    nodes = ["ln1", "mm1", "l2_div", "soft"]
+    inspector = {
+        "Layers": [
+            {"Name": "ln1", "Outputs": [{"Format/Datatype": "Row major linear FP32"}]},
+            {"Name": "mm1", "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},  # not an island
+            {"Name": "l2_div + soft", "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},
+            {"Name": "{ForeignNode[mm1...soft]}", "Outputs": [{"Format/Datatype": "Half"}]},
+            {"Name": "ln1 + mm1", "Outputs": [{"Format/Datatype": "Half"}]},  # mixed: a cast fused in
+        ]
+    }
+    res = island_precisions(json.dumps(inspector), ["ln1", "l2_div", "soft"], nodes)
+    assert res["checked"] == 2 and res["opaque"] == 1 and len(res["wrong"]) == 1
+    assert res["wrong"][0].startswith("l2_div + soft")
+    assert island_precisions(json.dumps({"Layers": ["ln1", "mm1"]}), ["ln1"], nodes)["checked"] == 0
+
+
+def test_onnxruntime_conflict_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata as md
+
+    versions = {"onnxruntime": "1.32.0"}
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise md.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(md, "version", version)
+    assert install.onnxruntime_conflict() is None
+    versions["onnxruntime-gpu"] = "1.31.1"
+    line = install.onnxruntime_conflict()
+    assert line is not None and "onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1" in line
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in line
+
+
+def _info() -> PlanInfo:
+    return PlanInfo(
+        tensorrt_version="10.8.0.43",
+        gpu={"name": "NVIDIA H100", "compute_capability": "9.0"},
+        profiles=[make_profiles()[0].to_dict()],
+        precision={"mode": "fp16", "typing": "strong", "fp32_nodes": []},
+        onnx={"path": "m.onnx", "sha256": "0" * 64},
+        metadata={"dtop.stride": "16", "dtop.descriptor_dim": "16"},
+    )
