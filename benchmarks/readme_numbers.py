@@ -2,9 +2,11 @@
 
 Every figure in that table comes from a file a run wrote — ``bench.json`` (``dtop-export bench`` via
 ``cpu_paths.py``), ``accuracy.json`` (``cpu_paths.py``), ``demo.json`` (the state file of a ``dtop-export
-demo`` run) — or from ``measured.json``, which holds the figures that have no result file of their own, each
-with the command that produced it. Nothing is typed into the README by hand, so a figure cannot drift from
-its source, and ``tests/test_readme.py`` fails when the README's block is stale or malformed.
+demo`` run), ``fp16_whitening.json`` (``fp16_whitening.py``), ``gpu-h200/gpu_fp16_*.json``
+(``gpu_fp16_whitening.py`` on a lent GPU) — or from ``measured.json``, which holds the figures that have no
+result file of their own, each with the command that produced it. Nothing is typed into the README by hand,
+so a figure cannot drift from its source, and ``tests/test_readme.py`` fails when the README's block is
+stale or malformed.
 
     python benchmarks/readme_numbers.py            # rewrite the block between the README's markers
     python benchmarks/readme_numbers.py --check    # exit 1 when the README differs from the results
@@ -113,6 +115,8 @@ def rows() -> list[tuple[str, str, str, str]]:
     cos = f"{audit['cosine_min']:.6f}" if audit else "(no FP16 audit in the demo run)"
     add_fixed("FP16 (CPU emulation of TensorRT FP16)", fp16.replace("{demo_cosine_min}", cos))
 
+    out += _whitening_rows()
+
     train = stages["train"]["facts"]
     parity = stages["parity"]["facts"]
     ort = next(e for e in parity["engines"] if "onnxruntime" in e["label"])
@@ -128,6 +132,60 @@ def rows() -> list[tuple[str, str, str, str]]:
             "`dtop-export demo`",
         )
     )
+    return out
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}–{format(hi, fmt)}"
+
+
+def _whitening_rows() -> list[tuple[str, str, str, str]]:
+    """FP16 against the whitening's conditioning: the 5-seed CPU emulation and the GPU runs."""
+    seeds = _load("fp16_whitening.json")
+    rows = seeds["rows"]
+    parts = []
+    for name in rows[0]["variants"]:
+        vs = [r["variants"][name] for r in rows]
+        worst = max(abs(d) for v in vs for d in v["map_delta"].values())
+        fp32 = {s: sum(v["map_fp32"][s] for v in vs) / len(vs) for s in SETUPS}
+        parts.append(
+            f"{name}: cond(P) {_span([v['condition_number'] for v in vs], '.0f')}, FP16 cos min "
+            f"{_span([v['cosine_min'] for v in vs], '.6f')}, max ΔmAP {worst:.2f}, "
+            f"{sum(v['passed'] for v in vs)}/{len(vs)} within the contract, FP32 mAP E/M/H (mean) {_map(fp32)}"
+        )
+    out = [
+        (
+            f"FP16 preview vs whitening, {len(rows)} training seeds (CPU emulation of TensorRT FP16)",
+            "; ".join(parts),
+            _machine(seeds["machine"]),
+            f"`python benchmarks/fp16_whitening.py --seeds {','.join(str(r['seed']) for r in rows)}`",
+        )
+    ]
+    gpu_rows, gpu = [], None
+    for f in sorted((RESULTS / "gpu-h200").glob("gpu_fp16_*.json")):
+        d = json.loads(f.read_text())
+        gpu = gpu or f"{d['gpu']}, torch {d['torch']}, CUDA {d['cuda']}"
+        gpu_rows += d["rows"]
+    if gpu_rows:
+        parts = []
+        for mode, label in (("autocast", "autocast fp16 (FP32 norms, ≈ TensorRT's islands)"), ("half", "model.half()")):
+            for name in ("exact Lw", "Ledoit-Wolf"):
+                vs = [r for r in gpu_rows if r["mode"] == mode and r["whitening"] == name]
+                if vs:
+                    parts.append(
+                        f"{label}, {name}: cos min {_span([v['cosine_min'] for v in vs], '.6f')}, mean "
+                        f"{_span([v['cosine_mean'] for v in vs], '.6f')}, {sum(v['passed'] for v in vs)}/{len(vs)} pass"
+                    )
+        seeds_run = sorted({r["label"] for r in gpu_rows})
+        out.append(
+            (
+                f"real FP16 on a GPU, same trained checkpoints ({', '.join(seeds_run)})",
+                "; ".join(parts),
+                gpu,
+                "`bash benchmarks/gpu_session.sh OUT seed0=seed0/train/final.pt ...`",
+            )
+        )
     return out
 
 

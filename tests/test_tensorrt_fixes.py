@@ -441,3 +441,19 @@ def _info() -> PlanInfo:
         onnx={"path": "m.onnx", "sha256": "0" * 64},
         metadata={"dtop.stride": "16", "dtop.descriptor_dim": "16"},
     )
+
+
+def test_whitening_stays_fp32_in_every_reduced_precision_artefact() -> None:
+    """The whitening multiplies by P (cond(P) up to thousands when learned without shrinkage): it is an
+    FP32 island of the FP16 ONNX and never among the nodes the INT8 plan quantises."""
+    from dtop_export.contract import load_onnx
+    from dtop_export.fp16.convert import convert_to_fp16, fp32_nodes_of, plan_fp32_islands
+    from dtop_export.quantize import plan_quantization
+
+    model = load_onnx(dtop_onnx())  # exported with a whitening
+    whitening = [n for n, why in plan_fp32_islands(model).islands.items() if why == "whitening"]
+    assert whitening, "the export's whitening was not found"
+    fp16 = convert_to_fp16(load_onnx(dtop_onnx()))
+    assert set(whitening) <= set(fp32_nodes_of(fp16))
+    quant, _ = plan_quantization(load_onnx(dtop_onnx()))
+    assert quant and not set(whitening) & set(quant)

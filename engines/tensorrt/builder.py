@@ -164,7 +164,8 @@ def weak_typing_layer_names(
         raise DToPError(f"weak typing exists on TensorRT 10 only (this is {trt.__version__})")
     use_device(gpu.index)
     logger = process_logger(trt)
-    network = create_builder(trt, logger).create_network(0)
+    builder = create_builder(trt, logger)  # kept alive while the network and parser are used
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString(), str(onnx_path)):
         raise DToPError(f"TensorRT's ONNX parser rejected {onnx_path}: {'; '.join(parser_error_lines(parser))}")
