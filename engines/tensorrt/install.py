@@ -132,8 +132,12 @@ def cuda_mismatch_message(trt: ModuleType, what: str) -> str:
     has = f"the NVIDIA driver supports CUDA up to {driver}" if driver else "no NVIDIA driver (libcuda) was found"
     fix = "install the TensorRT built for your driver's CUDA: pip install 'dtop-export[cuda12]' (or [cuda13])"
     if trt_cuda and driver and int(driver.split(".")[0]) < trt_cuda:
-        major = driver.split(".")[0]
-        fix = f"TensorRT needs CUDA {trt_cuda}: pip install 'dtop-export[cuda{major}]' or upgrade the driver"
+        major = int(driver.split(".")[0])
+        fix = f"TensorRT needs CUDA {trt_cuda}: " + (
+            f"pip install 'dtop-export[cuda{major}]' or upgrade the driver"
+            if major in (12, 13)
+            else "upgrade the NVIDIA driver (TensorRT 10 and 11 wheels need CUDA 12 or 13)"
+        )
     return f"TensorRT {trt.__version__} ({built}) could not create a {what}: {has}; {fix}"
 
 
