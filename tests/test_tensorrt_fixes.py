@@ -457,3 +457,28 @@ def test_whitening_stays_fp32_in_every_reduced_precision_artefact() -> None:
     assert set(whitening) <= set(fp32_nodes_of(fp16))
     quant, _ = plan_quantization(load_onnx(dtop_onnx()))
     assert quant and not set(whitening) & set(quant)
+
+
+def test_self_test_parity_uses_the_projects_comparator_and_contracts() -> None:
+    """The self-test's parity rows are `parity.compare` under the engine precision's contract: an FP32
+    engine off by 1e-3 fails the FP32 contract (max-abs 1e-4) and passes as FP16 (cos >= 0.999)."""
+    from dtop_export.pipeline.trt_selftest import _parity
+
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(4)]
+
+    class Fake:
+        def __init__(self, precision: str, noise: float) -> None:
+            self.precision, self.noise, self.label = precision, noise, f"fake {precision}"
+
+        def embed(self, x: np.ndarray) -> np.ndarray:
+            d = x.reshape(len(x), -1)[:, :64].astype(np.float64)
+            d += self.noise * np.cos(np.arange(64))
+            return (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+
+    ref = Fake("fp32", 0.0)
+    assert _parity(Fake("fp32", 0.0), ref, images)[0] == "pass"
+    status, detail, data = _parity(Fake("fp32", 1e-2), ref, images)
+    assert status == "fail" and "max_abs" in detail and data["max_abs"] > 1e-4
+    status, _, data = _parity(Fake("fp16", 1e-2), ref, images)
+    assert status == "pass" and data["contract_cosine"] == 0.999 and data["cosine_min"] >= 0.999

@@ -79,6 +79,19 @@ def condition_number(P: torch.Tensor) -> float:
     return float(s[0] / s[-1]) if float(s[-1]) > 0 else float("inf")
 
 
+def parse_shrinkage(value: float | str) -> float | str:
+    """``"auto"`` or a float in [0, 1] (``"0.25"`` -> 0.25), or a one-line :class:`DToPError`."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        a = -1.0
+    if not 0.0 <= a <= 1.0:
+        raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {value!r}")
+    return a
+
+
 def learn_lw(
     X: torch.Tensor,
     qidxs: Sequence[int],
@@ -97,15 +110,8 @@ def learn_lw(
     m = q.mean(0)
     df = q - p
     S = df.T @ df / df.shape[0]
-    if shrinkage == "auto":
-        a = ledoit_wolf_shrinkage(df)
-    else:
-        try:
-            a = float(shrinkage)
-        except (TypeError, ValueError):
-            a = -1.0
-        if not 0.0 <= a <= 1.0:
-            raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+    shrinkage = parse_shrinkage(shrinkage)
+    a = ledoit_wolf_shrinkage(df) if shrinkage == "auto" else shrinkage
     if a > 0:
         mu = float(torch.trace(S)) / n_dim
         S = (1.0 - a) * S + a * mu * torch.eye(n_dim, dtype=S.dtype)
@@ -251,6 +257,7 @@ def whiten_checkpoint(
 
     if (pairs is None) == (images is None):
         raise DToPError("give either --pairs (supervised Lw) or --images (unsupervised PCA whitening)")
+    shrinkage = parse_shrinkage(shrinkage)  # a bad value fails before the descriptors are computed
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.build_model()
     size = size or ckpt.preprocess.size

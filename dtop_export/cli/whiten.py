@@ -46,18 +46,12 @@ def whiten(
         raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
     if not scale_list or any(s <= 0 for s in scale_list):
         raise DToPError("--scales must list positive numbers")
-    shrink: float | str = shrinkage.strip().lower()
-    if shrink != "auto":
-        try:
-            shrink = float(shrink)
-        except ValueError:
-            raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}") from None
-        if not 0.0 <= shrink <= 1.0:
-            raise DToPError(f"--shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
+    from dtop_export.training.whitening import parse_shrinkage, whiten_checkpoint
+
+    shrink = parse_shrinkage(shrinkage)  # before the minutes of embedding, not after
     if shrink != "auto" and pairs is None:
         raise DToPError("--shrinkage applies to supervised Lw (--pairs) only")
     setup_logging()
-    from dtop_export.training.whitening import whiten_checkpoint
 
     out, wh = whiten_checkpoint(
         checkpoint,

@@ -2,8 +2,8 @@
 
 Prints the environment (TensorRT and the CUDA it was built for, the driver's CUDA, PyTorch's CUDA runtime, the
 GPU, ONNX Runtime's providers), then on a random-init small model: builds FP32 (TF32 off) and strongly typed
-FP16, checks I/O names and dtypes and the profile shapes, parity against ONNX Runtime (FP32: cos >= 0.99999;
-FP16: the FP16 contract's cos >= 0.999), reads the engine inspector to confirm the FP32 islands run FP32,
+FP16, checks I/O names and dtypes and the profile shapes, parity against ONNX Runtime (``dtop_export.parity``
+with the FP32 or FP16 contract), reads the engine inspector to confirm the FP32 islands run FP32,
 rebuilds with the timing cache, rebuilds with a corrupt cache (must fall back, with a warning), and checks
 out-of-profile and empty batches. ``--full`` adds r50-vitb16 at the default profile (up to 8x3x1024x1024),
 its parity and its latency against ONNX Runtime CUDA (when onnxruntime-gpu is installed) and PyTorch CUDA.
@@ -30,7 +30,6 @@ log = logging.getLogger("dtop_export.engines.tensorrt")  # the builder's warning
 
 EXIT_MISSING = 2
 SMALL_PROFILE = ("1x3x128x128", "2x3x256x256", "4x3x384x384")
-FP32_COSINE, FP16_COSINE = 0.99999, 0.999
 
 
 @dataclass
@@ -164,17 +163,25 @@ def island_precisions(inspector_json: str, islands: Sequence[str], node_names: S
     return {"layers": len(layers), "checked": len(checked), "wrong": wrong, "opaque": opaque}
 
 
-def _parity(engine: Any, reference: Any, images: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(cos min, max-abs) of ``engine`` against ``reference`` over same-size batches of ``images``."""
-    from dtop_export.parity import cosine_per_row
+def _parity(engine: Any, reference: Any, images: Sequence[np.ndarray]) -> tuple[str, str, dict[str, Any]]:
+    """A check row for ``engine`` against ``reference`` over same-size batches of ``images``, judged by
+    :func:`dtop_export.parity.compare` and the contract of the engine's precision (descriptor checks only:
+    finite, cosine, max-abs where the contract has one)."""
+    from dtop_export.parity import compare, contract_for
 
-    cos, mad = [], 0.0
+    refs, outs = [], []
     for shape in sorted({x.shape for x in images}):
         x = np.stack([i for i in images if i.shape == shape])
-        a, b = reference.embed(x), engine.embed(x)
-        cos.append(float(cosine_per_row(a, b).min()))
-        mad = max(mad, float(np.abs(a - b).max()))
-    return min(cos), mad
+        refs.append(reference.embed(x))
+        outs.append(engine.embed(x))
+    ref, out = np.concatenate(refs), np.concatenate(outs)
+    none = np.zeros((0, ref.shape[1]), np.float32)
+    res = compare((ref, none), (out, none), None, contract_for(engine.precision), None, engine.label)
+    detail = f"cos min {res.cosine_min:.6f} (>= {res.contract.cosine_min}), max-abs {res.max_abs:.2e}"
+    if not res.passed:
+        detail += ": " + "; ".join(res.failures())
+    data = {"cosine_min": res.cosine_min, "max_abs": res.max_abs, "contract_cosine": res.contract.cosine_min}
+    return ("pass" if res.passed else "fail"), detail, data
 
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "hubble_deep_field.jpg", "camera.png")
@@ -289,21 +296,15 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
 
         return run
 
-    def parity(name: str, threshold: float) -> Callable[[], tuple[str, str, dict[str, Any]]]:
-        def run() -> tuple[str, str, dict[str, Any]]:
-            cos, mad = _parity(state[name][1], state["ref"], state["images"])
-            data = {"cosine_min": cos, "max_abs": mad, "contract_cosine": threshold}
-            ok = cos >= threshold
-            return ("pass" if ok else "fail"), f"cos min {cos:.6f} (>= {threshold}), max-abs {mad:.2e}", data
-
-        return run
+    def parity(name: str) -> Callable[[], tuple[str, str, dict[str, Any]]]:
+        return lambda: _parity(state[name][1], state["ref"], state["images"])
 
     cache = work / "timing.cache"
     if _step(report, "build FP32 (TF32 off)", build("fp32", False)).status == "pass":
-        _step(report, "FP32 parity vs ONNX Runtime", parity("fp32", FP32_COSINE))
+        _step(report, "FP32 parity vs ONNX Runtime", parity("fp32"))
     if _step(report, "build FP16 strongly typed (+ timing cache)", build("fp16", True, cache)).status != "pass":
         return
-    _step(report, "FP16 parity vs ONNX Runtime", parity("fp16", FP16_COSINE))
+    _step(report, "FP16 parity vs ONNX Runtime", parity("fp16"))
 
     def islands() -> tuple[str, str, dict[str, Any]]:
         r, engine = state["fp16"]
@@ -387,12 +388,7 @@ def _full_checks(report: SelfTestReport, work: Path, device: int) -> None:
     ref = OnnxRuntimeEngine(work / "r50.onnx")
     images = _images(ref.preprocess, (512,), 2)
 
-    def parity() -> tuple[str, str, dict[str, Any]]:
-        cos, mad = _parity(engine, ref, images)
-        ok = cos >= FP16_COSINE
-        return ("pass" if ok else "fail"), f"cos min {cos:.6f} (>= {FP16_COSINE}), max-abs {mad:.2e}", {"cosine": cos}
-
-    _step(report, "full: r50-vitb16 FP16 parity vs ONNX Runtime", parity)
+    _step(report, "full: r50-vitb16 FP16 parity vs ONNX Runtime", lambda: _parity(engine, ref, images))
 
     def latency() -> tuple[str, str, dict[str, Any]]:
         x = np.stack(images[:1])
