@@ -20,7 +20,7 @@ Imports numpy only: no images, no engines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,21 +86,12 @@ def compute_map(
     out of the means. Values are fractions (revisitop's), not percent.
     """
     ranks = np.asarray(ranks)
-    nq = len(gnd)
-    aps = np.zeros(nq)
-    prs = np.zeros((nq, len(kappas)))
-    for i in range(nq):
-        qgnd = np.asarray(gnd[i]["ok"], dtype=np.int64)
-        if qgnd.shape[0] == 0:
-            aps[i] = np.nan
-            prs[i, :] = np.nan
-            continue
-        qgndj = np.asarray(gnd[i].get("junk", []), dtype=np.int64)
-        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgnd)]
-        junk = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgndj)]
-        aps[i], prs[i] = _query_metrics(pos, junk, len(qgnd), kappas)
-    m, pr = _finish(aps, prs)
-    return m, aps, pr, prs
+    order = np.arange(ranks.shape[0])
+
+    def places(i: int, ids: np.ndarray) -> np.ndarray:
+        return order[np.isin(ranks[:, i], ids)]
+
+    return _per_query(gnd, kappas, places)
 
 
 def compute_map_positions(
@@ -109,6 +100,18 @@ def compute_map_positions(
     """:func:`compute_map` from ``positions`` [n_db, n_queries]: the 0-based place of every database image
     in each query's full ranking (which may also hold distractors). Same results, no full sort needed."""
     positions = np.asarray(positions)
+
+    def places(i: int, ids: np.ndarray) -> np.ndarray:
+        return np.sort(positions[ids, i]) if len(ids) else np.empty(0, dtype=np.int64)
+
+    return _per_query(gnd, kappas, places)
+
+
+def _per_query(
+    gnd: Sequence[dict[str, Any]], kappas: Sequence[int], places: Callable[[int, np.ndarray], np.ndarray]
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The revisitop loop shared by both entry points: ``places(i, ids)`` gives the sorted 0-based ranks
+    of database images ``ids`` for query ``i``; queries without positives get NaN."""
     nq = len(gnd)
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
@@ -119,9 +122,7 @@ def compute_map_positions(
             prs[i, :] = np.nan
             continue
         qgndj = np.asarray(gnd[i].get("junk", []), dtype=np.int64)
-        pos = np.sort(positions[qgnd, i])
-        junk = np.sort(positions[qgndj, i]) if len(qgndj) else np.empty(0, dtype=np.int64)
-        aps[i], prs[i] = _query_metrics(pos, junk, len(qgnd), kappas)
+        aps[i], prs[i] = _query_metrics(places(i, qgnd), places(i, qgndj), len(qgnd), kappas)
     m, pr = _finish(aps, prs)
     return m, aps, pr, prs
 
