@@ -116,6 +116,8 @@ def rows() -> list[tuple[str, str, str, str]]:
     add_fixed("FP16 (CPU emulation of TensorRT FP16)", fp16.replace("{demo_cosine_min}", cos))
 
     out += _whitening_rows()
+    add_fixed("C++ client build (`dtop-export cpp build`, cold)")
+    out += _cpp_rows()
 
     train = stages["train"]["facts"]
     parity = stages["parity"]["facts"]
@@ -184,6 +186,41 @@ def _whitening_rows() -> list[tuple[str, str, str, str]]:
                 "; ".join(parts),
                 gpu,
                 "`bash benchmarks/gpu_session.sh OUT seed0=seed0/train/final.pt ...`",
+            )
+        )
+    return out
+
+
+def _cpp_rows() -> list[tuple[str, str, str, str]]:
+    """The C++ client: parity with the Python side per file, and end-to-end speed against `dtop-export embed`."""
+    out = []
+    parity = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("cpp_parity_*.json"))]
+    if parity:
+        files = len(parity[0]["images"]) + len(parity[0]["skipped_cpp"])
+        cos = "; ".join(f"{Path(p['model']).stem} cos min {p['cosine_min']:.7f}" for p in parity)
+        out.append(
+            (
+                f"C++ `dtop-embed` (OpenVINO) vs `dtop-export embed` (ONNX Runtime), {files} files, every format",
+                f"model inputs identical (max {max(p['input_levels_max'] for p in parity):g} levels); {cos}; "
+                f"same skipped files ({', '.join(Path(f).name for f in parity[0]['skipped_cpp'])})",
+                "any x86-64 (the inputs are integer-exact; the cosines are float rounding)",
+                "`dtop-export cpp parity MODEL.onnx --json ...`",
+            )
+        )
+    speed = RESULTS / "cpp_client.json"
+    if speed.exists():
+        d = json.loads(speed.read_text())
+        parts = [
+            f"{r['preset']} {r['size']}²: {r['cpp']['images_per_s']:.2f} vs {r['python']['images_per_s']:.2f} img/s "
+            f"({r['speedup_end_to_end']:.2f}×)"
+            for r in d["rows"]
+        ]
+        out.append(
+            (
+                f"C++ client vs Python `embed`, end to end ({d['images']} JPEGs, process start to .npy, same threads)",
+                "; ".join(parts) + f"; descriptors cos min {min(r['cosine_min'] for r in d['rows']):.7f}",
+                _machine(d["machine"], threads=d["threads"]),
+                "`python benchmarks/cpp_client.py`",
             )
         )
     return out

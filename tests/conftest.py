@@ -24,3 +24,26 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory, small_model: DToP) -> P
     path = tmp_path_factory.mktemp("ckpt") / "small.pt"
     save_checkpoint(path, small_model, default_preprocess("dtop_tiny_r_s16", 16), provenance=new_provenance("test"))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_ckpt`` exported to ONNX (dynamic batch/height/width): shared by the tests that only read it."""
+    from dtop_export.export import export_onnx
+
+    out = tmp_path_factory.mktemp("small-onnx") / "small.onnx"
+    export_onnx(small_ckpt, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The paper's r50-vitb16 model (random init, perturbed biases/BN statistics, a random whitening) and its
+    ONNX export: the one full-size export of a test run (~1 min here), shared by every ``slow`` test."""
+    from dtop_export.checkpoint import random_checkpoint
+    from dtop_export.export import export_onnx
+
+    d = tmp_path_factory.mktemp("full")
+    ckpt = random_checkpoint("r50-vitb16", d / "full.pt", seed=0, source="test")
+    export_onnx(ckpt, d / "full.onnx")
+    return ckpt, d / "full.onnx"

@@ -7,31 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dtop_export.cli import main
+from cli_helpers import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # INT8 (weights per channel, activations per tensor) of the small random-init preset vs fp32 ONNX Runtime,
 # per image, on real photos at two sizes. Measured ~0.996-0.999; the bound leaves room for BLAS variation.
 INT8_MIN_COSINE = 0.98
-
-
-def cli(*argv: str) -> int:
-    """Run the CLI in-process; returns its exit code."""
-    try:
-        main(list(argv))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
-@pytest.fixture(scope="module")
-def small_onnx(small_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dtop_export.export import export_onnx
-
-    out = tmp_path_factory.mktemp("bench") / "small.onnx"
-    export_onnx(small_ckpt, out)
-    return out
 
 
 @pytest.fixture(scope="module")

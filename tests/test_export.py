@@ -256,14 +256,9 @@ def test_cli_onnx_and_info(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
-def test_full_preset_ort_matches_pytorch(tmp_path_factory: pytest.TempPathFactory, batch: int) -> None:
+def test_full_preset_ort_matches_pytorch(full_export: tuple[Path, Path], batch: int) -> None:
     """The paper's R50+ViT-B/16 model: export in-budget and ORT parity at every shape."""
-    d = tmp_path_factory.getbasetemp() / "full"
-    d.mkdir(exist_ok=True)
-    ckpt, onnx_path = d / "full.pt", d / "full.onnx"
-    if not onnx_path.exists():
-        _make_ckpt(ckpt, preset="r50-vitb16")
-        export_onnx(ckpt, onnx_path)
+    ckpt, onnx_path = full_export
     ref, ort = _engines(ckpt, onnx_path)
     for h, w in PARITY_SHAPES:
         x = np.random.default_rng(h + w).standard_normal((batch, 3, h, w)).astype(np.float32)

@@ -262,7 +262,10 @@ def test_every_package_says_what_lives_there_and_what_it_imports() -> None:
 def test_pyproject_lists_every_package() -> None:
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {n for n, p in project_modules().items() if p.name == "__init__.py"}
-    assert set(cfg["packages"]) == packages
+    # Data packages: mapped folders without Python (cpp/ ships as dtop_export.cpp_sources for `cpp build`).
+    data = {n for n, folder in package_dirs().items() if not (folder / "__init__.py").exists()}
+    assert data == {"dtop_export.cpp_sources"}
+    assert set(cfg["packages"]) == packages | data
     assert all(p == "dtop_export" or p.startswith("dtop_export.") for p in cfg["packages"])
 
 
@@ -286,6 +289,7 @@ def test_wheel_has_one_import_root(wheel: Path) -> None:
     assert {r for r in roots if not r.endswith(".dist-info")} == {"dtop_export"}
     assert "dtop_export/training/loop.py" in names and "dtop_export/engines/tensorrt/runner.py" in names
     assert "dtop_export/training/configs/sample-small.yaml" in names
+    assert {"dtop_export/cpp_sources/CMakeLists.txt", "dtop_export/cpp_sources/src/image.cpp"} <= set(names)
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["dtop_export"]
 
@@ -311,6 +315,8 @@ def test_fresh_venv_with_only_the_wheel(wheel: Path, tmp_path: Path) -> None:
         "    assert u.find_spec(name) is None, name\n"
         "for name in ('dtop_export.training', 'dtop_export.engines', 'dtop_export.engines.tensorrt'):\n"
         "    assert u.find_spec(name) is not None, name\n"
+        "from dtop_export.cpp import source_dir\n"
+        "assert source_dir().name == 'cpp_sources' and (source_dir() / 'CMakeLists.txt').is_file()\n"
         "print('ok')\n"
     )
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)

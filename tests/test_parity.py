@@ -245,17 +245,11 @@ def test_cli_parity_gates_a_corrupted_onnx(
 
 
 @pytest.mark.slow
-def test_full_preset_onnx_passes_on_the_sample_set(tmp_path: Path, sample: RevisitopDataset) -> None:
+def test_full_preset_onnx_passes_on_the_sample_set(full_export: tuple[Path, Path], sample: RevisitopDataset) -> None:
     from dtop_export.engines.ort import OnnxRuntimeEngine
-    from dtop_export.export import export_onnx
 
-    torch.manual_seed(0)
-    model = build_model(get_preset("r50-vitb16")).eval()
-    ckpt = tmp_path / "full.pt"
-    save_checkpoint(ckpt, model, default_preprocess(model.cfg.backbone, model.stride), None, new_provenance("test"))
-    del model
-    export_onnx(ckpt, tmp_path / "full.onnx")
-    onnx_engine = OnnxRuntimeEngine(tmp_path / "full.onnx")
+    ckpt, onnx_path = full_export
+    onnx_engine = OnnxRuntimeEngine(onnx_path)
     report = parity(TorchEngine.from_checkpoint(ckpt), [onnx_engine], sample, progress=False, image_size=128)
     assert report.passed, report.failures()
     assert report.engines[0].cosine_min >= 0.99999 and report.engines[0].max_abs <= 1e-4

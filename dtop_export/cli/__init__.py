@@ -20,6 +20,7 @@ import typer
 from dtop_export.cli import (  # noqa: F401 - each module registers the command it is named after
     bench,
     check,
+    cpp,
     data,
     demo,
     embed,

@@ -20,6 +20,9 @@ def embed(
     scales: ScalesOpt = "1",
     image_size: ImageSizeOpt = None,
     progress: ProgressOpt = True,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads (ONNX Runtime intra-op, or PyTorch's); default: all.")
+    ] = None,
 ) -> None:
     """Descriptors of images: OUTPUT.npy (n x N float32) and OUTPUT.json (paths in row order, skipped ones).
 
@@ -38,7 +41,16 @@ def embed(
     if not paths:
         raise DToPError("no images given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ")")
     sc = parse_scales(scales)
-    engine = load_engine(model)
+    if threads is not None and threads < 1:
+        raise DToPError(f"--threads must be >= 1, got {threads}")
+    options: dict[str, int] = {}
+    if threads and model.suffix.lower() == ".onnx":
+        options["threads"] = threads
+    elif threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    engine = load_engine(model, **options)
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size

@@ -1,0 +1,82 @@
+// dtop::Embedder: image files -> L2-normalised DToP descriptors, the way `dtop-export embed` computes them.
+//
+//   dtop::Embedder embedder("model.onnx");
+//   std::vector<float> d = embedder.embed(dtop::load_image("photo.jpg"));   // N floats, unit norm
+//
+// Same-size inputs are batched; multi-scale sums the scales' unit descriptors and normalises again
+// (cirtorch's `ms`: 1, 1/sqrt(2), sqrt(2)), exactly as dtop_export/retrieval/extract.py.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dtop/image.hpp"
+#include "dtop/runtime.hpp"
+
+namespace dtop {
+
+/// cirtorch's multi-scale set (`--scales ms`).
+std::vector<double> multi_scales();
+
+/// "1", "1,0.707,1.414" or "ms" -> scales; throws Error on anything else.
+std::vector<double> parse_scales(const std::string& text);
+
+struct EmbedOptions {
+  int image_size = 0;                 // longer side before scaling; 0 = the model's (dtop.resize_policy size)
+  std::vector<double> scales{1.0};    // multi-scale: several
+  int batch_size = 1;                 // same-shape inputs per forward pass
+};
+
+/// Descriptors of a list of files: rows in input order for the readable ones, the others skipped with why.
+struct EmbedResult {
+  int dim = 0;
+  std::vector<float> descriptors;          // rows.size() x dim, row-major
+  std::vector<std::size_t> rows;           // input index of every row
+  struct Skipped {
+    std::size_t index;
+    std::string reason;
+  };
+  std::vector<Skipped> skipped;
+};
+
+/// Called after every input file: (done, total).
+using Progress = std::function<void(std::size_t, std::size_t)>;
+
+class Embedder {
+ public:
+  /// Open `model_path` (.onnx or OpenVINO .xml) with OpenVINO and read its contract.
+  explicit Embedder(const std::string& model_path, const RuntimeOptions& options = {});
+  /// Use any runtime (another backend, a test double); `source` names it in errors.
+  Embedder(std::unique_ptr<Runtime> runtime, const std::string& source);
+
+  const Contract& contract() const { return contract_; }
+  const std::string& source() const { return source_; }
+  std::string describe() const { return runtime_->describe(); }
+
+  /// The model input of one image at one scale (resize + normalise).
+  Tensor preprocess(const Image& img, int image_size = 0, double scale = 1.0) const;
+  /// Descriptors [count, N] of same-shape tensors in one forward pass (unit norm).
+  std::vector<float> run(const std::vector<const Tensor*>& batch);
+  /// The descriptor of one image (multi-scale when several scales are given).
+  std::vector<float> embed(const Image& img, const EmbedOptions& options = {});
+  /// Descriptors of image files; unreadable files are skipped, never fatal.
+  EmbedResult embed_files(const std::vector<std::string>& paths, const EmbedOptions& options = {},
+                          const Progress& progress = nullptr);
+
+ private:
+  std::unique_ptr<Runtime> runtime_;
+  std::string source_;
+  Contract contract_;
+};
+
+/// Write a float32 matrix as a NumPy .npy file (atomically: temp file + rename). Throws Error.
+void write_npy(const std::string& path, const std::vector<float>& data, std::size_t rows, std::size_t cols);
+/// Write a float32 array of any shape as .npy (atomically).
+void write_npy(const std::string& path, const std::vector<float>& data, const std::vector<std::size_t>& shape);
+/// Write text to a file atomically (temp file in the same folder + rename). Throws Error.
+void write_text_atomic(const std::string& path, const std::string& text);
+
+}  // namespace dtop

@@ -1,0 +1,65 @@
+// The deployment contract a dtop-export model carries, and the runtime interface that executes it.
+//
+// Contract: parsed from the model's `dtop.*` metadata (ONNX metadata_props; OpenVINO shows them in the
+//   model's rt_info under "framework"), the same keys dtop_export/contract.py writes.
+// Runtime: one model on one device, `run(images [B, 3, H, W]) -> [B, N]`. OpenVINO implements it here;
+//   an ONNX Runtime or TensorRT backend implements the same three methods.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dtop/image.hpp"
+
+namespace dtop {
+
+using Metadata = std::map<std::string, std::string>;
+
+/// The model's deployment contract (see dtop_export/contract.py: onnx_metadata).
+struct Contract {
+  std::string format;                     // dtop.format, "dtop-export/onnx"
+  std::string input_name = "images";      // dtop.input_name
+  std::string output_name = "descriptors";  // dtop.output_name
+  std::string layout = "NCHW";            // dtop.input_layout
+  std::string precision = "fp32";         // dtop.precision
+  int descriptor_dim = 0;                 // dtop.descriptor_dim (N)
+  bool l2_normalized = true;              // dtop.l2_normalized
+  PreprocessConfig preprocess;            // mean, std, color order, resize policy, stride
+  std::optional<std::array<int, 2>> static_hw;  // dtop.static_hw (H, W) when exported with --static
+  std::optional<int> fixed_batch;         // dtop.fixed_batch
+
+  /// Parse the `dtop.*` keys; throws Error naming `source` when the model was not exported by dtop-export
+  /// or a value cannot be read.
+  static Contract from_metadata(const Metadata& meta, const std::string& source);
+};
+
+/// Runtime settings. threads: CPU inference threads (0 = the runtime's choice). precision: the inference
+/// precision hint, "f32" (default: exact parity), "bf16" or "f16". performance: "latency" or "throughput".
+struct RuntimeOptions {
+  std::string device = "CPU";
+  int threads = 0;
+  std::string precision = "f32";
+  std::string performance = "latency";
+};
+
+/// One loaded model. Implementations: OpenVINO (openvino_runtime.cpp).
+class Runtime {
+ public:
+  virtual ~Runtime() = default;
+  /// The model's metadata as strings (empty when it has none).
+  virtual const Metadata& metadata() const = 0;
+  /// float32 images [batch, 3, height, width] (contiguous) -> float32 [batch, N]; N is written to *dim.
+  virtual std::vector<float> run(const float* images, int batch, int height, int width, int* dim) = 0;
+  /// e.g. "openvino 2026.4.1 CPU f32".
+  virtual std::string describe() const = 0;
+};
+
+/// Open an exported `.onnx` or an OpenVINO IR `.xml` with OpenVINO. Throws Error when the file is missing or
+/// not a model OpenVINO can read.
+std::unique_ptr<Runtime> open_openvino(const std::string& model_path, const RuntimeOptions& options = {});
+
+}  // namespace dtop

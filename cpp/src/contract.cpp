@@ -1,0 +1,88 @@
+// Contract::from_metadata: the `dtop.*` keys of dtop_export/contract.py (onnx_metadata), read back.
+#include <stdexcept>
+
+#include "dtop/runtime.hpp"
+#include "json.hpp"
+
+namespace dtop {
+namespace {
+
+const std::string* find(const Metadata& meta, const std::string& key) {
+  auto it = meta.find(key);
+  return it == meta.end() ? nullptr : &it->second;
+}
+
+json::Value parse_value(const Metadata& meta, const std::string& key, const std::string& source) {
+  try {
+    return json::parse(meta.at(key));
+  } catch (const std::exception& e) {
+    throw Error(source + ": metadata " + key + " is unreadable (" + e.what() + "): re-export it with dtop-export onnx");
+  }
+}
+
+std::array<float, 3> triple(const json::Value& v, const std::string& key, const std::string& source) {
+  if (v.kind != json::Value::Kind::Array || v.items.size() != 3) {
+    throw Error(source + ": metadata " + key + " should be a list of 3 numbers: re-export it with dtop-export onnx");
+  }
+  std::array<float, 3> out{};
+  for (int i = 0; i < 3; ++i) out[i] = static_cast<float>(v.items[i].number);  // float64 -> float32, as NumPy
+  return out;
+}
+
+int to_int(const std::string& text, const std::string& key, const std::string& source) {
+  try {
+    std::size_t used = 0;
+    const int v = std::stoi(text, &used);
+    if (used != text.size()) throw std::invalid_argument(text);
+    return v;
+  } catch (const std::exception&) {
+    throw Error(source + ": metadata " + key + " = '" + text + "' is not an integer: re-export it with dtop-export onnx");
+  }
+}
+
+}  // namespace
+
+Contract Contract::from_metadata(const Metadata& meta, const std::string& source) {
+  const std::string* format = find(meta, "dtop.format");
+  if (format == nullptr) {
+    throw Error(source + " has no dtop-export metadata (dtop.format): export the model with `dtop-export onnx CKPT.pt`");
+  }
+  for (const char* key : {"dtop.input_name", "dtop.output_name", "dtop.stride", "dtop.mean", "dtop.std",
+                          "dtop.resize_policy", "dtop.descriptor_dim"}) {
+    if (find(meta, key) == nullptr) {
+      throw Error(source + " lacks metadata " + key + ": re-export it with this version of dtop-export onnx");
+    }
+  }
+  Contract c;
+  c.format = *format;
+  c.input_name = meta.at("dtop.input_name");
+  c.output_name = meta.at("dtop.output_name");
+  if (const auto* v = find(meta, "dtop.input_layout")) c.layout = *v;
+  if (c.layout != "NCHW") throw Error(source + ": input layout " + c.layout + " is not supported (NCHW only)");
+  if (const auto* v = find(meta, "dtop.precision")) c.precision = *v;
+  if (const auto* v = find(meta, "dtop.l2_normalized")) c.l2_normalized = *v == "true";
+  c.descriptor_dim = to_int(meta.at("dtop.descriptor_dim"), "dtop.descriptor_dim", source);
+  PreprocessConfig& p = c.preprocess;
+  p.stride = to_int(meta.at("dtop.stride"), "dtop.stride", source);
+  if (p.stride <= 0) throw Error(source + ": metadata dtop.stride must be positive");
+  p.mean = triple(parse_value(meta, "dtop.mean", source), "dtop.mean", source);
+  p.std = triple(parse_value(meta, "dtop.std", source), "dtop.std", source);
+  if (const auto* v = find(meta, "dtop.color_order")) p.color_order = *v;
+  const json::Value resize = parse_value(meta, "dtop.resize_policy", source);
+  if (!resize["policy"].is_null()) p.resize = resize["policy"].text;
+  if (!resize["size"].is_null()) p.size = static_cast<int>(resize["size"].number);
+  if (!resize["interpolation"].is_null()) p.interpolation = resize["interpolation"].text;
+  if (find(meta, "dtop.static_hw") != nullptr) {
+    const json::Value hw = parse_value(meta, "dtop.static_hw", source);
+    if (hw.kind == json::Value::Kind::Array && hw.items.size() == 2) {
+      c.static_hw = std::array<int, 2>{static_cast<int>(hw.items[0].number), static_cast<int>(hw.items[1].number)};
+    }
+  }
+  if (find(meta, "dtop.fixed_batch") != nullptr) {
+    const json::Value b = parse_value(meta, "dtop.fixed_batch", source);
+    if (b.kind == json::Value::Kind::Number) c.fixed_batch = static_cast<int>(b.number);
+  }
+  return c;
+}
+
+}  // namespace dtop

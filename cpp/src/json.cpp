@@ -1,0 +1,177 @@
+#include "json.hpp"
+
+#include <cctype>
+#include <charconv>
+#include <cstdio>
+#include <stdexcept>
+
+namespace dtop::json {
+
+const Value& Value::operator[](const std::string& key) const {
+  static const Value null_value;
+  auto it = fields.find(key);
+  return it == fields.end() ? null_value : it->second;
+}
+
+namespace {
+
+class Parser {
+ public:
+  explicit Parser(const std::string& s) : s_(s) {}
+
+  Value document() {
+    Value v = value();
+    skip();
+    if (pos_ != s_.size()) fail("trailing characters");
+    return v;
+  }
+
+ private:
+  const std::string& s_;
+  std::size_t pos_ = 0;
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::invalid_argument("invalid JSON at character " + std::to_string(pos_) + ": " + what);
+  }
+  void skip() {
+    while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+  }
+  bool eat(char c) {
+    skip();
+    if (pos_ < s_.size() && s_[pos_] == c) {
+      ++pos_;
+      return true;
+    }
+    return false;
+  }
+  bool word(const char* w) {
+    const std::string t(w);
+    if (s_.compare(pos_, t.size(), t) == 0) {
+      pos_ += t.size();
+      return true;
+    }
+    return false;
+  }
+
+  Value value() {
+    skip();
+    if (pos_ >= s_.size()) fail("unexpected end");
+    Value v;
+    const char c = s_[pos_];
+    if (c == '{') {
+      ++pos_;
+      v.kind = Value::Kind::Object;
+      if (eat('}')) return v;
+      do {
+        skip();
+        std::string key = string();
+        if (!eat(':')) fail("expected ':'");
+        v.fields[key] = value();
+      } while (eat(','));
+      if (!eat('}')) fail("expected '}'");
+    } else if (c == '[') {
+      ++pos_;
+      v.kind = Value::Kind::Array;
+      if (eat(']')) return v;
+      do {
+        v.items.push_back(value());
+      } while (eat(','));
+      if (!eat(']')) fail("expected ']'");
+    } else if (c == '"') {
+      v.kind = Value::Kind::String;
+      v.text = string();
+    } else if (word("true")) {
+      v.kind = Value::Kind::Bool;
+      v.boolean = true;
+    } else if (word("false")) {
+      v.kind = Value::Kind::Bool;
+    } else if (word("null")) {
+      v.kind = Value::Kind::Null;
+    } else {
+      v.kind = Value::Kind::Number;
+      const char* begin = s_.data() + pos_;
+      auto [end, ec] = std::from_chars(begin, s_.data() + s_.size(), v.number);
+      if (ec != std::errc() || end == begin) fail("expected a value");
+      pos_ += static_cast<std::size_t>(end - begin);
+    }
+    return v;
+  }
+
+  std::string string() {
+    if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a string");
+    ++pos_;
+    std::string out;
+    while (pos_ < s_.size() && s_[pos_] != '"') {
+      char c = s_[pos_++];
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (pos_ >= s_.size()) fail("unfinished escape");
+      c = s_[pos_++];
+      switch (c) {
+        case 'n': out += '\n'; break;
+        case 't': out += '\t'; break;
+        case 'r': out += '\r'; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'u': {
+          if (pos_ + 4 > s_.size()) fail("short \\u escape");
+          const unsigned cp = static_cast<unsigned>(std::stoul(s_.substr(pos_, 4), nullptr, 16));
+          pos_ += 4;
+          if (cp < 0x80) {
+            out += static_cast<char>(cp);
+          } else if (cp < 0x800) {
+            out += static_cast<char>(0xC0 | (cp >> 6));
+            out += static_cast<char>(0x80 | (cp & 0x3F));
+          } else {  // surrogate pairs are kept as two 3-byte sequences: enough for metadata text
+            out += static_cast<char>(0xE0 | (cp >> 12));
+            out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+            out += static_cast<char>(0x80 | (cp & 0x3F));
+          }
+          break;
+        }
+        default: out += c;  // \" \\ \/
+      }
+    }
+    if (pos_ >= s_.size()) fail("unterminated string");
+    ++pos_;
+    return out;
+  }
+};
+
+}  // namespace
+
+Value parse(const std::string& text) { return Parser(text).document(); }
+
+std::string quote(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned char>(c));
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+std::string number(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), v);
+  std::string s(buf, ec == std::errc() ? end : buf);
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // 1 -> 1.0, like Python's float repr
+  return s;
+}
+
+}  // namespace dtop::json

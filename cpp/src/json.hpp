@@ -1,0 +1,33 @@
+// A small JSON reader (the metadata values are JSON) and writer helpers for the .json sidecar. Internal.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dtop::json {
+
+struct Value {
+  enum class Kind { Null, Bool, Number, String, Array, Object } kind = Kind::Null;
+  bool boolean = false;
+  double number = 0.0;
+  std::string text;
+  std::vector<Value> items;
+  std::map<std::string, Value> fields;
+
+  bool is_null() const { return kind == Kind::Null; }
+  /// The field `key` of an object, or a null value.
+  const Value& operator[](const std::string& key) const;
+};
+
+/// Parse one JSON document; throws std::invalid_argument with the position on malformed input.
+Value parse(const std::string& text);
+
+/// `text` as a JSON string literal (quoted, escaped).
+std::string quote(const std::string& text);
+
+/// A double as JSON (shortest round-trip form, like Python's repr).
+std::string number(double v);
+
+}  // namespace dtop::json

@@ -1,0 +1,148 @@
+// The OpenVINO implementation of dtop::Runtime (CPU by default; the inference precision is pinned to f32 unless
+// asked otherwise, because OpenVINO's CPU plugin would pick bf16 by itself on an AMX machine).
+#include <openvino/frontend/manager.hpp>
+#include <openvino/openvino.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <sstream>
+
+#include "dtop/runtime.hpp"
+
+namespace dtop {
+namespace {
+
+// OpenVINO's messages open with "Exception from src/...cpp:123:", "Check '...' failed at ...:" and headers such
+// as "FrontEnd API failed with GeneralFailure:": keep the first line that says what happened.
+std::string first_reason(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line, last;
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    last = line;
+    if (line.rfind("Exception from", 0) == 0 || line.rfind("Check '", 0) == 0 || line.back() == ':') continue;
+    return line;
+  }
+  return last.empty() ? "unknown error" : last;
+}
+
+ov::element::Type precision_type(const std::string& name) {
+  if (name == "f32" || name == "fp32") return ov::element::f32;
+  if (name == "bf16") return ov::element::bf16;
+  if (name == "f16" || name == "fp16") return ov::element::f16;
+  throw Error("unknown precision '" + name + "': choose f32, bf16 or f16");
+}
+
+// Read with the frontend the suffix names (ov::Core::read_model would offer the file to every frontend, and
+// TensorFlow's logs its parse errors of a broken .onnx to stderr).
+std::shared_ptr<ov::Model> read_model(const std::string& path) {
+  std::string ext = std::filesystem::path(path).extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  const std::string framework = ext == ".onnx" ? "onnx" : (ext == ".xml" ? "ir" : "");
+  if (framework.empty()) throw Error(path + " is not an .onnx file or an OpenVINO IR (.xml + .bin)");
+  ov::frontend::FrontEndManager manager;
+  const ov::frontend::FrontEnd::Ptr frontend = manager.load_by_framework(framework);
+  const ov::frontend::InputModel::Ptr input = frontend->load(path);
+  if (!input) throw Error("OpenVINO cannot read " + path);
+  return frontend->convert(input);
+}
+
+class OpenVinoRuntime final : public Runtime {
+ public:
+  OpenVinoRuntime(const std::string& path, const RuntimeOptions& options) : options_(options) {
+    if (!std::filesystem::is_regular_file(path)) throw Error("model " + path + " not found");
+    if (options.threads < 0) throw Error("threads must be >= 0 (0: OpenVINO's choice)");
+    const ov::element::Type precision = precision_type(options.precision);
+    ov::hint::PerformanceMode mode;
+    if (options.performance == "latency") {
+      mode = ov::hint::PerformanceMode::LATENCY;
+    } else if (options.performance == "throughput") {
+      mode = ov::hint::PerformanceMode::THROUGHPUT;
+    } else {
+      throw Error("unknown performance mode '" + options.performance + "': choose latency or throughput");
+    }
+    try {
+      model_ = read_model(path);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error("OpenVINO cannot read " + path + ": " + first_reason(e.what()));
+    }
+    read_metadata();
+    ov::AnyMap config{ov::hint::inference_precision(precision), ov::hint::performance_mode(mode)};
+    if (options.threads > 0) config.emplace(ov::inference_num_threads(options.threads));
+    try {
+      compiled_ = core_.compile_model(model_, options.device, config);
+      request_ = compiled_.create_infer_request();
+    } catch (const std::exception& e) {
+      throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
+    }
+    auto out = metadata_.find("dtop.output_name");
+    output_index_ = 0;
+    if (out != metadata_.end()) {
+      const auto outputs = compiled_.outputs();
+      for (std::size_t i = 0; i < outputs.size(); ++i) {
+        if (outputs[i].get_names().count(out->second) != 0) output_index_ = i;
+      }
+    }
+  }
+
+  const Metadata& metadata() const override { return metadata_; }
+
+  std::vector<float> run(const float* images, int batch, int height, int width, int* dim) override {
+    const ov::Shape shape{static_cast<std::size_t>(batch), 3, static_cast<std::size_t>(height),
+                          static_cast<std::size_t>(width)};
+    try {
+      ov::Tensor input(ov::element::f32, shape, const_cast<float*>(images));  // read-only use, no copy
+      request_.set_input_tensor(0, input);
+      request_.infer();
+      const ov::Tensor out = request_.get_output_tensor(output_index_);
+      const ov::Shape os = out.get_shape();
+      if (os.size() != 2 || os[0] != static_cast<std::size_t>(batch)) {
+        throw Error("the model returned a tensor of shape " + out.get_shape().to_string() + " for a batch of " +
+                    std::to_string(batch) + ": expected [batch, N]");
+      }
+      *dim = static_cast<int>(os[1]);
+      const float* p = out.data<const float>();
+      return std::vector<float>(p, p + out.get_size());
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error("OpenVINO inference failed on a " + std::to_string(batch) + "x3x" + std::to_string(height) + "x" +
+                  std::to_string(width) + " batch: " + first_reason(e.what()));
+    }
+  }
+
+  std::string describe() const override {
+    return "openvino " + std::string(ov::get_openvino_version().buildNumber) + " " + options_.device + " " +
+           options_.precision;
+  }
+
+ private:
+  // ONNX metadata_props appear under rt_info["framework"]; an IR may also carry them at the top level.
+  void read_metadata() {
+    auto take = [&](const ov::AnyMap& map) {
+      for (const auto& [key, value] : map) {
+        if (key.rfind("dtop.", 0) == 0) metadata_[key] = value.as<std::string>();
+      }
+    };
+    take(model_->get_rt_info());
+    if (model_->has_rt_info("framework")) take(model_->get_rt_info<ov::AnyMap>("framework"));
+  }
+
+  RuntimeOptions options_;
+  ov::Core core_;
+  std::shared_ptr<ov::Model> model_;
+  ov::CompiledModel compiled_;
+  ov::InferRequest request_;
+  Metadata metadata_;
+  std::size_t output_index_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Runtime> open_openvino(const std::string& model_path, const RuntimeOptions& options) {
+  return std::make_unique<OpenVinoRuntime>(model_path, options);
+}
+
+}  // namespace dtop

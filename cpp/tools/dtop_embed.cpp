@@ -1,0 +1,241 @@
+// dtop-embed MODEL IMAGE... -o OUT.npy: the C++ twin of `dtop-export embed` (same .npy, same .json sidecar).
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "../src/json.hpp"
+#include "dtop/embedder.hpp"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: dtop-embed MODEL IMAGE... -o OUT.npy [--json OUT.json] [--scales S] [--image-size N]\n"
+    "                  [--batch-size N] [--threads N] [--precision f32|bf16|f16] [--device CPU]\n"
+    "                  [--dump-inputs DIR] [--no-progress]\n"
+    "\n"
+    "Descriptors of images with a dtop-export model (.onnx or OpenVINO .xml): OUT.npy (n x N float32) and\n"
+    "OUT.json (paths in row order, skipped images with the reason), as `dtop-export embed` writes them.\n"
+    "Folders are searched recursively for image files; unreadable images are reported and skipped.\n"
+    "\n"
+    "  -o, --output OUT.npy   descriptor matrix to write\n"
+    "  --json OUT.json        sidecar path (default: OUT with .json)\n"
+    "  --scales S             comma-separated scales, or `ms` for 1,1/sqrt(2),sqrt(2) (default 1)\n"
+    "  --image-size N         longer side before scaling (default: the model's, from its metadata)\n"
+    "  --batch-size N, -b N   same-shape images per forward pass (default 1)\n"
+    "  --threads N            inference threads (default: OpenVINO's choice)\n"
+    "  --precision P          OpenVINO inference precision hint: f32 (default, exact), bf16, f16\n"
+    "  --dump-inputs DIR      also write every image's model input (first scale) as DIR/<row>.npy\n"
+    "  --no-progress          no progress line on stderr\n";
+
+// The image suffixes dtop_export.preprocess.IMAGE_SUFFIXES lists (folders are searched for these).
+bool is_image_file(const fs::path& p) {
+  static const std::vector<std::string> kSuffixes = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif",
+                                                     ".tiff", ".webp", ".ppm", ".pgm"};
+  std::string ext = p.extension().string();
+  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::error_code ec;
+  return std::find(kSuffixes.begin(), kSuffixes.end(), ext) != kSuffixes.end() && fs::is_regular_file(p, ec);
+}
+
+// A path written the way Python's str(Path(text)) writes it: no "." parts, no doubled or trailing slashes.
+std::string python_path(const std::string& text) {
+  const bool absolute = !text.empty() && text[0] == '/';
+  std::vector<std::string> parts;
+  std::string part;
+  for (std::size_t i = 0; i <= text.size(); ++i) {
+    if (i == text.size() || text[i] == '/') {
+      if (!part.empty() && part != ".") parts.push_back(part);
+      part.clear();
+    } else {
+      part += text[i];
+    }
+  }
+  std::string out = absolute ? "/" : "";
+  for (std::size_t i = 0; i < parts.size(); ++i) out += (i ? "/" : "") + parts[i];
+  return out.empty() ? "." : out;
+}
+
+// Files as given, folders replaced by the images under them, sorted (dtop_export.preprocess.expand_images).
+std::vector<std::string> expand_images(const std::vector<std::string>& items) {
+  std::vector<std::string> out;
+  for (const auto& item : items) {
+    const std::string p = python_path(item);
+    std::error_code ec;
+    if (fs::is_directory(p, ec)) {
+      std::vector<fs::path> found;
+      for (auto it = fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied, ec);
+           it != fs::recursive_directory_iterator(); it.increment(ec)) {
+        if (ec) break;
+        if (is_image_file(it->path())) found.push_back(it->path());
+      }
+      std::sort(found.begin(), found.end());
+      for (const auto& f : found) out.push_back(python_path(f.string()));
+    } else {
+      out.push_back(p);
+    }
+  }
+  return out;
+}
+
+struct Args {
+  std::string model, output, sidecar, scales = "1", precision = "f32", device = "CPU", dump;
+  std::vector<std::string> images;
+  int image_size = 0, batch_size = 1, threads = 0;
+  bool progress = true;
+};
+
+int to_int(const std::string& flag, const std::string& v) {
+  try {
+    std::size_t used = 0;
+    const int n = std::stoi(v, &used);
+    if (used == v.size()) return n;
+  } catch (const std::exception&) {
+  }
+  throw dtop::Error(flag + " expects an integer, got '" + v + "'");
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> positional;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw dtop::Error(arg + " needs a value (see dtop-embed --help)");
+      return argv[++i];
+    };
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (arg == "-o" || arg == "--output") {
+      a.output = value();
+    } else if (arg == "--json") {
+      a.sidecar = value();
+    } else if (arg == "--scales") {
+      a.scales = value();
+    } else if (arg == "--image-size") {
+      a.image_size = to_int(arg, value());
+    } else if (arg == "-b" || arg == "--batch-size") {
+      a.batch_size = to_int(arg, value());
+    } else if (arg == "--threads") {
+      a.threads = to_int(arg, value());
+    } else if (arg == "--precision") {
+      a.precision = value();
+    } else if (arg == "--device") {
+      a.device = value();
+    } else if (arg == "--dump-inputs") {
+      a.dump = value();
+    } else if (arg == "--no-progress") {
+      a.progress = false;
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      throw dtop::Error("unknown option " + arg + " (see dtop-embed --help)");
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  if (positional.empty()) throw dtop::Error("no model given: dtop-embed MODEL IMAGE... -o OUT.npy");
+  a.model = positional[0];
+  a.images.assign(positional.begin() + 1, positional.end());
+  if (a.output.empty()) throw dtop::Error("no output given: add -o OUT.npy");
+  if (fs::path(a.output).extension() != ".npy") throw dtop::Error("output " + a.output + " should end in .npy");
+  if (a.sidecar.empty()) a.sidecar = fs::path(a.output).replace_extension(".json").string();
+  if (a.image_size < 0) throw dtop::Error("--image-size must be positive");
+  if (a.batch_size < 1) throw dtop::Error("batch size must be >= 1, got " + std::to_string(a.batch_size));
+  if (a.threads < 0) throw dtop::Error("--threads must be >= 0");
+  return a;
+}
+
+std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vector<std::string>& paths,
+                         const dtop::EmbedResult& r, int image_size, const std::vector<double>& scales) {
+  using dtop::json::number;
+  using dtop::json::quote;
+  std::string s = "{\n  \"model\": " + quote(python_path(a.model)) + ",\n";
+  s += "  \"engine\": {\n    \"name\": \"openvino-cpp\",\n    \"precision\": " + quote(a.precision == "f32" ? "fp32" : a.precision) +
+       ",\n    \"device\": " + quote(a.device == "CPU" ? "cpu" : a.device) +
+       ",\n    \"descriptor_dim\": " + std::to_string(r.dim) + ",\n    \"source\": " + quote(python_path(a.model)) +
+       ",\n    \"runtime\": " + quote(e.describe()) + "\n  },\n";
+  s += "  \"descriptor_dim\": " + std::to_string(r.dim) + ",\n  \"image_size\": " + std::to_string(image_size) + ",\n";
+  s += "  \"scales\": [";
+  for (std::size_t i = 0; i < scales.size(); ++i) s += (i ? ", " : "") + number(scales[i]);
+  s += "],\n  \"images\": [";
+  for (std::size_t i = 0; i < r.rows.size(); ++i) s += std::string(i ? "," : "") + "\n    " + quote(paths[r.rows[i]]);
+  s += r.rows.empty() ? "],\n" : "\n  ],\n";
+  s += "  \"skipped\": [";
+  for (std::size_t i = 0; i < r.skipped.size(); ++i) {
+    s += std::string(i ? "," : "") + "\n    {\"path\": " + quote(paths[r.skipped[i].index]) +
+         ", \"error\": " + quote(r.skipped[i].reason) + "}";
+  }
+  s += r.skipped.empty() ? "]\n}\n" : "\n  ]\n}\n";
+  return s;
+}
+
+int run(int argc, char** argv) {
+  const Args a = parse_args(argc, argv);
+  const std::vector<double> scales = dtop::parse_scales(a.scales);
+  const std::vector<std::string> paths = expand_images(a.images);
+  if (paths.empty()) {
+    throw dtop::Error("no images given (folders are searched for .jpg, .jpeg, .png, .bmp, .gif, .tif, .tiff, .webp, "
+                      ".ppm, .pgm)");
+  }
+  const fs::path out_dir = fs::path(a.output).has_parent_path() ? fs::path(a.output).parent_path() : fs::path(".");
+  if (!fs::is_directory(out_dir)) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " does not exist");
+  if (::access(out_dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " is not writable");
+
+  dtop::RuntimeOptions options;
+  options.threads = a.threads;
+  options.precision = a.precision;
+  options.device = a.device;
+  dtop::Embedder embedder(a.model, options);
+  const int image_size = a.image_size > 0 ? a.image_size : embedder.contract().preprocess.size;
+
+  if (!a.dump.empty()) {
+    fs::create_directories(a.dump);
+    for (std::size_t i = 0; i < paths.size(); ++i) {
+      try {
+        const dtop::Tensor t = embedder.preprocess(dtop::load_image(paths[i]), image_size, scales[0]);
+        dtop::write_npy((fs::path(a.dump) / (std::to_string(i) + ".npy")).string(), t.data,
+                        std::vector<std::size_t>{3, static_cast<std::size_t>(t.height), static_cast<std::size_t>(t.width)});
+      } catch (const dtop::ImageError&) {
+        // reported by the embedding pass below
+      }
+    }
+  }
+
+  const bool show = a.progress && ::isatty(STDERR_FILENO);
+  dtop::EmbedOptions eo;
+  eo.image_size = image_size;
+  eo.scales = scales;
+  eo.batch_size = a.batch_size;
+  const dtop::EmbedResult r = embedder.embed_files(paths, eo, [&](std::size_t done, std::size_t total) {
+    if (show) std::fprintf(stderr, "\rembedding %zu/%zu", done, total);
+  });
+  if (show) std::fprintf(stderr, "\n");
+  for (const auto& s : r.skipped) std::fprintf(stderr, "skipped: %s\n", s.reason.c_str());
+  if (r.rows.empty()) throw dtop::Error("none of the " + std::to_string(paths.size()) + " images could be read");
+  dtop::write_npy(a.output, r.descriptors, r.rows.size(), static_cast<std::size_t>(r.dim));
+  dtop::write_text_atomic(a.sidecar, sidecar_json(a, embedder, paths, r, image_size, scales));
+  std::printf("wrote %s (%zu x %d float32) and %s", a.output.c_str(), r.rows.size(), r.dim, a.sidecar.c_str());
+  if (!r.skipped.empty()) std::printf("; skipped %zu unreadable image(s)", r.skipped.size());
+  std::printf("\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const dtop::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

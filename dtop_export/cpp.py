@@ -1,0 +1,176 @@
+"""Build the C++ client (``cpp/``: the ``dtop::Embedder`` library, ``dtop-embed`` and the minimal example) with the
+OpenVINO C++ SDK that the ``openvino`` wheel ships, so that users need not know where the SDK lives.
+
+:func:`build` configures with CMake (``-DOpenVINO_DIR=<site-packages>/openvino/cmake``), builds, optionally
+installs, and returns where the binaries are. Missing pieces (CMake, a C++ compiler, the ``openvino`` wheel,
+libjpeg/libpng development files) are one :class:`DToPError` line naming what to install. The C++ sources
+travel in the wheel as ``dtop_export.cpp_sources`` (the repository's ``cpp/`` folder).
+
+Imports the standard library only; ``openvino`` is located, not imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtop_export.errors import DToPError
+
+EMBED_TOOL = "dtop-embed"
+EXAMPLE = "dtop-example"
+LOG_NAME = "dtop-build.log"
+# What a CMake failure means, by the line it prints.
+_CMAKE_HINTS = (
+    ("Could NOT find JPEG", "libjpeg development files not found: install them (Debian: apt install libjpeg-dev)"),
+    ("Could NOT find PNG", "libpng development files not found: install them (Debian: apt install libpng-dev)"),
+    ("No CMAKE_CXX_COMPILER could be found", "no C++ compiler found: install g++ (apt install g++) or set CXX"),
+    ('provided by "OpenVINO"', "CMake cannot use the openvino wheel's SDK: pip install --force-reinstall openvino"),
+)
+
+
+@dataclass
+class BuildResult:
+    """Where a build left things, and how long each step took (seconds)."""
+
+    build_dir: Path
+    embed_tool: Path
+    example: Path | None
+    library: Path
+    include_dir: Path
+    openvino_version: str
+    openvino_cmake_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    installed_to: Path | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def source_dir() -> Path:
+    """The C++ sources: the installed ``dtop_export.cpp_sources`` data package, or ``cpp/`` of a checkout."""
+    spec = importlib.util.find_spec("dtop_export.cpp_sources")
+    candidates = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    here = Path(__file__).resolve().parent
+    candidates += [here / "cpp_sources", here.parent / "cpp"]
+    for c in candidates:
+        if (c / "CMakeLists.txt").is_file():
+            return c
+    raise DToPError("the C++ sources (cpp/CMakeLists.txt) are missing from this install: reinstall dtop-export")
+
+
+def default_build_dir() -> Path:
+    """``$XDG_CACHE_HOME/dtop-export/cpp`` (``~/.cache/dtop-export/cpp``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "dtop-export" / "cpp"
+
+
+def openvino_sdk() -> tuple[Path, str]:
+    """(CMake config folder, version) of the installed ``openvino`` wheel, without importing it."""
+    spec = importlib.util.find_spec("openvino")
+    if spec is None or not spec.submodule_search_locations:
+        raise DToPError("the openvino wheel is not installed: pip install openvino (it ships the C++ SDK)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    cmake_dir = root / "cmake"
+    if not (cmake_dir / "OpenVINOConfig.cmake").is_file():
+        raise DToPError(f"{root} has no C++ SDK (cmake/OpenVINOConfig.cmake): pip install --force-reinstall openvino")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("openvino")
+    except PackageNotFoundError:
+        ver = "unknown"
+    return cmake_dir, ver
+
+
+def find_toolchain() -> tuple[str, str]:
+    """(cmake, C++ compiler) executables, or a :class:`DToPError` naming what to install."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise DToPError("CMake not found: install CMake >= 3.16 (apt install cmake, or pip install cmake)")
+    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if cxx is None or shutil.which(cxx) is None:
+        raise DToPError("no C++ compiler found: install g++ >= 9 (apt install g++) or point CXX at one")
+    return cmake, shutil.which(cxx) or cxx
+
+
+def _run(cmd: list[str], log: Path, step: str) -> None:
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        r = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    if r.returncode == 0:
+        return
+    text = log.read_text(errors="replace")
+    for needle, hint in _CMAKE_HINTS:
+        if needle in text:
+            raise DToPError(f"C++ {step} failed: {hint} (full log: {log})")
+    errors = [ln.strip() for ln in text.splitlines() if re.search(r"\berror\b", ln, re.IGNORECASE)]
+    first = errors[0] if errors else text.strip().splitlines()[-1] if text.strip() else "no output"
+    raise DToPError(f"C++ {step} failed: {first[:300]} (full log: {log})")
+
+
+def build(
+    build_dir: Path | None = None,
+    jobs: int | None = None,
+    build_type: str = "Release",
+    install_prefix: Path | None = None,
+    status: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Configure and build ``cpp/`` into ``build_dir`` (default :func:`default_build_dir`); incremental when run
+    again. ``install_prefix``: also ``cmake --install`` there (bin/dtop-embed, lib/libdtop.a, include/dtop,
+    lib/cmake/dtop for ``find_package(dtop)``). ``status`` receives a line per step."""
+    say = status or (lambda _text: None)
+    src = source_dir()
+    cmake, cxx = find_toolchain()
+    ov_cmake, ov_version = openvino_sdk()
+    build_dir = Path(build_dir or default_build_dir()).resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log = build_dir / LOG_NAME
+    log.write_text("")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    say(f"configuring {src} -> {build_dir}")
+    _run(
+        [
+            cmake, "-S", str(src), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DCMAKE_CXX_COMPILER={cxx}", f"-DOpenVINO_DIR={ov_cmake}",
+        ],
+        log, "configure",
+    )  # fmt: skip
+    timings["configure_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    n = jobs or max(1, os.cpu_count() or 1)
+    say(f"compiling with {n} job(s)")
+    _run([cmake, "--build", str(build_dir), "--parallel", str(n)], log, "build")
+    timings["build_s"] = round(time.perf_counter() - t0, 2)
+
+    tool = build_dir / EMBED_TOOL
+    if not tool.is_file():
+        raise DToPError(f"the build finished without {tool}: see {log}")
+    example = build_dir / EXAMPLE
+    result = BuildResult(
+        build_dir=build_dir,
+        embed_tool=tool,
+        example=example if example.is_file() else None,
+        library=build_dir / "libdtop.a",
+        include_dir=src / "include",
+        openvino_version=ov_version,
+        openvino_cmake_dir=ov_cmake,
+        timings=timings,
+    )
+    if install_prefix is not None:
+        t0 = time.perf_counter()
+        prefix = Path(install_prefix).resolve()
+        say(f"installing into {prefix}")
+        _run([cmake, "--install", str(build_dir), "--prefix", str(prefix)], log, "install")
+        timings["install_s"] = round(time.perf_counter() - t0, 2)
+        result.installed_to = prefix
+    return result

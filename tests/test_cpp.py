@@ -1,0 +1,302 @@
+"""The C++ client (cpp/): built once per run with `dtop-export cpp build`, then held to the Python side.
+
+Parity: `dtop-embed` vs `dtop-export embed` (ONNX Runtime) on every decoding case the Python side accepts
+(:func:`dtop_export.cpp_parity.write_format_zoo`): the model inputs must be identical (0 levels: the client
+reproduces Pillow's integer arithmetic) and the descriptors within cosine 0.9999; both sides skip the same
+files. Bad input: one `error:` line, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_helpers import cli
+
+from dtop_export.cpp_parity import BAD_FILES, MIN_COSINE, CppParityReport, ImageParity, compare, write_format_zoo
+from dtop_export.errors import DToPError
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dtop_export"]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (~10 s on 2 cores)."""
+    build_dir = tmp_path_factory.mktemp("cpp-build")
+    r = subprocess.run([*CLI, "cpp", "build", "--build-dir", str(build_dir)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone
+    assert binary == build_dir / "dtop-embed" and os.access(binary, os.X_OK)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_format_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def _run(binary: Path, *args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _with_metadata(src: Path, dest: Path, **changes: str | None) -> Path:
+    """A copy of ``src`` with metadata keys changed (None: removed)."""
+    m = onnx.load(str(src))
+    meta = {p.key: p.value for p in m.metadata_props}
+    for k, v in changes.items():
+        key = "dtop." + k
+        if v is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = v
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(dest))
+    return dest
+
+
+# build ---------------------------------------------------------------------------------------------------
+
+
+def test_binary_runs_without_environment_variables(client: Path) -> None:
+    r = _run(client, "--help", env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and "dtop-embed MODEL IMAGE..." in r.stdout
+    runpath = subprocess.run(["readelf", "-d", str(client)], capture_output=True, text=True).stdout
+    assert re.search(r"(RUNPATH|RPATH).*openvino/libs", runpath), runpath
+
+
+def test_build_names_what_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+
+    from dtop_export import cpp
+
+    real_which, real_find = shutil.which, importlib.util.find_spec
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "cmake" else real_which(name))
+    with pytest.raises(DToPError, match="CMake not found: install"):
+        cpp.build(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None if name in ("c++", "g++", "clang++") else real_which(name))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(DToPError, match="no C\\+\\+ compiler found"):
+        cpp.build(tmp_path)
+    monkeypatch.setattr(shutil, "which", real_which)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find(name))
+    with pytest.raises(DToPError, match="openvino wheel is not installed: pip install openvino"):
+        cpp.build(tmp_path)
+    assert not (tmp_path / "dtop-embed").exists()
+
+
+def test_cmake_failure_is_one_line_with_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken source tree: the error names the compiler's first error line and the log file."""
+    import shutil
+
+    from dtop_export import cpp
+
+    src = tmp_path / "src"
+    shutil.copytree(cpp.source_dir(), src)
+    (src / "src" / "json.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(cpp, "source_dir", lambda: src)
+    with pytest.raises(DToPError, match=r"C\+\+ build failed: .*error.*\(full log: .*dtop-build.log\)"):
+        cpp.build(tmp_path / "build", jobs=2)
+
+
+# parity with the Python side -----------------------------------------------------------------------------
+
+
+def test_parity_on_every_format(client: Path, small_onnx: Path, zoo: dict[str, Path]) -> None:
+    paths = sorted(zoo.values())
+    report = compare(client, small_onnx, paths, image_size=256)
+    assert report.passed, report.failures()
+    assert report.skipped_cpp == report.skipped_python == [str(zoo[name]) for name in BAD_FILES]
+    assert len(report.images) == len(zoo) - len(BAD_FILES)
+    assert report.cosine_min >= MIN_COSINE and report.levels_max == 0.0
+
+
+def test_parity_multiscale_batched_and_bicubic(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """`ms` scales with batches of 3, and a model whose contract says bicubic: the C++ resize follows the
+    metadata (another filter and support), still identical to Pillow's."""
+    bicubic = _with_metadata(
+        small_onnx,
+        tmp_path / "bicubic.onnx",
+        resize_policy=json.dumps({"policy": "longest_side", "size": 320, "interpolation": "bicubic"}),
+    )
+    paths = [zoo[k] for k in ("portrait_odd.jpg", "landscape.jpg", "rgba16.png", "exif_orientation_7.jpg", "grey.png")]
+    for model, scales in ((small_onnx, (1.0, 2**-0.5, 2**0.5)), (bicubic, (1.0,))):
+        report = compare(client, model, paths, image_size=200, scales=scales, batch_size=3)
+        assert report.passed, report.failures()
+
+
+def test_report_fails_on_a_pixel_difference_or_a_different_skip() -> None:
+    ok = ImageParity("a.jpg", 0.99999, 0.0, 0.0, True)
+    assert CppParityReport("m", "b", 384, [1.0], [ok]).passed
+    off = ImageParity("b.jpg", 0.99999, 0.0157, 1.0, True)
+    assert "differs by 1 levels" in CppParityReport("m", "b", 384, [1.0], [ok, off]).failures()[0]
+    far = ImageParity("c.jpg", 0.9998, 0.0, 0.0, True)
+    assert "cosine" in CppParityReport("m", "b", 384, [1.0], [far]).failures()[0]
+    skip = CppParityReport("m", "b", 384, [1.0], [ok], skipped_cpp=["x.bmp"], skipped_python=[])
+    assert "skipped files differ" in skip.failures()[0]
+
+
+def test_embed_output_matches_python_embed(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Same .npy rows and .json sidecar fields as `dtop-export embed` for a folder, with the bad files."""
+    folder = zoo["landscape.jpg"].parent
+    r = _run(client, small_onnx, folder, "-o", tmp_path / "cpp.npy", "--image-size", 224, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    bad = len(BAD_FILES)
+    assert r.stderr.count("skipped: cannot read image") == bad and f"skipped {bad} unreadable image(s)" in r.stdout
+    py_args = ["embed", str(small_onnx), str(folder), "-o", str(tmp_path / "py.npy"), "--image-size", "224"]
+    assert cli(*py_args, "--no-progress", "--threads", "1") == 0
+    assert cli(*py_args, "--threads", "0") == 2  # refused before anything runs
+    cpp, py = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "py.npy")
+    jc, jp = json.loads((tmp_path / "cpp.json").read_text()), json.loads((tmp_path / "py.json").read_text())
+    assert cpp.dtype == np.float32 and cpp.shape == py.shape == (len(zoo) - bad, jp["descriptor_dim"])
+    assert np.all((cpp * py).sum(1) >= MIN_COSINE)
+    for key in ("model", "descriptor_dim", "image_size", "scales", "images"):
+        assert jc[key] == jp[key], key
+    assert [s["path"] for s in jc["skipped"]] == [s["path"] for s in jp["skipped"]]
+    assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
+
+
+def test_minimal_example_compiles_runs_and_is_the_readme_one(
+    client: Path, small_onnx: Path, zoo: dict[str, Path]
+) -> None:
+    example = client.with_name("dtop-example")
+    r = _run(example, small_onnx, zoo["portrait_odd.jpg"])
+    assert r.returncode == 0, r.stderr
+    got = np.array([float(v) for v in r.stdout.split()], np.float32)
+    from dtop_export.engines.ort import OnnxRuntimeEngine
+    from dtop_export.retrieval.extract import extract
+
+    want = extract(OnnxRuntimeEngine(small_onnx), [zoo["portrait_odd.jpg"]], progress=False)[0]
+    assert got.shape == want.shape and float(got @ want) >= MIN_COSINE
+    source = (REPO / "cpp" / "examples" / "minimal.cpp").read_text()
+    assert source.strip() in (REPO / "README.md").read_text(), "README's C++ example must be cpp/examples/minimal.cpp"
+    r = _run(example, small_onnx, zoo["text.jpg"])
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot read image")
+
+
+# bad input -----------------------------------------------------------------------------------------------
+
+
+def _fails(r: subprocess.CompletedProcess[str], pattern: str) -> None:
+    """Exit 2 and one ``error:`` line last (after the ``skipped:`` lines of unreadable images, if any)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    *before, last = r.stderr.strip().splitlines()
+    assert last.startswith("error: ") and re.search(pattern, last), r.stderr
+    assert all(line.startswith("skipped: cannot read image") for line in before), r.stderr
+
+
+def test_bad_models(client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path) -> None:
+    img = zoo["landscape.jpg"]
+    out = tmp_path / "out.npy"
+    bare = _with_metadata(small_onnx, tmp_path / "bare.onnx", format=None)
+    _fails(_run(client, bare, img, "-o", out), r"no dtop-export metadata .*dtop-export onnx")
+    old = _with_metadata(small_onnx, tmp_path / "old.onnx", stride=None)
+    _fails(_run(client, old, img, "-o", out), r"lacks metadata dtop.stride")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage" * 10)
+    _fails(_run(client, junk, img, "-o", out), r"OpenVINO cannot read .*junk.onnx: \w+")
+    _fails(_run(client, small_ckpt_copy(tmp_path), img, "-o", out), r"not an .onnx file or an OpenVINO IR")
+    _fails(_run(client, tmp_path / "missing.onnx", img, "-o", out), r"model .*missing.onnx not found")
+    assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
+
+
+def small_ckpt_copy(tmp_path: Path) -> Path:
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"not a model")
+    return p
+
+
+def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"previous")  # a failed run must leave an existing output untouched
+    _fails(
+        _run(client, small_onnx, zoo["truncated.jpg"], zoo["text.jpg"], "-o", out),
+        r"none of the 2 images could be read",
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(_run(client, small_onnx, empty, "-o", out), r"no images given")
+    _fails(_run(client, small_onnx, zoo["grey.png"]), r"no output given: add -o")
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", tmp_path / "x.txt"), r"should end in .npy")
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--scales", "1,abc"), r"cannot read scales")
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--bogus"), r"unknown option --bogus")
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--threads", "two"), r"--threads expects an integer")
+    _fails(
+        _run(client, small_onnx, zoo["grey.png"], "-o", tmp_path / "nope" / "o.npy"), r"folder .*nope does not exist"
+    )
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", "/proc/dtop-test.npy"), r"cannot write /proc/dtop-test.npy")
+    assert out.read_bytes() == b"previous" and not out.with_suffix(".json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
+
+
+def test_parity_cli_passes_and_reports(
+    client: Path, small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli("cpp", "parity", str(small_onnx), "--binary", str(client), "--image-size", "160", "--json",
+                str(tmp_path / "p.json"))  # fmt: skip
+    assert code == 0, capsys.readouterr().out[-2000:]
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["passed"] and report["input_levels_max"] == 0.0 and report["cosine_min"] >= MIN_COSINE
+    assert len(report["images"]) >= 25
+    assert [Path(p).name for p in report["skipped_cpp"]] == list(BAD_FILES)
+    assert cli("cpp", "parity", str(small_onnx), "--binary", str(tmp_path / "none")) == 2
+
+
+@pytest.mark.slow
+def test_full_model_parity(client: Path, full_export: tuple[Path, Path], zoo: dict[str, Path]) -> None:
+    """The paper's r50-vitb16 through OpenVINO in C++ vs ONNX Runtime in Python, at the 384 px deployment size."""
+    _, onnx_path = full_export
+    paths = [zoo[k] for k in ("portrait_odd.jpg", "cmyk.jpg", "exif_orientation_6.jpg", "rgba16.png", "grey.png")]
+    report = compare(client, onnx_path, paths, image_size=384, threads=2)
+    assert report.passed, report.failures()
+    assert report.cosine_min >= MIN_COSINE
+
+
+def test_install_and_find_package_from_another_project(client: Path, tmp_path: Path) -> None:
+    """`cpp build --prefix` installs what the README says; a separate CMake project finds it with
+    find_package(dtop) and links the minimal example against it."""
+    from dtop_export.cpp import build, openvino_sdk
+
+    prefix = tmp_path / "prefix"
+    result = build(client.parent, jobs=2, install_prefix=prefix)  # the test run's build: nothing to recompile
+    assert result.installed_to == prefix and (prefix / "bin" / "dtop-embed").is_file()
+    assert (prefix / "include" / "dtop" / "embedder.hpp").is_file() and (prefix / "lib" / "libdtop.a").is_file()
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.cpp").write_text((REPO / "cpp" / "examples" / "minimal.cpp").read_text())
+    (app / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(app CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
+        "find_package(dtop REQUIRED)\nadd_executable(app main.cpp)\ntarget_link_libraries(app PRIVATE dtop::dtop)\n"
+    )
+    ov_cmake, _ = openvino_sdk()
+    cfg = [
+        "cmake",
+        "-S",
+        str(app),
+        "-B",
+        str(app / "b"),
+        f"-Ddtop_DIR={prefix}/lib/cmake/dtop",
+        f"-DOpenVINO_DIR={ov_cmake}",
+    ]
+    r = subprocess.run(cfg, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run(["cmake", "--build", str(app / "b")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = _run(app / "b" / "app", env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "usage:" in r.stderr  # linked, loads OpenVINO without LD_LIBRARY_PATH
+    installed = _run(prefix / "bin" / "dtop-embed", "--help", env={"PATH": "/usr/bin:/bin"})
+    assert installed.returncode == 0
