@@ -116,6 +116,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     add_fixed("FP16 (CPU emulation of TensorRT FP16)", fp16.replace("{demo_cosine_min}", cos))
 
     out += _whitening_rows()
+    out += _openvino_rows()
     add_fixed("C++ client build (`dtop-export cpp build`, cold)")
     out += _cpp_rows()
 
@@ -189,6 +190,47 @@ def _whitening_rows() -> list[tuple[str, str, str, str]]:
             )
         )
     return out
+
+
+def _openvino_rows() -> list[tuple[str, str, str, str]]:
+    """OpenVINO fp32 and INT8 on the full model: speed (bench) and the INT8 contract (parity)."""
+    path = RESULTS / "openvino_bench.json"
+    if not path.exists():
+        return []
+    bench = json.loads(path.read_text())
+
+    def speed(file: str, size: int) -> str:
+        e = next(e for e in bench["engines"] if e["file"] == file)
+        t = next(t for t in e["timings"] if t["size"] == size and t["batch"] == 1)
+        return f"{t['p50_s']:.2f} s ({t['speedup']:.2f}×)"
+
+    parts = [
+        f"fp32 IR {speed('r50.xml', 512)}",
+        f"INT8 `--recipe qdq` {speed('r50.qdq.xml', 512)}",
+        f"INT8 `--recipe nncf` {speed('r50.int8.xml', 512)}",
+        f"ONNX Runtime INT8 {speed('r50.ort.int8.onnx', 512)}",
+    ]
+    acc = []
+    for f in ("openvino_parity_r50_qdq.json", "openvino_parity_r50.json"):
+        if (RESULTS / f).exists():
+            for e in json.loads((RESULTS / f).read_text())["engines"]:
+                if "openvino int8" in e["label"] and e["label"] not in {a[0] for a in acc}:
+                    worst = max(abs(v) for v in e["map_delta"].values())
+                    acc.append(
+                        (
+                            e["label"],
+                            f"{e['label'].split('(')[-1].rstrip(')')}: cos min "
+                            f"{e['cosine_min']:.4f}, ΔmAP within ±{worst:.2f}, {'PASS' if e['passed'] else 'FAIL'}",
+                        )
+                    )
+    return [
+        (
+            "OpenVINO, r50-vitb16, 512², batch 1 (speed-up vs eager fp32)",
+            ", ".join(parts) + ("; INT8 contract on the embedded set: " + "; ".join(a[1] for a in acc) if acc else ""),
+            _machine(bench["machine"], threads=bench["threads"]),
+            "`dtop-export bench r50.pt r50.onnx r50.xml r50.ort.int8.onnx r50.qdq.xml r50.int8.xml --sizes 384,512`",
+        )
+    ]
 
 
 def _cpp_rows() -> list[tuple[str, str, str, str]]:

@@ -1,14 +1,16 @@
 """``dtop_export.engines``: the runtimes behind the one :class:`~dtop_export.contract.Engine` interface.
 
 ``pytorch`` (the reference; fp32, the bf16 deployment path, fp16 for audits), ``ort`` (ONNX Runtime: CPU,
-CUDA and TensorRT execution providers, files or in-memory models) and ``tensorrt/`` (a package: install
+CUDA and TensorRT execution providers, files or in-memory models), ``openvino`` (an .onnx or an IR on the CPU:
+fp32, bf16/fp16 hints, NNCF INT8 IRs) and ``tensorrt/`` (a package: install
 probing, optimization profiles, the plan sidecar, builder, runner, trtexec line and the CPU-side ONNX-parser
 lint). :func:`load_engine` picks the runtime from the file: a checkpoint (``.pt``) runs in PyTorch, an
-``.onnx`` in ONNX Runtime, a ``.plan``/``.engine`` in TensorRT.
+``.onnx`` in ONNX Runtime (or OpenVINO with ``runtime="openvino"``), an ``.xml`` in OpenVINO, a
+``.plan``/``.engine`` in TensorRT.
 
 May import the core (``dtop_export.contract``, ``preprocess``, ``checkpoint``, ``fold``, ``fp16.convert``);
 never ``dtop_export.training``, the CLI, or an audit/report module (parity, bench, fp16.audit, pipeline).
-Runtime imports (torch, onnxruntime, tensorrt) happen inside the engines, so importing this package is cheap.
+Runtime imports (torch, onnxruntime, openvino, tensorrt) happen inside the engines, so importing this package is cheap.
 This folder installs as ``dtop_export.engines``.
 """
 
@@ -24,14 +26,32 @@ if TYPE_CHECKING:
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+IR_SUFFIXES = (".xml",)
+# runtime= values load_engine understands (an .onnx runs in onnxruntime unless runtime="openvino")
+RUNTIMES = ("pytorch", "onnxruntime", "openvino", "tensorrt")
 
 
-def load_engine(path: str | Path, **options: Any) -> Engine:
-    """Open ``path`` in the runtime its suffix names; ``options`` go to the engine's constructor."""
+def load_engine(path: str | Path, runtime: str | None = None, **options: Any) -> Engine:
+    """Open ``path`` in the runtime its suffix names (``.pt`` PyTorch, ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO,
+    ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options`` go to the engine's
+    constructor."""
     path = Path(path)
     if not path.exists():
         raise DToPError(f"model file {path} not found")
     suffix = path.suffix.lower()
+    if runtime is not None and runtime not in RUNTIMES:
+        raise DToPError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
+    if runtime == "openvino" or suffix in IR_SUFFIXES:
+        if suffix not in (".onnx", *IR_SUFFIXES):
+            raise DToPError(f"OpenVINO runs an .onnx or an IR .xml, not {path.name}")
+        from dtop_export.engines.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(path, **options)
+    native = {".onnx": "onnxruntime"}.get(suffix) or (
+        "pytorch" if suffix in CHECKPOINT_SUFFIXES else "tensorrt" if suffix in PLAN_SUFFIXES else None
+    )
+    if runtime is not None and runtime != native:
+        raise DToPError(f"{path.name} cannot run in {runtime} (it runs in {native or 'no runtime'})")
     if suffix in CHECKPOINT_SUFFIXES:
         from dtop_export.engines.pytorch import TorchEngine
 
@@ -44,4 +64,4 @@ def load_engine(path: str | Path, **options: Any) -> Engine:
         from dtop_export.engines.tensorrt.runner import TensorRTEngine
 
         return TensorRTEngine(path, **options)
-    raise DToPError(f"don't know how to run {path}: expected a checkpoint (.pt), .onnx or .plan file")
+    raise DToPError(f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml or .plan")

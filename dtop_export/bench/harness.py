@@ -150,6 +150,12 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def model_files(path: Path) -> list[Path]:
+    """The files a model is: an OpenVINO IR is its .xml and .bin."""
+    weights = path.with_suffix(".bin")
+    return [path, weights] if path.suffix.lower() == ".xml" and weights.is_file() else [path]
+
+
 def _label(engine: Any, spec: EngineSpec) -> str:
     if spec.label:
         return spec.label
@@ -236,7 +242,7 @@ def run_bench(
                 first_call_s=first_call or load_s,
                 load_rss_mb=(rss_loaded - rss0) / 2**20,
                 peak_rss_mb=(sampler.peak - rss0) / 2**20,
-                file_mb=spec.path.stat().st_size / 2**20,
+                file_mb=sum(p.stat().st_size for p in model_files(spec.path)) / 2**20,
                 build_seconds=build_s,
                 derived_from=parent,
             )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtop_export.engines import CHECKPOINT_SUFFIXES
+from dtop_export.engines import CHECKPOINT_SUFFIXES, RUNTIMES
 from dtop_export.errors import DToPError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -30,10 +30,12 @@ class EngineSpec:
 
 
 def parse_spec(text: str) -> EngineSpec:
-    """``model.pt``, ``model.pt:bf16``, ``model.onnx:threads=1,label=ort`` -> :class:`EngineSpec`.
+    """``model.pt``, ``model.pt:bf16``, ``model.onnx:threads=1,label=ort``, ``model.onnx:openvino`` ->
+    :class:`EngineSpec`.
 
-    A bare option is a precision (fp32, bf16, fp16); ``key=value`` options go to the engine's constructor
-    (ints and floats are converted), except ``label``, which names the row.
+    A bare option is a precision (fp32, bf16, fp16, int8) or a runtime (``openvino`` runs an ``.onnx`` in
+    OpenVINO); ``key=value`` options go to the engine's constructor (ints and floats are converted), except
+    ``label``, which names the row.
     """
     path_text, opts_text = text, ""
     if ":" in text:
@@ -51,8 +53,10 @@ def parse_spec(text: str) -> EngineSpec:
             options[k] = _coerce(v)
         elif item in PRECISIONS:
             options["precision"] = item
+        elif item in RUNTIMES:
+            options["runtime"] = item
         else:
-            raise DToPError(f"cannot read engine option {item!r} in {text!r}: use a precision or key=value")
+            raise DToPError(f"cannot read engine option {item!r} in {text!r}: use a precision, a runtime or key=value")
     path = Path(path_text)
     if not path.exists():
         raise DToPError(f"model file {path} not found")

@@ -28,6 +28,7 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     info,
     init,
     onnx,
+    openvino,
     optimize,
     parity,
     quantize,

@@ -17,8 +17,8 @@ def bench(
         list[str],
         typer.Argument(
             help="Models to compare: checkpoint (.pt, PyTorch; :bf16 for the bf16 deployment path, "
-            ":bf16,compile=max-autotune to torch.compile it), .onnx (ONNX Runtime), .plan (TensorRT). Options "
-            "after a colon: model.pt:bf16, model.onnx:label=ort,threads=1."
+            ":bf16,compile=max-autotune to torch.compile it), .onnx (ONNX Runtime; :openvino for OpenVINO), .xml "
+            "(OpenVINO IR), .plan (TensorRT). Options after a colon: model.pt:bf16, model.onnx:label=ort,threads=1."
         ),
     ],
     sizes: Annotated[str, typer.Option("--sizes", help="Square image sizes, comma-separated.")] = "224,384,512",

@@ -20,6 +20,7 @@ from dtop_export.errors import DToPError
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from dtop_export.contract import Engine
     from dtop_export.pipeline.stages import Reporter
 
 app = typer.Typer(
@@ -96,6 +97,16 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return parse(text, what)
 
 
+def open_engine(model: Path | str, **options: Any) -> Engine:
+    """The engine of a MODEL argument: a file, or ``FILE:options`` as ``bench`` takes them (``m.onnx:openvino``,
+    ``m.xml:threads=2``, ``m.pt:bf16``); ``options`` add to the written ones."""
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.engines import load_engine
+
+    spec = parse_spec(str(model))
+    return load_engine(spec.path, **{**spec.options, **options})
+
+
 def rich_reporter(con: Console) -> Reporter:
     """A :class:`~dtop_export.pipeline.stages.Reporter` that draws a rule per stage and spinners."""
     from dtop_export.pipeline.stages import Reporter
@@ -136,6 +147,19 @@ DataRootOpt = Annotated[
 NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use whole query images, not their bounding boxes.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+CalibOpt = Annotated[
+    Path | None, typer.Option("--calib", help="Folder of calibration images (default: the embedded sample set).")
+]
+CalibCountOpt = Annotated[int, typer.Option("--calib-count", help="Calibration images to use.")]
+CalibSizesOpt = Annotated[str, typer.Option("--calib-sizes", help="Longer-side sizes each image is calibrated at.")]
+KeepFloatOpt = Annotated[
+    str,
+    typer.Option(
+        "--keep-float",
+        help="Conv/MatMul roles left in float: first_conv, stem, elm, qkv, proj, fc1, fc2, attention, dpe.",
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")]
 KeepFp32Opt = Annotated[
     list[str] | None,
     typer.Option(

@@ -7,13 +7,19 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import BatchOpt, ImageSizeOpt, ProgressOpt, ScalesOpt, app, write_json
+from dtop_export.cli.common import BatchOpt, ImageSizeOpt, ProgressOpt, ScalesOpt, app, open_engine, write_json
 from dtop_export.errors import DToPError
 
 
 @app.command()
 def embed(
-    model: Annotated[Path, typer.Argument(help="A checkpoint (.pt), an .onnx or a TensorRT .plan.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint (.pt), .onnx, OpenVINO .xml or TensorRT .plan; FILE:openvino runs an .onnx "
+            "in OpenVINO (options as in `bench`)."
+        ),
+    ],  # fmt: skip
     images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Descriptor matrix to write (.npy).")],
     batch_size: BatchOpt = 1,
@@ -31,7 +37,6 @@ def embed(
     import numpy as np
 
     from dtop_export.atomic import atomic_path
-    from dtop_export.engines import load_engine
     from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
     from dtop_export.retrieval.extract import extract, parse_scales
 
@@ -43,14 +48,16 @@ def embed(
     sc = parse_scales(scales)
     if threads is not None and threads < 1:
         raise DToPError(f"--threads must be >= 1, got {threads}")
+    from dtop_export.bench.spec import parse_spec
+
     options: dict[str, int] = {}
-    if threads and model.suffix.lower() == ".onnx":
+    if threads and parse_spec(str(model)).kind in ("onnx", "xml"):
         options["threads"] = threads
     elif threads:
         import torch
 
         torch.set_num_threads(threads)
-    engine = load_engine(model, **options)
+    engine = open_engine(model, **options)
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size

@@ -17,6 +17,7 @@ from dtop_export.cli.common import (
     ProgressOpt,
     ScalesOpt,
     app,
+    open_engine,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -42,7 +43,6 @@ def evaluate(
     progress: ProgressOpt = True,
 ) -> None:
     """Revisited Oxford/Paris evaluation: Easy/Medium/Hard mAP and mP@1/5/10 of MODEL on a data set."""
-    from dtop_export.engines import load_engine
     from dtop_export.retrieval.datasets import resolve_dataset
     from dtop_export.retrieval.evaluate import evaluate_dataset
     from dtop_export.retrieval.extract import parse_scales
@@ -51,7 +51,7 @@ def evaluate(
     ds = resolve_dataset(dataset, data_root)
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
-    engine = load_engine(model)
+    engine = open_engine(model)
     captured: dict[str, Any] = {}
     with engine:
         result = evaluate_dataset(

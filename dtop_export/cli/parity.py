@@ -18,6 +18,7 @@ from dtop_export.cli.common import (
     ScalesOpt,
     app,
     console,
+    open_engine,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -27,7 +28,8 @@ from dtop_export.errors import DToPError
 def parity(
     reference: Annotated[Path, typer.Argument(help="The reference checkpoint (.pt), run in PyTorch fp32.")],
     models: Annotated[
-        list[Path] | None, typer.Argument(help="Artifacts to check: .onnx, .plan, or checkpoints.")
+        list[Path] | None,
+        typer.Argument(help="Artifacts to check: .onnx, .xml, .plan, checkpoints; FILE:openvino for OpenVINO."),
     ] = None,
     dataset: DatasetOpt = "sample",
     data_root: DataRootOpt = None,
@@ -42,7 +44,6 @@ def parity(
     progress: ProgressOpt = True,
 ) -> None:
     """Descriptor and mAP parity of every MODEL against the PyTorch reference; exit 1 if any contract fails."""
-    from dtop_export.engines import load_engine
     from dtop_export.engines.pytorch import TorchEngine
     from dtop_export.parity import parity as run_parity
     from dtop_export.retrieval.datasets import resolve_dataset
@@ -58,7 +59,7 @@ def parity(
     sc = parse_scales(scales)
     ds = resolve_dataset(dataset, data_root)
     ref = TorchEngine.from_checkpoint(reference)
-    engines = [load_engine(m) for m in models]
+    engines = [open_engine(m) for m in models]
     if fp16_emulate:
         engines.append(TorchEngine.from_checkpoint(reference, precision="fp16"))
     try:

@@ -8,33 +8,33 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, new_output, parse_int_list, progress_bar
+from dtop_export.cli.common import (
+    CalibCountOpt,
+    CalibOpt,
+    CalibSizesOpt,
+    ForceOpt,
+    KeepFloatOpt,
+    app,
+    console,
+    new_output,
+    parse_int_list,
+    progress_bar,
+)
 
 
 @app.command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="An fp32 ONNX file (`onnx`, or `optimize` for the fastest).")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Default: MODEL.int8.onnx.")] = None,
-    calib: Annotated[
-        Path | None,
-        typer.Option("--calib", help="Folder of calibration images (default: the embedded sample set)."),
-    ] = None,
-    calib_count: Annotated[int, typer.Option("--calib-count", help="Calibration images to use.")] = 16,
-    calib_sizes: Annotated[
-        str, typer.Option("--calib-sizes", help="Longer-side sizes each image is calibrated at.")
-    ] = "320,512",
+    calib: CalibOpt = None,
+    calib_count: CalibCountOpt = 16,
+    calib_sizes: CalibSizesOpt = "320,512",
     method: Annotated[
         str,
         typer.Option("--method", help="Calibration: minmax (mixed sizes), percentile or entropy (square crops)."),
     ] = "minmax",
-    keep_float: Annotated[
-        str,
-        typer.Option(
-            "--keep-float",
-            help="Conv/MatMul roles left in float: first_conv, stem, elm, qkv, proj, fc1, fc2, attention, dpe.",
-        ),
-    ] = "first_conv,stem,attention,dpe",
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
+    keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
+    force: ForceOpt = False,
 ) -> None:
     """Statically quantise to INT8 (QDQ; int8 per-channel weights, uint8 activations) with calibration
     images. Dynamic shapes are kept; LayerNorm, Softmax, GELU, GroupNorm, the DPE resize, FCs, whitening

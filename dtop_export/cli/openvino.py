@@ -1,0 +1,80 @@
+"""``dtop-export openvino``: an OpenVINO IR (fp32, or INT8: QDQ calibration or NNCF) from an exported ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import (
+    CalibCountOpt,
+    CalibOpt,
+    CalibSizesOpt,
+    ForceOpt,
+    KeepFloatOpt,
+    app,
+    console,
+    new_output,
+    parse_int_list,
+)
+
+
+@app.command()
+def openvino(
+    model: Annotated[Path, typer.Argument(help="An fp32 ONNX file from `dtop-export onnx`.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="The IR's .xml (default: MODEL.xml, MODEL.int8.xml).")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantise to INT8 (calibration images).")] = False,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe",
+            help="INT8 recipe: qdq (dtop-export quantize's calibration, converted; meets the contract) or nncf "
+            "(NNCF post-training quantisation; ~5% faster here, larger ΔmAP).",
+        ),
+    ] = "qdq",
+    calib: CalibOpt = None,
+    calib_count: CalibCountOpt = 16,
+    calib_sizes: CalibSizesOpt = "320,512",
+    keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
+    force: ForceOpt = False,
+) -> None:
+    """Convert to an OpenVINO IR (.xml + .bin) that keeps the deployment metadata and dynamic
+    batch/height/width; --int8 quantises it, calibrated on real images through the one preprocessing path
+    (LayerNorm, Softmax, GELU, the FCs, whitening and the --keep-float roles stay float)."""
+    from dtop_export.contract import preprocess_from_metadata, read_metadata
+    from dtop_export.errors import DToPError
+    from dtop_export.openvino_ir import INT8_RECIPES, write_ir
+    from dtop_export.preprocess import list_images
+    from dtop_export.quantize import calibration_tensors, default_calibration_images
+
+    if recipe not in INT8_RECIPES:
+        raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)
+    if output.suffix.lower() != ".xml":
+        raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
+    roles = [r.strip() for r in keep_float.split(",") if r.strip()]
+    tensors, source = [], ""
+    con = console()
+    with con.status("converting") as status:
+        if int8:
+            sizes = parse_int_list(calib_sizes, "--calib-sizes")
+            paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
+            status.update(f"preparing {calib_count} calibration images at {sizes}")
+            pp = preprocess_from_metadata(read_metadata(model))
+            tensors = calibration_tensors(paths, pp, sizes, calib_count)
+        r = write_ir(
+            model, output, int8=int8, recipe=recipe, calib=tensors, calibration_source=source, keep_float=roles,
+            on_step=lambda text: status.update(text),
+        )  # fmt: skip
+    what = "fp32"
+    if int8:
+        what = f"INT8 ({recipe}, {len(tensors)} calibration inputs from {source}; float: {', '.join(roles)})"
+    con.print(
+        f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {what}) "
+        f"in {r.seconds:.1f} s",
+        soft_wrap=True,
+        highlight=False,
+    )

@@ -1,0 +1,200 @@
+"""OpenVINO IR (``.xml`` + ``.bin``) from an exported ONNX: fp32, or INT8 by NNCF post-training quantisation.
+
+The IR keeps the ``dtop.*`` deployment metadata (OpenVINO's ``rt_info["framework"]``) and dynamic
+batch/height/width, so :class:`~dtop_export.engines.openvino.OpenVinoEngine` and the C++ client read it like the
+ONNX. INT8 calibrates on real images through the one preprocessing path (:func:`quantize.calibration_tensors`)
+with one of two recipes (:func:`write_ir`): ``qdq``, the ``dtop-export quantize`` model converted (default: it
+meets the INT8 contract on the full model), or ``nncf`` (NNCF post-training quantisation with the same float
+roles, the FCs/whitening, LayerNorm, Softmax and GELU float).
+
+Imports openvino and nncf inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtop_export.errors import DToPError
+
+
+@dataclass
+class IRResult:
+    """What :func:`write_ir` wrote."""
+
+    path: Path
+    precision: str
+    seconds: float
+    size_bytes: int  # .xml + .bin
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def ir_files(xml: Path) -> tuple[Path, Path]:
+    """(``.xml``, ``.bin``) of an IR."""
+    return xml, xml.with_suffix(".bin")
+
+
+def _set_metadata(model: Any, updates: dict[str, str]) -> None:
+    for key, value in updates.items():
+        model.set_rt_info(value, ["framework", key])
+
+
+def _save_atomic(model: Any, xml: Path) -> None:
+    """``ov.save_model`` into a temp folder next to ``xml``, then rename the .bin, then the .xml (the entry
+    point), so a reader never sees a new .xml with an old or half-written .bin."""
+    import openvino as ov
+
+    parent = xml.parent if str(xml.parent) else Path(".")
+    if not parent.is_dir():
+        raise DToPError(f"output folder {parent} does not exist: create it or choose another -o path")
+    with tempfile.TemporaryDirectory(prefix=".dtop-ir-", dir=parent) as tmp:
+        staged = Path(tmp) / xml.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        for src, dest in zip(ir_files(staged), ir_files(xml)):
+            os.replace(src, dest)
+
+
+def ignored_names(onnx_path: Path, keep_float: Sequence[str], model: Any) -> list[str]:
+    """Names of the IR's operations to keep float: the Conv/MatMul nodes whose role is in ``keep_float``, and
+    every ONNX ``Gemm`` (the branch/head FCs and the whitening, which ``dtop-export quantize`` keeps float too;
+    OpenVINO turns them into MatMuls NNCF would quantise). ONNX node names carry over as friendly names."""
+    import onnx
+
+    from dtop_export.quantize import plan_quantization
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    _, keep = plan_quantization(graph, keep_float=keep_float)
+    keep += [n.name for n in graph.graph.node if n.op_type == "Gemm" and n.name]
+    present = {op.get_friendly_name() for op in model.get_ops()}
+    return [n for n in keep if n in present]
+
+
+INT8_RECIPES = ("qdq", "nncf")
+
+
+def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: Sequence[str], fast_bc: bool) -> Any:
+    """NNCF post-training quantisation of ``model`` (transformer mode), returns the quantised ov.Model."""
+    import logging
+
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    from dtop_export.logs import quiet_logging
+
+    nncf.set_log_level(logging.WARNING)  # its INFO lines list every op it leaves float
+    ignored = ignored_names(onnx_path, roles, model)
+    with quiet_logging():
+        return nncf.quantize(
+            model,
+            nncf.Dataset(list(calib)),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(calib),
+            fast_bias_correction=fast_bc,
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(
+                # global min/max over the calibration set, as `dtop-export quantize` (NNCF's default averages
+                # per-image ranges and clips the images with the largest activations)
+                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                # SmoothQuant off: on DToP it moved the worst image's cosine from 0.993 to 0.977
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1),
+            ),
+        )
+
+
+def write_ir(
+    onnx_path: str | Path,
+    output: str | Path,
+    *,
+    int8: bool = False,
+    recipe: str = "qdq",
+    calib: Sequence[np.ndarray] = (),
+    calibration_source: str = "",
+    keep_float: Sequence[str] | None = None,
+    fast_bias_correction: bool = True,
+    on_step: Callable[[str], None] | None = None,
+) -> IRResult:
+    """Convert the dtop-export ONNX ``onnx_path`` to an IR at ``output`` (``.xml``); INT8 when ``int8``, with the
+    preprocessed calibration images ``calib`` ([1, 3, H, W] each, any mix of sizes).
+
+    ``recipe``: ``qdq`` (default) calibrates and quantises exactly as ``dtop-export quantize`` (ONNX Runtime
+    static QDQ, the roles of ``keep_float`` left float) and converts that file, which OpenVINO runs as INT8;
+    ``nncf`` runs NNCF's post-training quantisation on the IR instead (transformer mode, same float roles plus
+    the FCs/whitening, min/max ranges, no SmoothQuant). Measured on r50-vitb16 (benchmarks/README.md): ``qdq``
+    meets the INT8 contract, ``nncf`` is ~5% faster but its |ΔmAP| broke the 1.0 bound.
+    """
+    from dtop_export.contract import read_metadata
+    from dtop_export.engines.openvino import model_metadata, read_model
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8
+
+    t0 = time.perf_counter()
+    onnx_path, output = Path(onnx_path), Path(output)
+    if output.suffix.lower() != ".xml":
+        raise DToPError(f"output {output} should end in .xml (the IR's .bin is written next to it)")
+    if recipe not in INT8_RECIPES:
+        raise DToPError(f"unknown INT8 recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    meta = read_metadata(onnx_path)
+    if "dtop.format" not in meta:
+        raise DToPError(f"{onnx_path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
+    if meta.get("dtop.precision", "fp32") != "fp32":
+        raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: convert the fp32 export")
+    roles = list(DEFAULT_FLOAT_ROLES if keep_float is None else keep_float)
+    bad = sorted(set(roles) - set(ROLES))
+    if bad:
+        raise DToPError(f"unknown node role(s) {', '.join(bad)}: choose from {', '.join(ROLES)}")
+    if int8 and not calib:
+        raise DToPError("no calibration images")
+    say = on_step or (lambda _text: None)
+    calibration: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dtop-ir-") as tmp:
+        if int8 and recipe == "qdq":
+            say(f"calibrating and quantising (QDQ) on {len(calib)} inputs")
+            staged = Path(tmp) / "int8.onnx"
+            q = quantize_int8(onnx_path, staged, calib, keep_float=roles, calibration_source=calibration_source)
+            model = read_model(staged)
+            calibration = {**q.calibration, "recipe": "qdq (dtop-export quantize, converted)"}
+        else:
+            say("reading the ONNX")
+            model = read_model(onnx_path)
+            if int8:
+                say(f"quantising with NNCF on {len(calib)} calibration inputs")
+                import nncf
+
+                model = _nncf_int8(onnx_path, model, calib, roles, fast_bias_correction)
+                calibration = {
+                    "recipe": "nncf",
+                    "tool": f"nncf {nncf.__version__}",
+                    "images": len(calib),
+                    "shapes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib}),
+                    "source": calibration_source,
+                    "model_type": "transformer (LayerNorm, Softmax, GELU float), no SmoothQuant, min/max ranges",
+                    "float_roles": roles,
+                }
+        precision = "int8" if int8 else "fp32"
+        _set_metadata(
+            model,
+            {
+                **{k: v for k, v in meta.items() if k not in model_metadata(model)},
+                "dtop.precision": precision,
+                "dtop.derived_from": onnx_path.name,
+                "dtop.ir_build_seconds": f"{time.perf_counter() - t0:.2f}",
+                **({"dtop.quantization": json.dumps(calibration, sort_keys=True)} if int8 else {}),
+            },
+        )
+        say(f"writing {output}")
+        _save_atomic(model, output)
+    return IRResult(
+        path=output,
+        precision=precision,
+        seconds=time.perf_counter() - t0,
+        size_bytes=sum(p.stat().st_size for p in ir_files(output)),
+        calibration=calibration,
+    )

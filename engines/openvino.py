@@ -1,0 +1,148 @@
+"""The OpenVINO engine: an exported ``.onnx`` or an OpenVINO IR (``.xml`` + ``.bin``) on the CPU.
+
+The same runtime the C++ client (cpp/) uses, here behind the :class:`~dtop_export.contract.Engine` interface so
+that parity, bench, evaluate and embed take it like any other engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtop_export.contract import OUTPUT_NAME, Engine, preprocess_from_metadata
+from dtop_export.errors import DToPError, ShapeError
+
+# engine precision -> OpenVINO's inference precision hint. int8: an NNCF-quantised IR whose float parts run fp32.
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+MODES = ("latency", "throughput")
+FRAMEWORKS = {".onnx": "onnx", ".xml": "ir"}
+
+
+def read_model(path: Path) -> Any:
+    """An ``ov.Model`` read with the frontend its suffix names (``Core.read_model`` would offer the file to every
+    frontend, and TensorFlow's writes its parse errors of a broken ``.onnx`` to stderr)."""
+    from openvino.frontend import FrontEndManager
+
+    framework = FRAMEWORKS.get(path.suffix.lower())
+    if framework is None:
+        raise DToPError(f"{path} is not an .onnx file or an OpenVINO IR (.xml + .bin)")
+    if not path.is_file():
+        raise DToPError(f"model file {path} not found")
+    try:
+        frontend = FrontEndManager().load_by_framework(framework)
+        return frontend.convert(frontend.load(str(path)))
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+        raise DToPError(f"OpenVINO cannot read {path}: {first_reason(str(e))}") from e
+
+
+def first_reason(text: str) -> str:
+    """The line of an OpenVINO message that says what happened (not its "Check '...' failed at" header)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if not (ln.startswith(("Exception from", "Check '")) or ln.endswith(":")):
+            return ln
+    return lines[-1] if lines else "unknown error"
+
+
+def model_metadata(model: Any) -> dict[str, str]:
+    """The ``dtop.*`` metadata of an ``ov.Model``: ONNX ``metadata_props`` appear under ``rt_info["framework"]``;
+    an IR written by ``dtop-export openvino`` keeps them there too."""
+    info = model.get_rt_info()
+    sections = [info, info["framework"]] if "framework" in list(info.keys()) else [info]
+    out: dict[str, str] = {}
+    for section in sections:
+        for key in list(section.keys()):
+            value = section[key]
+            if str(key).startswith("dtop."):
+                out[str(key)] = value.astype(str) if hasattr(value, "astype") else str(value)
+    return out
+
+
+class OpenVinoEngine(Engine):
+    """Runs a dtop-export model with OpenVINO.
+
+    precision: ``fp32`` (default; the CPU plugin's f32 path, pinned: OpenVINO would pick bf16 by itself on an
+    AMX CPU), ``bf16`` or ``fp16`` (inference precision hints; bf16 pays only with AMX, measure first), or
+    ``int8`` (an NNCF-quantised IR from ``dtop-export openvino --int8``; taken from its metadata when not
+    given). threads: inference threads (default: OpenVINO's). mode: ``latency`` (one request, all cores) or
+    ``throughput`` (OpenVINO's streams; for many concurrent requests). device: ``CPU`` (OpenVINO's name).
+    """
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        model: str | Path,
+        precision: str | None = None,
+        threads: int | None = None,
+        mode: str = "latency",
+        device: str = "CPU",
+    ) -> None:
+        import openvino as ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        path = Path(model)
+        ov_model = read_model(path)
+        meta = model_metadata(ov_model)
+        if "dtop.format" not in meta:
+            raise DToPError(f"{path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
+        file_precision = meta.get("dtop.precision", "fp32")
+        precision = precision or file_precision
+        if precision not in INFERENCE_PRECISION:
+            raise DToPError(f"unknown OpenVINO precision {precision!r}: choose {', '.join(INFERENCE_PRECISION)}")
+        if (precision == "int8") != (file_precision == "int8"):
+            hint = "make one with `dtop-export openvino MODEL.onnx --int8`" if precision == "int8" else "drop :int8"
+            raise DToPError(f"{path} is a {file_precision} model, not {precision}: {hint}")
+        if mode not in MODES:
+            raise DToPError(f"unknown OpenVINO mode {mode!r}: choose latency or throughput")
+        if threads is not None and threads < 1:
+            raise DToPError(f"threads must be >= 1, got {threads}")
+        config: dict[str, Any] = {
+            hints.inference_precision: INFERENCE_PRECISION[precision],
+            hints.performance_mode: hints.PerformanceMode.LATENCY
+            if mode == "latency"
+            else hints.PerformanceMode.THROUGHPUT,
+        }
+        if threads:
+            config[props.inference_num_threads] = threads
+        try:
+            self.compiled = ov.Core().compile_model(ov_model, device, config)
+        except Exception as e:  # noqa: BLE001
+            raise DToPError(f"OpenVINO cannot compile {path} for {device}: {first_reason(str(e))}") from e
+        names = [set(o.get_names()) for o in self.compiled.outputs]
+        self._output = next((i for i, n in enumerate(names) if meta.get("dtop.output_name", OUTPUT_NAME) in n), 0)
+        self.request = self.compiled.create_infer_request()
+        self.source = path
+        self.metadata = meta
+        self.precision = precision
+        self.device = "cpu" if device.upper() == "CPU" else device.lower()
+        self.mode, self.threads = mode, threads
+        self.preprocess = preprocess_from_metadata(meta)
+        self.stride = self.preprocess.stride
+        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", 0)) or int(
+            self.compiled.outputs[self._output].get_partial_shape()[-1].get_length()
+        )
+        hw = meta.get("dtop.static_hw", "null")
+        self.static_hw = tuple(int(v) for v in hw.strip("[]").split(",")) if hw not in ("null", "") else None
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        x = self.check_images(images)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
+        if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
+            raise ShapeError(f"{self.source} was exported for {self.static_hw} inputs only, got {x.shape[2:]}")
+        out = self.request.infer({0: x})
+        return np.array(out[self.compiled.outputs[self._output]], dtype=np.float32, copy=True)
+
+    def describe(self) -> dict[str, Any]:
+        import openvino as ov
+
+        return {
+            **super().describe(),
+            "runtime": f"openvino {ov.get_version()}",
+            "mode": self.mode,
+            "threads": self.threads,
+        }

@@ -1,0 +1,126 @@
+"""The OpenVINO engine (an .onnx or an IR on the CPU) and `dtop-export openvino` (IR, NNCF INT8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+
+from dtop_export.bench.spec import parse_spec
+from dtop_export.contract import read_metadata
+from dtop_export.engines import load_engine
+from dtop_export.engines.openvino import OpenVinoEngine, model_metadata, read_model
+from dtop_export.engines.pytorch import TorchEngine
+from dtop_export.errors import DToPError
+from dtop_export.parity import parity
+from dtop_export.retrieval.datasets import RevisitopDataset, load_revisitop
+from dtop_export.retrieval.sample_data import build_sample_dataset
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> RevisitopDataset:
+    root = tmp_path_factory.mktemp("ov-data")
+    build_sample_dataset(root)
+    return load_revisitop(root, "sample")
+
+
+@pytest.fixture(scope="module")
+def ir(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ov-ir") / "small.xml"
+    assert cli("openvino", str(small_onnx), "-o", str(out)) == 0
+    return out
+
+
+def _x(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((b, 3, h, w)).astype(np.float32)
+
+
+def test_fp32_meets_the_onnx_runtime_contract(
+    small_ckpt: Path, small_onnx: Path, ir: Path, sample: RevisitopDataset
+) -> None:
+    """cos >= 0.99999, max-abs <= 1e-4, ΔmAP 0.00 on the embedded set, for the .onnx and the IR."""
+    engines = [load_engine(small_onnx, runtime="openvino", threads=2), load_engine(ir)]
+    assert [type(e) for e in engines] == [OpenVinoEngine, OpenVinoEngine] and engines[1].precision == "fp32"
+    report = parity(TorchEngine.from_checkpoint(small_ckpt), engines, sample, progress=False)
+    assert report.passed, report.failures()
+    for e in report.engines:
+        assert e.cosine_min >= 0.99999 and e.max_abs <= 1e-4
+        assert all(abs(d) < 1e-9 for d in e.map_delta.values())
+
+
+def test_ir_keeps_metadata_and_dynamic_axes(small_onnx: Path, ir: Path) -> None:
+    onnx_meta = read_metadata(small_onnx)
+    ir_meta = model_metadata(read_model(ir))
+    changed = {"dtop.precision", "dtop.derived_from", "dtop.ir_build_seconds"}
+    assert {k: v for k, v in ir_meta.items() if k not in changed} == {
+        k: v for k, v in onnx_meta.items() if k not in changed
+    }
+    assert ir_meta["dtop.precision"] == "fp32" and ir_meta["dtop.derived_from"] == small_onnx.name
+    shape = read_model(ir).inputs[0].get_partial_shape()
+    assert shape.rank.get_length() == 4 and [shape[i].is_dynamic for i in range(4)] == [True, False, True, True]
+    ov, ort = load_engine(ir), load_engine(small_onnx)
+    for b, h, w in ((1, 64, 96), (3, 128, 80)):
+        a, r = ov.embed(_x(b, h, w)), ort.embed(_x(b, h, w))
+        assert a.shape == (b, ort.descriptor_dim) and float((a * r).sum(1).min()) >= 0.99999
+    assert ov.embed(np.zeros((0, 3, 64, 64), np.float32)).shape == (0, ov.descriptor_dim)
+
+
+@pytest.mark.parametrize("recipe", ["qdq", "nncf"])
+def test_int8_ir_meets_its_contract(
+    small_ckpt: Path, small_onnx: Path, sample: RevisitopDataset, tmp_path: Path, recipe: str
+) -> None:
+    out = tmp_path / "small.int8.xml"
+    args = ["--int8", "--recipe", recipe, "--calib-count", "16", "-o", str(out)]
+    assert cli("openvino", str(small_onnx), *args) == 0
+    meta = model_metadata(read_model(out))
+    assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["recipe"].startswith(recipe)
+    assert meta["dtop.descriptor_dim"] == read_metadata(small_onnx)["dtop.descriptor_dim"]
+    engine = load_engine(out)
+    assert engine.precision == "int8"
+    report = parity(TorchEngine.from_checkpoint(small_ckpt), [engine], sample, progress=False)
+    assert report.passed, report.failures()  # cos >= 0.99, |ΔmAP| <= 1.0
+    assert report.engines[0].cosine_min < 0.99999  # really computed in int8, not a copy of the fp32 model
+
+
+def test_runtime_options_and_errors(small_onnx: Path, small_ckpt: Path, ir: Path, tmp_path: Path) -> None:
+    spec = parse_spec(f"{small_onnx}:openvino,threads=1,label=ov")
+    assert spec.options == {"runtime": "openvino", "threads": 1} and spec.label == "ov"
+    with pytest.raises(DToPError, match="cannot run in openvino|OpenVINO runs an .onnx"):
+        load_engine(small_ckpt, runtime="openvino")
+    with pytest.raises(DToPError, match="unknown runtime"):
+        load_engine(small_onnx, runtime="ncnn")
+    with pytest.raises(DToPError, match="is a fp32 model, not int8"):
+        OpenVinoEngine(ir, precision="int8")
+    with pytest.raises(DToPError, match="unknown OpenVINO precision"):
+        OpenVinoEngine(ir, precision="fp8")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(DToPError, match="OpenVINO cannot read"):
+        OpenVinoEngine(junk)
+
+
+def test_cli_refuses_bad_input(small_onnx: Path, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("openvino", str(small_onnx), "-o", str(ir)) == 2  # exists: needs --force
+    assert "pass --force" in capsys.readouterr().err
+    assert cli("openvino", str(small_onnx), "-o", str(tmp_path / "m.onnx")) == 2
+    assert "should end in .xml" in capsys.readouterr().err
+    assert cli("openvino", str(tmp_path / "missing.onnx")) == 2
+    assert cli("openvino", str(small_onnx), "--int8", "--recipe", "pot", "-o", str(tmp_path / "x.xml")) == 2
+    assert "unknown --recipe 'pot'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> None:
+    import skimage
+
+    photos = [str(Path(skimage.data.__file__).parent / n) for n in ("astronaut.png", "coffee.png")]
+    args = ["-o", str(tmp_path / "ov.npy"), "--image-size", "256", "--no-progress", "--threads", "1"]
+    assert cli("embed", f"{small_onnx}:openvino", *photos, *args) == 0
+    assert cli("embed", str(small_onnx), *photos, "-o", str(tmp_path / "ort.npy"), *args[2:]) == 0
+    side = json.loads((tmp_path / "ov.json").read_text())
+    assert side["engine"]["name"] == "openvino" and side["engine"]["threads"] == 1
+    ov, ort = np.load(tmp_path / "ov.npy"), np.load(tmp_path / "ort.npy")
+    assert ov.shape == ort.shape == (2, side["descriptor_dim"]) and float((ov * ort).sum(1).min()) >= 0.99999
