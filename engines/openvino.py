@@ -6,6 +6,7 @@ that parity, bench, evaluate and embed take it like any other engine.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,10 @@ class OpenVinoEngine(Engine):
 
     precision: ``fp32`` (default; the CPU plugin's f32 path, pinned: OpenVINO would pick bf16 by itself on an
     AMX CPU), ``bf16`` or ``fp16`` (inference precision hints; bf16 pays only with AMX, measure first), or
-    ``int8`` (an NNCF-quantised IR from ``dtop-export openvino --int8``; taken from its metadata when not
-    given). threads: inference threads (default: OpenVINO's). mode: ``latency`` (one request, all cores) or
-    ``throughput`` (OpenVINO's streams; for many concurrent requests). device: ``CPU`` (OpenVINO's name).
+    ``int8`` (an IR from ``dtop-export openvino --int8``, or a QDQ ONNX from ``dtop-export quantize``; taken from
+    the file's metadata when not given). threads: inference threads (default: OpenVINO's). mode: ``latency``
+    (one request, all cores) or ``throughput`` (OpenVINO's streams; for many concurrent requests). device:
+    ``CPU`` (OpenVINO's name). A fixed-batch export runs in chunks of its batch, like the ONNX Runtime engine.
     """
 
     name = "openvino"
@@ -125,8 +127,9 @@ class OpenVinoEngine(Engine):
         self.descriptor_dim = int(meta.get("dtop.descriptor_dim", 0)) or int(
             self.compiled.outputs[self._output].get_partial_shape()[-1].get_length()
         )
-        hw = meta.get("dtop.static_hw", "null")
-        self.static_hw = tuple(int(v) for v in hw.strip("[]").split(",")) if hw not in ("null", "") else None
+        hw = json.loads(meta.get("dtop.static_hw") or "null")
+        self.static_hw = tuple(int(v) for v in hw) if hw else None
+        self.fixed_batch = json.loads(meta.get("dtop.fixed_batch") or "null")
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = self.check_images(images)
@@ -134,6 +137,20 @@ class OpenVinoEngine(Engine):
             return self.no_descriptors()
         if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
             raise ShapeError(f"{self.source} was exported for {self.static_hw} inputs only, got {x.shape[2:]}")
+        b = self.fixed_batch
+        if not b or x.shape[0] == b:
+            return self._run(x)
+        # A fixed-batch export: run in chunks of that batch, the last one padded by repeating its final image.
+        out = []
+        for i in range(0, x.shape[0], b):
+            chunk = x[i : i + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            out.append(self._run(chunk)[:n])
+        return np.concatenate(out)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         out = self.request.infer({0: x})
         return np.array(out[self.compiled.outputs[self._output]], dtype=np.float32, copy=True)
 

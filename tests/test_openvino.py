@@ -124,3 +124,20 @@ def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> Non
     assert side["engine"]["name"] == "openvino" and side["engine"]["threads"] == 1
     ov, ort = np.load(tmp_path / "ov.npy"), np.load(tmp_path / "ort.npy")
     assert ov.shape == ort.shape == (2, side["descriptor_dim"]) and float((ov * ort).sum(1).min()) >= 0.99999
+
+
+def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path) -> None:
+    """A --batch 2 --static export: any batch runs in padded chunks of 2 (as ONNX Runtime does), another
+    height/width is refused with the shape it was exported for."""
+    from dtop_export.errors import ShapeError
+    from dtop_export.export import export_onnx
+
+    path = tmp_path / "fixed.onnx"
+    export_onnx(small_ckpt, path, static_hw=(64, 96), batch=2)
+    ov, ort = load_engine(path, runtime="openvino"), load_engine(path)
+    assert ov.fixed_batch == 2 and ov.static_hw == (64, 96)
+    x = _x(3, 64, 96, seed=3)
+    a, r = ov.embed(x), ort.embed(x)
+    assert a.shape == (3, ov.descriptor_dim) and float((a * r).sum(1).min()) >= 0.99999
+    with pytest.raises(ShapeError, match=r"\(64, 96\)"):
+        ov.embed(_x(1, 96, 96))
