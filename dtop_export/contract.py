@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,37 @@ class Engine(ABC):
         if h % self.stride or w % self.stride:
             raise ShapeError(f"{self.name}: image size {h}x{w} is not a multiple of the stride {self.stride}")
         return np.ascontiguousarray(images, dtype=np.float32)
+
+    def embed_exported(
+        self,
+        images: np.ndarray,
+        run: Callable[[np.ndarray], np.ndarray],
+        static_hw: tuple[int, ...] | None = None,
+        fixed_batch: int | None = None,
+    ) -> np.ndarray:
+        """``embed`` for a runtime holding an exported file: checks the images (:meth:`check_images`), answers
+        an empty batch, refuses another size than a ``--static`` export's ``static_hw``, and runs a ``--batch``
+        export (``fixed_batch``) in chunks of its batch, the last one padded by repeating its final image.
+        ``run`` maps float32 [B, 3, H, W] to [B, N]."""
+        x = self.check_images(images)
+        if x.shape[0] == 0:
+            return self.no_descriptors()
+        if static_hw is not None and tuple(x.shape[2:]) != tuple(static_hw):
+            raise ShapeError(
+                f"{self.source} was exported for {static_hw[0]}x{static_hw[1]} inputs only, got "
+                f"{x.shape[2]}x{x.shape[3]}: resize, or re-export without --static"
+            )
+        b = fixed_batch
+        if not b or x.shape[0] == b:
+            return np.asarray(run(x), dtype=np.float32)
+        out = []
+        for i in range(0, x.shape[0], b):
+            chunk = x[i : i + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            out.append(run(chunk)[:n])
+        return np.concatenate(out).astype(np.float32)
 
 
 # metadata: write ------------------------------------------------------------------------------------------

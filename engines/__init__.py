@@ -2,7 +2,7 @@
 
 ``pytorch`` (the reference; fp32, the bf16 deployment path, fp16 for audits), ``ort`` (ONNX Runtime: CPU,
 CUDA and TensorRT execution providers, files or in-memory models), ``openvino`` (an .onnx or an IR on the CPU:
-fp32, bf16/fp16 hints, NNCF INT8 IRs) and ``tensorrt/`` (a package: install
+fp32, bf16/fp16 hints, INT8 IRs and QDQ files) and ``tensorrt/`` (a package: install
 probing, optimization profiles, the plan sidecar, builder, runner, trtexec line and the CPU-side ONNX-parser
 lint). :func:`load_engine` picks the runtime from the file: a checkpoint (``.pt``) runs in PyTorch, an
 ``.onnx`` in ONNX Runtime (or OpenVINO with ``runtime="openvino"``), an ``.xml`` in OpenVINO, a

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from dtop_export.contract import OUTPUT_NAME, Engine, preprocess_from_metadata
-from dtop_export.errors import DToPError, ShapeError
+from dtop_export.errors import DToPError
 
-# engine precision -> OpenVINO's inference precision hint. int8: an NNCF-quantised IR whose float parts run fp32.
+# engine precision -> OpenVINO's inference precision hint. int8: an INT8 model whose float parts run fp32.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 MODES = ("latency", "throughput")
 FRAMEWORKS = {".onnx": "onnx", ".xml": "ir"}
@@ -132,23 +132,7 @@ class OpenVinoEngine(Engine):
         self.fixed_batch = json.loads(meta.get("dtop.fixed_batch") or "null")
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        x = self.check_images(images)
-        if x.shape[0] == 0:
-            return self.no_descriptors()
-        if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
-            raise ShapeError(f"{self.source} was exported for {self.static_hw} inputs only, got {x.shape[2:]}")
-        b = self.fixed_batch
-        if not b or x.shape[0] == b:
-            return self._run(x)
-        # A fixed-batch export: run in chunks of that batch, the last one padded by repeating its final image.
-        out = []
-        for i in range(0, x.shape[0], b):
-            chunk = x[i : i + b]
-            n = chunk.shape[0]
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            out.append(self._run(chunk)[:n])
-        return np.concatenate(out)
+        return self.embed_exported(images, self._run, self.static_hw, self.fixed_batch)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         out = self.request.infer({0: x})

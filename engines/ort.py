@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.contract import INPUT_NAME, OUTPUT_NAME, Engine, metadata_of, preprocess_from_metadata
-from dtop_export.errors import DToPError, ShapeError
+from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
     import onnx
@@ -106,26 +106,7 @@ class OnnxRuntimeEngine(Engine):
         return np.asarray(res[OUTPUT_NAME], dtype=np.float32)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        x = self.check_images(images)
-        if x.shape[0] == 0:
-            return self.no_descriptors()
-        if self.static_hw is not None and tuple(x.shape[2:]) != self.static_hw:
-            raise ShapeError(
-                f"{self.source} was exported for {self.static_hw[0]}x{self.static_hw[1]} inputs only, got "
-                f"{x.shape[2]}x{x.shape[3]}: resize, or re-export without --static"
-            )
-        if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
-            return self._run(x)
-        # A fixed-batch export: run in chunks of that batch, padding the last one.
-        out = []
-        b = self.fixed_batch
-        for i in range(0, x.shape[0], b):
-            chunk = x[i : i + b]
-            n = chunk.shape[0]
-            if n < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
-            out.append(self._run(chunk)[:n])
-        return np.concatenate(out).astype(np.float32)
+        return self.embed_exported(images, self._run, self.static_hw, self.fixed_batch)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "provider": self.provider}

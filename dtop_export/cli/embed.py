@@ -27,7 +27,7 @@ def embed(
     image_size: ImageSizeOpt = None,
     progress: ProgressOpt = True,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads (ONNX Runtime intra-op, or PyTorch's); default: all.")
+        int | None, typer.Option("--threads", help="CPU threads (PyTorch, ONNX Runtime or OpenVINO); default: all.")
     ] = None,
 ) -> None:
     """Descriptors of images: OUTPUT.npy (n x N float32) and OUTPUT.json (paths in row order, skipped ones).
@@ -50,14 +50,9 @@ def embed(
         raise DToPError(f"--threads must be >= 1, got {threads}")
     from dtop_export.bench.spec import parse_spec
 
-    options: dict[str, int] = {}
-    if threads and parse_spec(str(model)).kind in ("onnx", "xml"):
-        options["threads"] = threads
-    elif threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    engine = open_engine(model, **options)
+    # every CPU engine takes threads= (PyTorch sets torch's); a TensorRT plan has none
+    cpu = parse_spec(str(model)).kind != "plan"
+    engine = open_engine(model, **({"threads": threads} if threads and cpu else {}))
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size
