@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,21 @@ def _cpp_rows() -> list[tuple[str, str, str, str]]:
                 "; ".join(parts) + f"; descriptors cos min {min(r['cosine_min'] for r in d['rows']):.7f}",
                 _machine(d["machine"], threads=d["threads"]),
                 "`python benchmarks/cpp_client.py`",
+            )
+        )
+    corpus = RESULTS / "corpus_throughput.json"
+    if corpus.exists():
+        d = json.loads(corpus.read_text())
+        modes = "; ".join(f"{m} {r['images_per_s']:.2f} img/s" for m, r in d["modes"].items())
+        shard = statistics.median(r["shard_bytes_per_image"] for r in d["modes"].values())
+        out.append(
+            (
+                f"corpus `embed -o DIR`, {d['preset']} {d['size']}², {d['images']} JPEGs end to end",
+                f"{modes}; Ray 2 actors / 1 actor {d['scaling_2_over_1_actor']:.2f}×; "
+                f"shards {shard / 1024:.1f} KiB/image; "
+                f"R1M ≈ {d['estimate']['r1m_hours_per_2core_node']:.0f} h on one such node",
+                _machine(d["machine"]),
+                "`python benchmarks/corpus_throughput.py`",
             )
         )
     return out

@@ -123,16 +123,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, apply_exif: bool = True) -> Image.Image:
+def load_image(path: str | Path, apply_exif: bool = True, data: bytes | None = None) -> Image.Image:
     """Read an image file as 8-bit RGB, with its EXIF orientation applied (see :func:`to_rgb`).
 
+    ``data``: the file's bytes, already read (e.g. from object storage); ``path`` then only names it in errors.
     An unreadable, truncated or non-image file raises :class:`DToPError` naming the file.
     """
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
+    path = Path(path) if data is None else path
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             if apply_exif:
                 img = ImageOps.exif_transpose(img)

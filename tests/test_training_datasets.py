@@ -119,7 +119,8 @@ class _Evil:
 def test_pickles_cannot_run_code(tmp_path: Path) -> None:
     p = tmp_path / "retrieval-SfM-120k.pkl"
     p.write_bytes(pickle.dumps({"train": _Evil()}))
-    with pytest.raises(DToPError, match="refusing to unpickle builtins.print"):
+    # (builtins.print, or the wrapper Ray Data installs as print once a test of the same process imported it)
+    with pytest.raises(DToPError, match=r"refusing to unpickle [\w.]*print"):
         D.read_sfm120k(tmp_path)
 
 

@@ -100,11 +100,11 @@ def parse_int_list(text: str, what: str) -> list[int]:
 def open_engine(model: Path | str, **options: Any) -> Engine:
     """The engine of a MODEL argument: a file, or ``FILE:options`` as ``bench`` takes them (``m.onnx:openvino``,
     ``m.xml:threads=2``, ``m.pt:bf16``); ``options`` add to the written ones."""
-    from dtop_export.bench.spec import parse_spec
+    from dtop_export.corpus.runtime import engine_options
     from dtop_export.engines import load_engine
 
-    spec = parse_spec(str(model))
-    return load_engine(spec.path, **{**spec.options, **options})
+    path, written = engine_options(str(model))
+    return load_engine(path, **{**written, **options})
 
 
 def rich_reporter(con: Console) -> Reporter:

@@ -1,58 +1,159 @@
-"""``dtop-export embed``: descriptors of image files (``.npy`` + ``.json`` sidecar)."""
+"""``dtop-export embed``: descriptors of image files (``.npy`` + ``.json`` sidecar) or of a corpus (Parquet shards,
+in-process or on Ray)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dtop_export.cli.common import BatchOpt, ImageSizeOpt, ProgressOpt, ScalesOpt, app, open_engine, write_json
+from dtop_export.cli.common import (
+    BatchOpt,
+    ImageSizeOpt,
+    JsonOpt,
+    ProgressOpt,
+    ScalesOpt,
+    app,
+    console,
+    write_json,
+)
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.corpus.embed import CorpusJob
 
 
 @app.command()
 def embed(
     model: Annotated[
-        Path,
+        str,
         typer.Argument(
             help="A checkpoint (.pt), .onnx, OpenVINO .xml or TensorRT .plan; FILE:openvino runs an .onnx "
             "in OpenVINO (options as in `bench`)."
         ),
     ],  # fmt: skip
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Descriptor matrix to write (.npy).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files or folders (searched recursively); with -o FOLDER one SOURCE: a folder, a text file "
+            "of paths, or a Parquet/CSV table with a path (and id) column, local or a pyarrow.fs URI (s3://...)."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", help="X.npy: one descriptor matrix; a folder: resumable Parquet shards + manifest.json."
+        ),
+    ],
     batch_size: BatchOpt = 1,
     scales: ScalesOpt = "1",
     image_size: ImageSizeOpt = None,
     progress: ProgressOpt = True,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="CPU threads (PyTorch, ONNX Runtime or OpenVINO); default: all.")
+        int | None,
+        typer.Option("--threads", help="CPU threads (PyTorch, ONNX Runtime or OpenVINO), per actor with --ray."),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="fp32, bf16, fp16 or int8 for a .pt or OpenVINO model (= MODEL:PRECISION)."),
+    ] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per Parquet shard (folder output).")] = 1000,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Folder output: replace shards written by another model/settings.")
+    ] = False,
+    use_ray: Annotated[bool, typer.Option("--ray", help="Run the folder job as a Ray Data pipeline.")] = False,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: local.")
+    ] = None,
+    actors: Annotated[int, typer.Option("--actors", help="Inference actors (one engine each) with --ray.")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", help="GPUs reserved per actor.")] = 0.0,
+    cpus_per_actor: Annotated[
+        float | None,
+        typer.Option("--cpus-per-actor", help="Logical CPUs per actor (default: the cluster's, less 1 for decoding)."),
+    ] = None,
+    json_out: JsonOpt = None,
 ) -> None:
-    """Descriptors of images: OUTPUT.npy (n x N float32) and OUTPUT.json (paths in row order, skipped ones).
+    """Descriptors of images: OUTPUT.npy (n x N float32) + OUTPUT.json, or a folder of Parquet shards.
 
-    Unreadable images are reported and skipped.
+    Unreadable images are reported and skipped. Folder output is resumable: re-running the same command
+    writes only the shards that are missing.
     """
-    import numpy as np
+    from dtop_export.retrieval.extract import parse_scales
 
-    from dtop_export.atomic import atomic_path
-    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
-    from dtop_export.retrieval.extract import extract, parse_scales
-
-    if output.suffix.lower() != ".npy":
-        raise DToPError(f"output {output} should end in .npy")
-    paths = expand_images(images)
-    if not paths:
-        raise DToPError("no images given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ")")
     sc = parse_scales(scales)
     if threads is not None and threads < 1:
         raise DToPError(f"--threads must be >= 1, got {threads}")
-    from dtop_export.bench.spec import parse_spec
+    if output.suffix.lower() == ".npy":
+        if use_ray:
+            raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
+        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision)
+        return
+    if output.suffix and not output.is_dir():
+        raise DToPError(f"output {output} should end in .npy (one matrix) or name a folder (shards)")
+    if len(images) != 1:
+        raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
+    from dtop_export.corpus.embed import CorpusJob
 
-    # every CPU engine takes threads= (PyTorch sets torch's); a TensorRT plan has none
-    cpu = parse_spec(str(model)).kind != "plan"
-    engine = open_engine(model, **({"threads": threads} if threads and cpu else {}))
+    job = CorpusJob(
+        model=model, source=images[0], output=output, batch_size=batch_size, scales=sc, image_size=image_size,
+        threads=threads, precision=precision, shard_size=shard_size, force=force, progress=progress,
+        use_ray=use_ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+    )  # fmt: skip
+    _embed_shards(job, json_out)
+
+
+def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
+    from rich.table import Table
+
+    from dtop_export.corpus.embed import embed_corpus
+
+    con = console()
+    summary = embed_corpus(job, log=lambda text: con.print(text, markup=False, soft_wrap=True))
+    table = Table(title=f"embedded {job.source} -> {job.output} ({summary.mode})")
+    for col in ("images", "embedded", "skipped", "this run", "shards written", "shards reused", "wall s", "images/s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(summary.images), str(summary.embedded), str(summary.skipped), str(summary.processed),
+        str(summary.shards_written),
+        str(summary.shards_reused), f"{summary.wall_s:.1f}", f"{summary.images_per_s:.2f}",
+    )  # fmt: skip
+    con.print(table)
+    if summary.actors:
+        per = Table(title="per actor (images/s while embedding)")
+        for col in ("actor", "images", "busy s", "images/s"):
+            per.add_column(col, justify="right" if col != "actor" else "left")
+        for a in summary.actors:
+            per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}")
+        con.print(per)
+    if summary.skipped:
+        con.print(f"skipped {summary.skipped} unreadable image(s): listed in {job.output / 'manifest.json'}")
+    if json_out:
+        write_json(json_out, summary.to_dict())
+
+
+def _embed_npy(
+    model: str,
+    images: list[str],
+    output: Path,
+    batch_size: int,
+    sc: tuple[float, ...],
+    image_size: int | None,
+    progress: bool,
+    threads: int | None,
+    precision: str | None,
+) -> None:
+    import numpy as np
+
+    from dtop_export.atomic import atomic_path
+    from dtop_export.corpus.runtime import open_model
+    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
+    from dtop_export.retrieval.extract import extract
+
+    paths = expand_images([Path(i) for i in images])
+    if not paths:
+        raise DToPError("no images given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ")")
+    engine = open_model(model, threads, precision)
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size

@@ -33,7 +33,10 @@ def evaluate(
     image_size: ImageSizeOpt = None,
     batch_size: BatchOpt = 1,
     distractors: Annotated[
-        Path | None, typer.Option("--distractors", help="+R1M-style distractor descriptors (.npy, [M, N]).")
+        Path | None,
+        typer.Option(
+            "--distractors", help="+R1M-style distractor descriptors: .npy [M, N], or a shard folder (`embed -o DIR`)."
+        ),
     ] = None,
     json_out: JsonOpt = None,
     picture: Annotated[

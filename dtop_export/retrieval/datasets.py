@@ -118,11 +118,17 @@ def default_data_root() -> Path:
     return base / "dtop-export" / "data"
 
 
-def load_distractors(path: str | Path) -> np.ndarray:
-    """Distractor descriptors [M, N] from a ``.npy`` file (memory-mapped; +R1M is ~6 GB at N=1536)."""
+def load_distractors(path: str | Path) -> Any:
+    """Distractor descriptors [M, N] from a ``.npy`` file (memory-mapped; +R1M is ~6 GB at N=1536) or a folder of
+    shards written by ``embed -o FOLDER`` (read one shard at a time, see
+    :class:`~dtop_export.corpus.shards.ShardedDescriptors`)."""
     path = Path(path)
     if not path.exists():
         raise DToPError(f"distractor file {path} not found")
+    if path.is_dir():
+        from dtop_export.corpus.shards import ShardedDescriptors
+
+        return ShardedDescriptors(path)
     try:
         d = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:

@@ -9,7 +9,7 @@ averaged and normalised again. Queries are cropped to their bounding box first w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +46,16 @@ def extract_many(
     batch_size: int = 1,
     errors: list[tuple[int, str]] | None = None,
     description: str = "extracting",
+    load: Callable[[Any], Image.Image] | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
     """Descriptors [n, N] of ``images`` from every engine, each image preprocessed once and fed to all.
 
     ``preprocess`` defaults to the first engine's; ``image_size`` to ``preprocess.size``. Images of equal
     input shape are batched up to ``batch_size``. With ``errors`` (a list), unreadable images are recorded
     there as ``(index, message)`` and left out of the result; otherwise they raise :class:`DToPError`.
+    ``load`` turns an item into a PIL image (default: :func:`~dtop_export.preprocess.load_image` for paths);
+    ``advance(n)`` is called as images are done (for a caller's own progress bar).
     """
     from dtop_export.preprocess import load_image, prepare
 
@@ -89,7 +93,7 @@ def extract_many(
         task = prog.add_task(description, total=n)
         for i, item in enumerate(images):
             try:
-                img = item if not isinstance(item, (str, Path)) else load_image(item)
+                img = load(item) if load else item if not isinstance(item, (str, Path)) else load_image(item)
                 bbx = bboxes[i] if bboxes is not None else None
                 tensors = [prepare(img, cfg, image_size, s, bbx) for s in scales]
             except DToPError as e:
@@ -98,6 +102,8 @@ def extract_many(
                 errors.append((i, str(e)))
                 ok[i] = False
                 prog.advance(task)
+                if advance:
+                    advance(1)
                 continue
             for t in tensors:
                 key = t.shape
@@ -105,6 +111,8 @@ def extract_many(
                 if len(buckets[key]) >= batch_size:
                     flush(key)
             prog.advance(task)
+            if advance:
+                advance(1)
         for key in list(buckets):
             flush(key)
     results = []
@@ -128,6 +136,8 @@ def extract(
     batch_size: int = 1,
     errors: list[tuple[int, str]] | None = None,
     description: str = "extracting",
+    load: Callable[[Any], Image.Image] | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Descriptors [n, N] of image files or PIL images (multi-scale: mean of L2-normalised, normalised).
 
@@ -144,6 +154,8 @@ def extract(
         batch_size=batch_size,
         errors=errors,
         description=description,
+        load=load,
+        advance=advance,
     )[0]
 
 

@@ -104,28 +104,42 @@ def build_index(
 
     if not want_faiss:
         raise DToPError("IVF-PQ search needs faiss: pip install faiss-cpu")
-    import faiss
+    index = new_ivfpq(n, dim, nlist, m, nbits, seed)
+    index.train(db)
+    index.add(db)
+    index.nprobe = min(nprobe, index.nlist)
+    return SearchIndex("ivfpq", dim, n, "faiss", _index=index)
 
+
+def ivfpq_params(n: int, dim: int, nlist: int | None, m: int | None, nbits: int | None) -> tuple[int, int, int]:
+    """(nlist, m, nbits) for an IVF-PQ over ``n`` vectors of ``dim``: the defaults of :func:`build_index` for the
+    ones not given, checked (m divides dim; enough vectors to train), as one-line errors."""
     nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per cell
     m = m or min(64, max(1, dim // 8))
     if nbits is None:  # 8-bit codes need 39·256 training points; fewer bits for smaller sets
         nbits = int(min(8, max(4, np.floor(np.log2(max(n // 39, 1))))))
+    if nlist < 1 or m < 1 or not 1 <= nbits <= 16:
+        raise DToPError(f"IVF-PQ: nlist and m must be >= 1 and nbits 1..16, got {nlist}, {m}, {nbits}")
     if dim % m:
         raise DToPError(f"IVF-PQ: m={m} sub-quantisers must divide the descriptor dimension {dim}")
     min_train = max(nlist, 2**nbits)
     if n < min_train:
         raise DToPError(
-            f"IVF-PQ needs at least {min_train} database vectors to train (nlist={nlist}, {nbits}-bit codes), "
-            f"got {n}: use exact search"
+            f"IVF-PQ needs at least {min_train} vectors to train (nlist={nlist}, {nbits}-bit codes), "
+            f"got {n}: use exact (flat) search"
         )
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    return nlist, m, nbits
+
+
+def new_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: int | None, seed: int = 0) -> Any:
+    """An untrained faiss ``IndexIVFPQ`` (inner product) sized by :func:`ivfpq_params` for ``n`` training vectors."""
+    import faiss
+
+    nlist, m, nbits = ivfpq_params(n, dim, nlist, m, nbits)
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.pq.cp.seed = seed
-    index.train(db)
-    index.add(db)
-    index.nprobe = min(nprobe, nlist)
-    return SearchIndex("ivfpq", dim, n, "faiss", _index=index)
+    return index
 
 
 def knn(

@@ -14,7 +14,13 @@ from dtop_export.atomic import atomic_path
 if TYPE_CHECKING:
     from dtop_export.retrieval.datasets import RevisitopDataset
 
-COLOURS = {"positive": (46, 160, 67), "junk": (230, 160, 20), "negative": (215, 40, 40), "query": (40, 90, 200)}
+COLOURS = {
+    "positive": (46, 160, 67),
+    "junk": (230, 160, 20),
+    "negative": (215, 40, 40),
+    "query": (40, 90, 200),
+    "result": (120, 120, 120),  # no ground truth (search results)
+}
 LEGEND = "blue: query   green: correct   orange: junk (ignored)   red: wrong"
 
 
@@ -35,8 +41,11 @@ def retrieval_grid(
     tile: int = 160,
     border: int = 6,
     captions: Sequence[str] | None = None,
+    result_captions: Sequence[Sequence[str]] | None = None,
+    legend: str = LEGEND,
 ) -> Path:
-    """One row per query: the query, then its ranked results. ``labels[i][j]`` is positive|junk|negative.
+    """One row per query: the query, then its ranked results. ``labels[i][j]`` is positive|junk|negative (or
+    ``result`` without ground truth); ``result_captions[i][j]`` replaces the ``#rank label`` text under a result.
 
     Writes a PNG atomically and returns its path.
     """
@@ -49,7 +58,7 @@ def retrieval_grid(
     height = len(queries) * (tile + caption_h + gap) + gap + 24
     canvas = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(canvas)
-    draw.text((gap, 4), LEGEND, fill=(30, 30, 30))
+    draw.text((gap, 4), legend, fill=(30, 30, 30))
     y = 24
     for i, (q, res, lab) in enumerate(zip(queries, results, labels)):
         canvas.paste(_tile(q, tile, COLOURS["query"], border), (gap, y))
@@ -57,7 +66,8 @@ def retrieval_grid(
         for j, (img, label) in enumerate(zip(res, lab)):
             x = gap + (j + 1) * (tile + gap)
             canvas.paste(_tile(img, tile, COLOURS.get(label, COLOURS["negative"]), border), (x, y))
-            draw.text((x, y + tile + 2), f"#{j + 1} {label}", fill=COLOURS.get(label, (0, 0, 0)))
+            text = result_captions[i][j] if result_captions else f"#{j + 1} {label}"
+            draw.text((x, y + tile + 2), text, fill=COLOURS.get(label, (0, 0, 0)))
         y += tile + caption_h + gap
     output = Path(output)
     with atomic_path(output) as tmp:

@@ -1,0 +1,99 @@
+"""``dtop-export search``: the nearest corpus images of query images, from an index built by ``index``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import BatchOpt, JsonOpt, app, console, write_json
+from dtop_export.errors import DToPError
+
+
+@app.command()
+def search(
+    index_file: Annotated[Path, typer.Argument(help="An index written by `dtop-export index` (e.g. corpus.faiss).")],
+    model: Annotated[str, typer.Argument(help="The model the corpus was embedded with (any of its exported files).")],
+    queries: Annotated[list[Path], typer.Argument(help="Query image files or folders.")],
+    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
+    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF cells searched (default: the index's).")] = None,
+    refine: Annotated[
+        int | None, typer.Option("--refine", help="Re-rank REFINE*k candidates (index built with --refine).")
+    ] = None,
+    batch_size: BatchOpt = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for embedding the queries.")] = None,
+    json_out: JsonOpt = None,
+    picture: Annotated[
+        Path | None, typer.Option("--picture", help="Write a PNG: each query and its top results (at most 8).")
+    ] = None,
+) -> None:
+    """Embed QUERIES with MODEL (the corpus's image size and scales) and print their top-k corpus images."""
+    from rich.table import Table
+
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.corpus.index import CorpusIndex
+    from dtop_export.corpus.runtime import open_model
+    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.preprocess import expand_images
+    from dtop_export.retrieval.extract import extract
+
+    if picture is not None and picture.suffix.lower() != ".png":
+        raise DToPError(f"--picture {picture} should end in .png")
+    idx = CorpusIndex(index_file)
+    paths = expand_images(queries)
+    if not paths:
+        raise DToPError("no query images given")
+    corpus = idx.info["corpus"]
+    con = console()
+    if file_sha256(parse_spec(model).path) != corpus["model_sha256"]:
+        con.print(
+            f"warning: {model} is not the file the corpus was embedded with ({corpus['model']}); scores are only "
+            "meaningful for the same model (another export of the same checkpoint is fine)",
+            markup=False,
+            soft_wrap=True,
+        )
+    with open_model(model, threads) as engine:
+        if engine.descriptor_dim != idx.dim:
+            raise DToPError(f"{model} gives {engine.descriptor_dim}-d descriptors; the index holds {idx.dim}-d ones")
+        desc = extract(
+            engine, paths, None, tuple(corpus["scales"]), None, False, image_size=int(corpus["image_size"]),
+            batch_size=batch_size,
+        )  # fmt: skip
+    results = idx.search(desc, k, nprobe, refine)
+    for path, hits in zip(paths, results):
+        table = Table(title=f"{path}: top {len(hits)}")
+        for col in ("rank", "score", "id", "path"):
+            table.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for h in hits:
+            table.add_row(str(h.rank), f"{h.score:.4f}", h.id, h.path)
+        con.print(table)
+    if json_out is not None:
+        write_json(
+            json_out,
+            {
+                "index": str(index_file),
+                "model": model,
+                "k": k,
+                "queries": [
+                    {"query": str(p), "results": [h.__dict__ for h in hits]} for p, hits in zip(paths, results)
+                ],
+            },
+        )
+        con.print(f"wrote {json_out}", markup=False)
+    if picture is not None:
+        from dtop_export.corpus.source import load_item
+        from dtop_export.preprocess import load_image
+        from dtop_export.retrieval.visualize import retrieval_grid
+
+        top = [hits[:8] for hits in results]
+        retrieval_grid(
+            [load_image(p) for p in paths],
+            [[load_item(h.path) for h in hits] for hits in top],
+            [["result"] * len(hits) for hits in top],
+            picture,
+            captions=[p.name for p in paths],
+            result_captions=[[f"#{h.rank} {h.score:.3f}" for h in hits] for hits in top],
+            legend="blue: query   grey: results, best first (score = cosine similarity)",
+        )
+        con.print(f"wrote {picture}", markup=False)

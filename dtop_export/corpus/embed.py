@@ -1,0 +1,334 @@
+"""Embed a corpus into shards: the job description, the shard assembler both runners feed, and the in-process runner.
+
+``embed_corpus(job)`` lists SOURCE (:mod:`~dtop_export.corpus.source`), works out which shards are still to
+write (:func:`~dtop_export.corpus.shards.prepare_folder`), then runs either in this process (the default) or
+on a Ray cluster (:mod:`~dtop_export.corpus.ray_pipeline`). Both runners hand every (image, scale) descriptor
+or read error to one :class:`ShardAssembler`, which combines scales exactly as
+:func:`~dtop_export.retrieval.extract.extract` does, ignores duplicates (a retried Ray task may deliver an
+image twice) and writes a shard the moment all of its images are accounted for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dtop_export.corpus.runtime import ActorStats, ModelContract, engine_options, model_contract, open_model
+from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.corpus.source import CorpusItem
+
+DEFAULT_SHARD_SIZE = 1000
+
+
+@dataclass
+class CorpusJob:
+    """``dtop-export embed MODEL SOURCE -o OUT_DIR``: what to embed, how, and where (see the CLI's help)."""
+
+    model: str
+    source: str
+    output: Path
+    batch_size: int = 1
+    scales: tuple[float, ...] = (1.0,)
+    image_size: int | None = None
+    threads: int | None = None
+    precision: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    force: bool = False
+    progress: bool = True
+    use_ray: bool = False
+    address: str | None = None
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float | None = None
+
+
+@dataclass
+class CorpusSummary:
+    """What a corpus job did: images listed / embedded / skipped (in all shards), images processed and shards
+    written by this run, shards reused from earlier runs, wall time, per-actor rates."""
+
+    mode: str
+    images: int
+    processed: int
+    embedded: int
+    skipped: int
+    shards_written: int
+    shards_reused: int
+    wall_s: float
+    duplicates: int = 0
+    actors: list[ActorStats] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_s"] = round(self.images_per_s, 3)
+        for a, s in zip(d["actors"], self.actors):
+            a["images_per_s"] = round(s.images_per_s, 3)
+        return d
+
+
+@dataclass
+class _Pending:
+    item: CorpusItem
+    total: np.ndarray | None = None
+    scales_seen: set[int] = field(default_factory=set)
+
+
+class ShardAssembler:
+    """Collects per-(image, scale) results of the pending shards and writes each shard once it is complete.
+
+    ``add(key, scale, descriptor)`` and ``fail(key, error)`` return the number of images that became complete
+    (0 or 1); repeated deliveries of the same (key, scale) are counted in ``duplicates`` and ignored.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        settings: CorpusSettings,
+        items: list[CorpusItem],
+        pending: list[int],
+        on_shard: Callable[[int], None] | None = None,
+    ) -> None:
+        self.folder, self.settings, self.on_shard = folder, settings, on_shard
+        self.n_scales = len(settings.scales)
+        self.shard_of: dict[int, int] = {}
+        self.open: dict[int, Shard] = {}
+        self.remaining: dict[int, int] = {}
+        self.work: dict[int, _Pending] = {}
+        for k in pending:
+            keys = settings.shard_keys(k)
+            self.open[k] = Shard(k)
+            self.remaining[k] = len(keys)
+            for key in keys:
+                self.shard_of[key] = k
+                self.work[key] = _Pending(items[key])
+        self.done_keys: set[int] = set()
+        self.embedded = self.skipped = self.duplicates = self.written = 0
+
+    def items(self) -> list[CorpusItem]:
+        """The items still to embed, in key order."""
+        return [self.work[k].item for k in sorted(self.work)]
+
+    def add(self, key: int, scale: int, descriptor: np.ndarray) -> int:
+        """One scale's descriptor of image ``key``; the image is complete once every scale arrived (multi-scale:
+        the float64 sum of the unit descriptors, normalised, as :func:`~dtop_export.retrieval.extract.extract`)."""
+        p = self.work.get(key)
+        if p is None or scale in p.scales_seen:
+            self.duplicates += 1
+            return 0
+        p.scales_seen.add(scale)
+        d = np.asarray(descriptor, np.float32)
+        if self.n_scales == 1:
+            return self._store(key, d)
+        p.total = d.astype(np.float64) + (p.total if p.total is not None else 0.0)
+        if len(p.scales_seen) < self.n_scales:
+            return 0
+        return self._store(key, (p.total / max(float(np.linalg.norm(p.total)), 1e-12)).astype(np.float32))
+
+    def add_final(self, key: int, descriptor: np.ndarray) -> int:
+        """Image ``key``'s descriptor with its scales already combined (the in-process runner's)."""
+        if key not in self.work:
+            self.duplicates += 1
+            return 0
+        return self._store(key, np.asarray(descriptor, np.float32))
+
+    def _store(self, key: int, descriptor: np.ndarray) -> int:
+        item = self.work[key].item
+        shard = self.open[self.shard_of[key]]
+        shard.keys.append(key)
+        shard.ids.append(item.id)
+        shard.paths.append(item.path)
+        shard.descriptors.append(descriptor)
+        self.embedded += 1
+        return self._finish(key)
+
+    def fail(self, key: int, error: str) -> int:
+        p = self.work.get(key)
+        if p is None:
+            self.duplicates += 1
+            return 0
+        self.open[self.shard_of[key]].skipped.append({"key": key, "id": p.item.id, "path": p.item.path, "error": error})
+        self.skipped += 1
+        return self._finish(key)
+
+    def _finish(self, key: int) -> int:
+        del self.work[key]
+        k = self.shard_of.pop(key)
+        self.remaining[k] -= 1
+        if self.remaining[k] == 0:
+            write_shard(self.folder, self.open.pop(k), self.settings)
+            self.written += 1
+            if self.on_shard:
+                self.on_shard(k)
+        return 1
+
+    @property
+    def complete(self) -> bool:
+        return not self.work
+
+
+def progress_bar(enabled: bool) -> Any:
+    """The driver's bar: description, bar, done/total, images/s, elapsed and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:.2f} img/s" if task.speed else "- img/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def run_local(job: CorpusJob, assembler: ShardAssembler, advance: Callable[[int], None]) -> list[ActorStats]:
+    """Embed the assembler's pending items in this process, shard by shard, through
+    :func:`~dtop_export.retrieval.extract.extract` (the same path as ``embed -o x.npy``)."""
+    from dtop_export.corpus.source import load_item
+    from dtop_export.retrieval.extract import extract
+
+    stats = ActorStats("local")
+    todo = assembler.items()
+    if not todo:
+        return [stats]
+    with open_model(job.model, job.threads, job.precision) as engine:
+        for _, group in itertools.groupby(todo, key=lambda it: it.key // job.shard_size):
+            chunk = list(group)
+            errors: list[tuple[int, str]] = []
+            t0 = time.perf_counter()
+            desc = extract(
+                engine, [it.path for it in chunk], None, job.scales, None, False, image_size=job.image_size,
+                batch_size=job.batch_size, errors=errors, load=load_item, advance=advance,
+            )  # fmt: skip
+            stats.busy_s += time.perf_counter() - t0
+            bad = dict(errors)
+            rows = iter(desc)
+            for i, it in enumerate(chunk):
+                if i in bad:
+                    assembler.fail(it.key, bad[i])
+                else:
+                    assembler.add_final(it.key, next(rows))
+            stats.images += len(chunk) - len(bad)
+    return [stats]
+
+
+def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract) -> CorpusSettings:
+    """The :class:`CorpusSettings` fingerprint of ``job`` over ``items``."""
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.corpus.source import listing_sha256
+
+    return CorpusSettings(
+        model=job.model,
+        model_sha256=file_sha256(parse_spec(job.model).path),
+        descriptor_dim=contract.descriptor_dim,
+        preprocess=contract.preprocess.to_dict(),
+        image_size=int(job.image_size or contract.preprocess.size),
+        scales=[float(s) for s in job.scales],
+        shard_size=job.shard_size,
+        source=job.source,
+        n_items=len(items),
+        listing_sha256=listing_sha256(items),
+    )
+
+
+def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> CorpusSummary:
+    """Run ``job``: list SOURCE, reuse complete shards, embed the rest (in-process or on Ray), write the manifest.
+
+    Returns the summary; the manifest (``OUT_DIR/manifest.json``) holds it too, with every skipped image.
+    """
+    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
+    from dtop_export.corpus.source import list_source
+
+    say = log or (lambda _: None)
+    if job.batch_size < 1:
+        raise DToPError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.shard_size < 1:
+        raise DToPError(f"--shard-size must be >= 1, got {job.shard_size}")
+    if job.threads is not None and job.threads < 1:
+        raise DToPError(f"--threads must be >= 1, got {job.threads}")
+    engine_options(job.model, job.threads, job.precision)  # bad model options fail here, before any output
+    t0 = time.perf_counter()
+    items = list_source(job.source)
+    contract = model_contract(job.model)
+    settings = job_settings(job, items, contract)
+    job.image_size = settings.image_size
+    pending = prepare_folder(job.output, settings, job.force)
+    n_shards = settings.n_shards()
+    say(
+        f"{len(items)} images in {n_shards} shard(s) of {job.shard_size}: "
+        + (f"{n_shards - len(pending)} already complete, " if len(pending) < n_shards else "")
+        + f"{len(pending)} to write"
+    )
+    write_manifest(job.output, settings, "running")
+    assembler = ShardAssembler(job.output, settings, items, pending)
+    n_todo = len(assembler.work)
+    with progress_bar(job.progress and n_todo > 0) as bar:
+        task = bar.add_task("embedding" + (" (ray)" if job.use_ray else ""), total=n_todo)
+
+        def advance(n: int) -> None:
+            if n:
+                bar.advance(task, n)
+
+        if n_todo == 0:
+            stats: list[ActorStats] = []
+        elif job.use_ray:
+            from dtop_export.corpus.ray_pipeline import run_ray
+
+            stats = run_ray(job, contract, assembler, advance, say)
+        else:
+            stats = run_local(job, assembler, advance)
+    if not assembler.complete:
+        raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
+    skipped = collect_skipped(job.output, range(n_shards))
+    summary = CorpusSummary(
+        mode="ray" if job.use_ray else "local",
+        images=len(items),
+        processed=n_todo,
+        embedded=len(items) - len(skipped),
+        skipped=len(skipped),
+        shards_written=assembler.written,
+        shards_reused=n_shards - len(pending),
+        wall_s=time.perf_counter() - t0,
+        duplicates=assembler.duplicates,
+        actors=stats,
+    )
+    write_manifest(
+        job.output,
+        settings,
+        "complete",
+        {
+            "counts": {"images": summary.images, "embedded": summary.embedded, "skipped": summary.skipped},
+            "shards": n_shards,
+            "last_run": summary.to_dict(),
+            "skipped": skipped,
+        },
+    )
+    return summary

@@ -1,0 +1,242 @@
+"""The Ray Data runner of ``dtop-export embed --ray``: read + decode + preprocess in CPU tasks, inference in a pool
+of stateful actors (one engine each), results streamed back to the driver's :class:`ShardAssembler`.
+
+Pipeline (streaming, order preserved so shards complete front to back)::
+
+    from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> one tensor per scale
+                           ->  map_batches(EmbedActor, concurrency=N)  actors: equal shapes batched -> engine.embed
+                           ->  iter_batches() in the driver            -> ShardAssembler -> shard-NNNNN.parquet
+
+A killed actor is restarted and its task retried by Ray (``max_restarts=-1``, ``max_task_retries=-1``); a
+result delivered twice is dropped by the assembler, so every image lands in exactly one shard row. Local paths
+must be readable on every node (a shared file system) or be ``pyarrow.fs`` URIs; the shards are written by the
+driver. ray is imported inside these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.corpus.embed import CorpusJob, ShardAssembler
+    from dtop_export.corpus.runtime import ActorStats, ModelContract
+
+ROWS_PER_READ_TASK = 16  # images per read/decode task (fewer when the job is small, see run_ray)
+# logical CPUs a read/decode task asks for, and the CPUs kept free for them when actors are sized by default
+READ_TASK_CPUS = 0.5
+READ_RESERVE_CPUS = 1.0
+# memory a read task reserves (one decoded image and its tensors); a remote argument the actors lack, which also
+# keeps Ray Data from fusing decoding into the actors (fused, an actor would decode and infer in turn)
+READ_TASK_MEMORY = 256 * 2**20
+
+
+def preprocess_rows(
+    batch: dict[str, np.ndarray], preprocess: dict[str, Any], image_size: int, scales: list[float]
+) -> dict[str, np.ndarray]:
+    """Rows (key, path) -> rows (key, scale, tensor [3, H, W], error): one row per scale of a readable image,
+    one row with scale -1 and the reason for an unreadable one. The same functions as the in-process path."""
+    from dtop_export.corpus.source import load_item
+    from dtop_export.preprocess import PreprocessConfig, prepare
+
+    cfg = PreprocessConfig.from_dict(preprocess)
+    keys: list[int] = []
+    scale_ids: list[int] = []
+    tensors: list[np.ndarray] = []
+    errors: list[str] = []
+    for key, path in zip(batch["key"], batch["path"]):
+        try:
+            img = load_item(str(path))
+            out = [prepare(img, cfg, image_size, s) for s in scales]
+        except DToPError as e:
+            keys.append(int(key))
+            scale_ids.append(-1)
+            tensors.append(np.zeros((3, 0, 0), np.float32))
+            errors.append(str(e))
+            continue
+        for i, t in enumerate(out):
+            keys.append(int(key))
+            scale_ids.append(i)
+            tensors.append(t)
+            errors.append("")
+    ragged = np.empty(len(tensors), dtype=object)
+    for i, t in enumerate(tensors):
+        ragged[i] = t
+    return {
+        "key": np.asarray(keys, np.int64),
+        "scale": np.asarray(scale_ids, np.int32),
+        "tensor": ragged,
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
+class EmbedActor:
+    """One engine in one Ray actor: rows of equal tensor shape are stacked into batches of ``batch_size``."""
+
+    def __init__(self, model: str, threads: int | None, batch_size: int, precision: str | None = None) -> None:
+        import ray
+
+        from dtop_export.corpus.runtime import open_model
+
+        self.engine = open_model(model, threads, precision)
+        self.batch_size = batch_size
+        actor = ray.get_runtime_context().get_actor_id() or "driver"
+        self.name = f"actor {actor[:8]} pid {os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        desc = np.zeros((n, self.engine.descriptor_dim), np.float32)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in range(n):
+            if batch["scale"][i] >= 0:
+                groups.setdefault(tuple(np.shape(batch["tensor"][i])), []).append(i)
+        t0 = time.perf_counter()
+        for rows in groups.values():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                desc[chunk] = self.engine.embed(np.stack([np.asarray(batch["tensor"][i], np.float32) for i in chunk]))
+        busy = time.perf_counter() - t0
+        return {
+            "key": np.asarray(batch["key"], np.int64),
+            "scale": np.asarray(batch["scale"], np.int32),
+            "error": np.asarray(batch["error"], dtype=object),
+            "descriptor": desc,
+            "actor": np.asarray([self.name] * n, dtype=object),
+            "busy_s": np.full(n, busy / max(n, 1)),
+        }
+
+
+def actor_resources(job: CorpusJob, cluster_cpus: float, cluster_gpus: float) -> tuple[float, int | None]:
+    """(logical CPUs per actor, engine threads per actor) for ``job`` on a cluster with these resources.
+
+    By default the actors share the CPUs left after :data:`READ_RESERVE_CPUS` for reading and decoding, so the
+    pipeline cannot deadlock (actors holding every CPU starve the read tasks forever). Refuses requests the
+    cluster can never satisfy, which Ray would otherwise wait on silently.
+    """
+    if job.actors < 1:
+        raise DToPError(f"--actors must be >= 1, got {job.actors}")
+    if job.gpus_per_actor < 0:
+        raise DToPError(f"--gpus-per-actor must be >= 0, got {job.gpus_per_actor}")
+    if job.gpus_per_actor and job.actors * job.gpus_per_actor > cluster_gpus + 1e-9:
+        raise DToPError(
+            f"{job.actors} actor(s) x {job.gpus_per_actor:g} GPU need {job.actors * job.gpus_per_actor:g} GPUs; the "
+            f"Ray cluster has {cluster_gpus:g}: use fewer --actors or a smaller --gpus-per-actor"
+        )
+    if job.cpus_per_actor is not None:
+        cpus = float(job.cpus_per_actor)
+        if cpus <= 0:
+            raise DToPError(f"--cpus-per-actor must be > 0, got {cpus:g}")
+    elif job.gpus_per_actor:
+        cpus = min(1.0, max(0.25, (cluster_cpus - READ_RESERVE_CPUS) / job.actors))
+    else:
+        free = cluster_cpus - READ_RESERVE_CPUS if cluster_cpus > READ_RESERVE_CPUS else cluster_cpus / 2
+        cpus = max(0.25, free / job.actors)
+        if job.threads:
+            cpus = min(cpus, float(job.threads))
+    if job.actors * cpus + READ_TASK_CPUS > cluster_cpus + 1e-9:
+        raise DToPError(
+            f"{job.actors} actor(s) x {cpus:g} CPUs leave less than {READ_TASK_CPUS:g} CPU for reading images on a "
+            f"Ray cluster of {cluster_cpus:g} CPUs: use fewer --actors or a smaller --cpus-per-actor"
+        )
+    threads = job.threads or max(1, math.floor(cpus + 1e-9))
+    return cpus, threads
+
+
+def _connect(address: str | None) -> bool:
+    """Connect to (or start) a Ray cluster; True when this call started the connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    except ConnectionError as e:
+        raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
+    return True
+
+
+def run_ray(
+    job: CorpusJob,
+    contract: ModelContract,
+    assembler: ShardAssembler,
+    advance: Callable[[int], None],
+    say: Callable[[str], None],
+) -> list[ActorStats]:
+    """Embed the assembler's pending items on a Ray cluster (``job.address``, else a local one); returns the
+    per-actor statistics."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    from dtop_export.corpus.runtime import ActorStats
+
+    started = _connect(job.address)
+    try:
+        res = ray.cluster_resources()
+        cpus, threads = actor_resources(job, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+        say(
+            f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
+            + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
+            + (f", {threads} thread(s) each" if threads else "")
+        )
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ctx.enable_auto_log_stats = False
+        ctx.execution_options.preserve_order = True
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        todo = assembler.items()
+        rows = [{"key": it.key, "path": it.path} for it in todo]
+        # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
+        per_block = max(1, min(ROWS_PER_READ_TASK, len(rows) // (4 * job.actors)))
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
+        ds = ds.map_batches(
+            preprocess_rows,
+            fn_kwargs={
+                "preprocess": contract.preprocess.to_dict(),
+                "image_size": int(job.image_size or contract.preprocess.size),
+                "scales": [float(s) for s in job.scales],
+            },
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=READ_TASK_CPUS,
+            memory=READ_TASK_MEMORY,
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={
+                "model": job.model,
+                "threads": threads,
+                "precision": job.precision,
+                "batch_size": job.batch_size,
+            },
+            batch_size=job.batch_size * len(job.scales),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
+            num_cpus=cpus,
+            num_gpus=job.gpus_per_actor or None,
+        )
+        stats: dict[str, ActorStats] = {}
+        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(out["key"])):
+                key, scale = int(out["key"][i]), int(out["scale"][i])
+                st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
+                st.busy_s += float(out["busy_s"][i])
+                if scale < 0:
+                    advance(assembler.fail(key, str(out["error"][i])))
+                    continue
+                st.images += scale == 0  # the actor's work, retried deliveries included
+                advance(assembler.add(key, scale, out["descriptor"][i]))
+        return sorted(stats.values(), key=lambda s: s.name)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,98 @@
+"""The engine side of a corpus job, shared by the in-process and the Ray runner: opening MODEL, reading its
+contract without running it, and per-actor statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.contract import Engine
+    from dtop_export.preprocess import PreprocessConfig
+
+
+@dataclass
+class ActorStats:
+    """Images one inference actor (or this process) embedded and the seconds it spent in ``embed``."""
+
+    name: str
+    images: int = 0
+    busy_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclass
+class ModelContract:
+    """What the driver needs to know about the model without running it."""
+
+    preprocess: PreprocessConfig
+    descriptor_dim: int
+
+
+def model_contract(model: str) -> ModelContract:
+    """The preprocessing and descriptor size of MODEL, read without running it (a checkpoint's config, an ONNX
+    file's metadata without its weights, a TensorRT plan's sidecar: a driver without a GPU can plan a GPU job);
+    an OpenVINO IR is opened once, single-threaded."""
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.contract import preprocess_from_metadata, read_metadata
+
+    spec = parse_spec(model)
+    meta: dict[str, str] | None = None
+    if spec.kind == "checkpoint":
+        from dtop_export.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(spec.path)
+        dim = ckpt.whitening.out_dim if ckpt.whitening is not None else ckpt.config.descriptor_dim
+        return ModelContract(ckpt.preprocess, int(dim))
+    if spec.kind in ("plan", "engine", "trt"):
+        from dtop_export.engines.tensorrt.sidecar import read_sidecar
+
+        meta = read_sidecar(spec.path).metadata
+    elif spec.kind == "onnx":
+        meta = read_metadata(spec.path)
+    if meta is not None:
+        if "dtop.descriptor_dim" not in meta:
+            raise DToPError(f"{spec.path} carries no dtop metadata (dtop.descriptor_dim): export it with dtop-export")
+        return ModelContract(preprocess_from_metadata(meta), int(meta["dtop.descriptor_dim"]))
+    with open_model(model, threads=1) as engine:
+        return ModelContract(engine.preprocess, engine.descriptor_dim)
+
+
+def engine_options(model: str, threads: int | None = None, precision: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
+    threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
+    runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
+    own, so only ``fp32``/None is accepted there). Bad options are a :class:`DToPError`, before any work."""
+    from dtop_export.bench.spec import PRECISIONS, parse_spec
+
+    spec = parse_spec(model)
+    if not spec.path.is_file():
+        raise DToPError(f"model file {spec.path} not found")
+    options = dict(spec.options)
+    if threads and spec.kind not in ("plan", "engine", "trt"):
+        options["threads"] = threads
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise DToPError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
+        if spec.kind in ("checkpoint", "xml") or options.get("runtime") == "openvino":
+            options["precision"] = precision
+        elif precision != "fp32":
+            raise DToPError(
+                f"{spec.path.name} runs at the precision it was built with: make a {precision} file "
+                f"(`dtop-export quantize`, `trt --fp16`) or run it in OpenVINO ({spec.path.name}:openvino)"
+            )
+    return spec.path, options
+
+
+def open_model(model: str, threads: int | None = None, precision: str | None = None) -> Engine:
+    """The engine of MODEL with the options of :func:`engine_options`."""
+    from dtop_export.engines import load_engine
+
+    path, options = engine_options(model, threads, precision)
+    return load_engine(path, **options)

@@ -1,0 +1,191 @@
+"""What a corpus job embeds: the SOURCE argument listed as items (key, id, path), and reading their bytes.
+
+SOURCE is a folder (searched recursively for :data:`~dtop_export.preprocess.IMAGE_SUFFIXES`), a text file of
+paths (one per line, ``#`` comments), or a Parquet/CSV table with a ``path`` column and an optional ``id``
+column. Local paths and anything :mod:`pyarrow.fs` opens (``file://``, ``s3://``, ``gs://``, ``hdfs://`` URIs)
+work; relative paths in a list or table are relative to the list's folder. The listing order is the key order
+(``key`` = row number), so re-running a job lists the same items in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+@dataclass(frozen=True)
+class CorpusItem:
+    """One image of a corpus: ``key`` (its row number, the faiss id), ``id`` (the user's name for it) and ``path``."""
+
+    key: int
+    id: str
+    path: str
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` paths (opened through :mod:`pyarrow.fs`)."""
+    return "://" in path
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (ValueError, OSError) as e:
+        raise DToPError(f"cannot open {path}: {e}") from e
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a local file or a ``pyarrow.fs`` URI (missing files raise :class:`DToPError`)."""
+    try:
+        if not is_uri(path):
+            return Path(path).read_bytes()
+        fs, inner = _filesystem(path)
+        with fs.open_input_stream(inner) as fh:
+            return fh.read()
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise DToPError(f"image {path} not found") from e
+    except OSError as e:
+        raise DToPError(f"cannot read image {path}: {e}") from e
+
+
+def load_item(path: str) -> Image.Image:
+    """A corpus image as RGB through the one preprocessing path (local files directly, URIs via their bytes)."""
+    from dtop_export.preprocess import load_image
+
+    if not is_uri(path):
+        return load_image(path)
+    return load_image(path, data=read_bytes(path))
+
+
+def _join(base: str, rel: str) -> str:
+    if is_uri(rel) or rel.startswith("/"):
+        return rel
+    if is_uri(base):
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{PurePosixPath(rest) / rel}"
+    return str(Path(base) / rel)
+
+
+def _parent(path: str) -> str:
+    if is_uri(path):
+        scheme, _, rest = path.partition("://")
+        return f"{scheme}://{PurePosixPath(rest).parent}"
+    return str(Path(path).parent)
+
+
+def _list_folder(source: str) -> list[tuple[str, str]]:
+    from dtop_export.preprocess import IMAGE_SUFFIXES
+
+    if not is_uri(source):
+        from dtop_export.preprocess import list_images
+
+        root = Path(source)
+        return [(p.relative_to(root).as_posix(), str(p)) for p in list_images(root)]
+    import pyarrow.fs as pafs
+
+    fs, inner = _filesystem(source)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    scheme = source.partition("://")[0]
+    files = sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise DToPError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
+    root = PurePosixPath(inner)
+    return [(PurePosixPath(f).relative_to(root).as_posix(), f"{scheme}://{f}") for f in files]
+
+
+def _read_table(source: str) -> Any:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = PurePosixPath(source).suffix.lower()
+    try:
+        if suffix == ".csv":
+            data = read_bytes(source)
+            import pyarrow as pa
+
+            return pacsv.read_csv(
+                pa.BufferReader(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
+            )
+        if is_uri(source):
+            fs, inner = _filesystem(source)
+            return pq.read_table(inner, filesystem=fs)
+        return pq.read_table(source)
+    except DToPError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
+        raise DToPError(f"cannot read the table {source}: {str(e).splitlines()[0] if str(e) else e}") from e
+
+
+def _list_table(source: str) -> list[tuple[str, str]]:
+    table = _read_table(source)
+    if "path" not in table.column_names:
+        raise DToPError(f"{source} has no 'path' column (columns: {', '.join(table.column_names)})")
+    paths = [str(p) for p in table.column("path").to_pylist()]
+    ids = [str(i) for i in table.column("id").to_pylist()] if "id" in table.column_names else paths
+    base = _parent(source)
+    return [(i, _join(base, p)) for i, p in zip(ids, paths)]
+
+
+def _list_text(source: str) -> list[tuple[str, str]]:
+    try:
+        text = read_bytes(source).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DToPError(f"{source} is not a UTF-8 text file of image paths") from e
+    base = _parent(source)
+    lines = [ln.strip() for ln in text.splitlines()]
+    return [(ln, _join(base, ln)) for ln in lines if ln and not ln.startswith("#")]
+
+
+def list_source(source: str | Path) -> list[CorpusItem]:
+    """The items of SOURCE (see the module docstring), keyed 0..n-1 in listing order.
+
+    Refuses a missing source, an empty one and duplicate ids, each with one line saying what to fix.
+    """
+    source = str(source)
+    if is_uri(source):
+        import pyarrow.fs as pafs
+
+        fs, inner = _filesystem(source)
+        kind = fs.get_file_info(inner).type
+        if kind == pafs.FileType.NotFound:
+            raise DToPError(f"source {source} not found")
+        is_dir = kind == pafs.FileType.Directory
+    else:
+        if not Path(source).exists():
+            raise DToPError(f"source {source} not found: give a folder, a text file of paths or a Parquet/CSV table")
+        is_dir = Path(source).is_dir()
+    if is_dir:
+        pairs = _list_folder(source)
+    elif PurePosixPath(source).suffix.lower() in TABLE_SUFFIXES:
+        pairs = _list_table(source)
+    else:
+        pairs = _list_text(source)
+    if not pairs:
+        raise DToPError(f"{source} lists no images")
+    seen: dict[str, int] = {}
+    for n, (i, _) in enumerate(pairs):
+        if i in seen:
+            raise DToPError(f"{source}: id {i!r} appears twice (rows {seen[i]} and {n}): ids must be unique")
+        seen[i] = n
+    return [CorpusItem(k, i, p) for k, (i, p) in enumerate(pairs)]
+
+
+def listing_sha256(items: list[CorpusItem]) -> str:
+    """A digest of the listing (ids and paths in order): a changed source changes it."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}\0{it.path}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,435 @@
+"""Corpus embedding (in-process and Ray Data), resumable shards, faiss index + search, shard distractors.
+
+One local Ray cluster (2 CPUs) serves every Ray test of the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+from PIL import Image
+
+from dtop_export.corpus.embed import CorpusJob, ShardAssembler, embed_corpus
+from dtop_export.corpus.shards import (
+    MANIFEST,
+    CorpusSettings,
+    Shard,
+    ShardedDescriptors,
+    iter_shards,
+    shard_name,
+    write_shard,
+)
+from dtop_export.corpus.source import CorpusItem, list_source
+from dtop_export.errors import DToPError
+from dtop_export.retrieval.sample_data import build_sample_dataset
+
+SIZE = 160  # longer side the tests embed at (small model: fast, still several input shapes)
+BAD = ("text.jpg", "truncated.jpg", "empty.png")
+
+ray = pytest.importorskip("ray", reason="the corpus Ray tests need ray[data] (pip install 'dtop-export[ray]')")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded sample set's 110 images, 6 generated ones of mixed sizes and modes, and 3 corrupt files."""
+    root = tmp_path_factory.mktemp("corpus")
+    sample = build_sample_dataset(root / "data") / "jpg"
+    folder = root / "images"
+    (folder / "sample").mkdir(parents=True)
+    for p in sorted(sample.glob("*.jpg")):
+        (folder / "sample" / p.name).write_bytes(p.read_bytes())
+    rng = np.random.default_rng(0)
+    gen = folder / "generated"
+    gen.mkdir()
+    for i, (w, h, mode) in enumerate([(97, 211, "RGB"), (640, 120, "RGB"), (300, 300, "L"), (45, 60, "RGB"),
+                                      (512, 384, "RGBA"), (200, 333, "P")]):  # fmt: skip
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(mode)
+        img.save(gen / f"mixed_{i}.png")
+    (gen / BAD[0]).write_text("not an image")
+    jpg = (sample / sorted(os.listdir(sample))[0]).read_bytes()
+    (gen / BAD[1]).write_bytes(jpg[: len(jpg) // 3])
+    (gen / BAD[2]).write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Any:
+    """One local Ray cluster for the module (2 logical CPUs, as this machine); its GCS address."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 2**20, logging_level="ERROR")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(small_onnx: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-process shard run of the corpus (the reference the Ray runs are held to)."""
+    out = tmp_path_factory.mktemp("local") / "shards"
+    job = CorpusJob(str(small_onnx), str(corpus), out, image_size=SIZE, shard_size=16, progress=False)
+    summary = embed_corpus(job)
+    assert summary.mode == "local" and summary.shards_written == summary.images // 16 + 1
+    return out
+
+
+def _table(folder: Path) -> dict[str, Any]:
+    """All shards of a folder: keys, ids, descriptors, plus the manifest's skipped list."""
+    shards = list(iter_shards(folder))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return {
+        "key": np.concatenate([s["key"] for s in shards]),
+        "id": [i for s in shards for i in s["id"]],
+        "descriptor": np.concatenate([s["descriptor"] for s in shards]),
+        "skipped": manifest["skipped"],
+        "manifest": manifest,
+    }
+
+
+def _exactly_once(folder: Path) -> dict[str, Any]:
+    """Asserts every listed key is in exactly one shard row or skipped record; returns the table."""
+    t = _table(folder)
+    n = t["manifest"]["settings"]["n_items"]
+    keys = list(t["key"]) + [s["key"] for s in t["skipped"]]
+    assert sorted(keys) == list(range(n)), "an image is missing or duplicated"
+    return t
+
+
+def _assert_same(a: dict[str, Any], b: dict[str, Any], min_cos: float = 0.99999) -> None:
+    assert list(a["key"]) == list(b["key"]) and a["id"] == b["id"]
+    assert [(s["id"], s["error"]) for s in a["skipped"]] == [(s["id"], s["error"]) for s in b["skipped"]]
+    cos = np.sum(a["descriptor"] * b["descriptor"], axis=1)
+    assert cos.min() >= min_cos, f"min cosine {cos.min()}"
+
+
+# in-process -------------------------------------------------------------------------------------------
+
+
+def test_folder_output_matches_npy_embed(small_onnx: Path, corpus: Path, local_run: Path, tmp_path: Path) -> None:
+    t = _exactly_once(local_run)
+    assert sorted(Path(s["id"]).name for s in t["skipped"]) == sorted(BAD)
+    assert all("cannot read image" in s["error"] or "not found" in s["error"] for s in t["skipped"])
+    npy = tmp_path / "all.npy"
+    assert cli("embed", str(small_onnx), str(corpus), "-o", str(npy), "--image-size", str(SIZE), "--no-progress") == 0
+    ref = np.load(npy)
+    side = json.loads(npy.with_suffix(".json").read_text())
+    assert [str(corpus / i) for i in t["id"]] == side["images"]
+    np.testing.assert_array_equal(t["descriptor"], ref)  # same path, same batches: bit-identical
+    m = t["manifest"]
+    assert m["status"] == "complete" and m["counts"] == {
+        "images": len(t["id"]) + 3,
+        "embedded": len(t["id"]),
+        "skipped": 3,
+    }
+    assert m["settings"]["preprocess"]["size"] and m["settings"]["image_size"] == SIZE
+    # the shard schema the issue names: fixed-size float32 list, model hash, scales
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(local_run / shard_name(0))
+    assert str(schema.field("descriptor").type) == "fixed_size_list<element: float>[256]"
+    assert {"key", "id", "path", "model_sha256", "scales"} <= set(schema.names)
+
+
+def test_rerun_reuses_and_refuses_other_settings(small_onnx: Path, corpus: Path, local_run: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in local_run.glob("shard-*.parquet")}
+    again = embed_corpus(
+        CorpusJob(str(small_onnx), str(corpus), local_run, image_size=SIZE, shard_size=16, progress=False)
+    )
+    assert again.shards_written == 0 and again.processed == 0 and again.shards_reused == len(before)
+    assert {p.name: p.stat().st_mtime_ns for p in local_run.glob("shard-*.parquet")} == before
+    with pytest.raises(DToPError, match="scales"):
+        embed_corpus(CorpusJob(str(small_onnx), str(corpus), local_run, scales=(1.0, 0.5), image_size=SIZE,
+                               shard_size=16, progress=False))  # fmt: skip
+    with pytest.raises(DToPError, match="another image size"):
+        embed_corpus(CorpusJob(str(small_onnx), str(corpus), local_run, image_size=SIZE + 32, shard_size=16,
+                               progress=False))  # fmt: skip
+
+
+def test_force_replaces_and_damaged_shard_is_redone(small_onnx: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    src = tmp_path / "list.txt"
+    names = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png"))
+    src.write_text("# generated images\n" + "\n".join(f"{corpus}/{n}" for n in names) + "\n")
+    job = CorpusJob(str(small_onnx), str(src), out, image_size=SIZE, shard_size=2, progress=False)
+    first = embed_corpus(job)
+    assert first.images == len(names) and first.skipped == 1  # empty.png
+    (out / shard_name(1)).write_bytes(b"PAR1 damaged")
+    (out / ".shard-00002.parquet.abc.tmp").write_bytes(b"left by a killed run")
+    again = embed_corpus(CorpusJob(str(small_onnx), str(src), out, image_size=SIZE, shard_size=2, progress=False))
+    assert again.shards_written == 1 and again.processed == 2
+    assert not list(out.glob(".*.tmp"))
+    _exactly_once(out)
+    forced = embed_corpus(CorpusJob(str(small_onnx), str(src), out, image_size=SIZE + 32, shard_size=2, force=True,
+                                    progress=False))  # fmt: skip
+    assert forced.shards_written == first.shards_written
+
+
+def test_sources_list_table_uri(corpus: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = list_source(corpus)
+    assert [i.key for i in folder] == list(range(len(folder)))
+    assert folder[0].id == "generated/empty.png" and folder[0].path == str(corpus / "generated" / "empty.png")
+    rel = [i.id for i in folder[:5]]
+    (tmp_path / "imgs").symlink_to(corpus)
+    pq.write_table(
+        pa.table({"path": [f"imgs/{r}" for r in rel], "id": [f"n{j}" for j in range(5)]}), tmp_path / "t.parquet"
+    )
+    table = list_source(tmp_path / "t.parquet")
+    assert [i.id for i in table] == [f"n{j}" for j in range(5)]
+    assert [i.path for i in table] == [str(tmp_path / "imgs" / r) for r in rel]  # relative to the table's folder
+    (tmp_path / "t.csv").write_text("path\n" + "\n".join(f"imgs/{r}" for r in rel) + "\n")
+    assert [i.id for i in list_source(tmp_path / "t.csv")] == [f"imgs/{r}" for r in rel]
+    uri = list_source(f"file://{corpus}")
+    assert [i.id for i in uri] == [i.id for i in folder] and uri[3].path == f"file://{corpus}/{folder[3].id}"
+    from dtop_export.corpus.source import load_item
+
+    assert load_item(uri[3].path).size == Image.open(folder[3].path).size
+    (tmp_path / "dup.csv").write_text("path,id\na.jpg,x\nb.jpg,x\n")
+    with pytest.raises(DToPError, match="appears twice"):
+        list_source(tmp_path / "dup.csv")
+    (tmp_path / "nopath.csv").write_text("file\na.jpg\n")
+    with pytest.raises(DToPError, match="no 'path' column"):
+        list_source(tmp_path / "nopath.csv")
+    with pytest.raises(DToPError, match="not found"):
+        list_source(tmp_path / "missing")
+
+
+def test_assembler_combines_scales_and_drops_duplicates(tmp_path: Path) -> None:
+    settings = CorpusSettings("m", "sha", 4, {}, 64, [1.0, 0.5], 2, "src", 3, "l")
+    items = [CorpusItem(k, f"i{k}", f"p{k}") for k in range(3)]
+    asm = ShardAssembler(tmp_path, settings, items, [0, 1])
+    a, b = np.array([1, 0, 0, 0], np.float32), np.array([0, 1, 0, 0], np.float32)
+    assert asm.add(0, 0, a) == 0 and asm.add(0, 0, a) == 0 and asm.duplicates == 1
+    assert asm.add(0, 1, b) == 1
+    assert asm.fail(1, "cannot read image p1: broken") == 1 and asm.written == 1  # shard 0 complete
+    assert asm.fail(1, "again") == 0 and asm.duplicates == 2
+    assert asm.add(2, 1, b) == 0 and asm.add(2, 0, a) == 1 and asm.complete
+    s0 = next(iter_shards(tmp_path))
+    np.testing.assert_allclose(s0["descriptor"][0], (a + b) / np.sqrt(2), rtol=1e-6)
+    assert list(s0["key"]) == [0]
+
+
+def test_embed_cli_errors(small_onnx: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("embed", str(small_onnx), str(corpus), "-o", str(tmp_path / "x.npy"), "--ray") == 2
+    assert "give -o a folder" in capsys.readouterr().err
+    assert cli("embed", str(small_onnx), str(corpus), str(corpus), "-o", str(tmp_path / "d")) == 2
+    assert "one SOURCE" in capsys.readouterr().err
+    assert cli("embed", str(small_onnx), str(corpus), "-o", str(tmp_path / "d"), "--precision", "bf16") == 2
+    assert "runs at the precision it was built with" in capsys.readouterr().err
+    assert cli("embed", str(small_onnx), str(tmp_path / "nope"), "-o", str(tmp_path / "d")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err and "Traceback" not in err
+    assert not (tmp_path / "d" / MANIFEST).exists()
+
+
+def test_precision_reaches_the_engine(small_onnx: Path, corpus: Path, local_run: Path, tmp_path: Path) -> None:
+    src = tmp_path / "list.txt"
+    src.write_text("\n".join(str(p) for p in sorted((corpus / "sample").glob("*.jpg"))[:6]) + "\n")
+    job = CorpusJob(f"{small_onnx}:openvino", str(src), tmp_path / "ov", image_size=SIZE, precision="fp32",
+                    progress=False)  # fmt: skip
+    assert embed_corpus(job).embedded == 6
+    ov, ref = _table(tmp_path / "ov"), _table(local_run)
+    rows = [ref["id"].index(f"sample/{Path(p).name}") for p in src.read_text().split()]
+    assert np.sum(ov["descriptor"] * ref["descriptor"][rows], axis=1).min() >= 0.99999  # OpenVINO fp32 = ORT fp32
+
+
+def test_actor_resources_never_starve_the_readers() -> None:
+    from dtop_export.corpus.ray_pipeline import READ_TASK_CPUS, actor_resources
+
+    def job(**kw: Any) -> CorpusJob:
+        return CorpusJob("m.onnx", "src", Path("o"), use_ray=True, **kw)
+
+    for actors in (1, 2, 3):
+        cpus, threads = actor_resources(job(actors=actors), 2.0, 0.0)
+        assert actors * cpus + READ_TASK_CPUS <= 2.0 and threads >= 1
+    assert actor_resources(job(actors=4), 64.0, 0.0) == (15.75, 15)
+    assert actor_resources(job(actors=2, threads=4), 64.0, 0.0) == (4.0, 4)
+    with pytest.raises(DToPError, match="leave less than"):
+        actor_resources(job(actors=2, cpus_per_actor=1.0), 2.0, 0.0)
+    with pytest.raises(DToPError, match="GPUs"):
+        actor_resources(job(actors=2, gpus_per_actor=1.0), 8.0, 1.0)
+
+
+# Ray ----------------------------------------------------------------------------------------------------
+
+
+def test_ray_equals_in_process(
+    small_onnx: Path, corpus: Path, local_run: Path, ray_cluster: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "ray"
+    code = cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--image-size", str(SIZE), "--shard-size", "16",
+               "--ray", "--actors", "2", "-b", "4", "--no-progress", "--json", str(tmp_path / "s.json"))  # fmt: skip
+    assert code == 0
+    _assert_same(_exactly_once(out), _table(local_run))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["mode"] == "ray" and summary["duplicates"] == 0
+    assert sum(a["images"] for a in summary["actors"]) == summary["embedded"]
+    assert len(summary["actors"]) == 2 and all(a["images"] > 0 for a in summary["actors"])  # both actors worked
+
+
+def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:
+    src = tmp_path / "list.txt"
+    src.write_text("\n".join(str(p) for p in sorted(corpus.rglob("*"))[:40] if p.is_file()) + "\n")
+    kw: dict[str, Any] = {"image_size": SIZE, "shard_size": 8, "scales": (1.0, 0.707, 1.414), "progress": False}
+    embed_corpus(CorpusJob(str(small_onnx), str(src), tmp_path / "a", **kw))
+    embed_corpus(CorpusJob(str(small_onnx), str(src), tmp_path / "b", use_ray=True, batch_size=2, **kw))
+    _assert_same(_exactly_once(tmp_path / "b"), _table(tmp_path / "a"))
+
+
+def _actor_pids() -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if "MapBatches(EmbedActor)" in " ".join(p.info["cmdline"] or []):
+            out.append(p.info["pid"])
+    return out
+
+
+def test_ray_killed_actor_every_image_once(small_onnx: Path, corpus: Path, local_run: Path, ray_cluster: str,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "killed"
+    job = CorpusJob(str(small_onnx), str(corpus), out, image_size=SIZE, shard_size=16, progress=False, use_ray=True)
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(summary=embed_corpus(job)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 120
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        pids = _actor_pids()
+        if pids and list(out.glob("shard-*.parquet")):  # mid-run: a shard is out, the actor is working
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(300)
+    assert killed is not None, "the job finished before an actor could be killed"
+    assert not thread.is_alive() and "summary" in result
+    t = _exactly_once(out)
+    _assert_same(t, _table(local_run))
+    assert killed not in _actor_pids()
+
+
+def test_ray_killed_driver_resumes_missing_shards(small_onnx: Path, corpus: Path, local_run: Path, ray_cluster: str,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "driver"
+    args = [str(small_onnx), str(corpus), "-o", str(out), "--image-size", str(SIZE), "--shard-size", "8", "--ray"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtop_export", "embed", *args, "--address", ray_cluster, "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("shard-*.parquet"))) < 3:
+        time.sleep(0.05)
+    proc.kill()
+    _, err = proc.communicate()
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.parquet")}
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert 3 <= len(kept) < 15, f"{len(kept)} shards before the kill"
+    code = cli("embed", *args, "--no-progress", "--json", str(tmp_path / "s.json"))
+    assert code == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["shards_reused"] == len(kept) and summary["shards_written"] == 15 - len(kept)
+    assert {n: v for n, v in ((p.name, (p.stat().st_ino, p.stat().st_mtime_ns)) for p in out.glob("shard-*.parquet"))
+            if n in kept} == kept  # fmt: skip
+    _assert_same(_exactly_once(out), _table(local_run))
+
+
+# index, search, distractors ---------------------------------------------------------------------------------
+
+
+def test_index_and_search_equal_brute_force(small_onnx: Path, corpus: Path, local_run: Path, tmp_path: Path) -> None:
+    idx = tmp_path / "corpus.faiss"
+    assert cli("index", str(local_run), "-o", str(idx), "--no-progress") == 0
+    queries = sorted((corpus / "sample").glob("*.jpg"))[:3] + [corpus / "generated" / "mixed_1.png"]
+    out = tmp_path / "r.json"
+    code = cli("search", str(idx), str(small_onnx), *map(str, queries), "-k", "10", "--json", str(out),
+               "--picture", str(tmp_path / "r.png"))  # fmt: skip
+    assert code == 0
+    got = json.loads(out.read_text())["queries"]
+    t = _table(local_run)
+    from dtop_export.engines import load_engine
+    from dtop_export.retrieval.extract import extract
+
+    with load_engine(small_onnx) as engine:
+        q = extract(engine, queries, None, (1.0,), None, False, image_size=SIZE)
+    scores = q @ t["descriptor"].T
+    for qi, res in enumerate(got):
+        order = np.argsort(-scores[qi], kind="stable")[:10]
+        assert [r["key"] for r in res["results"]] == [int(t["key"][j]) for j in order]
+        assert [r["id"] for r in res["results"]] == [t["id"][j] for j in order]
+        np.testing.assert_allclose([r["score"] for r in res["results"]], scores[qi][order], atol=1e-5)
+    assert got[0]["results"][0]["id"] == queries[0].relative_to(corpus).as_posix()  # a corpus image finds itself
+    assert Image.open(tmp_path / "r.png").size[0] > 160 * 9
+    assert cli("index", str(local_run), "-o", str(idx), "--no-progress") == 2  # exists: needs --force
+
+
+def _synthetic(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark-like descriptors: 5000 places with 1..many views in a 128-d subspace plus noise (unit rows), and
+    500 queries that are noisy re-shots of database images."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((5000, 128)).astype(np.float32)
+    lat = centers[rng.integers(0, 5000, n)] + 0.6 * rng.standard_normal((n, 128)).astype(np.float32)
+    x = lat @ (rng.standard_normal((128, dim)).astype(np.float32) / np.sqrt(128))
+    x += 0.3 * np.sqrt(128 / dim) * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[rng.choice(n, 500, replace=False)] + 0.5 * x.std() * rng.standard_normal((500, dim)).astype(np.float32)
+    return x, q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
+    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+    from dtop_export.corpus.shards import write_manifest
+
+    n, dim = 50_000, 1536
+    x, q = _synthetic(n, dim, 0)
+    settings = CorpusSettings("m", "sha", dim, {}, 512, [1.0], 10_000, "synthetic", n, "l")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(settings.n_shards()):
+        keys = list(settings.shard_keys(k))
+        write_shard(folder, Shard(k, keys, [f"i{j}" for j in keys], [f"p{j}" for j in keys], list(x[keys])), settings)
+    write_manifest(folder, settings, "complete")
+    assert len(ShardedDescriptors(folder)) == n
+    build_corpus_index(folder, tmp_path / "flat.faiss", "flat")
+    build_corpus_index(folder, tmp_path / "pq.faiss", "ivfpq", train_size=20_000, refine=4, nprobe=64)
+    truth = [[h.key for h in hits] for hits in CorpusIndex(tmp_path / "flat.faiss").search(q, 10)]
+    brute = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(truth, brute)]) >= 9.99  # flat = brute force (float ties)
+    pq = CorpusIndex(tmp_path / "pq.faiss")
+    plain = [[h.key for h in hits] for hits in pq.search(q, 10, refine=1)]  # k candidates re-ordered: PQ's top-k set
+    refined = [[h.key for h in hits] for hits in pq.search(q, 10)]
+    one_recall = np.mean([t[0] in p for t, p in zip(truth, plain)])  # faiss's R@10: the true NN in the top 10
+    overlap = np.mean([len(set(t) & set(p)) / 10 for t, p in zip(truth, plain)])
+    overlap_refined = np.mean([len(set(t) & set(p)) / 10 for t, p in zip(truth, refined)])
+    print(f"IVF-PQ 1-recall@10 {one_recall:.3f}, 10-recall@10 {overlap:.3f}, with --refine 4 {overlap_refined:.3f}")
+    assert one_recall >= 0.9
+    assert overlap_refined >= 0.9 and overlap_refined > overlap
+
+
+def test_evaluate_accepts_a_shard_folder(small_onnx: Path, local_run: Path, tmp_path: Path) -> None:
+    t = _table(local_run)
+    np.save(tmp_path / "d.npy", t["descriptor"])
+    lazy = ShardedDescriptors(local_run)
+    assert lazy.shape == t["descriptor"].shape
+    np.testing.assert_array_equal(lazy[5:40], t["descriptor"][5:40])
+    runs = []
+    for dis in (tmp_path / "d.npy", local_run):
+        out = tmp_path / f"{dis.name}.json"
+        assert cli("evaluate", str(small_onnx), "--distractors", str(dis), "--image-size", str(SIZE), "--no-progress",
+                   "--json", str(out)) == 0  # fmt: skip
+        runs.append(json.loads(out.read_text()))
+    assert runs[0]["n_distractors"] == runs[1]["n_distractors"] == len(t["id"])
+    assert runs[0]["map"] == runs[1]["map"]
