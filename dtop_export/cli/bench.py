@@ -47,6 +47,14 @@ def bench(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the Markdown tables here.")] = None,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip counting FLOPs (GFLOP/s column).")] = False,
+    recommend: Annotated[
+        bool,
+        typer.Option(
+            "--recommend",
+            help="From one checkpoint: build, time (largest --sizes, batch 1) and check every CPU path this CPU can "
+            "make pay, pick the fastest within its contract, store it for `--precision auto`.",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
     first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
@@ -59,6 +67,9 @@ def bench(
     from dtop_export.pipeline.artefacts import derive_specs
 
     size_list = parse_int_list(sizes, "--sizes")
+    if recommend:
+        _recommend(models, max(size_list), threads, runs, workdir, json_out)
+        return
     batch_list = parse_int_list(batch, "--batch")
     if threads is not None and threads < 1:
         raise DToPError(f"--threads must be >= 1, got {threads}")
@@ -119,3 +130,53 @@ def bench(
     written = [str(p) for p in (markdown, json_out, plot) if p]
     if written:
         con.print(f"wrote {', '.join(written)} ({report.seconds:.0f} s)", style="dim")
+
+
+def _recommend(
+    models: list[str], size: int, threads: int | None, runs: int, workdir: Path | None, json_out: Path | None
+) -> None:
+    import tempfile
+
+    from rich.table import Table
+
+    from dtop_export.bench import recommend as rec_mod
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.logs import quiet_ort_logs
+
+    specs = [parse_spec(m) for m in models]
+    if len(specs) != 1 or specs[0].kind != "checkpoint" or specs[0].options:
+        raise DToPError("--recommend takes one checkpoint (.pt) without options: bench --recommend model.pt")
+    ckpt = specs[0].path
+    if not ckpt.is_file():
+        raise DToPError(f"checkpoint {ckpt} not found")
+    con = console()
+    wd = workdir or Path(tempfile.mkdtemp(prefix="dtop-recommend-"))
+    with quiet_ort_logs(), con.status("building") as status:
+        rec = rec_mod.measure(ckpt, wd, size, threads, runs, on_stage=lambda s: status.update(s))
+    table = Table(title=f"{ckpt.name} on {rec.cpu} ({', '.join(rec.features) or 'features unknown'}), "
+                  f"{rec.threads} threads, {size}², batch 1")  # fmt: skip
+    for col in ("candidate", "speed-up vs eager fp32", "cos min", "|ΔmAP| max", "contract", ""):
+        table.add_column(col, justify="left" if col in ("candidate", "") else "right")
+    for r in rec.rows:
+        table.add_row(
+            r.label, f"{r.speedup:.2f}×", "—" if r.reference else f"{r.cosine_min:.5f}",
+            "—" if r.reference else f"{r.map_delta_max:.2f}", "reference" if r.reference else
+            ("PASS" if r.passed else "FAIL"), "<- chosen" if r is rec.choice else "",
+        )  # fmt: skip
+    con.print(table)
+    for label, why in rec.skipped:
+        con.print(f"not measured: {label}: {why}", markup=False, soft_wrap=True)
+    stored = rec_mod.save(ckpt, rec)
+    c = rec.choice
+    assert c is not None
+    con.print(
+        f"recommended: {c.label} ({Path(c.path).name}), {c.speedup:.2f}× eager fp32"
+        + ("" if c.reference else f", cos min {c.cosine_min:.5f}, |ΔmAP| <= {c.map_delta_max:.2f}")
+        + f"; `--precision auto` runs it on this CPU (stored in {stored})",
+        markup=False,
+        soft_wrap=True,
+    )
+    if json_out:
+        from dtop_export.cli.common import write_json
+
+        write_json(json_out, rec.to_dict())

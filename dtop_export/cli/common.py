@@ -97,13 +97,14 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return parse(text, what)
 
 
-def open_engine(model: Path | str, **options: Any) -> Engine:
+def open_engine(model: Path | str, precision: str | None = None, **options: Any) -> Engine:
     """The engine of a MODEL argument: a file, or ``FILE:options`` as ``bench`` takes them (``m.onnx:openvino``,
-    ``m.xml:threads=2``, ``m.pt:bf16``); ``options`` add to the written ones."""
+    ``m.xml:threads=2``, ``m.pt:bf16``); ``precision`` as ``embed --precision`` (``auto`` included); ``options`` add
+    to the written ones."""
     from dtop_export.corpus.runtime import engine_options
     from dtop_export.engines import load_engine
 
-    path, written = engine_options(str(model))
+    path, written = engine_options(str(model), precision=precision)
     return load_engine(path, **{**written, **options})
 
 

@@ -56,7 +56,11 @@ def embed(
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option("--precision", help="fp32, bf16, fp16 or int8 for a .pt or OpenVINO model (= MODEL:PRECISION)."),
+        typer.Option(
+            "--precision",
+            help="fp32, bf16, fp16 or int8 for a .pt or OpenVINO model (= MODEL:PRECISION); auto: what "
+            "`bench --recommend MODEL.pt` chose on this CPU.",
+        ),
     ] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per Parquet shard (folder output).")] = 1000,
     force: Annotated[

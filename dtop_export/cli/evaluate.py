@@ -44,6 +44,10 @@ def evaluate(
         typer.Option("--picture", help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked."),
     ] = None,
     progress: ProgressOpt = True,
+    precision: Annotated[
+        str | None,
+        typer.Option("--precision", help="As `embed --precision` (auto: what `bench --recommend MODEL.pt` chose)."),
+    ] = None,
 ) -> None:
     """Revisited Oxford/Paris evaluation: Easy/Medium/Hard mAP and mP@1/5/10 of MODEL on a data set."""
     from dtop_export.retrieval.datasets import resolve_dataset
@@ -54,7 +58,7 @@ def evaluate(
     ds = resolve_dataset(dataset, data_root)
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
-    engine = open_engine(model)
+    engine = open_engine(model, precision=precision)
     captured: dict[str, Any] = {}
     with engine:
         result = evaluate_dataset(

@@ -256,7 +256,15 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         source=job.source,
         n_items=len(items),
         listing_sha256=listing_sha256(items),
+        engine=_engine_key(job),
     )
+
+
+def _engine_key(job: CorpusJob) -> str:
+    """``file.onnx:runtime=openvino,precision=bf16``: what runs, without the thread count."""
+    path, options = engine_options(job.model, None, job.precision)
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "threads")
+    return path.name + (f":{opts}" if opts else "")
 
 
 def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> CorpusSummary:

@@ -68,13 +68,19 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
     """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
     threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
     runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
-    own, so only ``fp32``/None is accepted there). Bad options are a :class:`DToPError`, before any work."""
+    own, so only ``fp32``/None is accepted there; ``auto``: the file and options ``bench --recommend`` chose for
+    this checkpoint on this CPU). Bad options are a :class:`DToPError`, before any work."""
     from dtop_export.bench.spec import PRECISIONS, parse_spec
 
     spec = parse_spec(model)
     if not spec.path.is_file():
         raise DToPError(f"model file {spec.path} not found")
     options = dict(spec.options)
+    if precision == "auto":  # the file + options `bench --recommend` measured fastest within contract here
+        from dtop_export.bench.recommend import resolve_auto
+
+        path, options = resolve_auto(spec.path)
+        spec, precision = parse_spec(str(path)), None
     if threads and spec.kind not in ("plan", "engine", "trt"):
         options["threads"] = threads
     if precision is not None:

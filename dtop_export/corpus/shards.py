@@ -64,6 +64,7 @@ class CorpusSettings:
     source: str
     n_items: int
     listing_sha256: str
+    engine: str = ""  # the file and options that ran (--precision, --precision auto), threads left out
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -95,6 +96,7 @@ _FIELD_NAMES = {
     "shard_size": "shard size",
     "n_items": "number of images",
     "listing_sha256": "source listing",
+    "engine": "engine/precision",
     "format": "format",
     "format_version": "format version",
 }

@@ -1,0 +1,209 @@
+"""``bench --recommend``: the fastest deployable CPU path that meets its contract *on this machine*, and
+``--precision auto``, which runs it.
+
+From a checkpoint, the candidates a deployer has: PyTorch eager fp32 (the reference), the ONNX export in ONNX
+Runtime and in OpenVINO, and — only where the CPU can make them pay — PyTorch's bf16 deployment path and an
+OpenVINO bf16 hint (AMX-BF16: without AMX, bf16 is slower than fp32), and the static INT8 (QDQ) file in ONNX
+Runtime and OpenVINO (VNNI or AMX-INT8). All are timed side by side (interleaved, same threads; the bench
+harness) and checked against the fp32 reference on the embedded set (the parity contracts); :func:`pick` takes
+the fastest that passes, and never one slower than the reference. The choice is stored per checkpoint (sha256)
+and CPU (name + features) under ``~/.cache/dtop-export/recommend/``; ``--precision auto`` reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from dtop_export.bench.spec import EngineSpec
+
+FORMAT = "dtop-export/recommendation"
+
+
+@dataclass
+class Measured:
+    """One candidate as measured: speed-up over PyTorch eager fp32 (same run) and its parity contract."""
+
+    label: str
+    path: str
+    options: dict[str, Any]
+    precision: str
+    speedup: float
+    cosine_min: float = 1.0
+    map_delta_max: float = 0.0
+    passed: bool = True
+    reference: bool = False
+
+
+@dataclass
+class Recommendation:
+    """The measured candidates, the skipped ones (with why) and the choice."""
+
+    cpu: str
+    features: list[str]
+    threads: int
+    size: int
+    rows: list[Measured]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    choice: Measured | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = FORMAT
+        return d
+
+
+def pick(rows: Sequence[Measured]) -> Measured:
+    """The fastest row that passed its contract and is not slower than the reference (which always qualifies)."""
+    ref = next((r for r in rows if r.reference), None)
+    if ref is None:
+        raise ValueError("no reference row")
+    ok = [r for r in rows if r.passed and r.speedup >= ref.speedup]
+    return max(ok, key=lambda r: (r.speedup, r.reference))
+
+
+def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(``derive_specs`` kinds to build, [(candidate, why it is skipped)]) for a CPU with ``features``."""
+    kinds, skipped = ["onnx"], []
+    if "AMX-BF16" in features:
+        kinds.append("bf16")
+    else:
+        reason = "no AMX-BF16: bf16 is slower than fp32 on this CPU class (0.69-0.76x measured without AMX)"
+        skipped += [("pytorch bf16", reason), ("openvino bf16", reason)]
+    if "VNNI" in features or "AMX-INT8" in features:
+        kinds.append("int8")
+    else:
+        skipped += [("int8 (onnxruntime, openvino)", "no VNNI / AMX-INT8: int8 matmuls have no fast path")]
+    return kinds, skipped
+
+
+def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Sequence[str]) -> list[EngineSpec]:
+    """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on AMX)."""
+    from dtop_export.bench.spec import EngineSpec
+
+    specs = [EngineSpec(checkpoint, label="pytorch fp32 (reference)")]
+    for s in built:
+        if s.kind == "onnx":
+            int8 = ".int8." in s.path.name
+            specs.append(EngineSpec(s.path, dict(s.options), label=f"onnxruntime {'int8' if int8 else 'fp32'}"))
+            specs.append(EngineSpec(s.path, {"runtime": "openvino"}, label=f"openvino {'int8' if int8 else 'fp32'}"))
+            if not int8 and "AMX-BF16" in features:
+                specs.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, label="openvino bf16"))
+        else:
+            specs.append(EngineSpec(s.path, dict(s.options), label=f"pytorch {s.options.get('precision', 'fp32')}"))
+    return specs
+
+
+def measure(
+    checkpoint: Path,
+    workdir: Path,
+    size: int = 512,
+    threads: int | None = None,
+    runs: int = 3,
+    image_size: int | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> Recommendation:
+    """Build, time (at ``size``², batch 1) and check every candidate for ``checkpoint``; returns the
+    recommendation (not yet stored). ``image_size`` is the parity check's (default: the embedded set's)."""
+    from dtop_export.bench.harness import cpu_features, machine_info, run_bench
+    from dtop_export.engines import load_engine
+    from dtop_export.parity import parity
+    from dtop_export.pipeline.artefacts import derive_specs
+    from dtop_export.retrieval.datasets import resolve_dataset
+
+    say = on_stage or (lambda _s: None)
+    features = cpu_features()
+    kinds, skipped = plan_candidates(features)
+    built = derive_specs(checkpoint, kinds, workdir, on_stage=say)
+    specs = candidate_specs(checkpoint, built, features)
+    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    say(f"timing {len(specs)} candidates at {size}x{size}")
+    report = run_bench(specs, [size], [1], runs=runs, warmup=1, threads=n, count_flops=False)
+    say("checking each against the fp32 reference on the embedded set")
+    engines = [load_engine(s.path, **{**s.options, "threads": n}) for s in specs]
+    try:
+        par = parity(engines[0], engines[1:], resolve_dataset("sample", None), progress=False, image_size=image_size)
+    finally:
+        for e in engines:
+            e.close()
+    rows = []
+    for i, (spec, res) in enumerate(zip(specs, report.engines)):
+        t = res.timing(size, 1)
+        speed = float(t.speedup) if t is not None and t.speedup is not None else 0.0
+        row = Measured(spec.label or res.label, str(spec.path.resolve()), dict(spec.options), res.precision, speed)
+        if i == 0:
+            row.reference = True
+        else:
+            p = par.engines[i - 1]
+            row.cosine_min = float(p.cosine_min)
+            row.map_delta_max = max((abs(v) for v in p.map_delta.values()), default=0.0)
+            row.passed = p.passed
+        rows.append(row)
+    info = machine_info()
+    rec = Recommendation(info["cpu"], features, n, size, rows, skipped)
+    rec.choice = pick(rows)
+    return rec
+
+
+def cpu_signature(cpu: str, features: Sequence[str]) -> str:
+    """The key a recommendation is stored under: CPU name and speed features (same model of CPU, same choice)."""
+    return f"{cpu} [{', '.join(features)}]"
+
+
+def store_path(checkpoint: Path) -> Path:
+    """``$XDG_CACHE_HOME/dtop-export/recommend/<sha256 of the checkpoint>.json``."""
+    h = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dtop-export" / "recommend" / f"{h}.json"
+
+
+def save(checkpoint: Path, rec: Recommendation) -> Path:
+    """Store ``rec`` for ``checkpoint`` on this CPU (other CPUs' entries are kept); returns the file."""
+    from dtop_export.atomic import atomic_write_text
+
+    path = store_path(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = _read(path)
+    entries[cpu_signature(rec.cpu, rec.features)] = rec.to_dict()
+    atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolve_auto(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+    """(file, engine options) of the path ``bench --recommend`` chose for ``checkpoint`` on this CPU, or a
+    :class:`DToPError` saying how to measure it."""
+    from dtop_export.bench.harness import cpu_features, machine_info
+
+    if checkpoint.suffix.lower() not in (".pt", ".pth", ".ckpt"):
+        raise DToPError(f"--precision auto starts from the checkpoint (.pt) that was measured, not {checkpoint.name}")
+    sig = cpu_signature(machine_info()["cpu"], cpu_features())
+    entry = _read(store_path(checkpoint)).get(sig)
+    if not entry or not entry.get("choice"):
+        raise DToPError(
+            f"no recommendation for {checkpoint.name} on this CPU ({sig}): run `dtop-export bench --recommend "
+            f"{checkpoint}` first (it builds, times and checks every candidate)"
+        )
+    choice = entry["choice"]
+    path = Path(choice["path"])
+    if not path.is_file():
+        raise DToPError(f"the recommended file {path} is gone: run `dtop-export bench --recommend {checkpoint}` again")
+    return path, dict(choice["options"])

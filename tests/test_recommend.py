@@ -1,0 +1,90 @@
+"""``bench --recommend`` and ``--precision auto``: the choice rule on stubbed timings, candidate planning per CPU
+class, the stored recommendation, and one real measurement on the small preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import cli
+
+from dtop_export.bench.harness import cpu_features, machine_info
+from dtop_export.bench.recommend import Measured, Recommendation, pick, plan_candidates, resolve_auto, save
+from dtop_export.corpus.runtime import engine_options
+from dtop_export.errors import DToPError
+
+
+def _row(label: str, speedup: float, passed: bool = True, reference: bool = False) -> Measured:
+    return Measured(label, f"/m/{label}", {}, "fp32", speedup, passed=passed, reference=reference)
+
+
+def test_pick_never_slower_than_fp32_and_never_outside_contract() -> None:
+    ref = _row("pytorch fp32", 1.0, reference=True)
+    table = [ref, _row("pytorch bf16", 0.69), _row("onnxruntime fp32", 1.05), _row("openvino int8", 2.18, False),
+             _row("onnxruntime int8", 1.77)]  # fmt: skip
+    assert pick(table).label == "onnxruntime int8"  # the fastest that passed
+    slow = [ref, _row("pytorch bf16", 0.69), _row("openvino bf16", 0.71), _row("onnxruntime int8", 3.0, False)]
+    assert pick(slow) is ref  # every faster one failed, every passing one is slower: stay on fp32
+    with pytest.raises(ValueError):
+        pick([_row("x", 2.0)])
+
+
+def test_candidates_follow_the_cpu_features() -> None:
+    kinds, skipped = plan_candidates(["AVX-512", "AVX512-BF16", "VNNI"])  # this machine's class: no AMX
+    assert kinds == ["onnx", "int8"] and any("bf16" in s and "AMX" in why for s, why in skipped)
+    kinds, skipped = plan_candidates(["AVX-512", "AVX512-BF16", "VNNI", "AMX-BF16", "AMX-INT8"])
+    assert kinds == ["onnx", "bf16", "int8"] and skipped == []
+    kinds, skipped = plan_candidates(["AVX2"])
+    assert kinds == ["onnx"] and len(skipped) == 3
+
+
+def test_precision_auto_runs_the_stored_choice(
+    small_ckpt: Path, small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DToPError, match="bench --recommend"):
+        engine_options(str(small_ckpt), precision="auto")
+    choice = Measured("openvino fp32", str(small_onnx), {"runtime": "openvino"}, "fp32", 1.2)
+    rows = [_row("pytorch fp32", 1.0, reference=True), choice]
+    rec = Recommendation(machine_info()["cpu"], cpu_features(), 2, 512, rows, choice=choice)
+    other = Recommendation("Another CPU", ["AMX-BF16"], 2, 512, rows, choice=rows[0])
+    save(small_ckpt, other)
+    with pytest.raises(DToPError, match="no recommendation"):  # another CPU's entry does not count
+        resolve_auto(small_ckpt)
+    save(small_ckpt, rec)
+    assert engine_options(str(small_ckpt), threads=1, precision="auto") == (
+        small_onnx,
+        {"runtime": "openvino", "threads": 1},
+    )
+    img = Path(__file__).parent.parent / "docs" / "retrieval.png"
+    out = tmp_path / "d.npy"
+    assert cli("embed", str(small_ckpt), str(img), "-o", str(out), "--precision", "auto", "--no-progress") == 0
+    assert json.loads(out.with_suffix(".json").read_text())["engine"]["name"] == "openvino"
+    assert cli("embed", str(small_onnx), str(img), "-o", str(out), "--precision", "auto") == 2
+    assert "starts from the checkpoint" in capsys.readouterr().err
+
+
+def test_bench_recommend_measures_and_stores(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "rec.json"
+    code = cli("bench", "--recommend", str(small_ckpt), "--sizes", "64", "--runs", "1", "--threads", "2",
+               "--workdir", str(tmp_path / "w"), "--json", str(out))  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    rec = json.loads(out.read_text())
+    labels = [r["label"] for r in rec["rows"]]
+    assert labels[0] == "pytorch fp32 (reference)" and {"onnxruntime fp32", "openvino fp32"} <= set(labels)
+    if "VNNI" in rec["features"] or "AMX-INT8" in rec["features"]:
+        assert {"onnxruntime int8", "openvino int8"} <= set(labels)
+    choice = rec["choice"]
+    assert choice["passed"] and choice["speedup"] >= 1.0
+    assert choice["speedup"] == max(r["speedup"] for r in rec["rows"] if r["passed"])
+    fp32 = [r for r in rec["rows"] if r["label"].endswith("fp32")]
+    assert all(r["passed"] and r["cosine_min"] >= 0.99999 for r in fp32)  # fp32 exports meet the fp32 contract
+    assert "recommended:" in printed and "<- chosen" in printed
+    path, _ = resolve_auto(small_ckpt)
+    assert str(path) == choice["path"]
+    assert cli("bench", "--recommend", str(small_ckpt), str(small_ckpt)) == 2
