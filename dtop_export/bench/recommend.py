@@ -12,7 +12,6 @@ and CPU (name + features) under ``~/.cache/dtop-export/recommend/``; ``--precisi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -161,7 +160,9 @@ def cpu_signature(cpu: str, features: Sequence[str]) -> str:
 
 def store_path(checkpoint: Path) -> Path:
     """``$XDG_CACHE_HOME/dtop-export/recommend/<sha256 of the checkpoint>.json``."""
-    h = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    from dtop_export.corpus.shards import file_sha256
+
+    h = file_sha256(checkpoint)  # streamed: a full checkpoint is ~0.5 GB
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "dtop-export" / "recommend" / f"{h}.json"
 

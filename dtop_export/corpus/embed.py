@@ -239,8 +239,8 @@ def run_local(job: CorpusJob, assembler: ShardAssembler, advance: Callable[[int]
     return [stats]
 
 
-def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract) -> CorpusSettings:
-    """The :class:`CorpusSettings` fingerprint of ``job`` over ``items``."""
+def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract, engine: str) -> CorpusSettings:
+    """The :class:`CorpusSettings` fingerprint of ``job`` over ``items``; ``engine`` from :func:`engine_key`."""
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
     from dtop_export.corpus.source import listing_sha256
@@ -256,12 +256,13 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         source=job.source,
         n_items=len(items),
         listing_sha256=listing_sha256(items),
-        engine=_engine_key(job),
+        engine=engine,
     )
 
 
-def _engine_key(job: CorpusJob) -> str:
-    """``file.onnx:runtime=openvino,precision=bf16``: what runs, without the thread count."""
+def engine_key(job: CorpusJob) -> str:
+    """``file.onnx:runtime=openvino,precision=bf16``: what runs, without the thread count. Resolves MODEL's
+    options (``--precision auto`` included) once, so bad options fail here, before any output."""
     path, options = engine_options(job.model, None, job.precision)
     opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "threads")
     return path.name + (f":{opts}" if opts else "")
@@ -282,11 +283,11 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         raise DToPError(f"--shard-size must be >= 1, got {job.shard_size}")
     if job.threads is not None and job.threads < 1:
         raise DToPError(f"--threads must be >= 1, got {job.threads}")
-    engine_options(job.model, job.threads, job.precision)  # bad model options fail here, before any output
+    engine = engine_key(job)
     t0 = time.perf_counter()
     items = list_source(job.source)
     contract = model_contract(job.model)
-    settings = job_settings(job, items, contract)
+    settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
