@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -86,11 +85,18 @@ class Checkpoint:
     sha256: str | None = None
 
     def build_model(self) -> DToP:
-        """Instantiate the model and load the weights (strict; mismatches named)."""
+        """Instantiate the model and load the weights (strict; mismatches named).
+
+        The modules are built on the meta device and take copies of the checkpoint's tensors, so the random
+        initialisation the weights would replace is never computed (1.1 s of 1.7 s for r50-vitb16).
+        """
+        import torch
+
         from dtop_export.model import build_model
 
-        model = build_model(self.config)
-        load_state_dict_checked(model, self.state_dict, self.path)
+        with torch.device("meta"):
+            model = build_model(self.config)
+        load_state_dict_checked(model, self.state_dict, self.path, assign=True)
         return model.eval()
 
 
@@ -151,15 +157,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} not found: create one with `dtop-export init -o {path}`")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    data = path.read_bytes()
-    if not data.startswith(b"PK\x03\x04"):
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
         raise CheckpointError(f"{path} is not a dtop-export checkpoint (not a torch.save archive)")
     try:
-        zipfile.ZipFile(io.BytesIO(data)).namelist()
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-copy or re-create it") from e
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        # memory-mapped: the tensors are read from the page cache when used, not copied twice on load
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled Python objects that could run code; "
@@ -189,12 +198,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         whitening=whitening,
         provenance=payload.get("provenance") or {},
         path=path,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=file_sha256(path),
     )
 
 
-def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | None) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the first mismatching keys."""
+def load_state_dict_checked(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | None, *, assign: bool = False
+) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first mismatching keys.
+
+    ``assign=True`` (for a model built on the meta device) gives the model its own copies of ``state``'s
+    tensors, in the model's dtypes; anything left on the meta device afterwards is an error.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -213,7 +228,13 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
         if shapes:
             bits.append(f"shape mismatch in {len(shapes)} key(s) e.g. {'; '.join(shapes[:2])}")
         raise CheckpointError(f"{where}weights do not match the stored config ({'; '.join(bits)})")
-    model.load_state_dict(state, strict=True)
+    if not assign:
+        model.load_state_dict(state, strict=True)
+        return
+    model.load_state_dict({k: state[k].to(own[k].dtype, copy=True) for k in own}, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path or 'model'}: no weights for {len(left)} tensor(s), e.g. {', '.join(left[:3])}")
 
 
 def load_model(path: str | Path) -> tuple[DToP, Checkpoint]:

@@ -149,6 +149,24 @@ def test_checkpoint_builds_same_architecture(small_ckpt: Path) -> None:
     )
 
 
+def test_build_model_owns_its_weights(small_ckpt: Path) -> None:
+    """Built on the meta device, the model gets real copies: nothing left on meta, the sha256 is the file's,
+    and changing the model's weights (as folding does) leaves the checkpoint's tensors alone."""
+    import hashlib
+
+    ckpt = load_checkpoint(small_ckpt)
+    model = ckpt.build_model()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)
+    assert all(p.requires_grad for p in model.parameters())
+    assert ckpt.sha256 == hashlib.sha256(small_ckpt.read_bytes()).hexdigest()
+    name, before = next((k, v.clone()) for k, v in ckpt.state_dict.items() if v.is_floating_point())
+    with torch.no_grad():
+        dict(model.named_parameters(), **dict(model.named_buffers()))[name].add_(1.0)
+    assert torch.equal(ckpt.state_dict[name], before)
+    assert torch.equal(ckpt.build_model().state_dict()[name], before)
+
+
 def test_init_from_local_backbone_weights(tmp_path: Path) -> None:
     """`--backbone-weights FILE` (offline machines): the backbone gets exactly those weights."""
     from safetensors.torch import save_file

@@ -212,14 +212,80 @@ def test_failed_export_leaves_nothing(
 ) -> None:
     out = tmp_path / "m.onnx"
 
-    def boom(proto: object, f: str, *a: object, **k: object) -> None:
-        Path(f).write_bytes(b"partial")
+    def boom(self: Path, data: bytes) -> int:
+        with open(self, "wb") as fh:
+            fh.write(data[:100])
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", boom)
+    monkeypatch.setattr(Path, "write_bytes", boom)
     with pytest.raises(OSError, match="no space"):
         export_onnx(exported[0], out, static_hw=(64, 64), batch=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_stages_are_reported(tmp_path: Path) -> None:
+    result = export_onnx(_make_ckpt(tmp_path / "c.pt", whiten=False), tmp_path / "c.onnx")
+    assert list(result.stage_seconds) == ["fold", "trace", "slim", "shapes", "check", "write"]
+    assert all(v >= 0 for v in result.stage_seconds.values())
+    assert sum(result.stage_seconds.values()) <= result.seconds + 0.01
+
+
+def test_fast_export_pipeline_matches_the_libraries_defaults(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+    """What the export does to be fast gives the same model as the plain library calls: (1) tracing once with
+    height/width declared as multiples of the stride = ``torch.onnx.export`` of the module with free dims
+    (which fails, refines and re-traces): same descriptors, bit for bit, and the same weights; (2) onnxslim
+    without its own shape inference = onnxslim's defaults (same nodes, same initializers); (3) the strict
+    shape inference on a weight-free view = on the whole model (same bytes), input left as it was."""
+    import onnxruntime as ort
+    import onnxslim
+
+    from dtop_export.export import _trace, infer_shapes_weightless
+
+    ckpt_path, onnx_path = exported
+    ckpt = load_checkpoint(ckpt_path)
+    deploy, _ = fold_for_deployment(ckpt.build_model(), ckpt.whitening)
+    stride = ckpt.preprocess.stride
+    free = {
+        0: torch.export.Dim("batch", min=1, max=4096),
+        2: torch.export.Dim("height", min=stride, max=16384 // stride * stride),
+        3: torch.export.Dim("width", min=stride, max=16384 // stride * stride),
+    }
+    plain = torch.onnx.export(
+        deploy,
+        (torch.zeros(2, 3, 128, 128),),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["descriptors"],
+        dynamic_shapes={"images": free},
+        opset_version=18,
+        optimize=True,
+        verbose=False,
+    ).model_proto
+    plain_path = tmp_path / "plain.onnx"
+    onnx.save_model(onnxslim.slim(plain), str(plain_path))
+    ours = onnx.load(str(onnx_path))
+
+    def weights(m: onnx.ModelProto) -> list[bytes]:
+        return sorted(t.raw_data for t in m.graph.initializer if len(t.raw_data) >= 4096)
+
+    assert weights(ours) == weights(onnx.load(str(plain_path)))
+    rng = np.random.default_rng(0)
+    a, b = ort.InferenceSession(str(onnx_path)), ort.InferenceSession(str(plain_path))
+    for shape in [(1, 3, 64, 96), (3, 3, 128, 80)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        assert np.array_equal(a.run(None, {"images": x})[0], b.run(None, {"images": x})[0]), shape
+
+    raw = _trace(deploy, (128, 128), batch=None, dynamic_hw=True, stride=stride, opset=18).model_proto
+    fast, full = onnxslim.slim(copy.deepcopy(raw), no_shape_infer=True), onnxslim.slim(copy.deepcopy(raw))
+    assert [(n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in fast.graph.node] == [
+        (n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in full.graph.node
+    ]
+    assert list(fast.graph.initializer) == list(full.graph.initializer)
+
+    before = fast.SerializeToString()
+    strict = onnx.shape_inference.infer_shapes(fast, check_type=True, strict_mode=True, data_prop=True)
+    assert infer_shapes_weightless(fast).SerializeToString() == strict.SerializeToString()
+    assert fast.SerializeToString() == before
 
 
 def test_parse_hw() -> None:
