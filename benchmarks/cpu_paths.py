@@ -1,8 +1,10 @@
 """The CPU paths of a DToP model, side by side: PyTorch eager fp32, bf16 (eager and ``torch.compile``d),
-ONNX Runtime fp32 (plain export and ``optimize``d) and INT8 (``quantize``). Produces the tables in
-``benchmarks/README.md``.
+ONNX Runtime fp32 (plain export and ``optimize``d) and INT8 (``quantize``), and OpenVINO on the same fp32 and
+INT8 files (with a bf16 hint where the CPU has AMX-BF16). Produces the tables in ``benchmarks/README.md``.
 
     python benchmarks/cpu_paths.py --preset r50-vitb16 --sizes 384,512 --batch 1,8 --runs 3 --out bench-out
+
+``--no-compile`` leaves out ``torch.compile`` (a minute of compilation per shape; it pays only with AMX).
 
 1. Builds a benchmark checkpoint: the preset with random weights, then biases, norm parameters and BN
    statistics perturbed and a random whitening added. (Random init has zero biases and unit norms,
@@ -75,6 +77,22 @@ def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
     return {"rows": rows}
 
 
+def openvino_specs(specs: list) -> list:
+    """OpenVINO on the plain fp32 export and on the INT8 file (+ a bf16 hint on the export where AMX-BF16 is)."""
+    from dtop_export.bench.harness import cpu_features
+    from dtop_export.bench.spec import EngineSpec
+
+    out = []
+    for s in specs:
+        if s.path.suffix == ".onnx" and ".opt." not in s.path.name:  # the plain export
+            out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))
+            if "AMX-BF16" in cpu_features():
+                out.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, None, s.build_seconds))
+        elif s.path.name.endswith(".int8.onnx"):
+            out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="r50-vitb16")
@@ -87,6 +105,7 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=384)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (pays only with AMX)")
     args = ap.parse_args()
 
     from dtop_export.bench.harness import run_bench
@@ -107,12 +126,11 @@ def main() -> None:
                 for d in json.loads(manifest.read_text())
             ]
         else:
-            specs = [
-                EngineSpec(ckpt),
-                EngineSpec(ckpt, {"precision": "bf16"}),
-                EngineSpec(ckpt, {"precision": "bf16", "compile": "max-autotune", "dynamic": False}),
-            ]
+            specs = [EngineSpec(ckpt), EngineSpec(ckpt, {"precision": "bf16"})]
+            if not args.no_compile:
+                specs.append(EngineSpec(ckpt, {"precision": "bf16", "compile": "max-autotune", "dynamic": False}))
             specs += derive_specs(ckpt, ["onnx", "optimized", "int8"], args.out, on_stage=print)
+            specs += openvino_specs(specs)
             manifest.write_text(
                 json.dumps(
                     [

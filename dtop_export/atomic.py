@@ -1,12 +1,15 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``."""
+"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; and the reader of
+the format-tagged JSON files written that way (manifests, sidecars)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dtop_export.errors import DToPError
 
@@ -44,3 +47,15 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``dest`` atomically."""
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def read_tagged_json(path: str | os.PathLike[str], fmt: str, what: str, fix: str) -> dict[str, Any]:
+    """``path`` as a JSON object whose ``"format"`` is ``fmt``; otherwise a one-line :class:`DToPError` that
+    says the file is not ``what`` (or not readable) and ends with ``fix``. Callers check existence first."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DToPError(f"cannot read {path} ({e}): {fix}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise DToPError(f"{path} is not {what} (format {fmt!r} expected): {fix}")
+    return data

@@ -120,6 +120,7 @@ def write_ir(
     calibration_source: str = "",
     keep_float: Sequence[str] | None = None,
     fast_bias_correction: bool = True,
+    inference_precision: str | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> IRResult:
     """Convert the dtop-export ONNX ``onnx_path`` to an IR at ``output`` (``.xml``); INT8 when ``int8``, with the
@@ -129,7 +130,9 @@ def write_ir(
     static QDQ, the roles of ``keep_float`` left float) and converts that file, which OpenVINO runs as INT8;
     ``nncf`` runs NNCF's post-training quantisation on the IR instead (transformer mode, same float roles plus
     the FCs/whitening, min/max ranges, no SmoothQuant). Measured on r50-vitb16 (benchmarks/README.md): ``qdq``
-    meets the INT8 contract, ``nncf`` is ~5% faster but its |ΔmAP| broke the 1.0 bound.
+    meets the INT8 contract, ``nncf`` is ~5% faster but its |ΔmAP| broke the 1.0 bound. A QDQ INT8 file from
+    ``dtop-export quantize`` converts as it is (an INT8 IR). ``inference_precision`` (e.g. ``bf16``) is recorded as
+    ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``).
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model
@@ -141,11 +144,13 @@ def write_ir(
         raise DToPError(f"output {output} should end in .xml (the IR's .bin is written next to it)")
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown INT8 recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    inference_hint = {"dtop.inference_precision": inference_precision} if inference_precision else {}
     meta = read_metadata(onnx_path)
     if "dtop.format" not in meta:
         raise DToPError(f"{onnx_path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
-    if meta.get("dtop.precision", "fp32") != "fp32":
-        raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: convert the fp32 export")
+    source_precision = meta.get("dtop.precision", "fp32")
+    if source_precision not in ("fp32", "int8") or (source_precision == "int8" and int8):
+        raise DToPError(f"{onnx_path} is {source_precision}: convert the fp32 export (a QDQ INT8 file converts as is)")
     roles = list(DEFAULT_FLOAT_ROLES if keep_float is None else keep_float)
     bad = sorted(set(roles) - set(ROLES))
     if bad:
@@ -178,7 +183,7 @@ def write_ir(
                     "model_type": "transformer (LayerNorm, Softmax, GELU float), no SmoothQuant, min/max ranges",
                     "float_roles": roles,
                 }
-        precision = "int8" if int8 else "fp32"
+        precision = "int8" if int8 or source_precision == "int8" else "fp32"
         _set_metadata(
             model,
             {
@@ -187,6 +192,7 @@ def write_ir(
                 "dtop.derived_from": onnx_path.name,
                 "dtop.ir_build_seconds": f"{time.perf_counter() - t0:.2f}",
                 **({"dtop.quantization": json.dumps(calibration, sort_keys=True)} if int8 else {}),
+                **inference_hint,
             },
         )
         say(f"writing {output}")

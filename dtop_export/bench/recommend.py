@@ -2,9 +2,10 @@
 ``--precision auto``, which runs it.
 
 From a checkpoint, the candidates a deployer has: PyTorch eager fp32 (the reference), the ONNX export in ONNX
-Runtime and in OpenVINO, and — only where the CPU can make them pay — PyTorch's bf16 deployment path and an
-OpenVINO bf16 hint (AMX-BF16: without AMX, bf16 is slower than fp32), and the static INT8 (QDQ) file in ONNX
-Runtime and OpenVINO (VNNI or AMX-INT8). All are timed side by side (interleaved, same threads; the bench
+Runtime and in OpenVINO, and — only where the CPU has the instructions for them — PyTorch's bf16 deployment path
+and an OpenVINO bf16 hint (AVX512-BF16 or AMX-BF16; even then bf16 may be slower than fp32, e.g. 0.7x on an
+Intel Xeon without AMX, which is why it is measured), and the static INT8 (QDQ) file in ONNX Runtime and
+OpenVINO (VNNI or AMX-INT8). All are timed side by side (interleaved, same threads; the bench
 harness) and checked against the fp32 reference on the embedded set (the parity contracts); :func:`pick` takes
 the fastest that passes, and never one slower than the reference. The choice is stored per checkpoint (sha256)
 and CPU (name + features) under ``~/.cache/dtop-export/recommend/``; ``--precision auto`` reads it back.
@@ -73,10 +74,12 @@ def pick(rows: Sequence[Measured]) -> Measured:
 def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(``derive_specs`` kinds to build, [(candidate, why it is skipped)]) for a CPU with ``features``."""
     kinds, skipped = ["onnx"], []
-    if "AMX-BF16" in features:
+    if "AMX-BF16" in features or "AVX512-BF16" in features:
+        # Native bf16 is no promise of speed (an Intel Xeon with AVX512-BF16 and no AMX ran it at 0.69-0.76x fp32,
+        # a Zen 4 EPYC at 1.8-2.0x): measured, and kept only if it is faster here.
         kinds.append("bf16")
     else:
-        reason = "no AMX-BF16: bf16 is slower than fp32 on this CPU class (0.69-0.76x measured without AMX)"
+        reason = "no AVX512-BF16 / AMX-BF16: bf16 would be emulated, slower than fp32"
         skipped += [("pytorch bf16", reason), ("openvino bf16", reason)]
     if "VNNI" in features or "AMX-INT8" in features:
         kinds.append("int8")
@@ -95,7 +98,7 @@ def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Seq
             int8 = ".int8." in s.path.name
             specs.append(EngineSpec(s.path, dict(s.options), label=f"onnxruntime {'int8' if int8 else 'fp32'}"))
             specs.append(EngineSpec(s.path, {"runtime": "openvino"}, label=f"openvino {'int8' if int8 else 'fp32'}"))
-            if not int8 and "AMX-BF16" in features:
+            if not int8 and ("AMX-BF16" in features or "AVX512-BF16" in features):
                 specs.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, label="openvino bf16"))
         else:
             specs.append(EngineSpec(s.path, dict(s.options), label=f"pytorch {s.options.get('precision', 'fp32')}"))
@@ -189,13 +192,17 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def resolve_auto(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
-    """(file, engine options) of the path ``bench --recommend`` chose for ``checkpoint`` on this CPU, or a
-    :class:`DToPError` saying how to measure it."""
+def recommended(checkpoint: Path, runtime: str | None = None) -> dict[str, Any]:
+    """The row ``bench --recommend`` chose for ``checkpoint`` on this CPU (a :class:`Measured` as a dict), or a
+    :class:`DToPError` saying how to measure it. ``runtime`` (e.g. ``openvino``, what the C++ client runs) limits
+    the choice to the candidates of that runtime, by the same rule as :func:`pick`: the fastest that met its
+    contract, and none that measured slower than the fp32 reference."""
     from dtop_export.bench.harness import cpu_features, machine_info
 
     if checkpoint.suffix.lower() not in (".pt", ".pth", ".ckpt"):
         raise DToPError(f"--precision auto starts from the checkpoint (.pt) that was measured, not {checkpoint.name}")
+    if not checkpoint.is_file():
+        raise DToPError(f"checkpoint {checkpoint} not found")
     sig = cpu_signature(machine_info()["cpu"], cpu_features())
     entry = _read(store_path(checkpoint)).get(sig)
     if not entry or not entry.get("choice"):
@@ -204,7 +211,27 @@ def resolve_auto(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
             f"{checkpoint}` first (it builds, times and checks every candidate)"
         )
     choice = entry["choice"]
-    path = Path(choice["path"])
-    if not path.is_file():
-        raise DToPError(f"the recommended file {path} is gone: run `dtop-export bench --recommend {checkpoint}` again")
-    return path, dict(choice["options"])
+    if runtime is not None:
+        rows = [Measured(**r) for r in entry.get("rows", [])]
+        ref = next((r for r in rows if r.reference), None)
+        ok = [
+            r for r in rows
+            if r.options.get("runtime") == runtime and r.passed and ref is not None and r.speedup >= ref.speedup
+        ]  # fmt: skip
+        if not ok:
+            raise DToPError(
+                f"no {runtime} candidate for {checkpoint.name} met its contract and beat PyTorch fp32 on this CPU "
+                f"(the recommendation here is {choice['label']}): deploy that, or export the fp32 file"
+            )
+        choice = asdict(max(ok, key=lambda r: r.speedup))
+    if not Path(choice["path"]).is_file():
+        raise DToPError(
+            f"the recommended file {choice['path']} is gone: run `dtop-export bench --recommend {checkpoint}` again"
+        )
+    return choice
+
+
+def resolve_auto(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+    """(file, engine options) of the path ``bench --recommend`` chose for ``checkpoint`` on this CPU."""
+    choice = recommended(checkpoint)
+    return Path(choice["path"]), dict(choice["options"])

@@ -53,6 +53,8 @@ def parse_spec(text: str) -> EngineSpec:
             options[k] = _coerce(v)
         elif item in PRECISIONS:
             options["precision"] = item
+        elif item == "auto":  # resolved by the bench command: what `bench --recommend` chose on this CPU
+            options["precision"] = "auto"
         elif item in RUNTIMES:
             options["runtime"] = item
         else:

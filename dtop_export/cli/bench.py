@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dtop_export.cli.common import app, console, progress_bar
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
 
 
 @app.command()
@@ -47,6 +50,14 @@ def bench(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the Markdown tables here.")] = None,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip counting FLOPs (GFLOP/s column).")] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="auto: also time, next to each checkpoint, the path `bench --recommend` chose for it on this CPU "
+            "(as MODEL.pt:auto does).",
+        ),
+    ] = None,
     recommend: Annotated[
         bool,
         typer.Option(
@@ -73,7 +84,10 @@ def bench(
     batch_list = parse_int_list(batch, "--batch")
     if threads is not None and threads < 1:
         raise DToPError(f"--threads must be >= 1, got {threads}")
-    specs = [parse_spec(m) for m in models]
+    if precision not in (None, "auto"):
+        raise DToPError(f"bench --precision takes only 'auto' (got {precision!r}); other precisions go after a colon, "
+                        "e.g. model.pt:bf16")  # fmt: skip
+    specs = auto_specs([parse_spec(m) for m in models], add=precision == "auto")
     for out in (json_out, plot, markdown):
         if out is not None and not (out.parent if str(out.parent) else Path(".")).is_dir():
             raise DToPError(f"output folder {out.parent} does not exist")
@@ -130,6 +144,26 @@ def bench(
     written = [str(p) for p in (markdown, json_out, plot) if p]
     if written:
         con.print(f"wrote {', '.join(written)} ({report.seconds:.0f} s)", style="dim")
+
+
+def auto_specs(specs: list[EngineSpec], add: bool) -> list[EngineSpec]:
+    """``MODEL.pt:auto`` becomes the file and options ``bench --recommend`` chose for it on this CPU; with ``add``
+    (``--precision auto``) that engine is also put after every plain checkpoint."""
+    from dtop_export.bench.recommend import recommended
+    from dtop_export.bench.spec import EngineSpec
+
+    out = []
+    for s in specs:
+        wants = s.options.get("precision") == "auto"
+        if not wants:
+            out.append(s)
+        if s.kind == "checkpoint" and (wants or (add and not s.options)):
+            c = recommended(s.path)
+            extra = {k: v for k, v in s.options.items() if k != "precision"}
+            out.append(EngineSpec(Path(c["path"]), {**c["options"], **extra}, label=s.label or f"auto: {c['label']}"))
+        elif wants:
+            raise DToPError(f"{s.path.name}:auto: auto starts from the checkpoint (.pt) `bench --recommend` measured")
+    return out
 
 
 def _recommend(

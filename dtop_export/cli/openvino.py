@@ -22,7 +22,13 @@ from dtop_export.cli.common import (
 
 @app.command()
 def openvino(
-    model: Annotated[Path, typer.Argument(help="An fp32 ONNX file from `dtop-export onnx`.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="An fp32 ONNX file from `dtop-export onnx` (or a QDQ INT8 file from `quantize`); with --precision "
+            "auto, the checkpoint (.pt) that `bench --recommend` measured."
+        ),
+    ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="The IR's .xml (default: MODEL.xml, MODEL.int8.xml).")
     ] = None,
@@ -39,11 +45,20 @@ def openvino(
     calib_count: CalibCountOpt = 16,
     calib_sizes: CalibSizesOpt = "320,512",
     keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="auto: the IR of the fastest OpenVINO path `bench --recommend MODEL.pt` measured within its "
+            "contract on this CPU (what the C++ client should run here).",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Convert to an OpenVINO IR (.xml + .bin) that keeps the deployment metadata and dynamic
     batch/height/width; --int8 quantises it, calibrated on real images through the one preprocessing path
-    (LayerNorm, Softmax, GELU, the FCs, whitening and the --keep-float roles stay float)."""
+    (LayerNorm, Softmax, GELU, the FCs, whitening and the --keep-float roles stay float). --precision auto
+    writes the IR the C++ client should run on this CPU, as measured by `bench --recommend`."""
     from dtop_export.contract import preprocess_from_metadata, read_metadata
     from dtop_export.errors import DToPError
     from dtop_export.openvino_ir import INT8_RECIPES, write_ir
@@ -52,6 +67,13 @@ def openvino(
 
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    if precision is not None:
+        if precision != "auto":
+            raise DToPError(f"openvino --precision takes only 'auto' (got {precision!r}); INT8 is --int8")
+        if int8:
+            raise DToPError("--precision auto chooses fp32, bf16 or INT8 from the measurement: drop --int8")
+        _auto_ir(model, output, force)
+        return
     output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
@@ -78,3 +100,27 @@ def openvino(
         soft_wrap=True,
         highlight=False,
     )
+
+
+def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
+    """``openvino CKPT.pt --precision auto``: the IR of the OpenVINO candidate ``bench --recommend`` chose."""
+    from dtop_export.bench.recommend import recommended
+    from dtop_export.openvino_ir import write_ir
+
+    choice = recommended(checkpoint, runtime="openvino")
+    source = Path(choice["path"])
+    hint = choice["options"].get("precision")
+    int8 = ".int8." in source.name
+    output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
+    con = console()
+    with con.status(f"converting {source.name}") as status:
+        r = write_ir(source, output, inference_precision=hint, on_step=lambda text: status.update(text))
+    con.print(
+        f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {r.precision}) from "
+        f"{source.name}: {choice['label']}, {choice['speedup']:.2f}× eager fp32 on this CPU, cos min "
+        f"{choice['cosine_min']:.5f}, |ΔmAP| <= {choice['map_delta_max']:.2f}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    if hint and hint != "fp32":
+        con.print(f"run it with the same hint: dtop-embed --precision {hint} (C++), MODEL.xml:{hint} (Python)")

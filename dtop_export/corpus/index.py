@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dtop_export.atomic import read_tagged_json
 from dtop_export.errors import DToPError
 
 INDEX_FORMAT = "dtop-export/faiss-index"
@@ -161,12 +162,12 @@ class CorpusIndex:
         for p in (self.path, meta_path, ids_path):
             if not p.is_file():
                 raise DToPError(f"{p} not found: build the index with `dtop-export index SHARD_DIR -o {self.path}`")
-        try:
-            self.info = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as e:
-            raise DToPError(f"cannot read {meta_path}: {e}") from e
-        if self.info.get("format") != INDEX_FORMAT:
-            raise DToPError(f"{meta_path} is not a dtop-export index sidecar")
+        self.info = read_tagged_json(
+            meta_path,
+            INDEX_FORMAT,
+            "a dtop-export index sidecar",
+            f"rebuild it with `dtop-export index ... -o {self.path}`",
+        )
         try:
             self.index = faiss.read_index(str(self.path))
         except RuntimeError as e:

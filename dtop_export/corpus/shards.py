@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dtop_export.atomic import read_tagged_json
 from dtop_export.errors import DToPError
 
 FORMAT = "dtop-export/shards"
@@ -186,13 +187,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DToPError(f"{path} is not readable JSON ({e}): delete it or pass --force") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DToPError(f"{path} is not a dtop-export shard manifest: choose another output folder")
-    return data
+    return read_tagged_json(
+        path, FORMAT, "a dtop-export shard manifest", "choose another output folder, or pass --force to replace it"
+    )
 
 
 def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[int]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtop_export.atomic import atomic_write_text
+from dtop_export.atomic import atomic_write_text, read_tagged_json
 from dtop_export.engines.tensorrt.install import GpuInfo
 from dtop_export.engines.tensorrt.profiles import Profile
 from dtop_export.errors import DToPError
@@ -69,12 +69,9 @@ def read_sidecar(plan: str | Path, path: str | Path | None = None) -> PlanInfo:
             f"{path} not found: a .plan is run with the JSON sidecar `dtop-export trt` writes next to it "
             "(TensorRT version, GPU, profiles, preprocessing); rebuild the engine with `dtop-export trt`"
         )
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DToPError(f"cannot read the engine sidecar {path}: {e}") from e
-    if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT:
-        raise DToPError(f"{path} is not a dtop-export TensorRT sidecar (format {SIDECAR_FORMAT!r} expected)")
+    d = read_tagged_json(
+        path, SIDECAR_FORMAT, "a dtop-export TensorRT sidecar", "rebuild the engine with `dtop-export trt`"
+    )
     if int(d.get("format_version", 0)) > SIDECAR_VERSION:
         raise DToPError(f"{path} was written by a newer dtop-export: upgrade dtop-export")
     try:
