@@ -1,6 +1,6 @@
 """The CPU paths of a DToP model, side by side: PyTorch eager fp32, bf16 (eager and ``torch.compile``d),
 ONNX Runtime fp32 (plain export and ``optimize``d) and INT8 (``quantize``), and OpenVINO on the same fp32 and
-INT8 files (with a bf16 hint where the CPU has AMX-BF16). Produces the tables in ``benchmarks/README.md``.
+INT8 files (with a bf16 hint where the CPU has native bf16). Produces the tables in ``benchmarks/README.md``.
 
     python benchmarks/cpu_paths.py --preset r50-vitb16 --sizes 384,512 --batch 1,8 --runs 3 --out bench-out
 
@@ -78,15 +78,18 @@ def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
 
 
 def openvino_specs(specs: list) -> list:
-    """OpenVINO on the plain fp32 export and on the INT8 file (+ a bf16 hint on the export where AMX-BF16 is)."""
+    """OpenVINO on the plain fp32 export and on the INT8 file (+ a bf16 hint on the export where the CPU has native
+    bf16, by the same rule as ``bench --recommend``)."""
     from dtop_export.bench.harness import cpu_features
+    from dtop_export.bench.recommend import native_bf16
     from dtop_export.bench.spec import EngineSpec
 
+    bf16 = native_bf16(cpu_features())
     out = []
     for s in specs:
         if s.path.suffix == ".onnx" and ".opt." not in s.path.name:  # the plain export
             out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))
-            if "AMX-BF16" in cpu_features():
+            if bf16:
                 out.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, None, s.build_seconds))
         elif s.path.name.endswith(".int8.onnx"):
             out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))

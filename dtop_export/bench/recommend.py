@@ -62,19 +62,29 @@ class Recommendation:
         return d
 
 
+def qualifies(row: Measured, ref: Measured) -> bool:
+    """A candidate may be chosen: it passed its contract and did not measure slower than the reference."""
+    return row.passed and row.speedup >= ref.speedup
+
+
 def pick(rows: Sequence[Measured]) -> Measured:
-    """The fastest row that passed its contract and is not slower than the reference (which always qualifies)."""
+    """The fastest row that :func:`qualifies` (the reference always does)."""
     ref = next((r for r in rows if r.reference), None)
     if ref is None:
         raise ValueError("no reference row")
-    ok = [r for r in rows if r.passed and r.speedup >= ref.speedup]
+    ok = [r for r in rows if qualifies(r, ref)]
     return max(ok, key=lambda r: (r.speedup, r.reference))
+
+
+def native_bf16(features: Sequence[str]) -> bool:
+    """The CPU has bf16 instructions (AVX512-BF16 or AMX-BF16): a bf16 path is worth timing, not assumed fast."""
+    return "AMX-BF16" in features or "AVX512-BF16" in features
 
 
 def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(``derive_specs`` kinds to build, [(candidate, why it is skipped)]) for a CPU with ``features``."""
     kinds, skipped = ["onnx"], []
-    if "AMX-BF16" in features or "AVX512-BF16" in features:
+    if native_bf16(features):
         # Native bf16 is no promise of speed (an Intel Xeon with AVX512-BF16 and no AMX ran it at 0.69-0.76x fp32,
         # a Zen 4 EPYC at 1.8-2.0x): measured, and kept only if it is faster here.
         kinds.append("bf16")
@@ -89,7 +99,7 @@ def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str,
 
 
 def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Sequence[str]) -> list[EngineSpec]:
-    """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on AMX)."""
+    """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on native bf16)."""
     from dtop_export.bench.spec import EngineSpec
 
     specs = [EngineSpec(checkpoint, label="pytorch fp32 (reference)")]
@@ -98,7 +108,7 @@ def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Seq
             int8 = ".int8." in s.path.name
             specs.append(EngineSpec(s.path, dict(s.options), label=f"onnxruntime {'int8' if int8 else 'fp32'}"))
             specs.append(EngineSpec(s.path, {"runtime": "openvino"}, label=f"openvino {'int8' if int8 else 'fp32'}"))
-            if not int8 and ("AMX-BF16" in features or "AVX512-BF16" in features):
+            if not int8 and native_bf16(features):
                 specs.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, label="openvino bf16"))
         else:
             specs.append(EngineSpec(s.path, dict(s.options), label=f"pytorch {s.options.get('precision', 'fp32')}"))
@@ -214,10 +224,7 @@ def recommended(checkpoint: Path, runtime: str | None = None) -> dict[str, Any]:
     if runtime is not None:
         rows = [Measured(**r) for r in entry.get("rows", [])]
         ref = next((r for r in rows if r.reference), None)
-        ok = [
-            r for r in rows
-            if r.options.get("runtime") == runtime and r.passed and ref is not None and r.speedup >= ref.speedup
-        ]  # fmt: skip
+        ok = [r for r in rows if ref is not None and r.options.get("runtime") == runtime and qualifies(r, ref)]
         if not ok:
             raise DToPError(
                 f"no {runtime} candidate for {checkpoint.name} met its contract and beat PyTorch fp32 on this CPU "

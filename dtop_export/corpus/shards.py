@@ -15,7 +15,6 @@ refused unless the caller clears the folder (``--force``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,14 +40,11 @@ def shard_name(index: int) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a model: the file, plus the ``.bin`` weights of an OpenVINO ``.xml``."""
+    from dtop_export.checkpoint import file_sha256 as sha256_of
+
     path = Path(path)
-    h = hashlib.sha256()
-    for p in [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]:
-        if p.is_file():
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-    return h.hexdigest()
+    files = [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
+    return sha256_of(*(p for p in files if p.is_file()))
 
 
 @dataclass
