@@ -5,7 +5,8 @@ The layout follows the data flow (DESIGN.md § Layout):
 * ``model/`` — DToP per paper section (config, backbone, DPE, ELM, the model); imports torch/timm only.
 * ``contract`` — the engine interface and the deployment metadata (write, read, -> ``PreprocessConfig``).
 * ``preprocess`` — the one path from an image file to a model input, and ``list_images``.
-* ``checkpoint``, ``fold`` — safe checkpoints; folding BN, weight standardisation and whitening for export.
+* ``checkpoint``, ``fold`` — safe checkpoints; folding BN, weight standardisation and whitening for export;
+  ``digest`` their sha256 (remembered, startable before torch is imported).
 * ``export``, ``fp16/``, ``optimize``, ``quantize`` — the artefact makers (ONNX, FP16, ORT-optimized, INT8);
   ``onnx_graph`` holds their graph helpers, ``logs`` their quieting.
 * ``retrieval/`` — the revisitop protocol, data sets, extraction, evaluation, faiss search, the picture.

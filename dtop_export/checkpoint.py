@@ -20,7 +20,6 @@ Layout (format version 1)::
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtop_export import __version__
 from dtop_export.atomic import atomic_path
+from dtop_export.digest import file_sha256
 from dtop_export.errors import CheckpointError
 from dtop_export.model.config import DToPConfig
 from dtop_export.preprocess import PreprocessConfig
@@ -138,16 +138,6 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
-
-
-def file_sha256(*paths: str | Path) -> str:
-    """sha256 of the bytes of ``paths``, in order, read in 4 MiB chunks (a full checkpoint is ~0.5 GB)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -190,3 +190,34 @@ def test_init_from_local_backbone_weights(tmp_path: Path) -> None:
         build_model(get_preset("small"), backbone_weights=bad)
     with pytest.raises(DToPError, match="not found"):
         build_model(get_preset("small"), backbone_weights=tmp_path / "missing.safetensors")
+
+
+def test_file_digest_is_remembered_per_file_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sha256 as hashlib computes it; one read per unchanged file, a prefetch in the background waited for
+    and not repeated, a new read once the file changes; several files hash in order."""
+    import hashlib
+    import os
+
+    from dtop_export import digest
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(5 << 20))  # more than one 4 MiB chunk
+    b.write_bytes(b"second")
+    reads: list[str] = []
+    real_open = open
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> object:
+        reads.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    digest.prefetch_sha256(a)
+    assert digest.file_sha256(a) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert digest.file_sha256(str(a)) == digest.file_sha256(a)
+    assert reads == [str(a)]
+    assert digest.file_sha256(a, b) == hashlib.sha256(a.read_bytes() + b"second").hexdigest()
+    b.write_bytes(b"changed, longer")
+    assert digest.file_sha256(b) == hashlib.sha256(b"changed, longer").hexdigest()
+    digest.prefetch_sha256(tmp_path / "missing.bin")  # nothing to hash: the caller reports it
+    with pytest.raises(FileNotFoundError):
+        digest.file_sha256(tmp_path / "missing.bin")

@@ -223,6 +223,20 @@ def test_failed_export_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_check_leaves_nothing(
+    tmp_path: Path, exported: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is written while the checker runs: a failed check still leaves no file and no temporary."""
+
+    def reject(model: bytes) -> None:
+        raise onnx.checker.ValidationError("bad graph")
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    with pytest.raises(onnx.checker.ValidationError, match="bad graph"):
+        export_onnx(exported[0], tmp_path / "m.onnx", static_hw=(64, 64), batch=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_stages_are_reported(tmp_path: Path) -> None:
     result = export_onnx(_make_ckpt(tmp_path / "c.pt", whiten=False), tmp_path / "c.onnx")
     assert list(result.stage_seconds) == ["fold", "trace", "slim", "shapes", "check", "write"]
@@ -235,11 +249,13 @@ def test_fast_export_pipeline_matches_the_libraries_defaults(tmp_path: Path, exp
     height/width declared as multiples of the stride = ``torch.onnx.export`` of the module with free dims
     (which fails, refines and re-traces): same descriptors, bit for bit, and the same weights; (2) onnxslim
     without its own shape inference = onnxslim's defaults (same nodes, same initializers); (3) the strict
-    shape inference on a weight-free view = on the whole model (same bytes), input left as it was."""
+    shape inference on a weight-free view = on the whole model (same bytes), input left as it was; (4)
+    onnxscript's optimiser less its SlicesSplit rule = the optimiser torch.onnx runs (same graph and weights)."""
+    import onnx_ir as ir
     import onnxruntime as ort
     import onnxslim
 
-    from dtop_export.export import _trace, infer_shapes_weightless
+    from dtop_export.export import _optimize, _trace, infer_shapes_weightless
 
     ckpt_path, onnx_path = exported
     ckpt = load_checkpoint(ckpt_path)
@@ -275,17 +291,33 @@ def test_fast_export_pipeline_matches_the_libraries_defaults(tmp_path: Path, exp
         x = rng.standard_normal(shape).astype(np.float32)
         assert np.array_equal(a.run(None, {"images": x})[0], b.run(None, {"images": x})[0]), shape
 
-    raw = _trace(deploy, (128, 128), batch=None, dynamic_hw=True, stride=stride, opset=18).model_proto
+    program = _trace(deploy, (128, 128), batch=None, dynamic_hw=True, stride=stride, opset=18)
+    unoptimized = program.model_proto
+    _optimize(program.model)
+    raw = program.model_proto
     fast, full = onnxslim.slim(copy.deepcopy(raw), no_shape_infer=True), onnxslim.slim(copy.deepcopy(raw))
-    assert [(n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in fast.graph.node] == [
-        (n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in full.graph.node
-    ]
+    assert _structure(fast) == _structure(full)
     assert list(fast.graph.initializer) == list(full.graph.initializer)
 
     before = fast.SerializeToString()
     strict = onnx.shape_inference.infer_shapes(fast, check_type=True, strict_mode=True, data_prop=True)
     assert infer_shapes_weightless(fast).SerializeToString() == strict.SerializeToString()
     assert fast.SerializeToString() == before
+
+    # (4) onnxscript's optimiser without its SlicesSplit rule = torch.onnx's optimize=True, dynamic and static
+    static = _trace(deploy, (64, 96), batch=1, dynamic_hw=False, stride=stride, opset=18).model_proto
+    for traced, label in [(unoptimized, "dynamic"), (static, "static")]:
+        ours, theirs = ir.serde.deserialize_model(traced), ir.serde.deserialize_model(traced)
+        _optimize(ours)
+        reference = torch.onnx.ONNXProgram(theirs, None)
+        reference.optimize()
+        a, b = onnxslim.slim(ir.serde.serialize_model(ours)), onnxslim.slim(reference.model_proto)
+        assert _structure(a) == _structure(b), label
+        assert list(a.graph.initializer) == list(b.graph.initializer), label
+
+
+def _structure(m: onnx.ModelProto) -> list[tuple]:
+    return [(n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in m.graph.node]
 
 
 def test_parse_hw() -> None:

@@ -33,11 +33,14 @@ def onnx(
 ) -> None:
     """Export a checkpoint to one self-contained ONNX file: dynamic batch/height/width, DPE in-graph,
     batchnorm and whitening folded, metadata for deployers."""
-    from dtop_export.export import export_onnx, parse_hw
+    from dtop_export.digest import prefetch_sha256
 
     output = output or checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
+    prefetch_sha256(checkpoint)  # hashed on the other core while torch imports; the metadata records it
+    from dtop_export.export import export_onnx, parse_hw
+
     static_hw = parse_hw(static) if static else None
     con = console()
     with con.status("exporting") as status:

@@ -40,7 +40,7 @@ def shard_name(index: int) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a model: the file, plus the ``.bin`` weights of an OpenVINO ``.xml``."""
-    from dtop_export.checkpoint import file_sha256 as sha256_of
+    from dtop_export.digest import file_sha256 as sha256_of
 
     path = Path(path)
     files = [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
