@@ -144,6 +144,40 @@ def test_map_delta_is_checked() -> None:
     res = compare(ref, swapped, gnd, contract_for("int8"), ref_map, "swapped")
     assert not res.passed and "map_delta_easy" in {c.metric for c in res.checks if not c.passed}
     assert res.map_delta["easy"] < -1.0
+    # the failure says where it comes from: two queries reordered by far more than the (zero) similarity error
+    easy = res.rank_swaps["easy"]
+    assert easy.queries == 2 and easy.pairs >= 2 and easy.largest_gap > 0.1
+    failure = next(f for f in res.failures() if f.startswith("map_delta_easy"))
+    assert "2 queries reordered" in failure and "near-ties" not in failure
+
+
+def test_map_delta_from_a_near_tie_is_explained() -> None:
+    """A negative the reference ranks 1e-4 above a positive, flipped by an engine that moves one similarity by
+    2e-4: the ΔmAP failure counts the flip, gives the gap and the engine's error, and calls it a near-tie."""
+    from dtop_export.retrieval.metrics import evaluate_descriptors
+
+    def images(similarities: list[float]) -> np.ndarray:
+        """Unit vectors with the given similarity to the query e0, each off-axis part in its own direction."""
+        db = np.zeros((len(similarities), 8))
+        for i, sim in enumerate(similarities):
+            db[i, 0], db[i, i + 1] = sim, np.sqrt(1 - sim**2)
+        return db
+
+    q = np.eye(8)[:1]
+    gnd = [{"easy": [0, 1], "hard": [], "junk": []}]  # image 2 is a negative
+    ref = (images([0.9, 0.5, 0.5001, 0.1, 0.0, -0.2]), q)
+    cand = (images([0.9, 0.5002, 0.5001, 0.1, 0.0, -0.2]), q)
+    ref_map = evaluate_descriptors(*ref, gnd)["map"]
+    res = compare(ref, cand, gnd, contract_for("fp16"), ref_map, "fp16")
+    swaps = res.rank_swaps["easy"]
+    assert (swaps.queries, swaps.pairs) == (1, 1)
+    assert swaps.largest_gap == pytest.approx(1e-4, rel=1e-6)
+    assert res.similarity_error_rms == pytest.approx(2e-4 / np.sqrt(6), rel=1e-6)
+    failure = next(f for f in res.failures() if f.startswith("map_delta_easy"))
+    assert "1 query reordered, 1 positive/negative pair flipped, at most 1.0e-04 apart" in failure
+    assert "near-ties" in failure
+    assert res.to_dict()["rank_swaps"]["easy"]["pairs"] == 1
+    assert res.rank_swaps["hard"].pairs == 0  # no hard positives: nothing to flip
 
 
 def test_non_finite_descriptors_fail() -> None:

@@ -304,12 +304,15 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
                 "cosine_min": final.cosine_min,
                 "map_delta": final.map_delta,
                 "keep_fp32_nodes": res.keep_fp32_nodes,
+                "failures": final.failures(),
             }
             worst = max((abs(v) for v in final.map_delta.values()), default=0.0)
             verdict = (
                 "within the FP16 contract" if res.passed else "OUTSIDE the FP16 contract (cos >= 0.999, |ΔmAP| <= 0.2)"
             )
             st.note = f"FP16 preview: cos min {final.cosine_min:.6f}, |ΔmAP| <= {worst:.2f}: {verdict}"
+            if not res.passed:
+                st.note += f" — {'; '.join(final.failures())}"
             if res.keep_fp32_nodes:
                 st.note += f"; keep in FP32: {','.join(res.keep_fp32_nodes)}"
 
