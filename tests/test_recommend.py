@@ -139,3 +139,27 @@ def test_auto_for_bench_and_the_cpp_facing_ir(
     with pytest.raises(DToPError, match="no openvino candidate"):
         recommended(small_ckpt, runtime="openvino")
     assert cli("openvino", str(small_ckpt), "--precision", "fast") == 2
+
+
+def test_candidates_tell_int8_files_by_their_metadata(small_ckpt: Path, small_onnx: Path, tmp_path: Path) -> None:
+    """An INT8 file is an INT8 candidate whatever its name (and an fp32 one named like INT8 is not)."""
+    import onnx
+
+    from dtop_export.bench.recommend import candidate_specs
+    from dtop_export.bench.spec import EngineSpec
+    from dtop_export.contract import metadata_of, set_metadata
+
+    quantised, misnamed = tmp_path / "deploy.onnx", tmp_path / "model.int8.onnx"
+    model = onnx.load(str(small_onnx))
+    set_metadata(model, {**metadata_of(model), "dtop.precision": "int8"})
+    onnx.save(model, str(quantised))
+    misnamed.write_bytes(small_onnx.read_bytes())
+    specs = candidate_specs(small_ckpt, [EngineSpec(quantised), EngineSpec(misnamed)], ["AVX512-BF16", "VNNI"])
+    labels = [(s.path.name, s.label) for s in specs[1:]]
+    assert labels == [
+        ("deploy.onnx", "onnxruntime int8"),
+        ("deploy.onnx", "openvino int8"),
+        ("model.int8.onnx", "onnxruntime fp32"),
+        ("model.int8.onnx", "openvino fp32"),
+        ("model.int8.onnx", "openvino bf16"),
+    ]

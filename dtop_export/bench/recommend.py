@@ -101,11 +101,12 @@ def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str,
 def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Sequence[str]) -> list[EngineSpec]:
     """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on native bf16)."""
     from dtop_export.bench.spec import EngineSpec
+    from dtop_export.contract import read_metadata
 
     specs = [EngineSpec(checkpoint, label="pytorch fp32 (reference)")]
     for s in built:
         if s.kind == "onnx":
-            int8 = ".int8." in s.path.name
+            int8 = read_metadata(s.path).get("dtop.precision") == "int8"  # what the file is, whatever its name
             specs.append(EngineSpec(s.path, dict(s.options), label=f"onnxruntime {'int8' if int8 else 'fp32'}"))
             specs.append(EngineSpec(s.path, {"runtime": "openvino"}, label=f"openvino {'int8' if int8 else 'fp32'}"))
             if not int8 and native_bf16(features):

@@ -105,12 +105,13 @@ def openvino(
 def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
     """``openvino CKPT.pt --precision auto``: the IR of the OpenVINO candidate ``bench --recommend`` chose."""
     from dtop_export.bench.recommend import recommended
+    from dtop_export.contract import read_metadata
     from dtop_export.openvino_ir import write_ir
 
     choice = recommended(checkpoint, runtime="openvino")
     source = Path(choice["path"])
     hint = choice["options"].get("precision")
-    int8 = ".int8." in source.name
+    int8 = read_metadata(source).get("dtop.precision") == "int8"
     output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
     con = console()
     with con.status(f"converting {source.name}") as status:
