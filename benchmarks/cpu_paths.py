@@ -83,16 +83,18 @@ def openvino_specs(specs: list) -> list:
     from dtop_export.bench.harness import cpu_features
     from dtop_export.bench.recommend import native_bf16
     from dtop_export.bench.spec import EngineSpec
+    from dtop_export.contract import read_metadata
 
     bf16 = native_bf16(cpu_features())
     out = []
     for s in specs:
-        if s.path.suffix == ".onnx" and ".opt." not in s.path.name:  # the plain export
+        if s.path.suffix != ".onnx":
+            continue
+        meta = read_metadata(s.path)  # what the file is, not what it is called
+        if meta.get("dtop.precision", "fp32") == "int8" or "dtop.optimized" not in meta:  # INT8, or the plain export
             out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))
-            if bf16:
+            if bf16 and meta.get("dtop.precision", "fp32") == "fp32":
                 out.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, None, s.build_seconds))
-        elif s.path.name.endswith(".int8.onnx"):
-            out.append(EngineSpec(s.path, {"runtime": "openvino"}, None, s.build_seconds, s.derived_from))
     return out
 
 
