@@ -31,8 +31,9 @@ class TorchEngine(Engine):
 
     precision: ``fp32`` (reference: the model as trained), ``bf16`` (the deployment path: batchnorm and weight
     standardisation folded as in the export, conv/linear weights stored in bf16, channels-last, autocast;
-    oneDNN's AMX/AVX-512-BF16 kernels on CPUs that have them) or ``fp16`` (``model.half()``; slow but exact
-    FP16 arithmetic on a CPU, for accuracy audits).
+    oneDNN's AMX/AVX-512-BF16 kernels on CPUs that have them) or ``fp16`` (``model.half()``: FP16 weights and
+    activations with FP32 accumulation, for accuracy audits; on the CPU its convolutions and GEMMs run through
+    :func:`fp16_cpu_products`, since PyTorch's own CPU FP16 convolution is a slow reference kernel).
 
     compile: ``torch.compile`` the network (``True``/``default`` or ``max-autotune``: inductor's GEMM
     templates; frozen weights). Meant for fixed input sizes, as when serving: the first call at a new shape
@@ -118,7 +119,11 @@ class TorchEngine(Engine):
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
                     u = self.model(x)
             elif self.precision == "fp16":
-                u = self.model(x.half())
+                if x.device.type == "cpu":
+                    with fp16_cpu_products():
+                        u = self.model(x.half())
+                else:
+                    u = self.model(x.half())
             else:
                 u = self.model(x)
             d = F.normalize(u.float(), dim=-1)
@@ -145,3 +150,30 @@ def bf16_deploy_model(model: DToP):  # noqa: ANN201 - torch is imported lazily
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.to(torch.bfloat16)
     return deploy.to(memory_format=torch.channels_last).eval()
+
+
+def fp16_cpu_products():  # noqa: ANN201 - torch is imported lazily
+    """A ``TorchFunctionMode`` in which convolutions, linear layers and matrix products of float16 CPU tensors
+    compute in float32 on the same float16 values and round the result to float16: FP16 operands, FP32
+    accumulation, one rounding of ``conv + bias`` -- the arithmetic of PyTorch's CPU FP16 kernels (and of GPU
+    FP16 GEMMs), without their cost: on CPUs without AVX512-FP16/AMX-FP16, oneDNN has no FP16 convolution
+    (PyTorch falls back to ``slow_conv2d``, 35x slower than FP32 on the small preset) and FP16 GEMMs are
+    reference loops. One path on every CPU, so FP16 audits give the same numbers everywhere."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    funcs = {torch.conv2d, F.conv2d, F.linear, torch.matmul, torch.bmm, torch.mm}
+
+    def up(a: object) -> object:
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+
+    class Fp16CpuConvolutions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            kwargs = kwargs or {}
+            x = args[0] if args else kwargs.get("input")
+            if func in funcs and isinstance(x, torch.Tensor) and x.dtype == torch.float16 and not x.is_cuda:
+                return func(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).half()
+            return func(*args, **kwargs)
+
+    return Fp16CpuConvolutions()

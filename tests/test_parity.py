@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -311,6 +312,54 @@ def test_bf16_deployment_engine_meets_its_contract(ref_ckpt: Path, sample: Revis
     wrong.precision = "bf16"
     bad = parity(ref, [wrong], sample, progress=False).engines[0]
     assert not next(c for c in bad.checks if c.metric == "cosine_min").passed
+
+
+def test_fp16_products_round_like_the_fp16_kernels() -> None:
+    """Inside ``fp16_cpu_products`` a float16 conv/linear is the float32 result on the same float16 operands,
+    rounded once to float16 (not a float32 result passed through), and it agrees with PyTorch's own (slow)
+    CPU float16 kernel to within one float16 step; float32 calls are left alone."""
+    from torch.nn import functional as F
+
+    from dtop_export.engines.pytorch import fp16_cpu_products
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 12, 12, generator=g).half()
+    w, b = (0.1 * torch.randn(8, 16, 3, 3, generator=g)).half(), torch.randn(8, generator=g).half()
+    lw, lb = (0.1 * torch.randn(24, 16, generator=g)).half(), torch.randn(24, generator=g).half()
+    xl = torch.randn(5, 16, generator=g).half()
+    native_conv, native_lin = F.conv2d(x, w, b, padding=2, dilation=2), F.linear(xl, lw, lb)
+    with fp16_cpu_products():
+        conv, lin = F.conv2d(x, w, b, padding=2, dilation=2), F.linear(xl, lw, lb)
+        f32 = F.linear(xl.float(), lw.float(), lb.float())
+    exact_conv = F.conv2d(x.float(), w.float(), b.float(), padding=2, dilation=2)
+    exact_lin = F.linear(xl.float(), lw.float(), lb.float())
+    assert conv.dtype == lin.dtype == torch.float16 and f32.dtype == torch.float32
+    assert torch.equal(conv, exact_conv.half()) and torch.equal(lin, exact_lin.half())
+    assert torch.equal(f32, exact_lin)
+    assert not torch.equal(conv.float(), exact_conv)  # really rounded to float16
+    for got, native in ((conv, native_conv), (lin, native_lin)):
+        step = torch.finfo(torch.float16).eps * native.float().abs().clamp_min(1e-3)
+        assert torch.all((got.float() - native.float()).abs() <= step)
+
+
+def test_fp16_engine_matches_pytorch_fp16_kernels() -> None:
+    """``TorchEngine(precision="fp16")`` on the CPU gives the descriptors of ``model.half()`` run by PyTorch's
+    own float16 kernels (cosine >= 0.99999), and differs from fp32 by FP16 rounding (not zero, within the
+    fp16 contract)."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).eval()
+    pp = default_preprocess(model.cfg.backbone, model.stride)
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 128)).astype(np.float32)
+    ref = TorchEngine(model, pp).embed(x)
+    engine = TorchEngine(copy.deepcopy(model), pp, precision="fp16")
+    out = engine.embed(x)
+    with torch.inference_mode():
+        native = F.normalize(engine.model(torch.from_numpy(x).half()).float(), dim=-1).numpy()
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert np.all(cosine_per_row(out, native) >= 0.99999)
+    assert np.all(cosine_per_row(out, ref) >= 0.999) and np.abs(out - ref).max() > 1e-5
 
 
 def test_compiled_bf16_engine_matches_eager() -> None:
