@@ -154,6 +154,30 @@ def test_instrumented_ranges_find_an_overflowing_layer() -> None:
     assert out["scaled__amax"] < FP16_MAX
 
 
+def test_instrumented_ranges_count_what_fp16_flushes() -> None:
+    """``__nz`` counts the non-zero values of a tensor and ``__flush`` those FP16 would round to 0
+    (0 < |x| < 2**-25), exactly as numpy counts them."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    x = np.array([[0.0, 1e-9, -2e-8, 2.0**-26, 3e-8, -0.5, 7.0, 0.0, 6e-5, -1e-12]], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "one"], ["y"], name="mul")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, x.shape[1]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, x.shape[1]])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    stats, watched = instrument_ranges(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert [t for t, _, _ in watched] == ["y"]
+    s = ort.InferenceSession(stats.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"x": x})))
+    a = np.abs(x)
+    assert out["y__nz"] == np.count_nonzero(a) == 8
+    assert out["y__flush"] == np.count_nonzero((a > 0) & (a < 2.0**-25)) == 4
+    assert out["y__amax"] == 7.0
+
+
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("photos")

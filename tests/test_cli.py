@@ -73,3 +73,17 @@ def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     r = subprocess.run([*EXE, "--debug", "info", "missing.pt"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "whiten", "embed", "index", "evaluate", "parity", "quantize", "bench", "check", "demo"]
+)
+def test_commands_with_progress_bars_take_no_progress(command: str) -> None:
+    """Every command that draws a progress bar can be told not to (`--no-progress`), for logs and scripts."""
+    import typer
+
+    from dtop_export.cli import app
+
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    assert "--no-progress" in flags, f"{command} has no --no-progress"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, progress_bar
+from dtop_export.cli.common import ProgressOpt, app, console, progress_bar
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ def bench(
             "make pay, pick the fastest within its contract, store it for `--precision auto`.",
         ),
     ] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
     first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
@@ -115,7 +116,7 @@ def bench(
                 )
             con.print(f"built {', '.join(s.path.name for s in specs[len(models) :])} in {wd}", style="dim")
         total = bench_steps(len(specs), len(size_list) * len(batch_list), runs, warmup)
-        with progress_bar(con, transient=True) as prog:
+        with progress_bar(con, transient=True, enabled=progress) as prog:
             task = prog.add_task("benchmarking", total=total)
             report = run_bench(
                 specs,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, app, console, parse_keep_fp32
+from dtop_export.cli.common import KeepFp32Opt, ProgressOpt, app, console, parse_keep_fp32
 from dtop_export.errors import DToPError
 
 
@@ -35,6 +35,7 @@ def check(
     keep_fp32: KeepFp32Opt = None,
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Whole query images, not their boxes.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+    progress: ProgressOpt = True,
 ) -> None:
     """Check an ONNX file on the CPU: `--target tensorrt` lints it against TensorRT's ONNX parser (exit 1 when
     something would fail to parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails)."""
@@ -71,16 +72,16 @@ def check(
     if fp16_audit:
         from dtop_export.fp16.audit import fp16_audit as run_audit
 
-        with con.status("FP16 audit (CPU emulation)"):
-            result = run_audit(
-                model,
-                images,
-                image_size=image_size,
-                keep_fp32_nodes=parse_keep_fp32(keep_fp32),
-                underflow_threshold=underflow,
-                crop_queries=not no_crop,
-                limit=limit,
-            )
+        result = run_audit(
+            model,
+            images,
+            image_size=image_size,
+            keep_fp32_nodes=parse_keep_fp32(keep_fp32),
+            underflow_threshold=underflow,
+            crop_queries=not no_crop,
+            limit=limit,
+            progress=progress,
+        )
         report["fp16_audit"] = result.to_dict()
         con.print(result.table(), soft_wrap=True)
         con.print(

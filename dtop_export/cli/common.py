@@ -58,8 +58,8 @@ def console() -> Console:
     return Console()
 
 
-def progress_bar(con: Console | None = None, transient: bool = False) -> Any:
-    """A rich progress bar: description, bar, done/total, elapsed time."""
+def progress_bar(con: Console | None = None, transient: bool = False, enabled: bool = True) -> Any:
+    """A rich progress bar: description, bar, done/total, elapsed time (drawn only if ``enabled``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -69,6 +69,7 @@ def progress_bar(con: Console | None = None, transient: bool = False) -> Any:
         TimeElapsedColumn(),
         console=con,
         transient=transient,
+        disable=not enabled,
     )
 
 

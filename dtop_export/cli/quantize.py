@@ -14,6 +14,7 @@ from dtop_export.cli.common import (
     CalibSizesOpt,
     ForceOpt,
     KeepFloatOpt,
+    ProgressOpt,
     app,
     console,
     new_output,
@@ -35,6 +36,7 @@ def quantize(
     ] = "minmax",
     keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
     force: ForceOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Statically quantise to INT8 (QDQ; int8 per-channel weights, uint8 activations) with calibration
     images. Dynamic shapes are kept; LayerNorm, Softmax, GELU, GroupNorm, the DPE resize, FCs, whitening
@@ -48,7 +50,7 @@ def quantize(
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
     paths, source = (list_images(calib), str(calib)) if calib is not None else (None, "")
     con = console()
-    with quiet_ort_logs(), progress_bar(con) as prog:
+    with quiet_ort_logs(), progress_bar(con, enabled=progress) as prog:
         task = prog.add_task("preparing calibration images", total=None)
 
         def calibrating(total: int) -> Callable[[], None]:

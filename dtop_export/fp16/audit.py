@@ -189,8 +189,8 @@ def fp16_audit(
         shapes.add(f"{x.shape[2]}x{x.shape[3]}")
         for i, (t, _, _) in enumerate(watched):
             amax[i] = max(amax[i], float(np.nan_to_num(res[f"{t}__amax"], nan=np.inf)))
-            flushed[i] += float(res[f"{t}__flush"])
-            nonzero[i] += float(res[f"{t}__nz"])
+            flushed[i] += float(np.nan_to_num(res[f"{t}__flush"]))  # NaN tensors: reported by their max
+            nonzero[i] += float(np.nan_to_num(res[f"{t}__nz"]))
 
     def session(m: onnx.ModelProto, **kw: Any) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(m, threads=threads, graph_optimization="basic", **kw)
