@@ -409,6 +409,8 @@ def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
     brute = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
     assert np.mean([len(set(a) & set(b)) for a, b in zip(truth, brute)]) >= 9.99  # flat = brute force (float ties)
     pq = CorpusIndex(tmp_path / "pq.faiss")
+    for sidecar in (tmp_path / "pq.faiss.json", tmp_path / "pq.faiss.ids.parquet"):  # a sidecar for its index
+        assert CorpusIndex(sidecar).path == tmp_path / "pq.faiss"
     plain = [[h.key for h in hits] for hits in pq.search(q, 10, refine=1)]  # k candidates re-ordered: PQ's top-k set
     refined = [[h.key for h in hits] for hits in pq.search(q, 10)]
     one_recall = np.mean([t[0] in p for t, p in zip(truth, plain)])  # faiss's R@10: the true NN in the top 10

@@ -158,6 +158,11 @@ class CorpusIndex:
         import pyarrow.parquet as pq
 
         self.path = Path(path)
+        for suffix in (".json", ".ids.parquet"):  # one of an index's sidecars given: open that index
+            index = self.path.with_name(self.path.name.removesuffix(suffix))
+            if index != self.path and index.is_file() and self.path in sidecar_paths(index):
+                self.path = index
+                break
         meta_path, ids_path = sidecar_paths(self.path)
         for p in (self.path, meta_path, ids_path):
             if not p.is_file():
