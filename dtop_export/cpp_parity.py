@@ -221,9 +221,17 @@ def compare(
         report.skipped_cpp = [s["path"] for s in side["skipped"]]
         engine = OnnxRuntimeEngine(model, threads=threads)
         errors: list[tuple[int, str]] = []
+        inputs: dict[str, np.ndarray] = {}  # the first scale's model input per image, from the one decode
+
+        def load(path: Path) -> Any:
+            img = load_image(path)
+            inputs[str(path)] = prepare(img, engine.preprocess, image_size, scales[0])
+            return img
+
         py = extract(
-            engine, images, None, scales, None, False, image_size=image_size, batch_size=batch_size, errors=errors
-        )
+            engine, images, None, scales, None, False, image_size=image_size, batch_size=batch_size, errors=errors,
+            load=load,
+        )  # fmt: skip
         report.skipped_python = [str(images[i]) for i, _ in errors]
         skipped = {i for i, _ in errors}
         kept = [i for i in range(len(images)) if i not in skipped]
@@ -232,7 +240,7 @@ def compare(
             return report
         levels = 255.0 * np.asarray(engine.preprocess.std, np.float32)[:, None, None]
         for row, i in enumerate(kept):
-            x = prepare(load_image(images[i]), engine.preprocess, image_size, scales[0])
+            x = inputs[str(images[i])]
             y = np.load(Path(tmp) / f"{i}.npy")
             same = x.shape == y.shape
             diff = np.abs(x - y) if same else np.zeros(1, np.float32)
