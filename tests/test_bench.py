@@ -39,7 +39,7 @@ def test_bench_cli_writes_json_plot_markdown(small_ckpt: Path, small_onnx: Path,
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "| engine | size | batch | p50 ms |" in out
+    assert "| engine | size | batch | p50 ms |" in out and "accuracy audit" not in out
     data = json.loads(js.read_text())
     assert data["format"] == "dtop-export/bench"
     assert data["reference"].startswith("pytorch fp32")
@@ -56,6 +56,16 @@ def test_bench_cli_writes_json_plot_markdown(small_ckpt: Path, small_onnx: Path,
     assert set(data["gflops_per_image"]) == {"64", "96"}
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
     assert md.read_text().startswith(out.strip().splitlines()[0][:20])
+
+
+def test_bench_says_cpu_fp16_is_an_audit(small_ckpt: Path, capsys) -> None:
+    """PyTorch fp16 on the CPU computes float32 on float16 values (``fp16_cpu_products``): its timing is
+    labelled as an accuracy audit, not a deployment path."""
+    code = cli("bench", str(small_ckpt), f"{small_ckpt}:fp16", *("--sizes", "64", "--runs", "1", "--warmup", "0"),
+               "--no-flops", "--no-progress")  # fmt: skip
+    assert code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pytorch fp16 · small.pt is an accuracy audit on the CPU" in out
 
 
 def test_bench_rejects_bad_input(small_ckpt: Path, tmp_path: Path, capsys) -> None:

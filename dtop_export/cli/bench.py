@@ -136,6 +136,14 @@ def bench(
             f"{report.load_after[0]:.2f} after): these timings are contended",
             style="yellow",
         )
+    for r in report.engines:
+        if r.name == "pytorch" and r.precision == "fp16" and "cuda" not in str(r.options.get("device", "cpu")):
+            con.print(
+                f"note: {r.label} is an accuracy audit on the CPU (float32 arithmetic on float16 values), "
+                "not a deployment path: time fp16 on a GPU (device=cuda, or a TensorRT plan)",
+                style="yellow",
+                soft_wrap=True,
+            )
     if markdown:
         atomic_write_text(markdown, text)
     if json_out:
