@@ -58,6 +58,7 @@ def test_init_and_info(tmp_path: Path) -> None:
         (["init", "--preset", "nope", "-o", "x.pt"], "unknown preset 'nope'"),
         (["info", "garbage.pt"], "not a dtop-export checkpoint"),
         (["init", "--preset", "small", "-o", "no/such/dir/x.pt"], "does not exist"),
+        (["embed", "garbage.pt", "no/photos/", "-o", "x.npy"], "no/photos not found: give image files or folders"),
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

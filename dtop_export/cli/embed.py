@@ -154,6 +154,8 @@ def _embed_npy(
     from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
     from dtop_export.retrieval.extract import extract
 
+    if not any(Path(i).exists() for i in images):
+        raise DToPError(f"{Path(images[0])} not found: give image files or folders of images")
     paths = expand_images([Path(i) for i in images])
     if not paths:
         raise DToPError("no images given (folders are searched for " + ", ".join(IMAGE_SUFFIXES) + ")")
