@@ -29,13 +29,15 @@ import numpy as np
 
 
 def _cut_before_whitening(model: Any) -> Any:
-    """``model`` with its output ``descriptors`` taken from the input of the whitening (the L2-normalised
-    descriptor before it); the whitening and the final norm are left dangling."""
+    """A copy of ``model`` with its output ``descriptors`` taken from the input of the whitening (the
+    L2-normalised descriptor before it); the whitening and the final norm are left dangling."""
     from onnx import helper
 
     from dtop_export.contract import OUTPUT_NAME
     from dtop_export.fp16.convert import l2_norm_nodes, whitening_nodes
+    from dtop_export.onnx_graph import copy_model
 
+    model = copy_model(model)
     names = whitening_nodes(model, l2_norm_nodes(model))
     if not names:
         raise SystemExit("this model has no whitening to cut before")
@@ -108,8 +110,8 @@ def _map(d: np.ndarray, q: np.ndarray, ds: Any) -> dict[str, float]:
     return evaluate_descriptors(d, q, ds.gnd)["map"]
 
 
-def error_sources(demo: Path) -> dict[str, float]:
-    """Similarity error rms of each FP16 emulation against FP32 (whitened descriptors, as deployed)."""
+def load_demo(demo: Path) -> tuple[Any, Any, Any]:
+    """The demo's embedded evaluation set, its exported ONNX (nodes named) and the ONNX's preprocessing."""
     from dtop_export.contract import load_onnx, metadata_of, preprocess_from_metadata
     from dtop_export.fp16.convert import name_nodes
     from dtop_export.retrieval.datasets import resolve_dataset
@@ -117,33 +119,29 @@ def error_sources(demo: Path) -> dict[str, float]:
     ds = resolve_dataset(str(demo / "data" / "sample"))
     model = load_onnx(demo / "model.onnx")
     name_nodes(model)
-    pp = preprocess_from_metadata(metadata_of(model))
+    return ds, model, preprocess_from_metadata(metadata_of(model))
+
+
+def error_sources(model: Any, variants: dict[str, Any], ds: Any, pp: Any) -> dict[str, float]:
+    """Similarity error rms of each FP16 emulation against FP32 (whitened descriptors, as deployed)."""
     q32, d32 = _extract(model, ds, pp)
     s32 = d32 @ q32.T
     out = {}
-    for name, m in _variants(model).items():
+    for name, m in variants.items():
         q, d = _extract(m, ds, pp)
         out[name] = float(np.sqrt(((d @ q.T - s32) ** 2).mean()))
     return out
 
 
-def shrinkage_sweep(demo: Path, alphas: list[str]) -> list[dict[str, Any]]:
-    """Per α: the whitening learned from the demo's training pairs, applied to FP32 and FP16 descriptors."""
+def shrinkage_sweep(demo: Path, model: Any, fp16: Any, ds: Any, pp: Any, alphas: list[str]) -> list[dict[str, Any]]:
+    """Per α: the whitening learned from the demo's training pairs, applied to the descriptors before the
+    whitening of ``model`` (FP32) and ``fp16`` (its FP16 emulation)."""
     import torch
 
     from dtop_export.checkpoint import load_checkpoint
-    from dtop_export.contract import load_onnx, metadata_of, preprocess_from_metadata
-    from dtop_export.fp16.convert import DEFAULT_KEEP_FP32_OPS, convert_to_fp16, name_nodes
-    from dtop_export.fp16.emulate import emulate_fp16
-    from dtop_export.retrieval.datasets import resolve_dataset
     from dtop_export.training.embed import embed_paths
     from dtop_export.training.whitening import condition_number, learn_lw, read_pairs
 
-    ds = resolve_dataset(str(demo / "data" / "sample"))
-    model = load_onnx(demo / "model.onnx")
-    name_nodes(model)
-    pp = preprocess_from_metadata(metadata_of(model))
-    fp16 = emulate_fp16(convert_to_fp16(model, DEFAULT_KEEP_FP32_OPS, []))
     q32, d32 = _extract(_cut_before_whitening(model), ds, pp)
     q16, d16 = _extract(_cut_before_whitening(fp16), ds, pp)
     ckpt = load_checkpoint(demo / "train" / "final.pt")
@@ -192,9 +190,11 @@ def main() -> None:
     alphas = [a.strip() for a in args.alphas.split(",") if a.strip()]
     results = []
     for demo in args.demos:
-        src = error_sources(demo)
+        ds, model, pp = load_demo(demo)
+        variants = _variants(model)
+        src = error_sources(model, variants, ds, pp)
         print(f"\n{demo}: similarity error rms  " + ", ".join(f"{k} {v:.2e}" for k, v in src.items()))
-        rows = shrinkage_sweep(demo, alphas)
+        rows = shrinkage_sweep(demo, model, variants["weights+activations"], ds, pp, alphas)
         print("| α | cond(P) | FP32 mAP E/M/H | FP16 cos min | sim. error rms (relative) | ΔmAP E/M/H | contract |")
         print("|---|---:|---|---:|---|---|---|")
         for r in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,10 +120,7 @@ class TorchEngine(Engine):
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
                     u = self.model(x)
             elif self.precision == "fp16":
-                if x.device.type == "cpu":
-                    with fp16_cpu_products():
-                        u = self.model(x.half())
-                else:
+                with fp16_cpu_products() if x.device.type == "cpu" else contextlib.nullcontext():
                     u = self.model(x.half())
             else:
                 u = self.model(x)
@@ -163,12 +161,12 @@ def fp16_cpu_products():  # noqa: ANN201 - torch is imported lazily
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    funcs = {torch.conv2d, F.conv2d, F.linear, torch.matmul, torch.bmm, torch.mm}
+    funcs = {F.conv2d, F.linear, torch.matmul, torch.bmm, torch.mm}  # F.conv2d is torch.conv2d
 
     def up(a: object) -> object:
         return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
 
-    class Fp16CpuConvolutions(TorchFunctionMode):
+    class Fp16CpuProducts(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
             kwargs = kwargs or {}
             x = args[0] if args else kwargs.get("input")
@@ -176,4 +174,4 @@ def fp16_cpu_products():  # noqa: ANN201 - torch is imported lazily
                 return func(*map(up, args), **{k: up(v) for k, v in kwargs.items()}).half()
             return func(*args, **kwargs)
 
-    return Fp16CpuConvolutions()
+    return Fp16CpuProducts()
