@@ -161,7 +161,9 @@ def fp16_cpu_products():  # noqa: ANN201 - torch is imported lazily
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    funcs = {F.conv2d, F.linear, torch.matmul, torch.bmm, torch.mm}  # F.conv2d is torch.conv2d
+    # F.conv2d is torch.conv2d; `a @ b` in model code is Tensor.__matmul__ (and __rmatmul__ for `b.__rmatmul__(a)`)
+    funcs = {F.conv2d, F.linear, torch.matmul, torch.bmm, torch.mm, torch.addmm, torch.baddbmm}
+    funcs |= {torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.matmul}
 
     def up(a: object) -> object:
         return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a

@@ -328,16 +328,20 @@ def test_fp16_products_round_like_the_fp16_kernels() -> None:
     lw, lb = (0.1 * torch.randn(24, 16, generator=g)).half(), torch.randn(24, generator=g).half()
     xl = torch.randn(5, 16, generator=g).half()
     native_conv, native_lin = F.conv2d(x, w, b, padding=2, dilation=2), F.linear(xl, lw, lb)
+    xa, wa = torch.randn(64, 768, generator=g).half(), (0.1 * torch.randn(768, 24, generator=g)).half()
+    native_at = xa @ wa  # PyTorch's own kernel: not the once-rounded float32 product at this inner size
     with fp16_cpu_products():
         conv, lin = F.conv2d(x, w, b, padding=2, dilation=2), F.linear(xl, lw, lb)
         f32 = F.linear(xl.float(), lw.float(), lb.float())
+        at, addmm = xa @ wa, torch.addmm(lb, xl, lw.T)  # `a @ b` is a Tensor method, not torch.matmul
     exact_conv = F.conv2d(x.float(), w.float(), b.float(), padding=2, dilation=2)
     exact_lin = F.linear(xl.float(), lw.float(), lb.float())
     assert conv.dtype == lin.dtype == torch.float16 and f32.dtype == torch.float32
     assert torch.equal(conv, exact_conv.half()) and torch.equal(lin, exact_lin.half())
     assert torch.equal(f32, exact_lin)
+    assert torch.equal(at, (xa.float() @ wa.float()).half()) and torch.equal(addmm, exact_lin.half())
     assert not torch.equal(conv.float(), exact_conv)  # really rounded to float16
-    for got, native in ((conv, native_conv), (lin, native_lin)):
+    for got, native in ((conv, native_conv), (lin, native_lin), (at, native_at)):
         step = torch.finfo(torch.float16).eps * native.float().abs().clamp_min(1e-3)
         assert torch.all((got.float() - native.float()).abs() <= step)
 
