@@ -266,6 +266,43 @@ def test_actor_resources_never_starve_the_readers() -> None:
 # Ray ----------------------------------------------------------------------------------------------------
 
 
+def test_ray_notices_for_its_own_users_are_dropped() -> None:
+    """The two notices the driver drops exist, word for word, in the installed Ray (else the filter silently
+    stops working), and only they are dropped: the warning that authentication is *disabled* still shows."""
+    import importlib.util
+    import logging
+
+    from dtop_export.corpus import ray_pipeline
+
+    for name, notice in ray_pipeline._NOTICES.items():
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, f"Ray has no module {name} any more"
+        source = Path(spec.origin).read_text()
+        assert all(f'"{start}' in source for start in notice.starts), f"{name} no longer logs {notice.starts}"
+    ray_pipeline._quiet_notices()
+    ray_pipeline._quiet_notices()  # idempotent: one filter per logger
+    auth = "ray._private.authentication.authentication_token_setup"
+    assert len(logging.getLogger(auth).filters) == 1
+    seen: list[str] = []
+
+    class Collect(logging.Handler):  # on the loggers themselves: after ray.init, "ray" does not propagate
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    loggers = [logging.getLogger(auth), logging.getLogger("ray.data._internal.progress")]
+    handler = Collect(logging.WARNING)
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        loggers[0].warning("Token authentication is enabled for this Ray cluster. Set ...")
+        loggers[1].warning("Progress bars disabled. To enable, ...")
+        loggers[0].warning("Token authentication is disabled for this Ray cluster. Anyone ...")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    assert seen == ["Token authentication is disabled for this Ray cluster. Anyone ..."]
+
+
 def test_ray_equals_in_process(
     small_onnx: Path, corpus: Path, local_run: Path, ray_cluster: str, tmp_path: Path
 ) -> None:

@@ -150,12 +150,41 @@ def actor_resources(job: CorpusJob, cluster_cpus: float, cluster_gpus: float) ->
     return cpus, threads
 
 
+class _DropNotices(logging.Filter):
+    """Drops the log records of Ray's that start with one of ``starts`` (notices addressed to Ray's own users
+    that would read as problems of this job's)."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+# The local cluster a job starts lives as long as the job: Ray's notice that it enabled token authentication
+# (secure, the default) and how to opt out is not for our users; its notice that authentication is *disabled*
+# still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": _DropNotices("Token authentication is enabled"),
+    "ray.data._internal.progress": _DropNotices("Progress bars disabled"),
+}
+
+
+def _quiet_notices() -> None:
+    for name, notice in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if notice not in logger.filters:
+            logger.addFilter(notice)
+
+
 def _connect(address: str | None) -> bool:
     """Connect to (or start) a Ray cluster; True when this call started the connection."""
     import ray
 
     if ray.is_initialized():
         return False
+    _quiet_notices()
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
     except ConnectionError as e:
