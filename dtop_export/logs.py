@@ -8,17 +8,23 @@ import logging
 from collections.abc import Iterator
 
 
-@contextlib.contextmanager
-def quiet_logging(level: int = logging.ERROR) -> Iterator[None]:
+def quiet_logging(level: int = logging.ERROR) -> contextlib.AbstractContextManager[None]:
     """Raise the root logger's level for a while: ONNX Runtime's Python tools log notes that do not apply
     here (symbolic shape inference of dynamic H/W, "consider pre-processing")."""
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(level)
+    return quiet_logger("", level)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of the logger ``name`` ("" is the root) for a while: a library's logger with a level of
+    its own is not reached by the root's."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        root.setLevel(old)
+        logger.setLevel(old)
 
 
 @contextlib.contextmanager
