@@ -14,6 +14,15 @@ from typing import Any
 from dtop_export.errors import DToPError
 
 
+def output_folder(dest: str | os.PathLike[str]) -> Path:
+    """The folder ``dest`` is written into; a one-line :class:`DToPError` when it does not exist (outputs never
+    create folders: a mistyped path fails instead of scattering files)."""
+    parent = Path(dest).parent if str(Path(dest).parent) else Path(".")
+    if not parent.is_dir():
+        raise DToPError(f"output folder {parent} does not exist: create it or choose another path")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is renamed onto ``dest``.
@@ -22,9 +31,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     or failed write never leaves a half-written file behind.
     """
     dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise DToPError(f"output folder {parent} does not exist: create it or choose another -o path")
+    parent = output_folder(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -140,10 +140,9 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
-    import torch
-
+def check_checkpoint_file(path: str | Path) -> Path:
+    """The cheap checks of :func:`load_checkpoint` (exists, a file, a readable torch.save archive), for commands
+    that validate their input before anything else; one-line :class:`CheckpointError` on failure."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found: create one with `dtop-export init -o {path}`")
@@ -152,12 +151,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != b"PK\x03\x04":
+        if path.suffix.lower() in (".onnx", ".xml", ".plan"):
+            raise CheckpointError(f"{path} is an exported model, not a checkpoint: give the .pt it was exported from")
         raise CheckpointError(f"{path} is not a dtop-export checkpoint (not a torch.save archive)")
     try:
         with zipfile.ZipFile(path) as archive:
             archive.namelist()
     except zipfile.BadZipFile as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-copy or re-create it") from e
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    import torch
+
+    path = check_checkpoint_file(path)
     try:
         # memory-mapped: the tensors are read from the page cache when used, not copied twice on load
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -249,7 +249,21 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             out[v.name] = f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)} [{', '.join(dims)}]"
         return out
 
-    meta = metadata_of(proto)
+    report: dict[str, Any] = {
+        "file": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "opset": opset_of(proto) or None,
+        "inputs": sig(proto.graph.input),
+        "outputs": sig(proto.graph.output),
+        "nodes": len(proto.graph.node),
+    }
+    return report | metadata_report(metadata_of(proto))
+
+
+def metadata_report(meta: dict[str, str]) -> dict[str, Any]:
+    """The ``dtop.*`` metadata as ``info`` prints it, whichever file carried it (ONNX, OpenVINO IR, TensorRT
+    sidecar): ``metadata`` (JSON values decoded), ``config`` and ``provenance`` as sections of their own."""
     nice: dict[str, Any] = {}
     for k, v in meta.items():
         key = k.removeprefix("dtop.")
@@ -259,16 +273,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
             nice[key] = v
     config = nice.pop("config", None)
     provenance = nice.pop("provenance", None)
-    report: dict[str, Any] = {
-        "file": str(path),
-        "size_mb": round(path.stat().st_size / 2**20, 2),
-        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "opset": opset_of(proto) or None,
-        "inputs": sig(proto.graph.input),
-        "outputs": sig(proto.graph.output),
-        "nodes": len(proto.graph.node),
-        "metadata": nice,
-    }
+    report: dict[str, Any] = {"metadata": nice}
     if config is not None:
         report["config"] = config
     if provenance is not None:

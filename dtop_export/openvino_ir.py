@@ -52,14 +52,34 @@ def _save_atomic(model: Any, xml: Path) -> None:
     point), so a reader never sees a new .xml with an old or half-written .bin."""
     import openvino as ov
 
-    parent = xml.parent if str(xml.parent) else Path(".")
-    if not parent.is_dir():
-        raise DToPError(f"output folder {parent} does not exist: create it or choose another -o path")
+    from dtop_export.atomic import output_folder
+
+    parent = output_folder(xml)
     with tempfile.TemporaryDirectory(prefix=".dtop-ir-", dir=parent) as tmp:
         staged = Path(tmp) / xml.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
         for src, dest in zip(ir_files(staged), ir_files(xml)):
             os.replace(src, dest)
+
+
+def describe_ir(xml: Path) -> dict[str, Any]:
+    """What ``dtop-export info model.xml`` prints: size, I/O (OpenVINO's partial shapes), operations, the
+    precision it was written in and the ``dtop.*`` metadata from ``rt_info``."""
+    from dtop_export.contract import metadata_report
+    from dtop_export.engines.openvino import model_metadata, read_model
+
+    model = read_model(xml)
+
+    def sig(ports: Any) -> dict[str, str]:
+        return {p.get_any_name(): f"{p.get_element_type().get_type_name()} {p.get_partial_shape()}" for p in ports}
+
+    return {
+        "file": str(xml),
+        "size_mb": round(sum(f.stat().st_size for f in ir_files(xml) if f.is_file()) / 2**20, 2),
+        "inputs": sig(model.inputs),
+        "outputs": sig(model.outputs),
+        "operations": len(model.get_ops()),
+    } | metadata_report(model_metadata(model))
 
 
 def ignored_names(onnx_path: Path, keep_float: Sequence[str], model: Any) -> list[str]:
@@ -88,11 +108,13 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from dtop_export.logs import quiet_logging
+    from dtop_export.logs import quiet_logger, quiet_logging
 
     nncf.set_log_level(logging.WARNING)  # its INFO lines list every op it leaves float
     ignored = ignored_names(onnx_path, roles, model)
-    with quiet_logging():
+    # NNCF imports torch.utils.cpp_extension while it quantises, which logs "No CUDA runtime is found" on a
+    # machine with a CUDA toolkit and no GPU: nothing here compiles CUDA code
+    with quiet_logging(), quiet_logger("torch.utils.cpp_extension"):
         return nncf.quantize(
             model,
             nncf.Dataset(list(calib)),

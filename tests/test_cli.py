@@ -59,16 +59,57 @@ def test_init_and_info(tmp_path: Path) -> None:
         (["info", "garbage.pt"], "not a dtop-export checkpoint"),
         (["init", "--preset", "small", "-o", "no/such/dir/x.pt"], "does not exist"),
         (["embed", "garbage.pt", "no/photos/", "-o", "x.npy"], "no/photos not found: give image files or folders"),
+        (["onnx", "model.onnx"], "model.onnx is an exported model, not a checkpoint: give the .pt"),  # not "exists"
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    (tmp_path / "model.onnx").write_text("an ONNX file, as far as this test goes")
     r = subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init", "--preset", "small", "-o", "no/x.pt"],
+        ["onnx", "missing.pt", "-o", "no/x.onnx"],
+        ["whiten", "missing.pt", "--images", "photos", "-o", "no/w.pt"],
+        ["openvino", "missing.onnx", "-o", "no/m.xml"],
+        ["optimize", "missing.onnx", "-o", "no/m.onnx"],
+        ["quantize", "missing.onnx", "-o", "no/m.onnx"],
+        ["trt", "missing.onnx", "-o", "no/m.plan"],
+        ["trt", "missing.onnx", "--timing-cache", "no/t.cache"],
+        ["embed", "missing.onnx", "photos", "-o", "no/d.npy"],
+        ["embed", "missing.onnx", "photos", "-o", "d.npy", "--json", "no/d.json"],
+        ["evaluate", "missing.onnx", "--picture", "no/p.png"],
+        ["parity", "missing.pt", "missing.onnx", "--json", "no/p.json"],
+        ["check", "missing.onnx", "--json", "no/c.json"],
+        ["bench", "missing.onnx", "--plot", "no/b.png"],
+        ["bench", "missing.onnx", "--markdown", "no/b.md"],
+        ["index", "shards", "-o", "no/i.faiss"],
+        ["search", "missing.faiss", "missing.onnx", "q.jpg", "--picture", "no/h.png"],
+        ["cpp", "parity", "missing.onnx", "--json", "no/c.json"],
+    ],
+)
+def test_an_output_in_a_missing_folder_fails_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """Every file a command writes is checked while the command line is parsed: the error names the output,
+    not the (also missing) input, so it comes before any work: no export, embedding or benchmark is lost to a
+    mistyped folder at the end."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "output folder no does not exist: create it or choose another path" in err
+    assert not (tmp_path / "no").exists()
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

@@ -111,6 +111,22 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
 
 
+def test_info_describes_a_plan_from_its_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`info model.plan` needs neither TensorRT nor a GPU: it reads the sidecar."""
+    from cli_helpers import cli
+
+    plan = tmp_path / "m.plan"
+    assert cli("info", str(plan)) == 2 and "engine file" in capsys.readouterr().err
+    plan.write_bytes(b"\0" * 2048)
+    assert cli("info", str(plan)) == 2 and "m.plan.json not found" in capsys.readouterr().err
+    write_sidecar(plan, _info())
+    assert cli("info", str(plan), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tensorrt"] == "10.3.0.26" and report["gpu"]["name"] == "NVIDIA A100-SXM4-80GB"
+    assert report["precision"]["fp32_nodes"] == ["l2_div"] and report["profiles"] == [make_profiles()[0].to_dict()]
+    assert report["metadata"] == {"stride": 16, "descriptor_dim": 16}
+
+
 def test_sidecar_errors(tmp_path: Path) -> None:
     plan = tmp_path / "m.plan"
     with pytest.raises(DToPError, match="m.plan.json not found.*dtop-export trt"):

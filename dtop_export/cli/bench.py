@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dtop_export.cli.common import ProgressOpt, app, console, progress_bar
+from dtop_export.cli.common import ProgressOpt, app, console, output_option, progress_bar
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -46,9 +46,9 @@ def bench(
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Where --derive writes its files (default: a temp folder).")
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report (raw times) as JSON.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
-    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the Markdown tables here.")] = None,
+    json_out: Annotated[Path | None, output_option("--json", help="Write the full report (raw times) as JSON.")] = None,
+    plot: Annotated[Path | None, output_option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
+    markdown: Annotated[Path | None, output_option("--markdown", help="Also write the Markdown tables here.")] = None,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip counting FLOPs (GFLOP/s column).")] = False,
     precision: Annotated[
         str | None,
@@ -89,9 +89,6 @@ def bench(
         raise DToPError(f"bench --precision takes only 'auto' (got {precision!r}); other precisions go after a colon, "
                         "e.g. model.pt:bf16")  # fmt: skip
     specs = auto_specs([parse_spec(m) for m in models], add=precision == "auto")
-    for out in (json_out, plot, markdown):
-        if out is not None and not (out.parent if str(out.parent) else Path(".")).is_dir():
-            raise DToPError(f"output folder {out.parent} does not exist")
     con = console()
     with quiet_ort_logs():
         if derive:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, ProgressOpt, app, console, parse_keep_fp32
+from dtop_export.cli.common import KeepFp32Opt, ProgressOpt, app, console, output_option, parse_keep_fp32
 from dtop_export.errors import DToPError
 
 
@@ -34,7 +34,7 @@ def check(
     ] = 0.01,
     keep_fp32: KeepFp32Opt = None,
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Whole query images, not their boxes.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+    json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Check an ONNX file on the CPU: `--target tensorrt` lints it against TensorRT's ONNX parser (exit 1 when

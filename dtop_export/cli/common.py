@@ -91,6 +91,24 @@ def new_output(src: Path, output: Path | None, suffix: str, force: bool) -> Path
     return output
 
 
+def output_file(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """Option callback for a file a command writes: its folder must exist. It runs while the command line is
+    parsed, so a mistyped folder fails before the work, not after it (the writers check again when they write)."""
+    if value is not None:
+        from dtop_export.atomic import output_folder
+
+        try:
+            output_folder(value)
+        except DToPError as e:
+            raise DToPError(f"{param.opts[-1]} {value}: {e}") from None
+    return value
+
+
+def output_option(*names: str, help: str) -> Any:  # noqa: A002 - typer's keyword
+    """``typer.Option`` for a file the command writes (:func:`output_file` checks its folder while parsing)."""
+    return typer.Option(*names, callback=output_file, help=help)
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"224,384,512"`` -> [224, 384, 512] (the library's parser, imported lazily)."""
     from dtop_export.bench.spec import parse_int_list as parse
@@ -147,7 +165,7 @@ DataRootOpt = Annotated[
     typer.Option("--data-root", help="Folder holding the data sets (default: $DTOP_EXPORT_DATA or ~/.cache)."),
 ]
 NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use whole query images, not their bounding boxes.")]
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")]
+JsonOpt = Annotated[Path | None, output_option("--json", help="Also write the results as JSON to this file.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Folder of calibration images (default: the embedded sample set).")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console
+from dtop_export.cli.common import app, console, output_option
 
 cpp_app = typer.Typer(help="The C++ client: build dtop-embed and the dtop::Embedder library.", no_args_is_help=True)
 app.add_typer(cpp_app, name="cpp")
@@ -71,7 +71,7 @@ def cpp_parity(
     scales: Annotated[str, typer.Option("--scales", help="Comma-separated scales, or `ms`.")] = "1",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Same-shape images per pass.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="Threads for both runtimes.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+    json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
 ) -> None:
     """C++ client vs Python on the same model and files: descriptor cosine (>= 0.9999) and model-input
     difference (0 levels) per image, and the same skipped files. Exits 1 when the client breaks the contract."""

@@ -83,6 +83,7 @@ def embed(
     Unreadable images are reported and skipped. Folder output is resumable: re-running the same command
     writes only the shards that are missing.
     """
+    from dtop_export.atomic import output_folder
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
@@ -91,6 +92,7 @@ def embed(
     if output.suffix.lower() == ".npy":
         if use_ray:
             raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
+        output_folder(output)  # before the work: the writer would refuse it only at the end
         _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision)
         return
     if output.suffix and not output.is_dir():
@@ -114,14 +116,17 @@ def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
 
     con = console()
     summary = embed_corpus(job, log=lambda text: con.print(text, markup=False, soft_wrap=True))
-    table = Table(title=f"embedded {job.source} -> {job.output} ({summary.mode})")
-    for col in ("images", "embedded", "skipped", "this run", "shards written", "shards reused", "wall s", "images/s"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        str(summary.images), str(summary.embedded), str(summary.skipped), str(summary.processed),
-        str(summary.shards_written),
-        str(summary.shards_reused), f"{summary.wall_s:.1f}", f"{summary.images_per_s:.2f}",
-    )  # fmt: skip
+    table = Table(title=f"embedded {job.source} -> {job.output} ({summary.mode})", show_header=False)
+    table.add_column("", style="cyan")
+    table.add_column("", justify="right")
+    rows = {
+        "images": summary.images, "embedded": summary.embedded, "skipped": summary.skipped,
+        "processed in this run": summary.processed, "shards written": summary.shards_written,
+        "shards reused": summary.shards_reused, "wall time s": f"{summary.wall_s:.1f}",
+        "images/s": f"{summary.images_per_s:.2f}",
+    }  # fmt: skip
+    for name, value in rows.items():
+        table.add_row(name, str(value))
     con.print(table)
     if summary.actors:
         per = Table(title="per actor (images/s while embedding)")

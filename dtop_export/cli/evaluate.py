@@ -18,6 +18,7 @@ from dtop_export.cli.common import (
     ScalesOpt,
     app,
     open_engine,
+    output_option,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -41,7 +42,7 @@ def evaluate(
     json_out: JsonOpt = None,
     picture: Annotated[
         Path | None,
-        typer.Option("--picture", help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked."),
+        output_option("--picture", help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked."),
     ] = None,
     progress: ProgressOpt = True,
     precision: Annotated[

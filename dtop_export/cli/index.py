@@ -7,14 +7,14 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import ForceOpt, ProgressOpt, app, console, progress_bar
+from dtop_export.cli.common import ForceOpt, ProgressOpt, app, console, output_option, progress_bar
 from dtop_export.errors import DToPError
 
 
 @app.command()
 def index(
     shards: Annotated[Path, typer.Argument(help="A folder written by `dtop-export embed MODEL SOURCE -o FOLDER`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Index file to write (e.g. corpus.faiss).")],
+    output: Annotated[Path, output_option("-o", "--output", help="Index file to write (e.g. corpus.faiss).")],
     kind: Annotated[
         str, typer.Option("--type", help="flat (exact inner product) or ivfpq (compressed, for millions).")
     ] = "flat",
@@ -41,13 +41,14 @@ def index(
 ) -> None:
     """Index the descriptors of a shard folder (added shard by shard; faiss ids = the shards' keys)."""
     from dtop_export.corpus.index import build_corpus_index, sidecar_paths
-    from dtop_export.corpus.shards import read_manifest
+    from dtop_export.corpus.shards import read_manifest, shard_files
 
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
     if output.is_dir():
         raise DToPError(f"{output} is a folder: give -o a file name such as corpus.faiss")
-    manifest = read_manifest(shards) if shards.is_dir() else None
+    shard_files(shards)  # a folder without shards is an error before the progress bar is drawn
+    manifest = read_manifest(shards)
     total = int((manifest or {}).get("counts", {}).get("embedded", 0)) or None
     con = console()
     with progress_bar(con) as bar:

@@ -14,20 +14,22 @@ from dtop_export.errors import DToPError
 
 @app.command()
 def info(
-    path: Annotated[Path | None, typer.Argument(help="A checkpoint (.pt) or an exported model (.onnx).")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="A checkpoint (.pt) or an exported model (.onnx, IR .xml, TensorRT .plan).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="List the model presets.")] = False,
 ) -> None:
-    """Describe a checkpoint (config, parameters per component, whitening, provenance) or an ONNX file."""
+    """Describe a checkpoint (config, parameters per component, whitening, provenance) or an exported model
+    (ONNX, OpenVINO IR, TensorRT plan: I/O and the deployment metadata)."""
     if presets:
         _info_presets(as_json)
         return
     if path is None:
-        raise DToPError("give a checkpoint or .onnx path, or --presets")
-    if path.suffix.lower() == ".onnx":
-        from dtop_export.contract import read_onnx_metadata
-
-        _print_info(read_onnx_metadata(path), as_json, title=str(path))
+        raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .plan), or --presets")
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".xml", ".plan", ".engine"):
+        _print_info(_describe_model(path, suffix), as_json, title=str(path))
         return
     from dtop_export.checkpoint import load_checkpoint
     from dtop_export.model import parameter_counts
@@ -52,6 +54,20 @@ def info(
         "provenance": ckpt.provenance,
     }
     _print_info(report, as_json, title=str(path))
+
+
+def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
+    if suffix == ".onnx":
+        from dtop_export.contract import read_onnx_metadata
+
+        return read_onnx_metadata(path)
+    if suffix == ".xml":
+        from dtop_export.openvino_ir import describe_ir
+
+        return describe_ir(path)
+    from dtop_export.engines.tensorrt.sidecar import describe_plan
+
+    return describe_plan(path)
 
 
 def _info_presets(as_json: bool) -> None:

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app
+from dtop_export.cli.common import app, output_option
 from dtop_export.errors import DToPError
 
 
 @app.command()
 def init(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Checkpoint file to write.")],
+    output: Annotated[Path, output_option("-o", "--output", help="Checkpoint file to write.")],
     preset: Annotated[str, typer.Option("--preset", "-p", help="Model preset (see `info --presets`).")] = (
         "r50-vitb16"
     ),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console
+from dtop_export.cli.common import app, console, output_option
 from dtop_export.errors import DToPError
 
 
@@ -15,7 +15,7 @@ from dtop_export.errors import DToPError
 def onnx(
     checkpoint: Annotated[Path, typer.Argument(help="dtop-export checkpoint (.pt).")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="ONNX file to write (default: next to the checkpoint).")
+        Path | None, output_option("-o", "--output", help="ONNX file to write (default: next to the checkpoint).")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18..23).")] = 18,
     static: Annotated[
@@ -35,10 +35,13 @@ def onnx(
     batchnorm and whitening folded, metadata for deployers."""
     from dtop_export.digest import prefetch_sha256
 
+    prefetch_sha256(checkpoint)  # hashed on the other core while torch imports; the metadata records it
+    from dtop_export.checkpoint import check_checkpoint_file
+
+    check_checkpoint_file(checkpoint)  # before the output's: `onnx m.onnx` would say m.onnx exists
     output = output or checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
-    prefetch_sha256(checkpoint)  # hashed on the other core while torch imports; the metadata records it
     from dtop_export.export import export_onnx, parse_hw
 
     static_hw = parse_hw(static) if static else None

@@ -16,6 +16,7 @@ from dtop_export.cli.common import (
     app,
     console,
     new_output,
+    output_option,
     parse_int_list,
 )
 
@@ -30,7 +31,7 @@ def openvino(
         ),
     ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="The IR's .xml (default: MODEL.xml, MODEL.int8.xml).")
+        Path | None, output_option("-o", "--output", help="The IR's .xml (default: MODEL.xml, MODEL.int8.xml).")
     ] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise to INT8 (calibration images).")] = False,
     recipe: Annotated[

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, new_output, parse_int_list
+from dtop_export.cli.common import app, console, new_output, output_option, parse_int_list
 
 
 @app.command()
 def optimize(
     model: Annotated[Path, typer.Argument(help="An fp32 ONNX file from `dtop-export onnx`.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Default: MODEL.opt.onnx.")] = None,
+    output: Annotated[Path | None, output_option("-o", "--output", help="Default: MODEL.opt.onnx.")] = None,
     no_attention: Annotated[
         bool, typer.Option("--no-attention", help="Keep attention as exported (no MultiHeadAttention fusion).")
     ] = False,

@@ -18,6 +18,7 @@ from dtop_export.cli.common import (
     app,
     console,
     new_output,
+    output_option,
     parse_int_list,
     progress_bar,
 )
@@ -26,7 +27,7 @@ from dtop_export.cli.common import (
 @app.command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="An fp32 ONNX file (`onnx`, or `optimize` for the fastest).")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Default: MODEL.int8.onnx.")] = None,
+    output: Annotated[Path | None, output_option("-o", "--output", help="Default: MODEL.int8.onnx.")] = None,
     calib: CalibOpt = None,
     calib_count: CalibCountOpt = 16,
     calib_sizes: CalibSizesOpt = "320,512",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import BatchOpt, JsonOpt, app, console, write_json
+from dtop_export.cli.common import BatchOpt, JsonOpt, app, console, output_option, write_json
 from dtop_export.errors import DToPError
 
 
@@ -25,7 +25,7 @@ def search(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for embedding the queries.")] = None,
     json_out: JsonOpt = None,
     picture: Annotated[
-        Path | None, typer.Option("--picture", help="Write a PNG: each query and its top results (at most 8).")
+        Path | None, output_option("--picture", help="Write a PNG: each query and its top results (at most 8).")
     ] = None,
 ) -> None:
     """Embed QUERIES with MODEL (the corpus's image size and scales) and print their top-k corpus images."""

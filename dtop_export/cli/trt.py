@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, app, console, parse_keep_fp32
+from dtop_export.cli.common import KeepFp32Opt, app, console, output_option, parse_keep_fp32
 from dtop_export.errors import DToPError
 
 _SHAPE_HELP = "Profile {} shape BxCxHxW (default {}); repeat --min/--opt/--max for several profiles."
@@ -19,7 +19,7 @@ MaxOpt = Annotated[list[str] | None, typer.Option("--max", help=_SHAPE_HELP.form
 @app.command()
 def trt(
     model: Annotated[Path | None, typer.Argument(help="A float32 (or FP16) ONNX file from `dtop-export onnx`.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Engine file (default: MODEL.plan).")] = None,
+    output: Annotated[Path | None, output_option("-o", "--output", help="Engine file (default: MODEL.plan).")] = None,
     fp16: Annotated[
         bool, typer.Option("--fp16", help="FP16 with FP32 islands (LayerNorm, Softmax, L2 norms, ...).")
     ] = False,
@@ -28,7 +28,7 @@ def trt(
     max_shape: MaxOpt = None,
     workspace: Annotated[float, typer.Option("--workspace", help="Builder workspace limit in GiB.")] = 4.0,
     timing_cache: Annotated[
-        Path | None, typer.Option("--timing-cache", help="Timing cache file: loaded if present, saved after.")
+        Path | None, output_option("--timing-cache", help="Timing cache file: loaded if present, saved after.")
     ] = None,
     weak_typing: Annotated[
         bool,
@@ -37,7 +37,7 @@ def trt(
     no_tf32: Annotated[bool, typer.Option("--no-tf32", help="Disable TF32 (strict FP32 parity).")] = False,
     keep_fp32: KeepFp32Opt = None,
     fp16_onnx: Annotated[
-        Path | None, typer.Option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx).")
+        Path | None, output_option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx).")
     ] = None,
     print_trtexec: Annotated[
         bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec command and stop (no GPU needed).")
@@ -56,7 +56,7 @@ def trt(
     full: Annotated[
         bool, typer.Option("--full", help="--self-test: also r50-vitb16 at the default profile + latency vs ORT.")
     ] = False,
-    report: Annotated[Path | None, typer.Option("--json", help="--self-test: write the JSON report here.")] = None,
+    report: Annotated[Path | None, output_option("--json", help="--self-test: write the JSON report here.")] = None,
     device: Annotated[int, typer.Option("--device", help="CUDA device index.")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing engine.")] = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app
+from dtop_export.cli.common import app, output_option
 from dtop_export.cli.train import setup_logging
 from dtop_export.errors import DToPError
 
@@ -36,7 +36,7 @@ def whiten(
             "in [0, 1] (0 = cirtorch's exact Lw). Keeps the projection well-conditioned for FP16/INT8."
         ),
     ] = "auto",
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of in place.")] = None,
+    output: Annotated[Path | None, output_option("-o", "--output", help="Write here instead of in place.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""

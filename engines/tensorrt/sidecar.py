@@ -80,6 +80,28 @@ def read_sidecar(plan: str | Path, path: str | Path | None = None) -> PlanInfo:
         raise DToPError(f"{path} is incomplete ({e}): rebuild the engine with `dtop-export trt`") from e
 
 
+def describe_plan(plan: str | Path) -> dict[str, Any]:
+    """What ``dtop-export info model.plan`` prints, read from the sidecar (no TensorRT or GPU needed): the
+    TensorRT and GPU it was built with, profiles, precision, the ONNX it came from and the dtop metadata."""
+    from dtop_export.contract import metadata_report
+
+    plan = Path(plan)
+    if not plan.is_file():
+        raise DToPError(f"engine file {plan} not found")
+    info = read_sidecar(plan)
+    return {
+        "file": str(plan),
+        "size_mb": round(plan.stat().st_size / 2**20, 2),
+        "tensorrt": info.tensorrt_version,
+        "gpu": info.gpu,
+        "precision": info.precision,
+        "profiles": info.profiles,
+        "onnx": info.onnx,
+        "build": info.build,
+        "io": {"input": info.input_name, "output": info.output_name},
+    } | metadata_report(info.metadata)
+
+
 def compatibility(info: PlanInfo, tensorrt_version: str, gpu: GpuInfo) -> tuple[str | None, str | None]:
     """(error, warning) for running an engine described by ``info`` with this TensorRT on ``gpu``.
 
