@@ -140,6 +140,10 @@ def save_checkpoint(
     return path
 
 
+# what `onnx`, `openvino` and `trt` write (dtop_export.engines' IR_/PLAN_SUFFIXES; the core does not import engines)
+EXPORTED_SUFFIXES = (".onnx", ".xml", ".plan", ".engine", ".trt")
+
+
 def check_checkpoint_file(path: str | Path) -> Path:
     """The cheap checks of :func:`load_checkpoint` (exists, a file, a readable torch.save archive), for commands
     that validate their input before anything else; one-line :class:`CheckpointError` on failure."""
@@ -151,7 +155,7 @@ def check_checkpoint_file(path: str | Path) -> Path:
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != b"PK\x03\x04":
-        if path.suffix.lower() in (".onnx", ".xml", ".plan"):
+        if path.suffix.lower() in EXPORTED_SUFFIXES:
             raise CheckpointError(f"{path} is an exported model, not a checkpoint: give the .pt it was exported from")
         raise CheckpointError(f"{path} is not a dtop-export checkpoint (not a torch.save archive)")
     try:

@@ -1,11 +1,23 @@
-"""Quieting chatty libraries for a while: Python logging (ONNX Runtime's Python tools) and ONNX Runtime's
-C++ logger."""
+"""Quieting chatty libraries: Python logging for a while (ONNX Runtime's Python tools, one named logger), single
+notices for good (:class:`DropMessages`), and ONNX Runtime's C++ logger."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Iterator
+
+
+class DropMessages(logging.Filter):
+    """A logger filter that drops the records whose message starts with one of ``starts`` (a library's notice
+    that does not apply here), and lets every other record of that logger through."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
 
 
 def quiet_logging(level: int = logging.ERROR) -> contextlib.AbstractContextManager[None]:

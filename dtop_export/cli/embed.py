@@ -16,12 +16,18 @@ from dtop_export.cli.common import (
     ScalesOpt,
     app,
     console,
+    output_file,
     write_json,
 )
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob
+
+
+def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
+    """``-o X.npy`` is a file in an existing folder (:func:`output_file`); a shard folder is created as needed."""
+    return output_file(param, value) if value.suffix.lower() == ".npy" else value
 
 
 @app.command()
@@ -43,7 +49,10 @@ def embed(
     output: Annotated[
         Path,
         typer.Option(
-            "-o", "--output", help="X.npy: one descriptor matrix; a folder: resumable Parquet shards + manifest.json."
+            "-o",
+            "--output",
+            callback=_npy_output,
+            help="X.npy: one descriptor matrix; a folder: resumable Parquet shards + manifest.json.",
         ),
     ],
     batch_size: BatchOpt = 1,
@@ -83,7 +92,6 @@ def embed(
     Unreadable images are reported and skipped. Folder output is resumable: re-running the same command
     writes only the shards that are missing.
     """
-    from dtop_export.atomic import output_folder
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
@@ -92,7 +100,6 @@ def embed(
     if output.suffix.lower() == ".npy":
         if use_ray:
             raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
-        output_folder(output)  # before the work: the writer would refuse it only at the end
         _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision)
         return
     if output.suffix and not output.is_dir():

@@ -27,8 +27,10 @@ def info(
         return
     if path is None:
         raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .plan), or --presets")
+    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES
+
     suffix = path.suffix.lower()
-    if suffix in (".onnx", ".xml", ".plan", ".engine"):
+    if suffix in (".onnx", *IR_SUFFIXES, *PLAN_SUFFIXES):
         _print_info(_describe_model(path, suffix), as_json, title=str(path))
         return
     from dtop_export.checkpoint import load_checkpoint
@@ -57,11 +59,13 @@ def info(
 
 
 def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
+    from dtop_export.engines import IR_SUFFIXES
+
     if suffix == ".onnx":
         from dtop_export.contract import read_onnx_metadata
 
         return read_onnx_metadata(path)
-    if suffix == ".xml":
+    if suffix in IR_SUFFIXES:
         from dtop_export.openvino_ir import describe_ir
 
         return describe_ir(path)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.errors import DToPError
+from dtop_export.logs import DropMessages
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob, ShardAssembler
@@ -150,24 +151,12 @@ def actor_resources(job: CorpusJob, cluster_cpus: float, cluster_gpus: float) ->
     return cpus, threads
 
 
-class _DropNotices(logging.Filter):
-    """Drops the log records of Ray's that start with one of ``starts`` (notices addressed to Ray's own users
-    that would read as problems of this job's)."""
-
-    def __init__(self, *starts: str) -> None:
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.starts)
-
-
 # The local cluster a job starts lives as long as the job: Ray's notice that it enabled token authentication
 # (secure, the default) and how to opt out is not for our users; its notice that authentication is *disabled*
 # still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
 _NOTICES = {
-    "ray._private.authentication.authentication_token_setup": _DropNotices("Token authentication is enabled"),
-    "ray.data._internal.progress": _DropNotices("Progress bars disabled"),
+    "ray._private.authentication.authentication_token_setup": DropMessages("Token authentication is enabled"),
+    "ray.data._internal.progress": DropMessages("Progress bars disabled"),
 }
 
 
