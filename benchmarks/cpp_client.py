@@ -33,8 +33,9 @@ import numpy as np
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "camera", "cat")
 
 
-def write_photos(folder: Path, n: int) -> list[Path]:
-    """``n`` JPEGs (q90, longer side 1024, cycling through scikit-image's photos with different crops)."""
+def write_photos(folder: Path, n: int, aspects: list[tuple[int, int]] | None = None) -> list[Path]:
+    """``n`` JPEGs (q90, longer side 1024, cycling through scikit-image's photos with different crops); with
+    ``aspects`` (width:height pairs, cycled) each crop is cut to the next aspect instead, as a camera's are."""
     import skimage
     from PIL import Image
 
@@ -46,6 +47,11 @@ def write_photos(folder: Path, n: int) -> list[Path]:
         img = Image.open(sources[i % len(sources)]).convert("RGB")
         w, h = img.size
         crop = img.crop((i % 3 * w // 20, i % 2 * h // 20, w - i % 4 * w // 30, h))  # vary sizes/aspects
+        if aspects:
+            aw, ah = aspects[i % len(aspects)]
+            cw, ch = crop.size
+            cw, ch = (cw, round(cw * ah / aw)) if cw * ah <= ch * aw else (round(ch * aw / ah), ch)
+            crop = crop.crop((0, 0, cw, ch))
         f = 1024 / max(crop.size)
         crop = crop.resize((round(crop.width * f), round(crop.height * f)), Image.Resampling.BICUBIC)
         path = folder / f"photo_{i:03d}.jpg"

@@ -4,7 +4,8 @@ Measures the PyTorch engine on CUDA (what a Ray actor with ``--gpus-per-actor 1`
 runs) on random inputs: r50-vitb16, fp32 and fp16, 512² and 1024², batch 1 and 8; median of ``--runs`` after
 3 warm-ups (``embed`` returns host arrays, so every run ends synchronised). Then, if pyarrow is importable,
 the in-process corpus job end to end on ``--images`` JPEGs at 1024 px (decode + preprocess in one CPU process
-feeding the GPU), and with ray importable the same job through the Ray pipeline with one GPU actor.
+feeding the GPU), and with ray importable the same job through the Ray pipeline: one actor holding the GPU,
+and two actors sharing it (``--gpus-per-actor 0.5``), the JPEGs decoded by Ray tasks on the other CPUs.
 
     python benchmarks/gpu_corpus_rate.py --json OUT/gpu_corpus_rate.json
 """
@@ -50,28 +51,87 @@ def model_rates(ckpt: Path, sizes: list[int], batches: list[int], runs: int) -> 
     return out
 
 
-def corpus_rates(ckpt: Path, n_images: int, work: Path) -> dict[str, Any]:
+CORPUS_MODES: dict[str, dict[str, Any]] = {
+    "in-process": {},
+    "ray 1 actor x 1 GPU": {"use_ray": True, "actors": 1, "gpus_per_actor": 1.0},
+    "ray 2 actors x 0.5 GPU": {"use_ray": True, "actors": 2, "gpus_per_actor": 0.5},
+}
+
+
+def corpus_rates(
+    ckpt: Path,
+    n_images: int,
+    batch: int,
+    modes: list[str],
+    precisions: list[str],
+    aspects: str,
+    repeats: int,
+    work: Path,
+) -> dict[str, Any]:
+    """``embed_corpus`` end to end on ``n_images`` 1024 px JPEGs, per mode and precision. The Ray modes share
+    one local cluster started here (its start-up reported once, as ``ray_start_s``, not in the rows)."""
     from cpp_client import write_photos
 
     from dtop_export.corpus.embed import CorpusJob, embed_corpus
+    from dtop_export.corpus.runtime import model_contract
+    from dtop_export.preprocess import image_size, model_size
 
-    photos = write_photos(work / "photos", n_images)[0].parent
-    out: dict[str, Any] = {}
-    modes = {"in-process": {}}
+    ratios = [tuple(int(v) for v in a.split(":")) for a in aspects.split(",")] if aspects != "varied" else None
+    paths = write_photos(work / "photos", n_images, ratios)  # type: ignore[arg-type]
+    photos = paths[0].parent
+    cfg = model_contract(str(ckpt)).preprocess
+    shapes = {model_size(*image_size(p), cfg, 1024) for p in paths}  # type: ignore[misc]
+    out: dict[str, Any] = {"images": n_images, "batch_size": batch, "aspects": aspects, "input_shapes": len(shapes)}
+    print(f"{n_images} photos ({aspects}): {len(shapes)} distinct model input shapes at 1024 px", flush=True)
+    if any(CORPUS_MODES[m] for m in modes):
+        try:
+            import ray
+        except ImportError:
+            out["ray"] = "not importable: Ray modes not run"
+            modes = [m for m in modes if not CORPUS_MODES[m]]
+        else:
+            t0 = time.perf_counter()
+            ray.init(include_dashboard=False, logging_level="ERROR")
+            out["ray_start_s"] = time.perf_counter() - t0
+            out["ray_resources"] = ray.cluster_resources()
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        import ray  # noqa: F401
+        for rep in range(repeats):  # modes interleaved, so drift hits them alike
+            for name in modes:
+                for precision in precisions:
+                    job = CorpusJob(
+                        f"{ckpt}:device=cuda",
+                        str(photos),
+                        work / f"out-{rep}-{name}-{precision}",
+                        image_size=1024,
+                        precision=precision,
+                        batch_size=batch,
+                        progress=False,
+                        **CORPUS_MODES[name],
+                    )
+                    s = embed_corpus(job)
+                    busy = sum(a.busy_s for a in s.actors)
+                    runs.setdefault(f"{name} {precision}", []).append(
+                        {
+                            "wall_s": s.wall_s,
+                            "images_per_s": s.images_per_s,
+                            "actors_busy_s": busy,
+                            "actors": [a.__dict__ for a in s.actors],
+                        }  # fmt: skip
+                    )
+                    print(f"[{rep + 1}/{repeats}] corpus {name} {precision} 1024 px, batch {batch}: {s.wall_s:.1f} s, "
+                          f"{s.images_per_s:.2f} img/s end to end, actors busy {busy:.1f} s", flush=True)  # fmt: skip
+        for key, rs in runs.items():
+            out[key] = {
+                "wall_s": statistics.median(r["wall_s"] for r in rs),
+                "images_per_s": statistics.median(r["images_per_s"] for r in rs),
+                "runs": rs,
+            }
+    finally:
+        if "ray_start_s" in out:
+            import ray
 
-        modes["ray 1 GPU actor"] = {"use_ray": True, "actors": 1, "gpus_per_actor": 1.0}
-    except ImportError:
-        out["ray"] = "not importable: Ray mode not run"
-    for name, kw in modes.items():
-        for precision in ("fp32", "fp16"):
-            job = CorpusJob(f"{ckpt}:device=cuda", str(photos), work / f"out-{name}-{precision}", image_size=1024,
-                            precision=precision, batch_size=4, progress=False, **kw)  # fmt: skip
-            s = embed_corpus(job)
-            out[f"{name} {precision}"] = {"wall_s": s.wall_s, "images_per_s": s.images_per_s,
-                                          "actors": [a.__dict__ for a in s.actors]}  # fmt: skip
-            print(f"corpus {name} {precision} 1024 px: {s.images_per_s:.2f} img/s end to end", flush=True)
+            ray.shutdown()
     return out
 
 
@@ -81,6 +141,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=8, help="Corpus jobs' batch size.")
+    ap.add_argument("--modes", default=",".join(CORPUS_MODES), help=f"Corpus modes, of: {', '.join(CORPUS_MODES)}.")
+    ap.add_argument("--precisions", default="fp32,fp16")
+    ap.add_argument("--repeats", type=int, default=1, help="Corpus runs per mode, interleaved; medians reported.")
+    ap.add_argument("--aspects", default="varied", help="'varied' crops, or width:height pairs cycled: 4:3,3:4,3:2")
+    ap.add_argument("--skip-model", action="store_true", help="Only the corpus jobs.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     import torch
@@ -97,9 +163,8 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "command": " ".join(sys.argv),
     }
-    report["model"] = model_rates(
-        ckpt, [int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")], args.runs
-    )
+    sizes, batches = [int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")]
+    report["model"] = [] if args.skip_model else model_rates(ckpt, sizes, batches, args.runs)
     best = {}
     for r in report["model"]:
         key = f"{r['precision']} {r['size']}"
@@ -108,7 +173,11 @@ def main() -> None:
     try:
         import pyarrow  # noqa: F401
 
-        report["corpus"] = corpus_rates(ckpt, args.images, work)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+        report["corpus"] = corpus_rates(
+            ckpt, args.images, args.batch_size, modes, precisions, args.aspects, args.repeats, work
+        )
     except ImportError:
         report["corpus"] = "pyarrow not importable: corpus job not run"
     if args.json:

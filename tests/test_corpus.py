@@ -263,6 +263,75 @@ def test_actor_resources_never_starve_the_readers() -> None:
         actor_resources(job(actors=2, gpus_per_actor=1.0), 8.0, 1.0)
 
 
+def test_gpu_actor_leaves_num_cpus_to_ray_data() -> None:
+    """A GPU actor at the default 1 CPU names only its GPUs (Ray warns that giving both is experimental); Ray
+    Data itself still reserves 1 CPU for it, so the reservation is unchanged; other sizings are passed on."""
+    from ray.data._internal.execution.operators.map_operator import _canonicalize_ray_remote_args
+
+    from dtop_export.corpus.ray_pipeline import actor_remote_args, actor_resources
+
+    def job(**kw: Any) -> CorpusJob:
+        return CorpusJob("m.pt:device=cuda", "src", Path("o"), use_ray=True, **kw)
+
+    gpu = job(gpus_per_actor=1.0)
+    cpus, _ = actor_resources(gpu, 16.0, 1.0)
+    assert cpus == 1.0 and actor_remote_args(gpu, cpus) == {"num_gpus": 1.0}
+    assert _canonicalize_ray_remote_args(actor_remote_args(gpu, cpus))["num_cpus"] == 1  # Ray's default
+    assert actor_remote_args(gpu, 0.5) == {"num_cpus": 0.5, "num_gpus": 1.0}  # a 2-CPU node: less than 1
+    asked = job(gpus_per_actor=0.5, cpus_per_actor=1.0)
+    assert actor_remote_args(asked, 1.0) == {"num_cpus": 1.0, "num_gpus": 0.5}  # what the user asked for
+    assert actor_remote_args(job(), 3.5) == {"num_cpus": 3.5}
+
+
+def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> None:
+    """Rows of three interleaved shapes in one actor call run as three full batches of 8, each descriptor in its
+    row's place; a read task reserves at least what Ray measured for a 16-row block at 1024 px on a GPU node."""
+    from dtop_export.corpus.ray_pipeline import EmbedActor, read_block_rows, read_task_memory
+
+    class CountingEngine:
+        descriptor_dim = 4
+        batches: list[int] = []
+
+        def embed(self, x: np.ndarray) -> np.ndarray:
+            self.batches.append(len(x))
+            return np.repeat(x.mean(axis=(1, 2, 3))[:, None], 4, axis=1).astype(np.float32)
+
+    actor = EmbedActor.__new__(EmbedActor)
+    actor.engine, actor.batch_size, actor.name = CountingEngine(), 8, "test"
+    shapes = [(3, 48, 64), (3, 64, 48), (3, 64, 64)]
+    ragged = np.empty(24, dtype=object)
+    ragged[:] = [np.full(shapes[i % 3], float(i), np.float32) for i in range(24)]
+    batch = {"key": np.arange(24), "scale": np.zeros(24, np.int32), "tensor": ragged, "error": np.full(24, "")}
+    out = actor(batch)
+    assert sorted(actor.engine.batches) == [8, 8, 8]
+    assert np.allclose(out["descriptor"][:, 0], np.arange(24))
+    assert read_task_memory(16, 1024, [1.0]) > 546 * 2**20  # Ray's issue detector: "used up to 546.3MiB"
+    assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
+    gib = 2**30
+    assert read_block_rows(16, 1024, [1.0], 16 * gib) == 16
+    assert read_block_rows(16, 1024, [1.0], 1 * gib) == 8  # halved until within half the cluster's memory
+    assert read_task_memory(8, 1024, [1.0]) <= gib / 2 < read_task_memory(16, 1024, [1.0])
+    with pytest.raises(DToPError, match="smaller --image-size"):
+        read_block_rows(16, 8192, [1.0], 1 * gib)
+
+
+def test_progress_rate_is_the_average_since_the_start() -> None:
+    """Ray returns whole batches: 12 images in one burst after 30 s read 0.40 img/s, not rich's windowed speed
+    over a same-instant burst; the ETA follows the same rate."""
+    from types import SimpleNamespace
+
+    from dtop_export.corpus.embed import progress_bar
+
+    bar = progress_bar(False)
+    rate, eta = bar.columns[3], bar.columns[6]
+    done = SimpleNamespace(completed=12, elapsed=30.0, total=12, finished=True)
+    half = SimpleNamespace(completed=6, elapsed=30.0, total=12, finished=False)
+    start = SimpleNamespace(completed=0, elapsed=4.0, total=12, finished=False)
+    assert str(rate.render(done)) == "0.40 img/s" and str(eta.render(done)) == "0:00:00"
+    assert str(rate.render(half)) == "0.20 img/s" and str(eta.render(half)) == "0:00:30"
+    assert str(rate.render(start)) == "- img/s" and str(eta.render(start)) == "-:--:--"
+
+
 # Ray ----------------------------------------------------------------------------------------------------
 
 

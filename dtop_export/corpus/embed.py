@@ -14,6 +14,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,6 +180,11 @@ class ShardAssembler:
         return not self.work
 
 
+def average_rate(completed: float, elapsed: float | None) -> float | None:
+    """Completed items per second since the start; None before the first item."""
+    return completed / elapsed if completed and elapsed else None
+
+
 def progress_bar(enabled: bool) -> Any:
     """The driver's bar: description, bar, done/total, images/s, elapsed and ETA."""
     from rich.progress import (
@@ -188,13 +194,27 @@ def progress_bar(enabled: bool) -> Any:
         ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
-        TimeRemainingColumn,
     )
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
+        """Images per second since the job started: Ray delivers whole batches at once, and rich's windowed
+        speed over a burst of same-instant updates reads hundreds of images per second."""
+
         def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:.2f} img/s" if task.speed else "- img/s")
+            rate = average_rate(task.completed, task.elapsed)
+            return Text(f"{rate:.2f} img/s" if rate else "- img/s")
+
+    class EtaColumn(ProgressColumn):
+        """Time left at the average rate (rich's estimate uses the windowed speed, see :class:`RateColumn`)."""
+
+        def render(self, task: Any) -> Text:
+            rate = average_rate(task.completed, task.elapsed)
+            if task.finished:
+                return Text("0:00:00")
+            if not rate or task.total is None:
+                return Text("-:--:--")
+            return Text(str(timedelta(seconds=round((task.total - task.completed) / rate))))
 
     return Progress(
         TextColumn("{task.description}"),
@@ -203,7 +223,7 @@ def progress_bar(enabled: bool) -> Any:
         RateColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        EtaColumn(),
         disable=not enabled,
     )
 

@@ -35,9 +35,34 @@ ROWS_PER_READ_TASK = 16  # images per read/decode task (fewer when the job is sm
 # logical CPUs a read/decode task asks for, and the CPUs kept free for them when actors are sized by default
 READ_TASK_CPUS = 0.5
 READ_RESERVE_CPUS = 1.0
-# memory a read task reserves (one decoded image and its tensors); a remote argument the actors lack, which also
-# keeps Ray Data from fusing decoding into the actors (fused, an actor would decode and infer in turn)
-READ_TASK_MEMORY = 256 * 2**20
+
+
+def tensor_bytes(image_size: int, scales: list[float]) -> int:
+    """Bytes of one image's float32 input tensors at its largest shape, summed over ``scales``."""
+    return sum(3 * 4 * round(image_size * s) ** 2 for s in scales)
+
+
+def read_task_memory(rows: int, image_size: int, scales: list[float]) -> int:
+    """Memory a read/decode task reserves: the worker (~160 MiB) and 2.5x its block's tensors (the decoded
+    images and Ray Data's copy of the output block; a 16-row block at 1024 px peaked at 546 MiB on a GPU node).
+    A remote argument the actors lack, which also keeps Ray Data from fusing decoding into the actors (fused,
+    an actor would decode and infer in turn)."""
+    return 160 * 2**20 + int(2.5 * rows * tensor_bytes(image_size, scales))
+
+
+def read_block_rows(rows: int, image_size: int, scales: list[float], cluster_memory: float) -> int:
+    """``rows`` per read task, halved until a task's reservation fits in half the cluster's ``memory``
+    resource (Ray would otherwise wait for memory that never frees up, silently); refuses sizes where not
+    even one image fits."""
+    while rows > 1 and read_task_memory(rows, image_size, scales) > cluster_memory / 2:
+        rows //= 2
+    need = read_task_memory(rows, image_size, scales)
+    if need > cluster_memory:
+        raise DToPError(
+            f"one {image_size} px image at scales {scales} needs {need / 2**30:.1f} GiB to decode; the Ray cluster "
+            f"offers {cluster_memory / 2**30:.1f} GiB of task memory: use a smaller --image-size or a larger node"
+        )
+    return rows
 
 
 def preprocess_rows(
@@ -151,6 +176,16 @@ def actor_resources(job: CorpusJob, cluster_cpus: float, cluster_gpus: float) ->
     return cpus, threads
 
 
+def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
+    """Ray resources of one embedding actor. A GPU actor gets Ray Data's own default of 1 CPU by leaving
+    ``num_cpus`` out: Ray warns that giving both is experimental; it is given only when it is not 1 CPU."""
+    if not job.gpus_per_actor:
+        return {"num_cpus": cpus}
+    if cpus == 1.0 and job.cpus_per_actor is None:
+        return {"num_gpus": job.gpus_per_actor}
+    return {"num_cpus": cpus, "num_gpus": job.gpus_per_actor}
+
+
 # The local cluster a job starts lives as long as the job: Ray's notice that it enabled token authentication
 # (secure, the default) and how to opt out is not for our users; its notice that authentication is *disabled*
 # still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
@@ -215,19 +250,21 @@ def run_ray(
         todo = assembler.items()
         rows = [{"key": it.key, "path": it.path} for it in todo]
         # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
+        size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
         per_block = max(1, min(ROWS_PER_READ_TASK, len(rows) // (4 * job.actors)))
+        per_block = read_block_rows(per_block, size, scales, float(res.get("memory", 0)))
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
         ds = ds.map_batches(
             preprocess_rows,
             fn_kwargs={
                 "preprocess": contract.preprocess.to_dict(),
-                "image_size": int(job.image_size or contract.preprocess.size),
-                "scales": [float(s) for s in job.scales],
+                "image_size": size,
+                "scales": scales,
             },
             batch_size=None,
             batch_format="numpy",
             num_cpus=READ_TASK_CPUS,
-            memory=READ_TASK_MEMORY,
+            memory=read_task_memory(per_block, size, scales),
         )
         ds = ds.map_batches(
             EmbedActor,
@@ -240,8 +277,7 @@ def run_ray(
             batch_size=job.batch_size * len(job.scales),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
-            num_cpus=cpus,
-            num_gpus=job.gpus_per_actor or None,
+            **actor_remote_args(job, cpus),
         )
         stats: dict[str, ActorStats] = {}
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
