@@ -27,6 +27,33 @@ COMPILE_MODES: dict[bool | str, str | None] = {
 }
 
 
+def check_device(device: str) -> None:
+    """Refuse, in one line that says what to do, a device PyTorch cannot use here (before the model moves)."""
+    import os
+
+    import torch
+
+    from dtop_export.errors import DToPError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DToPError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DToPError(
+            f"device {device}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
+            + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+            + "): use device=cpu, or run on a machine with an NVIDIA GPU (a Ray job reserves one per actor with "
+            "--gpus-per-actor)"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DToPError(f"device {device}: PyTorch sees {count} CUDA GPU(s) here: use cuda:0 to cuda:{count - 1}")
+
+
 class TorchEngine(Engine):
     """Eager PyTorch on CPU/CUDA: ``normalize(whiten(normalize(model(x))))`` like the exported graph.
 
@@ -68,6 +95,7 @@ class TorchEngine(Engine):
         if compile not in COMPILE_MODES:
             raise DToPError(f"compile must be false, true/default or max-autotune, got {compile!r}")
         self.compile_mode = COMPILE_MODES[compile]
+        check_device(str(device))
         self.stride = model.stride
         self.channels_last = False
         if precision == "bf16":

@@ -235,6 +235,37 @@ def test_embed_cli_errors(small_onnx: Path, corpus: Path, tmp_path: Path, capsys
     assert not (tmp_path / "d" / MANIFEST).exists()
 
 
+def test_gpu_models_are_placed_before_any_output(
+    small_ckpt: Path, small_onnx: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that needs a GPU is refused in one line before the output folder exists: on Ray when its actors
+    reserve no GPU (Ray hides every GPU from them), in-process when PyTorch sees no CUDA device."""
+    import torch
+
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.engines.pytorch import check_device
+
+    out = tmp_path / "d"
+    for model in (f"{small_onnx}:provider=cuda", f"{small_ckpt}:device=cuda:0", str(tmp_path / "m.plan")):
+        if model.endswith(".plan"):
+            Path(model).write_bytes(b"plan")
+        assert cli("embed", model, str(corpus), "-o", str(out), "--ray") == 2
+        err = capsys.readouterr().err
+        assert "give --gpus-per-actor" in err and err.count("error:") == 1 and "Traceback" not in err
+    assert parse_spec(f"{small_ckpt}:fp16,device=cuda:1").options == {"precision": "fp16", "device": "cuda:1"}
+    with pytest.raises(DToPError, match="unknown device 'gpu'"):
+        check_device("gpu")
+    check_device("cpu")
+    if not torch.cuda.is_available():
+        assert cli("embed", f"{small_ckpt}:device=cuda", str(corpus), "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert "PyTorch sees no CUDA GPU here" in err and "Traceback" not in err
+    else:
+        with pytest.raises(DToPError, match="use cuda:0 to"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    assert not out.exists()
+
+
 def test_precision_reaches_the_engine(small_onnx: Path, corpus: Path, local_run: Path, tmp_path: Path) -> None:
     src = tmp_path / "list.txt"
     src.write_text("\n".join(str(p) for p in sorted((corpus / "sample").glob("*.jpg"))[:6]) + "\n")
@@ -384,6 +415,22 @@ def test_ray_equals_in_process(
     assert summary["mode"] == "ray" and summary["duplicates"] == 0
     assert sum(a["images"] for a in summary["actors"]) == summary["embedded"]
     assert len(summary["actors"]) == 2 and all(a["images"] > 0 for a in summary["actors"])  # both actors worked
+
+
+def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
+    small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An engine that fails to open inside the actors (here a bad option; on a cluster a runtime or GPU missing
+    on a node) ends the job with one line naming the actor and the reason: no restart loop, no tracebacks. The
+    folder it leaves (a manifest, no shard) takes the corrected command without --force."""
+    out = tmp_path / "o"
+    args = [str(corpus), "-o", str(out), "--image-size", str(SIZE), "--ray", "--no-progress"]
+    assert cli("embed", f"{small_onnx}:provider=nope", *args) == 2
+    err = capsys.readouterr().err
+    assert "a Ray actor could not open" in err and "unknown ONNX Runtime provider 'nope'" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not list(out.glob("shard-*.parquet"))
+    assert cli("embed", str(small_onnx), *args) == 0
 
 
 def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:

@@ -30,18 +30,17 @@ class EngineSpec:
 
 
 def parse_spec(text: str) -> EngineSpec:
-    """``model.pt``, ``model.pt:bf16``, ``model.onnx:threads=1,label=ort``, ``model.onnx:openvino`` ->
-    :class:`EngineSpec`.
+    """``model.pt``, ``model.pt:bf16``, ``model.onnx:threads=1,label=ort``, ``model.onnx:openvino``,
+    ``model.pt:fp16,device=cuda:1`` -> :class:`EngineSpec`.
 
     A bare option is a precision (fp32, bf16, fp16, int8) or a runtime (``openvino`` runs an ``.onnx`` in
     OpenVINO); ``key=value`` options go to the engine's constructor (ints and floats are converted), except
     ``label``, which names the row.
     """
     path_text, opts_text = text, ""
-    if ":" in text:
-        head, tail = text.rsplit(":", 1)
-        if "/" not in tail and "\\" not in tail and head:
-            path_text, opts_text = head, tail
+    colon = text.find(":", max(text.rfind("/"), text.rfind("\\")) + 1)  # the first ':' in the file name
+    if colon > 0:  # so that a value may hold one: device=cuda:1
+        path_text, opts_text = text[:colon], text[colon + 1 :]
     options: dict[str, Any] = {}
     label = None
     for item in filter(None, (o.strip() for o in opts_text.split(","))):

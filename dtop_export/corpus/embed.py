@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dtop_export.corpus.runtime import ActorStats, ModelContract, engine_options, model_contract, open_model
+from dtop_export.corpus.runtime import (
+    ActorStats,
+    ModelContract,
+    check_placement,
+    engine_options,
+    model_contract,
+    open_model,
+)
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
 from dtop_export.errors import DToPError
 
@@ -304,6 +311,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     if job.threads is not None and job.threads < 1:
         raise DToPError(f"--threads must be >= 1, got {job.threads}")
     engine = engine_key(job)
+    check_placement(job.model, job.use_ray, job.gpus_per_actor)
     t0 = time.perf_counter()
     items = list_source(job.source)
     contract = model_contract(job.model)

@@ -104,21 +104,47 @@ def preprocess_rows(
     }
 
 
-class EmbedActor:
-    """One engine in one Ray actor: rows of equal tensor shape are stacked into batches of ``batch_size``."""
+OPEN_FAILED = -2  # the scale of rows an actor returns when it could not open its engine
 
-    def __init__(self, model: str, threads: int | None, batch_size: int, precision: str | None = None) -> None:
+
+class EmbedActor:
+    """One engine in one Ray actor: rows of equal tensor shape are stacked into batches of ``batch_size``.
+
+    An engine that cannot be opened (no GPU visible, a runtime missing on this node, a bad option) is reported
+    with the actor's first rows (scale :data:`OPEN_FAILED`, the reason as their error) for the driver to stop
+    the job in one line: raised here, Ray would restart the actor, fail the same way, and print every
+    traceback on the driver's console."""
+
+    def __init__(
+        self, model: str, threads: int | None, batch_size: int, precision: str | None = None, descriptor_dim: int = 0
+    ) -> None:
         import ray
 
         from dtop_export.corpus.runtime import open_model
 
-        self.engine = open_model(model, threads, precision)
-        self.batch_size = batch_size
         actor = ray.get_runtime_context().get_actor_id() or "driver"
         self.name = f"actor {actor[:8]} pid {os.getpid()}"
+        self.batch_size = batch_size
+        self.descriptor_dim = descriptor_dim
+        self.open_error = ""
+        try:
+            self.engine = open_model(model, threads, precision)
+        except Exception as e:  # noqa: BLE001 - any failure to open is the job's error, reported by the driver
+            self.engine = None
+            reason = str(e) if isinstance(e, DToPError) else f"{type(e).__name__}: {e}"
+            self.open_error = f"{self.name} on {ray.util.get_node_ip_address()}: {reason}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
+        if self.engine is None:
+            return {
+                "key": np.asarray(batch["key"], np.int64),
+                "scale": np.full(n, OPEN_FAILED, np.int32),
+                "error": np.asarray([self.open_error] * n, dtype=object),
+                "descriptor": np.zeros((n, self.descriptor_dim), np.float32),
+                "actor": np.asarray([self.name] * n, dtype=object),
+                "busy_s": np.zeros(n),
+            }
         desc = np.zeros((n, self.engine.descriptor_dim), np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
@@ -273,6 +299,7 @@ def run_ray(
                 "threads": threads,
                 "precision": job.precision,
                 "batch_size": job.batch_size,
+                "descriptor_dim": contract.descriptor_dim,
             },
             batch_size=job.batch_size * len(job.scales),
             batch_format="numpy",
@@ -285,6 +312,8 @@ def run_ray(
                 key, scale = int(out["key"][i]), int(out["scale"][i])
                 st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
                 st.busy_s += float(out["busy_s"][i])
+                if scale == OPEN_FAILED:
+                    raise DToPError(f"a Ray actor could not open {job.model}: {out['error'][i]}")
                 if scale < 0:
                     advance(assembler.fail(key, str(out["error"][i])))
                     continue

@@ -96,6 +96,39 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
     return spec.path, options
 
 
+def gpu_reason(model: str) -> str | None:
+    """Why MODEL runs on an NVIDIA GPU (``a TensorRT plan``, ``device=cuda``, ``provider=cuda``), or None."""
+    from dtop_export.bench.spec import parse_spec
+
+    spec = parse_spec(model)
+    if spec.kind in ("plan", "engine", "trt"):
+        return "a TensorRT plan"
+    device, provider = str(spec.options.get("device", "cpu")), str(spec.options.get("provider", "cpu"))
+    if spec.kind == "checkpoint" and device.startswith("cuda"):
+        return f"device={device}"
+    if spec.kind == "onnx" and provider in ("cuda", "tensorrt"):
+        return f"provider={provider}"
+    return None
+
+
+def check_placement(model: str, use_ray: bool, gpus_per_actor: float) -> None:
+    """Refuse, before any output, a GPU model where it cannot get one: a Ray job whose actors reserve no GPU
+    (Ray hides every GPU from them), or a PyTorch checkpoint on CUDA in a process that sees none."""
+    why = gpu_reason(model)
+    if why is None:
+        return
+    if use_ray:
+        if not gpus_per_actor:
+            raise DToPError(
+                f"{model} runs on a GPU ({why}): give --gpus-per-actor (1 for a GPU per actor); Ray hides the GPUs "
+                "from actors that reserve none"
+            )
+    elif why.startswith("device="):
+        from dtop_export.engines.pytorch import check_device
+
+        check_device(why.removeprefix("device="))
+
+
 def open_model(model: str, threads: int | None = None, precision: str | None = None) -> Engine:
     """The engine of MODEL with the options of :func:`engine_options`."""
     from dtop_export.engines import load_engine

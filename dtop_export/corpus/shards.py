@@ -192,7 +192,8 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
     """Make ``folder`` ready for a job under ``settings``; returns the shard indices still to write.
 
     Removes temporary files left by a killed run. With ``force`` every earlier shard and the manifest go;
-    otherwise earlier output under other settings is refused with what changed.
+    otherwise earlier shards under other settings are refused with what changed (a manifest alone, from a run
+    that wrote none, is replaced).
     """
     if folder.exists() and not folder.is_dir():
         raise DToPError(f"{folder} exists and is not a folder: choose another -o")
@@ -204,6 +205,8 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
             p.unlink()
         (folder / MANIFEST).unlink(missing_ok=True)
     manifest = read_manifest(folder)
+    if manifest is not None and not any(folder.glob(SHARD_GLOB)):
+        manifest = None  # a run that wrote no shard (it failed to start, say) leaves nothing to protect
     if manifest is not None:
         old = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source")}
         changed = _differences(old, settings.fingerprint())
