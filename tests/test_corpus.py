@@ -342,6 +342,7 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
     assert read_block_rows(16, 1024, [1.0], 16 * gib) == 16
     assert read_block_rows(16, 1024, [1.0], 1 * gib) == 8  # halved until within half the cluster's memory
     assert read_task_memory(8, 1024, [1.0]) <= gib / 2 < read_task_memory(16, 1024, [1.0])
+    assert read_block_rows(16, 1024, [1.0], 0.0) == 16  # no memory resource reported
     with pytest.raises(DToPError, match="smaller --image-size"):
         read_block_rows(16, 8192, [1.0], 1 * gib)
 
@@ -430,6 +431,11 @@ def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
     assert "a Ray actor could not open" in err and "unknown ONNX Runtime provider 'nope'" in err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert not list(out.glob("shard-*.parquet"))
+    if sys.version_info >= (3, 11):  # --debug shows the actor's own traceback
+        with pytest.raises(DToPError) as info:
+            embed_corpus(CorpusJob(f"{small_onnx}:provider=nope", str(corpus), out, image_size=SIZE, use_ray=True,
+                                   progress=False))  # fmt: skip
+        assert "Traceback" in info.value.__notes__[0] and "OnnxRuntimeEngine" in info.value.__notes__[0]
     assert cli("embed", str(small_onnx), *args) == 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,8 @@ def read_block_rows(rows: int, image_size: int, scales: list[float], cluster_mem
     """``rows`` per read task, halved until a task's reservation fits in half the cluster's ``memory``
     resource (Ray would otherwise wait for memory that never frees up, silently); refuses sizes where not
     even one image fits."""
+    if cluster_memory <= 0:  # a cluster that reports no memory resource: nothing to fit
+        return rows
     while rows > 1 and read_task_memory(rows, image_size, scales) > cluster_memory / 2:
         rows //= 2
     need = read_task_memory(rows, image_size, scales)
@@ -112,8 +115,8 @@ class EmbedActor:
 
     An engine that cannot be opened (no GPU visible, a runtime missing on this node, a bad option) is reported
     with the actor's first rows (scale :data:`OPEN_FAILED`, the reason as their error) for the driver to stop
-    the job in one line: raised here, Ray would restart the actor, fail the same way, and print every
-    traceback on the driver's console."""
+    the job in one line (the actor's traceback rides along, for ``--debug``): raised here, the actor dies in
+    its creation task and Ray prints its traceback several times over on the driver's console."""
 
     def __init__(
         self, model: str, threads: int | None, batch_size: int, precision: str | None = None, descriptor_dim: int = 0
@@ -130,9 +133,12 @@ class EmbedActor:
         try:
             self.engine = open_model(model, threads, precision)
         except Exception as e:  # noqa: BLE001 - any failure to open is the job's error, reported by the driver
+            import traceback
+
             self.engine = None
             reason = str(e) if isinstance(e, DToPError) else f"{type(e).__name__}: {e}"
-            self.open_error = f"{self.name} on {ray.util.get_node_ip_address()}: {reason}"
+            where = f"{self.name} on {ray.util.get_node_ip_address()}"
+            self.open_error = f"{where}: {reason}\n{traceback.format_exc()}"  # line 1 is the message
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -313,7 +319,11 @@ def run_ray(
                 st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
                 st.busy_s += float(out["busy_s"][i])
                 if scale == OPEN_FAILED:
-                    raise DToPError(f"a Ray actor could not open {job.model}: {out['error'][i]}")
+                    message, _, actor_traceback = str(out["error"][i]).partition("\n")
+                    error = DToPError(f"a Ray actor could not open {job.model}: {message}")
+                    if sys.version_info >= (3, 11):  # shown under --debug
+                        error.add_note(f"the actor's traceback:\n{actor_traceback}")
+                    raise error
                 if scale < 0:
                     advance(assembler.fail(key, str(out["error"][i])))
                     continue
