@@ -116,11 +116,18 @@ def corpus_rates(
                             "wall_s": s.wall_s,
                             "images_per_s": s.images_per_s,
                             "actors_busy_s": busy,
+                            "first_result_s": s.first_result_s,
+                            "steady_images_per_s": s.steady_images_per_s,
                             "actors": [a.__dict__ for a in s.actors],
-                        }  # fmt: skip
+                        }
                     )
-                    print(f"[{rep + 1}/{repeats}] corpus {name} {precision} 1024 px, batch {batch}: {s.wall_s:.1f} s, "
-                          f"{s.images_per_s:.2f} img/s end to end, actors busy {busy:.1f} s", flush=True)  # fmt: skip
+                    steady, start = s.steady_images_per_s or 0.0, s.first_result_s or 0.0
+                    print(
+                        f"[{rep + 1}/{repeats}] corpus {name} {precision} 1024 px, batch {batch}: {s.wall_s:.1f} s, "
+                        f"{s.images_per_s:.2f} img/s end to end ({steady:.2f} after a start-up of {start:.1f} s), "
+                        f"actors busy {busy:.1f} s",
+                        flush=True,
+                    )
         for key, rs in runs.items():
             out[key] = {
                 "wall_s": statistics.median(r["wall_s"] for r in rs),

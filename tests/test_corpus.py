@@ -352,7 +352,7 @@ def test_progress_rate_is_the_average_since_the_start() -> None:
     over a same-instant burst; the ETA follows the same rate."""
     from types import SimpleNamespace
 
-    from dtop_export.corpus.embed import progress_bar
+    from dtop_export.corpus.embed import progress_bar, steady_rate
 
     bar = progress_bar(False)
     rate, eta = bar.columns[3], bar.columns[6]
@@ -362,6 +362,8 @@ def test_progress_rate_is_the_average_since_the_start() -> None:
     assert str(rate.render(done)) == "0.40 img/s" and str(eta.render(done)) == "0:00:00"
     assert str(rate.render(half)) == "0.20 img/s" and str(eta.render(half)) == "0:00:30"
     assert str(rate.render(start)) == "- img/s" and str(eta.render(start)) == "-:--:--"
+    # the summary's rate after start-up: 20 images in the 10 s after the first result at 10 s
+    assert steady_rate((10.0, 4), (20.0, 24)) == 2.0 and steady_rate((10.0, 4), (10.0, 4)) is None
 
 
 # Ray ----------------------------------------------------------------------------------------------------
@@ -416,6 +418,7 @@ def test_ray_equals_in_process(
     assert summary["mode"] == "ray" and summary["duplicates"] == 0
     assert sum(a["images"] for a in summary["actors"]) == summary["embedded"]
     assert len(summary["actors"]) == 2 and all(a["images"] > 0 for a in summary["actors"])  # both actors worked
+    assert 0 < summary["first_result_s"] < summary["wall_s"]  # start-up (cluster, actors, model) reported apart
 
 
 def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(

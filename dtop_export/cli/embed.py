@@ -132,6 +132,10 @@ def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
         "shards reused": summary.shards_reused, "wall time s": f"{summary.wall_s:.1f}",
         "images/s": f"{summary.images_per_s:.2f}",
     }  # fmt: skip
+    if summary.first_result_s is not None:
+        rows["start-up s (to the first result)"] = f"{summary.first_result_s:.1f}"
+    if summary.steady_images_per_s is not None:
+        rows["images/s after start-up"] = f"{summary.steady_images_per_s:.2f}"
     for name, value in rows.items():
         table.add_row(name, str(value))
     con.print(table)

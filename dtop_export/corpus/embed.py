@@ -74,6 +74,8 @@ class CorpusSummary:
     wall_s: float
     duplicates: int = 0
     actors: list[ActorStats] = field(default_factory=list)
+    first_result_s: float | None = None  # start-up: from the start to the first result (model load, cluster)
+    steady_images_per_s: float | None = None  # the images after the first result over the time after it
 
     @property
     def images_per_s(self) -> float:
@@ -82,6 +84,8 @@ class CorpusSummary:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["images_per_s"] = round(self.images_per_s, 3)
+        if self.steady_images_per_s is not None:
+            d["steady_images_per_s"] = round(self.steady_images_per_s, 3)
         for a, s in zip(d["actors"], self.actors):
             a["images_per_s"] = round(s.images_per_s, 3)
         return d
@@ -185,6 +189,15 @@ class ShardAssembler:
     @property
     def complete(self) -> bool:
         return not self.work
+
+
+def steady_rate(first: tuple[float, int], end: tuple[float, int]) -> float | None:
+    """Images per second after the first result, from its (time, images done) and the job's end: the rate a
+    longer job of the same kind approaches, start-up (listing, cluster, model load) excluded. None when
+    nothing came after the first result."""
+    if end[0] <= first[0] or end[1] <= first[1]:
+        return None
+    return (end[1] - first[1]) / (end[0] - first[0])
 
 
 def average_rate(completed: float, elapsed: float | None) -> float | None:
@@ -330,9 +343,13 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     with progress_bar(job.progress and n_todo > 0) as bar:
         task = bar.add_task("embedding" + (" (ray)" if job.use_ray else ""), total=n_todo)
 
+        first: list[tuple[float, int]] = []  # (time, images done) at the first result
+
         def advance(n: int) -> None:
             if n:
                 bar.advance(task, n)
+                if not first:
+                    first.append((time.perf_counter(), n))
 
         if n_todo == 0:
             stats: list[ActorStats] = []
@@ -342,6 +359,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
             stats = run_ray(job, contract, assembler, advance, say)
         else:
             stats = run_local(job, assembler, advance)
+    end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
     skipped = collect_skipped(job.output, range(n_shards))
@@ -353,9 +371,11 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         skipped=len(skipped),
         shards_written=assembler.written,
         shards_reused=n_shards - len(pending),
-        wall_s=time.perf_counter() - t0,
+        wall_s=end - t0,
         duplicates=assembler.duplicates,
         actors=stats,
+        first_result_s=first[0][0] - t0 if first else None,
+        steady_images_per_s=steady_rate(first[0], (end, n_todo)) if first else None,
     )
     write_manifest(
         job.output,
