@@ -425,7 +425,7 @@ def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
     small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An engine that fails to open inside the actors (here a bad option; on a cluster a runtime or GPU missing
-    on a node) ends the job with one line naming the actor and the reason: no restart loop, no tracebacks. The
+    on a node) ends the job with one line naming the actor and the reason, no tracebacks (Ray printed ~300). The
     folder it leaves (a manifest, no shard) takes the corrected command without --force."""
     out = tmp_path / "o"
     args = [str(corpus), "-o", str(out), "--image-size", str(SIZE), "--ray", "--no-progress"]
