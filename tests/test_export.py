@@ -355,10 +355,12 @@ def test_cli_onnx_and_info(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_full_preset_ort_matches_pytorch(full_export: tuple[Path, Path], batch: int) -> None:
-    """The paper's R50+ViT-B/16 model: export in-budget and ORT parity at every shape."""
+    """The paper's R50+ViT-B/16 model: ORT parity at every shape in batch 1; batch 4 (the dynamic batch axis
+    against reshapes that could mix images) at a square and two non-square shapes, not again at 1024 px (the
+    suite's costliest call: 2.5 minutes on 2 cores)."""
     ckpt, onnx_path = full_export
     ref, ort = _engines(ckpt, onnx_path)
-    for h, w in PARITY_SHAPES:
+    for h, w in PARITY_SHAPES if batch == 1 else [(224, 224), (384, 512), (640, 384)]:
         x = np.random.default_rng(h + w).standard_normal((batch, 3, h, w)).astype(np.float32)
         a, b = ref.embed(x), ort.embed(x)
         cos = (a * b).sum(1)
