@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
     from dtop_export.contract import Engine
     from dtop_export.preprocess import PreprocessConfig
 
@@ -50,7 +51,7 @@ def model_contract(model: str) -> ModelContract:
         ckpt = load_checkpoint(spec.path)
         dim = ckpt.whitening.out_dim if ckpt.whitening is not None else ckpt.config.descriptor_dim
         return ModelContract(ckpt.preprocess, int(dim))
-    if spec.kind in ("plan", "engine", "trt"):
+    if _is_plan(spec):
         from dtop_export.engines.tensorrt.sidecar import read_sidecar
 
         meta = read_sidecar(spec.path).metadata
@@ -81,7 +82,7 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
 
         path, options = resolve_auto(spec.path)
         spec, precision = parse_spec(str(path)), None
-    if threads and spec.kind not in ("plan", "engine", "trt"):
+    if threads and not _is_plan(spec):
         options["threads"] = threads
     if precision is not None:
         if precision not in PRECISIONS:
@@ -96,25 +97,35 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
     return spec.path, options
 
 
-def gpu_reason(model: str) -> str | None:
-    """Why MODEL runs on an NVIDIA GPU (``a TensorRT plan``, ``device=cuda``, ``provider=cuda``), or None."""
-    from dtop_export.bench.spec import parse_spec
+def _is_plan(spec: EngineSpec) -> bool:
+    from dtop_export.engines import PLAN_SUFFIXES
 
-    spec = parse_spec(model)
-    if spec.kind in ("plan", "engine", "trt"):
+    return spec.path.suffix.lower() in PLAN_SUFFIXES
+
+
+def gpu_reason(spec: EngineSpec) -> str | None:
+    """Why the model of ``spec`` runs on an NVIDIA GPU (``a TensorRT plan``, ``device=cuda``,
+    ``provider=cuda``), or None."""
+    from dtop_export.engines.ort import PROVIDERS
+
+    if _is_plan(spec):
         return "a TensorRT plan"
     device, provider = str(spec.options.get("device", "cpu")), str(spec.options.get("provider", "cpu"))
     if spec.kind == "checkpoint" and device.startswith("cuda"):
         return f"device={device}"
-    if spec.kind == "onnx" and provider in ("cuda", "tensorrt"):
+    if spec.kind == "onnx" and provider in PROVIDERS and provider != "cpu":
         return f"provider={provider}"
     return None
 
 
 def check_placement(model: str, use_ray: bool, gpus_per_actor: float) -> None:
     """Refuse, before any output, a GPU model where it cannot get one: a Ray job whose actors reserve no GPU
-    (Ray hides every GPU from them), or a PyTorch checkpoint on CUDA in a process that sees none."""
-    why = gpu_reason(model)
+    (Ray hides every GPU from them), or a PyTorch checkpoint on CUDA in a process that sees none (the check
+    :class:`~dtop_export.engines.pytorch.TorchEngine` makes when it loads, made before the job writes)."""
+    from dtop_export.bench.spec import parse_spec
+
+    spec = parse_spec(model)
+    why = gpu_reason(spec)
     if why is None:
         return
     if use_ray:
@@ -123,10 +134,10 @@ def check_placement(model: str, use_ray: bool, gpus_per_actor: float) -> None:
                 f"{model} runs on a GPU ({why}): give --gpus-per-actor (1 for a GPU per actor); Ray hides the GPUs "
                 "from actors that reserve none"
             )
-    elif why.startswith("device="):
+    elif spec.kind == "checkpoint":
         from dtop_export.engines.pytorch import check_device
 
-        check_device(why.removeprefix("device="))
+        check_device(str(spec.options["device"]))
 
 
 def open_model(model: str, threads: int | None = None, precision: str | None = None) -> Engine:
