@@ -129,3 +129,13 @@ def test_commands_with_progress_bars_take_no_progress(command: str) -> None:
     cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
     flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
     assert "--no-progress" in flags, f"{command} has no --no-progress"
+
+
+def test_bench_engine_error_leaves_stdout_empty(tmp_path: Path) -> None:
+    """A transient bar on a stdout that is not a terminal is not drawn: rich left an empty line there, in
+    front of the one-line error (and of a script's parse of the table)."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not an onnx file")
+    r = run("bench", str(bad), "--runs", "1", "--warmup", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert r.stdout == ""

@@ -268,6 +268,33 @@ def test_batching_groups_equal_shapes_and_changes_nothing() -> None:
     assert sum(c[0] for c in many.calls) == len(imgs)
 
 
+def test_progress_counts_images_once_every_scale_is_embedded(tmp_path: Path) -> None:
+    """``advance`` fires after the engine ran on an image's last scale (was: as soon as it was read, so the
+    bar ran ahead of batched work and a corpus job's start-up ended before anything was embedded)."""
+    engine = TinyImageEngine()
+    log: list[tuple[int, int]] = []  # (images reported done, engine calls made by then)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    imgs: list[Image.Image | Path] = [*_images(), bad]
+    extract(
+        engine, imgs, scales=(1.0, 0.5), progress=False, image_size=128, batch_size=4, errors=[],
+        advance=lambda k: log.append((k, len(engine.calls))),
+    )  # fmt: skip
+    # nothing fills a batch of 4 while reading, so only the unreadable file is reported before the engine
+    # runs; then each image when its second scale's batch is done: the three 64x48 images (2 batches), the
+    # 48x64 one (2 more), the 80x80 one (2 more)
+    assert log == [(1, 0), (3, 2), (1, 4), (1, 6)]
+
+
+def test_two_scales_of_one_shape_in_one_batch_finish_the_image() -> None:
+    engine, done = TinyImageEngine(), []
+    img = _images(1)
+    same = extract(engine, img, scales=(1.0, 1.05), progress=False, image_size=64, batch_size=2, advance=done.append)
+    assert engine.calls == [(2, 3, 48, 64)]  # both scales round to one shape: one batch holds the image twice
+    assert done == [1]
+    assert np.allclose(same, extract(TinyImageEngine(), img, progress=False, image_size=64), atol=1e-6)
+
+
 def test_unreadable_images_are_recorded_or_raised(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     _images(1)[0].save(good)

@@ -59,9 +59,13 @@ def console() -> Console:
 
 
 def progress_bar(con: Console | None = None, transient: bool = False, enabled: bool = True) -> Any:
-    """A rich progress bar: description, bar, done/total, elapsed time (drawn only if ``enabled``)."""
+    """A rich progress bar: description, bar, done/total, elapsed time (drawn only if ``enabled``). A
+    ``transient`` bar is not drawn on a console that is not a terminal: rich would leave an empty line there
+    (in front of a table or an error on stdout) where a terminal erases the bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if transient and enabled:
+        enabled = (con or console()).is_terminal
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

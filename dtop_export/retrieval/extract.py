@@ -55,7 +55,8 @@ def extract_many(
     input shape are batched up to ``batch_size``. With ``errors`` (a list), unreadable images are recorded
     there as ``(index, message)`` and left out of the result; otherwise they raise :class:`DToPError`.
     ``load`` turns an item into a PIL image (default: :func:`~dtop_export.preprocess.load_image` for paths);
-    ``advance(n)`` is called as images are done (for a caller's own progress bar).
+    ``advance(n)`` is called as images are done, i.e. once every scale of an image has been embedded (or it
+    failed to load): the bar and a caller's own progress count descriptors, not images read.
     """
     from dtop_export.preprocess import load_image, prepare
 
@@ -73,6 +74,13 @@ def extract_many(
     acc = [np.zeros((n, d), dtype=np.float64) for d in dims]
     ok = np.ones(n, dtype=bool)
     buckets: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    scales_left = np.full(n, len(scales), dtype=np.int64)  # per image: scales not embedded yet
+
+    def done(count: int) -> None:
+        if count:
+            prog.advance(task, count)
+            if advance:
+                advance(count)
 
     def flush(key: tuple[int, ...]) -> None:
         items = buckets.pop(key, [])
@@ -87,7 +95,9 @@ def extract_many(
             if len(scales) == 1:
                 a[idx] = out
             else:
-                a[idx] += out
+                np.add.at(a, idx, out)  # not a[idx] += out: that adds once for an index listed twice
+        np.subtract.at(scales_left, idx, 1)  # not scales_left[idx] -= 1: two scales of an image may share a batch
+        done(len({i for i in idx if scales_left[i] == 0}))  # every image here was unfinished before this batch
 
     with _progress(progress) as prog:
         task = prog.add_task(description, total=n)
@@ -101,18 +111,14 @@ def extract_many(
                     raise
                 errors.append((i, str(e)))
                 ok[i] = False
-                prog.advance(task)
-                if advance:
-                    advance(1)
+                scales_left[i] = 0
+                done(1)
                 continue
             for t in tensors:
                 key = t.shape
                 buckets.setdefault(key, []).append((i, t))
                 if len(buckets[key]) >= batch_size:
                     flush(key)
-            prog.advance(task)
-            if advance:
-                advance(1)
         for key in list(buckets):
             flush(key)
     results = []
