@@ -317,7 +317,7 @@ def test_gpu_actor_leaves_num_cpus_to_ray_data() -> None:
 def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> None:
     """Rows of three interleaved shapes in one actor call run as three full batches of 8, each descriptor in its
     row's place; a read task reserves at least what Ray measured for a 16-row block at 1024 px on a GPU node."""
-    from dtop_export.corpus.ray_pipeline import EmbedActor, read_block_rows, read_task_memory
+    from dtop_export.corpus.ray_pipeline import EmbedActor, largest_node_memory, read_block_rows, read_task_memory
 
     class CountingEngine:
         descriptor_dim = 4
@@ -340,11 +340,17 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
     assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
     gib = 2**30
     assert read_block_rows(16, 1024, [1.0], 16 * gib) == 16
-    assert read_block_rows(16, 1024, [1.0], 1 * gib) == 8  # halved until within half the cluster's memory
+    assert read_block_rows(16, 1024, [1.0], 1 * gib) == 8  # halved until within half the node's memory
     assert read_task_memory(8, 1024, [1.0]) <= gib / 2 < read_task_memory(16, 1024, [1.0])
     assert read_block_rows(16, 1024, [1.0], 0.0) == 16  # no memory resource reported
     with pytest.raises(DToPError, match="smaller --image-size"):
         read_block_rows(16, 8192, [1.0], 1 * gib)
+    # a task runs on one node: two 1 GiB nodes (and a dead 16 GiB one) offer 1 GiB, not the 2 GiB Ray sums
+    nodes = [{"Alive": True, "Resources": {"CPU": 2, "memory": gib}}] * 2
+    nodes += [{"Alive": False, "Resources": {"memory": 16 * gib}}, {"Alive": True, "Resources": {"CPU": 1}}]
+    assert largest_node_memory(nodes) == gib
+    assert read_block_rows(16, 1024, [1.0], largest_node_memory(nodes)) == 8
+    assert largest_node_memory([]) == 0.0
 
 
 def test_progress_rate_is_the_average_since_the_start() -> None:

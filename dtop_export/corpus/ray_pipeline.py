@@ -51,21 +51,27 @@ def read_task_memory(rows: int, image_size: int, scales: list[float]) -> int:
     return 160 * 2**20 + int(2.5 * rows * tensor_bytes(image_size, scales))
 
 
-def read_block_rows(rows: int, image_size: int, scales: list[float], cluster_memory: float) -> int:
-    """``rows`` per read task, halved until a task's reservation fits in half the cluster's ``memory``
-    resource (Ray would otherwise wait for memory that never frees up, silently); refuses sizes where not
-    even one image fits."""
-    if cluster_memory <= 0:  # a cluster that reports no memory resource: nothing to fit
+def read_block_rows(rows: int, image_size: int, scales: list[float], node_memory: float) -> int:
+    """``rows`` per read task, halved until a task's reservation fits in half of ``node_memory`` (the largest
+    node's ``memory`` resource, :func:`largest_node_memory`: a task runs on one node, and Ray would otherwise
+    wait for memory that never frees up, silently); refuses sizes where not even one image fits."""
+    if node_memory <= 0:  # a cluster that reports no memory resource: nothing to fit
         return rows
-    while rows > 1 and read_task_memory(rows, image_size, scales) > cluster_memory / 2:
+    while rows > 1 and read_task_memory(rows, image_size, scales) > node_memory / 2:
         rows //= 2
     need = read_task_memory(rows, image_size, scales)
-    if need > cluster_memory:
+    if need > node_memory:
         raise DToPError(
-            f"one {image_size} px image at scales {scales} needs {need / 2**30:.1f} GiB to decode; the Ray cluster "
-            f"offers {cluster_memory / 2**30:.1f} GiB of task memory: use a smaller --image-size or a larger node"
+            f"one {image_size} px image at scales {scales} needs {need / 2**30:.1f} GiB to decode; the largest Ray "
+            f"node offers {node_memory / 2**30:.1f} GiB of task memory: use a smaller --image-size or a larger node"
         )
     return rows
+
+
+def largest_node_memory(nodes: list[dict[str, Any]]) -> float:
+    """The largest ``memory`` resource of the alive nodes in ``ray.nodes()`` (``ray.cluster_resources()``
+    sums them: two 8 GiB nodes report 16 GiB, which no single task can have)."""
+    return max((float(n.get("Resources", {}).get("memory", 0)) for n in nodes if n.get("Alive", True)), default=0.0)
 
 
 def preprocess_rows(
@@ -284,7 +290,7 @@ def run_ray(
         # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
         size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
         per_block = max(1, min(ROWS_PER_READ_TASK, len(rows) // (4 * job.actors)))
-        per_block = read_block_rows(per_block, size, scales, float(res.get("memory", 0)))
+        per_block = read_block_rows(per_block, size, scales, largest_node_memory(ray.nodes()))
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
         ds = ds.map_batches(
             preprocess_rows,
