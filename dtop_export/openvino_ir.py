@@ -154,10 +154,12 @@ def write_ir(
     the FCs/whitening, min/max ranges, no SmoothQuant). Measured on r50-vitb16 (benchmarks/README.md): ``qdq``
     meets the INT8 contract, ``nncf`` is ~5% faster but its |ΔmAP| broke the 1.0 bound. A QDQ INT8 file from
     ``dtop-export quantize`` converts as it is (an INT8 IR). ``inference_precision`` (e.g. ``bf16``) is recorded as
-    ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``).
+    ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``). An fp32
+    IR marks its FP32 islands (:func:`~dtop_export.engines.openvino.with_fp32_islands`; ``dtop.fp32_islands``
+    counts the layers): under an f16 hint they stay FP32 (OpenVINO 2026.4's CPU plugin ignores the mark under bf16).
     """
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.openvino import model_metadata, read_model
+    from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
     from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8
 
     t0 = time.perf_counter()
@@ -206,6 +208,12 @@ def write_ir(
                     "float_roles": roles,
                 }
         precision = "int8" if int8 or source_precision == "int8" else "fp32"
+        islands = 0
+        if precision == "fp32":
+            # run with an f16 hint (the C++ client's --precision f16), the whitening, L2 norms, LayerNorm and
+            # Softmax stay FP32, as in the FP16 ONNX of a TensorRT build
+            say("marking the FP32 islands")
+            model, islands = with_fp32_islands(model, onnx_path)
         _set_metadata(
             model,
             {
@@ -214,6 +222,7 @@ def write_ir(
                 "dtop.derived_from": onnx_path.name,
                 "dtop.ir_build_seconds": f"{time.perf_counter() - t0:.2f}",
                 **({"dtop.quantization": json.dumps(calibration, sort_keys=True)} if int8 else {}),
+                **({"dtop.fp32_islands": str(islands)} if islands else {}),
                 **inference_hint,
             },
         )

@@ -7,6 +7,7 @@ that parity, bench, evaluate and embed take it like any other engine.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ from dtop_export.errors import DToPError
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 MODES = ("latency", "throughput")
 FRAMEWORKS = {".onnx": "onnx", ".xml": "ir"}
+log = logging.getLogger(__name__)
+# The IR attribute that keeps a layer in its own precision under an f16 inference hint (OpenVINO's
+# ``disable_fp16_compression``; ``rt_info`` key ``DisablePrecisionConversion_0`` once read). OpenVINO's Python API
+# cannot put it on a node, so it travels through the IR's XML (:func:`mark_fp32_islands`).
+KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
+KEEP_FP32_KEY = "DisablePrecisionConversion_0"
 
 
 def read_model(path: Path) -> Any:
@@ -45,6 +52,65 @@ def first_reason(text: str) -> str:
         if not (ln.startswith(("Exception from", "Check '")) or ln.endswith(":")):
             return ln
     return lines[-1] if lines else "unknown error"
+
+
+def fp32_islands(onnx_path: Path) -> tuple[set[str], set[str]]:
+    """(node names, output tensor names) of the FP32 islands of a dtop-export ONNX: the nodes the FP16 ONNX keeps
+    FP32 (:func:`~dtop_export.fp16.convert.plan_fp32_islands`: LayerNorm, Softmax, L2 norms, the whitening)."""
+    import onnx
+
+    from dtop_export.fp16.convert import plan_fp32_islands
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    islands = set(plan_fp32_islands(graph).islands)
+    tensors = {t for n in graph.graph.node if n.name in islands for t in n.output if t}
+    return islands, tensors
+
+
+def mark_fp32_islands(xml: Path, nodes: set[str], tensors: set[str]) -> int:
+    """Give the layers of the IR ``xml`` that come from the ONNX ``nodes`` (a layer named after the node, or
+    ``node/part`` for the pieces OpenVINO splits it into) or produce one of ``tensors`` (a graph output takes the
+    tensor's name) the :data:`KEEP_FP32` attribute; rewrites ``xml``, returns the layers marked."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    marked = 0
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("type") in ("Const", "Parameter", "Result"):
+            continue
+        names = {n for port in layer.iterfind("output/port") for n in (port.get("names") or "").split(",") if n}
+        if layer.get("name", "").split("/")[0] not in nodes and not names & tensors:
+            continue
+        rt_info = layer.find("rt_info")
+        if rt_info is None:
+            rt_info = ET.Element("rt_info")
+            layer.insert(0, rt_info)
+        if not any(a.get("name") == KEEP_FP32["name"] for a in rt_info.iter("attribute")):
+            ET.SubElement(rt_info, "attribute", KEEP_FP32)
+        marked += 1
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
+    return marked
+
+
+def with_fp32_islands(model: Any, onnx_path: Path) -> tuple[Any, int]:
+    """``model`` (read from the dtop-export ONNX ``onnx_path``) with its FP32 islands marked so that an f16
+    inference hint leaves them FP32, as the FP16 ONNX of a TensorRT build does; and the count of marked layers.
+    Round trip through a temporary IR (see :data:`KEEP_FP32`)."""
+    import tempfile
+
+    import openvino as ov
+
+    nodes, tensors = fp32_islands(onnx_path)
+    with tempfile.TemporaryDirectory(prefix="dtop-ov-") as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        marked = mark_fp32_islands(xml, nodes, tensors)
+        return ov.Core().read_model(str(xml)), marked
+
+
+def count_fp32_islands(model: Any) -> int:
+    """Operations of ``model`` that carry the :data:`KEEP_FP32` attribute."""
+    return sum(1 for op in model.get_ops() if KEEP_FP32_KEY in op.get_rt_info())
 
 
 def model_metadata(model: Any) -> dict[str, str]:
@@ -102,6 +168,20 @@ class OpenVinoEngine(Engine):
             raise DToPError(f"unknown OpenVINO mode {mode!r}: choose latency or throughput")
         if threads is not None and threads < 1:
             raise DToPError(f"threads must be >= 1, got {threads}")
+        self.fp32_islands = 0
+        if precision == "fp16":
+            # what the FP16 ONNX of a TensorRT build keeps FP32 stays FP32 here too (the whitening, L2 norms,
+            # LayerNorm, Softmax); an IR from `dtop-export openvino` carries the marks already
+            if path.suffix.lower() == ".onnx":
+                ov_model, self.fp32_islands = with_fp32_islands(ov_model, path)
+            else:
+                self.fp32_islands = count_fp32_islands(ov_model)
+                if not self.fp32_islands:
+                    log.warning(
+                        "%s marks no FP32 islands: under fp16 its whitening and L2 norms run in FP16 too; "
+                        "write it again with `dtop-export openvino MODEL.onnx`",
+                        path,
+                    )
         config: dict[str, Any] = {
             hints.inference_precision: INFERENCE_PRECISION[precision],
             hints.performance_mode: hints.PerformanceMode.LATENCY
@@ -146,4 +226,5 @@ class OpenVinoEngine(Engine):
             "runtime": f"openvino {ov.get_version()}",
             "mode": self.mode,
             "threads": self.threads,
+            **({"fp32_islands": self.fp32_islands} if self.precision == "fp16" else {}),
         }

@@ -32,14 +32,18 @@ def test_pick_never_slower_than_fp32_and_never_outside_contract() -> None:
 
 def test_candidates_follow_the_cpu_features() -> None:
     # native bf16 without AMX (this EPYC: 1.8-2.0x fp32; an Intel Xeon: 0.7x) is measured, not assumed
+    no_fp16 = [("openvino fp16", "no AVX512-FP16 / AMX-FP16: OpenVINO would run the f16 hint in f32")]
     kinds, skipped = plan_candidates(["AVX-512", "AVX512-BF16", "VNNI"])
-    assert kinds == ["onnx", "bf16", "int8"] and skipped == []
+    assert kinds == ["onnx", "bf16", "int8"] and skipped == no_fp16
     kinds, skipped = plan_candidates(["AVX-512", "AVX512-BF16", "VNNI", "AMX-BF16", "AMX-INT8"])
-    assert kinds == ["onnx", "bf16", "int8"] and skipped == []
+    assert kinds == ["onnx", "bf16", "int8"] and skipped == no_fp16
     kinds, skipped = plan_candidates(["AVX-512", "VNNI"])  # no bf16 instructions: emulated, not worth timing
     assert kinds == ["onnx", "int8"] and any("bf16" in s and "emulated" in why for s, why in skipped)
     kinds, skipped = plan_candidates(["AVX2"])
-    assert kinds == ["onnx"] and len(skipped) == 3
+    assert kinds == ["onnx"] and len(skipped) == 4
+    # native FP16 (a Sapphire Rapids Xeon: AVX512-FP16) adds OpenVINO's f16 hint: nothing to build, no skip line
+    kinds, skipped = plan_candidates(["AVX-512", "AVX512-BF16", "VNNI", "AMX-BF16", "AMX-INT8", "AVX512-FP16"])
+    assert kinds == ["onnx", "bf16", "int8"] and skipped == []
 
 
 def test_precision_auto_runs_the_stored_choice(
@@ -162,4 +166,8 @@ def test_candidates_tell_int8_files_by_their_metadata(small_ckpt: Path, small_on
         ("model.int8.onnx", "onnxruntime fp32"),
         ("model.int8.onnx", "openvino fp32"),
         ("model.int8.onnx", "openvino bf16"),
+    ]
+    fp16 = candidate_specs(small_ckpt, [EngineSpec(quantised), EngineSpec(misnamed)], ["AVX512-FP16", "VNNI"])
+    assert [(s.path.name, s.label, s.options) for s in fp16[1:] if "fp16" in s.label] == [
+        ("model.int8.onnx", "openvino fp16", {"runtime": "openvino", "precision": "fp16"})  # not the INT8 file
     ]

@@ -129,6 +129,8 @@ SPEED_FEATURES = {
     "avx512_vnni": "VNNI",
     "amx_bf16": "AMX-BF16",
     "amx_int8": "AMX-INT8",
+    "avx512_fp16": "AVX512-FP16",
+    "amx_fp16": "AMX-FP16",
 }
 
 

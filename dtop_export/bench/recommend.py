@@ -4,8 +4,9 @@
 From a checkpoint, the candidates a deployer has: PyTorch eager fp32 (the reference), the ONNX export in ONNX
 Runtime and in OpenVINO, and — only where the CPU has the instructions for them — PyTorch's bf16 deployment path
 and an OpenVINO bf16 hint (AVX512-BF16 or AMX-BF16; even then bf16 may be slower than fp32, e.g. 0.7x on an
-Intel Xeon without AMX, which is why it is measured), and the static INT8 (QDQ) file in ONNX Runtime and
-OpenVINO (VNNI or AMX-INT8). All are timed side by side (interleaved, same threads; the bench
+Intel Xeon without AMX, which is why it is measured), an OpenVINO f16 hint (AVX512-FP16 or AMX-FP16; the FP32
+islands of the FP16 ONNX kept FP32), and the static INT8 (QDQ) file in ONNX Runtime and OpenVINO (VNNI or
+AMX-INT8). All are timed side by side (interleaved, same threads; the bench
 harness) and checked against the fp32 reference on the embedded set (the parity contracts); :func:`pick` takes
 the fastest that passes, and never one slower than the reference. The choice is stored per checkpoint (sha256)
 and CPU (name + features) under ``~/.cache/dtop-export/recommend/``; ``--precision auto`` reads it back.
@@ -81,6 +82,11 @@ def native_bf16(features: Sequence[str]) -> bool:
     return "AMX-BF16" in features or "AVX512-BF16" in features
 
 
+def native_fp16(features: Sequence[str]) -> bool:
+    """The CPU has FP16 arithmetic (AVX512-FP16 or AMX-FP16): OpenVINO runs an f16 hint in FP16 (elsewhere in f32)."""
+    return "AMX-FP16" in features or "AVX512-FP16" in features
+
+
 def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """(``derive_specs`` kinds to build, [(candidate, why it is skipped)]) for a CPU with ``features``."""
     kinds, skipped = ["onnx"], []
@@ -91,6 +97,8 @@ def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str,
     else:
         reason = "no AVX512-BF16 / AMX-BF16: bf16 would be emulated, slower than fp32"
         skipped += [("pytorch bf16", reason), ("openvino bf16", reason)]
+    if not native_fp16(features):
+        skipped.append(("openvino fp16", "no AVX512-FP16 / AMX-FP16: OpenVINO would run the f16 hint in f32"))
     if "VNNI" in features or "AMX-INT8" in features:
         kinds.append("int8")
     else:
@@ -99,7 +107,8 @@ def plan_candidates(features: Sequence[str]) -> tuple[list[str], list[tuple[str,
 
 
 def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Sequence[str]) -> list[EngineSpec]:
-    """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on native bf16)."""
+    """The reference, the built files, and each ONNX file again in OpenVINO (with a bf16 hint on native bf16, an
+    f16 hint on native FP16)."""
     from dtop_export.bench.spec import EngineSpec
     from dtop_export.contract import read_metadata
 
@@ -111,6 +120,8 @@ def candidate_specs(checkpoint: Path, built: Sequence[EngineSpec], features: Seq
             specs.append(EngineSpec(s.path, {"runtime": "openvino"}, label=f"openvino {'int8' if int8 else 'fp32'}"))
             if not int8 and native_bf16(features):
                 specs.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "bf16"}, label="openvino bf16"))
+            if not int8 and native_fp16(features):
+                specs.append(EngineSpec(s.path, {"runtime": "openvino", "precision": "fp16"}, label="openvino fp16"))
         else:
             specs.append(EngineSpec(s.path, dict(s.options), label=f"pytorch {s.options.get('precision', 'fp32')}"))
     return specs
