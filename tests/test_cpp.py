@@ -170,6 +170,28 @@ def test_embed_output_matches_python_embed(
     assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
 
 
+def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Under `--precision f16` the client counts the layers an IR from `dtop-export openvino` keeps FP32 (the
+    sidecar's runtime names them); an .onnx carries none, and the client says so on stderr."""
+    ir = tmp_path / "small.xml"
+    assert cli("openvino", str(small_onnx), "-o", str(ir)) == 0
+    from dtop_export.engines.openvino import count_fp32_islands, read_model
+
+    islands = count_fp32_islands(read_model(ir))
+    image = zoo["landscape.jpg"]
+    r = _run(client, ir, image, "-o", tmp_path / "ir.npy", "--precision", "f16", "--no-progress")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    runtime = json.loads((tmp_path / "ir.json").read_text())["engine"]["runtime"]
+    assert islands > 0 and runtime.endswith(f"f16, {islands} FP32 islands"), runtime
+    r = _run(client, small_onnx, image, "-o", tmp_path / "onnx.npy", "--precision", "f16", "--no-progress")
+    assert r.returncode == 0 and "marks no FP32 islands" in r.stderr and "dtop-export openvino" in r.stderr
+    r = _run(client, ir, image, "-o", tmp_path / "f32.npy", "--no-progress")  # f32: nothing to keep, nothing said
+    assert r.returncode == 0 and "warning" not in r.stderr
+    assert "FP32 islands" not in json.loads((tmp_path / "f32.json").read_text())["engine"]["runtime"]
+
+
 def test_minimal_example_compiles_runs_and_is_the_readme_one(
     client: Path, small_onnx: Path, zoo: dict[str, Path]
 ) -> None:

@@ -69,6 +69,11 @@ class OpenVinoRuntime final : public Runtime {
       throw Error("OpenVINO cannot read " + path + ": " + first_reason(e.what()));
     }
     read_metadata();
+    // the key OpenVINO gives the IR attribute DisablePrecisionConversion (what dtop-export openvino writes on the
+    // FP32 islands): those layers stay f32 under an f16 hint
+    for (const auto& op : model_->get_ops()) {
+      fp32_islands_ += static_cast<int>(op->get_rt_info().count("DisablePrecisionConversion_0"));
+    }
     ov::AnyMap config{ov::hint::inference_precision(precision), ov::hint::performance_mode(mode)};
     if (options.threads > 0) config.emplace(ov::inference_num_threads(options.threads));
     try {
@@ -115,8 +120,12 @@ class OpenVinoRuntime final : public Runtime {
 
   std::string describe() const override {
     return "openvino " + std::string(ov::get_openvino_version().buildNumber) + " " + options_.device + " " +
-           options_.precision;
+           options_.precision + (fp32_islands_ && precision_type(options_.precision) != ov::element::f32
+                                     ? ", " + std::to_string(fp32_islands_) + " FP32 islands"
+                                     : "");
   }
+
+  int fp32_islands() const override { return fp32_islands_; }
 
  private:
   // ONNX metadata_props appear under rt_info["framework"]; an IR may also carry them at the top level.
@@ -137,6 +146,7 @@ class OpenVinoRuntime final : public Runtime {
   ov::InferRequest request_;
   Metadata metadata_;
   std::size_t output_index_ = 0;
+  int fp32_islands_ = 0;
 };
 
 }  // namespace

@@ -192,6 +192,10 @@ int run(int argc, char** argv) {
   options.precision = a.precision;
   options.device = a.device;
   dtop::Embedder embedder(a.model, options);
+  if ((a.precision == "f16" || a.precision == "fp16") && embedder.fp32_islands() == 0) {
+    std::cerr << "warning: " << a.model << " marks no FP32 islands: under f16 its whitening and L2 norms run in "
+              << "FP16 too; give dtop-embed the IR from `dtop-export openvino MODEL.onnx`\n";
+  }
   const int image_size = a.image_size > 0 ? a.image_size : embedder.contract().preprocess.size;
 
   if (!a.dump.empty()) {

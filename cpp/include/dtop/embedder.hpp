@@ -55,6 +55,8 @@ class Embedder {
   const Contract& contract() const { return contract_; }
   const std::string& source() const { return source_; }
   std::string describe() const { return runtime_->describe(); }
+  /// See Runtime::fp32_islands.
+  int fp32_islands() const { return runtime_->fp32_islands(); }
 
   /// The model input of one image at one scale (resize + normalise).
   Tensor preprocess(const Image& img, int image_size = 0, double scale = 1.0) const;

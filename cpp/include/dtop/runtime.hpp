@@ -56,6 +56,9 @@ class Runtime {
   virtual std::vector<float> run(const float* images, int batch, int height, int width, int* dim) = 0;
   /// e.g. "openvino 2026.4.1 CPU f32".
   virtual std::string describe() const = 0;
+  /// Layers the model keeps FP32 under a reduced-precision hint (the whitening, L2 norms, LayerNorm, Softmax of
+  /// an IR from `dtop-export openvino`); 0 when it marks none.
+  virtual int fp32_islands() const { return 0; }
 };
 
 /// Open an exported `.onnx` or an OpenVINO IR `.xml` with OpenVINO. Throws Error when the file is missing or
