@@ -92,17 +92,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def seed_arguments(doc: str | None) -> argparse.Namespace:
+    """``--seeds``, ``--workdir``, ``--json``: the command line of the per-seed FP16 benchmarks (this one and
+    ``openvino_fp16.py``, which reads this one's work folder); sets up warning-level logging."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--workdir", type=Path, default=Path("fp16-seeds"))
     ap.add_argument("--json", type=Path, default=None, help="Write the rows (and the machine) here.")
     args = ap.parse_args()
+    args.seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def main() -> None:
+    args = seed_arguments(__doc__)
     from dtop_export.bench.harness import machine_info
 
     rows = []
-    for s in (int(v) for v in args.seeds.split(",") if v.strip()):
+    for s in args.seeds:
         rows.append(run_seed(s, args.workdir))
         print(table(rows[-1:]).splitlines()[-2], flush=True)
         print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -18,9 +18,7 @@ About 3 minutes per seed on 2 cores. Needs the seeds' folders (run ``fp16_whiten
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +87,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--workdir", type=Path, default=Path("fp16-seeds"))
-    ap.add_argument("--json", type=Path, default=None, help="Write the rows (and the machine) here.")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fp16_whitening import seed_arguments  # the sibling script (benchmarks/ is on sys.path when run)
+
+    args = seed_arguments(__doc__)
     import openvino as ov
 
     from dtop_export.bench.harness import machine_info
@@ -103,7 +98,7 @@ def main() -> None:
     if "FP16" not in caps:
         raise SystemExit(f"this CPU has no native FP16 ({', '.join(caps)}): OpenVINO would run f16 in f32")
     rows = []
-    for s in (int(v) for v in args.seeds.split(",") if v.strip()):
+    for s in args.seeds:
         rows.append(run_seed(s, args.workdir))
         print("\n".join(table(rows[-1:]).splitlines()[2:]), flush=True)
     print(table(rows))
