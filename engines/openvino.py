@@ -78,8 +78,11 @@ def mark_fp32_islands(xml: Path, nodes: set[str], tensors: set[str]) -> int:
     for layer in tree.getroot().iter("layer"):
         if layer.get("type") in ("Const", "Parameter", "Result"):
             continue
-        names = {n for port in layer.iterfind("output/port") for n in (port.get("names") or "").split(",") if n}
-        if layer.get("name", "").split("/")[0] not in nodes and not names & tensors:
+        name = layer.get("name", "")
+        # the node itself, or one of its pieces: "node/part" (an ONNX name may hold "/" itself)
+        ours = name in nodes or any(name[:i] in nodes for i, c in enumerate(name) if c == "/")
+        outputs = {n for port in layer.iterfind("output/port") for n in (port.get("names") or "").split(",") if n}
+        if not ours and not outputs & tensors:
             continue
         rt_info = layer.find("rt_info")
         if rt_info is None:

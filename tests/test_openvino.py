@@ -209,6 +209,36 @@ def _runtime_precisions(engine: OpenVinoEngine) -> dict[str, set[str]]:
     return out
 
 
+def test_mark_fp32_islands_matches_nodes_their_pieces_and_output_tensors(tmp_path: Path) -> None:
+    from dtop_export.engines.openvino import KEEP_FP32, mark_fp32_islands
+
+    layers = [  # (name, type, output tensor names)
+        ("node_div", "Divide", ""), ("node_linear/WithoutBiases", "MatMul", ""), ("node_linear", "Add", "lin"),
+        ("node_linear_2", "Add", ""), ("/blocks.0/Softmax", "Softmax", ""), ("/blocks.0/Softmax/sub", "Exp", ""),
+        ("/blocks.0", "Add", ""), ("descriptors", "Divide", "descriptors"), ("node_div", "Const", ""),
+    ]  # fmt: skip
+    body = "".join(
+        f'<layer id="{i}" name="{n}" type="{t}" version="opset1"><output><port id="0" names="{o}"/></output></layer>'
+        for i, (n, t, o) in enumerate(layers)
+    )
+    xml = tmp_path / "m.xml"
+    xml.write_text(f'<?xml version="1.0"?><net name="m" version="11"><layers>{body}</layers></net>')
+    assert mark_fp32_islands(xml, {"node_div", "node_linear", "/blocks.0/Softmax"}, {"descriptors"}) == 6
+    import xml.etree.ElementTree as ET
+
+    marked = [
+        layer.get("name")
+        for layer in ET.parse(xml).getroot().iter("layer")
+        if any(a.attrib == KEEP_FP32 for a in layer.iterfind("rt_info/attribute"))
+    ]
+    assert marked == [
+        "node_div", "node_linear/WithoutBiases", "node_linear", "/blocks.0/Softmax", "/blocks.0/Softmax/sub",
+        "descriptors",
+    ]  # fmt: skip
+    assert mark_fp32_islands(xml, {"node_div"}, set()) == 1  # marking again adds no second attribute
+    assert sum(1 for _ in ET.parse(xml).getroot().iter("attribute")) == 6
+
+
 def test_fp32_islands_are_marked_in_the_ir_and_the_onnx_path(tmp_path: Path) -> None:
     """The nodes the FP16 ONNX of a TensorRT build keeps FP32 (whitening, L2 norms, LayerNorm, Softmax) carry
     OpenVINO's keep-precision mark in an IR from `dtop-export openvino`, and in an .onnx loaded with fp16."""
