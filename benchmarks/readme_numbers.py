@@ -2,7 +2,8 @@
 
 Every figure in that table comes from a file a run wrote — ``bench.json`` (``dtop-export bench`` via
 ``cpu_paths.py``), ``accuracy.json`` (``cpu_paths.py``), ``demo.json`` (the state file of a ``dtop-export
-demo`` run), ``fp16_whitening.json`` (``fp16_whitening.py``), ``gpu-h200/gpu_fp16_*.json``
+demo`` run), ``fp16_whitening.json`` and ``cpu-amx/fp16_whitening.json`` (``fp16_whitening.py`` on two
+machines), ``cpu-amx/openvino_fp16.json`` (``openvino_fp16.py``), ``gpu-h200/gpu_fp16_*.json``
 (``gpu_fp16_whitening.py`` on a lent GPU) — or from ``measured.json``, which holds the figures that have no
 result file of their own, each with the command that produced it. Nothing is typed into the README by hand,
 so a figure cannot drift from its source, and ``tests/test_readme.py`` fails when the README's block is
@@ -146,27 +147,33 @@ def _span(values: list[float], fmt: str) -> str:
 
 
 def _whitening_rows() -> list[tuple[str, str, str, str]]:
-    """FP16 against the whitening's conditioning: the 5-seed CPU emulation and the GPU runs."""
-    seeds = _load("fp16_whitening.json")
-    rows = seeds["rows"]
-    parts = []
-    for name in rows[0]["variants"]:
-        vs = [r["variants"][name] for r in rows]
-        worst = max(abs(d) for v in vs for d in v["map_delta"].values())
-        fp32 = {s: sum(v["map_fp32"][s] for v in vs) / len(vs) for s in SETUPS}
-        parts.append(
-            f"{name}: cond(P) {_span([v['condition_number'] for v in vs], '.0f')}, FP16 cos min "
-            f"{_span([v['cosine_min'] for v in vs], '.6f')}, max ΔmAP {worst:.2f}, "
-            f"{sum(v['passed'] for v in vs)}/{len(vs)} within the contract, FP32 mAP E/M/H (mean) {_map(fp32)}"
+    """FP16 against the whitening's conditioning: the 5-seed CPU emulation (one run per machine: training differs
+    by CPU), real FP16 on the CPU (OpenVINO f16) and the GPU runs."""
+    out = []
+    for name in ("fp16_whitening.json", "cpu-amx/fp16_whitening.json"):
+        if not (RESULTS / name).exists():
+            continue
+        seeds = _load(name)
+        rows = seeds["rows"]
+        parts = []
+        for variant in rows[0]["variants"]:
+            vs = [r["variants"][variant] for r in rows]
+            worst = max(abs(d) for v in vs for d in v["map_delta"].values())
+            fp32 = {s: sum(v["map_fp32"][s] for v in vs) / len(vs) for s in SETUPS}
+            parts.append(
+                f"{variant}: cond(P) {_span([v['condition_number'] for v in vs], '.0f')}, FP16 cos min "
+                f"{_span([v['cosine_min'] for v in vs], '.6f')}, max ΔmAP {worst:.2f}, "
+                f"{sum(v['passed'] for v in vs)}/{len(vs)} within the contract, FP32 mAP E/M/H (mean) {_map(fp32)}"
+            )
+        out.append(
+            (
+                f"FP16 preview vs whitening, {len(rows)} training seeds (CPU emulation of TensorRT FP16)",
+                "; ".join(parts),
+                _machine(seeds["machine"]),
+                f"`python benchmarks/fp16_whitening.py --seeds {','.join(str(r['seed']) for r in rows)}`",
+            )
         )
-    out = [
-        (
-            f"FP16 preview vs whitening, {len(rows)} training seeds (CPU emulation of TensorRT FP16)",
-            "; ".join(parts),
-            _machine(seeds["machine"]),
-            f"`python benchmarks/fp16_whitening.py --seeds {','.join(str(r['seed']) for r in rows)}`",
-        )
-    ]
+    out += _openvino_fp16_rows()
     gpu_rows, gpu = [], None
     for f in sorted((RESULTS / "gpu-h200").glob("gpu_fp16_*.json")):
         d = json.loads(f.read_text())
@@ -191,6 +198,47 @@ def _whitening_rows() -> list[tuple[str, str, str, str]]:
                 "`bash benchmarks/gpu_session.sh OUT seed0=seed0/train/final.pt ...`",
             )
         )
+    return out
+
+
+def _openvino_fp16_rows() -> list[tuple[str, str, str, str]]:
+    """Real FP16 arithmetic on a CPU (OpenVINO's f16 hint on AVX512-FP16), the same seeds' checkpoints."""
+    if not (RESULTS / "cpu-amx" / "openvino_fp16.json").exists():
+        return []
+    d = _load("cpu-amx/openvino_fp16.json")
+    parts = []
+    for mode, label in (("islands", "f16, FP32 islands"), ("no islands", "f16, no islands"), ("bf16", "bf16 hint")):
+        for variant in d["rows"][0]["variants"]:
+            vs = [r["variants"][variant][mode] for r in d["rows"]]
+            parts.append(
+                f"{label}, {variant.split(' (')[0]}: cos min {_span([v['cosine_min'] for v in vs], '.6f')}, "
+                f"{sum(v['passed'] for v in vs)}/{len(vs)} pass"
+            )
+    seeds = ",".join(str(r["seed"]) for r in d["rows"])
+    out = [
+        (
+            f"real FP16 on a CPU (OpenVINO {d['openvino'].split('-')[0]}), same checkpoints as the row above",
+            "; ".join(parts),
+            _machine(d["machine"]),
+            f"`python benchmarks/openvino_fp16.py --seeds {seeds}`",
+        )
+    ]
+    bench = _load("cpu-amx/openvino_fp16_bench.json")
+    speed = [
+        f"{e['precision']} {e['timings'][0]['p50_s']:.2f} s ({e['timings'][0]['speedup']:.2f}×)"
+        for e in bench["engines"]
+        if e["name"] == "openvino"
+    ]
+    size = bench["sizes"][0]
+    out.append(
+        (
+            f"OpenVINO by precision hint, r50-vitb16 {size}², batch 1 (speed-up vs eager fp32)",
+            ", ".join(speed) + " (f16 with its FP32 islands: FP16 arithmetic is no speed path on this CPU)",
+            _machine(bench["machine"], threads=bench["threads"]),
+            f"`dtop-export bench r50.pt r50.onnx:openvino r50.onnx:openvino,bf16 r50.onnx:openvino,fp16 --sizes {size}"
+            f" --runs {bench['runs']} --threads {bench['threads']}`",
+        )
+    )
     return out
 
 
