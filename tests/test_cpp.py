@@ -190,6 +190,9 @@ def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
     r = _run(client, ir, image, "-o", tmp_path / "f32.npy", "--no-progress")  # f32: nothing to keep, nothing said
     assert r.returncode == 0 and "warning" not in r.stderr
     assert "FP32 islands" not in json.loads((tmp_path / "f32.json").read_text())["engine"]["runtime"]
+    r = _run(client, ir, image, "-o", tmp_path / "bf16.npy", "--precision", "bf16", "--no-progress")
+    assert r.returncode == 0 and "warning" not in r.stderr  # bf16: OpenVINO's CPU plugin ignores the marks
+    assert "FP32 islands" not in json.loads((tmp_path / "bf16.json").read_text())["engine"]["runtime"]
 
 
 def test_minimal_example_compiles_runs_and_is_the_readme_one(

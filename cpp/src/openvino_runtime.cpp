@@ -70,7 +70,7 @@ class OpenVinoRuntime final : public Runtime {
     }
     read_metadata();
     // the key OpenVINO gives the IR attribute DisablePrecisionConversion (what dtop-export openvino writes on the
-    // FP32 islands): those layers stay f32 under an f16 hint
+    // FP32 islands): those layers stay f32 under an f16 hint (the CPU plugin ignores the mark under bf16)
     for (const auto& op : model_->get_ops()) {
       fp32_islands_ += static_cast<int>(op->get_rt_info().count("DisablePrecisionConversion_0"));
     }
@@ -120,7 +120,7 @@ class OpenVinoRuntime final : public Runtime {
 
   std::string describe() const override {
     return "openvino " + std::string(ov::get_openvino_version().buildNumber) + " " + options_.device + " " +
-           options_.precision + (fp32_islands_ && precision_type(options_.precision) != ov::element::f32
+           options_.precision + (fp32_islands_ && precision_type(options_.precision) == ov::element::f16
                                      ? ", " + std::to_string(fp32_islands_) + " FP32 islands"
                                      : "");
   }

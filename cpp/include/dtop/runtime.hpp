@@ -56,8 +56,8 @@ class Runtime {
   virtual std::vector<float> run(const float* images, int batch, int height, int width, int* dim) = 0;
   /// e.g. "openvino 2026.4.1 CPU f32".
   virtual std::string describe() const = 0;
-  /// Layers the model keeps FP32 under a reduced-precision hint (the whitening, L2 norms, LayerNorm, Softmax of
-  /// an IR from `dtop-export openvino`); 0 when it marks none.
+  /// Layers the model keeps FP32 under an f16 hint (the whitening, L2 norms, LayerNorm, Softmax of an IR from
+  /// `dtop-export openvino`); 0 when it marks none.
   virtual int fp32_islands() const { return 0; }
 };
 
