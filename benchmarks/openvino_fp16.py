@@ -11,7 +11,7 @@ contract (``dtop_export.parity``, the embedded set) for each checkpoint with
 * ``bf16``: ``FILE.onnx:openvino,bf16`` (OpenVINO 2026.4 ignores the marks under bf16: the whitening runs bf16).
 
     python benchmarks/openvino_fp16.py --workdir fp16-seeds --seeds 0,1,2,3,4 \
-        --json benchmarks/results/openvino_fp16.json
+        --json benchmarks/results/cpu-amx/openvino_fp16.json
 
 About 3 minutes per seed on 2 cores. Needs the seeds' folders (run ``fp16_whitening.py`` first).
 """

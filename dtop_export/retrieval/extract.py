@@ -111,7 +111,6 @@ def extract_many(
                     raise
                 errors.append((i, str(e)))
                 ok[i] = False
-                scales_left[i] = 0
                 done(1)
                 continue
             for t in tensors:
