@@ -35,7 +35,9 @@ class PreprocessConfig:
     mean/std: per-channel normalisation of [0, 1] RGB pixels, from the backbone's pretraining.
     color_order: channel order of the input tensor (always ``RGB``).
     resize: ``longest_side`` resizes keeping the aspect ratio so the longer side is ``size``
-        (1024 in the ROxford/RParis protocol), then rounds both sides to a multiple of ``stride``.
+        (1024 in the ROxford/RParis protocol), then rounds both sides to a multiple of ``stride``;
+        ``square`` resizes the whole image to ``size``×``size`` (aspect ratio not kept, nothing cropped):
+        the input of a program compiled for one fixed size (an ExecuTorch ``.pte``).
     stride: the model's total stride; H and W of the input must be multiples of it.
     interpolation: PIL resampling filter used for the resize.
     """
@@ -147,17 +149,24 @@ def load_image(path: str | Path, apply_exif: bool = True, data: bytes | None = N
         raise DToPError(f"cannot read image {path}: {reason}") from e
 
 
+RESIZE_POLICIES = ("longest_side", "square")
+
+
 def model_size(
     width: int, height: int, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
 ) -> tuple[int, int]:
-    """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride."""
-    if cfg.resize != "longest_side":
-        raise DToPError(f"resize policy {cfg.resize!r} is not supported: only 'longest_side'")
+    """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride
+    (``longest_side``), or a ``size*scale`` square rounded to the stride (``square``)."""
+    if cfg.resize not in RESIZE_POLICIES:
+        raise DToPError(f"resize policy {cfg.resize!r} is not supported: only {', '.join(RESIZE_POLICIES)}")
     target = (size or cfg.size) * scale
     if target <= 0 or width <= 0 or height <= 0:
         raise DToPError(f"cannot resize a {width}x{height} image to a longer side of {target:g}")
-    f = target / max(width, height)
     stride = cfg.stride
+    if cfg.resize == "square":
+        side = max(stride, int(math.floor(target / stride + 0.5)) * stride)
+        return side, side
+    f = target / max(width, height)
 
     def snap(v: float) -> int:
         return max(stride, int(math.floor(v * f / stride + 0.5)) * stride)
@@ -169,7 +178,8 @@ def resize_for_model(
     img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
 ) -> Image.Image:
     """Resize so the longer side is ``size*scale`` (default ``cfg.size``) keeping the aspect ratio, then round
-    each side to the nearest multiple of ``cfg.stride`` (at least one stride)."""
+    each side to the nearest multiple of ``cfg.stride`` (at least one stride); a ``square`` policy resizes the
+    whole image to that side squared (:func:`model_size`)."""
     resample = _RESAMPLE.get(cfg.interpolation)
     if resample is None:
         raise DToPError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
@@ -177,6 +187,16 @@ def resize_for_model(
     if (w, h) == img.size:
         return img
     return img.resize((w, h), resample=resample)
+
+
+def input_size(cfg: PreprocessConfig, requested: int | None = None, dataset: int | None = None) -> int:
+    """The size images are resized to: ``requested`` (``--image-size``), else a data set's own evaluation size,
+    else the model's; a model compiled for one square size (``square`` policy) takes its own over a data set's."""
+    if requested:
+        return requested
+    if cfg.resize == "square":
+        return cfg.size
+    return dataset or cfg.size
 
 
 def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -9,7 +9,6 @@ files. Bad input: one `error:` line, exit code 2, nothing written.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,14 +27,9 @@ CLI = [sys.executable, "-m", "dtop_export"]
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (~10 s on 2 cores)."""
-    build_dir = tmp_path_factory.mktemp("cpp-build")
-    r = subprocess.run([*CLI, "cpp", "build", "--build-dir", str(build_dir)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone
-    assert binary == build_dir / "dtop-embed" and os.access(binary, os.X_OK)
-    return binary
+def client(cpp_client: Path) -> Path:
+    """The run's one C++ build (conftest.py: `dtop-export cpp build` into a fresh folder, ~10 s on 2 cores)."""
+    return cpp_client
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 // The resize and normalisation steps of dtop_export/preprocess.py, reproduced bit for bit.
 //
 // resize() computes what Pillow's Image.resize does for an 8-bit RGB image: a separable convolution (the
-// horizontal pass first, then the vertical one), the filter's support widened by the downscale factor (so
+// horizontal pass first, then the vertical one, unless the height shrinks by more than twice as many pixels as the
+// width: then the vertical pass first, as Pillow 13 does), the filter's support widened by the downscale factor (so
 // it antialiases), per-output-pixel coefficients normalised to sum 1 in double precision, then converted to
 // 22-bit fixed point and accumulated in int32 with rounding. The arithmetic below is a from-scratch
 // implementation of that definition; tests/test_cpp.py compares its output with Pillow's, pixel by pixel.
@@ -150,16 +151,20 @@ Image resample_y(const Image& in, int out_h, const Kernel& kernel) {
 }  // namespace
 
 std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg, int size, double scale) {
-  if (cfg.resize != "longest_side") {
-    throw Error("resize policy '" + cfg.resize + "' is not supported: only 'longest_side'");
+  if (cfg.resize != "longest_side" && cfg.resize != "square") {
+    throw Error("resize policy '" + cfg.resize + "' is not supported: only 'longest_side' and 'square'");
   }
   const double target = static_cast<double>(size > 0 ? size : cfg.size) * scale;
   if (!(target > 0) || width <= 0 || height <= 0) {
     throw Error("cannot resize a " + std::to_string(width) + "x" + std::to_string(height) +
                 " image to a longer side of " + std::to_string(target));
   }
-  const double f = target / std::max(width, height);
   const int stride = cfg.stride;
+  if (cfg.resize == "square") {  // a program for one size (ExecuTorch .pte): the whole image to side x side
+    const int side = std::max(stride, static_cast<int>(std::floor(target / stride + 0.5)) * stride);
+    return {side, side};
+  }
+  const double f = target / std::max(width, height);
   auto snap = [&](int v) {
     const int m = static_cast<int>(std::floor(static_cast<double>(v) * f / stride + 0.5)) * stride;
     return std::max(stride, m);
@@ -172,9 +177,12 @@ Image resize(const Image& img, int width, int height, const std::string& interpo
   if (width <= 0 || height <= 0) throw Error("cannot resize to " + std::to_string(width) + "x" + std::to_string(height));
   if (width == img.width && height == img.height) return img;
   if (width == img.width) return resample_y(img, height, kernel);
-  Image horizontal = resample_x(img, width, kernel);
-  if (height == img.height) return horizontal;
-  return resample_y(horizontal, height, kernel);
+  if (height == img.height) return resample_x(img, width, kernel);
+  // Pillow (>= 13) runs the vertical pass first when the height shrinks by more than twice as many pixels as the
+  // width does (a tall image squashed to a square, say); the 8-bit rounding between the passes makes the order count.
+  const int shrink_y = img.height - height, shrink_x = img.width - width;
+  if (shrink_y > 0 && shrink_y > shrink_x * 2) return resample_x(resample_y(img, height, kernel), width, kernel);
+  return resample_y(resample_x(img, width, kernel), height, kernel);
 }
 
 Tensor normalize(const Image& img, const PreprocessConfig& cfg) {

@@ -26,7 +26,8 @@ def cpp_build(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Configure and build the C++ client with the installed openvino wheel's SDK; prints the binary's path.
+    """Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
+    .pte programs, when the [edge] extra is installed); prints the binary's path.
 
     Needs CMake >= 3.16, a C++17 compiler and the libjpeg/libpng development files (apt install cmake g++
     libjpeg-dev libpng-dev). Run again after an upgrade: the build is incremental.
@@ -49,6 +50,7 @@ def cpp_build(
         highlight=False,
     )
     con.print(f"library   {result.library}\nheaders   {result.include_dir}", highlight=False, soft_wrap=True)
+    con.print(f"executorch backend: {result.executorch}", highlight=False, soft_wrap=True)  # .pte programs
     if result.example:
         con.print(f"example   {result.example}", highlight=False, soft_wrap=True)
     if result.installed_to:
@@ -59,7 +61,7 @@ def cpp_build(
 
 @cpp_app.command("parity")
 def cpp_parity(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx (run by both sides).")],
+    model: Annotated[Path, typer.Argument(help="An exported .onnx or ExecuTorch .pte (run by both sides).")],
     images: Annotated[
         list[Path] | None,
         typer.Argument(help="Image files or folders (default: a generated set of every format and EXIF case)."),
@@ -93,7 +95,7 @@ def cpp_parity(
         if not paths:
             raise DToPError("no images given")
         exe = binary or default_build_dir() / EMBED_TOOL
-        with con.status(f"embedding {len(paths)} images with {exe.name} and ONNX Runtime"):
+        with con.status(f"embedding {len(paths)} images with {exe.name} and Python"):
             report = compare(exe, model, paths, image_size, sc, batch_size, threads)
     table = Table(title=f"C++ client vs Python: {model.name}, {image_size}px, scales {list(sc)}")
     for col in ("image", "cosine", "input max-abs", "levels"):

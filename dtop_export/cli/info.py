@@ -15,22 +15,25 @@ from dtop_export.errors import DToPError
 @app.command()
 def info(
     path: Annotated[
-        Path | None, typer.Argument(help="A checkpoint (.pt) or an exported model (.onnx, IR .xml, TensorRT .plan).")
+        Path | None,
+        typer.Argument(
+            help="A checkpoint (.pt) or an exported model (.onnx, IR .xml, ExecuTorch .pte, TensorRT .plan)."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="List the model presets.")] = False,
 ) -> None:
     """Describe a checkpoint (config, parameters per component, whitening, provenance) or an exported model
-    (ONNX, OpenVINO IR, TensorRT plan: I/O and the deployment metadata)."""
+    (ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan: I/O and the deployment metadata)."""
     if presets:
         _info_presets(as_json)
         return
     if path is None:
-        raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .plan), or --presets")
-    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES
+        raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .pte, .plan), or --presets")
+    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
 
     suffix = path.suffix.lower()
-    if suffix in (".onnx", *IR_SUFFIXES, *PLAN_SUFFIXES):
+    if suffix in (".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES):
         _print_info(_describe_model(path, suffix), as_json, title=str(path))
         return
     from dtop_export.checkpoint import load_checkpoint
@@ -59,7 +62,7 @@ def info(
 
 
 def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
-    from dtop_export.engines import IR_SUFFIXES
+    from dtop_export.engines import IR_SUFFIXES, PTE_SUFFIXES
 
     if suffix == ".onnx":
         from dtop_export.contract import read_onnx_metadata
@@ -69,6 +72,10 @@ def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
         from dtop_export.openvino_ir import describe_ir
 
         return describe_ir(path)
+    if suffix in PTE_SUFFIXES:
+        from dtop_export.engines.executorch import describe_pte
+
+        return describe_pte(path)
     from dtop_export.engines.tensorrt.sidecar import describe_plan
 
     return describe_plan(path)

@@ -57,6 +57,10 @@ def model_contract(model: str) -> ModelContract:
         meta = read_sidecar(spec.path).metadata
     elif spec.kind == "onnx":
         meta = read_metadata(spec.path)
+    elif spec.kind == "pte":
+        from dtop_export.engines.executorch import pte_metadata
+
+        meta = pte_metadata(spec.path)
     if meta is not None:
         if "dtop.descriptor_dim" not in meta:
             raise DToPError(f"{spec.path} carries no dtop metadata (dtop.descriptor_dim): export it with dtop-export")
@@ -69,8 +73,9 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
     """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
     threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
     runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
-    own, so only ``fp32``/None is accepted there; ``auto``: the file and options ``bench --recommend`` chose for
-    this checkpoint on this CPU). Bad options are a :class:`DToPError`, before any work."""
+    own, so only ``fp32``/None is accepted there; an ExecuTorch ``.pte`` checks it against its own; ``auto``: the
+    file and options ``bench --recommend`` chose for this checkpoint on this CPU). Bad options are a
+    :class:`DToPError`, before any work."""
     from dtop_export.bench.spec import PRECISIONS, parse_spec
 
     spec = parse_spec(model)
@@ -87,7 +92,7 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
     if precision is not None:
         if precision not in PRECISIONS:
             raise DToPError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
-        if spec.kind in ("checkpoint", "xml") or options.get("runtime") == "openvino":
+        if spec.kind in ("checkpoint", "xml", "pte") or options.get("runtime") == "openvino":
             options["precision"] = precision
         elif precision != "fp32":
             raise DToPError(

@@ -101,7 +101,9 @@ def evaluate_dataset(
 ) -> EvalResult:
     """:func:`evaluate` on an already loaded :class:`RevisitopDataset`."""
     t0 = time.perf_counter()
-    size = image_size or ds.image_size or engine.preprocess.size
+    from dtop_export.preprocess import input_size
+
+    size = input_size(engine.preprocess, image_size, ds.image_size)
     bboxes = ds.bboxes if crop_queries else None
     if crop_queries and any(b is None for b in ds.bboxes):
         raise DToPError(f"{ds.name}: some queries have no bounding box: pass --no-crop")
