@@ -271,6 +271,7 @@ def write_pte(
     from dtop_export.checkpoint import Checkpoint, load_checkpoint
     from dtop_export.edge.xnnpack_form import xnnpack_form
     from dtop_export.engines.executorch import require_executorch
+    from dtop_export.export import StageTimer
 
     output = Path(output)
     if output.suffix.lower() != ".pte":
@@ -287,14 +288,7 @@ def write_pte(
     bad = [tuple(x.shape) for x in calib if tuple(x.shape) != (1, 3, size, size)]
     if bad:
         raise DToPError(f"calibration tensors must be [1, 3, {size}, {size}], got {bad[0]}")
-    starts: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    def stage(name: str) -> None:
-        starts[name] = time.perf_counter()
-        if on_stage:
-            on_stage(name)
-
+    stage = StageTimer(on_stage)
     stage("fold")
     module, rewrites = xnnpack_form(ckpt, size, whiten=whiten)
     example = torch.zeros(1, 3, size, size)
@@ -334,14 +328,12 @@ def write_pte(
     data = emit_program(edge, meta)
     stage("write")
     atomic_write_bytes(output, data)
-    starts["end"] = time.perf_counter()
-    names = list(starts)
-    stages = {n: round(starts[names[i + 1]] - starts[n], 2) for i, n in enumerate(names[:-1])}
+    stages = stage.seconds(2)
     return PteResult(
         path=output,
         size=size,
         precision=precision,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - stage.start,
         size_bytes=output.stat().st_size,
         delegation=delegation,
         stage_seconds=stages,
