@@ -10,7 +10,7 @@ contract for the engine's precision (DESIGN.md):
 precision  per-image cosine  max-abs    |ΔmAP| (E, M, H)
 =========  ================  =========  ==================
 fp32       ≥ 0.99999         ≤ 1e-4     ≤ 0.05 points
-fp16/bf16  ≥ 0.999           —          ≤ 0.2 points
+fp16/bf16  ≥ 0.999           —          ≤ 0.2 points, or every flip a near-tie
 int8       ≥ 0.99            —          ≤ 1.0 point
 =========  ================  =========  ==================
 
@@ -22,6 +22,8 @@ A failing |ΔmAP| says where it comes from (:func:`rank_swaps`): how many querie
 positive/negative pairs flipped and how far apart the reference placed them, next to the engine's query·db
 similarity error (rms). Flips within 3 rms of that error are near-ties, which any engine with that error
 makes by chance: on a small query set one of them moves mAP by more than the reduced-precision contracts allow.
+So the FP16/bf16 contracts pass a |ΔmAP| over their limit when every flip behind it is a near-tie, labelled
+``PASS, near-ties: ...`` with each flip named; any other flip fails as before.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ class Contract:
     cosine_min: float
     max_abs: float | None
     map_delta: float
+    near_ties_pass: bool = False  # a |ΔmAP| over the limit passes when every flip behind it is a near-tie
 
 
 CONTRACTS: dict[str, Contract] = {
     "fp32": Contract("fp32", 0.99999, 1e-4, 0.05),
-    "fp16": Contract("fp16", 0.999, None, 0.2),
-    "bf16": Contract("bf16", 0.999, None, 0.2),  # not in DESIGN.md's table; held to the fp16 contract
+    "fp16": Contract("fp16", 0.999, None, 0.2, near_ties_pass=True),
+    "bf16": Contract("bf16", 0.999, None, 0.2, near_ties_pass=True),  # DESIGN.md: as FP16
     "int8": Contract("int8", 0.99, None, 1.0),
 }
 
@@ -79,6 +82,7 @@ class Check:
     passed: bool
 
     why: str = ""  # what explains a failure, when known (e.g. the rank swaps behind a ΔmAP)
+    near_ties: str = ""  # set when the check passed only because every flip behind it is a near-tie
 
     def describe(self) -> str:
         """E.g. ``cosine_min 0.99812 < 0.99999``."""
@@ -102,6 +106,19 @@ class RankSwaps:
     pairs: int  # flipped pairs, all queries
     largest_gap: float  # the reference's largest similarity gap among the flipped pairs
 
+    def all_near_ties(self, error_rms: float) -> bool:
+        """At least one pair flipped and every one was closer in the reference than :data:`NEAR_TIE_SIGMAS` x
+        the engine's similarity error (rms)."""
+        return bool(self.pairs) and bool(np.isfinite(error_rms)) and self.largest_gap <= NEAR_TIE_SIGMAS * error_rms
+
+    def near_tie_label(self, setup: str, error_rms: float) -> str:
+        """E.g. ``H: 1 pair in 1 query, gap <= 8.6e-04 < 3 x 5.8e-04 rms``."""
+        return (
+            f"{SETUP_LETTERS.get(setup, setup)}: {self.pairs} pair{'' if self.pairs == 1 else 's'} in {self.queries} "
+            f"quer{'y' if self.queries == 1 else 'ies'}, gap <= {self.largest_gap:.1e} < {NEAR_TIE_SIGMAS:g} x "
+            f"{error_rms:.1e} rms"
+        )
+
     def describe(self, error_rms: float) -> str:
         """E.g. ``1 query reordered, 1 positive/negative pair flipped, at most 8.6e-04 apart in the reference's
         similarity; the engine's similarity error is 5.8e-04 rms: near-ties, ...``; empty when nothing flipped."""
@@ -112,7 +129,7 @@ class RankSwaps:
             f"positive/negative pair{'' if self.pairs == 1 else 's'} flipped, at most {self.largest_gap:.1e} apart in "
             f"the reference's similarity; the engine's similarity error is {error_rms:.1e} rms"
         )
-        if self.largest_gap <= NEAR_TIE_SIGMAS * error_rms:
+        if self.all_near_ties(error_rms):
             text += ": near-ties, flipped by chance at this error"
         return text
 
@@ -182,6 +199,17 @@ class EngineParity:
         """Descriptions of the failing checks."""
         return [c.describe() for c in self.checks if not c.passed]
 
+    def near_ties(self) -> list[str]:
+        """The checks that passed only by the near-tie rule, each with its flips."""
+        return [c.near_ties for c in self.checks if c.passed and c.near_ties]
+
+    def verdict(self) -> str:
+        """``PASS``, ``PASS, near-ties: H: 1 pair in 1 query, ...`` or ``FAIL: cosine_min ...``."""
+        if not self.passed:
+            return "FAIL: " + "; ".join(self.failures())
+        ties = self.near_ties()
+        return "PASS, near-ties: " + "; ".join(ties) if ties else "PASS"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -205,6 +233,8 @@ class EngineParity:
                 for c in self.checks
             ],
             "passed": self.passed,
+            "near_ties": self.near_ties(),
+            "verdict": self.verdict(),
             "failures": self.failures(),
         }
 
@@ -262,7 +292,7 @@ class ParityReport:
         for e in self.engines:
             maps = " / ".join(f"{e.map[s]:.2f}" for s in SETUP_LETTERS) if e.map else "—"
             deltas = " / ".join(f"{e.map_delta[s]:+.2f}" for s in SETUP_LETTERS) if e.map_delta else "—"
-            result = "PASS" if e.passed else "FAIL: " + "; ".join(e.failures())
+            result = e.verdict()
             lines.append(
                 f"| {e.label} | {e.contract.precision} | {_cell(e.cosine_min, '.6f')} | {_cell(e.cosine_mean, '.6f')} "
                 f"| {_cell(e.max_abs, '.2e')} | {_cell(e.topk_agreement, '.3f')} | {maps} | {deltas} | {result} |"
@@ -357,9 +387,11 @@ def compare(
         d = res.map_delta.get(s, float("nan"))
         swaps = res.rank_swaps.get(s)
         why = swaps.describe(res.similarity_error_rms) if swaps else ""
-        res.checks.append(
-            Check(f"map_delta_{s}", abs(d), contract.map_delta, "<=", bool(abs(d) <= contract.map_delta + 1e-9), why)
-        )
+        within = bool(abs(d) <= contract.map_delta + 1e-9)
+        ties = ""
+        if not within and contract.near_ties_pass and swaps and swaps.all_near_ties(res.similarity_error_rms):
+            within, ties = True, swaps.near_tie_label(s, res.similarity_error_rms)
+        res.checks.append(Check(f"map_delta_{s}", abs(d), contract.map_delta, "<=", within, why, ties))
     return res
 
 

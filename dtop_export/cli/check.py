@@ -94,7 +94,11 @@ def check(
         else:
             con.print("no tensor leaves FP16 range: the default FP32 islands suffice")
         if result.passed:
-            con.print("FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2)")
+            ties = result.final.near_ties()
+            con.print(
+                "FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2"
+                + (f" or every flip a near-tie): near-ties: {'; '.join(ties)}" if ties else ")")
+            )
         else:
             con.print("FP16 contract NOT met (cosine >= 0.999, finite, |ΔmAP| <= 0.2)", style="bold red")
             failed = True

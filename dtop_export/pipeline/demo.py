@@ -105,7 +105,7 @@ class DemoResult:
         for e in facts.get("parity", {}).get("engines", []):
             lines.append(
                 f"parity {e['label']}: cos min {e['cosine_min']:.6f}, max-abs {e['max_abs']:.1e}, "
-                + ("PASS" if e["passed"] else "FAIL")
+                + (e.get("verdict") or ("PASS" if e["passed"] else "FAIL"))
             )
         ev = facts.get("evaluate", {})
         if ev.get("map"):
