@@ -433,13 +433,13 @@ def test_runtime_cache_is_loaded_and_saved(tmp_path: Path, caplog: pytest.LogCap
 
 def test_default_runtime_cache_lives_in_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dtop_export.engines.tensorrt.runner import default_runtime_cache
-    from dtop_export.engines.tensorrt.sidecar import sidecar_path
+    from dtop_export.engines.tensorrt.sidecar import PlanInfo
 
-    plan = tmp_path / "model.plan"
-    sidecar_path(plan).write_text('{"built_at": 1}')
+    info = PlanInfo("1.7.1.116", {"name": None, "compute_capability": "8.9", "target": "sm89"}, [], {}, {},
+                    build={"built_at": "1"}, backend="rtx")  # fmt: skip
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    first = default_runtime_cache(plan, GpuInfo("RTX 4090", "8.9"))
+    first = default_runtime_cache(tmp_path / "model.plan", info, GpuInfo("RTX 4090", "8.9"))
     assert first.parent == tmp_path / "cache" / "dtop-export" / "tensorrt-rtx" and first.name.endswith("-sm89.rtxcache")
-    sidecar_path(plan).write_text('{"built_at": 2}')  # a rebuild: a new cache
-    assert default_runtime_cache(plan, GpuInfo("RTX 4090", "8.9")) != first
     assert first.name.startswith("model-")
+    info.build["built_at"] = "2"  # a rebuild: a new cache
+    assert default_runtime_cache(tmp_path / "model.plan", info, GpuInfo("RTX 4090", "8.9")) != first

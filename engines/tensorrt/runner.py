@@ -70,7 +70,9 @@ class TensorRTEngine(Engine):
         self._cache: Any = None
         self.runtime_cache = None
         if not self.flavour.timing_cache:  # TensorRT-RTX: JIT kernels kept in a runtime cache
-            self.runtime_cache = Path(runtime_cache) if runtime_cache else default_runtime_cache(self.source, gpu)
+            self.runtime_cache = (
+                Path(runtime_cache) if runtime_cache else default_runtime_cache(self.source, self.info, gpu)
+            )
         use_device(gpu.index)  # before the runtime: TensorRT deserializes onto the current CUDA device
         self._logger = process_logger(trt)
         self._runtime = create_runtime(trt, self._logger, self.flavour)
@@ -216,15 +218,14 @@ class TensorRTEngine(Engine):
         self._profile = -1
 
 
-def default_runtime_cache(plan: Path, gpu: Any) -> Path:
+def default_runtime_cache(plan: Path, info: Any, gpu: Any) -> Path:
     """``$XDG_CACHE_HOME/dtop-export/tensorrt-rtx/<plan name>-<sidecar hash>-sm<cc>.rtxcache``: one cache per
     build (the sidecar records when and from what) and GPU architecture, outside the model's folder (which a
     service may not be allowed to write)."""
     import hashlib
+    import json
     import os
 
-    from dtop_export.engines.tensorrt.sidecar import sidecar_path
-
-    digest = hashlib.sha256(sidecar_path(plan).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(info.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dtop-export" / "tensorrt-rtx"
     return base / f"{plan.stem}-{digest}-sm{gpu.compute_capability.replace('.', '')}.rtxcache"
