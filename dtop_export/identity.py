@@ -18,15 +18,25 @@ from dtop_export.errors import DToPError
 KEY = "dtop.checkpoint_sha256"
 
 
+def _path(model: str | Path) -> Path | None:
+    """The file of MODEL (``FILE[:options]``), or None when it does not exist."""
+    from dtop_export.bench.spec import parse_spec
+
+    try:
+        path = parse_spec(str(model)).path
+    except DToPError:
+        return None
+    return path if path.is_file() else None
+
+
 def checkpoint_of(model: str | Path) -> str | None:
     """The sha256 of the checkpoint MODEL (a file or ``FILE:options``) was exported from: a checkpoint's own
     digest, else the ``dtop.checkpoint_sha256`` metadata of an ONNX file, an OpenVINO IR or a TensorRT plan's
     sidecar; None when the file carries none (not exported by dtop-export, or from an in-memory model)."""
-    from dtop_export.bench.spec import parse_spec
     from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES
 
-    path = parse_spec(str(model)).path
-    if not path.is_file():
+    path = _path(model)
+    if path is None:
         return None
     suffix = path.suffix.lower()
     meta: dict[str, str] = {}
@@ -61,11 +71,10 @@ def corpus_checkpoint(corpus: dict[str, Any]) -> str | None:
     model, digest = corpus.get("model"), corpus.get("model_sha256")
     if not model or not digest:
         return None
-    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
 
-    path = parse_spec(str(model)).path
-    if path.is_file() and file_sha256(path) == digest:
+    path = _path(model)
+    if path is not None and file_sha256(path) == digest:
         return checkpoint_of(model)
     return None
 
@@ -75,11 +84,10 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     corpus.faiss``), in one line, unless ``force``; the same file or another export of the same checkpoint passes.
     Returns a warning to print when the answer is unknown (a model or corpus that records no checkpoint) or
     ``force`` overrode a refusal; None when they match."""
-    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
 
-    path = parse_spec(str(model)).path
-    if corpus.get("model_sha256") and path.is_file() and file_sha256(path) == corpus["model_sha256"]:
+    path = _path(model)
+    if corpus.get("model_sha256") and path is not None and file_sha256(path) == corpus["model_sha256"]:
         return None  # the very file the corpus was embedded with
     mine, theirs = checkpoint_of(model), corpus_checkpoint(corpus)
     embedded_with = corpus.get("model") or "an unknown model"

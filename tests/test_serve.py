@@ -230,23 +230,58 @@ def test_chunked_upload_over_the_limit_is_refused_while_streaming(service: Servi
     conn.close()
 
 
-def test_search_without_an_index_is_a_404() -> None:
-    """The route's answer when the service was started without --index (the app's code, no service needed)."""
-    import asyncio
+class FakeRequest:
+    """What the app's routes read of a Starlette request."""
 
+    def __init__(self, body: bytes, content_type: str, query: dict[str, str] | None = None) -> None:
+        self.body, self.query_params = body, query or {}
+        self.headers = {"content-type": content_type, "content-length": str(len(body))}
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        yield self.body
+
+
+def app_without_cluster(embedder: object = None, **limits: float) -> object:
+    """The app's routes with a stand-in for the model deployment (no Ray needed)."""
     from dtop_export.serve.app import Service as App
     from dtop_export.serve.app import ServiceInfo
     from dtop_export.serve.limits import Limits
 
-    info = ServiceInfo("m.onnx", "0" * 64, "1" * 64, 8, {}, 64)
-    app = App(info, Limits(), embedder=None, capacity=1)
+    info = ServiceInfo("m.onnx", "0" * 64, "1" * 64, 8, {"size": 64}, 64)
+    return App(info, Limits(**limits), embedder=embedder, capacity=4)  # type: ignore[arg-type]
 
-    class Request:
-        query_params: dict[str, str] = {}
-        headers = {"content-type": "image/png"}
 
-    response = asyncio.run(app.observe("search", lambda: app.search(Request())))
+def test_search_without_an_index_is_a_404() -> None:
+    import asyncio
+
+    app = app_without_cluster()
+    response = asyncio.run(app.observe("search", lambda: app.search(FakeRequest(png(32, 32), "image/png"))))
     assert response.status_code == 404 and "--index" in json.loads(response.body)["error"]
+
+
+def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
+    import asyncio
+
+    cancelled: list[bool] = []
+
+    class Never:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            cancelled.append(True)
+
+    class Embedder:
+        class embed:  # noqa: N801 - mimics handle.embed.remote(...)
+            @staticmethod
+            def remote(*_: object) -> Never:
+                return Never()
+
+    app = app_without_cluster(Embedder(), request_timeout_s=0.3)
+    t0 = time.monotonic()
+    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
+    assert response.status_code == 504 and "--request-timeout" in json.loads(response.body)["error"]
+    assert time.monotonic() - t0 < 5 and cancelled == [True] and app.admission.inside == 0
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------

@@ -69,8 +69,8 @@ def serve(
     Binds 127.0.0.1 unless --host says otherwise; a local Ray cluster (loopback only, token auth) unless --address.
     """
     from dtop_export.retrieval.extract import parse_scales
-    from dtop_export.serve.app import ServeOptions, run_service
     from dtop_export.serve.limits import Limits
+    from dtop_export.serve.run import ServeOptions, run_service
 
     if replicas != "auto" and not replicas.isdigit():
         raise DToPError(f"--replicas must be a number or auto, got {replicas!r}")

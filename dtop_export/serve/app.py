@@ -1,5 +1,5 @@
 """The HTTP side of the service: routes, the bounded queue, errors as JSON, Prometheus metrics, and the driver that
-starts it all (:func:`run_service`).
+starts it all (:func:`dtop_export.serve.run.run_service`).
 
 Routes (FastAPI in a Ray Serve ingress deployment; see the README's "Serving")::
 
@@ -21,10 +21,6 @@ imported inside the functions.
 import asyncio
 import base64
 import json
-import logging
-import signal
-import socket
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from dtop_export.errors import DToPError
 from dtop_export.serve.deployment import EngineSettings, combine_scales
 from dtop_export.serve.limits import Admission, Limits, RequestError, bounded_int, check_length, decode, read_images
 
@@ -199,6 +194,7 @@ class Service:
         timing = {
             "decode_ms": round(decode_s * 1000, 3),
             "queue_ms": round(max(r["queue_s"] for r in results) * 1000, 3),
+            "route_ms": round(max(r["route_s"] for r in results) * 1000, 3),
             "infer_ms": round(max(r["infer_s"] for r in results) * 1000, 3),
             "batch_sizes": [r["batch_size"] for r in results],
             "replicas": sorted({r["replica"] for r in results}),
@@ -347,8 +343,10 @@ def build_app(
         return _json({"error": str(exc), "status": 422}, 422)
 
     capacity = limits.max_queue + 2 * settings.max_batch_size * (max_replicas if replicas == "auto" else int(replicas))
+    # Serve's own queue bound counts requests still being assigned to a replica (a burst of 3 on idle replicas can
+    # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it.
     model = embedder_deployment(
-        settings, replicas, min_replicas, max_replicas, limits.max_queue, cpus_per_replica, gpus_per_replica
+        settings, replicas, min_replicas, max_replicas, capacity, cpus_per_replica, gpus_per_replica
     )
 
     @serve.deployment(
@@ -399,176 +397,3 @@ def build_app(
             return self.service.admission.inside
 
     return Ingress.bind(model)
-
-
-# the driver -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ServeOptions:
-    """``dtop-export serve``'s options (see the CLI's help)."""
-
-    model: str
-    index: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    address: str | None = None
-    replicas: int | str = 1
-    min_replicas: int = 1
-    max_replicas: int = 4
-    max_batch_size: int = 8
-    batch_wait_ms: float = 5.0
-    precision: str | None = None
-    threads: int | None = None
-    gpus_per_replica: float = 0.0
-    image_size: int | None = None
-    scales: tuple[float, ...] = (1.0,)
-    limits: Limits = field(default_factory=Limits)
-    force: bool = False
-    num_cpus: int | None = None  # logical CPUs of a local cluster (default: the machine's)
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Refuse, before starting anything, a port another process holds (Serve would retry its proxy forever)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise DToPError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from e
-
-
-def service_info(opts: ServeOptions) -> ServiceInfo:
-    """The contract the app serves: MODEL's preprocessing and descriptor size (read without running it), its file
-    and checkpoint identity, and the corpus's image size and scales when ``--index`` is given (refusing a model of
-    another checkpoint than the corpus's unless ``--force``)."""
-    from dtop_export.corpus.runtime import model_contract
-    from dtop_export.corpus.shards import file_sha256
-    from dtop_export.identity import check_model_for_corpus, checkpoint_of
-
-    contract = model_contract(opts.model)
-    size, scales, index = opts.image_size or contract.preprocess.size, opts.scales, None
-    if opts.index is not None:
-        from dtop_export.corpus.index import CorpusIndex
-
-        idx = CorpusIndex(opts.index)
-        corpus = idx.info["corpus"]
-        check_model_for_corpus(opts.model, corpus, f"index {idx.path}", opts.force)
-        if idx.dim != contract.descriptor_dim:
-            raise DToPError(f"{opts.model} gives {contract.descriptor_dim}-d descriptors; the index holds {idx.dim}-d")
-        if opts.image_size is not None and opts.image_size != int(corpus["image_size"]):
-            raise DToPError(
-                f"--image-size {opts.image_size} differs from the corpus's {corpus['image_size']}: leave it out"
-            )
-        size, scales, index = int(corpus["image_size"]), tuple(float(s) for s in corpus["scales"]), str(idx.path)
-    from dtop_export.bench.spec import parse_spec
-
-    path = parse_spec(opts.model).path
-    return ServiceInfo(
-        model=str(opts.model),
-        model_sha256=file_sha256(path),
-        checkpoint_sha256=checkpoint_of(opts.model) or "",
-        descriptor_dim=contract.descriptor_dim,
-        preprocess=contract.preprocess.to_dict(),
-        image_size=int(size),
-        scales=tuple(scales),
-        index=index,
-    )
-
-
-def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.Event | None = None) -> None:
-    """Start the service and serve until SIGTERM/SIGINT (or ``stop``): a local Ray cluster locked to this machine
-    unless ``--address``, Serve's HTTP proxy on ``host:port``, the app; then a graceful shutdown (in-flight
-    requests finish, up to ``--request-timeout``)."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError as e:
-        raise DToPError("serve needs Ray Serve: pip install 'dtop-export[serve]'") from e
-    from dtop_export.corpus.cluster import connect
-    from dtop_export.corpus.runtime import check_placement, engine_options
-
-    _check_options(opts)
-    check_placement(opts.model, True, opts.gpus_per_replica)
-    engine_options(opts.model, opts.threads, opts.precision)  # bad options: one line, before any cluster
-    info = service_info(opts)
-    if opts.address is None:
-        check_port_free(opts.host, opts.port)
-    threads = opts.threads or 1
-    settings = EngineSettings(
-        opts.model, threads, opts.precision, opts.max_batch_size, opts.batch_wait_ms, warmup_size=info.image_size
-    )
-    stop = stop or threading.Event()
-    started = connect(opts.address, **({"num_cpus": opts.num_cpus} if opts.num_cpus else {}))
-    try:
-        if opts.host not in ("127.0.0.1", "localhost", "::1"):
-            say(f"warning: listening on {opts.host}: anyone who can reach this machine can use the service "
-                "(it has no authentication; put it behind a proxy or a firewall)")  # fmt: skip
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        quiet = {"log_level": "WARNING"}
-        serve.start(
-            http_options={"host": opts.host, "port": opts.port, "request_timeout_s": opts.limits.request_timeout_s + 5},
-            proxy_location="HeadOnly",
-            logging_config=quiet,
-        )
-        app = build_app(
-            info, opts.limits, settings, opts.replicas, opts.min_replicas, opts.max_replicas,
-            cpus_per_replica=float(threads), gpus_per_replica=opts.gpus_per_replica,
-        )  # fmt: skip
-        say(f"starting {opts.replicas} replica(s) of {opts.model} ({info.image_size} px)")
-        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
-        say(f"serving on http://{_url_host(opts.host)}:{opts.port} (POST /v1/embed, /v1/search; GET /v1/model, "
-            "/healthz, /readyz, /metrics); Ctrl-C or SIGTERM stops it")  # fmt: skip
-        _wait(stop)
-        say("stopping: finishing the requests in flight")
-        _drain(serve.get_app_handle(APP_NAME), opts.limits.request_timeout_s)
-    finally:
-        try:
-            if started:
-                serve.shutdown()
-            elif serve.status().applications.get(APP_NAME) is not None:
-                serve.delete(APP_NAME)
-        finally:
-            if started:
-                ray.shutdown()
-    say("stopped")
-
-
-def _check_options(opts: ServeOptions) -> None:
-    if opts.replicas != "auto" and (not isinstance(opts.replicas, int) or opts.replicas < 1):
-        raise DToPError(f"--replicas must be >= 1 or auto, got {opts.replicas}")
-    if opts.replicas == "auto" and not 1 <= opts.min_replicas <= opts.max_replicas:
-        raise DToPError(
-            f"--min/--max replicas must satisfy 1 <= min <= max, got {opts.min_replicas}, {opts.max_replicas}"
-        )
-    if opts.max_batch_size < 1 or opts.batch_wait_ms < 0:
-        raise DToPError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
-    if opts.threads is not None and opts.threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {opts.threads}")
-    if not 0 < opts.port < 65536:
-        raise DToPError(f"--port must be 1..65535, got {opts.port}")
-
-
-def _drain(ingress: Any, timeout_s: float) -> None:
-    """Refuse new requests and wait (up to ``timeout_s``) until the ones inside have been answered: Serve's own
-    shutdown closes the proxy's connections at once, in-flight requests included."""
-    deadline = time.monotonic() + timeout_s
-    inside = ingress.drain.remote().result(timeout_s=10)
-    while inside and time.monotonic() < deadline:
-        time.sleep(0.1)
-        inside = ingress.inflight.remote().result(timeout_s=10)
-    time.sleep(0.5)  # the proxy sends the last answers on
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _wait(stop: threading.Event) -> None:
-    """Block until SIGTERM/SIGINT (handlers installed here, in the main thread) or ``stop`` is set."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
