@@ -27,7 +27,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,11 +42,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from cpp_client import write_photos  # noqa: E402 - the same photos as the C++ and corpus benchmarks
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dtop_export.serve.client import free_port, start_service, stop_service  # noqa: E402
 
 
 class Connection:
@@ -408,34 +403,22 @@ def main() -> None:
     photos = write_photos(work / "photos", args.photos, aspects=[(4, 3)])
     bodies = [p.read_bytes() for p in photos]
     port = free_port()
-    serve_cmd = ["dtop-export", "serve", args.model, "--port", str(port), "--image-size", str(args.image_size),
-                 "--threads", str(args.threads), "--replicas", str(args.replicas),
-                 "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-                 "--max-queue", str(args.max_queue), "--request-timeout", "60"]  # fmt: skip
-    if args.precision:
-        serve_cmd += ["--precision", args.precision]
-    log = open(work / "serve.log", "w")  # noqa: SIM115 - open for the service's lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "dtop_export", *serve_cmd[1:]], stdout=log, stderr=subprocess.STDOUT)
+    serve_args = [args.model, "--image-size", str(args.image_size), "--threads", str(args.threads),
+                  "--replicas", str(args.replicas), "--max-batch-size", str(args.max_batch_size),
+                  "--batch-wait-ms", str(args.batch_wait_ms), "--max-queue", str(args.max_queue),
+                  "--request-timeout", "60"] + (["--precision", args.precision] if args.precision else [])  # fmt: skip
     report: dict[str, Any] = {
         "cpu": "AMD EPYC (Zen 4), AVX-512 + BF16 + VNNI, no AMX; 2 cores shared with other developers' jobs",
-        "command": " ".join(serve_cmd),
+        "command": " ".join(["dtop-export", "serve", *serve_args, "--port", str(port)]),
         "benchmark": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
         "photos": f"{len(photos)} JPEG q90, 4:3, 1024 px longer side (one input shape at --image-size)",
         "closed": {},
         "open": {},
     }
+    t0 = time.perf_counter()
+    proc = start_service(serve_args, work / "serve.log", port, timeout_s=600)
+    report["start_s"] = round(time.perf_counter() - t0, 1)
     try:
-        t0 = time.perf_counter()
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve exited: {(work / 'serve.log').read_text()[-2000:]}")
-            try:
-                if get(port, "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        report["start_s"] = round(time.perf_counter() - t0, 1)
         report["model"] = json.loads(get(port, "/v1/model")[1])
         closed_loop(port, bodies, 2, 3.0, 20)  # warm the path (connections, threads)
         for c in (int(x) for x in args.concurrency.split(",")):
@@ -456,12 +439,7 @@ def main() -> None:
         report["replica_killed"] = kill_run(port, bodies, 8, args.kill_seconds)
         print(f"kill: {report['replica_killed']}", flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_service(proc)
     ref = embed_reference(args.model, work / "photos", args.image_size, args.threads, args.max_batch_size,
                           args.precision)  # fmt: skip
     report["embed"] = ref

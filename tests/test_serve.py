@@ -9,9 +9,7 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +23,13 @@ from conftest import CORPUS_PHOTOS, CORPUS_SIZE
 
 pytest.importorskip("ray.serve", reason="serve needs Ray Serve (pip install 'dtop-export[serve]')")
 
-from dtop_export.serve.client import ServiceClient, multipart  # noqa: E402
+from dtop_export.serve.client import (  # noqa: E402
+    ServiceClient,
+    free_port,
+    multipart,
+    start_service,
+    stop_service,
+)
 
 MAX_UPLOAD_MB = 3
 MAX_IMAGES = 3
@@ -34,12 +38,6 @@ MAX_QUEUE = 2
 MAX_BATCH = 4
 START_TIMEOUT_S = 150  # a loaded 2-core machine: cluster + Serve + one replica
 RECOVERY_BOUND_S = 60  # a SIGKILLed replica is replaced and warm again within this
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -62,35 +60,16 @@ class Service:
 def service(small_onnx: Path, small_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "dtop_export", "serve", str(small_onnx), "--index", str(small_index),
-        "--port", str(port), "--threads", "1", "--max-batch-size", str(MAX_BATCH), "--batch-wait-ms", "20",
-        "--max-queue", str(MAX_QUEUE), "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-images", str(MAX_IMAGES),
-        "--max-pixels", str(MAX_PIXELS_MP), "--request-timeout", "20",
+    args = [
+        str(small_onnx), "--index", str(small_index), "--threads", "1", "--max-batch-size", str(MAX_BATCH),
+        "--batch-wait-ms", "20", "--max-queue", str(MAX_QUEUE), "--max-upload-mb", str(MAX_UPLOAD_MB),
+        "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS_MP), "--request-timeout", "20",
     ]  # fmt: skip
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
-    svc = Service(proc, f"http://127.0.0.1:{port}", port, small_index, log)
+    proc = start_service(args, log, port, START_TIMEOUT_S)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{svc.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"serve not ready in {START_TIMEOUT_S} s:\n{svc.output()[-3000:]}"
-            try:
-                if svc.client.ready():
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield svc
+        yield Service(proc, f"http://127.0.0.1:{port}", port, small_index, log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_service(proc, 60)
 
 
 def photo(name: str) -> Path:

@@ -136,3 +136,55 @@ class ServiceClient:
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self.request("GET", "/metrics")[2].decode()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a service started next; another process may take it first)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(args: list[str], log: Path, port: int, timeout_s: float = 150.0) -> Any:
+    """``dtop-export serve ARGS --port PORT`` as a subprocess (stdout and stderr to ``log``), returned once
+    ``/readyz`` answers 200; a :class:`DToPError` with the log's tail when it exits or is not ready in time."""
+    import subprocess
+    import sys
+    import time
+
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtop_export", "serve", *args, "--port", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    client = ServiceClient(f"http://127.0.0.1:{port}", timeout=10)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_service(proc)
+            state = f"exited with {proc.returncode}" if proc.returncode else f"not ready in {timeout_s:g} s"
+            raise DToPError(f"dtop-export serve {state}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if client.ready():
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_service(proc: Any, timeout_s: float = 90.0) -> int:
+    """SIGTERM (the graceful stop) and wait; SIGKILL past ``timeout_s``. The exit code."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
