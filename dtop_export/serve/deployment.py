@@ -182,6 +182,7 @@ def embedder_deployment(
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_wait_loop_s": 0.5,
         "graceful_shutdown_timeout_s": 30.0,
+        "max_constructor_retry_count": 2,  # an engine that cannot open fails the start, not after 20 tries
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
     }
     if replicas == "auto":

@@ -123,6 +123,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
     )
     stop = stop or threading.Event()
     started = connect(opts.address)
+    _on_signals(stop)  # after Ray's start (its core worker installs handlers of its own), before Serve's
     try:
         _check_resources(opts, float(threads), ray.cluster_resources())
         if opts.host not in ("127.0.0.1", "localhost", "::1"):
@@ -140,7 +141,11 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
             cpus_per_replica=float(threads), gpus_per_replica=opts.gpus_per_replica,
         )  # fmt: skip
         say(f"starting {opts.replicas} replica(s) of {opts.model} ({info.image_size} px)")
-        serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
+        except RuntimeError as e:  # Serve's "Deploying application failed": a replica that could not start
+            raise DToPError(f"the service could not start: {str(e).strip().splitlines()[0]} (the replicas' errors "
+                            "are above)") from e  # fmt: skip
         say(f"serving on http://{_url_host(opts.host)}:{opts.port} (POST /v1/embed, /v1/search; GET /v1/model, "
             "/healthz, /readyz, /metrics); Ctrl-C or SIGTERM stops it")  # fmt: skip
         _wait(stop)
@@ -201,10 +206,21 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _wait(stop: threading.Event) -> None:
-    """Block until SIGTERM/SIGINT (handlers installed here, in the main thread) or ``stop`` is set."""
+def _on_signals(stop: threading.Event) -> None:
+    """The first SIGTERM/SIGINT sets ``stop`` (a graceful shutdown follows, also when it comes while Serve is still
+    starting: the proxy may already be answering); a second one interrupts at once."""
+
+    def handler(*_: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, handler)
+
+
+def _wait(stop: threading.Event) -> None:
+    """Block until ``stop`` is set (by a signal, see :func:`_on_signals`)."""
     while not stop.wait(0.5):
         pass
