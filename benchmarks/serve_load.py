@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -450,6 +451,7 @@ def main() -> None:
         "cpu_s_per_image": round(report["service_cpu_s_per_image"] / ref["cpu_s_per_image"], 3),
     }
     print(f"embed: {ref}; service / embed = {report['service_vs_embed']}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)  # photos and the service's log (kept when a run fails)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
