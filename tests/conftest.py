@@ -47,3 +47,29 @@ def full_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ckpt = random_checkpoint("r50-vitb16", d / "full.pt", seed=0, source="test")
     export_onnx(ckpt, d / "full.onnx")
     return ckpt, d / "full.onnx"
+
+
+# Real photos scikit-image ships: a small corpus whose every image is its own nearest neighbour.
+CORPUS_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
+CORPUS_SIZE = 128  # px, longer side: fast on 2 cores, enough for the small model
+
+
+@pytest.fixture(scope="session")
+def small_index(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_onnx``'s shards of :data:`CORPUS_PHOTOS` at :data:`CORPUS_SIZE` px and their flat faiss index
+    (``index.faiss``; the photos are in ``photos/`` next to it)."""
+    import shutil
+
+    from dtop_export.corpus.embed import CorpusJob, embed_corpus
+    from dtop_export.corpus.index import build_corpus_index
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    root = tmp_path_factory.mktemp("small-index")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in CORPUS_PHOTOS:
+        shutil.copy(skimage_data_dir() / name, photos / name)
+    job = CorpusJob(str(small_onnx), str(photos), root / "shards", image_size=CORPUS_SIZE, progress=False)
+    embed_corpus(job)
+    build_corpus_index(root / "shards", root / "index.faiss")
+    return root / "index.faiss"

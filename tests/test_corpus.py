@@ -66,8 +66,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Any:
-    """One local Ray cluster for the module (2 logical CPUs, as this machine); its GCS address."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 2**20, logging_level="ERROR")
+    """One local Ray cluster for the module (2 logical CPUs, as this machine), started as `embed --ray` starts
+    one (loopback only, token auth, no dashboard); its GCS address."""
+    from dtop_export.corpus.cluster import connect
+
+    assert connect(None, num_cpus=2, object_store_memory=400 * 2**20, logging_level="ERROR")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -381,15 +384,15 @@ def test_ray_notices_for_its_own_users_are_dropped() -> None:
     import importlib.util
     import logging
 
-    from dtop_export.corpus import ray_pipeline
+    from dtop_export.corpus import cluster
 
-    for name, notice in ray_pipeline._NOTICES.items():
+    for name, notice in cluster._NOTICES.items():
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None, f"Ray has no module {name} any more"
         source = Path(spec.origin).read_text()
         assert all(f'"{start}' in source for start in notice.starts), f"{name} no longer logs {notice.starts}"
-    ray_pipeline._quiet_notices()
-    ray_pipeline._quiet_notices()  # idempotent: one filter per logger
+    cluster.quiet_notices()
+    cluster.quiet_notices()  # idempotent: one filter per logger
     auth = "ray._private.authentication.authentication_token_setup"
     assert len(logging.getLogger(auth).filters) == 1
     seen: list[str] = []
@@ -410,6 +413,25 @@ def test_ray_notices_for_its_own_users_are_dropped() -> None:
         for lg in loggers:
             lg.removeHandler(handler)
     assert seen == ["Token authentication is disabled for this Ray cluster. Anyone ..."]
+
+
+def test_local_ray_cluster_listens_on_loopback_only_and_keeps_token_auth(ray_cluster: str) -> None:
+    """The cluster `embed --ray` starts (the module's fixture, as the CLI starts it): node IP 127.0.0.1, every
+    listener of every Ray process on loopback (gcs_server, raylet, agents: the ones that bound :: / 0.0.0.0 / the
+    machine's address before), token authentication on, no dashboard HTTP server."""
+    import os
+
+    from listeners import RAY_PROCESSES, listeners
+
+    from dtop_export.corpus.cluster import token_auth_enabled
+
+    assert ray_cluster.startswith("127.0.0.1:")
+    found = listeners(os.getpid())
+    names = {x.name for x in found}
+    assert set(RAY_PROCESSES) <= names, f"expected Ray's processes among the listeners, got {sorted(names)}"
+    assert [x for x in found if not x.loopback] == []
+    assert 8265 not in {x.port for x in found}  # no dashboard
+    assert token_auth_enabled()
 
 
 def test_ray_equals_in_process(

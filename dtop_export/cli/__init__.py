@@ -35,6 +35,7 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     parity,
     quantize,
     search,
+    serve,
     train,
     trt,
     whiten,

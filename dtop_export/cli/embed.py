@@ -166,7 +166,10 @@ def _embed_npy(
     import numpy as np
 
     from dtop_export.atomic import atomic_path
+    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.runtime import open_model
+    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.identity import checkpoint_of
     from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
     from dtop_export.retrieval.extract import extract
 
@@ -196,6 +199,8 @@ def _embed_npy(
         sidecar,
         {
             "model": str(model),
+            "model_sha256": file_sha256(parse_spec(model).path),
+            "checkpoint_sha256": checkpoint_of(model) or "",
             "engine": engine.describe(),
             "descriptor_dim": int(desc.shape[1]),
             "image_size": size,

@@ -39,6 +39,9 @@ def evaluate(
             "--distractors", help="+R1M-style distractor descriptors: .npy [M, N], or a shard folder (`embed -o DIR`)."
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Use --distractors embedded by a model of another checkpoint.")
+    ] = False,
     json_out: JsonOpt = None,
     picture: Annotated[
         Path | None,
@@ -59,6 +62,12 @@ def evaluate(
     ds = resolve_dataset(dataset, data_root)
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
+    if distractors is not None:
+        from dtop_export.identity import check_distractors
+
+        warning = check_distractors(model, distractors, force)
+        if warning:
+            typer.echo(warning, err=True)
     engine = open_engine(model, precision=precision)
     captured: dict[str, Any] = {}
     with engine:

@@ -23,6 +23,9 @@ def search(
     ] = None,
     batch_size: BatchOpt = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for embedding the queries.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Search even with a model of another checkpoint than the corpus's.")
+    ] = False,
     json_out: JsonOpt = None,
     picture: Annotated[
         Path | None, output_option("--picture", help="Write a PNG: each query and its top results (at most 8).")
@@ -31,10 +34,9 @@ def search(
     """Embed QUERIES with MODEL (the corpus's image size and scales) and print their top-k corpus images."""
     from rich.table import Table
 
-    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.index import CorpusIndex
     from dtop_export.corpus.runtime import open_model
-    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.identity import check_model_for_corpus
     from dtop_export.preprocess import expand_images
     from dtop_export.retrieval.extract import extract
 
@@ -46,13 +48,9 @@ def search(
         raise DToPError("no query images given")
     corpus = idx.info["corpus"]
     con = console()
-    if file_sha256(parse_spec(model).path) != corpus["model_sha256"]:
-        con.print(
-            f"warning: {model} is not the file the corpus was embedded with ({corpus['model']}); scores are only "
-            "meaningful for the same model (another export of the same checkpoint is fine)",
-            markup=False,
-            soft_wrap=True,
-        )
+    warning = check_model_for_corpus(model, corpus, f"index {idx.path}", force)
+    if warning:
+        con.print(warning, markup=False, soft_wrap=True)
     with open_model(model, threads) as engine:
         if engine.descriptor_dim != idx.dim:
             raise DToPError(f"{model} gives {engine.descriptor_dim}-d descriptors; the index holds {idx.dim}-d ones")

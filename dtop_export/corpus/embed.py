@@ -284,6 +284,7 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
     from dtop_export.corpus.source import listing_sha256
+    from dtop_export.identity import checkpoint_of
 
     return CorpusSettings(
         model=job.model,
@@ -297,6 +298,7 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         n_items=len(items),
         listing_sha256=listing_sha256(items),
         engine=engine,
+        checkpoint_sha256=checkpoint_of(job.model) or "",
     )
 
 

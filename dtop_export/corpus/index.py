@@ -127,7 +127,8 @@ def build_corpus_index(
         "dim": dim,
         "params": params,
         "shards": str(folder.resolve()),
-        "corpus": {k: manifest["settings"][k] for k in ("model", "model_sha256", "preprocess", "image_size", "scales")},
+        "corpus": {k: manifest["settings"][k] for k in ("model", "model_sha256", "preprocess", "image_size", "scales")}
+        | {"checkpoint_sha256": manifest["settings"].get("checkpoint_sha256", "")},
     }
     table = pa.table({"key": pa.array(np.concatenate(keys), pa.int64()), "id": ids, "path": paths})
     with atomic_path(ids_path) as tmp:

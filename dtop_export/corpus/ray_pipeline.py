@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.errors import DToPError
-from dtop_export.logs import DropMessages
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob, ShardAssembler
@@ -224,36 +223,6 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": job.gpus_per_actor}
 
 
-# The local cluster a job starts lives as long as the job: Ray's notice that it enabled token authentication
-# (secure, the default) and how to opt out is not for our users; its notice that authentication is *disabled*
-# still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
-_NOTICES = {
-    "ray._private.authentication.authentication_token_setup": DropMessages("Token authentication is enabled"),
-    "ray.data._internal.progress": DropMessages("Progress bars disabled"),
-}
-
-
-def _quiet_notices() -> None:
-    for name, notice in _NOTICES.items():
-        logger = logging.getLogger(name)
-        if notice not in logger.filters:
-            logger.addFilter(notice)
-
-
-def _connect(address: str | None) -> bool:
-    """Connect to (or start) a Ray cluster; True when this call started the connection."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    _quiet_notices()
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
-    except ConnectionError as e:
-        raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
-    return True
-
-
 def run_ray(
     job: CorpusJob,
     contract: ModelContract,
@@ -268,9 +237,10 @@ def run_ray(
         import ray.data
     except ImportError as e:
         raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    from dtop_export.corpus.cluster import connect
     from dtop_export.corpus.runtime import ActorStats
 
-    started = _connect(job.address)
+    started = connect(job.address)
     try:
         res = ray.cluster_resources()
         cpus, threads = actor_resources(job, float(res.get("CPU", 0)), float(res.get("GPU", 0)))

@@ -62,6 +62,7 @@ class CorpusSettings:
     n_items: int
     listing_sha256: str
     engine: str = ""  # the file and options that ran (--precision, --precision auto), threads left out
+    checkpoint_sha256: str = ""  # the checkpoint the model was exported from (dtop_export.identity); "" unknown
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -70,6 +71,7 @@ class CorpusSettings:
         d = asdict(self)
         d.pop("model")
         d.pop("source")
+        d.pop("checkpoint_sha256")  # follows from the model file (model_sha256); absent from older shards
         return d
 
     def n_shards(self) -> int:
@@ -208,7 +210,9 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
     if manifest is not None and not any(folder.glob(SHARD_GLOB)):
         manifest = None  # a run that wrote no shard (it failed to start, say) leaves nothing to protect
     if manifest is not None:
-        old = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source")}
+        old = {
+            k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source", "checkpoint_sha256")
+        }
         changed = _differences(old, settings.fingerprint())
         if changed:
             raise DToPError(
