@@ -132,7 +132,8 @@ PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 # The formats Image.open may try (the ones IMAGE_SUFFIXES names): no exotic plugin parses an untrusted file.
 DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PIL.Image.Transpose value
-_JPEG_MARKER = re.compile(rb"\xff+[^\x00\x01\xd0-\xd8\xff]")  # a marker with a length, or EOI (0xD9)
+# 0xFF and a marker byte: not a stuffed zero, TEM, RSTn, SOI or more fill (a marker with a length, or EOI)
+_JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class DecodeBudget:
     max_decode_mb: MiB of every buffer that coexists while decoding: the file, the decoded RGB image and its
         rotated copy (6 bytes a pixel), plus the decoder's own: a progressive (or multi-scan) JPEG's
         coefficients, 128 bytes per component and image column of libjpeg's row buffers, an interlaced PNG's
-        full-size raw image, 32 bytes per PNG column of libpng's rows.
+        full-size raw image, 32 bytes per PNG column for its rows.
     max_scans: start-of-scan markers of a JPEG (a progressive JPEG re-reads every block in every scan: a few
         KB of crafted scans cost minutes); encoders write 1 to about 20.
     """
@@ -252,6 +253,7 @@ def load_image(
     decoder raised, is one :class:`DToPError` line naming the file.
     """
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
@@ -265,7 +267,10 @@ def load_image(
                     "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
                 )
             data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
+        with warnings.catch_warnings():  # the budget decides; Pillow's DecompressionBombWarning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        with img:
             _check_budget(img, data, budget)
             img.load()
             return to_rgb(_upright(img) if apply_exif else img).copy()
