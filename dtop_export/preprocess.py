@@ -378,16 +378,25 @@ def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.nda
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of the image as :func:`load_image` will return it (EXIF orientation applied), read
-    from the file's header without decoding; None for a missing or non-image file."""
-    from PIL import Image, UnidentifiedImageError
+    from the file's header without decoding; None for a missing or non-image file, one the decoder fails on, or
+    one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find)."""
+    import warnings
 
+    from PIL import Image
+
+    budget = DecodeBudget()
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=DECODE_FORMATS)
+        with im:
             w, h = im.size
+            if w * h > budget.max_pixels or 6 * w * h > budget.max_decode_mb * MIB:
+                return None
             orientation = im.getexif().get(0x0112, 1)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # any decoder failure: load_image would refuse the file too
         return None
-    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90°: exif_transpose swaps the sides
+    if _EXIF_TRANSPOSE.get(orientation) in (2, 4, 5, 6):  # turned by 90° or transposed: the sides swap
         w, h = h, w
     return (int(w), int(h)) if w > 0 and h > 0 else None
 

@@ -209,6 +209,10 @@ def test_image_size_is_the_upright_size(tmp_path: Path) -> None:
     path = tmp_path / "rotated.jpg"
     Image.new("RGB", (60, 40)).save(path, exif=exif.tobytes())
     assert image_size(path) == load_image(path).size == (40, 60)
+    for o in (2, 5, 8):  # mirrored: the sides stay; transposed or turned the other way: they swap
+        exif[0x0112] = o
+        Image.new("RGB", (60, 40)).save(path, exif=exif.tobytes())
+        assert image_size(path) == load_image(path).size == ((60, 40) if o == 2 else (40, 60))
     plain = tmp_path / "plain.png"
     Image.new("RGB", (60, 40)).save(plain)
     assert image_size(plain) == (60, 40)
