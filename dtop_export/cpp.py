@@ -3,7 +3,7 @@ OpenVINO C++ SDK that the ``openvino`` wheel ships, so that users need not know 
 
 :func:`build` configures with CMake (``-DOpenVINO_DIR=<site-packages>/openvino/cmake``), builds, optionally
 installs, and returns where the binaries are. Missing pieces (CMake, a C++ compiler, the ``openvino`` wheel,
-libjpeg/libpng development files) are one :class:`DToPError` line naming what to install. The C++ sources
+libjpeg/zlib development files) are one :class:`DToPError` line naming what to install. The C++ sources
 travel in the wheel as ``dtop_export.cpp_sources`` (the repository's ``cpp/`` folder).
 
 Imports the standard library only; ``openvino`` is located, not imported.
@@ -29,7 +29,7 @@ LOG_NAME = "dtop-build.log"
 # What a CMake failure means, by the line it prints.
 _CMAKE_HINTS = (
     ("Could NOT find JPEG", "libjpeg development files not found: install them (Debian: apt install libjpeg-dev)"),
-    ("Could NOT find PNG", "libpng development files not found: install them (Debian: apt install libpng-dev)"),
+    ("Could NOT find ZLIB", "zlib development files not found: install them (Debian: apt install zlib1g-dev)"),
     ("No CMAKE_CXX_COMPILER could be found", "no C++ compiler found: install g++ (apt install g++) or set CXX"),
     ('provided by "OpenVINO"', "CMake cannot use the openvino wheel's SDK: pip install --force-reinstall openvino"),
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,26 +124,163 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, apply_exif: bool = True, data: bytes | None = None) -> Image.Image:
+# Decoding budget: what one image may cost to decode ------------------------------------------------------
+
+MIB = 1 << 20
+# Pillow's DecompressionBombError threshold (2 * PIL.Image.MAX_IMAGE_PIXELS): Image.open refuses larger images.
+PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
+# The formats Image.open may try (the ones IMAGE_SUFFIXES names): no exotic plugin parses an untrusted file.
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PIL.Image.Transpose value
+# 0xFF and a marker byte: not a stuffed zero, TEM, RSTn, SOI or more fill (a marker with a length, or EOI)
+_JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What decoding one image may cost; an image over it is refused before any pixel buffer is allocated.
+
+    The C++ client's ``dtop::DecodeLimits`` with the same defaults and the same arithmetic
+    (:func:`decode_bytes`), so that both sides refuse the same files.
+
+    max_pixels: width x height (Pillow refuses more than :data:`PILLOW_MAX_PIXELS` on its own).
+    max_decode_mb: MiB of every buffer that coexists while decoding: the file, the decoded RGB image and its
+        rotated copy (6 bytes a pixel), plus the decoder's own: a progressive (or multi-scan) JPEG's
+        coefficients, 128 bytes per component and image column of libjpeg's row buffers, an interlaced PNG's
+        full-size raw image, 32 bytes per PNG column for its rows.
+    max_scans: start-of-scan markers of a JPEG (a progressive JPEG re-reads every block in every scan: a few
+        KB of crafted scans cost minutes); encoders write 1 to about 20.
+    """
+
+    max_pixels: int = PILLOW_MAX_PIXELS
+    max_decode_mb: int = 1024
+    max_scans: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_decode_mb", "max_scans"):
+            if int(getattr(self, name)) < 1:
+                raise DToPError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def jpeg_scans(data: bytes) -> tuple[int, int]:
+    """(start-of-scan markers before the end of image, components of the first scan or 0) of a JPEG, walking
+    its segments the way libjpeg's marker reader does (entropy-coded data skipped up to the next marker).
+    The C++ client walks it the same way (``cpp/src/decode_jpeg.cpp``)."""
+    scans, first, pos, n = 0, 0, 2, len(data)
+    while (m := _JPEG_MARKER.search(data, pos)) is not None:
+        pos = m.end()
+        if data[pos - 1] == 0xD9 or pos + 2 > n:
+            break
+        length = (data[pos] << 8) | data[pos + 1]
+        if data[pos - 1] == 0xDA:
+            scans += 1
+            if scans == 1 and pos + 2 < n:
+                first = data[pos + 2]
+        if length < 2:
+            break
+        pos += length
+    return scans, first
+
+
+def decode_bytes(file_size: int, width: int, height: int, work: int) -> int:
+    """Bytes of every buffer that coexists while an image decodes: the file, RGB and a rotated copy (6 bytes a
+    pixel) and the decoder's ``work`` (:func:`_decoder_work`)."""
+    return file_size + 6 * width * height + work
+
+
+def _decoder_work(img: Image.Image, data: bytes) -> tuple[int, int]:
+    """(the decoder's own bytes, JPEG scans) for an opened image, from its header (see :class:`DecodeBudget`)."""
+    w, h = img.size
+    if img.format in ("JPEG", "MPO"):
+        scans, first_components = jpeg_scans(data)
+        layers = [(max(1, hs), max(1, vs)) for _, hs, vs, _ in getattr(img, "layer", [])]
+        work = 128 * len(layers) * (w + 64)
+        if layers and (img.info.get("progressive") or first_components < getattr(img, "layers", 0)):
+            hmax, vmax = max(hs for hs, _ in layers), max(vs for _, vs in layers)
+            for hs, vs in layers:  # libjpeg's whole-image coefficient arrays: 64 x 2 bytes a block
+                bw, bh = -(-w * hs // (8 * hmax)), -(-h * vs // (8 * vmax))
+                work += -(-bw // hs) * hs * (-(-bh // vs) * vs) * 128
+        return work, scans
+    if img.format == "PNG":
+        raw = w * h * _PNG_RAW_BYTES.get(img.mode, 4) if img.info.get("interlace") else 0
+        return raw + 32 * w, 0
+    pixel = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
+    return w * h * pixel, 0
+
+
+# An interlaced PNG's full-size raw image, by Pillow mode (16-bit samples kept only for grey).
+_PNG_RAW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "LA": 2, "RGB": 3, "RGBA": 4}
+
+
+def _check_budget(img: Image.Image, data: bytes, budget: DecodeBudget) -> None:
+    w, h = img.size
+    if w * h > budget.max_pixels:
+        raise DToPError(
+            f"{w} x {h} = {w * h} pixels, over the limit of {budget.max_pixels} "
+            "(raise it with --max-pixels or DecodeBudget.max_pixels)"
+        )
+    work, scans = _decoder_work(img, data)
+    if scans > budget.max_scans:
+        raise DToPError(
+            f"{scans} JPEG scans, over the limit of {budget.max_scans} "
+            "(raise it with --max-scans or DecodeBudget.max_scans)"
+        )
+    need = decode_bytes(len(data), w, h, work)
+    if need > budget.max_decode_mb * MIB:
+        raise DToPError(
+            f"decoding needs {-(-need // MIB)} MB, over the budget of {budget.max_decode_mb} MB "
+            "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
+        )
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned by its EXIF orientation: what ``ImageOps.exif_transpose`` does to the pixels (the same
+    ``getexif()`` decides), without its rewrite of the metadata, which can fail on a crafted EXIF block."""
+    from PIL import Image
+
+    method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    return img if method is None else img.transpose(Image.Transpose(method))
+
+
+def load_image(
+    path: str | Path, apply_exif: bool = True, data: bytes | None = None, budget: DecodeBudget | None = None
+) -> Image.Image:
     """Read an image file as 8-bit RGB, with its EXIF orientation applied (see :func:`to_rgb`).
 
     ``data``: the file's bytes, already read (e.g. from object storage); ``path`` then only names it in errors.
-    An unreadable, truncated or non-image file raises :class:`DToPError` naming the file.
+    ``budget``: what decoding may cost (:class:`DecodeBudget`; default: its defaults), checked from the header
+    before the pixels are decoded. An unreadable, truncated, over-budget or non-image file, whatever the
+    decoder raised, is one :class:`DToPError` line naming the file.
     """
     import io
+    import warnings
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    path = Path(path) if data is None else path
+    budget = budget or DecodeBudget()
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as img:
+        if data is None:
+            size = Path(path).stat().st_size
+            if size > budget.max_decode_mb * MIB:
+                raise DToPError(
+                    f"the file has {-(-size // MIB)} MB, over the decode budget of {budget.max_decode_mb} MB "
+                    "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
+                )
+            data = Path(path).read_bytes()
+        with warnings.catch_warnings():  # the budget decides; Pillow's DecompressionBombWarning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        with img:
+            _check_budget(img, data, budget)
             img.load()
-            if apply_exif:
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img).copy()
+            return to_rgb(_upright(img) if apply_exif else img).copy()
     except FileNotFoundError as e:
         raise DToPError(f"image {path} not found") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except DToPError as e:
+        raise DToPError(f"cannot read image {path}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise DToPError(f"cannot read image {path}: not an image file Pillow can read") from e
+    except Exception as e:  # every decoder failure (OSError, SyntaxError, struct.error, ...) is one line
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DToPError(f"cannot read image {path}: {reason}") from e
 
@@ -240,16 +378,25 @@ def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.nda
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of the image as :func:`load_image` will return it (EXIF orientation applied), read
-    from the file's header without decoding; None for a missing or non-image file."""
-    from PIL import Image, UnidentifiedImageError
+    from the file's header without decoding; None for a missing or non-image file, one the decoder fails on, or
+    one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find)."""
+    import warnings
 
+    from PIL import Image
+
+    budget = DecodeBudget()
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=DECODE_FORMATS)
+        with im:
             w, h = im.size
+            if w * h > budget.max_pixels or 6 * w * h > budget.max_decode_mb * MIB:
+                return None
             orientation = im.getexif().get(0x0112, 1)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # any decoder failure: load_image would refuse the file too
         return None
-    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90°: exif_transpose swaps the sides
+    if _EXIF_TRANSPOSE.get(orientation) in (2, 4, 5, 6):  # turned by 90° or transposed: the sides swap
         w, h = h, w
     return (int(w), int(h)) if w > 0 and h > 0 else None
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,16 @@ def small_index(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     embed_corpus(job)
     build_corpus_index(root / "shards", root / "index.faiss")
     return root / "index.faiss"
+
+
+@pytest.fixture(scope="session")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (~10 s on 2 cores), shared by
+    every test of the C++ client (tests/test_cpp*.py)."""
+    build_dir = tmp_path_factory.mktemp("cpp-build")
+    cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone
+    assert binary == build_dir / "dtop-embed" and os.access(binary, os.X_OK)
+    return binary

@@ -1,4 +1,5 @@
-"""The C++ client (cpp/): built once per run with `dtop-export cpp build`, then held to the Python side.
+"""The C++ client (cpp/): built once per run with `dtop-export cpp build` (conftest's `client`), then held to the
+Python side.
 
 Parity: `dtop-embed` vs `dtop-export embed` (ONNX Runtime) on every decoding case the Python side accepts
 (:func:`dtop_export.cpp_parity.write_format_zoo`): the model inputs must be identical (0 levels: the client
@@ -9,7 +10,6 @@ files. Bad input: one `error:` line, exit code 2, nothing written.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,17 +25,6 @@ from dtop_export.errors import DToPError
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dtop_export"]
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (~10 s on 2 cores)."""
-    build_dir = tmp_path_factory.mktemp("cpp-build")
-    r = subprocess.run([*CLI, "cpp", "build", "--build-dir", str(build_dir)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
-    binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone
-    assert binary == build_dir / "dtop-embed" and os.access(binary, os.X_OK)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ def cpp_build(
 ) -> None:
     """Configure and build the C++ client with the installed openvino wheel's SDK; prints the binary's path.
 
-    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/libpng development files (apt install cmake g++
-    libjpeg-dev libpng-dev). Run again after an upgrade: the build is incremental.
+    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib development files (apt install cmake g++
+    libjpeg-dev zlib1g-dev). Run again after an upgrade: the build is incremental.
     """
     from dtop_export.cpp import build
 

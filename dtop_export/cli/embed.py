@@ -20,9 +20,23 @@ from dtop_export.cli.common import (
     write_json,
 )
 from dtop_export.errors import DToPError
+from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob
+
+
+# The decode budget (preprocess.DecodeBudget), the same flags as the C++ client's dtop-embed.
+MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Refuse images of more pixels (Pillow's own limit).")]
+MaxDecodeMbOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-decode-mb",
+        help="Refuse images whose decoding needs more MiB (the file, RGB and a rotated copy, the decoder's "
+        "buffers), checked from the header.",
+    ),
+]
+MaxScansOpt = Annotated[int, typer.Option("--max-scans", help="Refuse JPEGs of more scans (progressive JPEGs).")]
 
 
 def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
@@ -85,22 +99,27 @@ def embed(
         float | None,
         typer.Option("--cpus-per-actor", help="Logical CPUs per actor (default: the cluster's, less 1 for decoding)."),
     ] = None,
+    max_pixels: MaxPixelsOpt = DecodeBudget.max_pixels,
+    max_decode_mb: MaxDecodeMbOpt = DecodeBudget.max_decode_mb,
+    max_scans: MaxScansOpt = DecodeBudget.max_scans,
     json_out: JsonOpt = None,
 ) -> None:
     """Descriptors of images: OUTPUT.npy (n x N float32) + OUTPUT.json, or a folder of Parquet shards.
 
-    Unreadable images are reported and skipped. Folder output is resumable: re-running the same command
-    writes only the shards that are missing.
+    Unreadable images, and images over the decode budget (--max-pixels, --max-decode-mb, --max-scans), are
+    reported and skipped. Folder output is resumable: re-running the same command writes only the shards that
+    are missing.
     """
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
+    budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
     if threads is not None and threads < 1:
         raise DToPError(f"--threads must be >= 1, got {threads}")
     if output.suffix.lower() == ".npy":
         if use_ray:
             raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
-        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision)
+        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget)
         return
     if output.suffix and not output.is_dir():
         raise DToPError(f"output {output} should end in .npy (one matrix) or name a folder (shards)")
@@ -112,6 +131,7 @@ def embed(
         model=model, source=images[0], output=output, batch_size=batch_size, scales=sc, image_size=image_size,
         threads=threads, precision=precision, shard_size=shard_size, force=force, progress=progress,
         use_ray=use_ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        decode=budget,
     )  # fmt: skip
     _embed_shards(job, json_out)
 
@@ -162,6 +182,7 @@ def _embed_npy(
     progress: bool,
     threads: int | None,
     precision: str | None,
+    budget: DecodeBudget,
 ) -> None:
     import numpy as np
 
@@ -170,7 +191,7 @@ def _embed_npy(
     from dtop_export.corpus.runtime import open_model
     from dtop_export.corpus.shards import file_sha256
     from dtop_export.identity import checkpoint_of
-    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
+    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images, load_image
     from dtop_export.retrieval.extract import extract
 
     if not any(Path(i).exists() for i in images):
@@ -184,7 +205,7 @@ def _embed_npy(
         size = image_size or engine.preprocess.size
         desc = extract(
             engine, paths, None, sc, None, progress, image_size=size, batch_size=batch_size, errors=errors,
-            description="embedding",
+            description="embedding", load=lambda p: load_image(p, budget=budget),
         )  # fmt: skip
     for _, msg in errors:
         typer.echo(f"skipped: {msg}", err=True)

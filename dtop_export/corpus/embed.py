@@ -30,6 +30,7 @@ from dtop_export.corpus.runtime import (
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
 from dtop_export.errors import DToPError
+from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
     from dtop_export.corpus.source import CorpusItem
@@ -57,6 +58,7 @@ class CorpusJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None
+    decode: DecodeBudget = field(default_factory=DecodeBudget)  # what decoding one image may cost
 
 
 @dataclass
@@ -265,7 +267,7 @@ def run_local(job: CorpusJob, assembler: ShardAssembler, advance: Callable[[int]
             t0 = time.perf_counter()
             desc = extract(
                 engine, [it.path for it in chunk], None, job.scales, None, False, image_size=job.image_size,
-                batch_size=job.batch_size, errors=errors, load=load_item, advance=advance,
+                batch_size=job.batch_size, errors=errors, load=lambda p: load_item(p, job.decode), advance=advance,
             )  # fmt: skip
             stats.busy_s += time.perf_counter() - t0
             bad = dict(errors)

@@ -15,6 +15,7 @@ driver. ray is imported inside these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -74,21 +75,27 @@ def largest_node_memory(nodes: list[dict[str, Any]]) -> float:
 
 
 def preprocess_rows(
-    batch: dict[str, np.ndarray], preprocess: dict[str, Any], image_size: int, scales: list[float]
+    batch: dict[str, np.ndarray],
+    preprocess: dict[str, Any],
+    image_size: int,
+    scales: list[float],
+    decode: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows (key, path) -> rows (key, scale, tensor [3, H, W], error): one row per scale of a readable image,
-    one row with scale -1 and the reason for an unreadable one. The same functions as the in-process path."""
+    one row with scale -1 and the reason for an unreadable one. The same functions as the in-process path;
+    ``decode``: the fields of the :class:`~dtop_export.preprocess.DecodeBudget` (default: its defaults)."""
     from dtop_export.corpus.source import load_item
-    from dtop_export.preprocess import PreprocessConfig, prepare
+    from dtop_export.preprocess import DecodeBudget, PreprocessConfig, prepare
 
     cfg = PreprocessConfig.from_dict(preprocess)
+    budget = DecodeBudget(**decode) if decode else None
     keys: list[int] = []
     scale_ids: list[int] = []
     tensors: list[np.ndarray] = []
     errors: list[str] = []
     for key, path in zip(batch["key"], batch["path"]):
         try:
-            img = load_item(str(path))
+            img = load_item(str(path), budget)
             out = [prepare(img, cfg, image_size, s) for s in scales]
         except DToPError as e:
             keys.append(int(key))
@@ -268,6 +275,7 @@ def run_ray(
                 "preprocess": contract.preprocess.to_dict(),
                 "image_size": size,
                 "scales": scales,
+                "decode": dataclasses.asdict(job.decode),
             },
             batch_size=None,
             batch_format="numpy",

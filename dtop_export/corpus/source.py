@@ -19,6 +19,8 @@ from dtop_export.errors import DToPError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from dtop_export.preprocess import DecodeBudget
+
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 
 
@@ -59,13 +61,14 @@ def read_bytes(path: str) -> bytes:
         raise DToPError(f"cannot read image {path}: {e}") from e
 
 
-def load_item(path: str) -> Image.Image:
-    """A corpus image as RGB through the one preprocessing path (local files directly, URIs via their bytes)."""
+def load_item(path: str, budget: DecodeBudget | None = None) -> Image.Image:
+    """A corpus image as RGB through the one preprocessing path (local files directly, URIs via their bytes),
+    within the decode ``budget`` (default: :class:`~dtop_export.preprocess.DecodeBudget`'s)."""
     from dtop_export.preprocess import load_image
 
     if not is_uri(path):
-        return load_image(path)
-    return load_image(path, data=read_bytes(path))
+        return load_image(path, budget=budget)
+    return load_image(path, data=read_bytes(path), budget=budget)
 
 
 def _join(base: str, rel: str) -> str:
