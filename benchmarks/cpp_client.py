@@ -118,7 +118,7 @@ def main() -> None:
             common = ["--image-size", str(size), "--threads", str(args.threads), "--no-progress"]
             cmds = {
                 "cpp": [str(tool), str(onnx_path)],
-                "python": [*py_cli, str(onnx_path)],
+                "python": [*py_cli, str(onnx_path), "--force"],  # each round rewrites its .npy
             }
             walls: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in cmds}
             every = [str(p) for p in photos]

@@ -116,6 +116,21 @@ def _run(cmd: list[str], log: Path, step: str) -> None:
     raise DToPError(f"C++ {step} failed: {first[:300]} (full log: {log})")
 
 
+def check_build_options(build_dir: Path | None, jobs: int | None, install_prefix: Path | None) -> None:
+    """Refuse, before CMake runs, what would make the build fail after minutes of it (or at its very end)."""
+    if jobs is not None and jobs < 1:
+        raise DToPError(f"--jobs must be >= 1, got {jobs}")
+    for option, folder in (("--build-dir", build_dir), ("--prefix", install_prefix)):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise DToPError(f"{option} {folder} is a file: give a folder")
+        existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise DToPError(f"{option} {folder}: {existing} is not writable: choose a folder you can write to")
+
+
 def build(
     build_dir: Path | None = None,
     jobs: int | None = None,
@@ -127,6 +142,7 @@ def build(
     again. ``install_prefix``: also ``cmake --install`` there (bin/dtop-embed, lib/libdtop.a, include/dtop,
     lib/cmake/dtop for ``find_package(dtop)``). ``status`` receives a line per step."""
     say = status or (lambda _text: None)
+    check_build_options(build_dir, jobs, install_prefix)
     src = source_dir()
     cmake, cxx = find_toolchain()
     ov_cmake, ov_version = openvino_sdk()

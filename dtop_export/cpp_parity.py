@@ -194,11 +194,36 @@ class CppParityReport:
         }
 
 
+def check_binary(binary: str | Path) -> Path:
+    """``binary`` as a path to run (``./dtop-embed`` stays that file: a bare name would be looked up on PATH), once
+    it is an executable file that answers ``--help`` with dtop-embed's usage; else a one-line :class:`DToPError`."""
+    import os
+
+    path = Path(binary)
+    build = "build the C++ client with `dtop-export cpp build`"
+    if not path.exists():
+        raise DToPError(f"{binary} not found: {build}")
+    if not path.is_file():
+        raise DToPError(f"{binary} is not a file: give the dtop-embed binary (`dtop-export cpp build` prints its path)")
+    if not os.access(path, os.X_OK):
+        raise DToPError(f"{binary} is not executable: `chmod +x {binary}`, or {build}")
+    path = path.absolute()
+    try:
+        r = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DToPError(f"cannot run {binary} ({e}): give the dtop-embed binary, or {build}") from e
+    if "usage: dtop-embed" not in r.stdout:
+        raise DToPError(f"{binary} is not dtop-embed (its --help does not print dtop-embed's usage): {build}")
+    return path
+
+
 def run_binary(binary: Path, args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """Run ``dtop-embed`` with ``args``; a missing binary is a :class:`DToPError` saying how to build it."""
-    if not Path(binary).is_file():
-        raise DToPError(f"{binary} not found: build the C++ client with `dtop-export cpp build`")
-    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout)
+    """Run ``dtop-embed`` (:func:`check_binary`) with ``args``."""
+    path = check_binary(binary)
+    try:
+        return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise DToPError(f"{binary} did not finish within {timeout:g} s") from e
 
 
 def compare(
@@ -227,6 +252,8 @@ def compare(
         r = run_binary(binary, args)
         if r.returncode != 0:
             raise DToPError(f"{binary.name} failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+        if not out.is_file() or not out.with_suffix(".json").is_file():
+            raise DToPError(f"{binary} exited 0 without writing {out.name} and its .json: is it dtop-embed?")
         cpp = np.load(out)
         side = json.loads(out.with_suffix(".json").read_text())
         report.skipped_cpp = [s["path"] for s in side["skipped"]]

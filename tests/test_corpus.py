@@ -470,6 +470,22 @@ def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
     assert cli("embed", str(small_onnx), *args) == 0
 
 
+def test_ray_requests_the_cluster_cannot_meet_are_refused_before_any_output(
+    small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPUs the cluster lacks, more CPUs per actor than it has: one line, and the output folder never made (the job
+    used to create it and a "running" manifest first)."""
+    out = tmp_path / "o"
+    for extra, message in (
+        (["--gpus-per-actor", "1"], "the Ray cluster has 0: use fewer --actors"),
+        (["--cpus-per-actor", "8"], "leave less than 0.5 CPU for reading images"),
+    ):
+        assert cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--ray", *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+
+
 def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:
     src = tmp_path / "list.txt"
     src.write_text("\n".join(str(p) for p in sorted(corpus.rglob("*"))[:40] if p.is_file()) + "\n")

@@ -14,9 +14,12 @@ from dtop_export.cli.common import (
     JsonOpt,
     ProgressOpt,
     ScalesOpt,
+    above,
     app,
+    at_least,
     console,
     output_file,
+    refuse_existing,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -27,21 +30,36 @@ if TYPE_CHECKING:
 
 
 # The decode budget (preprocess.DecodeBudget), the same flags as the C++ client's dtop-embed.
-MaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", help="Refuse images of more pixels (Pillow's own limit).")]
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", callback=at_least(1), help="Refuse images of more pixels (Pillow's own limit)."),
+]
 MaxDecodeMbOpt = Annotated[
     int,
     typer.Option(
         "--max-decode-mb",
+        callback=at_least(1),
         help="Refuse images whose decoding needs more MiB (the file, RGB and a rotated copy, the decoder's "
         "buffers), checked from the header.",
     ),
 ]
-MaxScansOpt = Annotated[int, typer.Option("--max-scans", help="Refuse JPEGs of more scans (progressive JPEGs).")]
+MaxScansOpt = Annotated[
+    int, typer.Option("--max-scans", callback=at_least(1), help="Refuse JPEGs of more scans (progressive JPEGs).")
+]
+# -o X with one of these suffixes is a mistyped file name, not a shard folder (a folder may be named corpus.v2)
+FILE_SUFFIXES = (".npz", ".json", ".parquet", ".csv", ".txt", ".pkl", ".h5", ".faiss", ".pt", ".onnx", ".xml", ".bin")
 
 
 def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
-    """``-o X.npy`` is a file in an existing folder (:func:`output_file`); a shard folder is created as needed."""
-    return output_file(param, value) if value.suffix.lower() == ".npy" else value
+    """``-o X.npy`` is a file in an existing folder (:func:`output_file`); a shard folder is created as needed, and
+    any other name is one, except names with a file suffix (:data:`FILE_SUFFIXES`), which are refused."""
+    if value.suffix.lower() == ".npy":
+        return output_file(param, value)
+    if value.suffix.lower() in FILE_SUFFIXES and not value.is_dir():
+        raise DToPError(f"output {value} should end in .npy (one matrix) or name a folder (shards)")
+    if value.exists() and not value.is_dir():
+        raise DToPError(f"output {value} exists and is not a folder: give -o a folder (shards) or an .npy file")
+    return value
 
 
 @app.command()
@@ -75,7 +93,11 @@ def embed(
     progress: ProgressOpt = True,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", help="CPU threads (PyTorch, ONNX Runtime or OpenVINO), per actor with --ray."),
+        typer.Option(
+            "--threads",
+            callback=at_least(1),
+            help="CPU threads (PyTorch, ONNX Runtime or OpenVINO), per actor with --ray.",
+        ),
     ] = None,
     precision: Annotated[
         str | None,
@@ -85,19 +107,32 @@ def embed(
             "`bench --recommend MODEL.pt` chose on this CPU.",
         ),
     ] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per Parquet shard (folder output).")] = 1000,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", callback=at_least(1), help="Images per Parquet shard (folder output).")
+    ] = 1000,
     force: Annotated[
-        bool, typer.Option("--force", "-f", help="Folder output: replace shards written by another model/settings.")
+        bool,
+        typer.Option(
+            "--force", "-f", help="Overwrite X.npy/X.json and --json; folder output: replace shards of other settings."
+        ),
     ] = False,
     use_ray: Annotated[bool, typer.Option("--ray", help="Run the folder job as a Ray Data pipeline.")] = False,
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: local.")
     ] = None,
-    actors: Annotated[int, typer.Option("--actors", help="Inference actors (one engine each) with --ray.")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", help="GPUs reserved per actor.")] = 0.0,
+    actors: Annotated[
+        int, typer.Option("--actors", callback=at_least(1), help="Inference actors (one engine each) with --ray.")
+    ] = 1,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", callback=at_least(0), help="GPUs reserved per actor.")
+    ] = 0.0,
     cpus_per_actor: Annotated[
         float | None,
-        typer.Option("--cpus-per-actor", help="Logical CPUs per actor (default: the cluster's, less 1 for decoding)."),
+        typer.Option(
+            "--cpus-per-actor",
+            callback=above(0),
+            help="Logical CPUs per actor (default: the cluster's, less 1 for decoding).",
+        ),
     ] = None,
     max_pixels: MaxPixelsOpt = DecodeBudget.max_pixels,
     max_decode_mb: MaxDecodeMbOpt = DecodeBudget.max_decode_mb,
@@ -114,15 +149,13 @@ def embed(
 
     sc = parse_scales(scales)
     budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
-    if threads is not None and threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {threads}")
     if output.suffix.lower() == ".npy":
         if use_ray:
             raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
+        refuse_existing(output, output.with_suffix(".json"), force=force)
         _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget)
         return
-    if output.suffix and not output.is_dir():
-        raise DToPError(f"output {output} should end in .npy (one matrix) or name a folder (shards)")
+    refuse_existing(json_out, force=force)
     if len(images) != 1:
         raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
     from dtop_export.corpus.embed import CorpusJob
@@ -191,7 +224,9 @@ def _embed_npy(
     from dtop_export.corpus.runtime import open_model
     from dtop_export.corpus.shards import file_sha256
     from dtop_export.identity import checkpoint_of
+    from dtop_export.memory import check_image_size
     from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images, load_image
+    from dtop_export.retrieval.datasets import NPY_FORMAT
     from dtop_export.retrieval.extract import extract
 
     if not any(Path(i).exists() for i in images):
@@ -203,6 +238,7 @@ def _embed_npy(
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size
+        check_image_size(size, sc, batch_size, engine.preprocess.stride)
         desc = extract(
             engine, paths, None, sc, None, progress, image_size=size, batch_size=batch_size, errors=errors,
             description="embedding", load=lambda p: load_image(p, budget=budget),
@@ -219,6 +255,7 @@ def _embed_npy(
     write_json(
         sidecar,
         {
+            "format": NPY_FORMAT,
             "model": str(model),
             "model_sha256": file_sha256(parse_spec(model).path),
             "checkpoint_sha256": checkpoint_of(model) or "",

@@ -29,7 +29,7 @@ from dtop_export.corpus.runtime import (
     open_model,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
-from dtop_export.errors import DToPError
+from dtop_export.errors import DToPError, Interrupted
 from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
@@ -312,21 +312,32 @@ def engine_key(job: CorpusJob) -> str:
     return path.name + (f":{opts}" if opts else "")
 
 
+def check_job(job: CorpusJob) -> None:
+    """Refuse, before anything is listed, opened or written, numbers a job cannot run with (the CLI checks them while
+    it parses; this is the library's own check)."""
+    for name, value, low in (
+        ("--batch-size", job.batch_size, 1), ("--shard-size", job.shard_size, 1), ("--threads", job.threads, 1),
+        ("--image-size", job.image_size, 1), ("--actors", job.actors, 1), ("--gpus-per-actor", job.gpus_per_actor, 0),
+    ):  # fmt: skip
+        if value is not None and not value >= low:
+            raise DToPError(f"{name} must be >= {low}, got {value:g}")
+    if job.cpus_per_actor is not None and not job.cpus_per_actor > 0:
+        raise DToPError(f"--cpus-per-actor must be > 0, got {job.cpus_per_actor:g}")
+    if job.output.exists() and not job.output.is_dir():
+        raise DToPError(f"{job.output} exists and is not a folder: choose another -o")
+
+
 def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> CorpusSummary:
     """Run ``job``: list SOURCE, reuse complete shards, embed the rest (in-process or on Ray), write the manifest.
 
+    Everything that can refuse the job (options, source, model, memory, the Ray cluster's resources) is checked
+    before the output folder is touched; then the folder is locked for this job (:mod:`~dtop_export.corpus.lock`).
     Returns the summary; the manifest (``OUT_DIR/manifest.json``) holds it too, with every skipped image.
     """
-    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
     from dtop_export.corpus.source import list_source
+    from dtop_export.memory import check_image_size
 
-    say = log or (lambda _: None)
-    if job.batch_size < 1:
-        raise DToPError(f"--batch-size must be >= 1, got {job.batch_size}")
-    if job.shard_size < 1:
-        raise DToPError(f"--shard-size must be >= 1, got {job.shard_size}")
-    if job.threads is not None and job.threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {job.threads}")
+    check_job(job)
     engine = engine_key(job)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     t0 = time.perf_counter()
@@ -334,6 +345,45 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     contract = model_contract(job.model)
     settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
+    ray_plan = None
+    if not job.use_ray:  # a Ray job's memory is its nodes': plan_ray checks it against theirs
+        check_image_size(settings.image_size, job.scales, job.batch_size, contract.preprocess.stride)
+    else:
+        from dtop_export.corpus.ray_pipeline import plan_ray
+
+        ray_plan = plan_ray(job, contract)
+    try:
+        from dtop_export.corpus.lock import folder_lock
+
+        job.output.mkdir(parents=True, exist_ok=True)
+        with folder_lock(job.output, "embed job"):
+            try:
+                return _run_job(job, items, contract, settings, ray_plan, t0, log or (lambda _: None))
+            except KeyboardInterrupt as e:
+                from dtop_export.corpus.shards import shard_is_complete
+
+                n = settings.n_shards()
+                done = sum(shard_is_complete(job.output, k, settings) for k in range(n))
+                raise Interrupted(
+                    f"{done} of {n} shard(s) are complete in {job.output} (each shard is written whole); run the same "
+                    "command again to embed the rest"
+                ) from e
+    finally:
+        if ray_plan is not None:
+            ray_plan.close()
+
+
+def _run_job(
+    job: CorpusJob,
+    items: list[CorpusItem],
+    contract: ModelContract,
+    settings: CorpusSettings,
+    ray_plan: Any,
+    t0: float,
+    say: Callable[[str], None],
+) -> CorpusSummary:
+    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
+
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
     say(
@@ -357,10 +407,10 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
 
         if n_todo == 0:
             stats: list[ActorStats] = []
-        elif job.use_ray:
+        elif ray_plan is not None:
             from dtop_export.corpus.ray_pipeline import run_ray
 
-            stats = run_ray(job, contract, assembler, advance, say)
+            stats = run_ray(job, contract, assembler, advance, say, ray_plan)
         else:
             stats = run_local(job, assembler, advance)
     end = time.perf_counter()

@@ -15,13 +15,13 @@ driver. ray is imported inside these functions.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -230,90 +230,148 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": job.gpus_per_actor}
 
 
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse an ``--address`` (``HOST:PORT`` or ``ray://HOST:PORT``) nothing answers on within ``timeout`` seconds:
+    ``ray.init`` would retry for many minutes. ``auto`` and a local cluster are Ray's to find."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit() or not host:
+        raise DToPError(f"--address {address}: give HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379), ray://HOST:PORT "
+                        "or auto")  # fmt: skip
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise DToPError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start one there with `ray start --head`, "
+            "or fix --address"
+        ) from None
+
+
+@dataclass
+class RayPlan:
+    """A Ray job checked against its cluster before anything is written: the connection (and whether this job
+    started it), the actors' CPUs and threads, and the rows per read task."""
+
+    started: bool
+    resources: dict[str, float]
+    cpus: float
+    threads: int | None
+    rows_per_block: int
+
+    def close(self) -> None:
+        """Shut down the local cluster this job started (a joined cluster is left running)."""
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
+    """Connect to (or start) the cluster and check the job against it: Ray installed, the address reachable, the
+    actors' CPUs and GPUs available, one image's memory within a node's. Nothing is written; on a refusal a local
+    cluster this call started is shut down again."""
+    check_reachable(job.address)
+    try:
+        import ray
+    except ImportError as e:
+        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    from dtop_export.corpus.cluster import connect
+    from dtop_export.memory import check_image_size
+
+    started = connect(job.address)
+    try:
+        res = {k: float(v) for k, v in ray.cluster_resources().items()}
+        cpus, threads = actor_resources(job, res.get("CPU", 0.0), res.get("GPU", 0.0))
+        size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+        node_memory = largest_node_memory(ray.nodes())
+        if node_memory > 0:
+            check_image_size(size, scales, job.batch_size, contract.preprocess.stride, available=int(node_memory))
+        rows = read_block_rows(ROWS_PER_READ_TASK, size, scales, node_memory)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return RayPlan(started, res, cpus, threads, rows)
+
+
 def run_ray(
     job: CorpusJob,
     contract: ModelContract,
     assembler: ShardAssembler,
     advance: Callable[[int], None],
     say: Callable[[str], None],
+    plan: RayPlan,
 ) -> list[ActorStats]:
-    """Embed the assembler's pending items on a Ray cluster (``job.address``, else a local one); returns the
-    per-actor statistics."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
-    from dtop_export.corpus.cluster import connect
+    """Embed the assembler's pending items on the cluster of ``plan`` (:func:`plan_ray`); returns the per-actor
+    statistics."""
+    import ray
+    import ray.data
+
     from dtop_export.corpus.runtime import ActorStats
 
-    started = connect(job.address)
-    try:
-        res = ray.cluster_resources()
-        cpus, threads = actor_resources(job, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
-        say(
-            f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
-            + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
-            + (f", {threads} thread(s) each" if threads else "")
-        )
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.enable_auto_log_stats = False
-        ctx.execution_options.preserve_order = True
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        todo = assembler.items()
-        rows = [{"key": it.key, "path": it.path} for it in todo]
-        # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
-        size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
-        per_block = max(1, min(ROWS_PER_READ_TASK, len(rows) // (4 * job.actors)))
-        per_block = read_block_rows(per_block, size, scales, largest_node_memory(ray.nodes()))
-        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
-        ds = ds.map_batches(
-            preprocess_rows,
-            fn_kwargs={
-                "preprocess": contract.preprocess.to_dict(),
-                "image_size": size,
-                "scales": scales,
-                "decode": dataclasses.asdict(job.decode),
-            },
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=READ_TASK_CPUS,
-            memory=read_task_memory(per_block, size, scales),
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={
-                "model": job.model,
-                "threads": threads,
-                "precision": job.precision,
-                "batch_size": job.batch_size,
-                "descriptor_dim": contract.descriptor_dim,
-            },
-            batch_size=job.batch_size * len(job.scales),
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
-            **actor_remote_args(job, cpus),
-        )
-        stats: dict[str, ActorStats] = {}
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(out["key"])):
-                key, scale = int(out["key"][i]), int(out["scale"][i])
-                st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
-                st.busy_s += float(out["busy_s"][i])
-                if scale == OPEN_FAILED:
-                    message, _, actor_traceback = str(out["error"][i]).partition("\n")
-                    error = DToPError(f"a Ray actor could not open {job.model}: {message}")
-                    if sys.version_info >= (3, 11):  # shown under --debug
-                        error.add_note(f"the actor's traceback:\n{actor_traceback}")
-                    raise error
-                if scale < 0:
-                    advance(assembler.fail(key, str(out["error"][i])))
-                    continue
-                st.images += scale == 0  # the actor's work, retried deliveries included
-                advance(assembler.add(key, scale, out["descriptor"][i]))
-        return sorted(stats.values(), key=lambda s: s.name)
-    finally:
-        if started:
-            ray.shutdown()
+    res, cpus, threads = plan.resources, plan.cpus, plan.threads
+    say(
+        f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
+        + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
+        + (f", {threads} thread(s) each" if threads else "")
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.preserve_order = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    todo = assembler.items()
+    rows = [{"key": it.key, "path": it.path} for it in todo]
+    # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
+    size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+    per_block = max(1, min(plan.rows_per_block, len(rows) // (4 * job.actors)))
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
+    ds = ds.map_batches(
+        preprocess_rows,
+        fn_kwargs={
+            "preprocess": contract.preprocess.to_dict(),
+            "image_size": size,
+            "scales": scales,
+            "decode": asdict(job.decode),
+        },
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=READ_TASK_CPUS,
+        memory=read_task_memory(per_block, size, scales),
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "model": job.model,
+            "threads": threads,
+            "precision": job.precision,
+            "batch_size": job.batch_size,
+            "descriptor_dim": contract.descriptor_dim,
+        },
+        batch_size=job.batch_size * len(job.scales),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
+        **actor_remote_args(job, cpus),
+    )
+    stats: dict[str, ActorStats] = {}
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(out["key"])):
+            key, scale = int(out["key"][i]), int(out["scale"][i])
+            st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
+            st.busy_s += float(out["busy_s"][i])
+            if scale == OPEN_FAILED:
+                message, _, actor_traceback = str(out["error"][i]).partition("\n")
+                error = DToPError(f"a Ray actor could not open {job.model}: {message}")
+                if sys.version_info >= (3, 11):  # shown under --debug
+                    error.add_note(f"the actor's traceback:\n{actor_traceback}")
+                raise error
+            if scale < 0:
+                advance(assembler.fail(key, str(out["error"][i])))
+                continue
+            st.images += scale == 0  # the actor's work, retried deliveries included
+            advance(assembler.add(key, scale, out["descriptor"][i]))
+    return sorted(stats.values(), key=lambda s: s.name)
