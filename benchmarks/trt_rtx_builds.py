@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,fp16")
     ap.add_argument("--workdir", type=Path, default=Path("trt-rtx-builds"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--workspace", type=float, default=4.0, help="builder workspace GiB (the CLI's default)")
+    ap.add_argument("--retry-workspace", type=float, default=16.0, help="after an out-of-memory refusal")
     args = ap.parse_args()
 
     import tensorrt_rtx
@@ -44,6 +46,7 @@ def main() -> None:
     from dtop_export.checkpoint import random_checkpoint
     from dtop_export.engines.tensorrt.builder import build_engines
     from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
+    from dtop_export.errors import DToPError
     from dtop_export.export import export_onnx
 
     targets = parse_targets(args.targets)
@@ -60,15 +63,26 @@ def main() -> None:
             plans = plan_paths(args.workdir / f"{preset}.{precision}.plan", targets)
             for p in plans:
                 p.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            results = build_engines(
-                onnx_path,
-                plans,
-                targets=targets,
-                fp16=precision == "fp16",
-                fp16_onnx_path=args.workdir / f"{preset}.fp16.onnx",
-                on_build=lambda text, preset=preset: print(f"  {preset} {text}", flush=True),
-            )
+            workspace, refused = args.workspace, None
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    results = build_engines(
+                        onnx_path,
+                        plans,
+                        targets=targets,
+                        fp16=precision == "fp16",
+                        workspace_gb=workspace,
+                        fp16_onnx_path=args.workdir / f"{preset}.fp16.onnx",
+                        on_build=lambda text, preset=preset: print(f"  {preset} {text}", flush=True),
+                    )
+                    break
+                except DToPError as e:  # the builder's scratch for the largest shape over --workspace: say so, retry
+                    if "OutOfMemory" not in str(e) or workspace >= args.retry_workspace:
+                        raise
+                    refused = f"--workspace {workspace:g}: {str(e).split(': ', 1)[-1][:160]}"
+                    print(f"  {preset} {precision}: {refused}; again with --workspace {args.retry_workspace:g}")
+                    workspace = args.retry_workspace
             wall = time.perf_counter() - t0
             for r in results:
                 net = r.info.precision["network"]
@@ -83,6 +97,8 @@ def main() -> None:
                     "fp32_layers": net["fp32_layers"],
                     "fp32_island_nodes": len(r.info.precision["fp32_nodes"]),
                     "violations": len(net["violations"]),
+                    "workspace_gb": workspace,
+                    "refused_first": refused,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -92,16 +108,18 @@ def main() -> None:
         "cpu": cpu_name(),
         "cores": __import__("os").cpu_count(),
         "profile": "1x3x224x224 / 1x3x512x512 / 8x3x1024x1024",
+        "load_average": __import__("os").getloadavg(),
         "rows": rows,
         "command": "python benchmarks/trt_rtx_builds.py "
-        f"--presets {args.presets} --targets {args.targets} --precisions {args.precisions}",
+        f"--presets {args.presets} --targets {args.targets} --precisions {args.precisions} "
+        f"--workspace {args.workspace:g}",
     }
-    print("| preset | precision | target | build s | plan MiB | FP16 / FP32 layers |")
-    print("|---|---|---|---:|---:|---|")
+    print("| preset | precision | target | build s | plan MiB | FP16 / FP32 layers | workspace GiB |")
+    print("|---|---|---|---:|---:|---|---:|")
     for r in rows:
         layers = f"{r['fp16_layers']} / {r['fp32_layers']}"
         cells = f"{r['preset']} | {r['precision']} | {r['target']} | {r['seconds']:.1f} | {r['plan_mib']:.1f}"
-        print(f"| {cells} | {layers} |")
+        print(f"| {cells} | {layers} | {r['workspace_gb']:g} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -263,7 +263,7 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.tensorrt.builder import prepare_fp16_onnx
+    from dtop_export.fp16.convert import prepare_fp16_onnx
 
     fp16_path, islands = prepare_fp16_onnx(dtop_onnx(), tmp_path / "m.fp16.onnx")
     monkeypatch.setattr(builder_mod, "tensorrt_cuda_major", lambda flavour=None: 13)

@@ -325,6 +325,16 @@ def test_backend_auto_picks_the_installed_flavour(monkeypatch: pytest.MonkeyPatc
         install.require_builder(TENSORRT, named_target=True)
 
 
+def test_a_build_out_of_memory_names_the_workspace_that_holds_it() -> None:
+    """r50-vitb16 FP32 for sm86 at the default profile (8x3x1024²) failed here exactly so under --workspace 4."""
+    from dtop_export.engines.tensorrt.builder import build_failure_hint
+
+    error = "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: OutOfMemory (Requested size was 4843478528 bytes.)"
+    hint = build_failure_hint(error, 4.0)
+    assert hint.startswith(error) and "needs 5 GiB of scratch, over --workspace 4: pass --workspace 6" in hint
+    assert build_failure_hint("", 4.0) == "see the TensorRT log (try a larger --workspace or a narrower profile)"
+
+
 def test_targets_parse_and_name_their_plans() -> None:
     from dtop_export.engines.tensorrt.targets import parse_target, parse_targets, plan_paths
 

@@ -80,11 +80,12 @@ def trt(
     with --target, for named GPU architectures without one. --print-trtexec works anywhere; --self-test checks a
     machine end to end (exit 0 pass, 1 fail, 2 nothing to test with, 3 built but not run: needs a GPU)."""
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.tensorrt.builder import build_engine, build_engines, prepare_fp16_onnx
+    from dtop_export.engines.tensorrt.builder import build_engine, build_engines
     from dtop_export.engines.tensorrt.install import BACKENDS
     from dtop_export.engines.tensorrt.profiles import make_profiles
     from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
     from dtop_export.engines.tensorrt.trtexec import default_trt_major, trtexec_command
+    from dtop_export.fp16.convert import prepare_fp16_onnx
 
     if backend not in BACKENDS:
         raise DToPError(f"unknown --backend {backend!r}: choose {', '.join(BACKENDS)}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtop_export.atomic import atomic_path, atomic_write_bytes
+from dtop_export.atomic import atomic_write_bytes
 from dtop_export.contract import load_onnx, metadata_of
 from dtop_export.engines.tensorrt.install import (
     Flavour,
@@ -44,6 +44,7 @@ from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, sha256_file, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.errors import DToPError
+from dtop_export.fp16.convert import prepare_fp16_onnx
 from dtop_export.logs import quiet_logger
 
 log = logging.getLogger("dtop_export.engines.tensorrt")
@@ -103,26 +104,6 @@ class BuildResult:
     seconds: float
     size_bytes: int
     built_onnx: Path
-
-
-def prepare_fp16_onnx(
-    onnx_path: Path, out_path: Path, keep_fp32_nodes: Sequence[str] = (), keep_fp32_ops: Sequence[str] | None = None
-) -> tuple[Path, list[str]]:
-    """The ONNX a strongly typed ``--fp16`` build parses: ``onnx_path`` itself when it is already FP16, else
-    its FP16 conversion written to ``out_path``. Returns (path, FP32 island nodes)."""
-    import onnx
-
-    from dtop_export.fp16.convert import DEFAULT_KEEP_FP32_OPS, convert_to_fp16, fp32_nodes_of, is_fp16_model
-
-    model = load_onnx(onnx_path)
-    if is_fp16_model(model):
-        if keep_fp32_nodes:
-            raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
-        return onnx_path, fp32_nodes_of(model)
-    converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
-    with atomic_path(out_path) as tmp:
-        onnx.save_model(converted, str(tmp))
-    return out_path, fp32_nodes_of(converted)
 
 
 def _onnx_facts(onnx_path: Path) -> tuple[Any, dict[str, str], list[str], bool]:
@@ -342,8 +323,7 @@ def build_engines(
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise DToPError(
-                f"{flavour.label} could not build the {what}: {logger.last_error or 'see the TensorRT log'} "
-                "(try a larger --workspace or a narrower profile)"
+                f"{flavour.label} could not build the {what}: " + build_failure_hint(logger.last_error, workspace_gb)
             )
         atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
         if cache_path is not None:
@@ -379,6 +359,22 @@ def build_engines(
         side = write_sidecar(plan_path, info)
         results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
     return results
+
+
+def build_failure_hint(error: str, workspace_gb: float) -> str:
+    """The builder's last error and what to do: an out-of-memory naming its request gets the --workspace that
+    holds it (the largest profile shape's scratch; the GPU must have that much), anything else the general hint."""
+    import math
+    import re
+
+    m = re.search(r"OutOfMemory \(Requested size was (\d+) bytes", error or "")
+    if m:
+        need = math.ceil(int(m.group(1)) / 2**30)
+        return (
+            f"{error} (a tactic for the largest profile shape needs {need} GiB of scratch, over --workspace "
+            f"{workspace_gb:g}: pass --workspace {need + 1} if the GPU has it, or lower --max)"
+        )
+    return f"{error or 'see the TensorRT log'} (try a larger --workspace or a narrower profile)"
 
 
 def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
