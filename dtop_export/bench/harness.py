@@ -284,12 +284,19 @@ def run_bench(
                 t.speedup = t.images_per_s / base.images_per_s
 
     gflops: dict[int, float] = {}
+    peaks: dict[str, float] = {}
     ckpt = next((sp.path for sp in specs if sp.kind == "checkpoint"), None)
     if count_flops and ckpt is not None:
+        from dtop_export.bench.peak import matmul_peak, peak_key
+
         gflops = model_gflops(ckpt, sizes)
-        for res in results:
+        for res, engine in zip(results, engines):
+            key = peak_key(engine.device, engine.precision)
+            if key is not None and key not in peaks:
+                peaks[key] = matmul_peak(*key.split())
             for t in res.timings:
                 t.gflops_per_s = gflops[t.size] * t.images_per_s
+                t.peak_pct = 100 * t.gflops_per_s / peaks[key] if key is not None else None
     for e in engines:
         e.close()
     return BenchReport(
@@ -305,6 +312,7 @@ def run_bench(
         gflops_per_image=gflops,
         engines=results,
         seconds=time.perf_counter() - t_start,
+        matmul_peaks=peaks,
     )
 
 

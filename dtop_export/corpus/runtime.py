@@ -22,6 +22,7 @@ class ActorStats:
     name: str
     images: int = 0
     busy_s: float = 0.0
+    startup_s: float = 0.0  # loading the engine and warming it up (a Ray actor's, once)
 
     @property
     def images_per_s(self) -> float:
@@ -138,6 +139,24 @@ def check_placement(model: str, use_ray: bool, gpus_per_actor: float) -> None:
         from dtop_export.engines.pytorch import check_device
 
         check_device(str(spec.options["device"]))
+
+
+def check_gpu_decode(model: str, use_ray: bool) -> None:
+    """``--gpu-decode`` needs the in-process runner and a PyTorch model on a CUDA device this process sees."""
+    from dtop_export.bench.spec import parse_spec
+
+    if use_ray:
+        raise DToPError("--gpu-decode runs in-process only: leave out --ray (Ray's read tasks decode on the CPUs)")
+    spec = parse_spec(model)
+    device = str(spec.options.get("device", "cpu"))
+    if spec.kind != "checkpoint" or not device.startswith("cuda"):
+        raise DToPError(
+            f"--gpu-decode decodes on the engine's CUDA device: give a checkpoint on one (MODEL.pt:device=cuda), "
+            f"not {model}"
+        )
+    from dtop_export.engines.pytorch import check_device
+
+    check_device(device)
 
 
 def open_model(model: str, threads: int | None = None, precision: str | None = None) -> Engine:
