@@ -37,12 +37,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 
-# The job, run in a subprocess with the tree under test first on sys.path; prints the summary as JSON.
+# The job, run in a subprocess with the tree under test first on sys.path (and the editable install's finder of this
+# tree removed, which would otherwise win); prints where dtop_export came from and the summary, as JSON.
 JOB = """
 import json, sys
+code = sys.argv[2]
+if code:
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    sys.path.insert(0, code)
 from pathlib import Path
-from dtop_export.corpus.embed import CorpusJob, embed_corpus
 import dtop_export
+from dtop_export.corpus.embed import CorpusJob, embed_corpus
 kw = json.loads(sys.argv[1])
 kw["output"] = Path(kw["output"])
 s = embed_corpus(CorpusJob(**kw))
@@ -66,18 +71,20 @@ def install_revision(rev: str, work: Path) -> Path:
     return target
 
 
-def run_job(code: Path | None, kw: dict[str, Any]) -> dict[str, Any]:
-    """One corpus job in a fresh process; ``code``: a folder to put first on the path (None: this tree)."""
+def run_job(code: Path | None, kw: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """One corpus job in a fresh process; ``code``: a folder holding another ``dtop_export`` to run (None: this
+    tree). Raises RuntimeError with the job's stderr if it fails."""
     import shutil
 
     shutil.rmtree(kw["output"], ignore_errors=True)
-    env = dict(os.environ)
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
-    r = subprocess.run([sys.executable, "-c", JOB, json.dumps(kw)], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-c", JOB, json.dumps(kw), str(code) if code is not None else ""]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        raise SystemExit(f"corpus job failed: {r.stderr.strip()[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"corpus job failed: {r.stderr.strip()[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if code is not None and not out["code"].startswith(str(Path(code).resolve())):
+        raise RuntimeError(f"the job ran {out['code']}, not the code in {code}")
+    return out
 
 
 def job_batches(paths: list[Path], cfg: Any, size: int, batch: int) -> tuple[list[Any], float]:

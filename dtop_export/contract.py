@@ -2,15 +2,17 @@
 
 * :class:`Engine`: what every runtime implements (PyTorch, ONNX Runtime, TensorRT, the trainer's in-memory
   model): ``embed(images float32 [B, 3, H, W]) -> float32 [B, N]`` L2-normalised descriptors, plus ``name``,
-  ``precision``, ``device``, ``descriptor_dim``, ``stride`` and ``preprocess``. Parity, evaluation and the
-  benchmarks take engines, never a runtime directly (Polygraphy's runners).
+  ``precision``, ``device``, ``descriptor_dim``, ``stride`` and ``preprocess``. One optional entry point,
+  ``embed_pixels_stream`` (uint8 batches, normalised by the engine; a default built on ``embed``), lets an engine
+  on a GPU take a quarter of the bytes and overlap copies with compute. Parity, evaluation and the benchmarks
+  take engines, never a runtime directly (Polygraphy's runners).
 * The model's metadata (ONNX ``metadata_props``, copied into TensorRT sidecars and OpenVINO ``rt_info``):
   :func:`onnx_metadata` writes it, :func:`metadata_of` / :func:`read_metadata` read it back as a dict of
   strings, :func:`preprocess_from_metadata` turns it into the :class:`~dtop_export.preprocess.PreprocessConfig`
   every engine feeds its images through, and :func:`read_onnx_metadata` is the report ``dtop-export info``
   prints.
 
-Imports numpy and the errors only; onnx is imported inside the functions that read files.
+Imports numpy and the errors only; onnx (metadata) and the preprocessing (the pixel default) inside functions.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class TorchEngine(Engine):
 
     On CUDA, :meth:`embed_pixels_stream` takes uint8 batches: pinned host memory, the copy of batch i+1 on a
     side stream while batch i runs, normalisation on the device, descriptors copied back asynchronously.
-    ``cudnn.benchmark`` is on (it picks the fastest convolution per shape: shapes repeat in a shape-grouped job).
+    ``cudnn.benchmark`` is on (it picks the fastest convolution per shape: shapes repeat in a shape-grouped job), and
+    an fp32 engine turns cuDNN's TF32 off (process-wide settings, as PyTorch has them).
     """
 
     name = "pytorch"
@@ -138,12 +139,15 @@ class TorchEngine(Engine):
             self.model = self.model.half()
         if on_cuda:
             torch.backends.cudnn.benchmark = True
+            if precision == "fp32":  # the reference: no TF32 convolutions (PyTorch's default for matmuls already)
+                torch.backends.cudnn.allow_tf32 = False
         if self.compile_mode is not None:
             import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold the weights (prepacked for oneDNN / AMX)
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, int(recompile_limit))
+            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), int(recompile_limit)))
             self.model = torch.compile(self.model, mode=self.compile_mode, dynamic=dynamic)
         if whitening is not None and str(device) != "cpu":  # the whitening runs where the descriptors are
             import dataclasses
@@ -215,22 +219,22 @@ class TorchEngine(Engine):
         compute, copier = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
         norm = pixel_normalizer(self.preprocess.mean, self.preprocess.std, dev)
         in_flight: deque[tuple[Any, Any, int]] = deque()
-        with torch.inference_mode():
-            for pixels in batches:
-                x = self._upload(pixels, dev, copier, compute)
-                if x.shape[0] == 0:
-                    in_flight.append((None, None, 0))
-                else:
+        for pixels in batches:
+            x = self._upload(pixels, dev, copier, compute)
+            if x.shape[0] == 0:
+                in_flight.append((None, None, 0))
+            else:
+                with torch.inference_mode():  # entered per batch: never held across a yield
                     d = self._descriptors(norm(x))
                     host = torch.empty(d.shape, dtype=torch.float32, pin_memory=True)
                     host.copy_(d, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(compute)
-                    in_flight.append((host, done, x.shape[0]))
-                if len(in_flight) > 1:  # batch i+1 is queued on the GPU: now wait for batch i
-                    yield self._fetch(*in_flight.popleft())
-            while in_flight:
+                done = torch.cuda.Event()
+                done.record(compute)
+                in_flight.append((host, done, x.shape[0]))
+            if len(in_flight) > 1:  # batch i+1 is queued on the GPU: now wait for batch i
                 yield self._fetch(*in_flight.popleft())
+        while in_flight:
+            yield self._fetch(*in_flight.popleft())
 
     def _upload(self, pixels: Any, dev: Any, copier: Any, compute: Any) -> Any:
         """uint8 [B, H, W, 3] -> the same on ``dev``: pinned staging, a non-blocking copy on ``copier``, which
@@ -243,7 +247,10 @@ class TorchEngine(Engine):
             x = pixels
             x.record_stream(compute)
         else:
-            src = torch.from_numpy(np.ascontiguousarray(pixels)) if isinstance(pixels, np.ndarray) else pixels.cpu()
+            if isinstance(pixels, np.ndarray):
+                src = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # contiguous, writable
+            else:
+                src = pixels.cpu()
             staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             staged.copy_(src)
             with torch.cuda.stream(copier):

@@ -320,9 +320,8 @@ def test_gpu_actor_leaves_num_cpus_to_ray_data() -> None:
 def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> None:
     """Rows of three interleaved shapes in one actor call run as three full batches of 8, each descriptor in its
     row's place; a read task reserves at least what Ray measured for a 16-row block at 1024 px on a GPU node."""
-    from dtop_export.corpus.ray_pipeline import EmbedActor, largest_node_memory, read_block_rows, read_task_memory
-
     from dtop_export.contract import Engine
+    from dtop_export.corpus.ray_pipeline import EmbedActor, largest_node_memory, read_block_rows, read_task_memory
     from dtop_export.preprocess import PreprocessConfig
 
     class CountingEngine(Engine):

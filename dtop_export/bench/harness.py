@@ -84,15 +84,16 @@ class RssSampler:
         self.peak = max(self.peak, _rss())
 
 
-def model_gflops(checkpoint: Path, sizes: Sequence[int]) -> dict[int, float]:
+def model_gflops(checkpoint: Path, sizes: Sequence[int], device: str = "cpu") -> dict[int, float]:
     """Forward GFLOPs per image at each square size (matmuls and convs, attention included), counted with
-    ``torch.utils.flop_counter`` on the checkpoint's model with explicit (non-fused) attention."""
+    ``torch.utils.flop_counter`` on the checkpoint's model with explicit (non-fused) attention, run on ``device``
+    (a GPU counts the full model at 1024² in a second)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dtop_export.checkpoint import load_checkpoint
 
-    model = load_checkpoint(checkpoint).build_model().eval()
+    model = load_checkpoint(checkpoint).build_model().eval().to(device)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # F.scaled_dot_product_attention on CPU is invisible to the counter
@@ -100,7 +101,7 @@ def model_gflops(checkpoint: Path, sizes: Sequence[int]) -> dict[int, float]:
     with torch.inference_mode():
         for s in sizes:
             with FlopCounterMode(display=False) as fc:
-                model(torch.zeros(1, 3, s, s))
+                model(torch.zeros(1, 3, s, s, device=device))
             out[s] = fc.get_total_flops() / 1e9
     return out
 

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.corpus.gpu_decode import Encoded, inspect_jpeg
-from dtop_export.corpus.schedule import Batch, Batcher, plan, predicted_shapes, shards_per_window, windows
+from dtop_export.corpus.schedule import (
+    Batch,
+    Batcher,
+    frequent_shapes,
+    plan,
+    predicted_shapes,
+    shards_per_window,
+    windows,
+)
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
     from dtop_export.preprocess import DecodeBudget, PreprocessConfig
 
 POOLS = ("thread", "process")
+WARMUP_SHAPES = 8  # an engine that needs it is warmed up at the most frequent input shapes of the header scan
 
 
 def default_workers() -> int:
@@ -231,7 +240,7 @@ class Feeder:
             self.stats.scan_s += time.perf_counter() - t0
             order = plan(window, shapes)
             if self.first_shapes is None:
-                self.first_shapes = sorted({hw for _, sh in order if sh for hw in sh})
+                self.first_shapes = frequent_shapes(shapes, WARMUP_SHAPES)
                 self.planned.set()
             if not self._window(order, decode, batcher):
                 return
@@ -301,7 +310,7 @@ class Feeder:
         import torch
 
         dev = self.gpu.device
-        return torch.stack([a if isinstance(a, torch.Tensor) else torch.from_numpy(a).to(dev) for a in arrays])
+        return torch.stack([a if isinstance(a, torch.Tensor) else torch.tensor(a, device=dev) for a in arrays])
 
     # the consumer -----------------------------------------------------------------------------------------------
 

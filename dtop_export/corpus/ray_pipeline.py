@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from dtop_export.corpus.runtime import ActorStats, ModelContract
 
 ROWS_PER_READ_TASK = 16  # images per read/decode task (fewer when the job is small, see run_ray)
-MAX_WARMUP_SHAPES = 32  # an actor warms up (GPU, compiled) at most this many input shapes of the header scan
+GPU_CALL_BATCHES = 4  # engine batches per call of a GPU actor: its CUDA stream overlaps them, and Ray's per-call cost
 # logical CPUs a read/decode task asks for, and the CPUs kept free for them when actors are sized by default
 READ_TASK_CPUS = 0.5
 READ_RESERVE_CPUS = 1.0
@@ -347,8 +347,8 @@ def run_ray(
     ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    from dtop_export.corpus.feed import default_workers
-    from dtop_export.corpus.schedule import ordered, scan, shards_per_window
+    from dtop_export.corpus.feed import WARMUP_SHAPES, default_workers
+    from dtop_export.corpus.schedule import frequent_shapes, ordered, scan, shards_per_window
 
     size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
     todo = assembler.items()
@@ -358,7 +358,7 @@ def run_ray(
     if startup is not None:
         startup["header_scan_s"] = time.perf_counter() - t0
     rows = [{"key": it.key, "path": it.path} for it, _ in work]
-    warmup = sorted({hw for sh in shapes if sh for hw in sh})
+    warmup = frequent_shapes(shapes, WARMUP_SHAPES)
     # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
     per_block = max(1, min(plan.rows_per_block, len(rows) // (4 * job.actors)))
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
@@ -383,9 +383,9 @@ def run_ray(
             "precision": job.precision,
             "batch_size": job.batch_size,
             "descriptor_dim": contract.descriptor_dim,
-            "warmup_shapes": warmup[:MAX_WARMUP_SHAPES],
+            "warmup_shapes": warmup,
         },
-        batch_size=job.batch_size * len(job.scales),
+        batch_size=job.batch_size * len(job.scales) * (GPU_CALL_BATCHES if job.gpus_per_actor else 1),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
         **actor_remote_args(job, cpus),

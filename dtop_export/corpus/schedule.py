@@ -47,6 +47,15 @@ def predicted_shapes(path: str, cfg: PreprocessConfig, image_size: int, scales: 
         return None
 
 
+def frequent_shapes(shapes: Iterable[Shapes | None], limit: int) -> list[tuple[int, int]]:
+    """The (H, W) that most images have (every scale counted), most frequent first (ties: smaller first), at most
+    ``limit``: what an engine is warmed up at."""
+    from collections import Counter
+
+    counts = Counter(hw for sh in shapes if sh for hw in sh)
+    return [hw for hw, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
 def shards_per_window(shard_size: int, batch_size: int, n_scales: int = 1) -> int:
     """Whole shards per window, enough for at least :data:`MIN_WINDOW_BATCHES` batches of rows."""
     images = MIN_WINDOW_BATCHES * max(1, batch_size) / max(1, n_scales)
