@@ -131,7 +131,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=240)
     ap.add_argument("--threads", type=int, default=None, help="Engine threads (default: the cores).")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--engines", default="ort,auto", help="ort (the exported .onnx) and/or auto (--precision auto)")
+    ap.add_argument(
+        "--engines",
+        default="ort,auto",
+        help="ort (the exported .onnx), ort-nospin (its threads sleep when idle), auto (--precision auto)",
+    )
     ap.add_argument("--before-rev", default=None, help="Also run the job with this git revision's code.")
     ap.add_argument("--aspects", default="varied", help="'varied' crops, or width:height pairs: 4:3,3:4,3:2")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -166,7 +170,7 @@ def main() -> None:
         )
         write_photos(photos, args.images, ratios)  # type: ignore[arg-type]
     paths = sorted(photos.glob("*.jpg"))
-    engines = {"ort": (str(onnx), None), "auto": (str(ckpt), "auto")}
+    engines = {"ort": (str(onnx), None), "ort-nospin": (f"{onnx}:spin=false", None), "auto": (str(ckpt), "auto")}
     wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
     if "auto" in wanted:
         from dtop_export.bench.recommend import resolve_auto

@@ -389,7 +389,7 @@ def run_local(
     if not todo:
         return [stats]
     t0 = time.perf_counter()
-    with open_model(job.model, job.threads, job.precision) as engine:
+    with open_model(job.model, job.threads, job.precision, shared_cores=True) as engine:
         if startup is not None:
             startup["model_load_s"] = time.perf_counter() - t0
         size = int(job.image_size or engine.preprocess.size)

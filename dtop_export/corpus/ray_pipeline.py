@@ -156,7 +156,7 @@ class EmbedActor:
         self.open_error = ""
         t0 = time.perf_counter()
         try:
-            self.engine = open_model(model, threads, precision)
+            self.engine = open_model(model, threads, precision, shared_cores=True)  # read tasks share the node
             self.load_s = time.perf_counter() - t0
             self.warmup_s = warm_up(self.engine, warmup_shapes or [], batch_size) if needs_warmup(self.engine) else 0.0
             self.reported = False
