@@ -71,6 +71,42 @@ def install_revision(rev: str, work: Path) -> Path:
     return target
 
 
+class Foreign:
+    """Cores the other processes of the machine used while the block ran (``/proc/stat``'s busy time less this
+    process's and its finished children's): the shared machine's noise, recorded next to each measurement."""
+
+    def __enter__(self) -> Foreign:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self.t0
+        self.cores = max(0.0, (_busy_s() - self.busy0 - (_own_s() - self.own0)) / wall) if wall > 0 else 0.0
+
+
+def wait_quiet(threshold: float, max_wait: float) -> float:
+    """Wait until the other processes use less than ``threshold`` cores over two 2-second samples in a row (this
+    process idle meanwhile), at most ``max_wait`` seconds; returns the seconds waited."""
+    t0, calm = time.perf_counter(), 0
+    while calm < 2 and time.perf_counter() - t0 < max_wait:
+        with Foreign() as fg:
+            time.sleep(2.0)
+        calm = calm + 1 if fg.cores < threshold else 0
+    return time.perf_counter() - t0
+
+
+def _busy_s() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_s() -> float:
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def run_job(code: Path | None, kw: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """One corpus job in a fresh process; ``code``: a folder holding another ``dtop_export`` to run (None: this
     tree). Raises RuntimeError with the job's stderr if it fails."""
@@ -139,6 +175,13 @@ def main() -> None:
     ap.add_argument("--before-rev", default=None, help="Also run the job with this git revision's code.")
     ap.add_argument("--aspects", default="varied", help="'varied' crops, or width:height pairs: 4:3,3:4,3:2")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.0,
+        help="Start each round once other processes use fewer cores than this (0: do not wait).",
+    )
+    ap.add_argument("--max-wait", type=float, default=900.0, help="Longest wait for a quiet machine, seconds.")
     ap.add_argument("--dry-run", action="store_true", help="Every stage once on 16 images: a check of the script.")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -191,37 +234,49 @@ def main() -> None:
     for rep in range(args.repeats):
         for name in wanted:
             model, precision = engines[name]
-            row: dict[str, Any] = {"round": rep, "engine": name, "load": {"before": os.getloadavg()}}
-            with open_model(model, threads, precision) as engine:
+            waited = wait_quiet(args.quiet_cores, args.max_wait) if args.quiet_cores else 0.0
+            row: dict[str, Any] = {"round": rep, "engine": name, "waited_s": waited}
+            row["load"] = {"before": os.getloadavg()}
+            with Foreign() as fg, open_model(model, threads, precision) as engine:
                 resolved[name] = engine.describe()
                 batches, d = job_batches(paths, engine.preprocess, args.size, args.batch)
-                m = model_seconds(engine, batches)
-            row |= {"m_s": m, "d_s": d, "c": c, "bound_images_per_s": 1 / (m + d / c), "model_images_per_s": 1 / m}
+                m_first = model_seconds(engine, batches)
+            row["foreign_cores"] = {"m, d": fg.cores}
             for label, code in codes.items():
                 kw = {"model": model, "source": str(photos), "output": str(work / f"out-{label}"),
                       "batch_size": args.batch, "image_size": args.size, "threads": threads, "precision": precision,
                       "progress": False}  # fmt: skip
-                s = run_job(code, kw)
+                with Foreign() as fg:
+                    s = run_job(code, kw)
+                row["foreign_cores"][label] = fg.cores
                 row[label] = {k: s.get(k) for k in ("images_per_s", "steady_images_per_s", "first_result_s", "wall_s",
                                                     "startup", "feed", "code")}  # fmt: skip
+            with Foreign() as fg, open_model(model, threads, precision) as engine:
+                m_last = model_seconds(engine, batches)  # m again after the jobs: the bound brackets them
+            row["foreign_cores"]["m again"] = fg.cores
+            m = (m_first + m_last) / 2
+            row |= {"m_s": m, "m_first_s": m_first, "m_last_s": m_last, "d_s": d, "c": c,
+                    "bound_images_per_s": 1 / (m + d / c), "model_images_per_s": 1 / m}  # fmt: skip
+            for label in codes:
+                row[label]["of_bound"] = row[label]["steady_images_per_s"] / row["bound_images_per_s"]
             row["load"]["after"] = os.getloadavg()
             rounds.append(row)
-            line = ", ".join(f"{lb} {row[lb]['steady_images_per_s']:.2f} ({row[lb]['images_per_s']:.2f} end to end)"
-                             for lb in codes)  # fmt: skip
-            print(f"[{rep + 1}/{args.repeats}] {name}: m {m * 1e3:.1f} ms, d {d * 1e3:.1f} ms, c {c}, bound "
-                  f"{row['bound_images_per_s']:.2f} img/s; job img/s after start-up: {line}; load "
-                  f"{row['load']['before'][0]:.2f}->{row['load']['after'][0]:.2f}", flush=True)  # fmt: skip
+            line = ", ".join(f"{lb} {row[lb]['steady_images_per_s']:.2f} = {row[lb]['of_bound']:.2f} of the bound "
+                             f"({row[lb]['images_per_s']:.2f} end to end)" for lb in codes)  # fmt: skip
+            foreign = max(row["foreign_cores"].values())
+            print(f"[{rep + 1}/{args.repeats}] {name}: m {m * 1e3:.1f} ms ({m_first * 1e3:.1f}/{m_last * 1e3:.1f}), "
+                  f"d {d * 1e3:.1f} ms, c {c}, bound {row['bound_images_per_s']:.2f} img/s; job after start-up: "
+                  f"{line}; other processes used up to {foreign:.2f} cores", flush=True)  # fmt: skip
     summary = {}
     for name in wanted:
         rs = [r for r in rounds if r["engine"] == name]
-        med = {
-            k: statistics.median(r[k] for r in rs) for k in ("m_s", "d_s", "bound_images_per_s", "model_images_per_s")
-        }
+        keys = ("m_s", "d_s", "bound_images_per_s", "model_images_per_s")
+        med = {k: statistics.median(r[k] for r in rs) for k in keys}
+        med["foreign_cores_max"] = max(max(r["foreign_cores"].values()) for r in rs)
         for label in codes:
             for k in ("images_per_s", "steady_images_per_s"):
-                v = statistics.median(r[label][k] for r in rs)
-                med[f"{label}_{k}"] = v
-                med[f"{label}_{k}_of_bound"] = v / med["bound_images_per_s"]
+                med[f"{label}_{k}"] = statistics.median(r[label][k] for r in rs)
+            med[f"{label}_of_bound"] = statistics.median(r[label]["of_bound"] for r in rs)  # per-round ratios
         summary[name] = {"engine": resolved.get(name), **med}
     report = {
         "machine": machine_info(),
@@ -231,11 +286,10 @@ def main() -> None:
     }  # fmt: skip
     print(f"\n{args.preset}, {len(paths)} JPEGs of 1024 px -> {args.size} px, batch {args.batch}, {threads} threads, "
           f"{c} cores; medians of {args.repeats} (job rates after start-up; end to end in brackets):")  # fmt: skip
-    print(f"{'engine':<8} {'m ms':>7} {'d ms':>7} {'model':>8} {'bound':>8} " + " ".join(f"{lb:>20}" for lb in codes))
+    print(f"{'engine':<8} {'m ms':>7} {'d ms':>7} {'model':>8} {'bound':>8} " + " ".join(f"{lb:>22}" for lb in codes))
     for name, r in summary.items():
         cells = " ".join(
-            f"{r[f'{lb}_steady_images_per_s']:7.2f} ({r[f'{lb}_steady_images_per_s_of_bound']:.2f}) "
-            f"[{r[f'{lb}_images_per_s']:5.2f}]"
+            f"{r[f'{lb}_steady_images_per_s']:7.2f} ({r[f'{lb}_of_bound']:.2f}) [{r[f'{lb}_images_per_s']:5.2f}]"
             for lb in codes
         )
         print(f"{name:<8} {r['m_s'] * 1e3:7.1f} {r['d_s'] * 1e3:7.1f} {r['model_images_per_s']:8.2f} "
