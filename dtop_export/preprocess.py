@@ -131,7 +131,7 @@ MIB = 1 << 20
 PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 # The formats Image.open may try (the ones IMAGE_SUFFIXES names): no exotic plugin parses an untrusted file.
 DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-_EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PIL.Image.Transpose value
+EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PIL.Image.Transpose value
 # 0xFF and a marker byte: not a stuffed zero, TEM, RSTn, SOI or more fill (a marker with a length, or EOI)
 _JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
 
@@ -212,7 +212,8 @@ def _decoder_work(img: Image.Image, data: bytes) -> tuple[int, int]:
 _PNG_RAW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "LA": 2, "RGB": 3, "RGBA": 4}
 
 
-def _check_budget(img: Image.Image, data: bytes, budget: DecodeBudget) -> None:
+def check_budget(img: Image.Image, data: bytes, budget: DecodeBudget) -> None:
+    """Refuse (:class:`DToPError`) an opened, not yet decoded image over ``budget``, from its header."""
     w, h = img.size
     if w * h > budget.max_pixels:
         raise DToPError(
@@ -238,7 +239,7 @@ def _upright(img: Image.Image) -> Image.Image:
     ``getexif()`` decides), without its rewrite of the metadata, which can fail on a crafted EXIF block."""
     from PIL import Image
 
-    method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    method = EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
     return img if method is None else img.transpose(Image.Transpose(method))
 
 
@@ -271,7 +272,7 @@ def load_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
         with img:
-            _check_budget(img, data, budget)
+            check_budget(img, data, budget)
             img.load()
             return to_rgb(_upright(img) if apply_exif else img).copy()
     except FileNotFoundError as e:
@@ -321,14 +322,21 @@ def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     """8-bit RGB image -> float32 [3, H, W]: pixels scaled to [0, 1], then ``(x - mean) / std``."""
     import numpy as np
 
-    a = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
+    return normalize_pixels(np.asarray(to_rgb(img)), mean, std)
+
+
+def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 RGB pixels [..., H, W, 3] -> float32 [..., 3, H, W], ``(x / 255 - mean) / std`` in float32: the one
+    normalisation arithmetic (engines that take uint8 batches repeat it elementwise, so their input is this)."""
+    import numpy as np
+
+    a = np.asarray(pixels, dtype=np.float32) / 255.0
     a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(a, -1, -3), dtype=np.float32)
 
 
 def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """8-bit RGB image -> float32 [3, H, W] normalised with ``cfg``'s mean/std (:func:`normalize`)."""
-    return normalize(img, cfg.mean, cfg.std)
+    return normalize(img, cfg.mean, cfg.std)  # 8-bit RGB image -> float32 [3, H, W] (:func:`normalize`)
 
 
 def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
@@ -351,9 +359,17 @@ def prepare(
     bbx: Sequence[float] | None = None,
 ) -> np.ndarray:
     """crop (optional) -> resize -> normalise: the model input [3, H, W] for one image at one scale."""
-    if bbx is not None:
-        img = crop_bbox(img, bbx)
-    return to_tensor(resize_for_model(to_rgb(img), cfg, size, scale), cfg)
+    return normalize_pixels(prepare_pixels(img, cfg, size, scale, bbx), cfg.mean, cfg.std)
+
+
+def prepare_pixels(img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0,
+                   bbx: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
+    """:func:`prepare` before the normalisation: uint8 RGB [H, W, 3] (a quarter of the float32 bytes), for engines
+    that normalise a batch themselves (``Engine.embed_pixels``)."""
+    import numpy as np
+
+    img = crop_bbox(img, bbx) if bbx is not None else img
+    return np.asarray(resize_for_model(to_rgb(img), cfg, size, scale), dtype=np.uint8)
 
 
 def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.ndarray:
@@ -376,10 +392,11 @@ def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.nda
 # image files ----------------------------------------------------------------------------------------------
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
+def image_size(path: str | Path, header_only: bool = False) -> tuple[int, int] | None:
     """(width, height) of the image as :func:`load_image` will return it (EXIF orientation applied), read
     from the file's header without decoding; None for a missing or non-image file, one the decoder fails on, or
-    one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find)."""
+    one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find).
+    ``header_only``: never decode; a PNG whose EXIF follows its pixels is then taken as unrotated."""
     import warnings
 
     from PIL import Image
@@ -393,10 +410,11 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             w, h = im.size
             if w * h > budget.max_pixels or 6 * w * h > budget.max_decode_mb * MIB:
                 return None
-            orientation = im.getexif().get(0x0112, 1)
+            late_exif = header_only and im.format == "PNG" and "exif" not in im.info  # Pillow would decode it
+            orientation = 1 if late_exif else im.getexif().get(0x0112, 1)
     except Exception:  # any decoder failure: load_image would refuse the file too
         return None
-    if _EXIF_TRANSPOSE.get(orientation) in (2, 4, 5, 6):  # turned by 90° or transposed: the sides swap
+    if EXIF_TRANSPOSE.get(orientation) in (2, 4, 5, 6):  # turned by 90° or transposed: the sides swap
         w, h = h, w
     return (int(w), int(h)) if w > 0 and h > 0 else None
 

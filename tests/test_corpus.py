@@ -320,10 +320,12 @@ def test_gpu_actor_leaves_num_cpus_to_ray_data() -> None:
 def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> None:
     """Rows of three interleaved shapes in one actor call run as three full batches of 8, each descriptor in its
     row's place; a read task reserves at least what Ray measured for a 16-row block at 1024 px on a GPU node."""
+    from dtop_export.contract import Engine
     from dtop_export.corpus.ray_pipeline import EmbedActor, largest_node_memory, read_block_rows, read_task_memory
+    from dtop_export.preprocess import PreprocessConfig
 
-    class CountingEngine:
-        descriptor_dim = 4
+    class CountingEngine(Engine):
+        descriptor_dim, stride, preprocess = 4, 16, PreprocessConfig(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
         batches: list[int] = []
 
         def embed(self, x: np.ndarray) -> np.ndarray:
@@ -332,13 +334,15 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
 
     actor = EmbedActor.__new__(EmbedActor)
     actor.engine, actor.batch_size, actor.name = CountingEngine(), 8, "test"
-    shapes = [(3, 48, 64), (3, 64, 48), (3, 64, 64)]
+    actor.reported, actor.load_s, actor.warmup_s = False, 0.5, 0.25
+    shapes = [(48, 64, 3), (64, 48, 3), (64, 64, 3)]
     ragged = np.empty(24, dtype=object)
-    ragged[:] = [np.full(shapes[i % 3], float(i), np.float32) for i in range(24)]
+    ragged[:] = [np.full(shapes[i % 3], i, np.uint8) for i in range(24)]  # uint8 pixels, normalised by the engine
     batch = {"key": np.arange(24), "scale": np.zeros(24, np.int32), "tensor": ragged, "error": np.full(24, "")}
     out = actor(batch)
     assert sorted(actor.engine.batches) == [8, 8, 8]
     assert np.allclose(out["descriptor"][:, 0], np.arange(24))
+    assert out["startup_s"].sum() == 0.75 and actor(batch)["startup_s"].sum() == 0  # load + warm-up, reported once
     assert read_task_memory(16, 1024, [1.0]) > 546 * 2**20  # Ray's issue detector: "used up to 546.3MiB"
     assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
     gib = 2**30

@@ -134,6 +134,26 @@ def embed(
             help="Logical CPUs per actor (default: the cluster's, less 1 for decoding).",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            callback=at_least(1),
+            help="Folder output in-process: decode workers, decoding while the engine runs (default: every core).",
+        ),
+    ] = None,
+    decode_pool: Annotated[
+        str,
+        typer.Option("--decode-pool", help="thread (default: Pillow releases the GIL) or process (no GIL at all)."),
+    ] = "thread",
+    gpu_decode: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-decode",
+            help="Folder output, in-process, MODEL.pt:device=cuda: decode baseline JPEGs on the GPU (nvJPEG) and "
+            "resize there; its own parity contract (cos >= 0.9999 vs the CPU decoder). Off by default.",
+        ),
+    ] = False,
     max_pixels: MaxPixelsOpt = DecodeBudget.max_pixels,
     max_decode_mb: MaxDecodeMbOpt = DecodeBudget.max_decode_mb,
     max_scans: MaxScansOpt = DecodeBudget.max_scans,
@@ -150,8 +170,9 @@ def embed(
     sc = parse_scales(scales)
     budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
     if output.suffix.lower() == ".npy":
-        if use_ray:
-            raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
+        if use_ray or gpu_decode:
+            flag = "--ray" if use_ray else "--gpu-decode"
+            raise DToPError(f"{flag} is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
         refuse_existing(output, output.with_suffix(".json"), force=force)
         _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget)
         return
@@ -164,7 +185,7 @@ def embed(
         model=model, source=images[0], output=output, batch_size=batch_size, scales=sc, image_size=image_size,
         threads=threads, precision=precision, shard_size=shard_size, force=force, progress=progress,
         use_ray=use_ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        decode=budget,
+        decode=budget, workers=workers, decode_pool=decode_pool, gpu_decode=gpu_decode,
     )  # fmt: skip
     _embed_shards(job, json_out)
 
@@ -189,15 +210,21 @@ def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
         rows["start-up s (to the first result)"] = f"{summary.first_result_s:.1f}"
     if summary.steady_images_per_s is not None:
         rows["images/s after start-up"] = f"{summary.steady_images_per_s:.2f}"
+    if summary.startup:
+        rows["fixed costs s"] = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}"
+                                          for k, v in summary.startup.items())  # fmt: skip
+    if summary.feed:
+        f = summary.feed
+        rows["decode workers"] = f"{f['workers']} {f['pool']}(s), {f['batches']} batches of <= {job.batch_size}"
     for name, value in rows.items():
         table.add_row(name, str(value))
     con.print(table)
     if summary.actors:
         per = Table(title="per actor (images/s while embedding)")
-        for col in ("actor", "images", "busy s", "images/s"):
+        for col in ("actor", "images", "busy s", "images/s", "start-up s"):
             per.add_column(col, justify="right" if col != "actor" else "left")
         for a in summary.actors:
-            per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}")
+            per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}", f"{a.startup_s:.1f}")
         con.print(per)
     if summary.skipped:
         con.print(f"skipped {summary.skipped} unreadable image(s): listed in {job.output / 'manifest.json'}")

@@ -1,16 +1,17 @@
 """Embed a corpus into shards: the job description, the shard assembler both runners feed, and the in-process runner.
 
 ``embed_corpus(job)`` lists SOURCE (:mod:`~dtop_export.corpus.source`), works out which shards are still to
-write (:func:`~dtop_export.corpus.shards.prepare_folder`), then runs either in this process (the default) or
-on a Ray cluster (:mod:`~dtop_export.corpus.ray_pipeline`). Both runners hand every (image, scale) descriptor
-or read error to one :class:`ShardAssembler`, which combines scales exactly as
-:func:`~dtop_export.retrieval.extract.extract` does, ignores duplicates (a retried Ray task may deliver an
-image twice) and writes a shard the moment all of its images are accounted for.
+write (:func:`~dtop_export.corpus.shards.prepare_folder`), then runs either in this process (the default,
+:mod:`~dtop_export.corpus.feed`: decoding on every core while the engine runs) or on a Ray cluster
+(:mod:`~dtop_export.corpus.ray_pipeline`); both batch images of one input shape together
+(:mod:`~dtop_export.corpus.schedule`). Both runners hand every (image, scale) descriptor or read error to one
+:class:`ShardAssembler`, which combines scales exactly as :func:`~dtop_export.retrieval.extract.extract` does,
+ignores duplicates (a retried Ray task may deliver an image twice) and writes a shard the moment all of its
+images are accounted for.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,10 +24,10 @@ import numpy as np
 from dtop_export.corpus.runtime import (
     ActorStats,
     ModelContract,
+    check_gpu_decode,
     check_placement,
     engine_options,
     model_contract,
-    open_model,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
 from dtop_export.errors import DToPError, Interrupted
@@ -59,6 +60,9 @@ class CorpusJob:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None
     decode: DecodeBudget = field(default_factory=DecodeBudget)  # what decoding one image may cost
+    workers: int | None = None  # in-process decode workers (default: every core)
+    decode_pool: str = "thread"  # in-process decode workers: threads or processes
+    gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class CorpusSummary:
     actors: list[ActorStats] = field(default_factory=list)
     first_result_s: float | None = None  # start-up: from the start to the first result (model load, cluster)
     steady_images_per_s: float | None = None  # the images after the first result over the time after it
+    startup: dict[str, float] = field(default_factory=dict)  # the fixed costs: listing, model load, warm-up...
+    feed: dict[str, Any] = field(default_factory=dict)  # the decode pool's work and what ran concurrently
 
     @property
     def images_per_s(self) -> float:
@@ -250,37 +256,6 @@ def progress_bar(enabled: bool) -> Any:
     )
 
 
-def run_local(job: CorpusJob, assembler: ShardAssembler, advance: Callable[[int], None]) -> list[ActorStats]:
-    """Embed the assembler's pending items in this process, shard by shard, through
-    :func:`~dtop_export.retrieval.extract.extract` (the same path as ``embed -o x.npy``)."""
-    from dtop_export.corpus.source import load_item
-    from dtop_export.retrieval.extract import extract
-
-    stats = ActorStats("local")
-    todo = assembler.items()
-    if not todo:
-        return [stats]
-    with open_model(job.model, job.threads, job.precision) as engine:
-        for _, group in itertools.groupby(todo, key=lambda it: it.key // job.shard_size):
-            chunk = list(group)
-            errors: list[tuple[int, str]] = []
-            t0 = time.perf_counter()
-            desc = extract(
-                engine, [it.path for it in chunk], None, job.scales, None, False, image_size=job.image_size,
-                batch_size=job.batch_size, errors=errors, load=lambda p: load_item(p, job.decode), advance=advance,
-            )  # fmt: skip
-            stats.busy_s += time.perf_counter() - t0
-            bad = dict(errors)
-            rows = iter(desc)
-            for i, it in enumerate(chunk):
-                if i in bad:
-                    assembler.fail(it.key, bad[i])
-                else:
-                    assembler.add_final(it.key, next(rows))
-            stats.images += len(chunk) - len(bad)
-    return [stats]
-
-
 def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract, engine: str) -> CorpusSettings:
     """The :class:`CorpusSettings` fingerprint of ``job`` over ``items``; ``engine`` from :func:`engine_key`."""
     from dtop_export.bench.spec import parse_spec
@@ -325,6 +300,12 @@ def check_job(job: CorpusJob) -> None:
         raise DToPError(f"--cpus-per-actor must be > 0, got {job.cpus_per_actor:g}")
     if job.output.exists() and not job.output.is_dir():
         raise DToPError(f"{job.output} exists and is not a folder: choose another -o")
+    if job.workers is not None and not job.workers >= 1:
+        raise DToPError(f"--workers must be >= 1, got {job.workers}")
+    if job.decode_pool not in ("thread", "process"):
+        raise DToPError(f"--decode-pool must be thread or process, got {job.decode_pool!r}")
+    if job.gpu_decode:
+        check_gpu_decode(job.model, job.use_ray)
 
 
 def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> CorpusSummary:
@@ -342,6 +323,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     t0 = time.perf_counter()
     items = list_source(job.source)
+    startup = {"listing_s": time.perf_counter() - t0}
     contract = model_contract(job.model)
     settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
@@ -358,7 +340,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         job.output.mkdir(parents=True, exist_ok=True)
         with folder_lock(job.output, "embed job"):
             try:
-                return _run_job(job, items, contract, settings, ray_plan, t0, log or (lambda _: None))
+                return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
             except KeyboardInterrupt as e:
                 from dtop_export.corpus.shards import shard_is_complete
 
@@ -379,11 +361,13 @@ def _run_job(
     contract: ModelContract,
     settings: CorpusSettings,
     ray_plan: Any,
-    t0: float,
+    start: tuple[float, dict[str, float]],
     say: Callable[[str], None],
 ) -> CorpusSummary:
     from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
 
+    t0, startup = start
+    feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
     say(
@@ -410,9 +394,11 @@ def _run_job(
         elif ray_plan is not None:
             from dtop_export.corpus.ray_pipeline import run_ray
 
-            stats = run_ray(job, contract, assembler, advance, say, ray_plan)
+            stats = run_ray(job, contract, assembler, advance, say, ray_plan, startup)
         else:
-            stats = run_local(job, assembler, advance)
+            from dtop_export.corpus.feed import run_local
+
+            stats = run_local(job, assembler, advance, feed, startup)
     end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
@@ -430,6 +416,8 @@ def _run_job(
         actors=stats,
         first_result_s=first[0][0] - t0 if first else None,
         steady_images_per_s=steady_rate(first[0], (end, n_todo)) if first else None,
+        startup={k: round(v, 4) for k, v in startup.items()},
+        feed=feed,
     )
     write_manifest(
         job.output,

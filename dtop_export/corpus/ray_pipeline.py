@@ -3,9 +3,15 @@ of stateful actors (one engine each), results streamed back to the driver's :cla
 
 Pipeline (streaming, order preserved so shards complete front to back)::
 
-    from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> one tensor per scale
-                           ->  map_batches(EmbedActor, concurrency=N)  actors: equal shapes batched -> engine.embed
+    header scan (driver)   ->  items ordered by model input shape within windows of shards (corpus.schedule)
+    from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> uint8 pixels per scale
+                           ->  map_batches(EmbedActor, concurrency=N)  actors: equal shapes batched ->
+                                                                      engine.embed_pixels_stream (normalised there)
                            ->  iter_batches() in the driver            -> ShardAssembler -> shard-NNNNN.parquet
+
+The rows carry uint8 pixels (a quarter of float32's bytes through the object store); a read task holds whole
+batches of one shape where the plan allows; an actor loads its engine once and, on a GPU or compiled, warms it up
+at the shapes of the header scan while the first blocks decode.
 
 A killed actor is restarted and its task retried by Ray (``max_restarts=-1``, ``max_task_retries=-1``); a
 result delivered twice is dropped by the assembler, so every image lands in exactly one shard row. Local paths
@@ -33,13 +39,15 @@ if TYPE_CHECKING:
     from dtop_export.corpus.runtime import ActorStats, ModelContract
 
 ROWS_PER_READ_TASK = 16  # images per read/decode task (fewer when the job is small, see run_ray)
+GPU_CALL_BATCHES = 4  # engine batches per call of a GPU actor: its CUDA stream overlaps them, and Ray's per-call cost
 # logical CPUs a read/decode task asks for, and the CPUs kept free for them when actors are sized by default
 READ_TASK_CPUS = 0.5
 READ_RESERVE_CPUS = 1.0
 
 
 def tensor_bytes(image_size: int, scales: list[float]) -> int:
-    """Bytes of one image's float32 input tensors at its largest shape, summed over ``scales``."""
+    """Bytes of one image's float32 input tensors at its largest shape, summed over ``scales`` (what the actor
+    normalises; the rows carry a quarter of it, uint8)."""
     return sum(3 * 4 * round(image_size * s) ** 2 for s in scales)
 
 
@@ -81,35 +89,32 @@ def preprocess_rows(
     scales: list[float],
     decode: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rows (key, path) -> rows (key, scale, tensor [3, H, W], error): one row per scale of a readable image,
-    one row with scale -1 and the reason for an unreadable one. The same functions as the in-process path;
-    ``decode``: the fields of the :class:`~dtop_export.preprocess.DecodeBudget` (default: its defaults)."""
-    from dtop_export.corpus.source import load_item
-    from dtop_export.preprocess import DecodeBudget, PreprocessConfig, prepare
+    """Rows (key, path) -> rows (key, scale, pixels uint8 [H, W, 3], error): one row per scale of a readable image,
+    one row with scale -1 and the reason for an unreadable one. The same decode as the in-process path
+    (:func:`~dtop_export.corpus.feed.decode_item`); ``decode``: the fields of the
+    :class:`~dtop_export.preprocess.DecodeBudget` (default: its defaults)."""
+    from dtop_export.corpus.feed import decode_item
 
-    cfg = PreprocessConfig.from_dict(preprocess)
-    budget = DecodeBudget(**decode) if decode else None
     keys: list[int] = []
     scale_ids: list[int] = []
-    tensors: list[np.ndarray] = []
+    pixels: list[np.ndarray] = []
     errors: list[str] = []
     for key, path in zip(batch["key"], batch["path"]):
         try:
-            img = load_item(str(path), budget)
-            out = [prepare(img, cfg, image_size, s) for s in scales]
+            out = decode_item(str(path), preprocess, image_size, tuple(scales), decode)
         except DToPError as e:
             keys.append(int(key))
             scale_ids.append(-1)
-            tensors.append(np.zeros((3, 0, 0), np.float32))
+            pixels.append(np.zeros((0, 0, 3), np.uint8))
             errors.append(str(e))
             continue
         for i, t in enumerate(out):
             keys.append(int(key))
             scale_ids.append(i)
-            tensors.append(t)
+            pixels.append(t)
             errors.append("")
-    ragged = np.empty(len(tensors), dtype=object)
-    for i, t in enumerate(tensors):
+    ragged = np.empty(len(pixels), dtype=object)
+    for i, t in enumerate(pixels):
         ragged[i] = t
     return {
         "key": np.asarray(keys, np.int64),
@@ -131,10 +136,17 @@ class EmbedActor:
     its creation task and Ray prints its traceback several times over on the driver's console."""
 
     def __init__(
-        self, model: str, threads: int | None, batch_size: int, precision: str | None = None, descriptor_dim: int = 0
+        self,
+        model: str,
+        threads: int | None,
+        batch_size: int,
+        precision: str | None = None,
+        descriptor_dim: int = 0,
+        warmup_shapes: list[tuple[int, int]] | None = None,
     ) -> None:
         import ray
 
+        from dtop_export.corpus.feed import needs_warmup, warm_up
         from dtop_export.corpus.runtime import open_model
 
         actor = ray.get_runtime_context().get_actor_id() or "driver"
@@ -142,8 +154,12 @@ class EmbedActor:
         self.batch_size = batch_size
         self.descriptor_dim = descriptor_dim
         self.open_error = ""
+        t0 = time.perf_counter()
         try:
-            self.engine = open_model(model, threads, precision)
+            self.engine = open_model(model, threads, precision, shared_cores=True)  # read tasks share the node
+            self.load_s = time.perf_counter() - t0
+            self.warmup_s = warm_up(self.engine, warmup_shapes or [], batch_size) if needs_warmup(self.engine) else 0.0
+            self.reported = False
         except Exception as e:  # noqa: BLE001 - any failure to open is the job's error, reported by the driver
             import traceback
 
@@ -162,18 +178,23 @@ class EmbedActor:
                 "descriptor": np.zeros((n, self.descriptor_dim), np.float32),
                 "actor": np.asarray([self.name] * n, dtype=object),
                 "busy_s": np.zeros(n),
+                "startup_s": np.zeros(n),
             }
         desc = np.zeros((n, self.engine.descriptor_dim), np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
             if batch["scale"][i] >= 0:
                 groups.setdefault(tuple(np.shape(batch["tensor"][i])), []).append(i)
+        b = self.batch_size
+        chunks = [rows[i : i + b] for rows in groups.values() for i in range(0, len(rows), b)]
         t0 = time.perf_counter()
-        for rows in groups.values():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                desc[chunk] = self.engine.embed(np.stack([np.asarray(batch["tensor"][i], np.float32) for i in chunk]))
+        stacked = (np.stack([np.asarray(batch["tensor"][i], np.uint8) for i in c]) for c in chunks)
+        for chunk, out in zip(chunks, self.engine.embed_pixels_stream(stacked)):
+            desc[chunk] = out
         busy = time.perf_counter() - t0
+        startup = np.zeros(n)
+        if not self.reported and n:  # the actor's load and warm-up, once
+            startup[0], self.reported = self.load_s + self.warmup_s, True
         return {
             "key": np.asarray(batch["key"], np.int64),
             "scale": np.asarray(batch["scale"], np.int32),
@@ -181,6 +202,7 @@ class EmbedActor:
             "descriptor": desc,
             "actor": np.asarray([self.name] * n, dtype=object),
             "busy_s": np.full(n, busy / max(n, 1)),
+            "startup_s": startup,
         }
 
 
@@ -304,6 +326,7 @@ def run_ray(
     advance: Callable[[int], None],
     say: Callable[[str], None],
     plan: RayPlan,
+    startup: dict[str, float] | None = None,
 ) -> list[ActorStats]:
     """Embed the assembler's pending items on the cluster of ``plan`` (:func:`plan_ray`); returns the per-actor
     statistics."""
@@ -324,10 +347,19 @@ def run_ray(
     ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    todo = assembler.items()
-    rows = [{"key": it.key, "path": it.path} for it in todo]
-    # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
+    from dtop_export.corpus.feed import WARMUP_SHAPES, default_workers
+    from dtop_export.corpus.schedule import frequent_shapes, ordered, scan, shards_per_window
+
     size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+    todo = assembler.items()
+    t0 = time.perf_counter()  # the header scan, in the driver: rows go out ordered by model input shape
+    shapes = scan(todo, contract.preprocess, size, scales, default_workers())
+    work = ordered(todo, shapes, job.shard_size, shards_per_window(job.shard_size, job.batch_size, len(scales)))
+    if startup is not None:
+        startup["header_scan_s"] = time.perf_counter() - t0
+    rows = [{"key": it.key, "path": it.path} for it, _ in work]
+    warmup = frequent_shapes(shapes, WARMUP_SHAPES)
+    # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
     per_block = max(1, min(plan.rows_per_block, len(rows) // (4 * job.actors)))
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
     ds = ds.map_batches(
@@ -351,8 +383,9 @@ def run_ray(
             "precision": job.precision,
             "batch_size": job.batch_size,
             "descriptor_dim": contract.descriptor_dim,
+            "warmup_shapes": warmup,
         },
-        batch_size=job.batch_size * len(job.scales),
+        batch_size=job.batch_size * len(job.scales) * (GPU_CALL_BATCHES if job.gpus_per_actor else 1),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
         **actor_remote_args(job, cpus),
@@ -363,6 +396,7 @@ def run_ray(
             key, scale = int(out["key"][i]), int(out["scale"][i])
             st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
             st.busy_s += float(out["busy_s"][i])
+            st.startup_s += float(out["startup_s"][i])
             if scale == OPEN_FAILED:
                 message, _, actor_traceback = str(out["error"][i]).partition("\n")
                 error = DToPError(f"a Ray actor could not open {job.model}: {message}")
