@@ -33,31 +33,40 @@ import numpy as np
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "camera", "cat")
 
 
-def write_photos(folder: Path, n: int, aspects: list[tuple[int, int]] | None = None) -> list[Path]:
+def write_photos(folder: Path, n: int, aspects: list[tuple[int, int]] | None = None, workers: int = 1) -> list[Path]:
     """``n`` JPEGs (q90, longer side 1024, cycling through scikit-image's photos with different crops); with
-    ``aspects`` (width:height pairs, cycled) each crop is cut to the next aspect instead, as a camera's are."""
+    ``aspects`` (width:height pairs, cycled) each crop is cut to the next aspect instead, as a camera's are.
+    ``workers`` > 1: written by that many processes (the same files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if workers <= 1:
+        return [write_photo(folder, i, aspects) for i in range(n)]
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(partial(write_photo, folder, aspects=aspects), range(n), chunksize=16))
+
+
+def write_photo(folder: Path, i: int, aspects: list[tuple[int, int]] | None = None) -> Path:
+    """Photo number ``i`` of :func:`write_photos`."""
     import skimage
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
     base = Path(skimage.data.__file__).parent
     sources = [p for name in PHOTOS for p in base.glob(f"{name}.*")]
-    out = []
-    for i in range(n):
-        img = Image.open(sources[i % len(sources)]).convert("RGB")
-        w, h = img.size
-        crop = img.crop((i % 3 * w // 20, i % 2 * h // 20, w - i % 4 * w // 30, h))  # vary sizes/aspects
-        if aspects:
-            aw, ah = aspects[i % len(aspects)]
-            cw, ch = crop.size
-            cw, ch = (cw, round(cw * ah / aw)) if cw * ah <= ch * aw else (round(ch * aw / ah), ch)
-            crop = crop.crop((0, 0, cw, ch))
-        f = 1024 / max(crop.size)
-        crop = crop.resize((round(crop.width * f), round(crop.height * f)), Image.Resampling.BICUBIC)
-        path = folder / f"photo_{i:03d}.jpg"
-        crop.save(path, quality=90)
-        out.append(path)
-    return out
+    img = Image.open(sources[i % len(sources)]).convert("RGB")
+    w, h = img.size
+    crop = img.crop((i % 3 * w // 20, i % 2 * h // 20, w - i % 4 * w // 30, h))  # vary sizes/aspects
+    if aspects:
+        aw, ah = aspects[i % len(aspects)]
+        cw, ch = crop.size
+        cw, ch = (cw, round(cw * ah / aw)) if cw * ah <= ch * aw else (round(ch * aw / ah), ch)
+        crop = crop.crop((0, 0, cw, ch))
+    f = 1024 / max(crop.size)
+    crop = crop.resize((round(crop.width * f), round(crop.height * f)), Image.Resampling.BICUBIC)
+    path = folder / f"photo_{i:03d}.jpg"
+    crop.save(path, quality=90)
+    return path
 
 
 def timed(cmd: list[str]) -> float:
@@ -118,7 +127,7 @@ def main() -> None:
             common = ["--image-size", str(size), "--threads", str(args.threads), "--no-progress"]
             cmds = {
                 "cpp": [str(tool), str(onnx_path)],
-                "python": [*py_cli, str(onnx_path)],
+                "python": [*py_cli, str(onnx_path), "--force"],  # each round rewrites its .npy
             }
             walls: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in cmds}
             every = [str(p) for p in photos]

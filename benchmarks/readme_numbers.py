@@ -120,6 +120,7 @@ def rows() -> list[tuple[str, str, str, str]]:
 
     out += _whitening_rows()
     out += _openvino_rows()
+    out += _trt_rtx_rows()
     add_fixed("C++ client build (`dtop-export cpp build`, cold)")
     out += _cpp_rows()
 
@@ -240,6 +241,35 @@ def _openvino_fp16_rows() -> list[tuple[str, str, str, str]]:
         )
     )
     return out
+
+
+def _trt_rtx_rows() -> list[tuple[str, str, str, str]]:
+    """TensorRT-RTX plans built on this GPU-less CPU (``trt_rtx_builds.py``): size and build time per preset and
+    precision over the targets."""
+    d = _load("cpu-epyc/trt_rtx_builds.json")
+    parts = []
+    for preset in dict.fromkeys(r["preset"] for r in d["rows"]):
+        cells = []
+        for precision in ("fp16", "fp32"):
+            rows = [r for r in d["rows"] if r["preset"] == preset and r["precision"] == precision]
+            if not rows:
+                continue
+            size = _span([r["plan_mib"] for r in rows], ".1f")
+            secs = _span([r["seconds"] for r in rows], ".1f")
+            ws = {r["workspace_gb"] for r in rows}
+            extra = f" (--workspace {max(ws):g})" if any(r["refused_first"] for r in rows) else ""
+            layers = f"{rows[0]['fp16_layers']} FP16 / {rows[0]['fp32_layers']} FP32 layers"
+            cells.append(f"{precision.upper()} {size} MiB in {secs} s{extra}, {layers}")
+        parts.append(f"{preset}: " + "; ".join(cells))
+    targets = ", ".join(dict.fromkeys(r["target"] for r in d["rows"]))
+    return [
+        (
+            f"TensorRT-RTX {d['tensorrt_rtx']} plans built without a GPU ({targets}; profile {d['profile']})",
+            ". ".join(parts) + "; no plan run (needs a GPU)",
+            f"{d['cpu']}, {d['cores']} cores, no GPU (load average {d['load_average'][0]:.1f})",
+            f"`{d['command']}`",
+        )
+    ]
 
 
 def _openvino_rows() -> list[tuple[str, str, str, str]]:

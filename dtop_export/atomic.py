@@ -1,5 +1,9 @@
 """Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; and the reader of
-the format-tagged JSON files written that way (manifests, sidecars)."""
+the format-tagged JSON files written that way (manifests, sidecars).
+
+A temporary file is created private (``mkstemp``: 0600); the file that replaces ``dest`` gets the mode a plain
+``open()`` would have given it under the process umask (0644 under umask 022), so a model written by one
+user can be read by a service running as another, as with every other file the user creates."""
 
 from __future__ import annotations
 
@@ -12,6 +16,30 @@ from pathlib import Path
 from typing import Any
 
 from dtop_export.errors import DToPError
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux: ``/proc/self/status``);
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits a new regular file gets under the umask (0o666 & ~umask)."""
+    return 0o666 & ~process_umask()
+
+
+def new_folder_mode() -> int:
+    """The permission bits a new folder gets under the umask (0o777 & ~umask)."""
+    return 0o777 & ~process_umask()
 
 
 def output_folder(dest: str | os.PathLike[str]) -> Path:
@@ -39,6 +67,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600; the writer may also have re-created it
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

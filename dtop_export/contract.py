@@ -2,22 +2,24 @@
 
 * :class:`Engine`: what every runtime implements (PyTorch, ONNX Runtime, TensorRT, the trainer's in-memory
   model): ``embed(images float32 [B, 3, H, W]) -> float32 [B, N]`` L2-normalised descriptors, plus ``name``,
-  ``precision``, ``device``, ``descriptor_dim``, ``stride`` and ``preprocess``. Parity, evaluation and the
-  benchmarks take engines, never a runtime directly (Polygraphy's runners).
+  ``precision``, ``device``, ``descriptor_dim``, ``stride`` and ``preprocess``. One optional entry point,
+  ``embed_pixels_stream`` (uint8 batches, normalised by the engine; a default built on ``embed``), lets an engine
+  on a GPU take a quarter of the bytes and overlap copies with compute. Parity, evaluation and the benchmarks
+  take engines, never a runtime directly (Polygraphy's runners).
 * The model's metadata (ONNX ``metadata_props``, copied into TensorRT sidecars and OpenVINO ``rt_info``):
   :func:`onnx_metadata` writes it, :func:`metadata_of` / :func:`read_metadata` read it back as a dict of
   strings, :func:`preprocess_from_metadata` turns it into the :class:`~dtop_export.preprocess.PreprocessConfig`
   every engine feeds its images through, and :func:`read_onnx_metadata` is the report ``dtop-export info``
   prints.
 
-Imports numpy and the errors only; onnx is imported inside the functions that read files.
+Imports numpy and the errors only; onnx (metadata) and the preprocessing (the pixel default) inside functions.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,29 @@ class Engine(ABC):
     @abstractmethod
     def embed(self, images: np.ndarray) -> np.ndarray:
         """float32 images [B, 3, H, W] -> float32 L2-normalised descriptors [B, N]."""
+
+    def embed_pixels_stream(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """uint8 RGB batches [B, H, W, 3] (each one shape) -> their descriptors [B, N], one array per batch, in order.
+
+        The optional entry point of engines that take pixels before normalisation (what
+        :func:`~dtop_export.preprocess.prepare_pixels` gives): a quarter of the float32 bytes to move, and room to
+        overlap. This default normalises each batch on the CPU with the one arithmetic
+        (:func:`~dtop_export.preprocess.normalize_pixels`), so the model input is bit-identical to
+        :func:`~dtop_export.preprocess.prepare`'s, and calls :meth:`embed`. An engine on a GPU overrides it to
+        normalise on the device and to copy the next batch while the current one runs (it may pull batch i+1 from
+        ``batches`` before it yields the descriptors of batch i)."""
+        from dtop_export.preprocess import normalize_pixels
+
+        for pixels in batches:
+            pixels = np.asarray(pixels)
+            if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+                raise ShapeError(f"{self.name}: expected uint8 pixels [B, H, W, 3], got {pixels.dtype} "
+                                 f"{list(pixels.shape)}")  # fmt: skip
+            yield self.embed(normalize_pixels(pixels, self.preprocess.mean, self.preprocess.std))
+
+    def embed_pixels(self, pixels: Any) -> np.ndarray:
+        """One uint8 batch [B, H, W, 3] through :meth:`embed_pixels_stream`."""
+        return next(iter(self.embed_pixels_stream([pixels])))
 
     def describe(self) -> dict[str, Any]:
         """A short JSON-able description for reports."""

@@ -5,7 +5,7 @@ the ``cmake`` on PATH, or pip's when that one is older).
 
 :func:`build` configures with CMake (``-DOpenVINO_DIR=<site-packages>/openvino/cmake``), builds, optionally
 installs, and returns where the binaries are. Missing pieces (CMake, a C++ compiler, the ``openvino`` wheel,
-libjpeg/libpng development files) are one :class:`DToPError` line naming what to install. The C++ sources
+libjpeg/zlib development files) are one :class:`DToPError` line naming what to install. The C++ sources
 travel in the wheel as ``dtop_export.cpp_sources`` (the repository's ``cpp/`` folder).
 
 Imports the standard library only; ``openvino``, ``executorch`` and ``cmake`` are located, not imported.
@@ -31,7 +31,7 @@ LOG_NAME = "dtop-build.log"
 # What a CMake failure means, by the line it prints.
 _CMAKE_HINTS = (
     ("Could NOT find JPEG", "libjpeg development files not found: install them (Debian: apt install libjpeg-dev)"),
-    ("Could NOT find PNG", "libpng development files not found: install them (Debian: apt install libpng-dev)"),
+    ("Could NOT find ZLIB", "zlib development files not found: install them (Debian: apt install zlib1g-dev)"),
     ("No CMAKE_CXX_COMPILER could be found", "no C++ compiler found: install g++ (apt install g++) or set CXX"),
     ('provided by "OpenVINO"', "CMake cannot use the openvino wheel's SDK: pip install --force-reinstall openvino"),
     ('provided by "executorch"', "CMake cannot use the executorch wheel's SDK: pip install 'dtop-export[edge]' again"),
@@ -179,6 +179,21 @@ def _run(cmd: list[str], log: Path, step: str) -> None:
     raise DToPError(f"C++ {step} failed: {first[:300]} (full log: {log})")
 
 
+def check_build_options(build_dir: Path | None, jobs: int | None, install_prefix: Path | None) -> None:
+    """Refuse, before CMake runs, what would make the build fail after minutes of it (or at its very end)."""
+    if jobs is not None and jobs < 1:
+        raise DToPError(f"--jobs must be >= 1, got {jobs}")
+    for option, folder in (("--build-dir", build_dir), ("--prefix", install_prefix)):
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise DToPError(f"{option} {folder} is a file: give a folder")
+        existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise DToPError(f"{option} {folder}: {existing} is not writable: choose a folder you can write to")
+
+
 def build(
     build_dir: Path | None = None,
     jobs: int | None = None,
@@ -190,6 +205,7 @@ def build(
     again. ``install_prefix``: also ``cmake --install`` there (bin/dtop-embed, lib/libdtop.a, include/dtop,
     lib/cmake/dtop for ``find_package(dtop)``). ``status`` receives a line per step."""
     say = status or (lambda _text: None)
+    check_build_options(build_dir, jobs, install_prefix)
     src = source_dir()
     cmake, cxx = find_toolchain()
     ov_cmake, ov_version = openvino_sdk()

@@ -2,9 +2,10 @@
 descriptor ``dtop-export embed`` computes.
 
 :func:`write_format_zoo` turns the photos scikit-image ships into every decoding case the Python side accepts
-(odd sizes, portrait/landscape, grey, 1-bit, palette with and without transparency, RGBA, grey+alpha, 16-bit
-grey/RGB/RGBA/grey+alpha PNG, CMYK, progressive and 4:4:4 JPEG, the eight EXIF orientations, a PNG without
-its IEND) plus three bad files.
+(odd sizes, grey, 1-bit, palette with and without transparency, RGBA, grey+alpha, 16-bit grey/RGB/RGBA/grey+alpha
+PNG, CMYK, progressive and 4:4:4 JPEG, the eight EXIF orientations, a PNG without its IEND, portrait, landscape and
+extreme-aspect photos at several sizes, whose shape decides the order of Pillow's resample passes) plus three bad
+files. The hostile files (broken, huge, crafted) are :mod:`dtop_export.hostile`'s.
 :func:`compare` runs the binary (``--dump-inputs``) and the model's Python engine through the Python preprocessing,
 and reports per image: the cosine of the descriptors and the max-abs difference of the model inputs.
 
@@ -108,6 +109,16 @@ def write_format_zoo(folder: str | Path) -> dict[str, Path]:
         out[name] = folder / name
         _write_png16(out[name], arr)
     save("tiny.png", Image.new("RGB", (7, 3), (10, 200, 30)))
+    # Phone-photo shapes and extremes: Pillow resamples vertically first when the height shrinks by more than
+    # twice the pixels the width does (portraits), horizontally first otherwise; the 8-bit intermediate rounds
+    # differently, so a client with the other order is 1 level off. The noise keeps every rounding visible.
+    for (w, h), fmt in (((1080, 2400), "png"), ((900, 2000), "jpg"), ((333, 777), "png"), ((520, 760), "jpg"),
+                        ((2400, 1080), "jpg"), ((1600, 900), "png"), ((3000, 40), "jpg"), ((50, 2500), "png"),
+                        ((16, 1600), "png"), ((1999, 3), "png")):  # fmt: skip
+        a = np.asarray(astronaut.resize((w, h)), dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
+        photo = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        kind = "portrait" if h > w else "landscape"
+        save(f"{kind}_{w}x{h}.{fmt}", photo, **({"quality": 92} if fmt == "jpg" else {"compress_level": 1}))
     jpeg = out["landscape.jpg"].read_bytes()
     out["truncated.jpg"] = folder / "truncated.jpg"
     out["truncated.jpg"].write_bytes(jpeg[: len(jpeg) // 2])
@@ -183,11 +194,36 @@ class CppParityReport:
         }
 
 
+def check_binary(binary: str | Path) -> Path:
+    """``binary`` as a path to run (``./dtop-embed`` stays that file: a bare name would be looked up on PATH), once
+    it is an executable file that answers ``--help`` with dtop-embed's usage; else a one-line :class:`DToPError`."""
+    import os
+
+    path = Path(binary)
+    build = "build the C++ client with `dtop-export cpp build`"
+    if not path.exists():
+        raise DToPError(f"{binary} not found: {build}")
+    if not path.is_file():
+        raise DToPError(f"{binary} is not a file: give the dtop-embed binary (`dtop-export cpp build` prints its path)")
+    if not os.access(path, os.X_OK):
+        raise DToPError(f"{binary} is not executable: `chmod +x {binary}`, or {build}")
+    path = path.absolute()
+    try:
+        r = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DToPError(f"cannot run {binary} ({e}): give the dtop-embed binary, or {build}") from e
+    if "usage: dtop-embed" not in r.stdout:
+        raise DToPError(f"{binary} is not dtop-embed (its --help does not print dtop-embed's usage): {build}")
+    return path
+
+
 def run_binary(binary: Path, args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """Run ``dtop-embed`` with ``args``; a missing binary is a :class:`DToPError` saying how to build it."""
-    if not Path(binary).is_file():
-        raise DToPError(f"{binary} not found: build the C++ client with `dtop-export cpp build`")
-    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout)
+    """Run ``dtop-embed`` (:func:`check_binary`) with ``args``."""
+    path = check_binary(binary)
+    try:
+        return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise DToPError(f"{binary} did not finish within {timeout:g} s") from e
 
 
 def compare(
@@ -217,6 +253,8 @@ def compare(
         r = run_binary(binary, args)
         if r.returncode != 0:
             raise DToPError(f"{binary.name} failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
+        if not out.is_file() or not out.with_suffix(".json").is_file():
+            raise DToPError(f"{binary} exited 0 without writing {out.name} and its .json: is it dtop-embed?")
         cpp = np.load(out)
         side = json.loads(out.with_suffix(".json").read_text())
         report.skipped_cpp = [s["path"] for s in side["skipped"]]

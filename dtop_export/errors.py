@@ -17,3 +17,7 @@ class CheckpointError(DToPError):
 
 class ShapeError(DToPError):
     """An input tensor has a shape the model cannot take (e.g. size not a multiple of the stride)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the interrupted command kept and how to go on (the CLI prints it and exits 130)."""

@@ -1,10 +1,11 @@
 """The one preprocessing path: how image files become the model's input tensor, for every consumer.
 
 Engines (through :mod:`dtop_export.retrieval.extract`), INT8 calibration, whitening, training's final tensor
-step, ``embed`` and the demo all go through here: decoding with EXIF orientation, any PIL mode to 8-bit RGB
-(alpha composited on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride
-(``floor(v + 0.5)``), ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set. The contract's
-values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
+step, ``embed`` and the demo all go through here: decoding with EXIF orientation within a decode budget
+(:class:`DecodeBudget`, measured in :mod:`dtop_export.decode_budget`), any PIL mode to 8-bit RGB (alpha composited
+on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride (``floor(v + 0.5)``) or the
+``square`` one of a fixed-size program, ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set.
+The contract's values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtop_export.decode_budget import DECODE_FORMATS, EXIF_TRANSPOSE, MIB, DecodeBudget, check_budget
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -125,26 +127,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, apply_exif: bool = True, data: bytes | None = None) -> Image.Image:
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned by its EXIF orientation: what ``ImageOps.exif_transpose`` does to the pixels (the same
+    ``getexif()`` decides), without its rewrite of the metadata, which can fail on a crafted EXIF block."""
+    from PIL import Image
+
+    method = EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    return img if method is None else img.transpose(Image.Transpose(method))
+
+
+def load_image(
+    path: str | Path, apply_exif: bool = True, data: bytes | None = None, budget: DecodeBudget | None = None
+) -> Image.Image:
     """Read an image file as 8-bit RGB, with its EXIF orientation applied (see :func:`to_rgb`).
 
     ``data``: the file's bytes, already read (e.g. from object storage); ``path`` then only names it in errors.
-    An unreadable, truncated or non-image file raises :class:`DToPError` naming the file.
+    ``budget``: what decoding may cost (:class:`DecodeBudget`; default: its defaults), checked from the header
+    before the pixels are decoded. An unreadable, truncated, over-budget or non-image file, whatever the
+    decoder raised, is one :class:`DToPError` line naming the file.
     """
     import io
+    import warnings
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
-    path = Path(path) if data is None else path
+    budget = budget or DecodeBudget()
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as img:
+        if data is None:
+            size = Path(path).stat().st_size
+            if size > budget.max_decode_mb * MIB:
+                raise DToPError(
+                    f"the file has {-(-size // MIB)} MB, over the decode budget of {budget.max_decode_mb} MB "
+                    "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
+                )
+            data = Path(path).read_bytes()
+        with warnings.catch_warnings():  # the budget decides; Pillow's DecompressionBombWarning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        with img:
+            check_budget(img, data, budget)
             img.load()
-            if apply_exif:
-                img = ImageOps.exif_transpose(img)
-            return to_rgb(img).copy()
+            return to_rgb(_upright(img) if apply_exif else img).copy()
     except FileNotFoundError as e:
         raise DToPError(f"image {path} not found") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except DToPError as e:
+        raise DToPError(f"cannot read image {path}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise DToPError(f"cannot read image {path}: not an image file Pillow can read") from e
+    except Exception as e:  # every decoder failure (OSError, SyntaxError, struct.error, ...) is one line
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DToPError(f"cannot read image {path}: {reason}") from e
 
@@ -203,14 +233,21 @@ def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     """8-bit RGB image -> float32 [3, H, W]: pixels scaled to [0, 1], then ``(x - mean) / std``."""
     import numpy as np
 
-    a = np.asarray(to_rgb(img), dtype=np.float32) / 255.0
+    return normalize_pixels(np.asarray(to_rgb(img)), mean, std)
+
+
+def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 RGB pixels [..., H, W, 3] -> float32 [..., 3, H, W], ``(x / 255 - mean) / std`` in float32: the one
+    normalisation arithmetic (engines that take uint8 batches repeat it elementwise, so their input is this)."""
+    import numpy as np
+
+    a = np.asarray(pixels, dtype=np.float32) / 255.0
     a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(a, -1, -3), dtype=np.float32)
 
 
 def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """8-bit RGB image -> float32 [3, H, W] normalised with ``cfg``'s mean/std (:func:`normalize`)."""
-    return normalize(img, cfg.mean, cfg.std)
+    return normalize(img, cfg.mean, cfg.std)  # 8-bit RGB image -> float32 [3, H, W] (:func:`normalize`)
 
 
 def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
@@ -233,9 +270,17 @@ def prepare(
     bbx: Sequence[float] | None = None,
 ) -> np.ndarray:
     """crop (optional) -> resize -> normalise: the model input [3, H, W] for one image at one scale."""
-    if bbx is not None:
-        img = crop_bbox(img, bbx)
-    return to_tensor(resize_for_model(to_rgb(img), cfg, size, scale), cfg)
+    return normalize_pixels(prepare_pixels(img, cfg, size, scale, bbx), cfg.mean, cfg.std)
+
+
+def prepare_pixels(img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0,
+                   bbx: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
+    """:func:`prepare` before the normalisation: uint8 RGB [H, W, 3] (a quarter of the float32 bytes), for engines
+    that normalise a batch themselves (``Engine.embed_pixels``)."""
+    import numpy as np
+
+    img = crop_bbox(img, bbx) if bbx is not None else img
+    return np.asarray(resize_for_model(to_rgb(img), cfg, size, scale), dtype=np.uint8)
 
 
 def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.ndarray:
@@ -258,18 +303,29 @@ def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.nda
 # image files ----------------------------------------------------------------------------------------------
 
 
-def image_size(path: str | Path) -> tuple[int, int] | None:
+def image_size(path: str | Path, header_only: bool = False) -> tuple[int, int] | None:
     """(width, height) of the image as :func:`load_image` will return it (EXIF orientation applied), read
-    from the file's header without decoding; None for a missing or non-image file."""
-    from PIL import Image, UnidentifiedImageError
+    from the file's header without decoding; None for a missing or non-image file, one the decoder fails on, or
+    one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find).
+    ``header_only``: never decode; a PNG whose EXIF follows its pixels is then taken as unrotated."""
+    import warnings
 
+    from PIL import Image
+
+    budget = DecodeBudget()
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=DECODE_FORMATS)
+        with im:
             w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            if w * h > budget.max_pixels or 6 * w * h > budget.max_decode_mb * MIB:
+                return None
+            late_exif = header_only and im.format == "PNG" and "exif" not in im.info  # Pillow would decode it
+            orientation = 1 if late_exif else im.getexif().get(0x0112, 1)
+    except Exception:  # any decoder failure: load_image would refuse the file too
         return None
-    if orientation in (5, 6, 7, 8):  # transposed or rotated by 90°: exif_transpose swaps the sides
+    if EXIF_TRANSPOSE.get(orientation) in (2, 4, 5, 6):  # turned by 90° or transposed: the sides swap
         w, h = h, w
     return (int(w), int(h)) if w > 0 and h > 0 else None
 

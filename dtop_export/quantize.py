@@ -99,10 +99,14 @@ def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path
     return [p for p in ds.images if p.is_file()], f"embedded sample set, database images ({ds.folder})"
 
 
+MIN_CALIB_IMAGES = 8  # fewer images than asked and fewer than this: refused (unless asked for that few)
+
+
 def calibration_tensors(
     paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
 ) -> list[np.ndarray]:
-    """``limit`` images spread evenly over ``paths`` (sets are often grouped by object), each at every size
+    """``limit`` images spread evenly over ``paths`` (sets are often grouped by object; fewer than ``limit`` and than
+    :data:`MIN_CALIB_IMAGES` available are refused), each at every size
     in ``sizes`` (longer side, or square crops), as model inputs [1, 3, H, W] made by the one preprocessing
     path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std)."""
     from dtop_export.preprocess import load_image, prepare, prepare_square
@@ -114,6 +118,11 @@ def calibration_tensors(
     paths = list(paths)
     if not paths:
         raise DToPError("no calibration images")
+    if len(paths) < min(limit, MIN_CALIB_IMAGES):
+        raise DToPError(
+            f"{len(paths)} calibration image(s) for the {limit} asked: INT8 ranges from fewer than {MIN_CALIB_IMAGES} "
+            "images are unreliable: give a folder with more (--calib DIR), or ask for as few with --calib-count"
+        )
     picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
     out = []
     for path in picked:

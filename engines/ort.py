@@ -29,8 +29,10 @@ class OnnxRuntimeEngine(Engine):
     provider: ``cpu`` (default), ``cuda`` or ``tensorrt``; a provider that is not installed is an error, never
     a silent fall-back to CPU. threads: intra-op threads (default: ORT's choice). graph_optimization: ``all``
     (default), ``extended``, ``basic`` (constant folding only: what an emulated graph needs, so that no fusion
-    skips its casts) or ``disabled``. on_run: called after every run with the input batch and *every* graph
-    output by name (an instrumented model's extra outputs included).
+    skips its casts) or ``disabled``. spin: whether idle intra-op threads spin (ORT's default) or sleep
+    (``spin=false``: cores left to work beside the engine, e.g. a corpus job's decoding, stay theirs). on_run:
+    called after every run with the input batch and *every* graph output by name (an instrumented model's extra
+    outputs included).
     Preprocessing, stride, precision and descriptor size come from the model's metadata
     (:func:`dtop_export.contract.preprocess_from_metadata`).
     """
@@ -44,6 +46,7 @@ class OnnxRuntimeEngine(Engine):
         threads: int | None = None,
         graph_optimization: str = "all",
         on_run: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
+        spin: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -64,6 +67,8 @@ class OnnxRuntimeEngine(Engine):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if spin is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +26,7 @@ COMPILE_MODES: dict[bool | str, str | None] = {
     "true": "default",
     "default": "default",
     "max-autotune": "max-autotune",
+    "reduce-overhead": "reduce-overhead",
 }
 
 
@@ -57,17 +60,29 @@ def check_device(device: str) -> None:
 class TorchEngine(Engine):
     """Eager PyTorch on CPU/CUDA: ``normalize(whiten(normalize(model(x))))`` like the exported graph.
 
-    precision: ``fp32`` (reference: the model as trained), ``bf16`` (the deployment path: batchnorm and weight
-    standardisation folded as in the export, conv/linear weights stored in bf16, channels-last, autocast;
-    oneDNN's AMX/AVX-512-BF16 kernels on CPUs that have them) or ``fp16`` (``model.half()``: FP16 weights and
-    activations with FP32 accumulation, for accuracy audits; on the CPU its convolutions and GEMMs run through
-    :func:`fp16_cpu_products`, since PyTorch's own CPU FP16 convolution is a slow reference kernel).
+    precision: ``fp32`` (reference: the model as trained), ``bf16`` or ``fp16``.
 
-    compile: ``torch.compile`` the network (``True``/``default`` or ``max-autotune``: inductor's GEMM
-    templates; frozen weights). Meant for fixed input sizes, as when serving: the first call at a new shape
-    compiles (about a minute for the full model on 2 cores). ``dynamic``: torch.compile's (None: after a
-    second shape, one dynamic-shape graph serves all; False: one static graph per shape, up to dynamo's
-    recompile limit, then eager).
+    cast: how a bf16/fp16 engine runs. ``autocast`` (the deployment path; the default for bf16, and for fp16 on
+    CUDA): batchnorm and weight standardisation folded as in the export, conv/linear weights cast once to the
+    dtype, channels-last, the network under ``torch.autocast`` with FP32 islands (LayerNorm and GroupNorm in
+    float32 on every device, attention through fused ``scaled_dot_product_attention``, whose softmax accumulates
+    in float32; the L2 norms and the whitening in float32 outside autocast): on CUDA the tensor cores, on CPUs
+    oneDNN's AMX/AVX-512-BF16 kernels. ``half`` (fp16 only; the default for fp16 on the CPU): ``model.half()``,
+    every op in FP16 with FP32 accumulation, for accuracy audits; on the CPU its convolutions and GEMMs run through
+    :func:`fp16_cpu_products`, since PyTorch's own CPU FP16 convolution is a slow reference kernel.
+
+    compile: ``torch.compile`` the network (``True``/``default``, ``max-autotune``: inductor's GEMM templates, and
+    CUDA graphs on CUDA; ``reduce-overhead``: CUDA graphs only, CUDA only; frozen weights). Meant for fixed
+    input sizes: the first call at a new shape compiles (about a minute for the full model on 2 cores).
+    ``dynamic``: torch.compile's (None: after a second shape, one dynamic-shape graph serves all; False: one
+    static graph per shape, up to ``recompile_limit`` graphs, then eager). ``fixed_batch``: pad every batch to
+    this many images (the last repeated, as a ``--batch`` export), so that a compiled engine keeps one graph per
+    image shape whatever batch a job's last batch has.
+
+    On CUDA, :meth:`embed_pixels_stream` takes uint8 batches: pinned host memory, the copy of batch i+1 on a
+    side stream while batch i runs, normalisation on the device, descriptors copied back asynchronously.
+    ``cudnn.benchmark`` is on (it picks the fastest convolution per shape: shapes repeat in a shape-grouped job), and
+    an fp32 engine turns cuDNN's TF32 off (process-wide settings, as PyTorch has them).
     """
 
     name = "pytorch"
@@ -83,6 +98,9 @@ class TorchEngine(Engine):
         source: Path | None = None,
         compile: bool | str = False,  # noqa: A002 - the torch.compile option, named as users know it
         dynamic: bool | None = None,
+        cast: str | None = None,
+        fixed_batch: int | None = None,
+        recompile_limit: int = 64,
     ) -> None:
         import torch
 
@@ -93,22 +111,43 @@ class TorchEngine(Engine):
         if precision not in ("fp32", "bf16", "fp16"):
             raise DToPError(f"pytorch engine precision must be fp32, bf16 or fp16, got {precision!r}")
         if compile not in COMPILE_MODES:
-            raise DToPError(f"compile must be false, true/default or max-autotune, got {compile!r}")
-        self.compile_mode = COMPILE_MODES[compile]
+            raise DToPError(f"compile must be false, true/default, max-autotune or reduce-overhead, got {compile!r}")
+        if fixed_batch is not None and not int(fixed_batch) >= 1:
+            raise DToPError(f"fixed_batch must be >= 1, got {fixed_batch}")
         check_device(str(device))
+        on_cuda = torch.device(device).type == "cuda"
+        self.compile_mode = COMPILE_MODES[compile]
+        if self.compile_mode == "reduce-overhead" and not on_cuda:
+            raise DToPError("compile=reduce-overhead captures CUDA graphs: it needs device=cuda (use compile=true or "
+                            "max-autotune on the CPU)")  # fmt: skip
+        cast = cast or ("half" if precision == "fp16" and not on_cuda else "autocast" if precision != "fp32" else "")
+        if precision == "fp32" and cast:
+            raise DToPError(f"cast={cast} is for bf16/fp16 engines; fp32 runs the model as trained")
+        if cast not in ("", "autocast", "half") or (cast == "half" and precision != "fp16"):
+            raise DToPError(f"cast must be autocast (bf16, fp16) or half (fp16 only), got {cast!r} for {precision}")
+        self.cast = cast
         self.stride = model.stride
-        self.channels_last = False
-        if precision == "bf16":
-            self.model = bf16_deploy_model(model.eval()).to(device)
-            self.channels_last = True
+        self.channels_last = cast == "autocast"
+        if cast == "autocast":
+            from dtop_export.engines.torch_deploy import LowPrecisionDeploy
+
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            self.model = LowPrecisionDeploy(model.eval(), dtype, torch.device(device).type).to(device)
         else:
             self.model = model.eval().to(device)
-        if precision == "fp16":
+        if cast == "half":
             self.model = self.model.half()
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True
+            if precision == "fp32":  # the reference: no TF32 convolutions (PyTorch's default for matmuls already)
+                torch.backends.cudnn.allow_tf32 = False
         if self.compile_mode is not None:
+            import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold the weights (prepacked for oneDNN / AMX)
+            name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), int(recompile_limit)))
             self.model = torch.compile(self.model, mode=self.compile_mode, dynamic=dynamic)
         if whitening is not None and str(device) != "cpu":  # the whitening runs where the descriptors are
             import dataclasses
@@ -117,6 +156,7 @@ class TorchEngine(Engine):
         self.whitening = whitening
         self.precision = precision
         self.device = device
+        self.fixed_batch = int(fixed_batch) if fixed_batch else None
         self.preprocess = preprocess
         self.descriptor_dim = whitening.out_dim if whitening is not None else model.descriptor_dim
         self.source = source
@@ -136,46 +176,118 @@ class TorchEngine(Engine):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         import torch
-        import torch.nn.functional as F
 
         x = torch.from_numpy(self.check_images(images)).to(self.device)
         if x.shape[0] == 0:
             return self.no_descriptors()
+        with torch.inference_mode():
+            return self._descriptors(x).cpu().numpy().astype(np.float32)
+
+    def _descriptors(self, x: Any) -> Any:
+        """float32 images [B, 3, H, W] on the device -> float32 descriptors [B, N] on the device (asynchronous on
+        CUDA). The L2 norm and the whitening run in float32, outside any autocast (FP32 islands)."""
+        import torch
+        import torch.nn.functional as F
+
+        n = x.shape[0]
+        if self.fixed_batch and n % self.fixed_batch:
+            x = torch.cat([x, x[-1:].expand(self.fixed_batch - n % self.fixed_batch, *x.shape[1:])])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.precision == "bf16":
-                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                    u = self.model(x)
-            elif self.precision == "fp16":
-                with fp16_cpu_products() if x.device.type == "cpu" else contextlib.nullcontext():
-                    u = self.model(x.half())
+        if self.compile_mode is not None and x.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # a new inference step: CUDA graphs may reuse outputs
+        if self.cast == "half":
+            with fp16_cpu_products() if x.device.type == "cpu" else contextlib.nullcontext():
+                u = self.model(x.half())
+        else:
+            u = self.model(x)
+        d = F.normalize(u[:n].float(), dim=-1)
+        return self.whitening.apply(d) if self.whitening is not None else d
+
+    def embed_pixels_stream(self, batches: Iterable[Any]) -> Iterator[np.ndarray]:
+        """On CUDA: uint8 batches [B, H, W, 3] (numpy, or torch tensors already on the device, e.g. GPU-decoded)
+        through pinned memory and a copy stream, normalised on the device with the arithmetic of
+        :func:`~dtop_export.preprocess.normalize_pixels` (true divisions, so the input is bit-identical to the
+        CPU's); batch i+1 is copied and queued while batch i runs, its descriptors fetched once it is done. On
+        the CPU: the default (normalisation in numpy, then :meth:`embed`)."""
+        import torch
+
+        if torch.device(self.device).type != "cuda":
+            yield from super().embed_pixels_stream(batches)
+            return
+        dev = torch.device(self.device)
+        compute, copier = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
+        norm = pixel_normalizer(self.preprocess.mean, self.preprocess.std, dev)
+        in_flight: deque[tuple[Any, Any, int]] = deque()
+        for pixels in batches:
+            x = self._upload(pixels, dev, copier, compute)
+            if x.shape[0] == 0:
+                in_flight.append((None, None, 0))
             else:
-                u = self.model(x)
-            d = F.normalize(u.float(), dim=-1)
-            if self.whitening is not None:
-                d = self.whitening.apply(d)
-        return d.cpu().numpy().astype(np.float32)
+                with torch.inference_mode():  # entered per batch: never held across a yield
+                    d = self._descriptors(norm(x))
+                    host = torch.empty(d.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(d, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(compute)
+                in_flight.append((host, done, x.shape[0]))
+            if len(in_flight) > 1:  # batch i+1 is queued on the GPU: now wait for batch i
+                yield self._fetch(*in_flight.popleft())
+        while in_flight:
+            yield self._fetch(*in_flight.popleft())
+
+    def _upload(self, pixels: Any, dev: Any, copier: Any, compute: Any) -> Any:
+        """uint8 [B, H, W, 3] -> the same on ``dev``: pinned staging, a non-blocking copy on ``copier``, which
+        ``compute`` waits for (tensors already on the device pass through)."""
+        import torch
+
+        from dtop_export.errors import ShapeError
+
+        if isinstance(pixels, torch.Tensor) and pixels.device == dev:  # decoded there, on another stream
+            x = pixels
+            x.record_stream(compute)
+        else:
+            if isinstance(pixels, np.ndarray):
+                src = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # contiguous, writable
+            else:
+                src = pixels.cpu()
+            staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            staged.copy_(src)
+            with torch.cuda.stream(copier):
+                x = staged.to(dev, non_blocking=True)
+            compute.wait_stream(copier)
+            x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ShapeError(f"{self.name}: expected uint8 pixels [B, H, W, 3], got {x.dtype} {list(x.shape)}")
+        if x.shape[1] % self.stride or x.shape[2] % self.stride:
+            raise ShapeError(f"{self.name}: image size {x.shape[1]}x{x.shape[2]} is not a multiple of the stride "
+                             f"{self.stride}")  # fmt: skip
+        return x
+
+    def _fetch(self, host: Any, done: Any, n: int) -> np.ndarray:
+        if host is None:
+            return self.no_descriptors()
+        done.synchronize()
+        return host.numpy().copy()
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "compile": self.compile_mode}
+        return {**super().describe(), "compile": self.compile_mode, "cast": self.cast or None}
 
 
-def bf16_deploy_model(model: DToP):  # noqa: ANN201 - torch is imported lazily
-    """The network as exported (batchnorm and weight standardisation folded, head BN dropped) with conv and
-    linear weights in bf16 and channels-last memory: no per-call weight casts under autocast, and oneDNN's
-    blocked bf16 convolutions. Norms keep fp32 parameters (autocast runs them in fp32). Returns a module
-    mapping images [B, 3, H, W] to L2-normalised descriptors [B, N]."""
+def pixel_normalizer(mean: Any, std: Any, device: Any) -> Callable[[Any], Any]:
+    """uint8 pixels [B, H, W, 3] on ``device`` -> float32 images [B, 3, H, W] (a channels-last view, no copy of
+    the layout): ``(x / 255 - mean) / std`` elementwise in float32, the arithmetic of
+    :func:`~dtop_export.preprocess.normalize_pixels`. Every divisor is a tensor on the device: CUDA's division by a
+    CPU scalar multiplies by its reciprocal, which can differ in the last bit."""
     import torch
-    from torch import nn
 
-    from dtop_export.fold import fold_for_deployment
+    m, s = (torch.tensor([float(v) for v in t], dtype=torch.float32, device=device).view(3, 1, 1) for t in (mean, std))
+    scale = torch.tensor(255.0, dtype=torch.float32, device=device)
 
-    deploy, _ = fold_for_deployment(model, None)
-    for m in deploy.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.to(torch.bfloat16)
-    return deploy.to(memory_format=torch.channels_last).eval()
+    def normalize(x: Any) -> Any:
+        return (x.permute(0, 3, 1, 2).float() / scale - m) / s
+
+    return normalize
 
 
 def fp16_cpu_products():  # noqa: ANN201 - torch is imported lazily

@@ -52,12 +52,38 @@ def full_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, d / "full.onnx"
 
 
+# Real photos scikit-image ships: a small corpus whose every image is its own nearest neighbour.
+CORPUS_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "camera.png")
+CORPUS_SIZE = 128  # px, longer side: fast on 2 cores, enough for the small model
+
+
 @pytest.fixture(scope="session")
-def cpp_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_index(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_onnx``'s shards of :data:`CORPUS_PHOTOS` at :data:`CORPUS_SIZE` px and their flat faiss index
+    (``index.faiss``; the photos are in ``photos/`` next to it)."""
+    import shutil
+
+    from dtop_export.corpus.embed import CorpusJob, embed_corpus
+    from dtop_export.corpus.index import build_corpus_index
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    root = tmp_path_factory.mktemp("small-index")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in CORPUS_PHOTOS:
+        shutil.copy(skimage_data_dir() / name, photos / name)
+    job = CorpusJob(str(small_onnx), str(photos), root / "shards", image_size=CORPUS_SIZE, progress=False)
+    embed_corpus(job)
+    build_corpus_index(root / "shards", root / "index.faiss")
+    return root / "index.faiss"
+
+
+@pytest.fixture(scope="session")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (with the ExecuTorch backend when
-    the [edge] extra is installed), shared by tests/test_cpp.py and tests/test_executorch.py."""
+    the [edge] extra is installed), shared by every test of the C++ client (tests/test_cpp*.py, test_executorch.py)."""
     build_dir = tmp_path_factory.mktemp("cpp-build")
-    cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir), "-j", "2"]
+    cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone

@@ -53,6 +53,12 @@ def test_bench_cli_writes_json_plot_markdown(small_ckpt: Path, small_onnx: Path,
             assert t["cosine_min"] > 0.999  # the same model in three engines
     ref = data["engines"][0]
     assert all(t["speedup"] == pytest.approx(1.0) for t in ref["timings"])
+    # % of the matmul ceiling measured in the same run, per device and precision (the GFLOP/s column read against it)
+    assert set(data["matmul_peaks"]) == {"cpu fp32", "cpu bf16"} and min(data["matmul_peaks"].values()) > 1
+    for e in data["engines"]:
+        peak = data["matmul_peaks"][f"cpu {e['precision']}"]
+        assert all(t["peak_pct"] == pytest.approx(100 * t["gflops_per_s"] / peak) for t in e["timings"])
+    assert "| % of peak |" in out and "Matmul ceilings measured in this run" in out
     assert set(data["gflops_per_image"]) == {"64", "96"}
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
     assert md.read_text().startswith(out.strip().splitlines()[0][:20])

@@ -66,8 +66,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Any:
-    """One local Ray cluster for the module (2 logical CPUs, as this machine); its GCS address."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 2**20, logging_level="ERROR")
+    """One local Ray cluster for the module (2 logical CPUs, as this machine), started as `embed --ray` starts
+    one (loopback only, token auth, no dashboard); its GCS address."""
+    from dtop_export.corpus.cluster import connect
+
+    assert connect(None, num_cpus=2, object_store_memory=400 * 2**20, logging_level="ERROR")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -317,10 +320,12 @@ def test_gpu_actor_leaves_num_cpus_to_ray_data() -> None:
 def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> None:
     """Rows of three interleaved shapes in one actor call run as three full batches of 8, each descriptor in its
     row's place; a read task reserves at least what Ray measured for a 16-row block at 1024 px on a GPU node."""
+    from dtop_export.contract import Engine
     from dtop_export.corpus.ray_pipeline import EmbedActor, largest_node_memory, read_block_rows, read_task_memory
+    from dtop_export.preprocess import PreprocessConfig
 
-    class CountingEngine:
-        descriptor_dim = 4
+    class CountingEngine(Engine):
+        descriptor_dim, stride, preprocess = 4, 16, PreprocessConfig(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
         batches: list[int] = []
 
         def embed(self, x: np.ndarray) -> np.ndarray:
@@ -329,13 +334,15 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
 
     actor = EmbedActor.__new__(EmbedActor)
     actor.engine, actor.batch_size, actor.name = CountingEngine(), 8, "test"
-    shapes = [(3, 48, 64), (3, 64, 48), (3, 64, 64)]
+    actor.reported, actor.load_s, actor.warmup_s = False, 0.5, 0.25
+    shapes = [(48, 64, 3), (64, 48, 3), (64, 64, 3)]
     ragged = np.empty(24, dtype=object)
-    ragged[:] = [np.full(shapes[i % 3], float(i), np.float32) for i in range(24)]
+    ragged[:] = [np.full(shapes[i % 3], i, np.uint8) for i in range(24)]  # uint8 pixels, normalised by the engine
     batch = {"key": np.arange(24), "scale": np.zeros(24, np.int32), "tensor": ragged, "error": np.full(24, "")}
     out = actor(batch)
     assert sorted(actor.engine.batches) == [8, 8, 8]
     assert np.allclose(out["descriptor"][:, 0], np.arange(24))
+    assert out["startup_s"].sum() == 0.75 and actor(batch)["startup_s"].sum() == 0  # load + warm-up, reported once
     assert read_task_memory(16, 1024, [1.0]) > 546 * 2**20  # Ray's issue detector: "used up to 546.3MiB"
     assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
     gib = 2**30
@@ -381,15 +388,15 @@ def test_ray_notices_for_its_own_users_are_dropped() -> None:
     import importlib.util
     import logging
 
-    from dtop_export.corpus import ray_pipeline
+    from dtop_export.corpus import cluster
 
-    for name, notice in ray_pipeline._NOTICES.items():
+    for name, notice in cluster._NOTICES.items():
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None, f"Ray has no module {name} any more"
         source = Path(spec.origin).read_text()
         assert all(f'"{start}' in source for start in notice.starts), f"{name} no longer logs {notice.starts}"
-    ray_pipeline._quiet_notices()
-    ray_pipeline._quiet_notices()  # idempotent: one filter per logger
+    cluster.quiet_notices()
+    cluster.quiet_notices()  # idempotent: one filter per logger
     auth = "ray._private.authentication.authentication_token_setup"
     assert len(logging.getLogger(auth).filters) == 1
     seen: list[str] = []
@@ -410,6 +417,25 @@ def test_ray_notices_for_its_own_users_are_dropped() -> None:
         for lg in loggers:
             lg.removeHandler(handler)
     assert seen == ["Token authentication is disabled for this Ray cluster. Anyone ..."]
+
+
+def test_local_ray_cluster_listens_on_loopback_only_and_keeps_token_auth(ray_cluster: str) -> None:
+    """The cluster `embed --ray` starts (the module's fixture, as the CLI starts it): node IP 127.0.0.1, every
+    listener of every Ray process on loopback (gcs_server, raylet, agents: the ones that bound :: / 0.0.0.0 / the
+    machine's address before), token authentication on, no dashboard HTTP server."""
+    import os
+
+    from listeners import RAY_PROCESSES, listeners
+
+    from dtop_export.corpus.cluster import token_auth_enabled
+
+    assert ray_cluster.startswith("127.0.0.1:")
+    found = listeners(os.getpid())
+    names = {x.name for x in found}
+    assert set(RAY_PROCESSES) <= names, f"expected Ray's processes among the listeners, got {sorted(names)}"
+    assert [x for x in found if not x.loopback] == []
+    assert 8265 not in {x.port for x in found}  # no dashboard
+    assert token_auth_enabled()
 
 
 def test_ray_equals_in_process(
@@ -446,6 +472,22 @@ def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
                                    progress=False))  # fmt: skip
         assert "Traceback" in info.value.__notes__[0] and "OnnxRuntimeEngine" in info.value.__notes__[0]
     assert cli("embed", str(small_onnx), *args) == 0
+
+
+def test_ray_requests_the_cluster_cannot_meet_are_refused_before_any_output(
+    small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPUs the cluster lacks, more CPUs per actor than it has: one line, and the output folder never made (the job
+    used to create it and a "running" manifest first)."""
+    out = tmp_path / "o"
+    for extra, message in (
+        (["--gpus-per-actor", "1"], "the Ray cluster has 0: use fewer --actors"),
+        (["--cpus-per-actor", "8"], "leave less than 0.5 CPU for reading images"),
+    ):
+        assert cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--ray", *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1 and "Traceback" not in err, err
+        assert not out.exists()
 
 
 def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:

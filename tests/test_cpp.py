@@ -1,4 +1,5 @@
-"""The C++ client (cpp/): built once per run with `dtop-export cpp build`, then held to the Python side.
+"""The C++ client (cpp/): built once per run with `dtop-export cpp build` (conftest's `client`), then held to the
+Python side.
 
 Parity: `dtop-embed` vs `dtop-export embed` (ONNX Runtime) on every decoding case the Python side accepts
 (:func:`dtop_export.cpp_parity.write_format_zoo`): the model inputs must be identical (0 levels: the client
@@ -24,12 +25,6 @@ from dtop_export.errors import DToPError
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dtop_export"]
-
-
-@pytest.fixture(scope="module")
-def client(cpp_client: Path) -> Path:
-    """The run's one C++ build (conftest.py: `dtop-export cpp build` into a fresh folder, ~10 s on 2 cores)."""
-    return cpp_client
 
 
 @pytest.fixture(scope="module")

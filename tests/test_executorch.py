@@ -296,36 +296,36 @@ def test_mismatched_torch_and_executorch_are_named(monkeypatch: pytest.MonkeyPat
 
 
 def test_cpp_runs_the_program_like_python(
-    cpp_client: Path, small_pte: Path, small_int8_pte: tuple[Path, dict], tmp_path: Path
+    client: Path, small_pte: Path, small_int8_pte: tuple[Path, dict], tmp_path: Path
 ) -> None:
     """dtop-embed on a .pte (ExecuTorch's Module API): model inputs identical to Python's on every decoding case of
     the format zoo (tall images squashed to the square included), descriptors within the C++ client's contract."""
     from dtop_export.cpp_parity import BAD_FILES, MIN_COSINE, compare, write_format_zoo
 
     zoo = write_format_zoo(tmp_path / "zoo")
-    report = compare(cpp_client, small_pte, sorted(zoo.values()), image_size=SIZE, threads=2)
+    report = compare(client, small_pte, sorted(zoo.values()), image_size=SIZE, threads=2)
     assert report.passed, report.failures()
     assert report.levels_max == 0.0 and report.cosine_min >= MIN_COSINE
     assert [Path(p).name for p in report.skipped_cpp] == list(BAD_FILES)
     int8, _ = small_int8_pte
     paths = [zoo[k] for k in ("portrait_odd.jpg", "landscape.jpg", "grey.png")]
-    report = compare(cpp_client, int8, paths, image_size=SIZE, batch_size=2)
+    report = compare(client, int8, paths, image_size=SIZE, batch_size=2)
     assert report.passed, report.failures()
-    r = subprocess.run([str(cpp_client), str(int8), str(zoo["grey.png"]), "-o", str(tmp_path / "o.npy")],
+    r = subprocess.run([str(client), str(int8), str(zoo["grey.png"]), "-o", str(tmp_path / "o.npy")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and r.stderr == "", r.stderr  # ExecuTorch's own log lines stay off the terminal
     engine = json.loads((tmp_path / "o.json").read_text())["engine"]
     assert engine["name"] == "executorch-cpp" and engine["precision"] == "int8"
 
 
-def test_cpp_bad_programs(cpp_client: Path, small_pte: Path, tmp_path: Path) -> None:
+def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     from PIL import Image
 
     Image.new("RGB", (40, 30), (10, 20, 30)).save(image)
 
     def fails(model: Path, pattern: str, *extra: str) -> None:
-        r = subprocess.run([str(cpp_client), str(model), str(image), "-o", str(tmp_path / "o.npy"), *extra],
+        r = subprocess.run([str(client), str(model), str(image), "-o", str(tmp_path / "o.npy"), *extra],
                            capture_output=True, text=True)  # fmt: skip
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -365,13 +365,13 @@ def test_cpp_build_says_why_without_executorch(monkeypatch: pytest.MonkeyPatch) 
     )
 
 
-def test_find_package_dtop_with_the_executorch_component(cpp_client: Path, small_pte: Path, tmp_path: Path) -> None:
+def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte: Path, tmp_path: Path) -> None:
     """`cpp build --prefix` installs dtop::executorch; another CMake project links it with
     find_package(dtop COMPONENTS executorch) and runs a .pte through dtop::Embedder."""
     from dtop_export.cpp import build, executorch_plan, openvino_sdk
 
     prefix = tmp_path / "prefix"
-    build(cpp_client.parent, jobs=2, install_prefix=prefix)
+    build(client.parent, jobs=2, install_prefix=prefix)
     assert (prefix / "lib" / "cmake" / "dtop" / "dtopExecutorchTargets.cmake").is_file()
     app = tmp_path / "app"
     app.mkdir()

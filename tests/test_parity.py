@@ -152,24 +152,31 @@ def test_map_delta_is_checked() -> None:
     assert "2 queries reordered" in failure and "near-ties" not in failure
 
 
+def _images(similarities: list[float]) -> np.ndarray:
+    """Unit vectors with the given similarity to the query e0, each off-axis part in its own direction."""
+    db = np.zeros((len(similarities), len(similarities) + 1))
+    for i, sim in enumerate(similarities):
+        db[i, 0], db[i, i + 1] = sim, np.sqrt(1 - sim**2)
+    return db
+
+
+def _near_tie_pair() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], list[dict]]:
+    """A negative the reference ranks 1e-4 above a positive, and an engine that moves one similarity by 2e-4."""
+    q = np.eye(7)[:1]
+    gnd = [{"easy": [0, 1], "hard": [3], "junk": []}]  # image 2 is a negative
+    ref = (_images([0.9, 0.5, 0.5001, 0.1, 0.0, -0.2]), q)
+    cand = (_images([0.9, 0.5002, 0.5001, 0.1, 0.0, -0.2]), q)
+    return ref, cand, gnd
+
+
 def test_map_delta_from_a_near_tie_is_explained() -> None:
-    """A negative the reference ranks 1e-4 above a positive, flipped by an engine that moves one similarity by
-    2e-4: the ΔmAP failure counts the flip, gives the gap and the engine's error, and calls it a near-tie."""
+    """The near-tie flip under a contract without the near-tie rule (INT8): the ΔmAP failure counts the flip,
+    gives the gap and the engine's error, and calls it a near-tie."""
     from dtop_export.retrieval.metrics import evaluate_descriptors
 
-    def images(similarities: list[float]) -> np.ndarray:
-        """Unit vectors with the given similarity to the query e0, each off-axis part in its own direction."""
-        db = np.zeros((len(similarities), 8))
-        for i, sim in enumerate(similarities):
-            db[i, 0], db[i, i + 1] = sim, np.sqrt(1 - sim**2)
-        return db
-
-    q = np.eye(8)[:1]
-    gnd = [{"easy": [0, 1], "hard": [], "junk": []}]  # image 2 is a negative
-    ref = (images([0.9, 0.5, 0.5001, 0.1, 0.0, -0.2]), q)
-    cand = (images([0.9, 0.5002, 0.5001, 0.1, 0.0, -0.2]), q)
+    ref, cand, gnd = _near_tie_pair()
     ref_map = evaluate_descriptors(*ref, gnd)["map"]
-    res = compare(ref, cand, gnd, contract_for("fp16"), ref_map, "fp16")
+    res = compare(ref, cand, gnd, contract_for("int8"), ref_map, "int8")
     swaps = res.rank_swaps["easy"]
     assert (swaps.queries, swaps.pairs) == (1, 1)
     assert swaps.largest_gap == pytest.approx(1e-4, rel=1e-6)
@@ -178,7 +185,45 @@ def test_map_delta_from_a_near_tie_is_explained() -> None:
     assert "1 query reordered, 1 positive/negative pair flipped, at most 1.0e-04 apart" in failure
     assert "near-ties" in failure
     assert res.to_dict()["rank_swaps"]["easy"]["pairs"] == 1
-    assert res.rank_swaps["hard"].pairs == 0  # no hard positives: nothing to flip
+    assert res.rank_swaps["hard"].pairs == 0  # the hard positive's order is unchanged
+    assert res.verdict().startswith("FAIL: ")
+
+
+def test_fp16_contract_passes_a_near_tie_flip_with_the_label() -> None:
+    """The same flip (ΔmAP -16.7 on this one query, far over 0.2) under the FP16 contract: every flip was closer
+    in the reference than 3x the engine's similarity error, so it passes, labelled, with the flip named."""
+    from dtop_export.retrieval.metrics import evaluate_descriptors
+
+    ref, cand, gnd = _near_tie_pair()
+    ref_map = evaluate_descriptors(*ref, gnd)["map"]
+    for precision in ("fp16", "bf16"):
+        res = compare(ref, cand, gnd, contract_for(precision), ref_map, precision)
+        assert abs(res.map_delta["easy"]) > 10
+        assert res.passed, res.failures()
+        verdict = res.verdict()
+        assert verdict.startswith("PASS, near-ties: E: 1 pair in 1 query, gap <= 1.0e-04 < 3 x 8.2e-05 rms"), verdict
+        assert "; M: 1 pair in 1 query" in verdict  # Medium counts the same positive: the same flip
+        assert res.to_dict()["near_ties"] == res.near_ties() and len(res.near_ties()) == 2
+        assert res.to_dict()["verdict"] == verdict
+
+
+def test_fp16_contract_fails_a_real_swap() -> None:
+    """A flip the reference separated by more than 3 rms of the engine's error is a real swap: FAIL as before."""
+    from dtop_export.retrieval.metrics import evaluate_descriptors
+
+    q = np.eye(41)[:1]
+    gnd = [{"easy": [0, 1], "hard": [], "junk": []}]
+    sims = [0.9, 0.5, 0.45] + [0.1] * 37  # the negative (image 2) 0.05 below positive 1 in the reference
+    ref = (_images(sims), q)
+    moved = list(sims)
+    moved[1] = 0.4  # the engine moves one similarity by 0.1: rms 0.1/sqrt(40) = 0.016, 3 rms 0.047 < gap 0.05
+    cand = (_images(moved), q)
+    ref_map = evaluate_descriptors(*ref, gnd)["map"]
+    res = compare(ref, cand, gnd, contract_for("fp16"), ref_map, "fp16")
+    assert res.rank_swaps["easy"].pairs == 1
+    assert not res.passed and not res.near_ties()
+    failure = next(f for f in res.failures() if f.startswith("map_delta_easy"))
+    assert "near-ties" not in failure and res.verdict().startswith("FAIL: ")
 
 
 def test_non_finite_descriptors_fail() -> None:

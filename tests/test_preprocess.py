@@ -209,6 +209,10 @@ def test_image_size_is_the_upright_size(tmp_path: Path) -> None:
     path = tmp_path / "rotated.jpg"
     Image.new("RGB", (60, 40)).save(path, exif=exif.tobytes())
     assert image_size(path) == load_image(path).size == (40, 60)
+    for o in (2, 5, 8):  # mirrored: the sides stay; transposed or turned the other way: they swap
+        exif[0x0112] = o
+        Image.new("RGB", (60, 40)).save(path, exif=exif.tobytes())
+        assert image_size(path) == load_image(path).size == ((60, 40) if o == 2 else (40, 60))
     plain = tmp_path / "plain.png"
     Image.new("RGB", (60, 40)).save(plain)
     assert image_size(plain) == (60, 40)
@@ -263,3 +267,92 @@ def test_int8_calibration_sees_what_the_engines_see(tmp_path: Path) -> None:
     for got, want in zip(tensors, expected):
         assert got.shape == want.shape and np.array_equal(got, want)
     assert tensors[0].shape[2] > tensors[0].shape[3]  # the rotated photo stands upright
+
+
+# hostile files: every decoder failure one line, the decode budget ---------------------------------------------
+
+
+def _png_with(*chunks: tuple[bytes, bytes], mode_color: int = 2) -> bytes:
+    from dtop_export.hostile.build import png_image
+
+    rows = [[(x * 9 + y * 5 + c) % 256 for x in range(8) for c in range(3 if mode_color == 2 else 1)] for y in range(6)]
+    return png_image(rows, 8, 8, mode_color, extra=list(chunks))
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("exif5.png", lambda: _png_with((b"eXIf", b"II*\x00\x08"))),  # struct.error from Pillow's getexif
+        ("ztxt_exif.png", lambda: _png_with((b"zTXt", b"exif\x00\x00x\x9c\x03\x00\x00\x00\x00\x01"))),  # TypeError
+        ("grey_text_transparency.png", lambda: _png_with((b"tEXt", b"transparency\x00x"), mode_color=0)),  # TypeError
+        ("palette771.png", lambda: _png_with((b"PLTE", bytes(771)), mode_color=3)),  # ValueError
+    ],
+)
+def test_every_decoder_failure_is_one_cannot_read_line(tmp_path: Path, name: str, data: object) -> None:
+    path = tmp_path / name
+    path.write_bytes(data())  # type: ignore[operator]
+    with pytest.raises(DToPError, match=rf"^cannot read image .*{name}: \S") as e:
+        load_image(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("block", ["exififd_negative", "software_rational"])
+def test_orientation_survives_metadata_exif_transpose_cannot_rewrite(tmp_path: Path, block: str) -> None:
+    """ImageOps.exif_transpose turns the image, then rewrites the other tags and raises on these; load_image
+    turns the image by the same getexif() value without the rewrite."""
+    import io
+
+    from PIL import ImageOps
+
+    from dtop_export.hostile.build import app_segment, jpeg_insert
+    from dtop_export.hostile.rules import exif_blocks
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG", dpi=(72, 72))
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_insert(buf.getvalue(), app_segment(0xE1, b"Exif\0\0" + exif_blocks()[block])))
+    with Image.open(path) as im, pytest.raises((ValueError, AttributeError)):
+        ImageOps.exif_transpose(im)
+    assert load_image(path).size == (30, 40)  # turned a quarter, as orientation 6 / 8 asks
+
+
+def test_jpeg_scans_walks_segments_as_libjpeg() -> None:
+    import io
+
+    from dtop_export.decode_budget import jpeg_scans
+    from dtop_export.hostile import many_scans_jpeg
+
+    def jpeg(mode: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, (64, 48), 90 if mode == "L" else (90, 30, 200)).save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    assert jpeg_scans(jpeg("RGB")) == (1, 3)  # one interleaved scan
+    assert jpeg_scans(jpeg("RGB", progressive=True)) == (10, 3)  # libjpeg's progression: DC of all three first
+    assert jpeg_scans(jpeg("L", progressive=True)) == (6, 1)
+    assert jpeg_scans(many_scans_jpeg(250, 32)) == (250, 1)
+    assert jpeg_scans(jpeg("RGB") + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00")[0] == 1  # nothing after EOI counts
+
+
+def test_decode_budget_is_checked_from_the_header(tmp_path: Path) -> None:
+    """A progressive JPEG needs libjpeg's whole-image coefficients (3 bytes a pixel at 4:2:0) on top of the 6 a
+    pixel every image costs; a baseline one does not: 1000 x 1000 fits 8 MB baseline, not progressive."""
+    from dtop_export.preprocess import DecodeBudget
+
+    flat = Image.new("RGB", (1000, 1000), (90, 30, 200))
+    for progressive, fits in ((False, True), (True, False)):
+        path = tmp_path / f"p{int(progressive)}.jpg"
+        flat.save(path, quality=50, progressive=progressive)
+        if fits:
+            assert load_image(path, budget=DecodeBudget(max_decode_mb=8)).size == (1000, 1000)
+        else:
+            with pytest.raises(DToPError, match=r"decoding needs 10 MB, over the budget of 8 MB .*--max-decode-mb"):
+                load_image(path, budget=DecodeBudget(max_decode_mb=8))
+    with pytest.raises(DToPError, match=r"over the limit of 999999 \(raise it with --max-pixels"):
+        load_image(tmp_path / "p0.jpg", budget=DecodeBudget(max_pixels=999_999))
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (3 << 20))
+    with pytest.raises(DToPError, match=r"the file has 3 MB, over the decode budget of 2 MB"):
+        load_image(big, budget=DecodeBudget(max_decode_mb=2))
+    with pytest.raises(DToPError, match="max_scans must be >= 1"):
+        DecodeBudget(max_scans=0)

@@ -4,6 +4,7 @@ class, the stored recommendation, and one real measurement on the small preset."
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,17 +69,20 @@ def test_precision_auto_runs_the_stored_choice(
     out = tmp_path / "d.npy"
     assert cli("embed", str(small_ckpt), str(img), "-o", str(out), "--precision", "auto", "--no-progress") == 0
     assert json.loads(out.with_suffix(".json").read_text())["engine"]["name"] == "openvino"
-    assert cli("embed", str(small_onnx), str(img), "-o", str(out), "--precision", "auto") == 2
+    assert cli("embed", str(small_onnx), str(img), "-o", str(out), "--precision", "auto", "--force") == 2
     assert "starts from the checkpoint" in capsys.readouterr().err
 
 
 def test_bench_recommend_measures_and_stores(
     small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
+    """The candidates live next to the stored choice in the cache (a temporary folder vanished under
+    `--precision auto`)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(_empty(tmp_path / "tmp")))
     out = tmp_path / "rec.json"
     code = cli("bench", "--recommend", str(small_ckpt), "--sizes", "64", "--runs", "1", "--threads", "2",
-               "--workdir", str(tmp_path / "w"), "--json", str(out))  # fmt: skip
+               "--json", str(out))  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     rec = json.loads(out.read_text())
@@ -94,7 +98,45 @@ def test_bench_recommend_measures_and_stores(
     assert "recommended:" in printed and "<- chosen" in printed
     path, _ = resolve_auto(small_ckpt)
     assert str(path) == choice["path"]
+    store = tmp_path / "cache" / "dtop-export" / "recommend"
+    built = [Path(r["path"]) for r in rec["rows"] if r["path"].endswith(".onnx")]  # the rest run the checkpoint
+    assert built and all(p.is_file() and store in p.parents for p in built), built
+    assert not list((tmp_path / "tmp").glob("dtop-recommend-*"))  # (the calibration set is cached there)
     assert cli("bench", "--recommend", str(small_ckpt), str(small_ckpt)) == 2
+
+
+def _empty(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
+
+
+def test_bench_recommend_refuses_before_building_and_leaves_nothing_behind(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A bad checkpoint or option is refused before any folder exists; a failure while building removes what it
+    built and stores nothing."""
+    from dtop_export.pipeline import artefacts
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    tmp = _empty(tmp_path / "tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint\n")
+    for args, message in (([str(garbage)], "not a dtop-export checkpoint"),
+                          ([str(small_ckpt), "--runs", "0"], "--runs must be >= 1")):  # fmt: skip
+        assert cli("bench", "--recommend", *args) == 2
+        assert message in capsys.readouterr().err
+        assert not list(tmp.iterdir()) and not cache.exists()
+
+    def half_built(checkpoint: Path, kinds: list[str], workdir: Path, **_: object) -> list[object]:
+        (workdir / "half.onnx").write_bytes(b"half")
+        raise DToPError("the export failed")
+
+    monkeypatch.setattr(artefacts, "derive_specs", half_built)
+    assert cli("bench", "--recommend", str(small_ckpt)) == 2
+    assert "the export failed" in capsys.readouterr().err
+    assert not list(tmp.iterdir()) and not [p for p in cache.rglob("*") if p.suffix in (".onnx", ".json")]
 
 
 def test_auto_for_bench_and_the_cpp_facing_ir(

@@ -18,8 +18,8 @@ from trt_helpers import descriptor_model, dtop_onnx, needs_gpu, sample_images
 
 import dtop_export.engines.tensorrt.install as trtmod
 from dtop_export.engines import load_engine
-from dtop_export.engines.tensorrt.builder import layer_owner, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.install import GpuInfo
+from dtop_export.engines.tensorrt.network import layer_owner, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, make_profiles, parse_shape, select_profile, split_batches
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, compatibility, read_sidecar, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.trtexec import trtexec_command
@@ -27,7 +27,11 @@ from dtop_export.errors import DToPError, ShapeError
 
 EXE = [sys.executable, "-m", "dtop_export"]
 # Runs the CLI with `import tensorrt` failing, whatever is installed on the machine.
-NO_TRT = "import sys; sys.modules['tensorrt'] = None; from dtop_export.cli import main; main(sys.argv[1:])"
+# neither flavour importable (TensorRT-RTX is installed by the dev extra)
+NO_TRT = (
+    "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None; "
+    "from dtop_export.cli import main; main(sys.argv[1:])"
+)
 
 
 # profiles -----------------------------------------------------------------------------------------------
@@ -174,13 +178,13 @@ def test_runner_refuses_a_plan_from_another_tensorrt(tmp_path: Path, monkeypatch
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"not a real plan")
     write_sidecar(plan, _info(version="10.3.0.26"))
-    monkeypatch.setattr(trtmod, "import_tensorrt", lambda: _fake_trt("11.1.0.7"))
+    monkeypatch.setattr(trtmod, "import_tensorrt", lambda flavour=None: _fake_trt("11.1.0.7"))
     monkeypatch.setattr(trtmod, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA A100-SXM4-80GB", "8.0"))
     with pytest.raises(DToPError, match=r"built with TensorRT 10\.3\.0\.26.*this machine has TensorRT 11\.1\.0\.7"):
         load_engine(plan)
-    monkeypatch.setattr(trtmod, "import_tensorrt", lambda: _fake_trt("10.3.0.26"))
+    monkeypatch.setattr(trtmod, "import_tensorrt", lambda flavour=None: _fake_trt("10.3.0.26"))
     monkeypatch.setattr(trtmod, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
-    with pytest.raises(DToPError, match=r"built for NVIDIA A100.*compute capability 8\.0.*H100.*9\.0"):
+    with pytest.raises(DToPError, match=r"built with TensorRT 10\.3\.0\.26 on NVIDIA A100.*8\.0.*H100.*9\.0"):
         load_engine(plan)
 
 
@@ -193,9 +197,9 @@ def test_missing_tensorrt_and_gpu_fail_fast(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(DToPError, match=r"TensorRT is not installed and no CUDA GPU is visible.*\[cuda12\]"):
         load_engine(plan)
     monkeypatch.setattr(trtmod, "cuda_gpu", lambda index=0: GpuInfo("g", "8.0"))
-    with pytest.raises(DToPError, match=r"^TensorRT is not installed: .*pip install 'dtop-export\[cuda12\]'"):
+    with pytest.raises(DToPError, match=r"m.plan was built with TensorRT 10.*: TensorRT is not installed: .*cuda12"):
         load_engine(plan)
-    monkeypatch.setattr(trtmod, "import_tensorrt", lambda: _fake_trt("10.3.0.26"))
+    monkeypatch.setattr(trtmod, "import_tensorrt", lambda flavour=None: _fake_trt("10.3.0.26"))
     monkeypatch.setattr(trtmod, "cuda_gpu", lambda index=0: None)
     with pytest.raises(DToPError, match=r"no CUDA GPU is visible.*\[cuda12\]"):
         trtmod.require_tensorrt_and_gpu()
@@ -207,8 +211,8 @@ def test_trt_cli_without_tensorrt_is_one_line_exit_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", NO_TRT, "trt", str(model), "--fp16"], capture_output=True, text=True)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed")
-    assert "pip install 'dtop-export[cuda12]'" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: neither TensorRT nor TensorRT-RTX is installed")
+    assert "pip install 'dtop-export[cuda12]'" in lines[0] and "'dtop-export[rtx-cuda12]'" in lines[0]
     assert not (tmp_path / "tiny.plan").exists() and not (tmp_path / "tiny.plan.json").exists()
     # option errors come first, as one line too
     r = subprocess.run(

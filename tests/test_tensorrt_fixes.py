@@ -29,10 +29,15 @@ from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, write_sidecar
 from dtop_export.engines.tensorrt.trtexec import layer_spec, trtexec_command
 from dtop_export.errors import DToPError
-from dtop_export.pipeline.trt_selftest import Check, SelfTestReport, check_io, island_precisions
+from dtop_export.pipeline.trt_selftest.gpu import check_io, island_precisions
+from dtop_export.pipeline.trt_selftest.report import Check, SelfTestReport
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_TRT = "import sys; sys.modules['tensorrt'] = None; from dtop_export.cli import main; main(sys.argv[1:])"
+# neither flavour importable (TensorRT-RTX is installed by the dev extra)
+NO_TRT = (
+    "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None; "
+    "from dtop_export.cli import main; main(sys.argv[1:])"
+)
 
 
 def _fake_trt(version: str = "10.8.0.43", **attrs: object) -> types.ModuleType:
@@ -71,7 +76,10 @@ def test_build_selects_the_device_before_the_builder(monkeypatch: pytest.MonkeyP
         raise TypeError("factory function returned nullptr")
 
     trt = _fake_trt(Builder=builder)
-    monkeypatch.setattr(builder_mod, "require_tensorrt_and_gpu", lambda i: (trt, GpuInfo("Fake GPU", "9.0", i)))
+    monkeypatch.setattr(builder_mod, "resolve_flavour", lambda backend, named_target=False: install.TENSORRT)
+    monkeypatch.setattr(
+        builder_mod, "require_builder", lambda flavour, i, named_target=False: (trt, GpuInfo("Fake GPU", "9.0", i))
+    )
     with pytest.raises(DToPError, match="could not create a builder"):  # the fake builder's failure, as one line
         builder_mod.build_engine(dtop_onnx(), Path("unused.plan"), device=1)
     assert cuda_calls == ["set_device(1)", "init", "Builder"]
@@ -89,7 +97,9 @@ def test_runner_selects_the_device_before_the_runtime(
         raise TypeError("factory function returned nullptr")
 
     trt = _fake_trt("10.8.0.43", Runtime=runtime)
-    monkeypatch.setattr(runner_mod, "require_tensorrt_and_gpu", lambda i: (trt, GpuInfo("NVIDIA H100", "9.0", i)))
+    monkeypatch.setattr(
+        runner_mod, "require_tensorrt_and_gpu", lambda i, flavour=None: (trt, GpuInfo("NVIDIA H100", "9.0", i))
+    )
     with pytest.raises(DToPError, match="could not create a runtime"):
         runner_mod.TensorRTEngine(plan, device=1)
     assert cuda_calls == ["set_device(1)", "init", "Runtime"]
@@ -103,7 +113,7 @@ def test_builder_nullptr_names_both_cuda_versions(monkeypatch: pytest.MonkeyPatc
         raise TypeError("pybind11::init(): factory function returned nullptr")
 
     trt = _fake_trt("11.4.0.106", Builder=builder)
-    monkeypatch.setattr(install, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(install, "tensorrt_cuda_major", lambda flavour=None: 13)
     monkeypatch.setattr(install, "driver_cuda_version", lambda: "12.8")
     with pytest.raises(DToPError) as e:
         install.create_builder(trt, object())
@@ -139,6 +149,11 @@ def test_extras_install_one_consistent_stack() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" in readme
     assert "pip install -e '.[cuda12]'" in readme and "[cuda13]" in readme
+    # TensorRT-RTX: the same CUDA split, real wheels; the dev extra pulls one so CI builds real plans
+    assert extras["rtx-cuda12"][0].startswith("tensorrt-rtx-cu12>=") and extras["rtx-cuda13"][0].startswith(
+        "tensorrt-rtx-cu13>="
+    )
+    assert any("rtx-cuda12" in d for d in extras["dev"]) and "'.[rtx-cuda12]'" in readme
 
 
 # 4. timing cache ------------------------------------------------------------------------------------------
@@ -248,14 +263,15 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.tensorrt.builder import prepare_fp16_onnx
+    from dtop_export.fp16.convert import prepare_fp16_onnx
 
     fp16_path, islands = prepare_fp16_onnx(dtop_onnx(), tmp_path / "m.fp16.onnx")
-    monkeypatch.setattr(builder_mod, "tensorrt_cuda_major", lambda: 13)
+    monkeypatch.setattr(builder_mod, "tensorrt_cuda_major", lambda flavour=None: 13)
     monkeypatch.setattr(builder_mod, "driver_cuda_version", lambda: "13.0")
     info = plan_info(
+        install.TENSORRT,
         "11.4.0.106",
-        GpuInfo("NVIDIA H200", "9.0", 0),
+        builder_mod.built_for(GpuInfo("NVIDIA H200", "9.0", 0), None),
         make_profiles(),
         precision={"mode": "fp16", "typing": "strong", "fp32_nodes": islands},
         onnx_path=dtop_onnx(),
@@ -269,6 +285,8 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
     assert info.metadata["dtop.precision"] == "fp16" and "dtop.fp16" in info.metadata  # the file TensorRT built
     assert read_metadata(dtop_onnx()).get("dtop.precision", "fp32") == "fp32"
     assert info.onnx["built_from"] == str(fp16_path)
+    assert info.backend == "tensorrt" and info.gpu == {"name": "NVIDIA H200", "compute_capability": "9.0", "index": 0,
+                                                       "target": None}  # fmt: skip
 
 
 # 9. runner: one context, empty batches ------------------------------------------------------------------------
@@ -292,6 +310,7 @@ def _runner_without_gpu(profiles: list[Profile]) -> runner_mod.TensorRTEngine:
     eng = object.__new__(runner_mod.TensorRTEngine)
     eng._trt, eng.engine, eng.profiles = trt, CudaEngine(), profiles
     eng._ctx, eng._profile, eng.descriptor_dim, eng.stride = None, -1, 16, 16
+    eng.runtime_cache = None  # a TensorRT plan (TensorRT-RTX: a runtime config with the runtime cache)
     eng._stream = types.SimpleNamespace(cuda_stream=0)
     eng._logger = types.SimpleNamespace(last_error="", reset=lambda: None)
     eng._run = lambda k, chunk: (eng._context(k), np.ones((chunk.shape[0], 16), np.float32))[1]  # type: ignore[method-assign]
@@ -351,7 +370,7 @@ def test_self_test_without_tensorrt_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2, r.stdout + r.stderr
     out = (r.stdout + r.stderr).strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("self-test cannot run: TensorRT is not installed")
+    assert len(out) == 1 and out[0].startswith("self-test cannot run: neither TensorRT nor TensorRT-RTX is installed")
     assert "Traceback" not in r.stderr and not report.exists()
 
 
@@ -359,7 +378,8 @@ def test_self_test_without_tensorrt_is_one_line_exit_2(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["x.onnx", "--self-test"], "--self-test takes no MODEL"),
-        (["--self-test", "--print-trtexec"], "--self-test takes no MODEL and no --print-trtexec"),
+        (["--self-test", "--print-trtexec"], "--self-test takes no MODEL, --target or --print-trtexec"),
+        (["--self-test", "--target", "sm86"], "--self-test takes no MODEL, --target or --print-trtexec"),
         (["x.onnx", "--full"], "--full and --json belong to --self-test"),
         ([], "give the ONNX file to build"),
     ],
@@ -462,7 +482,7 @@ def test_whitening_stays_fp32_in_every_reduced_precision_artefact() -> None:
 def test_self_test_parity_uses_the_projects_comparator_and_contracts() -> None:
     """The self-test's parity rows are `parity.compare` under the engine precision's contract: an FP32
     engine off by 1e-3 fails the FP32 contract (max-abs 1e-4) and passes as FP16 (cos >= 0.999)."""
-    from dtop_export.pipeline.trt_selftest import _parity
+    from dtop_export.pipeline.trt_selftest.gpu import parity_check
 
     rng = np.random.default_rng(0)
     images = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(4)]
@@ -477,8 +497,8 @@ def test_self_test_parity_uses_the_projects_comparator_and_contracts() -> None:
             return (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
 
     ref = Fake("fp32", 0.0)
-    assert _parity(Fake("fp32", 0.0), ref, images)[0] == "pass"
-    status, detail, data = _parity(Fake("fp32", 1e-2), ref, images)
+    assert parity_check(Fake("fp32", 0.0), ref, images)[0] == "pass"
+    status, detail, data = parity_check(Fake("fp32", 1e-2), ref, images)
     assert status == "fail" and "max_abs" in detail and data["max_abs"] > 1e-4
-    status, _, data = _parity(Fake("fp16", 1e-2), ref, images)
+    status, _, data = parity_check(Fake("fp16", 1e-2), ref, images)
     assert status == "pass" and data["contract_cosine"] == 0.999 and data["cosine_min"] >= 0.999

@@ -156,7 +156,7 @@ EmbedResult Embedder::embed_files(const std::vector<std::string>& paths, const E
   for (std::size_t i = 0; i < n; ++i) {
     std::vector<Tensor> tensors;
     try {
-      const Image img = load_image(paths[i]);
+      const Image img = load_image(paths[i], options.decode);
       for (const double s : options.scales) tensors.push_back(preprocess(img, options.image_size, s));
     } catch (const ImageError& e) {
       result.skipped.push_back({i, e.what()});

@@ -1,9 +1,10 @@
 // The resize and normalisation steps of dtop_export/preprocess.py, reproduced bit for bit.
 //
-// resize() computes what Pillow's Image.resize does for an 8-bit RGB image: a separable convolution (the
-// horizontal pass first, then the vertical one, unless the height shrinks by more than twice as many pixels as the
-// width: then the vertical pass first, as Pillow 13 does), the filter's support widened by the downscale factor (so
-// it antialiases), per-output-pixel coefficients normalised to sum 1 in double precision, then converted to
+// resize() computes what Pillow's Image.resize does for an 8-bit RGB image: a separable convolution in two
+// passes whose order Pillow (>= 12.2, libImaging/Resample.c) picks by shape: the vertical pass first when the
+// height shrinks and by more than twice as many pixels as the width does, else the horizontal one first; the
+// 8-bit intermediate rounds differently, so the order shows in the result. The filter's support is widened
+// by the downscale factor (so it antialiases), per-output-pixel coefficients normalised to sum 1 in double precision, then converted to
 // 22-bit fixed point and accumulated in int32 with rounding. The arithmetic below is a from-scratch
 // implementation of that definition; tests/test_cpp.py compares its output with Pillow's, pixel by pixel.
 // This file is compiled with -ffp-contract=off so that no fused multiply-add changes a rounding.
@@ -150,6 +151,11 @@ Image resample_y(const Image& in, int out_h, const Kernel& kernel) {
 
 }  // namespace
 
+bool vertical_first(int in_width, int in_height, int out_width, int out_height) {
+  return out_height < in_height &&
+         static_cast<std::int64_t>(in_height) - out_height > 2 * (static_cast<std::int64_t>(in_width) - out_width);
+}
+
 std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg, int size, double scale) {
   if (cfg.resize != "longest_side" && cfg.resize != "square") {
     throw Error("resize policy '" + cfg.resize + "' is not supported: only 'longest_side' and 'square'");
@@ -178,10 +184,9 @@ Image resize(const Image& img, int width, int height, const std::string& interpo
   if (width == img.width && height == img.height) return img;
   if (width == img.width) return resample_y(img, height, kernel);
   if (height == img.height) return resample_x(img, width, kernel);
-  // Pillow (>= 13) runs the vertical pass first when the height shrinks by more than twice as many pixels as the
-  // width does (a tall image squashed to a square, say); the 8-bit rounding between the passes makes the order count.
-  const int shrink_y = img.height - height, shrink_x = img.width - width;
-  if (shrink_y > 0 && shrink_y > shrink_x * 2) return resample_x(resample_y(img, height, kernel), width, kernel);
+  if (vertical_first(img.width, img.height, width, height)) {
+    return resample_x(resample_y(img, height, kernel), width, kernel);
+  }
   return resample_y(resample_x(img, width, kernel), height, kernel);
 }
 

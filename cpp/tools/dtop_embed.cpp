@@ -19,7 +19,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: dtop-embed MODEL IMAGE... -o OUT.npy [--json OUT.json] [--scales S] [--image-size N]\n"
     "                  [--batch-size N] [--threads N] [--precision f32|bf16|f16] [--device CPU]\n"
-    "                  [--dump-inputs DIR] [--no-progress]\n"
+    "                  [--max-pixels N] [--max-decode-mb N] [--max-scans N] [--dump-inputs DIR] [--no-progress]\n"
     "\n"
     "Descriptors of images with a dtop-export model (.onnx or OpenVINO .xml; ExecuTorch .pte when built with it):\n"
     "OUT.npy (n x N float32) and\n"
@@ -33,6 +33,10 @@ constexpr const char* kUsage =
     "  --batch-size N, -b N   same-shape images per forward pass (default 1)\n"
     "  --threads N            inference threads (default: the runtime's choice)\n"
     "  --precision P          OpenVINO inference precision hint: f32 (default, exact), bf16, f16\n"
+    "  --max-pixels N         refuse images of more pixels (default 178956970, Pillow's limit)\n"
+    "  --max-decode-mb N      refuse images whose decoding needs more MiB: the file, the RGB image and a rotated\n"
+    "                         copy, the decoder's buffers; checked from the header (default 1024)\n"
+    "  --max-scans N          refuse JPEGs of more scans (progressive JPEGs re-read every block; default 100)\n"
     "  --dump-inputs DIR      also write every image's model input (first scale) as DIR/<row>.npy\n"
     "  --no-progress          no progress line on stderr\n";
 
@@ -91,7 +95,18 @@ struct Args {
   std::vector<std::string> images;
   int image_size = 0, batch_size = 1, threads = 0;
   bool progress = true;
+  dtop::DecodeLimits decode;
 };
+
+std::uint64_t to_count(const std::string& flag, const std::string& v) {
+  try {
+    std::size_t used = 0;
+    const unsigned long long n = std::stoull(v, &used);
+    if (used == v.size() && n >= 1 && v.find('-') == std::string::npos) return n;
+  } catch (const std::exception&) {
+  }
+  throw dtop::Error(flag + " expects a whole number >= 1, got '" + v + "'");
+}
 
 int to_int(const std::string& flag, const std::string& v) {
   try {
@@ -131,6 +146,12 @@ Args parse_args(int argc, char** argv) {
       a.precision = value();
     } else if (arg == "--device") {
       a.device = value();
+    } else if (arg == "--max-pixels") {
+      a.decode.max_pixels = to_count(arg, value());
+    } else if (arg == "--max-decode-mb") {
+      a.decode.max_decode_mb = to_count(arg, value());
+    } else if (arg == "--max-scans") {
+      a.decode.max_scans = to_count(arg, value());
     } else if (arg == "--dump-inputs") {
       a.dump = value();
     } else if (arg == "--no-progress") {
@@ -220,7 +241,7 @@ int run(int argc, char** argv) {
     fs::create_directories(a.dump);
     for (std::size_t i = 0; i < paths.size(); ++i) {
       try {
-        const dtop::Tensor t = embedder.preprocess(dtop::load_image(paths[i]), image_size, scales[0]);
+        const dtop::Tensor t = embedder.preprocess(dtop::load_image(paths[i], a.decode), image_size, scales[0]);
         dtop::write_npy((fs::path(a.dump) / (std::to_string(i) + ".npy")).string(), t.data,
                         std::vector<std::size_t>{3, static_cast<std::size_t>(t.height), static_cast<std::size_t>(t.width)});
       } catch (const dtop::ImageError&) {
@@ -234,6 +255,7 @@ int run(int argc, char** argv) {
   eo.image_size = image_size;
   eo.scales = scales;
   eo.batch_size = a.batch_size;
+  eo.decode = a.decode;
   const dtop::EmbedResult r = embedder.embed_files(paths, eo, [&](std::size_t done, std::size_t total) {
     if (show) std::fprintf(stderr, "\rembedding %zu/%zu", done, total);
   });

@@ -84,15 +84,16 @@ class RssSampler:
         self.peak = max(self.peak, _rss())
 
 
-def model_gflops(checkpoint: Path, sizes: Sequence[int]) -> dict[int, float]:
+def model_gflops(checkpoint: Path, sizes: Sequence[int], device: str = "cpu") -> dict[int, float]:
     """Forward GFLOPs per image at each square size (matmuls and convs, attention included), counted with
-    ``torch.utils.flop_counter`` on the checkpoint's model with explicit (non-fused) attention."""
+    ``torch.utils.flop_counter`` on the checkpoint's model with explicit (non-fused) attention, run on ``device``
+    (a GPU counts the full model at 1024² in a second)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dtop_export.checkpoint import load_checkpoint
 
-    model = load_checkpoint(checkpoint).build_model().eval()
+    model = load_checkpoint(checkpoint).build_model().eval().to(device)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # F.scaled_dot_product_attention on CPU is invisible to the counter
@@ -100,7 +101,7 @@ def model_gflops(checkpoint: Path, sizes: Sequence[int]) -> dict[int, float]:
     with torch.inference_mode():
         for s in sizes:
             with FlopCounterMode(display=False) as fc:
-                model(torch.zeros(1, 3, s, s))
+                model(torch.zeros(1, 3, s, s, device=device))
             out[s] = fc.get_total_flops() / 1e9
     return out
 
@@ -284,12 +285,19 @@ def run_bench(
                 t.speedup = t.images_per_s / base.images_per_s
 
     gflops: dict[int, float] = {}
+    peaks: dict[str, float] = {}
     ckpt = next((sp.path for sp in specs if sp.kind == "checkpoint"), None)
     if count_flops and ckpt is not None:
+        from dtop_export.bench.peak import matmul_peak, peak_key
+
         gflops = model_gflops(ckpt, sizes)
-        for res in results:
+        for res, engine in zip(results, engines):
+            key = peak_key(engine.device, engine.precision)
+            if key is not None and key not in peaks:
+                peaks[key] = matmul_peak(*key.split())
             for t in res.timings:
                 t.gflops_per_s = gflops[t.size] * t.images_per_s
+                t.peak_pct = 100 * t.gflops_per_s / peaks[key] if key is not None else None
     for e in engines:
         e.close()
     return BenchReport(
@@ -305,6 +313,7 @@ def run_bench(
         gflops_per_image=gflops,
         engines=results,
         seconds=time.perf_counter() - t_start,
+        matmul_peaks=peaks,
     )
 
 

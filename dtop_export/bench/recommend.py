@@ -9,7 +9,8 @@ islands of the FP16 ONNX kept FP32), and the static INT8 (QDQ) file in ONNX Runt
 AMX-INT8). All are timed side by side (interleaved, same threads; the bench
 harness) and checked against the fp32 reference on the embedded set (the parity contracts); :func:`pick` takes
 the fastest that passes, and never one slower than the reference. The choice is stored per checkpoint (sha256)
-and CPU (name + features) under ``~/.cache/dtop-export/recommend/``; ``--precision auto`` reads it back.
+and CPU (name + features) under ``~/.cache/dtop-export/recommend/``, the files it measured next to it (one folder
+per checkpoint and CPU, :func:`models_dir`); ``--precision auto`` reads it back.
 """
 
 from __future__ import annotations
@@ -176,6 +177,68 @@ def measure(
     rec = Recommendation(info["cpu"], features, n, size, rows, skipped)
     rec.choice = pick(rows)
     return rec
+
+
+def models_dir(checkpoint: Path, cpu: str, features: Sequence[str]) -> Path:
+    """Where :func:`recommend` keeps the files it measured for ``checkpoint`` on this CPU (``--precision auto`` runs
+    them): ``recommend/<sha256 of the checkpoint>/<hash of the CPU signature>/``, next to the stored choice."""
+    import hashlib
+
+    sig = hashlib.sha256(cpu_signature(cpu, features).encode()).hexdigest()[:16]
+    return store_path(checkpoint).with_suffix("") / sig
+
+
+def recommend(
+    checkpoint: Path,
+    size: int = 512,
+    threads: int | None = None,
+    runs: int = 3,
+    workdir: Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[Recommendation, Path]:
+    """:func:`measure` and :func:`save`: returns the recommendation and the file it is stored in.
+
+    The checkpoint is read first (a bad file is refused before any folder exists). The candidates are built in
+    ``workdir``, by default in :func:`models_dir`, next to the stored choice (a temporary folder would vanish
+    under ``--precision auto``): built beside it and swapped in once measured, so a failed or interrupted run
+    leaves the earlier files and choice as they were, and nothing of its own. Two runs for the same checkpoint
+    and CPU at once: the second is refused."""
+    import shutil
+    import tempfile
+
+    from dtop_export.bench.harness import cpu_features, machine_info
+    from dtop_export.checkpoint import load_checkpoint
+    from dtop_export.corpus.lock import folder_lock
+
+    load_checkpoint(checkpoint)
+    if workdir is not None:
+        made = not workdir.exists()
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            rec = measure(checkpoint, workdir, size, threads, runs, on_stage=on_stage)
+        except BaseException:
+            if made:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return rec, save(checkpoint, rec)
+    final = models_dir(checkpoint, machine_info()["cpu"], cpu_features())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(final.parent, "bench --recommend of this checkpoint"):
+        build = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            rec = measure(checkpoint, build, size, threads, runs, on_stage=on_stage)
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            build.rename(final)
+            for row in rec.rows:
+                row.path = row.path.replace(str(build.resolve()), str(final.resolve()))
+            stored = save(checkpoint, rec)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)  # gone after the rename; left by a failure: removed
+    return rec, stored
 
 
 def cpu_signature(cpu: str, features: Sequence[str]) -> str:

@@ -24,6 +24,7 @@ class Timing:
     speedup: float | None = None
     gflops_per_s: float | None = None
     cosine_min: float | None = None
+    peak_pct: float | None = None  # GFLOP/s as % of the measured matmul ceiling of the engine's device + precision
 
 
 @dataclass
@@ -65,6 +66,7 @@ class BenchReport:
     gflops_per_image: dict[int, float]
     engines: list[EngineResult]
     seconds: float = 0.0
+    matmul_peaks: dict[str, float] = field(default_factory=dict)  # "cuda fp16" -> GFLOP/s, measured this run
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,8 +85,8 @@ class BenchReport:
             f"after {_fmt_load(self.load_after)}; median of {self.runs} runs after {self.warmup} warm-up "
             f"(+1 in the load pass), interleaved. Speed-up is images/s against {self.reference}.",
             "",
-            "| engine | size | batch | p50 ms | p90 ms | images/s | speed-up | GFLOP/s | cos min vs ref |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| engine | size | batch | p50 ms | p90 ms | images/s | speed-up | GFLOP/s | % of peak | cos min vs ref |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for b in self.batches:
             for s in self.sizes:
@@ -95,7 +97,7 @@ class BenchReport:
                     lines.append(
                         f"| {e.label} | {s}² | {b} | {t.p50_s * 1e3:.0f} | {t.p90_s * 1e3:.0f} | "
                         f"{t.images_per_s:.2f} | {_fmt(t.speedup, '{:.2f}×')} | {_fmt(t.gflops_per_s, '{:.0f}')} | "
-                        f"{_fmt(t.cosine_min, '{:.5f}')} |"
+                        f"{_fmt(t.peak_pct, '{:.1f}%')} | {_fmt(t.cosine_min, '{:.5f}')} |"
                     )
         lines += [
             "",
@@ -113,6 +115,9 @@ class BenchReport:
         if self.gflops_per_image:
             per = ", ".join(f"{s}²: {g:.1f}" for s, g in sorted(self.gflops_per_image.items()))
             lines += ["", f"Forward GFLOP per image (torch.utils.flop_counter): {per}."]
+        if self.matmul_peaks:
+            peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in self.matmul_peaks.items())
+            lines += [f"Matmul ceilings measured in this run (square GEMMs, the % of peak column): {peaks}."]
         return "\n".join(lines) + "\n"
 
     def write_json(self, path: str | Path) -> None:

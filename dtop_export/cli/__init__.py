@@ -36,12 +36,13 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     parity,
     quantize,
     search,
+    serve,
     train,
     trt,
     whiten,
 )
 from dtop_export.cli.common import app
-from dtop_export.errors import DToPError
+from dtop_export.errors import DToPError, Interrupted
 
 __all__ = ["app", "main"]
 
@@ -65,14 +66,42 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:  # raised outside a command (typer turns the command's into exit code 130)
+        _interrupted(e)
         sys.exit(130)
+    except SystemExit as e:
+        interrupt = _cause(e, KeyboardInterrupt)
+        if e.code == 130 and interrupt is not None:
+            _interrupted(interrupt)
+        raise
     finally:
         if argv is None:
             # The process exits next: spare the interpreter its final collection over everything the command
             # made (about 2 s after an r50-vitb16 export, whose tracing leaves millions of objects behind).
             gc.freeze()
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in the chain that led to ``error`` (typer raises ``Exit(130) from`` Ctrl-C's
+    KeyboardInterrupt, then ``sys.exit`` while handling it)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _interrupted(interrupt: BaseException) -> None:
+    """Ctrl-C's line: what the command kept and how to go on (a :class:`Interrupted` says), else that nothing is
+    half-written."""
+    what = str(interrupt) if isinstance(interrupt, Interrupted) else "files are written whole or not at all"
+    typer.echo(f"interrupted: {what}", err=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dtop_export.cli.common import ProgressOpt, app, console, output_option, progress_bar
+from dtop_export.cli.common import (
+    ForceOpt,
+    ProgressOpt,
+    app,
+    at_least,
+    console,
+    output_option,
+    progress_bar,
+    refuse_existing,
+)
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -27,10 +36,15 @@ def bench(
     sizes: Annotated[str, typer.Option("--sizes", help="Square image sizes, comma-separated.")] = "224,384,512",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
     threads: Annotated[
-        int | None, typer.Option("--threads", help="Threads for every engine (default: all cores).")
+        int | None,
+        typer.Option("--threads", callback=at_least(1), help="Threads for every engine (default: all cores)."),
     ] = None,
-    runs: Annotated[int, typer.Option("--runs", help="Timed runs per engine and shape (median reported).")] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed interleaved rounds before timing.")] = 1,
+    runs: Annotated[
+        int, typer.Option("--runs", callback=at_least(1), help="Timed runs per engine and shape (median reported).")
+    ] = 5,
+    warmup: Annotated[
+        int, typer.Option("--warmup", callback=at_least(0), help="Untimed interleaved rounds before timing.")
+    ] = 1,
     derive: Annotated[
         str | None,
         typer.Option(
@@ -44,7 +58,12 @@ def bench(
         Path | None, typer.Option("--calib", help="Calibration images for --derive int8 (default: sample set).")
     ] = None,
     workdir: Annotated[
-        Path | None, typer.Option("--workdir", help="Where --derive writes its files (default: a temp folder).")
+        Path | None,
+        typer.Option(
+            "--workdir",
+            help="Where --derive writes its files (default: a temp folder); --recommend: default next to the "
+            "stored choice in the cache, where --precision auto finds them.",
+        ),
     ] = None,
     json_out: Annotated[Path | None, output_option("--json", help="Write the full report (raw times) as JSON.")] = None,
     plot: Annotated[Path | None, output_option("--plot", help="Write a PNG: latency vs image size per engine.")] = None,
@@ -67,6 +86,7 @@ def bench(
         ),
     ] = False,
     progress: ProgressOpt = True,
+    force: ForceOpt = False,
 ) -> None:
     """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
     first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
@@ -76,15 +96,16 @@ def bench(
     from dtop_export.bench.harness import bench_steps, run_bench
     from dtop_export.bench.spec import parse_int_list, parse_spec
     from dtop_export.logs import quiet_ort_logs
+    from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import derive_specs
 
     size_list = parse_int_list(sizes, "--sizes")
+    batch_list = parse_int_list(batch, "--batch")
+    check_image_size(max(size_list), batch=max(batch_list), option="--sizes")
+    refuse_existing(json_out, plot, markdown, force=force)
     if recommend:
         _recommend(models, max(size_list), threads, runs, workdir, json_out)
         return
-    batch_list = parse_int_list(batch, "--batch")
-    if threads is not None and threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {threads}")
     if precision not in (None, "auto"):
         raise DToPError(f"bench --precision takes only 'auto' (got {precision!r}); other precisions go after a colon, "
                         "e.g. model.pt:bf16")  # fmt: skip
@@ -175,8 +196,6 @@ def auto_specs(specs: list[EngineSpec], add: bool) -> list[EngineSpec]:
 def _recommend(
     models: list[str], size: int, threads: int | None, runs: int, workdir: Path | None, json_out: Path | None
 ) -> None:
-    import tempfile
-
     from rich.table import Table
 
     from dtop_export.bench import recommend as rec_mod
@@ -190,9 +209,8 @@ def _recommend(
     if not ckpt.is_file():
         raise DToPError(f"checkpoint {ckpt} not found")
     con = console()
-    wd = workdir or Path(tempfile.mkdtemp(prefix="dtop-recommend-"))
     with quiet_ort_logs(), con.status("building") as status:
-        rec = rec_mod.measure(ckpt, wd, size, threads, runs, on_stage=lambda s: status.update(s))
+        rec, stored = rec_mod.recommend(ckpt, size, threads, runs, workdir, on_stage=lambda s: status.update(s))
     table = Table(title=f"{ckpt.name} on {rec.cpu} ({', '.join(rec.features) or 'features unknown'}), "
                   f"{rec.threads} threads, {size}², batch 1")  # fmt: skip
     for col in ("candidate", "speed-up vs eager fp32", "cos min", "|ΔmAP| max", "contract", ""):
@@ -206,13 +224,12 @@ def _recommend(
     con.print(table)
     for label, why in rec.skipped:
         con.print(f"not measured: {label}: {why}", markup=False, soft_wrap=True)
-    stored = rec_mod.save(ckpt, rec)
     c = rec.choice
     assert c is not None
     con.print(
         f"recommended: {c.label} ({Path(c.path).name}), {c.speedup:.2f}× eager fp32"
         + ("" if c.reference else f", cos min {c.cosine_min:.5f}, |ΔmAP| <= {c.map_delta_max:.2f}")
-        + f"; `--precision auto` runs it on this CPU (stored in {stored})",
+        + f"; `--precision auto` runs it on this CPU (stored in {stored}; files in {Path(c.path).parent})",
         markup=False,
         soft_wrap=True,
     )

@@ -37,9 +37,10 @@ def check(
     json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Check an ONNX file on the CPU: `--target tensorrt` lints it against TensorRT's ONNX parser (exit 1 when
-    something would fail to parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails). A .pte:
-    its contract, what runs outside XNNPACK, and one forward pass (exit 1 when it breaks the contract)."""
+    """Check an ONNX file on the CPU: `--target tensorrt` parses it with TensorRT's real ONNX parser where one can
+    run (TensorRT-RTX needs no GPU) and lints it with dtop-export's rules (exit 1 when something would fail to
+    parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails). A .pte: its contract, what runs
+    outside XNNPACK, and one forward pass (exit 1 when it breaks the contract)."""
     if model.suffix.lower() == ".pte":
         if target is not None or fp16_audit:
             raise DToPError("--target and --fp16-audit check ONNX files: `check model.pte` takes no options")
@@ -55,22 +56,34 @@ def check(
     report: dict[str, object] = {"model": str(model)}
     failed = False
     if target == "tensorrt":
-        from dtop_export.engines.tensorrt.lint import lint_tensorrt
+        from dtop_export.engines.tensorrt.lint import lint_tensorrt, real_parser_issues
 
-        issues = lint_tensorrt(model)
+        run = real_parser_issues(model)  # the real parser where a flavour can run here
+        ours = lint_tensorrt(model)  # the project's rules: the fallback, and a second opinion
+        issues = [*run.issues, *ours]
         report["tensorrt"] = [i.__dict__ for i in issues]
+        report["tensorrt_parser"] = {"parser": run.parser or None, "skipped": run.skipped}
         errors = [i for i in issues if i.severity == "error"]
-        if issues:
+        for i in run.issues:  # the real parser's findings, one line each
+            con.print(f"{i.source}: {i.line()}", style="red", soft_wrap=True, markup=False, highlight=False)
+        if ours:
             from rich.table import Table
 
-            table = Table(title=f"TensorRT ONNX parser check: {model.name}", show_lines=False)
+            table = Table(title=f"TensorRT ONNX parser lint (dtop-export's rules): {model.name}", show_lines=False)
             for col in ("severity", "node", "op", "problem", "fix"):
                 table.add_column(col, overflow="fold")
-            for i in issues:
+            for i in ours:
                 table.add_row(i.severity, i.node, i.op, i.problem, i.fix, style="red" if i.severity == "error" else "")
             con.print(table)
+        if run.parser:
+            verdict = f"{run.parser}: {len(run.issues)} error(s)" if run.issues else f"{run.parser}: parsed"
+        else:
+            verdict = "no TensorRT parser could run here (" + "; ".join(run.skipped) + "): the lint alone"
+        con.print(verdict, soft_wrap=True, markup=False, highlight=False)
         if errors:
-            con.print(f"{len(errors)} problem(s) would make TensorRT's ONNX parser fail", style="bold red")
+            nodes = {i.node or i.problem for i in errors}
+            by = f"parser {sum(i.source != 'lint' for i in errors)}, lint {sum(i.source == 'lint' for i in errors)}"
+            con.print(f"{len(nodes)} node(s) would make TensorRT's ONNX parser fail ({by})", style="bold red")
             failed = True
         else:
             warn = sum(1 for i in issues if i.severity == "warning")
@@ -100,7 +113,11 @@ def check(
         else:
             con.print("no tensor leaves FP16 range: the default FP32 islands suffice")
         if result.passed:
-            con.print("FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2)")
+            ties = result.final.near_ties()
+            con.print(
+                "FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2"
+                + (f" or every flip a near-tie): near-ties: {'; '.join(ties)}" if ties else ")")
+            )
         else:
             con.print("FP16 contract NOT met (cosine >= 0.999, finite, |ΔmAP| <= 0.2)", style="bold red")
             failed = True

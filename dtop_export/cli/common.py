@@ -113,6 +113,42 @@ def output_option(*names: str, help: str) -> Any:  # noqa: A002 - typer's keywor
     return typer.Option(*names, callback=output_file, help=help)
 
 
+def option_name(param: typer.CallbackParam) -> str:
+    """The long name of an option (``--batch-size`` rather than ``-b``), as the help shows it."""
+    return next((o for o in param.opts if o.startswith("--")), param.opts[0])
+
+
+def at_least(low: float) -> Callable[[typer.CallbackParam, Any], Any]:
+    """Option callback refusing a number below ``low`` while the command line is read (before any work); None
+    (an option left out) passes."""
+
+    def check(param: typer.CallbackParam, value: Any) -> Any:
+        if value is not None and not value >= low:  # NaN included
+            raise DToPError(f"{option_name(param)} must be >= {low:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def above(low: float) -> Callable[[typer.CallbackParam, Any], Any]:
+    """Option callback refusing a number that is not greater than ``low`` (see :func:`at_least`)."""
+
+    def check(param: typer.CallbackParam, value: Any) -> Any:
+        if value is not None and not value > low:
+            raise DToPError(f"{option_name(param)} must be > {low:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def refuse_existing(*paths: Path | None, force: bool) -> None:
+    """Refuse, before any work, to overwrite files a command would write (sidecars included) unless ``force``."""
+    existing = [str(p) for p in paths if p is not None and (p.exists() or p.is_symlink())]
+    if existing and not force:
+        raise DToPError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}: pass --force to overwrite, "
+                        "or choose another name")  # fmt: skip
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"224,384,512"`` -> [224, 384, 512] (the library's parser, imported lazily)."""
     from dtop_export.bench.spec import parse_int_list as parse
@@ -158,9 +194,15 @@ ScalesOpt = Annotated[
 ]
 ImageSizeOpt = Annotated[
     int | None,
-    typer.Option("--image-size", help="Longer image side before scaling (default: the data set's, else 1024)."),
+    typer.Option(
+        "--image-size",
+        callback=at_least(1),
+        help="Longer image side before scaling (default: the data set's, else 1024).",
+    ),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass (same-shape images).")]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", callback=at_least(1), help="Images per forward pass (same-shape images).")
+]
 DatasetOpt = Annotated[
     str, typer.Option("--dataset", "-d", help="roxford5k, rparis6k, sample, or a folder with gnd_<name>.pkl + jpg/.")
 ]
@@ -174,7 +216,7 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 CalibOpt = Annotated[
     Path | None, typer.Option("--calib", help="Folder of calibration images (default: the embedded sample set).")
 ]
-CalibCountOpt = Annotated[int, typer.Option("--calib-count", help="Calibration images to use.")]
+CalibCountOpt = Annotated[int, typer.Option("--calib-count", callback=at_least(1), help="Calibration images to use.")]
 CalibSizesOpt = Annotated[str, typer.Option("--calib-sizes", help="Longer-side sizes each image is calibrated at.")]
 KeepFloatOpt = Annotated[
     str,

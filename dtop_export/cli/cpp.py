@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, output_option
+from dtop_export.cli.common import ForceOpt, app, at_least, console, output_option, refuse_existing
 
 cpp_app = typer.Typer(help="The C++ client: build dtop-embed and the dtop::Embedder library.", no_args_is_help=True)
 app.add_typer(cpp_app, name="cpp")
@@ -19,7 +19,9 @@ def cpp_build(
     build_dir: Annotated[
         Path | None, typer.Option("--build-dir", help="CMake build folder (default: ~/.cache/dtop-export/cpp).")
     ] = None,
-    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Parallel compile jobs (default: all).")] = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", callback=at_least(1), help="Parallel compile jobs (default: all).")
+    ] = None,
     debug_build: Annotated[bool, typer.Option("--debug-build", help="CMAKE_BUILD_TYPE=Debug (not Release).")] = False,
     prefix: Annotated[
         Path | None, typer.Option("--prefix", help="Also install there (bin/, lib/, include/, lib/cmake/dtop).")
@@ -29,8 +31,8 @@ def cpp_build(
     """Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
     .pte programs, when the [edge] extra is installed); prints the binary's path.
 
-    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/libpng development files (apt install cmake g++
-    libjpeg-dev libpng-dev). Run again after an upgrade: the build is incremental.
+    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib development files (apt install cmake g++
+    libjpeg-dev zlib1g-dev). Run again after an upgrade: the build is incremental.
     """
     from dtop_export.cpp import build
 
@@ -69,11 +71,16 @@ def cpp_parity(
     binary: Annotated[
         Path | None, typer.Option("--binary", help="dtop-embed to check (default: the one `cpp build` made).")
     ] = None,
-    image_size: Annotated[int, typer.Option("--image-size", help="Longer image side.")] = 384,
+    image_size: Annotated[int, typer.Option("--image-size", callback=at_least(1), help="Longer image side.")] = 384,
     scales: Annotated[str, typer.Option("--scales", help="Comma-separated scales, or `ms`.")] = "1",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Same-shape images per pass.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", help="Threads for both runtimes.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", callback=at_least(1), help="Same-shape images per pass.")
+    ] = 1,
+    threads: Annotated[
+        int | None, typer.Option("--threads", callback=at_least(1), help="Threads for both runtimes.")
+    ] = None,
     json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """C++ client vs Python on the same model and files: descriptor cosine (>= 0.9999) and model-input
     difference (0 levels) per image, and the same skipped files. Exits 1 when the client breaks the contract."""
@@ -83,18 +90,24 @@ def cpp_parity(
 
     from dtop_export.cli.common import write_json
     from dtop_export.cpp import EMBED_TOOL, default_build_dir
-    from dtop_export.cpp_parity import MAX_LEVELS, MIN_COSINE, compare, write_format_zoo
+    from dtop_export.cpp_parity import MAX_LEVELS, MIN_COSINE, check_binary, compare, write_format_zoo
     from dtop_export.errors import DToPError
+    from dtop_export.memory import check_image_size
     from dtop_export.preprocess import expand_images
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
+    check_image_size(image_size, sc, batch_size)
+    refuse_existing(json_out, force=force)
+    if not model.is_file():
+        raise DToPError(f"model {model} not found: give the .onnx or .pte both sides run")
+    exe = binary or default_build_dir() / EMBED_TOOL
+    check_binary(exe)
     con = console()
     with tempfile.TemporaryDirectory(prefix="dtop-zoo-") as tmp:
         paths = expand_images(images) if images else sorted(write_format_zoo(tmp).values())
         if not paths:
             raise DToPError("no images given")
-        exe = binary or default_build_dir() / EMBED_TOOL
         with con.status(f"embedding {len(paths)} images with {exe.name} and Python"):
             report = compare(exe, model, paths, image_size, sc, batch_size, threads)
     table = Table(title=f"C++ client vs Python: {model.name}, {image_size}px, scales {list(sc)}")

@@ -14,20 +14,52 @@ from dtop_export.cli.common import (
     JsonOpt,
     ProgressOpt,
     ScalesOpt,
+    above,
     app,
+    at_least,
     console,
     output_file,
+    refuse_existing,
     write_json,
 )
 from dtop_export.errors import DToPError
+from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob
 
 
+# The decode budget (preprocess.DecodeBudget), the same flags as the C++ client's dtop-embed.
+MaxPixelsOpt = Annotated[
+    int,
+    typer.Option("--max-pixels", callback=at_least(1), help="Refuse images of more pixels (Pillow's own limit)."),
+]
+MaxDecodeMbOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-decode-mb",
+        callback=at_least(1),
+        help="Refuse images whose decoding needs more MiB (the file, RGB and a rotated copy, the decoder's "
+        "buffers), checked from the header.",
+    ),
+]
+MaxScansOpt = Annotated[
+    int, typer.Option("--max-scans", callback=at_least(1), help="Refuse JPEGs of more scans (progressive JPEGs).")
+]
+# -o X with one of these suffixes is a mistyped file name, not a shard folder (a folder may be named corpus.v2)
+FILE_SUFFIXES = (".npz", ".json", ".parquet", ".csv", ".txt", ".pkl", ".h5", ".faiss", ".pt", ".onnx", ".xml", ".bin")
+
+
 def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
-    """``-o X.npy`` is a file in an existing folder (:func:`output_file`); a shard folder is created as needed."""
-    return output_file(param, value) if value.suffix.lower() == ".npy" else value
+    """``-o X.npy`` is a file in an existing folder (:func:`output_file`); a shard folder is created as needed, and
+    any other name is one, except names with a file suffix (:data:`FILE_SUFFIXES`), which are refused."""
+    if value.suffix.lower() == ".npy":
+        return output_file(param, value)
+    if value.suffix.lower() in FILE_SUFFIXES and not value.is_dir():
+        raise DToPError(f"output {value} should end in .npy (one matrix) or name a folder (shards)")
+    if value.exists() and not value.is_dir():
+        raise DToPError(f"output {value} exists and is not a folder: give -o a folder (shards) or an .npy file")
+    return value
 
 
 @app.command()
@@ -61,7 +93,11 @@ def embed(
     progress: ProgressOpt = True,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", help="CPU threads (PyTorch, ONNX Runtime or OpenVINO), per actor with --ray."),
+        typer.Option(
+            "--threads",
+            callback=at_least(1),
+            help="CPU threads (PyTorch, ONNX Runtime or OpenVINO), per actor with --ray.",
+        ),
     ] = None,
     precision: Annotated[
         str | None,
@@ -71,39 +107,76 @@ def embed(
             "`bench --recommend MODEL.pt` chose on this CPU.",
         ),
     ] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per Parquet shard (folder output).")] = 1000,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", callback=at_least(1), help="Images per Parquet shard (folder output).")
+    ] = 1000,
     force: Annotated[
-        bool, typer.Option("--force", "-f", help="Folder output: replace shards written by another model/settings.")
+        bool,
+        typer.Option(
+            "--force", "-f", help="Overwrite X.npy/X.json and --json; folder output: replace shards of other settings."
+        ),
     ] = False,
     use_ray: Annotated[bool, typer.Option("--ray", help="Run the folder job as a Ray Data pipeline.")] = False,
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster to join (e.g. auto, ray://host:10001); default: local.")
     ] = None,
-    actors: Annotated[int, typer.Option("--actors", help="Inference actors (one engine each) with --ray.")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", help="GPUs reserved per actor.")] = 0.0,
+    actors: Annotated[
+        int, typer.Option("--actors", callback=at_least(1), help="Inference actors (one engine each) with --ray.")
+    ] = 1,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", callback=at_least(0), help="GPUs reserved per actor.")
+    ] = 0.0,
     cpus_per_actor: Annotated[
         float | None,
-        typer.Option("--cpus-per-actor", help="Logical CPUs per actor (default: the cluster's, less 1 for decoding)."),
+        typer.Option(
+            "--cpus-per-actor",
+            callback=above(0),
+            help="Logical CPUs per actor (default: the cluster's, less 1 for decoding).",
+        ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            callback=at_least(1),
+            help="Folder output in-process: decode workers, decoding while the engine runs (default: every core).",
+        ),
+    ] = None,
+    decode_pool: Annotated[
+        str,
+        typer.Option("--decode-pool", help="thread (default: Pillow releases the GIL) or process (no GIL at all)."),
+    ] = "thread",
+    gpu_decode: Annotated[
+        bool,
+        typer.Option(
+            "--gpu-decode",
+            help="Folder output, in-process, MODEL.pt:device=cuda: decode baseline JPEGs on the GPU (nvJPEG) and "
+            "resize there; its own parity contract (cos >= 0.9999 vs the CPU decoder). Off by default.",
+        ),
+    ] = False,
+    max_pixels: MaxPixelsOpt = DecodeBudget.max_pixels,
+    max_decode_mb: MaxDecodeMbOpt = DecodeBudget.max_decode_mb,
+    max_scans: MaxScansOpt = DecodeBudget.max_scans,
     json_out: JsonOpt = None,
 ) -> None:
     """Descriptors of images: OUTPUT.npy (n x N float32) + OUTPUT.json, or a folder of Parquet shards.
 
-    Unreadable images are reported and skipped. Folder output is resumable: re-running the same command
-    writes only the shards that are missing.
+    Unreadable images, and images over the decode budget (--max-pixels, --max-decode-mb, --max-scans), are
+    reported and skipped. Folder output is resumable: re-running the same command writes only the shards that
+    are missing.
     """
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
-    if threads is not None and threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {threads}")
+    budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
     if output.suffix.lower() == ".npy":
-        if use_ray:
-            raise DToPError("--ray writes Parquet shards: give -o a folder (e.g. -o embeddings/)")
-        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision)
+        if use_ray or gpu_decode:
+            flag = "--ray" if use_ray else "--gpu-decode"
+            raise DToPError(f"{flag} is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
+        refuse_existing(output, output.with_suffix(".json"), force=force)
+        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget)
         return
-    if output.suffix and not output.is_dir():
-        raise DToPError(f"output {output} should end in .npy (one matrix) or name a folder (shards)")
+    refuse_existing(json_out, force=force)
     if len(images) != 1:
         raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
     from dtop_export.corpus.embed import CorpusJob
@@ -112,6 +185,7 @@ def embed(
         model=model, source=images[0], output=output, batch_size=batch_size, scales=sc, image_size=image_size,
         threads=threads, precision=precision, shard_size=shard_size, force=force, progress=progress,
         use_ray=use_ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        decode=budget, workers=workers, decode_pool=decode_pool, gpu_decode=gpu_decode,
     )  # fmt: skip
     _embed_shards(job, json_out)
 
@@ -136,15 +210,21 @@ def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
         rows["start-up s (to the first result)"] = f"{summary.first_result_s:.1f}"
     if summary.steady_images_per_s is not None:
         rows["images/s after start-up"] = f"{summary.steady_images_per_s:.2f}"
+    if summary.startup:
+        rows["fixed costs s"] = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f}"
+                                          for k, v in summary.startup.items())  # fmt: skip
+    if summary.feed:
+        f = summary.feed
+        rows["decode workers"] = f"{f['workers']} {f['pool']}(s), {f['batches']} batches of <= {job.batch_size}"
     for name, value in rows.items():
         table.add_row(name, str(value))
     con.print(table)
     if summary.actors:
         per = Table(title="per actor (images/s while embedding)")
-        for col in ("actor", "images", "busy s", "images/s"):
+        for col in ("actor", "images", "busy s", "images/s", "start-up s"):
             per.add_column(col, justify="right" if col != "actor" else "left")
         for a in summary.actors:
-            per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}")
+            per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}", f"{a.startup_s:.1f}")
         con.print(per)
     if summary.skipped:
         con.print(f"skipped {summary.skipped} unreadable image(s): listed in {job.output / 'manifest.json'}")
@@ -162,12 +242,18 @@ def _embed_npy(
     progress: bool,
     threads: int | None,
     precision: str | None,
+    budget: DecodeBudget,
 ) -> None:
     import numpy as np
 
     from dtop_export.atomic import atomic_path
+    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.runtime import open_model
-    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
+    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.identity import checkpoint_of
+    from dtop_export.memory import check_image_size
+    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images, load_image
+    from dtop_export.retrieval.datasets import NPY_FORMAT
     from dtop_export.retrieval.extract import extract
 
     if not any(Path(i).exists() for i in images):
@@ -179,9 +265,10 @@ def _embed_npy(
     errors: list[tuple[int, str]] = []
     with engine:
         size = image_size or engine.preprocess.size
+        check_image_size(size, sc, batch_size, engine.preprocess.stride)
         desc = extract(
             engine, paths, None, sc, None, progress, image_size=size, batch_size=batch_size, errors=errors,
-            description="embedding",
+            description="embedding", load=lambda p: load_image(p, budget=budget),
         )  # fmt: skip
     for _, msg in errors:
         typer.echo(f"skipped: {msg}", err=True)
@@ -195,7 +282,10 @@ def _embed_npy(
     write_json(
         sidecar,
         {
+            "format": NPY_FORMAT,
             "model": str(model),
+            "model_sha256": file_sha256(parse_spec(model).path),
+            "checkpoint_sha256": checkpoint_of(model) or "",
             "engine": engine.describe(),
             "descriptor_dim": int(desc.shape[1]),
             "image_size": size,

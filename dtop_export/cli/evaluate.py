@@ -19,6 +19,7 @@ from dtop_export.cli.common import (
     app,
     open_engine,
     output_option,
+    refuse_existing,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -49,21 +50,46 @@ def evaluate(
         str | None,
         typer.Option("--precision", help="As `embed --precision` (auto: what `bench --recommend MODEL.pt` chose)."),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Overwrite --json/--picture; use --distractors that fail a check (unfinished, other image size or "
+            "scales, not unit norm, embedded by a model of another checkpoint) with a warning.",
+        ),
+    ] = False,
 ) -> None:
     """Revisited Oxford/Paris evaluation: Easy/Medium/Hard mAP and mP@1/5/10 of MODEL on a data set."""
+    from dtop_export.corpus.integrity import open_distractors
+    from dtop_export.memory import check_image_size
     from dtop_export.retrieval.datasets import resolve_dataset
-    from dtop_export.retrieval.evaluate import evaluate_dataset
+    from dtop_export.retrieval.evaluate import evaluate_dataset, evaluation_size
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
-    ds = resolve_dataset(dataset, data_root)
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
+    refuse_existing(json_out, picture, force=force)
+    ds = resolve_dataset(dataset, data_root)
+    if distractors is not None:
+        from dtop_export.identity import check_distractors
+
+        warning = check_distractors(model, distractors, force)
+        if warning:
+            typer.echo(warning, err=True)
     engine = open_engine(model, precision=precision)
     captured: dict[str, Any] = {}
     with engine:
+        size = evaluation_size(ds, engine, image_size)
+        check_image_size(size, sc, batch_size, engine.preprocess.stride)
+        dis = None
+        if distractors is not None:  # checked before the data set is embedded: a refusal costs nothing
+            dis, warnings = open_distractors(distractors, engine.descriptor_dim, size, sc, force)
+            for w in warnings:
+                typer.echo(f"warning: {w}", err=True)
         result = evaluate_dataset(
-            engine, ds, sc, not no_crop, batch_size, progress, image_size, distractors=distractors,
+            engine, ds, sc, not no_crop, batch_size, progress, size, distractors=dis,
             on_extract=(lambda db, q: captured.update(db=db, q=q)) if picture is not None else None,
         )  # fmt: skip
     typer.echo(result.table())

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import ForceOpt, ProgressOpt, app, console, output_option, progress_bar
+from dtop_export.cli.common import (
+    ProgressOpt,
+    app,
+    at_least,
+    console,
+    output_option,
+    progress_bar,
+    refuse_existing,
+)
 from dtop_export.errors import DToPError
 
 
@@ -18,51 +26,79 @@ def index(
     kind: Annotated[
         str, typer.Option("--type", help="flat (exact inner product) or ivfpq (compressed, for millions).")
     ] = "flat",
-    nlist: Annotated[int | None, typer.Option("--nlist", help="IVF cells (default ~4*sqrt(n)).")] = None,
-    m: Annotated[int | None, typer.Option("--m", help="PQ sub-quantisers; must divide N (default N/8, <= 64).")] = None,
+    nlist: Annotated[
+        int | None, typer.Option("--nlist", callback=at_least(1), help="IVF cells (default ~4*sqrt(n)).")
+    ] = None,
+    m: Annotated[
+        int | None,
+        typer.Option("--m", callback=at_least(1), help="PQ sub-quantisers; must divide N (default N/8, <= 64)."),
+    ] = None,
     nbits: Annotated[
-        int | None, typer.Option("--nbits", help="Bits per PQ code (default 8; fewer below ~10k).")
+        int | None,
+        typer.Option("--nbits", callback=at_least(1), help="Bits per PQ code, 1..16 (default 8; fewer below ~10k)."),
     ] = None,
     nprobe: Annotated[
-        int, typer.Option("--nprobe", help="IVF cells searched per query (stored; `search` may override).")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--nprobe",
+            callback=at_least(1),
+            help="IVF cells searched per query (default 16; stored, `search` may override).",
+        ),
+    ] = None,
     train_size: Annotated[
-        int | None, typer.Option("--train-size", help="IVF-PQ training sample (default 64 per cell, <= 200k).")
+        int | None,
+        typer.Option(
+            "--train-size", callback=at_least(1), help="IVF-PQ training sample (default 64 per cell, <= 200k)."
+        ),
     ] = None,
     refine: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--refine", help="IVF-PQ: re-rank REFINE*k candidates with 8-bit vectors (+N bytes/image); 0: off."
+            "--refine",
+            callback=at_least(0),
+            help="IVF-PQ: re-rank REFINE*k candidates with 8-bit vectors (+N bytes/image); 0: off.",
         ),
-    ] = 0,
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training sample and k-means.")] = 0,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Overwrite the index and its sidecars; index a folder that fails a check (unfinished, shards missing "
+            "or of other settings, not unit norm) as it is, with a note.",
+        ),
+    ] = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Index the descriptors of a shard folder (added shard by shard; faiss ids = the shards' keys)."""
-    from dtop_export.corpus.index import build_corpus_index, sidecar_paths
-    from dtop_export.corpus.shards import read_manifest, shard_files
+    from dtop_export.corpus.index import build_corpus_index, check_index_options, sidecar_paths
+    from dtop_export.corpus.integrity import verify_folder
 
-    if output.exists() and not force:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
     if output.is_dir():
         raise DToPError(f"{output} is a folder: give -o a file name such as corpus.faiss")
-    shard_files(shards)  # a folder without shards is an error before the progress bar is drawn
-    manifest = read_manifest(shards)
-    total = int((manifest or {}).get("counts", {}).get("embedded", 0)) or None
+    meta, ids = sidecar_paths(output)
+    refuse_existing(output, meta, ids, force=force)
+    check_index_options(kind, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, train_size=train_size, refine=refine)
+    verified = verify_folder(shards, force)  # refusals come before the progress bar is drawn
+    total = verified.n_rows
+    if kind == "ivfpq" and total:
+        from dtop_export.retrieval.search import ivfpq_params
+
+        ivfpq_params(total, verified.settings.descriptor_dim, nlist, m, nbits)
     con = console()
-    with progress_bar(con) as bar:
-        task = bar.add_task(f"indexing ({kind})", total=total, visible=progress)
+
+    def note(text: str) -> None:
+        con.print(text, markup=False, soft_wrap=True, highlight=False)
+
+    with progress_bar(con, enabled=progress) as bar:
+        task = bar.add_task(f"indexing ({kind})", total=total)
         info = build_corpus_index(
             shards, output, kind, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, train_size=train_size, refine=refine,
-            seed=seed,
-            advance=lambda n: bar.advance(task, n),
+            seed=seed, force=force, advance=lambda n: bar.advance(task, n), note=note,
         )  # fmt: skip
-    meta, ids = sidecar_paths(output)
     params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
-    con.print(
+    note(
         f"wrote {output} ({info['type']}, {info['ntotal']} x {info['dim']}{', ' + params if params else ''}), "
-        f"{meta.name} and {ids.name}",
-        markup=False,
-        soft_wrap=True,
+        f"{meta.name} and {ids.name}"
     )

@@ -17,14 +17,16 @@ def info(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="A checkpoint (.pt) or an exported model (.onnx, IR .xml, ExecuTorch .pte, TensorRT .plan)."
+            help="A checkpoint (.pt), an exported model (.onnx, IR .xml, ExecuTorch .pte, TensorRT .plan), a shard "
+            "folder (embed -o DIR), an .npy of descriptors or a faiss index (index -o X.faiss)."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="List the model presets.")] = False,
 ) -> None:
-    """Describe a checkpoint (config, parameters per component, whitening, provenance) or an exported model
-    (ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan: I/O and the deployment metadata)."""
+    """Describe a checkpoint (config, parameters per component, whitening, provenance), an exported model
+    (ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan: I/O and the deployment metadata), or a corpus's files
+    (a shard folder, an .npy of descriptors, a faiss index: settings, counts and an integrity check)."""
     if presets:
         _info_presets(as_json)
         return
@@ -33,6 +35,10 @@ def info(
     from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
 
     suffix = path.suffix.lower()
+    corpus = _describe_corpus(path, suffix)
+    if corpus is not None:
+        _print_info(corpus, as_json, title=str(path))
+        return
     if suffix in (".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES):
         _print_info(_describe_model(path, suffix), as_json, title=str(path))
         return
@@ -59,6 +65,30 @@ def info(
         "provenance": ckpt.provenance,
     }
     _print_info(report, as_json, title=str(path))
+
+
+def _describe_corpus(path: Path, suffix: str) -> dict[str, Any] | None:
+    """A shard folder, an ``.npy`` of descriptors or a faiss index (or one of its sidecars) described; None for
+    anything else."""
+    if path.is_dir():
+        from dtop_export.corpus.integrity import describe_folder
+
+        return describe_folder(path)
+    if not path.is_file():
+        return None
+    if suffix == ".npy":
+        from dtop_export.corpus.integrity import describe_npy
+
+        return describe_npy(path)
+    name = path.name
+    for tail in (".json", ".ids.parquet"):  # an index's sidecar: describe its index
+        if name.endswith(".faiss" + tail):
+            path, suffix = path.with_name(name[: -len(tail)]), ".faiss"
+    if suffix == ".faiss":
+        from dtop_export.corpus.index import describe_index
+
+        return describe_index(path)
+    return None
 
 
 def _describe_model(path: Path, suffix: str) -> dict[str, Any]:

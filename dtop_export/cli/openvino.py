@@ -18,6 +18,7 @@ from dtop_export.cli.common import (
     new_output,
     output_option,
     parse_int_list,
+    refuse_existing,
 )
 
 
@@ -78,6 +79,7 @@ def openvino(
     output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
+    refuse_existing(output.with_suffix(".bin"), force=force)
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
     tensors, source = [], ""
     con = console()
@@ -94,7 +96,9 @@ def openvino(
         )  # fmt: skip
     what = "fp32"
     if int8:
-        what = f"INT8 ({recipe}, {len(tensors)} calibration inputs from {source}; float: {', '.join(roles)})"
+        n = len(tensors) // len(sizes)
+        what = (f"INT8 ({recipe}, calibrated on {n} image(s) x {len(sizes)} size(s) = {len(tensors)} inputs from "
+                f"{source}; float: {', '.join(roles)})")  # fmt: skip
     con.print(
         f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {what}) "
         f"in {r.seconds:.1f} s",
@@ -114,6 +118,7 @@ def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
     hint = choice["options"].get("precision")
     int8 = read_metadata(source).get("dtop.precision") == "int8"
     output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
+    refuse_existing(output.with_suffix(".bin"), force=force)
     con = console()
     with con.status(f"converting {source.name}") as status:
         r = write_ir(source, output, inference_precision=hint, on_step=lambda text: status.update(text))

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import BatchOpt, JsonOpt, app, console, output_option, write_json
+from dtop_export.cli.common import (
+    BatchOpt,
+    JsonOpt,
+    app,
+    at_least,
+    console,
+    output_option,
+    refuse_existing,
+    write_json,
+)
 from dtop_export.errors import DToPError
 
 
@@ -16,43 +25,52 @@ def search(
     index_file: Annotated[Path, typer.Argument(help="An index written by `dtop-export index` (e.g. corpus.faiss).")],
     model: Annotated[str, typer.Argument(help="The model the corpus was embedded with (any of its exported files).")],
     queries: Annotated[list[Path], typer.Argument(help="Query image files or folders.")],
-    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
-    nprobe: Annotated[int | None, typer.Option("--nprobe", help="IVF cells searched (default: the index's).")] = None,
+    k: Annotated[int, typer.Option("-k", callback=at_least(1), help="Results per query.")] = 10,
+    nprobe: Annotated[
+        int | None, typer.Option("--nprobe", callback=at_least(1), help="IVF cells searched (default: the index's).")
+    ] = None,
     refine: Annotated[
-        int | None, typer.Option("--refine", help="Re-rank REFINE*k candidates (index built with --refine).")
+        int | None,
+        typer.Option("--refine", callback=at_least(1), help="Re-rank REFINE*k candidates (index built with --refine)."),
     ] = None,
     batch_size: BatchOpt = 1,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for embedding the queries.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", callback=at_least(1), help="CPU threads for embedding the queries.")
+    ] = None,
     json_out: JsonOpt = None,
     picture: Annotated[
         Path | None, output_option("--picture", help="Write a PNG: each query and its top results (at most 8).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Overwrite --json/--picture; search with a model of another checkpoint than the corpus's.",
+        ),
+    ] = False,
 ) -> None:
     """Embed QUERIES with MODEL (the corpus's image size and scales) and print their top-k corpus images."""
     from rich.table import Table
 
-    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.index import CorpusIndex
     from dtop_export.corpus.runtime import open_model
-    from dtop_export.corpus.shards import file_sha256
+    from dtop_export.identity import check_model_for_corpus
     from dtop_export.preprocess import expand_images
     from dtop_export.retrieval.extract import extract
 
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
+    refuse_existing(json_out, picture, force=force)
     idx = CorpusIndex(index_file)
     paths = expand_images(queries)
     if not paths:
         raise DToPError("no query images given")
     corpus = idx.info["corpus"]
     con = console()
-    if file_sha256(parse_spec(model).path) != corpus["model_sha256"]:
-        con.print(
-            f"warning: {model} is not the file the corpus was embedded with ({corpus['model']}); scores are only "
-            "meaningful for the same model (another export of the same checkpoint is fine)",
-            markup=False,
-            soft_wrap=True,
-        )
+    warning = check_model_for_corpus(model, corpus, f"index {idx.path}", force)
+    if warning:
+        con.print(warning, markup=False, soft_wrap=True)
     with open_model(model, threads) as engine:
         if engine.descriptor_dim != idx.dim:
             raise DToPError(f"{model} gives {engine.descriptor_dim}-d descriptors; the index holds {idx.dim}-d ones")

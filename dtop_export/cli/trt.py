@@ -58,22 +58,46 @@ def trt(
     ] = False,
     report: Annotated[Path | None, output_option("--json", help="--self-test: write the JSON report here.")] = None,
     device: Annotated[int, typer.Option("--device", help="CUDA device index.")] = 0,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (the installed one; TensorRT when both are, TensorRT-RTX with --target), tensorrt or rtx.",
+        ),
+    ] = "auto",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="TensorRT-RTX: build without a GPU for these compute capabilities, one plan each: "
+            "sm75, sm80, sm86, sm89, sm120, sm121 (comma-separated; MODEL.sm86.plan ... for several).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing engine.")] = False,
 ) -> None:
-    r"""Build a TensorRT engine (.plan + .plan.json sidecar) with dynamic-shape profiles. Needs an NVIDIA GPU and
-    `pip install 'dtop-export\[cuda12]'` (or \[cuda13]); --print-trtexec works anywhere; --self-test checks a
-    new GPU machine end to end (exit 2 when TensorRT or the GPU is missing)."""
+    r"""Build a TensorRT engine (.plan + .plan.json sidecar) with dynamic-shape profiles: with TensorRT on this GPU
+    (`pip install 'dtop-export\[cuda12]'`, or \[cuda13]), or with TensorRT-RTX (\[rtx-cuda12]) on this GPU or,
+    with --target, for named GPU architectures without one. --print-trtexec works anywhere; --self-test checks a
+    machine end to end (exit 0 pass, 1 fail, 2 nothing to test with, 3 built but not run: needs a GPU)."""
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.tensorrt.builder import build_engine, prepare_fp16_onnx
+    from dtop_export.engines.tensorrt.builder import build_engine, build_engines
+    from dtop_export.engines.tensorrt.install import BACKENDS
     from dtop_export.engines.tensorrt.profiles import make_profiles
+    from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
     from dtop_export.engines.tensorrt.trtexec import default_trt_major, trtexec_command
+    from dtop_export.fp16.convert import prepare_fp16_onnx
 
+    if backend not in BACKENDS:
+        raise DToPError(f"unknown --backend {backend!r}: choose {', '.join(BACKENDS)}")
+    targets = parse_targets(target) if target is not None else None
     if self_test:
-        if model is not None or print_trtexec:
-            raise DToPError("--self-test takes no MODEL and no --print-trtexec: it exports its own test models")
+        if model is not None or print_trtexec or targets:
+            raise DToPError("--self-test takes no MODEL, --target or --print-trtexec: it exports its own test models")
         from dtop_export.pipeline.trt_selftest import run_self_test
 
-        raise typer.Exit(run_self_test(full=full, device=device, report_path=report, console=console()))
+        raise typer.Exit(
+            run_self_test(full=full, device=device, report_path=report, console=console(), backend=backend)
+        )
     if full or report is not None:
         raise DToPError("--full and --json belong to --self-test")
     if model is None:
@@ -83,8 +107,13 @@ def trt(
     if not model.is_file():
         raise DToPError(f"ONNX file {model} not found")
     output = output or model.with_suffix(".plan")
-    if output.exists() and not force and not print_trtexec:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    outputs = plan_paths(output, targets) if targets else [output]
+    for out in outputs if not print_trtexec else ():
+        if out.exists() and not force:
+            raise DToPError(f"{out} exists: pass --force to overwrite it")
+    if print_trtexec and (targets or backend == "rtx"):
+        raise DToPError("--print-trtexec prints TensorRT's trtexec line; TensorRT-RTX builds (--target, --backend rtx) "
+                        "run here directly")  # fmt: skip
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     keep = parse_keep_fp32(keep_fp32)
@@ -132,25 +161,37 @@ def trt(
         )
         return
 
-    with con.status("building the TensorRT engine (minutes)"):
-        r = build_engine(
-            model,
-            output,
-            fp16=fp16,
-            profiles=profiles,
-            workspace_gb=workspace,
-            timing_cache=timing_cache,
-            weak_typing=weak_typing,
-            tf32=not no_tf32,
-            keep_fp32_nodes=keep,
-            fp16_onnx_path=fp16_path,
-            device=device,
+    common = {
+        "fp16": fp16,
+        "profiles": profiles,
+        "workspace_gb": workspace,
+        "timing_cache": timing_cache,
+        "weak_typing": weak_typing,
+        "tf32": not no_tf32,
+        "keep_fp32_nodes": keep,
+        "fp16_onnx_path": fp16_path,
+        "device": device,
+        "backend": backend,
+    }
+    with con.status("building the TensorRT engine (minutes)") as status:
+        if targets:
+            results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
+        else:
+            results = [build_engine(model, output, **common)]
+    for r in results:
+        p = r.info.precision
+        net = p.get("network") or {}
+        layers = f", network {net['fp16_layers']} FP16 / {net['fp32_layers']} FP32 layers" if net else ""
+        con.print(
+            f"wrote {r.plan} ({r.size_bytes / 2**20:.1f} MiB) + {r.sidecar.name} in {r.seconds:.1f} s: "
+            f"{r.info.built_with()}, {p['mode']} {p['typing']}ly typed, {len(p['fp32_nodes'])} FP32 island nodes"
+            f"{layers}; profiles " + "; ".join(q.describe() for q in profiles),
+            soft_wrap=True,
         )
-    p = r.info.precision
-    con.print(
-        f"wrote {r.plan} ({r.size_bytes / 2**20:.1f} MiB) + {r.sidecar.name} in {r.seconds:.0f} s: "
-        f"TensorRT {r.info.tensorrt_version} on {r.info.gpu['name']} (sm {r.info.gpu['compute_capability']}), "
-        f"{p['mode']} {p['typing']}ly typed, {len(p['fp32_nodes'])} FP32 nodes, profiles "
-        + "; ".join(q.describe() for q in profiles),
-        soft_wrap=True,
-    )
+    if targets:
+        con.print(
+            f"built, not run here: each plan runs with {results[0].info.flavour.label} "
+            f"{results[0].info.tensorrt_version} on a GPU of its compute capability "
+            "(`dtop-export parity`/`embed` there check it)",
+            soft_wrap=True,
+        )

@@ -1,16 +1,17 @@
 """Embed a corpus into shards: the job description, the shard assembler both runners feed, and the in-process runner.
 
 ``embed_corpus(job)`` lists SOURCE (:mod:`~dtop_export.corpus.source`), works out which shards are still to
-write (:func:`~dtop_export.corpus.shards.prepare_folder`), then runs either in this process (the default) or
-on a Ray cluster (:mod:`~dtop_export.corpus.ray_pipeline`). Both runners hand every (image, scale) descriptor
-or read error to one :class:`ShardAssembler`, which combines scales exactly as
-:func:`~dtop_export.retrieval.extract.extract` does, ignores duplicates (a retried Ray task may deliver an
-image twice) and writes a shard the moment all of its images are accounted for.
+write (:func:`~dtop_export.corpus.shards.prepare_folder`), then runs either in this process (the default,
+:mod:`~dtop_export.corpus.feed`: decoding on every core while the engine runs) or on a Ray cluster
+(:mod:`~dtop_export.corpus.ray_pipeline`); both batch images of one input shape together
+(:mod:`~dtop_export.corpus.schedule`). Both runners hand every (image, scale) descriptor or read error to one
+:class:`ShardAssembler`, which combines scales exactly as :func:`~dtop_export.retrieval.extract.extract` does,
+ignores duplicates (a retried Ray task may deliver an image twice) and writes a shard the moment all of its
+images are accounted for.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,13 +24,14 @@ import numpy as np
 from dtop_export.corpus.runtime import (
     ActorStats,
     ModelContract,
+    check_gpu_decode,
     check_placement,
     engine_options,
     model_contract,
-    open_model,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
-from dtop_export.errors import DToPError
+from dtop_export.errors import DToPError, Interrupted
+from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
     from dtop_export.corpus.source import CorpusItem
@@ -57,6 +59,10 @@ class CorpusJob:
     actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None
+    decode: DecodeBudget = field(default_factory=DecodeBudget)  # what decoding one image may cost
+    workers: int | None = None  # in-process decode workers (default: every core)
+    decode_pool: str = "thread"  # in-process decode workers: threads or processes
+    gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
 
 
 @dataclass
@@ -76,6 +82,8 @@ class CorpusSummary:
     actors: list[ActorStats] = field(default_factory=list)
     first_result_s: float | None = None  # start-up: from the start to the first result (model load, cluster)
     steady_images_per_s: float | None = None  # the images after the first result over the time after it
+    startup: dict[str, float] = field(default_factory=dict)  # the fixed costs: listing, model load, warm-up...
+    feed: dict[str, Any] = field(default_factory=dict)  # the decode pool's work and what ran concurrently
 
     @property
     def images_per_s(self) -> float:
@@ -248,42 +256,12 @@ def progress_bar(enabled: bool) -> Any:
     )
 
 
-def run_local(job: CorpusJob, assembler: ShardAssembler, advance: Callable[[int], None]) -> list[ActorStats]:
-    """Embed the assembler's pending items in this process, shard by shard, through
-    :func:`~dtop_export.retrieval.extract.extract` (the same path as ``embed -o x.npy``)."""
-    from dtop_export.corpus.source import load_item
-    from dtop_export.retrieval.extract import extract
-
-    stats = ActorStats("local")
-    todo = assembler.items()
-    if not todo:
-        return [stats]
-    with open_model(job.model, job.threads, job.precision) as engine:
-        for _, group in itertools.groupby(todo, key=lambda it: it.key // job.shard_size):
-            chunk = list(group)
-            errors: list[tuple[int, str]] = []
-            t0 = time.perf_counter()
-            desc = extract(
-                engine, [it.path for it in chunk], None, job.scales, None, False, image_size=job.image_size,
-                batch_size=job.batch_size, errors=errors, load=load_item, advance=advance,
-            )  # fmt: skip
-            stats.busy_s += time.perf_counter() - t0
-            bad = dict(errors)
-            rows = iter(desc)
-            for i, it in enumerate(chunk):
-                if i in bad:
-                    assembler.fail(it.key, bad[i])
-                else:
-                    assembler.add_final(it.key, next(rows))
-            stats.images += len(chunk) - len(bad)
-    return [stats]
-
-
 def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract, engine: str) -> CorpusSettings:
     """The :class:`CorpusSettings` fingerprint of ``job`` over ``items``; ``engine`` from :func:`engine_key`."""
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
     from dtop_export.corpus.source import listing_sha256
+    from dtop_export.identity import checkpoint_of
 
     return CorpusSettings(
         model=job.model,
@@ -297,6 +275,7 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         n_items=len(items),
         listing_sha256=listing_sha256(items),
         engine=engine,
+        checkpoint_sha256=checkpoint_of(job.model) or "",
     )
 
 
@@ -308,28 +287,87 @@ def engine_key(job: CorpusJob) -> str:
     return path.name + (f":{opts}" if opts else "")
 
 
+def check_job(job: CorpusJob) -> None:
+    """Refuse, before anything is listed, opened or written, numbers a job cannot run with (the CLI checks them while
+    it parses; this is the library's own check)."""
+    for name, value, low in (
+        ("--batch-size", job.batch_size, 1), ("--shard-size", job.shard_size, 1), ("--threads", job.threads, 1),
+        ("--image-size", job.image_size, 1), ("--actors", job.actors, 1), ("--gpus-per-actor", job.gpus_per_actor, 0),
+    ):  # fmt: skip
+        if value is not None and not value >= low:
+            raise DToPError(f"{name} must be >= {low}, got {value:g}")
+    if job.cpus_per_actor is not None and not job.cpus_per_actor > 0:
+        raise DToPError(f"--cpus-per-actor must be > 0, got {job.cpus_per_actor:g}")
+    if job.output.exists() and not job.output.is_dir():
+        raise DToPError(f"{job.output} exists and is not a folder: choose another -o")
+    if job.workers is not None and not job.workers >= 1:
+        raise DToPError(f"--workers must be >= 1, got {job.workers}")
+    if job.decode_pool not in ("thread", "process"):
+        raise DToPError(f"--decode-pool must be thread or process, got {job.decode_pool!r}")
+    if job.gpu_decode:
+        check_gpu_decode(job.model, job.use_ray)
+
+
 def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> CorpusSummary:
     """Run ``job``: list SOURCE, reuse complete shards, embed the rest (in-process or on Ray), write the manifest.
 
+    Everything that can refuse the job (options, source, model, memory, the Ray cluster's resources) is checked
+    before the output folder is touched; then the folder is locked for this job (:mod:`~dtop_export.corpus.lock`).
     Returns the summary; the manifest (``OUT_DIR/manifest.json``) holds it too, with every skipped image.
     """
-    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
     from dtop_export.corpus.source import list_source
+    from dtop_export.memory import check_image_size
 
-    say = log or (lambda _: None)
-    if job.batch_size < 1:
-        raise DToPError(f"--batch-size must be >= 1, got {job.batch_size}")
-    if job.shard_size < 1:
-        raise DToPError(f"--shard-size must be >= 1, got {job.shard_size}")
-    if job.threads is not None and job.threads < 1:
-        raise DToPError(f"--threads must be >= 1, got {job.threads}")
+    check_job(job)
     engine = engine_key(job)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     t0 = time.perf_counter()
     items = list_source(job.source)
+    startup = {"listing_s": time.perf_counter() - t0}
     contract = model_contract(job.model)
     settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
+    ray_plan = None
+    if not job.use_ray:  # a Ray job's memory is its nodes': plan_ray checks it against theirs
+        check_image_size(settings.image_size, job.scales, job.batch_size, contract.preprocess.stride)
+    else:
+        from dtop_export.corpus.ray_pipeline import plan_ray
+
+        ray_plan = plan_ray(job, contract)
+    try:
+        from dtop_export.corpus.lock import folder_lock
+
+        job.output.mkdir(parents=True, exist_ok=True)
+        with folder_lock(job.output, "embed job"):
+            try:
+                return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
+            except KeyboardInterrupt as e:
+                from dtop_export.corpus.shards import shard_is_complete
+
+                n = settings.n_shards()
+                done = sum(shard_is_complete(job.output, k, settings) for k in range(n))
+                raise Interrupted(
+                    f"{done} of {n} shard(s) are complete in {job.output} (each shard is written whole); run the same "
+                    "command again to embed the rest"
+                ) from e
+    finally:
+        if ray_plan is not None:
+            ray_plan.close()
+
+
+def _run_job(
+    job: CorpusJob,
+    items: list[CorpusItem],
+    contract: ModelContract,
+    settings: CorpusSettings,
+    ray_plan: Any,
+    start: tuple[float, dict[str, float]],
+    say: Callable[[str], None],
+) -> CorpusSummary:
+    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
+
+    t0, startup = start
+    feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
     say(
@@ -353,12 +391,14 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
 
         if n_todo == 0:
             stats: list[ActorStats] = []
-        elif job.use_ray:
+        elif ray_plan is not None:
             from dtop_export.corpus.ray_pipeline import run_ray
 
-            stats = run_ray(job, contract, assembler, advance, say)
+            stats = run_ray(job, contract, assembler, advance, say, ray_plan, startup)
         else:
-            stats = run_local(job, assembler, advance)
+            from dtop_export.corpus.feed import run_local
+
+            stats = run_local(job, assembler, advance, feed, startup)
     end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
@@ -376,6 +416,8 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         actors=stats,
         first_result_s=first[0][0] - t0 if first else None,
         steady_images_per_s=steady_rate(first[0], (end, n_todo)) if first else None,
+        startup={k: round(v, 4) for k, v in startup.items()},
+        feed=feed,
     )
     write_manifest(
         job.output,

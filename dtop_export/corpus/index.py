@@ -4,8 +4,10 @@
 ``flat`` is an exact ``IndexIDMap2(IndexFlatIP)``; ``ivfpq`` an ``IndexIDMap2(IndexIVFPQ)`` trained on a random
 sample of the rows first (optionally re-ranked by 8-bit vectors: ``IndexRefine``). The faiss ids are the shard
 rows' ``key``. Next to the index: ``corpus.faiss.json`` (type, parameters, the corpus's model and preprocessing
-settings from its manifest) and ``corpus.faiss.ids.parquet`` (key -> id, path). :class:`CorpusIndex` loads the
-three and answers ``search(queries, k)`` with ids and paths. faiss is imported inside the functions.
+settings from its manifest, the index file's sha256) and ``corpus.faiss.ids.parquet`` (key -> id, path; the index's
+sha256 in its metadata). :class:`CorpusIndex` loads the three, refuses them unless they belong together (row counts,
+keys, the index's sha256), and answers ``search(queries, k)`` with ids and paths. faiss is imported inside the
+functions.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dtop_export.errors import DToPError
 
 INDEX_FORMAT = "dtop-export/faiss-index"
 INDEX_TYPES = ("flat", "ivfpq")
+IDS_META_KEY = b"dtop.index_sha256"  # the ids sidecar names the index it belongs to
 
 
 def sidecar_paths(index_path: Path) -> tuple[Path, Path]:
@@ -30,19 +33,47 @@ def sidecar_paths(index_path: Path) -> tuple[Path, Path]:
     return index_path.with_name(index_path.name + ".json"), index_path.with_name(index_path.name + ".ids.parquet")
 
 
-def _sample_rows(folder: Path, rows: list[int], size: int, seed: int) -> np.ndarray:
+def _sample_rows(files: list[Path], rows: list[int], size: int, seed: int) -> np.ndarray:
     """``size`` descriptors drawn uniformly without replacement from all shards, read shard by shard."""
-    from dtop_export.corpus.shards import read_shard, shard_files
+    from dtop_export.corpus.shards import read_shard
 
     total = sum(rows)
     pick = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
     out, start = [], 0
-    for path, n in zip(shard_files(folder), rows):
+    for path, n in zip(files, rows):
         local = pick[(pick >= start) & (pick < start + n)] - start
         if len(local):
             out.append(read_shard(path, ("descriptor",))["descriptor"][local])
         start += n
     return np.ascontiguousarray(np.concatenate(out), np.float32)
+
+
+IVFPQ_OPTIONS = ("nlist", "m", "nbits", "train_size", "refine", "nprobe")
+
+
+def check_index_options(kind: str, **given: int | None) -> list[str]:
+    """Refuse index options out of range (each must be >= 1 where given, ``refine`` >= 0, ``nbits`` 1..16); returns
+    what the index type ignores (IVF-PQ options given for a flat index) as notes."""
+    if kind not in INDEX_TYPES:
+        raise DToPError(f"unknown index type {kind!r}: choose {', '.join(INDEX_TYPES)}")
+    for name, value in given.items():
+        low = 0 if name == "refine" else 1
+        if value is not None and value < low:
+            raise DToPError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    nbits = given.get("nbits")
+    if nbits is not None and nbits > 16:
+        raise DToPError(f"--nbits must be 1..16, got {nbits}")
+    ignored = [f"--{k.replace('_', '-')}" for k in IVFPQ_OPTIONS if given.get(k) is not None]
+    if kind == "flat" and ignored:
+        return [f"note: a flat index is exact: {', '.join(ignored)} (IVF-PQ options, --type ivfpq) ignored"]
+    return []
+
+
+def _quiet_clustering(index: Any) -> None:
+    """faiss prints a ``WARNING clustering`` line per k-means (one per PQ sub-quantiser: dozens) when a training
+    set is below 39 points per centroid; the caller says it once instead."""
+    index.cp.min_points_per_centroid = 1
+    index.pq.cp.min_points_per_centroid = 1
 
 
 def build_corpus_index(
@@ -53,43 +84,49 @@ def build_corpus_index(
     nlist: int | None = None,
     m: int | None = None,
     nbits: int | None = None,
-    nprobe: int = 32,
+    nprobe: int | None = None,
     train_size: int | None = None,
-    refine: int = 0,
+    refine: int | None = None,
     seed: int = 0,
+    force: bool = False,
     advance: Callable[[int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Index the shards of ``folder`` into ``output`` (+ sidecars, all written atomically); returns the sidecar.
 
+    The folder is checked first (:func:`~dtop_export.corpus.integrity.verify_folder`, each shard's rows as they are
+    added: :func:`~dtop_export.corpus.integrity.check_rows`); ``force`` indexes what can be indexed, with a note.
     IVF-PQ trains on ``train_size`` random rows (default: 64 per cell or 39 per PQ centroid, whichever is more,
-    at most 200k); ``nlist``/``m``/``nbits`` default as :func:`~dtop_export.retrieval.search.ivfpq_params`.
-    ``refine`` > 0 re-ranks ``refine * k`` IVF-PQ candidates with 8-bit scalar-quantised vectors (N more bytes per
-    image; recovers the exact top-k order that PQ alone blurs).
-    ``advance(rows)`` is called after each shard is added.
+    at most 200k); ``nlist``/``m``/``nbits`` default as :func:`~dtop_export.retrieval.search.ivfpq_params`,
+    ``nprobe`` to 16. ``refine`` > 0 re-ranks ``refine * k`` IVF-PQ candidates with 8-bit scalar-quantised vectors
+    (N more bytes per image; recovers the exact top-k order that PQ alone blurs). ``advance(rows)`` is called
+    after each shard is added; ``note(text)`` gets what the user should know (ignored options, a small training
+    set, what ``force`` let through).
     """
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dtop_export.atomic import atomic_path
-    from dtop_export.corpus.shards import read_manifest, read_shard, shard_files
+    from dtop_export.corpus.integrity import check_rows, verify_folder
+    from dtop_export.corpus.shards import read_shard
+    from dtop_export.digest import file_sha256
     from dtop_export.retrieval.search import ivfpq_params, new_ivfpq
 
+    say = note or (lambda _text: None)
     folder, output = Path(folder), Path(output)
-    if kind not in INDEX_TYPES:
-        raise DToPError(f"unknown index type {kind!r}: choose {', '.join(INDEX_TYPES)}")
-    files = shard_files(folder)
-    manifest = read_manifest(folder)
-    if manifest is None or manifest.get("status") != "complete":
-        raise DToPError(f"{folder} is not a complete embedding (no complete manifest.json): re-run `dtop-export embed`")
-    rows = [pq.read_metadata(p).num_rows for p in files]
-    n = sum(rows)
+    options = {"nlist": nlist, "m": m, "nbits": nbits, "train_size": train_size, "refine": refine, "nprobe": nprobe}
+    for text in check_index_options(kind, **options):
+        say(text)
+    verified = verify_folder(folder, force)
+    for text in verified.warnings:
+        say(f"--force: {text}")
+    files, rows, settings = verified.files, verified.rows, verified.settings
+    n = verified.n_rows
     if n == 0:
         raise DToPError(f"{folder} holds no descriptors (every image was skipped)")
-    dim = int(manifest["settings"]["descriptor_dim"])
+    dim = settings.descriptor_dim
     params: dict[str, Any] = {}
-    if refine < 0:
-        raise DToPError(f"--refine must be >= 0, got {refine}")
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     else:
@@ -97,9 +134,14 @@ def build_corpus_index(
         size = train_size or min(n, max(64 * nlist, 39 * 2**nbits), 200_000)
         if size > n:
             raise DToPError(f"--train-size {size} is larger than the corpus ({n} descriptors)")
-        sample = _sample_rows(folder, rows, size, seed)
+        sample = _sample_rows(files, rows, size, seed)
         ivf = new_ivfpq(len(sample), dim, nlist, m, nbits, seed)
-        ivf.nprobe = min(nprobe, nlist)
+        _quiet_clustering(ivf)
+        wanted = max(39 * nlist, 39 * 2**nbits)
+        if len(sample) < wanted:
+            say(f"note: training on {len(sample)} vectors, fewer than the {wanted} faiss suggests for nlist={nlist} "
+                f"and {nbits}-bit codes (39 per centroid): recall may suffer; fine for a small corpus")  # fmt: skip
+        ivf.nprobe = min(nprobe or 16, nlist)
         inner = ivf
         if refine:
             sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
@@ -111,7 +153,9 @@ def build_corpus_index(
         params.update({"refine": refine} if refine else {})
     keys, ids, paths = [], [], []
     for path in files:
-        shard = read_shard(path)
+        shard = read_shard(path, ("key", "id", "path", "descriptor", "model_sha256"))
+        for text in check_rows(shard, path, settings, force):
+            say(f"--force: {text}")
         if len(shard["key"]):
             index.add_with_ids(np.ascontiguousarray(shard["descriptor"]), shard["key"])
         keys.append(shard["key"])
@@ -119,23 +163,33 @@ def build_corpus_index(
         paths += shard["path"]
         if advance:
             advance(len(shard["key"]))
+    all_keys = np.concatenate(keys)
+    if len(np.unique(all_keys)) != len(all_keys):  # only under force can shards overlap
+        raise DToPError(f"{folder} holds some keys twice (shards of another job): remove the foreign shards")
     meta_path, ids_path = sidecar_paths(output)
-    info = {
-        "format": INDEX_FORMAT,
-        "type": kind,
-        "ntotal": int(index.ntotal),
-        "dim": dim,
-        "params": params,
-        "shards": str(folder.resolve()),
-        "corpus": {k: manifest["settings"][k] for k in ("model", "model_sha256", "preprocess", "image_size", "scales")},
-    }
-    table = pa.table({"key": pa.array(np.concatenate(keys), pa.int64()), "id": ids, "path": paths})
-    with atomic_path(ids_path) as tmp:
-        pq.write_table(table, tmp)
     with atomic_path(output) as tmp:
         faiss.write_index(index, str(tmp))
-    with atomic_path(meta_path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        index_sha = file_sha256(tmp)
+        info = {
+            "format": INDEX_FORMAT,
+            "type": kind,
+            "ntotal": int(index.ntotal),
+            "dim": dim,
+            "params": params,
+            "index_sha256": index_sha,
+            "shards": str(folder.resolve()),
+            "corpus": {
+                "model": settings.model, "model_sha256": settings.model_sha256, "preprocess": settings.preprocess,
+                "image_size": settings.image_size, "scales": settings.scales,
+                "checkpoint_sha256": settings.checkpoint_sha256,
+            },
+        }  # fmt: skip
+        table = pa.table({"key": pa.array(all_keys, pa.int64()), "id": ids, "path": paths})
+        table = table.replace_schema_metadata({IDS_META_KEY: index_sha.encode()})
+        with atomic_path(ids_path) as ids_tmp:
+            pq.write_table(table, ids_tmp)
+        with atomic_path(meta_path) as meta_tmp:
+            meta_tmp.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -167,21 +221,52 @@ class CorpusIndex:
         for p in (self.path, meta_path, ids_path):
             if not p.is_file():
                 raise DToPError(f"{p} not found: build the index with `dtop-export index SHARD_DIR -o {self.path}`")
-        self.info = read_tagged_json(
-            meta_path,
-            INDEX_FORMAT,
-            "a dtop-export index sidecar",
-            f"rebuild it with `dtop-export index ... -o {self.path}`",
-        )
+        rebuild = f"rebuild it with `dtop-export index SHARD_DIR -o {self.path} --force`"
+        self.info = read_tagged_json(meta_path, INDEX_FORMAT, "a dtop-export index sidecar", rebuild)
         try:
             self.index = faiss.read_index(str(self.path))
         except RuntimeError as e:
             raise DToPError(f"{self.path} is not a readable faiss index: {str(e).splitlines()[0]}") from e
-        table = pq.read_table(ids_path)
-        order = np.argsort(table.column("key").to_numpy(), kind="stable")
-        self.keys = table.column("key").to_numpy()[order]
-        self.ids = np.asarray(table.column("id").to_pylist(), dtype=object)[order]
-        self.paths = np.asarray(table.column("path").to_pylist(), dtype=object)[order]
+        try:
+            table = pq.read_table(ids_path)
+            keys = table.column("key").to_numpy()
+            ids, paths = table.column("id").to_pylist(), table.column("path").to_pylist()
+            owner = (table.schema.metadata or {}).get(IDS_META_KEY, b"").decode()
+        except Exception as e:  # noqa: BLE001 - any reader failure: the sidecar is damaged
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DToPError(f"{ids_path} is damaged or not an ids sidecar ({first}): {rebuild}") from e
+        self._check_sidecars(ids_path, len(keys), owner, rebuild)
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        if not np.array_equal(self.keys, np.sort(self._index_ids())):
+            raise DToPError(f"{ids_path} lists other keys than {self.path} holds: {rebuild}")
+        self.ids = np.asarray(ids, dtype=object)[order]
+        self.paths = np.asarray(paths, dtype=object)[order]
+
+    def _check_sidecars(self, ids_path: Path, rows: int, owner: str, rebuild: str) -> None:
+        """The three files are one index: the same row count everywhere, and (indexes built since the sidecars
+        record it) the index file's sha256 in both sidecars."""
+        from dtop_export.digest import file_sha256
+
+        counts = {"the index": int(self.index.ntotal), "its .json": int(self.info.get("ntotal", -1)), "its ids": rows}
+        if len(set(counts.values())) != 1:
+            found = ", ".join(f"{k} {v}" for k, v in counts.items())
+            raise DToPError(f"{self.path} and its sidecars disagree on the row count ({found}): {rebuild}")
+        recorded = self.info.get("index_sha256")
+        if recorded is not None:
+            actual = file_sha256(self.path)
+            if actual != recorded:
+                raise DToPError(f"{self.path} is not the index its .json sidecar describes: {rebuild}")
+            if owner != recorded:
+                raise DToPError(f"{ids_path} belongs to another index than {self.path}: {rebuild}")
+
+    def _index_ids(self) -> np.ndarray:
+        import faiss
+
+        index = faiss.downcast_index(self.index)
+        if not hasattr(index, "id_map"):
+            raise DToPError(f"{self.path} is a faiss index without ids: not one `dtop-export index` wrote")
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
 
     @property
     def dim(self) -> int:
@@ -224,3 +309,29 @@ class CorpusIndex:
                 hits.append(Hit(rank, float(s), int(key), str(self.ids[j]), str(self.paths[j])))
             out.append(hits)
         return out
+
+
+def describe_index(path: Path) -> dict[str, Any]:
+    """``info`` of an index: its ``.json`` sidecar (type, parameters, corpus settings), file sizes, and whether the
+    index and its sidecars belong together (:class:`CorpusIndex` opens them)."""
+    meta_path, ids_path = sidecar_paths(path)
+    if not meta_path.is_file():
+        raise DToPError(f"{path} has no {meta_path.name} sidecar: not an index `dtop-export index` wrote")
+    info = read_tagged_json(meta_path, INDEX_FORMAT, "a dtop-export index sidecar", "rebuild the index")
+    try:
+        CorpusIndex(path)
+        check = "ok (index, .json and ids agree)"
+    except DToPError as e:
+        check = f"FAIL: {e}"
+    sizes = {p.name: f"{p.stat().st_size / 2**20:.2f} MiB" for p in (path, meta_path, ids_path) if p.is_file()}
+    return {
+        "kind": "faiss index (dtop-export index)",
+        "type": info.get("type"),
+        "vectors": info.get("ntotal"),
+        "dim": info.get("dim"),
+        "params": info.get("params") or "none (exact search)",
+        "corpus": {k: v for k, v in info.get("corpus", {}).items() if k != "preprocess"}
+        | {"shards": info.get("shards")},
+        "files": sizes,
+        "check": check,
+    }

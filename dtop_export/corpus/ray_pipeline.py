@@ -3,9 +3,15 @@ of stateful actors (one engine each), results streamed back to the driver's :cla
 
 Pipeline (streaming, order preserved so shards complete front to back)::
 
-    from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> one tensor per scale
-                           ->  map_batches(EmbedActor, concurrency=N)  actors: equal shapes batched -> engine.embed
+    header scan (driver)   ->  items ordered by model input shape within windows of shards (corpus.schedule)
+    from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> uint8 pixels per scale
+                           ->  map_batches(EmbedActor, concurrency=N)  actors: equal shapes batched ->
+                                                                      engine.embed_pixels_stream (normalised there)
                            ->  iter_batches() in the driver            -> ShardAssembler -> shard-NNNNN.parquet
+
+The rows carry uint8 pixels (a quarter of float32's bytes through the object store); a read task holds whole
+batches of one shape where the plan allows; an actor loads its engine once and, on a GPU or compiled, warms it up
+at the shapes of the header scan while the first blocks decode.
 
 A killed actor is restarted and its task retried by Ray (``max_restarts=-1``, ``max_task_retries=-1``); a
 result delivered twice is dropped by the assembler, so every image lands in exactly one shard row. Local paths
@@ -21,25 +27,27 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dtop_export.errors import DToPError
-from dtop_export.logs import DropMessages
 
 if TYPE_CHECKING:
     from dtop_export.corpus.embed import CorpusJob, ShardAssembler
     from dtop_export.corpus.runtime import ActorStats, ModelContract
 
 ROWS_PER_READ_TASK = 16  # images per read/decode task (fewer when the job is small, see run_ray)
+GPU_CALL_BATCHES = 4  # engine batches per call of a GPU actor: its CUDA stream overlaps them, and Ray's per-call cost
 # logical CPUs a read/decode task asks for, and the CPUs kept free for them when actors are sized by default
 READ_TASK_CPUS = 0.5
 READ_RESERVE_CPUS = 1.0
 
 
 def tensor_bytes(image_size: int, scales: list[float]) -> int:
-    """Bytes of one image's float32 input tensors at its largest shape, summed over ``scales``."""
+    """Bytes of one image's float32 input tensors at its largest shape, summed over ``scales`` (what the actor
+    normalises; the rows carry a quarter of it, uint8)."""
     return sum(3 * 4 * round(image_size * s) ** 2 for s in scales)
 
 
@@ -75,35 +83,38 @@ def largest_node_memory(nodes: list[dict[str, Any]]) -> float:
 
 
 def preprocess_rows(
-    batch: dict[str, np.ndarray], preprocess: dict[str, Any], image_size: int, scales: list[float]
+    batch: dict[str, np.ndarray],
+    preprocess: dict[str, Any],
+    image_size: int,
+    scales: list[float],
+    decode: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rows (key, path) -> rows (key, scale, tensor [3, H, W], error): one row per scale of a readable image,
-    one row with scale -1 and the reason for an unreadable one. The same functions as the in-process path."""
-    from dtop_export.corpus.source import load_item
-    from dtop_export.preprocess import PreprocessConfig, prepare
+    """Rows (key, path) -> rows (key, scale, pixels uint8 [H, W, 3], error): one row per scale of a readable image,
+    one row with scale -1 and the reason for an unreadable one. The same decode as the in-process path
+    (:func:`~dtop_export.corpus.feed.decode_item`); ``decode``: the fields of the
+    :class:`~dtop_export.preprocess.DecodeBudget` (default: its defaults)."""
+    from dtop_export.corpus.feed import decode_item
 
-    cfg = PreprocessConfig.from_dict(preprocess)
     keys: list[int] = []
     scale_ids: list[int] = []
-    tensors: list[np.ndarray] = []
+    pixels: list[np.ndarray] = []
     errors: list[str] = []
     for key, path in zip(batch["key"], batch["path"]):
         try:
-            img = load_item(str(path))
-            out = [prepare(img, cfg, image_size, s) for s in scales]
+            out = decode_item(str(path), preprocess, image_size, tuple(scales), decode)
         except DToPError as e:
             keys.append(int(key))
             scale_ids.append(-1)
-            tensors.append(np.zeros((3, 0, 0), np.float32))
+            pixels.append(np.zeros((0, 0, 3), np.uint8))
             errors.append(str(e))
             continue
         for i, t in enumerate(out):
             keys.append(int(key))
             scale_ids.append(i)
-            tensors.append(t)
+            pixels.append(t)
             errors.append("")
-    ragged = np.empty(len(tensors), dtype=object)
-    for i, t in enumerate(tensors):
+    ragged = np.empty(len(pixels), dtype=object)
+    for i, t in enumerate(pixels):
         ragged[i] = t
     return {
         "key": np.asarray(keys, np.int64),
@@ -125,10 +136,17 @@ class EmbedActor:
     its creation task and Ray prints its traceback several times over on the driver's console."""
 
     def __init__(
-        self, model: str, threads: int | None, batch_size: int, precision: str | None = None, descriptor_dim: int = 0
+        self,
+        model: str,
+        threads: int | None,
+        batch_size: int,
+        precision: str | None = None,
+        descriptor_dim: int = 0,
+        warmup_shapes: list[tuple[int, int]] | None = None,
     ) -> None:
         import ray
 
+        from dtop_export.corpus.feed import needs_warmup, warm_up
         from dtop_export.corpus.runtime import open_model
 
         actor = ray.get_runtime_context().get_actor_id() or "driver"
@@ -136,8 +154,12 @@ class EmbedActor:
         self.batch_size = batch_size
         self.descriptor_dim = descriptor_dim
         self.open_error = ""
+        t0 = time.perf_counter()
         try:
-            self.engine = open_model(model, threads, precision)
+            self.engine = open_model(model, threads, precision, shared_cores=True)  # read tasks share the node
+            self.load_s = time.perf_counter() - t0
+            self.warmup_s = warm_up(self.engine, warmup_shapes or [], batch_size) if needs_warmup(self.engine) else 0.0
+            self.reported = False
         except Exception as e:  # noqa: BLE001 - any failure to open is the job's error, reported by the driver
             import traceback
 
@@ -156,18 +178,23 @@ class EmbedActor:
                 "descriptor": np.zeros((n, self.descriptor_dim), np.float32),
                 "actor": np.asarray([self.name] * n, dtype=object),
                 "busy_s": np.zeros(n),
+                "startup_s": np.zeros(n),
             }
         desc = np.zeros((n, self.engine.descriptor_dim), np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
             if batch["scale"][i] >= 0:
                 groups.setdefault(tuple(np.shape(batch["tensor"][i])), []).append(i)
+        b = self.batch_size
+        chunks = [rows[i : i + b] for rows in groups.values() for i in range(0, len(rows), b)]
         t0 = time.perf_counter()
-        for rows in groups.values():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
-                desc[chunk] = self.engine.embed(np.stack([np.asarray(batch["tensor"][i], np.float32) for i in chunk]))
+        stacked = (np.stack([np.asarray(batch["tensor"][i], np.uint8) for i in c]) for c in chunks)
+        for chunk, out in zip(chunks, self.engine.embed_pixels_stream(stacked)):
+            desc[chunk] = out
         busy = time.perf_counter() - t0
+        startup = np.zeros(n)
+        if not self.reported and n:  # the actor's load and warm-up, once
+            startup[0], self.reported = self.load_s + self.warmup_s, True
         return {
             "key": np.asarray(batch["key"], np.int64),
             "scale": np.asarray(batch["scale"], np.int32),
@@ -175,6 +202,7 @@ class EmbedActor:
             "descriptor": desc,
             "actor": np.asarray([self.name] * n, dtype=object),
             "busy_s": np.full(n, busy / max(n, 1)),
+            "startup_s": startup,
         }
 
 
@@ -224,34 +252,71 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": job.gpus_per_actor}
 
 
-# The local cluster a job starts lives as long as the job: Ray's notice that it enabled token authentication
-# (secure, the default) and how to opt out is not for our users; its notice that authentication is *disabled*
-# still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
-_NOTICES = {
-    "ray._private.authentication.authentication_token_setup": DropMessages("Token authentication is enabled"),
-    "ray.data._internal.progress": DropMessages("Progress bars disabled"),
-}
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse an ``--address`` (``HOST:PORT`` or ``ray://HOST:PORT``) nothing answers on within ``timeout`` seconds:
+    ``ray.init`` would retry for many minutes. ``auto`` and a local cluster are Ray's to find."""
+    import socket
 
-
-def _quiet_notices() -> None:
-    for name, notice in _NOTICES.items():
-        logger = logging.getLogger(name)
-        if notice not in logger.filters:
-            logger.addFilter(notice)
-
-
-def _connect(address: str | None) -> bool:
-    """Connect to (or start) a Ray cluster; True when this call started the connection."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    _quiet_notices()
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit() or not host:
+        raise DToPError(f"--address {address}: give HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379), ray://HOST:PORT "
+                        "or auto")  # fmt: skip
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", configure_logging=True)
-    except ConnectionError as e:
-        raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
-    return True
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise DToPError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start one there with `ray start --head`, "
+            "or fix --address"
+        ) from None
+
+
+@dataclass
+class RayPlan:
+    """A Ray job checked against its cluster before anything is written: the connection (and whether this job
+    started it), the actors' CPUs and threads, and the rows per read task."""
+
+    started: bool
+    resources: dict[str, float]
+    cpus: float
+    threads: int | None
+    rows_per_block: int
+
+    def close(self) -> None:
+        """Shut down the local cluster this job started (a joined cluster is left running)."""
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
+    """Connect to (or start) the cluster and check the job against it: Ray installed, the address reachable, the
+    actors' CPUs and GPUs available, one image's memory within a node's. Nothing is written; on a refusal a local
+    cluster this call started is shut down again."""
+    check_reachable(job.address)
+    try:
+        import ray
+    except ImportError as e:
+        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    from dtop_export.corpus.cluster import connect
+    from dtop_export.memory import check_image_size
+
+    started = connect(job.address)
+    try:
+        res = {k: float(v) for k, v in ray.cluster_resources().items()}
+        cpus, threads = actor_resources(job, res.get("CPU", 0.0), res.get("GPU", 0.0))
+        size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+        node_memory = largest_node_memory(ray.nodes())
+        if node_memory > 0:
+            check_image_size(size, scales, job.batch_size, contract.preprocess.stride, available=int(node_memory))
+        rows = read_block_rows(ROWS_PER_READ_TASK, size, scales, node_memory)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return RayPlan(started, res, cpus, threads, rows)
 
 
 def run_ray(
@@ -260,82 +325,87 @@ def run_ray(
     assembler: ShardAssembler,
     advance: Callable[[int], None],
     say: Callable[[str], None],
+    plan: RayPlan,
+    startup: dict[str, float] | None = None,
 ) -> list[ActorStats]:
-    """Embed the assembler's pending items on a Ray cluster (``job.address``, else a local one); returns the
-    per-actor statistics."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    """Embed the assembler's pending items on the cluster of ``plan`` (:func:`plan_ray`); returns the per-actor
+    statistics."""
+    import ray
+    import ray.data
+
     from dtop_export.corpus.runtime import ActorStats
 
-    started = _connect(job.address)
-    try:
-        res = ray.cluster_resources()
-        cpus, threads = actor_resources(job, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
-        say(
-            f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
-            + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
-            + (f", {threads} thread(s) each" if threads else "")
-        )
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        ctx.enable_auto_log_stats = False
-        ctx.execution_options.preserve_order = True
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        todo = assembler.items()
-        rows = [{"key": it.key, "path": it.path} for it in todo]
-        # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
-        size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
-        per_block = max(1, min(ROWS_PER_READ_TASK, len(rows) // (4 * job.actors)))
-        per_block = read_block_rows(per_block, size, scales, largest_node_memory(ray.nodes()))
-        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
-        ds = ds.map_batches(
-            preprocess_rows,
-            fn_kwargs={
-                "preprocess": contract.preprocess.to_dict(),
-                "image_size": size,
-                "scales": scales,
-            },
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=READ_TASK_CPUS,
-            memory=read_task_memory(per_block, size, scales),
-        )
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={
-                "model": job.model,
-                "threads": threads,
-                "precision": job.precision,
-                "batch_size": job.batch_size,
-                "descriptor_dim": contract.descriptor_dim,
-            },
-            batch_size=job.batch_size * len(job.scales),
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
-            **actor_remote_args(job, cpus),
-        )
-        stats: dict[str, ActorStats] = {}
-        for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i in range(len(out["key"])):
-                key, scale = int(out["key"][i]), int(out["scale"][i])
-                st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
-                st.busy_s += float(out["busy_s"][i])
-                if scale == OPEN_FAILED:
-                    message, _, actor_traceback = str(out["error"][i]).partition("\n")
-                    error = DToPError(f"a Ray actor could not open {job.model}: {message}")
-                    if sys.version_info >= (3, 11):  # shown under --debug
-                        error.add_note(f"the actor's traceback:\n{actor_traceback}")
-                    raise error
-                if scale < 0:
-                    advance(assembler.fail(key, str(out["error"][i])))
-                    continue
-                st.images += scale == 0  # the actor's work, retried deliveries included
-                advance(assembler.add(key, scale, out["descriptor"][i]))
-        return sorted(stats.values(), key=lambda s: s.name)
-    finally:
-        if started:
-            ray.shutdown()
+    res, cpus, threads = plan.resources, plan.cpus, plan.threads
+    say(
+        f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
+        + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
+        + (f", {threads} thread(s) each" if threads else "")
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.preserve_order = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from dtop_export.corpus.feed import WARMUP_SHAPES, default_workers
+    from dtop_export.corpus.schedule import frequent_shapes, ordered, scan, shards_per_window
+
+    size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+    todo = assembler.items()
+    t0 = time.perf_counter()  # the header scan, in the driver: rows go out ordered by model input shape
+    shapes = scan(todo, contract.preprocess, size, scales, default_workers())
+    work = ordered(todo, shapes, job.shard_size, shards_per_window(job.shard_size, job.batch_size, len(scales)))
+    if startup is not None:
+        startup["header_scan_s"] = time.perf_counter() - t0
+    rows = [{"key": it.key, "path": it.path} for it, _ in work]
+    warmup = frequent_shapes(shapes, WARMUP_SHAPES)
+    # an actor task takes whole blocks: small blocks for small jobs, so that every actor gets work
+    per_block = max(1, min(plan.rows_per_block, len(rows) // (4 * job.actors)))
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
+    ds = ds.map_batches(
+        preprocess_rows,
+        fn_kwargs={
+            "preprocess": contract.preprocess.to_dict(),
+            "image_size": size,
+            "scales": scales,
+            "decode": asdict(job.decode),
+        },
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=READ_TASK_CPUS,
+        memory=read_task_memory(per_block, size, scales),
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "model": job.model,
+            "threads": threads,
+            "precision": job.precision,
+            "batch_size": job.batch_size,
+            "descriptor_dim": contract.descriptor_dim,
+            "warmup_shapes": warmup,
+        },
+        batch_size=job.batch_size * len(job.scales) * (GPU_CALL_BATCHES if job.gpus_per_actor else 1),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=job.actors),  # Ray Data's actor defaults: restart and retry forever
+        **actor_remote_args(job, cpus),
+    )
+    stats: dict[str, ActorStats] = {}
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(out["key"])):
+            key, scale = int(out["key"][i]), int(out["scale"][i])
+            st = stats.setdefault(str(out["actor"][i]), ActorStats(str(out["actor"][i])))
+            st.busy_s += float(out["busy_s"][i])
+            st.startup_s += float(out["startup_s"][i])
+            if scale == OPEN_FAILED:
+                message, _, actor_traceback = str(out["error"][i]).partition("\n")
+                error = DToPError(f"a Ray actor could not open {job.model}: {message}")
+                if sys.version_info >= (3, 11):  # shown under --debug
+                    error.add_note(f"the actor's traceback:\n{actor_traceback}")
+                raise error
+            if scale < 0:
+                advance(assembler.fail(key, str(out["error"][i])))
+                continue
+            st.images += scale == 0  # the actor's work, retried deliveries included
+            advance(assembler.add(key, scale, out["descriptor"][i]))
+    return sorted(stats.values(), key=lambda s: s.name)

@@ -22,6 +22,7 @@ class ActorStats:
     name: str
     images: int = 0
     busy_s: float = 0.0
+    startup_s: float = 0.0  # loading the engine and warming it up (a Ray actor's, once)
 
     @property
     def images_per_s(self) -> float:
@@ -69,13 +70,17 @@ def model_contract(model: str) -> ModelContract:
         return ModelContract(engine.preprocess, engine.descriptor_dim)
 
 
-def engine_options(model: str, threads: int | None = None, precision: str | None = None) -> tuple[Path, dict[str, Any]]:
+def engine_options(
+    model: str, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
+) -> tuple[Path, dict[str, Any]]:
     """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
     threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
     runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
     own, so only ``fp32``/None is accepted there; an ExecuTorch ``.pte`` checks it against its own; ``auto``: the
-    file and options ``bench --recommend`` chose for this checkpoint on this CPU). Bad options are a
-    :class:`DToPError`, before any work."""
+    file and options ``bench --recommend`` chose for this checkpoint on this CPU). ``shared_cores``: other work (a
+    corpus job's decoding) runs on the engine's cores, so ONNX Runtime's idle threads sleep instead of spinning
+    (``spin=false``, unless MODEL sets it): measured on 2 cores, a spinning session left the decoding 0.79 of a
+    perfect overlap, a sleeping one 1.00. Bad options are a :class:`DToPError`, before any work."""
     from dtop_export.bench.spec import PRECISIONS, parse_spec
 
     spec = parse_spec(model)
@@ -89,6 +94,8 @@ def engine_options(model: str, threads: int | None = None, precision: str | None
         spec, precision = parse_spec(str(path)), None
     if threads and not _is_plan(spec):
         options["threads"] = threads
+    if shared_cores and spec.kind == "onnx" and options.get("runtime") != "openvino":
+        options.setdefault("spin", False)
     if precision is not None:
         if precision not in PRECISIONS:
             raise DToPError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
@@ -145,9 +152,29 @@ def check_placement(model: str, use_ray: bool, gpus_per_actor: float) -> None:
         check_device(str(spec.options["device"]))
 
 
-def open_model(model: str, threads: int | None = None, precision: str | None = None) -> Engine:
+def check_gpu_decode(model: str, use_ray: bool) -> None:
+    """``--gpu-decode`` needs the in-process runner and a PyTorch model on a CUDA device this process sees."""
+    from dtop_export.bench.spec import parse_spec
+
+    if use_ray:
+        raise DToPError("--gpu-decode runs in-process only: leave out --ray (Ray's read tasks decode on the CPUs)")
+    spec = parse_spec(model)
+    device = str(spec.options.get("device", "cpu"))
+    if spec.kind != "checkpoint" or not device.startswith("cuda"):
+        raise DToPError(
+            f"--gpu-decode decodes on the engine's CUDA device: give a checkpoint on one (MODEL.pt:device=cuda), "
+            f"not {model}"
+        )
+    from dtop_export.engines.pytorch import check_device
+
+    check_device(device)
+
+
+def open_model(
+    model: str, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
+) -> Engine:
     """The engine of MODEL with the options of :func:`engine_options`."""
     from dtop_export.engines import load_engine
 
-    path, options = engine_options(model, threads, precision)
+    path, options = engine_options(model, threads, precision, shared_cores)
     return load_engine(path, **options)

@@ -62,6 +62,7 @@ class CorpusSettings:
     n_items: int
     listing_sha256: str
     engine: str = ""  # the file and options that ran (--precision, --precision auto), threads left out
+    checkpoint_sha256: str = ""  # the checkpoint the model was exported from (dtop_export.identity); "" unknown
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -70,6 +71,7 @@ class CorpusSettings:
         d = asdict(self)
         d.pop("model")
         d.pop("source")
+        d.pop("checkpoint_sha256")  # follows from the model file (model_sha256); absent from older shards
         return d
 
     def n_shards(self) -> int:
@@ -99,8 +101,29 @@ _FIELD_NAMES = {
 }
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [_FIELD_NAMES.get(k, k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def _show(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a sha256
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return ",".join(f"{v:g}" for v in value)
+    return json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, with the old and the new value: ``image size (was 1024, now 512)``;
+    in a nested dict (the preprocessing) the keys that differ."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        name = _FIELD_NAMES.get(k, k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{name} {j} (was {_show(a.get(j))}, now {_show(b.get(j))})" for j in sorted(set(a) | set(b))
+                    if a.get(j) != b.get(j)]  # fmt: skip
+        else:
+            out.append(f"{name} (was {_show(a)}, now {_show(b)})")
+    return out
 
 
 @dataclass
@@ -198,7 +221,7 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
     if folder.exists() and not folder.is_dir():
         raise DToPError(f"{folder} exists and is not a folder: choose another -o")
     folder.mkdir(parents=True, exist_ok=True)
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in folder.glob(".*.tmp"):  # left by a killed run (the caller holds the folder's lock)
         tmp.unlink(missing_ok=True)
     if force:
         for p in folder.glob(SHARD_GLOB):
@@ -208,7 +231,9 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
     if manifest is not None and not any(folder.glob(SHARD_GLOB)):
         manifest = None  # a run that wrote no shard (it failed to start, say) leaves nothing to protect
     if manifest is not None:
-        old = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source")}
+        old = {
+            k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source", "checkpoint_sha256")
+        }
         changed = _differences(old, settings.fingerprint())
         if changed:
             raise DToPError(
@@ -265,7 +290,8 @@ def read_shard(path: Path, columns: Sequence[str] = ("key", "id", "path", "descr
     try:
         table = pq.read_table(path, columns=list(columns))
     except Exception as e:  # noqa: BLE001
-        raise DToPError(f"cannot read shard {path}: {e}") from e
+        raise DToPError(f"cannot read shard {path} ({str(e).splitlines()[0] if str(e) else e}): re-run the embed "
+                        "job that wrote it") from e  # fmt: skip
     out: dict[str, Any] = {}
     for name in columns:
         col = table.column(name).combine_chunks()
@@ -297,11 +323,16 @@ class ShardedDescriptors:
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, files: Sequence[Path] | None = None) -> None:
         import pyarrow.parquet as pq
 
-        self.files = shard_files(folder)
-        self.rows = [pq.read_metadata(p).num_rows for p in self.files]
+        self.files = list(files) if files is not None else shard_files(folder)
+        self.rows = []
+        for p in self.files:
+            try:
+                self.rows.append(pq.read_metadata(p).num_rows)
+            except Exception as e:  # noqa: BLE001 - any reader failure is a damaged shard
+                raise DToPError(f"cannot read shard {p} ({str(e).splitlines()[0]}): re-run the embed job") from e
         self.starts = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
         first = next((p for p, r in zip(self.files, self.rows) if r), None)
         dim = read_shard(first, ("descriptor",))["descriptor"].shape[1] if first is not None else 0

@@ -3,13 +3,16 @@
 SOURCE is a folder (searched recursively for :data:`~dtop_export.preprocess.IMAGE_SUFFIXES`), a text file of
 paths (one per line, ``#`` comments), or a Parquet/CSV table with a ``path`` column and an optional ``id``
 column. Local paths and anything :mod:`pyarrow.fs` opens (``file://``, ``s3://``, ``gs://``, ``hdfs://`` URIs)
-work; relative paths in a list or table are relative to the list's folder. The listing order is the key order
-(``key`` = row number), so re-running a job lists the same items in the same order.
+work; relative paths in a list or table are relative to the list's folder. Local paths are stored absolute, from
+the source's resolved location (symbolic links and ``..`` resolved), so that they open from any working directory
+and ``src`` and ``/abs/src`` list the same items. The listing order is the key order (``key`` = row number), so
+re-running a job lists the same items in the same order.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,8 @@ from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from dtop_export.preprocess import DecodeBudget
 
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 
@@ -59,13 +64,14 @@ def read_bytes(path: str) -> bytes:
         raise DToPError(f"cannot read image {path}: {e}") from e
 
 
-def load_item(path: str) -> Image.Image:
-    """A corpus image as RGB through the one preprocessing path (local files directly, URIs via their bytes)."""
+def load_item(path: str, budget: DecodeBudget | None = None) -> Image.Image:
+    """A corpus image as RGB through the one preprocessing path (local files directly, URIs via their bytes),
+    within the decode ``budget`` (default: :class:`~dtop_export.preprocess.DecodeBudget`'s)."""
     from dtop_export.preprocess import load_image
 
     if not is_uri(path):
-        return load_image(path)
-    return load_image(path, data=read_bytes(path))
+        return load_image(path, budget=budget)
+    return load_image(path, data=read_bytes(path), budget=budget)
 
 
 def _join(base: str, rel: str) -> str:
@@ -129,19 +135,29 @@ def _read_table(source: str) -> Any:
         raise DToPError(f"cannot read the table {source}: {str(e).splitlines()[0] if str(e) else e}") from e
 
 
+def _column(table: Any, name: str, source: str) -> list[str]:
+    """A table column as strings; a null or empty cell is refused with its row (1 = the first data row)."""
+    values = table.column(name).to_pylist()
+    for n, v in enumerate(values):
+        if v is None or str(v).strip() == "":
+            what = "no" if v is None else "an empty"
+            raise DToPError(f"{source}: row {n + 1} has {what} {name!r}: fill it in or remove the row")
+    return [str(v) for v in values]
+
+
 def _list_table(source: str) -> list[tuple[str, str]]:
     table = _read_table(source)
     if "path" not in table.column_names:
         raise DToPError(f"{source} has no 'path' column (columns: {', '.join(table.column_names)})")
-    paths = [str(p) for p in table.column("path").to_pylist()]
-    ids = [str(i) for i in table.column("id").to_pylist()] if "id" in table.column_names else paths
+    paths = _column(table, "path", source)
+    ids = _column(table, "id", source) if "id" in table.column_names else paths
     base = _parent(source)
     return [(i, _join(base, p)) for i, p in zip(ids, paths)]
 
 
 def _list_text(source: str) -> list[tuple[str, str]]:
     try:
-        text = read_bytes(source).decode("utf-8")
+        text = read_bytes(source).decode("utf-8-sig")  # a byte-order mark is not part of the first path
     except UnicodeDecodeError as e:
         raise DToPError(f"{source} is not a UTF-8 text file of image paths") from e
     base = _parent(source)
@@ -154,7 +170,7 @@ def list_source(source: str | Path) -> list[CorpusItem]:
 
     Refuses a missing source, an empty one and duplicate ids, each with one line saying what to fix.
     """
-    source = str(source)
+    typed = source = str(source)
     if is_uri(source):
         import pyarrow.fs as pafs
 
@@ -167,18 +183,19 @@ def list_source(source: str | Path) -> list[CorpusItem]:
         if not Path(source).exists():
             raise DToPError(f"source {source} not found: give a folder, a text file of paths or a Parquet/CSV table")
         is_dir = Path(source).is_dir()
+        source = os.path.realpath(source)  # stored paths open from anywhere; `src` and `/abs/src` are one source
     if is_dir:
         pairs = _list_folder(source)
-    elif PurePosixPath(source).suffix.lower() in TABLE_SUFFIXES:
+    elif PurePosixPath(typed).suffix.lower() in TABLE_SUFFIXES:
         pairs = _list_table(source)
     else:
         pairs = _list_text(source)
     if not pairs:
-        raise DToPError(f"{source} lists no images")
+        raise DToPError(f"{typed} lists no images")
     seen: dict[str, int] = {}
     for n, (i, _) in enumerate(pairs):
         if i in seen:
-            raise DToPError(f"{source}: id {i!r} appears twice (rows {seen[i]} and {n}): ids must be unique")
+            raise DToPError(f"{typed}: id {i!r} appears twice (rows {seen[i]} and {n}): ids must be unique")
         seen[i] = n
     return [CorpusItem(k, i, p) for k, (i, p) in enumerate(pairs)]
 

@@ -79,6 +79,7 @@ class Fp16AuditResult:
         d["cosine_contract"] = self.final.contract.cosine_min
         d["map_contract"] = self.final.contract.map_delta
         d["passed"] = self.passed
+        d["near_ties"] = self.final.near_ties()
         return d
 
     def table(self) -> str:
@@ -89,7 +90,7 @@ class Fp16AuditResult:
         lines = [head, "|---|---:|---:|---:|:---:|---|" + "---:|" * len(setups)]
         for r in self.runs:
             finite = "yes" if r.finite else "NO"
-            result = "PASS" if r.passed else "FAIL: " + "; ".join(r.failures())
+            result = r.verdict()
             row = (
                 f"| {r.label} | {r.engine.get('fp32_nodes')} | {r.cosine_min:.6f} | {r.cosine_mean:.6f} | {finite} "
                 f"| {result} |"

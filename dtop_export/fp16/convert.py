@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtop_export.atomic import atomic_path
-from dtop_export.contract import metadata_of, set_metadata
+from dtop_export.contract import load_onnx, metadata_of, set_metadata
 from dtop_export.errors import DToPError
 from dtop_export.onnx_graph import (
     FLOAT,
@@ -306,3 +306,21 @@ def _check_float32(model: onnx.ModelProto) -> None:
     bad = [i.name for i in model.graph.input if i.type.tensor_type.elem_type not in (FLOAT, 0)]
     if bad:
         raise DToPError(f"input(s) {', '.join(bad)} are not float32: expected a float32 dtop-export model")
+
+
+def prepare_fp16_onnx(
+    onnx_path: Path, out_path: Path, keep_fp32_nodes: Sequence[str] = (), keep_fp32_ops: Sequence[str] | None = None
+) -> tuple[Path, list[str]]:
+    """The ONNX a strongly typed ``--fp16`` TensorRT build parses: ``onnx_path`` itself when it is already FP16,
+    else its FP16 conversion written to ``out_path``. Returns (path, FP32 island nodes)."""
+    import onnx
+
+    model = load_onnx(onnx_path)
+    if is_fp16_model(model):
+        if keep_fp32_nodes:
+            raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
+        return Path(onnx_path), fp32_nodes_of(model)
+    converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(converted, str(tmp))
+    return Path(out_path), fp32_nodes_of(converted)

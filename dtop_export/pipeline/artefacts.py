@@ -72,17 +72,6 @@ def build_int8(
     )
 
 
-def tensorrt_missing(device: int = 0) -> str | None:
-    """Why no TensorRT engine can be built here (one line), or None when TensorRT and a GPU are present."""
-    from dtop_export.engines.tensorrt.install import require_tensorrt_and_gpu
-
-    try:
-        require_tensorrt_and_gpu(device)
-    except DToPError as e:
-        return str(e)
-    return None
-
-
 def build_tensorrt_fp16(onnx_path: Path, plan: Path, profiles: Sequence[Profile]) -> BuildResult:
     """A strongly typed FP16 engine (FP32 islands as casts) of ``onnx_path`` with ``profiles``."""
     from dtop_export.engines.tensorrt.builder import build_engine

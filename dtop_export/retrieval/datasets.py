@@ -13,6 +13,7 @@ import numpy as np
 from dtop_export.errors import DToPError
 
 DATASETS = ("roxford5k", "rparis6k")
+NPY_FORMAT = "dtop-export/descriptors"  # the .json sidecar of `embed -o X.npy`
 
 
 @dataclass
@@ -121,18 +122,8 @@ def default_data_root() -> Path:
 def load_distractors(path: str | Path) -> Any:
     """Distractor descriptors [M, N] from a ``.npy`` file (memory-mapped; +R1M is ~6 GB at N=1536) or a folder of
     shards written by ``embed -o FOLDER`` (read one shard at a time, see
-    :class:`~dtop_export.corpus.shards.ShardedDescriptors`)."""
-    path = Path(path)
-    if not path.exists():
-        raise DToPError(f"distractor file {path} not found")
-    if path.is_dir():
-        from dtop_export.corpus.shards import ShardedDescriptors
+    :class:`~dtop_export.corpus.shards.ShardedDescriptors`), refused unless they are sound (float32, finite, unit
+    norm; a complete shard folder: :func:`~dtop_export.corpus.integrity.open_distractors`)."""
+    from dtop_export.corpus.integrity import open_distractors
 
-        return ShardedDescriptors(path)
-    try:
-        d = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise DToPError(f"cannot read distractor descriptors {path}: {e}") from e
-    if d.ndim != 2:
-        raise DToPError(f"{path} should hold descriptors [M, N], got shape {list(d.shape)}")
-    return d
+    return open_distractors(path)[0]

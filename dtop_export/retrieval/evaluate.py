@@ -88,6 +88,14 @@ def evaluate(
     return evaluate_dataset(engine, ds, scales, crop_queries, batch_size, progress, image_size, distractors=distractors)
 
 
+def evaluation_size(ds: RevisitopDataset, engine: Engine, image_size: int | None = None) -> int:
+    """The longer side a data set is evaluated at: ``image_size``, else the data set's own, else the engine's (a
+    program compiled for one square size takes its own: :func:`dtop_export.preprocess.input_size`)."""
+    from dtop_export.preprocess import input_size
+
+    return int(input_size(engine.preprocess, image_size, ds.image_size))
+
+
 def evaluate_dataset(
     engine: Engine,
     ds: RevisitopDataset,
@@ -101,9 +109,7 @@ def evaluate_dataset(
 ) -> EvalResult:
     """:func:`evaluate` on an already loaded :class:`RevisitopDataset`."""
     t0 = time.perf_counter()
-    from dtop_export.preprocess import input_size
-
-    size = input_size(engine.preprocess, image_size, ds.image_size)
+    size = evaluation_size(ds, engine, image_size)
     bboxes = ds.bboxes if crop_queries else None
     if crop_queries and any(b is None for b in ds.bboxes):
         raise DToPError(f"{ds.name}: some queries have no bounding box: pass --no-crop")

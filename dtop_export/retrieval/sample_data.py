@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtop_export.atomic import new_folder_mode
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -312,6 +313,7 @@ def build_sample_dataset(root: str | Path, force: bool = False) -> Path:
         raise DToPError(f"{folder} exists and is not a sample data set: remove it or choose another folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=root))
     try:
+        os.chmod(tmp, new_folder_mode())  # mkdtemp's 0700 would outlive the rename
         cfg = _build(tmp)
         with open(tmp / f"gnd_{NAME}.pkl", "wb") as fh:
             pickle.dump(cfg, fh, protocol=4)

@@ -1,8 +1,10 @@
-"""Build a serialized engine (``.plan`` + JSON sidecar) from a dtop-export ONNX file (TensorRT 10.x and 11.x).
+"""Build a serialized engine (``.plan`` + JSON sidecar) from a dtop-export ONNX file (TensorRT 10.x and 11.x, and
+TensorRT-RTX: :mod:`dtop_export.engines.tensorrt.install` holds what differs).
 
-Polygraphy's ``EngineFromNetwork`` in small: ONNX parser (errors name the node and its op), one optimization
-profile per ``--min/--opt/--max`` triple, workspace memory-pool limit, timing cache loaded and saved,
-optional TF32 off. Precision:
+Polygraphy's ``EngineFromNetwork`` in small: ONNX parser, the parsed network's types checked against the FP32
+islands (:mod:`~dtop_export.engines.tensorrt.network`), one optimization profile per ``--min/--opt/--max``
+triple, workspace limit, timing cache (TensorRT), optional TF32 off, and with TensorRT-RTX one plan per named
+compute capability (``--target``, no GPU needed: parsed once, built per target). Precision:
 
 * **strongly typed** (default; the only mode on TensorRT 11): ``--fp16`` builds the FP16 ONNX of
   :mod:`dtop_export.fp16.convert` (FP16 with FP32 islands made by ``Cast`` nodes); without it the float32
@@ -13,122 +15,41 @@ optional TF32 off. Precision:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from dtop_export.atomic import atomic_path, atomic_write_bytes
+from dtop_export.atomic import atomic_write_bytes
 from dtop_export.contract import load_onnx, metadata_of
 from dtop_export.engines.tensorrt.install import (
+    Flavour,
     GpuInfo,
     create_builder,
     driver_cuda_version,
     process_logger,
+    require_builder,
     require_tensorrt_and_gpu,
+    resolve_flavour,
     tensorrt_cuda_major,
     use_device,
     version_tuple,
 )
+from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, sha256_file, write_sidecar
+from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.errors import DToPError
+from dtop_export.fp16.convert import prepare_fp16_onnx
+from dtop_export.logs import quiet_logger
 
 log = logging.getLogger("dtop_export.engines.tensorrt")
 
 WEAK_TYPING_DEPRECATED = (10, 12)  # FP16 flag and layer precision deprecated from here, removed in 11
-
-
-def parser_error_lines(parser: Any) -> list[str]:
-    """One line per ONNX-parser error: ``node 'name' (Op): description``."""
-
-    def call(obj: Any, name: str) -> Any:
-        fn = getattr(obj, name, None)
-        try:
-            return fn() if callable(fn) else None
-        except Exception:  # noqa: BLE001 - older bindings lack some accessors
-            return None
-
-    lines = []
-    for i in range(int(parser.num_errors)):
-        err = parser.get_error(i)
-        desc = " ".join(str(call(err, "desc") or "unknown error").split())
-        node_name, op, node = call(err, "node_name"), call(err, "node_operator"), call(err, "node")
-        if node_name:
-            where = f"node {node_name!r} ({op or '?'})"
-        elif node is not None and int(node) >= 0:
-            where = f"node #{int(node)}" + (f" ({op})" if op else "")
-        else:
-            where = "graph"
-        lines.append(f"{where}: {desc}")
-    return lines
-
-
-def layer_owner(layer_name: str, node_names: Sequence[str]) -> str | None:
-    """The ONNX node a TensorRT layer came from: the longest node name equal to the layer name or a prefix
-    of it followed by a non-alphanumeric character (the parser names layers after their node and
-    suffixes the extra layers it creates)."""
-    best = None
-    for n in node_names:
-        if not n or not layer_name.startswith(n):
-            continue
-        rest = layer_name[len(n) :]
-        if rest and rest[0].isalnum():
-            continue
-        if best is None or len(n) > len(best):
-            best = n
-    return best
-
-
-def fp32_layers(
-    trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]
-) -> tuple[list[tuple[Any, str]], list[str]]:
-    """Weak typing: the layers of ``network`` that came from one of ``keep_nodes`` (by layer name, or by an
-    output tensor named like the node's) and compute floats, as (layer, owning node); and the keep nodes
-    that matched no such layer. Constant and shape layers, and layers whose outputs are shape tensors or
-    not floats, are skipped (Polygraphy's rule: pinning them only blocks fusions or fails the build)."""
-    keep = set(keep_nodes)
-    floats = {trt.float32, trt.float16}
-    skip_types = {getattr(trt.LayerType, t) for t in ("CONSTANT", "SHAPE") if hasattr(trt.LayerType, t)}
-    found: list[tuple[Any, str]] = []
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        owner = layer_owner(layer.name, all_nodes)
-        if owner not in keep:
-            owner = next((o for o in (layer_owner(t.name, all_nodes) for t in outputs) if o in keep), None)
-        if owner is None or layer.type in skip_types:
-            continue
-        if any(getattr(t, "is_shape_tensor", False) for t in outputs) or not any(t.dtype in floats for t in outputs):
-            continue
-        found.append((layer, owner))
-    matched = {owner for _, owner in found}
-    return found, sorted(keep - matched)
-
-
-def pin_layers_fp32(
-    trt: ModuleType, network: Any, keep_nodes: Sequence[str], all_nodes: Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """Weak typing: set ``precision`` and float output types to FP32 on the layers :func:`fp32_layers`
-    selects. Returns (pinned layer names, keep nodes that matched no layer — also a warning)."""
-    found, unmatched = fp32_layers(trt, network, keep_nodes, all_nodes)
-    floats = {trt.float32, trt.float16}
-    for layer, _ in found:
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if layer.get_output(j).dtype in floats:
-                layer.set_output_type(j, trt.float32)
-    if unmatched:
-        log.warning(
-            "weak typing: %d FP32 node(s) matched no TensorRT layer (fused away or renamed), not pinned: %s",
-            len(unmatched),
-            ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else ""),
-        )
-    return [layer.name for layer, _ in found], unmatched
 
 
 def load_timing_cache(config: Any, path: Path) -> Any:
@@ -185,26 +106,6 @@ class BuildResult:
     built_onnx: Path
 
 
-def prepare_fp16_onnx(
-    onnx_path: Path, out_path: Path, keep_fp32_nodes: Sequence[str] = (), keep_fp32_ops: Sequence[str] | None = None
-) -> tuple[Path, list[str]]:
-    """The ONNX a strongly typed ``--fp16`` build parses: ``onnx_path`` itself when it is already FP16, else
-    its FP16 conversion written to ``out_path``. Returns (path, FP32 island nodes)."""
-    import onnx
-
-    from dtop_export.fp16.convert import DEFAULT_KEEP_FP32_OPS, convert_to_fp16, fp32_nodes_of, is_fp16_model
-
-    model = load_onnx(onnx_path)
-    if is_fp16_model(model):
-        if keep_fp32_nodes:
-            raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
-        return onnx_path, fp32_nodes_of(model)
-    converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
-    with atomic_path(out_path) as tmp:
-        onnx.save_model(converted, str(tmp))
-    return out_path, fp32_nodes_of(converted)
-
-
 def _onnx_facts(onnx_path: Path) -> tuple[Any, dict[str, str], list[str], bool]:
     """(model with every node named, dtop metadata, node names, is FP16) of an ONNX file."""
     from dtop_export.fp16.convert import is_fp16_model, name_nodes
@@ -229,20 +130,69 @@ def build_engine(
     device: int = 0,
     verbose: bool = False,
     detailed_profile: bool = False,
+    backend: str = "auto",
+    target: Target | str | None = None,
 ) -> BuildResult:
-    """Build ``plan_path`` (+ its sidecar) from the dtop-export ONNX ``onnx_path`` on this GPU.
+    """Build ``plan_path`` (+ its sidecar) from the dtop-export ONNX ``onnx_path``: on this GPU, or with
+    TensorRT-RTX for the named compute capability ``target`` (``"sm86"``; no GPU needed).
 
     ``fp16``: strongly typed FP16 ONNX with FP32 islands (written to ``fp16_onnx_path``, default
     ``<plan>.fp16.onnx``), or with ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands'
-    layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` is loaded
-    when it exists and saved after the build (a corrupt or foreign cache is replaced, with a warning).
+    layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` (TensorRT) is
+    loaded when it exists and saved after the build (a corrupt or foreign cache is replaced, with a warning).
     ``tf32=False`` for strict FP32 parity. ``detailed_profile`` keeps per-layer precision for the engine
     inspector (the self-test reads it). ``device`` is made current before any TensorRT object exists.
+    ``backend``: ``auto`` (the installed flavour; TensorRT when both are), ``tensorrt`` or ``rtx``.
     """
+    targets = None if target is None else [parse_target(target) if isinstance(target, str) else target]
+    return build_engines(
+        onnx_path,
+        [Path(plan_path)],
+        targets=targets,
+        fp16=fp16,
+        profiles=profiles,
+        workspace_gb=workspace_gb,
+        timing_cache=timing_cache,
+        weak_typing=weak_typing,
+        tf32=tf32,
+        keep_fp32_nodes=keep_fp32_nodes,
+        fp16_onnx_path=fp16_onnx_path,
+        device=device,
+        verbose=verbose,
+        detailed_profile=detailed_profile,
+        backend=backend,
+    )[0]
+
+
+def build_engines(
+    onnx_path: str | Path,
+    plan_paths: Sequence[str | Path],
+    *,
+    targets: Sequence[Target] | None = None,
+    fp16: bool = False,
+    profiles: Sequence[Profile] | None = None,
+    workspace_gb: float = 4.0,
+    timing_cache: str | Path | None = None,
+    weak_typing: bool = False,
+    tf32: bool = True,
+    keep_fp32_nodes: Sequence[str] = (),
+    fp16_onnx_path: str | Path | None = None,
+    device: int = 0,
+    verbose: bool = False,
+    detailed_profile: bool = False,
+    backend: str = "auto",
+    on_build: Callable[[str], None] | None = None,
+) -> list[BuildResult]:
+    """:func:`build_engine` for several named ``targets`` at once (TensorRT-RTX): the ONNX is converted, parsed
+    and checked once, then built once per target into ``plan_paths[i]``. Without ``targets``: one plan (one
+    path) for this machine's GPU. ``on_build(text)`` hears which plan is being built."""
     t0 = time.perf_counter()
-    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    onnx_path = Path(onnx_path)
+    plans = [Path(p) for p in plan_paths]
     if not onnx_path.is_file():
         raise DToPError(f"ONNX file {onnx_path} not found")
+    if len(plans) != (len(targets) if targets else 1):
+        raise ValueError(f"{len(plans)} plan paths for {len(targets) if targets else 1} build(s)")
     if workspace_gb <= 0:
         raise DToPError(f"--workspace must be > 0 GiB, got {workspace_gb:g}")
     if weak_typing and not fp16:
@@ -250,7 +200,18 @@ def build_engine(
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
-    trt, gpu = require_tensorrt_and_gpu(device)
+    flavour = resolve_flavour(backend, named_target=bool(targets))
+    if weak_typing and not flavour.weak_typing:
+        raise DToPError(
+            f"{flavour.label} builds strongly typed only: drop --weak-typing (--fp16 then builds the FP16 ONNX with "
+            "FP32 islands)"
+        )
+    if timing_cache is not None and not flavour.timing_cache:
+        raise DToPError(
+            f"{flavour.label} has no builder timing cache (it compiles kernels on the GPU at run time and keeps them "
+            "in a runtime cache: the runner's runtime_cache= option): drop --timing-cache"
+        )
+    trt, gpu = require_builder(flavour, device, named_target=bool(targets))
     version = trt.__version__
     if weak_typing:
         vt = version_tuple(version)
@@ -268,35 +229,40 @@ def build_engine(
     keep_nodes: list[str] = []
     source = onnx_path
     if fp16 and not weak_typing:
-        dst = Path(fp16_onnx_path) if fp16_onnx_path else plan_path.with_suffix(".fp16.onnx")
+        dst = Path(fp16_onnx_path) if fp16_onnx_path else plans[0].with_suffix(".fp16.onnx")
         source, keep_nodes = prepare_fp16_onnx(onnx_path, dst, keep_fp32_nodes)
     elif fp16:
         from dtop_export.fp16.convert import plan_fp32_islands
 
         keep_nodes = sorted(plan_fp32_islands(named_model, keep_fp32_nodes=keep_fp32_nodes).islands)
     elif onnx_is_fp16:
-        fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
-    built_meta = meta if source == onnx_path else metadata_of(load_onnx(source))
+        from dtop_export.fp16.convert import fp32_nodes_of
 
-    use_device(gpu.index)  # before the builder: TensorRT tunes on the current CUDA device
+        fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
+        keep_nodes = fp32_nodes_of(named_model)
+    parsed_model = named_model if source == onnx_path else _onnx_facts(source)[0]
+    built_meta = metadata_of(parsed_model)
+
+    if gpu is not None and not targets:
+        use_device(gpu.index)  # before the builder: TensorRT tunes on the current CUDA device
     logger = process_logger(trt, verbose)
-    builder = create_builder(trt, logger)
+    builder = create_builder(trt, logger, flavour)
     flags = 0
     strong = not weak_typing
     strong_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strong and strong_flag is not None:  # 10.x opts in; 11.x is always strongly typed
+    if strong and strong_flag is not None:  # 10.x opts in; 11.x and TensorRT-RTX are always strongly typed
         flags |= 1 << int(strong_flag)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if weak_typing:  # parse the copy whose nodes all have names: the layer names pinning matches against
-        parsed = parser.parse(named_model.SerializeToString(), str(source))
-    else:
-        parsed = parser.parse_from_file(str(source))
+    # the copy whose nodes all have names: layer names and metadata are matched against them; the parser's
+    # multi-line log is kept for --verbose (its last error is in the one-line message either way)
+    with contextlib.nullcontext() if verbose else quiet_logger(log.name, logging.CRITICAL):
+        parsed = parser.parse(parsed_model.SerializeToString(), str(source))
     if not parsed:
         lines = parser_error_lines(parser) or [logger.last_error or "unknown parser error"]
         more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
         raise DToPError(
-            f"TensorRT's ONNX parser rejected {source.name}: {lines[0]}{more}; "
+            f"{flavour.label}'s ONNX parser rejected {source.name}: {lines[0]}{more}; "
             f"`dtop-export check {source} --target tensorrt` lists every problem"
         )
     if network.num_inputs != 1:
@@ -305,64 +271,125 @@ def build_engine(
     input_name, net_shape = inp.name, tuple(inp.shape)
     _check_static_dims(net_shape, profiles)
     output_name = network.get_output(0).name if network.num_outputs else "descriptors"
+    precision_facts: dict[str, Any] = {}
+    if strong:
+        nodes = [(n.name, n.op_type) for n in parsed_model.graph.node]
+        checked = network_precision(trt, network, keep_nodes, nodes, fp16)
+        if not checked.ok:
+            raise DToPError(
+                f"the network {flavour.label} parsed from {source.name} does not compute in the precision the FP16 "
+                f"contract needs: {len(checked.violations)} layer(s), e.g. {checked.violations[0]}"
+            )
+        precision_facts = checked.to_dict()
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if detailed_profile:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     pinned: list[str] = []
     if weak_typing:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned, unmatched = pin_layers_fp32(trt, network, keep_nodes, node_names)
         keep_nodes = [n for n in keep_nodes if n not in set(unmatched)]  # the sidecar lists what is FP32
-    for p in profiles:
-        prof = builder.create_optimization_profile()
-        prof.set_shape(input_name, p.min, p.opt, p.max)
-        config.add_optimization_profile(prof)
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        load_timing_cache(config, timing_cache)
+    parse_seconds = time.perf_counter() - t0
 
-    logger.reset()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise DToPError(
-            f"TensorRT could not build the engine: {logger.last_error or 'see the TensorRT log'} "
-            "(try a larger --workspace or a narrower profile)"
+    results = []
+    for k, plan_path in enumerate(plans):
+        target = targets[k] if targets else None
+        t1 = time.perf_counter()
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+        if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        if detailed_profile:
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if weak_typing:
+            config.set_flag(trt.BuilderFlag.FP16)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        if flavour.named_targets:  # TensorRT-RTX: the named compute capability, or the current GPU's
+            config.num_compute_capabilities = 1
+            cc = target.enum(trt) if target is not None else trt.ComputeCapability.CURRENT
+            if not config.set_compute_capability(cc, 0):
+                raise DToPError(f"{flavour.label} refused the build target {target.sm if target else 'current'}")
+        for p in profiles:
+            prof = builder.create_optimization_profile()
+            prof.set_shape(input_name, p.min, p.opt, p.max)
+            config.add_optimization_profile(prof)
+        cache_path = Path(timing_cache) if timing_cache is not None else None
+        if cache_path is not None:
+            load_timing_cache(config, cache_path)
+
+        what = f"{flavour.label} {'FP16' if fp16 else 'FP32'} plan for " + (
+            f"{target.sm} (no GPU needed)" if target else (gpu.name if gpu else "this GPU")
         )
-    atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
-    if timing_cache is not None:
-        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        if on_build is not None:
+            on_build(f"building the {what} ({k + 1}/{len(plans)})")
+        logger.reset()
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise DToPError(
+                f"{flavour.label} could not build the {what}: " + build_failure_hint(logger.last_error, workspace_gb)
+            )
+        atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
+        if cache_path is not None:
+            atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    seconds = time.perf_counter() - t0
-    info = plan_info(
-        version,
-        gpu,
-        profiles,
-        precision={
-            "mode": "fp16" if fp16 else "fp32",
-            "typing": "weak" if weak_typing else "strong",
-            "tf32": bool(tf32),
-            "fp32_nodes": keep_nodes,
-            "fp32_layers_pinned": len(pinned),
-        },
-        onnx_path=onnx_path,
-        built_from=source,
-        built_metadata=built_meta,
-        build={
-            "seconds": round(seconds, 2),
-            "workspace_gb": workspace_gb,
-            "timing_cache": str(timing_cache) if timing_cache else None,
-            "detailed_profile": detailed_profile,
-        },
-        input_name=input_name,
-        output_name=output_name,
-    )
-    side = write_sidecar(plan_path, info)
-    return BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source)
+        seconds = time.perf_counter() - t1 + (parse_seconds if k == 0 else 0.0)
+        info = plan_info(
+            flavour,
+            version,
+            built_for(gpu, target),
+            profiles,
+            precision={
+                "mode": "fp16" if fp16 else "fp32",
+                "typing": "weak" if weak_typing else "strong",
+                "tf32": bool(tf32),
+                "fp32_nodes": keep_nodes,
+                "fp32_layers_pinned": len(pinned),
+                "network": precision_facts,
+            },
+            onnx_path=onnx_path,
+            built_from=source,
+            built_metadata=built_meta,
+            build={
+                "seconds": round(seconds, 2),
+                "parse_seconds": round(parse_seconds, 2),
+                "workspace_gb": workspace_gb,
+                "timing_cache": str(timing_cache) if timing_cache else None,
+                "detailed_profile": detailed_profile,
+            },
+            input_name=input_name,
+            output_name=output_name,
+        )
+        side = write_sidecar(plan_path, info)
+        results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
+    return results
+
+
+def build_failure_hint(error: str, workspace_gb: float) -> str:
+    """The builder's last error and what to do: an out-of-memory naming its request gets the --workspace that
+    holds it (the largest profile shape's scratch; the GPU must have that much), anything else the general hint."""
+    import math
+    import re
+
+    m = re.search(r"OutOfMemory \(Requested size was (\d+) bytes", error or "")
+    if m:
+        need = math.ceil(int(m.group(1)) / 2**30)
+        return (
+            f"{error} (a tactic for the largest profile shape needs {need} GiB of scratch, over --workspace "
+            f"{workspace_gb:g}: pass --workspace {need + 1} if the GPU has it, or lower --max)"
+        )
+    return f"{error or 'see the TensorRT log'} (try a larger --workspace or a narrower profile)"
+
+
+def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
+    """The sidecar's ``gpu``: the GPU the plan was built on, or the named target of a GPU-less build."""
+    if target is not None:
+        from dtop_export.engines.tensorrt.targets import GPUS
+
+        return {
+            "name": None,
+            "compute_capability": target.compute_capability,
+            "target": target.sm,
+            "examples": GPUS.get(target.compute_capability, ""),
+        }
+    assert gpu is not None
+    return {"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index, "target": None}
 
 
 def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) -> None:
@@ -380,8 +407,9 @@ def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) ->
 
 
 def plan_info(
+    flavour: Flavour,
     tensorrt_version: str,
-    gpu: GpuInfo,
+    gpu: dict[str, Any],
     profiles: Sequence[Profile],
     *,
     precision: dict[str, Any],
@@ -394,13 +422,14 @@ def plan_info(
 ) -> PlanInfo:
     """The sidecar of a finished build. ``metadata`` is that of the ONNX TensorRT parsed (``built_from``: the
     FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32 islands); ``build.cuda`` is the
-    CUDA that TensorRT was built for and ``build.driver_cuda`` what the driver supports."""
+    CUDA that the flavour's wheels were built for and ``build.driver_cuda`` what the driver supports."""
     from dtop_export import __version__
 
-    trt_cuda = tensorrt_cuda_major()
+    trt_cuda = tensorrt_cuda_major(flavour)
     return PlanInfo(
         tensorrt_version=tensorrt_version,
-        gpu={"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index},
+        backend=flavour.key,
+        gpu=gpu,
         profiles=[p.to_dict() for p in profiles],
         precision=precision,
         onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "built_from": str(built_from)},

@@ -1,6 +1,11 @@
 """Does TensorRT's ONNX parser accept this graph? Checked on the CPU, before a GPU is involved
 (``dtop-export check --target tensorrt``).
 
+Two opinions: :func:`real_parser_issues` runs the real ONNX parser of whichever TensorRT flavour can make a
+builder here (TensorRT-RTX does without a GPU; TensorRT proper needs one) and reports each parser error as a
+finding naming the node; :func:`lint_tensorrt`, the project's own rules below, is the fallback where no parser
+runs and a second opinion where one does (it also knows which 10.x releases lack an op or opset).
+
 Rules from the parser's importer/checker code and ``onnx-tensorrt/docs/operators.md`` (10.15): op support,
 opset range, tensor types, Resize modes, BatchNormalization training mode, constant reduction axes, and the
 per-op restrictions the support matrix lists. Each problem names the node, the op and a fix.
@@ -8,6 +13,7 @@ per-op restrictions the support matrix lists. Each problem names the node, the o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,11 +87,68 @@ class Issue:
     op: str
     problem: str
     fix: str
+    source: str = "lint"  # "lint" (the rules here) or the parser that reported it ("TensorRT-RTX 1.7.1.116 parser")
 
     def line(self) -> str:
         """One line: ``error node (Op): problem -> fix``."""
         where = f"{self.node} ({self.op})" if self.node else self.op
         return f"{self.severity} {where}: {self.problem} -> {self.fix}"
+
+
+@dataclass
+class ParserRun:
+    """What the real ONNX parser of one TensorRT flavour said about a graph."""
+
+    parser: str  # "TensorRT-RTX 1.7.1.116 ONNX parser"
+    issues: list[Issue]
+    skipped: list[str]  # flavours that could not run here, with why
+
+
+def real_parser_issues(model: onnx.ModelProto | str | Path) -> ParserRun:
+    """Parse ``model`` with the real ONNX parser of the first installed flavour that can create a builder here
+    (TensorRT, then TensorRT-RTX, which needs no GPU) into a network; one :class:`Issue` per parser error, with
+    the node's name and op (a fix from :func:`lint_tensorrt` when it flags the same node). ``parser`` is empty
+    when none could run (``skipped`` says why)."""
+    from dtop_export.engines.tensorrt.install import FLAVOURS, create_builder, import_tensorrt, log, process_logger
+    from dtop_export.engines.tensorrt.network import parser_errors
+    from dtop_export.errors import DToPError
+    from dtop_export.fp16.convert import name_nodes
+    from dtop_export.logs import quiet_logger
+
+    if not hasattr(model, "graph"):
+        model = load_onnx(model)
+    name_nodes(model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    skipped: list[str] = []
+    for flavour in FLAVOURS.values():
+        try:
+            trt = import_tensorrt(flavour)
+            logger = process_logger(trt)
+            builder = create_builder(trt, logger, flavour)  # TensorRT proper: needs a CUDA driver and GPU
+        except DToPError as e:
+            skipped.append(f"{flavour.label}: {e}")
+            continue
+        flags = 0
+        strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strong is not None:
+            flags |= 1 << int(strong)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        issues: list[Issue] = []
+        with quiet_logger(log.name, logging.CRITICAL):  # its multi-line log: each error becomes one finding
+            parsed = parser.parse(model.SerializeToString())
+        if not parsed:
+            ours = {i.node: i for i in lint_tensorrt(model) if i.node}
+            label = f"{flavour.label} {trt.__version__} parser"
+            for err in parser_errors(parser):
+                fix = ours[err.node].fix if err.node in ours else "change or remove this node, then export again"
+                op = err.op or ops.get(err.node, "") or "model"
+                issues.append(Issue("error", err.node, op, err.desc, fix, label))
+            if not issues:  # no error objects: the logger's line
+                why = logger.last_error or "the parser rejected the graph"
+                issues.append(Issue("error", "", "model", why, "see the TensorRT log (--debug)", label))
+        return ParserRun(f"{flavour.label} {trt.__version__} ONNX parser", issues, skipped)
+    return ParserRun("", [], skipped)
 
 
 def lint_tensorrt(model: onnx.ModelProto | str | Path) -> list[Issue]:

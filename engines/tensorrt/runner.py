@@ -1,10 +1,16 @@
 """Run a ``.plan`` built by :func:`~dtop_export.engines.tensorrt.builder.build_engine` behind the engine interface.
 
-The runner reads the sidecar first (version and GPU checks), makes its GPU current before TensorRT loads
-anything, sets input shapes per call, splits batches larger than the profile allows, pads smaller ones,
-rejects sizes outside every profile, and runs ``execute_async_v3`` on its own CUDA stream with device buffers
-from torch. One execution context serves every profile; its activation memory is sized for the profile in
-use (``ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE``), not for the largest one.
+The runner reads the sidecar first (backend, version and GPU checks: a plan runs only with the TensorRT flavour
+and version that built it, on its compute capability), makes its GPU current before TensorRT loads anything,
+sets input shapes per call, splits batches larger than the profile allows, pads smaller ones, rejects sizes
+outside every profile, and runs ``execute_async_v3`` on its own CUDA stream with device buffers from torch. One
+execution context serves every profile; its activation memory is sized for the profile in use
+(``ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE``), not for the largest one.
+
+TensorRT-RTX compiles kernels for the GPU at the first run of each shape: the context is made from a runtime
+config holding a *runtime cache* loaded from a file (``runtime_cache=``, default under
+``~/.cache/dtop-export/tensorrt-rtx/``) and saved back on :meth:`TensorRTEngine.close`, so a second process
+starts without recompiling. A cache from another GPU, driver or TensorRT-RTX is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dtop_export.atomic import atomic_write_bytes
 from dtop_export.contract import Engine, preprocess_from_metadata
 from dtop_export.engines.tensorrt.install import create_runtime, process_logger, require_tensorrt_and_gpu, use_device
 from dtop_export.engines.tensorrt.profiles import Profile, format_shape, select_profile, split_batches
@@ -33,13 +40,25 @@ class TensorRTEngine(Engine):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, sidecar: str | Path | None = None, device: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        sidecar: str | Path | None = None,
+        device: int = 0,
+        runtime_cache: str | Path | None = None,
+    ) -> None:
         self.source = Path(path)
         if not self.source.is_file():
             raise DToPError(f"engine file {self.source} not found")
         self.info = read_sidecar(self.source, sidecar)
-        trt, gpu = require_tensorrt_and_gpu(device)
-        problem, warning = compatibility(self.info, trt.__version__, gpu)
+        self.flavour = self.info.flavour
+        if runtime_cache is not None and self.flavour.timing_cache:
+            raise DToPError(f"{self.source}: runtime_cache= is for TensorRT-RTX plans; this one was built by TensorRT")
+        try:
+            trt, gpu = require_tensorrt_and_gpu(device, self.flavour)
+        except DToPError as e:
+            raise DToPError(f"{self.source} was built with {self.info.built_with()}: {e}") from e
+        problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour)
         if problem:
             raise DToPError(f"{self.source}: {problem}")
         if warning:
@@ -48,9 +67,15 @@ class TensorRTEngine(Engine):
 
         self._trt = trt
         self._index = gpu.index
+        self._cache: Any = None
+        self.runtime_cache = None
+        if not self.flavour.timing_cache:  # TensorRT-RTX: JIT kernels kept in a runtime cache
+            self.runtime_cache = (
+                Path(runtime_cache) if runtime_cache else default_runtime_cache(self.source, self.info, gpu)
+            )
         use_device(gpu.index)  # before the runtime: TensorRT deserializes onto the current CUDA device
         self._logger = process_logger(trt)
-        self._runtime = create_runtime(trt, self._logger)
+        self._runtime = create_runtime(trt, self._logger, self.flavour)
         self.engine = self._runtime.deserialize_cuda_engine(self.source.read_bytes())
         if self.engine is None:
             raise DToPError(
@@ -83,7 +108,9 @@ class TensorRTEngine(Engine):
         if self._ctx is None:
             self._logger.reset()
             strategy = getattr(self._trt, "ExecutionContextAllocationStrategy", None)
-            if strategy is not None:
+            if self.runtime_cache is not None:
+                self._ctx = self.engine.create_execution_context(self._runtime_config(strategy.ON_PROFILE_CHANGE))
+            elif strategy is not None:
                 self._ctx = self.engine.create_execution_context(strategy.ON_PROFILE_CHANGE)
             else:  # pragma: no cover - TensorRT < 10
                 self._ctx = self.engine.create_execution_context()
@@ -95,6 +122,35 @@ class TensorRTEngine(Engine):
                 raise DToPError(f"TensorRT could not switch to optimization profile {k}: {self._logger.last_error}")
             self._profile = k
         return self._ctx
+
+    def _runtime_config(self, strategy: Any) -> Any:
+        """TensorRT-RTX: a runtime config with the allocation ``strategy`` and the runtime cache, loaded from
+        :attr:`runtime_cache` when it holds one this GPU, driver and TensorRT-RTX can use."""
+        config = self.engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        self._cache = config.create_runtime_cache()
+        path = self.runtime_cache
+        blob = path.read_bytes() if path is not None and path.is_file() else b""
+        if blob and not self._cache.deserialize(blob):
+            log.warning(
+                "runtime cache %s ignored (made for another GPU, driver or TensorRT-RTX, or corrupt): kernels are "
+                "compiled again and the cache is rewritten on close()",
+                path,
+            )
+        if not config.set_runtime_cache(self._cache):
+            raise DToPError(f"TensorRT-RTX could not attach the runtime cache: {self._logger.last_error}")
+        return config
+
+    def save_runtime_cache(self) -> Path | None:
+        """Write the kernels compiled so far to :attr:`runtime_cache` (atomic); None when there is nothing to keep."""
+        if self._cache is None or self.runtime_cache is None:
+            return None
+        blob = bytes(memoryview(self._cache.serialize()))
+        if not blob:
+            return None
+        self.runtime_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.runtime_cache, blob)
+        return self.runtime_cache
 
     def _torch_dtype(self, name: str) -> Any:
         import torch
@@ -144,12 +200,32 @@ class TensorRTEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
+            "backend": self.flavour.label,
             "tensorrt_version": self.info.tensorrt_version,
-            "gpu": self.info.gpu.get("name"),
+            "gpu": self.info.gpu.get("name") or self.info.gpu.get("target"),
             "typing": self.info.precision.get("typing"),
             "profiles": [p.describe() for p in self.profiles],
         }
 
     def close(self) -> None:
+        if self._cache is not None:
+            try:
+                self.save_runtime_cache()
+            except (OSError, DToPError) as e:  # a read-only cache folder must not fail the job that ran
+                log.warning("runtime cache not saved to %s: %s", self.runtime_cache, e)
+            self._cache = None
         self._ctx = None
         self._profile = -1
+
+
+def default_runtime_cache(plan: Path, info: Any, gpu: Any) -> Path:
+    """``$XDG_CACHE_HOME/dtop-export/tensorrt-rtx/<plan name>-<sidecar hash>-sm<cc>.rtxcache``: one cache per
+    build (the sidecar records when and from what) and GPU architecture, outside the model's folder (which a
+    service may not be allowed to write)."""
+    import hashlib
+    import json
+    import os
+
+    digest = hashlib.sha256(json.dumps(info.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dtop-export" / "tensorrt-rtx"
+    return base / f"{plan.stem}-{digest}-sm{gpu.compute_capability.replace('.', '')}.rtxcache"

@@ -1,6 +1,7 @@
-"""The JSON sidecar of a ``.plan`` (``model.plan.json``): TensorRT version, GPU, profiles, precision, the
-ONNX it was built from and the model's deployment metadata. The runner reads it before TensorRT does, so an
-engine built by another TensorRT or for another GPU fails with that message instead of crashing."""
+"""The JSON sidecar of a ``.plan`` (``model.plan.json``): the backend (TensorRT or TensorRT-RTX) and its version,
+the GPU or named target, profiles, precision (FP32 islands, the parsed network's types), the ONNX it was built
+from (path, SHA-256) and the model's deployment metadata. The runner reads it before TensorRT does, so an engine
+built by another backend, version or for another GPU fails with that message instead of crashing."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from dtop_export.atomic import atomic_write_text, read_tagged_json
-from dtop_export.engines.tensorrt.install import GpuInfo
+from dtop_export.engines.tensorrt.install import RTX_COMPUTE_CAPABILITIES, Flavour, GpuInfo, flavour_of
 from dtop_export.engines.tensorrt.profiles import Profile
 from dtop_export.errors import DToPError
 
 SIDECAR_FORMAT = "dtop-export/tensorrt-plan"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: backend (tensorrt | rtx), named-target builds (gpu.name None, gpu.target)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class PlanInfo:
     """Everything the JSON sidecar of a ``.plan`` records."""
 
     tensorrt_version: str
-    gpu: dict[str, Any]
+    gpu: dict[str, Any]  # name (None for a named-target build), compute_capability, index, target ("sm86")
     profiles: list[dict[str, list[int]]]
     precision: dict[str, Any]
     onnx: dict[str, Any]
@@ -35,6 +36,18 @@ class PlanInfo:
     format: str = SIDECAR_FORMAT
     format_version: int = SIDECAR_VERSION
     toolkit_version: str = ""
+    backend: str = "tensorrt"  # "tensorrt" or "rtx" (TensorRT-RTX); version-1 sidecars are TensorRT's
+
+    @property
+    def flavour(self) -> Flavour:
+        return flavour_of(self.backend)
+
+    def built_with(self) -> str:
+        """``TensorRT-RTX 1.7.1.116 for sm86 (no GPU)`` or ``TensorRT 10.13.0.35 on NVIDIA H100 (compute
+        capability 9.0)``."""
+        name, cc = self.gpu.get("name"), self.gpu.get("compute_capability", "?")
+        where = f"on {name} (compute capability {cc})" if name else f"for {self.gpu.get('target') or cc} (no GPU)"
+        return f"{self.flavour.label} {self.tensorrt_version} {where}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +105,9 @@ def describe_plan(plan: str | Path) -> dict[str, Any]:
     return {
         "file": str(plan),
         "size_mb": round(plan.stat().st_size / 2**20, 2),
+        "backend": info.flavour.label,
         "tensorrt": info.tensorrt_version,
+        "built_with": info.built_with(),
         "gpu": info.gpu,
         "precision": info.precision,
         "profiles": info.profiles,
@@ -102,24 +117,38 @@ def describe_plan(plan: str | Path) -> dict[str, Any]:
     } | metadata_report(info.metadata)
 
 
-def compatibility(info: PlanInfo, tensorrt_version: str, gpu: GpuInfo) -> tuple[str | None, str | None]:
-    """(error, warning) for running an engine described by ``info`` with this TensorRT on ``gpu``.
+def compatibility(
+    info: PlanInfo, tensorrt_version: str, gpu: GpuInfo, flavour: Flavour | None = None
+) -> tuple[str | None, str | None]:
+    """(error, warning) for running an engine described by ``info`` with ``flavour`` (default: the plan's own)
+    ``tensorrt_version`` on ``gpu``.
 
-    TensorRT plans are tied to the exact TensorRT version and to the GPU's compute capability; a different
-    GPU model of the same compute capability loads but may run slower than on the one it was tuned for.
+    Plans are tied to the backend that built them (TensorRT or TensorRT-RTX), its exact version and the GPU's
+    compute capability; a different GPU model of the same compute capability loads but may run slower than on
+    the one it was tuned for (a named-target build was tuned on none: no warning).
     """
-    built_gpu = info.gpu.get("name", "?")
-    built_cc = str(info.gpu.get("compute_capability", "?"))
-    built = f"TensorRT {info.tensorrt_version} on {built_gpu} (compute capability {built_cc})"
-    here = f"TensorRT {tensorrt_version} on {gpu.name} (compute capability {gpu.compute_capability})"
-    rebuild = f"rebuild it here with `dtop-export trt {info.onnx.get('path', 'model.onnx')}`"
+    flavour = flavour or info.flavour
+    built = info.built_with()
+    here = f"{flavour.label} {tensorrt_version} on {gpu.name} (compute capability {gpu.compute_capability})"
+    built_gpu, built_cc = info.gpu.get("name"), str(info.gpu.get("compute_capability", "?"))
+    onnx = info.onnx.get("path", "model.onnx")
+    rebuild = f"rebuild it here with `dtop-export trt {onnx}`"
+    if info.backend == "rtx" and gpu.compute_capability not in RTX_COMPUTE_CAPABILITIES:
+        rebuild = (
+            f"TensorRT-RTX has no kernels for compute capability {gpu.compute_capability}: build on this GPU with "
+            f"TensorRT proper (pip install 'dtop-export[cuda12]'; `dtop-export trt {onnx} --backend tensorrt`)"
+        )
+    elif info.backend == "rtx":
+        rebuild = f"rebuild it with `dtop-export trt {onnx} --target sm{gpu.compute_capability.replace('.', '')}`"
+    if info.backend != flavour.key:
+        return f"the engine was built with {built}; it runs only with {info.flavour.label}, not {here}", None
     if info.tensorrt_version != tensorrt_version:
         return f"the engine was built with {built}; this machine has {here}: {rebuild}", None
     if built_cc != gpu.compute_capability:
-        return f"the engine was built for {built_gpu} (compute capability {built_cc}); this GPU is {gpu.name} " + (
+        return f"the engine was built with {built}; this GPU is {gpu.name} " + (
             f"(compute capability {gpu.compute_capability}): {rebuild}"
         ), None
-    if built_gpu != gpu.name:
+    if built_gpu and built_gpu != gpu.name:
         return None, f"the engine was tuned on {built_gpu}, running on {gpu.name}: rebuild here for best speed"
     return None, None
 

@@ -28,6 +28,7 @@ struct EmbedOptions {
   int image_size = 0;                 // longer side before scaling; 0 = the model's (dtop.resize_policy size)
   std::vector<double> scales{1.0};    // multi-scale: several
   int batch_size = 1;                 // same-shape inputs per forward pass
+  DecodeLimits decode;                // what decoding one file may cost (pixels, MiB, JPEG scans)
 };
 
 /// Descriptors of a list of files: rows in input order for the readable ones, the others skipped with why.

@@ -1,107 +1,25 @@
-"""``dtop-export trt --self-test [--full]``: the one-command acceptance of a machine's TensorRT path.
-
-Prints the environment (TensorRT and the CUDA it was built for, the driver's CUDA, PyTorch's CUDA runtime, the
-GPU, ONNX Runtime's providers), then on a random-init small model: builds FP32 (TF32 off) and strongly typed
-FP16, checks I/O names and dtypes and the profile shapes, parity against ONNX Runtime (``dtop_export.parity``
-with the FP32 or FP16 contract), reads the engine inspector to confirm the FP32 islands run FP32,
-rebuilds with the timing cache, rebuilds with a corrupt cache (must fall back, with a warning), and checks
-out-of-profile and empty batches. ``--full`` adds r50-vitb16 at the default profile (up to 8x3x1024x1024),
-its parity and its latency against ONNX Runtime CUDA (when onnxruntime-gpu is installed) and PyTorch CUDA.
-Ends with one PASS/FAIL line and a JSON report. Without TensorRT or a GPU: one line naming what is missing,
-exit code 2.
-"""
+"""The self-test with a GPU: build, run and inspect FP32 and FP16 engines of the small model (parity with ONNX
+Runtime, I/O and profiles, the FP32 islands in the engine inspector), the timing cache (TensorRT) or runtime cache
+(TensorRT-RTX), batch edge cases, and with ``--full`` r50-vitb16's build, parity and latency."""
 
 from __future__ import annotations
 
 import json
-import logging
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dtop_export.errors import DToPError
-
-log = logging.getLogger("dtop_export.engines.tensorrt")  # the builder's warnings are read from this logger
-
-EXIT_MISSING = 2
-SMALL_PROFILE = ("1x3x128x128", "2x3x256x256", "4x3x384x384")
-
-
-@dataclass
-class Check:
-    """One self-test step: ``status`` is ``pass``, ``fail`` or ``skip`` (with the reason in ``detail``)."""
-
-    name: str
-    status: str
-    detail: str
-    seconds: float = 0.0
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SelfTestReport:
-    environment: dict[str, Any]
-    full: bool
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """At least one check ran and none failed."""
-        return any(c.status == "pass" for c in self.checks) and not any(c.status == "fail" for c in self.checks)
-
-    def verdict(self) -> str:
-        """The last line: ``self-test PASS: 9 passed, 0 failed, 1 skipped (TensorRT 10.13 on NVIDIA H100)``."""
-        n = {s: sum(c.status == s for c in self.checks) for s in ("pass", "fail", "skip")}
-        env = self.environment
-        where = f"TensorRT {env.get('tensorrt', '?')} on {env.get('gpu', {}).get('name', '?')}"
-        word = "PASS" if self.passed else "FAIL"
-        return f"self-test {word}: {n['pass']} passed, {n['fail']} failed, {n['skip']} skipped ({where})"
-
-    def table(self) -> str:
-        """Markdown: one row per check."""
-        lines = ["| check | result | seconds | detail |", "|---|---|---:|---|"]
-        for c in self.checks:
-            mark = {"pass": "PASS", "fail": "**FAIL**", "skip": "skip"}[c.status]
-            lines.append(f"| {c.name} | {mark} | {c.seconds:.1f} | {c.detail} |")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "environment": self.environment,
-            "full": self.full,
-            "passed": self.passed,
-            "verdict": self.verdict(),
-            "checks": [asdict(c) for c in self.checks],
-        }
-
-
-def missing_requirement(device: int = 0) -> str | None:
-    """None when TensorRT and CUDA device ``device`` are usable, else the one line saying which is missing."""
-    from dtop_export.engines.tensorrt.install import require_tensorrt_and_gpu
-
-    try:
-        require_tensorrt_and_gpu(device)
-    except DToPError as e:
-        return str(e)
-    return None
-
-
-def _step(report: SelfTestReport, name: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> Check:
-    """Run one check; an exception is a failed check with its one-line message (the log has the rest)."""
-    t0 = time.perf_counter()
-    try:
-        status, detail, data = fn()
-    except Exception as e:  # noqa: BLE001 - every failure becomes a row of the report
-        log.debug("self-test step %s failed", name, exc_info=True)
-        status, detail, data = "fail", f"{e.__class__.__name__}: {' '.join(str(e).split())[:300]}", {}
-    check = Check(name, status, detail, round(time.perf_counter() - t0, 2), data)
-    report.checks.append(check)
-    return check
+from dtop_export.pipeline.trt_selftest.report import (
+    SMALL_PROFILE,
+    SelfTestReport,
+    captured_warnings,
+    export_step,
+    sample_images,
+    step,
+)
 
 
 def io_facts(engine: Any, trt: Any) -> dict[str, Any]:
@@ -139,7 +57,7 @@ def island_precisions(inspector_json: str, islands: Sequence[str], node_names: S
     """Read the engine inspector's JSON (built with detailed profiling): every engine layer made only of
     FP32-island nodes must have FP32 outputs. Layers inside Myelin regions (``ForeignNode``) do not show
     their members' precision and are counted as opaque."""
-    from dtop_export.engines.tensorrt.builder import layer_owner
+    from dtop_export.engines.tensorrt.network import layer_owner
 
     info = json.loads(inspector_json)
     layers = info.get("Layers", []) if isinstance(info, dict) else []
@@ -163,7 +81,7 @@ def island_precisions(inspector_json: str, islands: Sequence[str], node_names: S
     return {"layers": len(layers), "checked": len(checked), "wrong": wrong, "opaque": opaque}
 
 
-def _parity(engine: Any, reference: Any, images: Sequence[np.ndarray]) -> tuple[str, str, dict[str, Any]]:
+def parity_check(engine: Any, reference: Any, images: Sequence[np.ndarray]) -> tuple[str, str, dict[str, Any]]:
     """A check row for ``engine`` against ``reference`` over same-size batches of ``images``, judged by
     :func:`dtop_export.parity.compare` and the contract of the engine's precision (descriptor checks only:
     finite, cosine, max-abs where the contract has one)."""
@@ -184,20 +102,7 @@ def _parity(engine: Any, reference: Any, images: Sequence[np.ndarray]) -> tuple[
     return ("pass" if res.passed else "fail"), detail, data
 
 
-PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "hubble_deep_field.jpg", "camera.png")
-
-
-def _images(preprocess: Any, sizes: Sequence[int], n: int) -> list[np.ndarray]:
-    """``n`` photos that scikit-image ships, decoded and prepared like every engine's input at each of
-    ``sizes`` (no downloads)."""
-    from dtop_export.preprocess import load_image, prepare
-    from dtop_export.retrieval.sample_data import skimage_data_dir
-
-    photos = [load_image(skimage_data_dir() / name) for name in PHOTOS[:n]]
-    return [prepare(img, preprocess, size) for size in sizes for img in photos]
-
-
-def _median_ms(fn: Callable[[], Any], sync: Callable[[], None], runs: int = 20, warmup: int = 3) -> float:
+def median_ms(fn: Callable[[], Any], sync: Callable[[], None], runs: int = 20, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     sync()
@@ -210,66 +115,18 @@ def _median_ms(fn: Callable[[], Any], sync: Callable[[], None], runs: int = 20, 
     return float(np.median(times))
 
 
-def run_self_test(
-    full: bool = False, device: int = 0, report_path: Path | None = None, console: Any = None, keep: Path | None = None
-) -> int:
-    """Run the self-test; prints as it goes and returns the exit code (0 PASS, 1 FAIL, 2 missing)."""
-
-    def say(text: str) -> None:
-        if console is not None:
-            console.print(text, soft_wrap=True, markup=False, highlight=False)
-        else:
-            print(text)
-
-    missing = missing_requirement(device)
-    if missing is not None:
-        say(f"self-test cannot run: {missing}")
-        return EXIT_MISSING
-    from dtop_export.engines.tensorrt.install import environment, require_tensorrt_and_gpu
-
-    trt, _ = require_tensorrt_and_gpu(device)
-    report = SelfTestReport(environment(trt, device), full)
-    say(json.dumps(report.environment, indent=1))
-    with tempfile.TemporaryDirectory(prefix="dtop-trt-selftest-") as tmp:
-        work = keep or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        _small_checks(report, trt, work, device)
-        if full:
-            _full_checks(report, work, device)
-    say(report.table())
-    if report_path is not None:
-        from dtop_export.atomic import atomic_write_text
-
-        atomic_write_text(report_path, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
-        say(f"wrote {report_path}")
-    say(report.verdict())
-    return 0 if report.passed else 1
-
-
-def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> None:
-    from dtop_export.checkpoint import random_checkpoint
+def small_checks(report: SelfTestReport, trt: Any, flavour: Any, work: Path, device: int) -> None:
     from dtop_export.contract import load_onnx
-    from dtop_export.engines.ort import OnnxRuntimeEngine
     from dtop_export.engines.tensorrt.builder import build_engine
     from dtop_export.engines.tensorrt.profiles import make_profiles
     from dtop_export.engines.tensorrt.runner import TensorRTEngine
-    from dtop_export.errors import ShapeError
-    from dtop_export.export import export_onnx
     from dtop_export.fp16.convert import name_nodes
 
-    onnx_path = work / "small.onnx"
     profiles = make_profiles([SMALL_PROFILE[0]], [SMALL_PROFILE[1]], [SMALL_PROFILE[2]])
     state: dict[str, Any] = {}
-
-    def export() -> tuple[str, str, dict[str, Any]]:
-        export_onnx(random_checkpoint("small", work / "small.pt", source="dtop-export trt --self-test"), onnx_path)
-        ref = OnnxRuntimeEngine(onnx_path)
-        state["ref"] = ref
-        state["images"] = _images(ref.preprocess, (256, 384), 3)
-        return "pass", f"random-init small preset -> {onnx_path.name}", {}
-
-    if _step(report, "export small model", export).status != "pass":
+    if not export_step(report, work, state):
         return
+    onnx_path = state["onnx"]
 
     def build(name: str, fp16: bool, cache: Path | None = None) -> Callable[[], tuple[str, str, dict[str, Any]]]:
         def run() -> tuple[str, str, dict[str, Any]]:
@@ -284,8 +141,9 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
                 workspace_gb=2,
                 device=device,
                 detailed_profile=True,
+                backend=flavour.key,
             )
-            engine = TensorRTEngine(plan, device=device)
+            engine = TensorRTEngine(plan, device=device, **runtime_cache_option(name))
             state[name] = (r, engine)
             facts = io_facts(engine.engine, trt)
             problems = check_io(facts, profiles)
@@ -297,14 +155,18 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
         return run
 
     def parity(name: str) -> Callable[[], tuple[str, str, dict[str, Any]]]:
-        return lambda: _parity(state[name][1], state["ref"], state["images"])
+        return lambda: parity_check(state[name][1], state["ref"], state["images"])
 
-    cache = work / "timing.cache"
-    if _step(report, "build FP32 (TF32 off)", build("fp32", False)).status == "pass":
-        _step(report, "FP32 parity vs ONNX Runtime", parity("fp32"))
-    if _step(report, "build FP16 strongly typed (+ timing cache)", build("fp16", True, cache)).status != "pass":
+    def runtime_cache_option(name: str) -> dict[str, Any]:
+        return {} if flavour.timing_cache else {"runtime_cache": work / f"{name}.rtxcache"}
+
+    cache = work / "timing.cache" if flavour.timing_cache else None
+    if step(report, "build FP32 (TF32 off)", build("fp32", False)).status == "pass":
+        step(report, "FP32 parity vs ONNX Runtime", parity("fp32"))
+    fp16_name = "build FP16 strongly typed" + (" (+ timing cache)" if cache else "")
+    if step(report, fp16_name, build("fp16", True, cache)).status != "pass":
         return
-    _step(report, "FP16 parity vs ONNX Runtime", parity("fp16"))
+    step(report, "FP16 parity vs ONNX Runtime", parity("fp16"))
 
     def islands() -> tuple[str, str, dict[str, Any]]:
         r, engine = state["fp16"]
@@ -319,7 +181,61 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
             return "skip", f"no island layer visible ({res['opaque']} Myelin regions hide their precision)", res
         return "pass", f"{res['checked']} island layers FP32 ({res['opaque']} Myelin regions not inspectable)", res
 
-    _step(report, "FP32 islands run FP32 (engine inspector)", islands)
+    step(report, "FP32 islands run FP32 (engine inspector)", islands)
+    if cache is None:  # TensorRT-RTX: the runtime cache of JIT kernels instead of the timing cache
+        runtime_cache_checks(report, state, work, device)
+    else:
+        timing_cache_checks(report, state, onnx_path, profiles, cache, work)
+    shape_checks(report, state)
+
+
+def runtime_cache_checks(report: SelfTestReport, state: dict[str, Any], work: Path, device: int) -> None:
+    """TensorRT-RTX: the kernels compiled by the first run are saved on close, loaded by a second engine (same
+    descriptors), and a corrupt cache is ignored with a warning and rewritten."""
+    from dtop_export.engines.tensorrt.runner import TensorRTEngine
+
+    def saved_and_reused() -> tuple[str, str, dict[str, Any]]:
+        engine = state["fp16"][1]
+        x = np.stack(state["images"][:2])
+        first = engine.embed(x)
+        engine.close()  # saves the runtime cache
+        path = engine.runtime_cache
+        if path is None or not path.is_file() or path.stat().st_size == 0:
+            return "fail", f"no runtime cache written to {path}", {}
+        t0 = time.perf_counter()
+        again = TensorRTEngine(state["fp16"][0].plan, device=device, runtime_cache=path)
+        second = again.embed(x)
+        seconds = time.perf_counter() - t0
+        again.close()
+        state["fp16"] = (state["fp16"][0], again)
+        if not np.allclose(first, second, atol=1e-6):
+            return "fail", "a second engine with the cache gave other descriptors", {}
+        data = {"cache_bytes": path.stat().st_size, "reload_seconds": round(seconds, 2)}
+        return "pass", f"{path.stat().st_size / 2**20:.1f} MiB cache saved; reloaded and ran in {seconds:.1f} s", data
+
+    step(report, "runtime cache saved and reused", saved_and_reused)
+
+    def corrupt() -> tuple[str, str, dict[str, Any]]:
+        bad = work / "corrupt.rtxcache"
+        garbage = b"not a runtime cache" * 64
+        bad.write_bytes(garbage)
+        with captured_warnings() as warned:
+            engine = TensorRTEngine(state["fp16"][0].plan, device=device, runtime_cache=bad)
+            engine.embed(np.stack(state["images"][:1]))
+            engine.close()
+        rewritten = bad.read_bytes() != garbage
+        ok = rewritten and any("runtime cache" in w for w in warned)
+        detail = "ignored with a warning, kernels compiled again, cache rewritten" if ok else f"warnings {warned[:2]}"
+        return ("pass" if ok else "fail"), detail, {"warnings": warned[:3], "cache_rewritten": rewritten}
+
+    step(report, "corrupt runtime cache falls back", corrupt)
+
+
+def timing_cache_checks(
+    report: SelfTestReport, state: dict[str, Any], onnx_path: Path, profiles: Sequence[Any], cache: Path, work: Path
+) -> None:
+    """TensorRT: a rebuild reads the timing cache; a corrupt one is replaced with a warning."""
+    from dtop_export.engines.tensorrt.builder import build_engine
 
     def rebuild_cached() -> tuple[str, str, dict[str, Any]]:
         first = state["fp16"][0].seconds
@@ -329,20 +245,24 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
         data = {"first_seconds": round(first, 2), "cached_seconds": round(r.seconds, 2)}
         return "pass", f"rebuilt in {r.seconds:.1f} s with the cache ({first:.1f} s without)", data
 
-    _step(report, "rebuild with the timing cache", rebuild_cached)
+    step(report, "rebuild with the timing cache", rebuild_cached)
 
     def corrupt_cache() -> tuple[str, str, dict[str, Any]]:
         bad = work / "corrupt.cache"
         garbage = b"not a timing cache" * 64
         bad.write_bytes(garbage)
-        with _captured_warnings() as warned:
+        with captured_warnings() as warned:
             build_engine(onnx_path, work / "fp16-badcache.plan", fp16=True, profiles=profiles, timing_cache=bad)
         rewritten = bad.read_bytes() != garbage
         ok = rewritten and any("timing cache" in w for w in warned)
         detail = "fell back to a fresh cache with a warning and saved it" if ok else f"warnings {warned[:2]}"
         return ("pass" if ok else "fail"), detail, {"warnings": warned[:3], "cache_rewritten": rewritten}
 
-    _step(report, "corrupt timing cache falls back", corrupt_cache)
+    step(report, "corrupt timing cache falls back", corrupt_cache)
+
+
+def shape_checks(report: SelfTestReport, state: dict[str, Any]) -> None:
+    from dtop_export.errors import ShapeError
 
     def shapes() -> tuple[str, str, dict[str, Any]]:
         engine = state["fp16"][1]
@@ -360,10 +280,10 @@ def _small_checks(report: SelfTestReport, trt: Any, work: Path, device: int) -> 
             problems.append(f"batch of 6 gave {big.shape}")
         return ("fail", "; ".join(problems), {}) if problems else ("pass", "empty, split and out-of-profile", {})
 
-    _step(report, "batches: empty, split, out-of-profile", shapes)
+    step(report, "batches: empty, split, out-of-profile", shapes)
 
 
-def _full_checks(report: SelfTestReport, work: Path, device: int) -> None:
+def full_checks(report: SelfTestReport, flavour: Any, work: Path, device: int) -> None:
     import torch
 
     from dtop_export.checkpoint import random_checkpoint
@@ -378,27 +298,27 @@ def _full_checks(report: SelfTestReport, work: Path, device: int) -> None:
     def build_big() -> tuple[str, str, dict[str, Any]]:
         ckpt = random_checkpoint("r50-vitb16", work / "r50.pt", source="dtop-export trt --self-test --full")
         export_onnx(ckpt, work / "r50.onnx")
-        r = build_engine(work / "r50.onnx", work / "r50.plan", fp16=True, device=device)  # default profile
+        r = build_engine(work / "r50.onnx", work / "r50.plan", fp16=True, device=device, backend=flavour.key)
         state["plan"], state["ckpt"] = r.plan, ckpt
         return "pass", f"r50-vitb16 FP16 at {r.info.profiles[0]['max']} in {r.seconds:.0f} s", {"seconds": r.seconds}
 
-    if _step(report, "full: build r50-vitb16 FP16 (default profile)", build_big).status != "pass":
+    if step(report, "full: build r50-vitb16 FP16 (default profile)", build_big).status != "pass":
         return
     engine = TensorRTEngine(state["plan"], device=device)
     ref = OnnxRuntimeEngine(work / "r50.onnx")
-    images = _images(ref.preprocess, (512,), 2)
+    images = sample_images(ref.preprocess, (512,), 2)
 
-    _step(report, "full: r50-vitb16 FP16 parity vs ONNX Runtime", lambda: _parity(engine, ref, images))
+    step(report, "full: r50-vitb16 FP16 parity vs ONNX Runtime", lambda: parity_check(engine, ref, images))
 
     def latency() -> tuple[str, str, dict[str, Any]]:
         x = np.stack(images[:1])
         sync = torch.cuda.synchronize
-        data = {"shape": list(x.shape), "trt_fp16_ms": _median_ms(lambda: engine.embed(x), sync)}
+        data = {"shape": list(x.shape), "trt_fp16_ms": median_ms(lambda: engine.embed(x), sync)}
         torch_engine = TorchEngine.from_checkpoint(state["ckpt"], device=f"cuda:{device}")
-        data["torch_cuda_fp32_ms"] = _median_ms(lambda: torch_engine.embed(x), sync)
+        data["torch_cuda_fp32_ms"] = median_ms(lambda: torch_engine.embed(x), sync)
         if "CUDAExecutionProvider" in report.environment.get("onnxruntime_providers", []):
             ort_cuda = OnnxRuntimeEngine(work / "r50.onnx", provider="cuda")
-            data["ort_cuda_fp32_ms"] = _median_ms(lambda: ort_cuda.embed(x), sync)
+            data["ort_cuda_fp32_ms"] = median_ms(lambda: ort_cuda.embed(x), sync)
         else:
             data["ort_cuda_fp32_ms"] = None
         parts = [f"TensorRT FP16 {data['trt_fp16_ms']:.2f} ms"]
@@ -409,24 +329,4 @@ def _full_checks(report: SelfTestReport, work: Path, device: int) -> None:
             parts.append("ORT CUDA: onnxruntime-gpu not installed")
         return "pass", "median of 20 at 1x3x512x512: " + ", ".join(parts), data
 
-    _step(report, "full: latency vs ONNX Runtime CUDA and PyTorch", latency)
-
-
-class _captured_warnings:  # noqa: N801 - used as a context manager
-    """Collect WARNING records of the TensorRT logger (the builder's fallbacks)."""
-
-    def __enter__(self) -> list[str]:
-        self.lines: list[str] = []
-        lines = self.lines
-
-        class _H(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.levelno >= logging.WARNING:
-                    lines.append(record.getMessage())
-
-        self.handler = _H()
-        log.addHandler(self.handler)
-        return self.lines
-
-    def __exit__(self, *exc: object) -> None:
-        log.removeHandler(self.handler)
+    step(report, "full: latency vs ONNX Runtime CUDA and PyTorch", latency)

@@ -1,0 +1,484 @@
+"""Feeding the GPU (issue 31): everything one lent GPU session measures, in one run, within a deadline.
+
+    bash benchmarks/gpu_feed.sh OUT                    # on the GPU machine: install, unpack Ray, run this
+    python benchmarks/gpu_feed.py --out OUT [--budget-s 470] [--phases model,corpus]
+    python benchmarks/gpu_feed.py --cpu-dry-run --out /tmp/dry      # every phase on the CPU, tiny: a script check
+
+Phases, in this order (each writes OUT/<phase>.json when it ends; a phase, or a cell, that would not finish before
+the deadline is skipped and listed as such, so a run cut short still leaves its results):
+
+env       GPU, driver, torch/CUDA/torchvision/Ray versions, CPU cores.
+peaks     the matmul ceiling per precision (square GEMMs, ``dtop_export.bench.peak``), the "% of peak" denominators.
+model     the model alone, r50-vitb16 random init: fp16/bf16 (autocast deployment path) and fp32 x 384/512/1024 x
+          batch 1/8/32/64, eager: img/s on device-resident uint8 batches (``embed_pixels_stream``, pipelined) and
+          on host uint8 batches (pinned copies included), GFLOP/s and % of peak; plus the old ways at 512² b8
+          (``half()``, float32 ``embed``) for the before/after.
+parity    fp16 and bf16 autocast (and ``half()``) against fp32 on the embedded set: the parity contracts.
+photos    ``--photos`` JPEGs of 1024 px with camera aspect ratios (4:3, 3:4, 3:2, 2:3, 16:9), written here.
+decode    nvJPEG decode + device resize (``--gpu-decode``): its parity contract (cos >= 0.9999 per image vs the
+          CPU decoder) at 512 and 1024 px, and decode throughput on the device vs the CPU pool.
+corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
+          a process pool, ``--gpu-decode``; Ray with one GPU actor; and the code before issue 31 (``.before/``,
+          carried: see gpu_feed.sh) on fewer photos. Start-up, feed statistics (engine waits, decode seconds).
+profile   ``torch.profiler`` of the fp16 forward at 512² b64: CUDA time by kernel family (GEMM, attention, conv,
+          norm, elementwise): where the model's time goes.
+compiled  ``torch.compile`` cells (fp16/bf16 at 512 and 1024, batch 64; ``--compile-mode``, default max-autotune:
+          Inductor's autotuned GEMMs + CUDA graphs), compile time and img/s, while the deadline allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+PHASES = ("env", "peaks", "model", "parity", "photos", "decode", "corpus", "profile", "compiled")
+ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9)]
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def save(out: Path, name: str, data: Any) -> None:
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {out / name}.json", flush=True)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rate(engine: Any, batches: list[Any], seconds: float, device: str) -> tuple[float, int]:
+    """img/s of ``engine.embed_pixels_stream`` over ``batches`` repeated for about ``seconds`` (after one pass)."""
+    n = sum(len(b) for b in batches)
+    for _ in engine.embed_pixels_stream(batches):
+        pass
+    sync(device)
+    t0 = time.perf_counter()
+    images = 0
+    while True:
+        for _ in engine.embed_pixels_stream(batches):
+            pass
+        images += n
+        if time.perf_counter() - t0 >= seconds:
+            break
+    sync(device)
+    return images / (time.perf_counter() - t0), images
+
+
+def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    from dtop_export.bench.harness import model_gflops
+    from dtop_export.engines.pytorch import TorchEngine
+
+    dev = args.device
+    gflops = model_gflops(ckpt, args.sizes, device=dev)
+    rows, skipped = [], []
+    rng = np.random.default_rng(0)
+    for precision in args.precisions:
+        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision)
+        peak = peaks.get(f"{dev} {precision}")
+        for size in args.sizes:
+            for b in args.batches:
+                if dl.left() < args.reserve_s:
+                    skipped.append(f"{precision} {size} b{b}")
+                    continue
+                host = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(2)]
+                on_dev = [torch.from_numpy(h).to(dev) for h in host] if dev.startswith("cuda") else host
+                try:
+                    device_rate, n = rate(engine, on_dev, args.cell_seconds, dev)
+                    host_rate, _ = (
+                        rate(engine, host, args.cell_seconds, dev) if dev.startswith("cuda") else (device_rate, 0)
+                    )
+                except torch.cuda.OutOfMemoryError as e:  # a size x batch this GPU cannot hold: say so, go on
+                    skipped.append(f"{precision} {size} b{b}: out of memory ({str(e).splitlines()[0]})")
+                    torch.cuda.empty_cache()
+                    continue
+                g = gflops[size] * device_rate
+                row = {"precision": precision, "size": size, "batch": b, "images_per_s": device_rate,
+                       "host_uint8_images_per_s": host_rate, "images_timed": n, "gflops_per_s": g,
+                       "peak_pct": 100 * g / peak if peak else None}  # fmt: skip
+                rows.append(row)
+                pct = f"{row['peak_pct']:.1f}% of peak" if peak else "no peak"
+                print(f"model {precision} {size}² b{b}: {device_rate:.1f} img/s on device, {host_rate:.1f} from host "
+                      f"uint8, {g / 1e3:.1f} TFLOP/s, {pct}", flush=True)  # fmt: skip
+        engine.close()
+        del engine
+        torch.cuda.empty_cache() if dev.startswith("cuda") else None
+    legacy = []
+    size, b = (512, 8) if 512 in args.sizes else (args.sizes[0], args.batches[-1])
+    for label, kw in (("fp16 half() + float32 embed (before)", {"precision": "fp16", "cast": "half"}),
+                      ("fp16 autocast + float32 embed", {"precision": "fp16"})):  # fmt: skip
+        if dl.left() < args.reserve_s or (not dev.startswith("cuda") and kw.get("cast") == "half"):
+            continue
+        engine = TorchEngine.from_checkpoint(ckpt, device=dev, **kw)
+        x = rng.standard_normal((b, 3, size, size)).astype(np.float32)
+        for _ in range(3):
+            engine.embed(x)
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            engine.embed(x)
+            times.append(time.perf_counter() - t0)
+        legacy.append({"what": label, "size": size, "batch": b, "images_per_s": b / statistics.median(times)})
+        print(f"model {label} {size}² b{b}: {legacy[-1]['images_per_s']:.1f} img/s", flush=True)
+    return {"gflops_per_image": gflops, "rows": rows, "legacy": legacy, "skipped": skipped,
+            "cell_seconds": args.cell_seconds}  # fmt: skip
+
+
+def parity_phase(args: Any, ckpt: Path) -> dict[str, Any]:
+    from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.parity import parity
+    from dtop_export.retrieval.datasets import resolve_dataset
+
+    ds = resolve_dataset("sample", args.work / "data")
+    ref = TorchEngine.from_checkpoint(ckpt, device=args.device)
+    engines = [TorchEngine.from_checkpoint(ckpt, device=args.device, precision=p) for p in ("fp16", "bf16")]
+    if args.device.startswith("cuda"):
+        half = TorchEngine.from_checkpoint(ckpt, device=args.device, precision="fp16", cast="half")
+        half.name = "pytorch-half"
+        engines.append(half)
+    report = parity(ref, engines, ds, batch_size=8, progress=False, image_size=args.parity_size)
+    print(report.table(), flush=True)
+    return report.to_dict()
+
+
+def photos_phase(args: Any) -> list[Path]:
+    from cpp_client import write_photos
+
+    folder = args.work / f"photos-{args.photos}"
+    if not (folder.is_dir() and len(list(folder.glob("*.jpg"))) == args.photos):
+        write_photos(folder, args.photos, ASPECTS, workers=os.cpu_count() or 1)
+    return sorted(folder.glob("*.jpg"))
+
+
+def decode_phase(args: Any, ckpt: Path, photos: list[Path], dl: Deadline) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from dtop_export.corpus.feed import decode_item, default_workers
+    from dtop_export.corpus.gpu_decode import DeviceJpegDecoder, decoder_parity, inspect_jpeg
+    from dtop_export.engines.pytorch import TorchEngine
+
+    engine = TorchEngine.from_checkpoint(ckpt, device=args.device, precision="fp16" if args.device != "cpu" else "fp32")
+    out: dict[str, Any] = {"workers": default_workers()}
+    sample = [str(p) for p in photos[: args.parity_photos]]
+    for size in args.corpus_sizes:
+        if dl.left() < args.reserve_s:
+            out[f"parity_{size}"] = "skipped: deadline"
+            continue
+        r = decoder_parity(engine, sample, size, device=args.device)
+        out[f"parity_{size}"] = {k: v for k, v in r.items() if k != "per_image"}
+        print(f"decode parity {size} px: cos min {r['cosine_min']:.6f}, passed {r['passed']}", flush=True)
+        dec = DeviceJpegDecoder(engine.preprocess, size, (1.0,), args.device)
+        paths = [str(p) for p in photos]
+        with ThreadPoolExecutor(default_workers()) as pool:
+            t0 = time.perf_counter()
+            encoded = list(pool.map(inspect_jpeg, paths))
+            inspect_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(0, len(encoded), 64):
+                dec.decode([e for e in encoded[i : i + 64] if e is not None])
+            sync(args.device)
+            device_s = time.perf_counter() - t0
+            fn = partial(
+                decode_item, preprocess=engine.preprocess.to_dict(), image_size=size, scales=(1.0,), decode=None
+            )
+            t0 = time.perf_counter()
+            list(pool.map(fn, paths, chunksize=8))
+            cpu_s = time.perf_counter() - t0
+        out[f"throughput_{size}"] = {"images": len(paths), "header_inspect_images_per_s": len(paths) / inspect_s,
+                                     "device_decode_resize_images_per_s": len(paths) / device_s,
+                                     "cpu_pool_decode_resize_images_per_s": len(paths) / cpu_s}  # fmt: skip
+        n = len(paths)
+        print(f"decode {size} px: device {n / device_s:.0f} img/s (headers on the CPU {n / inspect_s:.0f} img/s), "
+              f"CPU pool {n / cpu_s:.0f} img/s", flush=True)  # fmt: skip
+    return out
+
+
+def corpus_jobs(args: Any, ckpt: Path) -> list[tuple[str, int, dict[str, Any]]]:
+    dev, cpu = args.device, not args.device.startswith("cuda")
+    model = f"{ckpt}:device={dev}"
+    jobs = []
+    for size in args.corpus_sizes:
+        base = {"model": model, "image_size": size, "batch_size": args.batch, "precision": args.corpus_precision,
+                "progress": False, "shard_size": 1000}  # fmt: skip
+        jobs += [
+            (f"in-process threads {size}", size, {**base, "decode_pool": "thread"}),
+            (f"in-process processes {size}", size, {**base, "decode_pool": "process"}),
+            (f"in-process gpu-decode {size}", size, {**base, "gpu_decode": True}),
+            (f"ray 1 actor x 1 GPU {size}", size, {**base, "use_ray": True, "gpus_per_actor": 0 if cpu else 1}),
+            (f"before (e02e813) in-process {size}", size, {**base, "before": True}),
+        ]  # fmt: skip
+    return jobs
+
+
+def corpus_phase(args: Any, ckpt: Path, photos: list[Path], dl: Deadline) -> dict[str, Any]:
+    import shutil
+
+    from dtop_export.corpus.embed import CorpusJob, embed_corpus
+    from dtop_export.errors import DToPError
+
+    src = args.work / "photos.txt"
+    src.write_text("\n".join(str(p) for p in photos) + "\n")
+    few = args.work / "photos-before.txt"
+    few.write_text("\n".join(str(p) for p in photos[: args.before_photos]) + "\n")
+    out: dict[str, Any] = {"photos": len(photos), "aspects": [f"{w}:{h}" for w, h in ASPECTS], "jobs": {}}
+    ray_ok = True
+    try:
+        import ray  # noqa: F401
+
+        from dtop_export.corpus.cluster import connect
+
+        t0 = time.perf_counter()
+        connect(None, num_cpus=os.cpu_count(), logging_level="ERROR")
+        out["ray_start_s"] = time.perf_counter() - t0
+    except ImportError:
+        ray_ok = False
+        out["ray"] = "not importable: Ray jobs skipped (carry .raypkg, see gpu_feed.sh)"
+    for name, _, kw in corpus_jobs(args, ckpt):
+        if dl.left() < args.reserve_s:
+            out["jobs"][name] = "skipped: deadline"
+            continue
+        dest = args.work / "out" / name.replace(" ", "_")
+        shutil.rmtree(dest, ignore_errors=True)
+        if kw.pop("before", False):
+            before = Path(args.before).resolve() if args.before else None
+            if before is None or not (before / "dtop_export").is_dir():
+                out["jobs"][name] = f"skipped: no old code at {args.before} (gpu_feed.sh carries .before/)"
+                continue
+            from cpu_feed import run_job
+
+            kw = {k: v for k, v in kw.items() if k not in ("decode_pool", "gpu_decode")}
+            kw.update(source=str(few), output=str(dest))
+            try:
+                summary = run_job(before, kw, timeout=max(30, dl.left()))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                out["jobs"][name] = f"failed: {str(e)[-800:]}"
+                continue
+        else:
+            if kw.get("use_ray") and not ray_ok:
+                out["jobs"][name] = "skipped: Ray not importable"
+                continue
+            try:
+                summary = embed_corpus(CorpusJob(source=str(src), output=dest, **kw)).to_dict()
+            except DToPError as e:  # e.g. --gpu-decode refused on a CPU dry run
+                out["jobs"][name] = f"refused: {e}"
+                print(f"corpus {name}: refused: {e}", flush=True)
+                continue
+        keep = ("images", "processed", "wall_s", "images_per_s", "steady_images_per_s", "first_result_s", "startup",
+                "feed", "actors", "code")  # fmt: skip
+        out["jobs"][name] = {k: summary.get(k) for k in keep}
+        steady, first = summary.get("steady_images_per_s") or 0, summary.get("first_result_s") or 0
+        print(f"corpus {name}: {summary['processed']} images, {summary['images_per_s']:.1f} img/s end to end, "
+              f"{steady:.1f} after a start-up of {first:.1f} s; feed {summary.get('feed')}", flush=True)  # fmt: skip
+        save(args.out, "corpus", out)
+    return out
+
+
+def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
+    import re
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dtop_export.engines.pytorch import TorchEngine
+
+    dev = args.device
+    size, b = args.profile_shape
+    engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision="fp16" if dev != "cpu" else "bf16")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (b, size, size, 3), dtype=np.uint8)).to(dev)
+    for _ in engine.embed_pixels_stream([x, x]):
+        pass
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in engine.embed_pixels_stream([x] * 5):
+            pass
+        sync(dev)
+    attr = "device_time_total" if dev.startswith("cuda") else "cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    families = {"gemm": r"gemm|matmul|addmm|linear|mm_|cutlass|sm90", "attention": r"flash|attention|sdpa|fmha",
+                "conv": r"conv|cudnn|implicit", "norm": r"norm", "copy/cast": r"copy|cast|to_|contiguous"}  # fmt: skip
+    share: dict[str, float] = {}
+    kernels = [e for e in events if not e.key.startswith("aten::")] if dev.startswith("cuda") else events
+    total = sum(getattr(e, attr) for e in kernels) or 1.0
+    for e in kernels:
+        fam = next((f for f, rx in families.items() if re.search(rx, e.key, re.I)), "elementwise/other")
+        share[fam] = share.get(fam, 0.0) + getattr(e, attr) / total
+    top = sorted(kernels, key=lambda e: -getattr(e, attr))[:20]
+    print("profile by family:", {k: f"{v:.1%}" for k, v in sorted(share.items(), key=lambda kv: -kv[1])}, flush=True)
+    return {"shape": [size, b], "time_attr": attr, "family_share": share,
+            "top": [{"name": e.key[:120], "us": getattr(e, attr), "calls": e.count} for e in top]}  # fmt: skip
+
+
+def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) -> dict[str, Any]:
+    import torch
+
+    from dtop_export.bench.harness import model_gflops
+    from dtop_export.engines.pytorch import TorchEngine
+
+    dev = args.device
+    cells = [(p, s, b) for p in args.compile_precisions for s in args.compile_sizes for b in args.compile_batches]
+    gflops = model_gflops(ckpt, sorted({s for _, s, _ in cells}), device=dev)
+    rows, skipped = [], []
+    rng = np.random.default_rng(0)
+    for precision, size, b in cells:
+        if dl.left() < args.compile_reserve_s:
+            skipped.append(f"{precision} {size} b{b}: deadline")
+            continue
+        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision, compile=args.compile_mode,
+                                             dynamic=False, fixed_batch=b)  # fmt: skip
+        x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+        batches = [torch.from_numpy(x).to(dev)] * 2 if dev.startswith("cuda") else [x] * 2
+        t0 = time.perf_counter()
+        engine.embed_pixels(batches[0])
+        sync(dev)
+        first = time.perf_counter() - t0
+        r, n = rate(engine, batches, args.cell_seconds, dev)
+        peak = peaks.get(f"{dev} {precision}")
+        g = gflops[size] * r
+        rows.append({"precision": precision, "size": size, "batch": b, "mode": args.compile_mode, "first_call_s": first,
+                     "images_per_s": r, "gflops_per_s": g, "peak_pct": 100 * g / peak if peak else None})  # fmt: skip
+        print(
+            f"compiled {args.compile_mode} {precision} {size}² b{b}: first call {first:.0f} s, {r:.1f} img/s",
+            flush=True,
+        )
+        del engine
+        torch._dynamo.reset()
+    return {"rows": rows, "skipped": skipped}
+
+
+def env_phase(args: Any) -> dict[str, Any]:
+    import importlib
+
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                            "torch": torch.__version__, "cuda": torch.version.cuda, "device": args.device,
+                            "command": " ".join(sys.argv)}  # fmt: skip
+    from dtop_export.bench.harness import machine_info
+
+    info["machine"] = machine_info()
+    for mod in ("torchvision", "ray", "onnxruntime", "PIL"):
+        try:
+            info[mod] = importlib.import_module(mod).__version__
+        except Exception as e:  # noqa: BLE001 - what is missing is the information
+            info[mod] = f"not importable: {type(e).__name__}"
+    if args.device.startswith("cuda"):
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / 2**30,
+                       "multiprocessors": p.multi_processor_count}  # fmt: skip
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dtop-gpu-feed"))
+    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--budget-s", type=float, default=470.0, help="Seconds for every phase together.")
+    ap.add_argument("--reserve-s", type=float, default=20.0, help="Skip a cell or job with less time left.")
+    ap.add_argument("--cell-seconds", type=float, default=1.0, help="Timed seconds per model cell.")
+    ap.add_argument("--photos", type=int, default=1024)
+    ap.add_argument("--before-photos", type=int, default=192, help="Photos for the slow pre-issue-31 job.")
+    ap.add_argument("--batch", type=int, default=64, help="Corpus jobs' batch size.")
+    ap.add_argument("--before", default=".before", help="Folder holding e02e813's dtop_export (gpu_feed.sh).")
+    ap.add_argument("--compile-mode", default="max-autotune")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="Every phase on the CPU with the small preset, tiny.")
+    args = ap.parse_args()
+    dry = args.cpu_dry_run
+    args.device = "cpu" if dry else "cuda"
+    args.preset = "small" if dry else "r50-vitb16"
+    args.sizes = [64, 96] if dry else [384, 512, 1024]
+    args.batches = [1, 2] if dry else [1, 8, 32, 64]
+    args.precisions = ["bf16", "fp32"] if dry else ["fp16", "bf16", "fp32"]
+    args.corpus_sizes = [96] if dry else [512, 1024]
+    args.corpus_precision = "bf16" if dry else "fp16"
+    args.parity_size = 96 if dry else None
+    args.parity_photos = 8 if dry else 128
+    args.profile_shape = (96, 2) if dry else (512, 64)
+    args.compile_precisions = ["bf16"] if dry else ["fp16", "bf16"]
+    args.compile_sizes = [64] if dry else [512, 1024]
+    args.compile_batches = [2] if dry else [64]
+    args.compile_reserve_s = 0.0 if dry else 150.0
+    if dry:
+        args.photos, args.before_photos, args.batch, args.cell_seconds = min(args.photos, 24), 8, 4, 0.2
+        args.compile_mode = "default"
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"unknown phases {sorted(unknown)}: choose from {', '.join(PHASES)}")
+    import torch
+
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run this on a GPU machine, or --cpu-dry-run to check the script")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    dl = Deadline(args.budget_s)
+    from dtop_export.checkpoint import random_checkpoint
+
+    ckpt = args.work / f"{args.preset}.pt"
+    if not ckpt.exists():
+        random_checkpoint(args.preset, ckpt, seed=0, source="bench")
+    peaks_file = args.out / "peaks.json"
+    peaks: dict[str, float] = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
+    photos: list[Path] = []
+    timings: dict[str, float] = {}
+    for phase in PHASES:
+        if phase not in phases and not (phase == "photos" and {"decode", "corpus"} & set(phases)):
+            continue
+        if dl.left() < args.reserve_s and phase != "photos":
+            print(f"phase {phase}: skipped, {dl.left():.0f} s left", flush=True)
+            timings[phase] = -1.0
+            continue
+        t0 = time.perf_counter()
+        print(f"--- {phase} ({dl.left():.0f} s left)", flush=True)
+        if phase == "env":
+            save(args.out, "env", env_phase(args))
+        elif phase == "peaks":
+            from dtop_export.bench.peak import matmul_peak
+
+            for p in args.precisions:
+                peaks[f"{args.device} {p}"] = matmul_peak(args.device, p, n=512 if dry else None)
+            print("matmul peaks GFLOP/s:", {k: round(v) for k, v in peaks.items()}, flush=True)
+            save(args.out, "peaks", peaks)
+        elif phase == "model":
+            save(args.out, "model", model_phase(args, ckpt, dl, peaks))
+        elif phase == "parity":
+            save(args.out, "parity", parity_phase(args, ckpt))
+        elif phase == "photos":
+            photos = photos_phase(args)
+            print(f"{len(photos)} photos in {time.perf_counter() - t0:.1f} s", flush=True)
+        elif phase == "decode":
+            save(args.out, "decode", decode_phase(args, ckpt, photos, dl))
+        elif phase == "corpus":
+            save(args.out, "corpus", corpus_phase(args, ckpt, photos, dl))
+        elif phase == "profile":
+            save(args.out, "profile", profile_phase(args, ckpt))
+        elif phase == "compiled":
+            save(args.out, "compiled", compiled_phase(args, ckpt, dl, peaks))
+        timings[phase] = time.perf_counter() - t0
+    save(args.out, "timings", {"phases_s": timings, "budget_s": args.budget_s, "left_s": dl.left()})
+
+
+if __name__ == "__main__":
+    main()

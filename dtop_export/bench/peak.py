@@ -1,0 +1,48 @@
+"""The matmul ceiling a row of ``dtop-export bench`` is read against: square GEMMs timed on the engine's device in
+the precision it computes in, the same run (a GPU's, e.g. an H200's ~790 TFLOP/s dense bf16, is what its img/s
+should be held to; a CPU's fp32 GEMM, what eager and ONNX Runtime fp32 can reach). torch is imported inside."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+# The precisions torch can run a dense GEMM in on each device type (CPU fp16 GEMMs are reference loops on CPUs
+# without AVX512-FP16: no ceiling worth the name; int8 engines are read against none).
+DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
+
+
+def peak_key(device: str, precision: str) -> str | None:
+    """``cuda:0 fp16``: the ceiling an engine on ``device`` computing in ``precision`` is read against (None: none)."""
+    kind = str(device).split(":")[0]
+    return f"{device} {precision}" if precision in DTYPES.get(kind, ()) else None
+
+
+def matmul_peak(device: str, precision: str, n: int | None = None, runs: int = 5) -> float:
+    """GFLOP/s of ``n`` x ``n`` x ``n`` matmuls (2 flops per multiply-add) on ``device`` in ``precision``: median of
+    ``runs`` after two warm-ups. Default ``n``: 8192 on a GPU, 2048 on a CPU. CUDA fp32 is read with TF32 off
+    (PyTorch's default for matmuls), as the fp32 engine runs."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 2):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                a @ b
+                end.record()
+                end.synchronize()
+                dt = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                a @ b
+                dt = time.perf_counter() - t0
+            if i >= 2:
+                times.append(dt)
+    return 2 * n**3 / statistics.median(times) / 1e9

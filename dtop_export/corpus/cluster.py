@@ -1,0 +1,105 @@
+"""The Ray cluster a command runs on: an existing one (``--address``) or a local one started for the command, locked
+down to this machine. Shared by ``embed --ray`` and ``serve``; ray is imported inside the functions.
+
+A local cluster (Ray 2.60, measured with psutil, see ``tests/test_serve.py``):
+
+* **node IP 127.0.0.1, every listener on loopback.** ``ray.init(_node_ip_address="127.0.0.1")`` and
+  ``ray start --node-ip-address=127.0.0.1`` do not give that: Ray replaces a loopback node IP by the machine's
+  address (``resolve_ip_for_localhost``), and its C++ servers then bind ``::`` (gcs_server, raylet, every worker),
+  the dashboard agent's metrics exporter ``0.0.0.0`` and the runtime-env agent the machine's address. Ray keeps a
+  node on loopback only in its single-machine mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the default on macOS
+  and Windows): then every process gets ``--node-ip-address=127.0.0.1`` and every listener binds 127.0.0.1.
+  Upstream moved the C++ servers from ``0.0.0.0`` to the node IP in 2026 (ray-project/ray#59852); that mode is
+  what makes the node IP loopback in the first place.
+* **token authentication on**: Ray's default for a new local cluster (it sets ``RAY_AUTH_MODE=token`` and makes
+  a token in ``~/.ray/auth_token``); an inherited ``RAY_AUTH_MODE`` other than ``token`` is dropped so that it
+  cannot turn it off, and the connection is checked after start. A gRPC call without the token is refused.
+* **no dashboard** (``include_dashboard=False``: no HTTP server on 8265) and no usage-stats reporting.
+
+What stays open (on 127.0.0.1 only; other local users can reach it, see the README's "Serving" for the firewall
+advice): the gRPC ports of gcs_server, raylet (node manager, object manager) and every worker (token-protected),
+the dashboard agent's gRPC/HTTP ports and the Prometheus exporters of the metrics agent, autoscaler monitor (44217)
+and dashboard head (44227), and the runtime-env agent's HTTP port. Ray has no option to turn those off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from dtop_export.errors import DToPError
+from dtop_export.logs import DropMessages
+
+# Environment of a local cluster (set for ray.init and inherited by every Ray process it starts).
+LOCAL_CLUSTER_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine mode: node IP 127.0.0.1, loopback listeners
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+# The local cluster a command starts lives as long as the command: Ray's notice that it enabled token
+# authentication (secure, the default) and how to opt out is not for our users; its notice that authentication is
+# *disabled* still shows. Ray Data's hint to turn its progress bars back on: the driver draws its own bar.
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": DropMessages("Token authentication is enabled"),
+    "ray.data._internal.progress": DropMessages("Progress bars disabled"),
+}
+
+
+def quiet_notices() -> None:
+    """Drop Ray's notices that are not for our users (idempotent)."""
+    for name, notice in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if notice not in logger.filters:
+            logger.addFilter(notice)
+
+
+@contextlib.contextmanager
+def _single_machine_mode() -> Iterator[None]:
+    """:data:`LOCAL_CLUSTER_ENV` in ``os.environ`` (kept: the processes Ray starts later inherit it) and Ray's
+    module constant that the variable sets at import, for a ray imported before the variable was set."""
+    from ray._private import ray_constants
+
+    os.environ.update(LOCAL_CLUSTER_ENV)
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        del os.environ["RAY_AUTH_MODE"]  # unset: Ray turns token authentication on for a new local cluster
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def connect(address: str | None, **init_options: Any) -> bool:
+    """Connect to the Ray cluster at ``address``, or start a local one locked to this machine (see the module's
+    notes) when ``address`` is None; True when this call started the connection (the caller shuts it down).
+    ``init_options`` go to ``ray.init`` (e.g. ``num_cpus``)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet_notices()
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
+    options.update(init_options)
+    try:
+        if address is None:
+            with _single_machine_mode():
+                ray.init(_node_ip_address="127.0.0.1", **options)
+            if not token_auth_enabled():
+                ray.shutdown()
+                raise DToPError("the local Ray cluster started without token authentication: unset RAY_AUTH_MODE")
+        else:
+            ray.init(address=address, **options)
+    except ConnectionError as e:
+        raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
+    return True
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray connection uses token authentication."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return bool(is_token_auth_enabled())

@@ -1,0 +1,134 @@
+"""Which checkpoint a model file comes from, and whether it may query descriptors embedded by another file.
+
+A file's hash cannot decide it (every re-export, FP16 or INT8 variant, OpenVINO IR or TensorRT plan of the same
+checkpoint is another file with comparable descriptors, within its precision's contract), but the checkpoint's
+sha256 that every export writes into the model's metadata (``dtop.checkpoint_sha256``; a checkpoint is its own
+identity) can: a model of another checkpoint gives descriptors in another space, and its scores against the corpus
+(~0.04 for random weights) look like results but mean nothing. :func:`check_model_for_corpus` is the one check
+``search``, ``evaluate --distractors`` and ``serve --index`` make. Imports onnx/openvino inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dtop_export.errors import DToPError
+
+KEY = "dtop.checkpoint_sha256"
+
+
+def _path(model: str | Path) -> Path | None:
+    """The file of MODEL (``FILE[:options]``), or None when it does not exist."""
+    from dtop_export.bench.spec import parse_spec
+
+    try:
+        path = parse_spec(str(model)).path
+    except DToPError:
+        return None
+    return path if path.is_file() else None
+
+
+def checkpoint_of(model: str | Path) -> str | None:
+    """The sha256 of the checkpoint MODEL (a file or ``FILE:options``) was exported from: a checkpoint's own
+    digest, else the ``dtop.checkpoint_sha256`` metadata of an ONNX file, an OpenVINO IR or a TensorRT plan's
+    sidecar; None when the file carries none (not exported by dtop-export, or from an in-memory model)."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES
+
+    path = _path(model)
+    if path is None:
+        return None
+    suffix = path.suffix.lower()
+    meta: dict[str, str] = {}
+    if suffix in CHECKPOINT_SUFFIXES:
+        from dtop_export.digest import file_sha256
+
+        return file_sha256(path)
+    if suffix == ".onnx":
+        from dtop_export.contract import read_metadata
+
+        meta = read_metadata(path)
+    elif suffix in IR_SUFFIXES:
+        from dtop_export.engines.openvino import model_metadata, read_model
+
+        meta = model_metadata(read_model(path))
+    elif suffix in PLAN_SUFFIXES:
+        from dtop_export.engines.tensorrt.sidecar import read_sidecar
+
+        try:
+            meta = read_sidecar(path).metadata
+        except DToPError:
+            return None
+    return meta.get(KEY) or None
+
+
+def corpus_checkpoint(corpus: dict[str, Any]) -> str | None:
+    """The checkpoint a corpus was embedded with (``corpus``: an index sidecar's ``corpus`` section, a shard
+    manifest's ``settings`` or an ``embed X.npy`` sidecar): recorded since this check exists; for an older corpus,
+    read from its model file when that file is still there, unchanged."""
+    if corpus.get("checkpoint_sha256"):
+        return str(corpus["checkpoint_sha256"])
+    model, digest = corpus.get("model"), corpus.get("model_sha256")
+    if not model or not digest:
+        return None
+    from dtop_export.corpus.shards import file_sha256
+
+    path = _path(model)
+    if path is not None and file_sha256(path) == digest:
+        return checkpoint_of(model)
+    return None
+
+
+def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str, force: bool = False) -> str | None:
+    """Refuse MODEL for descriptors embedded by a model of another checkpoint (``what`` names them, e.g. ``index
+    corpus.faiss``), in one line, unless ``force``; the same file or another export of the same checkpoint passes.
+    Returns a warning to print when the answer is unknown (a model or corpus that records no checkpoint) or
+    ``force`` overrode a refusal; None when they match."""
+    from dtop_export.corpus.shards import file_sha256
+
+    path = _path(model)
+    if corpus.get("model_sha256") and path is not None and file_sha256(path) == corpus["model_sha256"]:
+        return None  # the very file the corpus was embedded with
+    mine, theirs = checkpoint_of(model), corpus_checkpoint(corpus)
+    embedded_with = corpus.get("model") or "an unknown model"
+    if mine is None or theirs is None:
+        which = str(model) if mine is None else f"{what}'s model ({embedded_with})"
+        return (
+            f"warning: cannot tell whether {model} comes from the checkpoint {what} was embedded with ({which} "
+            "records no checkpoint): scores are only meaningful for the same checkpoint"
+        )
+    if mine == theirs:
+        return None
+    message = (
+        f"{model} comes from checkpoint {mine[:12]}, but {what} was embedded with {embedded_with} from checkpoint "
+        f"{theirs[:12]}: its scores against it would be meaningless"
+    )
+    if force:
+        return f"warning: {message} (--force)"
+    raise DToPError(
+        f"{message}; use a model exported from the corpus's checkpoint, re-embed the corpus with {model}, or pass "
+        "--force"
+    )
+
+
+def check_distractors(model: str | Path, distractors: str | Path, force: bool = False) -> str | None:
+    """:func:`check_model_for_corpus` for ``evaluate --distractors``: a shard folder's manifest, or the sidecar
+    ``X.json`` that ``embed -o X.npy`` writes next to the matrix (a bare ``.npy`` records nothing: a warning)."""
+    import json
+
+    path = Path(distractors)
+    what = f"distractors {path}"
+    if path.is_dir():
+        from dtop_export.corpus.shards import read_manifest
+
+        manifest = read_manifest(path)
+        corpus = (manifest or {}).get("settings", {})
+    else:
+        sidecar = path.with_suffix(".json")
+        try:
+            corpus = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            corpus = {}
+        if not isinstance(corpus, dict):
+            corpus = {}
+    return check_model_for_corpus(model, corpus, what, force)

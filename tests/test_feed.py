@@ -1,0 +1,366 @@
+"""Feeding the engine (issue 31): uint8 pixels normalised by the engine, the decode worker pool, shape-grouped
+batches, the overlap of decoding with inference (counted, not timed), the bf16/fp16 deployment path's FP32 islands,
+the device JPEG decoder's parity contract (run on the CPU), and the GPU options refusing without CUDA."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+from PIL import Image
+
+from dtop_export.contract import Engine
+from dtop_export.corpus.feed import Failure, Feeder, embed_batches
+from dtop_export.corpus.runtime import ActorStats
+from dtop_export.corpus.schedule import Batcher, ordered, plan, shards_per_window
+from dtop_export.corpus.source import CorpusItem, list_source
+from dtop_export.errors import DToPError
+from dtop_export.preprocess import PreprocessConfig, load_image, prepare_pixels, resize_for_model, to_rgb
+
+CFG = PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), size=96)
+SCALES = (1.0, 0.75)
+
+
+def reference_input(img: Image.Image, cfg: PreprocessConfig, size: int, scale: float) -> np.ndarray:
+    """The model input as `preprocess.prepare` computed it before issue 31 (e02e813), written out here so that
+    a change to the shared arithmetic shows: resize, then float32 /255, -mean, /std, HWC -> CHW."""
+    a = np.asarray(resize_for_model(to_rgb(img), cfg, size, scale), dtype=np.float32) / 255.0
+    a = (a - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Photos and generated files of every mode the decoder meets, an EXIF-rotated JPEG, two unreadable files."""
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    root = tmp_path_factory.mktemp("feed-images")
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "motorcycle_left.png"):
+        img = Image.open(skimage_data_dir() / name).convert("RGB")
+        img.thumbnail((200, 200))
+        img.save(root / f"{Path(name).stem}.jpg", quality=90)
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), np.uint8)).save(root / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(rng.integers(0, 256, (70, 50, 4), np.uint8), "RGBA").save(root / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (40, 130), np.uint8), "L").save(root / "grey.jpg")
+    Image.fromarray(rng.integers(0, 65535, (33, 47), np.uint16)).save(root / "deep.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).convert("CMYK").save(root / "cmyk.jpg")
+    (root / "text.jpg").write_text("not an image")
+    (root / "truncated.jpg").write_bytes((root / "coffee.jpg").read_bytes()[:300])
+    return root
+
+
+def _run_feeder(items: list[CorpusItem], **kw: Any) -> list[Any]:
+    feeder = Feeder(items, CFG, 96, SCALES, batch_size=3, shard_size=5, **kw)
+    return list(feeder)
+
+
+class RecordingEngine(Engine):
+    """Keeps every float32 batch it is given; descriptors: the per-image mean."""
+
+    descriptor_dim, stride, preprocess = 1, 16, CFG
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        self.inputs.append(np.array(images))
+        return images.mean(axis=(1, 2, 3))[:, None].astype(np.float32)
+
+
+# bit-identical model inputs -----------------------------------------------------------------------------------
+
+
+def test_pixels_normalised_by_the_engine_are_the_preprocessing_bit_for_bit(images: Path) -> None:
+    """uint8 pixels -> the engine's normalisation (numpy on the CPU; the torch arithmetic the CUDA path runs,
+    here on CPU tensors) give exactly the float32 input the preprocessing gave before (array_equal, not allclose)."""
+    import torch
+
+    from dtop_export.engines.pytorch import pixel_normalizer
+
+    engine = RecordingEngine()
+    norm = pixel_normalizer(CFG.mean, CFG.std, "cpu")
+    for path in sorted(images.iterdir()):
+        try:
+            img = load_image(path)
+        except DToPError:
+            continue
+        for s in SCALES:
+            ref = reference_input(img, CFG, 96, s)
+            pixels = prepare_pixels(img, CFG, 96, s)
+            assert pixels.dtype == np.uint8 and pixels.shape == (*ref.shape[1:], 3)
+            engine.embed_pixels(np.stack([pixels, pixels]))
+            assert np.array_equal(engine.inputs[-1], np.stack([ref, ref])), (path.name, s)
+            on_device = norm(torch.from_numpy(pixels[None].copy())).contiguous().numpy()
+            assert np.array_equal(on_device[0], ref), (path.name, s)
+    with pytest.raises(DToPError, match="uint8"):
+        engine.embed_pixels(np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_worker_pool_gives_the_same_inputs_every_image_once(images: Path, pool: str) -> None:
+    """Decoded by 2 workers (threads, or processes that pickle the pixels back), every readable image's rows (one
+    per scale) come back bit-identical to the preprocessing, each in exactly one batch of one shape; unreadable
+    files are failures, once; the batch sequence does not depend on the pool or its size."""
+    items = list_source(images)
+    out = _run_feeder(items, workers=2, pool=pool)
+    rows: Counter[tuple[int, int]] = Counter()
+    failed = [x.key for x in out if isinstance(x, Failure)]
+    for batch in [x for x in out if not isinstance(x, Failure)]:
+        assert batch.pixels.dtype == np.uint8 and len(batch.rows) <= 3
+        for (key, scale), pixels in zip(batch.rows, batch.pixels):
+            rows[(key, scale)] += 1
+            ref = reference_input(load_image(items[key].path), CFG, 96, SCALES[scale])
+            assert np.array_equal(np.moveaxis(pixels.astype(np.float32) / 255.0, -1, 0),
+                                  np.moveaxis(pixels, -1, 0).astype(np.float32) / 255.0)  # fmt: skip
+            from dtop_export.preprocess import normalize_pixels
+
+            assert np.array_equal(normalize_pixels(pixels, CFG.mean, CFG.std), ref)
+    names = {items[k].path.rsplit("/", 1)[-1] for k in failed}
+    assert names == {"text.jpg", "truncated.jpg"} and len(failed) == 2
+    assert set(rows.values()) == {1}
+    assert {k for k, _ in rows} | set(failed) == set(range(len(items)))
+    assert all(rows[(k, s)] for k, _ in rows for s in range(len(SCALES)))
+    sequence = [(b.rows, b.pixels.shape) if not isinstance(b, Failure) else b.key for b in out]
+    again = _run_feeder(items, workers=1, pool="thread")
+    assert sequence == [(b.rows, b.pixels.shape) if not isinstance(b, Failure) else b.key for b in again]
+
+
+# shape-aware scheduling -------------------------------------------------------------------------------------
+
+
+def test_plan_keeps_every_image_once_in_shard_windows_grouped_by_shape() -> None:
+    rng = np.random.default_rng(1)
+    items = [CorpusItem(k, f"id{k}", f"/x/{k}.jpg") for k in range(237)]
+    kinds = [((96, 64),), ((64, 96),), ((80, 80),), None]
+    shapes = [kinds[i] for i in rng.integers(0, 4, len(items))]
+    per_window = shards_per_window(20, batch_size=8)
+    assert per_window == 7  # whole shards holding >= 16 batches (128 images)
+    work = ordered(items, shapes, 20, per_window)
+    assert sorted(it.key for it, _ in work) == list(range(237))
+    assert work == ordered(items, shapes, 20, per_window)  # deterministic
+    windows = [[it for it, _ in work[i : i + 140]] for i in range(0, 237, 140)]
+    for w, members in enumerate(windows):  # window w holds exactly the keys of its shards, shard order kept
+        assert {it.key for it in members} == set(range(w * 140, min((w + 1) * 140, 237)))
+    first = work[:140]  # within a window: by predicted shape (unknown last), then key
+    assert first == plan([it for it, _ in first], [sh for _, sh in first])
+    assert [sh for _, sh in first] == sorted((sh for _, sh in first), key=lambda s: (s is None, s or ()))
+    # the batcher: rows whose real shape differs from the prediction still land in exactly one batch of one shape
+    batcher, batches = Batcher(8), []
+    left = Counter(sh for _, sh in first if sh)
+    for it, sh in first:
+        real = (64, 96) if it.key % 11 == 0 else (sh or ((72, 72),))[0]
+        batches += batcher.add(it.key, 0, np.zeros((*real, 3), np.uint8))
+        if sh:
+            left[sh] -= 1
+            if not left[sh]:
+                batches += batcher.close_shapes([(*sh[0], 3)])
+    batches += batcher.flush()
+    assert sorted(k for b in batches for k, _ in b.rows) == sorted(it.key for it, _ in first)
+    assert all(len(b.rows) <= 8 and b.pixels.shape[0] == len(b.rows) for b in batches)
+    assert sum(len(b.rows) < 8 for b in batches) <= 5  # a fragment per shape, not one per interleaving
+
+
+# overlap: counted, not timed --------------------------------------------------------------------------------
+
+
+def test_decoding_runs_while_the_engine_holds_a_batch(tmp_path: Path) -> None:
+    """12 images of one shape, batches of 2, 3 decode threads. The images of batch b >= 2 decode only once the
+    engine has started batch b - 2, and the engine holds each batch until a decode has finished meanwhile (bounded
+    waits): a pipeline that decodes between forward passes instead of during them counts no overlap. A compiled
+    engine is warmed up first, at the planned shape."""
+    for i in range(12):
+        Image.new("RGB", (64, 48), (i, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    items = list_source(tmp_path)
+    started = [threading.Event() for _ in range(6)]
+    feeder = Feeder(items, CFG, 64, (1.0,), batch_size=2, shard_size=100, workers=3,
+                    load=lambda p: (_gate(p, started), Image.open(p).convert("RGB"))[1])  # fmt: skip
+    calls: list[int] = []
+
+    class HoldingEngine(Engine):
+        descriptor_dim, stride, preprocess, device = 1, 16, CFG, "cpu"
+
+        def describe(self) -> dict[str, Any]:
+            return {**super().describe(), "compile": "default"}
+
+        def embed(self, x: np.ndarray) -> np.ndarray:
+            calls.append(len(x))
+            if len(calls) > 1:  # not the warm-up
+                batch = len(calls) - 2
+                started[batch].set()
+                before = feeder.stats.overlapped
+                deadline = time.monotonic() + 5
+                while batch < 4 and feeder.stats.overlapped == before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return np.ones((len(x), 1), np.float32)
+
+    sink = Sink()
+    done: list[int] = []
+    embed_batches(HoldingEngine(), feeder, sink, done.append, ActorStats("t"), 2)  # type: ignore[arg-type]
+    assert sorted(sink.keys) == list(range(12)) and sum(done) == 12  # progress counts embedded images
+    assert feeder.stats.warmup_shapes == [[48, 64]] and calls[0] == 2  # warm-up at the planned shape, one batch
+    assert feeder.stats.overlapped >= 4, feeder.stats  # decodes finished while the engine held batches 0..3
+    assert feeder.stats.max_decoding >= 2  # the two images of a batch decoded at once
+    assert feeder.stats.batches == 6 and feeder.stats.rows == 12
+
+
+def _gate(path: str, started: list[threading.Event]) -> None:
+    b = int(Path(path).stem) // 2
+    if b >= 2:
+        started[b - 2].wait(timeout=5)
+
+
+class Sink:
+    """What embed_batches needs of a ShardAssembler."""
+
+    def __init__(self) -> None:
+        self.keys: list[int] = []
+
+    def add(self, key: int, scale: int, descriptor: np.ndarray) -> int:
+        self.keys.append(key)
+        return 1
+
+    def fail(self, key: int, error: str) -> int:
+        return 1
+
+
+# the bf16/fp16 deployment path on the CPU -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_path_keeps_fp32_islands_and_its_contract(small_model: Any, precision: str) -> None:
+    """Under the deployment path (autocast) the norms take float32 and the matmuls/convolutions the low precision,
+    the L2 norm float32, on the CPU as on CUDA (explicit islands); descriptors within the parity contract."""
+    import copy
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.parity import contract_for
+    from dtop_export.preprocess import default_preprocess
+
+    pp = default_preprocess(small_model.cfg.backbone, small_model.stride)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    engine = TorchEngine(copy.deepcopy(small_model), pp, precision=precision, cast="autocast")
+    seen: dict[str, set[Any]] = {}
+    F = torch.nn.functional  # noqa: N806
+
+    class Record(TorchFunctionMode):  # what each op computes in: its input under autocast's state, or its result
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            name = {F.layer_norm: "norm", F.group_norm: "norm", F.linear: "matmul", F.conv2d: "matmul",
+                    F.normalize: "l2"}.get(func)  # fmt: skip
+            out = func(*args, **(kwargs or {}))
+            if name == "matmul":
+                seen.setdefault(name, set()).add(out.dtype)
+            elif name:
+                seen.setdefault(name, set()).add((args[0].dtype, torch.is_autocast_enabled("cpu")))
+            return out
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    with Record():
+        out = engine.embed(x)
+    assert seen["matmul"] == {low}, seen
+    assert seen["norm"] == seen["l2"] == {(torch.float32, False)}, seen  # float32 in, autocast off
+    ref = TorchEngine(copy.deepcopy(small_model), pp).embed(x)
+    assert np.all(np.sum(out * ref, axis=1) >= contract_for(precision).cosine_min)
+    assert engine.describe()["cast"] == "autocast"
+
+
+# the device JPEG decoder, run on the CPU --------------------------------------------------------------------
+
+
+def test_device_jpeg_decoder_meets_its_parity_contract_on_the_cpu(images: Path, small_onnx: Path) -> None:
+    """The --gpu-decode code path with device="cpu" (libjpeg, the same torch resize and orientation): descriptors
+    within the other-decoder contract (cos >= 0.9999) of the CPU path; PNG, CMYK and unreadable files go to the CPU
+    path; the EXIF orientations turn pixels as Pillow does."""
+    import torch
+
+    from dtop_export.corpus.gpu_decode import DECODER_COSINE, DeviceJpegDecoder, decoder_parity, orient
+    from dtop_export.engines import load_engine
+    from dtop_export.preprocess import EXIF_TRANSPOSE
+
+    engine = load_engine(small_onnx, threads=1)
+    jpegs = [str(p) for p in sorted(images.glob("*.jpg")) if p.name not in ("text.jpg", "truncated.jpg")]
+    report = decoder_parity(engine, [*jpegs, str(images / "alpha.png")], 96, device="cpu")
+    assert report["passed"] and report["cosine_min"] >= DECODER_COSINE, report
+    assert {Path(p).name for p in report["decoded_on_cpu"]} == {"cmyk.jpg", "alpha.png"}
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    for o in range(1, 9):
+        m = EXIF_TRANSPOSE.get(o)
+        pil = np.asarray(Image.fromarray(arr).transpose(Image.Transpose(m))) if m is not None else arr
+        assert np.array_equal(orient(torch.from_numpy(arr).permute(2, 0, 1), o).permute(1, 2, 0).numpy(), pil), o
+    items = list_source(images)
+    gpu = DeviceJpegDecoder(CFG, 96, SCALES, "cpu")
+    out = _run_feeder(items, workers=2, gpu=gpu)
+    rows = [(k, s) for b in out if not isinstance(b, Failure) for k, s in b.rows]
+    assert sorted(rows) == sorted((k, s) for k in range(len(items)) for s in range(2)
+                                  if items[k].path.rsplit("/", 1)[-1] not in ("text.jpg", "truncated.jpg"))  # fmt: skip
+
+
+# GPU options without a GPU ----------------------------------------------------------------------------------
+
+
+def test_gpu_options_refuse_in_one_line_without_cuda(
+    small_ckpt: Path, small_onnx: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "o"
+    for argv, needle in [
+        ([f"{small_ckpt}:device=cuda", str(images), "-o", str(out), "--gpu-decode"], "PyTorch sees no CUDA GPU"),
+        ([str(small_onnx), str(images), "-o", str(out), "--gpu-decode"], "give a checkpoint on one"),
+        ([f"{small_ckpt}:device=cuda", str(images), "-o", str(out), "--gpu-decode", "--ray"], "in-process only"),
+        ([str(small_ckpt), str(images), "-o", str(tmp_path / "x.npy"), "--gpu-decode"], "is for folder output"),
+        ([str(small_onnx), str(images), "-o", str(out), "--decode-pool", "fork"], "thread or process"),
+    ]:
+        assert cli("embed", *argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and err.count("error:") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+    assert cli("bench", f"{small_ckpt}:bf16,compile=reduce-overhead", "--sizes", "64", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "needs device=cuda" in err and len(err.strip().splitlines()) == 1, err
+    from dtop_export.corpus.gpu_decode import DeviceJpegDecoder
+
+    with pytest.raises(DToPError, match="no CUDA GPU"):
+        DeviceJpegDecoder(CFG, 96, (1.0,), "cuda")
+
+
+def test_ray_read_tasks_ship_uint8_pixels(images: Path) -> None:
+    """A Ray read task's rows are the pixels of the one preprocessing path, uint8 (a quarter of float32's bytes)."""
+    from dtop_export.corpus.ray_pipeline import preprocess_rows
+
+    paths = [str(p) for p in sorted(images.glob("*.jpg"))]
+    rows = preprocess_rows({"key": np.arange(len(paths)), "path": np.asarray(paths)}, CFG.to_dict(), 96, list(SCALES))
+    good = rows["scale"] >= 0
+    assert sum(~good) == 2 and sum(good) == 2 * (len(paths) - 2)
+    for key, scale, pixels in zip(rows["key"][good], rows["scale"][good], rows["tensor"][good]):
+        assert pixels.dtype == np.uint8
+        assert np.array_equal(pixels, prepare_pixels(load_image(paths[key]), CFG, 96, SCALES[scale]))
+    shutil.rmtree(images / "__pycache__", ignore_errors=True)
+
+
+def test_an_overlapped_onnx_runtime_session_lets_its_idle_threads_sleep(small_onnx: Path) -> None:
+    """Decoding shares the engine's cores in a corpus job: ONNX Runtime's intra-op threads are told not to spin
+    (on 2 cores a spinning session left 0.79 of a perfect overlap, a sleeping one 1.00), unless MODEL says."""
+    from dtop_export.corpus.runtime import engine_options, open_model
+
+    assert engine_options(str(small_onnx), 2, None, shared_cores=True)[1] == {"threads": 2, "spin": False}
+    assert engine_options(str(small_onnx), 2)[1] == {"threads": 2}  # alone: ONNX Runtime's default
+    assert engine_options(f"{small_onnx}:spin=true", None, None, shared_cores=True)[1] == {"spin": True}
+    assert "spin" not in engine_options(f"{small_onnx}:openvino", None, None, shared_cores=True)[1]
+    with open_model(str(small_onnx), 1, shared_cores=True) as engine:
+        config = engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert config == "0"

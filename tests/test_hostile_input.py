@@ -1,0 +1,417 @@
+"""The corpus, index, search, evaluate --distractors, openvino, cpp and info commands against a hostile user
+(issue 34): one job per output folder (two real processes, SIGKILL, Ctrl-C), numbers checked before anything is
+written, folders and indexes checked against what they claim to be, no traceback, no silent overwrite, paths that
+open from anywhere. Cheap by design: 10 small images at 64 px, synthetic shards, no Ray cluster, no C++ build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+from PIL import Image
+
+from dtop_export.corpus.embed import CorpusJob, embed_corpus
+from dtop_export.corpus.shards import MANIFEST, CorpusSettings, Shard, shard_name, write_manifest, write_shard
+
+SIZE = "64"
+EXE = [sys.executable, "-m", "dtop_export"]
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 small JPEGs of random pixels, of several shapes."""
+    folder = tmp_path_factory.mktemp("imgs") / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (50 + 9 * i, 90, 3), dtype=np.uint8)).save(folder / f"img_{i:02d}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(small_onnx: Path, imgs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 10 images embedded at 64 px into 3 shards of 4 (do not change it: tests copy it)."""
+    out = tmp_path_factory.mktemp("run") / "corpus"
+    embed_corpus(CorpusJob(str(small_onnx), str(imgs), out, image_size=int(SIZE), shard_size=4, progress=False))
+    return out
+
+
+def _refused(capsys: pytest.CaptureFixture[str], *argv: str, match: str) -> str:
+    """``dtop-export ARGV`` exits 2 with one ``error:`` line containing ``match`` and no traceback."""
+    code = cli(*argv)
+    err = capsys.readouterr().err
+    assert code == 2, f"exit {code}: {err[-2000:]}"
+    assert err.count("error:") == 1 and "Traceback" not in err and match in err, err
+    return err
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def _synthetic(folder: Path, n: int = 600, dim: int = 64, shard_size: int = 200) -> Path:
+    """A complete shard folder of ``n`` random unit descriptors (no model: for index parameters)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    settings = CorpusSettings("m.onnx", "a" * 64, dim, {}, 64, [1.0], shard_size, "synthetic", n, "l")
+    folder.mkdir()
+    for k in range(settings.n_shards()):
+        keys = list(settings.shard_keys(k))
+        write_shard(folder, Shard(k, keys, [f"i{j}" for j in keys], [f"p{j}" for j in keys], list(x[keys])), settings)
+    write_manifest(folder, settings, "complete", {"counts": {"images": n, "embedded": n, "skipped": 0}})
+    return folder
+
+
+# 1. one job per folder; 12. Ctrl-C says what was kept --------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise AssertionError(f"{what} exited {proc.returncode}: {err}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _holder(lock: Path) -> str:
+    return lock.read_text() if lock.is_file() else ""
+
+
+def test_one_job_per_folder_stale_safe_after_sigkill_and_ctrl_c_says_how_to_resume(
+    small_onnx: Path, imgs: Path, tmp_path: Path
+) -> None:
+    """A job blocked on a FIFO holds the folder: a second job (a second process) is refused in one line naming the
+    holder; after the holder is SIGKILLed the next job takes the folder at once (no stale lock); Ctrl-C on that one
+    exits 130 saying what was kept; the command run again writes only the missing shard."""
+    fifo = tmp_path / "stuck.jpg"  # opening it blocks until a writer comes: the job stays mid-run
+    os.mkfifo(fifo)
+    files = sorted(imgs.glob("*.jpg"))
+    src = tmp_path / "list.txt"
+    src.write_text("\n".join(map(str, [*files[:4], fifo, files[4]])) + "\n")  # shards (0,1) (2,3) (fifo,4)
+    out = tmp_path / "out"
+    args = ["embed", str(small_onnx), str(src), "-o", str(out), "--image-size", SIZE, "--shard-size", "2"]
+    lock = out / ".dtop-export.lock"
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn() -> subprocess.Popen[str]:
+        procs.append(subprocess.Popen([*EXE, *args, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+        return procs[-1]
+
+    try:
+        first = spawn()
+        _wait_for(lambda: (out / shard_name(1)).exists() and f'"pid": {first.pid}' in _holder(lock), first, "job 1")
+        second = subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by another embed job: pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        first.kill()
+        first.wait()
+        third = spawn()
+        _wait_for(lambda: f'"pid": {third.pid}' in _holder(lock), third, "the job after a SIGKILL")
+        third.send_signal(signal.SIGINT)
+        _, err = third.communicate(timeout=60)
+        assert third.returncode == 130, err[-2000:]
+        assert "interrupted: 2 of 3 shard(s) are complete" in err and "run the same command again" in err, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    fifo.unlink()
+    shutil.copy(files[5], fifo)
+    assert cli(*args, "--no-progress", "--json", str(tmp_path / "s.json")) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["shards_reused"], summary["shards_written"], summary["embedded"]) == (2, 1, 6)
+    assert _holder(lock) == ""  # released: no holder named
+
+
+# 2. ranges (the OOM case by its refusal); 10. Ray options before any output --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-size", "0"], "--image-size must be >= 1, got 0"),
+        (["--image-size", "-5"], "--image-size must be >= 1, got -5"),
+        (["--image-size", "8"], "--image-size must be at least the model's stride 16"),
+        (["--image-size", "100000"], "GiB are available here: use --image-size"),
+        (["--scales", "100"], "at scale 100 needs at least"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--shard-size", "0"], "--shard-size must be >= 1"),
+        (["--ray", "--actors", "0"], "--actors must be >= 1"),
+        (["--ray", "--cpus-per-actor", "0"], "--cpus-per-actor must be > 0"),
+        (["--ray", "--gpus-per-actor", "-1"], "--gpus-per-actor must be >= 0"),
+        (["--ray", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    ],
+)
+def test_numbers_and_ray_options_are_refused_before_anything_is_written(
+    small_onnx: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    _refused(capsys, "embed", str(small_onnx), str(imgs), "-o", str(out), *extra, match=message)
+    assert not out.exists()
+    if "--ray" not in extra:
+        npy = tmp_path / "d.npy"
+        _refused(capsys, "embed", str(small_onnx), str(imgs), "-o", str(npy), *extra, match=message)
+        assert not npy.exists()
+
+
+# 3. folder integrity (index, evaluate --distractors); 4. no tracebacks -------------------------------------------
+
+
+def test_index_checks_the_folder_against_its_manifest(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone = _copy(run, tmp_path / "gone")
+    (gone / shard_name(1)).unlink()
+    _refused(capsys, "index", str(gone), "-o", str(tmp_path / "g.faiss"), match="1 of the 3 shards of")
+    assert not (tmp_path / "g.faiss").exists()
+    assert cli("index", str(gone), "-o", str(tmp_path / "g.faiss"), "--force", "--no-progress") == 0
+    assert "--force: 1 of the 3 shards" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.faiss.json").read_text())["ntotal"] == 6  # what is there, said so
+    foreign = _copy(run, tmp_path / "foreign")  # a shard of another job dropped in: the same keys twice
+    shutil.copy(run / shard_name(0), foreign / shard_name(3))
+    _refused(capsys, "index", str(foreign), "-o", str(tmp_path / "f.faiss"), match="its manifest does not list")
+    other = _copy(run, tmp_path / "other")  # a shard written under other settings in a shard's place
+    shutil.copy(_synthetic(tmp_path / "syn", n=12, shard_size=4) / shard_name(1), other / shard_name(1))
+    _refused(capsys, "index", str(other), "-o", str(tmp_path / "o.faiss"), match="written by another job")
+    cut = _copy(run, tmp_path / "cut")
+    data = (run / shard_name(2)).read_bytes()
+    (cut / shard_name(2)).write_bytes(data[: len(data) // 2])
+    _refused(capsys, "index", str(cut), "-o", str(tmp_path / "c.faiss"), match="is damaged or not a shard")
+    running = _copy(run, tmp_path / "running")
+    manifest = json.loads((running / MANIFEST).read_text())
+    (running / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
+    _refused(capsys, "index", str(running), "-o", str(tmp_path / "r.faiss"), match="is unfinished")
+    assert [p.name for p in tmp_path.glob("*.faiss")] == ["g.faiss"]  # only the forced one
+
+
+def test_evaluate_refuses_distractors_that_do_not_fit_before_embedding(
+    small_onnx: Path, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each refusal comes before the data set is embedded (the mAP 92.9 -> 4.9 of unnormalised distractors, with no
+    message, is what they prevented)."""
+    evaluate = ["evaluate", str(small_onnx), "--no-progress"]
+    args = [*evaluate, "--image-size", SIZE, "--distractors"]
+    running = _copy(run, tmp_path / "running")
+    manifest = json.loads((running / MANIFEST).read_text())
+    (running / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
+    _refused(capsys, *args, str(running), match="is unfinished")
+    _refused(capsys, *evaluate, "--distractors", str(run), match="at image size 64; this evaluation runs at 256")
+    _refused(capsys, *args, str(run), "--scales", "1,0.5", match="embedded at scales 1; this evaluation uses 1,0.5")
+    good = np.concatenate(_descriptors(run))
+    cases = {
+        "int32.npy": (good * 1000).astype(np.int32),
+        "nan.npy": np.where(np.arange(good.size).reshape(good.shape) == 7, np.nan, good).astype(np.float32),
+        "scaled.npy": good * 3,
+        "narrow.npy": good[:, :128] / np.linalg.norm(good[:, :128], axis=1, keepdims=True),
+    }
+    messages = ["int32 values", "non-finite values", "not L2-normalised", "128-d descriptors; the model gives 256-d"]
+    for (name, array), message in zip(cases.items(), messages):
+        np.save(tmp_path / name, array)
+        _refused(capsys, *args, str(tmp_path / name), match=message)
+    side = tmp_path / "sized.npy"
+    np.save(side, good)
+    side.with_suffix(".json").write_text(json.dumps({"image_size": 128, "scales": [1.0]}))
+    _refused(capsys, *args, str(side), match="embedded at image size 128")
+    out = tmp_path / "e.json"
+    assert cli(*args, str(tmp_path / "scaled.npy"), "--force", "--json", str(out)) == 0  # forced: used, with a warning
+    assert "warning:" in capsys.readouterr().err and json.loads(out.read_text())["n_distractors"] == 10
+
+
+def _descriptors(folder: Path) -> list[np.ndarray]:
+    from dtop_export.corpus.shards import iter_shards
+
+    return [s["descriptor"] for s in iter_shards(folder)]
+
+
+def test_index_and_its_sidecars_must_belong_together(
+    small_onnx: Path, run: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    idx, other = tmp_path / "a.faiss", tmp_path / "b.faiss"
+    assert cli("index", str(run), "-o", str(idx), "--no-progress") == 0
+    b = tmp_path / "b"  # the same 10 images at another size: same keys, same count, another index
+    embed_corpus(CorpusJob(str(small_onnx), str(imgs), b, image_size=96, shard_size=4, progress=False))
+    assert cli("index", str(b), "-o", str(other), "--no-progress") == 0
+    capsys.readouterr()
+    ids = tmp_path / "a.faiss.ids.parquet"
+    kept = ids.read_bytes()
+    query = ["search", str(idx), str(small_onnx), str(imgs / "img_03.jpg")]
+    for content, message in ((b"", "is damaged or not an ids sidecar"), (b"garbage", "is damaged or not an ids")):
+        ids.write_bytes(content)
+        _refused(capsys, *query, match=message)
+    shutil.copy(tmp_path / "b.faiss.ids.parquet", ids)  # -k 40 raised IndexError; -k 5 printed wrong paths
+    for k in ("40", "5"):
+        _refused(capsys, *query, "-k", k, match="belongs to another index")
+    ids.write_bytes(kept)
+    shutil.copy(tmp_path / "b.faiss.json", tmp_path / "a.faiss.json")
+    _refused(capsys, *query, match="is not the index its .json sidecar describes")
+
+
+# 5. bench --recommend: see tests/test_recommend.py -----------------------------------------------------------------
+# 6. no silent overwrites ---------------------------------------------------------------------------------------------
+
+
+def test_no_file_is_overwritten_without_force(
+    small_onnx: Path, run: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one = [str(imgs / "img_00.jpg"), "--image-size", SIZE, "--no-progress"]
+    (tmp_path / "j.json").write_text("an unrelated file\n")
+    _refused(capsys, "embed", str(small_onnx), *one, "-o", str(tmp_path / "j.npy"), match="j.json exists: pass --force")
+    assert (tmp_path / "j.json").read_text() == "an unrelated file\n"
+    assert cli("embed", str(small_onnx), *one, "-o", str(tmp_path / "j.npy"), "--force") == 0
+    _refused(capsys, "embed", str(small_onnx), *one, "-o", str(tmp_path / "j.npy"), match="pass --force")
+    (tmp_path / "vic.bin").write_bytes(b"someone's weights")
+    _refused(capsys, "openvino", str(small_onnx), "-o", str(tmp_path / "vic.xml"), match="vic.bin exists")
+    assert (tmp_path / "vic.bin").read_bytes() == b"someone's weights" and not (tmp_path / "vic.xml").exists()
+    (tmp_path / "st.faiss.ids.parquet").write_bytes(b"stale")
+    _refused(capsys, "index", str(run), "-o", str(tmp_path / "st.faiss"), match="st.faiss.ids.parquet exists")
+    assert cli("index", str(run), "-o", str(tmp_path / "st.faiss"), "--force", "--no-progress") == 0
+    for option, name in (("--json", "h.json"), ("--picture", "h.png")):
+        (tmp_path / name).write_text("mine\n")
+        query = ["search", str(tmp_path / "st.faiss"), str(small_onnx), one[0], option, str(tmp_path / name)]
+        _refused(capsys, *query, match=f"{name} exists: pass --force")
+        assert (tmp_path / name).read_text() == "mine\n"
+    assert cli(*query, "--force") == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    _refused(capsys, "index", str(run), "-o", str(tmp_path), match="is a folder: give -o a file name")  # not "--force"
+
+
+# 7. paths as typed ------------------------------------------------------------------------------------------------
+
+
+def test_stored_paths_open_from_anywhere_and_resume_by_resolved_path(
+    small_onnx: Path, imgs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(imgs.parent)
+    args = ["embed", str(small_onnx), "--image-size", SIZE, "--shard-size", "4", "--no-progress"]
+    assert cli(*args, "imgs", "-o", str(tmp_path / "c")) == 0
+    assert cli("index", str(tmp_path / "c"), "-o", str(tmp_path / "c.faiss"), "--no-progress") == 0
+    summary = tmp_path / "s.json"
+    assert cli(*args, str(imgs), "-o", str(tmp_path / "c"), "--json", str(summary)) == 0  # /abs/imgs: the same listing
+    assert json.loads(summary.read_text())["shards_reused"] == 3
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hits = tmp_path / "h.json"
+    query = ["search", str(tmp_path / "c.faiss"), str(small_onnx), str(imgs / "img_03.jpg"), "-k", "3"]
+    assert cli(*query, "--json", str(hits), "--picture", "p.png") == 0, capsys.readouterr().err
+    paths = [h["path"] for h in json.loads(hits.read_text())["queries"][0]["results"]]
+    assert paths[0] == str(imgs / "img_03.jpg") and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+
+
+# 8. cpp parity --binary ----------------------------------------------------------------------------------------------
+
+
+def test_cpp_parity_runs_the_binary_it_is_given(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy("/bin/true", tmp_path / "dtop-embed-copy")  # './' kept: this file runs, not a PATH lookup
+    parity = ["cpp", "parity", str(small_onnx), "--binary"]
+    _refused(capsys, *parity, "./dtop-embed-copy", match="dtop-embed-copy is not dtop-embed")  # not "No such file"
+    _refused(capsys, *parity, "/bin/true", match="/bin/true is not dtop-embed")
+    (tmp_path / "plain").write_bytes(b"\x7fELF")
+    _refused(capsys, *parity, "plain", match="plain is not executable: `chmod +x plain`")
+    fake = tmp_path / "fake-embed"  # answers --help like dtop-embed, then writes nothing
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --help ] && echo 'usage: dtop-embed MODEL IMAGE...'\nexit 0\n")
+    fake.chmod(0o755)
+    _refused(capsys, *parity, str(fake), match="exited 0 without writing cpp.npy")
+
+
+# 9. index parameters --------------------------------------------------------------------------------------------------
+
+
+def test_index_parameters_are_checked_at_build_time_and_faiss_is_quiet(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """faiss writes its warnings to the process's stderr (C++): captured at the file descriptor."""
+    folder = _synthetic(tmp_path / "syn")
+    out = str(tmp_path / "i.faiss")
+    for option, value in (("--nprobe", "0"), ("--nprobe", "-3"), ("--nlist", "0"), ("--m", "0"),
+                          ("--train-size", "0"), ("--train-size", "-5"), ("--nbits", "0")):  # fmt: skip
+        _refused(capfd, "index", str(folder), "-o", out, "--type", "ivfpq", option, value, match=f"{option} must be")
+    assert cli("index", str(folder), "-o", out, "--refine", "4", "--no-progress") == 0
+    assert "--refine (IVF-PQ options, --type ivfpq) ignored" in capfd.readouterr().out
+    capfd.readouterr()
+    assert cli("index", str(folder), "-o", out, "--type", "ivfpq", "--force", "--no-progress") == 0
+    printed = capfd.readouterr()
+    assert "WARNING clustering" not in printed.err + printed.out  # faiss printed one per PQ sub-quantiser
+    assert printed.out.count("note: training on 600 vectors") == 1
+    params = json.loads((tmp_path / "i.faiss.json").read_text())["params"]
+    assert params["nprobe"] == 15 and params["nlist"] == 15  # the default 16, bounded by nlist
+
+
+# 11. sources ----------------------------------------------------------------------------------------------------------
+
+
+def test_sources_name_null_rows_and_strip_a_bom(
+    small_onnx: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embed = ["embed", str(small_onnx), "--image-size", SIZE, "--no-progress", "-o"]
+    pq.write_table(pa.table({"path": [str(imgs / "img_00.jpg"), None, None]}), tmp_path / "t.parquet")
+    _refused(capsys, *embed, str(tmp_path / "a"), str(tmp_path / "t.parquet"), match="row 2 has no 'path'")
+    (tmp_path / "t.csv").write_text(f"path,id\n{imgs / 'img_00.jpg'},a\n{imgs / 'img_01.jpg'},\n")
+    _refused(capsys, *embed, str(tmp_path / "b"), str(tmp_path / "t.csv"), match="row 2 has an empty 'id'")
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfimgs/img_00.jpg\nimgs/img_01.jpg\n")
+    (tmp_path / "imgs").symlink_to(imgs)
+    assert cli(*embed, str(tmp_path / "c"), str(tmp_path / "bom.txt")) == 0
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["counts"] == {"images": 2, "embedded": 2, "skipped": 0}
+
+
+# 12. smaller ----------------------------------------------------------------------------------------------------------
+
+
+def test_smaller_ones(
+    small_onnx: Path, run: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _refused(capsys, "cpp", "build", "-j", "-1", "--build-dir", str(tmp_path / "b"), match="--jobs must be >= 1")
+    _refused(capsys, "cpp", "build", "--build-dir", str(a_file), match=f"--build-dir {a_file} is a file")
+    _refused(capsys, "cpp", "build", "--build-dir", str(tmp_path / "b"), "--prefix", str(a_file), match="is a file")
+    assert not (tmp_path / "b").exists()  # refused before configuring
+    # info describes a shard folder, an index (or its sidecar) and an .npy of descriptors
+    assert cli("index", str(run), "-o", str(tmp_path / "x.faiss"), "--no-progress") == 0
+    np.save(tmp_path / "d.npy", np.concatenate(_descriptors(run)))
+    capsys.readouterr()
+    described = {run: "shard folder", tmp_path / "x.faiss.json": "faiss index", tmp_path / "d.npy": "descriptor"}
+    for path, kind in described.items():
+        assert cli("info", str(path)) == 0
+        printed = capsys.readouterr().out
+        assert kind in printed and "check: ok" in printed, printed
+    # a folder named like corpus.v2 is a folder; a file suffix is refused
+    v2 = ["embed", str(small_onnx), str(imgs), "--image-size", SIZE, "--no-progress", "-o"]
+    assert cli(*v2, str(tmp_path / "corpus.v2")) == 0 and (tmp_path / "corpus.v2" / MANIFEST).is_file()
+    _refused(capsys, *v2, str(tmp_path / "corpus.parquet"), match="should end in .npy (one matrix) or name a folder")
+    # the changed-settings refusal names the old and the new value
+    _refused(capsys, *v2[:3], "--image-size", "96", "--shard-size", "4", "-o", str(run),
+             match="another image size (was 64, now 96)")  # fmt: skip
+    # INT8 calibration on fewer images than asked, below the floor: refused, before converting anything
+    one = tmp_path / "calib"
+    one.mkdir()
+    shutil.copy(imgs / "img_00.jpg", one)
+    out = tmp_path / "q.xml"
+    _refused(capsys, "openvino", str(small_onnx), "--int8", "--calib", str(one), "--calib-count", "16", "-o", str(out),
+             match="1 calibration image(s) for the 16 asked")  # fmt: skip
+    assert not out.exists()

@@ -1,0 +1,86 @@
+"""Every artefact the toolkit writes gets the permissions a plain new file gets under the user's umask (0644
+under umask 022), not the private 0600 of the temporary file it was written to before the rename: a serving
+process running as another user must be able to read the model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dtop_export.atomic import atomic_write_bytes, atomic_write_text, new_file_mode, new_folder_mode, process_umask
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_process_umask_reads_without_changing_it() -> None:
+    with umask(0o027):
+        assert process_umask() == 0o027
+        assert process_umask() == 0o027  # reading did not reset it
+        assert new_file_mode() == 0o640
+        assert new_folder_mode() == 0o750
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, expected: int) -> None:
+    with umask(mask):
+        atomic_write_bytes(tmp_path / "model.plan", b"x" * 10)
+        atomic_write_text(tmp_path / "model.plan.json", "{}")
+    assert mode(tmp_path / "model.plan") == expected
+    assert mode(tmp_path / "model.plan.json") == expected
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoint_onnx_and_fp16_onnx_are_readable_by_others(
+    tmp_path: Path, small_ckpt: Path, small_onnx: Path
+) -> None:
+    """The session's checkpoint and export were written under this process's umask (unchanged since)."""
+    from dtop_export.fp16.convert import convert_file
+
+    assert mode(small_ckpt) == new_file_mode()
+    assert mode(small_onnx) == new_file_mode()
+    with umask(0o022):
+        convert_file(small_onnx, tmp_path / "small.fp16.onnx")
+    assert mode(tmp_path / "small.fp16.onnx") == 0o644
+
+
+def test_shards_and_manifest_follow_the_umask(tmp_path: Path) -> None:
+    from dtop_export.corpus.shards import CorpusSettings, Shard, write_manifest, write_shard
+
+    settings = CorpusSettings(
+        model="m.onnx", model_sha256="0" * 64, descriptor_dim=4, preprocess={}, image_size=64, scales=[1.0],
+        shard_size=2, source="src", n_items=2, listing_sha256="0" * 64,
+    )  # fmt: skip
+    descriptors = list(np.eye(2, 4, dtype=np.float32))
+    shard = Shard(index=0, keys=[0, 1], ids=["a", "b"], paths=["a.jpg", "b.jpg"], descriptors=descriptors)
+    with umask(0o022):
+        path = write_shard(tmp_path, shard, settings)
+        write_manifest(tmp_path, settings, "complete")
+    assert mode(path) == 0o644
+    assert mode(tmp_path / "manifest.json") == 0o644
+
+
+def test_sample_data_folder_follows_the_umask(tmp_path: Path) -> None:
+    """The embedded data set is built in a private temporary folder and renamed into place."""
+    from dtop_export.retrieval.sample_data import build_sample_dataset
+
+    with umask(0o022):
+        folder = build_sample_dataset(tmp_path)
+    assert mode(folder) == 0o755
+    assert mode(folder / "gnd_sample.pkl") == 0o644

@@ -1,0 +1,448 @@
+"""``dtop-export serve``: one service for the module (a subprocess, as a user starts it: a local Ray cluster, one
+small replica, loopback, a tiny queue and small upload limits), and what it must hold: parity with ``embed``,
+search top-1, every bad upload's 4xx, overload -> 503 + Retry-After, /readyz, /metrics, loopback-only listeners
+with token auth, a SIGKILLed replica replaced, and (last) a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_helpers import cli
+from conftest import CORPUS_PHOTOS, CORPUS_SIZE
+
+pytest.importorskip("ray.serve", reason="serve needs Ray Serve (pip install 'dtop-export[serve]')")
+
+from dtop_export.serve.client import (  # noqa: E402
+    ServiceClient,
+    free_port,
+    multipart,
+    start_service,
+    stop_service,
+)
+
+MAX_UPLOAD_MB = 3
+MAX_IMAGES = 3
+MAX_PIXELS_MP = 1
+MAX_QUEUE = 2
+MAX_BATCH = 4
+START_TIMEOUT_S = 150  # a loaded 2-core machine: cluster + Serve + one replica
+RECOVERY_BOUND_S = 60  # a SIGKILLed replica is replaced and warm again within this
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[str]
+    url: str
+    port: int
+    index: Path
+    log: Path
+
+    @property
+    def client(self) -> ServiceClient:
+        return ServiceClient(self.url, timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def service(small_onnx: Path, small_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = [
+        str(small_onnx), "--index", str(small_index), "--threads", "1", "--max-batch-size", str(MAX_BATCH),
+        "--batch-wait-ms", "20", "--max-queue", str(MAX_QUEUE), "--max-upload-mb", str(MAX_UPLOAD_MB),
+        "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS_MP), "--request-timeout", "20",
+    ]  # fmt: skip
+    proc = start_service(args, log, port, START_TIMEOUT_S)
+    try:
+        yield Service(proc, f"http://127.0.0.1:{port}", port, small_index, log)
+    finally:
+        stop_service(proc, 60)
+
+
+def photo(name: str) -> Path:
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    return skimage_data_dir() / name
+
+
+def png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def counter(metrics: str, name: str, **labels: str) -> float:
+    """The value of sample ``name{labels}`` in Prometheus text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+# parity and search ------------------------------------------------------------------------------------------
+
+
+def test_embed_equals_dtop_export_embed(service: Service, small_onnx: Path, tmp_path: Path) -> None:
+    """The service's descriptors (one multipart request of 3 photos, then each alone, batched with each other)
+    equal `dtop-export embed`'s for the same files and engine: cos >= 0.99999, max-abs <= 1e-5."""
+    names = CORPUS_PHOTOS[:3]
+    out = tmp_path / "ref.npy"
+    assert cli("embed", str(small_onnx), *(str(photo(n)) for n in names), "-o", str(out),
+               "--image-size", str(CORPUS_SIZE), "--no-progress") == 0  # fmt: skip
+    ref = np.load(out)
+    together = service.client.embed(*(photo(n) for n in names))
+    results: dict[int, np.ndarray] = {}
+    threads = [
+        threading.Thread(target=lambda i=i, n=n: results.__setitem__(i, service.client.embed(photo(n))[0]))
+        for i, n in enumerate(names)
+    ]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    alone = np.stack([results[i] for i in range(len(names))])
+    for got in (together, alone):
+        assert got.shape == ref.shape
+        cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+        assert cos.min() >= 0.99999, cos
+        assert np.abs(got - ref).max() <= 1e-5
+    doc = service.client.embed_response(photo(names[0]), encoding="json")  # the JSON encoding: the same numbers
+    assert np.abs(np.asarray(doc["images"][0]["descriptor"], np.float32) - ref[0]).max() <= 1e-5
+    assert doc["dim"] == ref.shape[1] and doc["timing"]["batch_sizes"] == [doc["timing"]["batch_sizes"][0]]
+
+
+def test_search_top1_is_the_query_itself(service: Service) -> None:
+    for name in CORPUS_PHOTOS:
+        hits = service.client.search(photo(name), k=3)
+        assert len(hits) == 3 and Path(hits[0]["path"]).name == name, hits
+        assert hits[0]["score"] > 0.9999 and hits[0]["score"] > hits[1]["score"]
+    desc = service.client.embed(photo(CORPUS_PHOTOS[1]))[0]
+    assert Path(service.client.search(descriptor=desc, k=1)[0]["path"]).name == CORPUS_PHOTOS[1]
+
+
+def test_model_contract(service: Service, small_onnx: Path) -> None:
+    from dtop_export.contract import read_metadata
+
+    doc = service.client.model()
+    assert doc["model"] == small_onnx.name and doc["image_size"] == CORPUS_SIZE and doc["scales"] == [1.0]
+    assert doc["checkpoint_sha256"] == read_metadata(small_onnx)["dtop.checkpoint_sha256"]
+    assert doc["index"]["ntotal"] == len(CORPUS_PHOTOS) and doc["limits"]["max_queue"] == MAX_QUEUE
+
+
+# bad uploads ------------------------------------------------------------------------------------------------
+
+
+def bad_requests() -> dict[str, tuple[str, str, bytes | None, str | None, int]]:
+    """name -> (method, path, body, content type, expected status)."""
+    jpg = photo("rocket.jpg").read_bytes()
+    small = png(64, 48)
+    over = os.urandom(int((MAX_UPLOAD_MB + 0.5) * 2**20))
+    form, form_type = multipart([(f"p{i}.png", small) for i in range(MAX_IMAGES + 1)])
+    bomb = png(2000, 1000)  # 2 MP of one colour: a few kB that decode to 6 MB (over --max-pixels 1)
+    return {
+        "empty body": ("POST", "/v1/embed", b"", "image/jpeg", 400),
+        "not an image": ("POST", "/v1/embed", b"hello, world" * 20, "image/jpeg", 400),
+        "truncated jpeg": ("POST", "/v1/embed", jpg[: len(jpg) // 2], "image/jpeg", 400),
+        "truncated png": ("POST", "/v1/embed", small[: len(small) - 40], "image/png", 400),
+        "decompression bomb": ("POST", "/v1/embed", bomb, "image/png", 413),
+        "over the size limit": ("POST", "/v1/embed", over, "application/octet-stream", 413),
+        "wrong content type": ("POST", "/v1/embed", small, "text/plain", 415),
+        "too many images": ("POST", "/v1/embed", form, form_type, 413),
+        "empty multipart": ("POST", "/v1/embed", multipart([])[0], multipart([])[1], 400),
+        "k out of range": ("POST", "/v1/search?k=100000", small, "image/png", 422),
+        "k not a number": ("POST", "/v1/search?k=ten", small, "image/png", 422),
+        "bad encoding": ("POST", "/v1/embed?encoding=xml", small, "image/png", 422),
+        "descriptor of the wrong size": ("POST", "/v1/search", b'{"descriptor": [1, 2]}', "application/json", 422),
+        "unknown route": ("GET", "/v1/nope", None, None, 404),
+    }
+
+
+def test_bad_uploads_get_their_4xx_and_the_server_stays_up_and_bounded(service: Service) -> None:
+    import psutil
+
+    client = service.client
+
+    def tree_rss() -> int:
+        procs = [psutil.Process(service.proc.pid), *psutil.Process(service.proc.pid).children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running())
+
+    cases = bad_requests()
+    before = tree_rss()
+    for _ in range(3):  # repeated: a leak per request would show in the memory check below
+        for name, (method, path, body, kind, expected) in cases.items():
+            status, headers, data = client.request(method, path, body, kind)
+            doc = json.loads(data)
+            assert status == expected, f"{name}: {status} {doc}"
+            assert doc["status"] == status and isinstance(doc["error"], str) and "\n" not in doc["error"], name
+    grew = tree_rss() - before
+    assert grew < 200 * 2**20, f"the service grew by {grew / 2**20:.0f} MiB over {3 * len(cases)} bad requests"
+    assert client.embed(photo("coffee.png")).shape == (1, 256)  # still serving
+
+
+def test_chunked_upload_over_the_limit_is_refused_while_streaming(service: Service) -> None:
+    """No Content-Length to check up front: the body is cut off at --max-upload-mb, not buffered."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+    chunk = b"\0" * 2**16
+    n = int(2 * MAX_UPLOAD_MB * 2**20 / len(chunk))
+    conn.request("POST", "/v1/embed", body=(chunk for _ in range(n)), headers={"Content-Type": "image/png"},
+                 encode_chunked=True)  # fmt: skip
+    r = conn.getresponse()
+    assert r.status == 413 and "max-upload-mb" in json.loads(r.read())["error"]
+    conn.close()
+
+
+class FakeRequest:
+    """What the app's routes read of a Starlette request."""
+
+    def __init__(self, body: bytes, content_type: str, query: dict[str, str] | None = None) -> None:
+        self.body, self.query_params = body, query or {}
+        self.headers = {"content-type": content_type, "content-length": str(len(body))}
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        yield self.body
+
+
+def app_without_cluster(embedder: object = None, **limits: float) -> object:
+    """The app's routes with a stand-in for the model deployment (no Ray needed)."""
+    from dtop_export.serve.app import Service as App
+    from dtop_export.serve.app import ServiceInfo
+    from dtop_export.serve.limits import Limits
+
+    info = ServiceInfo("m.onnx", "0" * 64, "1" * 64, 8, {"size": 64}, 64)
+    return App(info, Limits(**limits), embedder=embedder, capacity=4)  # type: ignore[arg-type]
+
+
+def test_search_without_an_index_is_a_404() -> None:
+    import asyncio
+
+    app = app_without_cluster()
+    response = asyncio.run(app.observe("search", lambda: app.search(FakeRequest(png(32, 32), "image/png"))))
+    assert response.status_code == 404 and "--index" in json.loads(response.body)["error"]
+
+
+def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
+    import asyncio
+
+    cancelled: list[bool] = []
+
+    class Never:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            cancelled.append(True)
+
+    class Embedder:
+        class embed:  # noqa: N801 - mimics handle.embed.remote(...)
+            @staticmethod
+            def remote(*_: object) -> Never:
+                return Never()
+
+    app = app_without_cluster(Embedder(), request_timeout_s=0.3)
+    t0 = time.monotonic()
+    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
+    assert response.status_code == 504 and "--request-timeout" in json.loads(response.body)["error"]
+    assert time.monotonic() - t0 < 5 and cancelled == [True] and app.admission.inside == 0
+
+
+# overload, readiness, metrics, security ---------------------------------------------------------------------
+
+
+def test_overload_is_shed_with_503_and_retry_after(service: Service) -> None:
+    """Far more concurrent requests than the tiny queue holds: the excess gets 503 + Retry-After at once (JSON),
+    the rest 200; nothing else, and the service answers normally afterwards."""
+    body = photo("astronaut.png").read_bytes()
+    answers: list[tuple[int, dict[str, str], dict]] = []
+    lock = threading.Lock()
+    go = threading.Barrier(48)
+
+    def one() -> None:
+        go.wait()
+        status, headers, data = service.client.request("POST", "/v1/embed", body, "image/png")
+        with lock:
+            answers.append((status, headers, json.loads(data)))
+
+    threads = [threading.Thread(target=one) for _ in range(48)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    codes = sorted(a[0] for a in answers)
+    assert len(answers) == 48 and set(codes) <= {200, 503}, codes
+    shed = [a for a in answers if a[0] == 503]
+    assert shed and codes.count(200) >= MAX_BATCH, codes
+    assert all(int(h["retry-after"]) >= 1 and "retry" in d["error"] for _, h, d in shed)
+    assert service.client.embed(photo("coffee.png")).shape == (1, 256)
+
+
+def test_metrics_counters_move(service: Service) -> None:
+    client = service.client
+    before = client.metrics()
+    client.embed(photo("chelsea.png"), photo("camera.png"))
+    client.request("POST", "/v1/embed", b"", "image/png")
+    after = client.metrics()
+    assert counter(after, "dtop_serve_requests_total", route="embed", status="200") == 1 + counter(
+        before, "dtop_serve_requests_total", route="embed", status="200"
+    )
+    assert counter(after, "dtop_serve_requests_total", route="embed", status="400") == 1 + counter(
+        before, "dtop_serve_requests_total", route="embed", status="400"
+    )
+    assert counter(after, "dtop_serve_images_total") == 2 + counter(before, "dtop_serve_images_total")
+    assert counter(after, "dtop_serve_batch_size_count") > counter(before, "dtop_serve_batch_size_count")
+    assert counter(after, "dtop_serve_queue_seconds_count") == 2 + counter(before, "dtop_serve_queue_seconds_count")
+    assert counter(after, "dtop_serve_request_seconds_count", route="embed") == 2 + counter(
+        before, "dtop_serve_request_seconds_count", route="embed"
+    )
+
+
+def unauthenticated(port: int, method: str) -> bool:
+    """Whether a gRPC call to 127.0.0.1:``port`` without Ray's token is refused as UNAUTHENTICATED."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            call(b"", timeout=10)
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
+def test_listeners_are_loopback_only_except_serves_replica_grpc_and_ray_keeps_token_auth(service: Service) -> None:
+    """Every listening socket of the service's process tree is on 127.0.0.1 (gcs_server, raylet, agents, workers,
+    Serve's HTTP proxy on --port; no dashboard), except the one Ray has no option for: each Serve replica's
+    inter-deployment gRPC server (``[::]:0`` hard-coded in Ray 2.60), which refuses calls without the token, as
+    the GCS does."""
+    from listeners import RAY_PROCESSES, listeners
+
+    found = listeners(service.proc.pid)
+    names = {x.name for x in found}
+    assert set(RAY_PROCESSES) <= names, sorted(names)
+    assert service.port in {x.port for x in found if x.loopback} and 8265 not in {x.port for x in found}
+    remaining = [x for x in found if not x.loopback]
+    assert [x for x in remaining if not x.name.startswith("ray::ServeReplica:")] == []
+    assert remaining and all(unauthenticated(x.port, "/ray.serve.ASGIService/HandleRequest") for x in remaining)
+    gcs = next(x for x in found if x.name == "gcs_server")
+    assert unauthenticated(gcs.port, "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo")
+
+
+# faults (these two change the service: keep them last, SIGTERM at the very end) --------------------------------
+
+
+def test_killed_replica_is_replaced_and_the_service_answers_again(service: Service) -> None:
+    """SIGKILL the model replica under load: /readyz says 503 until a new replica is warm (then 200, another pid),
+    /healthz stays 200, every request under load ends (no hang) as 200 with the right descriptor or a 5xx JSON
+    error, and the service answers again within RECOVERY_BOUND_S."""
+    import psutil
+
+    client = service.client
+    ref = client.embed(photo("coffee.png"))[0]
+    status, _, data = client.request("GET", "/readyz")
+    assert status == 200
+    old = json.loads(data)["replica"]
+    assert psutil.Process(int(old)) in psutil.Process(service.proc.pid).children(recursive=True)
+    load: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        body = photo("coffee.png").read_bytes()
+        while not stop.is_set():
+            status, _, data = ServiceClient(service.url, timeout=45).request("POST", "/v1/embed", body, "image/png")
+            load.append((status, data))
+
+    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    [w.start() for w in workers]
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    os.kill(int(old), signal.SIGKILL)
+    seen_unready = False
+    while True:
+        assert time.monotonic() - t0 < RECOVERY_BOUND_S, "the service did not recover"
+        assert client.request("GET", "/healthz")[0] == 200
+        status, _, data = client.request("GET", "/readyz")
+        if status == 503:
+            seen_unready = True
+        elif seen_unready and json.loads(data)["replica"] != old:
+            break
+        time.sleep(0.2)
+    recovery = time.monotonic() - t0
+    time.sleep(1.0)
+    stop.set()
+    [w.join(60) for w in workers]
+    assert not any(w.is_alive() for w in workers), "a request under the kill hung"
+    assert seen_unready
+    codes = [s for s, _ in load]
+    assert set(codes) <= {200, 503, 500, 504}, codes
+    for status, data in load:
+        doc = json.loads(data)
+        if status == 200:
+            got = np.asarray(doc["images"][0]["descriptor"], np.float32)
+            assert np.abs(got - ref).max() <= 1e-5
+        else:
+            assert doc["status"] == status and doc["error"]
+    after = client.embed(photo("coffee.png"))[0]
+    assert np.abs(after - ref).max() <= 1e-5
+    print(f"recovered in {recovery:.1f} s; under load: {codes.count(200)} x 200, {len(codes) - codes.count(200)} x 5xx")
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(service: Service) -> None:
+    """SIGTERM while 6 requests are still uploading (slow clients: their bodies arrive over ~2 s): the service stops
+    admitting, answers all 6 (200), then exits 0 and closes its port."""
+    import http.client
+
+    body = photo("astronaut.png").read_bytes()
+    answers: list[int | str] = []
+    go = threading.Barrier(7)
+
+    def slow_body() -> Iterator[bytes]:
+        step = len(body) // 8 + 1
+        for i in range(0, len(body), step):
+            yield body[i : i + step]
+            time.sleep(0.25)
+
+    def one() -> None:
+        go.wait()
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/embed", body=slow_body(), headers={"Content-Type": "image/png"},
+                         encode_chunked=True)  # fmt: skip
+            answers.append(conn.getresponse().status)
+        except OSError as e:
+            answers.append(type(e).__name__)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    [t.start() for t in threads]
+    go.wait()
+    time.sleep(0.6)  # the uploads are under way, the requests inside
+    service.proc.send_signal(signal.SIGTERM)
+    [t.join(60) for t in threads]
+    assert answers == [200] * 6, answers
+    assert service.proc.wait(60) == 0, service.output()[-2000:]
+    with pytest.raises(OSError):
+        service.client.request("GET", "/healthz")
+    assert "stopped" in service.output()
+
+
+def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("serve", str(small_onnx), "--replicas", "zero") == 2
+    assert cli("serve", str(small_onnx), "--max-upload-mb", "0") == 2
+    err = capsys.readouterr().err
+    assert "--replicas" in err and "--max-upload-mb" in err and "Traceback" not in err
