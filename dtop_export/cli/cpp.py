@@ -28,8 +28,8 @@ def cpp_build(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
-    .pte programs, when the [edge] extra is installed); prints the binary's path.
+    r"""Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
+    .pte programs, when the \[edge] extra is installed); prints the binary's path.
 
     Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib development files (apt install cmake g++
     libjpeg-dev zlib1g-dev). Run again after an upgrade: the build is incremental.

@@ -66,10 +66,10 @@ def executorch(
     force: ForceOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Compile a checkpoint to ExecuTorch programs for phones, ARM boards and embedded Linux: one .pte per square
+    r"""Compile a checkpoint to ExecuTorch programs for phones, ARM boards and embedded Linux: one .pte per square
     size, the position embedding resampled once for it, whitening and L2 norms folded in, every operator delegated to
     XNNPACK, the deployment contract inside the file. Images are resized whole to SIZE x SIZE (aspect ratio not
-    kept). Needs the [edge] extra (pip install 'dtop-export[edge]')."""
+    kept). Needs the \[edge] extra (pip install 'dtop-export\[edge]')."""
     if not int8:
         for value, flag in ((calib, "--calib"), (calib_count, "--calib-count"), (keep_float, "--keep-float")):
             if value is not None:
