@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from dtop_export.retrieval.datasets import RevisitopDataset
 
 
-
 @dataclass(frozen=True)
 class Contract:
     """Numerical contract of an artifact against the PyTorch fp32 reference (DESIGN.md)."""

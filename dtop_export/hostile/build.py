@@ -28,8 +28,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def png_chunk(cid: bytes, data: bytes, length: int | None = None, crc: int | None = None) -> bytes:
     """A PNG chunk; ``length``/``crc`` replace the true ones (a lie)."""
     true_crc = zlib.crc32(cid + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data) if length is None else length) + cid + data + struct.pack(
-        ">I", true_crc if crc is None else crc
+    return (
+        struct.pack(">I", len(data) if length is None else length)
+        + cid
+        + data
+        + struct.pack(">I", true_crc if crc is None else crc)
     )
 
 

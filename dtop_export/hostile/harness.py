@@ -101,7 +101,7 @@ class HostileReport:
                 f"{slack_mb:.0f} MB" for r in self.rss_over(slack_mb)]  # fmt: skip
         for r in self.accept_refuse_diffs() + self.input_diffs():
             if r.known is None:
-                what = (f"model inputs differ ({r.levels} levels)" if r.same_shape else "model input shapes differ")
+                what = f"model inputs differ ({r.levels} levels)" if r.same_shape else "model input shapes differ"
                 if r.python_ok != r.cpp_ok:
                     side = "C++" if r.cpp_ok else "Python"
                     what = f"only {side} accepts it (Python: {r.python_error or 'ok'}; C++: {r.cpp_error or 'ok'})"
