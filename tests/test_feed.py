@@ -369,18 +369,21 @@ def test_an_overlapped_onnx_runtime_session_lets_its_idle_threads_sleep(small_on
 # batch sizes on a GPU: padded to a multiple of a quarter batch ----------------------------------------------------
 
 
-def test_pad_batch_repeats_the_last_image_up_to_a_multiple_of_the_step() -> None:
+def test_pad_batch_repeats_the_last_image_up_to_a_quarter_batch_multiple_never_over_the_batch() -> None:
     import torch
 
-    from dtop_export.corpus.schedule import batch_step, pad_batch
+    from dtop_export.corpus.schedule import pad_batch, padded_size
 
-    assert [batch_step(b) for b in (1, 3, 8, 64, 65)] == [1, 1, 2, 16, 17]
+    assert [padded_size(n, 64) for n in (1, 16, 17, 33, 63, 64)] == [16, 16, 32, 48, 64, 64]
+    assert [padded_size(n, 10) for n in (1, 4, 7, 9, 10)] == [3, 6, 9, 9, 10]  # step 3, never over 10
+    assert {padded_size(n, 64) for n in range(1, 65)} == {16, 32, 48, 64}  # four sizes per image shape
+    assert [padded_size(n, 3) for n in (1, 2, 3)] == [1, 2, 3]
     x = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
-    padded = pad_batch(x, 4)
+    padded = pad_batch(x, 16)
     assert padded.shape == (8, 2, 2, 3) and np.array_equal(padded[:5], x)
     assert all(np.array_equal(padded[i], x[-1]) for i in range(5, 8))
-    assert pad_batch(x, 5) is x and pad_batch(x, 1) is x
-    t = pad_batch(torch.from_numpy(x), 3)
+    assert pad_batch(x, 20) is x and pad_batch(x, 4) is x
+    t = pad_batch(torch.from_numpy(x), 12)
     assert tuple(t.shape) == (6, 2, 2, 3) and torch.equal(t[5], t[4]) and torch.equal(t[:5], torch.from_numpy(x))
 
 

@@ -414,11 +414,11 @@ def embed_batches(
     batch_size: int,
 ) -> None:
     """Drive ``engine`` with ``feeder``'s batches, the results into ``assembler`` (``stats``: images, busy time)."""
-    from dtop_export.corpus.schedule import batch_step, needs_warmup, pad_batch, pads_batches, warm_up
+    from dtop_export.corpus.schedule import needs_warmup, pad_batch, padded_size, pads_batches, warm_up
 
     rows: deque[list[tuple[int, int]]] = deque()
     tracker = feeder.tracker
-    step = batch_step(batch_size) if pads_batches(engine) else 1
+    pad = pads_batches(engine)
 
     def pixels() -> Iterator[Any]:
         for item in feeder:
@@ -427,7 +427,7 @@ def embed_batches(
                 continue
             rows.append(item.rows)
             tracker.engine(+1)
-            yield pad_batch(item.pixels, step)
+            yield pad_batch(item.pixels, batch_size) if pad else item.pixels
 
     feeder.start()
     if needs_warmup(engine):  # while the producer scans and decodes the first window
@@ -439,7 +439,7 @@ def embed_batches(
     for desc in engine.embed_pixels_stream(pixels()):
         tracker.engine(-1)
         batch = rows.popleft()
-        if len(desc) != len(batch) + (-len(batch) % step):
+        if len(desc) != (padded_size(len(batch), batch_size) if pad else len(batch)):
             raise DToPError(f"{engine.label} returned {len(desc)} descriptors for a batch of {len(batch)}")
         for (key, scale), d in zip(batch, desc):
             done = assembler.add(key, scale, d)

@@ -159,16 +159,18 @@ def ordered(
 BATCH_BUCKETS = 4
 
 
-def batch_step(batch_size: int) -> int:
-    """The multiple that batches of a ``batch_size`` job are padded to on a GPU (see :func:`pad_batch`)."""
-    return max(1, -(-int(batch_size) // BATCH_BUCKETS))
+def padded_size(n: int, batch_size: int) -> int:
+    """The batch size ``n`` images are padded to on a GPU: the next multiple of a quarter batch, never over
+    ``batch_size`` (a TensorRT profile's largest batch) nor under ``n``."""
+    step = max(1, -(-int(batch_size) // BATCH_BUCKETS))
+    return max(n, min(-(-n // step) * step, int(batch_size)))
 
 
-def pad_batch(pixels: Any, step: int) -> Any:
-    """``pixels`` [N, H, W, 3] (numpy or torch) with its last image repeated up to a multiple of ``step`` rows; the
+def pad_batch(pixels: Any, batch_size: int) -> Any:
+    """``pixels`` [N, H, W, 3] (numpy or torch) with its last image repeated up to :func:`padded_size` rows; the
     caller keeps the first N results."""
     n = len(pixels)
-    extra = -n % step
+    extra = padded_size(n, batch_size) - n
     if not extra:
         return pixels
     if isinstance(pixels, np.ndarray):
