@@ -4,26 +4,29 @@
     python benchmarks/gpu_feed.py --out OUT [--budget-s 470] [--phases model,corpus]
     python benchmarks/gpu_feed.py --cpu-dry-run --out /tmp/dry      # every phase on the CPU, tiny: a script check
 
-Phases, in this order (each writes OUT/<phase>.json when it ends; a phase, or a cell, that would not finish before
-the deadline is skipped and listed as such, so a run cut short still leaves its results):
+Phases, in this order (what a session short of time needs most first; each writes OUT/<phase>.json when it ends;
+a phase, or a cell, that would not finish before the deadline is skipped and listed as such, so a run cut short
+still leaves its results; a phase that fails writes OUT/<phase>-error.json and the next phases run):
 
 env       GPU, driver, torch/CUDA/torchvision/Ray versions, CPU cores.
 peaks     the matmul ceiling per precision (square GEMMs, ``dtop_export.bench.peak``), the "% of peak" denominators.
-model     the model alone, r50-vitb16 random init: fp16/bf16 (autocast deployment path) and fp32 x 384/512/1024 x
-          batch 1/8/32/64, eager: img/s on device-resident uint8 batches (``embed_pixels_stream``, pipelined) and
-          on host uint8 batches (pinned copies included), GFLOP/s and % of peak; plus the old ways at 512² b8
-          (``half()``, float32 ``embed``) for the before/after.
-parity    fp16 and bf16 autocast (and ``half()``) against fp32 on the embedded set: the parity contracts.
+profile   ``torch.profiler`` of the fp16 forward at 512² b64: CUDA time by kernel family (GEMM, attention, conv,
+          norm, elementwise) and the top kernels: where the model's time goes.
 photos    ``--photos`` JPEGs of 1024 px with camera aspect ratios (4:3, 3:4, 3:2, 2:3, 16:9), written here.
+corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
+          a process pool (the default on a GPU), ``--gpu-decode``; Ray with one GPU actor; and the code before issue
+          31 (``.before/``, carried: see gpu_feed.sh) on fewer photos. Start-up, feed statistics.
+parity    fp16 and bf16 autocast (and ``half()``) against fp32 on the embedded set: the parity contracts.
+model     the model alone, r50-vitb16 random init, eager: first the old ways at 512² b8 (``half()`` and autocast on
+          float32 input) for the before/after, then fp16/bf16 autocast x 384/512/1024 x batch 8/32/64 on
+          device-resident uint8 batches (``embed_pixels_stream``, pipelined; at the largest batch also from host
+          uint8, pinned copies included), batch 1, cuDNN's heuristics instead of its autotuner, and fp32 at 512:
+          img/s, GFLOP/s and % of the measured matmul peak.
+compiled  ``torch.compile`` cells (fp16/bf16 at 512 then 1024, batch 64; ``--compile-mode``, default
+          ``default,max-autotune``: Inductor's fusions, then its autotuned GEMMs + CUDA graphs), compile time and
+          img/s, while the deadline allows.
 decode    nvJPEG decode + device resize (``--gpu-decode``): its parity contract (cos >= 0.9999 per image vs the
           CPU decoder) at 512 and 1024 px, and decode throughput on the device vs the CPU pool.
-corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
-          a process pool, ``--gpu-decode``; Ray with one GPU actor; and the code before issue 31 (``.before/``,
-          carried: see gpu_feed.sh) on fewer photos. Start-up, feed statistics (engine waits, decode seconds).
-profile   ``torch.profiler`` of the fp16 forward at 512² b64: CUDA time by kernel family (GEMM, attention, conv,
-          norm, elementwise): where the model's time goes.
-compiled  ``torch.compile`` cells (fp16/bf16 at 512 and 1024, batch 64; ``--compile-mode``, default max-autotune:
-          Inductor's autotuned GEMMs + CUDA graphs), compile time and img/s, while the deadline allows.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-PHASES = ("env", "peaks", "model", "parity", "photos", "decode", "corpus", "profile", "compiled")
+# in order of what a session short of time needs most: where the time goes, the end-to-end job, the contracts
+PHASES = ("env", "peaks", "profile", "photos", "corpus", "parity", "model", "compiled", "decode")
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9)]
 
 
@@ -91,41 +95,10 @@ def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) ->
     from dtop_export.engines.pytorch import TorchEngine
 
     dev = args.device
-    gflops = model_gflops(ckpt, args.sizes, device=dev)
-    rows, skipped = [], []
+    gflops = model_gflops(ckpt, sorted({c[1] for c in args.model_cells}), device=dev)
+    rows, skipped, legacy = [], [], []
     rng = np.random.default_rng(0)
-    for precision in args.precisions:
-        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision)
-        peak = peaks.get(f"{dev} {precision}")
-        for size in args.sizes:
-            for b in args.batches:
-                if dl.left() < args.reserve_s:
-                    skipped.append(f"{precision} {size} b{b}")
-                    continue
-                host = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(2)]
-                on_dev = [torch.from_numpy(h).to(dev) for h in host] if dev.startswith("cuda") else host
-                try:
-                    device_rate, n = rate(engine, on_dev, args.cell_seconds, dev)
-                    host_rate, _ = (
-                        rate(engine, host, args.cell_seconds, dev) if dev.startswith("cuda") else (device_rate, 0)
-                    )
-                except torch.cuda.OutOfMemoryError as e:  # a size x batch this GPU cannot hold: say so, go on
-                    skipped.append(f"{precision} {size} b{b}: out of memory ({str(e).splitlines()[0]})")
-                    torch.cuda.empty_cache()
-                    continue
-                g = gflops[size] * device_rate
-                row = {"precision": precision, "size": size, "batch": b, "images_per_s": device_rate,
-                       "host_uint8_images_per_s": host_rate, "images_timed": n, "gflops_per_s": g,
-                       "peak_pct": 100 * g / peak if peak else None}  # fmt: skip
-                rows.append(row)
-                pct = f"{row['peak_pct']:.1f}% of peak" if peak else "no peak"
-                print(f"model {precision} {size}² b{b}: {device_rate:.1f} img/s on device, {host_rate:.1f} from host "
-                      f"uint8, {g / 1e3:.1f} TFLOP/s, {pct}", flush=True)  # fmt: skip
-        engine.close()
-        del engine
-        torch.cuda.empty_cache() if dev.startswith("cuda") else None
-    legacy = []
-    size, b = (512, 8) if 512 in args.sizes else (args.sizes[0], args.batches[-1])
+    size, b = args.legacy_shape  # the before/after first: the old ways, float32 input
     for label, kw in (("fp16 half() + float32 embed (before)", {"precision": "fp16", "cast": "half"}),
                       ("fp16 autocast + float32 embed", {"precision": "fp16"})):  # fmt: skip
         if dl.left() < args.reserve_s or (not dev.startswith("cuda") and kw.get("cast") == "half"):
@@ -141,6 +114,41 @@ def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) ->
             times.append(time.perf_counter() - t0)
         legacy.append({"what": label, "size": size, "batch": b, "images_per_s": b / statistics.median(times)})
         print(f"model {label} {size}² b{b}: {legacy[-1]['images_per_s']:.1f} img/s", flush=True)
+        del engine
+    engines: dict[str, Any] = {}
+    for precision, size, b, host_too, cudnn_benchmark in args.model_cells:
+        if dl.left() < args.reserve_s:
+            skipped.append(f"{precision} {size} b{b}")
+            continue
+        if precision not in engines:
+            engines[precision] = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision)
+        engine, peak = engines[precision], peaks.get(f"{dev} {precision}")
+        host = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(2)]
+        on_dev = [torch.from_numpy(h).to(dev) for h in host] if dev.startswith("cuda") else host
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # the engine turns it on; False: cuDNN's heuristics
+        try:
+            t0 = time.perf_counter()
+            device_rate, n = rate(engine, on_dev, args.cell_seconds, dev)
+            host_rate = rate(engine, host, args.cell_seconds, dev)[0] if host_too and dev.startswith("cuda") else None
+        except torch.cuda.OutOfMemoryError as e:  # a size x batch this GPU cannot hold: say so, go on
+            skipped.append(f"{precision} {size} b{b}: out of memory ({str(e).splitlines()[0]})")
+            torch.cuda.empty_cache()
+            continue
+        finally:
+            torch.backends.cudnn.benchmark = True
+        g = gflops[size] * device_rate
+        row = {"precision": precision, "size": size, "batch": b, "cudnn_benchmark": cudnn_benchmark,
+               "images_per_s": device_rate, "host_uint8_images_per_s": host_rate, "images_timed": n,
+               "gflops_per_s": g, "peak_pct": 100 * g / peak if peak else None,
+               "cell_s": time.perf_counter() - t0}  # fmt: skip
+        rows.append(row)
+        pct = f"{row['peak_pct']:.1f}% of peak" if peak else "no peak"
+        host_text = f", {host_rate:.1f} from host uint8" if host_rate else ""
+        how = "" if cudnn_benchmark else " cudnn heuristics"
+        print(f"model {precision} {size}² b{b}{how}: {device_rate:.1f} img/s on device{host_text}, "
+              f"{g / 1e3:.1f} TFLOP/s, {pct} ({row['cell_s']:.0f} s)", flush=True)  # fmt: skip
+    for engine in engines.values():
+        engine.close()
     return {"gflops_per_image": gflops, "rows": rows, "legacy": legacy, "skipped": skipped,
             "cell_seconds": args.cell_seconds}  # fmt: skip
 
@@ -337,15 +345,19 @@ def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float])
     from dtop_export.engines.pytorch import TorchEngine
 
     dev = args.device
-    cells = [(p, s, b) for p in args.compile_precisions for s in args.compile_sizes for b in args.compile_batches]
-    gflops = model_gflops(ckpt, sorted({s for _, s, _ in cells}), device=dev)
+    # size-major, then the cheapest mode first: a run cut short by the deadline still has a compiled figure per
+    # precision at the first size; max-autotune (GEMM autotuning) starts only with twice the reserve left
+    modes = [m.strip() for m in args.compile_mode.split(",") if m.strip()]
+    cells = [(m, p, s, b) for s in args.compile_sizes for m in modes for p in args.compile_precisions
+             for b in args.compile_batches]  # fmt: skip
+    gflops = model_gflops(ckpt, sorted({s for _, _, s, _ in cells}), device=dev)
     rows, skipped = [], []
     rng = np.random.default_rng(0)
-    for precision, size, b in cells:
-        if dl.left() < args.compile_reserve_s:
-            skipped.append(f"{precision} {size} b{b}: deadline")
+    for mode, precision, size, b in cells:
+        if dl.left() < args.compile_reserve_s * (2 if "autotune" in mode else 1):
+            skipped.append(f"{mode} {precision} {size} b{b}: deadline")
             continue
-        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision, compile=args.compile_mode,
+        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision, compile=mode,
                                              dynamic=False, fixed_batch=b)  # fmt: skip
         x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
         batches = [torch.from_numpy(x).to(dev)] * 2 if dev.startswith("cuda") else [x] * 2
@@ -356,10 +368,10 @@ def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float])
         r, n = rate(engine, batches, args.cell_seconds, dev)
         peak = peaks.get(f"{dev} {precision}")
         g = gflops[size] * r
-        rows.append({"precision": precision, "size": size, "batch": b, "mode": args.compile_mode, "first_call_s": first,
+        rows.append({"precision": precision, "size": size, "batch": b, "mode": mode, "first_call_s": first,
                      "images_per_s": r, "gflops_per_s": g, "peak_pct": 100 * g / peak if peak else None})  # fmt: skip
         print(
-            f"compiled {args.compile_mode} {precision} {size}² b{b}: first call {first:.0f} s, {r:.1f} img/s",
+            f"compiled {mode} {precision} {size}² b{b}: first call {first:.0f} s, {r:.1f} img/s, {g / 1e3:.1f} TFLOP/s",
             flush=True,
         )
         del engine
@@ -402,14 +414,20 @@ def main() -> None:
     ap.add_argument("--before-photos", type=int, default=192, help="Photos for the slow pre-issue-31 job.")
     ap.add_argument("--batch", type=int, default=64, help="Corpus jobs' batch size.")
     ap.add_argument("--before", default=".before", help="Folder holding e02e813's dtop_export (gpu_feed.sh).")
-    ap.add_argument("--compile-mode", default="max-autotune")
+    ap.add_argument("--compile-mode", default="default,max-autotune", help="torch.compile modes, comma-separated.")
     ap.add_argument("--cpu-dry-run", action="store_true", help="Every phase on the CPU with the small preset, tiny.")
     args = ap.parse_args()
     dry = args.cpu_dry_run
     args.device = "cpu" if dry else "cuda"
     args.preset = "small" if dry else "r50-vitb16"
-    args.sizes = [64, 96] if dry else [384, 512, 1024]
-    args.batches = [1, 2] if dry else [1, 8, 32, 64]
+    # (precision, size, batch, also from host uint8, cudnn.benchmark): fp16/bf16 x 384/512/1024 x 8/32/64, batch 1 and
+    # cuDNN's heuristics (no per-shape autotuning: what an odd batch size costs) at 512, fp32 at 512 for reference
+    sizes, batches = ([64, 96], [2]) if dry else ([384, 512, 1024], [8, 32, 64])
+    lows = ["bf16"] if dry else ["fp16", "bf16"]
+    args.model_cells = [(p, s, b, b == batches[-1], True) for p in lows for s in sizes for b in batches]
+    args.model_cells += [(lows[0], sizes[1], 1, True, True), (lows[0], sizes[1], batches[-1], False, False),
+                         ("fp32", sizes[1], batches[-1], False, True)]  # fmt: skip
+    args.legacy_shape = (sizes[0], 2) if dry else (512, 8)
     args.precisions = ["bf16", "fp32"] if dry else ["fp16", "bf16", "fp32"]
     args.corpus_sizes = [96] if dry else [512, 1024]
     args.corpus_precision = "bf16" if dry else "fp16"
@@ -419,7 +437,7 @@ def main() -> None:
     args.compile_precisions = ["bf16"] if dry else ["fp16", "bf16"]
     args.compile_sizes = [64] if dry else [512, 1024]
     args.compile_batches = [2] if dry else [64]
-    args.compile_reserve_s = 0.0 if dry else 150.0
+    args.compile_reserve_s = 0.0 if dry else 75.0
     if dry:
         args.photos, args.before_photos, args.batch, args.cell_seconds = min(args.photos, 24), 8, 4, 0.2
         args.compile_mode = "default"
@@ -452,32 +470,48 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         print(f"--- {phase} ({dl.left():.0f} s left)", flush=True)
-        if phase == "env":
-            save(args.out, "env", env_phase(args))
-        elif phase == "peaks":
-            from dtop_export.bench.peak import matmul_peak
+        try:
+            photos = run_phase(phase, args, ckpt, dl, peaks, photos)
+        except Exception as e:  # noqa: BLE001 - one phase failing must not cost the session the others
+            import traceback
 
-            for p in args.precisions:
-                peaks[f"{args.device} {p}"] = matmul_peak(args.device, p, n=512 if dry else None)
-            print("matmul peaks GFLOP/s:", {k: round(v) for k, v in peaks.items()}, flush=True)
-            save(args.out, "peaks", peaks)
-        elif phase == "model":
-            save(args.out, "model", model_phase(args, ckpt, dl, peaks))
-        elif phase == "parity":
-            save(args.out, "parity", parity_phase(args, ckpt))
-        elif phase == "photos":
-            photos = photos_phase(args)
-            print(f"{len(photos)} photos in {time.perf_counter() - t0:.1f} s", flush=True)
-        elif phase == "decode":
-            save(args.out, "decode", decode_phase(args, ckpt, photos, dl))
-        elif phase == "corpus":
-            save(args.out, "corpus", corpus_phase(args, ckpt, photos, dl))
-        elif phase == "profile":
-            save(args.out, "profile", profile_phase(args, ckpt))
-        elif phase == "compiled":
-            save(args.out, "compiled", compiled_phase(args, ckpt, dl, peaks))
+            print(f"phase {phase} FAILED: {type(e).__name__}: {e}", flush=True)
+            save(args.out, f"{phase}-error", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         timings[phase] = time.perf_counter() - t0
     save(args.out, "timings", {"phases_s": timings, "budget_s": args.budget_s, "left_s": dl.left()})
+
+
+def run_phase(
+    phase: str, args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float], photos: list[Path]
+) -> list[Path]:
+    """Run one phase, save its JSON; the photos (made by the photos phase) pass on to the next phases."""
+    dry = args.cpu_dry_run
+    t0 = time.perf_counter()
+    if phase == "env":
+        save(args.out, "env", env_phase(args))
+    elif phase == "peaks":
+        from dtop_export.bench.peak import matmul_peak
+
+        for p in args.precisions:
+            peaks[f"{args.device} {p}"] = matmul_peak(args.device, p, n=512 if dry else None)
+        print("matmul peaks GFLOP/s:", {k: round(v) for k, v in peaks.items()}, flush=True)
+        save(args.out, "peaks", peaks)
+    elif phase == "model":
+        save(args.out, "model", model_phase(args, ckpt, dl, peaks))
+    elif phase == "parity":
+        save(args.out, "parity", parity_phase(args, ckpt))
+    elif phase == "photos":
+        photos = photos_phase(args)
+        print(f"{len(photos)} photos in {time.perf_counter() - t0:.1f} s", flush=True)
+    elif phase == "decode":
+        save(args.out, "decode", decode_phase(args, ckpt, photos, dl))
+    elif phase == "corpus":
+        save(args.out, "corpus", corpus_phase(args, ckpt, photos, dl))
+    elif phase == "profile":
+        save(args.out, "profile", profile_phase(args, ckpt))
+    elif phase == "compiled":
+        save(args.out, "compiled", compiled_phase(args, ckpt, dl, peaks))
+    return photos
 
 
 if __name__ == "__main__":

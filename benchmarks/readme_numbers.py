@@ -121,6 +121,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     out += _whitening_rows()
     out += _openvino_rows()
     out += _trt_rtx_rows()
+    out += _gpu_feed_rows()
     add_fixed("C++ client build (`dtop-export cpp build`, cold)")
     out += _cpp_rows()
 
@@ -269,6 +270,44 @@ def _trt_rtx_rows() -> list[tuple[str, str, str, str]]:
             f"{d['cpu']}, {d['cores']} cores, no GPU (load average {d['load_average'][0]:.1f})",
             f"`{d['command']}`",
         )
+    ]
+
+
+def _gpu_feed_rows() -> list[tuple[str, str, str, str]]:
+    """The first issue-31 GPU session (``gpu_feed.py``): the model alone (fp16 autocast, % of the measured matmul
+    peak) and the corpus job end to end, before and after."""
+    model, peaks = _load("gpu-h200/feed/model.json"), _load("gpu-h200/feed/peaks.json")
+    corpus, env = _load("gpu-h200/feed/corpus.json"), _load("gpu-h200/feed/env.json")
+    best = {}
+    for r in model["rows"]:
+        if r["precision"] == "fp16" and r["images_per_s"] > best.get(r["size"], {}).get("images_per_s", 0):
+            best[r["size"]] = r
+    cells = [
+        f"{s}² b{r['batch']} {r['images_per_s']:.0f} img/s ({r['peak_pct']:.0f}%)" for s, r in sorted(best.items())
+    ]
+    jobs = corpus["jobs"]
+    parts = []
+    labels = {"in-process processes 512": "after, 512 px", "before (e02e813) in-process 512": "before",
+              "in-process processes 1024": "after, 1024 px", "ray 1 actor x 1 GPU 512": "Ray, 512 px"}  # fmt: skip
+    for name, label in labels.items():
+        j = jobs[name]
+        parts.append(
+            f"{label} {j['images_per_s']:.1f} ({j['steady_images_per_s']:.0f} after {j['first_result_s']:.1f} s)"
+        )
+    gpu = env["gpu"]["name"]
+    return [
+        (
+            "GPU: r50-vitb16 fp16 autocast, eager, model alone (best batch; % of the measured fp16 matmul peak)",
+            "; ".join(cells) + f"; peak {peaks['cuda fp16'] / 1e3:.0f} TFLOP/s",
+            f"{gpu}, torch {env['torch']}",
+            "`bash benchmarks/gpu_feed.sh OUT`",
+        ),
+        (
+            f"GPU: corpus `embed -o DIR`, {corpus['photos']} camera JPEGs of 1024 px, fp16, batch 64, img/s end to end",
+            "; ".join(parts),
+            f"{gpu}, {env['cpu_count']} CPUs (AMX)",
+            "`bash benchmarks/gpu_feed.sh OUT`",
+        ),
     ]
 
 

@@ -364,3 +364,107 @@ def test_an_overlapped_onnx_runtime_session_lets_its_idle_threads_sleep(small_on
     with open_model(str(small_onnx), 1, shared_cores=True) as engine:
         config = engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
     assert config == "0"
+
+
+# batch sizes on a GPU: padded to a multiple of a quarter batch ----------------------------------------------------
+
+
+def test_pad_batch_repeats_the_last_image_up_to_a_quarter_batch_multiple_never_over_the_batch() -> None:
+    import torch
+
+    from dtop_export.corpus.schedule import pad_batch, padded_size
+
+    assert [padded_size(n, 64) for n in (1, 16, 17, 33, 63, 64)] == [16, 16, 32, 48, 64, 64]
+    assert [padded_size(n, 10) for n in (1, 4, 7, 9, 10)] == [3, 6, 9, 9, 10]  # step 3, never over 10
+    assert {padded_size(n, 64) for n in range(1, 65)} == {16, 32, 48, 64}  # four sizes per image shape
+    assert [padded_size(n, 3) for n in (1, 2, 3)] == [1, 2, 3]
+    x = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
+    padded = pad_batch(x, 16)
+    assert padded.shape == (8, 2, 2, 3) and np.array_equal(padded[:5], x)
+    assert all(np.array_equal(padded[i], x[-1]) for i in range(5, 8))
+    assert pad_batch(x, 20) is x and pad_batch(x, 4) is x
+    t = pad_batch(torch.from_numpy(x), 12)
+    assert tuple(t.shape) == (6, 2, 2, 3) and torch.equal(t[5], t[4]) and torch.equal(t[:5], torch.from_numpy(x))
+
+
+class ShapeRecordingEngine(Engine):
+    """Records the batch sizes it is given; descriptor: the image's mean input (so a mix-up would show)."""
+
+    descriptor_dim, stride, preprocess = 1, 16, CFG
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.sizes: list[int] = []
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(images))
+        return images.mean(axis=(1, 2, 3))[:, None].astype(np.float32)
+
+
+def test_a_cuda_engine_gets_batches_padded_and_each_image_once(tmp_path: Path) -> None:
+    """On a GPU every batch size is a multiple of a quarter batch (cuDNN autotunes each new shape: partial batches
+    of any size each paid it), the padding's results are dropped, and every image gets its own descriptor; a CPU
+    engine gets the batches as they are."""
+    for i in range(13):
+        Image.new("RGB", (64, 48) if i % 3 else (48, 64), (9 * i, 3 * i, i)).save(tmp_path / f"{i:02d}.png")
+    items = list_source(tmp_path)
+    results = {}
+    for device in ("cuda", "cpu"):
+        engine = ShapeRecordingEngine(device)
+        feeder = Feeder(items, CFG, 64, (1.0,), batch_size=8, shard_size=100, workers=2)
+        sink = DescriptorSink()
+        embed_batches(engine, feeder, sink, lambda n: None, ActorStats("t"), 8)  # type: ignore[arg-type]
+        assert sorted(sink.rows) == list(range(13)), device
+        results[device] = (engine.sizes, sink.rows)
+    cuda_sizes, cpu_sizes = results["cuda"][0][2:], results["cpu"][0]
+    assert results["cuda"][0][:2] == [8, 8]  # a GPU engine's warm-up: one full batch per planned shape
+    assert sorted(cpu_sizes) == [5, 8], cpu_sizes  # 8 landscape, 5 portrait
+    assert sorted(cuda_sizes) == [6, 8], cuda_sizes  # the same batches, each padded to a multiple of 2
+    assert results["cuda"][1] == results["cpu"][1]  # the same descriptor per image
+    assert len(set(results["cpu"][1].values())) == 13  # a mix-up of images would show
+
+
+class DescriptorSink(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, float] = {}
+
+    def add(self, key: int, scale: int, descriptor: np.ndarray) -> int:
+        assert key not in self.rows
+        self.rows[key] = float(descriptor[0])
+        return 1
+
+
+def test_a_ray_actor_pads_its_chunks_on_a_gpu_and_drops_the_padding() -> None:
+    """A Ray actor's call cuts shape groups anywhere: on a GPU its chunks are padded like the in-process batches."""
+    from dtop_export.corpus.ray_pipeline import EmbedActor
+
+    rng = np.random.default_rng(0)
+    shapes = [(32, 48)] * 7 + [(48, 32)] * 3
+    tensors = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in shapes]
+    batch = {"key": np.arange(10), "scale": np.zeros(10, np.int32), "error": np.array([""] * 10, dtype=object),
+             "tensor": np.array(tensors + [None], dtype=object)[:10]}  # fmt: skip
+    out = {}
+    for device in ("cuda", "cpu"):
+        actor = EmbedActor.__new__(EmbedActor)
+        actor.engine, actor.batch_size, actor.name, actor.reported = ShapeRecordingEngine(device), 4, "a", True
+        out[device] = (actor(batch)["descriptor"][:, 0], actor.engine.sizes)
+    expected = np.concatenate([ShapeRecordingEngine("cpu").embed_pixels(t[None])[:, 0] for t in tensors])
+    assert len(set(expected.tolist())) == 10  # a mix-up of images would show
+    assert np.array_equal(out["cpu"][0], expected) and np.array_equal(out["cuda"][0], expected)
+    assert sorted(out["cpu"][1]) == [3, 3, 4] and sorted(out["cuda"][1]) == [3, 3, 4]  # step 1 at batch 4
+    actor = EmbedActor.__new__(EmbedActor)
+    actor.engine, actor.batch_size, actor.name, actor.reported = ShapeRecordingEngine("cuda"), 8, "a", True
+    assert np.array_equal(actor(batch)["descriptor"][:, 0], expected)
+    assert sorted(actor.engine.sizes) == [4, 8]  # 7 -> 8 and 3 -> 4 at step 2
+
+
+def test_the_decode_pool_is_processes_for_a_cuda_engine_by_default() -> None:
+    from dtop_export.corpus.embed import CorpusJob
+    from dtop_export.corpus.feed import resolve_pool
+
+    cuda, cpu = ShapeRecordingEngine("cuda"), ShapeRecordingEngine("cpu")
+    assert CorpusJob(source="x", output=Path("y"), model="m").decode_pool == "auto"
+    assert resolve_pool("auto", cuda) == "process" and resolve_pool("auto", cpu) == "thread"
+    assert resolve_pool("auto", cuda, gpu_decode=True) == "thread"  # the CPU only reads JPEG headers then
+    assert resolve_pool("thread", cuda) == "thread" and resolve_pool("process", cpu) == "process"

@@ -305,7 +305,7 @@ def test_orientation_survives_metadata_exif_transpose_cannot_rewrite(tmp_path: P
     from PIL import ImageOps
 
     from dtop_export.hostile.build import app_segment, jpeg_insert
-    from dtop_export.hostile.rules import exif_blocks
+    from dtop_export.hostile.exif import exif_blocks
 
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG", dpi=(72, 72))

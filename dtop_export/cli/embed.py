@@ -144,8 +144,12 @@ def embed(
     ] = None,
     decode_pool: Annotated[
         str,
-        typer.Option("--decode-pool", help="thread (default: Pillow releases the GIL) or process (no GIL at all)."),
-    ] = "thread",
+        typer.Option(
+            "--decode-pool",
+            help="Folder output in-process: thread (Pillow releases the GIL; no pickling), process (no GIL at all) "
+            "or auto (default: processes for a CUDA engine, threads on a CPU).",
+        ),
+    ] = "auto",
     gpu_decode: Annotated[
         bool,
         typer.Option(

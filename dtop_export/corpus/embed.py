@@ -61,7 +61,7 @@ class CorpusJob:
     cpus_per_actor: float | None = None
     decode: DecodeBudget = field(default_factory=DecodeBudget)  # what decoding one image may cost
     workers: int | None = None  # in-process decode workers (default: every core)
-    decode_pool: str = "thread"  # in-process decode workers: threads or processes
+    decode_pool: str = "auto"  # in-process decode workers: thread, process, auto (processes for a CUDA engine)
     gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
 
 
@@ -302,8 +302,8 @@ def check_job(job: CorpusJob) -> None:
         raise DToPError(f"{job.output} exists and is not a folder: choose another -o")
     if job.workers is not None and not job.workers >= 1:
         raise DToPError(f"--workers must be >= 1, got {job.workers}")
-    if job.decode_pool not in ("thread", "process"):
-        raise DToPError(f"--decode-pool must be thread or process, got {job.decode_pool!r}")
+    if job.decode_pool not in ("auto", "thread", "process"):
+        raise DToPError(f"--decode-pool must be auto, thread or process, got {job.decode_pool!r}")
     if job.gpu_decode:
         check_gpu_decode(job.model, job.use_ray)
 

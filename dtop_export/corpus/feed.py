@@ -6,10 +6,11 @@
                      (pool, at most ``ahead`` images in flight) -> Batcher (uint8 [B, H, W, 3] of one shape) -> queue
     this thread      queue -> engine.embed_pixels_stream (normalised by the engine) -> ShardAssembler
 
-The pool is threads by default (Pillow decodes and resizes with the GIL released) or processes (``pool="process"``:
-no GIL at all, the pixels pickled back). The queue holds ``prefetch`` ready batches, so the next batch is ready when
-the engine asks for it. What ran concurrently is counted (:class:`FeedStats`): decode tasks running at once, and
-decode tasks that finished while the engine held a batch.
+The pool is threads (Pillow decodes and resizes with the GIL released) or processes (no GIL at all, the pixels
+pickled back); ``auto`` (:func:`resolve_pool`) picks processes for a CUDA engine, threads otherwise. The queue
+holds ``prefetch`` ready batches, so the next batch is ready when the engine asks for it. What ran concurrently
+is counted (:class:`FeedStats`): decode tasks running at once, and decode tasks that finished while the engine held
+a batch. On a GPU, batches are padded to a multiple of a quarter batch (:func:`~.schedule.pad_batch`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ if TYPE_CHECKING:
 
 POOLS = ("thread", "process")
 WARMUP_SHAPES = 8  # an engine that needs it is warmed up at the most frequent input shapes of the header scan
+
+
+def resolve_pool(pool: str, engine: Engine, gpu_decode: bool = False) -> str:
+    """``auto``: processes when the engine runs on a GPU and the CPU decodes (16 decode threads fed an H200 42 img/s
+    end to end at 512 px, 16 processes 204: the GIL, benchmarks/README "Feeding the GPU"); threads on a CPU, whose
+    engine shares the cores (no pickling), and for ``--gpu-decode`` (the CPU only reads headers)."""
+    if pool != "auto":
+        return pool
+    return "process" if str(engine.device).startswith("cuda") and not gpu_decode else "thread"
 
 
 def default_workers() -> int:
@@ -358,21 +368,6 @@ def _timed(fn: Callable[[str], Any], path: str) -> tuple[Any, float]:
     return fn(path), time.perf_counter() - t0
 
 
-def needs_warmup(engine: Engine) -> bool:
-    """An engine whose first call at a shape costs more than the next ones by design: on a GPU (CUDA init, cuDNN's
-    per-shape autotuning) or compiled (a graph per shape). An eager CPU engine is not warmed up: that would only
-    spend the cores the decoding needs."""
-    return str(engine.device).startswith("cuda") or bool(engine.describe().get("compile"))
-
-
-def warm_up(engine: Engine, shapes: list[tuple[int, int]], batch_size: int) -> float:
-    """Run ``engine`` once per (H, W) of ``shapes`` at ``batch_size`` on black pixels; returns the seconds."""
-    t0 = time.perf_counter()
-    for h, w in shapes:
-        engine.embed_pixels(np.zeros((batch_size, h, w, 3), np.uint8))
-    return time.perf_counter() - t0
-
-
 def run_local(
     job: CorpusJob,
     assembler: ShardAssembler,
@@ -400,7 +395,7 @@ def run_local(
             gpu = DeviceJpegDecoder(engine.preprocess, size, job.scales, str(engine.device))
         feeder = Feeder(
             todo, engine.preprocess, size, tuple(job.scales), job.batch_size, job.shard_size, workers=job.workers,
-            pool=job.decode_pool, budget=job.decode, gpu=gpu,
+            pool=resolve_pool(job.decode_pool, engine, gpu is not None), budget=job.decode, gpu=gpu,
         )  # fmt: skip
         embed_batches(engine, feeder, assembler, advance, stats, job.batch_size)
     if feed is not None:
@@ -419,8 +414,11 @@ def embed_batches(
     batch_size: int,
 ) -> None:
     """Drive ``engine`` with ``feeder``'s batches, the results into ``assembler`` (``stats``: images, busy time)."""
+    from dtop_export.corpus.schedule import needs_warmup, pad_batch, padded_size, pads_batches, warm_up
+
     rows: deque[list[tuple[int, int]]] = deque()
     tracker = feeder.tracker
+    pad = pads_batches(engine)
 
     def pixels() -> Iterator[Any]:
         for item in feeder:
@@ -429,7 +427,7 @@ def embed_batches(
                 continue
             rows.append(item.rows)
             tracker.engine(+1)
-            yield item.pixels
+            yield pad_batch(item.pixels, batch_size) if pad else item.pixels
 
     feeder.start()
     if needs_warmup(engine):  # while the producer scans and decodes the first window
@@ -441,7 +439,7 @@ def embed_batches(
     for desc in engine.embed_pixels_stream(pixels()):
         tracker.engine(-1)
         batch = rows.popleft()
-        if len(desc) != len(batch):
+        if len(desc) != (padded_size(len(batch), batch_size) if pad else len(batch)):
             raise DToPError(f"{engine.label} returned {len(desc)} descriptors for a batch of {len(batch)}")
         for (key, scale), d in zip(batch, desc):
             done = assembler.add(key, scale, d)

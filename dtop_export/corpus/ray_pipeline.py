@@ -146,8 +146,8 @@ class EmbedActor:
     ) -> None:
         import ray
 
-        from dtop_export.corpus.feed import needs_warmup, warm_up
         from dtop_export.corpus.runtime import open_model
+        from dtop_export.corpus.schedule import needs_warmup, warm_up
 
         actor = ray.get_runtime_context().get_actor_id() or "driver"
         self.name = f"actor {actor[:8]} pid {os.getpid()}"
@@ -169,6 +169,8 @@ class EmbedActor:
             self.open_error = f"{where}: {reason}\n{traceback.format_exc()}"  # line 1 is the message
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dtop_export.corpus.schedule import pad_batch, pads_batches
+
         n = len(batch["key"])
         if self.engine is None:
             return {
@@ -188,9 +190,11 @@ class EmbedActor:
         b = self.batch_size
         chunks = [rows[i : i + b] for rows in groups.values() for i in range(0, len(rows), b)]
         t0 = time.perf_counter()
+        pad = pads_batches(self.engine)  # a call cuts shape groups anywhere: on a GPU, bounded batch sizes
         stacked = (np.stack([np.asarray(batch["tensor"][i], np.uint8) for i in c]) for c in chunks)
+        stacked = (pad_batch(x, b) if pad else x for x in stacked)
         for chunk, out in zip(chunks, self.engine.embed_pixels_stream(stacked)):
-            desc[chunk] = out
+            desc[chunk] = out[: len(chunk)]
         busy = time.perf_counter() - t0
         startup = np.zeros(n)
         if not self.reported and n:  # the actor's load and warm-up, once

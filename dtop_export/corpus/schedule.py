@@ -17,9 +17,12 @@ input shape together, so that camera photos form full batches instead of fragmen
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from dtop_export.corpus.source import CorpusItem
@@ -145,3 +148,54 @@ def ordered(
     for window in windows(items, shard_size, per_window):
         out += plan(window, [shapes[where[it.key]] for it in window])
     return out
+
+
+# Batch sizes on a GPU --------------------------------------------------------------------------------------------
+# cuDNN's autotuner (``cudnn.benchmark``, on in the PyTorch CUDA engine) times every convolution algorithm at each
+# new input shape, batch size included: ~2 s per shape for the r50-vitb16 stem on an H200. A shape's partial batches
+# come in any size, and a Ray actor's calls cut shape groups anywhere, so left alone every odd size paid it (a Ray
+# job at 512 px measured 34 img/s busy vs 595 in-process, benchmarks/results/gpu-h200/feed/corpus.json). Padded to
+# a multiple of a quarter batch, a shape has at most four batch sizes, and a padded batch wastes < a quarter batch.
+BATCH_BUCKETS = 4
+
+
+def padded_size(n: int, batch_size: int) -> int:
+    """The batch size ``n`` images are padded to on a GPU: the next multiple of a quarter batch, never over
+    ``batch_size`` (a TensorRT profile's largest batch) nor under ``n``."""
+    step = max(1, -(-int(batch_size) // BATCH_BUCKETS))
+    return max(n, min(-(-n // step) * step, int(batch_size)))
+
+
+def pad_batch(pixels: Any, batch_size: int) -> Any:
+    """``pixels`` [N, H, W, 3] (numpy or torch) with its last image repeated up to :func:`padded_size` rows; the
+    caller keeps the first N results."""
+    n = len(pixels)
+    extra = padded_size(n, batch_size) - n
+    if not extra:
+        return pixels
+    if isinstance(pixels, np.ndarray):
+        return np.concatenate([pixels, np.repeat(pixels[-1:], extra, axis=0)])
+    import torch
+
+    return torch.cat([pixels, pixels[-1:].expand(extra, *pixels.shape[1:])])
+
+
+def pads_batches(engine: Any) -> bool:
+    """Whether a corpus job pads ``engine``'s batches (:func:`pad_batch`): a CUDA engine (cuDNN autotunes per
+    shape); on a CPU an odd batch size costs nothing extra, and padding would only cost compute."""
+    return str(getattr(engine, "device", "cpu")).startswith("cuda")
+
+
+def needs_warmup(engine: Any) -> bool:
+    """An engine whose first call at a shape costs more than the next ones by design: on a GPU (CUDA init, cuDNN's
+    per-shape autotuning) or compiled (a graph per shape). An eager CPU engine is not warmed up: that would only
+    spend the cores the decoding needs."""
+    return str(engine.device).startswith("cuda") or bool(engine.describe().get("compile"))
+
+
+def warm_up(engine: Any, shapes: list[tuple[int, int]], batch_size: int) -> float:
+    """Run ``engine`` once per (H, W) of ``shapes`` at ``batch_size`` on black pixels; returns the seconds."""
+    t0 = time.perf_counter()
+    for h, w in shapes:
+        engine.embed_pixels(np.zeros((batch_size, h, w, 3), np.uint8))
+    return time.perf_counter() - t0

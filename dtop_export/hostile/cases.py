@@ -1,5 +1,6 @@
 """The hostile set: seeds of every format the client decodes, their truncations, byte flips, enlarged headers and
-lying lengths, plus the rule cases (:mod:`dtop_export.hostile.rules`); deterministic, built in seconds."""
+lying lengths, plus the rule cases (:mod:`dtop_export.hostile.rules`, :mod:`dtop_export.hostile.exif`);
+deterministic, built in seconds."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dtop_export.hostile.build import (
     png_image,
     split_idat,
 )
-from dtop_export.hostile.rules import exif_cases, jpeg_rules, large_cases, palette_cases, png_rules
+from dtop_export.hostile.exif import exif_cases
+from dtop_export.hostile.rules import jpeg_rules, large_cases, palette_cases, png_rules
 
 
 def _photos() -> dict[str, Any]:
@@ -75,8 +77,9 @@ def _seeds() -> tuple[dict[str, bytes], dict[str, bytes]]:
         "p_grey": encode(sq.convert("L"), "PNG"),
         "p_bilevel": encode(sq.convert("1"), "PNG"),
         "p_palette": encode(port.convert("P", palette=Image.Palette.ADAPTIVE, colors=64), "PNG"),
-        "p_palette_trns": encode(land.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG",
-                                  transparency=bytes(range(0, 256, 8))),  # fmt: skip
+        "p_palette_trns": encode(
+            land.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG", transparency=bytes(range(0, 256, 8))
+        ),  # fmt: skip
         "p_palette_idx": encode(land.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG", transparency=3),
         "p_rgba": png_image(rows(rgba), rw, 8, 6, filters=(0, 1, 2, 3, 4)),
         "p_la": png_image(rows(np.stack([g, alpha], -1)), w, 8, 4, filters=(4, 3)),
@@ -94,12 +97,21 @@ def _seeds() -> tuple[dict[str, bytes], dict[str, bytes]]:
         "p_adam7_bilevel": png_image(rows(g // 128), w, 1, 0, interlace=True),
         "p_adam7_tiny": png_image(rows(g[:3, :5]), 5, 8, 0, interlace=True),
         "p_multi_idat": split_idat(encode(land, "PNG"), 97),
-        "p_text": png_image(rows(g), w, 8, 0, extra=[(b"tEXt", b"Comment\0hello"),
-                                                      (b"zTXt", b"Title\0\0" + zlib.compress(b"a title")),
-                                                      (b"iTXt", b"Author\0\0\0en\0\0ada")]),  # fmt: skip
+        "p_text": png_image(
+            rows(g),
+            w,
+            8,
+            0,
+            extra=[
+                (b"tEXt", b"Comment\0hello"),
+                (b"zTXt", b"Title\0\0" + zlib.compress(b"a title")),
+                (b"iTXt", b"Author\0\0\0en\0\0ada"),
+            ],
+        ),  # fmt: skip
         "p_apng": encode(land, "PNG", save_all=True, append_images=[port.resize(land.size)], duration=100),
-        "p_apng_default": encode(land, "PNG", save_all=True, append_images=[port.resize(land.size)],
-                                  default_image=True),  # fmt: skip
+        "p_apng_default": encode(
+            land, "PNG", save_all=True, append_images=[port.resize(land.size)], default_image=True
+        ),  # fmt: skip
     }
     return jpeg, png
 

@@ -1,6 +1,6 @@
-"""The hostile cases that follow one Pillow rule each: EXIF / XMP / eXIf variants (every way getexif() reads an
-orientation, and every way it fails), PLTE / tRNS variants, PNG chunk rules (CRC, lengths, text, APNG, zlib
-streams that end early), JPEG marker rules, and large images that just fit a 64 MB decode budget."""
+"""The hostile cases that follow one Pillow rule each: PLTE / tRNS variants, PNG chunk rules (CRC, lengths, text,
+APNG, zlib streams that end early), JPEG marker rules, and large images that just fit a 64 MB decode budget (the
+EXIF / XMP / eXIf variants are :mod:`dtop_export.hostile.exif`'s)."""
 
 from __future__ import annotations
 
@@ -17,133 +17,12 @@ from dtop_export.hostile.build import (
     jpeg_insert,
     jpeg_segments,
     lossless_jpeg,
-    orientation_entry,
     patch_sof,
     png_build,
     png_chunk,
     png_chunks,
     png_image,
-    tiff_block,
 )
-
-
-def exif_blocks() -> dict[str, bytes]:
-    """EXIF blocks (TIFF bytes, no "Exif" prefix) for every rule Pillow's getexif() has."""
-    o = orientation_entry
-    blocks = {
-        "short6": tiff_block([o(6, 3)]),
-        "short6_mm": tiff_block([o(6, 3, "MM")], order="MM"),
-        "long8": tiff_block([o(8, 4)]),
-        "rational6": tiff_block([o((6, 1), 5)]),
-        "rational12_2": tiff_block([o((12, 2), 5)]),
-        "rational6_0": tiff_block([o((6, 0), 5)]),
-        "srational_neg": tiff_block([o((-6, -1), 10)]),
-        "float6": tiff_block([o(6.0, 11)]),
-        "double3": tiff_block([o(3.0, 12)]),
-        "double2_5": tiff_block([o(2.5, 12)]),
-        "byte6": tiff_block([o(6, 1)]),
-        "undefined6": tiff_block([o(6, 7)]),
-        "ascii6": tiff_block([o(6, 2)]),
-        "sbyte7": tiff_block([o(7, 6)]),
-        "sshort5": tiff_block([o(5, 8)]),
-        "slong_neg6": tiff_block([o(-6, 9)]),
-        "long8type": tiff_block([o(6, 16)]),
-        "ifdtype": tiff_block([o(6, 13)]),
-        "short_count2": tiff_block([o(6, 3, n=2)]),
-        "short_count0": tiff_block([(0x0112, 3, 0, b"\x06\x00")]),
-        "value9": tiff_block([o(9, 3)]),
-        "value0": tiff_block([o(0, 3)]),
-        "count0_ifd": tiff_block([o(6, 3)], count=0),
-        "count_big": tiff_block([o(6, 3)], count=500),
-        "ifd_beyond": tiff_block([o(6, 3)], ifd=8)[:8].replace(b"\x08\x00\x00\x00", b"\xff\xff\x00\x00"),
-        "magic_MM2a00": tiff_block([o(6, 3, "MM")], order="MM", magic=b"MM\x2a\x00"),
-        "magic_II002a": tiff_block([o(6, 3)], magic=b"II\x00\x2a"),
-        "magic_bigtiff": tiff_block([o(6, 3)], magic=b"II\x2b\x00"),
-        "magic_MM002b": tiff_block([o(6, 3, "MM")], order="MM", magic=b"MM\x00\x2b"),
-        "magic_bad": tiff_block([o(6, 3)], magic=b"IIxx"),
-        "five_bytes": b"II*\x00\x08",
-        "head_only": b"II*\x00",
-        "empty": b"",
-        "dup_tag_first_bad": tiff_block([(0x0112, 99, 1, b"\x06\x00"), o(8, 3)]),
-        "dup_tag": tiff_block([o(3, 3), o(6, 3)]),
-        "tag_after_truncated_data": tiff_block([(0x010F, 2, 4000, b"x" * 8), o(6, 3)]),
-        "tag_after_huge_data": tiff_block([(0x010F, 2, 0xFFFFFF, b"x" * 8), o(6, 3)]),
-        "ifd_offset_odd": tiff_block([o(5, 3)], ifd=11),
-        # exif_transpose rewrites the remaining tags after turning the image, and raises on these two
-        "exififd_negative": tiff_block([o(6, 3), (0x8769, 9, 1, struct.pack("<i", -5))]),
-        "software_rational": tiff_block([o(8, 3), (0x0131, 5, 1, struct.pack("<II", 1, 0))]),
-    }
-    # an entry whose out-of-line data points past the end, before the orientation: the directory stops there
-    b = bytearray(tiff_block([(0x010F, 2, 8, b"abcdefgh"), o(6, 3)]))
-    struct.pack_into("<I", b, 8 + 2 + 8, 5000)
-    blocks["data_past_end"] = bytes(b)
-    return blocks
-
-
-XMP_PACKETS = {
-    "xmp_attr6": b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>',
-    "xmp_elem8": b"<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>",
-    "xmp_9": b'<x:xmpmeta tiff:Orientation="9"/>',
-    "xmp_bad": b"<x:xmpmeta tiff:Orientation='6'/>",
-}
-
-
-def exif_cases(jpeg: dict[str, bytes], png: dict[str, bytes]) -> list[Case]:
-    blocks = exif_blocks()
-    base_j, dpi_j = jpeg["j_base"], jpeg["j_dpi"]
-    base_p = png["p_rgb"]
-    out: list[Case] = []
-
-    def with_png(extra: list[tuple[bytes, bytes]], after: list[tuple[bytes, bytes]] = ()) -> bytes:  # type: ignore[assignment]
-        ch = png_chunks(base_p)
-        i = [c for c, _ in ch].index(b"IDAT")
-        return png_build(ch[:1] + extra + ch[1:i + 1] + list(after) + ch[i + 1 :])
-
-    for key, block in blocks.items():
-        app1 = app_segment(0xE1, b"Exif\0\0" + block)
-        out.append(Case(f"exif.{key}.jpeg", "exif", jpeg_insert(base_j, app1)))
-        out.append(Case(f"exif.{key}.jpeg_dpi", "exif", jpeg_insert(dpi_j, app1)))
-        out.append(Case(f"exif.{key}.png", "exif", with_png([(b"eXIf", block)])))
-        out.append(Case(f"exif.{key}.png_after", "exif", with_png([], [(b"eXIf", block)])))
-    s6 = blocks["short6"]
-    spaced = b" ".join(s6.hex()[i : i + 2].encode() for i in range(0, len(s6) * 2, 2))
-    raw_profile = b"\nexif\n" + f"{len(s6):8}".encode() + b"\n" + s6.hex().encode()
-    out += [
-        Case("exif.png_prefixed", "exif", with_png([(b"eXIf", b"Exif\0\0" + s6)])),
-        Case("exif.png_two_exif", "exif", with_png([(b"eXIf", blocks["long8"]), (b"eXIf", s6)])),
-        Case("exif.png_text_exif", "exif", with_png([(b"tEXt", b"exif\0" + s6)])),
-        Case("exif.png_ztxt_exif", "exif", with_png([(b"zTXt", b"exif\0\0" + zlib.compress(s6))])),
-        Case("exif.png_raw_profile", "exif", with_png([(b"tEXt", b"Raw profile type exif\0" + raw_profile)])),
-        Case("exif.png_raw_profile_ztxt", "exif",
-             with_png([(b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_profile))])),  # fmt: skip
-        Case("exif.png_raw_profile_bad_hex", "exif",
-             with_png([(b"tEXt", b"Raw profile type exif\0\nexif\n 4\nzz00")])),  # fmt: skip
-        Case("exif.png_raw_profile_spaces", "exif",
-             with_png([(b"tEXt", b"Raw profile type exif\0\nexif\n 4\n" + spaced)])),
-        Case("exif.jpeg_two_app1", "exif",
-             jpeg_insert(base_j, app_segment(0xE1, b"Exif\0\0" + s6[:14]) + app_segment(0xE1, b"Exif\0\0" + s6[14:]))),
-        Case("exif.jpeg_double_prefix", "exif", jpeg_insert(base_j, app_segment(0xE1, b"Exif\0\0Exif\0\0" + s6))),
-        Case("exif.jpeg_triple_prefix", "exif",
-             jpeg_insert(base_j, app_segment(0xE1, b"Exif\0\0Exif\0\0Exif\0\0" + s6))),  # fmt: skip
-        Case("exif.jpeg_first_empty", "exif",
-             jpeg_insert(base_j, app_segment(0xE1, b"Exif\0\0") + app_segment(0xE1, b"Exif\0\0" + s6))),  # fmt: skip
-    ]
-    no_tag = b"Exif\0\0" + blocks["value0"][:8] + b"\0\0"  # an IFD0 without entries
-    for key, xmp in XMP_PACKETS.items():
-        seg = app_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0" + xmp)
-        out.append(Case(f"xmp.{key}.jpeg", "exif", jpeg_insert(base_j, seg)))
-        out.append(Case(f"xmp.{key}.jpeg_with_exif_no_tag", "exif",
-                        jpeg_insert(base_j, app_segment(0xE1, no_tag) + seg)))  # fmt: skip
-        out.append(Case(f"xmp.{key}.jpeg_bad_exif", "exif",
-                        jpeg_insert(base_j, app_segment(0xE1, b"Exif\0\0IIxx") + seg)))  # fmt: skip
-        out.append(Case(f"xmp.{key}.png_itxt", "exif", with_png([(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)])))
-        out.append(Case(f"xmp.{key}.png_itxt_z", "exif",
-                        with_png([(b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0" + zlib.compress(xmp))])))  # fmt: skip
-        out.append(Case(f"xmp.{key}.png_text", "exif", with_png([(b"tEXt", b"XML:com.adobe.xmp\0" + xmp)])))
-        out.append(Case(f"xmp.{key}.png_text_xmp_key", "exif", with_png([(b"tEXt", b"xmp\0" + xmp)])))
-    out.append(Case("xmp.png_itxt_bad_utf8", "exif",
-                    with_png([(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + XMP_PACKETS["xmp_attr6"] + b"\xff")])))
-    return out
 
 
 def palette_cases() -> list[Case]:
@@ -172,10 +51,20 @@ def palette_cases() -> list[Case]:
         "two_plte": [(b"PLTE", full), (b"PLTE", pal2)],
     }
     out = [Case(f"palette.{k}", "palette", png_image(rows, 16, 8, 3, extra=x)) for k, x in v.items()]
-    out.append(Case("palette.trns_after_idat", "palette",
-                    png_image(rows, 16, 8, 3, extra=[(b"PLTE", full)], after=[(b"tRNS", bytes(range(0, 256, 3)))])))
-    out.append(Case("palette.text_transparency", "palette",
-                    png_image(rows, 16, 8, 3, extra=[(b"PLTE", full), (b"tEXt", b"transparency\0x")])))
+    out.append(
+        Case(
+            "palette.trns_after_idat",
+            "palette",
+            png_image(rows, 16, 8, 3, extra=[(b"PLTE", full)], after=[(b"tRNS", bytes(range(0, 256, 3)))]),
+        )
+    )
+    out.append(
+        Case(
+            "palette.text_transparency",
+            "palette",
+            png_image(rows, 16, 8, 3, extra=[(b"PLTE", full), (b"tEXt", b"transparency\0x")]),
+        )
+    )
     g = [[(x * 16 + y) % 256 for x in range(16)] for y in range(16)]
     grey = {
         "grey_trns_short": [(b"tRNS", b"\x01")],
@@ -214,21 +103,27 @@ def png_rules(png: dict[str, bytes]) -> list[Case]:
     cases = {
         "ok": ok,
         "idat_crc": sig_ihdr + png_chunk(b"IDAT", zlib.compress(raw), crc=1) + png_chunk(b"IEND", b""),
-        "text_crc_before": sig_ihdr + png_chunk(b"tEXt", b"a\0b", crc=1) + png_chunk(b"IDAT", zlib.compress(raw))
+        "text_crc_before": sig_ihdr
+        + png_chunk(b"tEXt", b"a\0b", crc=1)
+        + png_chunk(b"IDAT", zlib.compress(raw))
         + png_chunk(b"IEND", b""),
-        "text_crc_after": sig_ihdr + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"tEXt", b"a\0b", crc=1)
+        "text_crc_after": sig_ihdr
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"tEXt", b"a\0b", crc=1)
         + png_chunk(b"IEND", b""),
         "ihdr_crc": PNG_SIGNATURE + png_chunk(*hdr, crc=1) + png_chunk(b"IDAT", zlib.compress(raw)),
         "crc_missing": sig_ihdr[:-4],
         "ztxt_method1": png_build([hdr, (b"zTXt", b"k\0\1xyz"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "ztxt_big": png_build([hdr, (b"zTXt", b"k\0\0" + big), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "ztxt_big_after": png_build([hdr, (b"IDAT", zlib.compress(raw)), (b"zTXt", b"k\0\0" + big), (b"IEND", b"")]),
-        "ztxt_exact_1mib": png_build([hdr, (b"zTXt", b"k\0\0" + zlib.compress(b"a" * (1 << 20))),
-                                      (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),  # fmt: skip
+        "ztxt_exact_1mib": png_build(
+            [hdr, (b"zTXt", b"k\0\0" + zlib.compress(b"a" * (1 << 20))), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
         "ztxt_broken": png_build([hdr, (b"zTXt", b"k\0\0xyz"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "itxt_big": png_build([hdr, (b"iTXt", b"k\0\1\0\0\0" + big), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
-        "iccp_method1": png_build([hdr, (b"iCCP", b"icc\0\1" + zlib.compress(b"x")), (b"IDAT", zlib.compress(raw)),
-                                   (b"IEND", b"")]),  # fmt: skip
+        "iccp_method1": png_build(
+            [hdr, (b"iCCP", b"icc\0\1" + zlib.compress(b"x")), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
         "iccp_big": png_build([hdr, (b"iCCP", b"icc\0\0" + big), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "iccp_no_nul": png_build([hdr, (b"iCCP", b"\0"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "gama_short": png_build([hdr, (b"gAMA", b"\0\1"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
@@ -244,19 +139,24 @@ def png_rules(png: dict[str, bytes]) -> list[Case]:
         "zlib_trailing_idat_lie": ok[:-12] + struct.pack(">I", 5000) + b"IDATxx",
         "zlib_raw_deflate": png_build([hdr, (b"IDAT", zlib.compress(raw)[2:]), (b"IEND", b"")]),
         "filter_5": png_build([hdr, (b"IDAT", zlib.compress(b"\5" + raw[1:])), (b"IEND", b"")]),
-        "ihdr_compression1": png_build([(b"IHDR", ihdr(w, h, 8, 2, compression=1)), (b"IDAT", zlib.compress(raw)),
-                                        (b"IEND", b"")]),  # fmt: skip
-        "ihdr_filter1": png_build([(b"IHDR", ihdr(w, h, 8, 2) [:11] + b"\1\0"), (b"IDAT", zlib.compress(raw)),
-                                   (b"IEND", b"")]),  # fmt: skip
-        "ihdr_interlace2": png_build([(b"IHDR", ihdr(w, h, 8, 2, interlace=2)), (b"IDAT", zlib.compress(raw)),
-                                      (b"IEND", b"")]),  # fmt: skip
+        "ihdr_compression1": png_build(
+            [(b"IHDR", ihdr(w, h, 8, 2, compression=1)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "ihdr_filter1": png_build(
+            [(b"IHDR", ihdr(w, h, 8, 2)[:11] + b"\1\0"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "ihdr_interlace2": png_build(
+            [(b"IHDR", ihdr(w, h, 8, 2, interlace=2)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
         "ihdr_short": png_build([(b"IHDR", ihdr(w, h, 8, 2)[:12]), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "ihdr_bad_combo": png_build([(b"IHDR", ihdr(w, h, 8, 1)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "ihdr_twice": png_build([hdr, hdr, (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
-        "ihdr_twice_bad_second": png_build([hdr, (b"IHDR", ihdr(w, h, 8, 1)), (b"IDAT", zlib.compress(raw)),
-                                            (b"IEND", b"")]),  # fmt: skip
-        "ihdr_twice_smaller": png_build([hdr, (b"IHDR", ihdr(w, h // 2, 8, 2)), (b"IDAT", zlib.compress(raw)),
-                                         (b"IEND", b"")]),  # fmt: skip
+        "ihdr_twice_bad_second": png_build(
+            [hdr, (b"IHDR", ihdr(w, h, 8, 1)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "ihdr_twice_smaller": png_build(
+            [hdr, (b"IHDR", ihdr(w, h // 2, 8, 2)), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
         "no_ihdr": png_build([(b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "unknown_critical": png_build([hdr, (b"ABCD", b"xyz"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
         "unknown_critical_after": png_build([hdr, (b"IDAT", zlib.compress(raw)), (b"ABCD", b"xyz"), (b"IEND", b"")]),
@@ -266,29 +166,52 @@ def png_rules(png: dict[str, bytes]) -> list[Case]:
         "iend_before_idat": png_build([hdr, (b"IEND", b""), (b"IDAT", zlib.compress(raw))]),
         "no_iend": ok[:-12],
         "idat_len_huge": sig_ihdr + struct.pack(">I", 0x7FFFFFFF) + b"IDAT" + zlib.compress(raw),
-        "idat_split_text_between": png_build([hdr, (b"IDAT", zlib.compress(raw)[:20]), (b"tEXt", b"a\0b"),
-                                              (b"IDAT", zlib.compress(raw)[20:]), (b"IEND", b"")]),  # fmt: skip
-        "idat_empty_chunks": png_build([hdr, (b"IDAT", b""), (b"IDAT", zlib.compress(raw)), (b"IDAT", b""),
-                                        (b"IEND", b"")]),  # fmt: skip
-        "ddat_continues": png_build([hdr, (b"IDAT", zlib.compress(raw)[:20]), (b"DDAT", zlib.compress(raw)[20:]),
-                                     (b"IEND", b"")]),  # fmt: skip
-        "text_key_interlace": png_build([hdr, (b"tEXt", b"interlace\0yes"), (b"IDAT", zlib.compress(raw)),
-                                         (b"IEND", b"")]),  # fmt: skip
-        "text_key_interlace_empty": png_build([(b"IHDR", ihdr(w, h, 8, 2, interlace=1)), (b"tEXt", b"interlace\0"),
-                                               (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),  # fmt: skip
+        "idat_split_text_between": png_build(
+            [
+                hdr,
+                (b"IDAT", zlib.compress(raw)[:20]),
+                (b"tEXt", b"a\0b"),
+                (b"IDAT", zlib.compress(raw)[20:]),
+                (b"IEND", b""),
+            ]
+        ),  # fmt: skip
+        "idat_empty_chunks": png_build(
+            [hdr, (b"IDAT", b""), (b"IDAT", zlib.compress(raw)), (b"IDAT", b""), (b"IEND", b"")]
+        ),  # fmt: skip
+        "ddat_continues": png_build(
+            [hdr, (b"IDAT", zlib.compress(raw)[:20]), (b"DDAT", zlib.compress(raw)[20:]), (b"IEND", b"")]
+        ),  # fmt: skip
+        "text_key_interlace": png_build(
+            [hdr, (b"tEXt", b"interlace\0yes"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "text_key_interlace_empty": png_build(
+            [
+                (b"IHDR", ihdr(w, h, 8, 2, interlace=1)),
+                (b"tEXt", b"interlace\0"),
+                (b"IDAT", zlib.compress(raw)),
+                (b"IEND", b""),
+            ]
+        ),  # fmt: skip
         "text_key_bbox": png_build([hdr, (b"tEXt", b"bbox\0x"), (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
-        "text_len_lie": png_build([hdr, (b"IDAT", zlib.compress(raw))])[:-0] + struct.pack(">I", 0x7FFFFFFF) + b"tEXt"
-        + b"k\0" + b"v" * 6000,
+        "text_len_lie": png_build([hdr, (b"IDAT", zlib.compress(raw))])[:-0]
+        + struct.pack(">I", 0x7FFFFFFF)
+        + b"tEXt"
+        + b"k\0"
+        + b"v" * 6000,
         "text_len_lie_before": sig_ihdr + struct.pack(">I", 0x7FFFFFFF) + b"tEXt" + b"k\0" + b"v" * 6000,
         "text_memory": png_build([hdr, *megabytes_of_text, (b"IDAT", zlib.compress(raw)), (b"IEND", b"")]),
-        "bomb_16bit_rgba_1row": png_build([(b"IHDR", ihdr(178956970, 1, 16, 6)),
-                                           (b"IDAT", zlib.compress(b"\0" * 8000)), (b"IEND", b"")]),  # fmt: skip
-        "bomb_rgb_1gb": png_build([(b"IHDR", ihdr(20000, 20000, 8, 2)), (b"IDAT", zlib.compress(b"\0" * 8000)),
-                                   (b"IEND", b"")]),  # fmt: skip
-        "bomb_wide_16bit": png_build([(b"IHDR", ihdr(40000000, 1, 16, 6)), (b"IDAT", zlib.compress(b"\0" * 800)),
-                                      (b"IEND", b"")]),  # fmt: skip
-        "bomb_adam7": png_build([(b"IHDR", ihdr(8000, 8000, 8, 6, interlace=1)), (b"IDAT", zlib.compress(b"\0" * 800)),
-                                 (b"IEND", b"")]),  # fmt: skip
+        "bomb_16bit_rgba_1row": png_build(
+            [(b"IHDR", ihdr(178956970, 1, 16, 6)), (b"IDAT", zlib.compress(b"\0" * 8000)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "bomb_rgb_1gb": png_build(
+            [(b"IHDR", ihdr(20000, 20000, 8, 2)), (b"IDAT", zlib.compress(b"\0" * 8000)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "bomb_wide_16bit": png_build(
+            [(b"IHDR", ihdr(40000000, 1, 16, 6)), (b"IDAT", zlib.compress(b"\0" * 800)), (b"IEND", b"")]
+        ),  # fmt: skip
+        "bomb_adam7": png_build(
+            [(b"IHDR", ihdr(8000, 8000, 8, 6, interlace=1)), (b"IDAT", zlib.compress(b"\0" * 800)), (b"IEND", b"")]
+        ),  # fmt: skip
     }
     # APNG: fcTL before IDAT (its box decides the tile), sequence errors, boxes outside the image, fdAT first
     fctl = lambda seq, fw, fh, x, y: struct.pack(">IIIIIHHBB", seq, fw, fh, x, y, 1, 10, 0, 0)  # noqa: E731
@@ -301,12 +224,14 @@ def png_rules(png: dict[str, bytes]) -> list[Case]:
         "apng_box_outside": png_build([hdr, actl, (b"fcTL", fctl(0, 8, 4, 12, 2)), (b"IDAT", small), (b"IEND", b"")]),
         "apng_box_empty": png_build([hdr, actl, (b"fcTL", fctl(0, 0, 4, 0, 2)), (b"IDAT", small), (b"IEND", b"")]),
         "apng_seq_bad": png_build([hdr, actl, (b"fcTL", fctl(3, w, h, 0, 0)), (b"IDAT", comp), (b"IEND", b"")]),
-        "apng_fctl_short": png_build([hdr, actl, (b"fcTL", fctl(0, w, h, 0, 0)[:20]), (b"IDAT", comp),
-                                      (b"IEND", b"")]),  # fmt: skip
+        "apng_fctl_short": png_build(
+            [hdr, actl, (b"fcTL", fctl(0, w, h, 0, 0)[:20]), (b"IDAT", comp), (b"IEND", b"")]
+        ),  # fmt: skip
         "apng_actl_short": png_build([hdr, (b"acTL", b"\0\0\0\1"), (b"IDAT", comp), (b"IEND", b"")]),
         "apng_actl_zero": png_build([hdr, (b"acTL", b"\0" * 8), (b"IDAT", comp), (b"IEND", b"")]),
-        "apng_fdat_first": png_build([hdr, actl, (b"fcTL", fctl(0, w, h, 0, 0)), (b"fdAT", b"\0\0\0\1" + comp),
-                                      (b"IEND", b"")]),  # fmt: skip
+        "apng_fdat_first": png_build(
+            [hdr, actl, (b"fcTL", fctl(0, w, h, 0, 0)), (b"fdAT", b"\0\0\0\1" + comp), (b"IEND", b"")]
+        ),  # fmt: skip
         "apng_fdat_bad_seq_after": png_build([hdr, (b"IDAT", comp), (b"fdAT", b"\0\0\0\7" + comp), (b"IEND", b"")]),
         "apng_fctl_after_bad": png_build([hdr, (b"IDAT", comp), (b"fcTL", fctl(5, w, h, 0, 0)), (b"IEND", b"")]),
     }
@@ -345,8 +270,13 @@ def jpeg_rules(jpeg: dict[str, bytes]) -> list[Case]:
         "two_sof": base[:sos] + next(base[s:e] for m, s, e in segs if m in (0xC0, 0xC2)) + base[sos:],
         "sos_truncated": base[: sos + 6],
         "data_after_eoi": base + b"\xff\xd8garbage" * 10,
-        "mpf_app2": jpeg_insert(base, app_segment(0xE2, b"MPF\0II*\x00\x08\x00\x00\x00\x01\x00\x01\xb0\x04\x00\x01"
-                                                   b"\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00")),  # fmt: skip
+        "mpf_app2": jpeg_insert(
+            base,
+            app_segment(
+                0xE2,
+                b"MPF\0II*\x00\x08\x00\x00\x00\x01\x00\x01\xb0\x04\x00\x01\x00\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00",
+            ),
+        ),  # fmt: skip
         "com_marker": jpeg_insert(base, app_segment(0xFE, b"a comment")),
         "app_len_1": base[:2] + b"\xff\xe5\x00\x01" + base[2:],
     }
@@ -370,16 +300,28 @@ def large_cases() -> list[Case]:
     return [
         Case("large.png_rgba_2400x2000", "large", encode(Image.fromarray(rgba), "PNG", compress_level=1)),
         Case("large.png_rgb_3200x3200", "large", encode(Image.fromarray(big), "PNG")),
-        Case("large.png_palette_3000x2000", "large",
-             encode(Image.fromarray((np.arange(3000)[None] % 200).repeat(2000, 0).astype(np.uint8), "L").convert("P"),
-                     "PNG", transparency=bytes(range(0, 256, 2)))),  # fmt: skip
-        Case("large.png_adam7_rgb_1800x1800", "large",
-             png_build([(b"IHDR", ihdr(1800, 1800, 8, 2, 1)), (b"IDAT", zlib.compress(raw, 1)), (b"IEND", b"")])),
+        Case(
+            "large.png_palette_3000x2000",
+            "large",
+            encode(
+                Image.fromarray((np.arange(3000)[None] % 200).repeat(2000, 0).astype(np.uint8), "L").convert("P"),
+                "PNG",
+                transparency=bytes(range(0, 256, 2)),
+            ),
+        ),  # fmt: skip
+        Case(
+            "large.png_adam7_rgb_1800x1800",
+            "large",
+            png_build([(b"IHDR", ihdr(1800, 1800, 8, 2, 1)), (b"IDAT", zlib.compress(raw, 1)), (b"IEND", b"")]),
+        ),
         Case("large.jpeg_prog_2048x2048", "large", encode(smooth, "JPEG", quality=80, progressive=True)),
-        Case("large.jpeg_cmyk444_prog_1400x1400", "large",
-             encode(smooth.resize((1400, 1400)).convert("CMYK"), "JPEG", progressive=True, subsampling=0)),
+        Case(
+            "large.jpeg_cmyk444_prog_1400x1400",
+            "large",
+            encode(smooth.resize((1400, 1400)).convert("CMYK"), "JPEG", progressive=True, subsampling=0),
+        ),
         Case("large.jpeg_exif6_2400x2000", "large", encode(Image.fromarray(rgba[..., :3]), "JPEG", exif=exif)),
-        Case("jpeg.lossless", "jpeg-rule", lossless_jpeg([
-            [(7 * x + 3 * y) % 256 for x in range(40)] for y in range(24)]
-        )),
+        Case(
+            "jpeg.lossless", "jpeg-rule", lossless_jpeg([[(7 * x + 3 * y) % 256 for x in range(40)] for y in range(24)])
+        ),
     ]
