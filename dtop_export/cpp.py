@@ -1,12 +1,14 @@
 """Build the C++ client (``cpp/``: the ``dtop::Embedder`` library, ``dtop-embed`` and the minimal example) with the
-OpenVINO C++ SDK that the ``openvino`` wheel ships, so that users need not know where the SDK lives.
+OpenVINO C++ SDK that the ``openvino`` wheel ships, so that users need not know where the SDK lives; and, when the
+``executorch`` wheel is installed (the ``[edge]`` extra), its ExecuTorch backend for ``.pte`` programs (CMake >= 3.28:
+the ``cmake`` on PATH, or pip's when that one is older).
 
 :func:`build` configures with CMake (``-DOpenVINO_DIR=<site-packages>/openvino/cmake``), builds, optionally
 installs, and returns where the binaries are. Missing pieces (CMake, a C++ compiler, the ``openvino`` wheel,
 libjpeg/zlib development files) are one :class:`DToPError` line naming what to install. The C++ sources
 travel in the wheel as ``dtop_export.cpp_sources`` (the repository's ``cpp/`` folder).
 
-Imports the standard library only; ``openvino`` is located, not imported.
+Imports the standard library only; ``openvino``, ``executorch`` and ``cmake`` are located, not imported.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ _CMAKE_HINTS = (
     ("Could NOT find ZLIB", "zlib development files not found: install them (Debian: apt install zlib1g-dev)"),
     ("No CMAKE_CXX_COMPILER could be found", "no C++ compiler found: install g++ (apt install g++) or set CXX"),
     ('provided by "OpenVINO"', "CMake cannot use the openvino wheel's SDK: pip install --force-reinstall openvino"),
+    ('provided by "executorch"', "CMake cannot use the executorch wheel's SDK: pip install 'dtop-export[edge]' again"),
 )
+# The CMake the executorch wheel's imported targets need (its executorch-config.cmake skips them before 3.28).
+EXECUTORCH_CMAKE = (3, 28)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class BuildResult:
     openvino_cmake_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
     installed_to: Path | None = None
+    executorch: str = "off"  # "executorch 1.5.1" when the ExecuTorch backend was built, else "off: why"
 
     def to_dict(self) -> dict[str, object]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -87,6 +93,63 @@ def openvino_sdk() -> tuple[Path, str]:
     except PackageNotFoundError:
         ver = "unknown"
     return cmake_dir, ver
+
+
+def executorch_sdk() -> tuple[Path, str]:
+    """(CMake config folder, version) of the installed ``executorch`` wheel, without importing it; a
+    :class:`DToPError` saying why not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    spec = importlib.util.find_spec("executorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise DToPError("the executorch wheel is not installed (pip install 'dtop-export[edge]')")
+    cmake_dir = Path(next(iter(spec.submodule_search_locations))) / "share" / "cmake"
+    if not (cmake_dir / "executorch-config.cmake").is_file():
+        raise DToPError(f"the executorch wheel has no C++ SDK ({cmake_dir}/executorch-config.cmake)")
+    try:
+        return cmake_dir, version("executorch")
+    except PackageNotFoundError:  # pragma: no cover - a package without metadata
+        return cmake_dir, "unknown"
+
+
+def pip_cmake() -> str | None:
+    """The ``cmake`` binary of the ``cmake`` wheel (pip install cmake), if installed; found without importing it."""
+    spec = importlib.util.find_spec("cmake")
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        exe = Path(folder) / "data" / "bin" / "cmake"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    return None
+
+
+def cmake_version(cmake: str) -> tuple[int, ...]:
+    """``cmake --version`` as numbers, (0,) when it cannot be read."""
+    try:
+        out = subprocess.run([cmake, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0,)
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g) for g in m.groups() if g is not None) if m else (0,)
+
+
+def executorch_plan(cmake: str) -> tuple[str, list[str], str]:
+    """(the CMake to build with, extra configure flags, what to report) for the ExecuTorch backend: on with the
+    installed executorch wheel and a CMake >= 3.28 (``cmake``, else pip's), off with the reason otherwise."""
+    try:
+        et_cmake, et_version = executorch_sdk()
+    except DToPError as e:
+        return cmake, ["-DDTOP_WITH_EXECUTORCH=OFF"], f"off: {e}"
+    for candidate in (cmake, pip_cmake()):
+        if candidate and cmake_version(candidate) >= EXECUTORCH_CMAKE:
+            flags = ["-DDTOP_WITH_EXECUTORCH=ON", f"-Dexecutorch_DIR={et_cmake}"]
+            return candidate, flags, f"executorch {et_version}"
+    have = ".".join(map(str, cmake_version(cmake)))
+    return (
+        cmake,
+        ["-DDTOP_WITH_EXECUTORCH=OFF"],
+        f"off: executorch {et_version} needs CMake >= 3.28 and this is {have} (pip install 'cmake>=3.28')",
+    )
 
 
 def find_toolchain() -> tuple[str, str]:
@@ -146,6 +209,7 @@ def build(
     src = source_dir()
     cmake, cxx = find_toolchain()
     ov_cmake, ov_version = openvino_sdk()
+    cmake, et_flags, et_note = executorch_plan(cmake)
     build_dir = Path(build_dir or default_build_dir()).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / LOG_NAME
@@ -157,7 +221,7 @@ def build(
     _run(
         [
             cmake, "-S", str(src), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={build_type}",
-            f"-DCMAKE_CXX_COMPILER={cxx}", f"-DOpenVINO_DIR={ov_cmake}",
+            f"-DCMAKE_CXX_COMPILER={cxx}", f"-DOpenVINO_DIR={ov_cmake}", *et_flags,
         ],
         log, "configure",
     )  # fmt: skip
@@ -181,6 +245,7 @@ def build(
         openvino_version=ov_version,
         openvino_cmake_dir=ov_cmake,
         timings=timings,
+        executorch=et_note,
     )
     if install_prefix is not None:
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ descriptor ``dtop-export embed`` computes.
 PNG, CMYK, progressive and 4:4:4 JPEG, the eight EXIF orientations, a PNG without its IEND, portrait, landscape and
 extreme-aspect photos at several sizes, whose shape decides the order of Pillow's resample passes) plus three bad
 files. The hostile files (broken, huge, crafted) are :mod:`dtop_export.hostile`'s.
-:func:`compare` runs the binary (``--dump-inputs``) and the ONNX Runtime engine through the Python preprocessing,
+:func:`compare` runs the binary (``--dump-inputs``) and the model's Python engine through the Python preprocessing,
 and reports per image: the cosine of the descriptors and the max-abs difference of the model inputs.
 
 Imports numpy and PIL at the top; onnxruntime through the engine, inside :func:`compare`.
@@ -235,9 +235,10 @@ def compare(
     batch_size: int = 1,
     threads: int | None = None,
 ) -> CppParityReport:
-    """Embed ``images`` with the C++ binary and with ONNX Runtime through the Python preprocessing; compare the
-    descriptors (cosine per image), the model inputs of the first scale (max-abs) and the skipped files."""
-    from dtop_export.engines.ort import OnnxRuntimeEngine
+    """Embed ``images`` with the C++ binary and with the model's Python engine (ONNX Runtime for an ``.onnx``,
+    ExecuTorch for a ``.pte``) through the Python preprocessing; compare the descriptors (cosine per image), the model
+    inputs of the first scale (max-abs) and the skipped files."""
+    from dtop_export.engines import load_engine
     from dtop_export.preprocess import load_image, prepare
     from dtop_export.retrieval.extract import extract
 
@@ -257,7 +258,7 @@ def compare(
         cpp = np.load(out)
         side = json.loads(out.with_suffix(".json").read_text())
         report.skipped_cpp = [s["path"] for s in side["skipped"]]
-        engine = OnnxRuntimeEngine(model, threads=threads)
+        engine = load_engine(model, threads=threads)
         errors: list[tuple[int, str]] = []
         inputs: dict[str, np.ndarray] = {}  # the first scale's model input per image, from the one decode
 

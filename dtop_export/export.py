@@ -78,6 +78,26 @@ def parse_hw(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+class StageTimer:
+    """Times an artefact maker's stages: call it with each stage's name as the stage starts (``on_stage`` hears the
+    name too); :meth:`seconds` gives each stage's duration once the last has ended."""
+
+    def __init__(self, on_stage: Callable[[str], None] | None = None) -> None:
+        self.start = time.perf_counter()
+        self.starts: dict[str, float] = {}
+        self.on_stage = on_stage
+
+    def __call__(self, name: str) -> None:
+        self.starts[name] = time.perf_counter()
+        if self.on_stage:
+            self.on_stage(name)
+
+    def seconds(self, digits: int = 3) -> dict[str, float]:
+        """{stage: seconds} up to now (the last stage ends at this call)."""
+        ends = [*list(self.starts.values())[1:], time.perf_counter()]
+        return {n: round(end - t, digits) for (n, t), end in zip(self.starts.items(), ends)}
+
+
 def _gc_paused(fn: Callable[..., ExportResult]) -> Callable[..., ExportResult]:
     """Run ``fn`` with Python's cyclic garbage collector paused (reference counting still frees memory).
 
@@ -133,14 +153,7 @@ def export_onnx(
     if whiten is False or ckpt.whitening is None:
         whiten = False
 
-    stages: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    def stage(name: str) -> None:
-        stages[name] = time.perf_counter()
-        if on_stage:
-            on_stage(name)
-
+    stage = StageTimer(on_stage)
     stage("fold")
     model = ckpt.build_model()
     deploy, fold_stats = fold_for_deployment(model, ckpt.whitening if whiten else None)
@@ -177,14 +190,12 @@ def export_onnx(
         onnx.checker.check_model(data)  # the strict shape inference ran in finalize_model
         stage("write")
         written.result()
-    stages["end"] = time.perf_counter()
-    names = list(stages)
-    stage_seconds = {n: round(stages[names[i + 1]] - stages[n], 3) for i, n in enumerate(names[:-1])}
+    stage_seconds = stage.seconds()
     from collections import Counter
 
     return ExportResult(
         path=output,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - stage.start,
         size_bytes=output.stat().st_size,
         opset=opset,
         nodes=len(proto.graph.node),

@@ -14,9 +14,10 @@ fp16/bf16  ≥ 0.999           —          ≤ 0.2 points, or every flip a near
 int8       ≥ 0.99            —          ≤ 1.0 point
 =========  ================  =========  ==================
 
-Every image is loaded and preprocessed once (with the reference's preprocessing) and the identical tensor
-goes to every engine. An engine whose preprocessing contract (mean, std, stride) differs from the
-reference's fails too: a deployment would feed it different pixels.
+Every image is loaded and preprocessed once (with the reference's preprocessing, or the square resize of
+engines compiled for one input size: :func:`shared_preprocess`) and the identical tensor goes to every engine.
+An engine whose preprocessing contract (mean, std, stride) differs from the reference's fails too: a deployment
+would feed it different pixels.
 
 A failing |ΔmAP| says where it comes from (:mod:`dtop_export.retrieval.flips`): how many queries were reordered,
 how many positive/negative pairs flipped and how far apart the reference placed them, next to the engine's query·db
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from dtop_export.retrieval.flips import SETUP_LETTERS, RankSwaps, rank_swaps
 
 if TYPE_CHECKING:
     from dtop_export.contract import Engine
+    from dtop_export.preprocess import PreprocessConfig
     from dtop_export.retrieval.datasets import RevisitopDataset
 
 
@@ -271,6 +273,17 @@ def _preprocess_mismatch(reference: Engine, engine: Engine) -> str | None:
     return None
 
 
+def shared_preprocess(reference: Engine, engines: Sequence[Engine]) -> PreprocessConfig:
+    """The preprocessing every engine of a parity run is fed: the reference's, or the resize policy of the
+    engines compiled for one input size (an ExecuTorch ``.pte``: the whole image squashed to its square), which
+    the PyTorch reference runs as well; engines that need two different fixed inputs cannot share one run."""
+    fixed = sorted({(e.preprocess.resize, e.preprocess.size) for e in engines if e.preprocess.resize != "longest_side"})
+    if len(fixed) > 1:
+        sizes = ", ".join(f"{policy} {size}" for policy, size in fixed)
+        raise DToPError(f"the engines take different fixed inputs ({sizes}): check them in separate parity runs")
+    return replace(reference.preprocess, resize=fixed[0][0], size=fixed[0][1]) if fixed else reference.preprocess
+
+
 def compare(
     reference: tuple[np.ndarray, np.ndarray],
     candidate: tuple[np.ndarray, np.ndarray],
@@ -334,6 +347,7 @@ def parity(
     k: int = 10,
 ) -> ParityReport:
     """Run ``dataset`` through ``reference`` (PyTorch fp32) and every engine; compare them."""
+    from dtop_export.preprocess import input_size
     from dtop_export.retrieval.extract import extract_many
     from dtop_export.retrieval.metrics import evaluate_descriptors
 
@@ -343,11 +357,12 @@ def parity(
         raise DToPError("give at least one engine to compare with the reference")
     contracts = [contract_for(e.precision) for e in engines]
     t0 = time.perf_counter()
-    size = image_size or dataset.image_size or reference.preprocess.size
+    cfg = shared_preprocess(reference, engines)
+    size = input_size(cfg, image_size, dataset.image_size)
     if crop_queries and any(b is None for b in dataset.bboxes):
         raise DToPError(f"{dataset.name}: some queries have no bounding box: pass --no-crop")
     all_engines = [reference, *engines]
-    common = {"preprocess": reference.preprocess, "scales": scales, "progress": progress, "image_size": size}
+    common = {"preprocess": cfg, "scales": scales, "progress": progress, "image_size": size}
     bboxes = dataset.bboxes if crop_queries else None
     qs = extract_many(
         all_engines, dataset.queries, bboxes=bboxes, batch_size=batch_size, description="queries", **common

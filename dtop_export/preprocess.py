@@ -1,22 +1,23 @@
 """The one preprocessing path: how image files become the model's input tensor, for every consumer.
 
 Engines (through :mod:`dtop_export.retrieval.extract`), INT8 calibration, whitening, training's final tensor
-step, ``embed`` and the demo all go through here: decoding with EXIF orientation, any PIL mode to 8-bit RGB
-(alpha composited on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride
-(``floor(v + 0.5)``), ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set. The contract's
-values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
+step, ``embed`` and the demo all go through here: decoding with EXIF orientation within a decode budget
+(:class:`DecodeBudget`, measured in :mod:`dtop_export.decode_budget`), any PIL mode to 8-bit RGB (alpha composited
+on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride (``floor(v + 0.5)``) or the
+``square`` one of a fixed-size program, ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set.
+The contract's values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtop_export.decode_budget import DECODE_FORMATS, EXIF_TRANSPOSE, MIB, DecodeBudget, check_budget
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -36,7 +37,9 @@ class PreprocessConfig:
     mean/std: per-channel normalisation of [0, 1] RGB pixels, from the backbone's pretraining.
     color_order: channel order of the input tensor (always ``RGB``).
     resize: ``longest_side`` resizes keeping the aspect ratio so the longer side is ``size``
-        (1024 in the ROxford/RParis protocol), then rounds both sides to a multiple of ``stride``.
+        (1024 in the ROxford/RParis protocol), then rounds both sides to a multiple of ``stride``;
+        ``square`` resizes the whole image to ``size``×``size`` (aspect ratio not kept, nothing cropped):
+        the input of a program compiled for one fixed size (an ExecuTorch ``.pte``).
     stride: the model's total stride; H and W of the input must be multiples of it.
     interpolation: PIL resampling filter used for the resize.
     """
@@ -124,116 +127,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-# Decoding budget: what one image may cost to decode ------------------------------------------------------
-
-MIB = 1 << 20
-# Pillow's DecompressionBombError threshold (2 * PIL.Image.MAX_IMAGE_PIXELS): Image.open refuses larger images.
-PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
-# The formats Image.open may try (the ones IMAGE_SUFFIXES names): no exotic plugin parses an untrusted file.
-DECODE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
-EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PIL.Image.Transpose value
-# 0xFF and a marker byte: not a stuffed zero, TEM, RSTn, SOI or more fill (a marker with a length, or EOI)
-_JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
-
-
-@dataclass(frozen=True)
-class DecodeBudget:
-    """What decoding one image may cost; an image over it is refused before any pixel buffer is allocated.
-
-    The C++ client's ``dtop::DecodeLimits`` with the same defaults and the same arithmetic
-    (:func:`decode_bytes`), so that both sides refuse the same files.
-
-    max_pixels: width x height (Pillow refuses more than :data:`PILLOW_MAX_PIXELS` on its own).
-    max_decode_mb: MiB of every buffer that coexists while decoding: the file, the decoded RGB image and its
-        rotated copy (6 bytes a pixel), plus the decoder's own: a progressive (or multi-scan) JPEG's
-        coefficients, 128 bytes per component and image column of libjpeg's row buffers, an interlaced PNG's
-        full-size raw image, 32 bytes per PNG column for its rows.
-    max_scans: start-of-scan markers of a JPEG (a progressive JPEG re-reads every block in every scan: a few
-        KB of crafted scans cost minutes); encoders write 1 to about 20.
-    """
-
-    max_pixels: int = PILLOW_MAX_PIXELS
-    max_decode_mb: int = 1024
-    max_scans: int = 100
-
-    def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_decode_mb", "max_scans"):
-            if int(getattr(self, name)) < 1:
-                raise DToPError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def jpeg_scans(data: bytes) -> tuple[int, int]:
-    """(start-of-scan markers before the end of image, components of the first scan or 0) of a JPEG, walking
-    its segments the way libjpeg's marker reader does (entropy-coded data skipped up to the next marker).
-    The C++ client walks it the same way (``cpp/src/decode_jpeg.cpp``)."""
-    scans, first, pos, n = 0, 0, 2, len(data)
-    while (m := _JPEG_MARKER.search(data, pos)) is not None:
-        pos = m.end()
-        if data[pos - 1] == 0xD9 or pos + 2 > n:
-            break
-        length = (data[pos] << 8) | data[pos + 1]
-        if data[pos - 1] == 0xDA:
-            scans += 1
-            if scans == 1 and pos + 2 < n:
-                first = data[pos + 2]
-        if length < 2:
-            break
-        pos += length
-    return scans, first
-
-
-def decode_bytes(file_size: int, width: int, height: int, work: int) -> int:
-    """Bytes of every buffer that coexists while an image decodes: the file, RGB and a rotated copy (6 bytes a
-    pixel) and the decoder's ``work`` (:func:`_decoder_work`)."""
-    return file_size + 6 * width * height + work
-
-
-def _decoder_work(img: Image.Image, data: bytes) -> tuple[int, int]:
-    """(the decoder's own bytes, JPEG scans) for an opened image, from its header (see :class:`DecodeBudget`)."""
-    w, h = img.size
-    if img.format in ("JPEG", "MPO"):
-        scans, first_components = jpeg_scans(data)
-        layers = [(max(1, hs), max(1, vs)) for _, hs, vs, _ in getattr(img, "layer", [])]
-        work = 128 * len(layers) * (w + 64)
-        if layers and (img.info.get("progressive") or first_components < getattr(img, "layers", 0)):
-            hmax, vmax = max(hs for hs, _ in layers), max(vs for _, vs in layers)
-            for hs, vs in layers:  # libjpeg's whole-image coefficient arrays: 64 x 2 bytes a block
-                bw, bh = -(-w * hs // (8 * hmax)), -(-h * vs // (8 * vmax))
-                work += -(-bw // hs) * hs * (-(-bh // vs) * vs) * 128
-        return work, scans
-    if img.format == "PNG":
-        raw = w * h * _PNG_RAW_BYTES.get(img.mode, 4) if img.info.get("interlace") else 0
-        return raw + 32 * w, 0
-    pixel = 1 if img.mode in ("1", "L", "P") else 2 if img.mode.startswith("I;16") else 4
-    return w * h * pixel, 0
-
-
-# An interlaced PNG's full-size raw image, by Pillow mode (16-bit samples kept only for grey).
-_PNG_RAW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "LA": 2, "RGB": 3, "RGBA": 4}
-
-
-def check_budget(img: Image.Image, data: bytes, budget: DecodeBudget) -> None:
-    """Refuse (:class:`DToPError`) an opened, not yet decoded image over ``budget``, from its header."""
-    w, h = img.size
-    if w * h > budget.max_pixels:
-        raise DToPError(
-            f"{w} x {h} = {w * h} pixels, over the limit of {budget.max_pixels} "
-            "(raise it with --max-pixels or DecodeBudget.max_pixels)"
-        )
-    work, scans = _decoder_work(img, data)
-    if scans > budget.max_scans:
-        raise DToPError(
-            f"{scans} JPEG scans, over the limit of {budget.max_scans} "
-            "(raise it with --max-scans or DecodeBudget.max_scans)"
-        )
-    need = decode_bytes(len(data), w, h, work)
-    if need > budget.max_decode_mb * MIB:
-        raise DToPError(
-            f"decoding needs {-(-need // MIB)} MB, over the budget of {budget.max_decode_mb} MB "
-            "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
-        )
-
-
 def _upright(img: Image.Image) -> Image.Image:
     """``img`` turned by its EXIF orientation: what ``ImageOps.exif_transpose`` does to the pixels (the same
     ``getexif()`` decides), without its rewrite of the metadata, which can fail on a crafted EXIF block."""
@@ -286,17 +179,24 @@ def load_image(
         raise DToPError(f"cannot read image {path}: {reason}") from e
 
 
+RESIZE_POLICIES = ("longest_side", "square")
+
+
 def model_size(
     width: int, height: int, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
 ) -> tuple[int, int]:
-    """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride."""
-    if cfg.resize != "longest_side":
-        raise DToPError(f"resize policy {cfg.resize!r} is not supported: only 'longest_side'")
+    """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride
+    (``longest_side``), or a ``size*scale`` square rounded to the stride (``square``)."""
+    if cfg.resize not in RESIZE_POLICIES:
+        raise DToPError(f"resize policy {cfg.resize!r} is not supported: only {', '.join(RESIZE_POLICIES)}")
     target = (size or cfg.size) * scale
     if target <= 0 or width <= 0 or height <= 0:
         raise DToPError(f"cannot resize a {width}x{height} image to a longer side of {target:g}")
-    f = target / max(width, height)
     stride = cfg.stride
+    if cfg.resize == "square":
+        side = max(stride, int(math.floor(target / stride + 0.5)) * stride)
+        return side, side
+    f = target / max(width, height)
 
     def snap(v: float) -> int:
         return max(stride, int(math.floor(v * f / stride + 0.5)) * stride)
@@ -308,7 +208,8 @@ def resize_for_model(
     img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
 ) -> Image.Image:
     """Resize so the longer side is ``size*scale`` (default ``cfg.size``) keeping the aspect ratio, then round
-    each side to the nearest multiple of ``cfg.stride`` (at least one stride)."""
+    each side to the nearest multiple of ``cfg.stride`` (at least one stride); a ``square`` policy resizes the
+    whole image to that side squared (:func:`model_size`)."""
     resample = _RESAMPLE.get(cfg.interpolation)
     if resample is None:
         raise DToPError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
@@ -316,6 +217,16 @@ def resize_for_model(
     if (w, h) == img.size:
         return img
     return img.resize((w, h), resample=resample)
+
+
+def input_size(cfg: PreprocessConfig, requested: int | None = None, dataset: int | None = None) -> int:
+    """The size images are resized to: ``requested`` (``--image-size``), else a data set's own evaluation size,
+    else the model's; a model compiled for one square size (``square`` policy) takes its own over a data set's."""
+    if requested:
+        return requested
+    if cfg.resize == "square":
+        return cfg.size
+    return dataset or cfg.size
 
 
 def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

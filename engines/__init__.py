@@ -2,15 +2,17 @@
 
 ``pytorch`` (the reference; fp32, the bf16 deployment path, fp16 for audits), ``ort`` (ONNX Runtime: CPU,
 CUDA and TensorRT execution providers, files or in-memory models), ``openvino`` (an .onnx or an IR on the CPU:
-fp32, bf16/fp16 hints, INT8 IRs and QDQ files) and ``tensorrt/`` (a package: install
+fp32, bf16/fp16 hints, INT8 IRs and QDQ files), ``executorch`` (a ``.pte`` from ``dtop-export executorch``:
+XNNPACK-delegated fp32 or INT8, fixed input size) and ``tensorrt/`` (a package: install
 probing, optimization profiles, the plan sidecar, builder, runner, trtexec line and the CPU-side ONNX-parser
 lint). :func:`load_engine` picks the runtime from the file: a checkpoint (``.pt``) runs in PyTorch, an
-``.onnx`` in ONNX Runtime (or OpenVINO with ``runtime="openvino"``), an ``.xml`` in OpenVINO, a
-``.plan``/``.engine`` in TensorRT.
+``.onnx`` in ONNX Runtime (or OpenVINO with ``runtime="openvino"``), an ``.xml`` in OpenVINO, a ``.pte`` in
+ExecuTorch, a ``.plan``/``.engine`` in TensorRT.
 
 May import the core (``dtop_export.contract``, ``preprocess``, ``checkpoint``, ``fold``, ``fp16.convert``);
 never ``dtop_export.training``, the CLI, or an audit/report module (parity, bench, fp16.audit, pipeline).
-Runtime imports (torch, onnxruntime, openvino, tensorrt) happen inside the engines, so importing this package is cheap.
+Runtime imports (torch, onnxruntime, openvino, executorch, tensorrt) happen inside the engines, so importing this
+package is cheap.
 This folder installs as ``dtop_export.engines``.
 """
 
@@ -27,14 +29,15 @@ if TYPE_CHECKING:
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 IR_SUFFIXES = (".xml",)
+PTE_SUFFIXES = (".pte",)
 # runtime= values load_engine understands (an .onnx runs in onnxruntime unless runtime="openvino")
-RUNTIMES = ("pytorch", "onnxruntime", "openvino", "tensorrt")
+RUNTIMES = ("pytorch", "onnxruntime", "openvino", "executorch", "tensorrt")
 
 
 def load_engine(path: str | Path, runtime: str | None = None, **options: Any) -> Engine:
     """Open ``path`` in the runtime its suffix names (``.pt`` PyTorch, ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO,
-    ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options`` go to the engine's
-    constructor."""
+    ``.pte`` ExecuTorch, ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options``
+    go to the engine's constructor."""
     path = Path(path)
     if not path.exists():
         raise DToPError(f"model file {path} not found")
@@ -47,7 +50,7 @@ def load_engine(path: str | Path, runtime: str | None = None, **options: Any) ->
         from dtop_export.engines.openvino import OpenVinoEngine
 
         return OpenVinoEngine(path, **options)
-    native = {".onnx": "onnxruntime"}.get(suffix) or (
+    native = {".onnx": "onnxruntime", ".pte": "executorch"}.get(suffix) or (
         "pytorch" if suffix in CHECKPOINT_SUFFIXES else "tensorrt" if suffix in PLAN_SUFFIXES else None
     )
     if runtime is not None and runtime != native:
@@ -60,8 +63,14 @@ def load_engine(path: str | Path, runtime: str | None = None, **options: Any) ->
         from dtop_export.engines.ort import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, **options)
+    if suffix in PTE_SUFFIXES:
+        from dtop_export.engines.executorch import ExecuTorchEngine
+
+        return ExecuTorchEngine(path, **options)
     if suffix in PLAN_SUFFIXES:
         from dtop_export.engines.tensorrt.runner import TensorRTEngine
 
         return TensorRTEngine(path, **options)
-    raise DToPError(f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml or .plan")
+    raise DToPError(
+        f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte or .plan"
+    )

@@ -80,8 +80,8 @@ def small_index(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (~10 s on 2 cores), shared by
-    every test of the C++ client (tests/test_cpp*.py)."""
+    """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (with the ExecuTorch backend when
+    the [edge] extra is installed), shared by every test of the C++ client (tests/test_cpp*.py, test_executorch.py)."""
     build_dir = tmp_path_factory.mktemp("cpp-build")
     cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir)]
     r = subprocess.run(cmd, capture_output=True, text=True)

@@ -139,3 +139,35 @@ def test_bench_engine_error_leaves_stdout_empty(tmp_path: Path) -> None:
     r = run("bench", str(bad), "--runs", "1", "--warmup", "0")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert r.stdout == ""
+
+
+def test_help_keeps_the_extras_it_names() -> None:
+    """An extra named in a command's docstring (`[edge]`, `[cuda12]`) reaches its --help: rich reads an unescaped
+    `[edge]` as a markup tag and drops it ("Needs the  extra (pip install 'dtop-export')")."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from dtop_export.cli import app
+
+    def commands(group: typer.Typer, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+        out = []
+        for c in group.registered_commands:
+            name = c.name or c.callback.__name__.replace("_", "-")
+            out.append(((*path, name), c.callback.__doc__ or ""))
+        for g in group.registered_groups:
+            out += commands(g.typer_instance, (*path, g.name))
+        return out
+
+    found = commands(app, ())
+    checked = 0
+    for argv, doc in found:
+        extras = set(re.findall(r"\[([a-z][a-z0-9-]*)\]", doc))
+        if not extras:
+            continue
+        r = CliRunner().invoke(app, [*argv, "--help"], prog_name="dtop-export", env={"COLUMNS": "200"})
+        text = " ".join(r.output.replace("│", " ").split())
+        checked += 1
+        assert r.exit_code == 0 and all(f"[{e}]" in text for e in extras), (argv, extras, text[:400])
+    assert checked >= 2, found  # executorch, cpp build and trt name theirs

@@ -23,7 +23,7 @@ LONG_MODULES = {
     "dtop_export.training.loop": "the Trainer: setup, DDP, AMP, the epoch loop, validation and checkpoints",
     "dtop_export.optimize": "ONNX Runtime CPU rewrites (DPE resize as matmuls, attention fusion) and their check",
 }
-RUNTIMES = {"onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "tensorrt_rtx"}
+RUNTIMES = {"onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "tensorrt_rtx", "executorch", "torchao"}
 # What an engine must never import: the layers that run engines (audits, reports, orchestration, the CLI).
 ENGINE_FORBIDDEN = ("dtop_export.fp16.audit", "dtop_export.parity", "dtop_export.bench", "dtop_export.pipeline")
 

@@ -305,7 +305,7 @@ def test_orientation_survives_metadata_exif_transpose_cannot_rewrite(tmp_path: P
     from PIL import ImageOps
 
     from dtop_export.hostile.build import app_segment, jpeg_insert
-    from dtop_export.hostile.rules import exif_blocks
+    from dtop_export.hostile.exif import exif_blocks
 
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG", dpi=(72, 72))
@@ -319,8 +319,8 @@ def test_orientation_survives_metadata_exif_transpose_cannot_rewrite(tmp_path: P
 def test_jpeg_scans_walks_segments_as_libjpeg() -> None:
     import io
 
+    from dtop_export.decode_budget import jpeg_scans
     from dtop_export.hostile import many_scans_jpeg
-    from dtop_export.preprocess import jpeg_scans
 
     def jpeg(mode: str, **kw: object) -> bytes:
         buf = io.BytesIO()

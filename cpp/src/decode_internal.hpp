@@ -89,7 +89,7 @@ Image decode_jpeg(const std::uint8_t* data, std::size_t size, const DecodeLimits
 Image decode_png(const std::uint8_t* data, std::size_t size, const DecodeLimits& limits);
 
 /// Start-of-scan markers of a JPEG before its end of image, and the components of the first scan, walking the
-/// segments as libjpeg's marker reader does (dtop_export.preprocess.jpeg_scans is the same walk).
+/// segments as libjpeg's marker reader does (dtop_export.decode_budget.jpeg_scans is the same walk).
 struct JpegScans {
   std::uint64_t scans = 0;
   int first_components = 0;

@@ -157,16 +157,20 @@ bool vertical_first(int in_width, int in_height, int out_width, int out_height) 
 }
 
 std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg, int size, double scale) {
-  if (cfg.resize != "longest_side") {
-    throw Error("resize policy '" + cfg.resize + "' is not supported: only 'longest_side'");
+  if (cfg.resize != "longest_side" && cfg.resize != "square") {
+    throw Error("resize policy '" + cfg.resize + "' is not supported: only 'longest_side' and 'square'");
   }
   const double target = static_cast<double>(size > 0 ? size : cfg.size) * scale;
   if (!(target > 0) || width <= 0 || height <= 0) {
     throw Error("cannot resize a " + std::to_string(width) + "x" + std::to_string(height) +
                 " image to a longer side of " + std::to_string(target));
   }
-  const double f = target / std::max(width, height);
   const int stride = cfg.stride;
+  if (cfg.resize == "square") {  // a program for one size (ExecuTorch .pte): the whole image to side x side
+    const int side = std::max(stride, static_cast<int>(std::floor(target / stride + 0.5)) * stride);
+    return {side, side};
+  }
+  const double f = target / std::max(width, height);
   auto snap = [&](int v) {
     const int m = static_cast<int>(std::floor(static_cast<double>(v) * f / stride + 0.5)) * stride;
     return std::max(stride, m);

@@ -39,6 +39,7 @@ std::shared_ptr<ov::Model> read_model(const std::string& path) {
   std::string ext = std::filesystem::path(path).extension().string();
   std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
   const std::string framework = ext == ".onnx" ? "onnx" : (ext == ".xml" ? "ir" : "");
+  if (ext == ".pte") throw Error(path + " is an ExecuTorch program: open it with dtop::open_executorch");
   if (framework.empty()) throw Error(path + " is not an .onnx file or an OpenVINO IR (.xml + .bin)");
   ov::frontend::FrontEndManager manager;
   const ov::frontend::FrontEnd::Ptr frontend = manager.load_by_framework(framework);

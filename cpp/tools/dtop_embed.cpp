@@ -10,6 +10,7 @@
 
 #include "../src/json.hpp"
 #include "dtop/embedder.hpp"
+#include "dtop/executorch.hpp"
 
 namespace fs = std::filesystem;
 
@@ -20,7 +21,8 @@ constexpr const char* kUsage =
     "                  [--batch-size N] [--threads N] [--precision f32|bf16|f16] [--device CPU]\n"
     "                  [--max-pixels N] [--max-decode-mb N] [--max-scans N] [--dump-inputs DIR] [--no-progress]\n"
     "\n"
-    "Descriptors of images with a dtop-export model (.onnx or OpenVINO .xml): OUT.npy (n x N float32) and\n"
+    "Descriptors of images with a dtop-export model (.onnx or OpenVINO .xml; ExecuTorch .pte when built with it):\n"
+    "OUT.npy (n x N float32) and\n"
     "OUT.json (paths in row order, skipped images with the reason), as `dtop-export embed` writes them.\n"
     "Folders are searched recursively for image files; unreadable images are reported and skipped.\n"
     "\n"
@@ -29,7 +31,7 @@ constexpr const char* kUsage =
     "  --scales S             comma-separated scales, or `ms` for 1,1/sqrt(2),sqrt(2) (default 1)\n"
     "  --image-size N         longer side before scaling (default: the model's, from its metadata)\n"
     "  --batch-size N, -b N   same-shape images per forward pass (default 1)\n"
-    "  --threads N            inference threads (default: OpenVINO's choice)\n"
+    "  --threads N            inference threads (default: the runtime's choice)\n"
     "  --precision P          OpenVINO inference precision hint: f32 (default, exact), bf16, f16\n"
     "  --max-pixels N         refuse images of more pixels (default 178956970, Pillow's limit)\n"
     "  --max-decode-mb N      refuse images whose decoding needs more MiB: the file, the RGB image and a rotated\n"
@@ -172,12 +174,28 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
+// The runtime of MODEL: ExecuTorch for a .pte (when this binary has it), OpenVINO otherwise.
+std::unique_ptr<dtop::Runtime> open_runtime(const std::string& model, const dtop::RuntimeOptions& options) {
+  if (dtop::is_executorch_program(model)) {
+#ifdef DTOP_WITH_EXECUTORCH
+    return dtop::open_executorch(model, options);
+#else
+    throw dtop::Error(model + " is an ExecuTorch program and this dtop-embed was built without ExecuTorch: pip install "
+                      "'dtop-export[edge]' and run `dtop-export cpp build` again");
+#endif
+  }
+  return dtop::open_openvino(model, options);
+}
+
 std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vector<std::string>& paths,
                          const dtop::EmbedResult& r, int image_size, const std::vector<double>& scales) {
   using dtop::json::number;
   using dtop::json::quote;
   std::string s = "{\n  \"model\": " + quote(python_path(a.model)) + ",\n";
-  s += "  \"engine\": {\n    \"name\": \"openvino-cpp\",\n    \"precision\": " + quote(a.precision == "f32" ? "fp32" : a.precision) +
+  const bool pte = dtop::is_executorch_program(a.model);  // the precision a program was compiled with
+  const std::string precision = pte ? e.contract().precision : (a.precision == "f32" ? "fp32" : a.precision);
+  s += "  \"engine\": {\n    \"name\": " + quote(pte ? "executorch-cpp" : "openvino-cpp") +
+       ",\n    \"precision\": " + quote(precision) +
        ",\n    \"device\": " + quote(a.device == "CPU" ? "cpu" : a.device) +
        ",\n    \"descriptor_dim\": " + std::to_string(r.dim) + ",\n    \"source\": " + quote(python_path(a.model)) +
        ",\n    \"runtime\": " + quote(e.describe()) + "\n  },\n";
@@ -212,7 +230,7 @@ int run(int argc, char** argv) {
   options.threads = a.threads;
   options.precision = a.precision;
   options.device = a.device;
-  dtop::Embedder embedder(a.model, options);
+  dtop::Embedder embedder(open_runtime(a.model, options), a.model);
   if ((a.precision == "f16" || a.precision == "fp16") && embedder.fp32_islands() == 0) {
     std::cerr << "warning: " << a.model << " marks no FP32 islands: under f16 its whitening and L2 norms run in "
               << "FP16 too; give dtop-embed the IR from `dtop-export openvino MODEL.onnx`\n";

@@ -26,6 +26,7 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     demo,
     embed,
     evaluate,
+    executorch,
     index,
     info,
     init,

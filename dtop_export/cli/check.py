@@ -14,7 +14,7 @@ from dtop_export.errors import DToPError
 
 @app.command()
 def check(
-    model: Annotated[Path, typer.Argument(help="An ONNX file.")],
+    model: Annotated[Path, typer.Argument(help="An ONNX file, or an ExecuTorch program (.pte).")],
     target: Annotated[
         str | None, typer.Option("--target", help="Runtime whose ONNX parser to lint against: tensorrt.")
     ] = None,
@@ -39,7 +39,13 @@ def check(
 ) -> None:
     """Check an ONNX file on the CPU: `--target tensorrt` parses it with TensorRT's real ONNX parser where one can
     run (TensorRT-RTX needs no GPU) and lints it with dtop-export's rules (exit 1 when something would fail to
-    parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails)."""
+    parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails). A .pte: its contract, what runs
+    outside XNNPACK, and one forward pass (exit 1 when it breaks the contract)."""
+    if model.suffix.lower() == ".pte":
+        if target is not None or fp16_audit:
+            raise DToPError("--target and --fp16-audit check ONNX files: `check model.pte` takes no options")
+        _check_pte(model, json_out)
+        return
     if target is None and not fp16_audit:
         target = "tensorrt"
     if target is not None and target != "tensorrt":
@@ -121,3 +127,39 @@ def check(
         atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
     if failed:
         raise typer.Exit(code=1)
+
+
+def _check_pte(model: Path, json_out: Path | None) -> None:
+    from dtop_export.edge.pte import check_program
+
+    report = check_program(model)
+    con = console()
+    meta = report["metadata"]
+    delegation = report["delegation"] or {}
+    outside = delegation.get("outside") or {}
+    et = report["executorch"]
+    con.print(
+        f"{model.name}: {report['precision']} ExecuTorch program, input {report['input']} (resize "
+        f"{meta.get('resize_policy', {}).get('policy')} {meta.get('resize_policy', {}).get('size')}), descriptor "
+        f"{meta.get('descriptor_dim')}-d, {report['size_mb']} MiB",
+        highlight=False,
+        soft_wrap=True,
+    )
+    con.print(
+        f"XNNPACK: {delegation.get('partitions', '?')} partition(s); outside the delegate: "
+        + (", ".join(f"{k} x{v}" for k, v in outside.items()) or "nothing"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not et["same"]:
+        con.print(f"made with executorch {et['made_with']}, running on {et['running']}", style="yellow")
+    fwd = report["forward"]
+    con.print(f"forward pass: loaded in {fwd['load_s']:.2f} s, ran in {fwd['run_s']:.3f} s, norm {fwd['norm']:.6f}")
+    if json_out is not None:
+        from dtop_export.atomic import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+    if not report["passed"]:
+        con.print("FAIL: " + "; ".join(report["problems"]), style="bold red")
+        raise typer.Exit(code=1)
+    con.print("ok: the program keeps its contract")

@@ -28,7 +28,8 @@ def cpp_build(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Configure and build the C++ client with the installed openvino wheel's SDK; prints the binary's path.
+    r"""Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
+    .pte programs, when the \[edge] extra is installed); prints the binary's path.
 
     Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib development files (apt install cmake g++
     libjpeg-dev zlib1g-dev). Run again after an upgrade: the build is incremental.
@@ -51,6 +52,7 @@ def cpp_build(
         highlight=False,
     )
     con.print(f"library   {result.library}\nheaders   {result.include_dir}", highlight=False, soft_wrap=True)
+    con.print(f"executorch backend: {result.executorch}", highlight=False, soft_wrap=True)  # .pte programs
     if result.example:
         con.print(f"example   {result.example}", highlight=False, soft_wrap=True)
     if result.installed_to:
@@ -61,7 +63,7 @@ def cpp_build(
 
 @cpp_app.command("parity")
 def cpp_parity(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx (run by both sides).")],
+    model: Annotated[Path, typer.Argument(help="An exported .onnx or ExecuTorch .pte (run by both sides).")],
     images: Annotated[
         list[Path] | None,
         typer.Argument(help="Image files or folders (default: a generated set of every format and EXIF case)."),
@@ -98,7 +100,7 @@ def cpp_parity(
     check_image_size(image_size, sc, batch_size)
     refuse_existing(json_out, force=force)
     if not model.is_file():
-        raise DToPError(f"model {model} not found: give the .onnx both sides run")
+        raise DToPError(f"model {model} not found: give the .onnx or .pte both sides run")
     exe = binary or default_build_dir() / EMBED_TOOL
     check_binary(exe)
     con = console()
@@ -106,7 +108,7 @@ def cpp_parity(
         paths = expand_images(images) if images else sorted(write_format_zoo(tmp).values())
         if not paths:
             raise DToPError("no images given")
-        with con.status(f"embedding {len(paths)} images with {exe.name} and ONNX Runtime"):
+        with con.status(f"embedding {len(paths)} images with {exe.name} and Python"):
             report = compare(exe, model, paths, image_size, sc, batch_size, threads)
     table = Table(title=f"C++ client vs Python: {model.name}, {image_size}px, scales {list(sc)}")
     for col in ("image", "cosine", "input max-abs", "levels"):

@@ -17,29 +17,29 @@ def info(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="A checkpoint (.pt), an exported model (.onnx, IR .xml, TensorRT .plan), a shard folder "
-            "(embed -o DIR), an .npy of descriptors or a faiss index (index -o X.faiss)."
+            help="A checkpoint (.pt), an exported model (.onnx, IR .xml, ExecuTorch .pte, TensorRT .plan), a shard "
+            "folder (embed -o DIR), an .npy of descriptors or a faiss index (index -o X.faiss)."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="List the model presets.")] = False,
 ) -> None:
     """Describe a checkpoint (config, parameters per component, whitening, provenance), an exported model
-    (ONNX, OpenVINO IR, TensorRT plan: I/O and the deployment metadata), or a corpus's files (a shard folder, an
-    .npy of descriptors, a faiss index: settings, counts and an integrity check)."""
+    (ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan: I/O and the deployment metadata), or a corpus's files
+    (a shard folder, an .npy of descriptors, a faiss index: settings, counts and an integrity check)."""
     if presets:
         _info_presets(as_json)
         return
     if path is None:
-        raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .plan), or --presets")
-    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES
+        raise DToPError("give a checkpoint (.pt) or an exported model (.onnx, .xml, .pte, .plan), or --presets")
+    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
 
     suffix = path.suffix.lower()
     corpus = _describe_corpus(path, suffix)
     if corpus is not None:
         _print_info(corpus, as_json, title=str(path))
         return
-    if suffix in (".onnx", *IR_SUFFIXES, *PLAN_SUFFIXES):
+    if suffix in (".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES):
         _print_info(_describe_model(path, suffix), as_json, title=str(path))
         return
     from dtop_export.checkpoint import load_checkpoint
@@ -92,7 +92,7 @@ def _describe_corpus(path: Path, suffix: str) -> dict[str, Any] | None:
 
 
 def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
-    from dtop_export.engines import IR_SUFFIXES
+    from dtop_export.engines import IR_SUFFIXES, PTE_SUFFIXES
 
     if suffix == ".onnx":
         from dtop_export.contract import read_onnx_metadata
@@ -102,6 +102,10 @@ def _describe_model(path: Path, suffix: str) -> dict[str, Any]:
         from dtop_export.openvino_ir import describe_ir
 
         return describe_ir(path)
+    if suffix in PTE_SUFFIXES:
+        from dtop_export.engines.executorch import describe_pte
+
+        return describe_pte(path)
     from dtop_export.engines.tensorrt.sidecar import describe_plan
 
     return describe_plan(path)

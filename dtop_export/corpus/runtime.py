@@ -58,6 +58,10 @@ def model_contract(model: str) -> ModelContract:
         meta = read_sidecar(spec.path).metadata
     elif spec.kind == "onnx":
         meta = read_metadata(spec.path)
+    elif spec.kind == "pte":
+        from dtop_export.engines.executorch import pte_metadata
+
+        meta = pte_metadata(spec.path)
     if meta is not None:
         if "dtop.descriptor_dim" not in meta:
             raise DToPError(f"{spec.path} carries no dtop metadata (dtop.descriptor_dim): export it with dtop-export")
@@ -72,11 +76,11 @@ def engine_options(
     """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
     threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
     runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
-    own, so only ``fp32``/None is accepted there; ``auto``: the file and options ``bench --recommend`` chose for
-    this checkpoint on this CPU). ``shared_cores``: other work (a corpus job's decoding) runs on the engine's
-    cores, so ONNX Runtime's idle threads sleep instead of spinning (``spin=false``, unless MODEL sets it): measured
-    on 2 cores, a spinning session left the decoding 0.79 of a perfect overlap, a sleeping one 1.00. Bad options are
-    a :class:`DToPError`, before any work."""
+    own, so only ``fp32``/None is accepted there; an ExecuTorch ``.pte`` checks it against its own; ``auto``: the
+    file and options ``bench --recommend`` chose for this checkpoint on this CPU). ``shared_cores``: other work (a
+    corpus job's decoding) runs on the engine's cores, so ONNX Runtime's idle threads sleep instead of spinning
+    (``spin=false``, unless MODEL sets it): measured on 2 cores, a spinning session left the decoding 0.79 of a
+    perfect overlap, a sleeping one 1.00. Bad options are a :class:`DToPError`, before any work."""
     from dtop_export.bench.spec import PRECISIONS, parse_spec
 
     spec = parse_spec(model)
@@ -95,7 +99,7 @@ def engine_options(
     if precision is not None:
         if precision not in PRECISIONS:
             raise DToPError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
-        if spec.kind in ("checkpoint", "xml") or options.get("runtime") == "openvino":
+        if spec.kind in ("checkpoint", "xml", "pte") or options.get("runtime") == "openvino":
             options["precision"] = precision
         elif precision != "fp32":
             raise DToPError(

@@ -13,9 +13,9 @@ status, a timeout that catches a hang) and ``load_image`` + ``prepare`` in this 
 files refused, the same model inputs where both accept (0 levels), no crash, peak RSS within the decode budget.
 :data:`KNOWN_DIFFERENCES` lists the differences left and why (the README repeats them).
 
-``build`` (bytes of PNG, JPEG and TIFF structures), ``cases`` (seeds and mutations), ``rules`` (one Pillow rule
-per case), ``harness`` (the runs and the report). Imports ``preprocess`` and ``contract``; numpy, PIL and
-scikit-image inside the functions, ``onnx`` for :func:`tiny_model` only.
+``build`` (bytes of PNG, JPEG and TIFF structures), ``cases`` (seeds and mutations), ``rules`` and ``exif`` (one
+Pillow rule per case), ``harness`` (the runs and the report). Imports ``preprocess`` and ``contract``; numpy, PIL
+and scikit-image inside the functions, ``onnx`` for :func:`tiny_model` only.
 """
 
 from dtop_export.hostile.build import Case, many_scans_jpeg

@@ -1,5 +1,6 @@
 """The hostile set: seeds of every format the client decodes, their truncations, byte flips, enlarged headers and
-lying lengths, plus the rule cases (:mod:`dtop_export.hostile.rules`); deterministic, built in seconds."""
+lying lengths, plus the rule cases (:mod:`dtop_export.hostile.rules`, :mod:`dtop_export.hostile.exif`);
+deterministic, built in seconds."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dtop_export.hostile.build import (
     png_image,
     split_idat,
 )
-from dtop_export.hostile.rules import exif_cases, jpeg_rules, large_cases, palette_cases, png_rules
+from dtop_export.hostile.exif import exif_cases
+from dtop_export.hostile.rules import jpeg_rules, large_cases, palette_cases, png_rules
 
 
 def _photos() -> dict[str, Any]:

@@ -89,8 +89,11 @@ def evaluate(
 
 
 def evaluation_size(ds: RevisitopDataset, engine: Engine, image_size: int | None = None) -> int:
-    """The longer side a data set is evaluated at: ``image_size``, else the data set's own, else the engine's."""
-    return int(image_size or ds.image_size or engine.preprocess.size)
+    """The longer side a data set is evaluated at: ``image_size``, else the data set's own, else the engine's (a
+    program compiled for one square size takes its own: :func:`dtop_export.preprocess.input_size`)."""
+    from dtop_export.preprocess import input_size
+
+    return int(input_size(engine.preprocess, image_size, ds.image_size))
 
 
 def evaluate_dataset(

@@ -74,7 +74,8 @@ Image decode_image(const std::vector<std::uint8_t>& bytes, const std::string& wh
                    const DecodeLimits& limits = {});
 
 /// (width, height) the model sees: longer side `size * scale` keeping the aspect ratio, each side rounded to
-/// the nearest multiple of the stride (at least one stride). size <= 0 means cfg.size.
+/// the nearest multiple of the stride (at least one stride); under the `square` policy (a program compiled for one
+/// size, e.g. an ExecuTorch .pte) both sides are `size * scale` rounded to the stride. size <= 0 means cfg.size.
 std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg, int size = 0, double scale = 1.0);
 
 /// The pass order of Pillow's two-pass resample: true when the vertical pass runs first (the height shrinks, by

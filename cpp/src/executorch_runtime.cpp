@@ -1,0 +1,162 @@
+// The ExecuTorch implementation of dtop::Runtime: Module API (mmap-loaded program, XNNPACK delegate), the contract
+// from the program's `dtop_metadata` constant method, ExecuTorch's log lines kept for error messages instead of
+// printed (its runtime logs at Info level, e.g. the CPU probe, to stderr).
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/platform/platform.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dtop/executorch.hpp"
+#include "json.hpp"
+
+// The thread pool of the executorch wheel (libexecutorch_threadpool.so); its header is not in the wheel. These are
+// the declarations of extension/threadpool/threadpool.h that this file uses.
+namespace executorch::extension::threadpool {
+class ThreadPool final {
+ public:
+  std::size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(std::uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace dtop {
+namespace {
+
+using executorch::extension::module::Module;
+using executorch::runtime::Error;
+
+constexpr const char* kMetadataMethod = "dtop_metadata";
+
+// ExecuTorch's log: errors are kept (the last few) for our messages, everything else is dropped.
+std::mutex log_mutex;
+std::vector<std::string> log_errors;
+
+void keep_errors(et_timestamp_t, et_pal_log_level_t level, const char* filename, const char*, std::size_t line,
+                 const char* message, std::size_t length) {
+  if (level != kError && level != kFatal) return;
+  std::string text(message, length);
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  std::lock_guard<std::mutex> lock(log_mutex);
+  log_errors.push_back(std::filesystem::path(filename ? filename : "").filename().string() + ":" +
+                       std::to_string(line) + ": " + text);
+  if (log_errors.size() > 8) log_errors.erase(log_errors.begin());
+}
+
+void quiet_log() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    executorch::runtime::register_pal(executorch::runtime::PalImpl::create(keep_errors, __FILE__));
+  });
+}
+
+// "(code: the runtime's last error line)" for an error message.
+std::string reason(Error error) {
+  std::string text = executorch::runtime::to_string(error);
+  std::lock_guard<std::mutex> lock(log_mutex);
+  if (!log_errors.empty()) text += ": " + log_errors.back();
+  log_errors.clear();
+  return text;
+}
+
+class ExecuTorchRuntime final : public Runtime {
+ public:
+  ExecuTorchRuntime(const std::string& path, const RuntimeOptions& options) : path_(path), options_(options) {
+    if (!std::filesystem::is_regular_file(path)) throw dtop::Error("model " + path + " not found");
+    if (options.threads < 0) throw dtop::Error("threads must be >= 0 (0: ExecuTorch's default)");
+    if (options.precision != "f32" && options.precision != "fp32") {
+      throw dtop::Error(path + " is an ExecuTorch program: it runs at the precision it was compiled with (" +
+                        std::string("drop --precision ") + options.precision + ")");
+    }
+    if (options.device != "CPU" && options.device != "cpu") {
+      throw dtop::Error("an ExecuTorch program runs on the CPU (XNNPACK), not " + options.device);
+    }
+    quiet_log();
+    module_ = std::make_unique<Module>(path, Module::LoadMode::Mmap);
+    if (const Error e = module_->load(); e != Error::Ok) {
+      throw dtop::Error(path + " is not a readable ExecuTorch program (" + reason(e) +
+                        "): export it again with `dtop-export executorch`");
+    }
+    read_metadata();
+    if (options.threads > 0) {
+      auto* pool = executorch::extension::threadpool::get_threadpool();
+      if (pool != nullptr && pool->get_thread_count() != static_cast<std::size_t>(options.threads)) {
+        pool->_unsafe_reset_threadpool(static_cast<std::uint32_t>(options.threads));
+      }
+    }
+    if (const Error e = module_->load_forward(); e != Error::Ok) {
+      throw dtop::Error("ExecuTorch cannot load " + path + "'s forward method (" + reason(e) + ")");
+    }
+  }
+
+  const Metadata& metadata() const override { return metadata_; }
+
+  std::vector<float> run(const float* images, int batch, int height, int width, int* dim) override {
+    auto input = executorch::extension::from_blob(const_cast<float*>(images), {batch, 3, height, width},
+                                                  executorch::aten::ScalarType::Float);
+    auto result = module_->forward(input);
+    if (!result.ok()) {
+      throw dtop::Error("ExecuTorch inference failed on a " + std::to_string(batch) + "x3x" + std::to_string(height) +
+                        "x" + std::to_string(width) + " batch (" + reason(result.error()) + ")");
+    }
+    if (result->empty() || !(*result)[0].isTensor()) throw dtop::Error(path_ + " returned no tensor");
+    const auto& out = (*result)[0].toTensor();
+    if (out.dim() != 2 || out.size(0) != batch) {
+      throw dtop::Error(path_ + " returned a tensor of rank " + std::to_string(out.dim()) + " for a batch of " +
+                        std::to_string(batch) + ": expected [batch, N]");
+    }
+    *dim = static_cast<int>(out.size(1));
+    const float* p = out.const_data_ptr<float>();
+    return std::vector<float>(p, p + out.numel());
+  }
+
+  std::string describe() const override {
+    const auto version = metadata_.find("dtop.executorch_version");
+    return "executorch " + (version == metadata_.end() ? std::string("?") : version->second) + " XNNPACK " +
+           (options_.threads > 0 ? std::to_string(options_.threads) + " threads" : std::string("default threads"));
+  }
+
+ private:
+  void read_metadata() {
+    const auto names = module_->method_names();
+    if (!names.ok() || names->count(kMetadataMethod) == 0) {
+      throw dtop::Error(path_ + " carries no dtop-export contract (no " + kMetadataMethod +
+                        " method): export it with `dtop-export executorch CKPT.pt`");
+    }
+    auto out = module_->execute(kMetadataMethod);
+    if (!out.ok() || out->empty() || !(*out)[0].isString()) {
+      throw dtop::Error(path_ + ": its " + kMetadataMethod + " method returns no string: export it again");
+    }
+    const std::string text((*out)[0].toString());
+    json::Value meta;
+    try {
+      meta = json::parse(text);
+    } catch (const std::exception& e) {
+      throw dtop::Error(path_ + ": its " + kMetadataMethod + " is not JSON (" + e.what() + "): export it again");
+    }
+    if (meta.kind != json::Value::Kind::Object) {
+      throw dtop::Error(path_ + ": its " + kMetadataMethod + " is not a JSON object: export it again");
+    }
+    for (const auto& [key, value] : meta.fields) {
+      if (value.kind == json::Value::Kind::String) metadata_[key] = value.text;
+    }
+  }
+
+  std::string path_;
+  RuntimeOptions options_;
+  std::unique_ptr<Module> module_;
+  Metadata metadata_;
+};
+
+}  // namespace
+
+std::unique_ptr<Runtime> open_executorch(const std::string& model_path, const RuntimeOptions& options) {
+  return std::make_unique<ExecuTorchRuntime>(model_path, options);
+}
+
+}  // namespace dtop

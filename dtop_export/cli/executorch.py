@@ -1,0 +1,149 @@
+"""``dtop-export executorch``: checkpoint -> one ExecuTorch program (``.pte``, XNNPACK) per square input size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dtop_export.cli.common import (
+    CalibOpt,
+    ForceOpt,
+    JsonOpt,
+    app,
+    console,
+    output_option,
+    parse_int_list,
+    write_json,
+)
+from dtop_export.errors import DToPError
+
+
+def pte_outputs(checkpoint: Path, output: Path | None, sizes: list[int], int8: bool) -> list[Path]:
+    """The files to write: ``-o`` as given for one size, ``-o``'s stem + ``.S.pte`` per size for several; by default
+    ``CHECKPOINT.S.pte`` (``.S.int8.pte``) next to the checkpoint."""
+    tail = ".int8.pte" if int8 else ".pte"
+    if output is not None:
+        if output.suffix.lower() != ".pte":
+            raise DToPError(f"-o {output} should end in .pte")
+        if len(sizes) == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}.{s}.pte") for s in sizes]
+    return [checkpoint.with_name(f"{checkpoint.stem}.{s}{tail}") for s in sizes]
+
+
+@app.command()
+def executorch(
+    checkpoint: Annotated[Path, typer.Argument(help="dtop-export checkpoint (.pt).")],
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size", help="Square input side(s), multiples of the stride: one .pte per size (e.g. 384 or 256,384)."
+        ),
+    ] = "384",
+    output: Annotated[
+        Path | None,
+        output_option(
+            "-o", "--output", help=".pte to write (several sizes: its stem + .SIZE.pte; default CKPT.SIZE[.int8].pte)."
+        ),
+    ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8", help="INT8: dynamic quantisation of the linear layers (XNNPACK QD8), checked on --calib."
+        ),
+    ] = False,
+    calib: CalibOpt = None,
+    calib_count: Annotated[
+        int | None, typer.Option("--calib-count", help="Images the INT8 program is checked on (default 16).")
+    ] = None,
+    keep_float: Annotated[
+        str | None,
+        typer.Option("--keep-float", help="Block layers --int8 leaves float: qkv, proj, fc1, fc2 (default: fc2)."),
+    ] = None,
+    no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the checkpoint's whitening out.")] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = None,
+) -> None:
+    r"""Compile a checkpoint to ExecuTorch programs for phones, ARM boards and embedded Linux: one .pte per square
+    size, the position embedding resampled once for it, whitening and L2 norms folded in, every operator delegated to
+    XNNPACK, the deployment contract inside the file. Images are resized whole to SIZE x SIZE (aspect ratio not
+    kept). Needs the \[edge] extra (pip install 'dtop-export\[edge]')."""
+    if not int8:
+        for value, flag in ((calib, "--calib"), (calib_count, "--calib-count"), (keep_float, "--keep-float")):
+            if value is not None:
+                raise DToPError(f"{flag} applies to --int8 only: add --int8, or drop {flag}")
+    calib_count = 16 if calib_count is None else calib_count
+    from dtop_export.edge.pte import DEFAULT_KEEP_FLOAT
+
+    roles = DEFAULT_KEEP_FLOAT if keep_float is None else [r.strip() for r in keep_float.split(",") if r.strip()]
+    if calib_count < 1:
+        raise DToPError(f"--calib-count must be >= 1, got {calib_count}")
+    if checkpoint.suffix.lower() in (".pte", ".onnx", ".xml"):
+        raise DToPError(
+            f"{checkpoint.name} is an exported model: `dtop-export executorch` compiles the checkpoint (.pt) it came "
+            "from (INT8 too: --int8)"
+        )
+    sizes = list(dict.fromkeys(parse_int_list(size, "--size")))
+    from dtop_export.checkpoint import check_checkpoint_file
+
+    check_checkpoint_file(checkpoint)
+    outputs = pte_outputs(checkpoint, output, sizes, int8)
+    for out in outputs:
+        if out.exists() and not force:
+            raise DToPError(f"{out} exists: pass --force to overwrite it")
+    from dtop_export.engines.executorch import require_executorch
+
+    require_executorch()  # before minutes of work: the [edge] extra and a matching torch
+    from dtop_export.checkpoint import load_checkpoint
+    from dtop_export.edge.pte import square_preprocess, write_pte
+
+    ckpt = load_checkpoint(checkpoint)
+    stride = ckpt.preprocess.stride
+    for s in sizes:
+        if s % stride:
+            lower = max(stride, s // stride * stride)
+            raise DToPError(
+                f"--size {s} is not a multiple of the model stride {stride}: try {lower} or {lower + stride}"
+            )
+    con = console()
+    paths, source = [], ""
+    if int8:
+        from dtop_export.preprocess import list_images
+        from dtop_export.quantize import default_calibration_images
+
+        paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
+    results = []
+    for s, out in zip(sizes, outputs):
+        tensors = []
+        with con.status(f"{out.name}: preparing") as status:
+            if int8:
+                from dtop_export.quantize import calibration_tensors
+
+                status.update(f"{out.name}: preparing {calib_count} check images at {s}x{s}")
+                tensors = calibration_tensors(paths, square_preprocess(ckpt.preprocess, s), [s], calib_count)
+            r = write_pte(
+                ckpt, out, s, int8=int8, calib=tensors, calibration_source=source, keep_float=roles if int8 else (),
+                whiten=not no_whiten,
+                on_stage=lambda name, o=out: status.update(f"{o.name}: {name}"),
+            )  # fmt: skip
+        results.append(r)
+        con.print(
+            f"wrote {r.path} ({r.size_bytes / 2**20:.1f} MiB, {r.precision}, input 1x3x{s}x{s}, "
+            f"{r.delegation.describe()}) in {r.seconds:.1f} s",
+            soft_wrap=True,
+            highlight=False,
+        )
+        con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
+        check = r.quantization.get("check")
+        if check:
+            verdict = "within" if check["cosine_min"] >= 0.99 else "BELOW"
+            con.print(
+                f"INT8 vs the fp32 program on {check['images']} images ({source}): cosine min "
+                f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} ({verdict} the INT8 contract's 0.99)",
+                soft_wrap=True,
+                highlight=False,
+            )
+    if json_out is not None:
+        write_json(json_out, {"checkpoint": str(checkpoint), "programs": [r.to_dict() for r in results]})
