@@ -468,3 +468,24 @@ def test_the_decode_pool_is_processes_for_a_cuda_engine_by_default() -> None:
     assert resolve_pool("auto", cuda) == "process" and resolve_pool("auto", cpu) == "thread"
     assert resolve_pool("auto", cuda, gpu_decode=True) == "thread"  # the CPU only reads JPEG headers then
     assert resolve_pool("thread", cuda) == "thread" and resolve_pool("process", cpu) == "process"
+
+
+def test_the_header_scan_leaves_a_fifo_to_the_decoder(tmp_path: Path) -> None:
+    """Reading a FIFO's header would block the window's scan (and eat the bytes its decode needs): the scan gives
+    it no predicted shape; a regular file's header still gives one."""
+    import os
+
+    from dtop_export.corpus.schedule import predicted_shapes
+
+    fifo = tmp_path / "stuck.jpg"
+    os.mkfifo(fifo)
+    Image.new("RGB", (200, 100)).save(tmp_path / "wide.jpg")
+    got: list[Any] = []
+    scan = threading.Thread(target=lambda: got.append(predicted_shapes(str(fifo), CFG, 96, (1.0,))), daemon=True)
+    scan.start()
+    scan.join(timeout=10)
+    if scan.is_alive():  # the old code blocks in open(): a writer releases it
+        with open(fifo, "wb"):
+            pass
+    assert got == [None]
+    assert predicted_shapes(str(tmp_path / "wide.jpg"), CFG, 96, (1.0,)) == ((48, 96),)

@@ -17,6 +17,8 @@ input shape together, so that camera photos form full batches instead of fragmen
 from __future__ import annotations
 
 import itertools
+import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,11 @@ def predicted_shapes(path: str, cfg: PreprocessConfig, image_size: int, scales: 
     from dtop_export.preprocess import model_size
 
     if is_uri(path):  # reading a remote header costs a request of its own; the decode will tell
+        return None
+    try:  # a FIFO, socket or device: reading its header would block the scan and eat bytes the decode needs
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
         return None
     wh = header_size(path, header_only=True)
     if wh is None:
