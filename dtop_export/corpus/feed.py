@@ -58,9 +58,11 @@ def resolve_pool(pool: str, engine: Engine, gpu_decode: bool = False) -> str:
     """``auto``: processes when the engine runs on a GPU and the CPU decodes (16 decode threads fed an H200 42 img/s
     end to end at 512 px, 16 processes 204: the GIL, benchmarks/README "Feeding the GPU"); threads on a CPU, whose
     engine shares the cores (no pickling), and for ``--gpu-decode`` (the CPU only reads headers)."""
+    from dtop_export.corpus.schedule import on_cuda
+
     if pool != "auto":
         return pool
-    return "process" if str(engine.device).startswith("cuda") and not gpu_decode else "thread"
+    return "process" if on_cuda(engine) and not gpu_decode else "thread"
 
 
 def default_workers() -> int:
@@ -414,11 +416,11 @@ def embed_batches(
     batch_size: int,
 ) -> None:
     """Drive ``engine`` with ``feeder``'s batches, the results into ``assembler`` (``stats``: images, busy time)."""
-    from dtop_export.corpus.schedule import needs_warmup, pad_batch, padded_size, pads_batches, warm_up
+    from dtop_export.corpus.schedule import needs_warmup, on_cuda, pad_batch, padded_size, warm_up
 
     rows: deque[list[tuple[int, int]]] = deque()
     tracker = feeder.tracker
-    pad = pads_batches(engine)
+    pad = on_cuda(engine)
 
     def pixels() -> Iterator[Any]:
         for item in feeder:

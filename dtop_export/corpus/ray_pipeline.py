@@ -169,7 +169,7 @@ class EmbedActor:
             self.open_error = f"{where}: {reason}\n{traceback.format_exc()}"  # line 1 is the message
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from dtop_export.corpus.schedule import pad_batch, pads_batches
+        from dtop_export.corpus.schedule import on_cuda, pad_batch
 
         n = len(batch["key"])
         if self.engine is None:
@@ -190,7 +190,7 @@ class EmbedActor:
         b = self.batch_size
         chunks = [rows[i : i + b] for rows in groups.values() for i in range(0, len(rows), b)]
         t0 = time.perf_counter()
-        pad = pads_batches(self.engine)  # a call cuts shape groups anywhere: on a GPU, bounded batch sizes
+        pad = on_cuda(self.engine)  # a call cuts shape groups anywhere: on a GPU, bounded batch sizes
         stacked = (np.stack([np.asarray(batch["tensor"][i], np.uint8) for i in c]) for c in chunks)
         stacked = (pad_batch(x, b) if pad else x for x in stacked)
         for chunk, out in zip(chunks, self.engine.embed_pixels_stream(stacked)):

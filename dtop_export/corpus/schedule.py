@@ -187,17 +187,18 @@ def pad_batch(pixels: Any, batch_size: int) -> Any:
     return torch.cat([pixels, pixels[-1:].expand(extra, *pixels.shape[1:])])
 
 
-def pads_batches(engine: Any) -> bool:
-    """Whether a corpus job pads ``engine``'s batches (:func:`pad_batch`): a CUDA engine (cuDNN autotunes per
-    shape); on a CPU an odd batch size costs nothing extra, and padding would only cost compute."""
-    return str(getattr(engine, "device", "cpu")).startswith("cuda")
+def on_cuda(engine: Any) -> bool:
+    """Whether ``engine`` runs on a CUDA device: a corpus job then warms it up (:func:`needs_warmup`), pads its
+    batches (:func:`pad_batch`: cuDNN autotunes per shape; on a CPU padding would only cost compute) and decodes in
+    processes (:func:`~dtop_export.corpus.feed.resolve_pool`)."""
+    return str(engine.device).startswith("cuda")
 
 
 def needs_warmup(engine: Any) -> bool:
     """An engine whose first call at a shape costs more than the next ones by design: on a GPU (CUDA init, cuDNN's
     per-shape autotuning) or compiled (a graph per shape). An eager CPU engine is not warmed up: that would only
     spend the cores the decoding needs."""
-    return str(engine.device).startswith("cuda") or bool(engine.describe().get("compile"))
+    return on_cuda(engine) or bool(engine.describe().get("compile"))
 
 
 def warm_up(engine: Any, shapes: list[tuple[int, int]], batch_size: int) -> float:
