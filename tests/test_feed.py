@@ -489,3 +489,50 @@ def test_the_header_scan_leaves_a_fifo_to_the_decoder(tmp_path: Path) -> None:
             pass
     assert got == [None]
     assert predicted_shapes(str(tmp_path / "wide.jpg"), CFG, 96, (1.0,)) == ((48, 96),)
+
+
+STUCK_FEED = """
+import os, signal, sys, threading, time
+from dtop_export.corpus.feed import Feeder
+from dtop_export.corpus.source import CorpusItem
+from dtop_export.preprocess import PreprocessConfig
+
+cfg = PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), size=64)
+feeder = Feeder([CorpusItem(0, "stuck", sys.argv[1])], cfg, 64, (1.0,), batch_size=1, shard_size=1,
+                workers=1, pool=sys.argv[2])
+def interrupt():  # Ctrl-C once the decode has started (it blocks in open(): the FIFO has no writer)
+    while feeder.stats.max_decoding < 1:
+        time.sleep(0.01)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    list(feeder)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_an_interrupted_job_exits_while_a_decode_never_returns(tmp_path: Path, pool: str) -> None:
+    """Ctrl-C while a decode is blocked for good (a FIFO without a writer; a hung network mount): the feed leaves
+    its pool without waiting and the process exits (ThreadPoolExecutor's workers are joined at exit: it hung)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "stuck.jpg"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_FEED, str(fifo), pool], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):  # a writer releases a stuck open() (ENXIO: nobody has it open)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        os.killpg(proc.pid, signal.SIGKILL)  # its pool's processes too: they hold its output pipes
+        proc.communicate()
+        pytest.fail(f"the {pool} pool kept the interrupted process alive")
+    assert proc.returncode == 0 and out.strip() == "interrupted", err[-2000:]

@@ -328,40 +328,40 @@ class Feeder:
 
     def start(self) -> None:
         """Start the pool and the producer (the first iteration does, if not called before)."""
-        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+        from dtop_export.corpus.pool import decode_pool
 
         if self.thread is not None:
             return
-        if self.pool_kind == "thread":
-            self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="dtop-decode")
-        else:
-            import multiprocessing
-
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+        self.executor = decode_pool(self.pool_kind, self.workers)
         self.thread = threading.Thread(target=self._produce, name="dtop-feeder", daemon=True)
         self.thread.start()
 
     def __iter__(self) -> Iterator[Batch | Failure]:
         self.start()
+        finished = False
         try:
             while True:
                 t0 = time.perf_counter()
                 item = self.out.get()
                 self.stats.wait_s += time.perf_counter() - t0
                 if item is _DONE:
+                    finished = True
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            self.close()
+            self.close(wait=finished)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the producer and the pool; ``wait=False`` (Ctrl-C, an error): decodes in flight are left."""
+        from dtop_export.corpus.pool import leave
+
         self.stop.set()
         if self.thread is not None:
-            self.thread.join()
+            self.thread.join(timeout=None if wait else 1.0)
         if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor.shutdown(wait=True, cancel_futures=True) if wait else leave(self.executor)
             self.executor = None
 
 
