@@ -21,3 +21,20 @@ class ShapeError(DToPError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what the interrupted command kept and how to go on (the CLI prints it and exits 130)."""
+
+
+def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in the chain that led to ``error`` (its causes and contexts): typer raises
+    ``Exit(130) from`` Ctrl-C's KeyboardInterrupt, and a C extension interrupted while it loads raises
+    ``ImportError("initialization failed")`` from it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None

@@ -171,3 +171,29 @@ def test_help_keeps_the_extras_it_names() -> None:
         checked += 1
         assert r.exit_code == 0 and all(f"[{e}]" in text for e in extras), (argv, extras, text[:400])
     assert checked >= 2, found  # executorch, cpp build and trt name theirs
+
+
+def test_ctrl_c_while_a_c_extension_loads_is_an_interrupt(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    """Ctrl-C during the import of a C extension (onnxruntime's, in the first second of a job) surfaces as
+    ``ImportError("initialization failed")`` raised from the KeyboardInterrupt (pybind11): exit 130 with the
+    interrupt's line, no traceback; an ImportError of its own still propagates."""
+    import dtop_export.cli as cli_module
+
+    def interrupted_import(args: list[str], prog_name: str) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(cli_module, "app", interrupted_import)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["embed"])
+    assert exit_info.value.code == 130
+    assert "interrupted: files are written whole or not at all" in capsys.readouterr().err
+
+    def broken_import(args: list[str], prog_name: str) -> None:
+        raise ImportError("no module named nothing")
+
+    monkeypatch.setattr(cli_module, "app", broken_import)
+    with pytest.raises(ImportError, match="nothing"):
+        cli_module.main(["embed"])

@@ -493,39 +493,53 @@ def test_the_header_scan_leaves_a_fifo_to_the_decoder(tmp_path: Path) -> None:
 
 STUCK_FEED = """
 import os, signal, sys, threading, time
-from dtop_export.corpus.feed import Feeder
+from dtop_export.corpus.feed import Feeder, embed_batches
 from dtop_export.corpus.source import CorpusItem
 from dtop_export.preprocess import PreprocessConfig
 
+ok, fifo, pool, where = sys.argv[1:5]
 cfg = PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), size=64)
-feeder = Feeder([CorpusItem(0, "stuck", sys.argv[1])], cfg, 64, (1.0,), batch_size=1, shard_size=1,
-                workers=1, pool=sys.argv[2])
-def interrupt():  # Ctrl-C once the decode has started (it blocks in open(): the FIFO has no writer)
+items = [CorpusItem(0, "ok", ok), CorpusItem(1, "stuck", fifo)]  # ok's header: a shape to warm up at
+feeder = Feeder(items, cfg, 64, (1.0,), batch_size=1, shard_size=2, workers=1, pool=pool)
+
+def decoding():  # the FIFO's decode has started (it blocks in open(): the FIFO has no writer)
     while feeder.stats.max_decoding < 1:
         time.sleep(0.01)
-    time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGINT)
-threading.Thread(target=interrupt, daemon=True).start()
+    time.sleep(1.5)
+
+class WarmingEngine:  # a GPU engine's warm-up, which Ctrl-C interrupts
+    device = "cuda"
+    def embed_pixels(self, pixels):
+        decoding()
+        raise KeyboardInterrupt
+
 try:
-    list(feeder)
+    if where == "warm-up":
+        embed_batches(WarmingEngine(), feeder, None, None, None, 1)
+    else:  # Ctrl-C while the engine's thread waits for the FIFO's batch
+        threading.Thread(target=lambda: (decoding(), os.kill(os.getpid(), signal.SIGINT)), daemon=True).start()
+        list(feeder)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
 """
 
 
+@pytest.mark.parametrize("where", ["waiting for a batch", "warm-up"])
 @pytest.mark.parametrize("pool", ["thread", "process"])
-def test_an_interrupted_job_exits_while_a_decode_never_returns(tmp_path: Path, pool: str) -> None:
-    """Ctrl-C while a decode is blocked for good (a FIFO without a writer; a hung network mount): the feed leaves
-    its pool without waiting and the process exits (ThreadPoolExecutor's workers are joined at exit: it hung)."""
+def test_an_interrupted_job_exits_while_a_decode_never_returns(tmp_path: Path, pool: str, where: str) -> None:
+    """Ctrl-C while a decode is blocked for good (a FIFO without a writer; a hung network mount), the engine's thread
+    waiting for that batch or warming the engine up: the feed leaves its pool without waiting and the process exits
+    (ThreadPoolExecutor's workers are joined at exit, a process pool waits for its workers: both hung)."""
     import contextlib
     import os
     import signal
     import subprocess
     import sys
 
-    fifo = tmp_path / "stuck.jpg"
+    fifo, ok = tmp_path / "stuck.jpg", tmp_path / "ok.jpg"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, "-c", STUCK_FEED, str(fifo), pool], stdout=subprocess.PIPE,
+    Image.new("RGB", (80, 60)).save(ok)
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_FEED, str(ok), str(fifo), pool, where], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=60)
@@ -534,5 +548,6 @@ def test_an_interrupted_job_exits_while_a_decode_never_returns(tmp_path: Path, p
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         os.killpg(proc.pid, signal.SIGKILL)  # its pool's processes too: they hold its output pipes
         proc.communicate()
-        pytest.fail(f"the {pool} pool kept the interrupted process alive")
+        pytest.fail(f"the {pool} pool kept the process interrupted in '{where}' alive")
     assert proc.returncode == 0 and out.strip() == "interrupted", err[-2000:]
+    assert "Traceback" not in err, err[-2000:]  # e.g. a done-callback on a cancelled future

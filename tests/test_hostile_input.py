@@ -5,6 +5,7 @@ open from anywhere. Cheap by design: 10 small images at 64 px, synthetic shards,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -89,6 +90,22 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _wait_for_reader(fifo: Path, proc: subprocess.Popen[str], timeout: float = 90) -> int:
+    """A write end of ``fifo`` once ``proc`` has it open for reading (before that: ENXIO); the reader then blocks in
+    read() for as long as the caller keeps the returned descriptor open."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited {proc.returncode} before it read {fifo.name}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for the job to open {fifo.name}")
+
+
 def _holder(lock: Path) -> str:
     return lock.read_text() if lock.is_file() else ""
 
@@ -108,10 +125,11 @@ def test_one_job_per_folder_stale_safe_after_sigkill_and_ctrl_c_says_how_to_resu
     args = ["embed", str(small_onnx), str(src), "-o", str(out), "--image-size", SIZE, "--shard-size", "2"]
     lock = out / ".dtop-export.lock"
     procs: list[subprocess.Popen[str]] = []
+    writer: int | None = None
 
     def spawn() -> subprocess.Popen[str]:
         procs.append(subprocess.Popen([*EXE, *args, "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True))  # fmt: skip
+                                      text=True, env=os.environ | {"PYTHONFAULTHANDLER": "1"}))  # fmt: skip
         return procs[-1]
 
     try:
@@ -124,11 +142,18 @@ def test_one_job_per_folder_stale_safe_after_sigkill_and_ctrl_c_says_how_to_resu
         first.wait()
         third = spawn()
         _wait_for(lambda: f'"pid": {third.pid}' in _holder(lock), third, "the job after a SIGKILL")
+        writer = _wait_for_reader(fifo, third)  # its decode is in the FIFO: it blocks in read() while we hold this
         third.send_signal(signal.SIGINT)
-        _, err = third.communicate(timeout=60)
+        try:
+            _, err = third.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            third.send_signal(signal.SIGABRT)
+            raise AssertionError(f"Ctrl-C did not end the job:\n{third.communicate(timeout=30)[1][-6000:]}") from None
         assert third.returncode == 130, err[-2000:]
         assert "interrupted: 2 of 3 shard(s) are complete" in err and "run the same command again" in err, err
     finally:
+        if writer is not None:
+            os.close(writer)
         for p in procs:
             if p.poll() is None:
                 p.kill()

@@ -42,7 +42,7 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     whiten,
 )
 from dtop_export.cli.common import app
-from dtop_export.errors import DToPError, Interrupted
+from dtop_export.errors import DToPError, Interrupted, find_cause
 
 __all__ = ["app", "main"]
 
@@ -69,8 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as e:  # raised outside a command (typer turns the command's into exit code 130)
         _interrupted(e)
         sys.exit(130)
+    except Exception as e:
+        interrupt = find_cause(e, KeyboardInterrupt)  # Ctrl-C while a C extension loaded: an ImportError
+        if interrupt is None or debug:
+            raise
+        _interrupted(interrupt)
+        sys.exit(130)
     except SystemExit as e:
-        interrupt = _cause(e, KeyboardInterrupt)
+        interrupt = find_cause(e, KeyboardInterrupt)
         if e.code == 130 and interrupt is not None:
             _interrupted(interrupt)
         raise
@@ -79,22 +85,6 @@ def main(argv: list[str] | None = None) -> None:
             # The process exits next: spare the interpreter its final collection over everything the command
             # made (about 2 s after an r50-vitb16 export, whose tracing leaves millions of objects behind).
             gc.freeze()
-
-
-def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of ``kind`` in the chain that led to ``error`` (typer raises ``Exit(130) from`` Ctrl-C's
-    KeyboardInterrupt, then ``sys.exit`` while handling it)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        if isinstance(e, kind):
-            return e
-        seen.add(id(e))
-        todo += [e.__cause__, e.__context__]
-    return None
 
 
 def _interrupted(interrupt: BaseException) -> None:

@@ -30,7 +30,7 @@ from dtop_export.corpus.runtime import (
     model_contract,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
-from dtop_export.errors import DToPError, Interrupted
+from dtop_export.errors import DToPError, Interrupted, find_cause
 from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
@@ -341,8 +341,11 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         with folder_lock(job.output, "embed job"):
             try:
                 return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
-            except KeyboardInterrupt as e:
+            except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
+
+                if find_cause(e, KeyboardInterrupt) is None:
+                    raise
 
                 n = settings.n_shards()
                 done = sum(shard_is_complete(job.output, k, settings) for k in range(n))

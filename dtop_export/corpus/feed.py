@@ -7,7 +7,7 @@
     this thread      queue -> engine.embed_pixels_stream (normalised by the engine) -> ShardAssembler
 
 The pool is threads (Pillow decodes and resizes with the GIL released) or processes (no GIL at all, the pixels
-pickled back); ``auto`` (:func:`resolve_pool`) picks processes for a CUDA engine, threads otherwise. The queue
+pickled back); ``auto`` (:func:`~.pool.resolve_pool`) picks processes for a CUDA engine, threads otherwise. The queue
 holds ``prefetch`` ready batches, so the next batch is ready when the engine asks for it. What ran concurrently
 is counted (:class:`FeedStats`): decode tasks running at once, and decode tasks that finished while the engine held
 a batch. On a GPU, batches are padded to a multiple of a quarter batch (:func:`~.schedule.pad_batch`).
@@ -16,7 +16,6 @@ a batch. On a GPU, batches are padded to a multiple of a quarter batch (:func:`~
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.corpus.gpu_decode import Encoded, inspect_jpeg
+from dtop_export.corpus.pool import default_workers, resolve_pool, timed
 from dtop_export.corpus.schedule import (
     Batch,
     Batcher,
@@ -52,22 +52,6 @@ if TYPE_CHECKING:
 
 POOLS = ("thread", "process")
 WARMUP_SHAPES = 8  # an engine that needs it is warmed up at the most frequent input shapes of the header scan
-
-
-def resolve_pool(pool: str, engine: Engine, gpu_decode: bool = False) -> str:
-    """``auto``: processes when the engine runs on a GPU and the CPU decodes (16 decode threads fed an H200 42 img/s
-    end to end at 512 px, 16 processes 204: the GIL, benchmarks/README "Feeding the GPU"); threads on a CPU, whose
-    engine shares the cores (no pickling), and for ``--gpu-decode`` (the CPU only reads headers)."""
-    from dtop_export.corpus.schedule import on_cuda
-
-    if pool != "auto":
-        return pool
-    return "process" if on_cuda(engine) and not gpu_decode else "thread"
-
-
-def default_workers() -> int:
-    """Decode workers by default: every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def decode_item(
@@ -221,9 +205,11 @@ class Feeder:
                     self.tracker.decode_finished(time.perf_counter() - t0)
 
             return self.executor.submit(task)
-        fut = self.executor.submit(_timed, fn, path)
+        fut = self.executor.submit(timed, fn, path)
         self.tracker.decode_started()  # counted from submission: the process's own start is not visible here
-        fut.add_done_callback(lambda f: self.tracker.decode_finished(f.result()[1] if not f.exception() else 0.0))
+        fut.add_done_callback(
+            lambda f: self.tracker.decode_finished(0.0 if f.cancelled() or f.exception() else f.result()[1])
+        )
         return fut
 
     def _put(self, item: Any) -> None:
@@ -247,6 +233,8 @@ class Feeder:
         per_window = shards_per_window(self.shard_size, self.batch_size, len(self.scales))
         batcher = Batcher(self.batch_size, stack=self._stack if self.gpu is not None else None)
         for window in windows(self.items, self.shard_size, per_window):
+            if self.stop.is_set():
+                return
             t0 = time.perf_counter()
             shapes = list(self.executor.map(scan, [it.path for it in window], chunksize=16))
             self.stats.scan_s += time.perf_counter() - t0
@@ -354,20 +342,16 @@ class Feeder:
             self.close(wait=finished)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the producer and the pool; ``wait=False`` (Ctrl-C, an error): decodes in flight are left."""
+        """Stop the pool, then the producer (which may wait on it); ``wait=False`` (Ctrl-C, an error): decodes in
+        flight are left (:func:`~.pool.leave`)."""
         from dtop_export.corpus.pool import leave
 
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=None if wait else 1.0)
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True) if wait else leave(self.executor)
-            self.executor = None
-
-
-def _timed(fn: Callable[[str], Any], path: str) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(path), time.perf_counter() - t0
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True) if wait else leave(executor)
+            if self.thread is not None:
+                self.thread.join(timeout=None if wait else 1.0)
 
 
 def run_local(
@@ -432,19 +416,23 @@ def embed_batches(
             yield pad_batch(item.pixels, batch_size) if pad else item.pixels
 
     feeder.start()
-    if needs_warmup(engine):  # while the producer scans and decodes the first window
-        feeder.planned.wait()
-        shapes = feeder.first_shapes or []
-        feeder.stats.warmup_s = warm_up(engine, shapes, batch_size)
-        feeder.stats.warmup_shapes = [list(hw) for hw in shapes]
-    t0 = time.perf_counter()
-    for desc in engine.embed_pixels_stream(pixels()):
-        tracker.engine(-1)
-        batch = rows.popleft()
-        if len(desc) != (padded_size(len(batch), batch_size) if pad else len(batch)):
-            raise DToPError(f"{engine.label} returned {len(desc)} descriptors for a batch of {len(batch)}")
-        for (key, scale), d in zip(batch, desc):
-            done = assembler.add(key, scale, d)
-            stats.images += done
-            advance(done)
+    try:  # Ctrl-C or an error anywhere, warm-up included: the feed leaves its decodes in flight
+        if needs_warmup(engine):  # while the producer scans and decodes the first window
+            feeder.planned.wait()
+            shapes = feeder.first_shapes or []
+            feeder.stats.warmup_s = warm_up(engine, shapes, batch_size)
+            feeder.stats.warmup_shapes = [list(hw) for hw in shapes]
+        t0 = time.perf_counter()
+        for desc in engine.embed_pixels_stream(pixels()):
+            tracker.engine(-1)
+            batch = rows.popleft()
+            if len(desc) != (padded_size(len(batch), batch_size) if pad else len(batch)):
+                raise DToPError(f"{engine.label} returned {len(desc)} descriptors for a batch of {len(batch)}")
+            for (key, scale), d in zip(batch, desc):
+                done = assembler.add(key, scale, d)
+                stats.images += done
+                advance(done)
+    except BaseException:
+        feeder.close(wait=False)
+        raise
     stats.busy_s += time.perf_counter() - t0 - feeder.stats.wait_s

@@ -190,7 +190,7 @@ def pad_batch(pixels: Any, batch_size: int) -> Any:
 def on_cuda(engine: Any) -> bool:
     """Whether ``engine`` runs on a CUDA device: a corpus job then warms it up (:func:`needs_warmup`), pads its
     batches (:func:`pad_batch`: cuDNN autotunes per shape; on a CPU padding would only cost compute) and decodes in
-    processes (:func:`~dtop_export.corpus.feed.resolve_pool`)."""
+    processes (:func:`~dtop_export.corpus.pool.resolve_pool`)."""
     return str(engine.device).startswith("cuda")
 
 
