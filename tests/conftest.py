@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,13 @@ import pytest
 import torch
 
 from dtop_export.model import DToP, build_model, get_preset
+
+# Tests send Ctrl-C (SIGINT) to the jobs they start, as a user's terminal does. A test run started in the background
+# by a shell without job control (`nohup pytest &`, some CI runners) inherits SIGINT ignored, and so would every job it
+# starts: Python installs its KeyboardInterrupt handler only where SIGINT is not ignored. A handler here is reset to
+# the default in each child at exec, so the jobs under test get Python's usual one.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
