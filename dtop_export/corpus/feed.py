@@ -132,7 +132,7 @@ class Tracker:
             self.engine_batches += batches
 
 
-_DONE = object()
+_DONE, _NOTHING = object(), object()
 
 
 class Feeder:
@@ -330,7 +330,10 @@ class Feeder:
         try:
             while True:
                 t0 = time.perf_counter()
-                item = self.out.get()
+                item = _NOTHING
+                while item is _NOTHING:  # a timed wait: a Ctrl-C that lands just before it blocks is still seen
+                    with contextlib.suppress(queue.Empty):
+                        item = self.out.get(timeout=0.25)
                 self.stats.wait_s += time.perf_counter() - t0
                 if item is _DONE:
                     finished = True
