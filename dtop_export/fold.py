@@ -25,12 +25,13 @@ from dtop_export.model.backbone import StdConv2dStaticSame
 
 
 class Conv2dStaticPad(nn.Conv2d):
-    """A plain conv preceded by a constant (possibly asymmetric) zero padding."""
+    """A plain conv preceded by a constant asymmetric zero padding, where it has one (the symmetric part is the
+    conv's own ``padding``)."""
 
     static_pad: tuple[int, int, int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.static_pad))
+        return super().forward(F.pad(x, self.static_pad) if any(self.static_pad) else x)
 
 
 def fold_batchnorm(module: nn.Module) -> int:

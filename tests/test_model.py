@@ -123,6 +123,39 @@ def test_static_same_padding_equals_timm_dynamic_padding() -> None:
             torch.testing.assert_close(static(x), stem(x), rtol=1e-5, atol=1e-5)
 
 
+def test_only_strided_same_layers_pad_and_only_their_asymmetric_part(small_model: DToP) -> None:
+    """A separate zero pad copies its input: the stride-1 convs (timm pads them symmetrically itself) and the
+    symmetric part of a stride-2 "same" pad go to the conv's own padding, so only the one extra row/column of a
+    strided conv or pool is an F.pad -- in the model and in the folded deployment network alike."""
+    from torch.overrides import TorchFunctionMode
+
+    from dtop_export.fold import fold_for_deployment
+
+    class CountPads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pads: list[tuple[int, ...]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.nn.functional.pad:
+                self.pads.append(tuple(args[1]))
+            return func(*args, **(kwargs or {}))
+
+    def strided(m: torch.nn.Module) -> bool:  # a strided conv/pool wider than 1: TF's "same" pads it unevenly
+        return m.stride not in (1, (1, 1)) and m.kernel_size not in (1, (1, 1))
+
+    padded = [m for m in small_model.modules() if hasattr(m, "static_pad") and any(m.static_pad)]
+    assert padded and padded == [m for m in small_model.modules() if hasattr(m, "static_pad") and strided(m)]
+    deploy, _ = fold_for_deployment(copy.deepcopy(small_model), None)
+    x = torch.randn(1, 3, 64, 96)
+    for net in (small_model, deploy):
+        counter = CountPads()
+        with torch.no_grad(), counter:
+            net(x)
+        assert len(counter.pads) == len(padded), counter.pads
+        assert all(min(p[0], p[1]) == 0 and min(p[2], p[3]) == 0 for p in counter.pads), counter.pads
+
+
 def test_eval_is_deterministic_and_train_is_augmented(small_model: DToP) -> None:
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():

@@ -139,14 +139,24 @@ def _static_same_pad(kernel: tuple[int, int], stride: tuple[int, int], dilation:
     return (pw0, pw1, ph0, ph1)
 
 
+def split_pad(pad: tuple[int, int, int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """An F.pad tuple (left, right, top, bottom) as (the symmetric part a conv's own ``padding`` (h, w) does,
+    the asymmetric rest): a stride-1 "same" conv needs no separate pad, and so no copy of its input."""
+    left, right, top, bottom = pad
+    w, h = min(left, right), min(top, bottom)
+    return (h, w), (left - w, right - w, top - h, bottom - h)
+
+
 class StdConv2dStaticSame(nn.Conv2d):
-    """timm's ``StdConv2dSame`` (weight standardisation) with the 'same' padding made static."""
+    """timm's ``StdConv2dSame`` (weight standardisation) with the 'same' padding made static: its symmetric part in
+    the conv's ``padding``, the rest (one row/column of a stride-2 conv) in ``static_pad``."""
 
     eps: float
     static_pad: tuple[int, int, int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, self.static_pad)
+        if any(self.static_pad):
+            x = F.pad(x, self.static_pad)
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def standardized_weight(self) -> torch.Tensor:
@@ -178,7 +188,11 @@ def make_same_padding_static(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, StdConv2dSame) or type(m) is StdConv2d:
             k, s, d = m.kernel_size, m.stride, m.dilation
-            m.static_pad = _static_same_pad(k, s, d) if getattr(m, "same_pad", False) else (0, 0, 0, 0)
+            pad = _static_same_pad(k, s, d) if getattr(m, "same_pad", False) else (0, 0, 0, 0)
+            if any(pad):  # "same": the conv's own padding was 0 (timm pads in forward)
+                m.padding, m.static_pad = split_pad(pad)
+            else:
+                m.static_pad = pad
             m.__class__ = StdConv2dStaticSame
             count += 1
         elif isinstance(m, MaxPool2dSame):
