@@ -24,6 +24,21 @@ def test_help_does_not_import_torch() -> None:
     assert r.returncode == 0 and "init" in r.stdout and "info" in r.stdout
 
 
+def test_a_checkpoints_contract_is_read_without_the_model_code(small_ckpt: Path) -> None:
+    """A corpus job's driver (and ``info``) reads a checkpoint's preprocessing and descriptor size: torch.load, but
+    not the model's modules with timm and torchvision (~1.2 s of a Ray job's start-up on 2 cores)."""
+    code = (
+        "import sys; from dtop_export.corpus.runtime import model_contract; "
+        f"c = model_contract({str(small_ckpt)!r}); "
+        "assert not {'timm', 'torchvision', 'dtop_export.model.dtop'} & set(sys.modules), 'model code imported'; "
+        "import dtop_export.model as m; assert m.DToP.__name__ == 'DToP' and 'dtop_export.model.dtop' in sys.modules; "
+        "print(c.descriptor_dim)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "256"
+
+
 def test_version() -> None:
     from dtop_export import __version__
 
