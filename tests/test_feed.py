@@ -562,3 +562,29 @@ def test_an_interrupted_job_exits_while_a_decode_never_returns(tmp_path: Path, p
         pytest.fail(f"the {pool} pool kept the process interrupted in '{where}' alive")
     assert proc.returncode == 0 and out.strip() == "interrupted", err[-2000:]
     assert "Traceback" not in err, err[-2000:]  # e.g. a done-callback on a cancelled future
+
+
+def test_an_interrupted_header_scan_does_not_wait_for_a_read_that_never_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C while the header scan's threads are stuck in reads (a hung network mount) interrupts the scan at once:
+    its daemon threads are left behind, not joined (a ThreadPoolExecutor waited for them)."""
+    import signal
+
+    from dtop_export.corpus import schedule
+
+    release = threading.Event()
+    monkeypatch.setattr(schedule, "predicted_shapes", lambda path, **kw: release.wait(20))
+    items = [CorpusItem(i, f"img{i}", f"/nowhere/img{i}.jpg") for i in range(8)]
+    main = threading.get_ident()
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))  # a real Ctrl-C, to the main thread
+    timer.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            schedule.scan(items, PreprocessConfig(), 256, [1.0], workers=4)
+        elapsed = time.perf_counter() - t0
+    finally:
+        timer.cancel()
+        release.set()
+    assert elapsed < 5, f"the scan waited {elapsed:.1f} s for its stuck reads"

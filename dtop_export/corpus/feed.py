@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.corpus.gpu_decode import Encoded, inspect_jpeg
-from dtop_export.corpus.pool import default_workers, resolve_pool, timed
+from dtop_export.corpus.pool import POOL_KINDS, decode_pool, default_workers, leave, resolve_pool, timed
 from dtop_export.corpus.schedule import (
     Batch,
     Batcher,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from dtop_export.corpus.source import CorpusItem
     from dtop_export.preprocess import DecodeBudget, PreprocessConfig
 
-POOLS = ("thread", "process")
 WARMUP_SHAPES = 8  # an engine that needs it is warmed up at the most frequent input shapes of the header scan
 
 
@@ -160,8 +159,8 @@ class Feeder:
         prefetch: int = 2,
         gpu: DeviceJpegDecoder | None = None,
     ) -> None:
-        if pool not in POOLS:
-            raise DToPError(f"unknown decode pool {pool!r}: choose {' or '.join(POOLS)}")
+        if pool not in POOL_KINDS:
+            raise DToPError(f"unknown decode pool {pool!r}: choose {' or '.join(POOL_KINDS)}")
         if load is not None and pool != "thread":
             raise DToPError("a custom image loader runs in a thread pool only")
         self.items, self.cfg, self.image_size, self.scales = items, cfg, image_size, tuple(scales)
@@ -316,8 +315,6 @@ class Feeder:
 
     def start(self) -> None:
         """Start the pool and the producer (the first iteration does, if not called before)."""
-        from dtop_export.corpus.pool import decode_pool
-
         if self.thread is not None:
             return
         self.executor = decode_pool(self.pool_kind, self.workers)
@@ -347,8 +344,6 @@ class Feeder:
     def close(self, wait: bool = True) -> None:
         """Stop the pool, then the producer (which may wait on it); ``wait=False`` (Ctrl-C, an error): decodes in
         flight are left (:func:`~.pool.leave`)."""
-        from dtop_export.corpus.pool import leave
-
         self.stop.set()
         executor, self.executor = self.executor, None
         if executor is not None:

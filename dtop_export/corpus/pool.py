@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dtop_export.contract import Engine
 
+POOL_KINDS = ("thread", "process")  # what --decode-pool names besides auto
+
 
 class DaemonThreadPool:
     """``workers`` daemon threads running submitted tasks in order: ``submit``, ``map`` and ``shutdown`` as

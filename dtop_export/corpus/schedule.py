@@ -137,13 +137,21 @@ class Batcher:
 def scan(
     items: Sequence[CorpusItem], cfg: PreprocessConfig, image_size: int, scales: Sequence[float], workers: int
 ) -> list[Shapes | None]:
-    """:func:`predicted_shapes` of every item, read by ``workers`` threads (headers: file opens and a few KB)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """:func:`predicted_shapes` of every item, read by ``workers`` daemon threads (headers: file opens and a few KB);
+    interrupted (Ctrl-C), the scan does not wait for a read that never returns (a hung network mount)."""
     from functools import partial
 
+    from dtop_export.corpus.pool import DaemonThreadPool, leave
+
     fn = partial(predicted_shapes, cfg=cfg, image_size=image_size, scales=tuple(scales))
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="dtop-scan") as pool:
-        return list(pool.map(fn, [it.path for it in items], chunksize=64))
+    pool = DaemonThreadPool(max(1, workers), name="dtop-scan")
+    try:
+        shapes = list(pool.map(fn, [it.path for it in items]))
+    except BaseException:
+        leave(pool)
+        raise
+    pool.shutdown(wait=True)
+    return shapes
 
 
 def ordered(
