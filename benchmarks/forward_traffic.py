@@ -28,10 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 VIEWS = {
     "view", "reshape", "_unsafe_view", "transpose", "permute", "t", "unbind", "select", "slice", "expand", "detach",
     "alias", "flatten", "expand_as", "unsqueeze", "squeeze", "as_strided", "split", "chunk", "unflatten",
+    "split_with_sizes", "narrow", "diagonal", "unfold", "view_as", "movedim",
 }  # fmt: skip
-MATMULS = {"linear", "conv2d", "convolution", "mm", "addmm", "bmm", "matmul", "scaled_dot_product_attention",
-           "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_flash_attention", "mkldnn_convolution", "_convolution"}  # fmt: skip
+MATMULS = {"convolution", "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention", "mkldnn_convolution",
+           "_convolution", "linear", "conv2d", "scaled_dot_product_attention"}  # as ATen dispatches them  # fmt: skip
 
 
 def tensors(obj: Any) -> list[torch.Tensor]:
@@ -61,15 +62,21 @@ class Traffic(TorchDispatchMode):
         name = str(func.overloadpacket).replace("aten.", "")
         if name in VIEWS:
             return out
-        ins, outs = tensors([args, kwargs or {}]), tensors(out)
-        in_place = name.endswith("_")  # relu_, add_: reads and writes its input
-        if not in_place and outs and all(any(o is i or o.data_ptr() == i.data_ptr() for i in ins) for o in outs):
+        kwargs = dict(kwargs or {})
+        written = tensors(kwargs.pop("out", None))  # an out= tensor is written, not read
+        ins, outs = tensors([args, kwargs]), tensors(out)
+        in_place = name.endswith("_")  # relu_, add_, copy_: reads its other inputs, writes its first
+        if in_place and ins:
+            ins, outs = ins[1:] + ([ins[0]] if name != "copy_" else []), [ins[0]]
+        elif written:
+            outs = written
+        elif outs and all(any(o is i or o.data_ptr() == i.data_ptr() for i in ins) for o in outs):
             return out  # returned an input (or a view of it): nothing moved
         tag = name
         if name in ("to", "_to_copy", "copy_") and ins and outs:
             tag = f"cast {ins[0].dtype}->{outs[0].dtype}".replace("torch.", "")
             if ins[0].dtype == outs[0].dtype:
-                tag = "copy (layout)" if name != "copy_" else "copy_"
+                tag = "copy"
         self.bytes[tag] += sum(map(nbytes, ins)) + sum(map(nbytes, outs))
         self.count[tag] += 1
         return out

@@ -24,23 +24,26 @@ class Fp32LayerNorm(nn.LayerNorm):
 
 
 class Fp32GroupNorm(nn.GroupNorm):
-    """A GroupNorm (timm's GroupNormAct included: its activation follows) that reads and writes its parameters'
-    dtype with autocast off: with bf16/fp16 parameters (:func:`deploy_model`) the native kernel's statistics and
-    affine run in float32 on the low-precision activations, without the two cast passes (and the float32
-    activation after it) that a float32 copy of the input costs -- the same arithmetic, but for the parameters'
-    rounding; the ResNet stem's 52 GroupNorms moved ~1.3 GB per 512² image that way."""
+    """A GroupNorm computing in float32 with autocast off, its result rounded once to the input's dtype; timm's
+    GroupNormAct's activation (and dropout) then runs on that low-precision result -- the same values as in float32
+    (a ReLU commutes with the rounding), at half the bytes. Not a low-precision GroupNorm: PyTorch's kernel keeps a
+    bf16/fp16 input's mean and 1/std in that dtype (CUDA; the CPU's fp16 channels-last path too), hundreds of ulps
+    off where a group's mean is large against its spread."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+            y = F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        drop, act = getattr(self, "drop", None), getattr(self, "act", None)  # timm's GroupNormAct
+        y = drop(y) if isinstance(drop, nn.Module) else y
+        return act(y) if isinstance(act, nn.Module) else y
 
 
 def fp32_islands(module: nn.Module) -> int:
     """Make every LayerNorm and GroupNorm of ``module`` an FP32 island (the norms TensorRT's FP16 builds keep in
-    float32), the same on every device (CUDA's autocast runs these norms in float32, the CPU's in the input's
-    bf16/fp16): a LayerNorm takes float32 (the transformer's residual stream is float32 under autocast) and
-    returns it, which the next matmul casts down; a GroupNorm computes in float32 inside the kernel on the
-    low-precision activations of the convolutions around it (:class:`Fp32GroupNorm`). Returns how many norms."""
+    float32): it computes in float32 with autocast off and returns its input's dtype (a LayerNorm's is float32: the
+    transformer's residual stream is float32 under autocast; the next matmul casts down). CUDA's autocast already
+    runs these norms in float32; the CPU's runs them in the input's bf16/fp16, so the islands are made explicit,
+    the same on every device. Returns how many norms became islands."""
     count = 0
     for m in module.modules():
         if isinstance(m, (Fp32LayerNorm, Fp32GroupNorm)):
@@ -55,15 +58,14 @@ def fp32_islands(module: nn.Module) -> int:
 
 
 def deploy_model(model: DToP, dtype: torch.dtype) -> nn.Module:
-    """The network as exported (batchnorm and weight standardisation folded, head BN dropped) with conv, linear
-    and GroupNorm weights cast once to ``dtype`` (bf16/fp16) and channels-last memory: no per-call weight casts
-    under autocast, and the blocked low-precision convolutions of oneDNN/cuDNN. LayerNorms keep float32
-    parameters; both kinds of norm become FP32 islands (:func:`fp32_islands`). Returns the folded DToP (raw
-    descriptors)."""
+    """The network as exported (batchnorm and weight standardisation folded, head BN dropped) with conv and
+    linear weights cast once to ``dtype`` (bf16/fp16) and channels-last memory: no per-call weight casts under
+    autocast, and the blocked low-precision convolutions of oneDNN/cuDNN. LayerNorm and GroupNorm keep float32
+    parameters and become FP32 islands (:func:`fp32_islands`). Returns the folded DToP (raw descriptors)."""
     deploy, _ = fold_for_deployment(model, None)
     net = deploy.model
     for m in net.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.GroupNorm)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.to(dtype)
     fp32_islands(net)
     return net.to(memory_format=torch.channels_last).eval()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dtop_export.corpus.pool import POOL_KINDS
 from dtop_export.corpus.runtime import (
     ActorStats,
     ModelContract,
@@ -302,8 +303,8 @@ def check_job(job: CorpusJob) -> None:
         raise DToPError(f"{job.output} exists and is not a folder: choose another -o")
     if job.workers is not None and not job.workers >= 1:
         raise DToPError(f"--workers must be >= 1, got {job.workers}")
-    if job.decode_pool not in ("auto", "thread", "process"):
-        raise DToPError(f"--decode-pool must be auto, thread or process, got {job.decode_pool!r}")
+    if job.decode_pool not in ("auto", *POOL_KINDS):
+        raise DToPError(f"--decode-pool must be auto, {' or '.join(POOL_KINDS)}, got {job.decode_pool!r}")
     if job.gpu_decode:
         check_gpu_decode(job.model, job.use_ray)
 

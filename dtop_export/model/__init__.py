@@ -42,6 +42,10 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - a class or a function
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "ASPP",
     "DEFAULT_PRESET",

@@ -189,8 +189,9 @@ def make_same_padding_static(module: nn.Module) -> int:
         if isinstance(m, StdConv2dSame) or type(m) is StdConv2d:
             k, s, d = m.kernel_size, m.stride, m.dilation
             pad = _static_same_pad(k, s, d) if getattr(m, "same_pad", False) else (0, 0, 0, 0)
-            if any(pad):  # "same": the conv's own padding was 0 (timm pads in forward)
-                m.padding, m.static_pad = split_pad(pad)
+            if any(pad):  # "same" (timm pads in forward, the conv's own padding is 0): split between the two
+                (h, w), m.static_pad = split_pad(pad)
+                m.padding = (m.padding[0] + h, m.padding[1] + w)
             else:
                 m.static_pad = pad
             m.__class__ = StdConv2dStaticSame
