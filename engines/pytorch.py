@@ -64,9 +64,10 @@ class TorchEngine(Engine):
 
     cast: how a bf16/fp16 engine runs. ``autocast`` (the deployment path; the default for bf16, and for fp16 on
     CUDA): batchnorm and weight standardisation folded as in the export, conv/linear weights cast once to the
-    dtype, channels-last, the network under ``torch.autocast`` with FP32 islands (LayerNorm and GroupNorm in
-    float32 on every device, attention through fused ``scaled_dot_product_attention``, whose softmax accumulates
-    in float32; the L2 norms and the whitening in float32 outside autocast): on CUDA the tensor cores, on CPUs
+    dtype, channels-last, the network under ``torch.autocast`` with FP32 islands (the first convolution and the
+    projections to descriptor space, LayerNorm and GroupNorm in float32 on every device, attention through fused
+    ``scaled_dot_product_attention``, whose softmax accumulates in float32; the L2 norms and the whitening in
+    float32 outside autocast): on CUDA the tensor cores, on CPUs
     oneDNN's AMX/AVX-512-BF16 kernels. ``half`` (fp16 only; the default for fp16 on the CPU): ``model.half()``,
     every op in FP16 with FP32 accumulation, for accuracy audits; on the CPU its convolutions and GEMMs run through
     :func:`fp16_cpu_products`, since PyTorch's own CPU FP16 convolution is a slow reference kernel.

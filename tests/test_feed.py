@@ -239,8 +239,9 @@ class Sink:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_path_keeps_fp32_islands_and_its_contract(small_model: Any, precision: str) -> None:
     """Under the deployment path (autocast) the norms take float32 with autocast off, the matmuls/convolutions the
-    low precision, the L2 norm float32, on the CPU as on CUDA (explicit islands); a GroupNorm's ReLU runs on its
-    rounded result (the same values as a float32 ReLU); descriptors within the parity contract."""
+    low precision but for the first convolution and the projections to descriptor space (float32), the L2 norm
+    float32, on the CPU as on CUDA (explicit islands); a GroupNorm's ReLU runs on its rounded result (the same
+    values as a float32 ReLU); descriptors within the parity contract."""
     import copy
 
     import torch
@@ -262,7 +263,10 @@ def test_autocast_path_keeps_fp32_islands_and_its_contract(small_model: Any, pre
             name = {F.layer_norm: "norm", F.group_norm: "norm", F.linear: "matmul", F.conv2d: "matmul",
                     F.normalize: "l2", F.relu: "relu"}.get(func)  # fmt: skip
             out = func(*args, **(kwargs or {}))
-            if name in ("matmul", "relu"):
+            if name == "matmul":  # which layer (its weight's shape) computed in which dtype
+                w = args[1] if len(args) > 1 else kwargs["weight"]
+                seen.setdefault(str(out.dtype), set()).add(tuple(w.shape))
+            elif name == "relu":
                 seen.setdefault(name, set()).add(out.dtype)
             elif name:
                 seen.setdefault(name, set()).add((args[0].dtype, torch.is_autocast_enabled("cpu")))
@@ -271,7 +275,12 @@ def test_autocast_path_keeps_fp32_islands_and_its_contract(small_model: Any, pre
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
     with Record():
         out = engine.embed(x)
-    assert seen["matmul"] == seen["relu"] == {low}, seen
+    net = engine.model.net  # float32: the first conv (on the pixels) and the projections to descriptor space
+    n, d = net.descriptor_dim, net.encoder.embed_dim  # global FC [n, k·d], local FC [n, d], head FC [n, 2n]
+    edges = {(n, net.cfg.num_layers * d), (n, d), (n, 2 * n)}
+    assert seen["torch.float32"] == {*edges, tuple(net.encoder.patch_embed.backbone.stem.conv.weight.shape)}, seen
+    assert len(seen[str(low)]) > 10 and not seen[str(low)] & seen["torch.float32"], seen  # everything else low
+    assert seen["relu"] == {low}, seen
     assert seen["norm"] == seen["l2"] == {(torch.float32, False)}, seen  # float32 in, autocast off
     gn = next(m for m in engine.model.modules() if isinstance(m, Fp32GroupNorm) and hasattr(m, "act"))
     a = torch.randn(2, gn.num_channels, 8, 12).mul(5).add(40).to(low)  # a large group mean: low-precision stats fail

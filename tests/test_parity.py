@@ -346,8 +346,12 @@ def test_bf16_deployment_engine_meets_its_contract(ref_ckpt: Path, sample: Revis
     ref = TorchEngine.from_checkpoint(ref_ckpt)
     fast = TorchEngine.from_checkpoint(ref_ckpt, precision="bf16")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
+    from dtop_export.engines.torch_deploy import Fp32Layer
+
     layers = [m for m in fast.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    assert layers and {m.weight.dtype for m in layers} == {torch.bfloat16}
+    edges = [m for m in layers if isinstance(m, Fp32Layer)]  # the first conv and the 3 FCs to descriptor space
+    assert len(edges) == 4 and {m.weight.dtype for m in edges} == {torch.float32}
+    assert len(layers) > 20 and {m.weight.dtype for m in layers if m not in edges} == {torch.bfloat16}
     res = parity(ref, [fast], sample, progress=False).engines[0]
     assert res.contract.precision == "bf16"
     cos = next(c for c in res.checks if c.metric == "cosine_min")

@@ -79,12 +79,17 @@ class DaemonThreadPool:
                 t.join()
 
 
+def on_cuda(engine: Any) -> bool:
+    """Whether ``engine`` runs on a CUDA device: a corpus job then warms it up (:func:`~.schedule.needs_warmup`),
+    pads its batches (:func:`~.schedule.pad_batch`: cuDNN autotunes per shape; on a CPU padding would only cost
+    compute) and decodes in processes (:func:`resolve_pool`)."""
+    return str(engine.device).startswith("cuda")
+
+
 def resolve_pool(pool: str, engine: Engine, gpu_decode: bool = False) -> str:
     """``auto``: processes when the engine runs on a GPU and the CPU decodes (16 decode threads fed an H200 42 img/s
     end to end at 512 px, 16 processes 204: the GIL, benchmarks/README "Feeding the GPU"); threads on a CPU, whose
     engine shares the cores (no pickling), and for ``--gpu-decode`` (the CPU only reads headers)."""
-    from dtop_export.corpus.schedule import on_cuda
-
     if pool != "auto":
         return pool
     return "process" if on_cuda(engine) and not gpu_decode else "thread"

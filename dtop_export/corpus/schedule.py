@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dtop_export.corpus.pool import DaemonThreadPool, leave, on_cuda
+
 if TYPE_CHECKING:
     from dtop_export.corpus.source import CorpusItem
     from dtop_export.preprocess import PreprocessConfig
@@ -141,8 +143,6 @@ def scan(
     interrupted (Ctrl-C), the scan does not wait for a read that never returns (a hung network mount)."""
     from functools import partial
 
-    from dtop_export.corpus.pool import DaemonThreadPool, leave
-
     fn = partial(predicted_shapes, cfg=cfg, image_size=image_size, scales=tuple(scales))
     pool = DaemonThreadPool(max(1, workers), name="dtop-scan")
     try:
@@ -193,13 +193,6 @@ def pad_batch(pixels: Any, batch_size: int) -> Any:
     import torch
 
     return torch.cat([pixels, pixels[-1:].expand(extra, *pixels.shape[1:])])
-
-
-def on_cuda(engine: Any) -> bool:
-    """Whether ``engine`` runs on a CUDA device: a corpus job then warms it up (:func:`needs_warmup`), pads its
-    batches (:func:`pad_batch`: cuDNN autotunes per shape; on a CPU padding would only cost compute) and decodes in
-    processes (:func:`~dtop_export.corpus.pool.resolve_pool`)."""
-    return str(engine.device).startswith("cuda")
 
 
 def needs_warmup(engine: Any) -> bool:
