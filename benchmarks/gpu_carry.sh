@@ -5,6 +5,8 @@
 #   .raypkg/ray-trim.tar.xz  Ray 2.60 without jars/rllib/llm, xz (~26 MB)
 #   .whl/                    jsonschema and friends, which Ray needs and the GPU image lacks
 #   .before/                 dtop_export as of BEFORE_REV (pure Python, no dependencies), for the before/after
+#   .trained/model.pt        with TRAINED=PATH: a trained checkpoint (the demo's small one, ~20 MB: `dtop-export
+#                            demo` writes dtop-demo/model.pt), whose bf16/fp16 parity the parity phase checks on CUDA
 set -euo pipefail
 pyver=${1:-3.12}
 rev=${2:-e02e813}
@@ -30,4 +32,7 @@ if [ ! -d .before/dtop_export ]; then
     "${pip[@]}" install --no-deps --target .before "$tmp"/wheel/*.whl
     rm -rf .before/*.dist-info .before/bin
 fi
-du -sh .raypkg .whl .before
+if [ -n "${TRAINED:-}" ]; then
+    mkdir -p .trained && cp "$TRAINED" .trained/model.pt
+fi
+du -sh .raypkg .whl .before .trained 2>/dev/null || true

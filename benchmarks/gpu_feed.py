@@ -167,7 +167,17 @@ def parity_phase(args: Any, ckpt: Path) -> dict[str, Any]:
         engines.append(half)
     report = parity(ref, engines, ds, batch_size=8, progress=False, image_size=args.parity_size)
     print(report.table(), flush=True)
-    return report.to_dict()
+    out = report.to_dict()
+    trained = Path(args.trained)
+    if trained.is_file():  # a trained, whitened checkpoint (gpu_carry.sh: .trained/): the contracts mean something
+        ref = TorchEngine.from_checkpoint(trained, device=args.device)
+        engines = [TorchEngine.from_checkpoint(trained, device=args.device, precision=p) for p in ("fp16", "bf16")]
+        report = parity(ref, engines, ds, progress=False)
+        print(f"trained checkpoint {trained}:\n{report.table()}", flush=True)
+        out["trained"] = {"checkpoint": str(trained), **report.to_dict()}
+    else:
+        out["trained"] = f"not run: no {trained} (carry it: see gpu_carry.sh)"
+    return out
 
 
 def photos_phase(args: Any) -> list[Path]:
@@ -415,6 +425,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="Corpus jobs' batch size.")
     ap.add_argument("--before", default=".before", help="Folder holding e02e813's dtop_export (gpu_feed.sh).")
     ap.add_argument("--compile-mode", default="default,max-autotune", help="torch.compile modes, comma-separated.")
+    ap.add_argument("--trained", default=".trained/model.pt", help="A trained checkpoint for the parity phase.")
     ap.add_argument("--cpu-dry-run", action="store_true", help="Every phase on the CPU with the small preset, tiny.")
     args = ap.parse_args()
     dry = args.cpu_dry_run

@@ -3,9 +3,9 @@
 #   bash benchmarks/gpu_feed.sh OUT_DIR [gpu_feed.py options, e.g. --phases corpus,compiled --budget-s 200]
 # Carried from the session's checkout (git-ignored; made by benchmarks/gpu_carry.sh): .raypkg/ray-trim.tar.xz (Ray,
 # trimmed to fit the 64 MiB carry), .whl/ (Ray's pure-Python needs the GPU image lacks), .before/ (the dtop_export of
-# e02e813, for the before/after). Installs dtop-export without touching the machine's torch, then runs
-# benchmarks/gpu_feed.py (every phase within --budget-s, default 470 s); results land in OUT_DIR/*.json as each
-# phase ends, the log in OUT_DIR/gpu_feed.log.
+# e02e813, for the before/after), .trained/model.pt (optional: a trained checkpoint for the parity phase). Installs
+# dtop-export without touching the machine's torch, then runs benchmarks/gpu_feed.py (every phase within --budget-s,
+# default 470 s); results land in OUT_DIR/*.json as each phase ends, the log in OUT_DIR/gpu_feed.log.
 set -u
 out=${1:?usage: gpu_feed.sh OUT_DIR [gpu_feed.py options]}
 shift

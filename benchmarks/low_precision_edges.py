@@ -10,8 +10,8 @@ mantissa bits as a GPU's TF32 does; ``conv1-lowout`` with its output rounded to 
 (the hybrid's whole ResNet and the patch projection), ``blocksN`` (the last N transformer blocks), ``global`` /
 ``local`` (the branches), ``local-fc`` (the local branch's FC only), ``head``, ``branches`` (both). Every variant
 starts from the engine without its own float32 layers (:func:`~dtop_export.engines.torch_deploy.fp32_edges`);
-``none`` is that engine, ``engine`` the engine as it is. A measurement on the CPU, not a test; ~10 s per variant
-for the small preset.
+``none`` is that engine, ``engine`` the engine as it is (``engine+stem``: with the stem on top). ``conv1*`` and
+``stem`` need a hybrid (ResNet stem). A measurement on the CPU, not a test; ~10 s per variant for the small preset.
 """
 
 from __future__ import annotations
@@ -90,10 +90,13 @@ def main() -> None:
     fp32net = fold_for_deployment(ckpt.build_model().eval(), None)[0].model
     variants = [[p for p in v.split("+") if p != "none"] for v in args.variants.split(",")]
     engines = []
+    hybrid = bool(fp32net.encoder.is_hybrid)
     for parts in variants:
+        if not hybrid and {"conv1", "conv1-tf32", "conv1-lowout", "stem"} & set(parts):
+            raise SystemExit(f"{args.checkpoint} is a plain ViT: conv1* and stem name a hybrid's ResNet stem")
         keep = deploy.fp32_edges
-        if parts == ["engine"]:
-            parts = []
+        if "engine" in parts:  # the engine's own float32 layers, and any parts on top
+            parts = [p for p in parts if p != "engine"]
         else:  # the variants start from the engine without its own float32 layers
             deploy.fp32_edges = lambda net, dtype: []
         try:

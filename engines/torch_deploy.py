@@ -52,21 +52,27 @@ class Fp32Layer:
 
 def fp32_edges(net: DToP, dtype: torch.dtype) -> list[str]:
     """Keep the network's first and last layers in float32 (in place; returns their names): the first convolution,
-    whose operands are the normalised pixels (its output rounded to ``dtype`` for the next layers), and the linear
-    projections to descriptor space (the global and local branches' and the head's FC), whose float32 output goes
-    to the L2 norm and the whitening. Those are where the low precision's error becomes the descriptor's: on the
-    demo's trained small checkpoint (Lw whitening, sample set, CPU) bf16 went from cos min 0.9808 to 0.9996 against
-    fp32 (contract 0.999), fp16 from 0.99980 to 0.99999; the first convolution alone took bf16 to 0.9983. They
-    are ~0.4% of r50-vitb16's FLOPs (and run in TF32 on a GPU, which gives the same figure: emulated)."""
-    first = next((n, m) for n, m in net.encoder.patch_embed.named_modules() if isinstance(m, nn.Conv2d))
-    edges = {f"encoder.patch_embed.{first[0]}": (first[1], dtype)}
+    whose operands are the normalised pixels, and the linear projections to descriptor space (the global and local
+    branches' and the head's FC), whose float32 output goes to the L2 norm and the whitening. A hybrid's first
+    convolution rounds its output to ``dtype`` for the ResNet after it; a plain ViT's patch projection keeps float32
+    (the token stream is float32 from the [CLS] concatenation on). Those layers are where the low precision's error
+    becomes the descriptor's: on the demo's trained small checkpoint (Lw whitening, sample set, CPU) bf16 went from
+    cos min 0.9808 to 0.9996 against fp32 (contract 0.999), fp16 from 0.99980 to 0.99999; the first convolution
+    alone took bf16 to 0.9983 (0.9982 with its operands rounded as a GPU's TF32 would). ~0.4% of r50-vitb16's
+    FLOPs (benchmarks/README.md, "Which layers decide the low-precision error")."""
+    pe = net.encoder.patch_embed
+    edges: dict[str, tuple[nn.Module, torch.dtype | None]] = {}
+    first = next(((n, m) for n, m in pe.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None:
+        edges[f"encoder.patch_embed.{first[0]}"] = (first[1], dtype if net.encoder.is_hybrid else None)
     for part in ("global_branch", "local_branch", "head"):
         branch = getattr(net, part, None)
         for name, m in branch.named_modules() if branch is not None else ():
             if isinstance(m, nn.Linear):
                 edges[f"{part}.{name}"] = (m, None)
     for m, out_dtype in edges.values():
-        m.__class__ = type("Fp32" + type(m).__name__, (Fp32Layer, type(m)), {})
+        if not isinstance(m, Fp32Layer):  # once
+            m.__class__ = type("Fp32" + type(m).__name__, (Fp32Layer, type(m)), {})
         m.out_dtype = out_dtype
     return sorted(edges)
 

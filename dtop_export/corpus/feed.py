@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.corpus.gpu_decode import Encoded, inspect_jpeg
-from dtop_export.corpus.pool import POOL_KINDS, decode_pool, default_workers, leave, resolve_pool, timed
+from dtop_export.corpus.pool import POOL_KINDS, decode_pool, default_workers, leave, on_cuda, resolve_pool, timed
 from dtop_export.corpus.schedule import (
     Batch,
     Batcher,
@@ -398,7 +398,7 @@ def embed_batches(
     batch_size: int,
 ) -> None:
     """Drive ``engine`` with ``feeder``'s batches, the results into ``assembler`` (``stats``: images, busy time)."""
-    from dtop_export.corpus.schedule import needs_warmup, on_cuda, pad_batch, padded_size, warm_up
+    from dtop_export.corpus.schedule import needs_warmup, pad_batch, padded_size, warm_up
 
     rows: deque[list[tuple[int, int]]] = deque()
     tracker = feeder.tracker

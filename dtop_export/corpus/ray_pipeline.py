@@ -169,7 +169,8 @@ class EmbedActor:
             self.open_error = f"{where}: {reason}\n{traceback.format_exc()}"  # line 1 is the message
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from dtop_export.corpus.schedule import on_cuda, pad_batch
+        from dtop_export.corpus.pool import on_cuda
+        from dtop_export.corpus.schedule import pad_batch
 
         n = len(batch["key"])
         if self.engine is None:
