@@ -23,6 +23,7 @@ from conftest import CORPUS_PHOTOS, CORPUS_SIZE
 
 pytest.importorskip("ray.serve", reason="serve needs Ray Serve (pip install 'dtop-export[serve]')")
 
+from dtop_export.errors import DToPError  # noqa: E402
 from dtop_export.serve.client import (  # noqa: E402
     ServiceClient,
     free_port,
@@ -363,28 +364,41 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     def hammer() -> None:
         body = photo("coffee.png").read_bytes()
         while not stop.is_set():
-            status, _, data = ServiceClient(service.url, timeout=45).request("POST", "/v1/embed", body, "image/png")
+            status, headers, data = ServiceClient(service.url, timeout=45).request(
+                "POST", "/v1/embed", body, "image/png"
+            )
             load.append((status, data))
+            if status == 503:  # a client that honours Retry-After (capped: the test keeps hammering)
+                stop.wait(min(float(headers.get("retry-after", 0)), 0.5))
 
-    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    workers = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
     [w.start() for w in workers]
-    time.sleep(1.0)
-    t0 = time.monotonic()
-    os.kill(int(old), signal.SIGKILL)
-    seen_unready = False
-    while True:
-        assert time.monotonic() - t0 < RECOVERY_BOUND_S, "the service did not recover"
-        assert client.request("GET", "/healthz")[0] == 200
-        status, _, data = client.request("GET", "/readyz")
-        if status == 503:
-            seen_unready = True
-        elif seen_unready and json.loads(data)["replica"] != old:
-            break
-        time.sleep(0.2)
-    recovery = time.monotonic() - t0
-    time.sleep(1.0)
-    stop.set()
-    [w.join(60) for w in workers]
+    timeline: list[str] = []  # what /readyz said, for the failure message
+    try:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.kill(int(old), signal.SIGKILL)
+        seen_unready = False
+        while True:
+            elapsed = time.monotonic() - t0
+            assert elapsed < RECOVERY_BOUND_S, (
+                f"the service did not recover in {RECOVERY_BOUND_S} s; /readyz said (s, status, body):\n"
+                + "\n".join(timeline[-12:])
+                + f"\nthe service's log ends:\n{service.output()[-4000:]}"
+            )
+            assert client.request("GET", "/healthz")[0] == 200
+            status, _, data = client.request("GET", "/readyz")
+            timeline.append(f"{elapsed:6.1f} {status} {data[:160].decode(errors='replace')}")
+            if status == 503:
+                seen_unready = True
+            elif seen_unready and json.loads(data)["replica"] != old:
+                break
+            time.sleep(0.2)
+        recovery = time.monotonic() - t0
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        [w.join(60) for w in workers]
     assert not any(w.is_alive() for w in workers), "a request under the kill hung"
     assert seen_unready
     codes = [s for s, _ in load]
@@ -446,3 +460,26 @@ def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.
     assert cli("serve", str(small_onnx), "--max-upload-mb", "0") == 2
     err = capsys.readouterr().err
     assert "--replicas" in err and "--max-upload-mb" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["timeout", "proxy-died"])
+def test_a_proxy_that_does_not_start_is_one_line(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve gives its HTTP proxy 60 s; on an overloaded machine it times out (TimeoutError) or the controller kills
+    the proxy before it ran (ActorDiedError): either is one line naming the proxy, not Ray's traceback."""
+    import ray.exceptions
+    from ray import serve
+
+    from dtop_export.serve.run import ServeOptions, _start_proxy
+
+    failure: Exception = TimeoutError("HTTP proxies not available after 60s.")
+    if kind == "proxy-died":
+        failure = ray.exceptions.ActorDiedError()
+
+    def start(**_: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(serve, "start", start)
+    with pytest.raises(DToPError) as err:
+        _start_proxy(ServeOptions("model.onnx"), {"log_level": "WARNING"})
+    message = str(err.value)
+    assert "\n" not in message and "HTTP proxy did not start" in message and type(failure).__name__ in message

@@ -131,11 +131,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
                 "(it has no authentication; put it behind a proxy or a firewall)")  # fmt: skip
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         quiet = {"log_level": "WARNING"}
-        serve.start(
-            http_options={"host": opts.host, "port": opts.port, "request_timeout_s": opts.limits.request_timeout_s + 5},
-            proxy_location="HeadOnly",
-            logging_config=quiet,
-        )
+        _start_proxy(opts, quiet)
         app = build_app(
             info, opts.limits, settings, opts.replicas, opts.min_replicas, opts.max_replicas,
             cpus_per_replica=float(threads), gpus_per_replica=opts.gpus_per_replica,
@@ -161,6 +157,25 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
             if started:
                 ray.shutdown()
     say("stopped")
+
+
+def _start_proxy(opts: ServeOptions, logging_config: dict[str, str]) -> None:
+    """Serve's controller and HTTP proxy; one line when the proxy does not come up (Serve gives it 60 s: on an
+    overloaded machine its worker may not even start)."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.start(
+            http_options={"host": opts.host, "port": opts.port, "request_timeout_s": opts.limits.request_timeout_s + 5},
+            proxy_location="HeadOnly",
+            logging_config=logging_config,
+        )
+    except (TimeoutError, ray.exceptions.RayActorError) as e:
+        raise DToPError(
+            f"Ray Serve's HTTP proxy did not start ({type(e).__name__}: {str(e).strip().splitlines()[0]}): is the "
+            "machine overloaded? Retry when it has a free CPU"
+        ) from e
 
 
 def _check_options(opts: ServeOptions) -> None:
