@@ -190,7 +190,7 @@ def main() -> None:
 
     from dtop_export.bench.harness import machine_info
     from dtop_export.checkpoint import random_checkpoint
-    from dtop_export.corpus.feed import default_workers
+    from dtop_export.corpus.pool import default_workers
     from dtop_export.corpus.runtime import open_model
     from dtop_export.export import export_onnx
 

@@ -193,8 +193,9 @@ def decode_phase(args: Any, ckpt: Path, photos: list[Path], dl: Deadline) -> dic
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
-    from dtop_export.corpus.feed import decode_item, default_workers
+    from dtop_export.corpus.feed import decode_item
     from dtop_export.corpus.gpu_decode import DeviceJpegDecoder, decoder_parity, inspect_jpeg
+    from dtop_export.corpus.pool import default_workers
     from dtop_export.engines.pytorch import TorchEngine
 
     engine = TorchEngine.from_checkpoint(ckpt, device=args.device, precision="fp16" if args.device != "cpu" else "fp32")

@@ -94,15 +94,11 @@ def main() -> None:
     for parts in variants:
         if not hybrid and {"conv1", "conv1-tf32", "conv1-lowout", "stem"} & set(parts):
             raise SystemExit(f"{args.checkpoint} is a plain ViT: conv1* and stem name a hybrid's ResNet stem")
-        keep = deploy.fp32_edges
+        engine = TorchEngine.from_checkpoint(args.checkpoint, precision=args.precision, cast="autocast")
         if "engine" in parts:  # the engine's own float32 layers, and any parts on top
             parts = [p for p in parts if p != "engine"]
         else:  # the variants start from the engine without its own float32 layers
-            deploy.fp32_edges = lambda net, dtype: []
-        try:
-            engine = TorchEngine.from_checkpoint(args.checkpoint, precision=args.precision, cast="autocast")
-        finally:
-            deploy.fp32_edges = keep
+            engine.model = deploy.LowPrecisionDeploy(ckpt.build_model().eval(), low, "cpu", edges=False)
         apply_variant(engine.model.net, fp32net, parts, low)
         engines.append(engine)
     report = parity(TorchEngine.from_checkpoint(args.checkpoint), engines, ds, progress=False).to_dict()

@@ -7,6 +7,8 @@ only when it builds such an engine.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +52,20 @@ class Fp32Layer:
         return y if self.out_dtype is None else y.to(self.out_dtype)
 
 
+@functools.cache
+def _fp32_class(mixin: type, cls: type) -> type:
+    return type("Fp32" + cls.__name__, (mixin, cls), {})
+
+
+def make_fp32(m: nn.Module, mixin: type) -> bool:
+    """Give ``m`` the float32 ``forward`` of ``mixin`` (a subclass of its own class, one per pair), once; whether it
+    changed."""
+    if isinstance(m, mixin):
+        return False
+    m.__class__ = _fp32_class(mixin, type(m))
+    return True
+
+
 def fp32_edges(net: DToP, dtype: torch.dtype) -> list[str]:
     """Keep the network's first and last layers in float32 (in place; returns their names): the first convolution,
     whose operands are the normalised pixels, and the linear projections to descriptor space (the global and local
@@ -71,8 +87,7 @@ def fp32_edges(net: DToP, dtype: torch.dtype) -> list[str]:
             if isinstance(m, nn.Linear):
                 edges[f"{part}.{name}"] = (m, None)
     for m, out_dtype in edges.values():
-        if not isinstance(m, Fp32Layer):  # once
-            m.__class__ = type("Fp32" + type(m).__name__, (Fp32Layer, type(m)), {})
+        make_fp32(m, Fp32Layer)
         m.out_dtype = out_dtype
     return sorted(edges)
 
@@ -83,28 +98,21 @@ def fp32_islands(module: nn.Module) -> int:
     transformer's residual stream is float32 under autocast; the next matmul casts down). CUDA's autocast already
     runs these norms in float32; the CPU's runs them in the input's bf16/fp16, so the islands are made explicit,
     the same on every device. Returns how many norms became islands."""
-    count = 0
-    for m in module.modules():
-        if isinstance(m, (Fp32LayerNorm, Fp32GroupNorm)):
-            continue
-        if isinstance(m, nn.LayerNorm):
-            m.__class__ = type("Fp32" + type(m).__name__, (Fp32LayerNorm, type(m)), {})
-            count += 1
-        elif isinstance(m, nn.GroupNorm):
-            m.__class__ = type("Fp32" + type(m).__name__, (Fp32GroupNorm, type(m)), {})
-            count += 1
-    return count
+    norms = [(m, Fp32LayerNorm if isinstance(m, nn.LayerNorm) else Fp32GroupNorm) for m in module.modules()]
+    return sum(make_fp32(m, mixin) for m, mixin in norms if isinstance(m, (nn.LayerNorm, nn.GroupNorm)))
 
 
-def deploy_model(model: DToP, dtype: torch.dtype) -> nn.Module:
+def deploy_model(model: DToP, dtype: torch.dtype, edges: bool = True) -> nn.Module:
     """The network as exported (batchnorm and weight standardisation folded, head BN dropped) with conv and
     linear weights cast once to ``dtype`` (bf16/fp16) and channels-last memory: no per-call weight casts under
     autocast, and the blocked low-precision convolutions of oneDNN/cuDNN. The first and last layers stay float32
-    (:func:`fp32_edges`); LayerNorm and GroupNorm keep float32 parameters and become FP32 islands
-    (:func:`fp32_islands`). Returns the folded DToP (raw descriptors)."""
+    (:func:`fp32_edges`; ``edges=False`` casts them too: what ``benchmarks/low_precision_edges.py`` starts from);
+    LayerNorm and GroupNorm keep float32 parameters and become FP32 islands (:func:`fp32_islands`). Returns the
+    folded DToP (raw descriptors)."""
     deploy, _ = fold_for_deployment(model, None)
     net = deploy.model
-    fp32_edges(net, dtype)
+    if edges:
+        fp32_edges(net, dtype)
     for m in net.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, Fp32Layer):
             m.to(dtype)
@@ -117,10 +125,11 @@ class LowPrecisionDeploy(nn.Module):
     ``torch.autocast(dtype)``, then the L2 norm in float32 with autocast off (an FP32 island; the engine's whitening
     follows in float32). What ``TorchEngine`` compiles when asked to."""
 
-    def __init__(self, model: DToP, dtype: torch.dtype, device_type: str) -> None:
+    def __init__(self, model: DToP, dtype: torch.dtype, device_type: str, edges: bool = True) -> None:
         super().__init__()
-        self.net = deploy_model(model, dtype)
+        self.net = deploy_model(model, dtype, edges)
         self.dtype, self.device_type = dtype, device_type
+        self.fp32_layers = [name for name, m in self.net.named_modules() if isinstance(m, Fp32Layer)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):

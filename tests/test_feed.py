@@ -291,7 +291,7 @@ def test_autocast_path_keeps_fp32_islands_and_its_contract(small_model: Any, pre
         assert torch.equal(gn(a), ref)  # float32 statistics and affine, ReLU after the one rounding: same values
     ref = TorchEngine(copy.deepcopy(small_model), pp).embed(x)
     assert np.all(np.sum(out * ref, axis=1) >= contract_for(precision).cosine_min)
-    assert engine.describe()["cast"] == "autocast"
+    assert engine.describe()["cast"] == "autocast" and sorted(engine.describe()["fp32_layers"]) == sorted(edges)
 
 
 # the device JPEG decoder, run on the CPU --------------------------------------------------------------------

@@ -352,7 +352,8 @@ def run_ray(
     ctx.enable_auto_log_stats = False
     ctx.execution_options.preserve_order = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    from dtop_export.corpus.feed import WARMUP_SHAPES, default_workers
+    from dtop_export.corpus.feed import WARMUP_SHAPES
+    from dtop_export.corpus.pool import default_workers
     from dtop_export.corpus.schedule import frequent_shapes, ordered, scan, shards_per_window
 
     size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
