@@ -98,8 +98,13 @@ def fp32_islands(module: nn.Module) -> int:
     transformer's residual stream is float32 under autocast; the next matmul casts down). CUDA's autocast already
     runs these norms in float32; the CPU's runs them in the input's bf16/fp16, so the islands are made explicit,
     the same on every device. Returns how many norms became islands."""
-    norms = [(m, Fp32LayerNorm if isinstance(m, nn.LayerNorm) else Fp32GroupNorm) for m in module.modules()]
-    return sum(make_fp32(m, mixin) for m, mixin in norms if isinstance(m, (nn.LayerNorm, nn.GroupNorm)))
+    count = 0
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            count += make_fp32(m, Fp32LayerNorm)
+        elif isinstance(m, nn.GroupNorm):
+            count += make_fp32(m, Fp32GroupNorm)
+    return count
 
 
 def deploy_model(model: DToP, dtype: torch.dtype, edges: bool = True) -> nn.Module:
