@@ -10,8 +10,9 @@ Marks: ``edges`` the layers the PyTorch bf16 path keeps float32 (``engines/torch
 first convolution and the projections to descriptor space (global, local and head FC, and the whitening), the
 projections rewritten as 1x1 convolutions (the CPU plugin's MatMul -> FullyConnected conversion drops the mark;
 a convolution keeps it); ``adds`` every ONNX Add (the residual stream, float32 under PyTorch's autocast); ``mvn``
-every MVN (LayerNorm, GroupNorm: OpenVINO's own layers, their names are not the ONNX nodes'). ``islands`` the FP32
-islands of the f16 path (``dtop_export.engines.openvino.fp32_islands``). A measurement, not a test; on 2 cores
+every MVN layer of the IR, by type (LayerNorm, GroupNorm: the ONNX frontend builds them under names of its own, so
+a mark by ONNX node name misses them). ``islands`` the FP32 islands of the f16 path
+(``dtop_export.engines.openvino.fp32_islands``), marked by ONNX node name. A measurement, not a test; on 2 cores
 about 20 s per variant for the small preset.
 """
 
@@ -44,6 +45,12 @@ def edge_nodes(onnx_path: Path) -> tuple[str, list[str]]:
     return first, projections
 
 
+def from_node(name: str, nodes: set[str]) -> bool:
+    """Whether an OpenVINO layer ``name`` is the ONNX node, or one of its pieces (``node/part``), of ``nodes``: the
+    rule :func:`~dtop_export.engines.openvino.mark_fp32_islands` marks by."""
+    return name in nodes or any(name[:i] in nodes for i, c in enumerate(name) if c == "/")
+
+
 def projections_as_convolutions(model: Any, projections: list[str]) -> int:
     """Rewrite each projection's MatMul (x [B, C] times constant W) as Reshape -> 1x1 Convolution -> Reshape, in
     place, the new layers named ``<node>/...`` so that a mark by node name reaches them. Returns how many."""
@@ -52,8 +59,9 @@ def projections_as_convolutions(model: Any, projections: list[str]) -> int:
     done = 0
     for op in list(model.get_ops()):
         name = op.get_friendly_name()
-        if op.get_type_name() != "MatMul" or name.split("/")[0] not in projections:
+        if op.get_type_name() != "MatMul" or not from_node(name, set(projections)):
             continue
+        assert not op.get_attributes()["transpose_a"], name
         w = op.input_value(1).get_node().get_data()
         w = w if op.get_attributes()["transpose_b"] else w.T  # [D, C]
         d, c = w.shape
@@ -71,7 +79,7 @@ def projections_as_convolutions(model: Any, projections: list[str]) -> int:
 
 
 def mark_types(xml: Path, types: set[str]) -> int:
-    """Mark every layer of the IR ``xml`` whose type is in ``types``; returns how many."""
+    """Mark every layer of the IR ``xml`` whose type is in ``types`` (once); returns how many it marked."""
     from dtop_export.engines.openvino import KEEP_FP32
 
     tree = ET.parse(xml)
@@ -82,8 +90,9 @@ def mark_types(xml: Path, types: set[str]) -> int:
             if rt_info is None:
                 rt_info = ET.Element("rt_info")
                 layer.insert(0, rt_info)
-            ET.SubElement(rt_info, "attribute", KEEP_FP32)
-            marked += 1
+            if not any(a.get("name") == KEEP_FP32["name"] for a in rt_info.iter("attribute")):
+                ET.SubElement(rt_info, "attribute", KEEP_FP32)
+                marked += 1
     tree.write(xml, encoding="utf-8", xml_declaration=True)
     return marked
 

@@ -134,7 +134,6 @@ class TorchEngine(Engine):
 
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
             self.model = LowPrecisionDeploy(model.eval(), dtype, torch.device(device).type).to(device)
-            self.fp32_layers = list(self.model.fp32_layers)
         else:
             self.model = model.eval().to(device)
         if cast == "half":
@@ -273,7 +272,7 @@ class TorchEngine(Engine):
         return host.numpy().copy()
 
     def describe(self) -> dict[str, object]:
-        extra = {"fp32_layers": self.fp32_layers} if self.cast == "autocast" else {}
+        extra = {"fp32_layers": self.model.fp32_layers} if self.cast == "autocast" else {}  # compiled: passed on
         return {**super().describe(), "compile": self.compile_mode, "cast": self.cast or None, **extra}
 
 

@@ -134,7 +134,11 @@ class LowPrecisionDeploy(nn.Module):
         super().__init__()
         self.net = deploy_model(model, dtype, edges)
         self.dtype, self.device_type = dtype, device_type
-        self.fp32_layers = [name for name, m in self.net.named_modules() if isinstance(m, Fp32Layer)]
+
+    @property
+    def fp32_layers(self) -> list[str]:
+        """The convolution and linear layers that compute in float32 (:func:`fp32_edges`), by name."""
+        return [name for name, m in self.net.named_modules() if isinstance(m, Fp32Layer)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):

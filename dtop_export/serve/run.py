@@ -172,9 +172,13 @@ def _start_proxy(opts: ServeOptions, logging_config: dict[str, str]) -> None:
             logging_config=logging_config,
         )
     except (TimeoutError, ray.exceptions.RayActorError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        if getattr(e, "actor_init_failed", False):  # its constructor raised: the last line says what
+            raise DToPError(f"Ray Serve's HTTP proxy failed to start: {lines[-1]}") from e
+        reason = next((ln for ln in lines if "never ran" in ln), lines[0])
         raise DToPError(
-            f"Ray Serve's HTTP proxy did not start ({type(e).__name__}: {str(e).strip().splitlines()[0]}): is the "
-            "machine overloaded? Retry when it has a free CPU"
+            f"Ray Serve's HTTP proxy did not start ({type(e).__name__}: {reason}): is the machine overloaded? Retry "
+            "when it has a free CPU"
         ) from e
 
 
