@@ -12,6 +12,8 @@ env       GPU, driver, torch/CUDA/torchvision/Ray versions, CPU cores.
 peaks     the matmul ceiling per precision (square GEMMs, ``dtop_export.bench.peak``), the "% of peak" denominators.
 profile   ``torch.profiler`` of the fp16 forward at 512² b64: CUDA time by kernel family (GEMM, attention, conv,
           norm, elementwise) and the top kernels: where the model's time goes.
+graphs    whether the eager forward waits on the host (``eager_graphs.py``): fp16 512² b1/8/32/64, the time to issue
+          a forward from Python against its total, and the same forward replayed from a CUDA graph.
 photos    ``--photos`` JPEGs of 1024 px with camera aspect ratios (4:3, 3:4, 3:2, 2:3, 16:9), written here.
 corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
           a process pool (the default on a GPU), ``--gpu-decode``; Ray with one GPU actor; and the code before issue
@@ -46,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 # in order of what a session short of time needs most: where the time goes, the end-to-end job, the contracts
-PHASES = ("env", "peaks", "profile", "photos", "corpus", "parity", "model", "compiled", "decode")
+PHASES = ("env", "peaks", "profile", "graphs", "photos", "corpus", "parity", "model", "compiled", "decode")
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9)]
 
 
@@ -446,6 +448,7 @@ def main() -> None:
     args.parity_size = 96 if dry else None
     args.parity_photos = 8 if dry else 128
     args.profile_shape = (96, 2) if dry else (512, 64)
+    args.graph_cells = [("bf16", 64, 1), ("bf16", 64, 2)] if dry else [("fp16", 512, b) for b in (1, 8, 32, 64)]
     args.compile_precisions = ["bf16"] if dry else ["fp16", "bf16"]
     args.compile_sizes = [64] if dry else [512, 1024]
     args.compile_batches = [2] if dry else [64]
@@ -521,6 +524,10 @@ def run_phase(
         save(args.out, "corpus", corpus_phase(args, ckpt, photos, dl))
     elif phase == "profile":
         save(args.out, "profile", profile_phase(args, ckpt))
+    elif phase == "graphs":
+        from eager_graphs import graphs_phase
+
+        save(args.out, "graphs", graphs_phase(ckpt, args.device, args.graph_cells))
     elif phase == "compiled":
         save(args.out, "compiled", compiled_phase(args, ckpt, dl, peaks))
     return photos
