@@ -4,7 +4,7 @@ is ready, and on CUDA the same forward replayed from a CUDA graph (one launch, n
 
 An eager bf16 forward of r50-vitb16 issues ~620 top-level ATen ops, the small preset's ~270; at ~20-30 us of host
 work each (``--device cpu --preset small --cells bf16:16:1``, where compute is nil: AMD EPYC Zen 4, 1-2 threads)
-that is 12-19 ms a forward whatever the batch, near the ~20 ms fixed cost per forward the H200's eager rows show
+that is 12-19 ms a forward whatever the batch, like the 10-20 ms fixed cost per forward the H200's eager rows show
 (b1 46 img/s, b8 272 img/s at 512²). If issue time ~ total time, the GPU waits on Python, and a CUDA graph (or
 ``compile=reduce-overhead``) is the lever at small batches; at large batches the GPU's own time dominates and only
 fusion (``torch.compile``) helps.
