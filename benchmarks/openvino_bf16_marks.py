@@ -45,16 +45,12 @@ def edge_nodes(onnx_path: Path) -> tuple[str, list[str]]:
     return first, projections
 
 
-def from_node(name: str, nodes: set[str]) -> bool:
-    """Whether an OpenVINO layer ``name`` is the ONNX node, or one of its pieces (``node/part``), of ``nodes``: the
-    rule :func:`~dtop_export.engines.openvino.mark_fp32_islands` marks by."""
-    return name in nodes or any(name[:i] in nodes for i, c in enumerate(name) if c == "/")
-
-
 def projections_as_convolutions(model: Any, projections: list[str]) -> int:
     """Rewrite each projection's MatMul (x [B, C] times constant W) as Reshape -> 1x1 Convolution -> Reshape, in
     place, the new layers named ``<node>/...`` so that a mark by node name reaches them. Returns how many."""
     import openvino.opset13 as ops
+
+    from dtop_export.engines.openvino import from_node
 
     done = 0
     for op in list(model.get_ops()):
@@ -80,19 +76,10 @@ def projections_as_convolutions(model: Any, projections: list[str]) -> int:
 
 def mark_types(xml: Path, types: set[str]) -> int:
     """Mark every layer of the IR ``xml`` whose type is in ``types`` (once); returns how many it marked."""
-    from dtop_export.engines.openvino import KEEP_FP32
+    from dtop_export.engines.openvino import keep_fp32
 
     tree = ET.parse(xml)
-    marked = 0
-    for layer in tree.getroot().iter("layer"):
-        if layer.get("type") in types:
-            rt_info = layer.find("rt_info")
-            if rt_info is None:
-                rt_info = ET.Element("rt_info")
-                layer.insert(0, rt_info)
-            if not any(a.get("name") == KEEP_FP32["name"] for a in rt_info.iter("attribute")):
-                ET.SubElement(rt_info, "attribute", KEEP_FP32)
-                marked += 1
+    marked = sum(keep_fp32(layer) for layer in tree.getroot().iter("layer") if layer.get("type") in types)
     tree.write(xml, encoding="utf-8", xml_declaration=True)
     return marked
 

@@ -78,21 +78,33 @@ def mark_fp32_islands(xml: Path, nodes: set[str], tensors: set[str]) -> int:
     for layer in tree.getroot().iter("layer"):
         if layer.get("type") in ("Const", "Parameter", "Result"):
             continue
-        name = layer.get("name", "")
-        # the node itself, or one of its pieces: "node/part" (an ONNX name may hold "/" itself)
-        ours = name in nodes or any(name[:i] in nodes for i, c in enumerate(name) if c == "/")
         outputs = {n for port in layer.iterfind("output/port") for n in (port.get("names") or "").split(",") if n}
-        if not ours and not outputs & tensors:
+        if not from_node(layer.get("name", ""), nodes) and not outputs & tensors:
             continue
-        rt_info = layer.find("rt_info")
-        if rt_info is None:
-            rt_info = ET.Element("rt_info")
-            layer.insert(0, rt_info)
-        if not any(a.get("name") == KEEP_FP32["name"] for a in rt_info.iter("attribute")):
-            ET.SubElement(rt_info, "attribute", KEEP_FP32)
+        keep_fp32(layer)
         marked += 1
     tree.write(xml, encoding="utf-8", xml_declaration=True)
     return marked
+
+
+def from_node(name: str, nodes: set[str]) -> bool:
+    """Whether the IR layer ``name`` comes from one of the ONNX ``nodes``: the node itself, or one of its pieces,
+    ``node/part`` (an ONNX name may hold "/" itself)."""
+    return name in nodes or any(name[:i] in nodes for i, c in enumerate(name) if c == "/")
+
+
+def keep_fp32(layer: Any) -> bool:
+    """Give the IR ``<layer>`` element the :data:`KEEP_FP32` attribute, once; whether it was added."""
+    import xml.etree.ElementTree as ET
+
+    rt_info = layer.find("rt_info")
+    if rt_info is None:
+        rt_info = ET.Element("rt_info")
+        layer.insert(0, rt_info)
+    if any(a.get("name") == KEEP_FP32["name"] for a in rt_info.iter("attribute")):
+        return False
+    ET.SubElement(rt_info, "attribute", KEEP_FP32)
+    return True
 
 
 def with_fp32_islands(model: Any, onnx_path: Path) -> tuple[Any, int]:
