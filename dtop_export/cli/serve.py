@@ -29,10 +29,20 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
     address: Annotated[
-        str | None, typer.Option("--address", help="Ray cluster to run on (e.g. auto); default: a local one.")
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster to join (HOST:PORT, or auto: the one `ray start` made here; an explicit address with "
+            "token auth needs RAY_AUTH_MODE=token); default: a local one.",
+        ),
     ] = None,
     replicas: Annotated[
-        str, typer.Option("--replicas", help="Model replicas (one engine each), or auto (autoscale --min..--max).")
+        str,
+        typer.Option(
+            "--replicas",
+            help="Model replicas (one engine each), or auto: --min..--max, a replica per --max-batch-size requests "
+            "in flight.",
+        ),
     ] = "1",
     min_replicas: Annotated[int, typer.Option("--min", help="Fewest replicas with --replicas auto.")] = 1,
     max_replicas: Annotated[int, typer.Option("--max", help="Most replicas with --replicas auto.")] = 4,

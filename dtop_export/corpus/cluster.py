@@ -48,12 +48,42 @@ _NOTICES = {
 }
 
 
+# Lines Ray's processes print that the driver relays and that are not for our users: Serve's controller tasks
+# retried after serve.shutdown() killed it (every stop) and its note that the ingress, which does not autoscale,
+# has no autoscaling state (every start and stop with --replicas auto).
+WORKER_NOISE = (
+    ("Task ServeController.", "killed by `ray.kill`"),
+    ("Cannot deregister autoscaling state for deployment",),
+)
+
+
 def quiet_notices() -> None:
     """Drop Ray's notices that are not for our users (idempotent)."""
     for name, notice in _NOTICES.items():
         logger = logging.getLogger(name)
         if notice not in logger.filters:
             logger.addFilter(notice)
+
+
+def quiet_worker_lines() -> None:
+    """Drop the :data:`WORKER_NOISE` lines from what the driver prints of its workers' output and of the errors
+    the cluster publishes (idempotent). Both go through Ray's internal ``print_worker_logs``, wrapped here; when it
+    is not where it was, every line passes."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    show = getattr(worker, "print_worker_logs", None)
+    if show is None or getattr(show, "drops_noise", False):
+        return
+
+    def print_worker_logs(data: dict[str, Any], print_file: Any, ignore_prefix: bool = False) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(all(p in ln for p in n) for n in WORKER_NOISE)]
+        if lines or not data.get("lines"):
+            show({**data, "lines": lines}, print_file, ignore_prefix)
+
+    print_worker_logs.drops_noise = True  # type: ignore[attr-defined]
+    worker.print_worker_logs = print_worker_logs
 
 
 @contextlib.contextmanager
@@ -63,8 +93,6 @@ def _single_machine_mode() -> Iterator[None]:
     from ray._private import ray_constants
 
     os.environ.update(LOCAL_CLUSTER_ENV)
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        del os.environ["RAY_AUTH_MODE"]  # unset: Ray turns token authentication on for a new local cluster
     before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -82,20 +110,90 @@ def connect(address: str | None, **init_options: Any) -> bool:
     if ray.is_initialized():
         return False
     quiet_notices()
+    quiet_worker_lines()
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
     options.update(init_options)
     try:
         if address is None:
             with _single_machine_mode():
+                if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+                    del os.environ["RAY_AUTH_MODE"]  # unset: Ray turns token authentication on for a new cluster
                 ray.init(_node_ip_address="127.0.0.1", **options)
             if not token_auth_enabled():
                 ray.shutdown()
                 raise DToPError("the local Ray cluster started without token authentication: unset RAY_AUTH_MODE")
         else:
-            ray.init(address=address, **options)
+            check_reachable(address)
+            gcs = gcs_address(address)
+            # A cluster on loopback (`ray start --node-ip-address 127.0.0.1` in single-machine mode): without that
+            # mode this driver would look for its GCS at the machine's address (Ray's resolve_ip_for_localhost)
+            # and retry for minutes.
+            loopback = gcs is not None and gcs[0] in LOOPBACK
+            with _single_machine_mode() if loopback else contextlib.nullcontext():
+                ray.init(address=address, **options)
     except ConnectionError as e:
+        if _refused_token(e):
+            raise DToPError(
+                f"the Ray cluster at {address} refused this connection's authentication token: when it uses token "
+                "authentication (Ray's default), set RAY_AUTH_MODE=token and give the cluster's token "
+                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token); Ray enables it on its own only for --address auto"
+            ) from e
         raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
     return True
+
+
+def _refused_token(error: BaseException) -> bool:
+    """Whether ``ray.init``'s error comes from the cluster refusing its token (Ray's AuthenticationError, which it
+    also quotes as text in the RuntimeError it raises from it)."""
+    import ray.exceptions
+
+    from dtop_export.errors import find_cause
+
+    kind = getattr(ray.exceptions, "AuthenticationError", None)  # Ray >= 2.52
+    by_type = kind is not None and find_cause(error, kind) is not None
+    return by_type or "InvalidAuthToken" in str(error.__cause__ or "")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def gcs_address(address: str) -> tuple[str, int] | None:
+    """The GCS host and port that ``address`` names (``auto``: ``$RAY_ADDRESS``, else the cluster ``ray start``
+    last made on this machine; a :class:`ConnectionError` when there is none); None for addresses Ray resolves
+    itself (``ray://`` clients, ``local``)."""
+    from ray._private.services import get_ray_address_from_environment
+
+    if "://" in address or address == "local":
+        return None
+    found = get_ray_address_from_environment(address, None)
+    host, _, port = str(found).rpartition(":")
+    if not host or not port.isdigit():
+        return None  # malformed: ray.init says what is wrong
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse, in one line, an ``--address`` (``HOST:PORT``, ``ray://HOST:PORT``, or ``auto``: the cluster it
+    finds) where nothing accepts a connection within ``timeout`` seconds: ``ray.init`` would retry for minutes,
+    printing a warning every few seconds."""
+    import socket
+
+    target = address
+    if address == "auto":
+        found = gcs_address(address)  # ConnectionError when there is none
+        target = f"{found[0]}:{found[1]}" if found else address
+    host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit() or not host:
+        raise DToPError(f"--address {address}: give HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379), ray://HOST:PORT "
+                        "or auto")  # fmt: skip
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        where = address if target == address else f"{address} ({target})"
+        raise DToPError(
+            f"cannot reach the Ray cluster at {where} ({e.strerror or e}): start one there with `ray start --head`, "
+            "or fix --address"
+        ) from e
 
 
 def token_auth_enabled() -> bool:

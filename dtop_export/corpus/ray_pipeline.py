@@ -257,26 +257,6 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": job.gpus_per_actor}
 
 
-def check_reachable(address: str | None, timeout: float = 5.0) -> None:
-    """Refuse an ``--address`` (``HOST:PORT`` or ``ray://HOST:PORT``) nothing answers on within ``timeout`` seconds:
-    ``ray.init`` would retry for many minutes. ``auto`` and a local cluster are Ray's to find."""
-    import socket
-
-    if not address or address == "auto":
-        return
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not port.isdigit() or not host:
-        raise DToPError(f"--address {address}: give HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379), ray://HOST:PORT "
-                        "or auto")  # fmt: skip
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise DToPError(
-            f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start one there with `ray start --head`, "
-            "or fix --address"
-        ) from None
-
-
 @dataclass
 class RayPlan:
     """A Ray job checked against its cluster before anything is written: the connection (and whether this job
@@ -300,7 +280,6 @@ def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
     """Connect to (or start) the cluster and check the job against it: Ray installed, the address reachable, the
     actors' CPUs and GPUs available, one image's memory within a node's. Nothing is written; on a refusal a local
     cluster this call started is shut down again."""
-    check_reachable(job.address)
     try:
         import ray
     except ImportError as e:

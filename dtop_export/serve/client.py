@@ -147,9 +147,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def start_service(args: list[str], log: Path, port: int, timeout_s: float = 150.0) -> Any:
-    """``dtop-export serve ARGS --port PORT`` as a subprocess (stdout and stderr to ``log``), returned once
-    ``/readyz`` answers 200; a :class:`DToPError` with the log's tail when it exits or is not ready in time."""
+def start_service(
+    args: list[str], log: Path, port: int, timeout_s: float = 150.0, env: dict[str, str] | None = None
+) -> Any:
+    """``dtop-export serve ARGS --port PORT`` as a subprocess (stdout and stderr to ``log``; ``env``: its
+    environment, default this process's), returned once ``/readyz`` answers 200; a :class:`DToPError` with the
+    log's tail when it exits or is not ready in time."""
     import subprocess
     import sys
     import time
@@ -159,6 +162,7 @@ def start_service(args: list[str], log: Path, port: int, timeout_s: float = 150.
             [sys.executable, "-m", "dtop_export", "serve", *args, "--port", str(port)],
             stdout=fh,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     client = ServiceClient(f"http://127.0.0.1:{port}", timeout=10)
     deadline = time.monotonic() + timeout_s

@@ -123,6 +123,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
     )
     stop = stop or threading.Event()
     started = connect(opts.address)
+    serve_was_running, deployed = True, False  # until known: a failure before then leaves a cluster's Serve alone
     _on_signals(stop)  # after Ray's start (its core worker installs handlers of its own), before Serve's
     try:
         _check_resources(opts, float(threads), ray.cluster_resources())
@@ -131,12 +132,20 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
                 "(it has no authentication; put it behind a proxy or a firewall)")  # fmt: skip
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         quiet = {"log_level": "WARNING"}
+        serve_was_running = _check_running_serve(opts)
         _start_proxy(opts, quiet)
         app = build_app(
             info, opts.limits, settings, opts.replicas, opts.min_replicas, opts.max_replicas,
             cpus_per_replica=float(threads), gpus_per_replica=opts.gpus_per_replica,
         )  # fmt: skip
-        say(f"starting {opts.replicas} replica(s) of {opts.model} ({info.image_size} px)")
+        count = (
+            f"{opts.min_replicas} replica(s), autoscaled up to {opts.max_replicas} (a replica per "
+            f"{opts.max_batch_size} requests in flight)"
+            if opts.replicas == "auto"
+            else f"{opts.replicas} replica(s)"
+        )
+        say(f"starting {count} of {opts.model} ({info.image_size} px)")
+        deployed = True  # from here on the app named APP_NAME is ours (also when serve.run fails halfway)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", logging_config=quiet)
         except RuntimeError as e:  # Serve's "Deploying application failed": a replica that could not start
@@ -149,10 +158,13 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         _drain(serve.get_app_handle(APP_NAME), opts.limits.request_timeout_s)
     finally:
         try:
-            if started:
+            if started and opts.address is None:  # our own local cluster: all of it goes
                 serve.shutdown()
-            elif serve.status().applications.get(APP_NAME) is not None:
-                serve.delete(APP_NAME)
+            else:  # a cluster we joined (or a caller's): our app goes, Serve too if we started it and it is empty
+                if deployed and serve.status().applications.get(APP_NAME) is not None:
+                    serve.delete(APP_NAME)
+                if not serve_was_running and not serve.status().applications:
+                    serve.shutdown()
         finally:
             if started:
                 ray.shutdown()
@@ -180,6 +192,31 @@ def _start_proxy(opts: ServeOptions, logging_config: dict[str, str]) -> None:
             f"Ray Serve's HTTP proxy did not start ({type(e).__name__}: {reason}): is the machine overloaded? Retry "
             "when it has a free CPU"
         ) from e
+
+
+def _check_running_serve(opts: ServeOptions) -> bool:
+    """Whether Serve already runs on the cluster; refuses, in one line, what would clash with it: an application of
+    our name (another ``dtop-export serve``: Serve would replace it) or an HTTP proxy on another host/port than
+    ``--host``/``--port`` (Serve keeps its proxy and ignores ours: the service would not be where we say)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    status = serve.status()
+    if APP_NAME in status.applications:
+        raise DToPError(
+            f"this Ray cluster already serves an application named {APP_NAME!r} (another dtop-export serve): stop "
+            "it first, or serve on another cluster"
+        )
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return False
+    http = client.http_config
+    if (http.host, http.port) != (opts.host, opts.port):
+        raise DToPError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy on {_url_host(http.host)}:{http.port} "
+            f"(one per cluster): give --host {http.host} --port {http.port}"
+        )
+    return True
 
 
 def _check_options(opts: ServeOptions) -> None:
