@@ -32,8 +32,8 @@ def serve(
         str | None,
         typer.Option(
             "--address",
-            help="Ray cluster to join (HOST:PORT, or auto: the one `ray start` made here; an explicit address with "
-            "token auth needs RAY_AUTH_MODE=token); default: a local one.",
+            help="Ray cluster to join (HOST:PORT, or auto: $RAY_ADDRESS, else the last `ray start` here; an "
+            "explicit address with token auth needs RAY_AUTH_MODE=token); default: a local one.",
         ),
     ] = None,
     replicas: Annotated[

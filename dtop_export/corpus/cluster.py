@@ -131,41 +131,58 @@ def connect(address: str | None, **init_options: Any) -> bool:
             loopback = gcs is not None and gcs[0] in LOOPBACK
             with _single_machine_mode() if loopback else contextlib.nullcontext():
                 ray.init(address=address, **options)
-    except ConnectionError as e:
-        if _refused_token(e):
+    except Exception as e:
+        problem, why = _token_problem(e)
+        if problem == "missing":
+            raise DToPError(
+                f"token authentication is on (RAY_AUTH_MODE=token) but this machine has no token for the Ray cluster "
+                f"at {address} ({why}): give the cluster's token as RAY_AUTH_TOKEN, or in ~/.ray/auth_token (or the "
+                "file RAY_AUTH_TOKEN_PATH names)"
+            ) from e
+        if problem == "refused":
             raise DToPError(
                 f"the Ray cluster at {address} refused this connection's authentication token: when it uses token "
                 "authentication (Ray's default), set RAY_AUTH_MODE=token and give the cluster's token "
                 "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token); Ray enables it on its own only for --address auto"
             ) from e
-        raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
+        if isinstance(e, ConnectionError):
+            raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
+        raise
     return True
 
 
-def _refused_token(error: BaseException) -> bool:
-    """Whether ``ray.init``'s error comes from the cluster refusing its token (Ray's AuthenticationError, which it
-    also quotes as text in the RuntimeError it raises from it)."""
+def _token_problem(error: BaseException) -> tuple[str | None, str]:
+    """Why ``ray.init`` failed, as far as tokens go: ``("refused", "")`` when the cluster refused ours (its gRPC
+    InvalidAuthToken, which Ray quotes as text in the RuntimeError it raises from its AuthenticationError),
+    ``("missing", Ray's reason)`` when this side has none to send (Ray's AuthenticationError before any call),
+    else ``(None, "")``."""
     import ray.exceptions
 
     from dtop_export.errors import find_cause
 
     kind = getattr(ray.exceptions, "AuthenticationError", None)  # Ray >= 2.52
-    by_type = kind is not None and find_cause(error, kind) is not None
-    return by_type or "InvalidAuthToken" in str(error.__cause__ or "")
+    found = find_cause(error, kind) if kind is not None else None
+    if "InvalidAuthToken" in f"{getattr(found, 'message', '')} {error.__cause__ or ''}":
+        return "refused", ""
+    if found is not None:
+        return "missing", str(getattr(found, "message", "") or type(found).__name__).rstrip(".")
+    return None, ""
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def gcs_address(address: str) -> tuple[str, int] | None:
-    """The GCS host and port that ``address`` names (``auto``: ``$RAY_ADDRESS``, else the cluster ``ray start``
-    last made on this machine; a :class:`ConnectionError` when there is none); None for addresses Ray resolves
-    itself (``ray://`` clients, ``local``)."""
-    from ray._private.services import get_ray_address_from_environment
-
+    """The GCS host and port that ``address`` names (``auto`` as ``ray.init`` finds it: ``$RAY_ADDRESS``, else the
+    cluster ``ray start`` last made on this machine, else any running here; a :class:`ConnectionError` when there
+    is none); None for addresses Ray resolves itself (``ray://`` clients, ``local``)."""
     if "://" in address or address == "local":
         return None
-    found = get_ray_address_from_environment(address, None)
+    found = address
+    if address == "auto":  # ray.init reads $RAY_ADDRESS only then: an explicit address wins
+        from ray._private.services import get_ray_address_from_environment
+
+        found = get_ray_address_from_environment(address, None)
     host, _, port = str(found).rpartition(":")
     if not host or not port.isdigit():
         return None  # malformed: ray.init says what is wrong

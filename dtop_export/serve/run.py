@@ -161,10 +161,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
             if started and opts.address is None:  # our own local cluster: all of it goes
                 serve.shutdown()
             else:  # a cluster we joined (or a caller's): our app goes, Serve too if we started it and it is empty
-                if deployed and serve.status().applications.get(APP_NAME) is not None:
-                    serve.delete(APP_NAME)
-                if not serve_was_running and not serve.status().applications:
-                    serve.shutdown()
+                _leave_serve(deployed, serve_was_running, say)
         finally:
             if started:
                 ray.shutdown()
@@ -192,6 +189,22 @@ def _start_proxy(opts: ServeOptions, logging_config: dict[str, str]) -> None:
             f"Ray Serve's HTTP proxy did not start ({type(e).__name__}: {reason}): is the machine overloaded? Retry "
             "when it has a free CPU"
         ) from e
+
+
+def _leave_serve(deployed: bool, serve_was_running: bool, say: Callable[[str], None]) -> None:
+    """Remove our application from a cluster we joined, and Serve when we started it and nothing else runs there;
+    a cluster (or Serve controller) that is gone by now is a warning, not an error over the one that stopped us."""
+    from ray import serve
+
+    try:
+        if deployed and serve.status().applications.get(APP_NAME) is not None:
+            serve.delete(APP_NAME)
+        if not serve_was_running and not serve.status().applications:
+            serve.shutdown()
+    except Exception as e:  # noqa: BLE001 - cleanup of a cluster that may have failed under us
+        say(f"warning: could not remove the {APP_NAME!r} application from the Ray cluster ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); remove it with `serve shutdown` or "
+            f"`serve.delete({APP_NAME!r})`")  # fmt: skip
 
 
 def _check_running_serve(opts: ServeOptions) -> bool:
