@@ -343,20 +343,24 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
     assert sorted(actor.engine.batches) == [8, 8, 8]
     assert np.allclose(out["descriptor"][:, 0], np.arange(24))
     assert out["startup_s"].sum() == 0.75 and actor(batch)["startup_s"].sum() == 0  # load + warm-up, reported once
-    assert read_task_memory(16, 1024, [1.0]) > 546 * 2**20  # Ray's issue detector: "used up to 546.3MiB"
+    mib, gib = 2**20, 2**30
+    assert read_task_memory(16, 1024, [1.0], 0) > 546 * mib  # Ray's issue detector: "used up to 546.3MiB"
     assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
-    gib = 2**30
+    # the decode budget on top (default 1024 MiB, DecodeBudget's): the one image being decoded may hold it
+    assert read_task_memory(16, 1024, [1.0]) - read_task_memory(16, 1024, [1.0], 0) == 1024 * mib
     assert read_block_rows(16, 1024, [1.0], 16 * gib) == 16
-    assert read_block_rows(16, 1024, [1.0], 1 * gib) == 8  # halved until within half the node's memory
-    assert read_task_memory(8, 1024, [1.0]) <= gib / 2 < read_task_memory(16, 1024, [1.0])
+    assert read_block_rows(16, 1024, [1.0], 1 * gib, 64) == 8  # halved until within half the node's memory
+    assert read_task_memory(8, 1024, [1.0], 64) <= gib / 2 < read_task_memory(16, 1024, [1.0], 64)
     assert read_block_rows(16, 1024, [1.0], 0.0) == 16  # no memory resource reported
     with pytest.raises(DToPError, match="smaller --image-size"):
-        read_block_rows(16, 8192, [1.0], 1 * gib)
+        read_block_rows(16, 8192, [1.0], 1 * gib, 64)
+    with pytest.raises(DToPError, match="--max-decode-mb 2048"):  # a budget no node here can hold
+        read_block_rows(16, 512, [1.0], 2 * gib, 2048)
     # a task runs on one node: two 1 GiB nodes (and a dead 16 GiB one) offer 1 GiB, not the 2 GiB Ray sums
     nodes = [{"Alive": True, "Resources": {"CPU": 2, "memory": gib}}] * 2
     nodes += [{"Alive": False, "Resources": {"memory": 16 * gib}}, {"Alive": True, "Resources": {"CPU": 1}}]
     assert largest_node_memory(nodes) == gib
-    assert read_block_rows(16, 1024, [1.0], largest_node_memory(nodes)) == 8
+    assert read_block_rows(16, 1024, [1.0], largest_node_memory(nodes), 64) == 8
     assert largest_node_memory([]) == 0.0
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dtop_export.decode_budget import DecodeBudget
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -51,27 +52,33 @@ def tensor_bytes(image_size: int, scales: list[float]) -> int:
     return sum(3 * 4 * round(image_size * s) ** 2 for s in scales)
 
 
-def read_task_memory(rows: int, image_size: int, scales: list[float]) -> int:
-    """Memory a read/decode task reserves: the worker (~160 MiB) and 2.5x its block's tensors (the decoded
-    images and Ray Data's copy of the output block; a 16-row block at 1024 px peaked at 546 MiB on a GPU node).
-    A remote argument the actors lack, which also keeps Ray Data from fusing decoding into the actors (fused,
-    an actor would decode and infer in turn)."""
-    return 160 * 2**20 + int(2.5 * rows * tensor_bytes(image_size, scales))
+def read_task_memory(
+    rows: int, image_size: int, scales: list[float], decode_mb: int = DecodeBudget.max_decode_mb
+) -> int:
+    """Memory a read/decode task reserves: the worker (~160 MiB), the decode budget (``--max-decode-mb``: the
+    buffers of the one image it decodes at a time may reach it; the budget refuses a file that would need more)
+    and 2.5x its block's tensors (the resized images and Ray Data's copy of the output block; a 16-row block at
+    1024 px of camera photos peaked at 546 MiB on a GPU node). A remote argument the actors lack, which also keeps
+    Ray Data from fusing decoding into the actors (fused, an actor would decode and infer in turn)."""
+    return (160 + decode_mb) * 2**20 + int(2.5 * rows * tensor_bytes(image_size, scales))
 
 
-def read_block_rows(rows: int, image_size: int, scales: list[float], node_memory: float) -> int:
+def read_block_rows(
+    rows: int, image_size: int, scales: list[float], node_memory: float, decode_mb: int = DecodeBudget.max_decode_mb
+) -> int:
     """``rows`` per read task, halved until a task's reservation fits in half of ``node_memory`` (the largest
     node's ``memory`` resource, :func:`largest_node_memory`: a task runs on one node, and Ray would otherwise
     wait for memory that never frees up, silently); refuses sizes where not even one image fits."""
     if node_memory <= 0:  # a cluster that reports no memory resource: nothing to fit
         return rows
-    while rows > 1 and read_task_memory(rows, image_size, scales) > node_memory / 2:
+    while rows > 1 and read_task_memory(rows, image_size, scales, decode_mb) > node_memory / 2:
         rows //= 2
-    need = read_task_memory(rows, image_size, scales)
+    need = read_task_memory(rows, image_size, scales, decode_mb)
     if need > node_memory:
         raise DToPError(
-            f"one {image_size} px image at scales {scales} needs {need / 2**30:.1f} GiB to decode; the largest Ray "
-            f"node offers {node_memory / 2**30:.1f} GiB of task memory: use a smaller --image-size or a larger node"
+            f"one {image_size} px image at scales {scales} needs {need / 2**30:.1f} GiB to decode (with "
+            f"--max-decode-mb {decode_mb}); the largest Ray node offers {node_memory / 2**30:.1f} GiB of task memory: "
+            "use a smaller --image-size or --max-decode-mb, or a larger node"
         )
     return rows
 
@@ -295,7 +302,7 @@ def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
         node_memory = largest_node_memory(ray.nodes())
         if node_memory > 0:
             check_image_size(size, scales, job.batch_size, contract.preprocess.stride, available=int(node_memory))
-        rows = read_block_rows(ROWS_PER_READ_TASK, size, scales, node_memory)
+        rows = read_block_rows(ROWS_PER_READ_TASK, size, scales, node_memory, job.decode.max_decode_mb)
     except BaseException:
         if started:
             ray.shutdown()
@@ -358,7 +365,7 @@ def run_ray(
         batch_size=None,
         batch_format="numpy",
         num_cpus=READ_TASK_CPUS,
-        memory=read_task_memory(per_block, size, scales),
+        memory=read_task_memory(per_block, size, scales, job.decode.max_decode_mb),
     )
     ds = ds.map_batches(
         EmbedActor,
