@@ -358,11 +358,12 @@ def test_full_preset_ort_matches_pytorch(full_export: tuple[Path, Path], batch: 
     """The paper's R50+ViT-B/16 model: ORT parity in batch 1 at every shape but 1024x1024 (768x1024 already takes
     the 24x24 native grid to 64 along one axis; the small model, the same stride-16 hybrid, checks 1024x1024 in
     batch 1 and 4; here it would cost ~55 s of CI on 2 cores); batch 4 (the dynamic batch axis against reshapes
-    that could mix images) at a square and two non-square shapes."""
+    that could mix images) at a landscape and a portrait shape (where a transposed reshape shows; batch 1 has the
+    squares)."""
     ckpt, onnx_path = full_export
     ref, ort = _engines(ckpt, onnx_path)
     shapes = [s for s in PARITY_SHAPES if s != (1024, 1024)]
-    for h, w in shapes if batch == 1 else [(224, 224), (384, 512), (640, 384)]:
+    for h, w in shapes if batch == 1 else [(384, 512), (640, 384)]:
         x = np.random.default_rng(h + w).standard_normal((batch, 3, h, w)).astype(np.float32)
         a, b = ref.embed(x), ort.embed(x)
         cos = (a * b).sum(1)
