@@ -345,13 +345,16 @@ def test_actor_batches_rows_of_equal_shape_and_reserves_its_read_memory() -> Non
     assert out["startup_s"].sum() == 0.75 and actor(batch)["startup_s"].sum() == 0  # load + warm-up, reported once
     mib, gib = 2**20, 2**30
     assert read_task_memory(16, 1024, [1.0], 0) > 546 * mib  # Ray's issue detector: "used up to 546.3MiB"
-    assert read_task_memory(16, 1024, [1.0, 0.5]) > read_task_memory(16, 1024, [1.0])  # one row per scale
-    # the decode budget on top (default 1024 MiB, DecodeBudget's): the one image being decoded may hold it
-    assert read_task_memory(16, 1024, [1.0]) - read_task_memory(16, 1024, [1.0], 0) == 1024 * mib
-    assert read_block_rows(16, 1024, [1.0], 16 * gib) == 16
+    assert read_task_memory(16, 1024, [1.0, 0.5], 0) > read_task_memory(16, 1024, [1.0], 0)  # one row per scale
+    # the decode budget on top: the one image being decoded may hold it
+    assert read_task_memory(16, 1024, [1.0], 1024) - read_task_memory(16, 1024, [1.0], 0) == 1024 * mib
+    assert read_block_rows(16, 1024, [1.0], 16 * gib, 1024) == 16
     assert read_block_rows(16, 1024, [1.0], 1 * gib, 64) == 8  # halved until within half the node's memory
     assert read_task_memory(8, 1024, [1.0], 64) <= gib / 2 < read_task_memory(16, 1024, [1.0], 64)
-    assert read_block_rows(16, 1024, [1.0], 0.0) == 16  # no memory resource reported
+    # worker + budget (1184 MiB) fill half of a 2 GiB node whatever the rows: the whole node is the room, not
+    # half of it (halving to 1 row would only make 16x the tasks)
+    assert read_block_rows(16, 512, [1.0], 2 * gib, 1024) == 16
+    assert read_block_rows(16, 1024, [1.0], 0.0, 1024) == 16  # no memory resource reported
     with pytest.raises(DToPError, match="smaller --image-size"):
         read_block_rows(16, 8192, [1.0], 1 * gib, 64)
     with pytest.raises(DToPError, match="--max-decode-mb 2048"):  # a budget no node here can hold
@@ -481,12 +484,13 @@ def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(
 def test_ray_requests_the_cluster_cannot_meet_are_refused_before_any_output(
     small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """GPUs the cluster lacks, more CPUs per actor than it has: one line, and the output folder never made (the job
-    used to create it and a "running" manifest first)."""
+    """GPUs the cluster lacks, more CPUs per actor than it has, a decode budget no node can reserve: one line, and
+    the output folder never made (the job used to create it and a "running" manifest first)."""
     out = tmp_path / "o"
     for extra, message in (
         (["--gpus-per-actor", "1"], "the Ray cluster has 0: use fewer --actors"),
         (["--cpus-per-actor", "8"], "leave less than 0.5 CPU for reading images"),
+        (["--max-decode-mb", "100000000"], "--max-decode-mb 100000000"),  # a decode task no node can hold
     ):
         assert cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--ray", *extra) == 2
         err = capsys.readouterr().err

@@ -172,12 +172,14 @@ def test_joins_a_loopback_cluster_shares_its_proxy_autoscales_and_leaves_the_oth
         workers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
         t0 = time.monotonic()
         [w.start() for w in workers]
-        r = cli("serve", *common, "--port", str(http), env=env)  # a second service of ours, while the load runs
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert "already serves an application named 'dtop'" in r.stderr.strip().splitlines()[-1]
-        stop.wait(max(0.0, SCALE_UP_BOUND_S - (time.monotonic() - t0)))
-        stop.set()
-        [w.join(60) for w in workers]
+        try:
+            r = cli("serve", *common, "--port", str(http), env=env)  # a second service of ours, while the load runs
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert "already serves an application named 'dtop'" in r.stderr.strip().splitlines()[-1]
+            stop.wait(max(0.0, SCALE_UP_BOUND_S - (time.monotonic() - t0)))
+        finally:
+            stop.set()
+            [w.join(60) for w in workers]
         scaled = time.monotonic() - t0
         assert not errors, errors[:3]  # scaling up drops no request
         assert len(seen) == 2, (f"no second replica in {SCALE_UP_BOUND_S} s", log.read_text()[-3000:])

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dtop_export.decode_budget import DecodeBudget
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -52,9 +51,7 @@ def tensor_bytes(image_size: int, scales: list[float]) -> int:
     return sum(3 * 4 * round(image_size * s) ** 2 for s in scales)
 
 
-def read_task_memory(
-    rows: int, image_size: int, scales: list[float], decode_mb: int = DecodeBudget.max_decode_mb
-) -> int:
+def read_task_memory(rows: int, image_size: int, scales: list[float], decode_mb: int) -> int:
     """Memory a read/decode task reserves: the worker (~160 MiB), the decode budget (``--max-decode-mb``: the
     buffers of the one image it decodes at a time may reach it; the budget refuses a file that would need more)
     and 2.5x its block's tensors (the resized images and Ray Data's copy of the output block; a 16-row block at
@@ -63,15 +60,15 @@ def read_task_memory(
     return (160 + decode_mb) * 2**20 + int(2.5 * rows * tensor_bytes(image_size, scales))
 
 
-def read_block_rows(
-    rows: int, image_size: int, scales: list[float], node_memory: float, decode_mb: int = DecodeBudget.max_decode_mb
-) -> int:
+def read_block_rows(rows: int, image_size: int, scales: list[float], node_memory: float, decode_mb: int) -> int:
     """``rows`` per read task, halved until a task's reservation fits in half of ``node_memory`` (the largest
     node's ``memory`` resource, :func:`largest_node_memory`: a task runs on one node, and Ray would otherwise
-    wait for memory that never frees up, silently); refuses sizes where not even one image fits."""
+    wait for memory that never frees up, silently) -- or in all of it, when the part rows cannot shrink (worker
+    and decode budget) already fills half; refuses sizes where not even one image fits."""
     if node_memory <= 0:  # a cluster that reports no memory resource: nothing to fit
         return rows
-    while rows > 1 and read_task_memory(rows, image_size, scales, decode_mb) > node_memory / 2:
+    room = node_memory / 2 if read_task_memory(1, image_size, scales, decode_mb) <= node_memory / 2 else node_memory
+    while rows > 1 and read_task_memory(rows, image_size, scales, decode_mb) > room:
         rows //= 2
     need = read_task_memory(rows, image_size, scales, decode_mb)
     if need > node_memory:
@@ -327,10 +324,14 @@ def run_ray(
     from dtop_export.corpus.runtime import ActorStats
 
     res, cpus, threads = plan.resources, plan.cpus, plan.threads
+    size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
     say(
         f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
         + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
         + (f", {threads} thread(s) each" if threads else "")
+        + f"; decode tasks of up to {plan.rows_per_block} image(s) reserve "
+        f"{read_task_memory(plan.rows_per_block, size, scales, job.decode.max_decode_mb) / 2**30:.1f}"
+        " GiB each (--max-decode-mb counts)"
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -342,7 +343,6 @@ def run_ray(
     from dtop_export.corpus.pool import default_workers
     from dtop_export.corpus.schedule import frequent_shapes, ordered, scan, shards_per_window
 
-    size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
     todo = assembler.items()
     t0 = time.perf_counter()  # the header scan, in the driver: rows go out ordered by model input shape
     shapes = scan(todo, contract.preprocess, size, scales, default_workers())
