@@ -123,8 +123,8 @@ def connect(address: str | None, **init_options: Any) -> bool:
                 ray.shutdown()
                 raise DToPError("the local Ray cluster started without token authentication: unset RAY_AUTH_MODE")
         else:
-            check_reachable(address)
-            gcs = gcs_address(address)
+            gcs = gcs_address(address)  # auto: found once (Ray looks through this machine's processes)
+            check_reachable(address, gcs)
             # A cluster on loopback (`ray start --node-ip-address 127.0.0.1` in single-machine mode): without that
             # mode this driver would look for its GCS at the machine's address (Ray's resolve_ip_for_localhost)
             # and retry for minutes.
@@ -189,16 +189,13 @@ def gcs_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Refuse, in one line, an ``--address`` (``HOST:PORT``, ``ray://HOST:PORT``, or ``auto``: the cluster it
-    finds) where nothing accepts a connection within ``timeout`` seconds: ``ray.init`` would retry for minutes,
-    printing a warning every few seconds."""
+def check_reachable(address: str, gcs: tuple[str, int] | None, timeout: float = 5.0) -> None:
+    """Refuse, in one line, an ``--address`` (``HOST:PORT``, ``ray://HOST:PORT``, or ``auto``: the cluster
+    :func:`gcs_address` found, ``gcs``) where nothing accepts a connection within ``timeout`` seconds: ``ray.init``
+    would retry for minutes, printing a warning every few seconds."""
     import socket
 
-    target = address
-    if address == "auto":
-        found = gcs_address(address)  # ConnectionError when there is none
-        target = f"{found[0]}:{found[1]}" if found else address
+    target = f"{gcs[0]}:{gcs[1]}" if address == "auto" and gcs else address
     host, _, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not port.isdigit() or not host:
         raise DToPError(f"--address {address}: give HOST:PORT (the head's GCS, e.g. 10.0.0.1:6379), ray://HOST:PORT "
