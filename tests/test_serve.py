@@ -479,6 +479,22 @@ def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.
     assert "--replicas" in err and "--max-upload-mb" in err and "Traceback" not in err
 
 
+def test_autoscaler_reacts_within_seconds_and_raises_no_deprecation_warning() -> None:
+    """``--replicas auto``: the load averaged over 5 s and sent every second (Serve's defaults, 30 s and 10 s, added
+    the second replica 15-27 s into a load here; the cluster test prints how long it takes now), a replica per
+    --max-batch-size requests in flight; Ray's deprecation of ``metrics_interval_s`` does not reach the user."""
+    import warnings
+
+    from dtop_export.serve.deployment import autoscaling_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = autoscaling_config(8, 1, 4)
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 4, 8)
+    assert config.look_back_period_s == 5.0 and config.upscale_delay_s == 2.0 and config.downscale_delay_s == 60.0
+    assert config.metrics_interval_s < config.look_back_period_s / 2  # a few reports inside each look-back
+
+
 @pytest.mark.parametrize(
     ("failure", "says"),
     [

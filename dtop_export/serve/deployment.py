@@ -186,13 +186,34 @@ def embedder_deployment(
         "ray_actor_options": {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
     }
     if replicas == "auto":
-        options["autoscaling_config"] = {
-            "min_replicas": min_replicas,
-            "max_replicas": max_replicas,
-            "target_ongoing_requests": settings.max_batch_size,
-            "upscale_delay_s": 2.0,
-            "downscale_delay_s": 60.0,
-        }
+        options["autoscaling_config"] = autoscaling_config(settings.max_batch_size, min_replicas, max_replicas)
     else:
         options["num_replicas"] = int(replicas)
     return serve.deployment(**options)(Embedder).bind(settings)
+
+
+def autoscaling_config(max_batch_size: int, min_replicas: int, max_replicas: int) -> Any:
+    """Serve's autoscaler for ``--replicas auto``: a replica per ``max_batch_size`` requests in flight, added 2 s
+    after the load passes that, removed after 60 s below it.
+
+    Serve's defaults average the load over 30 s and send it to the controller every 10 s: a second replica came
+    15-27 s into a load here. We average over 5 s and send it every second (a few bytes per handle per second):
+    it comes ~5 s in, plus the replica's start-up. ``metrics_interval_s`` is deprecated in Ray 2.60 (to become an
+    environment variable, nothing replaces it yet): given while Ray still has it, its warning silenced."""
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig
+
+    fields: dict[str, Any] = {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": max_batch_size,
+        "look_back_period_s": 5.0,
+        "upscale_delay_s": 2.0,
+        "downscale_delay_s": 60.0,
+    }
+    if "metrics_interval_s" in AutoscalingConfig.model_fields:
+        fields["metrics_interval_s"] = 1.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s", category=DeprecationWarning)
+        return AutoscalingConfig(**fields)
