@@ -264,12 +264,15 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
 @dataclass
 class RayPlan:
     """A Ray job checked against its cluster before anything is written: the connection (and whether this job
-    started it), the actors' CPUs and threads, and the rows per read task."""
+    started it), the actors' CPUs and threads, the model input's longer side and scales, and the rows per read
+    task."""
 
     started: bool
     resources: dict[str, float]
     cpus: float
     threads: int | None
+    image_size: int
+    scales: list[float]
     rows_per_block: int
 
     def close(self) -> None:
@@ -304,7 +307,7 @@ def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
         if started:
             ray.shutdown()
         raise
-    return RayPlan(started, res, cpus, threads, rows)
+    return RayPlan(started, res, cpus, threads, size, scales, rows)
 
 
 def run_ray(
@@ -323,8 +326,7 @@ def run_ray(
 
     from dtop_export.corpus.runtime import ActorStats
 
-    res, cpus, threads = plan.resources, plan.cpus, plan.threads
-    size, scales = int(job.image_size or contract.preprocess.size), [float(s) for s in job.scales]
+    res, cpus, threads, size, scales = plan.resources, plan.cpus, plan.threads, plan.image_size, plan.scales
     say(
         f"ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; {job.actors} actor(s) x {cpus:g} CPU"
         + (f" + {job.gpus_per_actor:g} GPU" if job.gpus_per_actor else "")
