@@ -458,6 +458,7 @@ def test_ray_equals_in_process(
     assert sum(a["images"] for a in summary["actors"]) == summary["embedded"]
     assert len(summary["actors"]) == 2 and all(a["images"] > 0 for a in summary["actors"])  # both actors worked
     assert 0 < summary["first_result_s"] < summary["wall_s"]  # start-up (cluster, actors, model) reported apart
+    assert 0 < summary["startup"]["cluster_s"] < summary["first_result_s"]  # joining the cluster, a fixed cost
 
 
 def test_ray_actor_that_cannot_open_its_engine_stops_the_job_in_one_line(

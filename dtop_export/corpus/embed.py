@@ -334,7 +334,9 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     else:
         from dtop_export.corpus.ray_pipeline import plan_ray
 
+        t1 = time.perf_counter()
         ray_plan = plan_ray(job, contract)
+        startup["cluster_s"] = time.perf_counter() - t1  # started (or joined) and checked against the job
     try:
         from dtop_export.corpus.lock import folder_lock
 
