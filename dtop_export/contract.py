@@ -235,7 +235,9 @@ def load_onnx(path: str | Path, weights: bool = True) -> onnx.ModelProto:
     try:
         return onnx.load(str(path), load_external_data=weights)
     except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
-        raise DToPError(f"{path} is not a readable ONNX file ({e.__class__.__name__})") from e
+        from dtop_export.onnx_metadata import other_format
+
+        raise DToPError(other_format(path) or f"{path} is not a readable ONNX file ({e.__class__.__name__})") from e
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -97,6 +97,28 @@ def _walk(f: BinaryIO, size: int) -> dict[str, str]:
     return meta
 
 
+def other_format(path: Path) -> str | None:
+    """What a file given as ONNX is instead, with what to do, when it is a model of another kind the toolkit knows
+    (by suffix, or a PyTorch checkpoint's zip signature): the start of a one-line error; None otherwise."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
+
+    suffix = path.suffix.lower()
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if suffix in CHECKPOINT_SUFFIXES or head == b"PK\x03\x04":
+        return f"{path} is a PyTorch checkpoint, not ONNX: export it first with `dtop-export onnx {path}`"
+    if suffix in IR_SUFFIXES:
+        return f"{path} is an OpenVINO IR, not ONNX: give the .onnx file it was converted from"
+    if suffix in PLAN_SUFFIXES:
+        return f"{path} is a TensorRT plan, not ONNX: give the .onnx file it was built from"
+    if suffix in PTE_SUFFIXES:
+        return f"{path} is an ExecuTorch program, not ONNX: give the .onnx file (or the checkpoint) it came from"
+    return None
+
+
 def read_onnx_metadata_props(path: str | Path) -> dict[str, str]:
     """The ``metadata_props`` of the ONNX file ``path`` as a dict (empty when it has none); one
     :class:`DToPError` line when the file is missing or not ONNX."""
@@ -107,4 +129,4 @@ def read_onnx_metadata_props(path: str | Path) -> dict[str, str]:
         with path.open("rb") as f:
             return _walk(f, path.stat().st_size)
     except (_Malformed, UnicodeDecodeError) as e:
-        raise DToPError(f"{path} is not a readable ONNX file ({e})") from e
+        raise DToPError(other_format(path) or f"{path} is not a readable ONNX file ({e})") from e

@@ -18,6 +18,7 @@ This folder installs as ``dtop_export.engines``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,10 +38,24 @@ RUNTIMES = ("pytorch", "onnxruntime", "openvino", "executorch", "tensorrt")
 def load_engine(path: str | Path, runtime: str | None = None, **options: Any) -> Engine:
     """Open ``path`` in the runtime its suffix names (``.pt`` PyTorch, ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO,
     ``.pte`` ExecuTorch, ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options``
-    go to the engine's constructor."""
+    go to the engine's constructor, checked first (:func:`check_engine_options`)."""
     path = Path(path)
     if not path.exists():
         raise DToPError(f"model file {path} not found")
+    check_engine_options(path, options, runtime)
+    _, make, _ = engine_factory(path, runtime)
+    return make(path, **options)
+
+
+# constructor parameters that are not the user's to set (the model, what the loader passes, callbacks)
+_INTERNAL = {"self", "model", "path", "preprocess", "whitening", "source", "on_run"}
+
+
+def engine_factory(path: Path, runtime: str | None = None) -> tuple[str, Callable[..., Engine], tuple[str, ...]]:
+    """(runtime name, constructor taking ``(path, **options)``, the option names it takes) for ``path``; imports
+    the engine's module, not its runtime."""
+    import inspect
+
     suffix = path.suffix.lower()
     if runtime is not None and runtime not in RUNTIMES:
         raise DToPError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
@@ -49,28 +64,78 @@ def load_engine(path: str | Path, runtime: str | None = None, **options: Any) ->
             raise DToPError(f"OpenVINO runs an .onnx or an IR .xml, not {path.name}")
         from dtop_export.engines.openvino import OpenVinoEngine
 
-        return OpenVinoEngine(path, **options)
-    native = {".onnx": "onnxruntime", ".pte": "executorch"}.get(suffix) or (
-        "pytorch" if suffix in CHECKPOINT_SUFFIXES else "tensorrt" if suffix in PLAN_SUFFIXES else None
-    )
-    if runtime is not None and runtime != native:
-        raise DToPError(f"{path.name} cannot run in {runtime} (it runs in {native or 'no runtime'})")
-    if suffix in CHECKPOINT_SUFFIXES:
-        from dtop_export.engines.pytorch import TorchEngine
+        name, make, signatures = "openvino", OpenVinoEngine, [OpenVinoEngine.__init__]
+    else:
+        native = {".onnx": "onnxruntime", ".pte": "executorch"}.get(suffix) or (
+            "pytorch" if suffix in CHECKPOINT_SUFFIXES else "tensorrt" if suffix in PLAN_SUFFIXES else None
+        )
+        if runtime is not None and runtime != native:
+            raise DToPError(f"{path.name} cannot run in {runtime} (it runs in {native or 'no runtime'})")
+        if suffix in CHECKPOINT_SUFFIXES:
+            from dtop_export.engines.pytorch import TorchEngine
 
-        return TorchEngine.from_checkpoint(path, **options)
-    if suffix == ".onnx":
-        from dtop_export.engines.ort import OnnxRuntimeEngine
+            name, make = "pytorch", TorchEngine.from_checkpoint
+            signatures = [TorchEngine.from_checkpoint, TorchEngine.__init__]
+        elif suffix == ".onnx":
+            from dtop_export.engines.ort import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(path, **options)
-    if suffix in PTE_SUFFIXES:
-        from dtop_export.engines.executorch import ExecuTorchEngine
+            name, make, signatures = "onnxruntime", OnnxRuntimeEngine, [OnnxRuntimeEngine.__init__]
+        elif suffix in PTE_SUFFIXES:
+            from dtop_export.engines.executorch import ExecuTorchEngine
 
-        return ExecuTorchEngine(path, **options)
-    if suffix in PLAN_SUFFIXES:
-        from dtop_export.engines.tensorrt.runner import TensorRTEngine
+            name, make, signatures = "executorch", ExecuTorchEngine, [ExecuTorchEngine.__init__]
+        elif suffix in PLAN_SUFFIXES:
+            from dtop_export.engines.tensorrt.runner import TensorRTEngine
 
-        return TensorRTEngine(path, **options)
-    raise DToPError(
-        f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte or .plan"
-    )
+            name, make, signatures = "tensorrt", TensorRTEngine, [TensorRTEngine.__init__]
+        else:
+            raise DToPError(
+                f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte "
+                "or .plan"
+            )
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {
+        p.name
+        for fn in signatures
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in kinds and p.name not in _INTERNAL
+    }
+    return name, make, tuple(sorted(names))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's or ``taskset``'s share, not the host's)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_engine_options(
+    path: str | Path, options: dict[str, Any], runtime: str | None = None, local_threads: bool = True
+) -> None:
+    """Refuse, in one line, an option the engine of ``path`` does not take (a typo in ``MODEL:key=value``) and a
+    ``threads`` that is not a whole number of at least 1 or, with ``local_threads``, is more than this process's
+    CPUs (a runtime asked for a million threads allocates them, unkillable, for minutes); ``runtime`` as in
+    :func:`load_engine` (``options`` may carry it too)."""
+    path = Path(path)
+    options = dict(options)
+    runtime = options.pop("runtime", runtime)
+    name, _, known = engine_factory(path, runtime)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DToPError(
+            f"{path.name}: {name} takes no option {', '.join(map(repr, unknown))}: it takes {', '.join(known)}"
+        )
+    threads = options.get("threads")
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DToPError(f"threads must be a whole number of at least 1, got {threads!r}")
+    if local_threads and threads > (cpus := usable_cpus()):
+        raise DToPError(
+            f"{threads} threads asked for, and this process can run on {cpus} CPU(s): use --threads {cpus} or fewer "
+            "(more threads than CPUs only wait for each other)"
+        )

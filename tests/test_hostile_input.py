@@ -198,6 +198,80 @@ def test_numbers_and_ray_options_are_refused_before_anything_is_written(
         assert not npy.exists()
 
 
+def _too_many_threads() -> str:
+    from dtop_export.engines import usable_cpus
+
+    return str(usable_cpus() + 1)
+
+
+@pytest.mark.parametrize(
+    "spec, extra, message",
+    [
+        (":foo=1", [], "small.onnx: onnxruntime takes no option 'foo': it takes graph_optimization, provider, spin, "),
+        (":threads=abc", [], "threads must be a whole number of at least 1, got 'abc'"),
+        (":provider=cpu,threds=2", [], "onnxruntime takes no option 'threds'"),
+        ("", ["--threads", _too_many_threads()], f"{_too_many_threads()} threads asked for, and this process can run"),
+    ],
+    ids=["unknown-option", "threads-not-a-number", "typo-among-good-ones", "more-threads-than-cpus"],
+)
+def test_engine_options_are_checked_before_anything_is_written(
+    small_onnx: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: str, extra: list[str],
+    message: str,
+) -> None:  # fmt: skip
+    """A typo in MODEL:key=value was a TypeError traceback from the engine, after a corpus job had made its folder
+    (manifest "running" + lock); a million --threads had ONNX Runtime allocate threads, unkillable, for minutes."""
+    model = str(small_onnx) + spec
+    out, npy = tmp_path / "out", tmp_path / "d.npy"
+    _refused(capsys, "embed", model, str(imgs), "-o", str(out), *extra, match=message)
+    _refused(capsys, "embed", model, str(imgs), "-o", str(npy), *extra, match=message)
+    assert not out.exists() and not npy.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["quantize", "{onnx}", "-o", "{out}/q.onnx", "--calib-sizes", "320,100000"], "--calib-sizes"),
+        (["openvino", "{onnx}", "--int8", "-o", "{out}/q.xml", "--calib-sizes", "100000"], "--calib-sizes"),
+        (["parity", "{ckpt}", "{onnx}", "--image-size", "100000", "--json", "{out}/p.json"], "--image-size"),
+        (["whiten", "{ckpt}", "--images", "{imgs}", "--size", "100000", "-o", "{out}/w.pt"], "--size"),
+        (["check", "{onnx}", "--fp16-audit", "--image-size", "100000", "--json", "{out}/c.json"], "--image-size"),
+        (["onnx", "{ckpt}", "-o", "{out}/s.onnx", "--static", "100000x64"], "--static (its longer side)"),
+    ],
+    ids=["quantize", "openvino-int8", "parity", "whiten", "check-fp16-audit", "onnx-static"],
+)
+def test_every_size_option_is_checked_against_memory_before_any_work(
+    small_onnx: Path, small_ckpt: Path, imgs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    argv: list[str], option: str,
+) -> None:  # fmt: skip
+    """Only embed, evaluate, bench and cpp parity checked their sizes: `quantize --calib-sizes 100000` ran 105 s
+    and was killed by the kernel (exit 137), the others ended in a MemoryError or allocator traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    fill = {"onnx": str(small_onnx), "ckpt": str(small_ckpt), "imgs": str(imgs), "out": str(out)}
+    _refused(capsys, *(a.format(**fill) for a in argv), match=f"{option} 100000 needs at least")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["quantize", "openvino"])
+def test_a_checkpoint_given_for_an_onnx_file_says_to_export_it(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Was "not a readable ONNX file (DecodeError)" or "X.int8.onnx exists" (the output checked first)."""
+    _refused(capsys, command, str(small_ckpt), match="is a PyTorch checkpoint, not ONNX: export it first with")
+
+
+def test_engine_options_are_each_engines_constructor_parameters() -> None:
+    """What a user may set per runtime, read from the constructors (internal parameters left out)."""
+    from dtop_export.engines import engine_factory
+
+    assert engine_factory(Path("m.onnx"))[2] == ("graph_optimization", "provider", "spin", "threads")
+    assert engine_factory(Path("m.xml"))[2] == ("device", "mode", "precision", "threads")
+    assert engine_factory(Path("m.onnx"), "openvino")[0] == "openvino"
+    torch_options = engine_factory(Path("m.pt"))[2]
+    assert {"whiten", "precision", "device", "threads", "compile"} <= set(torch_options)
+    assert not {"model", "preprocess", "whitening", "source", "kwargs"} & set(torch_options)
+
+
 # 3. folder integrity (index, evaluate --distractors); 4. no tracebacks -------------------------------------------
 
 

@@ -26,6 +26,7 @@ from dtop_export.corpus.runtime import (
     ActorStats,
     ModelContract,
     check_gpu_decode,
+    check_model_options,
     check_placement,
     engine_options,
     model_contract,
@@ -322,6 +323,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     check_job(job)
     engine = engine_key(job)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
+    check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)
     t0 = time.perf_counter()
     items = list_source(job.source)
     startup = {"listing_s": time.perf_counter() - t0}

@@ -109,6 +109,18 @@ def engine_options(
     return spec.path, options
 
 
+def check_model_options(
+    model: str, threads: int | None = None, precision: str | None = None, local_threads: bool = True
+) -> None:
+    """MODEL's engine options (``MODEL:key=value``, ``threads``, ``precision``) checked as :func:`open_model` will
+    use them, without opening it: a corpus job refuses a typo before its output folder exists, not when the engine
+    opens. ``local_threads=False`` where the engine runs elsewhere (a Ray actor checks threads on its node)."""
+    from dtop_export.engines import check_engine_options
+
+    path, options = engine_options(model, threads, precision, shared_cores=True)
+    check_engine_options(path, options, local_threads=local_threads)
+
+
 def _is_plan(spec: EngineSpec) -> bool:
     from dtop_export.engines import PLAN_SUFFIXES
 

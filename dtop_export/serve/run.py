@@ -102,14 +102,15 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         raise DToPError("serve needs Ray Serve: pip install 'dtop-export[serve]'") from e
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.cluster import connect
-    from dtop_export.corpus.runtime import engine_options, gpu_reason
+    from dtop_export.corpus.runtime import check_model_options, gpu_reason
 
     _check_options(opts)
     why = gpu_reason(parse_spec(opts.model))
     if why and not opts.gpus_per_replica:
         raise DToPError(f"{opts.model} runs on a GPU ({why}): give --gpus-per-replica (Ray hides GPUs from replicas "
                         "that reserve none)")  # fmt: skip
-    engine_options(opts.model, opts.threads, opts.precision)  # bad options: one line, before any cluster
+    # bad options: one line, before any cluster; threads checked here on a local cluster, on its node by a replica
+    check_model_options(opts.model, opts.threads, opts.precision, local_threads=opts.address is None)
     info = service_info(opts)
     if opts.address is None:
         check_port_free(opts.host, opts.port)
