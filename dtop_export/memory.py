@@ -65,6 +65,10 @@ def largest_size(available: int, scales: Sequence[float], batch: int, stride: in
     return lo * stride
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f}" if n < 2**50 else f"{n / 2**30:.1e}"
+
+
 def check_image_size(
     size: int,
     scales: Sequence[float] = (1.0,),
@@ -72,9 +76,12 @@ def check_image_size(
     stride: int = 16,
     option: str = "--image-size",
     available: int | None = None,
+    batch_option: str = "--batch-size",
 ) -> None:
     """Refuse ``size`` (one line, before any work) when it is below ``stride`` or when embedding ``batch`` images at
-    it (and the largest of ``scales``) needs more memory than is available (``available``; default: measured)."""
+    it (and the largest of ``scales``) needs more memory than is available (``available``; default: measured). The
+    message offers only what can fit: the largest size, when one of at least ``stride`` does, a smaller batch
+    (``batch_option``) or smaller scales."""
     if size < stride:
         raise DToPError(f"{option} must be at least the model's stride {stride}, got {size}")
     need = inference_bytes(size, scales, batch, stride)
@@ -82,8 +89,15 @@ def check_image_size(
     if free is not None and need > free:
         at = f" at scale {max(scales):g}" if max(scales) != 1 else ""
         fits = largest_size(free, scales, batch, stride)
+        ways = [f"{option} {fits} or less"] if fits >= stride else []
+        ways += [f"a smaller {batch_option}"] if batch > 1 else []
+        ways += ["smaller --scales"] if max(scales) > 1 and fits < stride else []
         raise DToPError(
-            f"{option} {size}{at} needs at least {need / 2**30:.1f} GiB for a batch of {batch}; "
-            f"{free / 2**30:.1f} GiB are available here: use {option} {fits} or less"
-            + (" or a smaller --batch-size" if batch > 1 else "")
+            f"{option} {size}{at} needs at least {_gib(need)} GiB for a batch of {batch}; "
+            f"{free / 2**30:.1f} GiB are available here: "
+            + (
+                f"use {' or '.join(ways)}"
+                if ways
+                else "not even the smallest input fits: free memory, or use a larger machine"
+            )
         )

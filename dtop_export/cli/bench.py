@@ -101,7 +101,7 @@ def bench(
 
     size_list = parse_int_list(sizes, "--sizes")
     batch_list = parse_int_list(batch, "--batch")
-    check_image_size(max(size_list), batch=max(batch_list), option="--sizes")
+    check_image_size(max(size_list), batch=max(batch_list), option="--sizes", batch_option="--batch")
     refuse_existing(json_out, plot, markdown, force=force)
     if recommend:
         _recommend(models, max(size_list), threads, runs, workdir, json_out)

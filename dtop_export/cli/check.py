@@ -52,6 +52,10 @@ def check(
         raise DToPError(f"unknown --target {target!r}: only tensorrt")
     if not model.is_file():
         raise DToPError(f"ONNX file {model} not found")
+    if fp16_audit and image_size is not None:
+        from dtop_export.memory import check_image_size
+
+        check_image_size(image_size)
     con = console()
     report: dict[str, object] = {"model": str(model)}
     failed = False

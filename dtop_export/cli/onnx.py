@@ -45,6 +45,10 @@ def onnx(
     from dtop_export.export import export_onnx, parse_hw
 
     static_hw = parse_hw(static) if static else None
+    if static_hw:
+        from dtop_export.memory import check_image_size
+
+        check_image_size(max(static_hw), batch=batch or 1, option="--static (its longer side)")
     con = console()
     with con.status("exporting") as status:
         result = export_onnx(

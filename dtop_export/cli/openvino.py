@@ -76,6 +76,12 @@ def openvino(
             raise DToPError("--precision auto chooses fp32, bf16 or INT8 from the measurement: drop --int8")
         _auto_ir(model, output, force)
         return
+    meta = read_metadata(model)  # a file that is not ONNX: one line, before "the output exists"
+    sizes = parse_int_list(calib_sizes, "--calib-sizes") if int8 else []
+    if sizes:
+        from dtop_export.memory import check_image_size
+
+        check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
     output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
@@ -85,10 +91,9 @@ def openvino(
     con = console()
     with con.status("converting") as status:
         if int8:
-            sizes = parse_int_list(calib_sizes, "--calib-sizes")
             paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
             status.update(f"preparing {calib_count} calibration images at {sizes}")
-            pp = preprocess_from_metadata(read_metadata(model))
+            pp = preprocess_from_metadata(meta)
             tensors = calibration_tensors(paths, pp, sizes, calib_count)
         r = write_ir(
             model, output, int8=int8, recipe=recipe, calib=tensors, calibration_source=source, keep_float=roles,

@@ -57,6 +57,10 @@ def parity(
     if not models and not fp16_emulate:
         raise DToPError("give at least one MODEL to compare with the reference (or --fp16-emulate)")
     sc = parse_scales(scales)
+    if image_size is not None:
+        from dtop_export.memory import check_image_size
+
+        check_image_size(image_size, sc, batch_size)
     ds = resolve_dataset(dataset, data_root)
     ref = TorchEngine.from_checkpoint(reference)
     engines = [open_engine(m) for m in models]

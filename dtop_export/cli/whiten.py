@@ -46,6 +46,10 @@ def whiten(
         raise DToPError(f"--scales must be comma-separated numbers, got {scales!r}") from None
     if not scale_list or any(s <= 0 for s in scale_list):
         raise DToPError("--scales must list positive numbers")
+    if size is not None:
+        from dtop_export.memory import check_image_size
+
+        check_image_size(size, scale_list, option="--size")
     from dtop_export.training.whitening import parse_shrinkage, whiten_checkpoint
 
     shrink = parse_shrinkage(shrinkage)  # before the minutes of embedding, not after
