@@ -314,3 +314,23 @@ def test_install_and_find_package_from_another_project(client: Path, tmp_path: P
     assert r.returncode == 2 and "usage:" in r.stderr  # linked, loads OpenVINO without LD_LIBRARY_PATH
     installed = _run(prefix / "bin" / "dtop-embed", "--help", env={"PATH": "/usr/bin:/bin"})
     assert installed.returncode == 0
+
+
+def test_build_lines_print_brackets_as_written(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Rich read "pip install 'dtop-export[edge]'" as a style tag and printed "'dtop-export'": the advice lost its
+    extra. Paths with brackets kept too."""
+    import dtop_export.cpp as cpp
+
+    odd = tmp_path / "b[1]"
+    result = cpp.BuildResult(
+        odd, odd / "dtop-embed", odd / "dtop-example", odd / "libdtop.a", odd / "include", "2026.4.1", odd,
+        {"configure_s": 0.1, "build_s": 0.2}, None,
+        "off: the executorch wheel is not installed (pip install 'dtop-export[edge]')",
+    )  # fmt: skip
+    monkeypatch.setattr(cpp, "build", lambda *a, **k: result)
+    assert cli("cpp", "build", "--build-dir", str(odd)) == 0
+    out = capsys.readouterr().out
+    assert "pip install 'dtop-export[edge]'" in out
+    assert f"library   {odd / 'libdtop.a'}" in out and f"example   {odd / 'dtop-example'}" in out

@@ -51,12 +51,14 @@ def cpp_build(
         f"(configure {t['configure_s']:.1f} s, compile {t['build_s']:.1f} s)",
         highlight=False,
     )
-    con.print(f"library   {result.library}\nheaders   {result.include_dir}", highlight=False, soft_wrap=True)
-    con.print(f"executorch backend: {result.executorch}", highlight=False, soft_wrap=True)  # .pte programs
+    con.print(
+        f"library   {result.library}\nheaders   {result.include_dir}", highlight=False, soft_wrap=True, markup=False
+    )
+    con.print(f"executorch backend: {result.executorch}", highlight=False, soft_wrap=True, markup=False)  # .pte
     if result.example:
-        con.print(f"example   {result.example}", highlight=False, soft_wrap=True)
+        con.print(f"example   {result.example}", highlight=False, soft_wrap=True, markup=False)
     if result.installed_to:
-        con.print(f"installed {result.installed_to}", highlight=False, soft_wrap=True)
+        con.print(f"installed {result.installed_to}", highlight=False, soft_wrap=True, markup=False)
     # Last line: the binary, alone, so that scripts can take it with `| tail -1`.
     typer.echo(str(result.embed_tool))
 
