@@ -153,8 +153,9 @@ def test_embed_output_matches_python_embed(
     jc, jp = json.loads((tmp_path / "cpp.json").read_text()), json.loads((tmp_path / "py.json").read_text())
     assert cpp.dtype == np.float32 and cpp.shape == py.shape == (len(zoo) - bad, jp["descriptor_dim"])
     assert np.all((cpp * py).sum(1) >= MIN_COSINE)
-    for key in ("model", "descriptor_dim", "image_size", "scales", "images"):
+    for key in ("model", "checkpoint_sha256", "descriptor_dim", "image_size", "scales", "images"):
         assert jc[key] == jp[key], key
+    assert len(jc["checkpoint_sha256"]) == 64  # evaluate --distractors and search check the file against it
     assert [s["path"] for s in jc["skipped"]] == [s["path"] for s in jp["skipped"]]
     assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
 

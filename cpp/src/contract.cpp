@@ -60,6 +60,7 @@ Contract Contract::from_metadata(const Metadata& meta, const std::string& source
   if (const auto* v = find(meta, "dtop.input_layout")) c.layout = *v;
   if (c.layout != "NCHW") throw Error(source + ": input layout " + c.layout + " is not supported (NCHW only)");
   if (const auto* v = find(meta, "dtop.precision")) c.precision = *v;
+  if (const auto* v = find(meta, "dtop.checkpoint_sha256")) c.checkpoint_sha256 = *v;
   if (const auto* v = find(meta, "dtop.l2_normalized")) c.l2_normalized = *v == "true";
   c.descriptor_dim = to_int(meta.at("dtop.descriptor_dim"), "dtop.descriptor_dim", source);
   PreprocessConfig& p = c.preprocess;

@@ -192,6 +192,8 @@ std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vect
   using dtop::json::number;
   using dtop::json::quote;
   std::string s = "{\n  \"model\": " + quote(python_path(a.model)) + ",\n";
+  // what `evaluate --distractors` and `search` check a descriptor file against (as `dtop-export embed` writes it)
+  s += "  \"checkpoint_sha256\": " + quote(e.contract().checkpoint_sha256) + ",\n";
   const bool pte = dtop::is_executorch_program(a.model);  // the precision a program was compiled with
   const std::string precision = pte ? e.contract().precision : (a.precision == "f32" ? "fp32" : a.precision);
   s += "  \"engine\": {\n    \"name\": " + quote(pte ? "executorch-cpp" : "openvino-cpp") +

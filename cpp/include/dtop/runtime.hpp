@@ -31,6 +31,7 @@ struct Contract {
   PreprocessConfig preprocess;            // mean, std, color order, resize policy, stride
   std::optional<std::array<int, 2>> static_hw;  // dtop.static_hw (H, W) when exported with --static
   std::optional<int> fixed_batch;         // dtop.fixed_batch
+  std::string checkpoint_sha256;          // dtop.checkpoint_sha256: the checkpoint it was exported from ("" if none)
 
   /// Parse the `dtop.*` keys; throws Error naming `source` when the model was not exported by dtop-export
   /// or a value cannot be read.
