@@ -160,6 +160,19 @@ def test_embed_output_matches_python_embed(
     assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
 
 
+def test_an_image_size_that_cannot_fit_is_one_line(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Was "error: std::bad_alloc", exit 1."""
+    out = tmp_path / "big.npy"
+    r = _run(client, small_onnx, zoo["landscape.jpg"], "-o", out, "--image-size", 100000, "--no-progress")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: out of memory: use a smaller --image-size, --batch-size or --scales"
+    )
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
     client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:

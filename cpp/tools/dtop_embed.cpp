@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -279,6 +280,9 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const dtop::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {  // the model's activations at this size (or batch) do not fit in memory
+    std::fprintf(stderr, "error: out of memory: use a smaller --image-size, --batch-size or --scales\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
