@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _training_data import make_folder, make_revisitop
+from cli_helpers import cli
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
@@ -192,6 +193,33 @@ def test_cli_train_errors_are_one_line(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([*exe, "--dataset", "gldv2", "--print-config"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "dataset: gldv2" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["-s", "optim.lr=-1"], "optim.lr must be > 0; got -1.0"),
+        (["-s", "optim.lr=nan"], "optim.lr must be > 0; got nan"),
+        (["-s", "optim.weight_decay=-0.01"], "optim.weight_decay must be >= 0; got -0.01"),
+        (["-s", "optim.momentum=1.5"], "optim.momentum must be in [0, 1); got 1.5"),
+        (["-s", "optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0; got -1.0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["-s", "epochs=0"], "epochs and accum_steps must be >= 1"),
+        (["--batch-size", "1"], "--batch-size must be >= 2, got 1"),
+        (["-s", "loss.scale=0"], "loss.scale must be > 0; got 0.0"),
+        (["-s", "augment.hflip=2"], "augment.hflip must be in [0, 1]; got 2.0"),
+    ],
+)
+def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
+    tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "runs" / "q5"
+    sets = [a for item in [*BASE, f"data.root={folder_data}"] for a in ("-s", item)]
+    assert cli("train", *sets, *args, "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not out.parent.exists()
 
 
 def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app
+from dtop_export.cli.common import above, app, at_least
 from dtop_export.errors import DToPError
 
 _SHORTCUTS = {
@@ -59,9 +59,11 @@ def train(
         str | None, typer.Option(help="data.dataset: sample, folder, revisitop, sfm120k, gldv2, gldv1, nc-clean.")
     ] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="data.root: the dataset folder.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step per process.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Base learning rate (optim.lr).")] = None,
+    epochs: Annotated[int | None, typer.Option(callback=at_least(1), help="Number of epochs.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", callback=at_least(2), help="Images per step per process (>= 2).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(callback=above(0), help="Base learning rate (optim.lr).")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs only).")] = False,
 ) -> None:
