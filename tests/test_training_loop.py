@@ -46,6 +46,11 @@ def _cfg(out: Path, data: Path, *extra: str) -> TrainConfig:
     return load_config(None, [*BASE, f"data.root={data}", f"out_dir={out}", *extra])
 
 
+def _cli_sets(data: Path, *extra: str) -> list[str]:
+    """BASE (+ ``extra``) as ``train -s`` options."""
+    return [a for item in [*BASE, f"data.root={data}", *extra] for a in ("-s", item)]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).state_dict
 
@@ -215,11 +220,36 @@ def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
     out = tmp_path / "runs" / "q5"
-    sets = [a for item in [*BASE, f"data.root={folder_data}"] for a in ("-s", item)]
-    assert cli("train", *sets, *args, "-o", str(out)) == 2
+    assert cli("train", *_cli_sets(folder_data), *args, "-o", str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not out.parent.exists()
+
+
+def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
+    tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs" / "qs"
+    Trainer(_cfg(out, folder_data, "epochs=1", "max_steps_per_epoch=1", "keep_every_epoch=true")).run()
+    final = (out / "final.pt").read_bytes()
+    sets = _cli_sets(folder_data, "epochs=1", "max_steps_per_epoch=1")
+    assert cli("train", *sets, "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run folder {out} already holds a training run (train_state.pt, last.pt, final.pt")
+    assert f"--resume {out}" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (out / "final.pt").read_bytes() == final  # not retrained
+    # another run resumed into it is refused too; its own run resumes (epochs raised)
+    other = tmp_path / "other"
+    Trainer(_cfg(other, folder_data, "epochs=1", "max_steps_per_epoch=1")).run()
+    assert cli("train", "--resume", str(other), "-o", str(out), "--epochs", "2") == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert cli("train", "--resume", str(out / "train_state.pt"), "--epochs", "2") == 0
+    assert load_checkpoint(out / "final.pt").provenance["step"] == 2
+    # --force trains from scratch: the old run's epoch checkpoints and log rows are gone
+    assert cli("train", *sets, "-o", str(out), "--force") == 0
+    assert load_checkpoint(out / "final.pt").provenance["step"] == 1
+    assert not (out / "epoch-001.pt").exists() and not (out / "epoch-002.pt").exists()
+    assert [r["step"] for r in csv.DictReader((out / "log.csv").open())] == ["1"]
 
 
 def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path) -> None:
