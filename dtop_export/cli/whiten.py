@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, output_option
+from dtop_export.cli.common import ForceOpt, app, output_option, refuse_existing
 from dtop_export.cli.train import setup_logging
 from dtop_export.errors import DToPError
 
@@ -37,6 +37,7 @@ def whiten(
         ),
     ] = "auto",
     output: Annotated[Path | None, output_option("-o", "--output", help="Write here instead of in place.")] = None,
+    force: ForceOpt = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
@@ -51,6 +52,8 @@ def whiten(
     shrink = parse_shrinkage(shrinkage)  # before the minutes of embedding, not after
     if shrink != "auto" and pairs is None:
         raise DToPError("--shrinkage applies to supervised Lw (--pairs) only")
+    if output is not None and output.resolve() != checkpoint.resolve():  # in place is what whiten does by default
+        refuse_existing(output, force=force)
     setup_logging()
 
     out, wh = whiten_checkpoint(
