@@ -251,6 +251,30 @@ def test_whiten_refuses_an_existing_output_without_force(
     assert load_checkpoint(victim).whitening.out_dim == 2
 
 
+@pytest.mark.parametrize(
+    ("dim", "message"),
+    [
+        ("0", "--dim must be >= 1, got 0"),
+        ("-1", "--dim must be >= 1, got -1"),
+        ("257", "whitening output dimension (--dim) must be in 1..256 (the descriptor's size), got 257"),
+    ],
+)
+def test_whiten_refuses_a_dim_out_of_range_before_embedding(
+    tmp_path: Path,
+    small_ckpt: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dim: str,
+    message: str,
+) -> None:
+    make_folder(tmp_path / "imgs", classes=1, per_class=2)
+    monkeypatch.setattr("dtop_export.training.whitening._embed", _no_embedding)
+    out = tmp_path / "w.pt"
+    assert cli("whiten", str(small_ckpt), "--images", str(tmp_path / "imgs"), "--dim", dim, "-o", str(out)) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
 def _no_embedding(*args: object, **kwargs: object) -> None:
     """Stands in for the embedding: what is refused must be refused before the minutes it takes."""
     raise AssertionError("embedded before refusing")

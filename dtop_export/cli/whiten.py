@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import ForceOpt, app, output_option, refuse_existing
+from dtop_export.cli.common import ForceOpt, app, at_least, output_option, refuse_existing
 from dtop_export.cli.train import setup_logging
 from dtop_export.errors import DToPError
 
@@ -24,7 +24,10 @@ def whiten(
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder the pair paths are relative to (pkl: holds ims/).")] = None,
-    dim: Annotated[int | None, typer.Option(help="Output dimension (leading components); default: N.")] = None,
+    dim: Annotated[
+        int | None,
+        typer.Option(callback=at_least(1), help="Output dimension (leading components, 1..N); default: N."),
+    ] = None,
     size: Annotated[
         int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
     ] = None,
