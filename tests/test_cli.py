@@ -96,12 +96,16 @@ def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
         (["parity", "ref.pt", "m.onnx", "-d", "no-such-set", "--json", "out.json"], "out.json"),
         (["check", "m.onnx", "--fp16-audit", "--json", "out.json"], "out.json"),
         (["check", "m.onnx", "--json", "out.json"], "out.json"),
+        (["trt", "m.onnx", "--fp16", "--print-trtexec"], "m.fp16.onnx"),
+        (["trt", "m.onnx", "--fp16"], "m.fp16.onnx"),
+        (["trt", "m.onnx", "--fp16", "--fp16-onnx", "half.onnx"], "half.onnx"),
     ],
 )
 def test_an_existing_output_is_refused_before_the_work_unless_force(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], existing: str
 ) -> None:
-    """Like `onnx --fp16`, `evaluate` and `bench`: a file the command would write is not replaced without --force."""
+    """Like `onnx --fp16`, `evaluate` and `bench`: a file the command would write is not replaced without --force
+    (`trt --fp16` writes the FP16 ONNX it builds from next to the plan, --print-trtexec too)."""
     from cli_helpers import cli
 
     monkeypatch.chdir(tmp_path)
