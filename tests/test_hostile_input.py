@@ -396,7 +396,7 @@ def test_sources_name_null_rows_and_strip_a_bom(
     pq.write_table(pa.table({"path": [str(imgs / "img_00.jpg"), None, None]}), tmp_path / "t.parquet")
     _refused(capsys, *embed, str(tmp_path / "a"), str(tmp_path / "t.parquet"), match="row 2 has no 'path'")
     (tmp_path / "t.csv").write_text(f"path,id\n{imgs / 'img_00.jpg'},a\n{imgs / 'img_01.jpg'},\n")
-    _refused(capsys, *embed, str(tmp_path / "b"), str(tmp_path / "t.csv"), match="row 2 has an empty 'id'")
+    _refused(capsys, *embed, str(tmp_path / "b"), str(tmp_path / "t.csv"), match="line 3 has an empty 'id'")
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfimgs/img_00.jpg\nimgs/img_01.jpg\n")
     (tmp_path / "imgs").symlink_to(imgs)
     assert cli(*embed, str(tmp_path / "c"), str(tmp_path / "bom.txt")) == 0
