@@ -88,12 +88,14 @@ def skimage_fallback_images() -> list[Path]:
 
 
 def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
-    """The embedded sample set's database images (built in ``cache_dir`` on first use). Returns (paths, a
-    one-line description of the source)."""
-    from dtop_export.retrieval.datasets import load_revisitop
+    """The embedded sample set's database images, built on first use in ``cache_dir``, by default where the
+    evaluation set is (:func:`~dtop_export.retrieval.datasets.default_data_root`: ``$DTOP_EXPORT_DATA``, else
+    ``$XDG_CACHE_HOME/dtop-export/data``), one copy per user rather than one shared folder in /tmp. Returns (paths,
+    a one-line description of the source)."""
+    from dtop_export.retrieval.datasets import default_data_root, load_revisitop
     from dtop_export.retrieval.sample_data import NAME, build_sample_dataset
 
-    root = cache_dir or Path(tempfile.gettempdir()) / "dtop-export-data"
+    root = cache_dir or default_data_root()
     build_sample_dataset(root)
     ds = load_revisitop(root, NAME)
     return [p for p in ds.images if p.is_file()], f"embedded sample set, database images ({ds.folder})"

@@ -120,6 +120,26 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
             assert cos > INT8_MIN_COSINE, (p.name, size, cos)
 
 
+def test_default_calibration_set_is_the_evaluation_set_in_the_users_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quantize / openvino --int8 / executorch --int8 without --calib: the embedded sample set, built where the
+    evaluation set is ($XDG_CACHE_HOME/dtop-export/data), not in a folder every user of /tmp shares."""
+    pytest.importorskip("skimage", reason="the embedded sample set is made from scikit-image's photos")
+    from dtop_export.quantize import default_calibration_images
+    from dtop_export.retrieval.datasets import resolve_dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DTOP_EXPORT_DATA", raising=False)
+    paths, source = default_calibration_images()
+    sample = tmp_path / "cache" / "dtop-export" / "data" / "sample"
+    assert len(paths) == 90 and all(p.is_file() and p.is_relative_to(sample) for p in paths)
+    assert source == f"embedded sample set, database images ({sample})"
+    assert resolve_dataset("sample").folder == sample  # one copy: evaluation's
+    monkeypatch.setenv("DTOP_EXPORT_DATA", str(tmp_path / "data"))
+    assert default_calibration_images()[0][0].is_relative_to(tmp_path / "data" / "sample")
+
+
 def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) -> None:
     img_dir = tmp_path / "empty"
     img_dir.mkdir()

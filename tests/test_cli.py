@@ -91,6 +91,37 @@ def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
 
 
 @pytest.mark.parametrize(
+    ("args", "existing"),
+    [
+        (["parity", "ref.pt", "m.onnx", "-d", "no-such-set", "--json", "out.json"], "out.json"),
+        (["check", "m.onnx", "--fp16-audit", "--json", "out.json"], "out.json"),
+        (["check", "m.onnx", "--json", "out.json"], "out.json"),
+        (["trt", "m.onnx", "--fp16", "--print-trtexec"], "m.fp16.onnx"),
+        (["trt", "m.onnx", "--fp16"], "m.fp16.onnx"),
+        (["trt", "m.onnx", "--fp16", "--fp16-onnx", "half.onnx"], "half.onnx"),
+    ],
+)
+def test_an_existing_output_is_refused_before_the_work_unless_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], existing: str
+) -> None:
+    """Like `onnx --fp16`, `evaluate` and `bench`: a file the command would write is not replaced without --force
+    (`trt --fp16` writes the FP16 ONNX it builds from next to the plan, --print-trtexec too)."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("ref.pt", "m.onnx"):
+        (tmp_path / name).write_text("not a model, as far as this test goes")
+    (tmp_path / existing).write_text("keep me")
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {existing} exists: pass --force to overwrite, or choose another name\n"
+    assert (tmp_path / existing).read_text() == "keep me"
+    assert cli(*args, "--force") == 2  # past the check: the inputs are not real
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "exists" not in err and "No such option" not in err, err
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["init", "--preset", "small", "-o", "no/x.pt"],

@@ -210,6 +210,29 @@ def test_sources_list_table_uri(corpus: Path, tmp_path: Path) -> None:
         list_source(tmp_path / "missing")
 
 
+def test_sources_name_rows_as_the_file_counts_them(tmp_path: Path) -> None:
+    """Every table/list error names the place the way a user finds it: the line of a CSV or text file (the header
+    is line 1; blank lines and quoted line breaks counted), the row of a Parquet table (1 = the first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "dup.csv").write_text('path,id\na.jpg,x\n\n"b\nc.jpg",y\nd.jpg,x\n')
+    with pytest.raises(DToPError, match=r"id 'x' appears twice \(line 2 and line 6\): ids must be unique"):
+        list_source(tmp_path / "dup.csv")
+    (tmp_path / "empty.csv").write_text("path,id\na.jpg,x\n,y\n")
+    with pytest.raises(DToPError, match=r"empty\.csv: line 3 has an empty 'path': fill it in or remove the row"):
+        list_source(tmp_path / "empty.csv")
+    (tmp_path / "dup.txt").write_text("# photos\na.jpg\n\nb.jpg\na.jpg\n")
+    with pytest.raises(DToPError, match=r"id 'a\.jpg' appears twice \(line 2 and line 5\)"):
+        list_source(tmp_path / "dup.txt")
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg", "c.jpg"], "id": ["x", "y", "x"]}), tmp_path / "dup.parquet")
+    with pytest.raises(DToPError, match=r"id 'x' appears twice \(row 1 and row 3\)"):
+        list_source(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"path": ["a.jpg", None]}), tmp_path / "null.parquet")
+    with pytest.raises(DToPError, match=r"null\.parquet: row 2 has no 'path'"):
+        list_source(tmp_path / "null.parquet")
+
+
 def test_assembler_combines_scales_and_drops_duplicates(tmp_path: Path) -> None:
     settings = CorpusSettings("m", "sha", 4, {}, 64, [1.0, 0.5], 2, "src", 3, "l")
     items = [CorpusItem(k, f"i{k}", f"p{k}") for k in range(3)]

@@ -470,7 +470,7 @@ def test_sources_name_null_rows_and_strip_a_bom(
     pq.write_table(pa.table({"path": [str(imgs / "img_00.jpg"), None, None]}), tmp_path / "t.parquet")
     _refused(capsys, *embed, str(tmp_path / "a"), str(tmp_path / "t.parquet"), match="row 2 has no 'path'")
     (tmp_path / "t.csv").write_text(f"path,id\n{imgs / 'img_00.jpg'},a\n{imgs / 'img_01.jpg'},\n")
-    _refused(capsys, *embed, str(tmp_path / "b"), str(tmp_path / "t.csv"), match="row 2 has an empty 'id'")
+    _refused(capsys, *embed, str(tmp_path / "b"), str(tmp_path / "t.csv"), match="line 3 has an empty 'id'")
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfimgs/img_00.jpg\nimgs/img_01.jpg\n")
     (tmp_path / "imgs").symlink_to(imgs)
     assert cli(*embed, str(tmp_path / "c"), str(tmp_path / "bom.txt")) == 0
@@ -499,6 +499,19 @@ def test_smaller_ones(
         assert cli("info", str(path)) == 0
         printed = capsys.readouterr().out
         assert kind in printed and "check: ok" in printed, printed
+    # a failed check exits 1, as parity does on a failed contract (the report still printed, JSON included)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / shard_name(1)).write_bytes(b"PAR1 damaged")
+    nan = np.load(tmp_path / "d.npy")
+    nan[1, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    (tmp_path / "x.faiss.ids.parquet").write_bytes(b"garbage")
+    for path in (damaged, tmp_path / "nan.npy", tmp_path / "x.faiss"):
+        assert cli("info", str(path)) == 1
+        assert "check: FAIL" in capsys.readouterr().out
+        assert cli("info", str(path), "--json") == 1
+        assert json.loads(capsys.readouterr().out)["check"].startswith("FAIL: ")
     # a folder named like corpus.v2 is a folder; a file suffix is refused
     v2 = ["embed", str(small_onnx), str(imgs), "--image-size", SIZE, "--no-progress", "-o"]
     assert cli(*v2, str(tmp_path / "corpus.v2")) == 0 and (tmp_path / "corpus.v2" / MANIFEST).is_file()

@@ -244,7 +244,7 @@ def test_print_trtexec_cli_per_version(tmp_path: Path) -> None:
     default = run("--fp16", "--print-trtexec")  # no TensorRT here: the line is for 11
     assert default.returncode == 0, default.stderr
     assert "--stronglyTyped" not in default.stdout and "--fp16" not in default.stdout.replace(".fp16.onnx", "")
-    ten = run("--fp16", "--print-trtexec", "--trt-version", "10")
+    ten = run("--fp16", "--print-trtexec", "--trt-version", "10", "--force")  # replaces the FP16 ONNX just written
     assert ten.returncode == 0 and "--stronglyTyped" in ten.stdout
     for args, message in [
         (("--fp16", "--weak-typing", "--print-trtexec"), "--weak-typing exists on TensorRT 10 only"),

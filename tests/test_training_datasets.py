@@ -155,6 +155,23 @@ def test_exclude_classes(tmp_path: Path) -> None:
     assert ts.class_names == ["class0", "class2"] and ts.skipped == {"excluded_classes": 2}
 
 
+def test_embedded_training_sample_is_built_in_the_users_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.dataset=sample without data.root: next to the embedded evaluation set ($XDG_CACHE_HOME/dtop-export/data,
+    or $DTOP_EXPORT_DATA), as the demo lays out its data folder; XDG_CACHE_HOME was ignored."""
+    pytest.importorskip("skimage", reason="the embedded training set is made from scikit-image's photos")
+    from dtop_export.training.sample import build_training_sample
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("DTOP_EXPORT_DATA", "DTOP_EXPORT_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    root = build_training_sample(views_per_class=1, max_side=64)
+    assert root == tmp_path / "cache" / "dtop-export" / "data" / "train-sample" and (root / "RECIPE.json").is_file()
+    assert not (tmp_path / "home").exists()
+    monkeypatch.setenv("DTOP_EXPORT_DATA", str(tmp_path / "data"))
+    assert build_training_sample(views_per_class=1, max_side=64) == tmp_path / "data" / "train-sample"
+
+
 def test_embedded_training_sample(tmp_path: Path) -> None:
     pytest.importorskip("skimage", reason="the embedded training set is made from scikit-image's photos")
     from dtop_export.training.sample import PHOTOS, build_training_sample

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _training_data import make_folder, make_revisitop
+from cli_helpers import cli
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
@@ -43,6 +44,11 @@ def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(out: Path, data: Path, *extra: str) -> TrainConfig:
     return load_config(None, [*BASE, f"data.root={data}", f"out_dir={out}", *extra])
+
+
+def _cli_sets(data: Path, *extra: str) -> list[str]:
+    """BASE (+ ``extra``) as ``train -s`` options."""
+    return [a for item in [*BASE, f"data.root={data}", *extra] for a in ("-s", item)]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -192,6 +198,58 @@ def test_cli_train_errors_are_one_line(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([*exe, "--dataset", "gldv2", "--print-config"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "dataset: gldv2" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["-s", "optim.lr=-1"], "optim.lr must be > 0; got -1.0"),
+        (["-s", "optim.lr=nan"], "optim.lr must be > 0; got nan"),
+        (["-s", "optim.weight_decay=-0.01"], "optim.weight_decay must be >= 0; got -0.01"),
+        (["-s", "optim.momentum=1.5"], "optim.momentum must be in [0, 1); got 1.5"),
+        (["-s", "optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0; got -1.0"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["-s", "epochs=0"], "epochs and accum_steps must be >= 1"),
+        (["--batch-size", "1"], "--batch-size must be >= 2, got 1"),
+        (["-s", "loss.scale=0"], "loss.scale must be > 0; got 0.0"),
+        (["-s", "augment.hflip=2"], "augment.hflip must be in [0, 1]; got 2.0"),
+    ],
+)
+def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
+    tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "runs" / "q5"
+    assert cli("train", *_cli_sets(folder_data), *args, "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
+    tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs" / "qs"
+    Trainer(_cfg(out, folder_data, "epochs=1", "max_steps_per_epoch=1", "keep_every_epoch=true")).run()
+    final = (out / "final.pt").read_bytes()
+    sets = _cli_sets(folder_data, "epochs=1", "max_steps_per_epoch=1")
+    assert cli("train", *sets, "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run folder {out} already holds a training run (train_state.pt, last.pt, final.pt")
+    assert f"--resume {out}" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (out / "final.pt").read_bytes() == final  # not retrained
+    # another run resumed into it is refused too; its own run resumes (epochs raised)
+    other = tmp_path / "other"
+    Trainer(_cfg(other, folder_data, "epochs=1", "max_steps_per_epoch=1")).run()
+    assert cli("train", "--resume", str(other), "-o", str(out), "--epochs", "2") == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert cli("train", "--resume", str(out / "train_state.pt"), "--epochs", "2") == 0
+    assert load_checkpoint(out / "final.pt").provenance["step"] == 2
+    # --force trains from scratch: the old run's epoch checkpoints and log rows are gone
+    assert cli("train", *sets, "-o", str(out), "--force") == 0
+    assert load_checkpoint(out / "final.pt").provenance["step"] == 1
+    assert not (out / "epoch-001.pt").exists() and not (out / "epoch-002.pt").exists()
+    assert [r["step"] for r in csv.DictReader((out / "log.csv").open())] == ["1"]
 
 
 def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _training_data import make_folder
+from cli_helpers import cli
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
@@ -228,3 +229,52 @@ def test_whiten_cli_dim_and_shrinkage_for_lw(tmp_path: Path, small_ckpt: Path) -
     r = subprocess.run([*exe[:5], "--images", str(tmp_path / "imgs"), "--shrinkage", "0.1"],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "--shrinkage applies to supervised Lw" in r.stderr
+
+
+# refusals before the embedding (audit) --------------------------------------------------------------------------
+
+
+def test_whiten_refuses_an_existing_output_without_force(
+    tmp_path: Path, small_ckpt: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_folder(tmp_path / "imgs", classes=3, per_class=4)
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(b"another checkpoint")
+    args = ["whiten", str(small_ckpt), "--images", str(tmp_path / "imgs"), "--dim", "2", "--size", "64"]
+    with monkeypatch.context() as m:
+        m.setattr("dtop_export.training.whitening._embed", _no_embedding)
+        assert cli(*args, "--no-progress", "-o", str(victim)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {victim} exists: pass --force to overwrite, or choose another name\n"
+    assert victim.read_bytes() == b"another checkpoint"
+    assert cli(*args, "--no-progress", "-o", str(victim), "--force") == 0
+    assert load_checkpoint(victim).whitening.out_dim == 2
+
+
+@pytest.mark.parametrize(
+    ("dim", "message"),
+    [
+        ("0", "--dim must be >= 1, got 0"),
+        ("-1", "--dim must be >= 1, got -1"),
+        ("257", "whitening output dimension (--dim) must be in 1..256 (the descriptor's size), got 257"),
+    ],
+)
+def test_whiten_refuses_a_dim_out_of_range_before_embedding(
+    tmp_path: Path,
+    small_ckpt: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dim: str,
+    message: str,
+) -> None:
+    make_folder(tmp_path / "imgs", classes=1, per_class=2)
+    monkeypatch.setattr("dtop_export.training.whitening._embed", _no_embedding)
+    out = tmp_path / "w.pt"
+    assert cli("whiten", str(small_ckpt), "--images", str(tmp_path / "imgs"), "--dim", dim, "-o", str(out)) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
+def _no_embedding(*args: object, **kwargs: object) -> None:
+    """Stands in for the embedding: what is refused must be refused before the minutes it takes."""
+    raise AssertionError("embedded before refusing")

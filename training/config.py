@@ -215,6 +215,9 @@ class TrainConfig:
         lo, hi = self.augment.scale
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
+        for key, value, rule in _number_rules(self):
+            if value is not None and not _within(value, rule):
+                raise DToPError(f"{key} must be {rule}; got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists instead of tuples): goes into checkpoints' provenance and the YAML dump."""
@@ -225,6 +228,55 @@ class TrainConfig:
         cfg = _build(cls, d, "")
         cfg.validate()
         return cfg
+
+
+def _number_rules(cfg: TrainConfig) -> list[tuple[str, Any, str]]:
+    """(key, value, allowed range) of the numeric fields that training cannot run with out of range (None: the
+    field is left unset). Ranges: ``> 0``, ``>= 0``, ``>= 1``, or an interval such as ``in [0, 1)``."""
+    o, a, loss, d = cfg.optim, cfg.augment, cfg.loss, cfg.data
+    return [
+        ("optim.lr", o.lr, "> 0"),
+        ("optim.weight_decay", o.weight_decay, ">= 0"),
+        ("optim.momentum", o.momentum, "in [0, 1)"),
+        *((f"optim.betas[{i}]", b, "in [0, 1)") for i, b in enumerate(o.betas)),
+        ("optim.backbone_lr_mult", o.backbone_lr_mult, ">= 0"),
+        ("optim.head_lr_mult", o.head_lr_mult, ">= 0"),
+        ("optim.warmup_epochs", o.warmup_epochs, ">= 0"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]"),
+        ("augment.hflip", a.hflip, "in [0, 1]"),
+        ("augment.brightness", a.brightness, "in [0, 1]"),
+        ("augment.contrast", a.contrast, "in [0, 1]"),
+        ("augment.saturation", a.saturation, "in [0, 1]"),
+        ("loss.scale", loss.scale, "> 0"),
+        ("loss.margin", loss.margin, ">= 0"),
+        ("loss.contrastive_margin", loss.contrastive_margin, "> 0"),
+        ("loss.nnum", loss.nnum, ">= 1"),
+        ("loss.query_size", loss.query_size, ">= 1"),
+        ("loss.pool_size", loss.pool_size, ">= 1"),
+        ("data.min_per_class", d.min_per_class, ">= 1"),
+        ("data.max_images", d.max_images, ">= 1"),
+        ("data.workers", d.workers, ">= 0"),
+        ("val.size", cfg.val.size, ">= 1"),
+        *((f"val.scales[{i}]", s, "> 0") for i, s in enumerate(cfg.val.scales)),
+        ("clip_grad", cfg.clip_grad, ">= 0"),
+        ("threads", cfg.threads, ">= 0"),  # 0: torch's default
+        ("save_state_every", cfg.save_state_every, ">= 0"),
+        ("max_steps_per_epoch", cfg.max_steps_per_epoch, ">= 1"),
+        ("log_every", cfg.log_every, ">= 1"),
+    ]
+
+
+def _within(value: float, rule: str) -> bool:
+    """Whether a finite ``value`` satisfies a rule of :func:`_number_rules` (NaN and infinities never do)."""
+    import math
+
+    if not math.isfinite(value):
+        return False
+    if rule.startswith("in "):
+        lo, hi = (float(x) for x in rule[4:-1].split(","))
+        return (lo <= value if rule[3] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
 
 
 def _plain(v: Any) -> Any:

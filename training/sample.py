@@ -48,9 +48,14 @@ EVAL_OBJECTS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble", "
 
 
 def default_root() -> Path:
-    """``$DTOP_EXPORT_CACHE/train-sample`` (default ``~/.cache/dtop-export/train-sample``)."""
-    base = os.environ.get("DTOP_EXPORT_CACHE") or Path.home() / ".cache" / "dtop-export"
-    return Path(base) / "train-sample"
+    """``train-sample`` next to the embedded evaluation set, in
+    :func:`~dtop_export.retrieval.datasets.default_data_root` (``$DTOP_EXPORT_DATA``, else
+    ``$XDG_CACHE_HOME/dtop-export/data``, ``~/.cache/dtop-export/data`` without it), as the demo lays out its data
+    folder; ``$DTOP_EXPORT_CACHE/train-sample`` where that is set (earlier releases)."""
+    from dtop_export.retrieval.datasets import default_data_root
+
+    legacy = os.environ.get("DTOP_EXPORT_CACHE")
+    return (Path(legacy) if legacy else default_data_root()) / "train-sample"
 
 
 def _photo_dir() -> Path:

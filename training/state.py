@@ -18,6 +18,30 @@ STATE_VERSION = 1
 RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
 
 
+# what a run writes in its folder besides config.yaml and the image-size cache (see training/loop.py)
+RUN_FILES = ("train_state.pt", "last.pt", "best.pt", "final.pt", "log.csv", "epochs.csv", "tb")
+
+
+def previous_run(folder: str | Path) -> list[Path]:
+    """The checkpoints, state and logs of a training run already in ``folder`` (``epoch-NNN.pt`` included)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [folder / n for n in RUN_FILES if (folder / n).exists()] + sorted(folder.glob("epoch-[0-9]*.pt"))
+
+
+def clear_run(folder: str | Path) -> None:
+    """Remove what :func:`previous_run` finds, so that a run started again from scratch (``train --force``) does not
+    append to the old logs or leave the old ``best.pt`` / ``epoch-NNN.pt`` beside its own."""
+    import shutil
+
+    for p in previous_run(folder):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -53,7 +53,7 @@ def _check_dim(dim: int | None, n: int) -> int:
     if dim is None:
         return n
     if not 1 <= dim <= n:
-        raise DToPError(f"whitening output dimension must be in 1..{n}, got {dim}")
+        raise DToPError(f"whitening output dimension (--dim) must be in 1..{n} (the descriptor's size), got {dim}")
     return dim
 
 
@@ -260,6 +260,7 @@ def whiten_checkpoint(
     shrinkage = parse_shrinkage(shrinkage)  # a bad value fails before the descriptors are computed
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.build_model()
+    _check_dim(dim, model.descriptor_dim)  # before the minutes of embedding, not after
     size = size or ckpt.preprocess.size
     if pairs is not None:
         pl = read_pairs(pairs, root)

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, ProgressOpt, app, console, output_option, parse_keep_fp32
+from dtop_export.cli.common import (
+    ForceOpt,
+    KeepFp32Opt,
+    ProgressOpt,
+    app,
+    console,
+    output_option,
+    parse_keep_fp32,
+    refuse_existing,
+)
 from dtop_export.errors import DToPError
 
 
@@ -36,11 +45,13 @@ def check(
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Whole query images, not their boxes.")] = False,
     json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
     progress: ProgressOpt = True,
+    force: ForceOpt = False,
 ) -> None:
     """Check an ONNX file on the CPU: `--target tensorrt` parses it with TensorRT's real ONNX parser where one can
     run (TensorRT-RTX needs no GPU) and lints it with dtop-export's rules (exit 1 when something would fail to
     parse); `--fp16-audit` emulates FP16 (exit 1 when the FP16 contract fails). A .pte: its contract, what runs
     outside XNNPACK, and one forward pass (exit 1 when it breaks the contract)."""
+    refuse_existing(json_out, force=force)
     if model.suffix.lower() == ".pte":
         if target is not None or fp16_audit:
             raise DToPError("--target and --fp16-audit check ONNX files: `check model.pte` takes no options")

@@ -26,7 +26,8 @@ def info(
 ) -> None:
     """Describe a checkpoint (config, parameters per component, whitening, provenance), an exported model
     (ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan: I/O and the deployment metadata), or a corpus's files
-    (a shard folder, an .npy of descriptors, a faiss index: settings, counts and an integrity check)."""
+    (a shard folder, an .npy of descriptors, a faiss index: settings, counts and an integrity check; exit 1 when
+    that check fails)."""
     if presets:
         _info_presets(as_json)
         return
@@ -38,6 +39,8 @@ def info(
     corpus = _describe_corpus(path, suffix)
     if corpus is not None:
         _print_info(corpus, as_json, title=str(path))
+        if str(corpus.get("check", "")).startswith("FAIL"):
+            raise typer.Exit(1)
         return
     if suffix in (".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES):
         _print_info(_describe_model(path, suffix), as_json, title=str(path))

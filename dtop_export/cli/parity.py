@@ -11,6 +11,7 @@ from dtop_export.cli.common import (
     BatchOpt,
     DataRootOpt,
     DatasetOpt,
+    ForceOpt,
     ImageSizeOpt,
     JsonOpt,
     NoCropOpt,
@@ -19,6 +20,7 @@ from dtop_export.cli.common import (
     app,
     console,
     open_engine,
+    refuse_existing,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -42,6 +44,7 @@ def parity(
     ] = False,
     json_out: JsonOpt = None,
     progress: ProgressOpt = True,
+    force: ForceOpt = False,
 ) -> None:
     """Descriptor and mAP parity of every MODEL against the PyTorch reference; exit 1 if any contract fails."""
     from dtop_export.engines.pytorch import TorchEngine
@@ -56,6 +59,7 @@ def parity(
     models = models or []
     if not models and not fp16_emulate:
         raise DToPError("give at least one MODEL to compare with the reference (or --fp16-emulate)")
+    refuse_existing(json_out, force=force)
     sc = parse_scales(scales)
     if image_size is not None:
         from dtop_export.memory import check_image_size

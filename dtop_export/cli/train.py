@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app
+from dtop_export.cli.common import above, app, at_least
 from dtop_export.errors import DToPError
 
 _SHORTCUTS = {
@@ -59,9 +59,20 @@ def train(
         str | None, typer.Option(help="data.dataset: sample, folder, revisitop, sfm120k, gldv2, gldv1, nc-clean.")
     ] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="data.root: the dataset folder.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step per process.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Base learning rate (optim.lr).")] = None,
+    epochs: Annotated[int | None, typer.Option(callback=at_least(1), help="Number of epochs.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", callback=at_least(2), help="Images per step per process (>= 2).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(callback=above(0), help="Base learning rate (optim.lr).")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Train from scratch in a run folder that already holds a run (its checkpoints, state and logs are "
+            "removed first).",
+        ),
+    ] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs only).")] = False,
 ) -> None:
@@ -104,8 +115,13 @@ def train(
     if cfg.model.pretrained and cfg.model.backbone_weights:
         raise DToPError("use either --pretrained or --backbone-weights, not both")
     from dtop_export.training.loop import Trainer
+    from dtop_export.training.state import clear_run
 
-    result = Trainer(cfg, resume=resume).run()
+    _refuse_previous_run(Path(cfg.out_dir), resume, force)
+    trainer = Trainer(cfg, resume=resume)
+    if force and resume is None and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(cfg.out_dir)
+    result = trainer.run()
     if int(os.environ.get("RANK", "0")) != 0:
         return
     last = result.history[-1] if result.history else {}
@@ -115,6 +131,23 @@ def train(
 
         typer.echo(f"validation mAP {format_map(last['metrics'])} (E/M/H)")
     typer.echo(f"wrote {result.final}" + (f" (best: {result.best})" if result.best else ""))
+
+
+def _refuse_previous_run(out: Path, resume: Path | None, force: bool) -> None:
+    """Refuse, before any work, a run folder that already holds a run (checkpoints, state, logs) unless the run
+    resumed is that one, or ``--force``."""
+    from dtop_export.training.state import previous_run
+
+    found = previous_run(out)
+    if not found or force:
+        return
+    if resume is not None and (resume if resume.is_dir() else resume.parent).resolve() == out.resolve():
+        return
+    names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+    raise DToPError(
+        f"run folder {out} already holds a training run ({names}): pass --resume {out} to continue it, "
+        "--force to train from scratch there (its checkpoints and logs are replaced), or choose another -o"
+    )
 
 
 def _apply(cfg, sets: list[str]):  # noqa: ANN001, ANN202 - TrainConfig is imported lazily

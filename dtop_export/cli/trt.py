@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, app, console, output_option, parse_keep_fp32
+from dtop_export.cli.common import KeepFp32Opt, app, console, output_option, parse_keep_fp32, refuse_existing
 from dtop_export.errors import DToPError
 
 _SHAPE_HELP = "Profile {} shape BxCxHxW (default {}); repeat --min/--opt/--max for several profiles."
@@ -73,7 +73,9 @@ def trt(
             "sm75, sm80, sm86, sm89, sm120, sm121 (comma-separated; MODEL.sm86.plan ... for several).",
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing engine.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Overwrite an existing engine (and the FP16 ONNX that --fp16 writes).")
+    ] = False,
 ) -> None:
     r"""Build a TensorRT engine (.plan + .plan.json sidecar) with dynamic-shape profiles: with TensorRT on this GPU
     (`pip install 'dtop-export\[cuda12]'`, or \[cuda13]), or with TensorRT-RTX (\[rtx-cuda12]) on this GPU or,
@@ -119,9 +121,11 @@ def trt(
     keep = parse_keep_fp32(keep_fp32)
     if keep and not fp16:
         raise DToPError("--keep-fp32 only applies to --fp16 builds")
+    fp16_path = fp16_onnx or output.with_suffix(".fp16.onnx")
+    if fp16 and not weak_typing and fp16_path.resolve() != model.resolve():  # the FP16 ONNX written next to the plan
+        refuse_existing(fp16_path, force=force)
     stride = int(read_metadata(model).get("dtop.stride", 16))
     profiles = make_profiles(min_shape or (), opt_shape or (), max_shape or (), stride=stride)
-    fp16_path = fp16_onnx or output.with_suffix(".fp16.onnx")
     con = console()
 
     if print_trtexec:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, output_option
+from dtop_export.cli.common import ForceOpt, app, at_least, output_option, refuse_existing
 from dtop_export.cli.train import setup_logging
 from dtop_export.errors import DToPError
 
@@ -24,7 +24,10 @@ def whiten(
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
     root: Annotated[Path | None, typer.Option(help="Folder the pair paths are relative to (pkl: holds ims/).")] = None,
-    dim: Annotated[int | None, typer.Option(help="Output dimension (leading components); default: N.")] = None,
+    dim: Annotated[
+        int | None,
+        typer.Option(callback=at_least(1), help="Output dimension (leading components, 1..N); default: N."),
+    ] = None,
     size: Annotated[
         int | None, typer.Option(help="Longest image side for descriptors (default: the checkpoint's).")
     ] = None,
@@ -37,6 +40,7 @@ def whiten(
         ),
     ] = "auto",
     output: Annotated[Path | None, output_option("-o", "--output", help="Write here instead of in place.")] = None,
+    force: ForceOpt = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
@@ -55,6 +59,8 @@ def whiten(
     shrink = parse_shrinkage(shrinkage)  # before the minutes of embedding, not after
     if shrink != "auto" and pairs is None:
         raise DToPError("--shrinkage applies to supervised Lw (--pairs) only")
+    if output is not None and output.resolve() != checkpoint.resolve():  # in place is what whiten does by default
+        refuse_existing(output, force=force)
     setup_logging()
 
     out, wh = whiten_checkpoint(

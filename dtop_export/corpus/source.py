@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from dtop_export.preprocess import DecodeBudget
 
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
+# Where the n-th listed item (0-based) is in its source, as the user counts: "line 3" of a CSV or text file (the
+# line an editor shows), "row 2" of a Parquet table (1 = the first row).
+Locate = Callable[[int], str]
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ def _list_folder(source: str) -> list[tuple[str, str]]:
     return [(PurePosixPath(f).relative_to(root).as_posix(), f"{scheme}://{f}") for f in files]
 
 
-def _read_table(source: str) -> Any:
+def _read_table(source: str) -> tuple[Any, Locate]:
+    """The table and where its rows are (:data:`Locate`)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -122,47 +127,72 @@ def _read_table(source: str) -> Any:
             data = read_bytes(source)
             import pyarrow as pa
 
-            return pacsv.read_csv(
+            table = pacsv.read_csv(
                 pa.BufferReader(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
             )
+            return table, _csv_lines(data)
         if is_uri(source):
             fs, inner = _filesystem(source)
-            return pq.read_table(inner, filesystem=fs)
-        return pq.read_table(source)
+            return pq.read_table(inner, filesystem=fs), _rows
+        return pq.read_table(source), _rows
     except DToPError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
         raise DToPError(f"cannot read the table {source}: {str(e).splitlines()[0] if str(e) else e}") from e
 
 
-def _column(table: Any, name: str, source: str) -> list[str]:
-    """A table column as strings; a null or empty cell is refused with its row (1 = the first data row)."""
+def _rows(n: int) -> str:
+    return f"row {n + 1}"
+
+
+def _csv_lines(data: bytes) -> Locate:
+    """:data:`Locate` for a CSV file: the line its n-th data row starts on (the header is line 1; blank lines, which
+    the reader skips, and quoted line breaks counted). Worked out only when an error names a row."""
+
+    def locate(n: int) -> str:
+        import csv
+        import io
+
+        reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace"), newline=""))
+        starts, line = [], 1
+        for record in reader:
+            if record:
+                starts.append(line)
+            line = reader.line_num + 1
+        return f"line {starts[n + 1]}" if n + 1 < len(starts) else _rows(n)
+
+    return locate
+
+
+def _column(table: Any, name: str, source: str, locate: Locate) -> list[str]:
+    """A table column as strings; a null or empty cell is refused with where it is."""
     values = table.column(name).to_pylist()
     for n, v in enumerate(values):
         if v is None or str(v).strip() == "":
             what = "no" if v is None else "an empty"
-            raise DToPError(f"{source}: row {n + 1} has {what} {name!r}: fill it in or remove the row")
+            raise DToPError(f"{source}: {locate(n)} has {what} {name!r}: fill it in or remove the row")
     return [str(v) for v in values]
 
 
-def _list_table(source: str) -> list[tuple[str, str]]:
-    table = _read_table(source)
+def _list_table(source: str) -> tuple[list[tuple[str, str]], Locate]:
+    table, locate = _read_table(source)
     if "path" not in table.column_names:
         raise DToPError(f"{source} has no 'path' column (columns: {', '.join(table.column_names)})")
-    paths = _column(table, "path", source)
-    ids = _column(table, "id", source) if "id" in table.column_names else paths
+    paths = _column(table, "path", source, locate)
+    ids = _column(table, "id", source, locate) if "id" in table.column_names else paths
     base = _parent(source)
-    return [(i, _join(base, p)) for i, p in zip(ids, paths)]
+    return [(i, _join(base, p)) for i, p in zip(ids, paths)], locate
 
 
-def _list_text(source: str) -> list[tuple[str, str]]:
+def _list_text(source: str) -> tuple[list[tuple[str, str]], Locate]:
     try:
         text = read_bytes(source).decode("utf-8-sig")  # a byte-order mark is not part of the first path
     except UnicodeDecodeError as e:
         raise DToPError(f"{source} is not a UTF-8 text file of image paths") from e
     base = _parent(source)
-    lines = [ln.strip() for ln in text.splitlines()]
-    return [(ln, _join(base, ln)) for ln in lines if ln and not ln.startswith("#")]
+    lines = [(k, ln.strip()) for k, ln in enumerate(text.splitlines(), 1)]
+    kept = [(k, ln) for k, ln in lines if ln and not ln.startswith("#")]
+    return [(ln, _join(base, ln)) for _, ln in kept], lambda n: f"line {kept[n][0]}"
 
 
 def list_source(source: str | Path) -> list[CorpusItem]:
@@ -184,18 +214,19 @@ def list_source(source: str | Path) -> list[CorpusItem]:
             raise DToPError(f"source {source} not found: give a folder, a text file of paths or a Parquet/CSV table")
         is_dir = Path(source).is_dir()
         source = os.path.realpath(source)  # stored paths open from anywhere; `src` and `/abs/src` are one source
+    locate: Locate = _rows
     if is_dir:
-        pairs = _list_folder(source)
+        pairs = _list_folder(source)  # ids are relative paths: never twice
     elif PurePosixPath(typed).suffix.lower() in TABLE_SUFFIXES:
-        pairs = _list_table(source)
+        pairs, locate = _list_table(source)
     else:
-        pairs = _list_text(source)
+        pairs, locate = _list_text(source)
     if not pairs:
         raise DToPError(f"{typed} lists no images")
     seen: dict[str, int] = {}
     for n, (i, _) in enumerate(pairs):
         if i in seen:
-            raise DToPError(f"{typed}: id {i!r} appears twice (rows {seen[i]} and {n}): ids must be unique")
+            raise DToPError(f"{typed}: id {i!r} appears twice ({locate(seen[i])} and {locate(n)}): ids must be unique")
         seen[i] = n
     return [CorpusItem(k, i, p) for k, (i, p) in enumerate(pairs)]
 
