@@ -214,6 +214,7 @@ def test_cli_train_errors_are_one_line(tmp_path: Path) -> None:
         (["--batch-size", "1"], "--batch-size must be >= 2, got 1"),
         (["-s", "loss.scale=0"], "loss.scale must be > 0; got 0.0"),
         (["-s", "augment.hflip=2"], "augment.hflip must be in [0, 1]; got 2.0"),
+        (["-s", "sampler.base_size=100000"], "sampler.base_size 100000 needs at least"),  # was a MemoryError
     ],
 )
 def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(

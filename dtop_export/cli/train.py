@@ -114,9 +114,13 @@ def train(
         return
     if cfg.model.pretrained and cfg.model.backbone_weights:
         raise DToPError("use either --pretrained or --backbone-weights, not both")
+    from dtop_export.memory import check_image_size
     from dtop_export.training.loop import Trainer
     from dtop_export.training.state import clear_run
 
+    # a group's input has the area of a base_size square: a lower bound of one step (training keeps activations too)
+    check_image_size(cfg.sampler.base_size, batch=cfg.sampler.batch_size, option="sampler.base_size",
+                     batch_option="sampler.batch_size")  # fmt: skip
     _refuse_previous_run(Path(cfg.out_dir), resume, force)
     trainer = Trainer(cfg, resume=resume)
     if force and resume is None and int(os.environ.get("RANK", "0")) == 0:
