@@ -73,8 +73,9 @@ def source_dir() -> Path:
 
 def default_build_dir() -> Path:
     """``$XDG_CACHE_HOME/dtop-export/cpp`` (``~/.cache/dtop-export/cpp``)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "dtop-export" / "cpp"
+    from dtop_export.host import cache_dir
+
+    return cache_dir("cpp")
 
 
 def openvino_sdk() -> tuple[Path, str]:

@@ -100,7 +100,7 @@ def _walk(f: BinaryIO, size: int) -> dict[str, str]:
 def other_format(path: Path) -> str | None:
     """What a file given as ONNX is instead, with what to do, when it is a model of another kind the toolkit knows
     (by suffix, or a PyTorch checkpoint's zip signature): the start of a one-line error; None otherwise."""
-    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
+    from dtop_export.suffixes import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
 
     suffix = path.suffix.lower()
     try:

@@ -23,14 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtop_export.errors import DToPError
+from dtop_export.suffixes import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from dtop_export.contract import Engine
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
-IR_SUFFIXES = (".xml",)
-PTE_SUFFIXES = (".pte",)
 # runtime= values load_engine understands (an .onnx runs in onnxruntime unless runtime="openvino")
 RUNTIMES = ("pytorch", "onnxruntime", "openvino", "executorch", "tensorrt")
 
@@ -103,16 +100,6 @@ def engine_factory(path: Path, runtime: str | None = None) -> tuple[str, Callabl
     return name, make, tuple(sorted(names))
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: a container's or ``taskset``'s share, not the host's)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def check_engine_options(
     path: str | Path, options: dict[str, Any], runtime: str | None = None, local_threads: bool = True
 ) -> None:
@@ -134,6 +121,8 @@ def check_engine_options(
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise DToPError(f"threads must be a whole number of at least 1, got {threads!r}")
+    from dtop_export.host import usable_cpus
+
     if local_threads and threads > (cpus := usable_cpus()):
         raise DToPError(
             f"{threads} threads asked for, and this process can run on {cpus} CPU(s): use --threads {cpus} or fewer "

@@ -199,7 +199,7 @@ def test_numbers_and_ray_options_are_refused_before_anything_is_written(
 
 
 def _too_many_threads() -> str:
-    from dtop_export.engines import usable_cpus
+    from dtop_export.host import usable_cpus
 
     return str(usable_cpus() + 1)
 

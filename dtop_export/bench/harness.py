@@ -36,6 +36,7 @@ from dtop_export.bench.report import BenchReport, EngineResult, Timing
 from dtop_export.bench.spec import EngineSpec
 from dtop_export.contract import read_metadata
 from dtop_export.errors import DToPError
+from dtop_export.host import usable_cpus
 
 
 def _rss() -> int:
@@ -113,7 +114,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_name(),
         "cpu_features": cpu_features(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cpus(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
     }
@@ -204,7 +205,7 @@ def run_bench(
     if runs < 1 or warmup < 0:
         raise DToPError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
     if not threads:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = usable_cpus()
     t_start = time.perf_counter()
     load_before = list(os.getloadavg())
     shapes = [(s, b) for b in batches for s in sizes]

@@ -16,7 +16,6 @@ per checkpoint and CPU, :func:`models_dir`); ``--precision auto`` reads it back.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,7 +149,9 @@ def measure(
     kinds, skipped = plan_candidates(features)
     built = derive_specs(checkpoint, kinds, workdir, on_stage=say)
     specs = candidate_specs(checkpoint, built, features)
-    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    from dtop_export.host import usable_cpus
+
+    n = threads or usable_cpus()
     say(f"timing {len(specs)} candidates at {size}x{size}")
     report = run_bench(specs, [size], [1], runs=runs, warmup=1, threads=n, count_flops=False)
     say("checking each against the fp32 reference on the embedded set")
@@ -251,8 +252,9 @@ def store_path(checkpoint: Path) -> Path:
     from dtop_export.corpus.shards import file_sha256
 
     h = file_sha256(checkpoint)  # streamed: a full checkpoint is ~0.5 GB
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "dtop-export" / "recommend" / f"{h}.json"
+    from dtop_export.host import cache_dir
+
+    return cache_dir("recommend", f"{h}.json")
 
 
 def save(checkpoint: Path, rec: Recommendation) -> Path:

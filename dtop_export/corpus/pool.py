@@ -9,7 +9,6 @@ runs the same tasks on daemon threads, and :func:`leave` stops either kind of po
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -97,7 +96,9 @@ def resolve_pool(pool: str, engine: Engine, gpu_decode: bool = False) -> str:
 
 def default_workers() -> int:
     """Decode workers by default: every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from dtop_export.host import usable_cpus
+
+    return usable_cpus()
 
 
 def timed(fn: Callable[[str], Any], path: str) -> tuple[Any, float]:

@@ -115,8 +115,9 @@ def default_data_root() -> Path:
     env = os.environ.get("DTOP_EXPORT_DATA")
     if env:
         return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "dtop-export" / "data"
+    from dtop_export.host import cache_dir
+
+    return cache_dir("data")
 
 
 def load_distractors(path: str | Path) -> Any:

@@ -224,8 +224,8 @@ def default_runtime_cache(plan: Path, info: Any, gpu: Any) -> Path:
     service may not be allowed to write)."""
     import hashlib
     import json
-    import os
 
     digest = hashlib.sha256(json.dumps(info.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dtop-export" / "tensorrt-rtx"
-    return base / f"{plan.stem}-{digest}-sm{gpu.compute_capability.replace('.', '')}.rtxcache"
+    from dtop_export.host import cache_dir
+
+    return cache_dir("tensorrt-rtx") / f"{plan.stem}-{digest}-sm{gpu.compute_capability.replace('.', '')}.rtxcache"
