@@ -129,6 +129,47 @@ def test_an_output_in_a_missing_folder_fails_before_the_work(
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["small.pt", "-o", "z.onnx"], "small.pt is a checkpoint: export it first (dtop-export onnx small.pt)"),
+        (["small.pt"], "small.pt is a checkpoint"),  # before "small.opt.onnx exists"
+        (["notes.txt"], "notes.txt is not a readable ONNX file"),
+        (["fake.onnx"], "fake.onnx is not a readable ONNX file"),
+        (["small.xml"], "small.xml is an OpenVINO IR: give the .onnx it was converted from"),
+    ],
+)
+def test_optimize_refuses_what_is_not_onnx_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """A checkpoint, an IR or any other file given to ``optimize`` is refused in one line before the output is
+    looked at (protobuf's DecodeError traceback before), and nothing is written."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.pt").write_bytes(b"PK\x03\x04 a checkpoint, as far as this test goes")
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    (tmp_path / "fake.onnx").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "small.xml").write_text('<?xml version="1.0"?><net name="m"></net>\n')
+    (tmp_path / "small.opt.onnx").write_text("an earlier result")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli("optimize", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_optimize_onnx_refuses_a_file_that_is_not_onnx(tmp_path: Path) -> None:
+    from dtop_export.errors import DToPError
+    from dtop_export.optimize import optimize_onnx
+
+    bad = tmp_path / "m.onnx"
+    bad.write_text("not a model")
+    with pytest.raises(DToPError, match="not a readable ONNX file"):
+        optimize_onnx(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     r = subprocess.run([*EXE, "--debug", "info", "missing.pt"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr

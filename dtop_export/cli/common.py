@@ -84,11 +84,32 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def new_output(src: Path, output: Path | None, suffix: str, force: bool) -> Path:
+def onnx_input(src: Path) -> dict[str, str]:
+    """The metadata of the ONNX file a command reads (``optimize``, ``quantize``, ``openvino``), or one line saying
+    what to give instead: a checkpoint, an OpenVINO IR or any other file that is not ONNX (read in milliseconds,
+    before the command's other checks and its work)."""
+    from dtop_export.contract import read_metadata
+    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES
+
+    if src.is_file() and src.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise DToPError(f"{src} is a checkpoint: export it first (dtop-export onnx {src}) and give the .onnx")
+    if src.is_file() and src.suffix.lower() in IR_SUFFIXES:
+        raise DToPError(f"{src} is an OpenVINO IR: give the .onnx it was converted from")
+    try:
+        return read_metadata(src)
+    except DToPError as e:
+        if not src.is_file():
+            raise
+        raise DToPError(f"{e}: give an .onnx written by `dtop-export onnx`") from None
+
+
+def new_output(src: Path, output: Path | None, suffix: str, force: bool, onnx: bool = True) -> Path:
     """The file a command derived from ``src`` writes (default ``src`` with ``suffix``), refusing to
-    overwrite one without ``--force``."""
-    if not src.is_file():
-        raise DToPError(f"ONNX file {src} not found")
+    overwrite one without ``--force``. ``src`` is checked first (:func:`onnx_input` unless ``onnx`` is False)."""
+    if onnx:
+        onnx_input(src)
+    elif not src.is_file():
+        raise DToPError(f"{src} not found")
     output = output or src.with_name(src.stem + suffix)
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
