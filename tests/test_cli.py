@@ -77,6 +77,7 @@ def test_init_and_info(tmp_path: Path) -> None:
         (["init", "--preset", "small", "-o", "no/such/dir/x.pt"], "does not exist"),
         (["embed", "garbage.pt", "no/photos/", "-o", "x.npy"], "no/photos not found: give image files or folders"),
         (["onnx", "model.onnx"], "model.onnx is an exported model, not a checkpoint: give the .pt"),  # not "exists"
+        (["onnx", "garbage.pt", "-o", "x.txt"], "--output x.txt should end in .onnx"),  # while parsing
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -127,6 +128,49 @@ def test_an_output_in_a_missing_folder_fails_before_the_work(
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "output folder no does not exist: create it or choose another path" in err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["onnx", "missing.pt", "-o", "out.onnx", "--force"],
+        ["init", "--preset", "small", "-o", "out.pt", "--force"],
+        ["embed", "missing.onnx", "photos", "-o", "out.npy", "--force"],
+        ["optimize", "missing.onnx", "-o", "out.onnx", "--force"],
+        ["index", "shards", "-o", "out.faiss", "--force"],
+        ["evaluate", "missing.onnx", "--picture", "out.png", "--force"],
+        ["bench", "missing.onnx", "--json", "out.json"],
+    ],
+)
+def test_an_output_that_is_a_folder_fails_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """An output path naming an existing folder is refused while the command line is parsed, --force or not: the
+    job would run to its end and then fail to replace the folder ([Errno 21] Is a directory)."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    name = next(a for a in args if a.startswith("out."))
+    (tmp_path / name).mkdir()
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{name} is a folder: give the name of a file to write" in err, err
+    assert (tmp_path / name).is_dir() and not any((tmp_path / name).iterdir())
+
+
+def test_a_default_output_that_is_a_folder_is_refused(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`onnx m.pt --force` where m.onnx is a folder: refused before the export (it failed after it)."""
+    from cli_helpers import cli
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.symlink_to(small_ckpt)
+    (tmp_path / "m.onnx").mkdir()
+    assert cli("onnx", str(ckpt), "--force") == 2
+    assert "m.onnx is a folder: give the name of a file to write" in capsys.readouterr().err
+    assert not any((tmp_path / "m.onnx").iterdir())
 
 
 @pytest.mark.parametrize(
