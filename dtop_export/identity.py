@@ -83,9 +83,13 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     """Refuse MODEL for descriptors embedded by a model of another checkpoint (``what`` names them, e.g. ``index
     corpus.faiss``), in one line, unless ``force``; the same file or another export of the same checkpoint passes.
     Returns a warning to print when the answer is unknown (a model or corpus that records no checkpoint) or
-    ``force`` overrode a refusal; None when they match."""
+    ``force`` overrode a refusal; None when they match. A MODEL that names no model file is refused first (before a
+    warning that it records no checkpoint)."""
+    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
+    from dtop_export.engines import check_model_file
 
+    check_model_file(parse_spec(str(model)).path)
     path = _path(model)
     if corpus.get("model_sha256") and path is not None and file_sha256(path) == corpus["model_sha256"]:
         return None  # the very file the corpus was embedded with
@@ -117,6 +121,8 @@ def check_distractors(model: str | Path, distractors: str | Path, force: bool = 
     import json
 
     path = Path(distractors)
+    if not path.exists():  # before the model's provenance: a warning about it would come before this error
+        raise DToPError(f"distractor file {path} not found")
     what = f"distractors {path}"
     if path.is_dir():
         from dtop_export.corpus.shards import read_manifest

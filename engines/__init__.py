@@ -32,15 +32,27 @@ IR_SUFFIXES = (".xml",)
 PTE_SUFFIXES = (".pte",)
 # runtime= values load_engine understands (an .onnx runs in onnxruntime unless runtime="openvino")
 RUNTIMES = ("pytorch", "onnxruntime", "openvino", "executorch", "tensorrt")
+MODEL_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES)
+
+
+def check_model_file(path: str | Path) -> Path:
+    """``path`` as a model file :func:`load_engine` can open (it exists, and its suffix names a runtime), checked
+    without opening it; one line otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise DToPError(f"model file {path} not found")
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise DToPError(
+            f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte or .plan"
+        )
+    return path
 
 
 def load_engine(path: str | Path, runtime: str | None = None, **options: Any) -> Engine:
     """Open ``path`` in the runtime its suffix names (``.pt`` PyTorch, ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO,
     ``.pte`` ExecuTorch, ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options``
     go to the engine's constructor."""
-    path = Path(path)
-    if not path.exists():
-        raise DToPError(f"model file {path} not found")
+    path = check_model_file(path)
     suffix = path.suffix.lower()
     if runtime is not None and runtime not in RUNTIMES:
         raise DToPError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
@@ -67,10 +79,6 @@ def load_engine(path: str | Path, runtime: str | None = None, **options: Any) ->
         from dtop_export.engines.executorch import ExecuTorchEngine
 
         return ExecuTorchEngine(path, **options)
-    if suffix in PLAN_SUFFIXES:
-        from dtop_export.engines.tensorrt.runner import TensorRTEngine
+    from dtop_export.engines.tensorrt.runner import TensorRTEngine  # PLAN_SUFFIXES: the last of MODEL_SUFFIXES
 
-        return TensorRTEngine(path, **options)
-    raise DToPError(
-        f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte or .plan"
-    )
+    return TensorRTEngine(path, **options)
