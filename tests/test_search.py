@@ -114,3 +114,20 @@ def test_search_refuses_a_file_that_is_no_model_before_any_warning(
     captured = capsys.readouterr()
     assert captured.err.startswith("error: don't know how to run") and captured.err.count("\n") == 1, captured.err
     assert "warning" not in captured.out + captured.err
+
+
+@needs_faiss
+def test_search_says_nprobe_is_ignored_on_a_flat_index(
+    small_index: Path, small_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--nprobe on a flat (exact) index is a note on stderr, as `index` notes IVF-PQ options for a flat index; the
+    results are the same as without it."""
+    from cli_helpers import cli
+
+    assert cli("search", str(small_index), str(small_onnx), _query(), "-k", "3") == 0
+    plain = capsys.readouterr()
+    assert "nprobe" not in plain.err
+    assert cli("search", str(small_index), str(small_onnx), _query(), "-k", "3", "--nprobe", "5") == 0
+    noted = capsys.readouterr()
+    assert noted.err == f"note: {small_index} is a flat index (exact): --nprobe (IVF-PQ indexes) ignored\n"
+    assert noted.out == plain.out
