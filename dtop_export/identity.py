@@ -5,7 +5,8 @@ checkpoint is another file with comparable descriptors, within its precision's c
 sha256 that every export writes into the model's metadata (``dtop.checkpoint_sha256``; a checkpoint is its own
 identity) can: a model of another checkpoint gives descriptors in another space, and its scores against the corpus
 (~0.04 for random weights) look like results but mean nothing. :func:`check_model_for_corpus` is the one check
-``search``, ``evaluate --distractors`` and ``serve --index`` make. Imports onnx/openvino inside the functions.
+``search``, ``evaluate --distractors`` and ``serve --index`` make; :func:`check_exported_from` the one ``parity``
+makes. Imports onnx/openvino inside the functions.
 """
 
 from __future__ import annotations
@@ -112,6 +113,26 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     raise DToPError(
         f"{message}; use a model exported from the corpus's checkpoint, re-embed the corpus with {model}, or pass "
         "--force"
+    )
+
+
+def check_exported_from(model: str | Path, reference: str | Path) -> None:
+    """Refuse, in one line, an exported MODEL (``FILE[:options]``) whose metadata names another checkpoint than the
+    checkpoint ``reference`` (``parity``: its descriptors differ by construction, and the failure would read as an
+    accuracy problem). A model that records no checkpoint, a missing file and a checkpoint MODEL (compared by its
+    descriptors) pass."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES
+
+    path = _path(model)
+    if path is None or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return
+    mine = checkpoint_of(model)
+    theirs = checkpoint_of(reference)
+    if mine is None or theirs is None or mine == theirs:
+        return
+    raise DToPError(
+        f"{model} was exported from another checkpoint ({mine[:12]}) than the reference {reference} "
+        f"({theirs[:12]}): give the checkpoint it was exported from, or export {reference} again"
     )
 
 
