@@ -5,7 +5,8 @@ checkpoint is another file with comparable descriptors, within its precision's c
 sha256 that every export writes into the model's metadata (``dtop.checkpoint_sha256``; a checkpoint is its own
 identity) can: a model of another checkpoint gives descriptors in another space, and its scores against the corpus
 (~0.04 for random weights) look like results but mean nothing. :func:`check_model_for_corpus` is the one check
-``search``, ``evaluate --distractors`` and ``serve --index`` make. Imports onnx/openvino inside the functions.
+``search``, ``evaluate --distractors`` and ``serve --index`` make; :func:`check_exported_from` the one ``parity``
+makes. Imports onnx/openvino inside the functions.
 """
 
 from __future__ import annotations
@@ -83,9 +84,13 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     """Refuse MODEL for descriptors embedded by a model of another checkpoint (``what`` names them, e.g. ``index
     corpus.faiss``), in one line, unless ``force``; the same file or another export of the same checkpoint passes.
     Returns a warning to print when the answer is unknown (a model or corpus that records no checkpoint) or
-    ``force`` overrode a refusal; None when they match."""
+    ``force`` overrode a refusal; None when they match. A MODEL that names no model file is refused first (before a
+    warning that it records no checkpoint)."""
+    from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.shards import file_sha256
+    from dtop_export.engines import check_model_file
 
+    check_model_file(parse_spec(str(model)).path)
     path = _path(model)
     if corpus.get("model_sha256") and path is not None and file_sha256(path) == corpus["model_sha256"]:
         return None  # the very file the corpus was embedded with
@@ -111,12 +116,34 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     )
 
 
+def check_exported_from(model: str | Path, reference: str | Path) -> None:
+    """Refuse, in one line, an exported MODEL (``FILE[:options]``) whose metadata names another checkpoint than the
+    checkpoint ``reference`` (``parity``: its descriptors differ by construction, and the failure would read as an
+    accuracy problem). A model that records no checkpoint, a missing file and a checkpoint MODEL (compared by its
+    descriptors) pass."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES
+
+    path = _path(model)
+    if path is None or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return
+    mine = checkpoint_of(model)
+    theirs = checkpoint_of(reference)
+    if mine is None or theirs is None or mine == theirs:
+        return
+    raise DToPError(
+        f"{model} was exported from another checkpoint ({mine[:12]}) than the reference {reference} "
+        f"({theirs[:12]}): give the checkpoint it was exported from, or export {reference} again"
+    )
+
+
 def check_distractors(model: str | Path, distractors: str | Path, force: bool = False) -> str | None:
     """:func:`check_model_for_corpus` for ``evaluate --distractors``: a shard folder's manifest, or the sidecar
     ``X.json`` that ``embed -o X.npy`` writes next to the matrix (a bare ``.npy`` records nothing: a warning)."""
     import json
 
     path = Path(distractors)
+    if not path.exists():  # before the model's provenance: a warning about it would come before this error
+        raise DToPError(f"distractor file {path} not found")
     what = f"distractors {path}"
     if path.is_dir():
         from dtop_export.corpus.shards import read_manifest

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dtop_export.atomic import atomic_path
-from dtop_export.contract import metadata_of, set_metadata
+from dtop_export.contract import load_onnx, metadata_of, set_metadata
 from dtop_export.errors import DToPError
 from dtop_export.logs import quiet_logging
 from dtop_export.onnx_graph import attr
@@ -354,9 +354,7 @@ def optimize_onnx(
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
-    if not onnx_path.is_file():
-        raise DToPError(f"ONNX file {onnx_path} not found")
-    model = onnx.load(str(onnx_path))
+    model = load_onnx(onnx_path)
     meta = metadata_of(model)
     if meta.get("dtop.precision", "fp32") != "fp32":
         raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: optimise the fp32 export, then quantise")

@@ -30,15 +30,27 @@ if TYPE_CHECKING:
 
 # runtime= values load_engine understands (an .onnx runs in onnxruntime unless runtime="openvino")
 RUNTIMES = ("pytorch", "onnxruntime", "openvino", "executorch", "tensorrt")
+MODEL_SUFFIXES = (*CHECKPOINT_SUFFIXES, ".onnx", *IR_SUFFIXES, *PTE_SUFFIXES, *PLAN_SUFFIXES)
+
+
+def check_model_file(path: str | Path) -> Path:
+    """``path`` as a model file :func:`load_engine` can open (it exists, and its suffix names a runtime), checked
+    without opening it; one line otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise DToPError(f"model file {path} not found")
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise DToPError(
+            f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte or .plan"
+        )
+    return path
 
 
 def load_engine(path: str | Path, runtime: str | None = None, **options: Any) -> Engine:
     """Open ``path`` in the runtime its suffix names (``.pt`` PyTorch, ``.onnx`` ONNX Runtime, ``.xml`` OpenVINO,
     ``.pte`` ExecuTorch, ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options``
     go to the engine's constructor, checked first (:func:`check_engine_options`)."""
-    path = Path(path)
-    if not path.exists():
-        raise DToPError(f"model file {path} not found")
+    path = check_model_file(path)
     check_engine_options(path, options, runtime)
     _, make, _ = engine_factory(path, runtime)
     return make(path, **options)

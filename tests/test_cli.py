@@ -77,6 +77,7 @@ def test_init_and_info(tmp_path: Path) -> None:
         (["init", "--preset", "small", "-o", "no/such/dir/x.pt"], "does not exist"),
         (["embed", "garbage.pt", "no/photos/", "-o", "x.npy"], "no/photos not found: give image files or folders"),
         (["onnx", "model.onnx"], "model.onnx is an exported model, not a checkpoint: give the .pt"),  # not "exists"
+        (["onnx", "garbage.pt", "-o", "x.txt"], "--output x.txt should end in .onnx"),  # while parsing
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -158,6 +159,90 @@ def test_an_output_in_a_missing_folder_fails_before_the_work(
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "output folder no does not exist: create it or choose another path" in err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["onnx", "missing.pt", "-o", "out.onnx", "--force"],
+        ["init", "--preset", "small", "-o", "out.pt", "--force"],
+        ["embed", "missing.onnx", "photos", "-o", "out.npy", "--force"],
+        ["optimize", "missing.onnx", "-o", "out.onnx", "--force"],
+        ["index", "shards", "-o", "out.faiss", "--force"],
+        ["evaluate", "missing.onnx", "--picture", "out.png", "--force"],
+        ["bench", "missing.onnx", "--json", "out.json"],
+    ],
+)
+def test_an_output_that_is_a_folder_fails_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """An output path naming an existing folder is refused while the command line is parsed, --force or not: the
+    job would run to its end and then fail to replace the folder ([Errno 21] Is a directory)."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    name = next(a for a in args if a.startswith("out."))
+    (tmp_path / name).mkdir()
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{name} is a folder: give the name of a file to write" in err, err
+    assert (tmp_path / name).is_dir() and not any((tmp_path / name).iterdir())
+
+
+def test_a_default_output_that_is_a_folder_is_refused(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`onnx m.pt --force` where m.onnx is a folder: refused before the export (it failed after it)."""
+    from cli_helpers import cli
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.symlink_to(small_ckpt)
+    (tmp_path / "m.onnx").mkdir()
+    assert cli("onnx", str(ckpt), "--force") == 2
+    assert "m.onnx is a folder: give the name of a file to write" in capsys.readouterr().err
+    assert not any((tmp_path / "m.onnx").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["small.pt", "-o", "z.onnx"], "small.pt is a checkpoint: export it first (dtop-export onnx small.pt)"),
+        (["small.pt"], "small.pt is a checkpoint"),  # before "small.opt.onnx exists"
+        (["notes.txt"], "notes.txt is not a readable ONNX file"),
+        (["fake.onnx"], "fake.onnx is not a readable ONNX file"),
+        (["small.xml"], "small.xml is an OpenVINO IR: give the .onnx it was converted from"),
+    ],
+)
+def test_optimize_refuses_what_is_not_onnx_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """A checkpoint, an IR or any other file given to ``optimize`` is refused in one line before the output is
+    looked at (protobuf's DecodeError traceback before), and nothing is written."""
+    from cli_helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.pt").write_bytes(b"PK\x03\x04 a checkpoint, as far as this test goes")
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    (tmp_path / "fake.onnx").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "small.xml").write_text('<?xml version="1.0"?><net name="m"></net>\n')
+    (tmp_path / "small.opt.onnx").write_text("an earlier result")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli("optimize", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_optimize_onnx_refuses_a_file_that_is_not_onnx(tmp_path: Path) -> None:
+    from dtop_export.errors import DToPError
+    from dtop_export.optimize import optimize_onnx
+
+    bad = tmp_path / "m.onnx"
+    bad.write_text("not a model")
+    with pytest.raises(DToPError, match="not a readable ONNX file"):
+        optimize_onnx(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

@@ -74,6 +74,15 @@ def test_evaluate_missing_model(tmp_path: Path) -> None:
     assert r.returncode == 2 and "nope.pt not found" in r.stderr
 
 
+def test_evaluate_missing_distractors_come_before_any_warning(small_ckpt: Path, tmp_path: Path) -> None:
+    """A missing --distractors file (or MODEL) is the one line printed: no warning before it that the distractors
+    record no checkpoint."""
+    r = run("evaluate", small_ckpt, "--data-root", tmp_path, "--distractors", tmp_path / "desc.npy")
+    assert r.returncode == 2 and r.stderr == f"error: distractor file {tmp_path / 'desc.npy'} not found\n", r.stderr
+    r = run("evaluate", tmp_path / "nope.onnx", "--data-root", tmp_path, "--distractors", small_ckpt)
+    assert r.returncode == 2 and r.stderr == f"error: model file {tmp_path / 'nope.onnx'} not found\n", r.stderr
+
+
 def test_embed_skips_unreadable_images(small_ckpt: Path, tmp_path: Path) -> None:
     from dtop_export.engines.pytorch import TorchEngine
     from dtop_export.retrieval.extract import extract

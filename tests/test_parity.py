@@ -324,6 +324,23 @@ def test_cli_parity_gates_a_corrupted_onnx(
     assert report["engines"][1]["cosine_min"] < 0.99999
 
 
+def test_cli_parity_refuses_an_onnx_of_another_checkpoint(
+    ref_ckpt: Path, small_onnx: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ONNX exported from another checkpoint is named as such, up front (exit 2, one line, nothing computed):
+    it failed after the whole run with its flips explained as near-ties."""
+    from cli_helpers import cli
+
+    from dtop_export.identity import checkpoint_of
+
+    args = ["--dataset", "sample", "--data-root", str(data_root), "--image-size", "64", "--no-progress"]
+    assert cli("parity", str(ref_ckpt), str(small_onnx), *args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(f"error: {small_onnx} was exported from another checkpoint")
+    assert checkpoint_of(small_onnx)[:12] in captured.err and checkpoint_of(ref_ckpt)[:12] in captured.err
+
+
 @pytest.mark.slow
 def test_full_preset_onnx_passes_on_the_sample_set(full_export: tuple[Path, Path], sample: RevisitopDataset) -> None:
     from dtop_export.engines.ort import OnnxRuntimeEngine

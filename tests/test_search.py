@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,44 @@ def test_faiss_is_imported_lazily() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _query() -> str:
+    from conftest import CORPUS_PHOTOS
+
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    return str(skimage_data_dir() / CORPUS_PHOTOS[0])
+
+
+@needs_faiss
+def test_search_refuses_a_file_that_is_no_model_before_any_warning(
+    small_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`search corpus.faiss notes.txt ...`: one line saying what a MODEL is, and no warning before it that notes.txt
+    "records no checkpoint" (the provenance check ran before the model was looked at)."""
+    from cli_helpers import cli
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    assert cli("search", str(small_index), str(notes), _query()) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: don't know how to run") and captured.err.count("\n") == 1, captured.err
+    assert "warning" not in captured.out + captured.err
+
+
+@needs_faiss
+def test_search_says_nprobe_is_ignored_on_a_flat_index(
+    small_index: Path, small_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--nprobe on a flat (exact) index is a note on stderr, as `index` notes IVF-PQ options for a flat index; the
+    results are the same as without it."""
+    from cli_helpers import cli
+
+    assert cli("search", str(small_index), str(small_onnx), _query(), "-k", "3") == 0
+    plain = capsys.readouterr()
+    assert "nprobe" not in plain.err
+    assert cli("search", str(small_index), str(small_onnx), _query(), "-k", "3", "--nprobe", "5") == 0
+    noted = capsys.readouterr()
+    assert noted.err == f"note: {small_index} is a flat index (exact): --nprobe (IVF-PQ indexes) ignored\n"
+    assert noted.out == plain.out

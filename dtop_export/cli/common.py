@@ -84,33 +84,73 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def new_output(src: Path, output: Path | None, suffix: str, force: bool) -> Path:
+def onnx_input(src: Path) -> dict[str, str]:
+    """The metadata of the ONNX file a command reads (``optimize``, ``quantize``, ``openvino``), or one line saying
+    what to give instead: a checkpoint, an OpenVINO IR or any other file that is not ONNX (read in milliseconds,
+    before the command's other checks and its work)."""
+    from dtop_export.contract import read_metadata
+    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES
+
+    if src.is_file() and src.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise DToPError(f"{src} is a checkpoint: export it first (dtop-export onnx {src}) and give the .onnx")
+    if src.is_file() and src.suffix.lower() in IR_SUFFIXES:
+        raise DToPError(f"{src} is an OpenVINO IR: give the .onnx it was converted from")
+    try:
+        return read_metadata(src)
+    except DToPError as e:
+        if not src.is_file():
+            raise
+        raise DToPError(f"{e}: give an .onnx written by `dtop-export onnx`") from None
+
+
+def new_output(src: Path, output: Path | None, suffix: str, force: bool, onnx: bool = True) -> Path:
     """The file a command derived from ``src`` writes (default ``src`` with ``suffix``), refusing to
-    overwrite one without ``--force``."""
-    if not src.is_file():
-        raise DToPError(f"ONNX file {src} not found")
-    output = output or src.with_name(src.stem + suffix)
+    overwrite one without ``--force``. ``src`` is checked first (:func:`onnx_input` unless ``onnx`` is False)."""
+    if onnx:
+        onnx_input(src)
+    elif not src.is_file():
+        raise DToPError(f"{src} not found")
+    output = output or output_path(src.with_name(src.stem + suffix))
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
     return output
 
 
-def output_file(param: typer.CallbackParam, value: Path | None) -> Path | None:
-    """Option callback for a file a command writes: its folder must exist. It runs while the command line is
-    parsed, so a mistyped folder fails before the work, not after it (the writers check again when they write)."""
-    if value is not None:
-        from dtop_export.atomic import output_folder
+def output_path(path: Path, option: str | None = None) -> Path:
+    """``path`` as a file a command may write (``option``: the option that named it, for the message): its folder
+    exists (outputs never create folders) and it is not itself a folder (``--force`` replaces files, not folders:
+    the write would fail after the work)."""
+    from dtop_export.atomic import output_folder
 
-        try:
-            output_folder(value)
-        except DToPError as e:
-            raise DToPError(f"{param.opts[-1]} {value}: {e}") from None
+    named = f"{option} {path}" if option else str(path)
+    try:
+        output_folder(path)
+    except DToPError as e:
+        raise DToPError(f"{named}: {e}" if option else str(e)) from None
+    if path.is_dir():
+        raise DToPError(f"{named} is a folder: give the name of a file to write")
+    return path
+
+
+def output_file(param: typer.CallbackParam, value: Path | None, suffix: str | None = None) -> Path | None:
+    """Option callback for a file a command writes (:func:`output_path`), ending in ``suffix`` when one is given. It
+    runs while the command line is parsed, so a mistyped path fails before the work, not after it (the writers
+    check again when they write)."""
+    if value is not None:
+        output_path(value, param.opts[-1])
+        if suffix is not None and value.suffix.lower() != suffix:
+            raise DToPError(f"{param.opts[-1]} {value} should end in {suffix}")
     return value
 
 
-def output_option(*names: str, help: str) -> Any:  # noqa: A002 - typer's keyword
-    """``typer.Option`` for a file the command writes (:func:`output_file` checks its folder while parsing)."""
-    return typer.Option(*names, callback=output_file, help=help)
+def output_option(*names: str, help: str, suffix: str | None = None) -> Any:  # noqa: A002 - typer's keyword
+    """``typer.Option`` for a file the command writes (:func:`output_file` checks it while parsing); ``suffix``: the
+    one suffix it may have (``.onnx``)."""
+
+    def callback(param: typer.CallbackParam, value: Path | None) -> Path | None:  # typer reads the annotations
+        return output_file(param, value, suffix)
+
+    return typer.Option(*names, callback=callback, help=help)
 
 
 def option_name(param: typer.CallbackParam) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, output_option
+from dtop_export.cli.common import app, console, output_option, output_path
 from dtop_export.errors import DToPError
 
 
@@ -15,7 +15,8 @@ from dtop_export.errors import DToPError
 def onnx(
     checkpoint: Annotated[Path, typer.Argument(help="dtop-export checkpoint (.pt).")],
     output: Annotated[
-        Path | None, output_option("-o", "--output", help="ONNX file to write (default: next to the checkpoint).")
+        Path | None,
+        output_option("-o", "--output", help="ONNX file to write (default: next to the checkpoint).", suffix=".onnx"),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18..23).")] = 18,
     static: Annotated[
@@ -39,7 +40,7 @@ def onnx(
     from dtop_export.checkpoint import check_checkpoint_file
 
     check_checkpoint_file(checkpoint)  # before the output's: `onnx m.onnx` would say m.onnx exists
-    output = output or checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx")
+    output = output or output_path(checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx"))
     if output.exists() and not force:
         raise DToPError(f"{output} exists: pass --force to overwrite it")
     from dtop_export.export import export_onnx, parse_hw

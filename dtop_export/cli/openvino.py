@@ -122,7 +122,7 @@ def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
     source = Path(choice["path"])
     hint = choice["options"].get("precision")
     int8 = read_metadata(source).get("dtop.precision") == "int8"
-    output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
+    output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force, onnx=False)
     refuse_existing(output.with_suffix(".bin"), force=force)
     con = console()
     with con.status(f"converting {source.name}") as status:

@@ -48,6 +48,7 @@ def parity(
 ) -> None:
     """Descriptor and mAP parity of every MODEL against the PyTorch reference; exit 1 if any contract fails."""
     from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.identity import check_exported_from
     from dtop_export.parity import parity as run_parity
     from dtop_export.retrieval.datasets import resolve_dataset
     from dtop_export.retrieval.extract import parse_scales
@@ -60,6 +61,8 @@ def parity(
     if not models and not fp16_emulate:
         raise DToPError("give at least one MODEL to compare with the reference (or --fp16-emulate)")
     refuse_existing(json_out, force=force)
+    for m in models:  # before any work: an export of another checkpoint fails by construction
+        check_exported_from(m, reference)
     sc = parse_scales(scales)
     if image_size is not None:
         from dtop_export.memory import check_image_size

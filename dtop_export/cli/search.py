@@ -63,6 +63,8 @@ def search(
         raise DToPError(f"--picture {picture} should end in .png")
     refuse_existing(json_out, picture, force=force)
     idx = CorpusIndex(index_file)
+    if nprobe is not None and idx.info["type"] == "flat":  # as `index` says of IVF-PQ options for a flat index
+        typer.echo(f"note: {idx.path} is a flat index (exact): --nprobe (IVF-PQ indexes) ignored", err=True)
     paths = expand_images(queries)
     if not paths:
         raise DToPError("no query images given")

@@ -1,7 +1,7 @@
 """The Ray Data runner of ``dtop-export embed --ray``: read + decode + preprocess in CPU tasks, inference in a pool
 of stateful actors (one engine each), results streamed back to the driver's :class:`ShardAssembler`.
 
-Pipeline (streaming, order preserved so shards complete front to back)::
+Pipeline (streaming, order preserved so shards complete window by window: see corpus.schedule)::
 
     header scan (driver)   ->  items ordered by model input shape within windows of shards (corpus.schedule)
     from_items(key, path)  ->  map_batches(preprocess_rows)           CPU tasks: bytes -> RGB -> uint8 pixels per scale

@@ -6,9 +6,10 @@ input shape together, so that camera photos form full batches instead of fragmen
   header does not tell (a URI, a file the header reader refuses: it is decoded like any other, its real shape
   decides its batch).
 * :func:`plan`: the order of work. Images go in *windows* of whole shards, in shard order; within a window they
-  are sorted by predicted shape, then key. A shard is complete when its window is, so shards still complete front
-  to back and a killed job resumes per shard; the plan is a pure function of the listing and the headers, so it
-  is the same on every run.
+  are sorted by predicted shape, then key. Shards complete window by window (every shard of a window before any
+  shard of the next), within a window in any order (a shard is complete when its last image is: shard 1 may come
+  before shard 0), and a killed job resumes per shard; the plan is a pure function of the listing and the headers,
+  so it is the same on every run.
 * :class:`Batcher`: what the runners feed with decoded rows in plan order. Rows of one *actual* shape are stacked
   into batches of ``batch_size``; a shape's last partial batch goes out as soon as the plan moves past that
   shape, and rows whose header misled the plan wait for the window's end. Every row lands in exactly one batch.
