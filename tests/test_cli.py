@@ -207,11 +207,11 @@ def test_a_default_output_that_is_a_folder_is_refused(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["small.pt", "-o", "z.onnx"], "small.pt is a checkpoint: export it first (dtop-export onnx small.pt)"),
-        (["small.pt"], "small.pt is a checkpoint"),  # before "small.opt.onnx exists"
+        (["small.pt", "-o", "z.onnx"], "small.pt is a PyTorch checkpoint, not ONNX: export it first with `dtop-export"),
+        (["small.pt"], "small.pt is a PyTorch checkpoint"),  # before "small.opt.onnx exists"
         (["notes.txt"], "notes.txt is not a readable ONNX file"),
         (["fake.onnx"], "fake.onnx is not a readable ONNX file"),
-        (["small.xml"], "small.xml is an OpenVINO IR: give the .onnx it was converted from"),
+        (["small.xml"], "small.xml is an OpenVINO IR, not ONNX: give the .onnx file it was converted from"),
     ],
 )
 def test_optimize_refuses_what_is_not_onnx_first(

@@ -252,7 +252,7 @@ def test_every_size_option_is_checked_against_memory_before_any_work(
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["quantize", "openvino"])
+@pytest.mark.parametrize("command", ["quantize", "openvino", "optimize"])
 def test_a_checkpoint_given_for_an_onnx_file_says_to_export_it(
     small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:

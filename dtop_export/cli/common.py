@@ -89,12 +89,10 @@ def onnx_input(src: Path) -> dict[str, str]:
     what to give instead: a checkpoint, an OpenVINO IR or any other file that is not ONNX (read in milliseconds,
     before the command's other checks and its work)."""
     from dtop_export.contract import read_metadata
-    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES
+    from dtop_export.onnx_metadata import other_format
 
-    if src.is_file() and src.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise DToPError(f"{src} is a checkpoint: export it first (dtop-export onnx {src}) and give the .onnx")
-    if src.is_file() and src.suffix.lower() in IR_SUFFIXES:
-        raise DToPError(f"{src} is an OpenVINO IR: give the .onnx it was converted from")
+    if src.is_file() and (what := other_format(src)):  # a checkpoint, IR, plan or .pte: what to give instead
+        raise DToPError(what)
     try:
         return read_metadata(src)
     except DToPError as e:
