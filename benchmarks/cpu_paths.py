@@ -99,13 +99,15 @@ def openvino_specs(specs: list) -> list:
 
 
 def main() -> None:
+    from dtop_export.host import usable_cpus
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="r50-vitb16")
     ap.add_argument("--sizes", default="384,512")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--eval-size", type=int, default=384)
     ap.add_argument("--skip-bench", action="store_true")

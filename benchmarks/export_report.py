@@ -30,12 +30,14 @@ SHAPES = [(224, 224), (384, 384), (384, 512), (512, 384), (640, 384), (768, 1024
 
 
 def main() -> None:
+    from dtop_export.host import usable_cpus
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="r50-vitb16")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--latency-sizes", type=int, nargs="+", default=[384, 512])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -11,7 +11,6 @@ A measurement, not a test.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -63,9 +62,11 @@ def ort_int8_gemm(m: int, k: int, n: int, runs: int, threads: int) -> float:
 
 
 def main() -> None:
+    from dtop_export.host import usable_cpus
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     args = ap.parse_args()
     import torch
 

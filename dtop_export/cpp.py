@@ -228,7 +228,9 @@ def build(
     )  # fmt: skip
     timings["configure_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    n = jobs or max(1, os.cpu_count() or 1)
+    from dtop_export.host import usable_cpus
+
+    n = jobs or usable_cpus()
     say(f"compiling with {n} job(s)")
     _run([cmake, "--build", str(build_dir), "--parallel", str(n)], log, "build")
     timings["build_s"] = round(time.perf_counter() - t0, 2)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: a container's or ``taskset``'s share, not the host's)."""
+    """CPUs this process may run on: its affinity (``taskset``, a cgroup cpuset), not the host's count. A CPU quota
+    (``docker --cpus``, cgroup ``cpu.max``) keeps the affinity and is not seen here."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -7,8 +7,10 @@ which need only the ``dtop.*`` keys. An ONNX file is one ``ModelProto`` message;
 in the protobuf wire format (tag, then a varint, a fixed 4 or 8 bytes, or a length and that many bytes), skips
 every field but ``metadata_props`` (field 14: ``StringStringEntryProto`` key = 1, value = 2) by seeking past it,
 and so reads a few hundred bytes of the file. Fields may come in any order (``onnx`` writes the graph, field 7,
-before the metadata). A file that is not a well-formed ``ModelProto`` with a graph is refused like
-:func:`dtop_export.contract.load_onnx` refuses it.
+before the metadata). A file that is not a well-formed ``ModelProto`` with an ``ir_version`` and a graph is
+refused in one line, as :func:`dtop_export.contract.load_onnx` refuses a file protobuf cannot parse; stricter than
+protobuf in two ways no ONNX writer meets: a (deprecated) group field is refused, and a length is checked against
+the file's size before anything is read.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def _string_pair(data: bytes) -> tuple[str, str]:
         if wire != LENGTH:
             raise _Malformed(f"metadata entry field {number} has wire type {wire}")
         n = _varint(f)
-        value = f.read(n or 0)
-        if n is None or len(value) != n:
+        if n is None or n > len(data) - f.tell():
             raise _Malformed("metadata entry cut short")
+        value = f.read(n)
         if number in fields:
             fields[number] = value.decode("utf-8")
     return fields[1], fields[2]
@@ -79,10 +81,10 @@ def _walk(f: BinaryIO, size: int) -> dict[str, str]:
             n = _varint(f)
             if n is None:
                 raise _Malformed("file ends after a tag")
+            if f.tell() + n > size:
+                raise _Malformed(f"field {number} runs past the end of the file")
             if number == METADATA_PROPS:
                 data = f.read(n)
-                if len(data) != n:
-                    raise _Malformed("metadata cut short")
                 key, value = _string_pair(data)
                 meta[key] = value
                 continue

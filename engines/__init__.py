@@ -137,6 +137,6 @@ def check_engine_options(
 
     if local_threads and threads > (cpus := usable_cpus()):
         raise DToPError(
-            f"{threads} threads asked for, and this process can run on {cpus} CPU(s): use --threads {cpus} or fewer "
-            "(more threads than CPUs only wait for each other)"
+            f"{threads} threads asked for (--threads or MODEL:threads=), and this process can run on {cpus} CPU(s): "
+            f"use {cpus} or fewer (more threads than CPUs only wait for each other)"
         )

@@ -151,3 +151,30 @@ def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) ->
         assert cli(*argv) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_plan_is_opened_without_cpu_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bench passed threads= to every engine; a TensorRT plan takes none (a TypeError, then the option check's
+    "tensorrt takes no option 'threads'", an option the user never gave)."""
+    import dtop_export.engines as engines
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec
+
+    seen: list[tuple[str, dict]] = []
+
+    class Opened(Exception):
+        pass
+
+    def fake_load(path: Path, **options: object) -> None:
+        seen.append((Path(path).suffix, options))
+        engines.check_engine_options(path, options)  # what load_engine checks first
+        raise Opened
+
+    monkeypatch.setattr(engines, "load_engine", fake_load)
+    plan, onnx_file = tmp_path / "m.plan", tmp_path / "m.onnx"
+    plan.write_bytes(b"plan")
+    onnx_file.write_bytes(b"onnx")
+    for path in (plan, onnx_file):
+        with pytest.raises(Opened):
+            run_bench([EngineSpec(path=path, options={}, label=None)], [64], [1], threads=1)
+    assert seen == [(".plan", {}), (".onnx", {"threads": 1})]

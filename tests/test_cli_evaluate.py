@@ -136,6 +136,8 @@ def test_parity_cli_passes_itself_and_fails_a_perturbed_checkpoint(
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and json.loads(out.read_text())["passed"] is True
     r = run("parity", small_ckpt, small_ckpt, perturbed, *common)
+    assert r.returncode == 2 and "parity.json exists: pass --force" in r.stderr  # the report is not replaced
+    r = run("parity", small_ckpt, small_ckpt, perturbed, *common, "--force")
     assert r.returncode == 1
     fails = [line for line in r.stderr.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "perturbed.pt" in fails[0] and "cosine_min" in fails[0]

@@ -28,3 +28,12 @@ def test_every_cache_user_takes_the_same_folder(monkeypatch: pytest.MonkeyPatch,
     assert default_build_dir() == tmp_path / "dtop-export" / "cpp" == cache_dir("cpp")
     assert default_data_root() == tmp_path / "dtop-export" / "data"
     assert usable_cpus() >= 1
+
+
+def test_an_actor_or_replica_fits_its_threads_to_its_node() -> None:
+    """The driver derives actor threads from Ray's logical CPUs (--num-cpus, a quota), which a node's affinity can
+    undercut: on the node they are capped, not refused (the option check refuses what a user asks locally)."""
+    from dtop_export.corpus.runtime import node_threads
+
+    assert node_threads(None) is None and node_threads(1) == 1
+    assert node_threads(usable_cpus() + 7) == usable_cpus()

@@ -235,7 +235,7 @@ def test_engine_options_are_checked_before_anything_is_written(
         (["parity", "{ckpt}", "{onnx}", "--image-size", "100000", "--json", "{out}/p.json"], "--image-size"),
         (["whiten", "{ckpt}", "--images", "{imgs}", "--size", "100000", "-o", "{out}/w.pt"], "--size"),
         (["check", "{onnx}", "--fp16-audit", "--image-size", "100000", "--json", "{out}/c.json"], "--image-size"),
-        (["onnx", "{ckpt}", "-o", "{out}/s.onnx", "--static", "100000x64"], "--static (its longer side)"),
+        (["onnx", "{ckpt}", "-o", "{out}/s.onnx", "--static", "100000x64"], "--static's longer side"),
     ],
     ids=["quantize", "openvino-int8", "parity", "whiten", "check-fp16-audit", "onnx-static"],
 )

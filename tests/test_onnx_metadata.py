@@ -82,8 +82,11 @@ def test_reading_metadata_does_not_import_onnx(small_onnx: Path) -> None:
         (b"\x08\x08", "is not a readable ONNX file (no graph)"),
         ("truncated", "is not a readable ONNX file (field 7 runs past the end of the file)"),
         (b"\x08\x88\x88", "is not a readable ONNX file (file ends inside a varint)"),
+        (b"\x08\x08\x3a\x00\x72\x80\x80\x80\x80\x80\x20", "(field 14 runs past the end of the file)"),
+        (b"\x08\x08\x3a\x00\x72\xff\xff\xff\xff\xff\xff\xff\xff\x7f", "(field 14 runs past the end of the file)"),
+        (b"\x08\x08\x3a\x00\x72\x0a\x0a\xff\xff\xff\xff\xff\xff\xff\xff\x7f", "(metadata entry cut short)"),
     ],
-    ids=["text", "empty", "no-graph", "truncated", "cut-varint"],
+    ids=["text", "empty", "no-graph", "truncated", "cut-varint", "2^40-metadata", "2^63-metadata", "2^63-entry"],
 )
 def test_a_file_that_is_not_onnx_is_one_line(content: bytes | str, says: str, small_onnx: Path, tmp_path: Path) -> None:
     path = tmp_path / "bad.onnx"

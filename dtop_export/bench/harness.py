@@ -199,6 +199,7 @@ def run_bench(
     """Benchmark ``specs`` at every (size, batch). ``progress(description, steps_done)`` is called after
     each forward pass (``steps_done`` = 1), for progress bars; :func:`bench_steps` gives the total."""
     from dtop_export.engines import load_engine
+    from dtop_export.suffixes import PLAN_SUFFIXES
 
     if not specs:
         raise DToPError("give at least one model to benchmark")
@@ -220,7 +221,8 @@ def run_bench(
         rss0 = _rss()
         with RssSampler() as sampler:
             t0 = time.perf_counter()
-            engine = load_engine(spec.path, **{"threads": threads, **spec.options})
+            cpu = {} if spec.path.suffix.lower() in PLAN_SUFFIXES else {"threads": threads}  # a plan has no threads
+            engine = load_engine(spec.path, **{**cpu, **spec.options})
             load_s = time.perf_counter() - t0
             rss_loaded = _rss()
             label = _label(engine, spec)

@@ -49,7 +49,7 @@ def onnx(
     if static_hw:
         from dtop_export.memory import check_image_size
 
-        check_image_size(max(static_hw), batch=batch or 1, option="--static (its longer side)")
+        check_image_size(max(static_hw), batch=batch or 1, option="--static's longer side", batch_option="--batch")
     con = console()
     with con.status("exporting") as status:
         result = export_onnx(

@@ -150,7 +150,7 @@ class EmbedActor:
     ) -> None:
         import ray
 
-        from dtop_export.corpus.runtime import open_model
+        from dtop_export.corpus.runtime import node_threads, open_model
         from dtop_export.corpus.schedule import needs_warmup, warm_up
 
         actor = ray.get_runtime_context().get_actor_id() or "driver"
@@ -160,7 +160,8 @@ class EmbedActor:
         self.open_error = ""
         t0 = time.perf_counter()
         try:
-            self.engine = open_model(model, threads, precision, shared_cores=True)  # read tasks share the node
+            # read tasks share the node; threads fitted to it (the driver counted Ray's logical CPUs)
+            self.engine = open_model(model, node_threads(threads), precision, shared_cores=True)
             self.load_s = time.perf_counter() - t0
             self.warmup_s = warm_up(self.engine, warmup_shapes or [], batch_size) if needs_warmup(self.engine) else 0.0
             self.reported = False

@@ -109,6 +109,17 @@ def engine_options(
     return spec.path, options
 
 
+def node_threads(threads: int | None) -> int | None:
+    """``threads`` capped at the CPUs this process may run on: what a Ray actor or Serve replica opens its engine
+    with. The driver sizes them from Ray's logical CPUs (``--num-cpus``, a CPU quota), which a node's affinity can
+    undercut; on the node the engine fits the node instead of being refused there."""
+    if not threads:
+        return threads
+    from dtop_export.host import usable_cpus
+
+    return min(threads, usable_cpus())
+
+
 def check_model_options(
     model: str, threads: int | None = None, precision: str | None = None, local_threads: bool = True
 ) -> None:

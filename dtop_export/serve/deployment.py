@@ -52,10 +52,10 @@ class Embedder:
     """One engine in one replica (see the module's notes)."""
 
     def __init__(self, settings: EngineSettings) -> None:
-        from dtop_export.corpus.runtime import open_model
+        from dtop_export.corpus.runtime import node_threads, open_model
 
         self.settings = settings
-        self.engine = open_model(settings.model, settings.threads, settings.precision)
+        self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
         self.replica = f"{os.getpid()}"
         self.batches = 0
         self.images = 0
