@@ -389,7 +389,7 @@ def test_no_file_is_overwritten_without_force(
         _refused(capsys, *query, match=f"{name} exists: pass --force")
         assert (tmp_path / name).read_text() == "mine\n"
     assert cli(*query, "--force") == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
-    _refused(capsys, "index", str(run), "-o", str(tmp_path), match="is a folder: give -o a file name")  # not "--force"
+    _refused(capsys, "index", str(run), "-o", str(tmp_path), match="is a folder: give the name of a file to write")
 
 
 # 7. paths as typed ------------------------------------------------------------------------------------------------
