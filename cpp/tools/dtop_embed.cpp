@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -188,6 +189,36 @@ std::unique_ptr<dtop::Runtime> open_runtime(const std::string& model, const dtop
   return dtop::open_openvino(model, options);
 }
 
+// Bytes this process can still allocate: MemAvailable of /proc/meminfo (0 where unknown: no check).
+double available_memory() {
+  std::FILE* f = std::fopen("/proc/meminfo", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  double kib = 0;
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    if (std::sscanf(line, "MemAvailable: %lf kB", &kib) == 1) break;
+  }
+  std::fclose(f);
+  return kib * 1024.0;
+}
+
+// The Python side's lower bound (dtop_export/memory.py inference_bytes): per image of longer side `size` at the
+// largest scale, the resized RGB and its float32 input with one temporary of each (30 bytes a pixel) and one float32
+// attention map over its tokens. Refused before any image is decoded, as `dtop-export embed` refuses it: an
+// --image-size of 100000 otherwise touched ~20 GB before the allocator gave up.
+void check_memory(int image_size, const std::vector<double>& scales, int batch, int stride) {
+  const double side = std::max<double>(stride, std::round(image_size * *std::max_element(scales.begin(), scales.end())));
+  const double tokens = std::pow(std::floor(side / stride), 2);
+  const double need = batch * (30.0 * side * side + 4.0 * tokens * tokens);
+  const double free = available_memory();
+  if (free > 0 && need > free) {
+    char msg[256];
+    std::snprintf(msg, sizeof msg, "--image-size %d needs at least %.1f GiB for a batch of %d; %.1f GiB are available "
+                  "here: use a smaller --image-size", image_size, need / 1073741824.0, batch, free / 1073741824.0);
+    throw dtop::Error(msg);
+  }
+}
+
 std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vector<std::string>& paths,
                          const dtop::EmbedResult& r, int image_size, const std::vector<double>& scales) {
   using dtop::json::number;
@@ -239,6 +270,7 @@ int run(int argc, char** argv) {
               << "FP16 too; give dtop-embed the IR from `dtop-export openvino MODEL.onnx`\n";
   }
   const int image_size = a.image_size > 0 ? a.image_size : embedder.contract().preprocess.size;
+  check_memory(image_size, scales, a.batch_size, embedder.contract().preprocess.stride);
 
   if (!a.dump.empty()) {
     fs::create_directories(a.dump);
