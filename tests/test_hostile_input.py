@@ -210,7 +210,11 @@ def _too_many_threads() -> str:
         (":foo=1", [], "small.onnx: onnxruntime takes no option 'foo': it takes graph_optimization, provider, spin, "),
         (":threads=abc", [], "threads must be a whole number of at least 1, got 'abc'"),
         (":provider=cpu,threds=2", [], "onnxruntime takes no option 'threds'"),
-        ("", ["--threads", _too_many_threads()], f"{_too_many_threads()} threads asked for, and this process can run"),
+        (
+            "",
+            ["--threads", _too_many_threads()],
+            f"{_too_many_threads()} threads asked for (--threads or MODEL:threads=), and this process can run",
+        ),
     ],
     ids=["unknown-option", "threads-not-a-number", "typo-among-good-ones", "more-threads-than-cpus"],
 )
