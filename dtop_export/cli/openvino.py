@@ -16,6 +16,7 @@ from dtop_export.cli.common import (
     app,
     console,
     new_output,
+    onnx_input,
     output_option,
     parse_int_list,
     refuse_existing,
@@ -61,7 +62,7 @@ def openvino(
     batch/height/width; --int8 quantises it, calibrated on real images through the one preprocessing path
     (LayerNorm, Softmax, GELU, the FCs, whitening and the --keep-float roles stay float). --precision auto
     writes the IR the C++ client should run on this CPU, as measured by `bench --recommend`."""
-    from dtop_export.contract import preprocess_from_metadata, read_metadata
+    from dtop_export.contract import preprocess_from_metadata
     from dtop_export.errors import DToPError
     from dtop_export.openvino_ir import INT8_RECIPES, write_ir
     from dtop_export.preprocess import list_images
@@ -76,13 +77,13 @@ def openvino(
             raise DToPError("--precision auto chooses fp32, bf16 or INT8 from the measurement: drop --int8")
         _auto_ir(model, output, force)
         return
-    meta = read_metadata(model)  # a file that is not ONNX: one line, before "the output exists"
+    meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
     sizes = parse_int_list(calib_sizes, "--calib-sizes") if int8 else []
     if sizes:
         from dtop_export.memory import check_image_size
 
         check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
-    output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)
+    output = new_output(model, output, ".int8.xml" if int8 else ".xml", force, onnx=False)  # input checked above
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
     refuse_existing(output.with_suffix(".bin"), force=force)

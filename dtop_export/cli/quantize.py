@@ -18,6 +18,7 @@ from dtop_export.cli.common import (
     app,
     console,
     new_output,
+    onnx_input,
     output_option,
     parse_int_list,
     progress_bar,
@@ -42,16 +43,15 @@ def quantize(
     """Statically quantise to INT8 (QDQ; int8 per-channel weights, uint8 activations) with calibration
     images. Dynamic shapes are kept; LayerNorm, Softmax, GELU, GroupNorm, the DPE resize, FCs, whitening
     and the L2 norms stay float."""
-    from dtop_export.contract import read_metadata
     from dtop_export.logs import quiet_ort_logs
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import build_int8
     from dtop_export.preprocess import list_images
 
-    meta = read_metadata(model)  # a file that is not ONNX: one line, before "the output exists"
+    meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
     sizes = parse_int_list(calib_sizes, "--calib-sizes")
     check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
-    output = new_output(model, output, ".int8.onnx", force)
+    output = new_output(model, output, ".int8.onnx", force, onnx=False)  # the input is checked above
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
     paths, source = (list_images(calib), str(calib)) if calib is not None else (None, "")
     con = console()
