@@ -51,18 +51,14 @@ def load_engine(path: str | Path, runtime: str | None = None, **options: Any) ->
     ``.pte`` ExecuTorch, ``.plan`` TensorRT), or in ``runtime`` (``openvino`` runs an ``.onnx`` too); ``options``
     go to the engine's constructor, checked first (:func:`check_engine_options`)."""
     path = check_model_file(path)
-    check_engine_options(path, options, runtime)
-    _, make, _ = engine_factory(path, runtime)
+    make = check_engine_options(path, options, runtime)
     return make(path, **options)
-
-
-# constructor parameters that are not the user's to set (the model, what the loader passes, callbacks)
-_INTERNAL = {"self", "model", "path", "preprocess", "whitening", "source", "on_run"}
 
 
 def engine_factory(path: Path, runtime: str | None = None) -> tuple[str, Callable[..., Engine], tuple[str, ...]]:
     """(runtime name, constructor taking ``(path, **options)``, the option names it takes) for ``path``; imports
-    the engine's module, not its runtime."""
+    the engine's module, not its runtime. The options are the constructors' keyword-only parameters: what comes
+    before the ``*`` (the model, what a loader or a caller in code passes) is not the user's to set."""
     import inspect
 
     suffix = path.suffix.lower()
@@ -102,27 +98,27 @@ def engine_factory(path: Path, runtime: str | None = None) -> tuple[str, Callabl
                 f"don't know how to run {path}: expected a checkpoint (.pt), .onnx, OpenVINO .xml, ExecuTorch .pte "
                 "or .plan"
             )
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     names = {
         p.name
         for fn in signatures
         for p in inspect.signature(fn).parameters.values()
-        if p.kind in kinds and p.name not in _INTERNAL
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     return name, make, tuple(sorted(names))
 
 
 def check_engine_options(
     path: str | Path, options: dict[str, Any], runtime: str | None = None, local_threads: bool = True
-) -> None:
+) -> Callable[..., Engine]:
     """Refuse, in one line, an option the engine of ``path`` does not take (a typo in ``MODEL:key=value``) and a
     ``threads`` that is not a whole number of at least 1 or, with ``local_threads``, is more than this process's
     CPUs (a runtime asked for a million threads allocates them, unkillable, for minutes); ``runtime`` as in
-    :func:`load_engine` (``options`` may carry it too)."""
+    :func:`load_engine` (``options`` may carry it too). Returns the engine's constructor, as
+    :func:`engine_factory`."""
     path = Path(path)
     options = dict(options)
     runtime = options.pop("runtime", runtime)
-    name, _, known = engine_factory(path, runtime)
+    name, make, known = engine_factory(path, runtime)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise DToPError(
@@ -130,7 +126,7 @@ def check_engine_options(
         )
     threads = options.get("threads")
     if threads is None:
-        return
+        return make
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise DToPError(f"threads must be a whole number of at least 1, got {threads!r}")
     from dtop_export.host import usable_cpus
@@ -140,3 +136,4 @@ def check_engine_options(
             f"{threads} threads asked for (--threads or MODEL:threads=), and this process can run on {cpus} CPU(s): "
             f"use {cpus} or fewer (more threads than CPUs only wait for each other)"
         )
+    return make

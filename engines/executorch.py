@@ -231,7 +231,7 @@ class ExecuTorchEngine(Engine):
 
     name = "executorch"
 
-    def __init__(self, model: str | Path, precision: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: str | Path, *, precision: str | None = None, threads: int | None = None) -> None:
         path = Path(model)
         if path.suffix.lower() != ".pte":
             raise DToPError(f"{path} is not an ExecuTorch program (.pte)")

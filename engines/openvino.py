@@ -158,6 +158,7 @@ class OpenVinoEngine(Engine):
     def __init__(
         self,
         model: str | Path,
+        *,
         precision: str | None = None,
         threads: int | None = None,
         mode: str = "latency",

@@ -42,10 +42,11 @@ class OnnxRuntimeEngine(Engine):
     def __init__(
         self,
         model: str | Path | onnx.ModelProto,
+        on_run: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
+        *,
         provider: str = "cpu",
         threads: int | None = None,
         graph_optimization: str = "all",
-        on_run: Callable[[np.ndarray, dict[str, np.ndarray]], None] | None = None,
         spin: bool | None = None,
     ) -> None:
         import onnxruntime as ort

@@ -93,10 +93,11 @@ class TorchEngine(Engine):
         model: DToP,
         preprocess: PreprocessConfig,
         whitening: Whitening | None = None,
+        source: Path | None = None,
+        *,
         precision: str = "fp32",
         device: str = "cpu",
         threads: int | None = None,
-        source: Path | None = None,
         compile: bool | str = False,  # noqa: A002 - the torch.compile option, named as users know it
         dynamic: bool | None = None,
         cast: str | None = None,
@@ -163,7 +164,7 @@ class TorchEngine(Engine):
         self.source = source
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, whiten: bool = True, **kwargs: object) -> TorchEngine:
+    def from_checkpoint(cls, path: str | Path, *, whiten: bool = True, **kwargs: object) -> TorchEngine:
         from dtop_export.checkpoint import load_checkpoint
 
         ckpt: Checkpoint = load_checkpoint(path)

@@ -265,15 +265,18 @@ def test_a_checkpoint_given_for_an_onnx_file_says_to_export_it(
 
 
 def test_engine_options_are_each_engines_constructor_parameters() -> None:
-    """What a user may set per runtime, read from the constructors (internal parameters left out)."""
+    """What a user may set per runtime: the constructors' keyword-only parameters (what comes before the ``*`` —
+    the model, a loader's or a caller's arguments such as ``on_run`` — is not an option; it was a hand-kept list)."""
     from dtop_export.engines import engine_factory
 
     assert engine_factory(Path("m.onnx"))[2] == ("graph_optimization", "provider", "spin", "threads")
     assert engine_factory(Path("m.xml"))[2] == ("device", "mode", "precision", "threads")
     assert engine_factory(Path("m.onnx"), "openvino")[0] == "openvino"
+    assert engine_factory(Path("m.pte"))[2] == ("precision", "threads")
+    assert engine_factory(Path("m.plan"))[2] == ("device", "runtime_cache", "sidecar")
     torch_options = engine_factory(Path("m.pt"))[2]
-    assert {"whiten", "precision", "device", "threads", "compile"} <= set(torch_options)
-    assert not {"model", "preprocess", "whitening", "source", "kwargs"} & set(torch_options)
+    assert {"whiten", "precision", "device", "threads", "compile", "cast", "fixed_batch"} <= set(torch_options)
+    assert not {"cls", "model", "path", "preprocess", "whitening", "source", "kwargs"} & set(torch_options)
 
 
 # 3. folder integrity (index, evaluate --distractors); 4. no tracebacks -------------------------------------------

@@ -43,6 +43,7 @@ class TensorRTEngine(Engine):
     def __init__(
         self,
         path: str | Path,
+        *,
         sidecar: str | Path | None = None,
         device: int = 0,
         runtime_cache: str | Path | None = None,
