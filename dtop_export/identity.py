@@ -11,7 +11,6 @@ makes. Imports onnx/openvino inside the functions.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +116,6 @@ def check_model_for_corpus(model: str | Path, corpus: dict[str, Any], what: str,
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _reference_sha256(reference: Path, mtime_ns: int, size: int) -> str | None:
-    """:func:`checkpoint_of` a reference checkpoint once per version of the file (``parity`` checks every MODEL
-    against it; the file's mtime and size are part of the key)."""
-    return checkpoint_of(reference)
-
-
 def check_exported_from(model: str | Path, reference: str | Path) -> None:
     """Refuse, in one line, an exported MODEL (``FILE[:options]``) whose metadata names another checkpoint than the
     checkpoint ``reference`` (``parity``: its descriptors differ by construction, and the failure would read as an
@@ -137,9 +129,8 @@ def check_exported_from(model: str | Path, reference: str | Path) -> None:
     mine = checkpoint_of(model)
     if mine is None:  # before hashing the reference (a full checkpoint is ~0.5 GB)
         return
-    ref = Path(reference)
-    stat = ref.stat() if ref.is_file() else None
-    theirs = _reference_sha256(ref, stat.st_mtime_ns, stat.st_size) if stat else None
+    ref = Path(reference)  # hashed once per process however many MODELs parity checks (dtop_export.digest)
+    theirs = checkpoint_of(ref) if ref.is_file() else None
     if theirs is None or mine == theirs:
         return
     raise DToPError(

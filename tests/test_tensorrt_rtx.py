@@ -85,10 +85,11 @@ def test_self_test_builds_for_real_and_says_what_it_did_not_run(selftest: tuple[
 @needs_rtx
 def test_plans_and_sidecars_record_backend_targets_islands_and_hash(selftest: tuple[int, dict, Path]) -> None:
     from dtop_export.atomic import new_file_mode
-    from dtop_export.engines.tensorrt.sidecar import read_sidecar, sha256_file
+    from dtop_export.digest import file_sha256
+    from dtop_export.engines.tensorrt.sidecar import read_sidecar
 
     _, _, work = selftest
-    digest = sha256_file(work / "small.onnx")
+    digest = file_sha256(work / "small.onnx")
     for mode in ("fp32", "fp16"):
         for sm, cc in (("sm86", "8.6"), ("sm89", "8.9")):
             plan = work / f"{mode}.{sm}.plan"

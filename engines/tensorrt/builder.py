@@ -26,6 +26,7 @@ from typing import Any
 
 from dtop_export.atomic import atomic_write_bytes
 from dtop_export.contract import load_onnx, metadata_of
+from dtop_export.digest import file_sha256
 from dtop_export.engines.tensorrt.install import (
     Flavour,
     GpuInfo,
@@ -41,7 +42,7 @@ from dtop_export.engines.tensorrt.install import (
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, sha256_file, write_sidecar
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.errors import DToPError
 from dtop_export.fp16.convert import prepare_fp16_onnx
@@ -432,7 +433,7 @@ def plan_info(
         gpu=gpu,
         profiles=[p.to_dict() for p in profiles],
         precision=precision,
-        onnx={"path": str(onnx_path), "sha256": sha256_file(onnx_path), "built_from": str(built_from)},
+        onnx={"path": str(onnx_path), "sha256": file_sha256(onnx_path), "built_from": str(built_from)},
         build={
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cuda": str(trt_cuda) if trt_cuda else None,

@@ -5,7 +5,6 @@ built by another backend, version or for another GPU fails with that message ins
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,12 +150,3 @@ def compatibility(
     if built_gpu and built_gpu != gpu.name:
         return None, f"the engine was tuned on {built_gpu}, running on {gpu.name}: rebuild here for best speed"
     return None, None
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -23,11 +23,12 @@ from dtop_export.pipeline.trt_selftest.report import (
 def build_only_checks(report: SelfTestReport, trt: Any, flavour: Any, work: Path, no_gpu: str, full: bool) -> None:
     """TensorRT-RTX without a usable GPU: everything up to a plan, for real, for two named targets."""
     from dtop_export.contract import load_onnx
+    from dtop_export.digest import file_sha256
     from dtop_export.engines.tensorrt.builder import build_engines
     from dtop_export.engines.tensorrt.lint import real_parser_issues
     from dtop_export.engines.tensorrt.profiles import make_profiles
     from dtop_export.engines.tensorrt.runner import TensorRTEngine
-    from dtop_export.engines.tensorrt.sidecar import read_sidecar, sha256_file
+    from dtop_export.engines.tensorrt.sidecar import read_sidecar
     from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
     from dtop_export.fp16.convert import fp32_nodes_of
 
@@ -97,7 +98,7 @@ def build_only_checks(report: SelfTestReport, trt: Any, flavour: Any, work: Path
 
     def sidecars() -> tuple[str, str, dict[str, Any]]:
         problems = []
-        digest = sha256_file(onnx_path)
+        digest = file_sha256(onnx_path)
         for name in ("fp32", "fp16"):
             for r in state.get(name, []):
                 info = read_sidecar(r.plan)
