@@ -126,7 +126,7 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             common = ["--image-size", str(size), "--threads", str(args.threads), "--no-progress"]
             cmds = {
-                "cpp": [str(tool), str(onnx_path)],
+                "cpp": [str(tool), str(onnx_path), "--force"],
                 "python": [*py_cli, str(onnx_path), "--force"],  # each round rewrites its .npy
             }
             walls: dict[str, dict[str, list[float]]] = {k: {"one": [], "all": []} for k in cmds}

@@ -258,7 +258,7 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
     out = tmp_path / "out.npy"
     out.write_bytes(b"previous")  # a failed run must leave an existing output untouched
     _fails(
-        _run(client, small_onnx, zoo["truncated.jpg"], zoo["text.jpg"], "-o", out),
+        _run(client, small_onnx, zoo["truncated.jpg"], zoo["text.jpg"], "-o", out, "--force"),
         r"none of the 2 images could be read",
     )
     empty = tmp_path / "empty"
@@ -275,6 +275,28 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", "/proc/dtop-test.npy"), r"cannot write /proc/dtop-test.npy")
     assert out.read_bytes() == b"previous" and not out.with_suffix(".json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
+
+
+def test_an_existing_output_is_kept_unless_force(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """As `dtop-export embed`: OUT.npy or OUT.json already there is refused before the model opens (it was replaced
+    silently), `--force` replaces both; a folder is never replaced."""
+    out, image = tmp_path / "out.npy", zoo["grey.png"]
+    for existing in (out, out.with_suffix(".json")):
+        existing.write_bytes(b"previous")
+        _fails(_run(client, small_onnx, image, "-o", out), rf"{existing.name} exists: pass --force to overwrite it")
+        assert existing.read_bytes() == b"previous"
+        existing.unlink()
+    (tmp_path / "side").mkdir()
+    _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "side", "-f"), r"side is a folder: give")
+    assert _run(client, small_onnx, image, "-o", out, "--no-progress").returncode == 0
+    first = out.read_bytes()
+    _fails(_run(client, small_onnx, image, "-o", out), r"out.npy exists: pass --force")
+    out.write_bytes(b"previous")
+    r = _run(client, small_onnx, image, "-o", out, "--force", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == first and json.loads(out.with_suffix(".json").read_text())["images"] == [str(image)]
 
 
 def test_parity_cli_passes_and_reports(

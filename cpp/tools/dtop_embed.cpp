@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr const char* kUsage =
-    "usage: dtop-embed MODEL IMAGE... -o OUT.npy [--json OUT.json] [--scales S] [--image-size N]\n"
+    "usage: dtop-embed MODEL IMAGE... -o OUT.npy [--json OUT.json] [--force] [--scales S] [--image-size N]\n"
     "                  [--batch-size N] [--threads N] [--precision f32|bf16|f16] [--device CPU]\n"
     "                  [--max-pixels N] [--max-decode-mb N] [--max-scans N] [--dump-inputs DIR] [--no-progress]\n"
     "\n"
@@ -30,6 +30,7 @@ constexpr const char* kUsage =
     "\n"
     "  -o, --output OUT.npy   descriptor matrix to write\n"
     "  --json OUT.json        sidecar path (default: OUT with .json)\n"
+    "  -f, --force            overwrite OUT.npy and OUT.json (without it an existing one is refused)\n"
     "  --scales S             comma-separated scales, or `ms` for 1,1/sqrt(2),sqrt(2) (default 1)\n"
     "  --image-size N         longer side before scaling (default: the model's, from its metadata)\n"
     "  --batch-size N, -b N   same-shape images per forward pass (default 1)\n"
@@ -96,7 +97,7 @@ struct Args {
   std::string model, output, sidecar, scales = "1", precision = "f32", device = "CPU", dump;
   std::vector<std::string> images;
   int image_size = 0, batch_size = 1, threads = 0;
-  bool progress = true;
+  bool progress = true, force = false;
   dtop::DecodeLimits decode;
 };
 
@@ -136,6 +137,8 @@ Args parse_args(int argc, char** argv) {
       a.output = value();
     } else if (arg == "--json") {
       a.sidecar = value();
+    } else if (arg == "-f" || arg == "--force") {
+      a.force = true;
     } else if (arg == "--scales") {
       a.scales = value();
     } else if (arg == "--image-size") {
@@ -259,6 +262,12 @@ int run(int argc, char** argv) {
   const fs::path out_dir = fs::path(a.output).has_parent_path() ? fs::path(a.output).parent_path() : fs::path(".");
   if (!fs::is_directory(out_dir)) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " does not exist");
   if (::access(out_dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " is not writable");
+  // as `dtop-export embed`: an existing output is kept unless --force, a folder never replaced; both before any work
+  for (const std::string& out : {a.output, a.sidecar}) {
+    std::error_code ec;
+    if (fs::is_directory(out, ec)) throw dtop::Error(out + " is a folder: give the name of a file to write");
+    if (!a.force && fs::exists(out, ec)) throw dtop::Error(out + " exists: pass --force to overwrite it");
+  }
 
   dtop::RuntimeOptions options;
   options.threads = a.threads;

@@ -224,6 +224,8 @@ def run_hostile(
         def cpp(path: Path) -> tuple[list[str], Path]:
             dump = tmpd / "dump"
             shutil.rmtree(dump, ignore_errors=True)
+            for previous in ("out.npy", "out.json"):  # dtop-embed keeps an existing output (--force: a newer client)
+                (tmpd / previous).unlink(missing_ok=True)
             cmd = [str(binary), str(model), str(path), "-o", str(tmpd / "out.npy"), "--image-size", str(image_size),
                    "--no-progress", "--threads", "1", "--dump-inputs", str(dump), *flags]  # fmt: skip
             return cmd, dump
