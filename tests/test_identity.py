@@ -58,8 +58,8 @@ def test_search_refuses_a_model_of_another_checkpoint(
     assert err.startswith("error:") and "\n" not in err and "another" not in err.split(":")[0]
     assert "checkpoint" in err and "--force" in err and "Traceback" not in err
     assert cli("search", str(small_index), str(other_ckpt), query(), "-k", "2", "--force") == 0
-    out = capsys.readouterr().out
-    assert "warning:" in out and "(--force)" in out
+    captured = capsys.readouterr()  # the warning on stderr (as evaluate's), the results alone on stdout
+    assert "warning:" in captured.err and "(--force)" in captured.err and "warning" not in captured.out
 
 
 def test_search_accepts_any_export_of_the_same_checkpoint(
@@ -67,8 +67,8 @@ def test_search_accepts_any_export_of_the_same_checkpoint(
 ) -> None:
     for model in (small_ckpt, reexport):  # the checkpoint itself, and another ONNX file of it
         assert cli("search", str(small_index), str(model), query(), "-k", "1") == 0, model
-        out = capsys.readouterr().out
-        assert "warning" not in out and CORPUS_PHOTOS[0] in out
+        captured = capsys.readouterr()
+        assert "warning" not in captured.out + captured.err and CORPUS_PHOTOS[0] in captured.out
 
 
 def test_an_index_from_before_the_check_is_judged_by_its_model_file(

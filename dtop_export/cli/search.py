@@ -71,8 +71,8 @@ def search(
     corpus = idx.info["corpus"]
     con = console()
     warning = check_model_for_corpus(model, corpus, f"index {idx.path}", force)
-    if warning:
-        con.print(warning, markup=False, soft_wrap=True)
+    if warning:  # on stderr, as evaluate's and the --nprobe note: stdout holds the results
+        typer.echo(warning, err=True)
     with open_model(model, threads) as engine:
         if engine.descriptor_dim != idx.dim:
             raise DToPError(f"{model} gives {engine.descriptor_dim}-d descriptors; the index holds {idx.dim}-d ones")
