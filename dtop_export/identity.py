@@ -50,9 +50,9 @@ def checkpoint_of(model: str | Path) -> str | None:
 
         meta = read_metadata(path)
     elif suffix in IR_SUFFIXES:
-        from dtop_export.engines.openvino import model_metadata, read_model
+        from dtop_export.engines.openvino import ir_metadata
 
-        meta = model_metadata(read_model(path))
+        meta = ir_metadata(path)
     elif suffix in PLAN_SUFFIXES:
         from dtop_export.engines.tensorrt.sidecar import read_sidecar
 

@@ -84,6 +84,41 @@ def test_ir_keeps_metadata_and_dynamic_axes(small_onnx: Path, ir: Path) -> None:
     assert ov.embed(np.zeros((0, 3, 64, 64), np.float32)).shape == (0, ov.descriptor_dim)
 
 
+def test_ir_metadata_is_read_from_the_xml_without_openvino(
+    ir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corpus job's contract and an IR's provenance come from the ``.xml`` (the contract compiled the IR, 0.8 s for
+    the full model; the provenance read it, 0.3 s): the same entries as OpenVINO's reading, OpenVINO not imported;
+    an IR that keeps none there is read by OpenVINO, a damaged one is one line."""
+    import re
+    import subprocess
+    import sys
+
+    import dtop_export.engines.openvino as ov_engine
+
+    meta = model_metadata(read_model(ir))
+    assert ov_engine.ir_metadata(ir) == meta and "dtop.descriptor_dim" in meta
+    code = (
+        "import sys; from dtop_export.corpus.runtime import model_contract; from dtop_export.identity import "
+        f"checkpoint_of; c = model_contract({str(ir)!r}); print(c.descriptor_dim, c.preprocess.size, "
+        f"checkpoint_of({str(ir)!r}), 'openvino' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    engine = load_engine(ir)
+    want = [engine.descriptor_dim, engine.preprocess.size, meta["dtop.checkpoint_sha256"], False]
+    assert out == [str(v) for v in want]
+    bare = tmp_path / "bare.xml"  # written by another tool: no dtop entries in the <net>'s rt_info
+    bare.write_text(re.sub(r"<dtop\.[^>]*/>", "", ir.read_text()))
+    bare.with_suffix(".bin").write_bytes(ir.with_suffix(".bin").read_bytes())
+    read = []
+    monkeypatch.setattr(ov_engine, "read_model", lambda path: read.append(path) or read_model(path))
+    assert ov_engine.ir_metadata(bare) == {} and read == [bare]
+    broken = tmp_path / "broken.xml"
+    broken.write_text(ir.read_text()[:500])
+    with pytest.raises(DToPError, match=r"^OpenVINO cannot read .*broken.xml: .*line \d+"):
+        ov_engine.ir_metadata(broken)
+
+
 def _quantized_inputs(op: Any) -> bool:
     """Whether an input of ``op`` is INT8: a FakeQuantize (NNCF) or an 8-bit constant or cast (a converted QDQ
     file), reached through the dequantisation chain (Convert, Subtract, Multiply, Reshape, Transpose)."""

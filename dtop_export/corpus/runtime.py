@@ -39,8 +39,8 @@ class ModelContract:
 
 def model_contract(model: str) -> ModelContract:
     """The preprocessing and descriptor size of MODEL, read without running it (a checkpoint's config, an ONNX
-    file's metadata without its weights, a TensorRT plan's sidecar: a driver without a GPU can plan a GPU job);
-    an OpenVINO IR is opened once, single-threaded."""
+    file's metadata without its weights, an OpenVINO IR's ``.xml``, a TensorRT plan's sidecar: a driver without a
+    GPU can plan a GPU job); a model whose metadata lacks the descriptor size is opened once, single-threaded."""
     from dtop_export.bench.spec import parse_spec
     from dtop_export.contract import preprocess_from_metadata, read_metadata
 
@@ -62,6 +62,11 @@ def model_contract(model: str) -> ModelContract:
         from dtop_export.engines.executorch import pte_metadata
 
         meta = pte_metadata(spec.path)
+    elif spec.kind == "xml":
+        from dtop_export.engines.openvino import ir_metadata
+
+        meta = ir_metadata(spec.path)
+        meta = meta if "dtop.descriptor_dim" in meta else None  # the engine reads it from the output's shape
     if meta is not None:
         if "dtop.descriptor_dim" not in meta:
             raise DToPError(f"{spec.path} carries no dtop metadata (dtop.descriptor_dim): export it with dtop-export")
