@@ -335,6 +335,13 @@ def _qkv_width(g: _Graph, tensor: str) -> int | None:
 # the command -----------------------------------------------------------------------------------------
 
 
+def check_optimizable(onnx_path: Path, meta: dict[str, str]) -> None:
+    """Refuse, from its metadata alone, an ONNX file that is not an fp32 export (``optimize`` reads it before
+    loading the model: an fp16 or INT8 file was refused only after it was loaded)."""
+    if meta.get("dtop.precision", "fp32") != "fp32":
+        raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: optimise the fp32 export, then quantise")
+
+
 def optimize_onnx(
     onnx_path: str | Path,
     output: str | Path,
@@ -356,8 +363,7 @@ def optimize_onnx(
     onnx_path, output = Path(onnx_path), Path(output)
     model = load_onnx(onnx_path)
     meta = metadata_of(model)
-    if meta.get("dtop.precision", "fp32") != "fp32":
-        raise DToPError(f"{onnx_path} is {meta['dtop.precision']}: optimise the fp32 export, then quantise")
+    check_optimizable(onnx_path, meta)
     if any(o.domain == MS_DOMAIN for o in model.opset_import) and "dtop.optimized" in meta:
         raise DToPError(f"{onnx_path} is already optimised")
     rewrites = {"dpe_resize_as_matmul": 0, "multi_head_attention": 0}

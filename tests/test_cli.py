@@ -115,7 +115,7 @@ def test_an_existing_output_is_refused_before_the_work_unless_force(
     (tmp_path / existing).write_text("keep me")
     assert cli(*args) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {existing} exists: pass --force to overwrite, or choose another name\n"
+    assert err == f"error: {existing} exists: pass --force to overwrite it\n"
     assert (tmp_path / existing).read_text() == "keep me"
     assert cli(*args, "--force") == 2  # past the check: the inputs are not real
     err = capsys.readouterr().err
@@ -243,6 +243,28 @@ def test_optimize_onnx_refuses_a_file_that_is_not_onnx(tmp_path: Path) -> None:
     with pytest.raises(DToPError, match="not a readable ONNX file"):
         optimize_onnx(bad, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_optimize_refuses_a_low_precision_export_from_its_metadata(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An fp16 or INT8 file is refused from its metadata, before its output is looked at and before the model is
+    loaded (it was refused after the load: ~2 s for the full model)."""
+    import onnx
+    from cli_helpers import cli
+
+    import dtop_export.optimize as optimize_module
+
+    m = onnx.load(str(small_onnx))
+    for prop in m.metadata_props:
+        prop.value = "fp16" if prop.key == "dtop.precision" else prop.value
+    half = tmp_path / "small.fp16.onnx"
+    onnx.save(m, str(half))
+    (tmp_path / "small.fp16.opt.onnx").write_text("an earlier result")
+    monkeypatch.setattr(optimize_module, "load_onnx", lambda path: pytest.fail(f"{path} loaded"))
+    assert cli("optimize", str(half)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {half} is fp16: optimise the fp32 export, then quantise\n"
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

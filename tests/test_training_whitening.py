@@ -245,7 +245,7 @@ def test_whiten_refuses_an_existing_output_without_force(
         m.setattr("dtop_export.training.whitening._embed", _no_embedding)
         assert cli(*args, "--no-progress", "-o", str(victim)) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {victim} exists: pass --force to overwrite, or choose another name\n"
+    assert err == f"error: {victim} exists: pass --force to overwrite it\n"
     assert victim.read_bytes() == b"another checkpoint"
     assert cli(*args, "--no-progress", "-o", str(victim), "--force") == 0
     assert load_checkpoint(victim).whitening.out_dim == 2

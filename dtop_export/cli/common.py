@@ -109,8 +109,7 @@ def new_output(src: Path, output: Path | None, suffix: str, force: bool, onnx: b
     elif not src.is_file():
         raise DToPError(f"{src} not found")
     output = output or output_path(src.with_name(src.stem + suffix))
-    if output.exists() and not force:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    refuse_existing(output, force=force)
     return output
 
 
@@ -183,8 +182,10 @@ def refuse_existing(*paths: Path | None, force: bool) -> None:
     """Refuse, before any work, to overwrite files a command would write (sidecars included) unless ``force``."""
     existing = [str(p) for p in paths if p is not None and (p.exists() or p.is_symlink())]
     if existing and not force:
-        raise DToPError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}: pass --force to overwrite, "
-                        "or choose another name")  # fmt: skip
+        one = len(existing) == 1
+        raise DToPError(
+            f"{', '.join(existing)} exist{'s' if one else ''}: pass --force to overwrite {'it' if one else 'them'}"
+        )
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

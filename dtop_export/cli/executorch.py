@@ -15,6 +15,7 @@ from dtop_export.cli.common import (
     console,
     output_option,
     parse_int_list,
+    refuse_existing,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -90,9 +91,7 @@ def executorch(
 
     check_checkpoint_file(checkpoint)
     outputs = pte_outputs(checkpoint, output, sizes, int8)
-    for out in outputs:
-        if out.exists() and not force:
-            raise DToPError(f"{out} exists: pass --force to overwrite it")
+    refuse_existing(*outputs, force=force)
     from dtop_export.engines.executorch import require_executorch
 
     require_executorch()  # before minutes of work: the [edge] extra and a matching torch

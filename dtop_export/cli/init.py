@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, output_option
+from dtop_export.cli.common import app, output_option, refuse_existing
 from dtop_export.errors import DToPError
 
 
@@ -30,8 +30,7 @@ def init(
     """Create a checkpoint from a preset: random init (offline) or pretrained backbone weights."""
     if pretrained and backbone_weights is not None:
         raise DToPError("use either --pretrained or --backbone-weights, not both")
-    if output.exists() and not force:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    refuse_existing(output, force=force)
     import torch
 
     from dtop_export.checkpoint import new_provenance, save_checkpoint

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, output_option, output_path
-from dtop_export.errors import DToPError
+from dtop_export.cli.common import app, console, output_option, output_path, refuse_existing
 
 
 @app.command()
@@ -41,8 +40,7 @@ def onnx(
 
     check_checkpoint_file(checkpoint)  # before the output's: `onnx m.onnx` would say m.onnx exists
     output = output or output_path(checkpoint.with_suffix(".fp16.onnx" if fp16 else ".onnx"))
-    if output.exists() and not force:
-        raise DToPError(f"{output} exists: pass --force to overwrite it")
+    refuse_existing(output, force=force)
     from dtop_export.export import export_onnx, parse_hw
 
     static_hw = parse_hw(static) if static else None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, new_output, output_option, parse_int_list
+from dtop_export.cli.common import app, console, new_output, onnx_input, output_option, parse_int_list
 
 
 @app.command()
@@ -29,9 +29,10 @@ def optimize(
     """Rewrite an exported model for ONNX Runtime on CPU: DPE resize as matmuls, fused MultiHeadAttention,
     ORT's transformer fusions. Verified against the input; the result runs in ONNX Runtime only."""
     from dtop_export.logs import quiet_ort_logs
-    from dtop_export.optimize import optimize_onnx
+    from dtop_export.optimize import check_optimizable, optimize_onnx
 
-    output = new_output(model, output, ".opt.onnx", force)
+    check_optimizable(model, onnx_input(model))  # before the output's check and the model's load
+    output = new_output(model, output, ".opt.onnx", force, onnx=False)
     sizes = tuple(parse_int_list(check, "--check")) if check.strip() else ()
     con = console()
     with quiet_ort_logs(), con.status("optimising"):

@@ -110,9 +110,8 @@ def trt(
         raise DToPError(f"ONNX file {model} not found")
     output = output or model.with_suffix(".plan")
     outputs = plan_paths(output, targets) if targets else [output]
-    for out in outputs if not print_trtexec else ():
-        if out.exists() and not force:
-            raise DToPError(f"{out} exists: pass --force to overwrite it")
+    if not print_trtexec:
+        refuse_existing(*outputs, force=force)
     if print_trtexec and (targets or backend == "rtx"):
         raise DToPError("--print-trtexec prints TensorRT's trtexec line; TensorRT-RTX builds (--target, --backend rtx) "
                         "run here directly")  # fmt: skip
