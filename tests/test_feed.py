@@ -389,6 +389,30 @@ def test_a_batch_on_the_engines_cuda_device_is_used_where_it_is(small_model: Any
     assert not same_device(cuda1, cuda) and not same_device(torch.device("cpu"), cuda)
 
 
+def test_device_decoded_pixels_are_recorded_on_the_callers_stream(images: Path, monkeypatch: Any) -> None:
+    """The decoder's tensors are allocated on its own stream and stacked into a batch on the caller's, where that
+    read queues behind the model: each is recorded on the caller's stream, so that the next decode cannot reuse its
+    memory before the read has run (else a batch may hold the next images' pixels). CUDA's streams stood in for."""
+    import contextlib
+
+    import torch
+
+    from dtop_export.corpus.gpu_decode import DeviceJpegDecoder, inspect_jpeg
+
+    class Stream:
+        def synchronize(self) -> None:
+            pass
+
+    recorded: list[tuple[int, Any]] = []
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: recorded.append((t.data_ptr(), s)), raising=False)
+    decoder = DeviceJpegDecoder(CFG, 96, SCALES, "cpu")
+    decoder.stream = Stream()
+    out = decoder.decode([inspect_jpeg(str(images / n)) for n in ("coffee.jpg", "rotated.jpg")])
+    assert sorted(recorded) == sorted((t.data_ptr(), "caller") for rows in out for t in rows), recorded
+
+
 def test_ray_read_tasks_ship_uint8_pixels(images: Path) -> None:
     """A Ray read task's rows are the pixels of the one preprocessing path, uint8 (a quarter of float32's bytes)."""
     from dtop_export.corpus.ray_pipeline import preprocess_rows
