@@ -348,8 +348,27 @@ def corpus_phase(args: Any, ckpt: Path, photos: list[Path], dl: Deadline) -> dic
     return out
 
 
-def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
+# a kernel's family by its name, the first that matches: attention and convolution before GEMMs, whose patterns their
+# names hold (flash attention's cutlass::half_t template arguments, cuDNN's sm90_xmma_fprop_implicit_gemm_*); cuBLAS's
+# Hopper GEMMs are nvjet_* kernels; "bilinear" is a resize
+KERNEL_FAMILIES = {
+    "attention": r"flash|attention|sdpa|fmha",
+    "conv": r"conv(?!ert)|cudnn|implicit|fprop|dgrad|wgrad",
+    "gemm": r"gemm|matmul|addmm|(?<!bi)linear|\bmm\b|mm_|cutlass|sm90|nvjet|wgmma",
+    "norm": r"norm|moments",
+    "copy/cast": r"copy|memcpy|memset|cast|to_|contiguous",
+}
+
+
+def kernel_family(name: str) -> str:
+    """The family of a profiled kernel (or, on the CPU, op) ``name``: a key of :data:`KERNEL_FAMILIES`, else
+    ``elementwise/other``."""
     import re
+
+    return next((f for f, rx in KERNEL_FAMILIES.items() if re.search(rx, name, re.I)), "elementwise/other")
+
+
+def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -369,13 +388,11 @@ def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
         sync(dev)
     attr = "device_time_total" if dev.startswith("cuda") else "cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    families = {"gemm": r"gemm|matmul|addmm|linear|mm_|cutlass|sm90", "attention": r"flash|attention|sdpa|fmha",
-                "conv": r"conv|cudnn|implicit", "norm": r"norm", "copy/cast": r"copy|cast|to_|contiguous"}  # fmt: skip
     share: dict[str, float] = {}
     kernels = [e for e in events if not e.key.startswith("aten::")] if dev.startswith("cuda") else events
     total = sum(getattr(e, attr) for e in kernels) or 1.0
     for e in kernels:
-        fam = next((f for f, rx in families.items() if re.search(rx, e.key, re.I)), "elementwise/other")
+        fam = kernel_family(e.key)
         share[fam] = share.get(fam, 0.0) + getattr(e, attr) / total
     top = sorted(kernels, key=lambda e: -getattr(e, attr))[:20]
     print("profile by family:", {k: f"{v:.1%}" for k, v in sorted(share.items(), key=lambda kv: -kv[1])}, flush=True)
