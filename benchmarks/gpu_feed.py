@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,29 @@ def rate(engine: Any, batches: list[Any], seconds: float, device: str) -> tuple[
     return images / (time.perf_counter() - t0), images
 
 
+def in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a new thread: its result, or its exception raised here. cuDNN's plan cache is per thread
+    (PyTorch's Conv_v8.cpp: ``thread_local BenchmarkCache``) and is looked up whatever ``cudnn.benchmark`` says, so
+    heuristics timed on a thread that autotuned the same shapes before (this one: the profile phase and the cell
+    before, fp16 512² b64) would time the autotuned plans."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="fresh-cudnn-cache")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) -> dict[str, Any]:
     import torch
 
@@ -128,10 +152,16 @@ def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) ->
         host = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(2)]
         on_dev = [torch.from_numpy(h).to(dev) for h in host] if dev.startswith("cuda") else host
         torch.backends.cudnn.benchmark = cudnn_benchmark  # the engine turns it on; False: cuDNN's heuristics
-        try:
-            t0 = time.perf_counter()
+
+        def measure(engine: Any = engine, on_dev: list[Any] = on_dev, host: list[Any] = host,
+                    host_too: bool = host_too) -> tuple[float, int, float | None]:  # fmt: skip
             device_rate, n = rate(engine, on_dev, args.cell_seconds, dev)
             host_rate = rate(engine, host, args.cell_seconds, dev)[0] if host_too and dev.startswith("cuda") else None
+            return device_rate, n, host_rate
+
+        try:
+            t0 = time.perf_counter()
+            device_rate, n, host_rate = measure() if cudnn_benchmark else in_fresh_thread(measure)
         except torch.cuda.OutOfMemoryError as e:  # a size x batch this GPU cannot hold: say so, go on
             skipped.append(f"{precision} {size} b{b}: out of memory ({str(e).splitlines()[0]})")
             torch.cuda.empty_cache()
@@ -144,6 +174,8 @@ def model_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float]) ->
                "gflops_per_s": g, "peak_pct": 100 * g / peak if peak else None,
                "cell_s": time.perf_counter() - t0}  # fmt: skip
         rows.append(row)
+        save(args.out, "model", {"gflops_per_image": gflops, "rows": rows, "legacy": legacy, "skipped": skipped,
+                                 "cell_seconds": args.cell_seconds, "partial": True})  # fmt: skip
         pct = f"{row['peak_pct']:.1f}% of peak" if peak else "no peak"
         host_text = f", {host_rate:.1f} from host uint8" if host_rate else ""
         how = "" if cudnn_benchmark else " cudnn heuristics"
@@ -316,8 +348,27 @@ def corpus_phase(args: Any, ckpt: Path, photos: list[Path], dl: Deadline) -> dic
     return out
 
 
-def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
+# a kernel's family by its name, the first that matches: attention and convolution before GEMMs, whose patterns their
+# names hold (flash attention's cutlass::half_t template arguments, cuDNN's sm90_xmma_fprop_implicit_gemm_*); cuBLAS's
+# Hopper GEMMs are nvjet_* kernels; "bilinear" is a resize
+KERNEL_FAMILIES = {
+    "attention": r"flash|attention|sdpa|fmha",
+    "conv": r"conv(?!ert)|cudnn|implicit|fprop|dgrad|wgrad",
+    "gemm": r"gemm|matmul|addmm|(?<!bi)linear|\bmm\b|mm_|cutlass|sm90|nvjet|wgmma",
+    "norm": r"norm|moments",
+    "copy/cast": r"copy|memcpy|memset|cast|to_|contiguous",
+}
+
+
+def kernel_family(name: str) -> str:
+    """The family of a profiled kernel (or, on the CPU, op) ``name``: a key of :data:`KERNEL_FAMILIES`, else
+    ``elementwise/other``."""
     import re
+
+    return next((f for f, rx in KERNEL_FAMILIES.items() if re.search(rx, name, re.I)), "elementwise/other")
+
+
+def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -337,13 +388,11 @@ def profile_phase(args: Any, ckpt: Path) -> dict[str, Any]:
         sync(dev)
     attr = "device_time_total" if dev.startswith("cuda") else "cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    families = {"gemm": r"gemm|matmul|addmm|linear|mm_|cutlass|sm90", "attention": r"flash|attention|sdpa|fmha",
-                "conv": r"conv|cudnn|implicit", "norm": r"norm", "copy/cast": r"copy|cast|to_|contiguous"}  # fmt: skip
     share: dict[str, float] = {}
     kernels = [e for e in events if not e.key.startswith("aten::")] if dev.startswith("cuda") else events
     total = sum(getattr(e, attr) for e in kernels) or 1.0
     for e in kernels:
-        fam = next((f for f, rx in families.items() if re.search(rx, e.key, re.I)), "elementwise/other")
+        fam = kernel_family(e.key)
         share[fam] = share.get(fam, 0.0) + getattr(e, attr) / total
     top = sorted(kernels, key=lambda e: -getattr(e, attr))[:20]
     print("profile by family:", {k: f"{v:.1%}" for k, v in sorted(share.items(), key=lambda kv: -kv[1])}, flush=True)
@@ -364,21 +413,31 @@ def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float])
     cells = [(m, p, s, b) for s in args.compile_sizes for m in modes for p in args.compile_precisions
              for b in args.compile_batches]  # fmt: skip
     gflops = model_gflops(ckpt, sorted({s for _, _, s, _ in cells}), device=dev)
-    rows, skipped = [], []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    result = {"rows": rows, "skipped": skipped}
     rng = np.random.default_rng(0)
     for mode, precision, size, b in cells:
         if dl.left() < args.compile_reserve_s * (2 if "autotune" in mode else 1):
             skipped.append(f"{mode} {precision} {size} b{b}: deadline")
             continue
-        engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision, compile=mode,
-                                             dynamic=False, fixed_batch=b)  # fmt: skip
-        x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
-        batches = [torch.from_numpy(x).to(dev)] * 2 if dev.startswith("cuda") else [x] * 2
-        t0 = time.perf_counter()
-        engine.embed_pixels(batches[0])
-        sync(dev)
-        first = time.perf_counter() - t0
-        r, n = rate(engine, batches, args.cell_seconds, dev)
+        try:  # a cell whose compile fails (one mode, one precision) leaves the others their turn
+            engine = TorchEngine.from_checkpoint(ckpt, device=dev, precision=precision, compile=mode,
+                                                 dynamic=False, fixed_batch=b)  # fmt: skip
+            x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+            batches = [torch.from_numpy(x).to(dev)] * 2 if dev.startswith("cuda") else [x] * 2
+            t0 = time.perf_counter()
+            engine.embed_pixels(batches[0])
+            sync(dev)
+            first = time.perf_counter() - t0
+            r, n = rate(engine, batches, args.cell_seconds, dev)
+        except Exception as e:  # noqa: BLE001 - the failure is the cell's result
+            skipped.append(f"{mode} {precision} {size} b{b}: failed: {type(e).__name__}: {str(e)[:300]}")
+            print(f"compiled {skipped[-1]}", flush=True)
+            continue
+        finally:
+            engine = batches = None
+            torch._dynamo.reset()
         peak = peaks.get(f"{dev} {precision}")
         g = gflops[size] * r
         rows.append({"precision": precision, "size": size, "batch": b, "mode": mode, "first_call_s": first,
@@ -387,9 +446,8 @@ def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float])
             f"compiled {mode} {precision} {size}² b{b}: first call {first:.0f} s, {r:.1f} img/s, {g / 1e3:.1f} TFLOP/s",
             flush=True,
         )
-        del engine
-        torch._dynamo.reset()
-    return {"rows": rows, "skipped": skipped}
+        save(args.out, "compiled", result)  # a compile that outlives the session's command keeps the cells before it
+    return result
 
 
 def env_phase(args: Any) -> dict[str, Any]:

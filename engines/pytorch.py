@@ -245,7 +245,7 @@ class TorchEngine(Engine):
 
         from dtop_export.errors import ShapeError
 
-        if isinstance(pixels, torch.Tensor) and pixels.device == dev:  # decoded there, on another stream
+        if isinstance(pixels, torch.Tensor) and same_device(pixels.device, dev):  # decoded there, another stream
             x = pixels
             x.record_stream(compute)
         else:
@@ -275,6 +275,22 @@ class TorchEngine(Engine):
     def describe(self) -> dict[str, object]:
         extra = {"fp32_layers": self.model.fp32_layers} if self.cast == "autocast" else {}  # compiled: passed on
         return {**super().describe(), "compile": self.compile_mode, "cast": self.cast or None, **extra}
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether the torch devices ``a`` and ``b`` are one device, a CUDA device without an index (``cuda``) being the
+    current one: ``torch.device("cuda") != torch.device("cuda:0")``, and a tensor's ``.device`` always has its
+    index, so ``==`` sent every device-resident batch of an engine on ``cuda`` through the host and back."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    if a.type != "cuda":
+        return False
+    import torch
+
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def pixel_normalizer(mean: Any, std: Any, device: Any) -> Callable[[Any], Any]:

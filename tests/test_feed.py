@@ -356,6 +356,63 @@ def test_gpu_options_refuse_in_one_line_without_cuda(
         DeviceJpegDecoder(CFG, 96, (1.0,), "cuda")
 
 
+def test_a_batch_on_the_engines_cuda_device_is_used_where_it_is(small_model: Any, monkeypatch: Any) -> None:
+    """An engine on ``cuda`` (no index) takes a uint8 batch on ``cuda:0`` (GPU-decoded, or uploaded by a benchmark)
+    as it is: ``torch.device("cuda") != torch.device("cuda:0")``, and the batch went to the host and back. A CPU
+    stand-in for a CUDA tensor, whose ``cpu()`` fails the test."""
+    import copy
+
+    import torch
+
+    from dtop_export.engines.pytorch import TorchEngine, same_device
+    from dtop_export.preprocess import default_preprocess
+
+    streams: list[Any] = []
+
+    class CudaStandIn(torch.Tensor):
+        @property
+        def device(self) -> Any:  # noqa: ANN401 - torch.device
+            return torch.device("cuda", 0)
+
+        def record_stream(self, stream: Any) -> None:  # noqa: ANN401
+            streams.append(stream)
+
+        def cpu(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            raise AssertionError("a batch on the engine's device was copied through the host")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    engine = TorchEngine(copy.deepcopy(small_model), default_preprocess(small_model.cfg.backbone, small_model.stride))
+    pixels = torch.zeros(2, 32, 48, 3, dtype=torch.uint8).as_subclass(CudaStandIn)
+    assert engine._upload(pixels, torch.device("cuda"), None, "compute") is pixels and streams == ["compute"]
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert same_device(cuda0, cuda) and same_device(cuda, cuda0) and same_device(cuda1, cuda1)
+    assert not same_device(cuda1, cuda) and not same_device(torch.device("cpu"), cuda)
+
+
+def test_device_decoded_pixels_are_recorded_on_the_callers_stream(images: Path, monkeypatch: Any) -> None:
+    """The decoder's tensors are allocated on its own stream and stacked into a batch on the caller's, where that
+    read queues behind the model: each is recorded on the caller's stream, so that the next decode cannot reuse its
+    memory before the read has run (else a batch may hold the next images' pixels). CUDA's streams stood in for."""
+    import contextlib
+
+    import torch
+
+    from dtop_export.corpus.gpu_decode import DeviceJpegDecoder, inspect_jpeg
+
+    class Stream:
+        def synchronize(self) -> None:
+            pass
+
+    recorded: list[tuple[int, Any]] = []
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller")
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: recorded.append((t.data_ptr(), s)), raising=False)
+    decoder = DeviceJpegDecoder(CFG, 96, SCALES, "cpu")
+    decoder.stream = Stream()
+    out = decoder.decode([inspect_jpeg(str(images / n)) for n in ("coffee.jpg", "rotated.jpg")])
+    assert sorted(recorded) == sorted((t.data_ptr(), "caller") for rows in out for t in rows), recorded
+
+
 def test_ray_read_tasks_ship_uint8_pixels(images: Path) -> None:
     """A Ray read task's rows are the pixels of the one preprocessing path, uint8 (a quarter of float32's bytes)."""
     from dtop_export.corpus.ray_pipeline import preprocess_rows

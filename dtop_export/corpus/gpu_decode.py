@@ -118,6 +118,11 @@ class DeviceJpegDecoder:
                    for img, e in zip(images, items)]  # fmt: skip
         if self.stream is not None:
             self.stream.synchronize()  # the tensors are complete before another stream reads them
+            caller = torch.cuda.current_stream(self.device)
+            for tensor in (t for rows in out if rows is not None for t in rows):
+                # read on the caller's stream (a batch's stack, queued behind the model): their memory, allocated on
+                # self.stream, must not go to the next decode before that read has run
+                tensor.record_stream(caller)
         return out
 
     def resize(self, img: Any, scale: float) -> Any:
