@@ -14,19 +14,20 @@ profile   ``torch.profiler`` of the fp16 forward at 512² b64: CUDA time by kern
           norm, elementwise) and the top kernels: where the model's time goes.
 graphs    whether the eager forward waits on the host (``eager_graphs.py``): fp16 512² b1/8/32/64, the time to issue
           a forward from Python against its total, and the same forward replayed from a CUDA graph.
+compiled  ``torch.compile`` cells (fp16/bf16 at 512 then 1024, batch 64; ``--compile-mode``, default
+          ``default,max-autotune``: Inductor's fusions, then its autotuned GEMMs + CUDA graphs), compile time and
+          img/s, while the deadline allows and leaves ``--later-s`` to the phases after it (the model
+          phase fills what is left: its eager figures were measured before, Inductor's never).
+parity    fp16 and bf16 autocast (and ``half()``) against fp32 on the embedded set: the parity contracts.
 photos    ``--photos`` JPEGs of 1024 px with camera aspect ratios (4:3, 3:4, 3:2, 2:3, 16:9), written here.
 corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
           a process pool (the default on a GPU), ``--gpu-decode``; Ray with one GPU actor; and the code before issue
           31 (``.before/``, carried: see gpu_feed.sh) on fewer photos. Start-up, feed statistics.
-parity    fp16 and bf16 autocast (and ``half()``) against fp32 on the embedded set: the parity contracts.
 model     the model alone, r50-vitb16 random init, eager: first the old ways at 512² b8 (``half()`` and autocast on
           float32 input) for the before/after, then fp16/bf16 autocast x 384/512/1024 x batch 8/32/64 on
           device-resident uint8 batches (``embed_pixels_stream``, pipelined; at the largest batch also from host
           uint8, pinned copies included), batch 1, cuDNN's heuristics instead of its autotuner, and fp32 at 512:
           img/s, GFLOP/s and % of the measured matmul peak.
-compiled  ``torch.compile`` cells (fp16/bf16 at 512 then 1024, batch 64; ``--compile-mode``, default
-          ``default,max-autotune``: Inductor's fusions, then its autotuned GEMMs + CUDA graphs), compile time and
-          img/s, while the deadline allows.
 decode    nvJPEG decode + device resize (``--gpu-decode``): its parity contract (cos >= 0.9999 per image vs the
           CPU decoder) at 512 and 1024 px, and decode throughput on the device vs the CPU pool.
 """
@@ -48,8 +49,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-# in order of what a session short of time needs most: where the time goes, the end-to-end job, the contracts
-PHASES = ("env", "peaks", "profile", "graphs", "photos", "corpus", "parity", "model", "compiled", "decode")
+# in order of what a session short of time needs most: where the time goes, what Inductor makes of it (the lever for
+# the model's target, never measured), the contracts, the end-to-end job; the eager sweep fills the rest
+PHASES = ("env", "peaks", "profile", "graphs", "compiled", "parity", "photos", "corpus", "model", "decode")
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9)]
 
 
@@ -193,6 +195,17 @@ def parity_phase(args: Any, ckpt: Path) -> dict[str, Any]:
     from dtop_export.retrieval.datasets import resolve_dataset
 
     ds = resolve_dataset("sample", args.work / "data")
+    trained = Path(args.trained)
+    done: dict[str, Any] = {}
+    if trained.is_file():  # first (seconds): a trained, whitened checkpoint, where the contracts mean something
+        ref = TorchEngine.from_checkpoint(trained, device=args.device)
+        engines = [TorchEngine.from_checkpoint(trained, device=args.device, precision=p) for p in ("fp16", "bf16")]
+        report = parity(ref, engines, ds, progress=False)
+        print(f"trained checkpoint {trained}:\n{report.table()}", flush=True)
+        done["trained"] = {"checkpoint": str(trained), **report.to_dict()}
+        save(args.out, "parity", done)  # kept if the random model's comparison outlives the session's command
+    else:
+        done["trained"] = f"not run: no {trained} (carry it: see gpu_carry.sh)"
     ref = TorchEngine.from_checkpoint(ckpt, device=args.device)
     engines = [TorchEngine.from_checkpoint(ckpt, device=args.device, precision=p) for p in ("fp16", "bf16")]
     if args.device.startswith("cuda"):
@@ -201,17 +214,7 @@ def parity_phase(args: Any, ckpt: Path) -> dict[str, Any]:
         engines.append(half)
     report = parity(ref, engines, ds, batch_size=8, progress=False, image_size=args.parity_size)
     print(report.table(), flush=True)
-    out = report.to_dict()
-    trained = Path(args.trained)
-    if trained.is_file():  # a trained, whitened checkpoint (gpu_carry.sh: .trained/): the contracts mean something
-        ref = TorchEngine.from_checkpoint(trained, device=args.device)
-        engines = [TorchEngine.from_checkpoint(trained, device=args.device, precision=p) for p in ("fp16", "bf16")]
-        report = parity(ref, engines, ds, progress=False)
-        print(f"trained checkpoint {trained}:\n{report.table()}", flush=True)
-        out["trained"] = {"checkpoint": str(trained), **report.to_dict()}
-    else:
-        out["trained"] = f"not run: no {trained} (carry it: see gpu_carry.sh)"
-    return out
+    return {**report.to_dict(), **done}
 
 
 def photos_phase(args: Any) -> list[Path]:
@@ -418,7 +421,7 @@ def compiled_phase(args: Any, ckpt: Path, dl: Deadline, peaks: dict[str, float])
     result = {"rows": rows, "skipped": skipped}
     rng = np.random.default_rng(0)
     for mode, precision, size, b in cells:
-        if dl.left() < args.compile_reserve_s * (2 if "autotune" in mode else 1):
+        if dl.left() - args.later_s < args.compile_reserve_s * (2 if "autotune" in mode else 1):
             skipped.append(f"{mode} {precision} {size} b{b}: deadline")
             continue
         try:  # a cell whose compile fails (one mode, one precision) leaves the others their turn
@@ -486,6 +489,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="Corpus jobs' batch size.")
     ap.add_argument("--before", default=".before", help="Folder holding e02e813's dtop_export (gpu_feed.sh).")
     ap.add_argument("--compile-mode", default="default,max-autotune", help="torch.compile modes, comma-separated.")
+    ap.add_argument("--later-s", type=float, default=None, help="Seconds compiled leaves to the phases after it.")
     ap.add_argument("--trained", default=".trained/model.pt", help="A trained checkpoint for the parity phase.")
     ap.add_argument("--cpu-dry-run", action="store_true", help="Every phase on the CPU with the small preset, tiny.")
     args = ap.parse_args()
@@ -511,6 +515,8 @@ def main() -> None:
     args.compile_sizes = [64] if dry else [512, 1024]
     args.compile_batches = [2] if dry else [64]
     args.compile_reserve_s = 0.0 if dry else 75.0
+    if args.later_s is None:  # parity ~100 s and the corpus jobs' first figures (last session's timings)
+        args.later_s = 0.0 if dry else 200.0
     if dry:
         args.photos, args.before_photos, args.batch, args.cell_seconds = min(args.photos, 24), 8, 4, 0.2
         args.compile_mode = "default"
