@@ -83,7 +83,9 @@ class TorchEngine(Engine):
     On CUDA, :meth:`embed_pixels_stream` takes uint8 batches: pinned host memory, the copy of batch i+1 on a
     side stream while batch i runs, normalisation on the device, descriptors copied back asynchronously.
     ``cudnn.benchmark`` is on (it picks the fastest convolution per shape: shapes repeat in a shape-grouped job), and
-    an fp32 engine turns cuDNN's TF32 off (process-wide settings, as PyTorch has them).
+    cuDNN's TF32 off (process-wide settings, as PyTorch has them): float32 convolutions are float32, the fp32
+    reference's and a bf16/fp16 engine's FP32 first convolution alike, whichever engine a process opened first
+    (an fp32 engine alone turned it off: a later fp16 engine's parity then differed from one opened alone).
     """
 
     name = "pytorch"
@@ -141,8 +143,7 @@ class TorchEngine(Engine):
             self.model = self.model.half()
         if on_cuda:
             torch.backends.cudnn.benchmark = True
-            if precision == "fp32":  # the reference: no TF32 convolutions (PyTorch's default for matmuls already)
-                torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False  # float32 convolutions in float32 (matmuls: PyTorch's default)
         if self.compile_mode is not None:
             import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
