@@ -3,7 +3,8 @@
 # from PyPI and this repository's history; all three folders are git-ignored:
 #   bash benchmarks/gpu_carry.sh [PYTHON_VERSION (default 3.12, the GPU image's)] [BEFORE_REV (default e02e813)]
 #   .raypkg/ray-trim.tar.xz  Ray 2.60 without jars/rllib/llm, xz (~26 MB)
-#   .whl/                    jsonschema and friends, which Ray needs and the GPU image lacks
+#   .whl/                    jsonschema and friends, which Ray needs and the GPU image lacks (the versions the dev
+#                            install resolves with Ray 2.60, pinned: a newer one could need what the image lacks)
 #   .before/                 dtop_export as of BEFORE_REV (pure Python, no dependencies), for the before/after
 #   .trained/model.pt        with TRAINED=PATH: a trained checkpoint (the demo's small one, ~20 MB: `dtop-export
 #                            demo` writes dtop-demo/model.pt), whose bf16/fp16 parity the parity phase checks on CUDA
@@ -24,7 +25,7 @@ if [ ! -f .raypkg/ray-trim.tar.xz ]; then
 fi
 if ! compgen -G ".whl/jsonschema-*.whl" >/dev/null; then
     "${pip[@]}" download --no-deps --only-binary=:all: --python-version "$pyver" --platform manylinux2014_x86_64 \
-        -d .whl jsonschema jsonschema-specifications referencing rpds-py
+        -d .whl jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
 fi
 if [ ! -d .before/dtop_export ]; then
     mkdir -p "$tmp/src" && git archive "$rev" | tar -x -C "$tmp/src"
