@@ -5,6 +5,8 @@ INT8 files (with a bf16 hint where the CPU has native bf16). Produces the tables
     python benchmarks/cpu_paths.py --preset r50-vitb16 --sizes 384,512 --batch 1,8 --runs 3 --out bench-out
 
 ``--no-compile`` leaves out ``torch.compile`` (a minute of compilation per shape; it pays only with AMX).
+``--paths bf16`` re-measures one row in its own output folder (PyTorch eager fp32, the reference, always runs; the
+others by name: bf16, bf16-compiled, onnx, optimized, int8, openvino; openvino runs the onnx and int8 files built).
 
 1. Builds a benchmark checkpoint: the preset with random weights, then biases, norm parameters and BN
    statistics perturbed and a random whitening added. (Random init has zero biases and unit norms,
@@ -28,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+PATHS = ("bf16", "bf16-compiled", "onnx", "optimized", "int8", "openvino")
 
 
 def accuracy(specs: list, threads: int, size: int, out_dir: Path) -> dict:
@@ -113,6 +117,7 @@ def main() -> None:
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (pays only with AMX)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="the paths beside eager fp32 (default: all)")
     args = ap.parse_args()
 
     from dtop_export.bench.harness import run_bench
@@ -133,11 +138,17 @@ def main() -> None:
                 for d in json.loads(manifest.read_text())
             ]
         else:
-            specs = [EngineSpec(ckpt), EngineSpec(ckpt, {"precision": "bf16"})]
-            if not args.no_compile:
-                specs.append(EngineSpec(ckpt, {"precision": "bf16", "compile": "max-autotune", "dynamic": False}))
-            specs += derive_specs(ckpt, ["onnx", "optimized", "int8"], args.out, on_stage=print)
-            specs += openvino_specs(specs)
+            paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+            if unknown := sorted(set(paths) - set(PATHS)):
+                raise SystemExit(f"unknown --paths {unknown}: choose from {', '.join(PATHS)}")
+            if args.no_compile and "bf16-compiled" in paths:
+                paths.remove("bf16-compiled")
+            specs = [
+                EngineSpec(ckpt),
+                *derive_specs(ckpt, [p for p in paths if p != "openvino"], args.out, on_stage=print),
+            ]
+            if "openvino" in paths:  # on the plain export and the INT8 file, those of them --paths built
+                specs += openvino_specs(specs)
             manifest.write_text(
                 json.dumps(
                     [
