@@ -105,6 +105,20 @@ def test_program_contract_and_delegation(small_pte: Path) -> None:
     assert json.loads(meta["dtop.delegation"]) == {"backend": "XnnpackBackend", "partitions": 1, "outside": {}}
 
 
+def test_a_program_names_its_checkpoint(small_pte: Path, small_ckpt: Path) -> None:
+    """identity.checkpoint_of read no .pte, so `search`, `serve --index` and `evaluate --distractors` said of every
+    program "records no checkpoint" (it does: dtop.checkpoint_sha256 in dtop_metadata) and took one of another
+    checkpoint with that warning, and `parity` never refused one."""
+    from dtop_export.digest import file_sha256
+    from dtop_export.identity import check_model_for_corpus, checkpoint_of
+
+    mine = file_sha256(small_ckpt)
+    assert checkpoint_of(small_pte) == mine
+    assert check_model_for_corpus(small_pte, {"checkpoint_sha256": mine, "model": "m.onnx"}, "index i.faiss") is None
+    with pytest.raises(DToPError, match="comes from checkpoint"):
+        check_model_for_corpus(small_pte, {"checkpoint_sha256": "0" * 64, "model": "m.onnx"}, "index i.faiss")
+
+
 def test_fp32_program_meets_the_onnx_contract(small_pte: Path, small_ckpt: Path) -> None:
     """Descriptors through executorch.runtime vs PyTorch eager on the same inputs: the fp32 (ONNX) contract, and the
     tighter bound this program keeps (max-abs 1e-5 on random weights; 1.4e-6 on a trained checkpoint, see
