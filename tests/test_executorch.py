@@ -268,6 +268,16 @@ def test_bad_input_is_one_line(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
 
 
+def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
+    """A program fed another size than its own said "re-export without --static" (`onnx`'s option; `executorch`
+    has --size), e.g. `search corpus.faiss model.128.pte q.jpg` on a 1024-px corpus."""
+    from dtop_export.engines import load_engine
+
+    with load_engine(small_pte) as engine, pytest.raises(DToPError) as e:
+        engine.embed(np.zeros((1, 3, SIZE // 2, SIZE // 2), np.float32))
+    assert f"dtop-export executorch CKPT.pt --size {SIZE // 2}" in str(e.value) and "--static" not in str(e.value)
+
+
 def _program_without_contract() -> bytes:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
