@@ -57,6 +57,8 @@ class Engine(ABC):
     stride: int
     preprocess: PreprocessConfig
     source: Path | None = None
+    # how to get a file for another input size than a fixed-size one's ({h}, {w}: the size asked for)
+    resize_hint: str = "re-export without --static"
 
     @abstractmethod
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -142,7 +144,7 @@ class Engine(ABC):
         if static_hw is not None and tuple(x.shape[2:]) != tuple(static_hw):
             raise ShapeError(
                 f"{self.source} was exported for {static_hw[0]}x{static_hw[1]} inputs only, got "
-                f"{x.shape[2]}x{x.shape[3]}: resize, or re-export without --static"
+                f"{x.shape[2]}x{x.shape[3]}: resize, or {self.resize_hint.format(h=x.shape[2], w=x.shape[3])}"
             )
         b = fixed_batch
         if not b or x.shape[0] == b:

@@ -32,9 +32,10 @@ def _path(model: str | Path) -> Path | None:
 
 def checkpoint_of(model: str | Path) -> str | None:
     """The sha256 of the checkpoint MODEL (a file or ``FILE:options``) was exported from: a checkpoint's own
-    digest, else the ``dtop.checkpoint_sha256`` metadata of an ONNX file, an OpenVINO IR or a TensorRT plan's
-    sidecar; None when the file carries none (not exported by dtop-export, or from an in-memory model)."""
-    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES
+    digest, else the ``dtop.checkpoint_sha256`` metadata of an ONNX file, an OpenVINO IR, an ExecuTorch program or a
+    TensorRT plan's sidecar; None when the file carries none (not exported by dtop-export, or from an in-memory
+    model)."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
 
     path = _path(model)
     if path is None:
@@ -53,6 +54,10 @@ def checkpoint_of(model: str | Path) -> str | None:
         from dtop_export.engines.openvino import ir_metadata
 
         meta = ir_metadata(path)
+    elif suffix in PTE_SUFFIXES:
+        from dtop_export.engines.executorch import pte_metadata
+
+        meta = pte_metadata(path)
     elif suffix in PLAN_SUFFIXES:
         from dtop_export.engines.tensorrt.sidecar import read_sidecar
 

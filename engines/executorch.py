@@ -230,6 +230,7 @@ class ExecuTorchEngine(Engine):
     """
 
     name = "executorch"
+    resize_hint = "compile a program of that size (dtop-export executorch CKPT.pt --size {h})"
 
     def __init__(self, model: str | Path, *, precision: str | None = None, threads: int | None = None) -> None:
         path = Path(model)

@@ -57,9 +57,15 @@ class OnnxRuntimeEngine(Engine):
             raise DToPError(f"graph_optimization must be one of {', '.join(GRAPH_OPTIMIZATION)}")
         wanted = PROVIDERS[provider]
         if wanted not in ort.get_available_providers():
+            from dtop_export.engines.tensorrt.install import onnxruntime_conflict
+
+            # onnxruntime-gpu beside onnxruntime: each overwrites the other's module, so the GPU build replaces it
+            fix = onnxruntime_conflict() or (
+                "ONNX Runtime's GPU build replaces the CPU one: pip uninstall -y onnxruntime && pip install "
+                "onnxruntime-gpu"
+            )
             raise DToPError(
-                f"ONNX Runtime has no {wanted} here (available: {', '.join(ort.get_available_providers())}); "
-                "install onnxruntime-gpu for cuda/tensorrt"
+                f"ONNX Runtime has no {wanted} here (available: {', '.join(ort.get_available_providers())}); {fix}"
             )
         in_memory = not isinstance(model, (str, Path))
         opts = ort.SessionOptions()

@@ -523,6 +523,20 @@ def test_ray_requests_the_cluster_cannot_meet_are_refused_before_any_output(
         assert not out.exists()
 
 
+def test_ray_without_ray_data_is_one_line_before_any_output(
+    small_onnx: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The [serve] extra installs Ray without Ray Data's dependencies (no pandas): `embed --ray` passed the check for
+    `import ray`, started a cluster and wrote the folder's manifest, then died in `import ray.data` with a
+    ModuleNotFoundError traceback (exit 1). Now the [ray] line, exit 2, and no folder."""
+    monkeypatch.setitem(sys.modules, "ray.data", None)  # `import ray.data` raises ImportError
+    out = tmp_path / "o"
+    assert cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--ray") == 2
+    err = capsys.readouterr().err
+    assert "pip install 'dtop-export[ray]'" in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:
     src = tmp_path / "list.txt"
     src.write_text("\n".join(str(p) for p in sorted(corpus.rglob("*"))[:40] if p.is_file()) + "\n")

@@ -105,6 +105,20 @@ def test_program_contract_and_delegation(small_pte: Path) -> None:
     assert json.loads(meta["dtop.delegation"]) == {"backend": "XnnpackBackend", "partitions": 1, "outside": {}}
 
 
+def test_a_program_names_its_checkpoint(small_pte: Path, small_ckpt: Path) -> None:
+    """identity.checkpoint_of read no .pte, so `search`, `serve --index` and `evaluate --distractors` said of every
+    program "records no checkpoint" (it does: dtop.checkpoint_sha256 in dtop_metadata) and took one of another
+    checkpoint with that warning, and `parity` never refused one."""
+    from dtop_export.digest import file_sha256
+    from dtop_export.identity import check_model_for_corpus, checkpoint_of
+
+    mine = file_sha256(small_ckpt)
+    assert checkpoint_of(small_pte) == mine
+    assert check_model_for_corpus(small_pte, {"checkpoint_sha256": mine, "model": "m.onnx"}, "index i.faiss") is None
+    with pytest.raises(DToPError, match="comes from checkpoint"):
+        check_model_for_corpus(small_pte, {"checkpoint_sha256": "0" * 64, "model": "m.onnx"}, "index i.faiss")
+
+
 def test_fp32_program_meets_the_onnx_contract(small_pte: Path, small_ckpt: Path) -> None:
     """Descriptors through executorch.runtime vs PyTorch eager on the same inputs: the fp32 (ONNX) contract, and the
     tighter bound this program keeps (max-abs 1e-5 on random weights; 1.4e-6 on a trained checkpoint, see
@@ -252,6 +266,16 @@ def test_bad_input_is_one_line(
     assert "carries no dtop-export contract (no dtop_metadata method)" in _error(capsys, "info", str(bare))
     assert "carries no dtop-export contract" in _error(capsys, "check", str(bare))
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
+
+
+def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
+    """A program fed another size than its own said "re-export without --static" (`onnx`'s option; `executorch`
+    has --size), e.g. `search corpus.faiss model.128.pte q.jpg` on a 1024-px corpus."""
+    from dtop_export.engines import load_engine
+
+    with load_engine(small_pte) as engine, pytest.raises(DToPError) as e:
+        engine.embed(np.zeros((1, 3, SIZE // 2, SIZE // 2), np.float32))
+    assert f"dtop-export executorch CKPT.pt --size {SIZE // 2}" in str(e.value) and "--static" not in str(e.value)
 
 
 def _program_without_contract() -> bytes:

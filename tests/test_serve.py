@@ -479,6 +479,32 @@ def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.
     assert "--replicas" in err and "--max-upload-mb" in err and "Traceback" not in err
 
 
+def test_serve_without_python_multipart_is_one_line(
+    small_onnx: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Serve installed without the [serve] extra (`pip install 'ray[serve]'` has no python-multipart): the service
+    started and answered every multipart upload with a 500 (Starlette's "AssertionError: The `python-multipart`
+    library must be installed"). Now `serve` refuses in one line naming the extra, before any cluster starts."""
+    import importlib.util
+
+    import dtop_export.corpus.cluster as cluster
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name in ("python_multipart", "multipart") else real(name, *args)  # type: ignore[arg-type]
+
+    def no_cluster(*_args: object) -> None:
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(cluster, "connect", no_cluster)
+    assert cli("serve", str(small_onnx)) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "python-multipart" in err and "pip install 'dtop-export[serve]'" in err
+
+
 def test_autoscaler_reacts_within_seconds_and_raises_no_deprecation_warning() -> None:
     """``--replicas auto``: the load averaged over 5 s and sent every second (Serve's defaults, 30 s and 10 s, added
     the second replica 15-27 s into a load here; the cluster test prints how long it takes now), a replica per

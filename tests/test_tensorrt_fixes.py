@@ -452,6 +452,36 @@ def test_onnxruntime_conflict_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in line
 
 
+@pytest.mark.parametrize("gpu_build_too", [False, True])
+def test_a_missing_cuda_provider_says_to_replace_the_cpu_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gpu_build_too: bool
+) -> None:
+    """`MODEL.onnx:provider=cuda` on the base install said "install onnxruntime-gpu": done beside the core
+    onnxruntime, the two packages overwrite each other's module and the CUDA provider still is not there. The line
+    gives the README's swap (or the conflict's fix when both are installed already)."""
+    import importlib.metadata as md
+
+    import onnxruntime
+
+    from dtop_export.engines.ort import OnnxRuntimeEngine
+
+    versions = {"onnxruntime": "1.32.0"} | ({"onnxruntime-gpu": "1.32.0"} if gpu_build_too else {})
+
+    def version(name: str) -> str:
+        if name not in versions:
+            raise md.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(md, "version", version)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DToPError) as e:
+        OnnxRuntimeEngine(tmp_path / "m.onnx", provider="cuda")
+    msg = str(e.value)
+    assert "no CUDAExecutionProvider" in msg and "\n" not in msg
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && " if gpu_build_too else "pip uninstall -y onnxruntime && "
+    assert fix + "pip install onnxruntime-gpu" in msg
+
+
 def _info() -> PlanInfo:
     return PlanInfo(
         tensorrt_version="10.8.0.43",

@@ -290,6 +290,7 @@ def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
     cluster this call started is shut down again."""
     try:
         import ray
+        import ray.data  # noqa: F401 - the [serve] extra installs Ray without Ray Data's dependencies (pandas)
     except ImportError as e:
         raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
     from dtop_export.corpus.cluster import connect

@@ -1,4 +1,4 @@
-"""A small Python client of ``dtop-export serve`` (standard library only: usable where the toolkit's server extras
+"""A small Python client of ``dtop-export serve`` (the standard library and numpy only: usable where the server extras
 are not installed). Every call is one HTTP request; an error answer raises :class:`ServiceError` with its status,
 message and ``Retry-After``::
 

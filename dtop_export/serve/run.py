@@ -3,6 +3,7 @@ HTTP proxy, deploy the app (:func:`dtop_export.serve.app.build_app`), serve unti
 gracefully (new requests refused, the ones inside answered). ray is imported inside the functions.
 """
 
+import importlib.util
 import logging
 import signal
 import socket
@@ -17,6 +18,8 @@ from dtop_export.errors import DToPError
 from dtop_export.serve.app import APP_NAME, ServiceInfo, build_app
 from dtop_export.serve.deployment import EngineSettings
 from dtop_export.serve.limits import Limits
+
+SERVE_INSTALL = "pip install 'dtop-export[serve]'"  # Ray Serve and python-multipart (Starlette's form parser)
 
 
 @dataclass
@@ -99,7 +102,9 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         import ray
         from ray import serve
     except ImportError as e:
-        raise DToPError("serve needs Ray Serve: pip install 'dtop-export[serve]'") from e
+        raise DToPError(f"serve needs Ray Serve: {SERVE_INSTALL}") from e
+    if not any(importlib.util.find_spec(name) for name in ("python_multipart", "multipart")):  # Ray Serve without it
+        raise DToPError(f"serve needs python-multipart for multipart uploads: {SERVE_INSTALL}")
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.cluster import connect
     from dtop_export.corpus.runtime import check_model_options, gpu_reason
