@@ -98,12 +98,22 @@ def ignored_names(onnx_path: Path, keep_float: Sequence[str], model: Any) -> lis
 
 
 INT8_RECIPES = ("qdq", "nncf")
+NNCF_INSTALL = "pip install 'dtop-export[nncf]'"
+
+
+def require_nncf() -> None:
+    """One line when ``--recipe nncf`` has no NNCF (an extra: the default recipe, ``qdq``, needs none of it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        raise DToPError(f"--recipe nncf needs NNCF: {NNCF_INSTALL} (or use the default recipe, qdq)")
 
 
 def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: Sequence[str], fast_bc: bool) -> Any:
     """NNCF post-training quantisation of ``model`` (transformer mode), returns the quantised ov.Model."""
     import logging
 
+    require_nncf()
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet

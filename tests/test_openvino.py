@@ -196,6 +196,26 @@ def test_cli_refuses_bad_input(small_onnx: Path, ir: Path, tmp_path: Path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
 
+def test_the_nncf_recipe_without_nncf_names_its_extra_before_any_work(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NNCF is the [nncf] extra (only `--recipe nncf` uses it): without it, one line naming the extra, before the
+    calibration images are read or anything is written; the default recipe does not ask for it."""
+    import importlib.util
+
+    import dtop_export.quantize as quantize
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    monkeypatch.setattr(quantize, "calibration_tensors", lambda *a, **k: pytest.fail("calibration started"))
+    out = tmp_path / "x.xml"
+    assert cli("openvino", str(small_onnx), "--int8", "--recipe", "nncf", "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --recipe nncf needs NNCF: pip install 'dtop-export[nncf]' (or use the default recipe, qdq)\n"
+    assert cli("openvino", str(small_onnx), "-o", str(out)) == 0  # no --int8: NNCF not asked for
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.xml"]
+
+
 def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> None:
     import skimage
 

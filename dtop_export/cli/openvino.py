@@ -64,12 +64,14 @@ def openvino(
     writes the IR the C++ client should run on this CPU, as measured by `bench --recommend`."""
     from dtop_export.contract import preprocess_from_metadata
     from dtop_export.errors import DToPError
-    from dtop_export.openvino_ir import INT8_RECIPES, write_ir
+    from dtop_export.openvino_ir import INT8_RECIPES, require_nncf, write_ir
     from dtop_export.preprocess import list_images
     from dtop_export.quantize import calibration_tensors, default_calibration_images
 
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    if int8 and recipe == "nncf":
+        require_nncf()  # before the input, the output and the calibration
     if precision is not None:
         if precision != "auto":
             raise DToPError(f"openvino --precision takes only 'auto' (got {precision!r}); INT8 is --int8")
