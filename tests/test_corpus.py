@@ -531,10 +531,11 @@ def test_ray_without_ray_data_is_one_line_before_any_output(
     ModuleNotFoundError traceback (exit 1). Now the [ray] line, exit 2, and no folder."""
     monkeypatch.setitem(sys.modules, "ray.data", None)  # `import ray.data` raises ImportError
     out = tmp_path / "o"
-    assert cli("embed", str(small_onnx), str(corpus), "-o", str(out), "--ray") == 2
-    err = capsys.readouterr().err
-    assert "pip install 'dtop-export[ray]'" in err and err.count("error:") == 1 and "Traceback" not in err, err
-    assert not out.exists()
+    for model in (str(small_onnx), f"{small_onnx}:provider=cuda"):  # a GPU model: the install before --gpus-per-actor
+        assert cli("embed", model, str(corpus), "-o", str(out), "--ray") == 2
+        err = capsys.readouterr().err
+        assert "pip install 'dtop-export[ray]'" in err and err.count("error:") == 1 and "Traceback" not in err, err
+        assert not out.exists()
 
 
 def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path) -> None:

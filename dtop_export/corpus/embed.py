@@ -321,6 +321,10 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     from dtop_export.memory import check_image_size
 
     check_job(job)
+    if job.use_ray:  # first: what to install comes before what to give a job that could not run anyway
+        from dtop_export.corpus.ray_pipeline import require_ray_data
+
+        require_ray_data()
     engine = engine_key(job)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)

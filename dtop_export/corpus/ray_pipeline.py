@@ -284,15 +284,21 @@ class RayPlan:
             ray.shutdown()
 
 
+def require_ray_data() -> None:
+    """One line when Ray Data cannot be imported (the [serve] extra installs Ray without its dependencies: pandas)."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+
+
 def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
     """Connect to (or start) the cluster and check the job against it: Ray installed, the address reachable, the
     actors' CPUs and GPUs available, one image's memory within a node's. Nothing is written; on a refusal a local
     cluster this call started is shut down again."""
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the [serve] extra installs Ray without Ray Data's dependencies (pandas)
-    except ImportError as e:
-        raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
+    require_ray_data()
+    import ray
+
     from dtop_export.corpus.cluster import connect
     from dtop_export.memory import check_image_size
 
