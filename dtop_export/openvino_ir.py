@@ -113,7 +113,6 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
     """NNCF post-training quantisation of ``model`` (transformer mode), returns the quantised ov.Model."""
     import logging
 
-    require_nncf()
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -178,6 +177,8 @@ def write_ir(
         raise DToPError(f"output {output} should end in .xml (the IR's .bin is written next to it)")
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown INT8 recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
+    if int8 and recipe == "nncf":
+        require_nncf()  # before the ONNX is read (the `import nncf` below came before _nncf_int8's check)
     inference_hint = {"dtop.inference_precision": inference_precision} if inference_precision else {}
     meta = read_metadata(onnx_path)
     if "dtop.format" not in meta:

@@ -214,6 +214,19 @@ def test_the_nncf_recipe_without_nncf_names_its_extra_before_any_work(
     assert err == "error: --recipe nncf needs NNCF: pip install 'dtop-export[nncf]' (or use the default recipe, qdq)\n"
     assert cli("openvino", str(small_onnx), "-o", str(out)) == 0  # no --int8: NNCF not asked for
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.xml"]
+    # an option the command refuses anyway is said first (installing NNCF would only lead to "drop --int8")
+    assert cli("openvino", str(small_onnx), "--precision", "auto", "--int8", "--recipe", "nncf") == 2
+    assert "drop --int8" in capsys.readouterr().err
+    # the library's write_ir: one line too, not a ModuleNotFoundError from its own `import nncf`
+    import sys
+
+    from dtop_export.openvino_ir import write_ir
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # `import nncf` fails, as where NNCF is not installed
+    calib = [np.zeros((1, 3, 64, 64), np.float32)]
+    with pytest.raises(DToPError, match=r"--recipe nncf needs NNCF: pip install 'dtop-export\[nncf\]'"):
+        write_ir(small_onnx, tmp_path / "y.xml", int8=True, recipe="nncf", calib=calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.xml"]
 
 
 def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> None:

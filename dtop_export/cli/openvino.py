@@ -70,8 +70,6 @@ def openvino(
 
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
-    if int8 and recipe == "nncf":
-        require_nncf()  # before the input, the output and the calibration
     if precision is not None:
         if precision != "auto":
             raise DToPError(f"openvino --precision takes only 'auto' (got {precision!r}); INT8 is --int8")
@@ -79,6 +77,8 @@ def openvino(
             raise DToPError("--precision auto chooses fp32, bf16 or INT8 from the measurement: drop --int8")
         _auto_ir(model, output, force)
         return
+    if int8 and recipe == "nncf":
+        require_nncf()  # after the options' own refusals; before the input, the output and the calibration
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
     sizes = parse_int_list(calib_sizes, "--calib-sizes") if int8 else []
     if sizes:
