@@ -23,13 +23,13 @@ photos    ``--photos`` JPEGs of 1024 px with camera aspect ratios (4:3, 3:4, 3:2
 corpus    ``embed_corpus`` end to end at 512 and 1024 px, fp16, batch ``--batch``: in-process with a thread pool,
           a process pool (the default on a GPU), ``--gpu-decode``; Ray with one GPU actor; and the code before issue
           31 (``.before/``, carried: see gpu_feed.sh) on fewer photos. Start-up, feed statistics.
+decode    nvJPEG decode + device resize (``--gpu-decode``): its parity contract (cos >= 0.9999 per image vs the
+          CPU decoder) at 512 and 1024 px, and decode throughput on the device vs the CPU pool.
 model     the model alone, r50-vitb16 random init, eager: first the old ways at 512² b8 (``half()`` and autocast on
           float32 input) for the before/after, then fp16/bf16 autocast x 384/512/1024 x batch 8/32/64 on
           device-resident uint8 batches (``embed_pixels_stream``, pipelined; at the largest batch also from host
           uint8, pinned copies included), batch 1, cuDNN's heuristics instead of its autotuner, and fp32 at 512:
           img/s, GFLOP/s and % of the measured matmul peak.
-decode    nvJPEG decode + device resize (``--gpu-decode``): its parity contract (cos >= 0.9999 per image vs the
-          CPU decoder) at 512 and 1024 px, and decode throughput on the device vs the CPU pool.
 """
 
 from __future__ import annotations
@@ -50,9 +50,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 # in order of what a session short of time needs most: where the time goes, what Inductor makes of it (the lever for
-# the model's target, never measured), the contracts, the end-to-end job; the eager sweep fills the rest
-PHASES = ("env", "peaks", "profile", "graphs", "compiled", "parity", "photos", "corpus", "model", "decode")
+# the model's target, never measured), the contracts, the end-to-end job; the eager sweep, last, fills the rest (it
+# runs while more than --reserve-s is left: a phase after it would never run)
+PHASES = ("env", "peaks", "profile", "graphs", "compiled", "parity", "photos", "corpus", "decode", "model")
+# the phases that --later-s keeps time for (parity ~100 s, the corpus jobs' first figures: last session's timings)
+LATER = ("parity", "corpus", "decode")
+
+
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9)]
+
+
+def default_later_s(phases: list[str], budget_s: float, dry: bool) -> float:
+    """The seconds ``compiled`` leaves to the phases after it by default: 200, at most half the budget (a short
+    run, e.g. gpu_feed.sh's ``--phases corpus,compiled --budget-s 200``, compiled nothing), none in a dry run or when
+    none of :data:`LATER` is asked for (``--phases compiled``: the compile cells may take every second)."""
+    return 0.0 if dry or not set(LATER) & set(phases) else min(200.0, budget_s / 2)
 
 
 class Deadline:
@@ -515,8 +527,6 @@ def main() -> None:
     args.compile_sizes = [64] if dry else [512, 1024]
     args.compile_batches = [2] if dry else [64]
     args.compile_reserve_s = 0.0 if dry else 75.0
-    if args.later_s is None:  # parity ~100 s and the corpus jobs' first figures (last session's timings)
-        args.later_s = 0.0 if dry else 200.0
     if dry:
         args.photos, args.before_photos, args.batch, args.cell_seconds = min(args.photos, 24), 8, 4, 0.2
         args.compile_mode = "default"
@@ -524,6 +534,8 @@ def main() -> None:
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise SystemExit(f"unknown phases {sorted(unknown)}: choose from {', '.join(PHASES)}")
+    if args.later_s is None:
+        args.later_s = default_later_s(phases, args.budget_s, dry)
     import torch
 
     if not dry and not torch.cuda.is_available():

@@ -652,3 +652,22 @@ def test_an_interrupted_header_scan_does_not_wait_for_a_read_that_never_returns(
         timer.cancel()
         release.set()
     assert elapsed < 5, f"the scan waited {elapsed:.1f} s for its stuck reads"
+
+
+def test_gpu_feed_leaves_later_phases_their_time_and_runs_the_eager_sweep_last(monkeypatch: Any) -> None:
+    """benchmarks/gpu_feed.py: ``compiled`` kept 200 s for the phases after it even where none was asked for or the
+    whole budget was 200 s (gpu_feed.sh's own example, ``--phases corpus,compiled --budget-s 200``: every compiled
+    cell "deadline"), and the eager model sweep, which runs until ``--reserve-s`` is left, came before ``decode``."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ first
+    spec = importlib.util.spec_from_file_location("gpu_feed", Path(__file__).parents[1] / "benchmarks" / "gpu_feed.py")
+    assert spec is not None and spec.loader is not None
+    gpu_feed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_feed)
+    assert gpu_feed.PHASES[-1] == "model"
+    assert gpu_feed.default_later_s(list(gpu_feed.PHASES), 470.0, dry=False) == 200.0
+    assert gpu_feed.default_later_s(["corpus", "compiled"], 200.0, dry=False) == 100.0
+    assert gpu_feed.default_later_s(["compiled"], 470.0, dry=False) == 0.0
+    assert gpu_feed.default_later_s(list(gpu_feed.PHASES), 470.0, dry=True) == 0.0
