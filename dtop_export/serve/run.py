@@ -3,7 +3,6 @@ HTTP proxy, deploy the app (:func:`dtop_export.serve.app.build_app`), serve unti
 gracefully (new requests refused, the ones inside answered). ray is imported inside the functions.
 """
 
-import importlib.util
 import logging
 import signal
 import socket
@@ -94,6 +93,17 @@ def service_info(opts: ServeOptions) -> ServiceInfo:
     )
 
 
+def parses_multipart() -> bool:
+    """Whether Starlette can parse a multipart upload: its own test (``starlette.formparsers`` imports
+    ``python_multipart``, or an old python-multipart's ``multipart.multipart``). A module merely named ``multipart``
+    (another PyPI package of that name) passed a look-up by name, and every upload was a 500."""
+    try:
+        from starlette import formparsers
+    except ImportError:
+        return False
+    return getattr(formparsers, "parse_options_header", None) is not None
+
+
 def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.Event | None = None) -> None:
     """Start the service and serve until SIGTERM/SIGINT (or ``stop``): a local Ray cluster locked to this machine
     unless ``--address``, Serve's HTTP proxy on ``host:port``, the app; then a graceful shutdown (in-flight
@@ -103,7 +113,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         from ray import serve
     except ImportError as e:
         raise DToPError(f"serve needs Ray Serve: {SERVE_INSTALL}") from e
-    if not any(importlib.util.find_spec(name) for name in ("python_multipart", "multipart")):  # Ray Serve without it
+    if not parses_multipart():  # Ray Serve without python-multipart
         raise DToPError(f"serve needs python-multipart for multipart uploads: {SERVE_INSTALL}")
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.cluster import connect
