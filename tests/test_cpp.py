@@ -288,11 +288,19 @@ def test_an_existing_output_is_kept_unless_force(
         _fails(_run(client, small_onnx, image, "-o", out), rf"{existing.name} exists: pass --force to overwrite it")
         assert existing.read_bytes() == b"previous"
         existing.unlink()
+        existing.symlink_to(tmp_path / "nowhere")  # a dangling link is an output too (Python's refuse_existing)
+        _fails(_run(client, small_onnx, image, "-o", out), rf"{existing.name} exists: pass --force")
+        existing.unlink()
+    out.write_bytes(b"previous")
+    out.with_suffix(".json").write_bytes(b"previous")
+    _fails(_run(client, small_onnx, image, "-o", out), r"out.npy, .*out.json exist: pass --force to overwrite them")
+    out.unlink()
+    out.with_suffix(".json").unlink()
     (tmp_path / "side").mkdir()
     _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "side", "-f"), r"side is a folder: give")
     assert _run(client, small_onnx, image, "-o", out, "--no-progress").returncode == 0
     first = out.read_bytes()
-    _fails(_run(client, small_onnx, image, "-o", out), r"out.npy exists: pass --force")
+    _fails(_run(client, small_onnx, image, "-o", out), r"out.npy, .*out.json exist: pass --force")
     out.write_bytes(b"previous")
     r = _run(client, small_onnx, image, "-o", out, "--force", "--no-progress")
     assert r.returncode == 0, r.stderr

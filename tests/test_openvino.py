@@ -113,6 +113,8 @@ def test_ir_metadata_is_read_from_the_xml_without_openvino(
     read = []
     monkeypatch.setattr(ov_engine, "read_model", lambda path: read.append(path) or read_model(path))
     assert ov_engine.ir_metadata(bare) == {} and read == [bare]
+    with pytest.raises(DToPError, match=r"^model file .*missing.xml not found$"):  # no OpenVINO call was involved
+        ov_engine.ir_metadata(tmp_path / "missing.xml")
     broken = tmp_path / "broken.xml"
     broken.write_text(ir.read_text()[:500])
     with pytest.raises(DToPError, match=r"^OpenVINO cannot read .*broken.xml: .*line \d+"):

@@ -262,11 +262,17 @@ int run(int argc, char** argv) {
   const fs::path out_dir = fs::path(a.output).has_parent_path() ? fs::path(a.output).parent_path() : fs::path(".");
   if (!fs::is_directory(out_dir)) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " does not exist");
   if (::access(out_dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " is not writable");
-  // as `dtop-export embed`: an existing output is kept unless --force, a folder never replaced; both before any work
+  // as `dtop-export embed`: an existing output (a dangling symlink too) is kept unless --force, a folder never
+  // replaced; both before any work
+  std::vector<std::string> existing;
   for (const std::string& out : {a.output, a.sidecar}) {
     std::error_code ec;
     if (fs::is_directory(out, ec)) throw dtop::Error(out + " is a folder: give the name of a file to write");
-    if (!a.force && fs::exists(out, ec)) throw dtop::Error(out + " exists: pass --force to overwrite it");
+    if (fs::exists(fs::symlink_status(out, ec))) existing.push_back(out);
+  }
+  if (!a.force && existing.size() == 1) throw dtop::Error(existing[0] + " exists: pass --force to overwrite it");
+  if (!a.force && existing.size() == 2) {
+    throw dtop::Error(existing[0] + ", " + existing[1] + " exist: pass --force to overwrite them");
   }
 
   dtop::RuntimeOptions options;
