@@ -227,6 +227,18 @@ def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
     assert not out.exists() and not out.parent.exists()
 
 
+def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # found by a real-layouts audit: a missing data.root, or a set of one class (ArcFace's loss is 0 there,
+    # so it used to "train" on nothing), left runs/x/config.yaml (+ image_sizes.tsv) behind
+    one = make_folder(tmp_path / "one", classes=1, per_class=4)
+    for root, message in [(tmp_path / "nowhere", "data.root"), (one, "only one class (class0)")]:
+        out = tmp_path / "runs" / "x"
+        assert cli("train", *_cli_sets(root), "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

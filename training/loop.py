@@ -42,6 +42,7 @@ from dtop_export.training.state import (
     STATE_VERSION,
     config_changes,
     dist_info,
+    previous_run,
     read_state,
     rng_state,
     set_rng_state,
@@ -378,8 +379,16 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train; returns where the checkpoints are. Leaves the process group as it found it."""
         own_group = self.world > 1 and not dist.is_initialized()
+        self._made_out = self.is_main and not self.out.exists()
         try:
             return self._run()
+        except DToPError:
+            # a refused set-up (data, config) leaves no half-made run folder behind: only what this run created
+            if self._made_out and self.out.is_dir() and not previous_run(self.out):
+                import shutil
+
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         finally:
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
@@ -405,6 +414,11 @@ class Trainer:
         self._load_data()
         self.head = None
         if cfg.loss.name == "arcface":
+            if self.ts.num_classes < 2:
+                raise DToPError(
+                    f"{self.ts.name}: only one class ({self.ts.class_names[0]}); ArcFace learns nothing from one "
+                    "(its loss is 0): give data.root a set with two or more classes"
+                )
             torch.manual_seed(cfg.seed + 1)
             self.head = ArcFace(self.model.descriptor_dim, self.ts.num_classes, cfg.loss.scale, cfg.loss.margin)
             self.head.to(self.device)
