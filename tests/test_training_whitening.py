@@ -102,6 +102,13 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
     pl = read_pairs(tmp_path / "pairs.csv")
     assert pl.paths == [str(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
     assert (pl.qidxs, pl.pidxs) == ([0, 2], [1, 0])
+    # a BOM (Excel's UTF-8) made the header a pair of images "\ufeffquery" and "positive"
+    (tmp_path / "pairs.csv").write_bytes(b"\xef\xbb\xbfquery,positive\r\na.jpg,b.jpg\r\nc.jpg,a.jpg\r\n")
+    bom = read_pairs(tmp_path / "pairs.csv")
+    assert (bom.paths, bom.qidxs, bom.pidxs) == (pl.paths, pl.qidxs, pl.pidxs)
+    (tmp_path / "pairs.csv").write_bytes(b"query,positive\na.jpg,b.jpg\ncaf\xe9.jpg,a.jpg\n")
+    with pytest.raises(DToPError, match=r"pairs.csv: line 3 is not UTF-8"):
+        read_pairs(tmp_path / "pairs.csv")
     with open(tmp_path / "x-whiten.pkl", "wb") as fh:
         pickle.dump({"cids": ["abcdef01", "abcdef02"], "qidxs": [0], "pidxs": [1]}, fh)
     pl = read_pairs(tmp_path / "x-whiten.pkl")

@@ -20,7 +20,6 @@ Formats
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import pickle
@@ -33,6 +32,7 @@ from typing import Any
 
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size, is_image_file
+from dtop_export.training.lists import as_list, csv_rows, gnd_entries, read_text, sfm120k_lists
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,6 @@ def load_pickle(path: str | Path) -> Any:
             return _SafeUnpickler(fh, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
-
-
-def as_list(v: Any) -> list:
-    """A pickled sequence (list, tuple or numpy array) as a plain list."""
-    return v.tolist() if hasattr(v, "tolist") else list(v)
 
 
 # image scanning -------------------------------------------------------------------------------------------
@@ -238,12 +233,7 @@ def read_sfm120k(
     db = load_pickle(pkl)
     if not isinstance(db, dict) or split not in db:
         raise DToPError(f"{pkl}: no '{split}' part (expected cirtorch's {{'train': ..., 'val': ...}})")
-    db = db[split]
-    try:
-        cids, clusters = as_list(db["cids"]), as_list(db["cluster"])
-        qidxs, pidxs = as_list(db["qidxs"]), as_list(db["pidxs"])
-    except KeyError as e:
-        raise DToPError(f"{pkl}: '{split}' has no {e} list") from None
+    cids, clusters, qidxs, pidxs = sfm120k_lists(db, pkl, split)
     ims = root / "ims"
     paths = [str(cid2filename(str(c), ims)) for c in cids]
     entries = [(p, str(int(c))) for p, c in zip(paths, clusters)]
@@ -281,21 +271,17 @@ def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **k
     )
     entries = []
     skipped: Counter = Counter()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"landmark_id", "images"} <= set(reader.fieldnames):
-            raise DToPError(f"{path}: expected a header landmark_id,images (GLDv2 train_clean.csv)")
-        for row in reader:
-            label = (row.get("landmark_id") or "").strip()
-            ids = (row.get("images") or "").split()
-            if not label:
-                skipped["unlabelled"] += len(ids)
+    for row in csv_rows(path, ("landmark_id", "images"), "landmark_id,images (GLDv2 train_clean.csv)"):
+        label = (row.get("landmark_id") or "").strip()
+        ids = (row.get("images") or "").split()
+        if not label:
+            skipped["unlabelled"] += len(ids)
+            continue
+        for image_id in ids:
+            if len(image_id) < 3:
+                skipped["bad_id"] += 1
                 continue
-            for image_id in ids:
-                if len(image_id) < 3:
-                    skipped["bad_id"] += 1
-                    continue
-                entries.append((str(gldv2_path(root, image_id)), label))
+            entries.append((str(gldv2_path(root, image_id)), label))
     return finalize("gldv2", root, entries, skipped, **kw)
 
 
@@ -310,17 +296,13 @@ def read_gldv1(root: str | Path | None, list_file: str | Path | None = None, **k
     images = root / "train" if (root / "train").is_dir() else root
     entries = []
     skipped: Counter = Counter()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"id", "landmark_id"} <= set(reader.fieldnames):
-            raise DToPError(f"{path}: expected a header id,url,landmark_id (GLDv1 train.csv)")
-        for row in reader:
-            image_id = (row.get("id") or "").strip()
-            label = (row.get("landmark_id") or "").strip()
-            if not image_id or not label or label == "None":
-                skipped["unlabelled"] += 1
-                continue
-            entries.append((str(images / f"{image_id}.jpg"), label))
+    for row in csv_rows(path, ("id", "landmark_id"), "id,url,landmark_id (GLDv1 train.csv)"):
+        image_id = (row.get("id") or "").strip()
+        label = (row.get("landmark_id") or "").strip()
+        if not image_id or not label or label == "None":
+            skipped["unlabelled"] += 1
+            continue
+        entries.append((str(images / f"{image_id}.jpg"), label))
     return finalize("gldv1", root, entries, skipped, **kw)
 
 
@@ -341,14 +323,14 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
     skipped: Counter = Counter()
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DToPError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise DToPError(f"{path}: expected a JSON object {{image_path: label}}")
         pairs = [(str(k), str(v)) for k, v in data.items()]
     else:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -382,7 +364,11 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
     gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", f"expected {root}/{name}/gnd_{name}.pkl")
     cfg = load_pickle(gnd_path)
     try:
-        imlist, qimlist, gnd = as_list(cfg["imlist"]), as_list(cfg["qimlist"]), as_list(cfg["gnd"])
+        imlist, qimlist, gnd = (
+            as_list(cfg["imlist"]),
+            as_list(cfg["qimlist"]),
+            gnd_entries(as_list(cfg["gnd"]), gnd_path),
+        )
     except (KeyError, TypeError) as e:
         raise DToPError(f"{gnd_path}: not a revisitop ground truth (missing {e})") from None
     ext = cfg.get("ext", ".jpg") or ""

@@ -208,8 +208,9 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     paths: list[str] = []
     index: dict[str, int] = {}
     q, p = [], []
-    with open(spec, newline="", encoding="utf-8") as fh:
-        text = fh.read()
+    from dtop_export.training.lists import read_text
+
+    text = read_text(spec)
     dialect = "excel-tab" if "\t" in text else "excel"
     for row in csv.reader(text.splitlines(), dialect=dialect):
         row = [c.strip() for c in row if c.strip()]

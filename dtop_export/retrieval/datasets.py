@@ -69,6 +69,10 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
     jpg = folder / "jpg"
     n_db = len(cfg["imlist"])
     for i, g in enumerate(cfg["gnd"]):
+        if not isinstance(g, dict):
+            raise DToPError(
+                f"{pkl}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
+            )
         for key in ("easy", "hard", "junk"):
             idx = np.asarray(g.get(key, []), dtype=np.int64)
             if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
