@@ -113,6 +113,11 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
         pickle.dump({"cids": ["abcdef01", "abcdef02"], "qidxs": [0], "pidxs": [1]}, fh)
     pl = read_pairs(tmp_path / "x-whiten.pkl")
     assert pl.paths[0] == str(tmp_path / "ims" / "01" / "ef" / "cd" / "abcdef01") and pl.qidxs == [0]
+    # an index past the cids was an IndexError traceback once the images were checked
+    with open(tmp_path / "x-whiten.pkl", "wb") as fh:
+        pickle.dump({"cids": ["abcdef01", "abcdef02"], "qidxs": [0, 5], "pidxs": [1, 0]}, fh)
+    with pytest.raises(DToPError, match=r"x-whiten.pkl: qidxs\[1\] is 5, not an index in 0..1"):
+        read_pairs(tmp_path / "x-whiten.pkl")
 
 
 def test_whiten_checkpoint_pca_and_lw(tmp_path: Path, small_ckpt: Path) -> None:

@@ -45,27 +45,42 @@ def sfm120k_lists(db: Any, pkl: Path, split: str) -> tuple[list, list, list, lis
     part = db[split]
     if not isinstance(part, dict):
         raise DToPError(f"{pkl}: '{split}' is a {type(part).__name__}, not cirtorch's {{'cids', 'cluster', ...}}")
-    try:
-        cids, clusters = as_list(part["cids"]), as_list(part["cluster"])
-        qidxs, pidxs = as_list(part["qidxs"]), as_list(part["pidxs"])
-    except KeyError as e:
-        raise DToPError(f"{pkl}: '{split}' has no {e} list") from None
-    except TypeError as e:
-        raise DToPError(f"{pkl}: '{split}' lists are not sequences ({e})") from None
+    missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in part]
+    if missing:
+        raise DToPError(f"{pkl}: '{split}' has no '{missing[0]}' list")
+    cids, clusters = _lists(part, ("cids", "cluster"), f"{pkl}: '{split}'")
     if len(clusters) != len(cids):
         raise DToPError(f"{pkl}: '{split}' has {len(cids)} cids but {len(clusters)} cluster labels")
-    if len(qidxs) != len(pidxs):
-        raise DToPError(f"{pkl}: '{split}' has {len(qidxs)} qidxs but {len(pidxs)} pidxs")
-    for what, values, bound in (("cluster", clusters, None), ("qidxs", qidxs, len(cids)), ("pidxs", pidxs, len(cids))):
-        for i, v in enumerate(values):
-            try:
-                ok = int(v) == v and (bound is None or 0 <= int(v) < bound)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                rule = "an integer" if bound is None else f"an index in 0..{bound - 1}"
-                raise DToPError(f"{pkl}: '{split}' {what}[{i}] is {v!r}, not {rule}")
+    _integers(clusters, None, f"{pkl}: '{split}' cluster")
+    qidxs, pidxs = pair_indices(part, len(cids), pkl, f"'{split}' ")
     return cids, clusters, qidxs, pidxs
+
+
+def pair_indices(part: dict, n: int, pkl: Path, where: str = "") -> tuple[list[int], list[int]]:
+    """cirtorch's ``qidxs``/``pidxs``, checked: equal lengths, indices into the ``n`` cids."""
+    qidxs, pidxs = _lists(part, ("qidxs", "pidxs"), f"{pkl}: {where}")
+    if len(qidxs) != len(pidxs):
+        raise DToPError(f"{pkl}: {where}has {len(qidxs)} qidxs but {len(pidxs)} pidxs")
+    return _integers(qidxs, n, f"{pkl}: {where}qidxs"), _integers(pidxs, n, f"{pkl}: {where}pidxs")
+
+
+def _lists(part: dict, keys: tuple[str, ...], where: str) -> list[list]:
+    try:
+        return [as_list(part[k]) for k in keys]
+    except TypeError as e:
+        raise DToPError(f"{where} {'/'.join(keys)} are not sequences ({e})") from None
+
+
+def _integers(values: list, bound: int | None, what: str) -> list[int]:
+    for i, v in enumerate(values):
+        try:
+            ok = int(v) == v and (bound is None or 0 <= int(v) < bound)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            rule = "an integer" if bound is None else f"an index in 0..{bound - 1}"
+            raise DToPError(f"{what}[{i}] is {v!r}, not {rule}")
+    return [int(v) for v in values]
 
 
 def gnd_entries(gnd: list, path: Path) -> list[dict]:

@@ -192,7 +192,8 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     if not spec.is_file():
         raise DToPError(f"pairs file {spec} not found")
     if spec.suffix == ".pkl":
-        from dtop_export.training.datasets import as_list, cid2filename, load_pickle
+        from dtop_export.training.datasets import cid2filename, load_pickle
+        from dtop_export.training.lists import as_list, pair_indices
 
         db = load_pickle(spec)
         if isinstance(db, dict) and "cids" not in db and split in db:
@@ -201,9 +202,8 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
             raise DToPError(f"{spec}: expected cirtorch's whitening pickle with cids, qidxs, pidxs")
         ims = Path(root) / "ims" if root else spec.parent / "ims"
         paths = [str(cid2filename(str(c), ims)) for c in as_list(db["cids"])]
-        return PairList(
-            paths, [int(i) for i in as_list(db["qidxs"])], [int(i) for i in as_list(db["pidxs"])], str(spec)
-        )
+        q, p = pair_indices(db, len(paths), spec)
+        return PairList(paths, q, p, str(spec))
     base = Path(root) if root else spec.parent
     paths: list[str] = []
     index: dict[str, int] = {}
