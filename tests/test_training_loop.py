@@ -227,6 +227,24 @@ def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
     assert not out.exists() and not out.parent.exists()
 
 
+def test_decode_failures_are_reported_not_only_counted(
+    tmp_path: Path, folder_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by a real-layouts audit: a truncated JPEG (header fine, body cut) was dropped from its batch and counted
+    # in provenance only; the run's output never said so, nor which file
+    import shutil
+
+    from _training_data import write_truncated
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_data, data)
+    write_truncated(data / "class1" / "cut.jpg")
+    with caplog.at_level("INFO"):
+        Trainer(_cfg(tmp_path / "run", data, "epochs=1")).run()
+    assert "cut.jpg: image file is truncated" in caplog.text and "dropped from its batch" in caplog.text
+    assert "1 image(s) failed to decode so far" in caplog.text
+
+
 def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # found by a real-layouts audit: a missing data.root, or a set of one class (ArcFace's loss is 0 there,
     # so it used to "train" on nothing), left runs/x/config.yaml (+ image_sizes.tsv) behind

@@ -659,6 +659,8 @@ class Trainer:
             msg = f"epoch {epoch + 1}/{self.cfg.epochs}: loss {loss:.4f}, {row['images_per_s']:.1f} img/s"
             if metrics:
                 msg += f", mAP {format_map(metrics)} (E/M/H)"
+            if self.skipped_decode:  # counted in provenance.skipped_images too; a user should not have to look
+                msg += f"; {self.skipped_decode} image(s) failed to decode so far, dropped from their batches"
             log.info("%s", msg)
         self.save_state(rng_state(self.device))
         self._boundary_rng = None  # the state just written is the one to resume from until the next step
