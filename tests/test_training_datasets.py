@@ -133,6 +133,23 @@ def test_size_cache(tmp_path: Path) -> None:
     assert a.sizes == b.sizes
 
 
+def test_size_cache_with_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a file named in Latin-1 (b"caf\xe9.jpg", as old archives unpack) made the size
+    # cache's write a UnicodeEncodeError traceback; a newline in a name would split its cache line
+    import os
+
+    make_folder(tmp_path / "data", classes=2, per_class=3)
+    os.rename(
+        tmp_path / "data" / "class0" / "0.jpg", os.fsdecode(bytes(tmp_path / "data" / "class0") + b"/caf\xe9.jpg")
+    )
+    os.rename(tmp_path / "data" / "class1" / "0.jpg", tmp_path / "data" / "class1" / "new\nline.jpg")
+    cache = tmp_path / "sizes.tsv"
+    a = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert len(a) == 6 and len(cache.read_bytes().splitlines()) == 5  # the newline's name is not cached
+    b = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert (b.paths, b.sizes) == (a.paths, a.sizes)
+
+
 def test_image_dataset_and_decode_failures(tmp_path: Path) -> None:
     make_folder(tmp_path, classes=2, per_class=2)
     write_truncated(tmp_path / "class1" / "truncated.jpg")

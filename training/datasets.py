@@ -113,7 +113,7 @@ def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
     if path is None or not path.is_file():
         return {}
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
         parts = line.split("\t", 2)
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             out[parts[2]] = (int(parts[0]), int(parts[1]))
@@ -121,9 +121,11 @@ def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
 
 
 def _write_size_cache(path: Path, sizes: dict[str, tuple[int, int]]) -> None:
-    from dtop_export.atomic import atomic_write_text
+    from dtop_export.atomic import atomic_write_bytes
 
-    atomic_write_text(path, "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items()))
+    # file names as the file system has them (non-UTF-8 bytes kept); one with a tab or newline is read again
+    text = "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items() if "\t" not in p and "\n" not in p)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def finalize(
