@@ -264,3 +264,14 @@ def test_revisitop_gnd_entries_that_are_not_dicts(tmp_path: Path) -> None:
         D.read_revisitop(tmp_path, "tiny")
     with pytest.raises(DToPError, match=r"gnd_tiny.pkl: gnd\[1\] is a list, not revisitop's"):
         load_revisitop(tmp_path, "tiny")
+
+
+def test_revisitop_name_typo_and_everything_excluded_say_which_setting(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a data.name typo said ".../gnd_typo.pkl not found (expected .../gnd_typo.pkl)",
+    # and a set whose classes were all excluded said "check data.root"
+    make_revisitop(tmp_path)
+    with pytest.raises(DToPError, match=r"gnd_typo.pkl not found \(set data.name to one of tiny\)"):
+        D.read_revisitop(tmp_path, "typo")
+    make_folder(tmp_path / "f", classes=2, per_class=2)
+    with pytest.raises(DToPError, match="no usable images .*; check data.exclude_classes"):
+        D.read_folder(tmp_path / "f", exclude_classes=("class0", "class1"))

@@ -174,7 +174,8 @@ def finalize(
         skipped["over_max_images"] += len(usable) - max_images
         usable = usable[:max_images]
     if not usable:
-        raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check data.root")
+        check = "data.exclude_classes" if set(skipped) == {"excluded_classes"} else "data.root"
+        raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check {check}")
     class_names = sorted({lbl for _, lbl, _ in usable}, key=_natural)
     index = {c: i for i, c in enumerate(class_names)}
     ts = TrainSet(
@@ -363,7 +364,9 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
     """A revisitop-layout set as classes: each query + its easy/hard positives (overlaps merged)."""
     root = _need_dir(root, "revisitop")
     folder = root / name
-    gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", f"expected {root}/{name}/gnd_{name}.pkl")
+    names = sorted(p.parent.name for p in root.glob("*/gnd_*.pkl") if p.name == f"gnd_{p.parent.name}.pkl")
+    hint = f"set data.name to one of {', '.join(names)}" if names else "data.root holds no <name>/gnd_<name>.pkl"
+    gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", hint)
     cfg = load_pickle(gnd_path)
     try:
         imlist, qimlist, gnd = (
