@@ -275,3 +275,16 @@ def test_revisitop_name_typo_and_everything_excluded_say_which_setting(tmp_path:
     make_folder(tmp_path / "f", classes=2, per_class=2)
     with pytest.raises(DToPError, match="no usable images .*; check data.exclude_classes"):
         D.read_folder(tmp_path / "f", exclude_classes=("class0", "class1"))
+
+
+def test_an_image_listed_twice_is_used_once(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a train_clean.csv listing an id twice, or under two landmarks, trained on the
+    # image twice, once per (contradictory) label, without a word
+    make_gldv2(tmp_path)
+    plain = D.read_gldv2(tmp_path)
+    first = plain.paths[0].rsplit("/", 1)[1].removesuffix(".jpg")
+    with open(tmp_path / "train_clean.csv", "a") as fh:
+        fh.write(f"100,{first}\n777,{first} {first}\n")
+    ts = D.read_gldv2(tmp_path)
+    assert (ts.paths, ts.labels) == (plain.paths, plain.labels)
+    assert ts.skipped["duplicate"] == 1 and ts.skipped["duplicate_other_label"] == 2

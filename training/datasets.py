@@ -148,6 +148,13 @@ def finalize(
         entries = [e for e in entries if e[1] not in excluded]
         if len(entries) < n:
             skipped["excluded_classes"] += n - len(entries)
+    first: dict[str, str] = {}  # an image listed twice (GLDv2 ids repeated, a query that is also a db image) once
+    for p, label in entries:
+        if p in first:
+            skipped["duplicate" if first[p] == label else "duplicate_other_label"] += 1
+        else:
+            first[p] = label
+    entries = list(first.items())
     cache = _read_size_cache(size_cache)
     todo = sorted({p for p, _ in entries if p not in cache})
     if todo:
