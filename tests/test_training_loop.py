@@ -344,6 +344,14 @@ def test_contrastive_on_sfm120k_tuples(tmp_path: Path) -> None:
     assert prov["training_set"] == "sfm120k" and prov["skipped_images"]["missing"] == 1
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert rows and all(float(r["loss"]) >= 0 for r in rows)
+    # found by a real-layouts audit: more negatives than other clusters was found only after the model embedded the
+    # pool, as "raise loss.pool_size" (no pool can help: one negative per cluster), with log.csv/epochs.csv left, so
+    # the next try was refused as "already holds a training run"
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "out_dir": str(tmp_path / "run3")})
+    cfg.loss.nnum = 3
+    with pytest.raises(DToPError, match="loss.nnum=3 hard negatives need .* 3 clusters: lower loss.nnum to 2 or less"):
+        Trainer(cfg).run()
+    assert not (tmp_path / "run3").exists()
 
 
 def test_cli_train_then_resume_with_more_epochs(tmp_path: Path, folder_data: Path) -> None:
