@@ -245,6 +245,23 @@ def test_decode_failures_are_reported_not_only_counted(
     assert "1 image(s) failed to decode so far" in caplog.text
 
 
+def test_a_set_whose_images_all_fail_to_decode_is_refused(tmp_path: Path) -> None:
+    # found by a real-layouts audit: every image truncated (headers fine) "trained" an epoch at loss nan, exit 0,
+    # final.pt written; torch warned "Detected call of `lr_scheduler.step()` before `optimizer.step()`" meanwhile
+    import warnings
+
+    from _training_data import write_truncated
+
+    for c in range(2):
+        for k in range(4):
+            write_truncated(tmp_path / "data" / f"c{c}" / f"{k}.jpg")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "Detected call of `lr_scheduler")
+        with pytest.raises(DToPError, match="epoch 1: no batch had two images that decode .* nothing was trained"):
+            Trainer(_cfg(tmp_path / "run", tmp_path / "data", "epochs=1")).run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # found by a real-layouts audit: a missing data.root, or a set of one class (ArcFace's loss is 0 there,
     # so it used to "train" on nothing), left runs/x/config.yaml (+ image_sizes.tsv) behind

@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -383,8 +384,8 @@ class Trainer:
         try:
             return self._run()
         except DToPError:
-            # a refused set-up (data, config) leaves no half-made run folder behind: only what this run created
-            if self._made_out and self.out.is_dir() and not previous_run(self.out):
+            # a refused run (data, config) leaves no half-made run folder: one this run created, with no checkpoint
+            if self._made_out and self.out.is_dir() and not any(p.suffix == ".pt" for p in previous_run(self.out)):
                 import shutil
 
                 shutil.rmtree(self.out, ignore_errors=True)
@@ -492,6 +493,11 @@ class Trainer:
                     self.sampler = self._make_sampler(self.dataset.query_sizes())
                 self.sampler.set_epoch(epoch, position)
                 n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
+                if position == 0 and not any(self._gather(loss_avg == loss_avg)):  # NaN: not one usable batch
+                    raise DToPError(
+                        f"epoch {epoch + 1}: no batch had two images that decode ({self.skipped_decode} failed to):"
+                        f" the images of data.root {self.cfg.data.root} are unreadable; nothing was trained"
+                    )
                 total_images += n_img
                 total_time += secs
                 self._end_epoch(epoch, loss_avg, n_img, secs)
@@ -609,7 +615,9 @@ class Trainer:
                 else:
                     self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+            with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+                self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
             self.global_step += 1
             now = time.perf_counter()
             dt = now - t_step
