@@ -135,6 +135,22 @@ def test_whiten_checkpoint_pca_and_lw(tmp_path: Path, small_ckpt: Path) -> None:
         whiten_checkpoint(small_ckpt, out, progress=False)
 
 
+def test_whiten_skips_images_that_fail_to_decode(
+    tmp_path: Path, small_ckpt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by a real-layouts audit: a truncated JPEG (header fine, body cut) among the images stopped whiten
+    # mid-embedding ("cannot read image ...: image file is truncated") though unreadable images are to be skipped
+    from _training_data import write_truncated
+
+    make_folder(tmp_path / "imgs", classes=4, per_class=4)
+    write_truncated(tmp_path / "imgs" / "class0" / "9.jpg")
+    out = tmp_path / "w.pt"
+    _, wh = whiten_checkpoint(small_ckpt, out, images=tmp_path / "imgs", dim=8, size=64, progress=False)
+    assert wh.info["images"] == 16 and "1 image(s) failed to decode, skipped (first: " in caplog.text
+    _, wh = whiten_checkpoint(small_ckpt, out, pairs=tmp_path / "imgs", size=64, progress=False)
+    assert (wh.info["pairs"], wh.info["images"]) == (12, 16)  # class0's 3-9 pair is gone
+
+
 def test_whiten_cli(tmp_path: Path, small_ckpt: Path) -> None:
     make_folder(tmp_path / "imgs", classes=3, per_class=4)
     ck = tmp_path / "c.pt"

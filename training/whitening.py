@@ -279,7 +279,17 @@ def whiten_checkpoint(
         order = sorted({i for ab in keep for i in ab})
         remap = {i: k for k, i in enumerate(order)}
         paths = [pl.paths[i] for i in order]
-        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        X, failed = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        if failed:  # headers fine, bodies not (truncated JPEGs): their pairs go
+            bad = {order[k] for k in failed}
+            keep = [(a, b) for a, b in keep if a not in bad and b not in bad]
+            _warn_failed(failed, paths, f"{len(keep)} pairs left")
+            if not keep:
+                raise DToPError(f"{pairs}: no pair has both images readable")
+            order = sorted({i for ab in keep for i in ab})
+            X = X[[remap[i] for i in order]]
+            remap = {i: k for k, i in enumerate(order)}
+            paths = [pl.paths[i] for i in order]
         m, P, alpha = learn_lw(X, [remap[a] for a, _ in keep], [remap[b] for _, b in keep], dim, shrinkage)
         cond = condition_number(P)
         wh = make_whitening(
@@ -296,7 +306,11 @@ def whiten_checkpoint(
         )
     else:
         paths = [p for p in list_images(images) if image_size(p) is not None]
-        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        X, failed = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        if failed:
+            _warn_failed(failed, paths, f"{len(paths) - len(failed)} images left")
+            alive = [k for k in range(len(paths)) if k not in set(failed)]
+            X, paths = X[alive], [paths[k] for k in alive]
         m, P = learn_pca(X, dim)
         cond = condition_number(P)
         wh = make_whitening(
@@ -327,9 +341,14 @@ def whiten_checkpoint(
 
 def _embed(
     model: Any, paths: list[str], preprocess: Any, size: int, scales: Sequence[float], progress: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[int]]:
     from dtop_export.training.embed import embed_paths
     from dtop_export.training.progress import track
 
+    failed: list[int] = []
     with track(len(paths), "descriptors", enabled=progress) as advance:
-        return embed_paths(model, paths, preprocess, size, scales, progress=advance)
+        return embed_paths(model, paths, preprocess, size, scales, progress=advance, failed=failed), failed
+
+
+def _warn_failed(failed: list[int], paths: list[str], left: str) -> None:
+    log.warning("whitening: %d image(s) failed to decode, skipped (first: %s); %s", len(failed), paths[failed[0]], left)
