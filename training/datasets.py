@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from typing import Any
 
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size, is_image_file
+from dtop_export.retrieval.datasets import load_pickle
 from dtop_export.training.lists import as_list, csv_rows, gnd_entries, read_text, sfm120k_lists
 
 log = logging.getLogger(__name__)
@@ -67,43 +67,6 @@ class TrainSet:
         skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()) if v) or "none"
         pairs = f", {len(self.qidxs)} query/positive pairs" if self.qidxs is not None else ""
         return f"{self.name}: {len(self)} images, {self.num_classes} classes{pairs} (skipped: {skipped})"
-
-
-# safe pickle ----------------------------------------------------------------------------------------------
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a dataset file must not be able to run code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("collections", "OrderedDict"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-
-
-def load_pickle(path: str | Path) -> Any:
-    """Load a dataset pickle (cirtorch/revisitop) allowing only plain data: never runs code from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DToPError(f"{path} not found")
-    try:
-        with open(path, "rb") as fh:
-            return _SafeUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
 
 
 # image scanning -------------------------------------------------------------------------------------------

@@ -192,7 +192,8 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     if not spec.is_file():
         raise DToPError(f"pairs file {spec} not found")
     if spec.suffix == ".pkl":
-        from dtop_export.training.datasets import cid2filename, load_pickle
+        from dtop_export.retrieval.datasets import load_pickle
+        from dtop_export.training.datasets import cid2filename
         from dtop_export.training.lists import as_list, pair_indices
 
         db = load_pickle(spec)
