@@ -194,6 +194,33 @@ def test_load_revisitop_rejects_bad_ground_truth(tmp_path: Path) -> None:
     (folder / "gnd_tiny.pkl").write_bytes(b"garbage")
     with pytest.raises(DToPError, match="cannot read"):
         load_revisitop(tmp_path, "tiny")
+    # found by a real-layouts audit: evaluation read gnd_<name>.pkl with pickle.load, so a downloaded file could run
+    # code (training's readers already refused that)
+    (folder / "gnd_tiny.pkl").write_bytes(pickle.dumps({"imlist": _Evil()}))
+    with pytest.raises(DToPError, match=r"refusing to unpickle [\w.]*system"):
+        load_revisitop(tmp_path, "tiny")
+
+
+class _Evil:
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_evaluate_refuses_missing_images_before_embedding(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a jpg/ with images missing failed only once the extraction reached one
+    # ("image ... not found" after the queries and part of the database were embedded)
+    folder = _write_tiny_set(tmp_path)
+    names = sorted((folder / "jpg").iterdir())
+    names[-1].unlink()
+    names[-2].unlink()
+    engine = TinyImageEngine()
+    with pytest.raises(
+        DToPError, match=r"2 of the \d+ images of gnd_tiny.pkl are missing \(first: .*\): put the whole"
+    ):
+        evaluate(engine, tmp_path, "tiny", progress=False, image_size=64)
+    assert engine.calls == []
 
 
 def test_evaluate_crops_queries_to_their_box(tmp_path: Path) -> None:

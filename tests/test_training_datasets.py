@@ -133,6 +133,23 @@ def test_size_cache(tmp_path: Path) -> None:
     assert a.sizes == b.sizes
 
 
+def test_size_cache_with_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a file named in Latin-1 (b"caf\xe9.jpg", as old archives unpack) made the size
+    # cache's write a UnicodeEncodeError traceback; a newline in a name would split its cache line
+    import os
+
+    make_folder(tmp_path / "data", classes=2, per_class=3)
+    os.rename(
+        tmp_path / "data" / "class0" / "0.jpg", os.fsdecode(bytes(tmp_path / "data" / "class0") + b"/caf\xe9.jpg")
+    )
+    os.rename(tmp_path / "data" / "class1" / "0.jpg", tmp_path / "data" / "class1" / "new\nline.jpg")
+    cache = tmp_path / "sizes.tsv"
+    a = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert len(a) == 6 and len(cache.read_bytes().splitlines()) == 5  # the newline's name is not cached
+    b = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert (b.paths, b.sizes) == (a.paths, a.sizes)
+
+
 def test_image_dataset_and_decode_failures(tmp_path: Path) -> None:
     make_folder(tmp_path, classes=2, per_class=2)
     write_truncated(tmp_path / "class1" / "truncated.jpg")
@@ -187,3 +204,87 @@ def test_embedded_training_sample(tmp_path: Path) -> None:
     assert (tmp_path / "t" / Path(ts.paths[0]).relative_to(root)).read_bytes() == first
     build_training_sample(tmp_path / "s", views_per_class=1, max_side=96)  # another recipe: rebuilt
     assert len(D.read_folder(root)) == len(PHOTOS)
+
+
+def test_lists_as_real_downloads_come(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a BOM (Excel's UTF-8) broke the header check of train_clean.csv/train.csv
+    # ("expected a header landmark_id,images" on a file that has it) and dropped nc-clean's first image as missing;
+    # a non-UTF-8 byte was a UnicodeDecodeError traceback
+    for name, make, read, listed in [
+        ("gldv2", make_gldv2, D.read_gldv2, "train_clean.csv"),
+        ("gldv1", make_gldv1, D.read_gldv1, "train.csv"),
+        ("nc", make_nc_clean, D.read_nc_clean, "annotations/annotation_clean_train.txt"),
+    ]:
+        root = tmp_path / name
+        root.mkdir()
+        make(root)
+        plain = read(root)
+        p = root / listed
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        bom = read(root)
+        assert (bom.paths, bom.labels, bom.skipped) == (plain.paths, plain.labels, plain.skipped), name
+        p.write_bytes(p.read_bytes() + "caf\xe9 x\r\n".encode("latin-1"))
+        with pytest.raises(DToPError, match=rf"{listed}: line \d+ is not UTF-8 \(byte 0xe9\): save the list as UTF-8"):
+            read(root)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda db: db.update(train=[1, 2]), r"'train' is a list, not cirtorch's"),
+        (
+            lambda db: db["train"]["qidxs"].append(99) or db["train"]["pidxs"].append(0),
+            r"qidxs\[5\] is 99, not an index",
+        ),
+        (lambda db: db["train"]["pidxs"].pop(), "5 qidxs but 4 pidxs"),
+        (lambda db: db["train"]["cluster"].__setitem__(0, None), r"cluster\[0\] is None, not an integer"),
+        (lambda db: db["train"]["cluster"].pop(), "14 cids but 13 cluster labels"),
+    ],
+)
+def test_sfm120k_pickle_of_another_structure_is_one_line(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
+    # found by a real-layouts audit: these were TypeError/IndexError tracebacks, or (lengths) a silent zip
+    db = make_sfm120k(tmp_path)
+    change(db)
+    with open(tmp_path / "retrieval-SfM-120k.pkl", "wb") as fh:
+        pickle.dump(db, fh)
+    with pytest.raises(DToPError, match=message):
+        D.read_sfm120k(tmp_path)
+
+
+def test_revisitop_gnd_entries_that_are_not_dicts(tmp_path: Path) -> None:
+    # found by a real-layouts audit: AttributeError 'list' object has no attribute 'get' (train and evaluate)
+    from dtop_export.retrieval.datasets import load_revisitop
+
+    make_revisitop(tmp_path)
+    p = tmp_path / "tiny" / "gnd_tiny.pkl"
+    cfg = pickle.loads(p.read_bytes())
+    cfg["gnd"][1] = [0, 1]
+    p.write_bytes(pickle.dumps(cfg))
+    with pytest.raises(DToPError, match=r"gnd_tiny.pkl: gnd\[1\] is a list, not revisitop's"):
+        D.read_revisitop(tmp_path, "tiny")
+    with pytest.raises(DToPError, match=r"gnd_tiny.pkl: gnd\[1\] is a list, not revisitop's"):
+        load_revisitop(tmp_path, "tiny")
+
+
+def test_revisitop_name_typo_and_everything_excluded_say_which_setting(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a data.name typo said ".../gnd_typo.pkl not found (expected .../gnd_typo.pkl)",
+    # and a set whose classes were all excluded said "check data.root"
+    make_revisitop(tmp_path)
+    with pytest.raises(DToPError, match=r"gnd_typo.pkl not found \(set data.name to one of tiny\)"):
+        D.read_revisitop(tmp_path, "typo")
+    make_folder(tmp_path / "f", classes=2, per_class=2)
+    with pytest.raises(DToPError, match="no usable images .*; check data.exclude_classes"):
+        D.read_folder(tmp_path / "f", exclude_classes=("class0", "class1"))
+
+
+def test_an_image_listed_twice_is_used_once(tmp_path: Path) -> None:
+    # found by a real-layouts audit: a train_clean.csv listing an id twice, or under two landmarks, trained on the
+    # image twice, once per (contradictory) label, without a word
+    make_gldv2(tmp_path)
+    plain = D.read_gldv2(tmp_path)
+    first = plain.paths[0].rsplit("/", 1)[1].removesuffix(".jpg")
+    with open(tmp_path / "train_clean.csv", "a") as fh:
+        fh.write(f"100,{first}\n777,{first} {first}\n")
+    ts = D.read_gldv2(tmp_path)
+    assert (ts.paths, ts.labels) == (plain.paths, plain.labels)
+    assert ts.skipped["duplicate"] == 1 and ts.skipped["duplicate_other_label"] == 2

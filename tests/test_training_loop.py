@@ -227,6 +227,53 @@ def test_cli_train_refuses_out_of_range_numbers_before_the_run_folder(
     assert not out.exists() and not out.parent.exists()
 
 
+def test_decode_failures_are_reported_not_only_counted(
+    tmp_path: Path, folder_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by a real-layouts audit: a truncated JPEG (header fine, body cut) was dropped from its batch and counted
+    # in provenance only; the run's output never said so, nor which file
+    import shutil
+
+    from _training_data import write_truncated
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_data, data)
+    write_truncated(data / "class1" / "cut.jpg")
+    with caplog.at_level("INFO"):
+        Trainer(_cfg(tmp_path / "run", data, "epochs=1")).run()
+    assert "cut.jpg: image file is truncated" in caplog.text and "dropped from its batch" in caplog.text
+    assert "1 image(s) failed to decode so far" in caplog.text
+
+
+def test_a_set_whose_images_all_fail_to_decode_is_refused(tmp_path: Path) -> None:
+    # found by a real-layouts audit: every image truncated (headers fine) "trained" an epoch at loss nan, exit 0,
+    # final.pt written; torch warned "Detected call of `lr_scheduler.step()` before `optimizer.step()`" meanwhile
+    import warnings
+
+    from _training_data import write_truncated
+
+    for c in range(2):
+        for k in range(4):
+            write_truncated(tmp_path / "data" / f"c{c}" / f"{k}.jpg")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "Detected call of `lr_scheduler")
+        with pytest.raises(DToPError, match="epoch 1: no batch had two images that decode .* nothing was trained"):
+            Trainer(_cfg(tmp_path / "run", tmp_path / "data", "epochs=1")).run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # found by a real-layouts audit: a missing data.root, or a set of one class (ArcFace's loss is 0 there,
+    # so it used to "train" on nothing), left runs/x/config.yaml (+ image_sizes.tsv) behind
+    one = make_folder(tmp_path / "one", classes=1, per_class=4)
+    for root, message in [(tmp_path / "nowhere", "data.root"), (one, "only one class (class0)")]:
+        out = tmp_path / "runs" / "x"
+        assert cli("train", *_cli_sets(root), "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -314,6 +361,14 @@ def test_contrastive_on_sfm120k_tuples(tmp_path: Path) -> None:
     assert prov["training_set"] == "sfm120k" and prov["skipped_images"]["missing"] == 1
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert rows and all(float(r["loss"]) >= 0 for r in rows)
+    # found by a real-layouts audit: more negatives than other clusters was found only after the model embedded the
+    # pool, as "raise loss.pool_size" (no pool can help: one negative per cluster), with log.csv/epochs.csv left, so
+    # the next try was refused as "already holds a training run"
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "out_dir": str(tmp_path / "run3")})
+    cfg.loss.nnum = 3
+    with pytest.raises(DToPError, match="loss.nnum=3 hard negatives need .* 3 clusters: lower loss.nnum to 2 or less"):
+        Trainer(cfg).run()
+    assert not (tmp_path / "run3").exists()
 
 
 def test_cli_train_then_resume_with_more_epochs(tmp_path: Path, folder_data: Path) -> None:

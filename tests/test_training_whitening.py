@@ -102,10 +102,22 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
     pl = read_pairs(tmp_path / "pairs.csv")
     assert pl.paths == [str(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
     assert (pl.qidxs, pl.pidxs) == ([0, 2], [1, 0])
+    # a BOM (Excel's UTF-8) made the header a pair of images "\ufeffquery" and "positive"
+    (tmp_path / "pairs.csv").write_bytes(b"\xef\xbb\xbfquery,positive\r\na.jpg,b.jpg\r\nc.jpg,a.jpg\r\n")
+    bom = read_pairs(tmp_path / "pairs.csv")
+    assert (bom.paths, bom.qidxs, bom.pidxs) == (pl.paths, pl.qidxs, pl.pidxs)
+    (tmp_path / "pairs.csv").write_bytes(b"query,positive\na.jpg,b.jpg\ncaf\xe9.jpg,a.jpg\n")
+    with pytest.raises(DToPError, match=r"pairs.csv: line 3 is not UTF-8"):
+        read_pairs(tmp_path / "pairs.csv")
     with open(tmp_path / "x-whiten.pkl", "wb") as fh:
         pickle.dump({"cids": ["abcdef01", "abcdef02"], "qidxs": [0], "pidxs": [1]}, fh)
     pl = read_pairs(tmp_path / "x-whiten.pkl")
     assert pl.paths[0] == str(tmp_path / "ims" / "01" / "ef" / "cd" / "abcdef01") and pl.qidxs == [0]
+    # an index past the cids was an IndexError traceback once the images were checked
+    with open(tmp_path / "x-whiten.pkl", "wb") as fh:
+        pickle.dump({"cids": ["abcdef01", "abcdef02"], "qidxs": [0, 5], "pidxs": [1, 0]}, fh)
+    with pytest.raises(DToPError, match=r"x-whiten.pkl: qidxs\[1\] is 5, not an index in 0..1"):
+        read_pairs(tmp_path / "x-whiten.pkl")
 
 
 def test_whiten_checkpoint_pca_and_lw(tmp_path: Path, small_ckpt: Path) -> None:
@@ -121,6 +133,22 @@ def test_whiten_checkpoint_pca_and_lw(tmp_path: Path, small_ckpt: Path) -> None:
     assert ck.whitening.kind == "lw" and ck.whitening.info["pairs"] == 12 and ck.whitening.out_dim == 256
     with pytest.raises(DToPError, match="either --pairs"):
         whiten_checkpoint(small_ckpt, out, progress=False)
+
+
+def test_whiten_skips_images_that_fail_to_decode(
+    tmp_path: Path, small_ckpt: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # found by a real-layouts audit: a truncated JPEG (header fine, body cut) among the images stopped whiten
+    # mid-embedding ("cannot read image ...: image file is truncated") though unreadable images are to be skipped
+    from _training_data import write_truncated
+
+    make_folder(tmp_path / "imgs", classes=4, per_class=4)
+    write_truncated(tmp_path / "imgs" / "class0" / "9.jpg")
+    out = tmp_path / "w.pt"
+    _, wh = whiten_checkpoint(small_ckpt, out, images=tmp_path / "imgs", dim=8, size=64, progress=False)
+    assert wh.info["images"] == 16 and "1 image(s) failed to decode, skipped (first: " in caplog.text
+    _, wh = whiten_checkpoint(small_ckpt, out, pairs=tmp_path / "imgs", size=64, progress=False)
+    assert (wh.info["pairs"], wh.info["images"]) == (12, 16)  # class0's 3-9 pair is gone
 
 
 def test_whiten_cli(tmp_path: Path, small_ckpt: Path) -> None:

@@ -20,10 +20,8 @@ Formats
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import pickle
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +31,8 @@ from typing import Any
 
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size, is_image_file
+from dtop_export.retrieval.datasets import load_pickle
+from dtop_export.training.lists import as_list, csv_rows, gnd_entries, read_text, sfm120k_lists
 
 log = logging.getLogger(__name__)
 
@@ -69,48 +69,6 @@ class TrainSet:
         return f"{self.name}: {len(self)} images, {self.num_classes} classes{pairs} (skipped: {skipped})"
 
 
-# safe pickle ----------------------------------------------------------------------------------------------
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a dataset file must not be able to run code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("collections", "OrderedDict"),
-        ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-
-
-def load_pickle(path: str | Path) -> Any:
-    """Load a dataset pickle (cirtorch/revisitop) allowing only plain data: never runs code from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DToPError(f"{path} not found")
-    try:
-        with open(path, "rb") as fh:
-            return _SafeUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
-
-
-def as_list(v: Any) -> list:
-    """A pickled sequence (list, tuple or numpy array) as a plain list."""
-    return v.tolist() if hasattr(v, "tolist") else list(v)
-
-
 # image scanning -------------------------------------------------------------------------------------------
 
 
@@ -118,7 +76,7 @@ def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
     if path is None or not path.is_file():
         return {}
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
         parts = line.split("\t", 2)
         if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
             out[parts[2]] = (int(parts[0]), int(parts[1]))
@@ -126,9 +84,11 @@ def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
 
 
 def _write_size_cache(path: Path, sizes: dict[str, tuple[int, int]]) -> None:
-    from dtop_export.atomic import atomic_write_text
+    from dtop_export.atomic import atomic_write_bytes
 
-    atomic_write_text(path, "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items()))
+    # file names as the file system has them (non-UTF-8 bytes kept); one with a tab or newline is read again
+    text = "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items() if "\t" not in p and "\n" not in p)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def finalize(
@@ -151,6 +111,13 @@ def finalize(
         entries = [e for e in entries if e[1] not in excluded]
         if len(entries) < n:
             skipped["excluded_classes"] += n - len(entries)
+    first: dict[str, str] = {}  # an image listed twice (GLDv2 ids repeated, a query that is also a db image) once
+    for p, label in entries:
+        if p in first:
+            skipped["duplicate" if first[p] == label else "duplicate_other_label"] += 1
+        else:
+            first[p] = label
+    entries = list(first.items())
     cache = _read_size_cache(size_cache)
     todo = sorted({p for p, _ in entries if p not in cache})
     if todo:
@@ -177,7 +144,8 @@ def finalize(
         skipped["over_max_images"] += len(usable) - max_images
         usable = usable[:max_images]
     if not usable:
-        raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check data.root")
+        check = "data.exclude_classes" if set(skipped) == {"excluded_classes"} else "data.root"
+        raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check {check}")
     class_names = sorted({lbl for _, lbl, _ in usable}, key=_natural)
     index = {c: i for i, c in enumerate(class_names)}
     ts = TrainSet(
@@ -238,12 +206,7 @@ def read_sfm120k(
     db = load_pickle(pkl)
     if not isinstance(db, dict) or split not in db:
         raise DToPError(f"{pkl}: no '{split}' part (expected cirtorch's {{'train': ..., 'val': ...}})")
-    db = db[split]
-    try:
-        cids, clusters = as_list(db["cids"]), as_list(db["cluster"])
-        qidxs, pidxs = as_list(db["qidxs"]), as_list(db["pidxs"])
-    except KeyError as e:
-        raise DToPError(f"{pkl}: '{split}' has no {e} list") from None
+    cids, clusters, qidxs, pidxs = sfm120k_lists(db, pkl, split)
     ims = root / "ims"
     paths = [str(cid2filename(str(c), ims)) for c in cids]
     entries = [(p, str(int(c))) for p, c in zip(paths, clusters)]
@@ -281,21 +244,17 @@ def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **k
     )
     entries = []
     skipped: Counter = Counter()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"landmark_id", "images"} <= set(reader.fieldnames):
-            raise DToPError(f"{path}: expected a header landmark_id,images (GLDv2 train_clean.csv)")
-        for row in reader:
-            label = (row.get("landmark_id") or "").strip()
-            ids = (row.get("images") or "").split()
-            if not label:
-                skipped["unlabelled"] += len(ids)
+    for row in csv_rows(path, ("landmark_id", "images"), "landmark_id,images (GLDv2 train_clean.csv)"):
+        label = (row.get("landmark_id") or "").strip()
+        ids = (row.get("images") or "").split()
+        if not label:
+            skipped["unlabelled"] += len(ids)
+            continue
+        for image_id in ids:
+            if len(image_id) < 3:
+                skipped["bad_id"] += 1
                 continue
-            for image_id in ids:
-                if len(image_id) < 3:
-                    skipped["bad_id"] += 1
-                    continue
-                entries.append((str(gldv2_path(root, image_id)), label))
+            entries.append((str(gldv2_path(root, image_id)), label))
     return finalize("gldv2", root, entries, skipped, **kw)
 
 
@@ -310,17 +269,13 @@ def read_gldv1(root: str | Path | None, list_file: str | Path | None = None, **k
     images = root / "train" if (root / "train").is_dir() else root
     entries = []
     skipped: Counter = Counter()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"id", "landmark_id"} <= set(reader.fieldnames):
-            raise DToPError(f"{path}: expected a header id,url,landmark_id (GLDv1 train.csv)")
-        for row in reader:
-            image_id = (row.get("id") or "").strip()
-            label = (row.get("landmark_id") or "").strip()
-            if not image_id or not label or label == "None":
-                skipped["unlabelled"] += 1
-                continue
-            entries.append((str(images / f"{image_id}.jpg"), label))
+    for row in csv_rows(path, ("id", "landmark_id"), "id,url,landmark_id (GLDv1 train.csv)"):
+        image_id = (row.get("id") or "").strip()
+        label = (row.get("landmark_id") or "").strip()
+        if not image_id or not label or label == "None":
+            skipped["unlabelled"] += 1
+            continue
+        entries.append((str(images / f"{image_id}.jpg"), label))
     return finalize("gldv1", root, entries, skipped, **kw)
 
 
@@ -341,14 +296,14 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
     skipped: Counter = Counter()
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise DToPError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise DToPError(f"{path}: expected a JSON object {{image_path: label}}")
         pairs = [(str(k), str(v)) for k, v in data.items()]
     else:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -379,10 +334,16 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
     """A revisitop-layout set as classes: each query + its easy/hard positives (overlaps merged)."""
     root = _need_dir(root, "revisitop")
     folder = root / name
-    gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", f"expected {root}/{name}/gnd_{name}.pkl")
+    names = sorted(p.parent.name for p in root.glob("*/gnd_*.pkl") if p.name == f"gnd_{p.parent.name}.pkl")
+    hint = f"set data.name to one of {', '.join(names)}" if names else "data.root holds no <name>/gnd_<name>.pkl"
+    gnd_path = _need_file(folder / f"gnd_{name}.pkl", "revisitop", hint)
     cfg = load_pickle(gnd_path)
     try:
-        imlist, qimlist, gnd = as_list(cfg["imlist"]), as_list(cfg["qimlist"]), as_list(cfg["gnd"])
+        imlist, qimlist, gnd = (
+            as_list(cfg["imlist"]),
+            as_list(cfg["qimlist"]),
+            gnd_entries(as_list(cfg["gnd"]), gnd_path),
+        )
     except (KeyError, TypeError) as e:
         raise DToPError(f"{gnd_path}: not a revisitop ground truth (missing {e})") from None
     ext = cfg.get("ext", ".jpg") or ""

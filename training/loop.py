@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +43,7 @@ from dtop_export.training.state import (
     STATE_VERSION,
     config_changes,
     dist_info,
+    previous_run,
     read_state,
     rng_state,
     set_rng_state,
@@ -378,8 +380,16 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train; returns where the checkpoints are. Leaves the process group as it found it."""
         own_group = self.world > 1 and not dist.is_initialized()
+        self._made_out = self.is_main and not self.out.exists()
         try:
             return self._run()
+        except DToPError:
+            # a refused run (data, config) leaves no half-made run folder: one this run created, with no checkpoint
+            if self._made_out and self.out.is_dir() and not any(p.suffix == ".pt" for p in previous_run(self.out)):
+                import shutil
+
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         finally:
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
@@ -405,6 +415,11 @@ class Trainer:
         self._load_data()
         self.head = None
         if cfg.loss.name == "arcface":
+            if self.ts.num_classes < 2:
+                raise DToPError(
+                    f"{self.ts.name}: only one class ({self.ts.class_names[0]}); ArcFace learns nothing from one "
+                    "(its loss is 0): give data.root a set with two or more classes"
+                )
             torch.manual_seed(cfg.seed + 1)
             self.head = ArcFace(self.model.descriptor_dim, self.ts.num_classes, cfg.loss.scale, cfg.loss.margin)
             self.head.to(self.device)
@@ -478,6 +493,11 @@ class Trainer:
                     self.sampler = self._make_sampler(self.dataset.query_sizes())
                 self.sampler.set_epoch(epoch, position)
                 n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
+                if position == 0 and not any(self._gather(loss_avg == loss_avg)):  # NaN: not one usable batch
+                    raise DToPError(
+                        f"epoch {epoch + 1}: no batch had two images that decode ({self.skipped_decode} failed to):"
+                        f" the images of data.root {self.cfg.data.root} are unreadable; nothing was trained"
+                    )
                 total_images += n_img
                 total_time += secs
                 self._end_epoch(epoch, loss_avg, n_img, secs)
@@ -595,7 +615,9 @@ class Trainer:
                 else:
                     self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+            with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+                self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
             self.global_step += 1
             now = time.perf_counter()
             dt = now - t_step
@@ -645,6 +667,8 @@ class Trainer:
             msg = f"epoch {epoch + 1}/{self.cfg.epochs}: loss {loss:.4f}, {row['images_per_s']:.1f} img/s"
             if metrics:
                 msg += f", mAP {format_map(metrics)} (E/M/H)"
+            if self.skipped_decode:  # counted in provenance.skipped_images too; a user should not have to look
+                msg += f"; {self.skipped_decode} image(s) failed to decode so far, dropped from their batches"
             log.info("%s", msg)
         self.save_state(rng_state(self.device))
         self._boundary_rng = None  # the state just written is the one to resume from until the next step

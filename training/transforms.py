@@ -7,6 +7,7 @@ exactly as at inference.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import load_image, normalize
 from dtop_export.training.datasets import TrainSet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,7 +99,8 @@ class ImageDataset:
         rng = random.Random(seed)
         try:
             img = load_image(self.ts.paths[idx])
-        except DToPError:
+        except DToPError as e:
+            log.warning("%s; dropped from its batch", e)
             return None
         img = augment_colour(crop_resize(img, (h, w), self.aug, rng), self.aug, rng)
         return to_tensor(img, self.mean, self.std), self.ts.labels[idx], idx

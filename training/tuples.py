@@ -40,6 +40,11 @@ class TupleDataset:
         return 2 + self.nnum
 
     def configure(self, nnum: int, query_size: int, pool_size: int, seed: int) -> None:
+        if nnum > self.ts.num_classes - 1:  # negatives come one per cluster, none from the query's (cirtorch)
+            raise DToPError(
+                f"loss.nnum={nnum} hard negatives need as many clusters besides the query's, and {self.ts.name} has "
+                f"{self.ts.num_classes} clusters: lower loss.nnum to {self.ts.num_classes - 1} or less"
+            )
         self.nnum, self.query_size, self.pool_size, self.seed = nnum, query_size, pool_size, seed
 
     def select(self, epoch: int) -> list[tuple[int, int]]:

@@ -192,7 +192,9 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     if not spec.is_file():
         raise DToPError(f"pairs file {spec} not found")
     if spec.suffix == ".pkl":
-        from dtop_export.training.datasets import as_list, cid2filename, load_pickle
+        from dtop_export.retrieval.datasets import load_pickle
+        from dtop_export.training.datasets import cid2filename
+        from dtop_export.training.lists import as_list, pair_indices
 
         db = load_pickle(spec)
         if isinstance(db, dict) and "cids" not in db and split in db:
@@ -201,15 +203,15 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
             raise DToPError(f"{spec}: expected cirtorch's whitening pickle with cids, qidxs, pidxs")
         ims = Path(root) / "ims" if root else spec.parent / "ims"
         paths = [str(cid2filename(str(c), ims)) for c in as_list(db["cids"])]
-        return PairList(
-            paths, [int(i) for i in as_list(db["qidxs"])], [int(i) for i in as_list(db["pidxs"])], str(spec)
-        )
+        q, p = pair_indices(db, len(paths), spec)
+        return PairList(paths, q, p, str(spec))
     base = Path(root) if root else spec.parent
     paths: list[str] = []
     index: dict[str, int] = {}
     q, p = [], []
-    with open(spec, newline="", encoding="utf-8") as fh:
-        text = fh.read()
+    from dtop_export.training.lists import read_text
+
+    text = read_text(spec)
     dialect = "excel-tab" if "\t" in text else "excel"
     for row in csv.reader(text.splitlines(), dialect=dialect):
         row = [c.strip() for c in row if c.strip()]
@@ -278,7 +280,17 @@ def whiten_checkpoint(
         order = sorted({i for ab in keep for i in ab})
         remap = {i: k for k, i in enumerate(order)}
         paths = [pl.paths[i] for i in order]
-        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        X, failed = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        if failed:  # headers fine, bodies not (truncated JPEGs): their pairs go
+            bad = {order[k] for k in failed}
+            keep = [(a, b) for a, b in keep if a not in bad and b not in bad]
+            _warn_failed(failed, paths, f"{len(keep)} pairs left")
+            if not keep:
+                raise DToPError(f"{pairs}: no pair has both images readable")
+            order = sorted({i for ab in keep for i in ab})
+            X = X[[remap[i] for i in order]]
+            remap = {i: k for k, i in enumerate(order)}
+            paths = [pl.paths[i] for i in order]
         m, P, alpha = learn_lw(X, [remap[a] for a, _ in keep], [remap[b] for _, b in keep], dim, shrinkage)
         cond = condition_number(P)
         wh = make_whitening(
@@ -295,7 +307,11 @@ def whiten_checkpoint(
         )
     else:
         paths = [p for p in list_images(images) if image_size(p) is not None]
-        X = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        X, failed = _embed(model, paths, ckpt.preprocess, size, scales, progress)
+        if failed:
+            _warn_failed(failed, paths, f"{len(paths) - len(failed)} images left")
+            alive = [k for k in range(len(paths)) if k not in set(failed)]
+            X, paths = X[alive], [paths[k] for k in alive]
         m, P = learn_pca(X, dim)
         cond = condition_number(P)
         wh = make_whitening(
@@ -326,9 +342,14 @@ def whiten_checkpoint(
 
 def _embed(
     model: Any, paths: list[str], preprocess: Any, size: int, scales: Sequence[float], progress: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[int]]:
     from dtop_export.training.embed import embed_paths
     from dtop_export.training.progress import track
 
+    failed: list[int] = []
     with track(len(paths), "descriptors", enabled=progress) as advance:
-        return embed_paths(model, paths, preprocess, size, scales, progress=advance)
+        return embed_paths(model, paths, preprocess, size, scales, progress=advance, failed=failed), failed
+
+
+def _warn_failed(failed: list[int], paths: list[str], left: str) -> None:
+    log.warning("whitening: %d image(s) failed to decode, skipped (first: %s); %s", len(failed), paths[failed[0]], left)

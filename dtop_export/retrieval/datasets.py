@@ -53,11 +53,7 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
             else "download revisitop's files (gnd_<name>.pkl and jpg/) there or pass --data-root"
         )
         raise DToPError(f"{pkl} not found: {hint}")
-    try:
-        with open(pkl, "rb") as fh:
-            cfg = pickle.load(fh)
-    except Exception as e:  # noqa: BLE001 - pickle raises many types
-        raise DToPError(f"cannot read {pkl}: {e}") from e
+    cfg = load_pickle(pkl)  # revisitop's files are plain data: a pickle that would run code is refused
     if not isinstance(cfg, dict):
         raise DToPError(f"{pkl} is not a revisitop ground-truth file")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
@@ -69,6 +65,10 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
     jpg = folder / "jpg"
     n_db = len(cfg["imlist"])
     for i, g in enumerate(cfg["gnd"]):
+        if not isinstance(g, dict):
+            raise DToPError(
+                f"{pkl}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
+            )
         for key in ("easy", "hard", "junk"):
             idx = np.asarray(g.get(key, []), dtype=np.int64)
             if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
@@ -82,6 +82,40 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
         gnd=[{k: list(g.get(k, [])) for k in ("easy", "hard", "junk")} for g in cfg["gnd"]],
         image_size=cfg.get("image_size"),
     )
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a data set file must not be able to run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("collections", "OrderedDict"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def load_pickle(path: str | Path) -> Any:
+    """Load a data set pickle (cirtorch/revisitop) allowing only plain data: never runs code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DToPError(f"{path} not found")
+    try:
+        with open(path, "rb") as fh:
+            return _SafeUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
 
 
 def resolve_dataset(dataset: str, data_root: str | Path | None = None) -> RevisitopDataset:

@@ -113,6 +113,12 @@ def evaluate_dataset(
     bboxes = ds.bboxes if crop_queries else None
     if crop_queries and any(b is None for b in ds.bboxes):
         raise DToPError(f"{ds.name}: some queries have no bounding box: pass --no-crop")
+    missing = [p for p in (*ds.queries, *ds.images) if not p.is_file()]
+    if missing:  # before any embedding: the protocol needs every image, and a set is minutes to embed
+        raise DToPError(
+            f"{ds.folder}: {len(missing)} of the {ds.n_queries + ds.n_images} images of gnd_{ds.name}.pkl are "
+            f"missing (first: {missing[0]}): put the whole jpg/ folder there"
+        )
     q = extract(
         engine,
         ds.queries,

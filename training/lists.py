@@ -1,0 +1,93 @@
+"""Checks for the list files of the training sets, as real downloads come: text with a BOM, Windows line endings
+or a non-UTF-8 byte; cirtorch/revisitop pickles of another structure. Each problem is one :class:`DToPError` line
+naming the file (and the line or entry)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from dtop_export.errors import DToPError
+
+
+def as_list(v: Any) -> list:
+    """A pickled sequence (list, tuple or numpy array) as a plain list."""
+    return v.tolist() if hasattr(v, "tolist") else list(v)
+
+
+def read_text(path: str | Path) -> str:
+    """A list file's text: UTF-8 with or without a BOM (Excel writes one), or a one-line error naming the line."""
+    path = Path(path)
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DToPError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[e.start]:02x}): save the list as UTF-8"
+        ) from None
+
+
+def csv_rows(path: Path, columns: tuple[str, ...], header: str) -> csv.DictReader:
+    """The rows of a CSV list that must have ``columns`` in its header (``header``: the one to name if not)."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+        raise DToPError(f"{path}: expected a header {header}")
+    return reader
+
+
+def sfm120k_lists(db: Any, pkl: Path, split: str) -> tuple[list, list, list, list]:
+    """cirtorch's ``db[split]`` lists (cids, cluster, qidxs, pidxs), checked: equal lengths, integer clusters and
+    pair indices into ``cids``."""
+    part = db[split]
+    if not isinstance(part, dict):
+        raise DToPError(f"{pkl}: '{split}' is a {type(part).__name__}, not cirtorch's {{'cids', 'cluster', ...}}")
+    missing = [k for k in ("cids", "cluster", "qidxs", "pidxs") if k not in part]
+    if missing:
+        raise DToPError(f"{pkl}: '{split}' has no '{missing[0]}' list")
+    cids, clusters = _lists(part, ("cids", "cluster"), f"{pkl}: '{split}'")
+    if len(clusters) != len(cids):
+        raise DToPError(f"{pkl}: '{split}' has {len(cids)} cids but {len(clusters)} cluster labels")
+    _integers(clusters, None, f"{pkl}: '{split}' cluster")
+    qidxs, pidxs = pair_indices(part, len(cids), pkl, f"'{split}' ")
+    return cids, clusters, qidxs, pidxs
+
+
+def pair_indices(part: dict, n: int, pkl: Path, where: str = "") -> tuple[list[int], list[int]]:
+    """cirtorch's ``qidxs``/``pidxs``, checked: equal lengths, indices into the ``n`` cids."""
+    qidxs, pidxs = _lists(part, ("qidxs", "pidxs"), f"{pkl}: {where}")
+    if len(qidxs) != len(pidxs):
+        raise DToPError(f"{pkl}: {where}has {len(qidxs)} qidxs but {len(pidxs)} pidxs")
+    return _integers(qidxs, n, f"{pkl}: {where}qidxs"), _integers(pidxs, n, f"{pkl}: {where}pidxs")
+
+
+def _lists(part: dict, keys: tuple[str, ...], where: str) -> list[list]:
+    try:
+        return [as_list(part[k]) for k in keys]
+    except TypeError as e:
+        raise DToPError(f"{where} {'/'.join(keys)} are not sequences ({e})") from None
+
+
+def _integers(values: list, bound: int | None, what: str) -> list[int]:
+    for i, v in enumerate(values):
+        try:
+            ok = int(v) == v and (bound is None or 0 <= int(v) < bound)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            rule = "an integer" if bound is None else f"an index in 0..{bound - 1}"
+            raise DToPError(f"{what}[{i}] is {v!r}, not {rule}")
+    return [int(v) for v in values]
+
+
+def gnd_entries(gnd: list, path: Path) -> list[dict]:
+    """revisitop's ``gnd`` list, checked: one dict per query (``easy``/``hard``/``junk`` index lists)."""
+    for i, g in enumerate(gnd):
+        if not isinstance(g, dict):
+            raise DToPError(
+                f"{path}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
+            )
+    return gnd
