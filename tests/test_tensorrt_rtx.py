@@ -170,10 +170,8 @@ def test_trt_cli_builds_one_plan_per_target(tmp_path: Path, tiny: Path) -> None:
     assert "built, not run here" in r.stdout
     # a second run does not overwrite without --force, in one line, before building
     r = run("trt", tiny, "--fp16", "--target", "sm86,sm120", *TINY_PROFILE, "-o", out)
-    assert (
-        r.returncode == 2
-        and r.stderr.strip() == f"error: {tmp_path / 'tiny.sm86.plan'} exists: pass --force to overwrite it"
-    )
+    both = f"{tmp_path / 'tiny.sm86.plan'}, {tmp_path / 'tiny.sm120.plan'}"
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {both} exist: pass --force to overwrite them"
 
 
 @needs_rtx
