@@ -31,8 +31,8 @@ from typing import Any
 
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size, is_image_file
-from dtop_export.retrieval.datasets import load_pickle
-from dtop_export.training.lists import as_list, csv_rows, gnd_entries, read_text, sfm120k_lists
+from dtop_export.retrieval.datasets import gnd_entries, load_pickle
+from dtop_export.training.lists import as_list, csv_rows, read_text, sfm120k_lists
 
 log = logging.getLogger(__name__)
 

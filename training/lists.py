@@ -1,6 +1,6 @@
 """Checks for the list files of the training sets, as real downloads come: text with a BOM, Windows line endings
-or a non-UTF-8 byte; cirtorch/revisitop pickles of another structure. Each problem is one :class:`DToPError` line
-naming the file (and the line or entry)."""
+or a non-UTF-8 byte; cirtorch pickles of another structure (revisitop's ``gnd``: ``dtop_export.retrieval.datasets``).
+Each problem is one :class:`DToPError` line naming the file (and the line or entry)."""
 
 from __future__ import annotations
 
@@ -81,13 +81,3 @@ def _integers(values: list, bound: int | None, what: str) -> list[int]:
             rule = "an integer" if bound is None else f"an index in 0..{bound - 1}"
             raise DToPError(f"{what}[{i}] is {v!r}, not {rule}")
     return [int(v) for v in values]
-
-
-def gnd_entries(gnd: list, path: Path) -> list[dict]:
-    """revisitop's ``gnd`` list, checked: one dict per query (``easy``/``hard``/``junk`` index lists)."""
-    for i, g in enumerate(gnd):
-        if not isinstance(g, dict):
-            raise DToPError(
-                f"{path}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
-            )
-    return gnd

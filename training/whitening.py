@@ -310,7 +310,8 @@ def whiten_checkpoint(
         X, failed = _embed(model, paths, ckpt.preprocess, size, scales, progress)
         if failed:
             _warn_failed(failed, paths, f"{len(paths) - len(failed)} images left")
-            alive = [k for k in range(len(paths)) if k not in set(failed)]
+            gone = set(failed)
+            alive = [k for k in range(len(paths)) if k not in gone]
             X, paths = X[alive], [paths[k] for k in alive]
         m, P = learn_pca(X, dim)
         cond = condition_number(P)

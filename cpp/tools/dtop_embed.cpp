@@ -270,9 +270,10 @@ int run(int argc, char** argv) {
     if (fs::is_directory(out, ec)) throw dtop::Error(out + " is a folder: give the name of a file to write");
     if (fs::exists(fs::symlink_status(out, ec))) existing.push_back(out);
   }
-  if (!a.force && existing.size() == 1) throw dtop::Error(existing[0] + " exists: pass --force to overwrite it");
-  if (!a.force && existing.size() == 2) {
-    throw dtop::Error(existing[0] + ", " + existing[1] + " exist: pass --force to overwrite them");
+  if (!a.force && !existing.empty()) {
+    const bool one = existing.size() == 1;
+    throw dtop::Error(existing[0] + (one ? " exists" : ", " + existing[1] + " exist") + ": pass --force to overwrite " +
+                      (one ? "it" : "them"));
   }
 
   dtop::RuntimeOptions options;

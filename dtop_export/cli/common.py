@@ -101,12 +101,10 @@ def onnx_input(src: Path) -> dict[str, str]:
         raise DToPError(f"{e}: give an .onnx written by `dtop-export onnx`") from None
 
 
-def new_output(src: Path, output: Path | None, suffix: str, force: bool, onnx: bool = True) -> Path:
+def new_output(src: Path, output: Path | None, suffix: str, force: bool) -> Path:
     """The file a command derived from ``src`` writes (default ``src`` with ``suffix``), refusing to
-    overwrite one without ``--force``. ``src`` is checked first (:func:`onnx_input` unless ``onnx`` is False)."""
-    if onnx:
-        onnx_input(src)
-    elif not src.is_file():
+    overwrite one without ``--force``; ``src`` must exist (an ONNX input is read first: :func:`onnx_input`)."""
+    if not src.is_file():
         raise DToPError(f"{src} not found")
     output = output or output_path(src.with_name(src.stem + suffix))
     refuse_existing(output, force=force)

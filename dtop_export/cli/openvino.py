@@ -85,7 +85,7 @@ def openvino(
         from dtop_export.memory import check_image_size
 
         check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
-    output = new_output(model, output, ".int8.xml" if int8 else ".xml", force, onnx=False)  # input checked above
+    output = new_output(model, output, ".int8.xml" if int8 else ".xml", force)  # input checked above
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
     refuse_existing(output.with_suffix(".bin"), force=force)
@@ -125,7 +125,7 @@ def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
     source = Path(choice["path"])
     hint = choice["options"].get("precision")
     int8 = read_metadata(source).get("dtop.precision") == "int8"
-    output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force, onnx=False)
+    output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
     refuse_existing(output.with_suffix(".bin"), force=force)
     con = console()
     with con.status(f"converting {source.name}") as status:

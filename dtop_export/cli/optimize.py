@@ -32,7 +32,7 @@ def optimize(
     from dtop_export.optimize import check_optimizable, optimize_onnx
 
     check_optimizable(model, onnx_input(model))  # before the output's check and the model's load
-    output = new_output(model, output, ".opt.onnx", force, onnx=False)
+    output = new_output(model, output, ".opt.onnx", force)
     sizes = tuple(parse_int_list(check, "--check")) if check.strip() else ()
     con = console()
     with quiet_ort_logs(), con.status("optimising"):

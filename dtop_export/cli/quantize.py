@@ -51,7 +51,7 @@ def quantize(
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
     sizes = parse_int_list(calib_sizes, "--calib-sizes")
     check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
-    output = new_output(model, output, ".int8.onnx", force, onnx=False)  # the input is checked above
+    output = new_output(model, output, ".int8.onnx", force)  # the input is checked above
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
     paths, source = (list_images(calib), str(calib)) if calib is not None else (None, "")
     con = console()

@@ -64,11 +64,7 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
     ext, qext = cfg.get("ext", ".jpg"), cfg.get("qext", ".jpg")
     jpg = folder / "jpg"
     n_db = len(cfg["imlist"])
-    for i, g in enumerate(cfg["gnd"]):
-        if not isinstance(g, dict):
-            raise DToPError(
-                f"{pkl}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
-            )
+    for i, g in enumerate(gnd_entries(cfg["gnd"], pkl)):
         for key in ("easy", "hard", "junk"):
             idx = np.asarray(g.get(key, []), dtype=np.int64)
             if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
@@ -116,6 +112,16 @@ def load_pickle(path: str | Path) -> Any:
             return _SafeUnpickler(fh, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise DToPError(f"cannot read {path}: {e} (expected a plain-data pickle)") from e
+
+
+def gnd_entries(gnd: Any, path: Path) -> Any:
+    """revisitop's ``gnd`` list, checked: one dict per query (``easy``/``hard``/``junk`` index lists)."""
+    for i, g in enumerate(gnd):
+        if not isinstance(g, dict):
+            raise DToPError(
+                f"{path}: gnd[{i}] is a {type(g).__name__}, not revisitop's {{'bbx', 'easy', 'hard', 'junk'}}"
+            )
+    return gnd
 
 
 def resolve_dataset(dataset: str, data_root: str | Path | None = None) -> RevisitopDataset:
