@@ -183,6 +183,15 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(None, ["epochs=two"])
     with pytest.raises(DToPError, match="contrastive needs"):
         load_config(None, ["loss.name=contrastive"])
+    # an audit of the loop: a list of the wrong length was a traceback (augment.scale) or taken as is (optim.betas,
+    # then AdamW's), and YAML's true/false were numbers 1/0 (epochs: true trained one epoch)
+    with pytest.raises(DToPError, match=r"augment.scale must be a list of 2 values; got \[0.5, 0.7, 0.9\]"):
+        load_config(None, ["augment.scale=[0.5, 0.7, 0.9]"])
+    with pytest.raises(DToPError, match=r"optim.betas must be a list of 2 values; got \[0.9\]"):
+        load_config(None, ["optim.betas=[0.9]"])
+    for item in ("epochs=true", "optim.lr=false", "threads=true"):
+        with pytest.raises(DToPError, match="is not a valid (int|float)"):
+            load_config(None, [item])
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 1e-4\n  optimizer: adamw\nsampler:\n  aspect_ratios: [1.0, 2.0]\n")
     cfg = load_config(y, ["optim.lr=3e-4", "model.overrides.descriptor_dim=128"])
