@@ -75,6 +75,11 @@ def test_train_writes_checkpoints_state_and_logs(tmp_path: Path, folder_data: Pa
     assert not torch.equal(init["head.fc.weight"], ck.state_dict["head.fc.weight"])
     rows = list(csv.DictReader((out / "log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # an audit of the loop: the lr column held the next step's LR (read after the scheduler stepped); it is the
+    # LR each step trained with: warm-up of 1 optimiser step (not 2 micro-batches), then cosine over 4 steps
+    from dtop_export.training.optim import lr_factor
+
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3 * lr_factor(s, 4, 1) for s in range(4)])
     assert all(float(r["loss"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
     assert len(list(csv.DictReader((out / "epochs.csv").open()))) == 2
     assert load_checkpoint(out / "epoch-001.pt").provenance["epoch"] == 1
@@ -143,9 +148,14 @@ def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Pat
     from dtop_export.training.state import read_state
 
     assert read_state(tmp_path / "b")["step"] == 3
-    Trainer(cfg, resume=tmp_path / "b").run()
+    res = Trainer(cfg, resume=tmp_path / "b").run()
     a, b = _weights(ref.final), _weights(tmp_path / "b" / "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # an audit of the loop: the epoch's loss (history, epochs.csv, the epoch line) averaged only the steps after
+    # the resume; the state carries the epoch's sums so far, so it is the loss of the epoch run through
+    assert res.history[0]["loss"] == ref.history[0]["loss"]
+    rows = [list(csv.DictReader((tmp_path / d / "epochs.csv").open())) for d in ("a", "b")]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) -> None:
@@ -156,6 +166,62 @@ def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) ->
         Trainer(other, resume=tmp_path / "a")
     with pytest.raises(DToPError, match="no training state"):
         Trainer(cfg, resume=tmp_path / "nothing")
+
+
+def test_cli_resume_continues_in_its_own_folder(
+    tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An audit of the loop: `train --resume runs/a -c cfg.yaml` (the config the run started with) went on in the
+    config's out_dir (the default runs/train), leaving runs/a unfinished and a second folder with half the logs;
+    resuming with fewer epochs than the run had trained rewrote its final.pt; a kill -9 mid-write left the state's
+    temporary file (its full size) in the folder for good."""
+    import yaml
+
+    run = tmp_path / "a"
+    run.mkdir()
+    stale = [run / ".train_state.pt.k2x9q1.tmp", run / ".epoch-003.pt.ab12cd.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a state")
+    (run / ".notes.tmp").write_text("not ours")
+    cfg = _cfg(run, folder_data, "epochs=1", "max_steps_per_epoch=1")
+    with caplog.at_level("WARNING"):
+        Trainer(cfg).run()
+    assert not any(p.exists() for p in stale) and (run / ".notes.tmp").exists()
+    assert ".train_state.pt.k2x9q1.tmp, a file left half-written" in caplog.text
+    elsewhere = tmp_path / "elsewhere"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "out_dir": str(elsewhere)}))
+    assert cli("train", "-c", str(tmp_path / "cfg.yaml"), "--resume", str(run), "--epochs", "2") == 0
+    assert not elsewhere.exists() and load_checkpoint(run / "final.pt").provenance["step"] == 2
+    assert [r["step"] for r in csv.DictReader((run / "log.csv").open())] == ["1", "2"]
+    final = (run / "final.pt").read_bytes()
+    capsys.readouterr()
+    assert cli("train", "--resume", str(run), "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume with epochs=1: the run has already trained 2 epoch(s)"), err
+    assert (run / "final.pt").read_bytes() == final
+
+
+def test_a_peer_lost_under_ddp_is_one_line(tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an audit of the loop: a DToPError on one torchrun process was one line there, but the other process, waiting in
+    # an all-reduce, ended with gloo's 60-line traceback ("Connection closed by peer ... GLHF!")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    tr = Trainer(_cfg(tmp_path / "run", folder_data))
+    gloo = "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:21387. This is typically caused"
+
+    def lost() -> None:
+        raise RuntimeError(gloo)
+
+    monkeypatch.setattr(tr, "_run", lost)
+    with pytest.raises(DToPError, match=r"^process 0 of 2 stopped: another process of the group failed first"):
+        tr.run()
+
+    def bug() -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(tr, "_run", bug)
+    with pytest.raises(RuntimeError, match="mat1"):  # a bug of its own keeps its traceback
+        tr.run()
 
 
 def test_validation_and_best_checkpoint(tmp_path: Path, folder_data: Path) -> None:
@@ -183,6 +249,15 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(None, ["epochs=two"])
     with pytest.raises(DToPError, match="contrastive needs"):
         load_config(None, ["loss.name=contrastive"])
+    # an audit of the loop: a list of the wrong length was a traceback (augment.scale) or taken as is (optim.betas,
+    # then AdamW's), and YAML's true/false were numbers 1/0 (epochs: true trained one epoch)
+    with pytest.raises(DToPError, match=r"augment.scale must be a list of 2 values; got \[0.5, 0.7, 0.9\]"):
+        load_config(None, ["augment.scale=[0.5, 0.7, 0.9]"])
+    with pytest.raises(DToPError, match=r"optim.betas must be a list of 2 values; got \[0.9\]"):
+        load_config(None, ["optim.betas=[0.9]"])
+    for item in ("epochs=true", "optim.lr=false", "threads=true"):
+        with pytest.raises(DToPError, match="is not a valid (int|float)"):
+            load_config(None, [item])
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 1e-4\n  optimizer: adamw\nsampler:\n  aspect_ratios: [1.0, 2.0]\n")
     cfg = load_config(y, ["optim.lr=3e-4", "model.overrides.descriptor_dim=128"])
@@ -324,6 +399,7 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path)
     ]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Grad strides do not match" not in r.stderr  # an audit of the loop: 4 lines per process, a false alarm
     prov = load_checkpoint(tmp_path / "ddp" / "final.pt").provenance
     digests = prov["ddp_rank_weight_sha256"]
     assert prov["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]

@@ -321,6 +321,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]
+        fixed = [a for a in args if a is not Ellipsis] if Ellipsis not in args else None
+        if fixed and len(value) != len(fixed):  # tuple[float, float]: exactly two
+            raise DToPError(f"config key {key} must be a list of {len(fixed)} values; got {list(value)!r}")
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, key) for v in value)
     if origin is dict:
@@ -336,6 +339,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):  # YAML's true/false are ints to Python
+            raise ValueError(value)
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

@@ -45,11 +45,14 @@ from dtop_export.training.state import (
     dist_info,
     previous_run,
     read_state,
+    remove_stale_temps,
     rng_state,
     set_rng_state,
 )
 
 log = logging.getLogger(__name__)
+
+_NO_PROGRESS = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
 
 
 @dataclass
@@ -109,6 +112,12 @@ class Trainer:
                     f"cannot resume with a different config ({', '.join(changed[:5])} changed); "
                     "resume with the run's own config (omit --config) or start a new run"
                 )
+            done = int(self.resume_state["epoch"])
+            if cfg.epochs < done:  # final.pt would say `epochs: N` of a run trained for more
+                raise DToPError(
+                    f"cannot resume with epochs={cfg.epochs}: the run has already trained {done} epoch(s); "
+                    f"raise --epochs above {done} to train on, or use its last.pt / epoch-NNN.pt as they are"
+                )
         self.callbacks = callbacks or []
         self.out = Path(cfg.out_dir)
         self.rank, self.world, self.local_rank = dist_info()
@@ -119,6 +128,9 @@ class Trainer:
         self.initial_metrics: dict[str, Any] | None = None
         self.skipped_decode = 0
         self._boundary_rng: dict[str, Any] | None = None
+        # the current epoch's loss sum, loss count, images and seconds at the last step (saved with the state, so
+        # an epoch resumed mid-way reports the same loss and img/s as one run through)
+        self._epoch_so_far: dict[str, float] = dict(_NO_PROGRESS)
 
     # set-up -------------------------------------------------------------------------------------------
 
@@ -247,6 +259,7 @@ class Trainer:
             "initial_metrics": self.initial_metrics,
             "tuples": getattr(self.dataset, "tuples_state", lambda: None)(),
             "skipped_decode": self.skipped_decode,
+            "epoch_so_far": dict(self._epoch_so_far),
         }
         path = self.out / "train_state.pt"
         with atomic_path(path) as tmp:
@@ -268,6 +281,7 @@ class Trainer:
         self.history = list(st.get("history") or [])
         self.initial_metrics = st.get("initial_metrics")
         self.skipped_decode = int(st.get("skipped_decode", 0))
+        self._epoch_so_far = {**_NO_PROGRESS, **(st.get("epoch_so_far") or {})}
         if st.get("tuples") is not None:
             self.dataset.load_tuples_state(st["tuples"])
         self._resume_sampler = st["sampler"]
@@ -390,6 +404,13 @@ class Trainer:
 
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
+        except RuntimeError as e:
+            if self.world > 1 and _lost_peer(e):  # gloo/NCCL's own traceback says only "closed by peer"
+                raise DToPError(
+                    f"process {self.rank} of {self.world} stopped: another process of the group failed first "
+                    "(its error is above)"
+                ) from e
+            raise
         finally:
             if own_group and dist.is_initialized():
                 dist.destroy_process_group()
@@ -407,6 +428,8 @@ class Trainer:
             if self.out.exists() and not self.out.is_dir():
                 raise DToPError(f"run folder {self.out} is a file: choose another out_dir (-o)")
             self.out.mkdir(parents=True, exist_ok=True)
+            for p in remove_stale_temps(self.out):
+                log.warning("removed %s, a file left half-written by an earlier run that was killed", p.name)
             atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         if self.world > 1:
             dist.barrier()
@@ -557,10 +580,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         bar.start_epoch(epoch, cfg.epochs, math.ceil(n_batches / accum), done=position // accum)
         self._boundary_rng, self._boundary_position = rng_state(self.device), position
-        t_epoch = time.perf_counter()
+        so_far = self._epoch_so_far if position else _NO_PROGRESS  # a resumed epoch goes on with its sums
+        t_epoch = time.perf_counter() - so_far["seconds"]
         t_step = time.perf_counter()
-        images_step = images_epoch = 0
-        loss_sum, loss_n, step_loss, step_parts = 0.0, 0, 0.0, 0
+        images_step, images_epoch = 0, int(so_far["images"])
+        loss_sum, loss_n, step_loss, step_parts = float(so_far["loss_sum"]), int(so_far["loss_n"]), 0.0, 0
         backward_done = False
         tuple_size = getattr(self.dataset, "tuple_size", 1)
         pos = position
@@ -590,10 +614,10 @@ class Trainer:
                         accum if pos <= n_batches - n_batches % accum or n_batches % accum == 0 else n_batches % accum
                     )
                     scaled = loss.float() * (weight / parts)
-                    if self.scaler is not None:
-                        self.scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
+                    with warnings.catch_warnings():
+                        # DDP compares a 1x1 conv's grad strides over its size-1 dims too: same layout, no cost
+                        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                     backward_done = True
                 if weight:
                     step_loss += float(loss.detach())
@@ -615,6 +639,7 @@ class Trainer:
                 else:
                     self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)  # this step's
             with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
                 self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
@@ -627,12 +652,17 @@ class Trainer:
             loss_sum += step_loss
             loss_n += step_parts
             images_epoch += images_step
-            lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)
             bar.update(avg, lr, ips)
             if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
                 self._log_step(avg, lr, ips, now - t_epoch)
             step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
             self._boundary_rng, self._boundary_position = rng_state(self.device), pos
+            self._epoch_so_far = {
+                "loss_sum": loss_sum,
+                "loss_n": loss_n,
+                "images": images_epoch,
+                "seconds": now - t_epoch,
+            }
             if cfg.save_state_every and self.global_step % cfg.save_state_every == 0 and pos < n_batches:
                 self.save_state(self._boundary_rng)
             for cb in self.callbacks:
@@ -656,6 +686,7 @@ class Trainer:
         # the sampler has finished this epoch: a resume starts the next one
         self.epoch = epoch + 1
         self.sampler.set_epoch(epoch + 1, 0)
+        self._epoch_so_far = dict(_NO_PROGRESS)
         if self.is_main:
             self._save_ckpt("last.pt", metrics)
             if self.cfg.keep_every_epoch:
@@ -690,6 +721,14 @@ class Trainer:
         if len(set(digests)) != 1:
             raise DToPError(f"DDP replicas diverged: weight digests differ across ranks {digests}")
         return {"ddp_rank_weight_sha256": digests}
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the group went away (it exited on its own error)."""
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        m in text for m in ("closed by peer", "reset by peer", "broken pipe", "communicator was aborted")
+    )
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:

@@ -30,6 +30,18 @@ def previous_run(folder: str | Path) -> list[Path]:
     return [folder / n for n in RUN_FILES if (folder / n).exists()] + sorted(folder.glob("epoch-[0-9]*.pt"))
 
 
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed run (``kill -9``, power loss) left mid-write in ``folder``:
+    ``.<name>.<random>.tmp`` of the files a run writes (``dtop_export.atomic.atomic_path``), a state's or
+    checkpoint's size each. Returns what was removed."""
+    folder = Path(folder)
+    names = (*RUN_FILES, "config.yaml", "image_sizes.tsv", "epoch-[0-9]*.pt")
+    stale = sorted({p for n in names for p in folder.glob(f".{n}.*.tmp") if p.is_file() and not p.is_symlink()})
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def clear_run(folder: str | Path) -> None:
     """Remove what :func:`previous_run` finds, so that a run started again from scratch (``train --force``) does not
     append to the old logs or leave the old ``best.pt`` / ``epoch-NNN.pt`` beside its own."""

@@ -97,6 +97,9 @@ def train(
             sets.append(f"{_SHORTCUTS[name]}={value}")
     if pretrained:
         sets.append("model.pretrained=true")
+    if resume is not None and out is None and not any(s.split("=", 1)[0].strip() == "out_dir" for s in sets):
+        # the run continues in its own folder, not in --config's out_dir (or the default runs/train)
+        sets.append(f"out_dir={resume if resume.is_dir() else resume.parent}")
     if no_progress:
         sets.append("progress=false")
     setup_logging()
