@@ -137,10 +137,6 @@ def calibration_tensors(
 # graph analysis --------------------------------------------------------------------------------------
 
 
-def _initializer_names(model: onnx.ModelProto) -> set[str]:
-    return {t.name for t in model.graph.initializer}
-
-
 def node_roles(model: onnx.ModelProto) -> dict[str, str]:
     """Role of every Conv/MatMul node, by position and weight shape: ``first_conv``, ``stem`` (CNN stem
     convs), ``elm`` (local-branch convs), ``qkv``/``proj``/``fc1``/``fc2`` (transformer linears),

@@ -106,8 +106,13 @@ class OnnxRuntimeEngine(Engine):
         self.precision = meta.get("dtop.precision", "fp32")
         self.preprocess = preprocess_from_metadata(meta)
         self.stride = self.preprocess.stride
-        out_dim = next(o.shape[-1] for o in outputs if o.name == OUTPUT_NAME)
-        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", out_dim))
+        out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
+        if "dtop.descriptor_dim" not in meta and not isinstance(out_shape[-1], int):
+            raise DToPError(
+                f"{what} is not a dtop-export model: its output '{OUTPUT_NAME}' {out_shape} has no fixed descriptor "
+                "size and no dtop.descriptor_dim metadata: export it with `dtop-export onnx CKPT.pt`"
+            )
+        self.descriptor_dim = int(meta.get("dtop.descriptor_dim", out_shape[-1]))
         self.on_run = on_run
         self._fetch = [o.name for o in outputs] if on_run is not None else [OUTPUT_NAME]
 

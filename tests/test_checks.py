@@ -17,6 +17,7 @@ from trt_helpers import descriptor_model, dtop_onnx, sample_images, sample_root
 from dtop_export.contract import preprocess_from_metadata
 from dtop_export.engines.ort import OnnxRuntimeEngine
 from dtop_export.engines.tensorrt.lint import lint_tensorrt
+from dtop_export.errors import DToPError
 from dtop_export.fp16.audit import fp16_audit
 from dtop_export.fp16.convert import convert_to_fp16
 from dtop_export.fp16.emulate import FP16_MAX, emulate_fp16, instrument_ranges
@@ -227,6 +228,32 @@ def test_in_memory_engine_and_preprocess_from_metadata() -> None:
     assert eng.source is None and eng.stride == 16 and eng.descriptor_dim == 16
     out = eng.embed(np.zeros((1, 3, 32, 48), np.float32))
     assert out.shape == (1, 16) and seen == [((1, 3, 32, 48), ["descriptors"])]
+
+
+def test_onnx_without_a_fixed_descriptor_size_is_one_line(tmp_path: Path) -> None:
+    # a foreign model whose descriptor size depends on the input (Flatten of a conv map) and no dtop metadata:
+    # 'embed' was a ValueError traceback (int('d')) while the engine opened
+    w = numpy_helper.from_array(np.full((2, 3, 16, 16), 0.01, np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["images", "w"], ["conv"], strides=[16, 16]),
+        helper.make_node("Flatten", ["conv"], ["descriptors"], axis=1),
+    ]
+    model = _model(nodes, [_vi("images", ["batch", 3, "h", "w"])], [_vi("descriptors", ["batch", "d"])], [w])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(DToPError, match=r"output 'descriptors' \['batch', 'd'\] has no fixed descriptor size"):
+        OnnxRuntimeEngine(model)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(images / "a.jpg")
+    r = subprocess.run([*EXE, "embed", str(path), str(images), "-o", str(tmp_path / "d.npy")], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no dtop.descriptor_dim metadata" in r.stderr and not list(tmp_path.glob("d.*"))
+    # the metadata names the size: the engine opens
+    e = model.metadata_props.add()
+    e.key, e.value = "dtop.descriptor_dim", "2"
+    assert OnnxRuntimeEngine(model).descriptor_dim == 2
 
 
 # CLI ----------------------------------------------------------------------------------------------------

@@ -251,9 +251,9 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(None, ["loss.name=contrastive"])
     # an audit of the loop: a list of the wrong length was a traceback (augment.scale) or taken as is (optim.betas,
     # then AdamW's), and YAML's true/false were numbers 1/0 (epochs: true trained one epoch)
-    with pytest.raises(DToPError, match=r"augment.scale must be a list of 2 values; got \[0.5, 0.7, 0.9\]"):
+    with pytest.raises(DToPError, match=r"augment.scale must hold 2 values, got 3: \[0.5, 0.7, 0.9\]"):
         load_config(None, ["augment.scale=[0.5, 0.7, 0.9]"])
-    with pytest.raises(DToPError, match=r"optim.betas must be a list of 2 values; got \[0.9\]"):
+    with pytest.raises(DToPError, match=r"optim.betas must hold 2 values, got 1: \[0.9\]"):
         load_config(None, ["optim.betas=[0.9]"])
     for item in ("epochs=true", "optim.lr=false", "threads=true"):
         with pytest.raises(DToPError, match="is not a valid (int|float)"):
@@ -264,6 +264,28 @@ def test_config_errors(tmp_path: Path) -> None:
     assert cfg.optim.lr == 3e-4 and cfg.optim.optimizer == "adamw" and cfg.sampler.aspect_ratios == (1.0, 2.0)
     assert cfg.model.overrides == {"descriptor_dim": 128}
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_tuples_of_the_wrong_length_are_refused() -> None:
+    # augment.scale=0.5 was a ValueError traceback (lo, hi unpacked in validate), optim.betas=[0.9] passed and
+    # AdamW failed on betas[1] once training started, val.scales=[] passed until the first validation
+    for item, message in [
+        ("augment.scale=0.5", r"augment\.scale must hold 2 values, got 1"),
+        ("augment.scale=[0.1,0.5,1]", r"augment\.scale must hold 2 values, got 3"),
+        ("optim.betas=[0.9]", r"optim\.betas must hold 2 values, got 1"),
+        ("val.scales=[]", r"val\.scales must list at least one scale"),
+    ]:
+        with pytest.raises(DToPError, match=message):
+            load_config(None, [item])
+    cfg = load_config(None, ["augment.scale=[0.5,0.9]", "optim.betas=[0.8,0.99]", "val.scales=0.707"])
+    assert cfg.augment.scale == (0.5, 0.9) and cfg.optim.betas == (0.8, 0.99) and cfg.val.scales == (0.707,)
+    r = subprocess.run(
+        [sys.executable, "-m", "dtop_export", "train", "-s", "augment.scale=0.5", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip() == "error: config key augment.scale must hold 2 values, got 1: [0.5]"
 
 
 def test_cli_train_errors_are_one_line(tmp_path: Path) -> None:

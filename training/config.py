@@ -212,6 +212,8 @@ class TrainConfig:
             raise DToPError("epochs and accum_steps must be >= 1")
         if self.val.metric not in ("easy", "medium", "hard"):
             raise DToPError(f"val.metric must be easy, medium or hard; got {self.val.metric!r}")
+        if not self.val.scales:
+            raise DToPError("val.scales must list at least one scale (1.0: single-scale)")
         lo, hi = self.augment.scale
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
@@ -321,9 +323,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]
-        fixed = [a for a in args if a is not Ellipsis] if Ellipsis not in args else None
-        if fixed and len(value) != len(fixed):  # tuple[float, float]: exactly two
-            raise DToPError(f"config key {key} must be a list of {len(fixed)} values; got {list(value)!r}")
+        if args and Ellipsis not in args:  # a fixed length, such as augment.scale's (lo, hi)
+            if len(value) != len(args):
+                raise DToPError(f"config key {key} must hold {len(args)} values, got {len(value)}: {list(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         elem = args[0] if args else Any
         return tuple(_coerce(v, elem, key) for v in value)
     if origin is dict:

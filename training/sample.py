@@ -43,8 +43,6 @@ PHOTOS: dict[str, tuple[str, ...]] = {
     "phantom": ("phantom.png",),
     "retina": ("retina.jpg",),
 }
-# the photos the embedded evaluation set uses as its query objects (dtop_export.retrieval.sample_data.OBJECTS)
-EVAL_OBJECTS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble", "ihc", "moon", "motorcycle", "rocket")
 
 
 def default_root() -> Path:

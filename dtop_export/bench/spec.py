@@ -21,7 +21,6 @@ class EngineSpec:
     label: str | None = None
     build_seconds: float | None = None
     derived_from: str | None = None
-    build_note: str | None = None
 
     @property
     def kind(self) -> str:

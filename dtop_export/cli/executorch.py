@@ -96,7 +96,7 @@ def executorch(
 
     require_executorch()  # before minutes of work: the [edge] extra and a matching torch
     from dtop_export.checkpoint import load_checkpoint
-    from dtop_export.edge.pte import square_preprocess, write_pte
+    from dtop_export.edge.pte import INT8_MIN_COSINE, square_preprocess, write_pte
 
     ckpt = load_checkpoint(checkpoint)
     stride = ckpt.preprocess.stride
@@ -137,10 +137,11 @@ def executorch(
         con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
         check = r.quantization.get("check")
         if check:
-            verdict = "within" if check["cosine_min"] >= 0.99 else "BELOW"
+            verdict = "within" if check["cosine_min"] >= INT8_MIN_COSINE else "BELOW"
             con.print(
                 f"INT8 vs the fp32 program on {check['images']} images ({source}): cosine min "
-                f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} ({verdict} the INT8 contract's 0.99)",
+                f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} ({verdict} the INT8 contract's "
+                f"{INT8_MIN_COSINE:g})",
                 soft_wrap=True,
                 highlight=False,
             )

@@ -136,7 +136,6 @@ class ShardAssembler:
             for key in keys:
                 self.shard_of[key] = k
                 self.work[key] = _Pending(items[key])
-        self.done_keys: set[int] = set()
         self.embedded = self.skipped = self.duplicates = self.written = 0
 
     def items(self) -> list[CorpusItem]:
@@ -158,13 +157,6 @@ class ShardAssembler:
         if len(p.scales_seen) < self.n_scales:
             return 0
         return self._store(key, (p.total / max(float(np.linalg.norm(p.total)), 1e-12)).astype(np.float32))
-
-    def add_final(self, key: int, descriptor: np.ndarray) -> int:
-        """Image ``key``'s descriptor with its scales already combined (the in-process runner's)."""
-        if key not in self.work:
-            self.duplicates += 1
-            return 0
-        return self._store(key, np.asarray(descriptor, np.float32))
 
     def _store(self, key: int, descriptor: np.ndarray) -> int:
         item = self.work[key].item
