@@ -35,26 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Real photographs that scikit-image ships (its ``data/`` folder): the fallback calibration set when no
-# --calib folder is given and the embedded sample data set is not available.
-SKIMAGE_FALLBACK_IMAGES = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "motorcycle_right.png",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-    "camera.png",
-    "coins.png",
-    "moon.png",
-    "brick.png",
-    "grass.png",
-    "gravel.png",
-    "page.png",
-    "text.png",
-)
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
@@ -71,19 +51,6 @@ class QuantizeResult:
 
 
 # calibration images ----------------------------------------------------------------------------------
-
-
-def skimage_fallback_images() -> list[Path]:
-    """Paths of the scikit-image sample photographs (the documented fallback calibration set)."""
-    try:
-        import skimage
-    except ImportError as e:
-        raise DToPError("no calibration images: pass --calib DIR (or install scikit-image for its photos)") from e
-    root = Path(skimage.__file__).parent / "data"
-    paths = [root / n for n in SKIMAGE_FALLBACK_IMAGES if (root / n).is_file()]
-    if not paths:
-        raise DToPError(f"scikit-image ships no sample photos under {root}: pass --calib DIR")
-    return paths
 
 
 def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:

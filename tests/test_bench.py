@@ -100,7 +100,7 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
 
     from dtop_export.engines import load_engine
     from dtop_export.preprocess import load_image, prepare
-    from dtop_export.quantize import skimage_fallback_images
+    from dtop_export.retrieval.sample_data import skimage_data_dir
 
     out = tmp_path / "small.int8.onnx"
     assert cli("quantize", str(small_opt), "-o", str(out), "--calib-count", "6", "--calib-sizes", "128,192") == 0
@@ -112,7 +112,8 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["per_channel"]
     fp32, int8 = load_engine(small_onnx), load_engine(out)
     assert int8.precision == "int8"
-    photos = skimage_fallback_images()[8:12]  # original photos, not the sample set's calibration views
+    # original photos, not the sample set's calibration views
+    photos = [skimage_data_dir() / n for n in ("camera.png", "coins.png", "moon.png", "brick.png")]
     for size in (160, 256):  # neither is a calibration size: dynamic H/W survive quantisation
         for p in photos:
             x = prepare(load_image(p), fp32.preprocess, size)[None]
