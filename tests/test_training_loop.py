@@ -258,6 +258,10 @@ def test_config_errors(tmp_path: Path) -> None:
     for item in ("epochs=true", "optim.lr=false", "threads=true"):
         with pytest.raises(DToPError, match="is not a valid (int|float)"):
             load_config(None, [item])
+    # an audit of the loop: an unknown key was Python's "__init__() got an unexpected keyword argument" text, once
+    # the run folder was made
+    with pytest.raises(DToPError, match=r"^unknown model.overrides key\(s\) descriptr_dim; valid keys: .*descriptor_"):
+        load_config(None, ["model.overrides.descriptr_dim=128"])
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 1e-4\n  optimizer: adamw\nsampler:\n  aspect_ratios: [1.0, 2.0]\n")
     cfg = load_config(y, ["optim.lr=3e-4", "model.overrides.descriptor_dim=128"])

@@ -212,6 +212,7 @@ class TrainConfig:
             raise DToPError("epochs and accum_steps must be >= 1")
         if self.val.metric not in ("easy", "medium", "hard"):
             raise DToPError(f"val.metric must be easy, medium or hard; got {self.val.metric!r}")
+        _check_model_overrides(self.model.overrides)
         lo, hi = self.augment.scale
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
@@ -228,6 +229,17 @@ class TrainConfig:
         cfg = _build(cls, d, "")
         cfg.validate()
         return cfg
+
+
+def _check_model_overrides(overrides: dict[str, Any]) -> None:
+    """``model.overrides`` may only name ``DToPConfig`` fields (else ``replace`` fails with Python's
+    "unexpected keyword argument" text, after the run folder was made)."""
+    from dtop_export.model.config import DToPConfig
+
+    valid = sorted(f.name for f in dataclasses.fields(DToPConfig) if f.init)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise DToPError(f"unknown model.overrides key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
 
 
 def _number_rules(cfg: TrainConfig) -> list[tuple[str, Any, str]]:
