@@ -158,6 +158,18 @@ def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Pat
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
 
 
+def test_resume_refuses_another_world_size_before_loading(
+    tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an audit of the loop: it was refused only after the model and the data had loaded (~10 s at full size)
+    cfg = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")
+    Trainer(cfg).run()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DToPError, match=r"^cannot resume: the run used 1 process\(es\), this one has 2; resume it in"):
+        Trainer(cfg, resume=tmp_path / "a")  # the constructor: no process group, model or data yet
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) -> None:
     cfg = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")
     Trainer(cfg).run()

@@ -45,6 +45,7 @@ from dtop_export.training.state import (
     dist_info,
     previous_run,
     read_state,
+    refuse_world_change,
     remove_stale_temps,
     rng_state,
     set_rng_state,
@@ -112,6 +113,7 @@ class Trainer:
                     f"cannot resume with a different config ({', '.join(changed[:5])} changed); "
                     "resume with the run's own config (omit --config) or start a new run"
                 )
+            refuse_world_change(self.resume_state, dist_info()[1])
             done = int(self.resume_state["epoch"])
             if cfg.epochs < done:  # final.pt would say `epochs: N` of a run trained for more
                 raise DToPError(
@@ -245,6 +247,7 @@ class Trainer:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.cfg.to_dict(),
+            "world_size": self.world,
             "epoch": self.epoch,
             "step": self.global_step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -285,10 +288,7 @@ class Trainer:
         if st.get("tuples") is not None:
             self.dataset.load_tuples_state(st["tuples"])
         self._resume_sampler = st["sampler"]
-        rngs = st["rng"]
-        if len(rngs) != self.world:
-            raise DToPError(f"cannot resume: the run used {len(rngs)} processes, this one has {self.world}")
-        set_rng_state(rngs[self.rank], self.device)
+        set_rng_state(st["rng"][self.rank], self.device)
 
     # checkpoints ------------------------------------------------------------------------------------------
 
