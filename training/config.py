@@ -162,7 +162,8 @@ class TrainConfig:
 
     out_dir: run folder (checkpoints, training state, logs). epochs: passes over the set (or, for SfM-120k,
     over ``loss.query_size`` tuples). amp: ``auto`` (bf16 on CPU and bf16-capable GPUs, else fp16),
-    ``bf16``, ``fp16`` or ``none``. accum_steps: micro-batches per optimiser step. clip_grad: max gradient
+    ``bf16``, ``fp16`` or ``none``. accum_steps: micro-batches per optimiser step (batch norms and WaveBlock
+    still work per micro-batch: not numerically one bigger batch). clip_grad: max gradient
     norm (0: off). threads: torch CPU threads. save_state_every: also write the training state every N
     optimiser steps (it is always written at the end of an epoch). keep_every_epoch: keep ``epoch-NNN.pt``
     besides ``last.pt``. max_steps_per_epoch: cut epochs short (quick runs). log_every: steps per CSV row.
