@@ -158,6 +158,18 @@ def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Pat
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
 
 
+def test_resume_refuses_another_world_size_before_loading(
+    tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an audit of the loop: it was refused only after the model and the data had loaded (~10 s at full size)
+    cfg = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")
+    Trainer(cfg).run()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DToPError, match=r"^cannot resume: the run used 1 process\(es\), this one has 2; resume it in"):
+        Trainer(cfg, resume=tmp_path / "a")  # the constructor: no process group, model or data yet
+
+
 def test_resume_refuses_a_different_config(tmp_path: Path, folder_data: Path) -> None:
     cfg = _cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")
     Trainer(cfg).run()
@@ -258,6 +270,10 @@ def test_config_errors(tmp_path: Path) -> None:
     for item in ("epochs=true", "optim.lr=false", "threads=true"):
         with pytest.raises(DToPError, match="is not a valid (int|float)"):
             load_config(None, [item])
+    # an audit of the loop: an unknown key was Python's "__init__() got an unexpected keyword argument" text, once
+    # the run folder was made
+    with pytest.raises(DToPError, match=r"^unknown model.overrides key\(s\) descriptr_dim; valid keys: .*descriptor_"):
+        load_config(None, ["model.overrides.descriptr_dim=128"])
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 1e-4\n  optimizer: adamw\nsampler:\n  aspect_ratios: [1.0, 2.0]\n")
     cfg = load_config(y, ["optim.lr=3e-4", "model.overrides.descriptor_dim=128"])
@@ -397,6 +413,51 @@ def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     assert [r["step"] for r in csv.DictReader((out / "log.csv").open())] == ["1"]
 
 
+def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` on CPU (gloo), one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_ctrl_c_under_ddp_stops_every_process_at_one_step(tmp_path: Path, folder_data: Path) -> None:
+    """An audit of the loop: under torchrun Ctrl-C saved no state (only a single-process run did), and the epoch
+    loss was rank 0's shard only. Rank 0 alone gets SIGINT after step 2 (rank 1 never does: a process that gets it a
+    step later is the same case): both stop after step 3, mid-epoch 2, with one state saved, and a resume under
+    torchrun ends bit-identical to the run through, with the same epoch losses: those of both shards."""
+    import json
+
+    import yaml
+
+    from dtop_export.training.state import read_state
+
+    helper = str(Path(__file__).with_name("_ddp_train.py"))
+    for name in ("ref", "cut"):  # 3 epochs of 2 steps (4 batches of 4 over 2 processes)
+        cfg = _cfg(tmp_path / name, folder_data, "epochs=3")
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    r = _torchrun(tmp_path, helper, str(tmp_path / "ref.yaml"), str(tmp_path / "ref.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"ref.json.{k}").read_text()) for k in (0, 1)]
+    for epoch, row in enumerate(ranks[0]["history"]):  # each process trains 2 batches an epoch
+        mine = ranks[0]["losses"][2 * epoch : 2 * epoch + 2]
+        both = mine + ranks[1]["losses"][2 * epoch : 2 * epoch + 2]
+        assert row["loss"] == pytest.approx(sum(both) / 4, rel=1e-12) != pytest.approx(sum(mine) / 2, rel=1e-6)
+    assert [h["loss"] for h in ranks[1]["history"]] == [h["loss"] for h in ranks[0]["history"]]
+
+    r = _torchrun(tmp_path, helper, str(tmp_path / "cut.yaml"), str(tmp_path / "cut.json"), "0:2")
+    assert r.returncode != 0 and not (tmp_path / "cut" / "final.pt").exists()
+    said = "interrupted: every process stopped after step 3, state saved; continue with torchrun with 2 processes"
+    assert r.stderr.count(said) == 2, r.stderr[-3000:]
+    st = read_state(tmp_path / "cut")
+    assert (st["step"], st["epoch"], st["sampler"]["position"], st["world_size"]) == (3, 1, 1, 2)
+    r = _torchrun(tmp_path, "-m", "dtop_export", "train", "--resume", str(tmp_path / "cut"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(tmp_path / "ref" / "final.pt"), _weights(tmp_path / "cut" / "final.pt")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    rows = [list(csv.DictReader((tmp_path / d / "epochs.csv").open())) for d in ("ref", "cut")]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
 def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path) -> None:
     """torchrun with 2 CPU processes: each trains on its own shard; DDP keeps the replicas identical.
 
@@ -414,12 +475,7 @@ def test_ddp_two_gloo_processes_end_identical(tmp_path: Path, folder_data: Path)
         write_truncated(data / "broken" / f"{k}.jpg", (32, 64))
     cfg = _cfg(tmp_path / "ddp", data, "epochs=1", "sampler.aspect_ratios=[0.5, 0.75, 1.0, 1.333, 2.0]")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "dtop_export", "train", "--config", str(tmp_path / "cfg.yaml"),
-    ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = _torchrun(tmp_path, "-m", "dtop_export", "train", "--config", str(tmp_path / "cfg.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Grad strides do not match" not in r.stderr  # an audit of the loop: 4 lines per process, a false alarm
     prov = load_checkpoint(tmp_path / "ddp" / "final.pt").provenance

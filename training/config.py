@@ -162,7 +162,8 @@ class TrainConfig:
 
     out_dir: run folder (checkpoints, training state, logs). epochs: passes over the set (or, for SfM-120k,
     over ``loss.query_size`` tuples). amp: ``auto`` (bf16 on CPU and bf16-capable GPUs, else fp16),
-    ``bf16``, ``fp16`` or ``none``. accum_steps: micro-batches per optimiser step. clip_grad: max gradient
+    ``bf16``, ``fp16`` or ``none``. accum_steps: micro-batches per optimiser step (batch norms and WaveBlock
+    still work per micro-batch: not numerically one bigger batch). clip_grad: max gradient
     norm (0: off). threads: torch CPU threads. save_state_every: also write the training state every N
     optimiser steps (it is always written at the end of an epoch). keep_every_epoch: keep ``epoch-NNN.pt``
     besides ``last.pt``. max_steps_per_epoch: cut epochs short (quick runs). log_every: steps per CSV row.
@@ -214,6 +215,7 @@ class TrainConfig:
             raise DToPError(f"val.metric must be easy, medium or hard; got {self.val.metric!r}")
         if not self.val.scales:
             raise DToPError("val.scales must list at least one scale (1.0: single-scale)")
+        _check_model_overrides(self.model.overrides)
         lo, hi = self.augment.scale
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
@@ -230,6 +232,17 @@ class TrainConfig:
         cfg = _build(cls, d, "")
         cfg.validate()
         return cfg
+
+
+def _check_model_overrides(overrides: dict[str, Any]) -> None:
+    """``model.overrides`` may only name ``DToPConfig`` fields (else ``replace`` fails with Python's
+    "unexpected keyword argument" text, after the run folder was made)."""
+    from dtop_export.model.config import DToPConfig
+
+    valid = sorted(f.name for f in dataclasses.fields(DToPConfig) if f.init)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise DToPError(f"unknown model.overrides key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
 
 
 def _number_rules(cfg: TrainConfig) -> list[tuple[str, Any, str]]:

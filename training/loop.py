@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtop_export.atomic import atomic_path, atomic_write_text
-from dtop_export.errors import DToPError
+from dtop_export.errors import DToPError, Interrupted
 from dtop_export.retrieval.metrics import format_map
 from dtop_export.training.config import TrainConfig, dump_config
 from dtop_export.training.state import (
@@ -45,10 +45,12 @@ from dtop_export.training.state import (
     dist_info,
     previous_run,
     read_state,
+    refuse_world_change,
     remove_stale_temps,
     rng_state,
     set_rng_state,
 )
+from dtop_export.training.stop import GroupStop, ignore_sigint
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ class Trainer:
                     f"cannot resume with a different config ({', '.join(changed[:5])} changed); "
                     "resume with the run's own config (omit --config) or start a new run"
                 )
+            refuse_world_change(self.resume_state, dist_info()[1])
             done = int(self.resume_state["epoch"])
             if cfg.epochs < done:  # final.pt would say `epochs: N` of a run trained for more
                 raise DToPError(
@@ -131,6 +134,8 @@ class Trainer:
         # the current epoch's loss sum, loss count, images and seconds at the last step (saved with the state, so
         # an epoch resumed mid-way reports the same loss and img/s as one run through)
         self._epoch_so_far: dict[str, float] = dict(_NO_PROGRESS)
+        self._saved_step: int | None = None  # the step of the last train_state.pt written or resumed from
+        self._stop = GroupStop(enabled=self.world > 1, announce=self.rank == 0)  # Ctrl-C under DDP
 
     # set-up -------------------------------------------------------------------------------------------
 
@@ -240,11 +245,13 @@ class Trainer:
         """Write ``train_state.pt`` atomically (collective under DDP: every rank must call it)."""
         rngs = self._gather(rng or rng_state(self.device))
         if not self.is_main:
+            self._saved_step = self.global_step
             return None
         state = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": self.cfg.to_dict(),
+            "world_size": self.world,
             "epoch": self.epoch,
             "step": self.global_step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -264,6 +271,7 @@ class Trainer:
         path = self.out / "train_state.pt"
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+        self._saved_step = self.global_step
         return path
 
     def _restore(self, st: dict[str, Any]) -> None:
@@ -277,6 +285,7 @@ class Trainer:
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.epoch, self.global_step = int(st["epoch"]), int(st["step"])
+        self._saved_step = self.global_step
         self.best = st.get("best") or self.best
         self.history = list(st.get("history") or [])
         self.initial_metrics = st.get("initial_metrics")
@@ -285,10 +294,7 @@ class Trainer:
         if st.get("tuples") is not None:
             self.dataset.load_tuples_state(st["tuples"])
         self._resume_sampler = st["sampler"]
-        rngs = st["rng"]
-        if len(rngs) != self.world:
-            raise DToPError(f"cannot resume: the run used {len(rngs)} processes, this one has {self.world}")
-        set_rng_state(rngs[self.rank], self.device)
+        set_rng_state(st["rng"][self.rank], self.device)
 
     # checkpoints ------------------------------------------------------------------------------------------
 
@@ -496,43 +502,17 @@ class Trainer:
 
         bar = TrainBar(enabled=cfg.progress and self.is_main)
         loader_gen = torch.Generator().manual_seed(cfg.seed)
-        total_images, total_time = 0, 0.0
+        self._totals = [0, 0.0]  # images, seconds trained by this run
         start_epoch = self.epoch
         try:
-            for epoch in range(start_epoch, cfg.epochs):
-                self.epoch = epoch
-                position = 0
-                restored = resumed and self._resume_sampler is not None
-                if restored:
-                    if int(self._resume_sampler["epoch"]) == epoch:
-                        position = int(self._resume_sampler["position"])
-                    self._resume_sampler = None
-                if cfg.loss.name == "contrastive":
-                    if not (restored and self.dataset.epoch == epoch):
-                        self.dataset.select(epoch)
-                        dist_ = self.dataset.mine(partial(self.embed_paths, size=cfg.sampler.base_size))
-                        if self.is_main:
-                            log.info("epoch %d: mined hard negatives (mean distance %.3f)", epoch + 1, dist_)
-                    self.sampler = self._make_sampler(self.dataset.query_sizes())
-                self.sampler.set_epoch(epoch, position)
-                n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
-                if position == 0 and not any(self._gather(loss_avg == loss_avg)):  # NaN: not one usable batch
-                    raise DToPError(
-                        f"epoch {epoch + 1}: no batch had two images that decode ({self.skipped_decode} failed to):"
-                        f" the images of data.root {self.cfg.data.root} are unreadable; nothing was trained"
-                    )
-                total_images += n_img
-                total_time += secs
-                self._end_epoch(epoch, loss_avg, n_img, secs)
-        except KeyboardInterrupt:
+            with self._stop:
+                self._epochs(start_epoch, bar, loader_gen, use_amp, amp_dtype)
+        except KeyboardInterrupt as e:
             bar.close()
-            if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
-                self.sampler.position = self._boundary_position
-                self.save_state(self._boundary_rng)
-                log.warning(
-                    "interrupted: state saved at step %d; continue with --resume %s", self.global_step, self.out
-                )
-            raise
+            said = self._interrupted(e)
+            if said is e:
+                raise
+            raise said from e
         finally:
             bar.close()
             if self._tb is not None:
@@ -555,7 +535,61 @@ class Trainer:
             epochs=cfg.epochs,
             steps=self.global_step,
             history=self.history,
-            images_per_second=total_images / total_time if total_time else 0.0,
+            images_per_second=self._totals[0] / self._totals[1] if self._totals[1] else 0.0,
+        )
+
+    def _epochs(self, start: int, bar: Any, loader_gen: torch.Generator, use_amp: bool, amp_dtype: torch.dtype) -> None:
+        cfg = self.cfg
+        for epoch in range(start, cfg.epochs):
+            self.epoch = epoch
+            position = 0
+            restored = self._resume_sampler is not None
+            if restored:
+                if int(self._resume_sampler["epoch"]) == epoch:
+                    position = int(self._resume_sampler["position"])
+                self._resume_sampler = None
+            if cfg.loss.name == "contrastive":
+                if not (restored and self.dataset.epoch == epoch):
+                    self.dataset.select(epoch)
+                    dist_ = self.dataset.mine(partial(self.embed_paths, size=cfg.sampler.base_size))
+                    if self.is_main:
+                        log.info("epoch %d: mined hard negatives (mean distance %.3f)", epoch + 1, dist_)
+                self.sampler = self._make_sampler(self.dataset.query_sizes())
+            self.sampler.set_epoch(epoch, position)
+            n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
+            if position == 0 and math.isnan(loss_avg):  # the group's loss: not one usable batch on any process
+                raise DToPError(
+                    f"epoch {epoch + 1}: no batch had two images that decode ({self.skipped_decode} failed to):"
+                    f" the images of data.root {self.cfg.data.root} are unreadable; nothing was trained"
+                )
+            self._totals[0] += n_img
+            self._totals[1] += secs
+            self._end_epoch(epoch, loss_avg, n_img, secs)
+            if self._stop.agreed:  # asked at the epoch's last step: the state _end_epoch wrote is the one
+                raise self._group_stopped()
+
+    def _group_stopped(self) -> KeyboardInterrupt:
+        """Under DDP, after the group agreed to stop and the state was saved: what the CLI says."""
+        return Interrupted(f"every process stopped after step {self.global_step}, state saved; {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        how = "dtop-export train" if self.world == 1 else f"torchrun with {self.world} processes"
+        return f"continue with {how} --resume {self.out}"
+
+    def _interrupted(self, e: KeyboardInterrupt) -> KeyboardInterrupt:
+        """Ctrl-C, as the CLI reports it: in one process, save the state of the last finished step; under DDP
+        (unless the group agreed on a step and saved it), say which saved state a --resume continues from."""
+        if isinstance(e, Interrupted):
+            return e
+        if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
+            self.sampler.position = self._boundary_position
+            self.save_state(self._boundary_rng)
+            return Interrupted(f"state saved at step {self.global_step}; {self._resume_hint()}")
+        if self._saved_step is None:
+            return Interrupted("no training state was saved yet")
+        before = " before the processes agreed on a step" if self.world > 1 else ""
+        return Interrupted(
+            f"nothing saved{before}; {self._resume_hint()} from step {self._saved_step}, the last state saved"
         )
 
     def _train_epoch(
@@ -575,6 +609,7 @@ class Trainer:
             collate_fn=getattr(self.dataset, "collate", collate),
             generator=loader_gen,
             persistent_workers=False,
+            worker_init_fn=ignore_sigint if self.world > 1 else None,  # the group decides when to stop (stop.py)
         )
         self.module.train()
         self.opt.zero_grad(set_to_none=True)
@@ -644,10 +679,12 @@ class Trainer:
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
                 self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
             self.global_step += 1
+            # under DDP: the group's loss and images (logs, the epoch's loss) and whether any process got Ctrl-C
+            step_loss, step_parts, images_step = self._stop.sync(step_loss, step_parts, images_step, self.device)
             now = time.perf_counter()
             dt = now - t_step
             t_step = now
-            ips = images_step * self.world / dt if dt > 0 else 0.0
+            ips = images_step / dt if dt > 0 else 0.0
             avg = step_loss / step_parts if step_parts else float("nan")
             loss_sum += step_loss
             loss_n += step_parts
@@ -663,13 +700,16 @@ class Trainer:
                 "images": images_epoch,
                 "seconds": now - t_epoch,
             }
+            if self._stop.agreed and pos < n_batches:  # (at the epoch's last step: after _end_epoch's save)
+                self.save_state(self._boundary_rng)
+                raise self._group_stopped()
             if cfg.save_state_every and self.global_step % cfg.save_state_every == 0 and pos < n_batches:
                 self.save_state(self._boundary_rng)
             for cb in self.callbacks:
                 cb(self)
         bar.close()
         secs = time.perf_counter() - t_epoch
-        return images_epoch * self.world, secs, (loss_sum / loss_n if loss_n else float("nan"))
+        return images_epoch, secs, (loss_sum / loss_n if loss_n else float("nan"))
 
     def _end_epoch(self, epoch: int, loss: float, n_img: int, secs: float) -> None:
         metrics = self.validate() if self.is_main else {}

@@ -93,6 +93,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def refuse_world_change(state: dict[str, Any], world: int) -> None:
+    """Refuse to resume a state written by another number of processes (every process has its own RNG streams and
+    data shard), before any model or data is loaded. The count is ``world_size`` (older states: one RNG entry per
+    process)."""
+    ran = int(state.get("world_size") or len(state["rng"]))
+    if ran != world:
+        how = "in one process (no torchrun)" if ran == 1 else f"with torchrun, {ran} processes in all"
+        raise DToPError(f"cannot resume: the run used {ran} process(es), this one has {world}; resume it {how}")
+
+
 def rng_state(device: Any) -> dict[str, Any]:
     """The torch, Python (and CUDA) RNG streams of this process."""
     st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
