@@ -248,6 +248,24 @@ def test_bad_models(client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_pa
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
 
 
+def test_metadata_out_of_range_is_one_line(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """The contract's numbers were taken as they came: dtop.descriptor_dim 0 embedded into a zero-sized buffer
+    (undefined behaviour; UBSan: reference binding to null pointer), dtop.fixed_batch 0 ran batches of 0 and a
+    nested JSON value ('[' * 200000) overflowed the parser's stack (a crash). Each is one line now, nothing written."""
+    img, out = zoo["landscape.jpg"], tmp_path / "out.npy"
+    for key, value, pattern in (
+        ("descriptor_dim", "0", r"metadata dtop.descriptor_dim should be a whole number from 1"),
+        ("fixed_batch", "0", r"metadata dtop.fixed_batch should be a whole number from 1"),
+        ("static_hw", "[384, -1]", r"metadata dtop.static_hw should be a whole number from 1"),
+        ("mean", "[" * 200000, r"metadata dtop.mean is unreadable \(invalid JSON .*nested deeper than 64\)"),
+    ):
+        model = _with_metadata(small_onnx, tmp_path / f"{key}.onnx", **{key: value})
+        _fails(_run(client, model, img, "-o", out, "--no-progress"), rf"{key}.onnx: {pattern}")
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def small_ckpt_copy(tmp_path: Path) -> Path:
     p = tmp_path / "model.pt"
     p.write_bytes(b"not a model")
