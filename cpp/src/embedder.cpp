@@ -52,6 +52,15 @@ Tensor Embedder::preprocess(const Image& img, int image_size, double scale) cons
 
 std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   if (batch.empty()) return {};
+  for (const Tensor* t : batch) {
+    if (t == nullptr) throw Error("Embedder::run: a null tensor in the batch");
+    if (t->height <= 0 || t->width <= 0 ||
+        t->data.size() != static_cast<std::size_t>(3) * static_cast<std::size_t>(t->height) *
+                              static_cast<std::size_t>(t->width)) {
+      throw Error("Embedder::run: a tensor of " + std::to_string(t->height) + "x" + std::to_string(t->width) +
+                  " needs 3 * height * width floats, it has " + std::to_string(t->data.size()));
+    }
+  }
   const int h = batch[0]->height, w = batch[0]->width;
   if (contract_.static_hw && ((*contract_.static_hw)[0] != h || (*contract_.static_hw)[1] != w)) {
     throw Error(source_ + " was exported for " + std::to_string((*contract_.static_hw)[0]) + "x" +
@@ -62,6 +71,9 @@ std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   const int n = static_cast<int>(batch.size());
   // A fixed-batch export runs in chunks of its batch, the last one padded by repeating its final image.
   const int chunk = contract_.fixed_batch.value_or(n);
+  // One forward pass at a time: a runtime holds one inference request (OpenVINO) or one method (ExecuTorch), and two
+  // threads interleaving their inputs and outputs on it got each other's descriptors.
+  const std::lock_guard<std::mutex> lock(*run_mutex_);
   std::vector<float> out;
   std::vector<float> input;
   int dim = 0;
