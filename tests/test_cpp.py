@@ -291,6 +291,8 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
         _run(client, small_onnx, zoo["grey.png"], "-o", tmp_path / "nope" / "o.npy"), r"folder .*nope does not exist"
     )
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", "/proc/dtop-test.npy"), r"cannot write /proc/dtop-test.npy")
+    long = tmp_path / ("a" * 300) / "o.npy"  # was std::filesystem_error's own line, exit 1
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", long), r"cannot write .*/a+/o.npy: File name too long$")
     assert out.read_bytes() == b"previous" and not out.with_suffix(".json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
 

@@ -199,7 +199,13 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir)) throw Error("cannot write " + path + ": folder " + dir.string() + " does not exist");
+  std::error_code dir_error;  // (the throwing overload's std::filesystem_error, e.g. a name too long, is no dtop::Error)
+  if (!fs::is_directory(dir, dir_error)) {
+    const bool missing = !dir_error || dir_error == std::errc::no_such_file_or_directory ||
+                         dir_error == std::errc::not_a_directory;
+    throw Error("cannot write " + path + ": " +
+                (missing ? "folder " + dir.string() + " does not exist" : dir_error.message()));
+  }
   const fs::path tmp = dir / ("." + target.filename().string() + ".tmp" + std::to_string(::getpid()));
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
