@@ -2,7 +2,8 @@
 # The C++ client's decoder (cpp/src/decode*.cpp + image.cpp: decode, turn, resize, normalise) built with ASan and
 # UBSan, run on every file of the hostile set (dtop_export.hostile), one process per file. Without OpenVINO: its
 # TBB plugin is dlopen'ed with RTLD_DEEPBIND, which the sanitizer runtime refuses, so dtop-embed itself cannot run
-# sanitized. Prints the files whose process died of anything but a clean refusal (exit 0 read, 2 refused).
+# sanitized as is (it can with an LD_PRELOAD shim whose dlopen drops RTLD_DEEPBIND and calls dlsym(RTLD_NEXT, "dlopen"),
+# ASAN_OPTIONS=verify_asan_link_order=0, and the cpp/ build configured with -DCMAKE_CXX_FLAGS=-fsanitize=...). Prints the files whose process died of anything but a clean refusal (exit 0 read, 2 refused).
 #
 #   bash benchmarks/decode_sanitize.sh [--ci] [--budget-mb 64]        (needs g++, libjpeg and zlib headers)
 set -euo pipefail

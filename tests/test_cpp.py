@@ -248,6 +248,24 @@ def test_bad_models(client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_pa
     assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
 
 
+def test_metadata_out_of_range_is_one_line(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """The contract's numbers were taken as they came: dtop.descriptor_dim 0 embedded into a zero-sized buffer
+    (undefined behaviour; UBSan: reference binding to null pointer), dtop.fixed_batch 0 ran batches of 0 and a
+    nested JSON value ('[' * 200000) overflowed the parser's stack (a crash). Each is one line now, nothing written."""
+    img, out = zoo["landscape.jpg"], tmp_path / "out.npy"
+    for key, value, pattern in (
+        ("descriptor_dim", "0", r"metadata dtop.descriptor_dim should be a whole number from 1"),
+        ("fixed_batch", "0", r"metadata dtop.fixed_batch should be a whole number from 1"),
+        ("static_hw", "[384, -1]", r"metadata dtop.static_hw should be a whole number from 1"),
+        ("mean", "[" * 200000, r"metadata dtop.mean is unreadable \(invalid JSON .*nested deeper than 64\)"),
+    ):
+        model = _with_metadata(small_onnx, tmp_path / f"{key}.onnx", **{key: value})
+        _fails(_run(client, model, img, "-o", out, "--no-progress"), rf"{key}.onnx: {pattern}")
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 def small_ckpt_copy(tmp_path: Path) -> Path:
     p = tmp_path / "model.pt"
     p.write_bytes(b"not a model")
@@ -273,6 +291,8 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
         _run(client, small_onnx, zoo["grey.png"], "-o", tmp_path / "nope" / "o.npy"), r"folder .*nope does not exist"
     )
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", "/proc/dtop-test.npy"), r"cannot write /proc/dtop-test.npy")
+    long = tmp_path / ("a" * 300) / "o.npy"  # was std::filesystem_error's own line, exit 1
+    _fails(_run(client, small_onnx, zoo["grey.png"], "-o", long), r"cannot write .*/a+/o.npy: File name too long$")
     assert out.read_bytes() == b"previous" and not out.with_suffix(".json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
 

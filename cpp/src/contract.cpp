@@ -1,4 +1,5 @@
 // Contract::from_metadata: the `dtop.*` keys of dtop_export/contract.py (onnx_metadata), read back.
+#include <cmath>
 #include <stdexcept>
 
 #include "dtop/runtime.hpp"
@@ -40,6 +41,26 @@ int to_int(const std::string& text, const std::string& key, const std::string& s
   }
 }
 
+// A whole number in [1, 2^20] (a side, a batch, a dimension): a value outside it is no dtop-export model's, and
+// would hang the batching loop (0), size buffers from a negative count or overflow int arithmetic downstream.
+constexpr double kMaxCount = 1 << 20;
+
+int positive_int(const json::Value& v, const std::string& key, const std::string& source) {
+  if (v.kind != json::Value::Kind::Number || !(v.number >= 1 && v.number <= kMaxCount) ||
+      v.number != std::floor(v.number)) {
+    throw Error(source + ": metadata " + key + " should be a whole number from 1 to " +
+                std::to_string(static_cast<int>(kMaxCount)) + ": re-export it with dtop-export onnx");
+  }
+  return static_cast<int>(v.number);
+}
+
+int positive_int(const std::string& text, const std::string& key, const std::string& source) {
+  json::Value v;
+  v.kind = json::Value::Kind::Number;
+  v.number = to_int(text, key, source);
+  return positive_int(v, key, source);
+}
+
 }  // namespace
 
 Contract Contract::from_metadata(const Metadata& meta, const std::string& source) {
@@ -62,26 +83,26 @@ Contract Contract::from_metadata(const Metadata& meta, const std::string& source
   if (const auto* v = find(meta, "dtop.precision")) c.precision = *v;
   if (const auto* v = find(meta, "dtop.checkpoint_sha256")) c.checkpoint_sha256 = *v;
   if (const auto* v = find(meta, "dtop.l2_normalized")) c.l2_normalized = *v == "true";
-  c.descriptor_dim = to_int(meta.at("dtop.descriptor_dim"), "dtop.descriptor_dim", source);
+  c.descriptor_dim = positive_int(meta.at("dtop.descriptor_dim"), "dtop.descriptor_dim", source);
   PreprocessConfig& p = c.preprocess;
-  p.stride = to_int(meta.at("dtop.stride"), "dtop.stride", source);
-  if (p.stride <= 0) throw Error(source + ": metadata dtop.stride must be positive");
+  p.stride = positive_int(meta.at("dtop.stride"), "dtop.stride", source);
   p.mean = triple(parse_value(meta, "dtop.mean", source), "dtop.mean", source);
   p.std = triple(parse_value(meta, "dtop.std", source), "dtop.std", source);
   if (const auto* v = find(meta, "dtop.color_order")) p.color_order = *v;
   const json::Value resize = parse_value(meta, "dtop.resize_policy", source);
   if (!resize["policy"].is_null()) p.resize = resize["policy"].text;
-  if (!resize["size"].is_null()) p.size = static_cast<int>(resize["size"].number);
+  if (!resize["size"].is_null()) p.size = positive_int(resize["size"], "dtop.resize_policy size", source);
   if (!resize["interpolation"].is_null()) p.interpolation = resize["interpolation"].text;
   if (find(meta, "dtop.static_hw") != nullptr) {
     const json::Value hw = parse_value(meta, "dtop.static_hw", source);
     if (hw.kind == json::Value::Kind::Array && hw.items.size() == 2) {
-      c.static_hw = std::array<int, 2>{static_cast<int>(hw.items[0].number), static_cast<int>(hw.items[1].number)};
+      c.static_hw = std::array<int, 2>{positive_int(hw.items[0], "dtop.static_hw", source),
+                                       positive_int(hw.items[1], "dtop.static_hw", source)};
     }
   }
   if (find(meta, "dtop.fixed_batch") != nullptr) {
     const json::Value b = parse_value(meta, "dtop.fixed_batch", source);
-    if (b.kind == json::Value::Kind::Number) c.fixed_batch = static_cast<int>(b.number);
+    if (!b.is_null()) c.fixed_batch = positive_int(b, "dtop.fixed_batch", source);
   }
   return c;
 }

@@ -52,6 +52,15 @@ Tensor Embedder::preprocess(const Image& img, int image_size, double scale) cons
 
 std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   if (batch.empty()) return {};
+  for (const Tensor* t : batch) {
+    if (t == nullptr) throw Error("Embedder::run: a null tensor in the batch");
+    if (t->height <= 0 || t->width <= 0 ||
+        t->data.size() != static_cast<std::size_t>(3) * static_cast<std::size_t>(t->height) *
+                              static_cast<std::size_t>(t->width)) {
+      throw Error("Embedder::run: a tensor of " + std::to_string(t->height) + "x" + std::to_string(t->width) +
+                  " needs 3 * height * width floats, it has " + std::to_string(t->data.size()));
+    }
+  }
   const int h = batch[0]->height, w = batch[0]->width;
   if (contract_.static_hw && ((*contract_.static_hw)[0] != h || (*contract_.static_hw)[1] != w)) {
     throw Error(source_ + " was exported for " + std::to_string((*contract_.static_hw)[0]) + "x" +
@@ -62,6 +71,9 @@ std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   const int n = static_cast<int>(batch.size());
   // A fixed-batch export runs in chunks of its batch, the last one padded by repeating its final image.
   const int chunk = contract_.fixed_batch.value_or(n);
+  // One forward pass at a time: a runtime holds one inference request (OpenVINO) or one method (ExecuTorch), and two
+  // threads interleaving their inputs and outputs on it got each other's descriptors.
+  const std::lock_guard<std::mutex> lock(*run_mutex_);
   std::vector<float> out;
   std::vector<float> input;
   int dim = 0;
@@ -187,7 +199,13 @@ void write_text_atomic(const std::string& path, const std::string& text) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  if (!fs::is_directory(dir)) throw Error("cannot write " + path + ": folder " + dir.string() + " does not exist");
+  std::error_code dir_error;  // (the throwing overload's std::filesystem_error, e.g. a name too long, is no dtop::Error)
+  if (!fs::is_directory(dir, dir_error)) {
+    const bool missing = !dir_error || dir_error == std::errc::no_such_file_or_directory ||
+                         dir_error == std::errc::not_a_directory;
+    throw Error("cannot write " + path + ": " +
+                (missing ? "folder " + dir.string() + " does not exist" : dir_error.message()));
+  }
   const fs::path tmp = dir / ("." + target.filename().string() + ".tmp" + std::to_string(::getpid()));
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);

@@ -10,6 +10,7 @@
 // This file is compiled with -ffp-contract=off so that no fused multiply-add changes a rounding.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "dtop/image.hpp"
@@ -149,6 +150,16 @@ Image resample_y(const Image& in, int out_h, const Kernel& kernel) {
   return out;
 }
 
+// An Image a caller filled in (its own decoder, a camera frame) must hold width x height x 3 bytes: the loops below
+// trust that and would read past the buffer otherwise.
+void check_image(const Image& img) {
+  if (img.width <= 0 || img.height <= 0 ||
+      img.rgb.size() != static_cast<std::size_t>(img.width) * static_cast<std::size_t>(img.height) * 3) {
+    throw Error("not an RGB image: " + std::to_string(img.width) + "x" + std::to_string(img.height) +
+                " needs width * height * 3 bytes of rgb, it has " + std::to_string(img.rgb.size()));
+  }
+}
+
 }  // namespace
 
 bool vertical_first(int in_width, int in_height, int out_width, int out_height) {
@@ -165,6 +176,15 @@ std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg
     throw Error("cannot resize a " + std::to_string(width) + "x" + std::to_string(height) +
                 " image to a longer side of " + std::to_string(target));
   }
+  // the sides are ints: a size x scale beyond any model input's is refused rather than overflowing them
+  constexpr double kMaxSide = 1 << 20;
+  if (!(target <= kMaxSide)) {
+    char text[64];
+    std::snprintf(text, sizeof text, "%g", target);
+    throw Error("a longer side of " + std::string(text) + " (image size x scale) is over the " +
+                std::to_string(static_cast<int>(kMaxSide)) + " the client resizes to: use a smaller size or scale");
+  }
+  if (cfg.stride <= 0) throw Error("the stride must be positive, got " + std::to_string(cfg.stride));
   const int stride = cfg.stride;
   if (cfg.resize == "square") {  // a program for one size (ExecuTorch .pte): the whole image to side x side
     const int side = std::max(stride, static_cast<int>(std::floor(target / stride + 0.5)) * stride);
@@ -180,6 +200,7 @@ std::array<int, 2> model_size(int width, int height, const PreprocessConfig& cfg
 
 Image resize(const Image& img, int width, int height, const std::string& interpolation) {
   const Kernel kernel = kernel_for(interpolation);
+  check_image(img);
   if (width <= 0 || height <= 0) throw Error("cannot resize to " + std::to_string(width) + "x" + std::to_string(height));
   if (width == img.width && height == img.height) return img;
   if (width == img.width) return resample_y(img, height, kernel);
@@ -191,6 +212,7 @@ Image resize(const Image& img, int width, int height, const std::string& interpo
 }
 
 Tensor normalize(const Image& img, const PreprocessConfig& cfg) {
+  check_image(img);
   Tensor t;
   t.height = img.height;
   t.width = img.width;

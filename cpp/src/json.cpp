@@ -29,6 +29,8 @@ class Parser {
  private:
   const std::string& s_;
   std::size_t pos_ = 0;
+  int depth_ = 0;  // arrays and objects open: bounded, so that a nested '[[[[...' is an error, not a stack overflow
+  static constexpr int kMaxDepth = 64;
 
   [[noreturn]] void fail(const std::string& what) const {
     throw std::invalid_argument("invalid JSON at character " + std::to_string(pos_) + ": " + what);
@@ -58,10 +60,15 @@ class Parser {
     if (pos_ >= s_.size()) fail("unexpected end");
     Value v;
     const char c = s_[pos_];
+    if ((c == '{' || c == '[') && depth_ >= kMaxDepth) fail("nested deeper than " + std::to_string(kMaxDepth));
     if (c == '{') {
+      ++depth_;
       ++pos_;
       v.kind = Value::Kind::Object;
-      if (eat('}')) return v;
+      if (eat('}')) {
+        --depth_;
+        return v;
+      }
       do {
         skip();
         std::string key = string();
@@ -69,14 +76,20 @@ class Parser {
         v.fields[key] = value();
       } while (eat(','));
       if (!eat('}')) fail("expected '}'");
+      --depth_;
     } else if (c == '[') {
+      ++depth_;
       ++pos_;
       v.kind = Value::Kind::Array;
-      if (eat(']')) return v;
+      if (eat(']')) {
+        --depth_;
+        return v;
+      }
       do {
         v.items.push_back(value());
       } while (eat(','));
       if (!eat(']')) fail("expected ']'");
+      --depth_;
     } else if (c == '"') {
       v.kind = Value::Kind::String;
       v.text = string();

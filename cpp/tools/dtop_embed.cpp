@@ -260,7 +260,13 @@ int run(int argc, char** argv) {
                       ".ppm, .pgm)");
   }
   const fs::path out_dir = fs::path(a.output).has_parent_path() ? fs::path(a.output).parent_path() : fs::path(".");
-  if (!fs::is_directory(out_dir)) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " does not exist");
+  std::error_code dir_error;  // e.g. "File name too long": one error line, not a std::filesystem_error (exit 1)
+  if (!fs::is_directory(out_dir, dir_error)) {
+    const bool missing = !dir_error || dir_error == std::errc::no_such_file_or_directory ||
+                         dir_error == std::errc::not_a_directory;
+    throw dtop::Error("cannot write " + a.output + ": " +
+                      (missing ? "folder " + out_dir.string() + " does not exist" : dir_error.message()));
+  }
   if (::access(out_dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " is not writable");
   // as `dtop-export embed`: an existing output (a dangling symlink too) is kept unless --force, a folder never
   // replaced; both before any work

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -46,11 +47,21 @@ struct EmbedResult {
 /// Called after every input file: (done, total).
 using Progress = std::function<void(std::size_t, std::size_t)>;
 
+/// A model and its contract: images in, descriptors out.
+///
+/// Errors: every failure is a dtop::Error (dtop::ImageError for a file that cannot be decoded), one line that says
+/// what to do; std::bad_alloc when memory runs out.
+/// Threads: one Embedder may be shared. preprocess() runs concurrently; the forward passes (run, embed, embed_files)
+/// take turns on the one model. For forward passes in parallel open one Embedder per thread (each compiles its own
+/// copy of the model; size RuntimeOptions::threads so that they do not oversubscribe the cores).
+/// Ownership: results are returned by value; nothing refers to the caller's images or tensors after a call returns.
+/// Movable, not copyable; a moved-from Embedder may only be destroyed or assigned to.
 class Embedder {
  public:
-  /// Open `model_path` (.onnx or OpenVINO .xml) with OpenVINO and read its contract.
+  /// Open `model_path` (.onnx or OpenVINO .xml) with OpenVINO and read its contract. Throws Error when the file is
+  /// missing, not a model, or not exported by dtop-export (no or unreadable `dtop.*` metadata).
   explicit Embedder(const std::string& model_path, const RuntimeOptions& options = {});
-  /// Use any runtime (another backend, a test double); `source` names it in errors.
+  /// Use any runtime (another backend, a test double); `source` names it in errors. Throws as above.
   Embedder(std::unique_ptr<Runtime> runtime, const std::string& source);
 
   const Contract& contract() const { return contract_; }
@@ -59,9 +70,10 @@ class Embedder {
   /// See Runtime::fp32_islands.
   int fp32_islands() const { return runtime_->fp32_islands(); }
 
-  /// The model input of one image at one scale (resize + normalise).
+  /// The model input of one image at one scale (resize + normalise). Throws Error on an Image whose rgb does not
+  /// hold width * height * 3 bytes.
   Tensor preprocess(const Image& img, int image_size = 0, double scale = 1.0) const;
-  /// Descriptors [count, N] of same-shape tensors in one forward pass (unit norm).
+  /// Descriptors [count, N] of same-shape tensors in one forward pass (unit norm), row-major.
   std::vector<float> run(const std::vector<const Tensor*>& batch);
   /// The descriptor of one image (multi-scale when several scales are given).
   std::vector<float> embed(const Image& img, const EmbedOptions& options = {});
@@ -73,6 +85,7 @@ class Embedder {
   std::unique_ptr<Runtime> runtime_;
   std::string source_;
   Contract contract_;
+  std::unique_ptr<std::mutex> run_mutex_ = std::make_unique<std::mutex>();  // held by run(); a pointer: movable
 };
 
 /// Write a float32 matrix as a NumPy .npy file (atomically: temp file + rename). Throws Error.

@@ -18,8 +18,9 @@
 
 namespace dtop {
 
-/// Open a dtop-export `.pte`. options.threads sizes ExecuTorch's thread pool (one per process; 0 = its default, one
-/// thread per core); options.precision must be "f32" (a program runs at the precision it was compiled with: an INT8
+/// Open a dtop-export `.pte`. options.threads sizes ExecuTorch's thread pool (one per process, shared by every program;
+/// 0 = its default, one thread per core): a value that differs from the pool's rebuilds it, so open with threads > 0
+/// only while no other program is running; options.precision must be "f32" (a program runs at the precision it was compiled with: an INT8
 /// program's quantised layers compute in int8 whatever the hint). Throws Error when the file is missing, truncated,
 /// not a .pte, or carries no dtop-export contract.
 std::unique_ptr<Runtime> open_executorch(const std::string& model_path, const RuntimeOptions& options = {});

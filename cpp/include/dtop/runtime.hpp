@@ -6,6 +6,7 @@
 //   an ONNX Runtime or TensorRT backend implements the same three methods.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -47,7 +48,9 @@ struct RuntimeOptions {
   std::string performance = "latency";
 };
 
-/// One loaded model. Implementations: OpenVINO (openvino_runtime.cpp).
+/// One loaded model. Implementations: OpenVINO (openvino_runtime.cpp), ExecuTorch (executorch_runtime.cpp).
+/// Not thread-safe: one run() at a time (dtop::Embedder serialises its calls); const methods may be called from any
+/// thread.
 class Runtime {
  public:
   virtual ~Runtime() = default;

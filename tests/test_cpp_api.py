@@ -1,0 +1,125 @@
+"""The C++ library as a product links it: a program built against the test run's libdtop.a (conftest's `client`
+build) that shares one Embedder between threads and hands it images and tensors it filled in itself."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROGRAM = r"""
+#include <atomic>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <dtop/embedder.hpp>
+
+int main(int argc, char** argv) {
+  const std::string mode = argv[1];
+  dtop::Embedder opened(argv[2]);
+  dtop::Embedder e = std::move(opened);  // movable: the moved-to one works
+  dtop::EmbedOptions o;
+  o.image_size = 64;
+  if (mode == "threads") {  // one Embedder, four threads, 200 embeds: each must get its own image's descriptor
+    std::vector<dtop::Image> images;
+    for (int i = 3; i < argc; ++i) images.push_back(dtop::load_image(argv[i]));
+    std::vector<std::vector<float>> want;
+    for (const auto& im : images) want.push_back(e.embed(im, o));
+    std::atomic<int> wrong{0}, errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        for (int k = 0; k < 50; ++k) {
+          const std::size_t i = static_cast<std::size_t>(t + k) % images.size();
+          try {
+            const std::vector<float> d = e.embed(images[i], o);
+            double dot = 0;
+            for (std::size_t j = 0; j < d.size() && j < want[i].size(); ++j) dot += double(d[j]) * want[i][j];
+            if (d.size() != want[i].size() || dot < 0.9999) ++wrong;
+          } catch (const dtop::Error&) {
+            ++errors;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    std::printf("wrong %d errors %d\n", wrong.load(), errors.load());
+    return 0;
+  }
+  // mode "caller-buffers": an Image or Tensor whose buffer does not match its size is refused, never read past
+  try {
+    e.embed(dtop::Image{64, 64, {}}, o);
+    std::printf("image embedded\n");
+  } catch (const dtop::Error& x) {
+    std::printf("image refused: %s\n", x.what());
+  }
+  const dtop::Tensor small{64, 64, std::vector<float>(10)};
+  try {
+    e.run({&small});
+    std::printf("tensor run\n");
+  } catch (const dtop::Error& x) {
+    std::printf("tensor refused: %s\n", x.what());
+  }
+  dtop::EmbedOptions huge = o;  // a scale no image is resized by: the int sides overflowed to 16 x 16
+  huge.scales = {1e12};
+  try {
+    e.embed(dtop::Image{2, 2, std::vector<std::uint8_t>(12)}, huge);
+    std::printf("scale embedded\n");
+  } catch (const dtop::Error& x) {
+    std::printf("scale refused: %s\n", x.what());
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def program(client: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dtop_export.cpp import openvino_sdk
+
+    ov_cmake, _ = openvino_sdk()
+    libs = ov_cmake.parent / "libs"
+    (libopenvino,) = [p for p in libs.glob("libopenvino.so.*") if p.name.count(".") == 2]
+    d = tmp_path_factory.mktemp("cpp-api")
+    (d / "main.cpp").write_text(PROGRAM)
+    cmd = ["c++", "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{REPO / 'cpp' / 'include'}", str(d / "main.cpp"),
+           str(client.parent / "libdtop.a"), str(libopenvino), "-ljpeg", "-lz", "-pthread",
+           f"-Wl,-rpath,{libs}", "-o", str(d / "api")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "api"
+
+
+def _run(program: Path, *args: object) -> str:
+    r = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    return r.stdout
+
+
+def test_one_embedder_shared_by_threads(program: Path, small_onnx: Path) -> None:
+    """Two threads on one Embedder shared its one OpenVINO infer request: most calls failed ('Infer Request is busy')
+    and some returned another thread's descriptor (12 of 200 here) without an error (a C++ API review). The forward
+    passes take turns now; every descriptor is its own image's."""
+    from dtop_export.retrieval.sample_data import skimage_data_dir
+
+    photos = [skimage_data_dir() / n for n in ("astronaut.png", "coffee.png", "rocket.jpg", "camera.png")]
+    assert _run(program, "threads", small_onnx, *photos).split() == ["wrong", "0", "errors", "0"]
+
+
+def test_an_image_or_tensor_the_caller_filled_wrongly_is_refused(program: Path, small_onnx: Path) -> None:
+    """An Image whose rgb is not width*height*3 bytes (a caller's own decoder) was read past its buffer (a crash or
+    garbage), and so was a Tensor shorter than 3*height*width for Embedder::run; a scale of 1e12 overflowed the int
+    sides (undefined behaviour; here a 16x16 input, embedded without a word). Each is a dtop::Error now."""
+    out = _run(program, "caller-buffers", small_onnx).splitlines()
+    assert out == [
+        "image refused: not an RGB image: 64x64 needs width * height * 3 bytes of rgb, it has 0",
+        "tensor refused: Embedder::run: a tensor of 64x64 needs 3 * height * width floats, it has 10",
+        "scale refused: a longer side of 6.4e+13 (image size x scale) is over the 1048576 the client resizes to: use a "
+        "smaller size or scale",
+    ]
