@@ -201,10 +201,12 @@ def build(
     build_type: str = "Release",
     install_prefix: Path | None = None,
     status: Callable[[str], None] | None = None,
+    werror: bool = False,
 ) -> BuildResult:
     """Configure and build ``cpp/`` into ``build_dir`` (default :func:`default_build_dir`); incremental when run
     again. ``install_prefix``: also ``cmake --install`` there (bin/dtop-embed, lib/libdtop.a, include/dtop,
-    lib/cmake/dtop for ``find_package(dtop)``). ``status`` receives a line per step."""
+    lib/cmake/dtop for ``find_package(dtop)``). ``status`` receives a line per step. ``werror``: compiler warnings
+    are errors (``-DDTOP_WERROR=ON``, what the project's tests build with); off, a later configure turns it off."""
     say = status or (lambda _text: None)
     check_build_options(build_dir, jobs, install_prefix)
     src = source_dir()
@@ -222,7 +224,8 @@ def build(
     _run(
         [
             cmake, "-S", str(src), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={build_type}",
-            f"-DCMAKE_CXX_COMPILER={cxx}", f"-DOpenVINO_DIR={ov_cmake}", *et_flags,
+            f"-DCMAKE_CXX_COMPILER={cxx}", f"-DOpenVINO_DIR={ov_cmake}",
+            f"-DDTOP_WERROR={'ON' if werror else 'OFF'}", *et_flags,
         ],
         log, "configure",
     )  # fmt: skip

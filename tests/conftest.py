@@ -89,9 +89,10 @@ def small_index(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dtop-export cpp build` into a fresh folder: the one C++ build of a test run (with the ExecuTorch backend when
-    the [edge] extra is installed), shared by every test of the C++ client (tests/test_cpp*.py, test_executorch.py)."""
+    the [edge] extra is installed), shared by every test of the C++ client (tests/test_cpp*.py, test_executorch.py).
+    Warnings are errors here (``--werror``), as they are not in a user's build."""
     build_dir = tmp_path_factory.mktemp("cpp-build")
-    cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir)]
+    cmd = [sys.executable, "-m", "dtop_export", "cpp", "build", "--build-dir", str(build_dir), "--werror"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     binary = Path(r.stdout.strip().splitlines()[-1])  # the last line is the binary, alone

@@ -260,10 +260,20 @@ def test_metadata_out_of_range_is_one_line(
         ("fixed_batch", "0", r"metadata dtop.fixed_batch should be a whole number from 1"),
         ("static_hw", "[384, -1]", r"metadata dtop.static_hw should be a whole number from 1"),
         ("mean", "[" * 200000, r"metadata dtop.mean is unreadable \(invalid JSON .*nested deeper than 64\)"),
+        # an output name none of the outputs has: OpenVINO's output 0 was read as the descriptor, silently
+        ("output_name", "logits", r"metadata dtop.output_name 'logits' names none of its outputs \(descriptors"),
     ):
         model = _with_metadata(small_onnx, tmp_path / f"{key}.onnx", **{key: value})
         _fails(_run(client, model, img, "-o", out, "--no-progress"), rf"{key}.onnx: {pattern}")
     assert not out.exists() and not out.with_suffix(".json").exists()
+    # --dump-inputs onto a file: a std::filesystem_error (exit 1) before, one line now
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _fails(
+        _run(client, small_onnx, img, "-o", out, "--dump-inputs", a_file, "--no-progress"),
+        r"cannot make --dump-inputs folder .*a-file",
+    )
+    assert not out.exists()
 
 
 def small_ckpt_copy(tmp_path: Path) -> Path:

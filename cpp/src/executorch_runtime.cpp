@@ -110,6 +110,10 @@ class ExecuTorchRuntime final : public Runtime {
       throw dtop::Error(path_ + " returned a tensor of rank " + std::to_string(out.dim()) + " for a batch of " +
                         std::to_string(batch) + ": expected [batch, N]");
     }
+    if (out.scalar_type() != executorch::aten::ScalarType::Float) {
+      throw dtop::Error(path_ + " returned a tensor of another type than float32: export it again with "
+                        "dtop-export executorch");
+    }
     *dim = static_cast<int>(out.size(1));
     const float* p = out.const_data_ptr<float>();
     return std::vector<float>(p, p + out.numel());

@@ -87,8 +87,18 @@ class OpenVinoRuntime final : public Runtime {
     output_index_ = 0;
     if (out != metadata_.end()) {
       const auto outputs = compiled_.outputs();
+      bool found = false;
+      std::string names;
       for (std::size_t i = 0; i < outputs.size(); ++i) {
-        if (outputs[i].get_names().count(out->second) != 0) output_index_ = i;
+        if (outputs[i].get_names().count(out->second) != 0) {
+          output_index_ = i;
+          found = true;
+        }
+        for (const auto& n : outputs[i].get_names()) names += (names.empty() ? "" : ", ") + n;
+      }
+      if (!found) {  // another output would be read as the descriptor, silently
+        throw Error(path + ": metadata dtop.output_name '" + out->second + "' names none of its outputs (" + names +
+                    "): export it again with dtop-export");
       }
     }
   }

@@ -295,7 +295,12 @@ int run(int argc, char** argv) {
   check_memory(image_size, scales, a.batch_size, embedder.contract().preprocess.stride);
 
   if (!a.dump.empty()) {
-    fs::create_directories(a.dump);
+    std::error_code dump_error;  // a file there, no permission: one error line, not a std::filesystem_error
+    fs::create_directories(a.dump, dump_error);
+    if (dump_error || !fs::is_directory(a.dump, dump_error)) {
+      throw dtop::Error("cannot make --dump-inputs folder " + a.dump + ": " +
+                        (dump_error ? dump_error.message() : std::string("a file of that name exists")));
+    }
     for (std::size_t i = 0; i < paths.size(); ++i) {
       try {
         const dtop::Tensor t = embedder.preprocess(dtop::load_image(paths[i], a.decode), image_size, scales[0]);

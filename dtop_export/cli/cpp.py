@@ -27,6 +27,9 @@ def cpp_build(
         Path | None, typer.Option("--prefix", help="Also install there (bin/, lib/, include/, lib/cmake/dtop).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    werror: Annotated[
+        bool, typer.Option("--werror", help="Compiler warnings are errors (the project's tests build so).")
+    ] = False,
 ) -> None:
     r"""Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
     .pte programs, when the \[edge] extra is installed); prints the binary's path.
@@ -38,12 +41,17 @@ def cpp_build(
 
     con = console()
     if as_json:
-        result = build(build_dir, jobs, "Debug" if debug_build else "Release", prefix)
+        result = build(build_dir, jobs, "Debug" if debug_build else "Release", prefix, werror=werror)
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     with con.status("building the C++ client") as status:
         result = build(
-            build_dir, jobs, "Debug" if debug_build else "Release", prefix, status=lambda t: status.update(t)
+            build_dir,
+            jobs,
+            "Debug" if debug_build else "Release",
+            prefix,
+            status=lambda t: status.update(t),
+            werror=werror,
         )
     t = result.timings
     con.print(
