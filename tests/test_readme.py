@@ -69,3 +69,32 @@ def test_every_python_module_the_readme_runs_exists() -> None:
     assert "dtop_export" in modules
     missing = [m for m in modules if m not in ("venv", "pip") and importlib.util.find_spec(m) is None]
     assert missing == []
+
+
+def _cli_json(*args: str) -> dict:
+    import json
+
+    from typer.testing import CliRunner
+
+    from dtop_export.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_presets_table_is_what_info_presets_prints() -> None:
+    """The README's presets table (its heading names `dtop-export info --presets`) holds the command's figures: the
+    parameter column once said 86.4M for ViT-B/16 (86.1M) and the command printed no parameters at all."""
+    table = README.split("Presets (`dtop-export info --presets`):", 1)[1].split("\n\n", 2)[1]
+    rows = {
+        m[0]: m[1:]
+        for m in re.findall(r"^\| `([\w-]+)`[^|]*\| [^|]+\| (\d+) \| (\d+) \| (\d+) \| (.+?) \|$", table, re.M)
+    }
+    presets = _cli_json("info", "--presets")["presets"]
+    assert set(rows) == set(presets)
+    for name, (size, k, n, params) in rows.items():
+        p = presets[name]
+        assert (int(size), int(k), int(n)) == (p["img_size"], p["k"], p["N"]), name
+        millions = f"{p['parameters']['backbone'] / 1e6:.1f}M + {p['parameters']['dtop'] / 1e6:.1f}M"
+        assert params == millions, name
