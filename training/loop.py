@@ -119,6 +119,7 @@ class Trainer:
         self.initial_metrics: dict[str, Any] | None = None
         self.skipped_decode = 0
         self._boundary_rng: dict[str, Any] | None = None
+        self.continue_hint = f"continue with --resume {self.out}"  # what an interrupted run says (the demo: itself)
 
     # set-up -------------------------------------------------------------------------------------------
 
@@ -506,9 +507,7 @@ class Trainer:
             if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
                 self.sampler.position = self._boundary_position
                 self.save_state(self._boundary_rng)
-                log.warning(
-                    "interrupted: state saved at step %d; continue with --resume %s", self.global_step, self.out
-                )
+                log.warning("interrupted: state saved at step %d; %s", self.global_step, self.continue_hint)
             raise
         finally:
             bar.close()
