@@ -98,3 +98,20 @@ def test_presets_table_is_what_info_presets_prints() -> None:
         assert (int(size), int(k), int(n)) == (p["img_size"], p["k"], p["N"]), name
         millions = f"{p['parameters']['backbone'] / 1e6:.1f}M + {p['parameters']['dtop'] / 1e6:.1f}M"
         assert params == millions, name
+
+
+def test_every_repository_path_the_readme_names_exists() -> None:
+    """A path the README names in backticks or as a link, whose first folder is one of the repository's, exists from
+    the root (`dtop_export/`, `cpp/` and `cpp/include/` may be left out, as the README's layout does):
+    `results/cpu-epyc/...` (in benchmarks/) once did not."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {part for f in files for part in Path(f).parts[:-1]}
+    named = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)+/?)`", README)) | set(re.findall(r"\]\(([^)#:]+)\)", README))
+    named |= set(re.findall(r"(?:python3?|bash) (benchmarks/[\w/.-]+)", README))
+    checked = [p for p in named if Path(p).parts[0] in folders]
+    missing = [
+        p for p in checked if not any((REPO / base / p).exists() for base in ("", "dtop_export", "cpp", "cpp/include"))
+    ]
+    assert len(checked) >= 20 and missing == [], missing
