@@ -115,3 +115,10 @@ def test_every_repository_path_the_readme_names_exists() -> None:
         p for p in checked if not any((REPO / base / p).exists() for base in ("", "dtop_export", "cpp", "cpp/include"))
     ]
     assert len(checked) >= 20 and missing == [], missing
+
+
+def test_examples_ask_no_more_threads_than_the_machine_they_ran_on() -> None:
+    """The README's examples run as written on the 2-core machine it describes: `embed ... --threads 4` was refused
+    there ('this process can run on 2 CPU(s)'), a README audit's first try of the embed quickstart."""
+    asked = [int(n) for n in re.findall(r"--threads[ =](\d+)", README)]
+    assert asked and max(asked) <= 2, asked
