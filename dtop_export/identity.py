@@ -149,9 +149,12 @@ def check_distractors(model: str | Path, distractors: str | Path, force: bool = 
     ``X.json`` that ``embed -o X.npy`` writes next to the matrix (a bare ``.npy`` records nothing: a warning)."""
     import json
 
-    path = Path(distractors)
-    if not path.exists():  # before the model's provenance: a warning about it would come before this error
-        raise DToPError(f"distractor file {path} not found")
+    from dtop_export.bench.spec import parse_spec
+    from dtop_export.corpus.integrity import distractor_path
+    from dtop_export.engines import check_model_file
+
+    check_model_file(parse_spec(str(model)).path)  # both files before the provenance: no warning before their errors
+    path = distractor_path(distractors)
     what = f"distractors {path}"
     if path.is_dir():
         from dtop_export.corpus.shards import read_manifest

@@ -153,3 +153,55 @@ def test_demo_workdir_that_is_a_file(tmp_path: Path) -> None:
     f.write_text("x")
     r = run("demo", "--workdir", f)
     assert r.returncode == 2 and "is a file" in r.stderr
+
+
+def test_demo_continues_an_interrupted_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the demo's training said 'continue with --resume dtop-demo/train' (demo has no --resume), and the
+    demo run again trained from scratch into the same folder, its log rows appended to the old run's; now the
+    line says to run the demo again, which continues the interrupted training (a README audit)."""
+    from dtop_export.pipeline.demo import DemoSettings, run_demo
+    from dtop_export.training import loop
+
+    class Stop(Exception):
+        pass
+
+    resumed: list[object] = []
+    init = loop.Trainer.__init__
+
+    def patched(self: loop.Trainer, cfg: object, resume: object = None, callbacks: object = None) -> None:
+        init(self, cfg, resume=resume)
+        resumed.append(resume)
+
+        def interrupt(tr: loop.Trainer) -> None:
+            if resume is None and tr.global_step == 3:  # mid-way through the second epoch
+                raise KeyboardInterrupt
+
+        self.callbacks.append(interrupt)
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Stop  # training is what this test is about: no whitening, export, ...
+
+    def no_validation(*args: object, **kwargs: object) -> object:
+        cfg = load_config(*args, **kwargs)
+        cfg.val.enabled = False  # minutes on 2 shared cores, and not what is tested
+        return cfg
+
+    from dtop_export.training import config
+
+    load_config = config.load_config
+    monkeypatch.setattr(config, "load_config", no_validation)
+    monkeypatch.setattr(loop.Trainer, "__init__", patched)
+    monkeypatch.setattr("dtop_export.training.whitening.whiten_checkpoint", stop)
+    settings = DemoSettings(workdir=tmp_path / "w", epochs=2, steps_per_epoch=2, batch_size=4, progress=False)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        run_demo(settings)
+    said = str(interrupted.value)  # the CLI's 'interrupted: ...' line
+    assert "state saved at step" in said and "run the same `dtop-export demo` again to continue" in said
+    assert "--resume" not in said
+    with pytest.raises(Stop):
+        run_demo(settings)
+    train = tmp_path / "w" / "train"
+    assert resumed == [None, train] and (train / "final.pt").is_file()
+    steps = [int(row.split(",")[1]) for row in (train / "log.csv").read_text().splitlines()[1:]]
+    epochs = [row.split(",")[0] for row in (train / "epochs.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and epochs == ["1", "2"], (steps, epochs)

@@ -69,3 +69,56 @@ def test_every_python_module_the_readme_runs_exists() -> None:
     assert "dtop_export" in modules
     missing = [m for m in modules if m not in ("venv", "pip") and importlib.util.find_spec(m) is None]
     assert missing == []
+
+
+def _cli_json(*args: str) -> dict:
+    import json
+
+    from typer.testing import CliRunner
+
+    from dtop_export.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_presets_table_is_what_info_presets_prints() -> None:
+    """The README's presets table (its heading names `dtop-export info --presets`) holds the command's figures: the
+    parameter column once said 86.4M for ViT-B/16 (86.1M) and the command printed no parameters at all."""
+    table = README.split("Presets (`dtop-export info --presets`):", 1)[1].split("\n\n", 2)[1]
+    rows = {
+        m[0]: m[1:]
+        for m in re.findall(r"^\| `([\w-]+)`[^|]*\| [^|]+\| (\d+) \| (\d+) \| (\d+) \| (.+?) \|$", table, re.M)
+    }
+    presets = _cli_json("info", "--presets")["presets"]
+    assert set(rows) == set(presets)
+    for name, (size, k, n, params) in rows.items():
+        p = presets[name]
+        assert (int(size), int(k), int(n)) == (p["img_size"], p["k"], p["N"]), name
+        millions = f"{p['parameters']['backbone'] / 1e6:.1f}M + {p['parameters']['dtop'] / 1e6:.1f}M"
+        assert params == millions, name
+
+
+def test_every_repository_path_the_readme_names_exists() -> None:
+    """A path the README names in backticks or as a link, whose first folder is one of the repository's, exists from
+    the root (`dtop_export/`, `cpp/` and `cpp/include/` may be left out, as the README's layout does):
+    `results/cpu-epyc/...` (in benchmarks/) once did not."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    folders = {part for f in files for part in Path(f).parts[:-1]}
+    named = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)+/?)`", README)) | set(re.findall(r"\]\(([^)#:]+)\)", README))
+    named |= set(re.findall(r"(?:python3?|bash) (benchmarks/[\w/.-]+)", README))
+    checked = [p for p in named if Path(p).parts[0] in folders]
+    missing = [
+        p for p in checked if not any((REPO / base / p).exists() for base in ("", "dtop_export", "cpp", "cpp/include"))
+    ]
+    assert len(checked) >= 20 and missing == [], missing
+
+
+def test_examples_ask_no_more_threads_than_the_machine_they_ran_on() -> None:
+    """The README's examples run as written on the 2-core machine it describes: `embed ... --threads 4` was refused
+    there ('this process can run on 2 CPU(s)'), a README audit's first try of the embed quickstart."""
+    asked = [int(n) for n in re.findall(r"--threads[ =](\d+)", README)]
+    assert asked and max(asked) <= 2, asked

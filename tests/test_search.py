@@ -131,3 +131,27 @@ def test_search_says_nprobe_is_ignored_on_a_flat_index(
     noted = capsys.readouterr()
     assert noted.err == f"note: {small_index} is a flat index (exact): --nprobe (IVF-PQ indexes) ignored\n"
     assert noted.out == plain.out
+
+
+@needs_faiss
+def test_an_index_and_a_shard_folder_swapped_are_named_as_such(
+    small_index: Path, small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newcomer's mix-ups (a README audit): `search corpus/ ...` said 'corpus not found' of a folder that exists,
+    `index corpus.faiss -o ...` 'shard folder corpus.faiss not found' of a file that exists, and `evaluate
+    --distractors corpus.faiss` ended in numpy's advice to unpickle the index; each is one line saying what to give."""
+    from cli_helpers import cli
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    cases = [
+        (("search", str(folder), str(small_onnx), _query()), "is a folder, not an index: index its shards with"),
+        (("index", str(small_index), "-o", str(tmp_path / "x.faiss")), "is a file, not a shard folder"),
+        (("evaluate", str(small_onnx), "--distractors", str(small_index)), "give an .npy"),
+    ]
+    for argv, message in cases:
+        assert cli(*argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert "not found" not in err and "pickle" not in err and "warning" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

@@ -136,6 +136,7 @@ class Trainer:
         self._epoch_so_far: dict[str, float] = dict(_NO_PROGRESS)
         self._saved_step: int | None = None  # the step of the last train_state.pt written or resumed from
         self._stop = GroupStop(enabled=self.world > 1, announce=self.rank == 0)  # Ctrl-C under DDP
+        self.continue_hint: str | None = None  # how to go on after an interrupt, if not --resume (the demo: itself)
 
     # set-up -------------------------------------------------------------------------------------------
 
@@ -573,6 +574,8 @@ class Trainer:
         return Interrupted(f"every process stopped after step {self.global_step}, state saved; {self._resume_hint()}")
 
     def _resume_hint(self) -> str:
+        if self.continue_hint:
+            return self.continue_hint
         how = "dtop-export train" if self.world == 1 else f"torchrun with {self.world} processes"
         return f"continue with {how} --resume {self.out}"
 

@@ -54,6 +54,19 @@ def clear_run(folder: str | Path) -> None:
             p.unlink()
 
 
+def interrupted_run(folder: str | Path, config: dict[str, Any], may_change: set[str]) -> bool:
+    """Whether ``folder`` holds the ``train_state.pt`` of a run of ``config`` (the keys in ``may_change`` aside), which
+    a caller that retrains the same thing (the demo) continues instead of starting over; unreadable: no."""
+    state_file = Path(folder) / "train_state.pt"
+    if not state_file.is_file():
+        return False
+    try:
+        state = read_state(state_file)
+    except DToPError:
+        return False
+    return not [k for k in config_changes(state["config"], config) if k not in may_change]
+
+
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

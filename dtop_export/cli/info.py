@@ -124,10 +124,24 @@ def _info_presets(as_json: bool) -> None:
             "k": c.num_layers,
             "N": c.descriptor_dim,
             "default": name == DEFAULT_PRESET,
+            "parameters": _preset_parameters(c),
         }
         for name, c in PRESETS.items()
     }
     _print_info({"presets": rows}, as_json, title="presets")
+
+
+def _preset_parameters(cfg: Any) -> dict[str, int]:
+    """A preset's parameters, backbone (stem, transformer, position embedding) and DToP (branches, ELM, head), from
+    the model built on the meta device: shapes only, no memory, no initialisation (~1 s for all presets)."""
+    import torch
+
+    from dtop_export.model import build_model, parameter_counts
+
+    with torch.device("meta"):
+        counts = parameter_counts(build_model(cfg))
+    backbone = counts["stem"] + counts["transformer"] + counts["pos_embed"]
+    return {"backbone": backbone, "dtop": counts["total"] - backbone}
 
 
 def _print_info(report: dict[str, Any], as_json: bool, title: str) -> None:

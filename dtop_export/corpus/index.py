@@ -217,6 +217,11 @@ class CorpusIndex:
             if index != self.path and index.is_file() and self.path in sidecar_paths(index):
                 self.path = index
                 break
+        if self.path.is_dir():  # the shard folder itself, one step early
+            raise DToPError(
+                f"{self.path} is a folder, not an index: index its shards with `dtop-export index {self.path} -o "
+                f"{self.path.name}.faiss` and give that"
+            )
         meta_path, ids_path = sidecar_paths(self.path)
         for p in (self.path, meta_path, ids_path):
             if not p.is_file():

@@ -24,6 +24,7 @@ from dtop_export.corpus.shards import (
     CorpusSettings,
     read_manifest,
     read_shard,
+    require_shard_folder,
     shard_info,
     shard_name,
 )
@@ -72,9 +73,7 @@ def settings_of(manifest: dict[str, Any], folder: Path) -> CorpusSettings:
 def verify_folder(folder: str | Path, force: bool = False) -> Verified:
     """Check shard folder ``folder`` against its manifest (see the module docstring); a one-line
     :class:`DToPError` saying what is wrong and what to do, or the :class:`Verified` folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DToPError(f"shard folder {folder} not found")
+    folder = require_shard_folder(folder)
     manifest = read_manifest(folder)
     if manifest is None:
         raise DToPError(f"{folder} has no manifest.json: it is not a folder written by `dtop-export embed -o {folder}`")
@@ -170,6 +169,20 @@ def _compare(verdict: _Verdict, where: str, recorded: dict[str, Any], image_size
                        f"uses {','.join(f'{s:g}' for s in scales)}")  # fmt: skip
 
 
+def distractor_path(path: str | Path) -> Path:
+    """``path`` as a Path when it can hold distractors (a shard folder, an ``.npy``), else one :class:`DToPError` line
+    (a faiss index holds no descriptors; numpy's own refusal of it suggested unpickling it)."""
+    path = Path(path)
+    if not path.exists():
+        raise DToPError(f"distractor file {path} not found")
+    if not path.is_dir() and path.suffix.lower() != ".npy":
+        raise DToPError(
+            f"--distractors {path}: give an .npy (`dtop-export embed MODEL IMAGES -o X.npy`) or a shard folder "
+            "(`embed ... -o DIR`), not an index or another file"
+        )
+    return path
+
+
 def open_distractors(
     path: str | Path,
     dim: int | None = None,
@@ -182,9 +195,7 @@ def open_distractors(
     (an [M, N] array-like, the warnings ``force`` let through)."""
     from dtop_export.corpus.shards import ShardedDescriptors
 
-    path = Path(path)
-    if not path.exists():
-        raise DToPError(f"distractor file {path} not found")
+    path = distractor_path(path)
     verdict = _Verdict(force, "embed the distractors with this model and settings")
     if path.is_dir():
         v = verify_folder(path, force)

@@ -264,11 +264,21 @@ def write_manifest(folder: Path, settings: CorpusSettings, status: str, extra: d
     atomic_write_text(folder / MANIFEST, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def shard_files(folder: str | Path) -> list[Path]:
-    """The shard files of an output folder, in key order; a folder without any is a :class:`DToPError`."""
+def require_shard_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path, or one :class:`DToPError` line when it is missing or a file (an index, an .npy)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DToPError(
+            f"{folder} is a file, not a shard folder: give the folder `dtop-export embed MODEL SOURCE -o FOLDER` wrote"
+        )
     if not folder.is_dir():
         raise DToPError(f"shard folder {folder} not found")
+    return folder
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The shard files of an output folder, in key order; a folder without any is a :class:`DToPError`."""
+    folder = require_shard_folder(folder)
     files = sorted(folder.glob(SHARD_GLOB))
     if not files:
         raise DToPError(f"{folder} holds no {SHARD_GLOB} files: run `dtop-export embed MODEL SOURCE -o {folder}` first")

@@ -188,6 +188,7 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             return
         from dtop_export.training.config import SAMPLE_CONFIG, load_config
         from dtop_export.training.loop import Trainer
+        from dtop_export.training.state import clear_run, interrupted_run
 
         _training_logs()
         sets = [
@@ -202,7 +203,14 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
         ]
         if s.steps_per_epoch is not None:
             sets.append(f"max_steps_per_epoch={s.steps_per_epoch}")
-        result = Trainer(load_config(SAMPLE_CONFIG, sets)).run()
+        cfg = load_config(SAMPLE_CONFIG, sets)
+        # an interrupted training of these settings continues; any other run there goes first (its logs got appended to)
+        resume = not s.force and interrupted_run(train_dir, cfg.to_dict(), {"progress", "out_dir", "threads"})
+        if not resume:
+            clear_run(train_dir)
+        trainer = Trainer(cfg, resume=train_dir if resume else None)
+        trainer.continue_hint = "run the same `dtop-export demo` again to continue (--force starts over)"
+        result = trainer.run()
         if result.final is None:
             raise DToPError("training finished without writing a checkpoint")
         prov = load_checkpoint(result.final).provenance
