@@ -541,3 +541,19 @@ def test_cli_train_then_resume_with_more_epochs(tmp_path: Path, folder_data: Pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trained 2 epoch(s), 2 steps" in r.stdout
     assert load_checkpoint(tmp_path / "run" / "final.pt").provenance["step"] == 2
+
+
+def test_model_init_takes_the_overrides_without_weights_and_refuses_the_others(
+    tmp_path: Path, folder_data: Path
+) -> None:
+    """An audit of the loop: with model.init set, model.overrides (and pretrained, backbone_weights) were ignored
+    without a word. The checkpoint's model is fine-tuned: overrides without weights apply, the others are refused."""
+    base = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")).run().final
+    init = ("epochs=1", "max_steps_per_epoch=1", f"model.init={base}")
+    res = Trainer(_cfg(tmp_path / "b", folder_data, *init, "model.overrides={dropout: 0.25, waveblock: false}")).run()
+    config = load_checkpoint(res.final).config
+    assert (config.dropout, config.waveblock) == (0.25, False) != (load_checkpoint(base).config.dropout, True)
+    with pytest.raises(DToPError, match=r"^model.overrides descriptor_dim cannot change model.init's model"):
+        _cfg(tmp_path / "c", folder_data, *init, "model.overrides={descriptor_dim: 64, dropout: 0.2}")
+    with pytest.raises(DToPError, match=r"^model.pretrained starts a fresh model, model.init fine-tunes"):
+        _cfg(tmp_path / "c", folder_data, *init, "model.pretrained=true")

@@ -23,7 +23,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         if m.init:
             ckpt = load_checkpoint(m.init)
+            if m.overrides:  # those without weights (config.INIT_OVERRIDES): dropout, WaveBlock, head BN at inference
+                ckpt = replace(ckpt, config=ckpt.config.replace(**m.overrides))
             self.model = ckpt.build_model()
             self.preprocess = ckpt.preprocess
             self.init_source = f"checkpoint:{m.init}"
