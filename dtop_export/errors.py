@@ -20,7 +20,12 @@ class ShapeError(DToPError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with what the interrupted command kept and how to go on (the CLI prints it and exits 130)."""
+    """Ctrl-C, with what the interrupted command kept and how to go on (the CLI prints it and exits 130; after
+    another signal, ``signum``, 128 + its number: 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -422,7 +422,7 @@ def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ctrl_c_under_ddp_stops_every_process_at_one_step(tmp_path: Path, folder_data: Path) -> None:
     """An audit of the loop: under torchrun Ctrl-C saved no state (only a single-process run did), and the epoch
-    loss was rank 0's shard only. Rank 0 alone gets SIGINT after step 2 (rank 1 never does: a process that gets it a
+    loss was rank 0's shard only. Rank 0 alone gets SIGINT during step 3 (rank 1 never does: a process that gets it a
     step later is the same case): both stop after step 3, mid-epoch 2, with one state saved, and a resume under
     torchrun ends bit-identical to the run through, with the same epoch losses: those of both shards."""
     import json
@@ -444,7 +444,7 @@ def test_ctrl_c_under_ddp_stops_every_process_at_one_step(tmp_path: Path, folder
         assert row["loss"] == pytest.approx(sum(both) / 4, rel=1e-12) != pytest.approx(sum(mine) / 2, rel=1e-6)
     assert [h["loss"] for h in ranks[1]["history"]] == [h["loss"] for h in ranks[0]["history"]]
 
-    r = _torchrun(tmp_path, helper, str(tmp_path / "cut.yaml"), str(tmp_path / "cut.json"), "0:2")
+    r = _torchrun(tmp_path, helper, str(tmp_path / "cut.yaml"), str(tmp_path / "cut.json"), "0:in@3")
     assert r.returncode != 0 and not (tmp_path / "cut" / "final.pt").exists()
     said = "interrupted: every process stopped after step 3, state saved; continue with torchrun with 2 processes"
     assert r.stderr.count(said) == 2, r.stderr[-3000:]
@@ -541,3 +541,177 @@ def test_cli_train_then_resume_with_more_epochs(tmp_path: Path, folder_data: Pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trained 2 epoch(s), 2 steps" in r.stdout
     assert load_checkpoint(tmp_path / "run" / "final.pt").provenance["step"] == 2
+
+
+def _helper(tmp_path: Path, cfg: TrainConfig, name: str, send: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """tests/_ddp_train.py in one process (no torchrun), in a session of its own: it signals its process group."""
+    import json
+
+    import yaml
+
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    helper = str(Path(__file__).with_name("_ddp_train.py"))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, helper, str(tmp_path / f"{name}.yaml"), str(out), send]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    return r, json.loads(Path(f"{out}.0").read_text()) if Path(f"{out}.0").is_file() else {}
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGUSR1", 138)])
+def test_sigterm_or_sigusr1_saves_state_in_one_process(tmp_path: Path, folder_data: Path, sig: str, code: int) -> None:
+    """An audit of the loop: SIGTERM (SLURM's preemption and time limit, kill, a container stop) killed the run with no
+    state saved since its last save; SLURM's --signal=USR1@90 too. Both stop it as Ctrl-C does, DataLoader workers
+    (signalled with it: the whole process group) staying up until the state is saved."""
+    from dtop_export.training.state import read_state
+
+    cfg = _cfg(tmp_path / "run", folder_data, "epochs=1", "data.workers=1")
+    r, _ = _helper(tmp_path, cfg, "run", f"0:3:{sig}")
+    assert r.returncode == code, r.stderr[-3000:]
+    said = f"interrupted: {sig}: state saved at step 3; continue with dtop-export train --resume {tmp_path / 'run'}"
+    assert said in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    st = read_state(tmp_path / "run")
+    assert (st["step"], st["epoch"], st["sampler"]["position"]) == (3, 0, 3)
+
+
+def test_a_signal_in_the_optimiser_step_or_the_epochs_checkpoints_resumes_exactly(
+    tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An audit of the loop: in one process Ctrl-C raised wherever it landed. Between the optimiser step and the
+    loop's record of it, the state saved held step 3's weights as step 2's (a resume trained step 3 twice); while
+    the epoch's checkpoints were written, after the sampler had moved to the next epoch, it recorded that epoch as
+    done (a resume skipped it). Both wait for the section's end now, then stop with its state."""
+    import signal
+
+    from dtop_export.training.state import read_state
+
+    ref = Trainer(_cfg(tmp_path / "ref", folder_data)).run()  # 2 epochs of 4 steps
+
+    def in_step_3(tr: Trainer) -> None:  # the next step's sync (in one process: the step's sums, unchanged)
+        if tr.global_step == 2:
+            sync = tr._stop.sync
+
+            def signalled(*args: object) -> object:
+                os.kill(os.getpid(), signal.SIGINT)
+                return sync(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(tr._stop, "sync", signalled)
+
+    save_ckpt = Trainer._save_ckpt
+
+    def last_pt_signalled(tr: Trainer, name: str, *args: object, **kwargs: object) -> Path:
+        if name == "last.pt" and tr.epoch == 1 and not (tr.out / "last.pt").exists():
+            os.kill(os.getpid(), signal.SIGINT)
+        return save_ckpt(tr, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    for name, callbacks, step in (("step", [in_step_3], 3), ("ckpt", [], 4)):
+        cfg = _cfg(tmp_path / name, folder_data)
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_save_ckpt", last_pt_signalled)
+            with pytest.raises(KeyboardInterrupt, match="state saved"):
+                Trainer(cfg, callbacks=callbacks).run()
+        assert read_state(tmp_path / name)["step"] == step
+        res = Trainer(cfg, resume=tmp_path / name).run()
+        a, b = _weights(ref.final), _weights(res.final)
+        assert res.steps == 8 and all(torch.equal(a[k], b[k]) for k in a), name
+        assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
+
+
+def test_a_signal_in_validation_stops_it_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
+    """An audit of the loop: a stop signal during validation (minutes at full size) stops it at once; the state is the
+    epoch's last step, from which --resume validates again: the run ends as one run through. In the validation
+    before training nothing is saved and no logs are left to refuse the next start by."""
+    from dtop_export.training.state import read_state
+
+    val = make_revisitop(tmp_path / "val", "tiny")
+    sets = ("val.enabled=true", f"val.root={val}", "val.name=tiny", "val.size=64")
+    ref = Trainer(_cfg(tmp_path / "ref", folder_data, *sets)).run()
+    cfg = _cfg(tmp_path / "cut", folder_data, *sets)
+    r, out = _helper(tmp_path, cfg, "cut", "0:val@4:SIGTERM")
+    assert r.returncode == 143, r.stderr[-3000:]
+    said = "interrupted: SIGTERM: stopped after step 4, state saved (the end of epoch 1: --resume validates it"
+    assert said in r.stderr, r.stderr[-3000:]
+    assert out["validations"] == [{"step": 0, "finished": True}, {"step": 4, "finished": False}]
+    st = read_state(tmp_path / "cut")
+    assert (st["step"], st["epoch"], st["sampler"]["position"], st["history"]) == (4, 0, 4, [])
+    assert not (tmp_path / "cut" / "last.pt").exists()
+    res = Trainer(cfg, resume=tmp_path / "cut").run()
+    a, b = _weights(ref.final), _weights(res.final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [(h["loss"], h["metrics"]) for h in res.history] == [(h["loss"], h["metrics"]) for h in ref.history]
+    initial = load_checkpoint(ref.final).provenance["initial_metrics"]
+    assert load_checkpoint(res.final).provenance["initial_metrics"] == initial
+
+    r, out = _helper(tmp_path, _cfg(tmp_path / "first", folder_data, *sets), "first", "0:val@0:SIGTERM")
+    assert r.returncode == 143 and "interrupted: SIGTERM: stopped in the validation before training" in r.stderr
+    assert out["validations"] == [{"step": 0, "finished": False}]
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == ["config.yaml", "image_sizes.tsv"]
+
+
+def test_sigterm_in_validation_under_ddp_stops_every_process_at_once(tmp_path: Path, folder_data: Path) -> None:
+    """An audit of the loop: under torchrun SIGTERM killed the process it reached (no state); a signal during rank 0's
+    validation took effect only after it, and a step later. SIGTERM to rank 0's process group (its DataLoader worker
+    too) as epoch 2's validation starts: it stops at once, both processes save the state of the epoch's last step,
+    and a torchrun --resume validates epoch 2 again and trains on to the end."""
+    import yaml
+
+    from dtop_export.training.state import read_state
+
+    val = make_revisitop(tmp_path / "val", "tiny")
+    sets = ("val.enabled=true", f"val.root={val}", "val.name=tiny", "val.size=64", "data.workers=1", "epochs=3")
+    cfg = _cfg(tmp_path / "cut", folder_data, *sets)
+    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    helper = str(Path(__file__).with_name("_ddp_train.py"))
+    r = _torchrun(tmp_path, helper, str(tmp_path / "cut.yaml"), str(tmp_path / "cut.json"), "0:val@4:SIGTERM")
+    assert r.returncode != 0 and not (tmp_path / "cut" / "final.pt").exists()
+    said = "every process stopped after step 4, state saved (the end of epoch 2: --resume validates it"
+    assert r.stderr.count(f"interrupted: SIGTERM: {said}") == 1, r.stderr[-3000:]  # rank 0
+    assert r.stderr.count(f"interrupted: {said}") == 1, r.stderr[-3000:]  # rank 1, which got no signal
+    import json
+
+    out = json.loads((tmp_path / "cut.json.0").read_text())
+    assert [v["finished"] for v in out["validations"]] == [True, True, False]
+    st = read_state(tmp_path / "cut")
+    assert (st["step"], st["epoch"], st["sampler"]["position"], len(st["history"])) == (4, 1, 2, 1)
+    r = _torchrun(tmp_path, "-m", "dtop_export", "train", "--resume", str(tmp_path / "cut"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [r["step"] for r in csv.DictReader((tmp_path / "cut" / "epochs.csv").open())] == ["2", "4", "6"]
+
+    # mid-step, with the DataLoader worker signalled too: it must not die before the group has saved the state
+    cfg = _cfg(tmp_path / "step", folder_data, "data.workers=1", "epochs=3")
+    (tmp_path / "step.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    r = _torchrun(tmp_path, helper, str(tmp_path / "step.yaml"), str(tmp_path / "step.json"), "0:in@3:SIGTERM")
+    said = "every process stopped after step 3, state saved; continue with torchrun"
+    assert r.stderr.count(f"interrupted: SIGTERM: {said}") == 1, r.stderr[-3000:]
+    assert read_state(tmp_path / "step")["step"] == 3
+
+
+def test_model_init_takes_the_overrides_without_weights_and_refuses_the_others(
+    tmp_path: Path, folder_data: Path
+) -> None:
+    """An audit of the loop: with model.init set, model.overrides (and pretrained, backbone_weights) were ignored
+    without a word. The checkpoint's model is fine-tuned: overrides without weights apply, the others are refused."""
+    base = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1", "max_steps_per_epoch=1")).run().final
+    init = ("epochs=1", "max_steps_per_epoch=1", f"model.init={base}")
+    res = Trainer(_cfg(tmp_path / "b", folder_data, *init, "model.overrides={dropout: 0.25, waveblock: false}")).run()
+    config = load_checkpoint(res.final).config
+    assert (config.dropout, config.waveblock) == (0.25, False) != (load_checkpoint(base).config.dropout, True)
+    with pytest.raises(DToPError, match=r"^model.overrides descriptor_dim cannot change model.init's model"):
+        _cfg(tmp_path / "c", folder_data, *init, "model.overrides={descriptor_dim: 64, dropout: 0.2}")
+    with pytest.raises(DToPError, match=r"^model.pretrained starts a fresh model, model.init fine-tunes"):
+        _cfg(tmp_path / "c", folder_data, *init, "model.pretrained=true")
+
+
+def test_cli_train_exits_143_after_sigterm(
+    tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import signal
+
+    from dtop_export.errors import Interrupted
+
+    def stopped(self: Trainer) -> None:
+        raise Interrupted("SIGTERM: state saved at step 3; continue with ...", signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "run", stopped)
+    assert cli("train", *_cli_sets(folder_data), "-o", str(tmp_path / "run")) == 143
+    assert capsys.readouterr().err.endswith("interrupted: SIGTERM: state saved at step 3; continue with ...\n")

@@ -28,7 +28,9 @@ class ModelSection:
     """Which model to train.
 
     preset: a ``DToPConfig`` preset (``dtop-export info --presets``); ``overrides`` change single fields.
-    init: start from this dtop-export checkpoint (fine-tuning) instead of a fresh model.
+    init: start from this dtop-export checkpoint (fine-tuning) instead of a fresh model: its architecture and weights,
+        so ``preset`` does not apply, ``pretrained`` and ``backbone_weights`` are refused, and ``overrides`` may only
+        change what has no weights (``INIT_OVERRIDES``: dropout, WaveBlock, the head's BN at inference).
     pretrained: let timm download ImageNet weights for the backbone (network; explicit opt-in).
     backbone_weights: local timm backbone weights file (.safetensors/.pth) for offline machines.
     """
@@ -216,6 +218,7 @@ class TrainConfig:
         if not self.val.scales:
             raise DToPError("val.scales must list at least one scale (1.0: single-scale)")
         _check_model_overrides(self.model.overrides)
+        _check_model_init(self.model)
         lo, hi = self.augment.scale
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
@@ -243,6 +246,25 @@ def _check_model_overrides(overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise DToPError(f"unknown model.overrides key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+
+
+# the model.overrides that apply to model.init's checkpoint: none of them has weights
+INIT_OVERRIDES = ("dropout", "head_bn_at_inference", "waveblock", "waveblock_rate", "waveblock_ratio")
+
+
+def _check_model_init(m: ModelSection) -> None:
+    """With ``model.init`` the model is the checkpoint's: refuse what would otherwise be ignored."""
+    if not m.init:
+        return
+    fixed = sorted(set(m.overrides) - set(INIT_OVERRIDES))
+    if fixed:
+        raise DToPError(
+            f"model.overrides {', '.join(fixed)} cannot change model.init's model (the checkpoint's architecture, "
+            f"which its weights fit); with model.init only {', '.join(INIT_OVERRIDES)} apply: drop the others"
+        )
+    if m.pretrained or m.backbone_weights:
+        which = "model.pretrained" if m.pretrained else "model.backbone_weights"
+        raise DToPError(f"{which} starts a fresh model, model.init fine-tunes a checkpoint: set one of them")
 
 
 def _number_rules(cfg: TrainConfig) -> list[tuple[str, Any, str]]:

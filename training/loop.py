@@ -20,10 +20,11 @@ import hashlib
 import logging
 import math
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from dtop_export.training.state import (
     rng_state,
     set_rng_state,
 )
-from dtop_export.training.stop import GroupStop, ignore_sigint
+from dtop_export.training.stop import GroupStop, StopRequested, ignore_stop_signals, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Trainer:
         # an epoch resumed mid-way reports the same loss and img/s as one run through)
         self._epoch_so_far: dict[str, float] = dict(_NO_PROGRESS)
         self._saved_step: int | None = None  # the step of the last train_state.pt written or resumed from
-        self._stop = GroupStop(enabled=self.world > 1, announce=self.rank == 0)  # Ctrl-C under DDP
+        self._stop = GroupStop(group=self.world > 1, announce=self.rank == 0)  # Ctrl-C, SIGTERM, SIGUSR1
         self.continue_hint: str | None = None  # how to go on after an interrupt, if not --resume (the demo: itself)
 
     # set-up -------------------------------------------------------------------------------------------
@@ -173,6 +174,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         if m.init:
             ckpt = load_checkpoint(m.init)
+            if m.overrides:  # those without weights (config.INIT_OVERRIDES): dropout, WaveBlock, head BN at inference
+                ckpt = replace(ckpt, config=ckpt.config.replace(**m.overrides))
             self.model = ckpt.build_model()
             self.preprocess = ckpt.preprocess
             self.init_source = f"checkpoint:{m.init}"
@@ -492,14 +495,6 @@ class Trainer:
 
             module = DDP(module, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.module = module
-        self._open_logs(resumed)
-
-        if self.is_main and not resumed and cfg.val.enabled and self.initial_metrics is None:
-            self.initial_metrics = self.validate()
-            if self.initial_metrics:
-                log.info("mAP before training: %s", format_map(self.initial_metrics) + " (E/M/H)")
-        if self.world > 1:
-            dist.barrier()
 
         bar = TrainBar(enabled=cfg.progress and self.is_main)
         loader_gen = torch.Generator().manual_seed(cfg.seed)
@@ -507,6 +502,8 @@ class Trainer:
         start_epoch = self.epoch
         try:
             with self._stop:
+                self._validate_first(resumed)
+                self._open_logs(resumed)  # after: a run stopped in that validation leaves no logs to refuse it by
                 self._epochs(start_epoch, bar, loader_gen, use_amp, amp_dtype)
         except KeyboardInterrupt as e:
             bar.close()
@@ -565,13 +562,51 @@ class Trainer:
                 )
             self._totals[0] += n_img
             self._totals[1] += secs
+            if self._stop.agreed:  # asked at the epoch's last step: its state, before validation and checkpoints
+                self.save_state(self._boundary_rng)
+                raise self._stopped(self._epoch_note(epoch))
             self._end_epoch(epoch, loss_avg, n_img, secs)
-            if self._stop.agreed:  # asked at the epoch's last step: the state _end_epoch wrote is the one
-                raise self._group_stopped()
+            if self._stop.agreed:  # asked while _end_epoch wrote the checkpoints: the state it wrote is the one
+                raise self._stopped()
 
-    def _group_stopped(self) -> KeyboardInterrupt:
-        """Under DDP, after the group agreed to stop and the state was saved: what the CLI says."""
-        return Interrupted(f"every process stopped after step {self.global_step}, state saved; {self._resume_hint()}")
+    def _stopped(self, note: str = "") -> KeyboardInterrupt:
+        """After the run (under DDP: the group) agreed to stop and the state was saved: what the CLI says."""
+        who = "every process stopped" if self.world > 1 else "stopped"
+        return self._said(f"{who} after step {self.global_step}, state saved{note}; {self._resume_hint()}")
+
+    def _epoch_note(self, epoch: int) -> str:
+        what = "validates it and writes its checkpoints" if self.cfg.val.enabled else "writes its checkpoints"
+        return f" (the end of epoch {epoch + 1}: --resume {what})"
+
+    def _said(self, text: str) -> Interrupted:
+        """``text`` as the CLI says it: naming the signal unless Ctrl-C; the exit code is 128 + the signal's."""
+        by = "" if self._stop.signum == signal.SIGINT else f"{signal_name(self._stop.signum)}: "
+        return Interrupted(by + text, self._stop.signum)
+
+    def _validate_first(self, resumed: bool) -> None:
+        """The mAP before training (rank 0), which a signal stops at once; then the group agrees whether to stop."""
+        if self.is_main and not resumed and self.cfg.val.enabled and self.initial_metrics is None:
+            with contextlib.suppress(StopRequested), self._stop.raising():
+                self.initial_metrics = self.validate()
+                if self.initial_metrics:
+                    log.info("mAP before training: %s", format_map(self.initial_metrics) + " (E/M/H)")
+        if self._stop.agree(self.device):  # (under DDP, the others wait here for rank 0's validation)
+            raise self._said("stopped in the validation before training: nothing was trained; start the run again")
+
+    def _validate_epoch(self, epoch: int) -> dict[str, Any]:
+        """Rank 0's validation at the end of an epoch, which a signal stops at once (it can take minutes; torchrun
+        and SLURM kill 30 s after their signal); then the group agrees whether to stop. If so, every process saves
+        the state of the epoch's last step, from which a --resume validates again and writes the epoch's
+        checkpoints."""
+        metrics: dict[str, Any] = {}
+        if self.is_main:
+            with contextlib.suppress(StopRequested), self._stop.raising():
+                metrics = self.validate()
+        if self._stop.agree(self.device):
+            self.sampler.position = self._boundary_position
+            self.save_state(self._boundary_rng)
+            raise self._stopped(self._epoch_note(epoch))
+        return metrics
 
     def _resume_hint(self) -> str:
         if self.continue_hint:
@@ -587,11 +622,11 @@ class Trainer:
         if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
             self.sampler.position = self._boundary_position
             self.save_state(self._boundary_rng)
-            return Interrupted(f"state saved at step {self.global_step}; {self._resume_hint()}")
+            return self._said(f"state saved at step {self.global_step}; {self._resume_hint()}")
         if self._saved_step is None:
-            return Interrupted("no training state was saved yet")
+            return self._said("no training state was saved yet")
         before = " before the processes agreed on a step" if self.world > 1 else ""
-        return Interrupted(
+        return self._said(
             f"nothing saved{before}; {self._resume_hint()} from step {self._saved_step}, the last state saved"
         )
 
@@ -612,7 +647,8 @@ class Trainer:
             collate_fn=getattr(self.dataset, "collate", collate),
             generator=loader_gen,
             persistent_workers=False,
-            worker_init_fn=ignore_sigint if self.world > 1 else None,  # the group decides when to stop (stop.py)
+            # the trainer decides when to stop (stop.py); Ctrl-C ends a worker quietly in one process
+            worker_init_fn=partial(ignore_stop_signals, sigint=self.world > 1),
         )
         self.module.train()
         self.opt.zero_grad(set_to_none=True)
@@ -664,48 +700,49 @@ class Trainer:
             self.sampler.advance()
             if not last_in_step:
                 continue
-            # optimiser step
-            if backward_done:
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.opt)
-                if cfg.clip_grad > 0:
-                    params = [p for g in self.opt.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                if self.scaler is not None:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)  # this step's
-            with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
-                self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
-            self.global_step += 1
-            # under DDP: the group's loss and images (logs, the epoch's loss) and whether any process got Ctrl-C
-            step_loss, step_parts, images_step = self._stop.sync(step_loss, step_parts, images_step, self.device)
-            now = time.perf_counter()
-            dt = now - t_step
-            t_step = now
-            ips = images_step / dt if dt > 0 else 0.0
-            avg = step_loss / step_parts if step_parts else float("nan")
-            loss_sum += step_loss
-            loss_n += step_parts
-            images_epoch += images_step
-            bar.update(avg, lr, ips)
-            if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
-                self._log_step(avg, lr, ips, now - t_epoch)
-            step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
-            self._boundary_rng, self._boundary_position = rng_state(self.device), pos
-            self._epoch_so_far = {
-                "loss_sum": loss_sum,
-                "loss_n": loss_n,
-                "images": images_epoch,
-                "seconds": now - t_epoch,
-            }
-            if self._stop.agreed and pos < n_batches:  # (at the epoch's last step: after _end_epoch's save)
+            # the optimiser step until the loop has recorded it: a signal waits for its end (stop.py)
+            with self._stop.deferred():
+                if backward_done:
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.opt)
+                    if cfg.clip_grad > 0:
+                        params = [p for g in self.opt.param_groups for p in g["params"]]
+                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    if self.scaler is not None:
+                        self.scaler.step(self.opt)
+                        self.scaler.update()
+                    else:
+                        self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)  # this step's
+                with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+                    self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
+                self.global_step += 1
+                # under DDP: the group's loss and images (logs, the epoch's loss) and whether any process got Ctrl-C
+                step_loss, step_parts, images_step = self._stop.sync(step_loss, step_parts, images_step, self.device)
+                now = time.perf_counter()
+                dt = now - t_step
+                t_step = now
+                ips = images_step / dt if dt > 0 else 0.0
+                avg = step_loss / step_parts if step_parts else float("nan")
+                loss_sum += step_loss
+                loss_n += step_parts
+                images_epoch += images_step
+                bar.update(avg, lr, ips)
+                if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
+                    self._log_step(avg, lr, ips, now - t_epoch)
+                step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
+                self._boundary_rng, self._boundary_position = rng_state(self.device), pos
+                self._epoch_so_far = {
+                    "loss_sum": loss_sum,
+                    "loss_n": loss_n,
+                    "images": images_epoch,
+                    "seconds": now - t_epoch,
+                }
+            if self._stop.agreed and pos < n_batches:  # (at the epoch's last step: in _epochs)
                 self.save_state(self._boundary_rng)
-                raise self._group_stopped()
+                raise self._stopped()
             if cfg.save_state_every and self.global_step % cfg.save_state_every == 0 and pos < n_batches:
                 self.save_state(self._boundary_rng)
             for cb in self.callbacks:
@@ -715,7 +752,11 @@ class Trainer:
         return images_epoch, secs, (loss_sum / loss_n if loss_n else float("nan"))
 
     def _end_epoch(self, epoch: int, loss: float, n_img: int, secs: float) -> None:
-        metrics = self.validate() if self.is_main else {}
+        metrics = self._validate_epoch(epoch)
+        with self._stop.deferred():  # the epoch's logs, checkpoints and state, whole (a signal: after them)
+            self._write_epoch(epoch, loss, n_img, secs, metrics)
+
+    def _write_epoch(self, epoch: int, loss: float, n_img: int, secs: float, metrics: dict[str, Any]) -> None:
         row = {
             "epoch": epoch + 1,
             "step": self.global_step,

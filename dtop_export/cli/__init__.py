@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt as e:  # raised outside a command (typer turns the command's into exit code 130)
         _interrupted(e)
-        sys.exit(130)
+        sys.exit(getattr(e, "exit_code", 130))
     except Exception as e:
         interrupt = find_cause(e, KeyboardInterrupt)  # Ctrl-C while a C extension loaded: an ImportError
         if interrupt is None or debug:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         interrupt = find_cause(e, KeyboardInterrupt)
         if e.code == 130 and interrupt is not None:
             _interrupted(interrupt)
+            sys.exit(getattr(interrupt, "exit_code", 130))  # 143: stopped by SIGTERM
         raise
     finally:
         if argv is None:
