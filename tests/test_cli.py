@@ -58,9 +58,10 @@ def test_init_and_info(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert report["config"]["backbone"] == "dtop_tiny_r_s16"
     p = report["parameters"]
-    assert p["total"] == sum(
-        p[k] for k in ("stem", "transformer", "pos_embed", "global_branch", "local_branch", "head")
-    )
+    # every row but the ELM's (a part of local_branch, named as such: it read as a component of its own) adds up
+    parts = [k for k in p if k != "total" and not k.startswith("local_branch.")]
+    assert parts == ["stem", "transformer", "pos_embed", "global_branch", "local_branch", "head"], list(p)
+    assert p["total"] == sum(p[k] for k in parts) and 0 < p["local_branch.elm"] < p["local_branch"]
     assert report["provenance"]["backbone_init"] == "random-init"
     r = run("info", str(ckpt))
     assert r.returncode == 0 and "local_branch" in r.stdout and "provenance" in r.stdout

@@ -10,6 +10,7 @@ files. Bad input: one `error:` line, exit code 2, nothing written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -297,6 +298,11 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--scales", "1,abc"), r"cannot read scales")
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--bogus"), r"unknown option --bogus")
     _fails(_run(client, small_onnx, zoo["grey.png"], "-o", out, "--threads", "two"), r"--threads expects an integer")
+    # more threads than the CPUs: refused as `dtop-export embed` refuses them (accepted before; a README audit)
+    _fails(
+        _run(client, small_onnx, zoo["grey.png"], "-o", out, "--threads", str(os.cpu_count() * 4 + 1)),
+        r"threads asked for \(--threads\), and this process can run on \d+ CPU\(s\)",
+    )
     _fails(
         _run(client, small_onnx, zoo["grey.png"], "-o", tmp_path / "nope" / "o.npy"), r"folder .*nope does not exist"
     )

@@ -1,4 +1,5 @@
 // dtop-embed MODEL IMAGE... -o OUT.npy: the C++ twin of `dtop-export embed` (same .npy, same .json sidecar).
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,6 +102,15 @@ struct Args {
   dtop::DecodeLimits decode;
 };
 
+// CPUs this process may run on: its affinity (taskset, a cgroup cpuset), not the host's count.
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  const long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
 std::uint64_t to_count(const std::string& flag, const std::string& v) {
   try {
     std::size_t used = 0;
@@ -176,6 +186,12 @@ Args parse_args(int argc, char** argv) {
   if (a.image_size < 0) throw dtop::Error("--image-size must be positive");
   if (a.batch_size < 1) throw dtop::Error("batch size must be >= 1, got " + std::to_string(a.batch_size));
   if (a.threads < 0) throw dtop::Error("--threads must be >= 0");
+  const int cpus = usable_cpus();
+  if (a.threads > cpus) {  // as dtop-export embed refuses it (dtop_export.host.usable_cpus: the affinity)
+    throw dtop::Error(std::to_string(a.threads) + " threads asked for (--threads), and this process can run on " +
+                      std::to_string(cpus) + " CPU(s): use " + std::to_string(cpus) +
+                      " or fewer (more threads than CPUs only wait for each other)");
+  }
   return a;
 }
 

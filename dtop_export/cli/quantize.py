@@ -71,6 +71,7 @@ def quantize(
         f"wrote {r.path} ({r.size_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s: "
         f"{r.quantized_nodes['Conv/MatMul']} Conv/MatMul int8, "
         f"{r.float_nodes['Conv/MatMul kept float']} kept float ({', '.join(roles) or 'none'}); "
-        f"calibrated on {cal['images']} images ({', '.join(cal['shapes'])}) from {cal['source']}",
+        f"calibrated on {cal['images'] // len(sizes)} image(s) x {len(sizes)} size(s) = {cal['images']} inputs "
+        f"({', '.join(cal['shapes'])}) from {cal['source']}",
         soft_wrap=True,
     )

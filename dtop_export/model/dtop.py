@@ -145,7 +145,8 @@ def build_model(
 
 
 def parameter_counts(model: DToP) -> dict[str, int]:
-    """Parameters per component: stem (CNN or patch projection), encoder, DPE, branches, head, total."""
+    """Parameters per component: stem (CNN or patch projection), encoder, DPE, branches, head, total; the components
+    add up to the total, ``local_branch.elm`` is the part of ``local_branch`` in its ELM (not counted twice)."""
 
     def count(m: nn.Module | None) -> int:
         return 0 if m is None else sum(p.numel() for p in m.parameters())
@@ -157,7 +158,7 @@ def parameter_counts(model: DToP) -> dict[str, int]:
         "pos_embed": count(enc.pos_embed),
         "global_branch": count(model.global_branch),
         "local_branch": count(model.local_branch),
-        "elm": count(model.local_branch.elm) if model.local_branch is not None else 0,
+        "local_branch.elm": count(model.local_branch.elm) if model.local_branch is not None else 0,
         "head": count(model.head),
     }
     counts["total"] = count(model)
