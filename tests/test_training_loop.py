@@ -651,6 +651,31 @@ def test_a_second_ctrl_c_in_the_optimiser_step_saves_nothing(
     assert res.steps == 4 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_signals_ignored_by_the_parent_stay_ignored() -> None:
+    """A review of the loop's signals: GroupStop took over SIGINT and SIGTERM even where the process had inherited
+    them ignored (a shell script's `dtop-export train ... &` ignores SIGINT, and Python leaves it so), so a Ctrl-C
+    meant for the script stopped the background run. Ignored signals stay ignored; the others stop the run."""
+    import signal
+
+    from dtop_export.training.stop import GroupStop, StopRequested
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GroupStop(group=False) as stop:
+            stopped = False
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except StopRequested:  # (a KeyboardInterrupt: uncaught, it would end pytest's session)
+                stopped = True
+            assert not stopped and not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            with pytest.raises(StopRequested):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_in_validation_stops_it_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
     """An audit of the loop: a stop signal during validation (minutes at full size) stops it at once; the state is the
     epoch's last step, from which --resume validates again: the run ends as one run through. In the validation
