@@ -617,6 +617,65 @@ def test_a_signal_in_the_optimiser_step_or_the_epochs_checkpoints_resumes_exactl
         assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
 
 
+def test_a_second_ctrl_c_in_the_optimiser_step_saves_nothing(
+    tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of the loop's signals: in one process a second Ctrl-C (a plain KeyboardInterrupt, raised at once)
+    landing in the optimiser step, where the first had been deferred, still saved the state of the last finished
+    step's RNG and sampler position with the weights and step count of the one in progress (step 3's weights as
+    step 3 at position 2: a resume trained batch 3 twice). It saves nothing now and names the last state saved."""
+    import signal
+
+    from dtop_export.training.state import read_state
+
+    cfg = _cfg(tmp_path / "run", folder_data, "epochs=1", "save_state_every=2")
+    ref = Trainer(_cfg(tmp_path / "ref", folder_data, "epochs=1", "save_state_every=2")).run()
+
+    def twice_in_step_3(tr: Trainer) -> None:
+        if tr.global_step == 2:
+            sync = tr._stop.sync
+
+            def signalled(*args: object) -> object:
+                os.kill(os.getpid(), signal.SIGINT)  # the first: deferred to the step's end
+                os.kill(os.getpid(), signal.SIGINT)  # the second: raises at once
+                return sync(*args)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(tr._stop, "sync", signalled)
+
+    with pytest.raises(KeyboardInterrupt, match=r"^nothing saved; continue with .* --resume .* from step 2, the last"):
+        Trainer(cfg, callbacks=[twice_in_step_3]).run()
+    st = read_state(tmp_path / "run")
+    assert (st["step"], st["sampler"]["position"]) == (2, 2)
+    res = Trainer(cfg, resume=tmp_path / "run").run()
+    a, b = _weights(ref.final), _weights(res.final)
+    assert res.steps == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_signals_ignored_by_the_parent_stay_ignored() -> None:
+    """A review of the loop's signals: GroupStop took over SIGINT and SIGTERM even where the process had inherited
+    them ignored (a shell script's `dtop-export train ... &` ignores SIGINT, and Python leaves it so), so a Ctrl-C
+    meant for the script stopped the background run. Ignored signals stay ignored; the others stop the run."""
+    import signal
+
+    from dtop_export.training.stop import GroupStop, StopRequested
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with GroupStop(group=False) as stop:
+            stopped = False
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except StopRequested:  # (a KeyboardInterrupt: uncaught, it would end pytest's session)
+                stopped = True
+            assert not stopped and not stop.requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            with pytest.raises(StopRequested):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_signal_in_validation_stops_it_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
     """An audit of the loop: a stop signal during validation (minutes at full size) stops it at once; the state is the
     epoch's last step, from which --resume validates again: the run ends as one run through. In the validation

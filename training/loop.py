@@ -619,7 +619,10 @@ class Trainer:
         (unless the group agreed on a step and saved it), say which saved state a --resume continues from."""
         if isinstance(e, Interrupted):
             return e
-        if self.world == 1 and self._boundary_rng is not None and self.sampler is not None:
+        # a plain KeyboardInterrupt after a first signal is the second Ctrl-C (stop.py): it may land between the
+        # optimiser step and the loop's record of it, where the boundary state no longer matches the weights
+        second = self._stop.requested and not isinstance(e, StopRequested)
+        if self.world == 1 and not second and self._boundary_rng is not None and self.sampler is not None:
             self.sampler.position = self._boundary_position
             self.save_state(self._boundary_rng)
             return self._said(f"state saved at step {self.global_step}; {self._resume_hint()}")

@@ -68,7 +68,12 @@ class GroupStop:
 
     def __enter__(self) -> GroupStop:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+            # a signal ignored by whoever started the run (a shell script's `cmd &` ignores SIGINT) stays ignored, as
+            # Python leaves it; one handled outside Python (getsignal: None) cannot be restored, so is left alone
+            kept = (signal.SIG_IGN, None)
+            self._previous = {
+                s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS if signal.getsignal(s) not in kept
+            }
         return self
 
     def __exit__(self, *exc: object) -> None:
