@@ -107,7 +107,7 @@ class OnnxRuntimeEngine(Engine):
         self.preprocess = preprocess_from_metadata(meta)
         self.stride = self.preprocess.stride
         out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
-        if "dtop.descriptor_dim" not in meta and not isinstance(out_shape[-1], int):
+        if "dtop.descriptor_dim" not in meta and not (out_shape and isinstance(out_shape[-1], int)):
             raise DToPError(
                 f"{what} is not a dtop-export model: its output '{OUTPUT_NAME}' {out_shape} has no fixed descriptor "
                 "size and no dtop.descriptor_dim metadata: export it with `dtop-export onnx CKPT.pt`"

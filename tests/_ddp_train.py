@@ -8,7 +8,8 @@ this process trained on (its shard), the run's history and its validations (``st
 ``in@STEP`` as that step's (first) forward starts, with ``val@STEP`` as the validation after step STEP starts (a
 signal reaching one process only, or one step before the others; STEP: the global step, for in@ this run's count),
 to its process group from another process (its DataLoader workers too; torchrun starts each process in a session of
-its own). Exits 128 + the signal's number on a stop, printing what the trainer said.
+its own); ``RANK:WHEN:SIG:again`` sends SIG once more as the stopped run saves its state. Exits 128 + the signal's
+number on a stop, printing what the trainer said.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def main() -> int:
     rank = int(os.environ["RANK"])
     losses: list[float] = []
     forward = loop._TrainModule.forward
-    who, when, sig = -1, "", signal.SIGINT
+    who, when, sig, again = -1, "", signal.SIGINT, False
     if len(sys.argv) > 3:
         who_, when, *name = sys.argv[3].split(":")
         who, sig = int(who_), getattr(signal, name[0]) if name else signal.SIGINT
+        again = name[1:] == ["again"]  # the same signal once more as the stopped run saves its state
 
     def recording(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if rank == who and when == f"in@{len(losses) + 1}":
@@ -68,6 +70,14 @@ def main() -> int:
         return metrics
 
     loop.Trainer.validate = validating  # type: ignore[method-assign]
+    save_state = loop.Trainer.save_state
+
+    def saving(self: loop.Trainer, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        if again and rank == who and self._stop.requested:
+            signal_group(sig)  # delivered before the write below begins: the handler in place then decides
+        save_state(self, *args, **kwargs)
+
+    loop.Trainer.save_state = saving  # type: ignore[method-assign]
     trainer = loop.Trainer(load_config(config), callbacks=callbacks)
     code = 0
     try:

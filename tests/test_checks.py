@@ -250,6 +250,11 @@ def test_onnx_without_a_fixed_descriptor_size_is_one_line(tmp_path: Path) -> Non
                        text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no dtop.descriptor_dim metadata" in r.stderr and not list(tmp_path.glob("d.*"))
+    # a scalar output (rank 0) was an IndexError (a review)
+    scalar = _model([helper.make_node("ReduceSum", ["images"], ["descriptors"], keepdims=0)],
+                    [_vi("images", ["batch", 3, "h", "w"])], [_vi("descriptors", [])], [])  # fmt: skip
+    with pytest.raises(DToPError, match=r"output 'descriptors' \[\] has no fixed descriptor size"):
+        OnnxRuntimeEngine(scalar)
     # the metadata names the size: the engine opens
     e = model.metadata_props.add()
     e.key, e.value = "dtop.descriptor_dim", "2"

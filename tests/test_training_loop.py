@@ -574,6 +574,19 @@ def test_sigterm_or_sigusr1_saves_state_in_one_process(tmp_path: Path, folder_da
     assert (st["step"], st["epoch"], st["sampler"]["position"]) == (3, 0, 3)
 
 
+def test_a_second_sigterm_while_the_state_is_saved_is_ignored(tmp_path: Path, folder_data: Path) -> None:
+    """A review: in one process the stop handlers were put back before the state was saved, so a second SIGTERM
+    (docker stop then kill, SLURM's TERM after USR1) killed the run mid-write (exit -15, no state), where the README
+    says a second SIGTERM is ignored."""
+    from dtop_export.training.state import read_state
+
+    cfg = _cfg(tmp_path / "run", folder_data, "epochs=1")
+    r, _ = _helper(tmp_path, cfg, "run", "0:2:SIGTERM:again")
+    assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
+    assert "interrupted: SIGTERM: state saved at step 2" in r.stderr, r.stderr[-3000:]
+    assert read_state(tmp_path / "run")["step"] == 2
+
+
 def test_a_signal_in_the_optimiser_step_or_the_epochs_checkpoints_resumes_exactly(
     tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

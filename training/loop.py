@@ -502,15 +502,19 @@ class Trainer:
         start_epoch = self.epoch
         try:
             with self._stop:
-                self._validate_first(resumed)
-                self._open_logs(resumed)  # after: a run stopped in that validation leaves no logs to refuse it by
-                self._epochs(start_epoch, bar, loader_gen, use_amp, amp_dtype)
-        except KeyboardInterrupt as e:
-            bar.close()
-            said = self._interrupted(e)
-            if said is e:
-                raise
-            raise said from e
+                try:
+                    self._validate_first(resumed)
+                    self._open_logs(resumed)  # after: a run stopped in that validation leaves no logs to refuse it by
+                    self._epochs(start_epoch, bar, loader_gen, use_amp, amp_dtype)
+                except KeyboardInterrupt as e:
+                    bar.close()
+                    # the stop handlers stay while the state is saved: a second SIGTERM/SIGUSR1 is ignored (docker
+                    # stop, SLURM's TERM after USR1), a second Ctrl-C stops the save
+                    with self._stop.deferred():
+                        said = self._interrupted(e)
+                    if said is e:
+                        raise
+                    raise said from e
         finally:
             bar.close()
             if self._tb is not None:
