@@ -44,7 +44,10 @@ Embedder::Embedder(const std::string& model_path, const RuntimeOptions& options)
     : Embedder(open_openvino(model_path, options), model_path) {}
 
 Embedder::Embedder(std::unique_ptr<Runtime> runtime, const std::string& source)
-    : runtime_(std::move(runtime)), source_(source), contract_(Contract::from_metadata(runtime_->metadata(), source)) {}
+    : runtime_(std::move(runtime)),
+      source_(source),
+      contract_(Contract::from_metadata(runtime_->metadata(), source)),
+      concurrent_(runtime_->concurrent()) {}
 
 Tensor Embedder::preprocess(const Image& img, int image_size, double scale) const {
   return prepare(img, contract_.preprocess, image_size > 0 ? image_size : contract_.preprocess.size, scale);
@@ -71,9 +74,10 @@ std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   const int n = static_cast<int>(batch.size());
   // A fixed-batch export runs in chunks of its batch, the last one padded by repeating its final image.
   const int chunk = contract_.fixed_batch.value_or(n);
-  // One forward pass at a time: a runtime holds one inference request (OpenVINO) or one method (ExecuTorch), and two
-  // threads interleaving their inputs and outputs on it got each other's descriptors.
-  const std::lock_guard<std::mutex> lock(*run_mutex_);
+  // A runtime that is not concurrent (ExecuTorch: one Module) runs one forward pass at a time: two threads
+  // interleaving their inputs and outputs on it got each other's descriptors. OpenVINO's passes run in parallel.
+  std::unique_lock<std::mutex> lock(*run_mutex_, std::defer_lock);
+  if (!concurrent_) lock.lock();
   std::vector<float> out;
   std::vector<float> input;
   int dim = 0;

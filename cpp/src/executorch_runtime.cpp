@@ -119,6 +119,8 @@ class ExecuTorchRuntime final : public Runtime {
     return std::vector<float>(p, p + out.numel());
   }
 
+  // concurrent() stays false: a Module is not thread-safe (dtop::Embedder runs one forward pass at a time on it).
+
   std::string describe() const override {
     const auto version = metadata_.find("dtop.executorch_version");
     return "executorch " + (version == metadata_.end() ? std::string("?") : version->second) + " XNNPACK " +

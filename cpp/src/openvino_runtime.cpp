@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <mutex>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "dtop/runtime.hpp"
 
@@ -79,7 +82,7 @@ class OpenVinoRuntime final : public Runtime {
     if (options.threads > 0) config.emplace(ov::inference_num_threads(options.threads));
     try {
       compiled_ = core_.compile_model(model_, options.device, config);
-      request_ = compiled_.create_infer_request();
+      idle_.push_back(compiled_.create_infer_request());
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
     }
@@ -105,14 +108,18 @@ class OpenVinoRuntime final : public Runtime {
 
   const Metadata& metadata() const override { return metadata_; }
 
+  // Thread-safe: each call runs on an infer request of its own (one infer request shared by two threads failed with
+  // 'Infer Request is busy' or returned the other thread's descriptor).
   std::vector<float> run(const float* images, int batch, int height, int width, int* dim) override {
     const ov::Shape shape{static_cast<std::size_t>(batch), 3, static_cast<std::size_t>(height),
                           static_cast<std::size_t>(width)};
     try {
+      Lease lease(*this);
+      ov::InferRequest& request = lease.request;
       ov::Tensor input(ov::element::f32, shape, const_cast<float*>(images));  // read-only use, no copy
-      request_.set_input_tensor(0, input);
-      request_.infer();
-      const ov::Tensor out = request_.get_output_tensor(output_index_);
+      request.set_input_tensor(0, input);
+      request.infer();
+      const ov::Tensor out = request.get_output_tensor(output_index_);
       const ov::Shape os = out.get_shape();
       if (os.size() != 2 || os[0] != static_cast<std::size_t>(batch)) {
         throw Error("the model returned a tensor of shape " + out.get_shape().to_string() + " for a batch of " +
@@ -138,7 +145,38 @@ class OpenVinoRuntime final : public Runtime {
 
   int fp32_islands() const override { return fp32_islands_; }
 
+  bool concurrent() const override { return true; }
+
  private:
+  // An infer request taken from the pool for one run(): an idle one, or a new one when every request is in use (the
+  // pool grows to as many as threads have run at once). Given back when the output has been copied out.
+  struct Lease {
+    explicit Lease(OpenVinoRuntime& rt) : runtime(rt), request(rt.take()) {}
+    ~Lease() {
+      try {
+        const std::lock_guard<std::mutex> lock(runtime.pool_mutex_);
+        runtime.idle_.push_back(std::move(request));
+      } catch (...) {  // no memory to keep it: the request is dropped, the next run creates another
+      }
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    OpenVinoRuntime& runtime;
+    ov::InferRequest request;
+  };
+
+  ov::InferRequest take() {
+    {
+      const std::lock_guard<std::mutex> lock(pool_mutex_);
+      if (!idle_.empty()) {
+        ov::InferRequest request = std::move(idle_.back());
+        idle_.pop_back();
+        return request;
+      }
+    }
+    return compiled_.create_infer_request();  // CompiledModel is thread-safe
+  }
+
   // ONNX metadata_props appear under rt_info["framework"]; an IR may also carry them at the top level.
   void read_metadata() {
     auto take = [&](const ov::AnyMap& map) {
@@ -154,7 +192,8 @@ class OpenVinoRuntime final : public Runtime {
   ov::Core core_;
   std::shared_ptr<ov::Model> model_;
   ov::CompiledModel compiled_;
-  ov::InferRequest request_;
+  std::mutex pool_mutex_;
+  std::vector<ov::InferRequest> idle_;  // infer requests no run() holds (guarded by pool_mutex_)
   Metadata metadata_;
   std::size_t output_index_ = 0;
   int fp32_islands_ = 0;

@@ -51,9 +51,11 @@ using Progress = std::function<void(std::size_t, std::size_t)>;
 ///
 /// Errors: every failure is a dtop::Error (dtop::ImageError for a file that cannot be decoded), one line that says
 /// what to do; std::bad_alloc when memory runs out.
-/// Threads: one Embedder may be shared. preprocess() runs concurrently; the forward passes (run, embed, embed_files)
-/// take turns on the one model. For forward passes in parallel open one Embedder per thread (each compiles its own
-/// copy of the model; size RuntimeOptions::threads so that they do not oversubscribe the cores).
+/// Threads: one Embedder may be shared by any number of threads (run, embed, embed_files, preprocess). On OpenVINO
+/// the forward passes run in parallel on the one compiled model, each on an infer request of its own (the runtime
+/// keeps as many as threads have run at once); open it with RuntimeOptions::performance "throughput" for OpenVINO to
+/// give them streams of their own, under "latency" it runs them in turn on its one stream. On a runtime that is not
+/// Runtime::concurrent() (ExecuTorch) the forward passes take turns; for parallel ones open one Embedder per thread.
 /// Ownership: results are returned by value; nothing refers to the caller's images or tensors after a call returns.
 /// Movable, not copyable; a moved-from Embedder may only be destroyed or assigned to.
 class Embedder {
@@ -85,7 +87,8 @@ class Embedder {
   std::unique_ptr<Runtime> runtime_;
   std::string source_;
   Contract contract_;
-  std::unique_ptr<std::mutex> run_mutex_ = std::make_unique<std::mutex>();  // held by run(); a pointer: movable
+  bool concurrent_ = false;  // runtime_->concurrent(): run() takes no lock
+  std::unique_ptr<std::mutex> run_mutex_ = std::make_unique<std::mutex>();  // held by run() otherwise; movable
 };
 
 /// Write a float32 matrix as a NumPy .npy file (atomically: temp file + rename). Throws Error.

@@ -3,7 +3,8 @@
 // Contract: parsed from the model's `dtop.*` metadata (ONNX metadata_props; OpenVINO shows them in the
 //   model's rt_info under "framework"), the same keys dtop_export/contract.py writes.
 // Runtime: one model on one device, `run(images [B, 3, H, W]) -> [B, N]`. OpenVINO implements it here;
-//   an ONNX Runtime or TensorRT backend implements the same three methods.
+//   an ONNX Runtime or TensorRT backend implements the same three methods (and concurrent() when its run() is
+//   thread-safe).
 #pragma once
 
 #include <array>
@@ -40,7 +41,8 @@ struct Contract {
 };
 
 /// Runtime settings. threads: CPU inference threads (0 = the runtime's choice). precision: the inference
-/// precision hint, "f32" (default: exact parity), "bf16" or "f16". performance: "latency" or "throughput".
+/// precision hint, "f32" (default: exact parity), "bf16" or "f16". performance: "latency" (one OpenVINO stream: the
+/// forward passes of several threads run in turn) or "throughput" (streams that run them in parallel).
 struct RuntimeOptions {
   std::string device = "CPU";
   int threads = 0;
@@ -49,8 +51,9 @@ struct RuntimeOptions {
 };
 
 /// One loaded model. Implementations: OpenVINO (openvino_runtime.cpp), ExecuTorch (executorch_runtime.cpp).
-/// Not thread-safe: one run() at a time (dtop::Embedder serialises its calls); const methods may be called from any
-/// thread.
+/// Threads: const methods may be called from any thread. run() may be called by several threads at once only when
+/// concurrent() says so (OpenVINO: each call takes an infer request of its own from a pool on the one compiled
+/// model); otherwise one run() at a time (dtop::Embedder serialises the calls of such a runtime: ExecuTorch).
 class Runtime {
  public:
   virtual ~Runtime() = default;
@@ -58,6 +61,9 @@ class Runtime {
   virtual const Metadata& metadata() const = 0;
   /// float32 images [batch, 3, height, width] (contiguous) -> float32 [batch, N]; N is written to *dim.
   virtual std::vector<float> run(const float* images, int batch, int height, int width, int* dim) = 0;
+  /// True when run() may be called by several threads at once; false (the default): one call at a time. A runtime's
+  /// answer never changes.
+  virtual bool concurrent() const { return false; }
   /// e.g. "openvino 2026.4.1 CPU f32".
   virtual std::string describe() const = 0;
   /// Layers the model keeps FP32 under an f16 hint (the whitening, L2 norms, LayerNorm, Softmax of an IR from
