@@ -184,6 +184,10 @@ def test_demo_continues_an_interrupted_training(tmp_path: Path, monkeypatch: pyt
     def no_validation(*args: object, **kwargs: object) -> object:
         cfg = load_config(*args, **kwargs)
         cfg.val.enabled = False  # minutes on 2 shared cores, and not what is tested
+        # no DataLoader worker forked from the test process: it holds a Ray driver (grpc threads) and ~40 native
+        # threads, and after this test forked one here the first CI run of it crashed later (SIGSEGV in a subprocess
+        # call of tests/test_search.py, Python's GC list corrupted); every other in-process training test has 0
+        cfg.data.workers = 0
         return cfg
 
     from dtop_export.training import config
