@@ -155,6 +155,7 @@ def test_demo_workdir_that_is_a_file(tmp_path: Path) -> None:
     assert r.returncode == 2 and "is a file" in r.stderr
 
 
+@pytest.mark.isolated
 def test_demo_continues_an_interrupted_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the demo's training said 'continue with --resume dtop-demo/train' (demo has no --resume), and the
     demo run again trained from scratch into the same folder, its log rows appended to the old run's; now the

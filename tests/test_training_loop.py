@@ -135,6 +135,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.isolated
 def test_ctrl_c_saves_state_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
     ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
 
@@ -587,6 +588,7 @@ def test_a_second_sigterm_while_the_state_is_saved_is_ignored(tmp_path: Path, fo
     assert read_state(tmp_path / "run")["step"] == 2
 
 
+@pytest.mark.isolated
 def test_a_signal_in_the_optimiser_step_or_the_epochs_checkpoints_resumes_exactly(
     tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -630,6 +632,7 @@ def test_a_signal_in_the_optimiser_step_or_the_epochs_checkpoints_resumes_exactl
         assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
 
 
+@pytest.mark.isolated
 def test_a_second_ctrl_c_in_the_optimiser_step_saves_nothing(
     tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -664,6 +667,7 @@ def test_a_second_ctrl_c_in_the_optimiser_step_saves_nothing(
     assert res.steps == 4 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.isolated
 def test_stop_signals_ignored_by_the_parent_stay_ignored() -> None:
     """A review of the loop's signals: GroupStop took over SIGINT and SIGTERM even where the process had inherited
     them ignored (a shell script's `dtop-export train ... &` ignores SIGINT, and Python leaves it so), so a Ctrl-C
@@ -689,6 +693,7 @@ def test_stop_signals_ignored_by_the_parent_stay_ignored() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.isolated
 def test_a_signal_in_validation_stops_it_and_resumes_exactly(tmp_path: Path, folder_data: Path) -> None:
     """An audit of the loop: a stop signal during validation (minutes at full size) stops it at once; the state is the
     epoch's last step, from which --resume validates again: the run ends as one run through. In the validation
