@@ -283,6 +283,22 @@ def test_config_errors(tmp_path: Path) -> None:
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_a_key_written_twice_in_the_yaml_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys silently: a user who edits the first ``lr:`` (or a second ``optim:``
+    section) changed nothing. Refused with both lines; a merge key's values may still be overridden."""
+    y = tmp_path / "dup.yaml"
+    y.write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0.05\n  lr: 2.0e-3\n")
+    with pytest.raises(DToPError, match=r"dup.yaml: key 'lr' is written twice \(lines 2 and 4\); keep one"):
+        load_config(y)
+    y.write_text("epochs: 3\noptim:\n  lr: 1.0e-3\noptim:\n  weight_decay: 0.1\n")
+    with pytest.raises(DToPError, match=r"key 'optim' is written twice \(lines 2 and 4\)"):
+        load_config(y)
+    y.write_text("model:\n  overrides: &o {descriptor_dim: 64}\noptim: {lr: 1.0e-3}\nval: {scales: [1.0]}\n")
+    assert load_config(y).model.overrides == {"descriptor_dim": 64}
+    y.write_text("model:\n  overrides:\n    <<: {descriptor_dim: 64}\n    descriptor_dim: 128\n")
+    assert load_config(y).model.overrides == {"descriptor_dim": 128}
+
+
 def test_config_tuples_of_the_wrong_length_are_refused() -> None:
     # augment.scale=0.5 was a ValueError traceback (lo, hi unpacked in validate), optim.betas=[0.9] passed and
     # AdamW failed on betas[1] once training started, val.scales=[] passed until the first validation

@@ -410,6 +410,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+class _DuplicateKey(ValueError):
+    """A key written twice in one YAML mapping."""
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader refusing a key written twice in one mapping (``lr:`` under ``optim:`` twice, or two
+    ``optim:`` sections): YAML keeps the last silently, so the first value a user edits may do nothing. Keys
+    brought in by a merge (``<<: *base``) may be overridden, as YAML intends."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                with contextlib.suppress(TypeError):  # an unhashable key: the base loader says so
+                    if key in seen:
+                        raise _DuplicateKey(f"key {key!r} is written twice (lines {seen[key]} and {line})")
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or start from the defaults) and apply ``section.key=value`` overrides."""
     import yaml
@@ -420,7 +447,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise DToPError(f"config file {path} not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506
+        except _DuplicateKey as e:
+            raise DToPError(f"{path}: {e}; keep one (YAML would silently use the last)") from None
         except yaml.YAMLError as e:
             raise DToPError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if loaded is not None and not isinstance(loaded, dict):
