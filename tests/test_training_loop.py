@@ -212,6 +212,23 @@ def test_cli_resume_continues_in_its_own_folder(
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume with epochs=1: the run has already trained 2 epoch(s)"), err
     assert (run / "final.pt").read_bytes() == final
+    # `train --resume RUN` without --config maps the state for its config (a full preset's state is ~1.4 GB; the
+    # trainer reads it whole): the same config, the tensors not read
+    from dtop_export.training.state import read_state
+
+    mapped, whole = read_state(run, mmap=True), read_state(run)
+    assert mapped["config"] == whole["config"]
+    spans = [
+        tuple(int(x, 16) for x in line.split()[0].split("-"))
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if line.endswith(str((run / "train_state.pt").resolve()))
+    ]
+
+    def in_file(t: torch.Tensor) -> bool:
+        return any(a <= t.data_ptr() < b for a, b in spans)
+
+    assert mapped["model"] and all(in_file(t) for t in mapped["model"].values())
+    assert not any(in_file(t) for t in whole["model"].values())
 
 
 def test_a_peer_lost_under_ddp_is_one_line(tmp_path: Path, folder_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,15 +87,16 @@ def config_changes(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
     return keys
 
 
-def read_state(path: str | Path) -> dict[str, Any]:
-    """Load a ``train_state.pt`` (a folder means its ``train_state.pt``); weights_only, validated."""
+def read_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a ``train_state.pt`` (a folder means its ``train_state.pt``); weights_only, validated. ``mmap``: the
+    tensors are mapped, not read (for a look at the config or counts: a full preset's state is ~1.4 GB)."""
     path = Path(path)
     if path.is_dir():
         path = path / "train_state.pt"
     if not path.is_file():
         raise DToPError(f"no training state at {path}: resume from a run folder that holds train_state.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
         raise DToPError(f"cannot read training state {path}: {e.__class__.__name__}; it is truncated or not one") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

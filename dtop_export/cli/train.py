@@ -108,7 +108,7 @@ def train(
     if resume is not None and config is None:
         from dtop_export.training.state import read_state
 
-        base = TrainConfig.from_dict(read_state(resume)["config"])
+        base = TrainConfig.from_dict(read_state(resume, mmap=True)["config"])  # Trainer reads it whole
         cfg = _apply(base, sets)
     else:
         cfg = load_config(config, sets)
