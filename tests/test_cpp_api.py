@@ -61,6 +61,21 @@ struct Watch : dtop::Runtime {
   bool armed = false, met = false;
 };
 
+// A custom Runtime that breaks its contract: half the values it should return (`short`), or a dim of 0 (`nodim`).
+struct Broken : dtop::Runtime {
+  Broken(std::unique_ptr<dtop::Runtime> in, std::string h) : inner(std::move(in)), how(std::move(h)) {}
+  const dtop::Metadata& metadata() const override { return inner->metadata(); }
+  std::string describe() const override { return inner->describe(); }
+  std::vector<float> run(const float* images, int batch, int height, int width, int* dim) override {
+    std::vector<float> d = inner->run(images, batch, height, width, dim);
+    if (how == "short") d.resize(d.size() / 2);
+    if (how == "nodim") *dim = 0;
+    return d;
+  }
+  std::unique_ptr<dtop::Runtime> inner;
+  std::string how;
+};
+
 // Four threads, 200 embeds on one Embedder: each must get its own image's descriptor (`want`, one thread's).
 void share(dtop::Embedder& e, const std::vector<dtop::Image>& images, const std::vector<std::vector<float>>& want,
            const dtop::EmbedOptions& o) {
@@ -103,6 +118,16 @@ int main(int argc, char** argv) {
     }
     share(e, images, want, o);
     std::printf("peak %d\n", watch.peak);
+    return 0;
+  }
+  if (mode == "short" || mode == "nodim") {
+    dtop::Embedder e(std::make_unique<Broken>(dtop::open_openvino(argv[2]), mode), argv[2]);
+    try {
+      const std::vector<float> d = e.embed(images.at(0), o);
+      std::printf("%s embedded %zu\n", mode.c_str(), d.size());
+    } catch (const dtop::Error& x) {
+      std::printf("%s refused: %s\n", mode.c_str(), x.what());
+    }
     return 0;
   }
   dtop::Embedder opened(argv[2]);
@@ -197,3 +222,16 @@ def test_an_image_or_tensor_the_caller_filled_wrongly_is_refused(program: Path, 
         "scale refused: a longer side of 6.4e+13 (image size x scale) is over the 1048576 the client resizes to: use a "
         "smaller size or scale",
     ]
+
+
+def test_a_runtime_that_breaks_its_contract_is_refused(program: Path, small_onnx: Path) -> None:
+    """Embedder::run copied count x dim values from whatever a custom Runtime returned (noticed last stop): half the
+    values it should return were read past the vector's end (garbage descriptors, or a crash). A dtop::Error now; a
+    dim other than the metadata's was refused already."""
+    got = _run(program, "short", small_onnx, _photos()[0]).strip()
+    assert got == (
+        f"short refused: {small_onnx}: the runtime returned 128 values for a batch of 1 descriptors of 256 values; "
+        "Runtime::run must return batch x dim floats"
+    ), got
+    got = _run(program, "nodim", small_onnx, _photos()[0]).strip()
+    assert got == f"nodim refused: {small_onnx} returned descriptors of 0 values; its metadata says 256", got

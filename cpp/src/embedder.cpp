@@ -94,6 +94,12 @@ std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
       throw Error(source_ + " returned descriptors of " + std::to_string(dim) + " values; its metadata says " +
                   std::to_string(contract_.descriptor_dim));
     }
+    // A custom Runtime is not trusted to keep its contract: the copy below reads count x dim values
+    if (d.size() != static_cast<std::size_t>(chunk) * static_cast<std::size_t>(dim)) {
+      throw Error(source_ + ": the runtime returned " + std::to_string(d.size()) + " values for a batch of " +
+                  std::to_string(chunk) + " descriptors of " + std::to_string(dim) +
+                  " values; Runtime::run must return batch x dim floats");
+    }
     out.insert(out.end(), d.begin(), d.begin() + static_cast<std::ptrdiff_t>(count) * dim);
   }
   if (!contract_.l2_normalized) {
