@@ -263,6 +263,8 @@ def test_metadata_out_of_range_is_one_line(
         ("mean", "[" * 200000, r"metadata dtop.mean is unreadable \(invalid JSON .*nested deeper than 64\)"),
         # an output name none of the outputs has: OpenVINO's output 0 was read as the descriptor, silently
         ("output_name", "logits", r"metadata dtop.output_name 'logits' names none of its outputs \(descriptors"),
+        # and an input name: the images went to input 0 whatever its name (the model's input is another tensor)
+        ("input_name", "pixels", r"metadata dtop.input_name 'pixels' names none of its inputs \(images"),
     ):
         model = _with_metadata(small_onnx, tmp_path / f"{key}.onnx", **{key: value})
         _fails(_run(client, model, img, "-o", out, "--no-progress"), rf"{key}.onnx: {pattern}")

@@ -86,6 +86,24 @@ class OpenVinoRuntime final : public Runtime {
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
     }
+    auto in = metadata_.find("dtop.input_name");
+    input_index_ = 0;
+    if (in != metadata_.end()) {
+      const auto inputs = compiled_.inputs();
+      bool found = false;
+      std::string names;
+      for (std::size_t i = 0; i < inputs.size(); ++i) {
+        if (inputs[i].get_names().count(in->second) != 0) {
+          input_index_ = i;
+          found = true;
+        }
+        for (const auto& n : inputs[i].get_names()) names += (names.empty() ? "" : ", ") + n;
+      }
+      if (!found) {  // the images would be fed to another input (or to the only one, named otherwise), silently
+        throw Error(path + ": metadata dtop.input_name '" + in->second + "' names none of its inputs (" + names +
+                    "): export it again with dtop-export");
+      }
+    }
     auto out = metadata_.find("dtop.output_name");
     output_index_ = 0;
     if (out != metadata_.end()) {
@@ -117,7 +135,7 @@ class OpenVinoRuntime final : public Runtime {
       Lease lease(*this);
       ov::InferRequest& request = lease.request;
       ov::Tensor input(ov::element::f32, shape, const_cast<float*>(images));  // read-only use, no copy
-      request.set_input_tensor(0, input);
+      request.set_input_tensor(input_index_, input);
       request.infer();
       const ov::Tensor out = request.get_output_tensor(output_index_);
       const ov::Shape os = out.get_shape();
@@ -195,6 +213,7 @@ class OpenVinoRuntime final : public Runtime {
   std::mutex pool_mutex_;
   std::vector<ov::InferRequest> idle_;  // infer requests no run() holds (guarded by pool_mutex_)
   Metadata metadata_;
+  std::size_t input_index_ = 0;
   std::size_t output_index_ = 0;
   int fp32_islands_ = 0;
 };
