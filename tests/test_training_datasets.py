@@ -288,3 +288,63 @@ def test_an_image_listed_twice_is_used_once(tmp_path: Path) -> None:
     ts = D.read_gldv2(tmp_path)
     assert (ts.paths, ts.labels) == (plain.paths, plain.labels)
     assert ts.skipped["duplicate"] == 1 and ts.skipped["duplicate_other_label"] == 2
+
+
+def test_a_linked_class_folder_or_image_is_one_class_and_one_image(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: a class folder that was a symbolic link to another (an alias, `ln -s eiffel tour_eiffel`)
+    # trained as a second class with the same images, and an image linked (or hard-linked) into another class's
+    # folder was one image under two labels; a link to nothing was dropped without a count
+    make_folder(tmp_path, classes=3, per_class=3)
+    (tmp_path / "alias").symlink_to("class1")  # sorts before class1: the real folder still names the class
+    (tmp_path / "class2" / "linked.jpg").symlink_to(tmp_path / "class0" / "0.jpg")
+    (tmp_path / "class2" / "hard.jpg").hardlink_to(tmp_path / "class0" / "1.jpg")
+    (tmp_path / "class1" / "twice.jpg").hardlink_to(tmp_path / "class1" / "2.jpg")
+    (tmp_path / "class0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING"):
+        ts = D.read_folder(tmp_path)
+    assert ts.class_names == ["class0", "class1", "class2"]
+    assert len(ts) == 9 and sorted(ts.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in ts.paths) == [
+        f"class{c}/{k}.jpg" for c in range(3) for k in range(3)
+    ]
+    assert ts.skipped == {"in_linked_class_folders": 4, "duplicate_other_label": 2, "duplicate": 1, "missing": 1}
+    text = caplog.text
+    assert "class folder " + str(tmp_path / "alias") + " is a link to class1" in text
+    assert f"1 missing (e.g. {tmp_path / 'class0' / 'gone.jpg'})" in text
+
+
+def test_skipped_images_are_named_in_the_warning(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: 'folder: skipped 3 unreadable' named none of the files, in a set of thousands
+    make_folder(tmp_path, classes=2, per_class=2)
+    write_garbage(tmp_path / "class1" / "zz.jpg")
+    (tmp_path / "class1" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        ts = D.read_folder(tmp_path)
+    assert ts.skipped == {"unreadable": 2}
+    assert f"skipped 2 unreadable (e.g. {tmp_path / 'class1' / 'empty.jpg'})" in caplog.text
+
+
+def test_a_reader_pointed_at_another_layout_names_the_dataset_to_set(tmp_path: Path) -> None:
+    # found by a data audit: `folder` on a GLDv2 download trained 'train' as its one class (the loop then refused one
+    # class), and gldv2 on a folder set or a GLDv1 download only said that train_clean.csv was not found
+    make_gldv2(tmp_path / "g2")
+    make_gldv1(tmp_path / "g1")
+    make_sfm120k(tmp_path / "sfm")
+    make_folder(tmp_path / "f", classes=2, per_class=2)
+    with pytest.raises(DToPError, match="g2 holds a gldv2 set, not class folders: set data.dataset=gldv2"):
+        D.read_folder(tmp_path / "g2")
+    with pytest.raises(DToPError, match="holds a sfm120k set, not class folders: set data.dataset=sfm120k"):
+        D.read_folder(tmp_path / "sfm")
+    with pytest.raises(DToPError, match="train_clean.csv not found, and .*f holds a folder set: set data.dataset=fol"):
+        D.read_gldv2(tmp_path / "f")
+    with pytest.raises(DToPError, match="holds a gldv1 set: set data.dataset=gldv1"):
+        D.read_gldv2(tmp_path / "g1")
+    with pytest.raises(DToPError, match="no image list .*; it holds a gldv2 set: set data.dataset=gldv2"):
+        D.read_nc_clean(tmp_path / "g2")
+
+
+def test_min_per_class_that_leaves_nothing_says_so(tmp_path: Path) -> None:
+    # found by a data audit: data.min_per_class above every class's size said "check data.root"
+    make_folder(tmp_path, classes=2, per_class=3)
+    with pytest.raises(DToPError, match=r"check data.min_per_class=5 \(the largest class has 3 images\)"):
+        D.read_folder(tmp_path, min_per_class=5)
