@@ -15,6 +15,7 @@ from _training_data import (
     make_revisitop,
     make_sfm120k,
     write_garbage,
+    write_image,
     write_truncated,
 )
 
@@ -348,3 +349,23 @@ def test_min_per_class_that_leaves_nothing_says_so(tmp_path: Path) -> None:
     make_folder(tmp_path, classes=2, per_class=3)
     with pytest.raises(DToPError, match=r"check data.min_per_class=5 \(the largest class has 3 images\)"):
         D.read_folder(tmp_path, min_per_class=5)
+
+
+def test_nc_clean_lists_with_spaces_commas_and_tabs_in_paths(tmp_path: Path) -> None:
+    # found by a data audit: an image list's line was split at every comma and space, so 'photos/notre dame/0.jpg 3'
+    # read as the image 'photos/notre' labelled 'dame/0.jpg' (counted missing), and a quoted CSV path with a comma too
+    names = ["notre dame/0.jpg", "notre dame/1.jpg", "sacré-cœur, paris/0.jpg", "sacré-cœur, paris/1.jpg"]
+    for k, n in enumerate(names):
+        write_image(tmp_path / "photos" / n, k // 2, k)
+    (tmp_path / "list.txt").write_text(
+        "# path label\nphotos/notre dame/0.jpg 3\nphotos/notre dame/1.jpg  3\n"
+        "photos/sacré-cœur, paris/0.jpg\t7\nphotos/sacré-cœur, paris/1.jpg\t7\tsome note\n"
+    )
+    (tmp_path / "commas.txt").write_text("photos/notre dame/0.jpg,3\nphotos/notre dame/1.jpg,3\nphotos/x.jpg,\n")
+    ts = D.read_nc_clean(tmp_path, tmp_path / "commas.txt")
+    assert (ts.class_names, ts.skipped) == (["3"], {"unlabelled": 1})
+    (tmp_path / "list.csv").write_text("".join(f'"photos/{n}",{3 + 4 * (k // 2)}\r\n' for k, n in enumerate(names)))
+    for name in ("list.txt", "list.csv"):
+        ts = D.read_nc_clean(tmp_path, tmp_path / name)
+        assert (len(ts), ts.class_names, ts.skipped) == (4, ["3", "7"], {}), name
+        assert sorted(Path(p).relative_to(tmp_path / "photos").as_posix() for p in ts.paths) == sorted(names)

@@ -32,7 +32,7 @@ from typing import Any
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
-from dtop_export.training.lists import as_list, csv_rows, read_text, sfm120k_lists
+from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
 from dtop_export.training.scan import folder_entries, guess_layout
 
 log = logging.getLogger(__name__)
@@ -326,15 +326,9 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
             raise DToPError(f"{path}: expected a JSON object {{image_path: label}}")
         pairs = [(str(k), str(v)) for k, v in data.items()]
     else:
-        for line in read_text(path).splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.replace(",", " ").split()
-            if len(parts) < 2:
-                skipped["unlabelled"] += 1
-                continue
-            pairs.append((parts[0], parts[1]))
+        pairs, unlabelled = path_label_lines(path, root)
+        if unlabelled:
+            skipped["unlabelled"] = unlabelled
     entries = [(str(root / p), lbl) for p, lbl in pairs]
     return finalize("nc-clean", root, entries, skipped, **kw)
 
