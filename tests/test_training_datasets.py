@@ -319,9 +319,12 @@ def test_skipped_images_are_named_in_the_warning(tmp_path: Path, caplog) -> None
     make_folder(tmp_path, classes=2, per_class=2)
     write_garbage(tmp_path / "class1" / "zz.jpg")
     (tmp_path / "class1" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "class0" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo: not decoded
+    (tmp_path / "class0" / "notes.txt").write_text("not a photo, not counted")
     with caplog.at_level("WARNING"):
         ts = D.read_folder(tmp_path)
-    assert ts.skipped == {"unreadable": 2}
+    assert ts.skipped == {"unreadable": 2, "unsupported_format": 1}
+    assert f"1 unsupported_format (e.g. {tmp_path / 'class0' / 'IMG_0001.HEIC'})" in caplog.text
     assert f"skipped 2 unreadable (e.g. {tmp_path / 'class1' / 'empty.jpg'})" in caplog.text
 
 

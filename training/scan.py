@@ -17,6 +17,9 @@ from dtop_export.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
+# photo formats a crawl or a phone export holds that the toolkit does not decode (not in IMAGE_SUFFIXES): counted
+UNSUPPORTED_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".nef", ".arw")
+
 # dataset -> (a file its download has at the root, a folder beside it, or None), in the order they are checked
 LAYOUTS = {
     "gldv2": ("train_clean.csv", "train"),
@@ -44,7 +47,8 @@ def folder_entries(classes: list[Path], skipped: Counter, examples: dict[str, st
 
     A class folder whose real folder is another class folder's is skipped with a warning (a real folder names the
     class before a link to it); an image whose file (device, inode) was met before is counted as ``duplicate`` or,
-    under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later.
+    under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later; a
+    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
     ``skipped``/``examples``: counts and a first path per reason, added to.
     """
     owner: dict[Path, str] = {}
@@ -61,6 +65,9 @@ def folder_entries(classes: list[Path], skipped: Counter, examples: dict[str, st
             continue
         for p in sorted(d.rglob("*")):
             if p.suffix.lower() not in IMAGE_SUFFIXES:
+                if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
+                    skipped["unsupported_format"] += 1
+                    examples.setdefault("unsupported_format", str(p))
                 continue
             try:
                 st = p.stat()
