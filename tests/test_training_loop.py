@@ -388,6 +388,28 @@ def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys
         assert not out.exists()
 
 
+def test_cli_train_refusing_the_data_leaves_an_existing_folder_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # found by a data audit: in a run folder made beforehand (a SLURM script's mkdir for its logs) a refused start
+    # (data.root missing, min_per_class above every class) left config.yaml and image_sizes.tsv there
+    data = make_folder(tmp_path / "data", classes=2, per_class=2)
+    out = tmp_path / "runs" / "x"
+    out.mkdir(parents=True)
+    (out / "slurm-1.out").write_text("the user's")
+    for root, extra, message in [
+        (tmp_path / "nowhere", [], "data.root"),
+        (data, ["-s", "data.min_per_class=3"], "check data.min_per_class=3"),
+    ]:
+        assert cli("train", *_cli_sets(root), *extra, "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == ["slurm-1.out"]
+    (out / "config.yaml").write_text("the user's own\n")  # one that was there before is not removed
+    assert cli("train", *_cli_sets(tmp_path / "nowhere"), "-o", str(out)) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "slurm-1.out"]
+
+
 def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,6 +40,7 @@ from dtop_export.retrieval.metrics import format_map
 from dtop_export.training.config import TrainConfig, dump_config
 from dtop_export.training.state import (
     RESUMABLE_CHANGES,
+    SETUP_FILES,
     STATE_FORMAT,
     STATE_VERSION,
     config_changes,
@@ -50,6 +51,8 @@ from dtop_export.training.state import (
     remove_stale_temps,
     rng_state,
     set_rng_state,
+    setup_files,
+    undo_setup,
 )
 from dtop_export.training.stop import GroupStop, StopRequested, ignore_stop_signals, signal_name
 
@@ -405,6 +408,7 @@ class Trainer:
         """Train; returns where the checkpoints are. Leaves the process group as it found it."""
         own_group = self.world > 1 and not dist.is_initialized()
         self._made_out = self.is_main and not self.out.exists()
+        before = setup_files(self.out) if self.is_main else set(SETUP_FILES)
         try:
             return self._run()
         except DToPError:
@@ -413,6 +417,7 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(self.out, ignore_errors=True)
+            undo_setup(self.out, before)  # nor its config.yaml / size cache in a folder that was there before
             raise
         except RuntimeError as e:
             if self.world > 1 and _lost_peer(e):  # gloo/NCCL's own traceback says only "closed by peer"

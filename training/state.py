@@ -42,6 +42,24 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return stale
 
 
+# what a run writes in its folder before it reads its data: removed again when the data is refused
+SETUP_FILES = ("config.yaml", "image_sizes.tsv")
+
+
+def setup_files(folder: str | Path) -> set[str]:
+    """Which of :data:`SETUP_FILES` ``folder`` holds (before a run: those it must not remove when refused)."""
+    return {n for n in SETUP_FILES if (Path(folder) / n).exists()}
+
+
+def undo_setup(folder: str | Path, before: set[str]) -> None:
+    """After a refused start in a folder that holds no run: remove the :data:`SETUP_FILES` the start wrote (those not
+    in ``before``), so that the folder is as it was."""
+    folder = Path(folder)
+    if folder.is_dir() and not previous_run(folder):
+        for n in set(SETUP_FILES) - before:
+            (folder / n).unlink(missing_ok=True)
+
+
 def clear_run(folder: str | Path) -> None:
     """Remove what :func:`previous_run` finds, so that a run started again from scratch (``train --force``) does not
     append to the old logs or leave the old ``best.pt`` / ``epoch-NNN.pt`` beside its own."""
