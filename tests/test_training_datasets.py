@@ -372,3 +372,19 @@ def test_nc_clean_lists_with_spaces_commas_and_tabs_in_paths(tmp_path: Path) -> 
         ts = D.read_nc_clean(tmp_path, tmp_path / name)
         assert (len(ts), ts.class_names, ts.skipped) == (4, ["3", "7"], {}), name
         assert sorted(Path(p).relative_to(tmp_path / "photos").as_posix() for p in ts.paths) == sorted(names)
+
+
+def test_gldv2_full_train_csv_as_the_list(tmp_path: Path) -> None:
+    # found by a data audit: GLDv2's full train.csv (id,url,landmark_id; images in the same train/a/b/c/ tree) could
+    # not be read by any reader: gldv2 wanted landmark_id,images, gldv1 looks for train/<id>.jpg
+    make_gldv2(tmp_path)
+    clean = D.read_gldv2(tmp_path)
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        fh.write("id,url,landmark_id\r\n")
+        for p, lbl in zip(clean.paths, clean.labels):
+            fh.write(f'"{Path(p).stem}","https://x/{Path(p).stem}.jpg",{clean.class_names[lbl]}\r\n')
+    full = D.read_gldv2(tmp_path, tmp_path / "train.csv")
+    assert (full.paths, full.labels, full.class_names) == (clean.paths, clean.labels, clean.class_names)
+    (tmp_path / "other.csv").write_text("image,label\n1,2\n")
+    with pytest.raises(DToPError, match=r"landmark_id,images \(GLDv2 train_clean.csv\) or id,url,landmark_id"):
+        D.read_gldv2(tmp_path, tmp_path / "other.csv")

@@ -254,7 +254,8 @@ def gldv2_path(root: Path, image_id: str) -> Path:
 
 
 def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **kw: Any) -> TrainSet:
-    """GLDv2-clean (Weyand et al.): ``train_clean.csv`` rows ``landmark_id,images`` (space-separated ids)."""
+    """GLDv2-clean (Weyand et al.): ``train_clean.csv`` rows ``landmark_id,images`` (space-separated ids); or, as
+    ``data.list_file``, GLDv2's full ``train.csv`` (``id,url,landmark_id``), whose images share the same tree."""
     root = _need_dir(root, "gldv2")
     path = _need_file(
         Path(list_file) if list_file else root / "train_clean.csv",
@@ -264,9 +265,14 @@ def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **k
     )
     entries = []
     skipped: Counter = Counter()
-    for row in csv_rows(path, ("landmark_id", "images"), "landmark_id,images (GLDv2 train_clean.csv)"):
+    try:
+        rows = csv_rows(path, ("landmark_id", "images"), "")
+    except DToPError:
+        both = "landmark_id,images (GLDv2 train_clean.csv) or id,url,landmark_id (GLDv2 train.csv)"
+        rows = csv_rows(path, ("id", "landmark_id"), both)
+    for row in rows:
         label = (row.get("landmark_id") or "").strip()
-        ids = (row.get("images") or "").split()
+        ids = (row.get("images") or row.get("id") or "").split()
         if not label:
             skipped["unlabelled"] += len(ids)
             continue
