@@ -410,6 +410,20 @@ def test_cli_train_refusing_the_data_leaves_an_existing_folder_as_it_was(
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "slurm-1.out"]
 
 
+def test_the_run_folder_lists_every_skipped_file_and_why(tmp_path: Path) -> None:
+    # found by a data audit: a GLDv2 download with thousands of missing or broken images said only
+    # 'skipped 2375 missing' (now with one example): which ones, to download again, was nowhere
+    from _training_data import write_garbage
+
+    data = make_folder(tmp_path / "data", classes=2, per_class=4)
+    bad = [write_garbage(data / "class0" / f"bad{k}.jpg") for k in range(3)]
+    (data / "class1" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    Trainer(_cfg(tmp_path / "run", data, "epochs=1", "max_steps_per_epoch=1")).run()
+    rows = [line.split("\t") for line in (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()]
+    gone = ["missing", str(data / "class1" / "gone.jpg")]
+    assert sorted(rows) == sorted([["unreadable", str(p)] for p in bad] + [gone])
+
+
 def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,6 +45,7 @@ class TrainSet:
     paths/labels/sizes are aligned; labels are 0..num_classes-1; sizes are (width, height).
     qidxs/pidxs: query/positive index pairs (SfM-120k) into ``paths``; None for class-labelled sets.
     skipped: counts of dropped entries by reason (``missing``, ``unreadable``, ``unlabelled``, ...).
+    skipped_files: (reason, path) of every file among them (not those of classes left out on purpose).
     """
 
     name: str
@@ -56,6 +57,7 @@ class TrainSet:
     qidxs: list[int] | None = None
     pidxs: list[int] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -102,13 +104,14 @@ def finalize(
     size_cache: Path | None = None,
     threads: int = 16,
     exclude_classes: Sequence[str] = (),
-    examples: dict[str, str] | None = None,
+    files: list[tuple[str, str]] | None = None,
 ) -> TrainSet:
     """Turn (path, label) candidates into a :class:`TrainSet`: check every image, relabel 0..C-1.
 
-    ``examples``: a first path per reason of ``skipped`` already counted; the warning names one per reason."""
+    ``files``: (reason, path) of the files ``skipped`` already counts; with those skipped here, the set's
+    ``skipped_files``, of which the warning names one per reason."""
     skipped = Counter() if skipped is None else skipped
-    examples = {} if examples is None else examples
+    files = [] if files is None else files
     entries = list(entries)
     if exclude_classes:
         excluded = {str(c) for c in exclude_classes}
@@ -121,7 +124,7 @@ def finalize(
         if p in first:
             reason = "duplicate" if first[p] == label else "duplicate_other_label"
             skipped[reason] += 1
-            examples.setdefault(reason, p)
+            files.append((reason, p))
         else:
             first[p] = label
     entries = list(first.items())
@@ -140,7 +143,7 @@ def finalize(
         if s is None:
             reason = "missing" if not Path(p).exists() else "unreadable"
             skipped[reason] += 1
-            examples.setdefault(reason, p)
+            files.append((reason, p))
             continue
         usable.append((p, label, s))
     counts = Counter(lbl for _, lbl, _ in usable)
@@ -167,9 +170,10 @@ def finalize(
         sizes=[u[2] for u in usable],
         class_names=class_names,
         skipped=dict(skipped),
+        skipped_files=files,
     )
     if any(skipped.values()):
-        log.warning("%s: skipped %s", name, _fmt(skipped, examples))
+        log.warning("%s: skipped %s", name, _fmt(skipped, {r: f for r, f in reversed(files)}))
     return ts
 
 
@@ -349,9 +353,9 @@ def read_folder(root: str | Path | None, name: str = "folder", **kw: Any) -> Tra
     if not classes:
         raise DToPError(f"folder: {root} has no class sub-folders (expected root/<class>/<image>.jpg)")
     skipped: Counter = Counter()
-    examples: dict[str, str] = {}
-    entries = folder_entries(classes, skipped, examples)
-    return finalize(name, root, entries, skipped, examples=examples, **kw)
+    files: list[tuple[str, str]] = []
+    entries = folder_entries(classes, skipped, files)
+    return finalize(name, root, entries, skipped, files=files, **kw)
 
 
 def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> TrainSet:

@@ -10,6 +10,7 @@ Output folder::
     config.yaml      the resolved config          train_state.pt  everything --resume needs
     last.pt          after every epoch             best.pt         best validation mAP so far
     final.pt         at the end                    log.csv / epochs.csv   step and epoch logs
+    image_sizes.tsv  the image-size cache          skipped_images.tsv     every file skipped, and why
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ class Trainer:
 
     def _load_data(self) -> None:
         from dtop_export.training.datasets import load_train_set
+        from dtop_export.training.scan import write_skipped_files
         from dtop_export.training.transforms import Augment, ImageDataset
 
         cache = self.out / "image_sizes.tsv"
@@ -220,6 +222,9 @@ class Trainer:
             self.dataset = ImageDataset(self.ts, self.preprocess.mean, self.preprocess.std, aug)
         if self.is_main:
             log.info("%s", self.ts.summary())
+            if self.ts.skipped_files:  # every one, with its reason (the warning named one per reason)
+                write_skipped_files(self.out / "skipped_images.tsv", self.ts.skipped_files)
+                log.info("skipped files and why: %s", self.out / "skipped_images.tsv")
 
     def _make_sampler(self, sizes: list[tuple[int, int]]) -> Any:
         from dtop_export.training.sampler import GroupSizeBatchSampler

@@ -3,6 +3,7 @@
 * :func:`folder_entries`: the (image, class) pairs of a class-per-folder set with links resolved: a class folder
   that is a symbolic link to another class folder is that class, not a second one, and one image file reached
   twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
+* :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
 * :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
   holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set.
 """
@@ -42,14 +43,14 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
     return None
 
 
-def folder_entries(classes: list[Path], skipped: Counter, examples: dict[str, str]) -> list[tuple[str, str]]:
+def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """(image path, class name) of every image file under the class folders (sorted), with links resolved.
 
     A class folder whose real folder is another class folder's is skipped with a warning (a real folder names the
     class before a link to it); an image whose file (device, inode) was met before is counted as ``duplicate`` or,
     under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later; a
     photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
-    ``skipped``/``examples``: counts and a first path per reason, added to.
+    ``skipped``/``files``: counts per reason and (reason, path) of each file skipped, added to.
     """
     owner: dict[Path, str] = {}
     for d in sorted(classes, key=lambda d: (d.is_symlink(), d.name)):  # real folders first
@@ -61,13 +62,13 @@ def folder_entries(classes: list[Path], skipped: Counter, examples: dict[str, st
         if real != d.name:
             log.warning("folder: class folder %s is a link to %s: its images are used once, as class %s", d, real, real)
             skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            examples.setdefault("in_linked_class_folders", str(d))
+            files.append(("in_linked_class_folders", str(d)))
             continue
         for p in sorted(d.rglob("*")):
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
                     skipped["unsupported_format"] += 1
-                    examples.setdefault("unsupported_format", str(p))
+                    files.append(("unsupported_format", str(p)))
                 continue
             try:
                 st = p.stat()
@@ -81,8 +82,16 @@ def folder_entries(classes: list[Path], skipped: Counter, examples: dict[str, st
             if key in seen:
                 reason = "duplicate" if seen[key] == d.name else "duplicate_other_label"
                 skipped[reason] += 1
-                examples.setdefault(reason, str(p))
+                files.append((reason, str(p)))
                 continue
             seen[key] = d.name
             entries.append((str(p), d.name))
     return entries
+
+
+def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:
+    """``reason<TAB>path`` per skipped file (a training set's ``skipped_files``), written atomically."""
+    from dtop_export.atomic import atomic_write_bytes
+
+    text = "".join(f"{reason}\t{p}\n" for reason, p in files if "\n" not in p)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))

@@ -18,8 +18,10 @@ STATE_VERSION = 1
 RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
 
 
-# what a run writes in its folder besides config.yaml and the image-size cache (see training/loop.py)
+# what a run writes in its folder besides its SETUP_FILES (see training/loop.py)
 RUN_FILES = ("train_state.pt", "last.pt", "best.pt", "final.pt", "log.csv", "epochs.csv", "tb")
+# what a run writes in its folder as it reads its data: removed again when the start is refused (undo_setup)
+SETUP_FILES = ("config.yaml", "image_sizes.tsv", "skipped_images.tsv")
 
 
 def previous_run(folder: str | Path) -> list[Path]:
@@ -35,15 +37,11 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     ``.<name>.<random>.tmp`` of the files a run writes (``dtop_export.atomic.atomic_path``), a state's or
     checkpoint's size each. Returns what was removed."""
     folder = Path(folder)
-    names = (*RUN_FILES, "config.yaml", "image_sizes.tsv", "epoch-[0-9]*.pt")
+    names = (*RUN_FILES, *SETUP_FILES, "epoch-[0-9]*.pt")
     stale = sorted({p for n in names for p in folder.glob(f".{n}.*.tmp") if p.is_file() and not p.is_symlink()})
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-# what a run writes in its folder before it reads its data: removed again when the data is refused
-SETUP_FILES = ("config.yaml", "image_sizes.tsv")
 
 
 def setup_files(folder: str | Path) -> set[str]:
