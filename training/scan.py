@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -38,8 +40,10 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
             return name
     if any(p.name == f"gnd_{p.parent.name}.pkl" for p in root.glob("*/gnd_*.pkl")):
         return "revisitop"
-    if folders and any(p.suffix.lower() in IMAGE_SUFFIXES for d in root.iterdir() if d.is_dir() for p in d.iterdir()):
-        return "folder"
+    with contextlib.suppress(OSError):  # an unreadable sub-folder: no guess
+        subs = (d for d in root.iterdir() if d.is_dir()) if folders else ()
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
+            return "folder"
     return None
 
 
@@ -76,9 +80,9 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
                 if p.is_symlink():
                     entries.append((str(p), d.name))
                 continue
-            if not p.is_file():
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            key = (st.st_dev, st.st_ino)
+            key = (st.st_dev, st.st_ino) if st.st_ino else (-1, len(seen))  # a file system without inode numbers
             if key in seen:
                 reason = "duplicate" if seen[key] == d.name else "duplicate_other_label"
                 skipped[reason] += 1
