@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ def finalize(
     todo = sorted({p for p, _ in entries if p not in cache})
     if todo:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for p, s in zip(todo, pool.map(image_size, todo, chunksize=64)):
+            # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
+            for p, s in zip(todo, pool.map(partial(image_size, header_only=True), todo, chunksize=64)):
                 if s is not None:
                     cache[p] = s
         if size_cache is not None and size_cache.parent.is_dir():
