@@ -404,3 +404,21 @@ def test_the_scan_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ts = D.read_folder(tmp_path)
     assert len(ts) == 4 and sorted(ts.sizes) == [(40, 32), (40, 32), (48, 32), (48, 32)]
     assert loads == []  # no pixel decoded
+
+
+def test_a_tuple_image_that_fails_to_decode_is_named(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: with the contrastive loss a truncated image dropped its whole tuple without a word (the
+    # class-labelled dataset names the file); the epoch's line only counted it
+    from dtop_export.training.tuples import TupleDataset
+
+    make_sfm120k(tmp_path)
+    ts = D.read_sfm120k(tmp_path)
+    broken = ts.paths[ts.pidxs[0]]
+    write_truncated(Path(broken))
+    ds = TupleDataset(ts, (0.5,) * 3, (0.5,) * 3, T.Augment())
+    ds.configure(0, len(ts.qidxs), 4, seed=0)
+    ds.select(0)
+    t = ds.p.index(ts.pidxs[0])
+    with caplog.at_level("WARNING"):
+        assert ds[(t, 32, 32, 1)] is None
+    assert f"cannot read image {broken}" in caplog.text and "its tuple (query " in caplog.text
