@@ -15,6 +15,7 @@ from _training_data import (
     make_revisitop,
     make_sfm120k,
     write_garbage,
+    write_image,
     write_truncated,
 )
 
@@ -288,3 +289,136 @@ def test_an_image_listed_twice_is_used_once(tmp_path: Path) -> None:
     ts = D.read_gldv2(tmp_path)
     assert (ts.paths, ts.labels) == (plain.paths, plain.labels)
     assert ts.skipped["duplicate"] == 1 and ts.skipped["duplicate_other_label"] == 2
+
+
+def test_a_linked_class_folder_or_image_is_one_class_and_one_image(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: a class folder that was a symbolic link to another (an alias, `ln -s eiffel tour_eiffel`)
+    # trained as a second class with the same images, and an image linked (or hard-linked) into another class's
+    # folder was one image under two labels; a link to nothing was dropped without a count
+    make_folder(tmp_path, classes=3, per_class=3)
+    (tmp_path / "alias").symlink_to("class1")  # sorts before class1: the real folder still names the class
+    (tmp_path / "class2" / "linked.jpg").symlink_to(tmp_path / "class0" / "0.jpg")
+    (tmp_path / "class2" / "hard.jpg").hardlink_to(tmp_path / "class0" / "1.jpg")
+    (tmp_path / "class1" / "twice.jpg").hardlink_to(tmp_path / "class1" / "2.jpg")
+    (tmp_path / "class0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING"):
+        ts = D.read_folder(tmp_path)
+    assert ts.class_names == ["class0", "class1", "class2"]
+    assert len(ts) == 9 and sorted(ts.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in ts.paths) == [
+        f"class{c}/{k}.jpg" for c in range(3) for k in range(3)
+    ]
+    assert ts.skipped == {"in_linked_class_folders": 4, "duplicate_other_label": 2, "duplicate": 1, "missing": 1}
+    text = caplog.text
+    assert "class folder " + str(tmp_path / "alias") + " is a link to class1" in text
+    assert f"1 missing (e.g. {tmp_path / 'class0' / 'gone.jpg'})" in text
+
+
+def test_skipped_images_are_named_in_the_warning(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: 'folder: skipped 3 unreadable' named none of the files, in a set of thousands
+    make_folder(tmp_path, classes=2, per_class=2)
+    write_garbage(tmp_path / "class1" / "zz.jpg")
+    (tmp_path / "class1" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "class0" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo: not decoded
+    (tmp_path / "class0" / "notes.txt").write_text("not a photo, not counted")
+    with caplog.at_level("WARNING"):
+        ts = D.read_folder(tmp_path)
+    assert ts.skipped == {"unreadable": 2, "unsupported_format": 1}
+    assert f"1 unsupported_format (e.g. {tmp_path / 'class0' / 'IMG_0001.HEIC'})" in caplog.text
+    assert f"skipped 2 unreadable (e.g. {tmp_path / 'class1' / 'empty.jpg'})" in caplog.text
+
+
+def test_a_reader_pointed_at_another_layout_names_the_dataset_to_set(tmp_path: Path) -> None:
+    # found by a data audit: `folder` on a GLDv2 download trained 'train' as its one class (the loop then refused one
+    # class), and gldv2 on a folder set or a GLDv1 download only said that train_clean.csv was not found
+    make_gldv2(tmp_path / "g2")
+    make_gldv1(tmp_path / "g1")
+    make_sfm120k(tmp_path / "sfm")
+    make_folder(tmp_path / "f", classes=2, per_class=2)
+    with pytest.raises(DToPError, match="g2 holds a gldv2 set, not class folders: set data.dataset=gldv2"):
+        D.read_folder(tmp_path / "g2")
+    with pytest.raises(DToPError, match="holds a sfm120k set, not class folders: set data.dataset=sfm120k"):
+        D.read_folder(tmp_path / "sfm")
+    with pytest.raises(DToPError, match="train_clean.csv not found, and .*f holds a folder set: set data.dataset=fol"):
+        D.read_gldv2(tmp_path / "f")
+    with pytest.raises(DToPError, match="holds a gldv1 set: set data.dataset=gldv1"):
+        D.read_gldv2(tmp_path / "g1")
+    with pytest.raises(DToPError, match="no image list .*; it holds a gldv2 set: set data.dataset=gldv2"):
+        D.read_nc_clean(tmp_path / "g2")
+
+
+def test_min_per_class_that_leaves_nothing_says_so(tmp_path: Path) -> None:
+    # found by a data audit: data.min_per_class above every class's size said "check data.root"
+    make_folder(tmp_path, classes=2, per_class=3)
+    with pytest.raises(DToPError, match=r"check data.min_per_class=5 \(the largest class has 3 images\)"):
+        D.read_folder(tmp_path, min_per_class=5)
+
+
+def test_nc_clean_lists_with_spaces_commas_and_tabs_in_paths(tmp_path: Path) -> None:
+    # found by a data audit: an image list's line was split at every comma and space, so 'photos/notre dame/0.jpg 3'
+    # read as the image 'photos/notre' labelled 'dame/0.jpg' (counted missing), and a quoted CSV path with a comma too
+    names = ["notre dame/0.jpg", "notre dame/1.jpg", "sacré-cœur, paris/0.jpg", "sacré-cœur, paris/1.jpg"]
+    for k, n in enumerate(names):
+        write_image(tmp_path / "photos" / n, k // 2, k)
+    (tmp_path / "list.txt").write_text(
+        "# path label\nphotos/notre dame/0.jpg 3\nphotos/notre dame/1.jpg  3\n"
+        "photos/sacré-cœur, paris/0.jpg\t7\nphotos/sacré-cœur, paris/1.jpg\t7\tsome note\n"
+    )
+    (tmp_path / "commas.txt").write_text("photos/notre dame/0.jpg,3\nphotos/notre dame/1.jpg,3\nphotos/x.jpg,\n")
+    ts = D.read_nc_clean(tmp_path, tmp_path / "commas.txt")
+    assert (ts.class_names, ts.skipped) == (["3"], {"unlabelled": 1})
+    (tmp_path / "list.csv").write_text("".join(f'"photos/{n}",{3 + 4 * (k // 2)}\r\n' for k, n in enumerate(names)))
+    for name in ("list.txt", "list.csv"):
+        ts = D.read_nc_clean(tmp_path, tmp_path / name)
+        assert (len(ts), ts.class_names, ts.skipped) == (4, ["3", "7"], {}), name
+        assert sorted(Path(p).relative_to(tmp_path / "photos").as_posix() for p in ts.paths) == sorted(names)
+
+
+def test_gldv2_full_train_csv_as_the_list(tmp_path: Path) -> None:
+    # found by a data audit: GLDv2's full train.csv (id,url,landmark_id; images in the same train/a/b/c/ tree) could
+    # not be read by any reader: gldv2 wanted landmark_id,images, gldv1 looks for train/<id>.jpg
+    make_gldv2(tmp_path)
+    clean = D.read_gldv2(tmp_path)
+    with open(tmp_path / "train.csv", "w", newline="") as fh:
+        fh.write("id,url,landmark_id\r\n")
+        for p, lbl in zip(clean.paths, clean.labels):
+            fh.write(f'"{Path(p).stem}","https://x/{Path(p).stem}.jpg",{clean.class_names[lbl]}\r\n')
+    full = D.read_gldv2(tmp_path, tmp_path / "train.csv")
+    assert (full.paths, full.labels, full.class_names) == (clean.paths, clean.labels, clean.class_names)
+    (tmp_path / "other.csv").write_text("image,label\n1,2\n")
+    with pytest.raises(DToPError, match=r"landmark_id,images \(GLDv2 train_clean.csv\) or id,url,landmark_id"):
+        D.read_gldv2(tmp_path, tmp_path / "other.csv")
+
+
+def test_the_scan_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # found by a data audit: the scan of a set's image sizes decoded every PNG in full (Pillow looks for a PNG's EXIF
+    # after its pixels): 0.18 s per 12 MP PNG here, hours for a folder set of PNGs, where a JPEG's header costs nothing
+    from PIL import Image, PngImagePlugin
+
+    for c in range(2):
+        for k in range(2):
+            (tmp_path / f"c{c}").mkdir(exist_ok=True)
+            Image.new("RGB", (40 + 8 * k, 32), (c * 90, k * 90, 50)).save(tmp_path / f"c{c}" / f"{k}.png")
+    loads = []
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(self) or Image.Image.load(self))
+    ts = D.read_folder(tmp_path)
+    assert len(ts) == 4 and sorted(ts.sizes) == [(40, 32), (40, 32), (48, 32), (48, 32)]
+    assert loads == []  # no pixel decoded
+
+
+def test_a_tuple_image_that_fails_to_decode_is_named(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # found by a data audit: with the contrastive loss a truncated image dropped its whole tuple without a word (the
+    # class-labelled dataset names the file); the epoch's line only counted it
+    from dtop_export.training.tuples import TupleDataset
+
+    make_sfm120k(tmp_path)
+    ts = D.read_sfm120k(tmp_path)
+    broken = ts.paths[ts.pidxs[0]]
+    write_truncated(Path(broken))
+    ds = TupleDataset(ts, (0.5,) * 3, (0.5,) * 3, T.Augment())
+    ds.configure(0, len(ts.qidxs), 4, seed=0)
+    ds.select(0)
+    t = ds.p.index(ts.pidxs[0])
+    with caplog.at_level("WARNING"):
+        assert ds[(t, 32, 32, 1)] is None
+    assert f"cannot read image {broken}" in caplog.text and "its tuple (query " in caplog.text

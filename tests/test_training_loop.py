@@ -421,6 +421,42 @@ def test_cli_train_refusing_the_data_leaves_no_run_folder(tmp_path: Path, capsys
         assert not out.exists()
 
 
+def test_cli_train_refusing_the_data_leaves_an_existing_folder_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # found by a data audit: in a run folder made beforehand (a SLURM script's mkdir for its logs) a refused start
+    # (data.root missing, min_per_class above every class) left config.yaml and image_sizes.tsv there
+    data = make_folder(tmp_path / "data", classes=2, per_class=2)
+    out = tmp_path / "runs" / "x"
+    out.mkdir(parents=True)
+    (out / "slurm-1.out").write_text("the user's")
+    for root, extra, message in [
+        (tmp_path / "nowhere", [], "data.root"),
+        (data, ["-s", "data.min_per_class=3"], "check data.min_per_class=3"),
+    ]:
+        assert cli("train", *_cli_sets(root), *extra, "-o", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == ["slurm-1.out"]
+    (out / "config.yaml").write_text("the user's own\n")  # one that was there before is not removed
+    assert cli("train", *_cli_sets(tmp_path / "nowhere"), "-o", str(out)) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "slurm-1.out"]
+
+
+def test_the_run_folder_lists_every_skipped_file_and_why(tmp_path: Path) -> None:
+    # found by a data audit: a GLDv2 download with thousands of missing or broken images said only
+    # 'skipped 2375 missing' (now with one example): which ones, to download again, was nowhere
+    from _training_data import write_garbage
+
+    data = make_folder(tmp_path / "data", classes=2, per_class=4)
+    bad = [write_garbage(data / "class0" / f"bad{k}.jpg") for k in range(3)]
+    (data / "class1" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    Trainer(_cfg(tmp_path / "run", data, "epochs=1", "max_steps_per_epoch=1")).run()
+    rows = [line.split("\t") for line in (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()]
+    gone = ["missing", str(data / "class1" / "gone.jpg")]
+    assert sorted(rows) == sorted([["unreadable", str(p)] for p in bad] + [gone])
+
+
 def test_cli_train_refuses_a_folder_holding_a_run_unless_resume_or_force(
     tmp_path: Path, folder_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

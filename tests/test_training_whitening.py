@@ -306,3 +306,34 @@ def test_whiten_refuses_a_dim_out_of_range_before_embedding(
 def _no_embedding(*args: object, **kwargs: object) -> None:
     """Stands in for the embedding: what is refused must be refused before the minutes it takes."""
     raise AssertionError("embedded before refusing")
+
+
+def test_degenerate_whitening_input_is_one_line(tmp_path: Path, small_ckpt: Path, capsys) -> None:  # noqa: ANN001
+    # found by a data audit: Lw from pairs whose two images were the same (duplicates) or from one pair, and PCA of
+    # duplicate images, returned a projection scaling noise by up to 1e6 (a jitter of 1e-10 on a zero covariance,
+    # eigenvalues clamped to 1e-12), with no error and, for identical descriptors, no ill-conditioning warning
+    X = torch.randn(6, 32, dtype=torch.float64)
+    with pytest.raises(DToPError, match="one query/positive pair is too few"):
+        learn_lw(X, [0], [1])
+    with pytest.raises(DToPError, match="every pair's two images have the same descriptor"):
+        learn_lw(X, [0, 1, 2], [0, 1, 2])
+    with pytest.raises(DToPError, match=r"the 40 descriptors span only 0 .*: give different images"):
+        learn_pca(X[[0] * 40])
+    with pytest.raises(DToPError, match=r"to 30 dimensions: the 60 descriptors span only 5 .*use --dim <= 5"):
+        learn_pca(torch.cat([X] * 10), 30)
+    _, P = learn_pca(torch.cat([X] * 10), 5)  # within the span: fine
+    assert P.shape == (5, 32) and float(P.abs().max()) < 1e3
+    # the CLI: a folder of one photo copied into two classes is one line, exit 2, and the checkpoint untouched
+    make_folder(tmp_path / "one", classes=1, per_class=1)
+    (tmp_path / "one" / "class1").mkdir()
+    (tmp_path / "one" / "class1" / "0.jpg").write_bytes((tmp_path / "one" / "class0" / "0.jpg").read_bytes())
+    for c in ("class0", "class1"):
+        (tmp_path / "one" / c / "1.jpg").write_bytes((tmp_path / "one" / "class0" / "0.jpg").read_bytes())
+    ck = tmp_path / "c.pt"
+    ck.write_bytes(small_ckpt.read_bytes())
+    before = ck.read_bytes()
+    capsys.readouterr()
+    assert cli("whiten", str(ck), "--pairs", str(tmp_path / "one"), "--size", "64", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: whitening: every pair's two images have the same descriptor"), err
+    assert len(err.splitlines()) == 1 and ck.read_bytes() == before

@@ -26,13 +26,15 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dtop_export.errors import DToPError
-from dtop_export.preprocess import image_size, is_image_file
+from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
-from dtop_export.training.lists import as_list, csv_rows, read_text, sfm120k_lists
+from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
+from dtop_export.training.scan import folder_entries, guess_layout
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class TrainSet:
     paths/labels/sizes are aligned; labels are 0..num_classes-1; sizes are (width, height).
     qidxs/pidxs: query/positive index pairs (SfM-120k) into ``paths``; None for class-labelled sets.
     skipped: counts of dropped entries by reason (``missing``, ``unreadable``, ``unlabelled``, ...).
+    skipped_files: (reason, path) of every file among them (not those of classes left out on purpose).
     """
 
     name: str
@@ -55,6 +58,7 @@ class TrainSet:
     qidxs: list[int] | None = None
     pidxs: list[int] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -101,9 +105,14 @@ def finalize(
     size_cache: Path | None = None,
     threads: int = 16,
     exclude_classes: Sequence[str] = (),
+    files: list[tuple[str, str]] | None = None,
 ) -> TrainSet:
-    """Turn (path, label) candidates into a :class:`TrainSet`: check every image, relabel 0..C-1."""
+    """Turn (path, label) candidates into a :class:`TrainSet`: check every image, relabel 0..C-1.
+
+    ``files``: (reason, path) of the files ``skipped`` already counts; with those skipped here, the set's
+    ``skipped_files``, of which the warning names one per reason."""
     skipped = Counter() if skipped is None else skipped
+    files = [] if files is None else files
     entries = list(entries)
     if exclude_classes:
         excluded = {str(c) for c in exclude_classes}
@@ -114,7 +123,9 @@ def finalize(
     first: dict[str, str] = {}  # an image listed twice (GLDv2 ids repeated, a query that is also a db image) once
     for p, label in entries:
         if p in first:
-            skipped["duplicate" if first[p] == label else "duplicate_other_label"] += 1
+            reason = "duplicate" if first[p] == label else "duplicate_other_label"
+            skipped[reason] += 1
+            files.append((reason, p))
         else:
             first[p] = label
     entries = list(first.items())
@@ -122,7 +133,8 @@ def finalize(
     todo = sorted({p for p, _ in entries if p not in cache})
     if todo:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for p, s in zip(todo, pool.map(image_size, todo, chunksize=64)):
+            # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
+            for p, s in zip(todo, pool.map(partial(image_size, header_only=True), todo, chunksize=64)):
                 if s is not None:
                     cache[p] = s
         if size_cache is not None and size_cache.parent.is_dir():
@@ -131,7 +143,9 @@ def finalize(
     for p, label in entries:
         s = cache.get(p)
         if s is None:
-            skipped["missing" if not Path(p).exists() else "unreadable"] += 1
+            reason = "missing" if not Path(p).exists() else "unreadable"
+            skipped[reason] += 1
+            files.append((reason, p))
             continue
         usable.append((p, label, s))
     counts = Counter(lbl for _, lbl, _ in usable)
@@ -145,6 +159,8 @@ def finalize(
         usable = usable[:max_images]
     if not usable:
         check = "data.exclude_classes" if set(skipped) == {"excluded_classes"} else "data.root"
+        if skipped["in_small_classes"]:
+            check = f"data.min_per_class={min_per_class} (the largest class has {max(counts.values())} images)"
         raise DToPError(f"{name} at {root}: no usable images ({_fmt(skipped)}); check {check}")
     class_names = sorted({lbl for _, lbl, _ in usable}, key=_natural)
     index = {c: i for i, c in enumerate(class_names)}
@@ -156,9 +172,10 @@ def finalize(
         sizes=[u[2] for u in usable],
         class_names=class_names,
         skipped=dict(skipped),
+        skipped_files=files,
     )
     if any(skipped.values()):
-        log.warning("%s: skipped %s", name, _fmt(skipped))
+        log.warning("%s: skipped %s", name, _fmt(skipped, {r: f for r, f in reversed(files)}))
     return ts
 
 
@@ -166,8 +183,11 @@ def _natural(s: str) -> tuple:
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
 
 
-def _fmt(c: Counter | dict) -> str:
-    return ", ".join(f"{v} {k}" for k, v in sorted(c.items()) if v) or "nothing"
+def _fmt(c: Counter | dict, examples: dict[str, str] | None = None) -> str:
+    """``3 missing, 1 unreadable``; with ``examples``, each reason's first path: ``1 unreadable (e.g. a.jpg)``."""
+    ex = examples or {}
+    parts = (f"{v} {k}" + (f" (e.g. {ex[k]})" if k in ex else "") for k, v in sorted(c.items()) if v)
+    return ", ".join(parts) or "nothing"
 
 
 def _need_dir(root: str | Path | None, what: str) -> Path:
@@ -179,8 +199,12 @@ def _need_dir(root: str | Path | None, what: str) -> Path:
     return root.resolve()
 
 
-def _need_file(path: Path, what: str, hint: str) -> Path:
+def _need_file(path: Path, what: str, hint: str, root: Path | None = None) -> Path:
+    """``path``, or a one-line error; when ``root`` holds another downloaded layout, the line names its dataset."""
     if not path.is_file():
+        other = guess_layout(root, folders=True) if root is not None else None
+        if other is not None and other != what:
+            raise DToPError(f"{what}: {path} not found, and {root} holds a {other} set: set data.dataset={other}")
         raise DToPError(f"{what}: {path} not found ({hint})")
     return path
 
@@ -202,6 +226,7 @@ def read_sfm120k(
         Path(list_file) if list_file else root / "retrieval-SfM-120k.pkl",
         "sfm120k",
         "expected cirtorch's retrieval-SfM-120k.pkl; set data.list_file",
+        root,
     )
     db = load_pickle(pkl)
     if not isinstance(db, dict) or split not in db:
@@ -235,18 +260,25 @@ def gldv2_path(root: Path, image_id: str) -> Path:
 
 
 def read_gldv2(root: str | Path | None, list_file: str | Path | None = None, **kw: Any) -> TrainSet:
-    """GLDv2-clean (Weyand et al.): ``train_clean.csv`` rows ``landmark_id,images`` (space-separated ids)."""
+    """GLDv2-clean (Weyand et al.): ``train_clean.csv`` rows ``landmark_id,images`` (space-separated ids); or, as
+    ``data.list_file``, GLDv2's full ``train.csv`` (``id,url,landmark_id``), whose images share the same tree."""
     root = _need_dir(root, "gldv2")
     path = _need_file(
         Path(list_file) if list_file else root / "train_clean.csv",
         "gldv2",
         "expected train_clean.csv with columns landmark_id,images",
+        root,
     )
     entries = []
     skipped: Counter = Counter()
-    for row in csv_rows(path, ("landmark_id", "images"), "landmark_id,images (GLDv2 train_clean.csv)"):
+    try:
+        rows = csv_rows(path, ("landmark_id", "images"), "")
+    except DToPError:
+        both = "landmark_id,images (GLDv2 train_clean.csv) or id,url,landmark_id (GLDv2 train.csv)"
+        rows = csv_rows(path, ("id", "landmark_id"), both)
+    for row in rows:
         label = (row.get("landmark_id") or "").strip()
-        ids = (row.get("images") or "").split()
+        ids = (row.get("images") or row.get("id") or "").split()
         if not label:
             skipped["unlabelled"] += len(ids)
             continue
@@ -265,6 +297,7 @@ def read_gldv1(root: str | Path | None, list_file: str | Path | None = None, **k
         Path(list_file) if list_file else root / "train.csv",
         "gldv1",
         "expected train.csv with columns id,url,landmark_id",
+        root,
     )
     images = root / "train" if (root / "train").is_dir() else root
     entries = []
@@ -290,7 +323,9 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
     else:
         found = [root / c for c in NC_CLEAN_LISTS if (root / c).is_file()]
         if not found:
-            raise DToPError(f"nc-clean: no image list in {root} (looked for {', '.join(NC_CLEAN_LISTS)})")
+            other = guess_layout(root, folders=True)
+            hint = f"; it holds a {other} set: set data.dataset={other}" if other else ": set data.list_file"
+            raise DToPError(f"nc-clean: no image list in {root} (looked for {', '.join(NC_CLEAN_LISTS)}){hint}")
         path = found[0]
     pairs: list[tuple[str, str]] = []
     skipped: Counter = Counter()
@@ -303,15 +338,9 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
             raise DToPError(f"{path}: expected a JSON object {{image_path: label}}")
         pairs = [(str(k), str(v)) for k, v in data.items()]
     else:
-        for line in read_text(path).splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.replace(",", " ").split()
-            if len(parts) < 2:
-                skipped["unlabelled"] += 1
-                continue
-            pairs.append((parts[0], parts[1]))
+        pairs, unlabelled = path_label_lines(path, root)
+        if unlabelled:
+            skipped["unlabelled"] = unlabelled
     entries = [(str(root / p), lbl) for p, lbl in pairs]
     return finalize("nc-clean", root, entries, skipped, **kw)
 
@@ -319,15 +348,16 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
 def read_folder(root: str | Path | None, name: str = "folder", **kw: Any) -> TrainSet:
     """One sub-folder per class (``root/<class>/**/<image>``); non-image files are ignored."""
     root = _need_dir(root, "folder")
-    entries = []
+    other = guess_layout(root)
+    if other is not None:  # its list's folders (train/, ims/, jpg/) would be read as classes
+        raise DToPError(f"folder: {root} holds a {other} set, not class folders: set data.dataset={other}")
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DToPError(f"folder: {root} has no class sub-folders (expected root/<class>/<image>.jpg)")
-    for d in classes:
-        for p in sorted(d.rglob("*")):
-            if is_image_file(p):
-                entries.append((str(p), d.name))
-    return finalize(name, root, entries, **kw)
+    skipped: Counter = Counter()
+    files: list[tuple[str, str]] = []
+    entries = folder_entries(classes, skipped, files)
+    return finalize(name, root, entries, skipped, files=files, **kw)
 
 
 def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> TrainSet:

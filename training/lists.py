@@ -39,6 +39,45 @@ def csv_rows(path: Path, columns: tuple[str, ...], header: str) -> csv.DictReade
     return reader
 
 
+def path_label_lines(path: Path, root: Path) -> tuple[list[tuple[str, str]], int]:
+    """(image path, label) per line of an NC-clean style list, and the number of lines without a label.
+
+    ``.csv``: CSV rows (quoted fields may hold commas), the first two columns; else a tab between path and label, or
+    whitespace or a comma (:func:`_split_path_label`: a path may hold spaces or commas when it names a file).
+    Empty lines and ``#`` comments are skipped."""
+    text = read_text(path)
+    lines = list(csv.reader(io.StringIO(text, newline=""))) if path.suffix.lower() == ".csv" else text.splitlines()
+    pairs: list[tuple[str, str]] = []
+    unlabelled = 0
+    for line in lines:
+        if isinstance(line, list):
+            parts = [c.strip() for c in line]
+        elif "\t" in line:
+            parts = [c.strip() for c in line.strip().split("\t")]
+        else:
+            parts = _split_path_label(line.strip(), root)
+        parts = [c for c in parts if c]
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) < 2:
+            unlabelled += 1
+            continue
+        pairs.append((parts[0], parts[1]))
+    return pairs, unlabelled
+
+
+def _split_path_label(line: str, root: Path) -> list[str]:
+    """``path label [more]``; a line of more fields or with a comma is first tried as ``path with spaces label`` and
+    ``path,label`` (the path a file under ``root``), else split at every space and comma (cirtorch's lists)."""
+    parts = line.split()
+    if len(parts) <= 2 and "," not in line:
+        return parts
+    for cand in (parts[:1], line.rsplit(None, 1)[:1], line.rsplit(",", 1)[:1]):
+        if cand and (root / cand[0]).is_file():
+            return [cand[0], *line[len(cand[0]) :].replace(",", " ").split()[:1]]
+    return line.replace(",", " ").split()
+
+
 def sfm120k_lists(db: Any, pkl: Path, split: str) -> tuple[list, list, list, list]:
     """cirtorch's ``db[split]`` lists (cids, cluster, qidxs, pidxs), checked: equal lengths, integer clusters and
     pair indices into ``cids``."""

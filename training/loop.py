@@ -10,6 +10,7 @@ Output folder::
     config.yaml      the resolved config          train_state.pt  everything --resume needs
     last.pt          after every epoch             best.pt         best validation mAP so far
     final.pt         at the end                    log.csv / epochs.csv   step and epoch logs
+    image_sizes.tsv  the image-size cache          skipped_images.tsv     every file skipped, and why
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dtop_export.retrieval.metrics import format_map
 from dtop_export.training.config import TrainConfig, dump_config
 from dtop_export.training.state import (
     RESUMABLE_CHANGES,
+    SETUP_FILES,
     STATE_FORMAT,
     STATE_VERSION,
     config_changes,
@@ -50,6 +52,8 @@ from dtop_export.training.state import (
     remove_stale_temps,
     rng_state,
     set_rng_state,
+    setup_files,
+    undo_setup,
 )
 from dtop_export.training.stop import GroupStop, StopRequested, ignore_stop_signals, signal_name
 
@@ -197,6 +201,7 @@ class Trainer:
 
     def _load_data(self) -> None:
         from dtop_export.training.datasets import load_train_set
+        from dtop_export.training.scan import write_skipped_files
         from dtop_export.training.transforms import Augment, ImageDataset
 
         cache = self.out / "image_sizes.tsv"
@@ -217,6 +222,9 @@ class Trainer:
             self.dataset = ImageDataset(self.ts, self.preprocess.mean, self.preprocess.std, aug)
         if self.is_main:
             log.info("%s", self.ts.summary())
+            if self.ts.skipped_files:  # every one, with its reason (the warning named one per reason)
+                write_skipped_files(self.out / "skipped_images.tsv", self.ts.skipped_files)
+                log.info("skipped files and why: %s", self.out / "skipped_images.tsv")
 
     def _make_sampler(self, sizes: list[tuple[int, int]]) -> Any:
         from dtop_export.training.sampler import GroupSizeBatchSampler
@@ -405,6 +413,7 @@ class Trainer:
         """Train; returns where the checkpoints are. Leaves the process group as it found it."""
         own_group = self.world > 1 and not dist.is_initialized()
         self._made_out = self.is_main and not self.out.exists()
+        before = setup_files(self.out) if self.is_main else set(SETUP_FILES)
         try:
             return self._run()
         except DToPError:
@@ -413,6 +422,7 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(self.out, ignore_errors=True)
+            undo_setup(self.out, before)  # nor its config.yaml / size cache in a folder that was there before
             raise
         except RuntimeError as e:
             if self.world > 1 and _lost_peer(e):  # gloo/NCCL's own traceback says only "closed by peer"

@@ -3,9 +3,10 @@
 Each image goes to the aspect-ratio group (W/H) nearest to its own in log scale. Every group has one
 fixed input size — area ≈ ``base_size``², both sides multiples of the model stride — and a batch holds
 images of one group only, so every batch has its own H×W (DPE resamples the position embedding per
-batch). The order is a pure function of (seed, epoch): deterministic, identical on every process, and
-resumable at any batch. Under DDP each process takes every ``world_size``-th batch, and all processes
-get the same number of batches.
+batch). A group with fewer images than one batch (with ``drop_last``; without it, a lone image) would never make a
+batch: its images join the group nearest in aspect ratio, so that every image is trained on. The order is a
+pure function of (seed, epoch): deterministic, identical on every process, and resumable at any batch. Under
+DDP each process takes every ``world_size``-th batch, and all processes get the same number of batches.
 
 The sampler yields lists of ``(index, height, width, seed)``: the per-image seed drives that image's
 augmentation, so the data a step sees does not depend on worker processes or on where a run resumed.
@@ -39,6 +40,25 @@ def assign_groups(sizes: Sequence[tuple[int, int]], aspect_ratios: Sequence[floa
         a = math.log(w / h)
         out.append(min(range(len(logs)), key=lambda g: abs(logs[g] - a)))
     return out
+
+
+def merge_small_groups(members: list[list[int]], aspect_ratios: Sequence[float], least: int) -> int:
+    """Move the images of every group with fewer than ``least`` members (never a batch: ``drop_last`` skips a
+    group's last, partial batch, and a lone image is never one) into the non-empty group nearest in log aspect
+    ratio, smallest group first, until none is left or one group holds everything; ``members`` (sorted indices per
+    group) is changed in place. Returns the number of images moved."""
+    logs = [math.log(r) for r in aspect_ratios]
+    moved = 0
+    while True:
+        small = [g for g, m in enumerate(members) if 0 < len(m) < least]
+        others = [g for g, m in enumerate(members) if m]
+        if not small or len(others) < 2:
+            return moved
+        g = min(small, key=lambda g: (len(members[g]), g))
+        h = min((h for h in others if h != g), key=lambda h: (abs(logs[h] - logs[g]), h))
+        members[h] = sorted(members[h] + members[g])
+        moved += len(members[g])
+        members[g] = []
 
 
 class GroupSizeBatchSampler:
@@ -77,6 +97,7 @@ class GroupSizeBatchSampler:
         self.members: list[list[int]] = [[] for _ in self.sizes]
         for i in self.items:
             self.members[groups[i]].append(i)
+        self.moved = merge_small_groups(self.members, self.aspect_ratios, batch_size if drop_last else 2)
         self.max_batches: int | None = None
         self.epoch = 0
         self.position = 0

@@ -18,8 +18,10 @@ STATE_VERSION = 1
 RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
 
 
-# what a run writes in its folder besides config.yaml and the image-size cache (see training/loop.py)
+# what a run writes in its folder besides its SETUP_FILES (see training/loop.py)
 RUN_FILES = ("train_state.pt", "last.pt", "best.pt", "final.pt", "log.csv", "epochs.csv", "tb")
+# what a run writes in its folder as it reads its data: removed again when the start is refused (undo_setup)
+SETUP_FILES = ("config.yaml", "image_sizes.tsv", "skipped_images.tsv")
 
 
 def previous_run(folder: str | Path) -> list[Path]:
@@ -35,11 +37,25 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     ``.<name>.<random>.tmp`` of the files a run writes (``dtop_export.atomic.atomic_path``), a state's or
     checkpoint's size each. Returns what was removed."""
     folder = Path(folder)
-    names = (*RUN_FILES, "config.yaml", "image_sizes.tsv", "epoch-[0-9]*.pt")
+    names = (*RUN_FILES, *SETUP_FILES, "epoch-[0-9]*.pt")
     stale = sorted({p for n in names for p in folder.glob(f".{n}.*.tmp") if p.is_file() and not p.is_symlink()})
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def setup_files(folder: str | Path) -> set[str]:
+    """Which of :data:`SETUP_FILES` ``folder`` holds (before a run: those it must not remove when refused)."""
+    return {n for n in SETUP_FILES if (Path(folder) / n).exists()}
+
+
+def undo_setup(folder: str | Path, before: set[str]) -> None:
+    """After a refused start in a folder that holds no run: remove the :data:`SETUP_FILES` the start wrote (those not
+    in ``before``), so that the folder is as it was."""
+    folder = Path(folder)
+    if folder.is_dir() and not previous_run(folder):
+        for n in set(SETUP_FILES) - before:
+            (folder / n).unlink(missing_ok=True)
 
 
 def clear_run(folder: str | Path) -> None:

@@ -8,6 +8,7 @@ A batch holds whole tuples of one aspect group (the query's), all resized to tha
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from dtop_export.errors import DToPError
 from dtop_export.preprocess import load_image
 from dtop_export.training.datasets import TrainSet
 from dtop_export.training.transforms import Augment, augment_colour, crop_resize, to_tensor
+
+log = logging.getLogger(__name__)
 
 
 class TupleDataset:
@@ -100,7 +103,8 @@ class TupleDataset:
         for idx in [self.q[t], self.p[t], *self.n[t]]:
             try:
                 img = load_image(self.ts.paths[idx])
-            except DToPError:
+            except DToPError as e:
+                log.warning("%s; its tuple (query %s) dropped from its batch", e, self.ts.paths[self.q[t]])
                 return None
             img = augment_colour(crop_resize(img, (h, w), self.aug, rng), self.aug, rng)
             out.append(to_tensor(img, self.mean, self.std))

@@ -103,12 +103,19 @@ def learn_lw(
     the shrinkage α used (``"auto"``: Ledoit–Wolf; a number in [0, 1]: that α; 0: cirtorch's exact Lw)."""
     if len(qidxs) != len(pidxs) or not qidxs:
         raise DToPError("whitening needs a non-empty list of query/positive pairs")
+    if len(qidxs) < 2:
+        raise DToPError("whitening: one query/positive pair is too few to learn Lw from: give two or more pairs")
     X = X.double()
     n_dim = X.shape[1]
     d = _check_dim(dim, n_dim)
     q, p = X[list(qidxs)], X[list(pidxs)]
     m = q.mean(0)
     df = q - p
+    if not bool(df.abs().max() > 0):
+        raise DToPError(
+            "whitening: every pair's two images have the same descriptor (one image twice, or duplicate images): "
+            "give pairs of two different images of one landmark"
+        )
     S = df.T @ df / df.shape[0]
     shrinkage = parse_shrinkage(shrinkage)
     a = ledoit_wolf_shrinkage(df) if shrinkage == "auto" else shrinkage
@@ -145,6 +152,13 @@ def learn_pca(X: torch.Tensor, dim: int | None = None, eps: float = 1e-12) -> tu
     evals, evecs = torch.linalg.eigh(C)
     order = evals.argsort(descending=True)
     evals, evecs = evals[order], evecs[:, order]
+    tol = max(float(evals[0]) * 1e-9, float((X * X).sum()) / n * 1e-12)  # rounding of identical rows is not a span
+    rank = int((evals > tol).sum())
+    if rank < d:  # the missing directions would be noise scaled by 1/sqrt(eps)
+        raise DToPError(
+            f"PCA whitening to {d} dimensions: the {n} descriptors span only {rank} (the same or duplicate images?): "
+            + (f"use --dim <= {rank} or more distinct images" if rank else "give different images")
+        )
     P = torch.diag(evals.clamp_min(eps).rsqrt()) @ evecs.T
     return m, P[:d]
 

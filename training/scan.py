@@ -1,0 +1,101 @@
+"""What a training set's folder holds on disk, before its images are read (:mod:`training.datasets` reads them).
+
+* :func:`folder_entries`: the (image, class) pairs of a class-per-folder set with links resolved: a class folder
+  that is a symbolic link to another class folder is that class, not a second one, and one image file reached
+  twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
+* :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
+* :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
+  holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import stat
+from collections import Counter
+from pathlib import Path
+
+from dtop_export.preprocess import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+# photo formats a crawl or a phone export holds that the toolkit does not decode (not in IMAGE_SUFFIXES): counted
+UNSUPPORTED_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng", ".cr2", ".nef", ".arw")
+
+# dataset -> (a file its download has at the root, a folder beside it, or None), in the order they are checked
+LAYOUTS = {
+    "gldv2": ("train_clean.csv", "train"),
+    "sfm120k": ("retrieval-SfM-120k.pkl", "ims"),
+    "nc-clean": ("annotations/annotation_clean_train.txt", None),
+    "gldv1": ("train.csv", "train"),
+}
+
+
+def guess_layout(root: Path, folders: bool = False) -> str | None:
+    """The ``data.dataset`` whose downloaded layout ``root`` holds (its list file at its place), else None;
+    ``folders``: else ``folder`` when a sub-folder holds images (lists the sub-folders: for error messages)."""
+    for name, (listed, folder) in LAYOUTS.items():
+        if (root / listed).is_file() and (folder is None or (root / folder).is_dir()):
+            return name
+    if any(p.name == f"gnd_{p.parent.name}.pkl" for p in root.glob("*/gnd_*.pkl")):
+        return "revisitop"
+    with contextlib.suppress(OSError):  # an unreadable sub-folder: no guess
+        subs = (d for d in root.iterdir() if d.is_dir()) if folders else ()
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
+            return "folder"
+    return None
+
+
+def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(image path, class name) of every image file under the class folders (sorted), with links resolved.
+
+    A class folder whose real folder is another class folder's is skipped with a warning (a real folder names the
+    class before a link to it); an image whose file (device, inode) was met before is counted as ``duplicate`` or,
+    under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later; a
+    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
+    ``skipped``/``files``: counts per reason and (reason, path) of each file skipped, added to.
+    """
+    owner: dict[Path, str] = {}
+    for d in sorted(classes, key=lambda d: (d.is_symlink(), d.name)):  # real folders first
+        owner.setdefault(d.resolve(), d.name)
+    seen: dict[tuple[int, int], str] = {}
+    entries: list[tuple[str, str]] = []
+    for d in classes:
+        real = owner[d.resolve()]
+        if real != d.name:
+            log.warning("folder: class folder %s is a link to %s: its images are used once, as class %s", d, real, real)
+            skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files.append(("in_linked_class_folders", str(d)))
+            continue
+        for p in sorted(d.rglob("*")):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
+                    skipped["unsupported_format"] += 1
+                    files.append(("unsupported_format", str(p)))
+                continue
+            try:
+                st = p.stat()
+            except OSError:  # a link to nothing: counted as missing by the reader
+                if p.is_symlink():
+                    entries.append((str(p), d.name))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = (st.st_dev, st.st_ino) if st.st_ino else (-1, len(seen))  # a file system without inode numbers
+            if key in seen:
+                reason = "duplicate" if seen[key] == d.name else "duplicate_other_label"
+                skipped[reason] += 1
+                files.append((reason, str(p)))
+                continue
+            seen[key] = d.name
+            entries.append((str(p), d.name))
+    return entries
+
+
+def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:
+    """``reason<TAB>path`` per skipped file (a training set's ``skipped_files``), written atomically."""
+    from dtop_export.atomic import atomic_write_bytes
+
+    text = "".join(f"{reason}\t{p}\n" for reason, p in files if "\n" not in p)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
