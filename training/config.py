@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtop_export.errors import DToPError
+from dtop_export.training.config_build import build, plain, within
 
 DATASETS = ("sample", "folder", "revisitop", "sfm120k", "gldv2", "gldv1", "nc-clean")
 CONFIGS = Path(__file__).parent / "configs"
@@ -223,16 +223,16 @@ class TrainConfig:
         if not 0 < lo <= hi <= 1:
             raise DToPError(f"augment.scale must be 0 < lo <= hi <= 1; got {self.augment.scale}")
         for key, value, rule in _number_rules(self):
-            if value is not None and not _within(value, rule):
+            if value is not None and not within(value, rule):
                 raise DToPError(f"{key} must be {rule}; got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists instead of tuples): goes into checkpoints' provenance and the YAML dump."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        cfg = _build(cls, d, "")
+        cfg = build(cls, d, "")
         cfg.validate()
         return cfg
 
@@ -301,95 +301,6 @@ def _number_rules(cfg: TrainConfig) -> list[tuple[str, Any, str]]:
         ("max_steps_per_epoch", cfg.max_steps_per_epoch, ">= 1"),
         ("log_every", cfg.log_every, ">= 1"),
     ]
-
-
-def _within(value: float, rule: str) -> bool:
-    """Whether a finite ``value`` satisfies a rule of :func:`_number_rules` (NaN and infinities never do)."""
-    import math
-
-    if not math.isfinite(value):
-        return False
-    if rule.startswith("in "):
-        lo, hi = (float(x) for x in rule[4:-1].split(","))
-        return (lo <= value if rule[3] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
-    op, bound = rule.split()
-    return value > float(bound) if op == ">" else value >= float(bound)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _build(cls: type, d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
-        raise DToPError(f"config section {where or '(top level)'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise DToPError(
-            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, where + name)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args or hint is Any:
-            return None
-        raise DToPError(f"config key {key} cannot be null")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key) if len(inner) == 1 else value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if args and Ellipsis not in args:  # a fixed length, such as augment.scale's (lo, hi)
-            if len(value) != len(args):
-                raise DToPError(f"config key {key} must hold {len(args)} values, got {len(value)}: {list(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        elem = args[0] if args else Any
-        return tuple(_coerce(v, elem, key) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise DToPError(f"config key {key} must be a mapping")
-        return dict(value)
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "1", "on"):
-                    return True
-                if value.lower() in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if hint in (int, float) and isinstance(value, bool):  # YAML's true/false are ints to Python
-            raise ValueError(value)
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise DToPError(f"config key {key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
-    return value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
