@@ -298,6 +298,13 @@ def test_index_checks_the_folder_against_its_manifest(
     other = _copy(run, tmp_path / "other")  # a shard written under other settings in a shard's place
     shutil.copy(_synthetic(tmp_path / "syn", n=12, shard_size=4) / shard_name(1), other / shard_name(1))
     _refused(capsys, "index", str(other), "-o", str(tmp_path / "o.faiss"), match="written by another job")
+    from dtop_export.corpus.integrity import check_rows, settings_of
+    from dtop_export.errors import DToPError
+
+    settings = settings_of(json.loads((run / MANIFEST).read_text()), run)
+    narrow = {"key": np.arange(4), "descriptor": np.full((4, 64), 0.125, np.float32)}  # `index` has no model
+    with pytest.raises(DToPError, match="holds 64-d descriptors; its manifest says 256-d ones"):
+        check_rows(narrow, run / shard_name(0), settings, force=True)
     cut = _copy(run, tmp_path / "cut")
     data = (run / shard_name(2)).read_bytes()
     (cut / shard_name(2)).write_bytes(data[: len(data) // 2])
@@ -340,6 +347,31 @@ def test_evaluate_refuses_distractors_that_do_not_fit_before_embedding(
     out = tmp_path / "e.json"
     assert cli(*args, str(tmp_path / "scaled.npy"), "--force", "--json", str(out)) == 0  # forced: used, with a warning
     assert "warning:" in capsys.readouterr().err and json.loads(out.read_text())["n_distractors"] == 10
+    bare = tmp_path / "nan.npy"  # no sidecar: its provenance is unknown, but its refusal is the one line printed
+    assert cli(*args, str(bare)) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    shown = [*evaluate[:2], "--image-size", SIZE, "--distractors", str(run), "--json", str(tmp_path / "p.json")]
+    assert cli(*shown) == 0  # the distractors' check and ranking have bars of their own (+R1M: minutes)
+    bars = capsys.readouterr().out
+    assert "checking distractors" in bars and "10/10" in bars.split("checking distractors")[1].splitlines()[0]
+    assert any(line.startswith("distractors") and "10/10" in line for line in bars.splitlines())
+
+
+def test_distractor_shards_are_read_once_whatever_the_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The +R1M ranking slices a shard folder in chunks of 65536 rows: a shard across a chunk boundary was read
+    (decoded from Parquet) once per chunk it falls in, a folder of 200k-row shards 4x (an audit of evaluate at scale);
+    slices in order now read each shard once."""
+    import dtop_export.corpus.shards as shards
+
+    folder = _synthetic(tmp_path / "syn", n=600, shard_size=200)
+    reads: list[str] = []
+    real = shards.read_shard
+    monkeypatch.setattr(shards, "read_shard", lambda path, columns: reads.append(path.name) or real(path, columns))
+    m = shards.ShardedDescriptors(folder)
+    reads.clear()  # the constructor reads the first shard's width
+    got = np.concatenate([m[a : a + 150] for a in range(0, 600, 150)])
+    assert reads == [shard_name(k) for k in range(3)]
+    np.testing.assert_array_equal(got, np.concatenate([real(f, ("descriptor",))["descriptor"] for f in m.files]))
 
 
 def _descriptors(folder: Path) -> list[np.ndarray]:
