@@ -374,6 +374,21 @@ def test_distractor_shards_are_read_once_whatever_the_chunks(tmp_path: Path, mon
     np.testing.assert_array_equal(got, np.concatenate([real(f, ("descriptor",))["descriptor"] for f in m.files]))
 
 
+def test_search_without_query_images_names_what_it_looked_for(
+    small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A query folder holding no image (notes, a .npy) said only "no query images given" (an audit of search),
+    where embed names the suffixes it searched for."""
+    from dtop_export.corpus.index import build_corpus_index
+
+    build_corpus_index(_synthetic(tmp_path / "syn", n=12, shard_size=4), tmp_path / "s.faiss")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "notes.txt").write_text("x")
+    err = _refused(capsys, "search", str(tmp_path / "s.faiss"), str(small_onnx), str(tmp_path / "q"),
+                   match=f"no query images in {tmp_path / 'q'} (folders are searched for .jpg, ")  # fmt: skip
+    assert err.count("\n") == 1
+
+
 def _descriptors(folder: Path) -> list[np.ndarray]:
     from dtop_export.corpus.shards import iter_shards
 
