@@ -412,6 +412,24 @@ def test_flat_search_of_a_batch_takes_matrix_products_and_equals_brute_force(tmp
         np.testing.assert_allclose([h.score for h in got], row[top], atol=1e-5)
 
 
+def test_a_flat_index_holds_its_vectors_once_while_it_is_built() -> None:
+    """Shard by shard, faiss's vector of a flat index doubled as it grew, holding the old and the new copy at once:
+    1M x 256 peaked at 1.56 GB for 1.02 GB of descriptors (an audit of index at scale; up to 2x just past a
+    doubling). The storage is allocated once: adding every shard never moves it."""
+    import faiss
+
+    from dtop_export.corpus.index import flat_index
+
+    index = flat_index(16, 9 * 1000)
+    flat = faiss.downcast_index(index.index)
+    where = flat.codes.data()
+    x = np.random.default_rng(0).standard_normal((9000, 16)).astype(np.float32)
+    for k in range(9):
+        index.add_with_ids(x[k * 1000 : (k + 1) * 1000], np.arange(k * 1000, (k + 1) * 1000))
+        assert flat.codes.data() == where
+    np.testing.assert_array_equal(index.reconstruct(8999), x[8999])
+
+
 def _descriptors(folder: Path) -> list[np.ndarray]:
     from dtop_export.corpus.shards import iter_shards
 

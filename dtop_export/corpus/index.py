@@ -76,6 +76,18 @@ def _quiet_clustering(index: Any) -> None:
     index.pq.cp.min_points_per_centroid = 1
 
 
+def flat_index(dim: int, rows: int) -> Any:
+    """An empty exact ``IndexIDMap2(IndexFlatIP(dim))`` whose storage for ``rows`` vectors is allocated up front: added
+    shard by shard, faiss's vector doubled as it grew and held the old and the new copy at once (1M x 256: 1.56 GB
+    for 1.02 GB of descriptors, up to 2x just past a doubling; allocated once: 1.32 GB)."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(dim)
+    flat.codes.resize(rows * dim * 4)
+    flat.codes.resize(0)  # a std::vector keeps its capacity
+    return faiss.IndexIDMap2(flat)
+
+
 def build_corpus_index(
     folder: str | Path,
     output: str | Path,
@@ -128,7 +140,7 @@ def build_corpus_index(
     dim = settings.descriptor_dim
     params: dict[str, Any] = {}
     if kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        index = flat_index(dim, n)
     else:
         nlist, m, nbits = ivfpq_params(n, dim, nlist, m, nbits)
         size = train_size or min(n, max(64 * nlist, 39 * 2**nbits), 200_000)
