@@ -550,6 +550,10 @@ def test_index_parameters_are_checked_at_build_time_and_faiss_is_quiet(
     assert printed.out.count("note: training on 600 vectors") == 1
     params = json.loads((tmp_path / "i.faiss.json").read_text())["params"]
     assert params["nprobe"] == 15 and params["nlist"] == 15  # the default 16, bounded by nlist
+    assert cli("index", str(folder), "-o", out, "--type", "ivfpq", "--force") == 0  # with bars
+    bars = capfd.readouterr().out  # IVF-PQ's sampling and k-means (minutes at 1M) showed "indexing 0/600" meanwhile
+    assert any(line.startswith("training (sample, k-means)") and "1/1" in line for line in bars.splitlines()), bars
+    assert any(line.startswith("indexing (ivfpq)") and "600/600" in line for line in bars.splitlines()), bars
 
 
 # 11. sources ----------------------------------------------------------------------------------------------------------

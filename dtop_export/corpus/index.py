@@ -103,6 +103,7 @@ def build_corpus_index(
     force: bool = False,
     advance: Callable[[int], None] | None = None,
     note: Callable[[str], None] | None = None,
+    trained: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Index the shards of ``folder`` into ``output`` (+ sidecars, all written atomically); returns the sidecar.
 
@@ -113,7 +114,8 @@ def build_corpus_index(
     ``nprobe`` to 16. ``refine`` > 0 re-ranks ``refine * k`` IVF-PQ candidates with 8-bit scalar-quantised vectors
     (N more bytes per image; recovers the exact top-k order that PQ alone blurs). ``advance(rows)`` is called
     after each shard is added; ``note(text)`` gets what the user should know (ignored options, a small training
-    set, what ``force`` let through).
+    set, what ``force`` let through); ``trained()`` is called once IVF-PQ's sampling and k-means are done (minutes at
+    1M: a progress bar of their own).
     """
     import faiss
     import pyarrow as pa
@@ -160,6 +162,8 @@ def build_corpus_index(
             inner = faiss.IndexRefine(ivf, sq)
             inner.k_factor = float(refine)
         inner.train(sample)
+        if trained:
+            trained()
         index = faiss.IndexIDMap2(inner)
         params = {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": ivf.nprobe, "train_size": len(sample)}
         params.update({"refine": refine} if refine else {})
