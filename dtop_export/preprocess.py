@@ -339,6 +339,8 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); a missing folder or one without images is a
     :class:`DToPError` naming the suffixes looked for."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DToPError(f"{folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise DToPError(f"image folder {folder} does not exist")
     paths = sorted(p for p in folder.rglob("*") if is_image_file(p))

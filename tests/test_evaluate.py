@@ -81,6 +81,34 @@ def test_all_queries_without_positives_give_nan() -> None:
     assert np.isnan(m) and np.isnan(pr).all()
 
 
+def test_a_setup_without_positives_is_null_in_json_and_a_dash_in_the_table() -> None:
+    """A data set whose queries have no hard positives (a user's own gnd_X.pkl: only easy labelled) scored Hard mAP
+    NaN, written to --json as the literal NaN, which is not JSON (an audit of evaluate: jq and strict parsers refuse
+    the file); it is null there and a dash in the table."""
+    from dtop_export.retrieval.evaluate import EvalResult
+
+    db = np.eye(4, dtype=np.float32)
+    gnd = [{"easy": [0], "hard": [], "junk": [1]}, {"easy": [2], "hard": [], "junk": [3]}]
+    m = evaluate_descriptors(db, db[[0, 2]], gnd)
+    r = EvalResult("mine", m["map"], m["mp"], 2, 4, aps=m["aps"])
+    out = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert out["map"]["hard"] is None and out["mp"]["hard"] == {"1": None, "5": None, "10": None}
+    assert out["map"]["easy"] == 100.0 and out["ap_per_query"]["hard"] == [None, None]
+    table = r.table()
+    assert "| mAP | 100.00 | 100.00 | — |" in table and "no query has positives for hard" in table
+    assert "nan" not in table
+
+
+def test_distractor_ranking_reports_its_progress() -> None:
+    """+R1M ranks a million distractors (minutes at N=1536) with no progress shown (an audit of evaluate at 1M x 256:
+    ~8 s silent after the bars of the queries and the database); ``advance`` counts every distractor once."""
+    rng = np.random.default_rng(0)
+    db, q, dis = (rng.standard_normal((n, 8)).astype(np.float32) for n in (10, 3, 250))
+    seen: list[int] = []
+    ranking_positions(db, q, dis, chunk=100, advance=seen.append)
+    assert seen == [100, 100, 50]
+
+
 def test_ties_are_broken_by_database_index() -> None:
     db = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
     q = np.array([[1.0, 0.0]], dtype=np.float32)

@@ -298,6 +298,13 @@ def test_index_checks_the_folder_against_its_manifest(
     other = _copy(run, tmp_path / "other")  # a shard written under other settings in a shard's place
     shutil.copy(_synthetic(tmp_path / "syn", n=12, shard_size=4) / shard_name(1), other / shard_name(1))
     _refused(capsys, "index", str(other), "-o", str(tmp_path / "o.faiss"), match="written by another job")
+    from dtop_export.corpus.integrity import check_rows, settings_of
+    from dtop_export.errors import DToPError
+
+    settings = settings_of(json.loads((run / MANIFEST).read_text()), run)
+    narrow = {"key": np.arange(4), "descriptor": np.full((4, 64), 0.125, np.float32)}  # `index` has no model
+    with pytest.raises(DToPError, match="holds 64-d descriptors; its manifest says 256-d ones"):
+        check_rows(narrow, run / shard_name(0), settings, force=True)
     cut = _copy(run, tmp_path / "cut")
     data = (run / shard_name(2)).read_bytes()
     (cut / shard_name(2)).write_bytes(data[: len(data) // 2])
@@ -340,6 +347,87 @@ def test_evaluate_refuses_distractors_that_do_not_fit_before_embedding(
     out = tmp_path / "e.json"
     assert cli(*args, str(tmp_path / "scaled.npy"), "--force", "--json", str(out)) == 0  # forced: used, with a warning
     assert "warning:" in capsys.readouterr().err and json.loads(out.read_text())["n_distractors"] == 10
+    bare = tmp_path / "nan.npy"  # no sidecar: its provenance is unknown, but its refusal is the one line printed
+    assert cli(*args, str(bare)) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    shown = [*evaluate[:2], "--image-size", SIZE, "--distractors", str(run), "--json", str(tmp_path / "p.json")]
+    assert cli(*shown) == 0  # the distractors' check and ranking have bars of their own (+R1M: minutes)
+    bars = capsys.readouterr().out
+    assert "checking distractors" in bars and "10/10" in bars.split("checking distractors")[1].splitlines()[0]
+    assert any(line.startswith("distractors") and "10/10" in line for line in bars.splitlines())
+
+
+def test_distractor_shards_are_read_once_whatever_the_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The +R1M ranking slices a shard folder in chunks of 65536 rows: a shard across a chunk boundary was read
+    (decoded from Parquet) once per chunk it falls in, a folder of 200k-row shards 4x (an audit of evaluate at scale);
+    slices in order now read each shard once."""
+    import dtop_export.corpus.shards as shards
+
+    folder = _synthetic(tmp_path / "syn", n=600, shard_size=200)
+    reads: list[str] = []
+    real = shards.read_shard
+    monkeypatch.setattr(shards, "read_shard", lambda path, columns: reads.append(path.name) or real(path, columns))
+    m = shards.ShardedDescriptors(folder)
+    reads.clear()  # the constructor reads the first shard's width
+    got = np.concatenate([m[a : a + 150] for a in range(0, 600, 150)])
+    assert reads == [shard_name(k) for k in range(3)]
+    np.testing.assert_array_equal(got, np.concatenate([real(f, ("descriptor",))["descriptor"] for f in m.files]))
+
+
+def test_search_without_query_images_names_what_it_looked_for(
+    small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A query folder holding no image (notes, a .npy) said only "no query images given" (an audit of search),
+    where embed names the suffixes it searched for."""
+    from dtop_export.corpus.index import build_corpus_index
+
+    build_corpus_index(_synthetic(tmp_path / "syn", n=12, shard_size=4), tmp_path / "s.faiss")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "notes.txt").write_text("x")
+    err = _refused(capsys, "search", str(tmp_path / "s.faiss"), str(small_onnx), str(tmp_path / "q"),
+                   match=f"no query images in {tmp_path / 'q'} (folders are searched for .jpg, ")  # fmt: skip
+    assert err.count("\n") == 1
+
+
+def test_flat_search_of_a_batch_takes_matrix_products_and_equals_brute_force(tmp_path: Path) -> None:
+    """faiss-cpu 1.15 scores every batch of queries one query at a time (its BLAS threshold is 128000 queries), and
+    in 1024-row blocks past it: 100 queries against 1M x 256 took 11.8 s where 64k-row matrix products take 1.5 s (an
+    audit of search at scale). A batch now goes through the products, across a block boundary, as brute force."""
+    import faiss
+
+    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+
+    folder = _synthetic(tmp_path / "syn", n=70_000, dim=16, shard_size=35_000)
+    build_corpus_index(folder, tmp_path / "f.faiss")
+    x = np.concatenate(_descriptors(folder))
+    q = x[::1750][:40] + 0.1  # 40 queries near corpus rows
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    hits = CorpusIndex(tmp_path / "f.faiss").search(q, 5)
+    assert faiss.cvar.distance_compute_blas_threshold <= 20 <= len(q)
+    assert faiss.cvar.distance_compute_blas_database_bs >= 65536
+    scores = q @ x.T
+    for row, got in zip(scores, hits):
+        top = np.argsort(-row, kind="stable")[:5]
+        assert [h.key for h in got] == top.tolist()
+        np.testing.assert_allclose([h.score for h in got], row[top], atol=1e-5)
+
+
+def test_a_flat_index_holds_its_vectors_once_while_it_is_built() -> None:
+    """Shard by shard, faiss's vector of a flat index doubled as it grew, holding the old and the new copy at once:
+    1M x 256 peaked at 1.56 GB for 1.02 GB of descriptors (an audit of index at scale; up to 2x just past a
+    doubling). The storage is allocated once: adding every shard never moves it."""
+    import faiss
+
+    from dtop_export.corpus.index import flat_index
+
+    index = flat_index(16, 9 * 1000)
+    flat = faiss.downcast_index(index.index)
+    where = flat.codes.data()
+    x = np.random.default_rng(0).standard_normal((9000, 16)).astype(np.float32)
+    for k in range(9):
+        index.add_with_ids(x[k * 1000 : (k + 1) * 1000], np.arange(k * 1000, (k + 1) * 1000))
+        assert flat.codes.data() == where
+    np.testing.assert_array_equal(index.reconstruct(8999), x[8999])
 
 
 def _descriptors(folder: Path) -> list[np.ndarray]:
@@ -462,6 +550,10 @@ def test_index_parameters_are_checked_at_build_time_and_faiss_is_quiet(
     assert printed.out.count("note: training on 600 vectors") == 1
     params = json.loads((tmp_path / "i.faiss.json").read_text())["params"]
     assert params["nprobe"] == 15 and params["nlist"] == 15  # the default 16, bounded by nlist
+    assert cli("index", str(folder), "-o", out, "--type", "ivfpq", "--force") == 0  # with bars
+    bars = capfd.readouterr().out  # IVF-PQ's sampling and k-means (minutes at 1M) showed "indexing 0/600" meanwhile
+    assert any(line.startswith("training (sample, k-means)") and "1/1" in line for line in bars.splitlines()), bars
+    assert any(line.startswith("indexing (ivfpq)") and "600/600" in line for line in bars.splitlines()), bars
 
 
 # 11. sources ----------------------------------------------------------------------------------------------------------

@@ -236,6 +236,8 @@ def test_list_and_expand_images_use_one_suffix_set(tmp_path: Path) -> None:
         list_images(tmp_path / "empty")
     with pytest.raises(DToPError, match="does not exist"):
         list_images(tmp_path / "nope")
+    with pytest.raises(DToPError, match="notes.txt is a file, not a folder of images"):  # was: "does not exist"
+        list_images(tmp_path / "notes.txt")
 
 
 def test_square_crop_rounds_like_the_resize(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from dtop_export.cli.common import (
     app,
     open_engine,
     output_option,
+    progress_bar,
     refuse_existing,
     write_json,
 )
@@ -72,12 +74,11 @@ def evaluate(
         raise DToPError(f"--picture {picture} should end in .png")
     refuse_existing(json_out, picture, force=force)
     ds = resolve_dataset(dataset, data_root)
+    provenance = None
     if distractors is not None:
         from dtop_export.identity import check_distractors
 
-        warning = check_distractors(model, distractors, force)
-        if warning:
-            typer.echo(warning, err=True)
+        provenance = check_distractors(model, distractors, force)  # said once they pass their own checks: one line
     engine = open_engine(model, precision=precision)
     captured: dict[str, Any] = {}
     with engine:
@@ -85,7 +86,15 @@ def evaluate(
         check_image_size(size, sc, batch_size, engine.preprocess.stride)
         dis = None
         if distractors is not None:  # checked before the data set is embedded: a refusal costs nothing
-            dis, warnings = open_distractors(distractors, engine.descriptor_dim, size, sc, force)
+            with progress_bar(enabled=progress) as bar:
+
+                def counted(total: int) -> Callable[[int], None]:
+                    task = bar.add_task("checking distractors", total=total)
+                    return lambda n: bar.advance(task, n)
+
+                dis, warnings = open_distractors(distractors, engine.descriptor_dim, size, sc, force, counted)
+            if provenance:
+                typer.echo(provenance, err=True)
             for w in warnings:
                 typer.echo(f"warning: {w}", err=True)
         result = evaluate_dataset(

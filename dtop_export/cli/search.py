@@ -56,7 +56,7 @@ def search(
     from dtop_export.corpus.index import CorpusIndex
     from dtop_export.corpus.runtime import open_model
     from dtop_export.identity import check_model_for_corpus
-    from dtop_export.preprocess import expand_images
+    from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
     from dtop_export.retrieval.extract import extract
 
     if picture is not None and picture.suffix.lower() != ".png":
@@ -67,7 +67,8 @@ def search(
         typer.echo(f"note: {idx.path} is a flat index (exact): --nprobe (IVF-PQ indexes) ignored", err=True)
     paths = expand_images(queries)
     if not paths:
-        raise DToPError("no query images given")
+        raise DToPError(f"no query images in {', '.join(map(str, queries))} (folders are searched for "
+                        f"{', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
     corpus = idx.info["corpus"]
     con = console()
     warning = check_model_for_corpus(model, corpus, f"index {idx.path}", force)

@@ -12,7 +12,7 @@ warning; what cannot (an unreadable shard, duplicate keys, NaN, another dimensio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,15 +118,23 @@ def verify_folder(folder: str | Path, force: bool = False) -> Verified:
     return Verified(folder, settings, files, rows, verdict.warnings)
 
 
-def check_descriptors(desc: np.ndarray, where: str, dim: int | None = None, force: bool = False) -> list[str]:
-    """Refuse descriptors that are not float32 [n, dim] (``dim`` if given), not finite or (unless ``force``, then a
-    warning is returned) not of unit L2 norm. ``desc`` may be memory-mapped: it is read in chunks."""
+def check_descriptors(
+    desc: np.ndarray,
+    where: str,
+    dim: int | None = None,
+    force: bool = False,
+    advance: Callable[[int], None] | None = None,
+    dim_of: str = "the model gives",
+) -> list[str]:
+    """Refuse descriptors that are not float32 [n, dim] (``dim`` if given; ``dim_of`` says whose it is), not finite
+    or (unless ``force``, then a warning is returned) not of unit L2 norm. ``desc`` may be memory-mapped: it is read
+    in chunks (``advance(rows)`` after each)."""
     if desc.ndim != 2:
         raise DToPError(f"{where} should hold descriptors [n, N], got shape {list(desc.shape)}")
     if desc.dtype != np.float32:
         raise DToPError(f"{where} holds {desc.dtype} values: descriptors are float32 (as `dtop-export embed` writes)")
     if dim is not None and desc.shape[1] != dim:
-        raise DToPError(f"{where} holds {desc.shape[1]}-d descriptors; the model gives {dim}-d ones")
+        raise DToPError(f"{where} holds {desc.shape[1]}-d descriptors; {dim_of} {dim}-d ones")
     worst = 0.0
     for start in range(0, desc.shape[0], CHUNK_ROWS):
         chunk = np.asarray(desc[start : start + CHUNK_ROWS], np.float64)
@@ -135,6 +143,8 @@ def check_descriptors(desc: np.ndarray, where: str, dim: int | None = None, forc
             raise DToPError(f"{where} holds non-finite values (NaN or inf; first in row {bad}): re-embed it")
         if len(chunk):
             worst = max(worst, float(np.abs(np.linalg.norm(chunk, axis=1) - 1.0).max()))
+        if advance is not None:
+            advance(len(chunk))
     if worst > NORM_TOLERANCE:
         message = f"{where} holds descriptors that are not L2-normalised (|norm - 1| up to {worst:.3g})"
         if not force:
@@ -143,7 +153,9 @@ def check_descriptors(desc: np.ndarray, where: str, dim: int | None = None, forc
     return []
 
 
-def check_rows(shard: dict[str, Any], path: Path, settings: CorpusSettings, force: bool = False) -> list[str]:
+def check_rows(
+    shard: dict[str, Any], path: Path, settings: CorpusSettings, force: bool = False, dim_of: str = "its manifest says"
+) -> list[str]:
     """Refuse a shard's rows (as :func:`~dtop_export.corpus.shards.read_shard` returns them, ``model_sha256``
     included when read) that do not belong to its place in the folder (see the module docstring)."""
     k = int(path.stem.split("-")[-1])
@@ -154,7 +166,7 @@ def check_rows(shard: dict[str, Any], path: Path, settings: CorpusSettings, forc
     hashes = set(shard.get("model_sha256", []))
     if hashes - {settings.model_sha256}:
         raise DToPError(f"{path} holds rows of another model file ({sorted(hashes)[0][:12]}): re-embed it")
-    return check_descriptors(shard["descriptor"], str(path), settings.descriptor_dim, force)
+    return check_descriptors(shard["descriptor"], str(path), settings.descriptor_dim, force, dim_of=dim_of)
 
 
 def _compare(verdict: _Verdict, where: str, recorded: dict[str, Any], image_size: int | None,
@@ -189,10 +201,12 @@ def open_distractors(
     image_size: int | None = None,
     scales: Sequence[float] | None = None,
     force: bool = False,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> tuple[Any, list[str]]:
     """Distractor descriptors from an ``.npy`` (memory-mapped) or a shard folder (read shard by shard), checked
     (see the module docstring) and compared with the evaluation's ``dim``, ``image_size`` and ``scales``; returns
-    (an [M, N] array-like, the warnings ``force`` let through)."""
+    (an [M, N] array-like, the warnings ``force`` let through). ``progress(total_rows)`` is called once the rows
+    are counted, before they are read, and returns the ``advance(rows)`` the reading calls (a progress bar)."""
     from dtop_export.corpus.shards import ShardedDescriptors
 
     path = distractor_path(path)
@@ -204,8 +218,12 @@ def open_distractors(
         if dim is not None and v.settings.descriptor_dim != dim:
             raise DToPError(f"{path} holds {v.settings.descriptor_dim}-d descriptors; the model gives {dim}-d ones")
         warnings = v.warnings + verdict.warnings
-        for f in v.files:
-            warnings += check_rows(read_shard(f, ("key", "descriptor", "model_sha256")), f, v.settings, force)
+        advance = progress(v.n_rows) if progress is not None else None
+        for f, rows in zip(v.files, v.rows):
+            shard = read_shard(f, ("key", "descriptor", "model_sha256"))
+            warnings += check_rows(shard, f, v.settings, force, dim_of="the model gives")
+            if advance is not None:
+                advance(rows)
         return ShardedDescriptors(path, v.files), warnings
     try:
         d = np.load(path, mmap_mode="r")
@@ -222,7 +240,8 @@ def open_distractors(
         _compare(verdict, str(path), recorded if isinstance(recorded, dict) else {}, image_size, scales)
     elif image_size is not None:
         verdict.warnings.append(f"{path} has no {sidecar.name} sidecar: its image size and scales are not checked")
-    return d, verdict.warnings + check_descriptors(d, str(path), dim, force)
+    advance = progress(len(d)) if progress is not None and d.ndim else None
+    return d, verdict.warnings + check_descriptors(d, str(path), dim, force, advance)
 
 
 def _verdict_of(check: Any) -> str:

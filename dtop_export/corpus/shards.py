@@ -327,7 +327,8 @@ class ShardedDescriptors:
     """The descriptors of a shard folder as a read-only [M, N] matrix that reads shards on demand.
 
     Supports ``len``, ``shape``, ``ndim``, ``dtype`` and row slices ``m[a:b]`` (what the +R1M ranking uses), so
-    a million distractors are scored shard by shard without loading all of them.
+    a million distractors are scored shard by shard without loading all of them. The last shard read is kept: slices
+    in order (the ranking's chunks) read each shard once, however the chunks and the shards are cut.
     """
 
     ndim = 2
@@ -347,6 +348,7 @@ class ShardedDescriptors:
         first = next((p for p, r in zip(self.files, self.rows) if r), None)
         dim = read_shard(first, ("descriptor",))["descriptor"].shape[1] if first is not None else 0
         self.shape = (int(self.starts[-1]), dim)
+        self._last: tuple[int, np.ndarray] | None = None  # (shard index, its descriptors)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -362,6 +364,8 @@ class ShardedDescriptors:
             a, b = int(self.starts[i]), int(self.starts[i + 1])
             if b <= start or a >= stop or a == b:
                 continue
-            d = read_shard(path, ("descriptor",))["descriptor"]
+            if self._last is None or self._last[0] != i:
+                self._last = (i, read_shard(path, ("descriptor",))["descriptor"])
+            d = self._last[1]
             parts.append(d[max(start - a, 0) : min(stop, b) - a])
         return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 
 from dtop_export.errors import DToPError
 from dtop_export.retrieval.datasets import RevisitopDataset, load_distractors, resolve_dataset
-from dtop_export.retrieval.extract import extract
+from dtop_export.retrieval.extract import extract, progress_bar
 from dtop_export.retrieval.metrics import SETUPS, evaluate_descriptors
 
 if TYPE_CHECKING:
@@ -41,8 +41,8 @@ class EvalResult:
         """JSON-able dictionary (mP keys as strings)."""
         return {
             "dataset": self.dataset,
-            "map": {k: round(v, 4) for k, v in self.map.items()},
-            "mp": {s: {str(k): round(v, 4) for k, v in d.items()} for s, d in self.mp.items()},
+            "map": {k: _json_pct(v) for k, v in self.map.items()},
+            "mp": {s: {str(k): _json_pct(v) for k, v in d.items()} for s, d in self.mp.items()},
             "n_queries": self.n_queries,
             "n_images": self.n_images,
             "n_distractors": self.n_distractors,
@@ -61,11 +61,23 @@ class EvalResult:
             name += f"+{self.n_distractors} distractors"
         head = f"| {name} ({self.n_queries} queries, {self.n_images} images) | Easy | Medium | Hard |"
         lines = [head, "|---|---:|---:|---:|"]
-        lines.append("| mAP | " + " | ".join(f"{self.map[s]:.2f}" for s in SETUPS) + " |")
+        lines.append("| mAP | " + " | ".join(_cell(self.map[s]) for s in SETUPS) + " |")
         kappas = sorted(next(iter(self.mp.values())).keys()) if self.mp else []
         for k in kappas:
-            lines.append(f"| mP@{k} | " + " | ".join(f"{self.mp[s][k]:.2f}" for s in SETUPS) + " |")
+            lines.append(f"| mP@{k} | " + " | ".join(_cell(self.mp[s][k]) for s in SETUPS) + " |")
+        empty = [s for s in SETUPS if np.isnan(self.map[s])]
+        if empty:  # revisitop leaves such queries out of the mean; with none left there is no mean
+            lines.append(f"\n(—: no query has positives for {', '.join(empty)})")
         return "\n".join(lines)
+
+
+def _json_pct(v: float) -> float | None:
+    """A percentage for JSON: NaN (a setup without any query that has positives) is null, not the invalid NaN."""
+    return None if np.isnan(v) else round(v, 4)
+
+
+def _cell(v: float) -> str:
+    return "—" if np.isnan(v) else f"{v:.2f}"
 
 
 def evaluate(
@@ -136,7 +148,9 @@ def evaluate_dataset(
     if on_extract is not None:
         on_extract(db, q)
     dis = load_distractors(distractors) if isinstance(distractors, (str, Path)) else distractors
-    metrics = evaluate_descriptors(db, q, ds.gnd, dis)
+    with progress_bar(progress and dis is not None and len(dis) > 0) as prog:
+        task = prog.add_task("distractors", total=0 if dis is None else len(dis))
+        metrics = evaluate_descriptors(db, q, ds.gnd, dis, advance=lambda n: prog.advance(task, n))
     return EvalResult(
         dataset=ds.name,
         map=metrics["map"],

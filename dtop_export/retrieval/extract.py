@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 MULTI_SCALES = (1.0, 1 / math.sqrt(2), math.sqrt(2))
 
 
-def _progress(enabled: bool) -> Any:
+def progress_bar(enabled: bool) -> Any:
     """A rich progress bar (a no-op when disabled)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -99,7 +99,7 @@ def extract_many(
         np.subtract.at(scales_left, idx, 1)  # not scales_left[idx] -= 1: two scales of an image may share a batch
         done(len({i for i in idx if scales_left[i] == 0}))  # every image here was unfinished before this batch
 
-    with _progress(progress) as prog:
+    with progress_bar(progress) as prog:
         task = prog.add_task(description, total=n)
         for i, item in enumerate(images):
             try:

@@ -180,11 +180,16 @@ def rank_database(db: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def ranking_positions(
-    db: np.ndarray, queries: np.ndarray, distractors: np.ndarray | None = None, chunk: int = 65536
+    db: np.ndarray,
+    queries: np.ndarray,
+    distractors: np.ndarray | None = None,
+    chunk: int = 65536,
+    advance: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """0-based place [n_db, n_queries] of every database image in each query's ranking over db + distractors.
 
     Equal to inverting ``argsort(-scores(concat(db, distractors)), kind="stable")``, without building it.
+    ``advance(rows)`` is called after each chunk of distractors is ranked (a progress bar: +R1M is minutes).
     """
     db = np.asarray(db, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.float32)
@@ -208,6 +213,8 @@ def ranking_positions(
         for q in range(nq):
             # distractors scoring strictly higher rank before; ties go to the database image (lower index)
             positions[:, q] += m - np.searchsorted(ds[:, q], scores[:, q], side="right")
+        if advance is not None:
+            advance(m)
     return positions
 
 
@@ -217,9 +224,11 @@ def evaluate_descriptors(
     gnd: Sequence[dict[str, Any]],
     distractors: np.ndarray | None = None,
     kappas: Sequence[int] = KAPPAS,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Easy/Medium/Hard mAP and mP@k (percent) of given descriptors on revisitop ground truth."""
-    positions = ranking_positions(db, queries, distractors)
+    """Easy/Medium/Hard mAP and mP@k (percent) of given descriptors on revisitop ground truth (``advance``: as
+    :func:`ranking_positions`)."""
+    positions = ranking_positions(db, queries, distractors, advance=advance)
     return revisited_metrics(gnd, positions=positions, kappas=kappas)
 
 
