@@ -441,3 +441,20 @@ def test_nc_clean_path_comma_label_lines_look_for_no_file(tmp_path: Path, monkey
     looked.clear()
     assert path_label_lines(tmp_path / "more.txt", tmp_path) == ([("a,b,c.jpg", "5")], 0)
     assert looked == ["a,b,c.jpg"]
+
+
+def test_the_layout_guess_lists_no_class_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a review of the data audit: read_folder's layout guess globbed */gnd_*.pkl, listing every class folder once
+    # more before the walk (on a set of 80k classes, 80k directory reads); it now lists the root only
+    import os
+
+    from dtop_export.training.scan import guess_layout
+
+    make_folder(tmp_path / "set", classes=3, per_class=2)
+    make_revisitop(tmp_path / "rev")
+    listed: list[str] = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": listed.append(Path(p).name) or real(p))
+    assert guess_layout(tmp_path / "set") is None and listed == ["set"]
+    assert guess_layout(tmp_path / "rev") == "revisitop"
+    assert guess_layout(tmp_path / "set", folders=True) == "folder"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import stat
 from collections import Counter
 from pathlib import Path
@@ -38,11 +39,15 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
     for name, (listed, folder) in LAYOUTS.items():
         if (root / listed).is_file() and (folder is None or (root / folder).is_dir()):
             return name
-    if any(p.name == f"gnd_{p.parent.name}.pkl" for p in root.glob("*/gnd_*.pkl")):
+    try:
+        with os.scandir(root) as it:
+            subs = sorted(e.name for e in it if e.is_dir())
+    except OSError:
+        return None
+    if any((root / s / f"gnd_{s}.pkl").is_file() for s in subs):  # a look-up per sub-folder, not its listing
         return "revisitop"
     with contextlib.suppress(OSError):  # an unreadable sub-folder: no guess
-        subs = (d for d in root.iterdir() if d.is_dir()) if folders else ()
-        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
+        if folders and any(p.suffix.lower() in IMAGE_SUFFIXES for s in subs for p in (root / s).iterdir()):
             return "folder"
     return None
 
@@ -56,13 +61,14 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
     photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
     ``skipped``/``files``: counts per reason and (reason, path) of each file skipped, added to.
     """
+    resolved = {d: d.resolve() for d in classes}  # once each: a look-up per path component
     owner: dict[Path, str] = {}
     for d in sorted(classes, key=lambda d: (d.is_symlink(), d.name)):  # real folders first
-        owner.setdefault(d.resolve(), d.name)
+        owner.setdefault(resolved[d], d.name)
     seen: dict[tuple[int, int], str] = {}
     entries: list[tuple[str, str]] = []
     for d in classes:
-        real = owner[d.resolve()]
+        real = owner[resolved[d]]
         if real != d.name:
             log.warning("folder: class folder %s is a link to %s: its images are used once, as class %s", d, real, real)
             skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
