@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -458,3 +459,22 @@ def test_the_layout_guess_lists_no_class_folder(tmp_path: Path, monkeypatch: pyt
     assert guess_layout(tmp_path / "set") is None and listed == ["set"]
     assert guess_layout(tmp_path / "rev") == "revisitop"
     assert guess_layout(tmp_path / "set", folders=True) == "folder"
+
+
+def test_a_gldv2_download_of_the_full_train_csv_is_not_named_gldv1(tmp_path: Path) -> None:
+    # a review of the data audit: a GLDv2 download with the full train.csv and no train_clean.csv was named a gldv1
+    # set (GLDv1's list has that name and those columns) by every reader, gldv2's own included, and gldv1 then found
+    # none of its images (train/<id>.jpg, where GLDv2 has train/<a>/<b>/<c>/<id>.jpg): 9 missing, 'check data.root'
+    make_gldv2(tmp_path)
+    clean = D.read_gldv2(tmp_path)
+    rows = [f"{Path(p).stem},https://x,{clean.class_names[lbl]}\n" for p, lbl in zip(clean.paths, clean.labels)]
+    (tmp_path / "train.csv").write_text("id,url,landmark_id\n" + "".join(rows))
+    (tmp_path / "train_clean.csv").unlink()
+    setting = f"set data.dataset=gldv2 and data.list_file={tmp_path / 'train.csv'}"
+    for read in (D.read_folder, D.read_gldv1, D.read_gldv2, D.read_nc_clean):
+        with pytest.raises(DToPError, match=f"holds a gldv2 set.*: {re.escape(setting)}$"):
+            read(tmp_path)
+    assert D.read_gldv2(tmp_path, tmp_path / "train.csv").paths == clean.paths
+    make_gldv1(tmp_path / "g1")
+    with pytest.raises(DToPError, match="holds a gldv1 set: set data.dataset=gldv1$"):
+        D.read_gldv2(tmp_path / "g1")

@@ -5,7 +5,8 @@
   twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
 * :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
 * :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
-  holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set.
+  holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set
+  (:func:`layout_setting`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ LAYOUTS = {
     "nc-clean": ("annotations/annotation_clean_train.txt", None),
     "gldv1": ("train.csv", "train"),
 }
+HEX = "0123456789abcdef"
 
 
 def guess_layout(root: Path, folders: bool = False) -> str | None:
@@ -38,7 +40,8 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
     ``folders``: else ``folder`` when a sub-folder holds images (lists the sub-folders: for error messages)."""
     for name, (listed, folder) in LAYOUTS.items():
         if (root / listed).is_file() and (folder is None or (root / folder).is_dir()):
-            return name
+            # GLDv2's full train.csv has GLDv1's name and columns; its images lie in train/<a>/<b>/<c>/
+            return "gldv2" if name == "gldv1" and any((root / folder / c).is_dir() for c in HEX) else name
     try:
         with os.scandir(root) as it:
             subs = sorted(e.name for e in it if e.is_dir())
@@ -50,6 +53,14 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
         if folders and any(p.suffix.lower() in IMAGE_SUFFIXES for s in subs for p in (root / s).iterdir()):
             return "folder"
     return None
+
+
+def layout_setting(root: Path, name: str) -> str:
+    """What to set to read ``root`` as the ``name`` set :func:`guess_layout` found: ``data.dataset=<name>``, and for a
+    GLDv2 download without train_clean.csv its full train.csv as ``data.list_file``."""
+    if name == "gldv2" and not (root / "train_clean.csv").is_file() and (root / "train.csv").is_file():
+        return f"data.dataset=gldv2 and data.list_file={root / 'train.csv'}"
+    return f"data.dataset={name}"
 
 
 def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str, str]]) -> list[tuple[str, str]]:
