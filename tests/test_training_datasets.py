@@ -478,3 +478,27 @@ def test_a_gldv2_download_of_the_full_train_csv_is_not_named_gldv1(tmp_path: Pat
     make_gldv1(tmp_path / "g1")
     with pytest.raises(DToPError, match="holds a gldv1 set: set data.dataset=gldv1$"):
         D.read_gldv2(tmp_path / "g1")
+
+
+def test_an_unreadable_folder_in_a_class_is_counted_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a review of the data audit: a class's sub-folder that could not be listed (chmod 000, another user's files on
+    # a shared disk) left out its images without a word: the walk (Path.rglob) swallows the PermissionError
+    import os
+
+    make_folder(tmp_path, classes=2, per_class=3)
+    write_image(tmp_path / "class0" / "sub" / "x.jpg", 0, 9)
+    real = os.scandir
+    blocked = tmp_path / "class0" / "sub"
+
+    def scandir(p: str | os.PathLike = ".") -> object:
+        if Path(p) == blocked:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ts = D.read_folder(tmp_path, min_per_class=1)
+    assert (len(ts), ts.skipped) == (6, {"unreadable_folder": 1})
+    assert ts.skipped_files == [("unreadable_folder", str(blocked))]
+    assert f"1 unreadable_folder (e.g. {blocked})" in caplog.text

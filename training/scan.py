@@ -69,7 +69,8 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
     A class folder whose real folder is another class folder's is skipped with a warning (a real folder names the
     class before a link to it); an image whose file (device, inode) was met before is counted as ``duplicate`` or,
     under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later; a
-    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
+    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``; a
+    folder that cannot be listed (permissions) is ``unreadable_folder``.
     ``skipped``/``files``: counts per reason and (reason, path) of each file skipped, added to.
     """
     resolved = {d: d.resolve() for d in classes}  # once each: a look-up per path component
@@ -85,7 +86,7 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
             skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             files.append(("in_linked_class_folders", str(d)))
             continue
-        for p in sorted(d.rglob("*")):
+        for p in _files_under(d, skipped, files):
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
                     skipped["unsupported_format"] += 1
@@ -108,6 +109,17 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
             seen[key] = d.name
             entries.append((str(p), d.name))
     return entries
+
+
+def _files_under(d: Path, skipped: Counter, files: list[tuple[str, str]]) -> list[Path]:
+    """Every file under ``d`` (sorted; links to folders are not followed, as ``rglob``), and an unreadable folder
+    counted as ``unreadable_folder`` where ``rglob`` left out its images without a word."""
+
+    def unreadable(e: OSError) -> None:
+        skipped["unreadable_folder"] += 1
+        files.append(("unreadable_folder", str(e.filename)))
+
+    return sorted(Path(top) / n for top, _, names in os.walk(d, onerror=unreadable) for n in names)
 
 
 def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:
