@@ -502,3 +502,21 @@ def test_an_unreadable_folder_in_a_class_is_counted_and_named(
     assert (len(ts), ts.skipped) == (6, {"unreadable_folder": 1})
     assert ts.skipped_files == [("unreadable_folder", str(blocked))]
     assert f"1 unreadable_folder (e.g. {blocked})" in caplog.text
+
+
+def test_a_file_system_without_inode_numbers_folds_no_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a review of the data audit: 1b910be keyed files by path where st_ino is 0 (some network and FUSE file systems),
+    # else every image of a folder set is one (device, 0) and all but the first are dropped as duplicates; no test
+    # held that fix
+    import os
+
+    make_folder(tmp_path, classes=2, per_class=3)
+    real = Path.stat
+
+    def no_inode(p: Path, **kw: object) -> os.stat_result:
+        st = real(p, **kw)
+        return os.stat_result((st.st_mode, 0, *tuple(st)[2:]))
+
+    monkeypatch.setattr(Path, "stat", no_inode)
+    ts = D.read_folder(tmp_path, min_per_class=1)
+    assert (len(ts), ts.skipped) == (6, {})
