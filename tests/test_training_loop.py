@@ -116,16 +116,22 @@ def test_resume_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
     assert steps == list(range(1, 9))
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
-    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+def _crash_at_step_3(out: Path, data: Path) -> TrainConfig:
+    """One epoch stopped by an exception at step 3, a state saved every 2 steps; its config."""
 
     def crash_at_3(tr: Trainer) -> None:
         if tr.global_step == 3:
             raise _Crash
 
-    cfg = _cfg(tmp_path / "b", folder_data, "epochs=1", "save_state_every=2")
+    cfg = _cfg(out, data, "epochs=1", "save_state_every=2")
     with pytest.raises(_Crash):
         Trainer(cfg, callbacks=[crash_at_3]).run()
+    return cfg
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
+    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+    cfg = _crash_at_step_3(tmp_path / "b", folder_data)
     from dtop_export.training.state import read_state
 
     st = read_state(tmp_path / "b")
@@ -884,14 +890,7 @@ def test_a_state_from_before_small_groups_merged_resumes_exactly(
         )
         ref = Trainer(_cfg(tmp_path / "a", data, "epochs=1")).run()
         assert ref.steps == 3
-
-        def crash_at_3(tr: Trainer) -> None:
-            if tr.global_step == 3:
-                raise _Crash
-
-        cfg = _cfg(tmp_path / "b", data, "epochs=1", "save_state_every=2")
-        with pytest.raises(_Crash):
-            Trainer(cfg, callbacks=[crash_at_3]).run()
+        cfg = _crash_at_step_3(tmp_path / "b", data)
     st = read_state(tmp_path / "b")
     assert st["sampler"]["position"] == 2 and "merge_small" not in st["sampler"]
     res = Trainer(cfg, resume=tmp_path / "b").run()
