@@ -116,16 +116,22 @@ def test_resume_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
     assert steps == list(range(1, 9))
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
-    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+def _crash_at_step_3(out: Path, data: Path) -> TrainConfig:
+    """One epoch stopped by an exception at step 3, a state saved every 2 steps; its config."""
 
     def crash_at_3(tr: Trainer) -> None:
         if tr.global_step == 3:
             raise _Crash
 
-    cfg = _cfg(tmp_path / "b", folder_data, "epochs=1", "save_state_every=2")
+    cfg = _cfg(out, data, "epochs=1", "save_state_every=2")
     with pytest.raises(_Crash):
         Trainer(cfg, callbacks=[crash_at_3]).run()
+    return cfg
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
+    ref = Trainer(_cfg(tmp_path / "a", folder_data, "epochs=1")).run()
+    cfg = _crash_at_step_3(tmp_path / "b", folder_data)
     from dtop_export.training.state import read_state
 
     st = read_state(tmp_path / "b")
@@ -861,3 +867,34 @@ def test_cli_train_exits_143_after_sigterm(
     monkeypatch.setattr(Trainer, "run", stopped)
     assert cli("train", *_cli_sets(folder_data), "-o", str(tmp_path / "run")) == 143
     assert capsys.readouterr().err.endswith("interrupted: SIGTERM: state saved at step 3; continue with ...\n")
+
+
+def test_a_state_from_before_small_groups_merged_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review of the data audit: a run started before small aspect groups merged (its state has no
+    sampler.merge_small) and resumed by the code that merges them got another list of batches for its epoch (the
+    3 wide images joined a group: 4 batches, was 3), so its saved position skipped batches other than those it had
+    trained on, and the schedule's step count changed; it now resumes with its groups as they were."""
+    from dtop_export.training import sampler as sm
+    from dtop_export.training.state import read_state
+
+    data = make_folder(tmp_path / "data", classes=3, per_class=7)  # groups of 6, 6, 6 and 3 (wide) images
+    plain = sm.GroupSizeBatchSampler.state_dict
+    with monkeypatch.context() as m:  # the code before the merge
+        m.setattr(sm, "merge_small_groups", lambda *a: 0)
+        m.setattr(
+            sm.GroupSizeBatchSampler,
+            "state_dict",
+            lambda s: {k: v for k, v in plain(s).items() if k not in ("merge_small", "groups")},
+        )
+        ref = Trainer(_cfg(tmp_path / "a", data, "epochs=1")).run()
+        assert ref.steps == 3
+        cfg = _crash_at_step_3(tmp_path / "b", data)
+    st = read_state(tmp_path / "b")
+    assert st["sampler"]["position"] == 2 and "merge_small" not in st["sampler"]
+    res = Trainer(cfg, resume=tmp_path / "b").run()
+    assert res.steps == 3
+    a, b = _weights(ref.final), _weights(tmp_path / "b" / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert Trainer(_cfg(tmp_path / "c", data, "epochs=1")).run().steps == 4  # a new run merges them

@@ -122,3 +122,20 @@ def test_groups_smaller_than_a_batch_are_trained_on() -> None:
     assert {i for e in range(10) for b in lone.epoch_batches(e) for i, *_ in b} == set(range(5))
     alone = GroupSizeBatchSampler([(100, 200)] * 3, 4, 16, aspect_ratios=RATIOS, drop_last=True)
     assert alone.moved == 0 and len(alone) == 0  # a set smaller than one batch: the loop says so
+
+
+def test_resume_refuses_a_set_whose_groups_changed_mid_epoch() -> None:
+    # a review of the data audit: the saved position counts batches of the epoch's list, which is another list when
+    # the images per group changed (files added or removed, links now folded into one image): refused, not skipped
+    sizes = [(100, 100)] * 12 + [(200, 100)] * 8
+    s = GroupSizeBatchSampler(sizes, 4, 16, aspect_ratios=RATIOS)
+    s.set_epoch(1, 2)
+    state = s.state_dict()
+    assert state["groups"] == [0, 0, 12, 0, 8] and state["merge_small"] is True
+    GroupSizeBatchSampler(sizes, 4, 16, aspect_ratios=RATIOS).load_state_dict(state)
+    other = GroupSizeBatchSampler(sizes[:-4], 4, 16, aspect_ratios=RATIOS)
+    with pytest.raises(DToPError, match=r"^cannot resume: the images per aspect group were \[0, 0, 12, 0, 8\], now"):
+        other.load_state_dict(state)
+    other.load_state_dict({**state, "position": 0})  # an epoch's start: its batches are all to come
+    old = GroupSizeBatchSampler(sizes[:15], 4, 16, aspect_ratios=RATIOS, merge_small=False)
+    assert old.moved == 0 and [len(m) for m in old.members] == [0, 0, 12, 0, 3]

@@ -34,7 +34,7 @@ from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
 from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
-from dtop_export.training.scan import folder_entries, guess_layout
+from dtop_export.training.scan import folder_entries, guess_layout, layout_setting
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,9 @@ def _need_file(path: Path, what: str, hint: str, root: Path | None = None) -> Pa
     """``path``, or a one-line error; when ``root`` holds another downloaded layout, the line names its dataset."""
     if not path.is_file():
         other = guess_layout(root, folders=True) if root is not None else None
-        if other is not None and other != what:
-            raise DToPError(f"{what}: {path} not found, and {root} holds a {other} set: set data.dataset={other}")
+        setting = layout_setting(root, other) if root is not None and other is not None else None
+        if setting is not None and setting != f"data.dataset={what}":
+            raise DToPError(f"{what}: {path} not found, and {root} holds a {other} set: set {setting}")
         raise DToPError(f"{what}: {path} not found ({hint})")
     return path
 
@@ -300,6 +301,10 @@ def read_gldv1(root: str | Path | None, list_file: str | Path | None = None, **k
         root,
     )
     images = root / "train" if (root / "train").is_dir() else root
+    if guess_layout(root) == "gldv2":  # GLDv2's full train.csv: same name and columns, images in train/<a>/<b>/<c>/
+        raise DToPError(
+            f"gldv1: {root} holds a gldv2 set (train/<a>/<b>/<c>/<id>.jpg): set {layout_setting(root, 'gldv2')}"
+        )
     entries = []
     skipped: Counter = Counter()
     for row in csv_rows(path, ("id", "landmark_id"), "id,url,landmark_id (GLDv1 train.csv)"):
@@ -324,7 +329,7 @@ def read_nc_clean(root: str | Path | None, list_file: str | Path | None = None, 
         found = [root / c for c in NC_CLEAN_LISTS if (root / c).is_file()]
         if not found:
             other = guess_layout(root, folders=True)
-            hint = f"; it holds a {other} set: set data.dataset={other}" if other else ": set data.list_file"
+            hint = f"; it holds a {other} set: set {layout_setting(root, other)}" if other else ": set data.list_file"
             raise DToPError(f"nc-clean: no image list in {root} (looked for {', '.join(NC_CLEAN_LISTS)}){hint}")
         path = found[0]
     pairs: list[tuple[str, str]] = []
@@ -350,7 +355,7 @@ def read_folder(root: str | Path | None, name: str = "folder", **kw: Any) -> Tra
     root = _need_dir(root, "folder")
     other = guess_layout(root)
     if other is not None:  # its list's folders (train/, ims/, jpg/) would be read as classes
-        raise DToPError(f"folder: {root} holds a {other} set, not class folders: set data.dataset={other}")
+        raise DToPError(f"folder: {root} holds a {other} set, not class folders: set {layout_setting(root, other)}")
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DToPError(f"folder: {root} has no class sub-folders (expected root/<class>/<image>.jpg)")

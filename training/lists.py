@@ -72,9 +72,13 @@ def _split_path_label(line: str, root: Path) -> list[str]:
     parts = line.split()
     if len(parts) <= 2 and "," not in line:
         return parts
-    for cand in (parts[:1], line.rsplit(None, 1)[:1], line.rsplit(",", 1)[:1]):
-        if cand and (root / cand[0]).is_file():
-            return [cand[0], *line[len(cand[0]) :].replace(",", " ").split()[:1]]
+    if len(parts) == 1 and line.count(",") == 1:  # path,label: no file to look for (a stat per line on NFS)
+        return line.split(",")
+    comma = line.rsplit(",", 1)[0]
+    # each path once; without a space the whole line is no 'path label'
+    for cand in dict.fromkeys((parts[0], line.rsplit(None, 1)[0], comma) if len(parts) > 1 else (comma,)):
+        if (root / cand).is_file():
+            return [cand, *line[len(cand) :].replace(",", " ").split()[:1]]
     return line.replace(",", " ").split()
 
 

@@ -110,6 +110,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.resume_state = read_state(resume) if resume is not None else None
+        # a state from before small aspect groups merged (no merge_small) resumes with its groups as they were
+        self._merge_small = self.resume_state is None or bool(self.resume_state["sampler"].get("merge_small"))
         if self.resume_state is not None:
             changed = [
                 k for k in config_changes(self.resume_state["config"], cfg.to_dict()) if k not in RESUMABLE_CHANGES
@@ -240,6 +242,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
             drop_last=s.drop_last,
+            merge_small=self._merge_small,
         )
         sampler.max_batches = self.cfg.max_steps_per_epoch and self.cfg.max_steps_per_epoch * self.cfg.accum_steps
         return sampler
@@ -556,10 +559,9 @@ class Trainer:
             self.epoch = epoch
             position = 0
             restored = self._resume_sampler is not None
-            if restored:
-                if int(self._resume_sampler["epoch"]) == epoch:
-                    position = int(self._resume_sampler["position"])
-                self._resume_sampler = None
+            resumed_here = restored and int(self._resume_sampler["epoch"]) == epoch
+            if resumed_here:
+                position = int(self._resume_sampler["position"])
             if cfg.loss.name == "contrastive":
                 if not (restored and self.dataset.epoch == epoch):
                     self.dataset.select(epoch)
@@ -567,6 +569,9 @@ class Trainer:
                     if self.is_main:
                         log.info("epoch %d: mined hard negatives (mean distance %.3f)", epoch + 1, dist_)
                 self.sampler = self._make_sampler(self.dataset.query_sizes())
+            if resumed_here:  # refuses a set whose aspect groups changed since the state
+                self.sampler.load_state_dict(self._resume_sampler)
+            self._resume_sampler = None
             self.sampler.set_epoch(epoch, position)
             n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
             if position == 0 and math.isnan(loss_avg):  # the group's loss: not one usable batch on any process

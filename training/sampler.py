@@ -80,6 +80,7 @@ class GroupSizeBatchSampler:
         world_size: int = 1,
         drop_last: bool = True,
         items: Sequence[int] | None = None,
+        merge_small: bool = True,
     ) -> None:
         if batch_size < 1:
             raise DToPError(f"batch size must be >= 1, got {batch_size}")
@@ -97,7 +98,10 @@ class GroupSizeBatchSampler:
         self.members: list[list[int]] = [[] for _ in self.sizes]
         for i in self.items:
             self.members[groups[i]].append(i)
-        self.moved = merge_small_groups(self.members, self.aspect_ratios, batch_size if drop_last else 2)
+        # merge_small=False: the groups as they were before small ones merged (a run started then resumes exactly)
+        self.merge_small = merge_small
+        least = batch_size if drop_last else 2
+        self.moved = merge_small_groups(self.members, self.aspect_ratios, least) if merge_small else 0
         self.max_batches: int | None = None
         self.epoch = 0
         self.position = 0
@@ -155,6 +159,8 @@ class GroupSizeBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "sizes": [list(s) for s in self.sizes],
+            "merge_small": self.merge_small,
+            "groups": [len(m) for m in self.members],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,6 +170,13 @@ class GroupSizeBatchSampler:
             )
         if [tuple(s) for s in state.get("sizes", [])] not in ([], list(self.sizes)):
             raise DToPError("cannot resume: the sampler's group sizes changed (sampler.* or the model stride)")
+        groups = [len(m) for m in self.members]
+        # mid-epoch, other groups are another order of batches: the position would skip others than those trained on
+        if int(state["position"]) and state.get("groups") not in (None, groups):
+            raise DToPError(
+                f"cannot resume: the images per aspect group were {state['groups']}, now {groups} (the training "
+                "set changed: files added or removed under data.root, or image_sizes.tsv); start a new run"
+            )
         self.seed = int(state.get("seed", self.seed))
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 

@@ -5,13 +5,15 @@
   twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
 * :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
 * :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
-  holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set.
+  holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set
+  (:func:`layout_setting`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import stat
 from collections import Counter
 from pathlib import Path
@@ -30,6 +32,7 @@ LAYOUTS = {
     "nc-clean": ("annotations/annotation_clean_train.txt", None),
     "gldv1": ("train.csv", "train"),
 }
+HEX = "0123456789abcdef"
 
 
 def guess_layout(root: Path, folders: bool = False) -> str | None:
@@ -37,14 +40,27 @@ def guess_layout(root: Path, folders: bool = False) -> str | None:
     ``folders``: else ``folder`` when a sub-folder holds images (lists the sub-folders: for error messages)."""
     for name, (listed, folder) in LAYOUTS.items():
         if (root / listed).is_file() and (folder is None or (root / folder).is_dir()):
-            return name
-    if any(p.name == f"gnd_{p.parent.name}.pkl" for p in root.glob("*/gnd_*.pkl")):
+            # GLDv2's full train.csv has GLDv1's name and columns; its images lie in train/<a>/<b>/<c>/
+            return "gldv2" if name == "gldv1" and any((root / folder / c).is_dir() for c in HEX) else name
+    try:
+        with os.scandir(root) as it:
+            subs = sorted(e.name for e in it if e.is_dir())
+    except OSError:
+        return None
+    if any((root / s / f"gnd_{s}.pkl").is_file() for s in subs):  # a look-up per sub-folder, not its listing
         return "revisitop"
     with contextlib.suppress(OSError):  # an unreadable sub-folder: no guess
-        subs = (d for d in root.iterdir() if d.is_dir()) if folders else ()
-        if any(p.suffix.lower() in IMAGE_SUFFIXES for d in subs for p in d.iterdir()):
+        if folders and any(p.suffix.lower() in IMAGE_SUFFIXES for s in subs for p in (root / s).iterdir()):
             return "folder"
     return None
+
+
+def layout_setting(root: Path, name: str) -> str:
+    """What to set to read ``root`` as the ``name`` set :func:`guess_layout` found: ``data.dataset=<name>``, and for a
+    GLDv2 download without train_clean.csv its full train.csv as ``data.list_file``."""
+    if name == "gldv2" and not (root / "train_clean.csv").is_file() and (root / "train.csv").is_file():
+        return f"data.dataset=gldv2 and data.list_file={root / 'train.csv'}"
+    return f"data.dataset={name}"
 
 
 def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -53,22 +69,24 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
     A class folder whose real folder is another class folder's is skipped with a warning (a real folder names the
     class before a link to it); an image whose file (device, inode) was met before is counted as ``duplicate`` or,
     under another class, ``duplicate_other_label``; a link to nothing is kept, and counted as missing later; a
-    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``.
+    photo the toolkit does not decode (HEIC, AVIF, raw: :data:`UNSUPPORTED_SUFFIXES`) is ``unsupported_format``; a
+    folder that cannot be listed (permissions) is ``unreadable_folder``.
     ``skipped``/``files``: counts per reason and (reason, path) of each file skipped, added to.
     """
+    resolved = {d: d.resolve() for d in classes}  # once each: a look-up per path component
     owner: dict[Path, str] = {}
     for d in sorted(classes, key=lambda d: (d.is_symlink(), d.name)):  # real folders first
-        owner.setdefault(d.resolve(), d.name)
+        owner.setdefault(resolved[d], d.name)
     seen: dict[tuple[int, int], str] = {}
     entries: list[tuple[str, str]] = []
     for d in classes:
-        real = owner[d.resolve()]
+        real = owner[resolved[d]]
         if real != d.name:
             log.warning("folder: class folder %s is a link to %s: its images are used once, as class %s", d, real, real)
             skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             files.append(("in_linked_class_folders", str(d)))
             continue
-        for p in sorted(d.rglob("*")):
+        for p in _files_under(d, skipped, files):
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 if p.suffix.lower() in UNSUPPORTED_SUFFIXES:
                     skipped["unsupported_format"] += 1
@@ -91,6 +109,17 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
             seen[key] = d.name
             entries.append((str(p), d.name))
     return entries
+
+
+def _files_under(d: Path, skipped: Counter, files: list[tuple[str, str]]) -> list[Path]:
+    """Every file under ``d`` (sorted; links to folders are not followed, as ``rglob``), and an unreadable folder
+    counted as ``unreadable_folder`` where ``rglob`` left out its images without a word."""
+
+    def unreadable(e: OSError) -> None:
+        skipped["unreadable_folder"] += 1
+        files.append(("unreadable_folder", str(e.filename)))
+
+    return sorted(Path(top) / n for top, _, names in os.walk(d, onerror=unreadable) for n in names)
 
 
 def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:
