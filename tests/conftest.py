@@ -50,6 +50,27 @@ def _isolated_runner(item: pytest.Function):  # noqa: ANN202
     return run
 
 
+def restore_faulthandler(config: pytest.Config | None = None) -> None:
+    """Installs faulthandler again (on pytest's file) where it was enabled. A Ray driver that shuts down leaves SIGSEGV,
+    SIGABRT, SIGFPE and SIGILL at their default action (its failure handler resets them instead of restoring what was
+    there: ray-project/ray#65749), and faulthandler, still "enabled", prints nothing: the two crashes of the suite's
+    process after the Ray tests left no Python stack."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        return
+    fd = sys.__stderr__.fileno()
+    if config is not None:
+        try:
+            from _pytest.faulthandler import fault_handler_stderr_fd_key  # the file pytest's faulthandler writes to
+
+            fd = config.stash[fault_handler_stderr_fd_key]
+        except (ImportError, KeyError):
+            pass
+    faulthandler.disable()  # enable() does nothing while it is enabled
+    faulthandler.enable(file=fd, all_threads=True)
+
+
 @pytest.fixture(scope="session")
 def small_model() -> DToP:
     torch.manual_seed(0)
