@@ -71,6 +71,25 @@ def restore_faulthandler(config: pytest.Config | None = None) -> None:
     faulthandler.enable(file=fd, all_threads=True)
 
 
+def signal_stack_mapped() -> bool:
+    """Whether this thread's alternate signal stack, if it has one, is mapped memory (Linux). Python's signal handlers
+    run on it (SA_ONSTACK): on an unmapped one the next handled signal kills the process (SIGSEGV), and on one that was
+    mapped again since, the kernel writes the signal's frame over whatever lives there (Python's GC list corrupted)."""
+    import ctypes
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    st = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) == 0
+    spans = [
+        [int(x, 16) for x in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().split("\n")
+        if line
+    ]
+    return not st.sp or any(a <= st.sp < b for a, b in spans)
+
+
 @pytest.fixture(scope="session")
 def small_model() -> DToP:
     torch.manual_seed(0)
