@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,25 @@ log = logging.getLogger(__name__)
 # cannot put it on a node, so it travels through the IR's XML (:func:`mark_fp32_islands`).
 KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
 KEEP_FP32_KEY = "DisablePrecisionConversion_0"
+
+
+_CORE: list[Any] = []
+_CORE_LOCK = threading.Lock()
+
+
+def core() -> Any:
+    """The process's one ``ov.Core``, kept until exit. Each Core loads a CPU plugin of its own, which gives the thread
+    that loads it an alternate signal stack of its own and unmaps it when the plugin goes: engines freed first-in
+    first-out (two in a list), or on another thread, left the main thread's signal stack pointing at unmapped memory,
+    and the next signal with a Python handler (SIGCHLD once a DataLoader worker ran, Ctrl-C or SIGTERM in training)
+    killed the process (SIGSEGV) or wrote its frame over whatever was mapped there since (the test suite's process
+    died twice of a corrupted GC list)."""
+    with _CORE_LOCK:
+        if not _CORE:
+            import openvino as ov
+
+            _CORE.append(ov.Core())
+        return _CORE[0]
 
 
 def read_model(path: Path) -> Any:
@@ -120,7 +140,7 @@ def with_fp32_islands(model: Any, onnx_path: Path) -> tuple[Any, int]:
         xml = Path(tmp) / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
         marked = mark_fp32_islands(xml, nodes, tensors)
-        return ov.Core().read_model(str(xml)), marked
+        return core().read_model(str(xml)), marked
 
 
 def count_fp32_islands(model: Any) -> int:
@@ -187,7 +207,6 @@ class OpenVinoEngine(Engine):
         mode: str = "latency",
         device: str = "CPU",
     ) -> None:
-        import openvino as ov
         import openvino.properties as props
         import openvino.properties.hint as hints
 
@@ -230,7 +249,7 @@ class OpenVinoEngine(Engine):
         if threads:
             config[props.inference_num_threads] = threads
         try:
-            self.compiled = ov.Core().compile_model(ov_model, device, config)
+            self.compiled = core().compile_model(ov_model, device, config)
         except Exception as e:  # noqa: BLE001
             raise DToPError(f"OpenVINO cannot compile {path} for {device}: {first_reason(str(e))}") from e
         names = [set(o.get_names()) for o in self.compiled.outputs]

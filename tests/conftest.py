@@ -50,6 +50,46 @@ def _isolated_runner(item: pytest.Function):  # noqa: ANN202
     return run
 
 
+def restore_faulthandler(config: pytest.Config | None = None) -> None:
+    """Installs faulthandler again (on pytest's file) where it was enabled. A Ray driver that shuts down leaves SIGSEGV,
+    SIGABRT, SIGFPE and SIGILL at their default action (its failure handler resets them instead of restoring what was
+    there: ray-project/ray#65749), and faulthandler, still "enabled", prints nothing: the two crashes of the suite's
+    process after the Ray tests left no Python stack."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        return
+    fd = sys.__stderr__.fileno()
+    if config is not None:
+        try:
+            from _pytest.faulthandler import fault_handler_stderr_fd_key  # the file pytest's faulthandler writes to
+
+            fd = config.stash[fault_handler_stderr_fd_key]
+        except (ImportError, KeyError):
+            pass
+    faulthandler.disable()  # enable() does nothing while it is enabled
+    faulthandler.enable(file=fd, all_threads=True)
+
+
+def signal_stack_mapped() -> bool:
+    """Whether this thread's alternate signal stack, if it has one, is mapped memory (Linux). Python's signal handlers
+    run on it (SA_ONSTACK): on an unmapped one the next handled signal kills the process (SIGSEGV), and on one that was
+    mapped again since, the kernel writes the signal's frame over whatever lives there (Python's GC list corrupted)."""
+    import ctypes
+
+    class Stack(ctypes.Structure):
+        _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    st = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(st)) == 0
+    spans = [
+        [int(x, 16) for x in line.split()[0].split("-")]
+        for line in Path("/proc/self/maps").read_text().split("\n")
+        if line
+    ]
+    return not st.sp or any(a <= st.sp < b for a, b in spans)
+
+
 @pytest.fixture(scope="session")
 def small_model() -> DToP:
     torch.manual_seed(0)

@@ -65,9 +65,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Any:
+def ray_cluster(request: pytest.FixtureRequest) -> Any:
     """One local Ray cluster for the module (2 logical CPUs, as this machine), started as `embed --ray` starts
     one (loopback only, token auth, no dashboard); its GCS address."""
+    from conftest import restore_faulthandler
+
     from dtop_export.corpus.cluster import connect
 
     assert connect(None, num_cpus=2, object_store_memory=400 * 2**20, logging_level="ERROR")
@@ -75,6 +77,7 @@ def ray_cluster() -> Any:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        restore_faulthandler(request.config)  # a later crash of the suite's process names its Python stacks
 
 
 @pytest.fixture(scope="module")
@@ -447,6 +450,31 @@ def test_ray_notices_for_its_own_users_are_dropped() -> None:
         for lg in loggers:
             lg.removeHandler(handler)
     assert seen == ["Token authentication is disabled for this Ray cluster. Anyone ..."]
+
+
+def test_faulthandler_names_a_crash_after_a_ray_driver_shut_down(tmp_path: Path) -> None:
+    """The suite's process died of a segmentation fault twice, after this module's Ray tests, with no Python stack:
+    a Ray driver that shuts down leaves SIGSEGV at its default action under an "enabled" faulthandler
+    (ray-project/ray#65749). The Ray fixture's teardown installs faulthandler again (``restore_faulthandler``); a
+    driver that does so and then crashes names the line."""
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import ctypes, faulthandler, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "faulthandler.enable()\n"
+        "import ray\n"
+        "from conftest import restore_faulthandler\n"
+        "from dtop_export.corpus.cluster import connect\n"
+        "assert connect(None, num_cpus=1, object_store_memory=80 * 2**20, logging_level='ERROR')\n"
+        "ray.shutdown()\n"
+        "restore_faulthandler()\n"
+        "ctypes.string_at(0)  # line 10: the crash\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGSEGV, r.stderr[-3000:]
+    assert "Fatal Python error: Segmentation fault" in r.stderr, r.stderr[-3000:]
+    assert f'File "{script}", line 10 in <module>' in r.stderr, r.stderr[-3000:]
 
 
 def test_local_ray_cluster_listens_on_loopback_only_and_keeps_token_auth(ray_cluster: str) -> None:
