@@ -36,6 +36,16 @@ ov::element::Type precision_type(const std::string& name) {
   throw Error("unknown precision '" + name + "': choose f32, bf16 or f16");
 }
 
+// The process's one ov::Core (thread-safe), never destroyed. Each Core loads a CPU plugin of its own, which gives the
+// thread that loads it an alternate signal stack and unmaps it when the plugin goes: runtimes freed in another order
+// than made, or on another thread, left that thread's signal stack pointing at unmapped memory, and the next signal
+// handled on it (SA_ONSTACK: a crash reporter's, an embedding Python's) crashed the process or wrote its frame over
+// whatever was mapped there since (found in the Python engines, which share one Core as well).
+ov::Core& process_core() {
+  static ov::Core* const core = new ov::Core();  // leaked on purpose: no destruction order to get wrong at exit
+  return *core;
+}
+
 // Read with the frontend the suffix names (ov::Core::read_model would offer the file to every frontend, and
 // TensorFlow's logs its parse errors of a broken .onnx to stderr).
 std::shared_ptr<ov::Model> read_model(const std::string& path) {
@@ -81,7 +91,7 @@ class OpenVinoRuntime final : public Runtime {
     ov::AnyMap config{ov::hint::inference_precision(precision), ov::hint::performance_mode(mode)};
     if (options.threads > 0) config.emplace(ov::inference_num_threads(options.threads));
     try {
-      compiled_ = core_.compile_model(model_, options.device, config);
+      compiled_ = process_core().compile_model(model_, options.device, config);
       idle_.push_back(compiled_.create_infer_request());
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
@@ -207,7 +217,6 @@ class OpenVinoRuntime final : public Runtime {
   }
 
   RuntimeOptions options_;
-  ov::Core core_;
   std::shared_ptr<ov::Model> model_;
   ov::CompiledModel compiled_;
   std::mutex pool_mutex_;
