@@ -96,42 +96,9 @@ class OpenVinoRuntime final : public Runtime {
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
     }
-    auto in = metadata_.find("dtop.input_name");
-    input_index_ = 0;
-    if (in != metadata_.end()) {
-      const auto inputs = compiled_.inputs();
-      bool found = false;
-      std::string names;
-      for (std::size_t i = 0; i < inputs.size(); ++i) {
-        if (inputs[i].get_names().count(in->second) != 0) {
-          input_index_ = i;
-          found = true;
-        }
-        for (const auto& n : inputs[i].get_names()) names += (names.empty() ? "" : ", ") + n;
-      }
-      if (!found) {  // the images would be fed to another input (or to the only one, named otherwise), silently
-        throw Error(path + ": metadata dtop.input_name '" + in->second + "' names none of its inputs (" + names +
-                    "): export it again with dtop-export");
-      }
-    }
-    auto out = metadata_.find("dtop.output_name");
-    output_index_ = 0;
-    if (out != metadata_.end()) {
-      const auto outputs = compiled_.outputs();
-      bool found = false;
-      std::string names;
-      for (std::size_t i = 0; i < outputs.size(); ++i) {
-        if (outputs[i].get_names().count(out->second) != 0) {
-          output_index_ = i;
-          found = true;
-        }
-        for (const auto& n : outputs[i].get_names()) names += (names.empty() ? "" : ", ") + n;
-      }
-      if (!found) {  // another output would be read as the descriptor, silently
-        throw Error(path + ": metadata dtop.output_name '" + out->second + "' names none of its outputs (" + names +
-                    "): export it again with dtop-export");
-      }
-    }
+    // the images would go to another input, or another output be read as the descriptor, silently
+    input_index_ = port_index(compiled_.inputs(), "dtop.input_name", "inputs", path);
+    output_index_ = port_index(compiled_.outputs(), "dtop.output_name", "outputs", path);
   }
 
   const Metadata& metadata() const override { return metadata_; }
@@ -203,6 +170,21 @@ class OpenVinoRuntime final : public Runtime {
       }
     }
     return compiled_.create_infer_request();  // CompiledModel is thread-safe
+  }
+
+  // The index of the port the metadata's `key` names (0 when it names none); an Error listing the ports' names
+  // when no port has that name.
+  std::size_t port_index(const std::vector<ov::Output<const ov::Node>>& ports, const std::string& key,
+                         const std::string& what, const std::string& path) const {
+    const auto wanted = metadata_.find(key);
+    if (wanted == metadata_.end()) return 0;
+    std::string names;
+    for (std::size_t i = 0; i < ports.size(); ++i) {
+      if (ports[i].get_names().count(wanted->second) != 0) return i;
+      for (const auto& n : ports[i].get_names()) names += (names.empty() ? "" : ", ") + n;
+    }
+    throw Error(path + ": metadata " + key + " '" + wanted->second + "' names none of its " + what + " (" + names +
+                "): export it again with dtop-export");
   }
 
   // ONNX metadata_props appear under rt_info["framework"]; an IR may also carry them at the top level.
