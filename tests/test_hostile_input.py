@@ -405,6 +405,7 @@ def test_flat_search_of_a_batch_takes_matrix_products_and_equals_brute_force(tmp
     hits = CorpusIndex(tmp_path / "f.faiss").search(q, 5)
     assert faiss.cvar.distance_compute_blas_threshold <= 20 <= len(q)
     assert faiss.cvar.distance_compute_blas_database_bs >= 65536
+    assert faiss.cvar.distance_compute_blas_query_bs <= 1024  # a block of scores <= 256 MiB, not faiss's 1 GiB
     scores = q @ x.T
     for row, got in zip(scores, hits):
         top = np.argsort(-row, kind="stable")[:5]
