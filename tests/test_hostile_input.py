@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -402,10 +403,11 @@ def test_flat_search_of_a_batch_takes_matrix_products_and_equals_brute_force(tmp
     x = np.concatenate(_descriptors(folder))
     q = x[::1750][:40] + 0.1  # 40 queries near corpus rows
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    hits = CorpusIndex(tmp_path / "f.faiss").search(q, 5)
+    index = CorpusIndex(tmp_path / "f.faiss")  # opening an index sets faiss's process-wide search settings
     assert faiss.cvar.distance_compute_blas_threshold <= 20 <= len(q)
     assert faiss.cvar.distance_compute_blas_database_bs >= 65536
     assert faiss.cvar.distance_compute_blas_query_bs <= 1024  # a block of scores <= 256 MiB, not faiss's 1 GiB
+    hits = index.search(q, 5)
     scores = q @ x.T
     for row, got in zip(scores, hits):
         top = np.argsort(-row, kind="stable")[:5]
@@ -531,6 +533,33 @@ def test_cpp_parity_runs_the_binary_it_is_given(
 
 
 # 9. index parameters --------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_searches_with_their_own_nprobe_and_refine_do_not_mix(tmp_path: Path) -> None:
+    """serve runs searches on threads: `search(nprobe=...)` set nprobe (and k_factor) on the shared index, so a
+    request could run with another request's values (a review of the service). Each search now passes its own
+    faiss parameters; the index keeps the stored ones."""
+    import faiss
+
+    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+
+    folder = _synthetic(tmp_path / "syn", n=3000, dim=16, shard_size=1500)
+    build_corpus_index(folder, tmp_path / "pq.faiss", "ivfpq", nlist=32, m=4, nbits=6, nprobe=4, refine=2)
+    index = CorpusIndex(tmp_path / "pq.faiss")
+    q = np.concatenate(_descriptors(folder))[::25] + 0.05  # 120 queries near corpus rows
+    settings = [(None, None), (1, 1), (32, 8)]  # (nprobe, refine); None: the stored 4 and 2
+    want = {s: [[h.key for h in hits] for hits in index.search(q, 10, *s)] for s in settings}
+    assert len({str(w) for w in want.values()}) == 3  # the values change the results: the test can see a mix-up
+    ivf, refine = faiss.extract_index_ivf(index.index), faiss.downcast_index(index.index.index)
+    assert (ivf.nprobe, refine.k_factor) == (4, 2.0)  # searches left the index's own values alone
+
+    def search(s: tuple[int | None, int | None]) -> tuple[tuple[int | None, int | None], list[list[int]]]:
+        return s, [[h.key for h in hits] for hits in index.search(q, 10, *s)]
+
+    with ThreadPoolExecutor(6) as pool:
+        for s, got in pool.map(search, settings * 12):
+            assert got == want[s], s
+    assert [[h.key for h in hits] for hits in CorpusIndex(tmp_path / "pq.faiss").search(q, 10)] == want[(None, None)]
 
 
 def test_index_parameters_are_checked_at_build_time_and_faiss_is_quiet(

@@ -283,6 +283,7 @@ class CorpusIndex:
             raise DToPError(f"{ids_path} lists other keys than {self.path} holds: {rebuild}")
         self.ids = np.asarray(ids, dtype=object)[order]
         self.paths = np.asarray(paths, dtype=object)[order]
+        tune_flat_search()  # once per opened index, not per search (serve's requests share the process)
 
     def _check_sidecars(self, ids_path: Path, rows: int, owner: str, rebuild: str) -> None:
         """The three files are one index: the same row count everywhere, and (indexes built since the sidecars
@@ -309,6 +310,33 @@ class CorpusIndex:
             raise DToPError(f"{self.path} is a faiss index without ids: not one `dtop-export index` wrote")
         return faiss.vector_to_array(index.id_map).astype(np.int64)
 
+    def _search_params(self, nprobe: int | None, refine: int | None) -> Any:
+        """faiss parameters of one search (IVF-PQ: ``nprobe``, ``refine``; stored values where not given), passed
+        with the call rather than set on the shared index: concurrent searches (serve's threads) with different
+        values each get their own."""
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        if refine is not None and not isinstance(inner, faiss.IndexRefine):
+            raise DToPError(f"{self.path} was built without --refine: rebuild it with `dtop-export index --refine 4`")
+        if self.info["type"] != "ivfpq":
+            return None  # a flat index is exact: nothing to set
+        params = self.info.get("params", {})
+        nprobe = nprobe if nprobe is not None else params.get("nprobe")
+        ivf = faiss.SearchParametersIVF()
+        ivf.nprobe = int(nprobe) if nprobe is not None else int(faiss.extract_index_ivf(self.index).nprobe)
+        if ivf.nprobe < 1:
+            raise DToPError(f"--nprobe must be >= 1, got {nprobe}")
+        if not isinstance(inner, faiss.IndexRefine):
+            return ivf
+        if refine is not None and refine < 1:
+            raise DToPError(f"--refine must be >= 1 at search time, got {refine}")
+        both = faiss.IndexRefineSearchParameters()
+        both.k_factor = float(refine) if refine is not None else float(params.get("refine") or inner.k_factor)
+        both.base_index_params = ivf
+        both.keep_alive = ivf  # the SWIG object holds a raw pointer to the IVF parameters: keep them with it
+        return both
+
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
@@ -318,31 +346,13 @@ class CorpusIndex:
     ) -> list[list[Hit]]:
         """The top-``k`` corpus images of each query descriptor [nq, dim], best first. ``nprobe`` and ``refine``
         (IVF-PQ indexes) override the stored values for this search; ``refine`` needs an index built with it."""
-        import faiss
-
         q = np.ascontiguousarray(np.asarray(queries, np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise DToPError(f"query descriptors are {list(q.shape)}; the index holds {self.dim}-d descriptors")
         if k < 1:
             raise DToPError(f"-k must be >= 1, got {k}")
-        params = self.info.get("params", {})
-        nprobe = nprobe if nprobe is not None else params.get("nprobe")
-        refine = refine if refine is not None else params.get("refine")
-        if nprobe is not None and self.info["type"] == "ivfpq":
-            if nprobe < 1:
-                raise DToPError(f"--nprobe must be >= 1, got {nprobe}")
-            faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
-        if refine is not None:
-            inner = faiss.downcast_index(self.index.index)
-            if not isinstance(inner, faiss.IndexRefine):
-                raise DToPError(
-                    f"{self.path} was built without --refine: rebuild it with `dtop-export index --refine 4`"
-                )
-            if refine < 1:
-                raise DToPError(f"--refine must be >= 1 at search time, got {refine}")
-            inner.k_factor = float(refine)
-        tune_flat_search()
-        scores, keys = self.index.search(q, min(k, max(int(self.index.ntotal), 1)))
+        search_params = self._search_params(nprobe, refine)
+        scores, keys = self.index.search(q, min(k, max(int(self.index.ntotal), 1)), params=search_params)
         out = []
         for srow, krow in zip(scores, keys):
             hits = []
