@@ -535,6 +535,41 @@ def test_cpp_parity_runs_the_binary_it_is_given(
 # 9. index parameters --------------------------------------------------------------------------------------------------
 
 
+def test_descriptor_checks_read_a_mapped_file_in_small_chunks(tmp_path: Path) -> None:
+    """The finite/unit-norm check of distractors and shards made float64 copies of 65,536-row chunks: ~1.7 GB at a
+    time for R1M's 1536-d descriptors (a review of retrieval at scale). Now float32 chunks of 32 MiB: a 70,000 x 256
+    file (72 MB) is checked with a few MiB of numpy memory (old code: ~270 MB), and still finds the bad row."""
+    import tracemalloc
+
+    from dtop_export.corpus.integrity import check_descriptors
+    from dtop_export.errors import DToPError
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((70_000, 256)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "d.npy", x)
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    rows: list[int] = []
+    tracemalloc.start()
+    try:
+        assert check_descriptors(mapped, "d.npy", 256, advance=rows.append) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20, f"{peak / 2**20:.0f} MiB"
+    assert sum(rows) == 70_000
+    x[66_000, 3] = np.nan
+    x[67_000] *= 1.01
+    with pytest.raises(DToPError, match="non-finite values .* first in row 66000"):
+        check_descriptors(x, "d.npy", 256)
+    x[66_000, 3] = 0.0
+    x[66_000] /= np.linalg.norm(x[66_000])
+    with pytest.raises(DToPError, match=r"not L2-normalised \(\|norm - 1\| up to 0.01\)"):
+        check_descriptors(x, "d.npy", 256)
+    assert check_descriptors(x, "d.npy", 256, force=True) == ["d.npy holds descriptors that are not L2-normalised "
+                                                              "(|norm - 1| up to 0.01)"]  # fmt: skip
+
+
 def test_concurrent_searches_with_their_own_nprobe_and_refine_do_not_mix(tmp_path: Path) -> None:
     """serve runs searches on threads: `search(nprobe=...)` set nprobe (and k_factor) on the shared index, so a
     request could run with another request's values (a review of the service). Each search now passes its own
