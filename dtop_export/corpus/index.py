@@ -209,7 +209,11 @@ def build_corpus_index(
     return info
 
 
-BLAS_MIN_QUERIES = 20  # faiss's default before 1.15 (1.15: 128000, i.e. never: its per-query scan for every batch)
+# queries from which a flat search takes matrix products (faiss-cpu 1.15's default: 128000, i.e. never; before 1.15:
+# 20): one pass over the corpus for the batch, where the per-query scan reads it once per query (memory-bound). 300k x
+# 256, 2 threads, medians of 5: 3 queries 0.053 -> 0.035 s, 10: 0.127 -> 0.048, 19: 0.259 -> 0.052 (same ids); 1 or 2
+# queries: the scan is as fast (benchmarks/README.md)
+BLAS_MIN_QUERIES = 3
 BLAS_DATABASE_ROWS = 65536  # faiss's default 1024 spends its time between tiny matrix products
 # queries per product: faiss's 4096 x 65536 rows would hold a 1 GiB block of scores for a large batch; 1024: 256 MiB
 # (300k x 256, 2000 queries, 2 threads: peak RSS 1138 -> 893 MB, 2.25 -> 2.72 s on a loaded machine)
@@ -217,7 +221,7 @@ BLAS_QUERY_ROWS = 1024
 
 
 def tune_flat_search() -> None:
-    """Have faiss score a batch of >= 20 queries against a flat index by matrix products over 64k-row blocks of the
+    """Have faiss score a batch of >= 3 queries against a flat index by matrix products over 64k-row blocks of the
     corpus: 1M x 256, 100 queries took 11.8 s with faiss-cpu 1.15's defaults, 1.5 s so (same ids; scores within
     4e-7), in products of at most 1024 queries (a 256 MiB block of scores). Process-wide faiss settings, only ever
     moved towards these values (safe from several threads)."""
