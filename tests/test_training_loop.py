@@ -116,6 +116,34 @@ def test_resume_equals_uninterrupted(tmp_path: Path, folder_data: Path) -> None:
     assert steps == list(range(1, 9))
 
 
+def test_resume_refuses_a_training_set_that_changed(tmp_path: Path, folder_data: Path) -> None:
+    """A review of the sampler: between epochs a resume took whatever the folder held then, so an image added, removed
+    or moved to another class silently changed the epochs' batches, the classes and the schedule's length. The state
+    records the set; a changed one is refused in one line that says what to do; the set restored resumes."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder_data, data)
+    cfg = _cfg(tmp_path / "run", data, "epochs=1", "max_steps_per_epoch=1")
+    Trainer(cfg).run()
+    more = _cfg(tmp_path / "run", data, "epochs=2", "max_steps_per_epoch=1")
+    a, b = sorted(p for p in data.iterdir() if p.is_dir())[:2]
+    moved = sorted(a.iterdir())[0]
+    said = []
+    for change, undo in (
+        (lambda: shutil.copy(moved, b / "extra.jpg"), lambda: (b / "extra.jpg").unlink()),  # one image more
+        (lambda: moved.rename(b / "moved.jpg"), lambda: (b / "moved.jpg").rename(moved)),  # same count, relabelled
+    ):
+        change()
+        with pytest.raises(DToPError, match="cannot resume: the training set changed since the state was saved") as e:
+            Trainer(more, resume=tmp_path / "run").run()
+        said.append(str(e.value))
+        undo()
+    assert "(24 -> 25 images, 3 -> 3 classes;" in said[0] and "(24 -> 24 images, 3 -> 3 classes;" in said[1]
+    assert all(f"--init {tmp_path / 'run' / 'last.pt'}`)" in m and "\n" not in m for m in said)
+    assert Trainer(more, resume=tmp_path / "run").run().steps == 2  # the set as it was: resumes
+
+
 def _crash_at_step_3(out: Path, data: Path) -> TrainConfig:
     """One epoch stopped by an exception at step 3, a state saved every 2 steps; its config."""
 

@@ -48,9 +48,11 @@ from dtop_export.training.state import (
     dist_info,
     previous_run,
     read_state,
+    refuse_changed_set,
     refuse_world_change,
     remove_stale_temps,
     rng_state,
+    set_fingerprint,
     set_rng_state,
     setup_files,
     undo_setup,
@@ -214,6 +216,9 @@ class Trainer:
         )
         if self.world > 1 and self.is_main:
             dist.barrier()
+        self._set_fingerprint = set_fingerprint(self.ts)
+        if self.resume_state is not None:
+            refuse_changed_set(self.resume_state, self._set_fingerprint, self.out)
         a = self.cfg.augment
         aug = Augment(tuple(a.scale), a.hflip, a.brightness, a.contrast, a.saturation, train=True)
         if self.cfg.loss.name == "contrastive":
@@ -282,6 +287,7 @@ class Trainer:
             "tuples": getattr(self.dataset, "tuples_state", lambda: None)(),
             "skipped_decode": self.skipped_decode,
             "epoch_so_far": dict(self._epoch_so_far),
+            "data": self._set_fingerprint,
         }
         path = self.out / "train_state.pt"
         with atomic_path(path) as tmp:

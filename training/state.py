@@ -133,6 +133,33 @@ def refuse_world_change(state: dict[str, Any], world: int) -> None:
         raise DToPError(f"cannot resume: the run used {ran} process(es), this one has {world}; resume it {how}")
 
 
+def set_fingerprint(ts: Any) -> dict[str, Any]:
+    """What the run's batches, classes and schedule follow in a :class:`~dtop_export.training.datasets.TrainSet`: its
+    image and class counts and a sha256 of every (path under the root, label, size) line, in order."""
+    import hashlib
+
+    root = str(ts.root).rstrip("/") + "/"
+    digest = hashlib.sha256()
+    for path, label, (w, h) in zip(ts.paths, ts.labels, ts.sizes):
+        digest.update(f"{path.removeprefix(root)}\t{label}\t{w}x{h}\n".encode("utf-8", "surrogateescape"))
+    return {"images": len(ts.paths), "classes": int(ts.num_classes), "sha256": digest.hexdigest()}
+
+
+def refuse_changed_set(state: dict[str, Any], now: dict[str, Any], folder: str | Path) -> None:
+    """Refuse to resume on a training set other than the one the state was saved with (files added, removed or
+    relabelled, sizes changed): the epochs' batches, the classifier's classes and the schedule's length would follow
+    the new set without a word. States written before the fingerprint existed carry none: nothing to compare."""
+    saved = state.get("data")
+    if saved is None or saved == now:
+        return
+    counts = f"{saved['images']} -> {now['images']} images, {saved['classes']} -> {now['classes']} classes"
+    raise DToPError(
+        f"cannot resume: the training set changed since the state was saved ({counts}; files added, removed, "
+        f"relabelled or resized under data.root): restore it as it was, or start a new run from this run's weights "
+        f"(`dtop-export train ... --init {Path(folder) / 'last.pt'}`)"
+    )
+
+
 def rng_state(device: Any) -> dict[str, Any]:
     """The torch, Python (and CUDA) RNG streams of this process."""
     st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
