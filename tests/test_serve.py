@@ -264,6 +264,47 @@ def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
     assert time.monotonic() - t0 < 5 and cancelled == [True] and app.admission.inside == 0
 
 
+class ShapeRefusingEngine:
+    """A stand-in engine (stride 16, 4-d descriptors) that refuses non-square inputs, as a TensorRT plan refuses a
+    shape outside its profile; it records the shapes of its forward passes."""
+
+    stride, label, descriptor_dim = 16, "fake", 4
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, ...]] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.passes.append(tuple(batch.shape))
+        if batch.shape[2] != batch.shape[3]:
+            raise RuntimeError(f"input {batch.shape[2]}x{batch.shape[3]} is outside the engine's profile")
+        return np.full((len(batch), 4), float(batch.shape[2]), np.float32)
+
+
+def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests in one batch, two shapes (two forward passes); the engine refuses one shape: its request gets
+    the engine's error, the other two their descriptors (the old replica failed the whole batch with it)."""
+    import asyncio
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    engine = ShapeRefusingEngine()
+    monkeypatch.setattr(runtime, "open_model", lambda *_: engine)
+    replica = Embedder(EngineSettings("m.onnx", max_batch_size=3, batch_wait_ms=10_000, warmup_size=32))
+    engine.passes.clear()
+    square, wide = np.zeros((3, 32, 32), np.float32), np.zeros((3, 32, 64), np.float32)
+
+    async def three() -> list[object]:
+        calls = [replica.embed(t, time.time()) for t in (square, wide, square)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    a, b, c = asyncio.run(three())
+    assert sorted(engine.passes) == [(1, 3, 32, 64), (2, 3, 32, 32)]  # one batch, a pass per shape
+    assert isinstance(b, RuntimeError) and "profile" in str(b)
+    assert isinstance(a, dict) and isinstance(c, dict), (a, c)
+    assert a["descriptor"].tolist() == [32.0] * 4 and a["batch_size"] == 2 and a["batch"] == c["batch"]
+
+
 # overload, readiness, metrics, security ---------------------------------------------------------------------
 
 

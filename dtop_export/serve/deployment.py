@@ -104,25 +104,33 @@ class Embedder:
                 continue
             try:
                 results = await self._run_batch(batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the engine's error
-                for item in batch:
-                    if not item.answer.done():
-                        item.answer.set_exception(e)
-                continue
+            except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
+                results = [e] * len(batch)
             for item, result in zip(batch, results):
-                if not item.answer.done():
+                if item.answer.done():  # cancelled while its pass ran
+                    continue
+                if isinstance(result, BaseException):
+                    item.answer.set_exception(result)
+                else:
                     item.answer.set_result(result)
 
-    async def _run_batch(self, items: list[Item]) -> list[dict[str, Any]]:
+    async def _run_batch(self, items: list[Item]) -> list[dict[str, Any] | Exception]:
+        """Each item's result, or the error of its own forward pass: each shape is a pass of its own, and one that
+        fails (an input shape the engine refuses) fails only the requests in it."""
         start = time.time()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.tensor.shape), []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in items]
+        out: list[dict[str, Any] | Exception] = [{} for _ in items]
         for rows in groups.values():
             t0 = time.perf_counter()
-            batch = np.stack([items[i].tensor for i in rows])
-            desc = await asyncio.to_thread(self.engine.embed, batch)  # the event loop keeps answering status calls
+            try:
+                batch = np.stack([items[i].tensor for i in rows])
+                desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
+            except Exception as e:  # noqa: BLE001 - the requests of this pass get the engine's error
+                for i in rows:
+                    out[i] = e
+                continue
             infer_s = time.perf_counter() - t0
             self.batches += 1
             self.images += len(rows)
