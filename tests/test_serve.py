@@ -215,7 +215,9 @@ class FakeRequest:
 
     def __init__(self, body: bytes, content_type: str, query: dict[str, str] | None = None) -> None:
         self.body, self.query_params = body, query or {}
-        self.headers = {"content-type": content_type, "content-length": str(len(body))}
+        from starlette.datastructures import Headers
+
+        self.headers = Headers({"content-type": content_type, "content-length": str(len(body))})
 
     async def stream(self):  # type: ignore[no-untyped-def]
         yield self.body
@@ -262,6 +264,49 @@ def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
     response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
     assert response.status_code == 504 and "--request-timeout" in json.loads(response.body)["error"]
     assert time.monotonic() - t0 < 5 and cancelled == [True] and app.admission.inside == 0
+
+
+def test_a_failed_model_call_cancels_the_requests_other_calls() -> None:
+    """A request of 3 images: the model's queue refuses the second (BackPressureError: 503), the first and third are
+    still waiting for their answers. The 503 cancels them (the old app cancelled them only on a timeout: they kept
+    their places in the model's queue and batches for answers no one would read)."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    pending: list[str] = []
+
+    class Call:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __await__(self):  # type: ignore[no-untyped-def]
+            if self.n == 1:
+                raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+            pending.append(f"waiting {self.n}")
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            pending.append(f"cancelled {self.n}")
+
+    class Embedder:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @property
+        def embed(self) -> object:
+            return self
+
+        def remote(self, *_: object) -> Call:
+            self.calls += 1
+            return Call(self.calls - 1)
+
+    body, kind = multipart([(f"p{i}.png", png(32, 32)) for i in range(3)])
+    app = app_without_cluster(Embedder(), request_timeout_s=600)
+    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(body, kind)), admit=True))
+    assert response.status_code == 503 and "--max-queue" in json.loads(response.body)["error"]
+    assert {"cancelled 0", "cancelled 2"} <= set(pending), pending
+    assert app.admission.inside == 0
 
 
 class ShapeRefusingEngine:

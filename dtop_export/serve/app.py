@@ -101,6 +101,18 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+async def all_or_none(calls: list[Any], timeout_s: float) -> list[Any]:
+    """The answers of a request's model calls (Serve responses), in order; when one fails, time runs out or the
+    request is cancelled (its client gone), the others are cancelled before the error goes on: none keeps a place
+    in the model's queue or batch for an answer no one reads."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+    except BaseException:
+        for c in calls:
+            c.cancel()
+        raise
+
+
 class Service:
     """The routes' work, given the model deployment's handle (plain Python: the ingress class wraps it)."""
 
@@ -168,10 +180,8 @@ class Service:
         decode_s = time.perf_counter() - t0
         calls = [self.embedder.embed.remote(t, time.time()) for per_image in tensors for t in per_image]
         try:
-            results = await asyncio.wait_for(asyncio.gather(*calls), self.limits.request_timeout_s)
+            results = await all_or_none(calls, self.limits.request_timeout_s)
         except asyncio.TimeoutError as e:
-            for c in calls:
-                c.cancel()
             raise RequestError(
                 504, f"no answer within {self.limits.request_timeout_s:g} s (--request-timeout): retry later"
             ) from e
