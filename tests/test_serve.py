@@ -378,6 +378,30 @@ def test_overload_is_shed_with_503_and_retry_after(service: Service) -> None:
     assert service.client.embed(photo("coffee.png")).shape == (1, 256)
 
 
+def test_requests_of_several_images_up_to_capacity_are_all_answered(service: Service) -> None:
+    """As many concurrent requests as the service admits (--max-queue + 2 x --max-batch-size per replica), each of
+    --max-images images: all 200. The model deployment's own queue bound (Serve's backstop behind the app's
+    admission) counted model calls, one per image and scale, against the app's count of requests: 30 calls of 10
+    requests met a bound of 10 waiting + 8 on the replica, and requests the app had admitted got 503 'the model's
+    queue is full'."""
+    capacity = MAX_QUEUE + 2 * MAX_BATCH
+    body, kind = multipart([(f"p{i}.png", png(64 + 16 * i, 48)) for i in range(MAX_IMAGES)])
+    answers: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    go = threading.Barrier(capacity)
+
+    def one() -> None:
+        go.wait()
+        status, _, data = service.client.request("POST", "/v1/embed", body, kind)
+        with lock:
+            answers.append((status, json.loads(data).get("error", "")))
+
+    threads = [threading.Thread(target=one) for _ in range(capacity)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert answers == [(200, "")] * capacity, answers
+
+
 def test_metrics_counters_move(service: Service) -> None:
     client = service.client
     before = client.metrics()

@@ -354,9 +354,11 @@ def build_app(
 
     capacity = limits.max_queue + 2 * settings.max_batch_size * (max_replicas if replicas == "auto" else int(replicas))
     # Serve's own queue bound counts requests still being assigned to a replica (a burst of 3 on idle replicas can
-    # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it.
+    # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it. Serve counts
+    # model calls, one per image and scale: an admitted request makes up to max_images x scales of them.
+    calls = capacity * limits.max_images * len(info.scales)
     model = embedder_deployment(
-        settings, replicas, min_replicas, max_replicas, capacity, cpus_per_replica, gpus_per_replica
+        settings, replicas, min_replicas, max_replicas, calls, cpus_per_replica, gpus_per_replica
     )
 
     @serve.deployment(

@@ -176,9 +176,10 @@ def embedder_deployment(
     gpus_per_replica: float,
 ) -> Any:
     """The Serve deployment of :class:`Embedder`: ``replicas`` fixed, or ``"auto"`` (autoscaling between
-    ``min_replicas`` and ``max_replicas`` on ongoing requests); at most ``max_queue`` requests waiting in front of
-    the replicas (past it Serve raises BackPressureError: the app answers 503 + Retry-After); replaced within
-    seconds when a replica dies (health checks every 2 s); on shutdown each replica finishes its requests first."""
+    ``min_replicas`` and ``max_replicas`` on ongoing requests); at most ``max_queue`` calls (one per image and
+    scale) waiting in front of the replicas (past it Serve raises BackPressureError: the app answers 503 +
+    Retry-After); replaced within seconds when a replica dies (health checks every 2 s); on shutdown each replica
+    finishes its requests first."""
     from ray import serve
 
     ongoing = 2 * settings.max_batch_size  # one batch running, the next one filling
