@@ -241,6 +241,22 @@ def test_search_without_an_index_is_a_404() -> None:
     assert response.status_code == 404 and "--index" in json.loads(response.body)["error"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'{"descriptor": [1%s]}' % (b"0" * n) for n in (400, 5000)] + [b"[" * 10**5 + b"]" * 10**5],
+    ids=["int-past-float", "int-of-5001-digits", "arrays-nested-100k-deep"],
+)
+def test_a_query_descriptor_json_past_pythons_limits_is_a_400(body: bytes) -> None:
+    """JSON a client can send that Python's parser or numpy refuses with errors other than a JSONDecodeError
+    (OverflowError, ValueError, RecursionError): each is a 400 saying so, not a 500 'internal error'."""
+    import asyncio
+
+    app = app_without_cluster()
+    response = asyncio.run(app.observe("search", lambda: app._descriptor(FakeRequest(body, "application/json"))))
+    doc = json.loads(response.body)
+    assert response.status_code == 400 and doc["status"] == 400 and "internal" not in doc["error"], doc
+
+
 def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
     import asyncio
 

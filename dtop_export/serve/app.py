@@ -287,6 +287,10 @@ class Service:
             doc = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the JSON body does not parse: {e}") from e
+        except (ValueError, RecursionError) as e:  # Python's own limits, a 500 before
+            raise RequestError(
+                400, "the JSON body does not parse: it holds an integer of over 4300 digits or arrays nested too deep"
+            ) from e
         try:
             if isinstance(doc, dict) and "descriptor_b64" in doc:
                 q = np.frombuffer(base64.b64decode(doc["descriptor_b64"], validate=True), "<f4")
@@ -294,7 +298,7 @@ class Service:
                 q = np.asarray(doc["descriptor"], np.float32)
             else:
                 raise RequestError(400, 'send {"descriptor": [...]} or {"descriptor_b64": "..."}')
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # OverflowError: an integer past float's range
             raise RequestError(400, f"the descriptor is not a list of numbers / base64 float32: {e}") from e
         if q.ndim != 1 or q.shape[0] != self.info.descriptor_dim or not np.all(np.isfinite(q)):
             raise RequestError(
