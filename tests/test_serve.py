@@ -366,6 +366,30 @@ def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch
     assert a["descriptor"].tolist() == [32.0] * 4 and a["batch_size"] == 2 and a["batch"] == c["batch"]
 
 
+def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
+    here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
+    passes as one: each was named PID:sequence)."""
+    import asyncio
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    monkeypatch.setattr(runtime, "open_model", lambda *_: ShapeRefusingEngine())
+    settings = EngineSettings("m.onnx", max_batch_size=1, batch_wait_ms=0, warmup_size=32)
+    replicas = [Embedder(settings), Embedder(settings)]
+
+    async def one_each() -> list[dict]:
+        return [await r.embed(np.zeros((3, 32, 32), np.float32), time.time()) for r in replicas]
+
+    app = app_without_cluster()
+    results = asyncio.run(one_each())
+    for r in results:
+        app.metrics.forward_pass(r["batch"], r["batch_size"])  # type: ignore[attr-defined]
+    assert results[0]["replica"] == results[1]["replica"]  # the same PID
+    assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
+
+
 # overload, readiness, metrics, security ---------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ class Embedder:
         self.settings = settings
         self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
         self.replica = f"{os.getpid()}"
+        # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
+        self._passes = uuid.uuid4().hex[:12]
         self.batches = 0
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
@@ -140,7 +143,7 @@ class Embedder:
                     "queue_s": max(0.0, start - items[i].submitted),
                     "infer_s": infer_s,
                     "batch_size": len(rows),
-                    "batch": f"{self.replica}:{self.batches}",
+                    "batch": f"{self._passes}:{self.batches}",
                     "replica": self.replica,
                 }
         return out
