@@ -390,6 +390,39 @@ def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypa
     assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
 
 
+def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
+    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
+    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
+    import email.utils
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dtop_export.serve.client import ServiceError
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
+            self.send_response(503)
+            self.send_header("Retry-After", email.utils.formatdate(time.time() + 120, usegmt=True))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Busy) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(ServiceError) as err:
+                ServiceClient(f"http://127.0.0.1:{server.server_address[1]}", timeout=10).embed(png(8, 8))
+        finally:
+            server.shutdown()
+    assert err.value.status == 503 and err.value.message == "busy: retry later"
+    assert err.value.retry_after is not None and 60 < err.value.retry_after <= 120
+
+
 # overload, readiness, metrics, security ---------------------------------------------------------------------
 
 
