@@ -215,7 +215,9 @@ class FakeRequest:
 
     def __init__(self, body: bytes, content_type: str, query: dict[str, str] | None = None) -> None:
         self.body, self.query_params = body, query or {}
-        self.headers = {"content-type": content_type, "content-length": str(len(body))}
+        from starlette.datastructures import Headers
+
+        self.headers = Headers({"content-type": content_type, "content-length": str(len(body))})
 
     async def stream(self):  # type: ignore[no-untyped-def]
         yield self.body
@@ -237,6 +239,22 @@ def test_search_without_an_index_is_a_404() -> None:
     app = app_without_cluster()
     response = asyncio.run(app.observe("search", lambda: app.search(FakeRequest(png(32, 32), "image/png"))))
     assert response.status_code == 404 and "--index" in json.loads(response.body)["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"descriptor": [1%s]}' % (b"0" * n) for n in (400, 5000)] + [b"[" * 10**5 + b"]" * 10**5],
+    ids=["int-past-float", "int-of-5001-digits", "arrays-nested-100k-deep"],
+)
+def test_a_query_descriptor_json_past_pythons_limits_is_a_400(body: bytes) -> None:
+    """JSON a client can send that Python's parser or numpy refuses with errors other than a JSONDecodeError
+    (OverflowError, ValueError, RecursionError): each is a 400 saying so, not a 500 'internal error'."""
+    import asyncio
+
+    app = app_without_cluster()
+    response = asyncio.run(app.observe("search", lambda: app._descriptor(FakeRequest(body, "application/json"))))
+    doc = json.loads(response.body)
+    assert response.status_code == 400 and doc["status"] == 400 and "internal" not in doc["error"], doc
 
 
 def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
@@ -262,6 +280,147 @@ def test_a_request_past_the_timeout_is_a_504_and_is_cancelled() -> None:
     response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
     assert response.status_code == 504 and "--request-timeout" in json.loads(response.body)["error"]
     assert time.monotonic() - t0 < 5 and cancelled == [True] and app.admission.inside == 0
+
+
+def test_a_failed_model_call_cancels_the_requests_other_calls() -> None:
+    """A request of 3 images: the model's queue refuses the second (BackPressureError: 503), the first and third are
+    still waiting for their answers. The 503 cancels them (the old app cancelled them only on a timeout: they kept
+    their places in the model's queue and batches for answers no one would read)."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    pending: list[str] = []
+
+    class Call:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __await__(self):  # type: ignore[no-untyped-def]
+            if self.n == 1:
+                raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+            pending.append(f"waiting {self.n}")
+            return asyncio.get_running_loop().create_future().__await__()
+
+        def cancel(self) -> None:
+            pending.append(f"cancelled {self.n}")
+
+    class Embedder:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @property
+        def embed(self) -> object:
+            return self
+
+        def remote(self, *_: object) -> Call:
+            self.calls += 1
+            return Call(self.calls - 1)
+
+    body, kind = multipart([(f"p{i}.png", png(32, 32)) for i in range(3)])
+    app = app_without_cluster(Embedder(), request_timeout_s=600)
+    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(body, kind)), admit=True))
+    assert response.status_code == 503 and "--max-queue" in json.loads(response.body)["error"]
+    assert {"cancelled 0", "cancelled 2"} <= set(pending), pending
+    assert app.admission.inside == 0
+
+
+class ShapeRefusingEngine:
+    """A stand-in engine (stride 16, 4-d descriptors) that refuses non-square inputs, as a TensorRT plan refuses a
+    shape outside its profile; it records the shapes of its forward passes."""
+
+    stride, label, descriptor_dim = 16, "fake", 4
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, ...]] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.passes.append(tuple(batch.shape))
+        if batch.shape[2] != batch.shape[3]:
+            raise RuntimeError(f"input {batch.shape[2]}x{batch.shape[3]} is outside the engine's profile")
+        return np.full((len(batch), 4), float(batch.shape[2]), np.float32)
+
+
+def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests in one batch, two shapes (two forward passes); the engine refuses one shape: its request gets
+    the engine's error, the other two their descriptors (the old replica failed the whole batch with it)."""
+    import asyncio
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    engine = ShapeRefusingEngine()
+    monkeypatch.setattr(runtime, "open_model", lambda *_: engine)
+    replica = Embedder(EngineSettings("m.onnx", max_batch_size=3, batch_wait_ms=10_000, warmup_size=32))
+    engine.passes.clear()
+    square, wide = np.zeros((3, 32, 32), np.float32), np.zeros((3, 32, 64), np.float32)
+
+    async def three() -> list[object]:
+        calls = [replica.embed(t, time.time()) for t in (square, wide, square)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    a, b, c = asyncio.run(three())
+    assert sorted(engine.passes) == [(1, 3, 32, 64), (2, 3, 32, 32)]  # one batch, a pass per shape
+    assert isinstance(b, RuntimeError) and "profile" in str(b)
+    assert isinstance(a, dict) and isinstance(c, dict), (a, c)
+    assert a["descriptor"].tolist() == [32.0] * 4 and a["batch_size"] == 2 and a["batch"] == c["batch"]
+
+
+def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
+    here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
+    passes as one: each was named PID:sequence)."""
+    import asyncio
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    monkeypatch.setattr(runtime, "open_model", lambda *_: ShapeRefusingEngine())
+    settings = EngineSettings("m.onnx", max_batch_size=1, batch_wait_ms=0, warmup_size=32)
+    replicas = [Embedder(settings), Embedder(settings)]
+
+    async def one_each() -> list[dict]:
+        return [await r.embed(np.zeros((3, 32, 32), np.float32), time.time()) for r in replicas]
+
+    app = app_without_cluster()
+    results = asyncio.run(one_each())
+    for r in results:
+        app.metrics.forward_pass(r["batch"], r["batch_size"])  # type: ignore[attr-defined]
+    assert results[0]["replica"] == results[1]["replica"]  # the same PID
+    assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
+
+
+def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
+    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
+    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
+    import email.utils
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dtop_export.serve.client import ServiceError
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
+            self.send_response(503)
+            self.send_header("Retry-After", email.utils.formatdate(time.time() + 120, usegmt=True))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Busy) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(ServiceError) as err:
+                ServiceClient(f"http://127.0.0.1:{server.server_address[1]}", timeout=10).embed(png(8, 8))
+        finally:
+            server.shutdown()
+    assert err.value.status == 503 and err.value.message == "busy: retry later"
+    assert err.value.retry_after is not None and 60 < err.value.retry_after <= 120
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------
@@ -290,6 +449,30 @@ def test_overload_is_shed_with_503_and_retry_after(service: Service) -> None:
     assert shed and codes.count(200) >= MAX_BATCH, codes
     assert all(int(h["retry-after"]) >= 1 and "retry" in d["error"] for _, h, d in shed)
     assert service.client.embed(photo("coffee.png")).shape == (1, 256)
+
+
+def test_requests_of_several_images_up_to_capacity_are_all_answered(service: Service) -> None:
+    """As many concurrent requests as the service admits (--max-queue + 2 x --max-batch-size per replica), each of
+    --max-images images: all 200. The model deployment's own queue bound (Serve's backstop behind the app's
+    admission) counted model calls, one per image and scale, against the app's count of requests: 30 calls of 10
+    requests met a bound of 10 waiting + 8 on the replica, and requests the app had admitted got 503 'the model's
+    queue is full'."""
+    capacity = MAX_QUEUE + 2 * MAX_BATCH
+    body, kind = multipart([(f"p{i}.png", png(64 + 16 * i, 48)) for i in range(MAX_IMAGES)])
+    answers: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    go = threading.Barrier(capacity)
+
+    def one() -> None:
+        go.wait()
+        status, _, data = service.client.request("POST", "/v1/embed", body, kind)
+        with lock:
+            answers.append((status, json.loads(data).get("error", "")))
+
+    threads = [threading.Thread(target=one) for _ in range(capacity)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert answers == [(200, "")] * capacity, answers
 
 
 def test_metrics_counters_move(service: Service) -> None:

@@ -101,6 +101,18 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+async def all_or_none(calls: list[Any], timeout_s: float) -> list[Any]:
+    """The answers of a request's model calls (Serve responses), in order; when one fails, time runs out or the
+    request is cancelled (its client gone), the others are cancelled before the error goes on: none keeps a place
+    in the model's queue or batch for an answer no one reads."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+    except BaseException:
+        for c in calls:
+            c.cancel()
+        raise
+
+
 class Service:
     """The routes' work, given the model deployment's handle (plain Python: the ingress class wraps it)."""
 
@@ -168,10 +180,8 @@ class Service:
         decode_s = time.perf_counter() - t0
         calls = [self.embedder.embed.remote(t, time.time()) for per_image in tensors for t in per_image]
         try:
-            results = await asyncio.wait_for(asyncio.gather(*calls), self.limits.request_timeout_s)
+            results = await all_or_none(calls, self.limits.request_timeout_s)
         except asyncio.TimeoutError as e:
-            for c in calls:
-                c.cancel()
             raise RequestError(
                 504, f"no answer within {self.limits.request_timeout_s:g} s (--request-timeout): retry later"
             ) from e
@@ -277,6 +287,10 @@ class Service:
             doc = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the JSON body does not parse: {e}") from e
+        except (ValueError, RecursionError) as e:  # Python's own limits, a 500 before
+            raise RequestError(
+                400, "the JSON body does not parse: it holds an integer of over 4300 digits or arrays nested too deep"
+            ) from e
         try:
             if isinstance(doc, dict) and "descriptor_b64" in doc:
                 q = np.frombuffer(base64.b64decode(doc["descriptor_b64"], validate=True), "<f4")
@@ -284,7 +298,7 @@ class Service:
                 q = np.asarray(doc["descriptor"], np.float32)
             else:
                 raise RequestError(400, 'send {"descriptor": [...]} or {"descriptor_b64": "..."}')
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # OverflowError: an integer past float's range
             raise RequestError(400, f"the descriptor is not a list of numbers / base64 float32: {e}") from e
         if q.ndim != 1 or q.shape[0] != self.info.descriptor_dim or not np.all(np.isfinite(q)):
             raise RequestError(
@@ -344,9 +358,11 @@ def build_app(
 
     capacity = limits.max_queue + 2 * settings.max_batch_size * (max_replicas if replicas == "auto" else int(replicas))
     # Serve's own queue bound counts requests still being assigned to a replica (a burst of 3 on idle replicas can
-    # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it.
+    # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it. Serve counts
+    # model calls, one per image and scale: an admitted request makes up to max_images x scales of them.
+    calls = capacity * limits.max_images * len(info.scales)
     model = embedder_deployment(
-        settings, replicas, min_replicas, max_replicas, capacity, cpus_per_replica, gpus_per_replica
+        settings, replicas, min_replicas, max_replicas, calls, cpus_per_replica, gpus_per_replica
     )
 
     @serve.deployment(

@@ -50,6 +50,24 @@ def multipart(images: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header: a number (the service's), or an HTTP date (RFC 9110; a proxy in front
+    may send one) as seconds from now; None when absent or neither."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import email.utils
+    import time
+
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
 def _named(image: Image, i: int) -> tuple[str, bytes]:
     if isinstance(image, bytes):
         return f"image{i}", image
@@ -87,9 +105,8 @@ class ServiceClient:
         except json.JSONDecodeError:
             doc = {"error": data[:200].decode(errors="replace")}
         if status >= 400:
-            retry = headers.get("retry-after")
             message = doc.get("error") if isinstance(doc, dict) else None
-            raise ServiceError(status, str(message or doc), float(retry) if retry else None)
+            raise ServiceError(status, str(message or doc), retry_after(headers.get("retry-after")))
         return doc
 
     def _upload(self, images: list[Image]) -> tuple[bytes, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ class Embedder:
         self.settings = settings
         self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
         self.replica = f"{os.getpid()}"
+        # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
+        self._passes = uuid.uuid4().hex[:12]
         self.batches = 0
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
@@ -104,25 +107,33 @@ class Embedder:
                 continue
             try:
                 results = await self._run_batch(batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the engine's error
-                for item in batch:
-                    if not item.answer.done():
-                        item.answer.set_exception(e)
-                continue
+            except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
+                results = [e] * len(batch)
             for item, result in zip(batch, results):
-                if not item.answer.done():
+                if item.answer.done():  # cancelled while its pass ran
+                    continue
+                if isinstance(result, BaseException):
+                    item.answer.set_exception(result)
+                else:
                     item.answer.set_result(result)
 
-    async def _run_batch(self, items: list[Item]) -> list[dict[str, Any]]:
+    async def _run_batch(self, items: list[Item]) -> list[dict[str, Any] | Exception]:
+        """Each item's result, or the error of its own forward pass: each shape is a pass of its own, and one that
+        fails (an input shape the engine refuses) fails only the requests in it."""
         start = time.time()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.tensor.shape), []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in items]
+        out: list[dict[str, Any] | Exception] = [{} for _ in items]
         for rows in groups.values():
             t0 = time.perf_counter()
-            batch = np.stack([items[i].tensor for i in rows])
-            desc = await asyncio.to_thread(self.engine.embed, batch)  # the event loop keeps answering status calls
+            try:
+                batch = np.stack([items[i].tensor for i in rows])
+                desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
+            except Exception as e:  # noqa: BLE001 - the requests of this pass get the engine's error
+                for i in rows:
+                    out[i] = e
+                continue
             infer_s = time.perf_counter() - t0
             self.batches += 1
             self.images += len(rows)
@@ -132,7 +143,7 @@ class Embedder:
                     "queue_s": max(0.0, start - items[i].submitted),
                     "infer_s": infer_s,
                     "batch_size": len(rows),
-                    "batch": f"{self.replica}:{self.batches}",
+                    "batch": f"{self._passes}:{self.batches}",
                     "replica": self.replica,
                 }
         return out
@@ -168,9 +179,10 @@ def embedder_deployment(
     gpus_per_replica: float,
 ) -> Any:
     """The Serve deployment of :class:`Embedder`: ``replicas`` fixed, or ``"auto"`` (autoscaling between
-    ``min_replicas`` and ``max_replicas`` on ongoing requests); at most ``max_queue`` requests waiting in front of
-    the replicas (past it Serve raises BackPressureError: the app answers 503 + Retry-After); replaced within
-    seconds when a replica dies (health checks every 2 s); on shutdown each replica finishes its requests first."""
+    ``min_replicas`` and ``max_replicas`` on ongoing requests); at most ``max_queue`` calls (one per image and
+    scale) waiting in front of the replicas (past it Serve raises BackPressureError: the app answers 503 +
+    Retry-After); replaced within seconds when a replica dies (health checks every 2 s); on shutdown each replica
+    finishes its requests first."""
     from ray import serve
 
     ongoing = 2 * settings.max_batch_size  # one batch running, the next one filling
