@@ -120,6 +120,24 @@ def test_read_pairs_formats(tmp_path: Path) -> None:
         read_pairs(tmp_path / "x-whiten.pkl")
 
 
+def test_read_pairs_from_a_downloaded_set_folder(tmp_path: Path) -> None:
+    """`whiten --pairs <an SfM-120k download>` said "set data.dataset=sfm120k", a training key no option of whiten
+    takes (a review of the data side): the folder's own pickle is read (its val pairs, images under its ims/); a
+    GLDv2 download says what --pairs takes instead."""
+    from _training_data import make_gldv2, make_sfm120k
+
+    (tmp_path / "sfm").mkdir()
+    db = make_sfm120k(tmp_path / "sfm")
+    pl = read_pairs(tmp_path / "sfm")
+    assert (pl.qidxs, pl.pidxs) == (db["val"]["qidxs"], db["val"]["pidxs"]) and len(pl.paths) == 4
+    assert all(Path(p).is_file() and (tmp_path / "sfm" / "ims") in Path(p).parents for p in pl.paths)
+    assert read_pairs(tmp_path / "sfm", split="train").qidxs == db["train"]["qidxs"]
+    (tmp_path / "gld").mkdir()
+    make_gldv2(tmp_path / "gld")
+    with pytest.raises(DToPError, match=r"holds a gldv2 set \(its classes are in a list file, not folders\): give"):
+        read_pairs(tmp_path / "gld")
+
+
 def test_whiten_checkpoint_pca_and_lw(tmp_path: Path, small_ckpt: Path) -> None:
     make_folder(tmp_path / "imgs", classes=4, per_class=4)
     out = tmp_path / "w.pt"

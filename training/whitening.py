@@ -190,7 +190,16 @@ def read_pairs(spec: str | Path, root: str | Path | None = None, split: str = "v
     spec = Path(spec)
     if spec.is_dir():
         from dtop_export.training.datasets import read_folder
+        from dtop_export.training.scan import LAYOUTS, guess_layout
 
+        other = guess_layout(spec)
+        if other == "sfm120k":  # its download's pickle holds the pairs
+            return read_pairs(spec / LAYOUTS["sfm120k"][0], root or spec, split)
+        if other is not None:  # read_folder's hint names data.dataset, a training key: no option of this command
+            raise DToPError(
+                f"--pairs {spec} holds a {other} set (its classes are in a list file, not folders): give a CSV of "
+                "query,positive image paths, a cirtorch whitening pickle or an SfM-120k folder, or class sub-folders"
+            )
         ts = read_folder(spec)
         by_class: dict[int, list[int]] = {}
         for i, lbl in enumerate(ts.labels):

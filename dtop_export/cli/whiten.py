@@ -18,8 +18,8 @@ def whiten(
     pairs: Annotated[
         Path | None,
         typer.Option(
-            help="Matching pairs for supervised Lw: cirtorch *-whiten.pkl / SfM-120k pkl, a CSV of query,positive "
-            "paths, or a class-per-folder directory."
+            help="Matching pairs for supervised Lw: cirtorch *-whiten.pkl / SfM-120k pkl (or its download folder), a "
+            "CSV of query,positive paths, or a class-per-folder directory."
         ),
     ] = None,
     images: Annotated[Path | None, typer.Option(help="Image folder for unsupervised PCA whitening.")] = None,
