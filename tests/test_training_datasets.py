@@ -315,6 +315,20 @@ def test_a_linked_class_folder_or_image_is_one_class_and_one_image(tmp_path: Pat
     assert f"1 missing (e.g. {tmp_path / 'class0' / 'gone.jpg'})" in text
 
 
+def test_a_class_folder_linking_to_the_root_takes_no_images(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # a review of the data audit: a class folder linking to the set's root (`ln -s . all`), an ancestor or a folder
+    # of classes, sorting first, took every image, and the real classes' images became duplicate_other_label
+    make_folder(tmp_path / "set", classes=3, per_class=3)
+    (tmp_path / "set" / "00-all").symlink_to(tmp_path / "set")
+    (tmp_path / "set" / "01-up").symlink_to(tmp_path)
+    with caplog.at_level("WARNING"):
+        ts = D.read_folder(tmp_path / "set")
+    assert ts.class_names == ["class0", "class1", "class2"] and sorted(ts.labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert ts.skipped == {"class_folder_links_to_classes": 2}
+    link = tmp_path / "set" / "00-all"
+    assert f"class folder {link} is a link to {tmp_path / 'set'}, which holds other classes: skipped" in caplog.text
+
+
 def test_skipped_images_are_named_in_the_warning(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     # found by a data audit: 'folder: skipped 3 unreadable' named none of the files, in a set of thousands
     make_folder(tmp_path, classes=2, per_class=2)

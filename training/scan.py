@@ -81,6 +81,13 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
     entries: list[tuple[str, str]] = []
     for d in classes:
         real = owner[resolved[d]]
+        holds = any(resolved[d] in resolved[e].parents for e in classes)  # a folder above another class
+        if d.is_symlink() and (holds or resolved[d] in (d.parent.resolve(), *d.parent.resolve().parents)):
+            # a link to the set's root (or above, or to a folder of classes) would take every class's images
+            log.warning("folder: class folder %s is a link to %s, which holds other classes: skipped", d, resolved[d])
+            skipped["class_folder_links_to_classes"] += 1
+            files.append(("class_folder_links_to_classes", str(d)))
+            continue
         if real != d.name:
             log.warning("folder: class folder %s is a link to %s: its images are used once, as class %s", d, real, real)
             skipped["in_linked_class_folders"] += sum(1 for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
