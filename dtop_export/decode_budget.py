@@ -51,6 +51,10 @@ class DecodeBudget:
             if int(getattr(self, name)) < 1:
                 raise DToPError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def fits_header(self, width: int, height: int) -> bool:
+        """Whether an image of this size may be decoded, by its header alone (pixels, and 6 bytes a pixel)."""
+        return width * height <= self.max_pixels and 6 * width * height <= self.max_decode_mb * MIB
+
 
 def jpeg_scans(data: bytes) -> tuple[int, int]:
     """(start-of-scan markers before the end of image, components of the first scan or 0) of a JPEG, walking

@@ -319,7 +319,7 @@ def image_size(path: str | Path, header_only: bool = False) -> tuple[int, int] |
             im = Image.open(path, formats=DECODE_FORMATS)
         with im:
             w, h = im.size
-            if w * h > budget.max_pixels or 6 * w * h > budget.max_decode_mb * MIB:
+            if not budget.fits_header(w, h):
                 return None
             late_exif = header_only and im.format == "PNG" and "exif" not in im.info  # Pillow would decode it
             orientation = 1 if late_exif else im.getexif().get(0x0112, 1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -336,11 +339,23 @@ def test_skipped_images_are_named_in_the_warning(tmp_path: Path, caplog) -> None
     (tmp_path / "class1" / "empty.jpg").write_bytes(b"")
     (tmp_path / "class0" / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo: not decoded
     (tmp_path / "class0" / "notes.txt").write_text("not a photo, not counted")
+    # a PNG header of 40,000 x 30,000 (1.2 gigapixels: past the decode budget and Pillow's limit) was "unreadable"
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, "PNG")
+    data = bytearray(png.getvalue())
+    ihdr = struct.pack(">II", 40_000, 30_000) + bytes(data[24:29])
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tmp_path / "class0" / "panorama.png").write_bytes(bytes(data))
     with caplog.at_level("WARNING"):
         ts = D.read_folder(tmp_path)
-    assert ts.skipped == {"unreadable": 2, "unsupported_format": 1}
+    # why each was skipped (only "unreadable" before): an empty file, one too large to decode, a corrupt one
+    assert ts.skipped == {"unreadable": 1, "empty_file": 1, "over_decode_budget": 1, "unsupported_format": 1}
     assert f"1 unsupported_format (e.g. {tmp_path / 'class0' / 'IMG_0001.HEIC'})" in caplog.text
-    assert f"skipped 2 unreadable (e.g. {tmp_path / 'class1' / 'empty.jpg'})" in caplog.text
+    assert f"1 unreadable (e.g. {tmp_path / 'class1' / 'zz.jpg'})" in caplog.text
+    assert f"1 empty_file (e.g. {tmp_path / 'class1' / 'empty.jpg'})" in caplog.text
+    assert f"1 over_decode_budget (e.g. {tmp_path / 'class0' / 'panorama.png'})" in caplog.text
 
 
 def test_a_reader_pointed_at_another_layout_names_the_dataset_to_set(tmp_path: Path) -> None:

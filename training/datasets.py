@@ -34,7 +34,7 @@ from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
 from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
-from dtop_export.training.scan import folder_entries, guess_layout, layout_setting
+from dtop_export.training.scan import folder_entries, guess_layout, layout_setting, unreadable_reason
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def finalize(
     for p, label in entries:
         s = cache.get(p)
         if s is None:
-            reason = "missing" if not Path(p).exists() else "unreadable"
+            reason = "missing" if not Path(p).exists() else unreadable_reason(p)
             skipped[reason] += 1
             files.append((reason, p))
             continue

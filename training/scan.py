@@ -129,6 +129,30 @@ def _files_under(d: Path, skipped: Counter, files: list[tuple[str, str]]) -> lis
     return sorted(Path(top) / n for top, _, names in os.walk(d, onerror=unreadable) for n in names)
 
 
+def unreadable_reason(path: str) -> str:
+    """Why an existing file gave no image size: ``empty_file``, ``over_decode_budget`` (larger than the decoder takes:
+    a 30,000-px panorama; :class:`~dtop_export.decode_budget.DecodeBudget`) or ``unreadable`` (corrupt, cut short,
+    not an image). Asked only of the files that failed."""
+    import warnings
+
+    from PIL import Image
+
+    from dtop_export.decode_budget import DECODE_FORMATS, DecodeBudget
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty_file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=DECODE_FORMATS) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:  # over twice Pillow's own pixel limit: refused before any header check
+        return "over_decode_budget"
+    except Exception:  # noqa: BLE001 - the decoder's own refusal: corrupt or not an image
+        return "unreadable"
+    return "unreadable" if DecodeBudget().fits_header(w, h) else "over_decode_budget"
+
+
 def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:
     """``reason<TAB>path`` per skipped file (a training set's ``skipped_files``), written atomically."""
     from dtop_export.atomic import atomic_write_bytes
