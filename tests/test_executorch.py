@@ -268,6 +268,36 @@ def test_bad_input_is_one_line(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
 
 
+def test_int8_below_the_contract_is_not_written(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An INT8 program whose check on the --calib images fell below the INT8 contract (cosine 0.99) was written
+    anyway, exit 0, with "BELOW" in a status line: now it is refused, one line saying what to try, nothing written.
+    (Export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
+    from PIL import Image
+
+    from dtop_export.edge import pte
+    from dtop_export.edge.pte import Delegation
+
+    monkeypatch.setattr(pte, "_export", lambda module, example: None)
+    monkeypatch.setattr(pte, "quantize_dynamic", lambda module, example, keep_float=(): None)
+    monkeypatch.setattr(pte, "lower_to_xnnpack", lambda exported: (None, Delegation(1)))
+    monkeypatch.setattr(pte, "emit_program", lambda edge, meta, keep=False: b"program")
+    monkeypatch.setattr(pte, "check_int8", lambda fp32, program, tensors: {
+        "images": len(tensors), "cosine_min": 0.93, "cosine_mean": 0.97})  # fmt: skip
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40 + i, 30), (10 * i, 20, 30)).save(calib / f"{i}.png")
+    out = tmp_path / "out" / "q.pte"
+    out.parent.mkdir()
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib),
+                  "--calib-count", "4", "-o", str(out))  # fmt: skip
+    assert "breaks the INT8 contract on 4 images" in line and "cosine min 0.93000 < 0.99" in line
+    assert "--keep-float fc1,fc2" in line and "nothing was written" in line
+    assert list(out.parent.iterdir()) == []
+
+
 def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
     """A program fed another size than its own said "re-export without --static" (`onnx`'s option; `executorch`
     has --size), e.g. `search corpus.faiss model.128.pte q.jpg` on a 1024-px corpus."""

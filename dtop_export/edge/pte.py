@@ -251,6 +251,21 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
     return {"images": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
 
 
+def refuse_below_contract(check: dict[str, Any], source: str, keep_float: Sequence[str]) -> None:
+    """A :class:`DToPError` when the INT8 program's cosine to the fp32 model (:func:`check_int8`) is below
+    :data:`INT8_MIN_COSINE`: such a program is not written, the message says what to try instead."""
+    if check["cosine_min"] >= INT8_MIN_COSINE:
+        return
+    more = [r for r in ("fc1", "proj", "qkv") if r not in keep_float][:1]
+    roles = ",".join(r for r in INT8_ROLES if r in {*keep_float, *more})
+    fix = f"keep more block layers float (--keep-float {roles}), " if more else ""
+    raise DToPError(
+        f"the INT8 program breaks the INT8 contract on {check['images']} images{f' ({source})' if source else ''}: "
+        f"cosine min {check['cosine_min']:.5f} < {INT8_MIN_COSINE:g} to the fp32 model, so nothing was written: "
+        f"{fix}check it on images like yours (--calib DIR), or ship the fp32 program (drop --int8)"
+    )
+
+
 def write_pte(
     checkpoint: str | Path | Checkpoint,
     output: str | Path,
@@ -264,7 +279,8 @@ def write_pte(
     on_stage: Callable[[str], None] | None = None,
 ) -> PteResult:
     """Write the ``.pte`` of ``checkpoint`` for ``size``² inputs to ``output`` (atomic). ``int8``: the dynamic
-    INT8 recipe, checked against the fp32 program on ``calib`` (preprocessed [1, 3, size, size] tensors)."""
+    INT8 recipe, checked against the fp32 program on ``calib`` (preprocessed [1, 3, size, size] tensors); a program
+    below the INT8 contract there is refused (:func:`refuse_below_contract`), not written."""
     import torch
 
     from dtop_export.atomic import atomic_write_bytes, output_folder
@@ -322,6 +338,7 @@ def write_pte(
         stage("check")
         check = check_int8(fp32_module, emit_program(edge, meta, keep=True), calib)
         quantization["check"] = check | {"source": calibration_source}
+        refuse_below_contract(check, calibration_source, keep_float)
     if quantization:
         meta["dtop.quantization"] = json.dumps(quantization, sort_keys=True)
     stage("emit")
