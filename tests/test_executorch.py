@@ -394,6 +394,9 @@ def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None
     bare.write_bytes(_program_without_contract())
     fails(bare, r"carries no dtop-export contract \(no dtop_metadata method\)")
     fails(small_pte, r"runs at the precision it was compiled with", "--precision", "bf16")
+    # another size than the program's names `executorch --size`, not `onnx --static` (the Python engine's hint)
+    fails(small_pte, rf"for {SIZE}x{SIZE} inputs only, got 256x256: resize, or compile a program of that size "
+          r"\(dtop-export executorch CKPT\.pt --size 256\)$", "--image-size", "256")  # fmt: skip
     fails(tmp_path / "missing.pte", r"model .*missing\.pte not found")
     assert not (tmp_path / "o.npy").exists()
 
