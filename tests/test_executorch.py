@@ -268,6 +268,19 @@ def test_bad_input_is_one_line(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
 
 
+def test_an_existing_json_report_is_refused_before_the_work(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`executorch --json R` replaced an existing R without --force, after the minutes of lowering (every other
+    command with --json refuses it first): now one line before any work, the program not written."""
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "-o", str(tmp_path / "m.pte"), "--json",
+                  str(report))  # fmt: skip
+    assert f"{report} exists: pass --force" in line
+    assert report.read_text() == "{}" and not (tmp_path / "m.pte").exists()
+
+
 def test_int8_below_the_contract_is_not_written(
     small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -91,7 +91,7 @@ def executorch(
 
     check_checkpoint_file(checkpoint)
     outputs = pte_outputs(checkpoint, output, sizes, int8)
-    refuse_existing(*outputs, force=force)
+    refuse_existing(*outputs, json_out, force=force)
     from dtop_export.engines.executorch import require_executorch
 
     require_executorch()  # before minutes of work: the [edge] extra and a matching torch
