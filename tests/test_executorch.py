@@ -135,6 +135,25 @@ def test_fp32_program_meets_the_onnx_contract(small_pte: Path, small_ckpt: Path)
     assert float(np.abs(got - want).max()) <= 1e-5
 
 
+def test_default_threads_fit_the_cpus_the_process_may_run_on(small_pte: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ExecuTorch sizes its thread pool by the machine's cores, not the process's affinity (taskset -c 0 on 2 cores:
+    2 threads on 1 CPU, as in a cpuset container or a pinned Ray worker): without --threads the engine now caps the
+    pool at the CPUs the process may run on (the INT8 check of `executorch --int8` too)."""
+    import executorch.extension.pybindings.portable_lib as lib
+
+    from dtop_export import host
+    from dtop_export.engines import load_engine
+
+    before = lib._threadpool_get_thread_count()
+    lib._unsafe_reset_threadpool(2)  # what a 2-core machine's default pool holds
+    monkeypatch.setattr(host, "usable_cpus", lambda: 1)
+    try:
+        with load_engine(small_pte):
+            assert lib._threadpool_get_thread_count() == 1
+    finally:
+        lib._unsafe_reset_threadpool(before)
+
+
 def test_int8_program(small_int8_pte: tuple[Path, dict], small_pte: Path) -> None:
     """Dynamic INT8 on the transformer blocks (fc2 float by default): smaller, XNNPACK's QD8 kernels, within the INT8
     contract of the fp32 program; the written program was checked against fp32 on the calibration images."""

@@ -238,9 +238,10 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
     ([1, 3, S, S] each)."""
     import torch
 
-    from dtop_export.engines.executorch import load_program_bytes, native_log
+    from dtop_export.engines.executorch import load_program_bytes, native_log, set_threads
 
     loaded = load_program_bytes(program, "the INT8 program")
+    set_threads(None)  # the CPUs this process may run on, not the machine's
     cos = []
     with torch.no_grad(), native_log():  # the thread pool's first use probes the CPU, at Info level on stderr
         method = loaded.load_method("forward")
