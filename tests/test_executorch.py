@@ -433,6 +433,23 @@ def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None
     assert not (tmp_path / "o.npy").exists()
 
 
+def test_cpp_default_threads_fit_the_cpus_the_process_may_run_on(client: Path, small_pte: Path, tmp_path: Path) -> None:
+    """dtop-embed on a .pte without --threads left ExecuTorch's pool at a thread per core of the machine under
+    taskset/a cpuset (2 threads on 1 CPU here), as the Python engine did; the sidecar said "default threads". Now the
+    pool is capped at the process's affinity and the sidecar names its size."""
+    import os
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.png")
+    one_cpu = min(os.sched_getaffinity(0))
+    r = subprocess.run([str(client), str(small_pte), str(tmp_path / "a.png"), "-o", str(tmp_path / "o.npy"),
+                        "--no-progress"], capture_output=True, text=True,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["engine"]["runtime"].endswith("XNNPACK 1 threads")
+
+
 def test_cpp_build_says_why_without_executorch(monkeypatch: pytest.MonkeyPatch) -> None:
     """`cpp build` builds the backend when it can, and says why not: no executorch wheel, or no CMake >= 3.28."""
     import importlib.util
