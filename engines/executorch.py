@@ -206,13 +206,19 @@ def describe_pte(path: str | Path) -> dict[str, Any]:
     } | metadata_report(meta)
 
 
-def set_threads(threads: int) -> None:
-    """Size ExecuTorch's thread pool (one per process, shared by every program: XNNPACK runs on it)."""
+def set_threads(threads: int | None) -> None:
+    """Size ExecuTorch's thread pool (one per process, shared by every program: XNNPACK runs on it). None: its own
+    size (a thread per core of the machine) capped at the CPUs this process may run on (``taskset``, a cgroup
+    cpuset, a Ray worker's), which ExecuTorch does not look at: twice the threads of the CPUs made every pass wait."""
     import executorch.extension.pybindings.portable_lib as lib
 
+    from dtop_export.host import usable_cpus
+
     with native_log():  # the pool's first use probes the CPU, at Info level on stderr
-        if lib._threadpool_get_thread_count() != threads:
-            lib._unsafe_reset_threadpool(threads)
+        current = lib._threadpool_get_thread_count()
+        wanted = min(current, usable_cpus()) if threads is None else threads
+        if current != wanted:
+            lib._unsafe_reset_threadpool(wanted)
 
 
 def _zeros(shape: tuple[int, ...]) -> Any:
@@ -226,7 +232,8 @@ class ExecuTorchEngine(Engine):
 
     precision: the program's own (from its metadata); another value is an error, since a program runs at the
     precision it was compiled with. threads: ExecuTorch's thread pool size (process-wide; default: its own, one per
-    core). Inputs must be the program's size (``static_hw``); batches run in chunks of its fixed batch.
+    core, capped at the CPUs the process may run on). Inputs must be the program's size (``static_hw``); batches run
+    in chunks of its fixed batch.
     """
 
     name = "executorch"
@@ -249,8 +256,7 @@ class ExecuTorchEngine(Engine):
             )
             raise DToPError(f"{path} is a {file_precision} program, not {precision}: {hint}")
         self.threads = threads
-        if threads:
-            set_threads(threads)
+        set_threads(threads)
         with native_log() as log:
             try:
                 self.method = self.program.load_method("forward")

@@ -135,6 +135,25 @@ def test_fp32_program_meets_the_onnx_contract(small_pte: Path, small_ckpt: Path)
     assert float(np.abs(got - want).max()) <= 1e-5
 
 
+def test_default_threads_fit_the_cpus_the_process_may_run_on(small_pte: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ExecuTorch sizes its thread pool by the machine's cores, not the process's affinity (taskset -c 0 on 2 cores:
+    2 threads on 1 CPU, as in a cpuset container or a pinned Ray worker): without --threads the engine now caps the
+    pool at the CPUs the process may run on (the INT8 check of `executorch --int8` too)."""
+    import executorch.extension.pybindings.portable_lib as lib
+
+    from dtop_export import host
+    from dtop_export.engines import load_engine
+
+    before = lib._threadpool_get_thread_count()
+    lib._unsafe_reset_threadpool(2)  # what a 2-core machine's default pool holds
+    monkeypatch.setattr(host, "usable_cpus", lambda: 1)
+    try:
+        with load_engine(small_pte):
+            assert lib._threadpool_get_thread_count() == 1
+    finally:
+        lib._unsafe_reset_threadpool(before)
+
+
 def test_int8_program(small_int8_pte: tuple[Path, dict], small_pte: Path) -> None:
     """Dynamic INT8 on the transformer blocks (fc2 float by default): smaller, XNNPACK's QD8 kernels, within the INT8
     contract of the fp32 program; the written program was checked against fp32 on the calibration images."""
@@ -268,6 +287,49 @@ def test_bad_input_is_one_line(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
 
 
+def test_an_existing_json_report_is_refused_before_the_work(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`executorch --json R` replaced an existing R without --force, after the minutes of lowering (every other
+    command with --json refuses it first): now one line before any work, the program not written."""
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "-o", str(tmp_path / "m.pte"), "--json",
+                  str(report))  # fmt: skip
+    assert f"{report} exists: pass --force" in line
+    assert report.read_text() == "{}" and not (tmp_path / "m.pte").exists()
+
+
+def test_int8_below_the_contract_is_not_written(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An INT8 program whose check on the --calib images fell below the INT8 contract (cosine 0.99) was written
+    anyway, exit 0, with "BELOW" in a status line: now it is refused, one line saying what to try, nothing written.
+    (Export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
+    from PIL import Image
+
+    from dtop_export.edge import pte
+    from dtop_export.edge.pte import Delegation
+
+    monkeypatch.setattr(pte, "_export", lambda module, example: None)
+    monkeypatch.setattr(pte, "quantize_dynamic", lambda module, example, keep_float=(): None)
+    monkeypatch.setattr(pte, "lower_to_xnnpack", lambda exported: (None, Delegation(1)))
+    monkeypatch.setattr(pte, "emit_program", lambda edge, meta, keep=False: b"program")
+    monkeypatch.setattr(pte, "check_int8", lambda fp32, program, tensors: {
+        "images": len(tensors), "cosine_min": 0.93, "cosine_mean": 0.97})  # fmt: skip
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40 + i, 30), (10 * i, 20, 30)).save(calib / f"{i}.png")
+    out = tmp_path / "out" / "q.pte"
+    out.parent.mkdir()
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib),
+                  "--calib-count", "4", "-o", str(out))  # fmt: skip
+    assert "breaks the INT8 contract on 4 images" in line and "cosine min 0.93000 < 0.99" in line
+    assert "--keep-float fc1,fc2" in line and "nothing was written" in line
+    assert list(out.parent.iterdir()) == []
+
+
 def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
     """A program fed another size than its own said "re-export without --static" (`onnx`'s option; `executorch`
     has --size), e.g. `search corpus.faiss model.128.pte q.jpg` on a 1024-px corpus."""
@@ -364,8 +426,28 @@ def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None
     bare.write_bytes(_program_without_contract())
     fails(bare, r"carries no dtop-export contract \(no dtop_metadata method\)")
     fails(small_pte, r"runs at the precision it was compiled with", "--precision", "bf16")
+    # another size than the program's names `executorch --size`, not `onnx --static` (the Python engine's hint)
+    fails(small_pte, rf"for {SIZE}x{SIZE} inputs only, got 256x256: resize, or compile a program of that size "
+          r"\(dtop-export executorch CKPT\.pt --size 256\)$", "--image-size", "256")  # fmt: skip
     fails(tmp_path / "missing.pte", r"model .*missing\.pte not found")
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_cpp_default_threads_fit_the_cpus_the_process_may_run_on(client: Path, small_pte: Path, tmp_path: Path) -> None:
+    """dtop-embed on a .pte without --threads left ExecuTorch's pool at a thread per core of the machine under
+    taskset/a cpuset (2 threads on 1 CPU here), as the Python engine did; the sidecar said "default threads". Now the
+    pool is capped at the process's affinity and the sidecar names its size."""
+    import os
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.png")
+    one_cpu = min(os.sched_getaffinity(0))
+    r = subprocess.run([str(client), str(small_pte), str(tmp_path / "a.png"), "-o", str(tmp_path / "o.npy"),
+                        "--no-progress"], capture_output=True, text=True,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["engine"]["runtime"].endswith("XNNPACK 1 threads")
 
 
 def test_cpp_build_says_why_without_executorch(monkeypatch: pytest.MonkeyPatch) -> None:

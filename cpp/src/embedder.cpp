@@ -66,9 +66,14 @@ std::vector<float> Embedder::run(const std::vector<const Tensor*>& batch) {
   }
   const int h = batch[0]->height, w = batch[0]->width;
   if (contract_.static_hw && ((*contract_.static_hw)[0] != h || (*contract_.static_hw)[1] != w)) {
+    // An ExecuTorch program has no --static to drop: its size is `executorch --size`'s (as the Python engine says).
+    const std::string fix = contract_.format == "dtop-export/executorch"
+                                ? "resize, or compile a program of that size (dtop-export executorch CKPT.pt --size " +
+                                      std::to_string(h) + ")"
+                                : "re-export without --static";
     throw Error(source_ + " was exported for " + std::to_string((*contract_.static_hw)[0]) + "x" +
                 std::to_string((*contract_.static_hw)[1]) + " inputs only, got " + std::to_string(h) + "x" +
-                std::to_string(w) + ": re-export without --static");
+                std::to_string(w) + ": " + fix);
   }
   const std::size_t plane = static_cast<std::size_t>(3) * h * w;
   const int n = static_cast<int>(batch.size());

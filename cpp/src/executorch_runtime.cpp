@@ -5,6 +5,10 @@
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/platform.h>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 #include <cstdint>
 #include <filesystem>
 #include <mutex>
@@ -55,6 +59,17 @@ void quiet_log() {
   });
 }
 
+// CPUs this process may run on (its affinity: taskset, a cgroup cpuset), which ExecuTorch's default pool, a thread
+// per core of the machine, does not look at; 0 where the OS does not say.
+std::size_t usable_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<std::size_t>(CPU_COUNT(&set));
+#endif
+  return 0;
+}
+
 // "(code: the runtime's last error line)" for an error message.
 std::string reason(Error error) {
   std::string text = executorch::runtime::to_string(error);
@@ -83,11 +98,13 @@ class ExecuTorchRuntime final : public Runtime {
                         "): export it again with `dtop-export executorch`");
     }
     read_metadata();
-    if (options.threads > 0) {
-      auto* pool = executorch::extension::threadpool::get_threadpool();
-      if (pool != nullptr && pool->get_thread_count() != static_cast<std::size_t>(options.threads)) {
-        pool->_unsafe_reset_threadpool(static_cast<std::uint32_t>(options.threads));
-      }
+    // The pool is the process's: --threads sizes it; by default ExecuTorch's size, capped at the usable CPUs (two
+    // threads on one CPU under taskset made every forward pass wait).
+    if (auto* pool = executorch::extension::threadpool::get_threadpool(); pool != nullptr) {
+      std::size_t wanted = options.threads > 0 ? static_cast<std::size_t>(options.threads) : pool->get_thread_count();
+      if (const std::size_t cpus = usable_cpus(); options.threads == 0 && cpus > 0 && wanted > cpus) wanted = cpus;
+      if (pool->get_thread_count() != wanted) pool->_unsafe_reset_threadpool(static_cast<std::uint32_t>(wanted));
+      threads_ = pool->get_thread_count();
     }
     if (const Error e = module_->load_forward(); e != Error::Ok) {
       throw dtop::Error("ExecuTorch cannot load " + path + "'s forward method (" + reason(e) + ")");
@@ -124,7 +141,7 @@ class ExecuTorchRuntime final : public Runtime {
   std::string describe() const override {
     const auto version = metadata_.find("dtop.executorch_version");
     return "executorch " + (version == metadata_.end() ? std::string("?") : version->second) + " XNNPACK " +
-           (options_.threads > 0 ? std::to_string(options_.threads) + " threads" : std::string("default threads"));
+           (threads_ > 0 ? std::to_string(threads_) + " threads" : std::string("default threads"));
   }
 
  private:
@@ -155,6 +172,7 @@ class ExecuTorchRuntime final : public Runtime {
 
   std::string path_;
   RuntimeOptions options_;
+  std::size_t threads_ = 0;  // the pool's size when this program was opened
   std::unique_ptr<Module> module_;
   Metadata metadata_;
 };

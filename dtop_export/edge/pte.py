@@ -238,9 +238,10 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
     ([1, 3, S, S] each)."""
     import torch
 
-    from dtop_export.engines.executorch import load_program_bytes, native_log
+    from dtop_export.engines.executorch import load_program_bytes, native_log, set_threads
 
     loaded = load_program_bytes(program, "the INT8 program")
+    set_threads(None)  # the CPUs this process may run on, not the machine's
     cos = []
     with torch.no_grad(), native_log():  # the thread pool's first use probes the CPU, at Info level on stderr
         method = loaded.load_method("forward")
@@ -249,6 +250,21 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
             a, b = fp32(t).double(), method.execute([t])[0].double()
             cos.append(float((a * b).sum() / (a.norm() * b.norm())))
     return {"images": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
+
+
+def refuse_below_contract(check: dict[str, Any], source: str, keep_float: Sequence[str]) -> None:
+    """A :class:`DToPError` when the INT8 program's cosine to the fp32 model (:func:`check_int8`) is below
+    :data:`INT8_MIN_COSINE`: such a program is not written, the message says what to try instead."""
+    if check["cosine_min"] >= INT8_MIN_COSINE:
+        return
+    more = [r for r in ("fc1", "proj", "qkv") if r not in keep_float][:1]
+    roles = ",".join(r for r in INT8_ROLES if r in {*keep_float, *more})
+    fix = f"keep more block layers float (--keep-float {roles}), " if more else ""
+    raise DToPError(
+        f"the INT8 program breaks the INT8 contract on {check['images']} images{f' ({source})' if source else ''}: "
+        f"cosine min {check['cosine_min']:.5f} < {INT8_MIN_COSINE:g} to the fp32 model, so nothing was written: "
+        f"{fix}check it on images like yours (--calib DIR), or ship the fp32 program (drop --int8)"
+    )
 
 
 def write_pte(
@@ -264,7 +280,8 @@ def write_pte(
     on_stage: Callable[[str], None] | None = None,
 ) -> PteResult:
     """Write the ``.pte`` of ``checkpoint`` for ``size``² inputs to ``output`` (atomic). ``int8``: the dynamic
-    INT8 recipe, checked against the fp32 program on ``calib`` (preprocessed [1, 3, size, size] tensors)."""
+    INT8 recipe, checked against the fp32 program on ``calib`` (preprocessed [1, 3, size, size] tensors); a program
+    below the INT8 contract there is refused (:func:`refuse_below_contract`), not written."""
     import torch
 
     from dtop_export.atomic import atomic_write_bytes, output_folder
@@ -322,6 +339,7 @@ def write_pte(
         stage("check")
         check = check_int8(fp32_module, emit_program(edge, meta, keep=True), calib)
         quantization["check"] = check | {"source": calibration_source}
+        refuse_below_contract(check, calibration_source, keep_float)
     if quantization:
         meta["dtop.quantization"] = json.dumps(quantization, sort_keys=True)
     stage("emit")
