@@ -216,7 +216,7 @@ def set_threads(threads: int | None) -> None:
 
     with native_log():  # the pool's first use probes the CPU, at Info level on stderr
         current = lib._threadpool_get_thread_count()
-        wanted = min(current, usable_cpus()) if threads is None else threads
+        wanted = threads or min(current, usable_cpus())  # 0 as None: a pool of no threads cannot run
         if current != wanted:
             lib._unsafe_reset_threadpool(wanted)
 
