@@ -213,6 +213,10 @@ def test_parity_check_embed_and_bench_take_a_pte(
     assert code == 0
     rows = {e["name"]: e for e in json.loads(bench.read_text())["engines"]}
     assert rows["executorch"]["timings"][0]["cosine_min"] >= 0.99999
+    # another size: refused as the program loads, naming the option (it failed in the first pass, after the engines
+    # before it had run, with the engine's own message)
+    err = _error(capsys, "bench", str(small_ckpt), str(small_pte), "--sizes", f"{SIZE},64", "--no-progress")
+    assert f"{small_pte} runs {SIZE}x{SIZE} inputs only, not 64x64: bench it with --sizes {SIZE}" in err
 
 
 def test_square_preprocessing_feeds_the_whole_image() -> None:

@@ -185,6 +185,17 @@ def _file_build_seconds(spec: EngineSpec) -> tuple[float | None, str | None]:
     return None, None
 
 
+def _refuse_other_sizes(engine: Any, path: Path, sizes: Sequence[int]) -> None:
+    """One line, before this engine runs, when it takes one input size (an ExecuTorch program, a ``--static``
+    export) and ``--sizes`` asks for others (the first pass failed there, after the engines before it had run)."""
+    hw = getattr(engine, "static_hw", None)
+    other = [s for s in sizes if hw is not None and (s, s) != tuple(hw)]
+    if other:
+        engine.close()
+        fix = f"--sizes {hw[0]}" if hw[0] == hw[1] else "a square export (bench times S x S inputs)"
+        raise DToPError(f"{path} runs {hw[0]}x{hw[1]} inputs only, not {other[0]}x{other[0]}: bench it with {fix}")
+
+
 def run_bench(
     specs: Sequence[EngineSpec],
     sizes: Sequence[int],
@@ -224,6 +235,7 @@ def run_bench(
             cpu = {} if spec.path.suffix.lower() in PLAN_SUFFIXES else {"threads": threads}  # a plan has no threads
             engine = load_engine(spec.path, **{**cpu, **spec.options})
             load_s = time.perf_counter() - t0
+            _refuse_other_sizes(engine, spec.path, sizes)
             rss_loaded = _rss()
             label = _label(engine, spec)
             first_call = None
