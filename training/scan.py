@@ -79,10 +79,12 @@ def folder_entries(classes: list[Path], skipped: Counter, files: list[tuple[str,
         owner.setdefault(resolved[d], d.name)
     seen: dict[tuple[int, int], str] = {}
     entries: list[tuple[str, str]] = []
+    # folders above a class (the root and its ancestors among them): a class folder linking to one holds other classes
+    root = classes[0].parent.resolve() if classes else Path("/")
+    above = {root, *root.parents, *(a for d in classes for a in resolved[d].parents)}  # a set: one look-up per class
     for d in classes:
         real = owner[resolved[d]]
-        holds = any(resolved[d] in resolved[e].parents for e in classes)  # a folder above another class
-        if d.is_symlink() and (holds or resolved[d] in (d.parent.resolve(), *d.parent.resolve().parents)):
+        if resolved[d] in above and d.is_symlink():
             # a link to the set's root (or above, or to a folder of classes) would take every class's images
             log.warning("folder: class folder %s is a link to %s, which holds other classes: skipped", d, resolved[d])
             skipped["class_folder_links_to_classes"] += 1
