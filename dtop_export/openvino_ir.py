@@ -49,7 +49,9 @@ def _set_metadata(model: Any, updates: dict[str, str]) -> None:
 
 def _save_atomic(model: Any, xml: Path) -> None:
     """``ov.save_model`` into a temp folder next to ``xml``, then rename the .bin, then the .xml (the entry
-    point), so a reader never sees a new .xml with an old or half-written .bin."""
+    point), so a reader never sees a new .xml with an old or half-written .bin (and the .xml names its .bin by
+    sha256, :func:`stamp_weights`, so a reader that finds an old .xml with the new .bin, or any .xml with another
+    .bin, refuses the pair)."""
     import openvino as ov
 
     from dtop_export.atomic import output_folder
@@ -58,8 +60,30 @@ def _save_atomic(model: Any, xml: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".dtop-ir-", dir=parent) as tmp:
         staged = Path(tmp) / xml.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
+        stamp_weights(staged)
         for src, dest in zip(ir_files(staged), ir_files(xml)):
             os.replace(src, dest)
+
+
+def stamp_weights(xml: Path) -> None:
+    """Record the sha256 of the IR's ``.bin`` in its ``.xml`` (``dtop.weights_sha256`` under ``rt_info/framework``),
+    which :func:`~dtop_export.engines.openvino.check_weights` compares when the IR is read."""
+    import xml.etree.ElementTree as ET
+
+    from dtop_export.digest import file_sha256
+    from dtop_export.engines.openvino import WEIGHTS_KEY
+
+    tree = ET.parse(xml)
+    info = tree.getroot().find("rt_info")
+    if info is None:
+        info = ET.SubElement(tree.getroot(), "rt_info")
+    framework = info.find("framework")
+    if framework is None:
+        framework = ET.SubElement(info, "framework")
+    for old in framework.findall(WEIGHTS_KEY):
+        framework.remove(old)
+    ET.SubElement(framework, WEIGHTS_KEY, {"value": file_sha256(xml.with_suffix(".bin"))})
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
 
 
 def describe_ir(xml: Path) -> dict[str, Any]:

@@ -70,7 +70,13 @@ def test_fp32_meets_the_onnx_runtime_contract(
 def test_ir_keeps_metadata_and_dynamic_axes(small_onnx: Path, ir: Path) -> None:
     onnx_meta = read_metadata(small_onnx)
     ir_meta = model_metadata(read_model(ir))
-    changed = {"dtop.precision", "dtop.derived_from", "dtop.ir_build_seconds", "dtop.fp32_islands"}
+    changed = {
+        "dtop.precision",
+        "dtop.derived_from",
+        "dtop.ir_build_seconds",
+        "dtop.fp32_islands",
+        "dtop.weights_sha256",
+    }
     assert {k: v for k, v in ir_meta.items() if k not in changed} == {
         k: v for k, v in onnx_meta.items() if k not in changed
     }
@@ -119,6 +125,27 @@ def test_ir_metadata_is_read_from_the_xml_without_openvino(
     broken.write_text(ir.read_text()[:500])
     with pytest.raises(DToPError, match=r"^OpenVINO cannot read .*broken.xml: .*line \d+"):
         ov_engine.ir_metadata(broken)
+
+
+def test_an_ir_refuses_a_bin_it_was_not_written_with(ir: Path, tmp_path: Path) -> None:
+    """OpenVINO reads an IR's weights by offset: a .bin left from another export of the same architecture (a
+    retrained checkpoint, only the new .xml copied over) ran with the old weights under the new metadata. The .xml
+    names its .bin by sha256; every reader (engine, info, embed) refuses another .bin in one line."""
+    import shutil
+
+    xml = tmp_path / "deploy.xml"
+    shutil.copy(ir, xml)
+    shutil.copy(ir.with_suffix(".bin"), xml.with_suffix(".bin"))
+    assert load_engine(xml).precision == "fp32"  # the pair as written
+    stale = bytearray(ir.with_suffix(".bin").read_bytes())
+    stale[len(stale) // 2 : len(stale) // 2 + 64] = bytes(64)  # other weights, same size and layout
+    xml.with_suffix(".bin").write_bytes(bytes(stale))
+    with pytest.raises(DToPError, match=r"deploy.bin is not the .bin deploy.xml was written with.*together"):
+        load_engine(xml)
+    assert cli("info", str(xml)) == 2
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(DToPError, match=r"weights deploy.bin not found: copy the .xml and its .bin together"):
+        read_model(xml)
 
 
 def _quantized_inputs(op: Any) -> bool:
