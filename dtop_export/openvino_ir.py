@@ -165,6 +165,43 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
         )
 
 
+def check_int8(fp32: Any, int8: Any, calib: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Cosine of the INT8 ``ov.Model``'s descriptors to the fp32 one's (both compiled f32 on the CPU) on ``calib``."""
+    cos = []
+    for a, b in zip(_descriptors(fp32, calib), _descriptors(int8, calib)):
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
+    return {"inputs": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
+
+
+def _descriptors(model: Any, tensors: Sequence[np.ndarray]) -> list[np.ndarray]:
+    import openvino.properties.hint as hints
+
+    from dtop_export.contract import OUTPUT_NAME
+    from dtop_export.engines.openvino import core
+
+    compiled = core().compile_model(model, "CPU", {hints.inference_precision: "f32"})
+    out = next((o for o in compiled.outputs if OUTPUT_NAME in o.get_names()), compiled.outputs[0])
+    request = compiled.create_infer_request()
+    return [np.array(request.infer({0: x})[out], dtype=np.float64).ravel() for x in tensors]
+
+
+def refuse_below_contract(check: dict[str, Any], recipe: str, source: str) -> None:
+    """A :class:`DToPError` when the INT8 IR's cosine to the fp32 model (:func:`check_int8`) is below the INT8
+    contract: such an IR is not written, the message says what to try instead."""
+    from dtop_export.parity import CONTRACTS
+
+    floor = CONTRACTS["int8"].cosine_min
+    if check["cosine_min"] >= floor:
+        return
+    other = "the default recipe (--recipe qdq), " if recipe == "nncf" else ""
+    raise DToPError(
+        f"the INT8 IR ({recipe}) breaks the INT8 contract on its {check['inputs']} calibration inputs"
+        f"{f' ({source})' if source else ''}: cosine min {check['cosine_min']:.5f} < {floor:g} to the fp32 model, so "
+        f"nothing was written: try {other}more layers float (--keep-float), images like yours (--calib DIR), or "
+        "the fp32 IR (drop --int8)"
+    )
+
+
 def write_ir(
     onnx_path: str | Path,
     output: str | Path,
@@ -190,6 +227,8 @@ def write_ir(
     ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``). An fp32
     IR marks its FP32 islands (:func:`~dtop_export.engines.openvino.with_fp32_islands`; ``dtop.fp32_islands``
     counts the layers): under an f16 hint they stay FP32 (OpenVINO 2026.4's CPU plugin ignores the mark under bf16).
+    An INT8 IR is checked against the fp32 model on ``calib`` (:func:`check_int8`, recorded in
+    ``dtop.quantization``) and refused below the INT8 contract (:func:`refuse_below_contract`), nothing written.
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
@@ -242,6 +281,11 @@ def write_ir(
                     "model_type": "transformer (LayerNorm, Softmax, GELU float), no SmoothQuant, min/max ranges",
                     "float_roles": roles,
                 }
+        if int8:
+            say(f"checking the INT8 IR against the fp32 model on {len(calib)} inputs")
+            check = check_int8(read_model(onnx_path), model, calib)
+            calibration["check"] = check | {"reference": "the fp32 ONNX in OpenVINO (f32)"}
+            refuse_below_contract(check, recipe, calibration_source)
         precision = "int8" if int8 or source_precision == "int8" else "fp32"
         islands = 0
         if precision == "fp32":

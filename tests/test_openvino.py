@@ -181,6 +181,8 @@ def test_int8_ir_meets_its_contract(
     meta = model_metadata(model)
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["recipe"].startswith(recipe)
     assert meta["dtop.descriptor_dim"] == read_metadata(small_onnx)["dtop.descriptor_dim"]
+    check = json.loads(meta["dtop.quantization"])["check"]  # checked where it is written
+    assert check["inputs"] == 32 and 0.99 <= check["cosine_min"] < 0.99999
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     float_ops = ignored_names(small_onnx, DEFAULT_FLOAT_ROLES, read_model(small_onnx))
     assert float_ops and not [n for n in float_ops if n in ops and _quantized_inputs(ops[n])]
@@ -195,6 +197,27 @@ def test_int8_ir_meets_its_contract(
         assert report.passed, report.failures()  # cos >= 0.99, |ΔmAP| <= 1.0
     elif not report.passed:
         assert all("positive/negative pairs flipped" in f for f in report.failures()), report.failures()
+
+
+def test_an_int8_ir_below_the_contract_is_not_written(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The INT8 contract is asserted where the IR is produced: an INT8 model whose cosine to the fp32 one on the
+    calibration inputs is below 0.99 (the check stubbed: the small model's INT8 stays above it) is refused in one
+    line naming what to try, and nothing is written."""
+    import dtop_export.openvino_ir as openvino_ir
+
+    seen: list[int] = []
+
+    def below(fp32: Any, int8: Any, calib: list[np.ndarray]) -> dict[str, Any]:
+        seen.append(len(calib))
+        return {"inputs": len(calib), "cosine_min": 0.95, "cosine_mean": 0.97}
+
+    monkeypatch.setattr(openvino_ir, "check_int8", below, raising=False)
+    calib = [_x(1, 64, 64, seed=i) for i in range(2)]
+    with pytest.raises(DToPError, match=r"breaks the INT8 contract on its 2 calibration inputs \(mine\): cosine min "):
+        openvino_ir.write_ir(small_onnx, tmp_path / "bad.int8.xml", int8=True, calib=calib, calibration_source="mine")
+    assert seen == [2] and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_runtime_options_and_errors(small_onnx: Path, small_ckpt: Path, ir: Path, tmp_path: Path) -> None:

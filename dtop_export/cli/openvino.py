@@ -105,8 +105,10 @@ def openvino(
     what = "fp32"
     if int8:
         n = len(tensors) // len(sizes)
+        check = r.calibration["check"]
         what = (f"INT8 ({recipe}, calibrated on {n} image(s) x {len(sizes)} size(s) = {len(tensors)} inputs from "
-                f"{source}; float: {', '.join(roles)})")  # fmt: skip
+                f"{source}; float: {', '.join(roles)}; cosine min {check['cosine_min']:.5f} to the fp32 model on "
+                "them, within the INT8 contract)")  # fmt: skip
     con.print(
         f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {what}) "
         f"in {r.seconds:.1f} s",
