@@ -232,7 +232,7 @@ def write_ir(
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
-    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8, require_dynamic_shapes
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -253,6 +253,8 @@ def write_ir(
     bad = sorted(set(roles) - set(ROLES))
     if bad:
         raise DToPError(f"unknown node role(s) {', '.join(bad)}: choose from {', '.join(ROLES)}")
+    if int8:
+        require_dynamic_shapes(meta, onnx_path)
     if int8 and not calib:
         raise DToPError("no calibration images")
     say = on_step or (lambda _text: None)

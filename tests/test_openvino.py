@@ -294,9 +294,10 @@ def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> Non
     assert ov.shape == ort.shape == (2, side["descriptor_dim"]) and float((ov * ort).sum(1).min()) >= 0.99999
 
 
-def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path) -> None:
+def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --batch 2 --static export: any batch runs in padded chunks of 2 (as ONNX Runtime does), another
-    height/width is refused with the shape it was exported for."""
+    height/width is refused with the shape it was exported for; `openvino --int8` and `quantize` refuse it in one line
+    (ONNX Runtime's calibration failed with a traceback)."""
     from dtop_export.errors import ShapeError
     from dtop_export.export import export_onnx
 
@@ -309,6 +310,12 @@ def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path) -> Non
     assert a.shape == (3, ov.descriptor_dim) and float((a * r).sum(1).min()) >= 0.99999
     with pytest.raises(ShapeError, match="exported for 64x96 inputs only, got 96x96"):
         ov.embed(_x(1, 96, 96))
+    # INT8 calibrates one image at a time at several sizes: such an export is refused in one line, before any work
+    for command, out in (("openvino", "fixed.int8.xml"), ("quantize", "fixed.int8.onnx")):
+        assert cli(command, str(path), *(["--int8"] if command == "openvino" else []), "-o", str(tmp_path / out)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("fixed.onnx is a --static 64x96 --batch 2 export: " in e for e in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
 
 
 def _native_fp16() -> bool:
