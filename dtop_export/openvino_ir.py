@@ -1,4 +1,4 @@
-"""OpenVINO IR (``.xml`` + ``.bin``) from an exported ONNX: fp32, or INT8 by NNCF post-training quantisation.
+"""OpenVINO IR (``.xml`` + ``.bin``) from an exported ONNX: fp32, or INT8 (QDQ calibration converted, or NNCF).
 
 The IR keeps the ``dtop.*`` deployment metadata (OpenVINO's ``rt_info["framework"]``) and dynamic
 batch/height/width, so :class:`~dtop_export.engines.openvino.OpenVinoEngine` and the C++ client read it like the
