@@ -1,4 +1,4 @@
-"""OpenVINO IR (``.xml`` + ``.bin``) from an exported ONNX: fp32, or INT8 by NNCF post-training quantisation.
+"""OpenVINO IR (``.xml`` + ``.bin``) from an exported ONNX: fp32, or INT8 (QDQ calibration converted, or NNCF).
 
 The IR keeps the ``dtop.*`` deployment metadata (OpenVINO's ``rt_info["framework"]``) and dynamic
 batch/height/width, so :class:`~dtop_export.engines.openvino.OpenVinoEngine` and the C++ client read it like the
@@ -49,7 +49,9 @@ def _set_metadata(model: Any, updates: dict[str, str]) -> None:
 
 def _save_atomic(model: Any, xml: Path) -> None:
     """``ov.save_model`` into a temp folder next to ``xml``, then rename the .bin, then the .xml (the entry
-    point), so a reader never sees a new .xml with an old or half-written .bin."""
+    point), so a reader never sees a new .xml with an old or half-written .bin (and the .xml names its .bin by
+    sha256, :func:`stamp_weights`, so a reader that finds an old .xml with the new .bin, or any .xml with another
+    .bin, refuses the pair)."""
     import openvino as ov
 
     from dtop_export.atomic import output_folder
@@ -58,8 +60,30 @@ def _save_atomic(model: Any, xml: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".dtop-ir-", dir=parent) as tmp:
         staged = Path(tmp) / xml.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
+        stamp_weights(staged)
         for src, dest in zip(ir_files(staged), ir_files(xml)):
             os.replace(src, dest)
+
+
+def stamp_weights(xml: Path) -> None:
+    """Record the sha256 of the IR's ``.bin`` in its ``.xml`` (``dtop.weights_sha256`` under ``rt_info/framework``),
+    which :func:`~dtop_export.engines.openvino.check_weights` compares when the IR is read."""
+    import xml.etree.ElementTree as ET
+
+    from dtop_export.digest import file_sha256
+    from dtop_export.engines.openvino import WEIGHTS_KEY
+
+    tree = ET.parse(xml)
+    info = tree.getroot().find("rt_info")
+    if info is None:
+        info = ET.SubElement(tree.getroot(), "rt_info")
+    framework = info.find("framework")
+    if framework is None:
+        framework = ET.SubElement(info, "framework")
+    for old in framework.findall(WEIGHTS_KEY):
+        framework.remove(old)
+    ET.SubElement(framework, WEIGHTS_KEY, {"value": file_sha256(xml.with_suffix(".bin"))})
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
 
 
 def describe_ir(xml: Path) -> dict[str, Any]:
@@ -141,6 +165,43 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
         )
 
 
+def check_int8(fp32: Any, int8: Any, calib: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Cosine of the INT8 ``ov.Model``'s descriptors to the fp32 one's (both compiled f32 on the CPU) on ``calib``."""
+    cos = []
+    for a, b in zip(_descriptors(fp32, calib), _descriptors(int8, calib)):
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
+    return {"inputs": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
+
+
+def _descriptors(model: Any, tensors: Sequence[np.ndarray]) -> list[np.ndarray]:
+    import openvino.properties.hint as hints
+
+    from dtop_export.contract import OUTPUT_NAME
+    from dtop_export.engines.openvino import core
+
+    compiled = core().compile_model(model, "CPU", {hints.inference_precision: "f32"})
+    out = next((o for o in compiled.outputs if OUTPUT_NAME in o.get_names()), compiled.outputs[0])
+    request = compiled.create_infer_request()
+    return [np.array(request.infer({0: x})[out], dtype=np.float64).ravel() for x in tensors]
+
+
+def refuse_below_contract(check: dict[str, Any], recipe: str, source: str) -> None:
+    """A :class:`DToPError` when the INT8 IR's cosine to the fp32 model (:func:`check_int8`) is below the INT8
+    contract: such an IR is not written, the message says what to try instead."""
+    from dtop_export.parity import CONTRACTS
+
+    floor = CONTRACTS["int8"].cosine_min
+    if check["cosine_min"] >= floor:
+        return
+    other = "the default recipe (--recipe qdq), " if recipe == "nncf" else ""
+    raise DToPError(
+        f"the INT8 IR ({recipe}) breaks the INT8 contract on its {check['inputs']} calibration inputs"
+        f"{f' ({source})' if source else ''}: cosine min {check['cosine_min']:.5f} < {floor:g} to the fp32 model, so "
+        f"nothing was written: try {other}more layers float (--keep-float), images like yours (--calib DIR), or "
+        "the fp32 IR (drop --int8)"
+    )
+
+
 def write_ir(
     onnx_path: str | Path,
     output: str | Path,
@@ -166,10 +227,12 @@ def write_ir(
     ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``). An fp32
     IR marks its FP32 islands (:func:`~dtop_export.engines.openvino.with_fp32_islands`; ``dtop.fp32_islands``
     counts the layers): under an f16 hint they stay FP32 (OpenVINO 2026.4's CPU plugin ignores the mark under bf16).
+    An INT8 IR is checked against the fp32 model on ``calib`` (:func:`check_int8`, recorded in
+    ``dtop.quantization``) and refused below the INT8 contract (:func:`refuse_below_contract`), nothing written.
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
-    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8, require_dynamic_shapes
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -190,6 +253,8 @@ def write_ir(
     bad = sorted(set(roles) - set(ROLES))
     if bad:
         raise DToPError(f"unknown node role(s) {', '.join(bad)}: choose from {', '.join(ROLES)}")
+    if int8:
+        require_dynamic_shapes(meta, onnx_path)
     if int8 and not calib:
         raise DToPError("no calibration images")
     say = on_step or (lambda _text: None)
@@ -218,6 +283,11 @@ def write_ir(
                     "model_type": "transformer (LayerNorm, Softmax, GELU float), no SmoothQuant, min/max ranges",
                     "float_roles": roles,
                 }
+        if int8:
+            say(f"checking the INT8 IR against the fp32 model on {len(calib)} inputs")
+            check = check_int8(read_model(onnx_path), model, calib)
+            calibration["check"] = check | {"reference": "the fp32 ONNX in OpenVINO (f32)"}
+            refuse_below_contract(check, recipe, calibration_source)
         precision = "int8" if int8 or source_precision == "int8" else "fp32"
         islands = 0
         if precision == "fp32":

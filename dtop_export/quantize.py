@@ -101,6 +101,19 @@ def calibration_tensors(
     return out
 
 
+def require_dynamic_shapes(meta: dict[str, str], path: Path) -> None:
+    """One line for an export of fixed shapes (``--static HxW``, ``--batch N``): calibration feeds one image at a time
+    at several sizes, which such a model refuses (ONNX Runtime's calibration failed with a traceback)."""
+    hw = json.loads(meta.get("dtop.static_hw") or "null")
+    batch = json.loads(meta.get("dtop.fixed_batch") or "null")
+    fixed = [*([f"--static {hw[0]}x{hw[1]}"] if hw else []), *([f"--batch {batch}"] if batch else [])]
+    if fixed:
+        raise DToPError(
+            f"{path} is a {' '.join(fixed)} export: INT8 calibration runs one image at a time at several sizes, so "
+            "quantise the dynamic export (`dtop-export onnx CKPT.pt` without --static/--batch)"
+        )
+
+
 # graph analysis --------------------------------------------------------------------------------------
 
 
@@ -224,6 +237,7 @@ def quantize_int8(
     meta = metadata_of(model)
     if meta.get("dtop.precision", "fp32") != "fp32":
         raise DToPError(f"{onnx_path} is already {meta['dtop.precision']}: quantise the fp32 export")
+    require_dynamic_shapes(meta, onnx_path)
     if [i.name for i in model.graph.input] != [INPUT_NAME]:
         raise DToPError(f"{onnx_path} is not a dtop-export model (input must be '{INPUT_NAME}')")
     quant, keep = plan_quantization(model, keep_float=keep_float)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # cannot put it on a node, so it travels through the IR's XML (:func:`mark_fp32_islands`).
 KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
 KEEP_FP32_KEY = "DisablePrecisionConversion_0"
+WEIGHTS_KEY = "dtop.weights_sha256"  # the IR's .bin, recorded in its .xml (:func:`check_weights`)
 
 
 _CORE: list[Any] = []
@@ -50,7 +51,8 @@ def core() -> Any:
 
 def read_model(path: Path) -> Any:
     """An ``ov.Model`` read with the frontend its suffix names (``Core.read_model`` would offer the file to every
-    frontend, and TensorFlow's writes its parse errors of a broken ``.onnx`` to stderr)."""
+    frontend, and TensorFlow's writes its parse errors of a broken ``.onnx`` to stderr); an IR's ``.bin`` checked
+    against the ``.xml`` first (:func:`check_weights`)."""
     from openvino.frontend import FrontEndManager
 
     framework = FRAMEWORKS.get(path.suffix.lower())
@@ -58,6 +60,8 @@ def read_model(path: Path) -> Any:
         raise DToPError(f"{path} is not an .onnx file or an OpenVINO IR (.xml + .bin)")
     if not path.is_file():
         raise DToPError(f"model file {path} not found")
+    if framework == "ir":
+        check_weights(path)
     try:
         frontend = FrontEndManager().load_by_framework(framework)
         return frontend.convert(frontend.load(str(path)))
@@ -153,6 +157,11 @@ def ir_metadata(xml: Path) -> dict[str, str]:
     the full model), without importing OpenVINO or reading the ``.bin``: ``read_model`` took 0.3 s, compiling for
     the contract 0.8 s. An IR that keeps no ``dtop.*`` entry there (written by another tool or OpenVINO version) is
     read by OpenVINO instead."""
+    return xml_metadata(xml) or model_metadata(read_model(xml))
+
+
+def xml_metadata(xml: Path) -> dict[str, str]:
+    """The ``dtop.*`` entries of the ``<net>``'s own ``<rt_info>`` of the IR ``xml`` (none: an empty dict)."""
     import xml.etree.ElementTree as ET
 
     if not xml.is_file():
@@ -168,7 +177,27 @@ def ir_metadata(xml: Path) -> dict[str, str]:
             key = entry.get("name", "") if entry.tag == "info" else entry.tag  # a key that is no XML name: <info>
             if key.startswith("dtop.") and "value" in entry.attrib:
                 out[key] = entry.attrib["value"]
-    return out or model_metadata(read_model(xml))
+    return out
+
+
+def check_weights(xml: Path) -> None:
+    """Refuse an IR whose ``.bin`` is not the one its ``.xml`` was written with (``dtop.weights_sha256``, which
+    ``dtop-export openvino`` records): OpenVINO reads weights by offset, so a ``.bin`` left from another export of
+    the same architecture (a retrained checkpoint; only the ``.xml`` copied) ran silently with the old weights under
+    the new ``.xml``'s metadata. An IR without the entry (another tool, an older dtop-export) is not checked."""
+    from dtop_export.digest import file_sha256
+
+    expected = xml_metadata(xml).get(WEIGHTS_KEY)
+    if not expected:
+        return
+    weights = xml.with_suffix(".bin")
+    if not weights.is_file():
+        raise DToPError(f"{xml}'s weights {weights.name} not found: copy the .xml and its .bin together")
+    if file_sha256(weights) != expected:
+        raise DToPError(
+            f"{weights} is not the .bin {xml.name} was written with (sha256 differs: left from another export?): "
+            "copy the .xml and its .bin together, or write both again with `dtop-export openvino`"
+        )
 
 
 def model_metadata(model: Any) -> dict[str, str]:

@@ -70,7 +70,13 @@ def test_fp32_meets_the_onnx_runtime_contract(
 def test_ir_keeps_metadata_and_dynamic_axes(small_onnx: Path, ir: Path) -> None:
     onnx_meta = read_metadata(small_onnx)
     ir_meta = model_metadata(read_model(ir))
-    changed = {"dtop.precision", "dtop.derived_from", "dtop.ir_build_seconds", "dtop.fp32_islands"}
+    changed = {
+        "dtop.precision",
+        "dtop.derived_from",
+        "dtop.ir_build_seconds",
+        "dtop.fp32_islands",
+        "dtop.weights_sha256",
+    }
     assert {k: v for k, v in ir_meta.items() if k not in changed} == {
         k: v for k, v in onnx_meta.items() if k not in changed
     }
@@ -121,6 +127,27 @@ def test_ir_metadata_is_read_from_the_xml_without_openvino(
         ov_engine.ir_metadata(broken)
 
 
+def test_an_ir_refuses_a_bin_it_was_not_written_with(ir: Path, tmp_path: Path) -> None:
+    """OpenVINO reads an IR's weights by offset: a .bin left from another export of the same architecture (a
+    retrained checkpoint, only the new .xml copied over) ran with the old weights under the new metadata. The .xml
+    names its .bin by sha256; every reader (engine, info, embed) refuses another .bin in one line."""
+    import shutil
+
+    xml = tmp_path / "deploy.xml"
+    shutil.copy(ir, xml)
+    shutil.copy(ir.with_suffix(".bin"), xml.with_suffix(".bin"))
+    assert load_engine(xml).precision == "fp32"  # the pair as written
+    stale = bytearray(ir.with_suffix(".bin").read_bytes())
+    stale[len(stale) // 2 : len(stale) // 2 + 64] = bytes(64)  # other weights, same size and layout
+    xml.with_suffix(".bin").write_bytes(bytes(stale))
+    with pytest.raises(DToPError, match=r"deploy.bin is not the .bin deploy.xml was written with.*together"):
+        load_engine(xml)
+    assert cli("info", str(xml)) == 2
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(DToPError, match=r"weights deploy.bin not found: copy the .xml and its .bin together"):
+        read_model(xml)
+
+
 def _quantized_inputs(op: Any) -> bool:
     """Whether an input of ``op`` is INT8: a FakeQuantize (NNCF) or an 8-bit constant or cast (a converted QDQ
     file), reached through the dequantisation chain (Convert, Subtract, Multiply, Reshape, Transpose)."""
@@ -154,6 +181,8 @@ def test_int8_ir_meets_its_contract(
     meta = model_metadata(model)
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["recipe"].startswith(recipe)
     assert meta["dtop.descriptor_dim"] == read_metadata(small_onnx)["dtop.descriptor_dim"]
+    check = json.loads(meta["dtop.quantization"])["check"]  # checked where it is written
+    assert check["inputs"] == 32 and 0.99 <= check["cosine_min"] < 0.99999
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     float_ops = ignored_names(small_onnx, DEFAULT_FLOAT_ROLES, read_model(small_onnx))
     assert float_ops and not [n for n in float_ops if n in ops and _quantized_inputs(ops[n])]
@@ -168,6 +197,27 @@ def test_int8_ir_meets_its_contract(
         assert report.passed, report.failures()  # cos >= 0.99, |ΔmAP| <= 1.0
     elif not report.passed:
         assert all("positive/negative pairs flipped" in f for f in report.failures()), report.failures()
+
+
+def test_an_int8_ir_below_the_contract_is_not_written(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The INT8 contract is asserted where the IR is produced: an INT8 model whose cosine to the fp32 one on the
+    calibration inputs is below 0.99 (the check stubbed: the small model's INT8 stays above it) is refused in one
+    line naming what to try, and nothing is written."""
+    import dtop_export.openvino_ir as openvino_ir
+
+    seen: list[int] = []
+
+    def below(fp32: Any, int8: Any, calib: list[np.ndarray]) -> dict[str, Any]:
+        seen.append(len(calib))
+        return {"inputs": len(calib), "cosine_min": 0.95, "cosine_mean": 0.97}
+
+    monkeypatch.setattr(openvino_ir, "check_int8", below, raising=False)
+    calib = [_x(1, 64, 64, seed=i) for i in range(2)]
+    with pytest.raises(DToPError, match=r"breaks the INT8 contract on its 2 calibration inputs \(mine\): cosine min "):
+        openvino_ir.write_ir(small_onnx, tmp_path / "bad.int8.xml", int8=True, calib=calib, calibration_source="mine")
+    assert seen == [2] and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_runtime_options_and_errors(small_onnx: Path, small_ckpt: Path, ir: Path, tmp_path: Path) -> None:
@@ -244,9 +294,10 @@ def test_embed_runs_an_onnx_in_openvino(small_onnx: Path, tmp_path: Path) -> Non
     assert ov.shape == ort.shape == (2, side["descriptor_dim"]) and float((ov * ort).sum(1).min()) >= 0.99999
 
 
-def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path) -> None:
+def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --batch 2 --static export: any batch runs in padded chunks of 2 (as ONNX Runtime does), another
-    height/width is refused with the shape it was exported for."""
+    height/width is refused with the shape it was exported for; `openvino --int8` and `quantize` refuse it in one line
+    (ONNX Runtime's calibration failed with a traceback)."""
     from dtop_export.errors import ShapeError
     from dtop_export.export import export_onnx
 
@@ -259,6 +310,12 @@ def test_fixed_batch_and_static_exports(small_ckpt: Path, tmp_path: Path) -> Non
     assert a.shape == (3, ov.descriptor_dim) and float((a * r).sum(1).min()) >= 0.99999
     with pytest.raises(ShapeError, match="exported for 64x96 inputs only, got 96x96"):
         ov.embed(_x(1, 96, 96))
+    # INT8 calibrates one image at a time at several sizes: such an export is refused in one line, before any work
+    for command, out in (("openvino", "fixed.int8.xml"), ("quantize", "fixed.int8.onnx")):
+        assert cli(command, str(path), *(["--int8"] if command == "openvino" else []), "-o", str(tmp_path / out)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("fixed.onnx is a --static 64x96 --batch 2 export: " in e for e in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
 
 
 def _native_fp16() -> bool:

@@ -66,7 +66,7 @@ def openvino(
     from dtop_export.errors import DToPError
     from dtop_export.openvino_ir import INT8_RECIPES, require_nncf, write_ir
     from dtop_export.preprocess import list_images
-    from dtop_export.quantize import calibration_tensors, default_calibration_images
+    from dtop_export.quantize import calibration_tensors, default_calibration_images, require_dynamic_shapes
 
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
@@ -80,6 +80,8 @@ def openvino(
     if int8 and recipe == "nncf":
         require_nncf()  # after the options' own refusals; before the input, the output and the calibration
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
+    if int8:
+        require_dynamic_shapes(meta, model)
     sizes = parse_int_list(calib_sizes, "--calib-sizes") if int8 else []
     if sizes:
         from dtop_export.memory import check_image_size
@@ -105,8 +107,10 @@ def openvino(
     what = "fp32"
     if int8:
         n = len(tensors) // len(sizes)
+        check = r.calibration["check"]
         what = (f"INT8 ({recipe}, calibrated on {n} image(s) x {len(sizes)} size(s) = {len(tensors)} inputs from "
-                f"{source}; float: {', '.join(roles)})")  # fmt: skip
+                f"{source}; float: {', '.join(roles)}; cosine min {check['cosine_min']:.5f} to the fp32 model on "
+                "them, within the INT8 contract)")  # fmt: skip
     con.print(
         f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {what}) "
         f"in {r.seconds:.1f} s",

@@ -47,8 +47,10 @@ def quantize(
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import build_int8
     from dtop_export.preprocess import list_images
+    from dtop_export.quantize import require_dynamic_shapes
 
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
+    require_dynamic_shapes(meta, model)
     sizes = parse_int_list(calib_sizes, "--calib-sizes")
     check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
     output = new_output(model, output, ".int8.onnx", force)  # the input is checked above
