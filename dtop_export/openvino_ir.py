@@ -166,11 +166,11 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
 
 
 def check_int8(fp32: Any, int8: Any, calib: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Cosine of the INT8 ``ov.Model``'s descriptors to the fp32 one's (both compiled f32 on the CPU) on ``calib``."""
-    cos = []
-    for a, b in zip(_descriptors(fp32, calib), _descriptors(int8, calib)):
-        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
-    return {"inputs": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
+    """:func:`~dtop_export.int8_check.agreement` of the INT8 ``ov.Model`` with the fp32 one (both compiled f32 on
+    the CPU) on ``calib``."""
+    from dtop_export.int8_check import agreement
+
+    return agreement(_descriptors(fp32, calib), _descriptors(int8, calib), "the fp32 ONNX in OpenVINO (f32)")
 
 
 def _descriptors(model: Any, tensors: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -186,20 +186,13 @@ def _descriptors(model: Any, tensors: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 def refuse_below_contract(check: dict[str, Any], recipe: str, source: str) -> None:
-    """A :class:`DToPError` when the INT8 IR's cosine to the fp32 model (:func:`check_int8`) is below the INT8
-    contract: such an IR is not written, the message says what to try instead."""
-    from dtop_export.parity import CONTRACTS
+    """:func:`~dtop_export.int8_check.refuse_below_contract` for an INT8 IR: nothing written, what to try instead."""
+    from dtop_export.int8_check import refuse_below_contract as refuse
 
-    floor = CONTRACTS["int8"].cosine_min
-    if check["cosine_min"] >= floor:
-        return
-    other = "the default recipe (--recipe qdq), " if recipe == "nncf" else ""
-    raise DToPError(
-        f"the INT8 IR ({recipe}) breaks the INT8 contract on its {check['inputs']} calibration inputs"
-        f"{f' ({source})' if source else ''}: cosine min {check['cosine_min']:.5f} < {floor:g} to the fp32 model, so "
-        f"nothing was written: try {other}more layers float (--keep-float), images like yours (--calib DIR), or "
-        "the fp32 IR (drop --int8)"
-    )
+    other = ["the default recipe (--recipe qdq)"] if recipe == "nncf" else []
+    remedies = [*other, "more layers float (--keep-float)", "images like yours (--calib DIR)"]
+    remedies.append("the fp32 IR (drop --int8)")
+    refuse(check, f"the INT8 IR ({recipe})", source, remedies)
 
 
 def write_ir(
@@ -263,7 +256,9 @@ def write_ir(
         if int8 and recipe == "qdq":
             say(f"calibrating and quantising (QDQ) on {len(calib)} inputs")
             staged = Path(tmp) / "int8.onnx"
-            q = quantize_int8(onnx_path, staged, calib, keep_float=roles, calibration_source=calibration_source)
+            q = quantize_int8(
+                onnx_path, staged, calib, keep_float=roles, calibration_source=calibration_source, check=False
+            )  # the IR it converts to is checked below
             model = read_model(staged)
             calibration = {**q.calibration, "recipe": "qdq (dtop-export quantize, converted)"}
         else:
@@ -286,7 +281,7 @@ def write_ir(
         if int8:
             say(f"checking the INT8 IR against the fp32 model on {len(calib)} inputs")
             check = check_int8(read_model(onnx_path), model, calib)
-            calibration["check"] = check | {"reference": "the fp32 ONNX in OpenVINO (f32)"}
+            calibration["check"] = check
             refuse_below_contract(check, recipe, calibration_source)
         precision = "int8" if int8 or source_precision == "int8" else "fp32"
         islands = 0

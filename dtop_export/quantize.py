@@ -208,12 +208,17 @@ def quantize_int8(
     exclude_nodes: Sequence[str] = (),
     calibration_source: str = "",
     on_item: Callable[[], None] | None = None,
+    check: bool = True,
+    on_check: Callable[[int], Callable[[], None] | None] | None = None,
 ) -> QuantizeResult:
     """Statically quantise the dtop-export ONNX ``onnx_path`` to ``output`` (QDQ, atomic write).
 
     ``calib``: preprocessed images [1, 3, H, W] (any mix of sizes). ``keep_float``: roles of Conv/MatMul
     nodes (see :func:`node_roles`) left in float; by default the first stem conv and the attention matmuls.
-    ``on_item`` is called once per calibration image (progress bars).
+    ``on_item`` is called once per calibration image (progress bars). ``check``: the INT8 model, run by ONNX
+    Runtime, against the fp32 one on ``calib`` (:func:`check_int8`, recorded in ``dtop.quantization``), refused
+    below the INT8 contract with nothing written (``openvino --int8`` checks the IR it converts instead);
+    ``on_check(total)``, called as the check starts, may return a callback invoked once per checked input.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -279,8 +284,9 @@ def quantize_int8(
                 calibration_providers=["CPUExecutionProvider"],
             )
         qmodel = onnx.load(str(staged))
-    seconds = time.perf_counter() - t0
-    calibration = {
+        seconds = time.perf_counter() - t0
+        checked = check_int8(named, staged, calib, on_check(len(calib)) if on_check else None) if check else None
+    calibration: dict[str, Any] = {
         "method": method,
         "images": len(calib),
         "shapes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib}),
@@ -290,7 +296,17 @@ def quantize_int8(
         "weights": "int8 per-channel symmetric" if per_channel else "int8 per-tensor symmetric",
         "float_ops": "LayerNormalization, Softmax, Gelu, GroupNorm, Resize (DPE), Gemm (FCs, whitening), L2 norms",
         "float_roles": list(keep_float),
+        **({"check": checked} if checked else {}),
     }
+    if checked:
+        from dtop_export.int8_check import refuse_below_contract
+
+        # the default float roles first, then the block layers one at a time (the one ExecuTorch keeps first)
+        more = [r for r in DEFAULT_FLOAT_ROLES if r not in keep_float]
+        more = more or [r for r in ("fc2", "fc1", "proj", "qkv", "elm") if r not in keep_float][:1]
+        fix = [f"more layers float (--keep-float {','.join([*keep_float, *more])})"] if more else []
+        remedies = [*fix, "images like yours (--calib DIR)", "the fp32 ONNX (no INT8)"]
+        refuse_below_contract(checked, "the INT8 model", calibration_source, remedies)
     meta.update(
         {
             "dtop.precision": "int8",
@@ -314,6 +330,25 @@ def quantize_int8(
         float_nodes={"Conv/MatMul kept float": len(keep)},
         calibration=calibration,
     )
+
+
+def check_int8(
+    fp32: Path, int8: Path, calib: Sequence[np.ndarray], on_item: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """:func:`~dtop_export.int8_check.agreement` of the INT8 ONNX with the fp32 one, both run by ONNX Runtime on
+    the CPU, on ``calib`` ([1, 3, H, W] each, one run per input)."""
+    from dtop_export.engines.ort import OnnxRuntimeEngine
+    from dtop_export.int8_check import agreement
+
+    threads = cpu_count()
+    ref, q = OnnxRuntimeEngine(fp32, threads=threads), OnnxRuntimeEngine(int8, threads=threads)
+    a, b = [], []
+    for x in calib:
+        a.append(ref.embed(x))
+        b.append(q.embed(x))
+        if on_item is not None:
+            on_item()
+    return agreement(a, b, "the fp32 ONNX in ONNX Runtime (CPU)")
 
 
 def cpu_count() -> int:

@@ -111,6 +111,9 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
     assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization"} <= ops
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["per_channel"]
+    check = json.loads(meta["dtop.quantization"])["check"]  # the INT8 contract, checked where the file is written
+    assert check["inputs"] == 12 and 0.99 <= check["cosine_min"] < 0.99999  # really INT8, not a copy of fp32
+    assert f"on the 12 calibration inputs: cosine min {check['cosine_min']:.5f}" in " ".join(printed.split())
     fp32, int8 = load_engine(small_onnx), load_engine(out)
     assert int8.precision == "int8"
     # original photos, not the sample set's calibration views
@@ -153,6 +156,22 @@ def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) ->
         assert cli(*argv) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_an_int8_model_below_the_contract_is_not_written(small_onnx: Path, tmp_path: Path, capsys) -> None:
+    """`quantize` wrote its INT8 model whatever its accuracy (`executorch --int8` and `openvino --int8` refuse):
+    with every Conv/MatMul quantised (`--keep-float ""`) the small model's INT8 descriptors fall to cosine ~0.95
+    of fp32 on the calibration inputs; that is refused in one line naming the default float roles, nothing
+    written."""
+    out = tmp_path / "out" / "q.int8.onnx"
+    out.parent.mkdir()
+    argv = ["quantize", str(small_onnx), "-o", str(out), "--keep-float", "", "--calib-count", "6"]
+    assert cli(*argv, "--calib-sizes", "128,192") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the INT8 model breaks the INT8 contract on its 12 calibration inputs" in err, err
+    assert "< 0.99 to the fp32 model, so nothing was written" in err
+    assert "--keep-float first_conv,stem,attention,dpe" in err and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
 
 
 def test_a_plan_is_opened_without_cpu_threads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ def test_int8_program(small_int8_pte: tuple[Path, dict], small_pte: Path) -> Non
     q = json.loads(meta["dtop.quantization"])
     assert meta["dtop.precision"] == "int8" and q["recipe"] == "dynamic" and q["float_roles"] == ["fc2"]
     assert "linear layers (qkv, proj, fc1)" in q["weights"]
-    assert report["quantization"]["check"]["images"] == 4 and report["quantization"]["check"]["cosine_min"] >= 0.99
+    assert report["quantization"]["check"]["inputs"] == 4 and report["quantization"]["check"]["cosine_min"] >= 0.99
     assert json.loads(meta["dtop.delegation"])["outside"] == {}
     assert path.stat().st_size < 0.8 * small_pte.stat().st_size  # qkv, proj, fc1 int8: 16.4 of 21.7 MB here
     x = _images(4, seed=2)
@@ -320,7 +320,7 @@ def test_int8_below_the_contract_is_not_written(
     monkeypatch.setattr(pte, "lower_to_xnnpack", lambda exported: (None, Delegation(1)))
     monkeypatch.setattr(pte, "emit_program", lambda edge, meta, keep=False: b"program")
     monkeypatch.setattr(pte, "check_int8", lambda fp32, program, tensors: {
-        "images": len(tensors), "cosine_min": 0.93, "cosine_mean": 0.97})  # fmt: skip
+        "inputs": len(tensors), "cosine_min": 0.93, "cosine_mean": 0.97})  # fmt: skip
     calib = tmp_path / "calib"
     calib.mkdir()
     for i in range(4):
@@ -329,7 +329,7 @@ def test_int8_below_the_contract_is_not_written(
     out.parent.mkdir()
     line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib),
                   "--calib-count", "4", "-o", str(out))  # fmt: skip
-    assert "breaks the INT8 contract on 4 images" in line and "cosine min 0.93000 < 0.99" in line
+    assert "breaks the INT8 contract on its 4 check images" in line and "cosine min 0.93000 < 0.99" in line
     assert "--keep-float fc1,fc2" in line and "nothing was written" in line
     assert list(out.parent.iterdir()) == []
 

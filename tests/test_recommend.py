@@ -222,3 +222,24 @@ def test_candidates_tell_int8_files_by_their_metadata(small_ckpt: Path, small_on
     assert [(s.path.name, s.label, s.options) for s in fp16[1:] if "fp16" in s.label] == [
         ("model.int8.onnx", "openvino fp16", {"runtime": "openvino", "precision": "fp16"})  # not the INT8 file
     ]
+
+
+def test_an_int8_candidate_below_the_contract_is_skipped_not_fatal(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quantize` now refuses an INT8 model below the INT8 contract: `bench --recommend` lists it among the
+    skipped candidates with the measured cosine (the other candidates are still built and measured), while
+    `bench --derive int8` (no ``refused`` list) still fails with the refusal."""
+    from dtop_export.int8_check import BelowContract
+    from dtop_export.pipeline import artefacts
+
+    def below(parent: Path, output: Path, **_: object) -> None:
+        raise BelowContract("the INT8 model breaks the INT8 contract", {"inputs": 12, "cosine_min": 0.95})
+
+    monkeypatch.setattr(artefacts, "build_int8", below)
+    refused: list[tuple[str, str]] = []
+    specs = artefacts.derive_specs(small_ckpt, ["onnx", "int8"], tmp_path / "w", refused=refused)
+    assert [s.path.name for s in specs] == ["small.onnx"]
+    assert refused == [("int8", "below the INT8 contract: cosine min 0.95000 < 0.99 on 12 inputs")]
+    with pytest.raises(BelowContract, match="breaks the INT8 contract"):
+        artefacts.derive_specs(small_ckpt, ["int8"], tmp_path / "w2")

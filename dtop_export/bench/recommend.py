@@ -147,7 +147,9 @@ def measure(
     say = on_stage or (lambda _s: None)
     features = cpu_features()
     kinds, skipped = plan_candidates(features)
-    built = derive_specs(checkpoint, kinds, workdir, on_stage=say)
+    refused: list[tuple[str, str]] = []
+    built = derive_specs(checkpoint, kinds, workdir, on_stage=say, refused=refused)
+    skipped += [("int8 (onnxruntime, openvino)", why) for _kind, why in refused]
     specs = candidate_specs(checkpoint, built, features)
     from dtop_export.host import usable_cpus
 

@@ -96,7 +96,8 @@ def executorch(
 
     require_executorch()  # before minutes of work: the [edge] extra and a matching torch
     from dtop_export.checkpoint import load_checkpoint
-    from dtop_export.edge.pte import INT8_MIN_COSINE, square_preprocess, write_pte
+    from dtop_export.edge.pte import square_preprocess, write_pte
+    from dtop_export.int8_check import INT8_MIN_COSINE
 
     ckpt = load_checkpoint(checkpoint)
     stride = ckpt.preprocess.stride
@@ -138,7 +139,7 @@ def executorch(
         check = r.quantization.get("check")
         if check:
             con.print(  # below the contract write_pte refused the program
-                f"INT8 vs the fp32 program on {check['images']} images ({source}): cosine min "
+                f"INT8 vs the fp32 program on {check['inputs']} images ({source}): cosine min "
                 f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (within the INT8 contract's "
                 f"{INT8_MIN_COSINE:g})",
                 soft_wrap=True,

@@ -43,6 +43,7 @@ def quantize(
     """Statically quantise to INT8 (QDQ; int8 per-channel weights, uint8 activations) with calibration
     images. Dynamic shapes are kept; LayerNorm, Softmax, GELU, GroupNorm, the DPE resize, FCs, whitening
     and the L2 norms stay float."""
+    from dtop_export.int8_check import INT8_MIN_COSINE
     from dtop_export.logs import quiet_ort_logs
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import build_int8
@@ -64,9 +65,13 @@ def quantize(
             prog.update(task, description="calibrating", total=total, completed=0)
             return lambda: prog.advance(task)
 
+        def checking(total: int) -> Callable[[], None]:
+            prog.update(task, description="checking INT8 vs fp32", total=total, completed=0)
+            return lambda: prog.advance(task)
+
         r = build_int8(
             model, output, calib_paths=paths, calib_source=source, calib_sizes=sizes, calib_count=calib_count,
-            method=method, keep_float=roles, on_calibration=calibrating,
+            method=method, keep_float=roles, on_calibration=calibrating, on_check=checking,
         )  # fmt: skip
     cal = r.calibration
     con.print(
@@ -76,4 +81,11 @@ def quantize(
         f"calibrated on {cal['images'] // len(sizes)} image(s) x {len(sizes)} size(s) = {cal['images']} inputs "
         f"({', '.join(cal['shapes'])}) from {cal['source']}",
         soft_wrap=True,
+    )
+    check = cal["check"]
+    con.print(
+        f"INT8 vs fp32 (ONNX Runtime) on the {check['inputs']} calibration inputs: cosine min "
+        f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (the INT8 contract's floor: {INT8_MIN_COSINE:g})",
+        soft_wrap=True,
+        highlight=False,
     )

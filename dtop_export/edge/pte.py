@@ -34,7 +34,6 @@ import numpy as np
 
 from dtop_export import __version__
 from dtop_export.errors import DToPError
-from dtop_export.parity import CONTRACTS
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
     from dtop_export.preprocess import PreprocessConfig
 
 INT8_RECIPE = "dynamic"
-INT8_MIN_COSINE = CONTRACTS["int8"].cosine_min  # the INT8 contract; write_pte refuses a program below it
 # The transformer blocks' linear layers INT8 can take, by the name of the layer in its block.
 INT8_ROLES = ("qkv", "proj", "fc1", "fc2")
 DEFAULT_KEEP_FLOAT = ("fc2",)
@@ -235,37 +233,35 @@ def emit_program(edge: Any, metadata: dict[str, str], keep: bool = False) -> byt
 
 
 def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Cosine of the INT8 ``program``'s descriptors (run by ExecuTorch) to the fp32 model's on ``tensors``
-    ([1, 3, S, S] each)."""
+    """:func:`~dtop_export.int8_check.agreement` of the INT8 ``program``'s descriptors (run by ExecuTorch) with the
+    fp32 model's on ``tensors`` ([1, 3, S, S] each)."""
     import torch
 
     from dtop_export.engines.executorch import load_program_bytes, native_log, set_threads
+    from dtop_export.int8_check import agreement
 
     loaded = load_program_bytes(program, "the INT8 program")
     set_threads(None)  # the CPUs this process may run on, not the machine's
-    cos = []
+    fp32_out, int8_out = [], []
     with torch.no_grad(), native_log():  # the thread pool's first use probes the CPU, at Info level on stderr
         method = loaded.load_method("forward")
         for x in tensors:
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            a, b = fp32(t).double(), method.execute([t])[0].double()
-            cos.append(float((a * b).sum() / (a.norm() * b.norm())))
-    return {"images": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
+            fp32_out.append(fp32(t).numpy())
+            int8_out.append(method.execute([t])[0].numpy())
+    return agreement(fp32_out, int8_out, "the fp32 model in PyTorch (eager, the same fold)")
 
 
 def refuse_below_contract(check: dict[str, Any], source: str, keep_float: Sequence[str]) -> None:
-    """A :class:`DToPError` when the INT8 program's cosine to the fp32 model (:func:`check_int8`) is below
-    :data:`INT8_MIN_COSINE`: such a program is not written, the message says what to try instead."""
-    if check["cosine_min"] >= INT8_MIN_COSINE:
-        return
+    """:func:`~dtop_export.int8_check.refuse_below_contract` for an INT8 program (its images only check it: the
+    dynamic recipe calibrates nothing): nothing written, what to try instead."""
+    from dtop_export.int8_check import refuse_below_contract as refuse
+
     more = [r for r in ("fc1", "proj", "qkv") if r not in keep_float][:1]
     roles = ",".join(r for r in INT8_ROLES if r in {*keep_float, *more})
-    fix = f"keep more block layers float (--keep-float {roles}), " if more else ""
-    raise DToPError(
-        f"the INT8 program breaks the INT8 contract on {check['images']} images{f' ({source})' if source else ''}: "
-        f"cosine min {check['cosine_min']:.5f} < {INT8_MIN_COSINE:g} to the fp32 model, so nothing was written: "
-        f"{fix}check it on images like yours (--calib DIR), or ship the fp32 program (drop --int8)"
-    )
+    fix = [f"keeping more block layers float (--keep-float {roles})"] if more else []
+    remedies = [*fix, "checking it on images like yours (--calib DIR)", "shipping the fp32 program (drop --int8)"]
+    refuse(check, "the INT8 program", source, remedies, inputs="check images")
 
 
 def write_pte(

@@ -36,13 +36,15 @@ def build_int8(
     method: str = "minmax",
     keep_float: Sequence[str] | None = None,
     on_calibration: Callable[[int], Callable[[], None] | None] | None = None,
+    on_check: Callable[[int], Callable[[], None] | None] | None = None,
 ) -> QuantizeResult:
     """Statically quantise ``onnx_path`` to ``output`` with calibration images run through the one
     preprocessing path (the model's own contract, read from its metadata).
 
     ``calib_paths`` default to the embedded sample set's database images. ``minmax`` calibrates at every size
     of ``calib_sizes`` (longer side); the histogram methods need one shape, so they take square crops at the
-    largest size. ``on_calibration(total)`` may return a callback invoked once per calibration image.
+    largest size. ``on_calibration(total)`` may return a callback invoked once per calibration image, and
+    ``on_check(total)`` one invoked once per input of the INT8 check (the INT8 contract, refused below it).
     """
     from dtop_export.contract import preprocess_from_metadata, read_metadata
     from dtop_export.quantize import (
@@ -68,8 +70,9 @@ def build_int8(
     tensors = calibration_tensors(calib_paths, pp, sizes, calib_count, square=square)
     on_item = on_calibration(len(tensors)) if on_calibration else None
     return quantize_int8(
-        onnx_path, output, tensors, method=method, keep_float=roles, calibration_source=calib_source, on_item=on_item
-    )
+        onnx_path, output, tensors, method=method, keep_float=roles, calibration_source=calib_source,
+        on_item=on_item, on_check=on_check,
+    )  # fmt: skip
 
 
 def build_tensorrt_fp16(onnx_path: Path, plan: Path, profiles: Sequence[Profile]) -> BuildResult:
@@ -89,12 +92,14 @@ def derive_specs(
     calib_sizes: Sequence[int] = DEFAULT_CALIB_SIZES,
     calib_count: int = DEFAULT_CALIB_COUNT,
     on_stage: Callable[[str], None] | None = None,
+    refused: list[tuple[str, str]] | None = None,
 ) -> list[EngineSpec]:
     """Build the artefacts a deployer would use from ``checkpoint`` and return their bench specs, timing each
     build: ``bf16`` (PyTorch deployment path, nothing to build), ``bf16-compiled`` (the same through
     ``torch.compile(mode="max-autotune")``, one static graph per shape, compiled on the first call),
     ``onnx`` (export), ``optimized`` (ORT CPU graph rewrites), ``int8`` (static quantisation of the
-    optimized model, else the plain export)."""
+    optimized model, else the plain export). An ``int8`` model below the INT8 contract is not written: with
+    ``refused`` given, ``("int8", why)`` is appended to it and the other specs are returned, else it raises."""
     from dtop_export.bench.spec import EngineSpec
     from dtop_export.export import export_onnx
 
@@ -131,9 +136,17 @@ def derive_specs(
         def announce(total: int) -> None:
             say(f"quantising {int8_path.name} ({total} calibration images)")
 
-        qres = build_int8(
-            parent, int8_path, calib_paths=calib_paths, calib_source=calib_source, calib_sizes=calib_sizes,
-            calib_count=calib_count, on_calibration=announce,
-        )  # fmt: skip
-        specs.append(EngineSpec(int8_path, build_seconds=qres.seconds, derived_from=parent.name))
+        from dtop_export.int8_check import BelowContract
+
+        try:
+            qres = build_int8(
+                parent, int8_path, calib_paths=calib_paths, calib_source=calib_source, calib_sizes=calib_sizes,
+                calib_count=calib_count, on_calibration=announce,
+            )  # fmt: skip
+        except BelowContract as e:
+            if refused is None:
+                raise
+            refused.append(("int8", e.reason()))
+        else:
+            specs.append(EngineSpec(int8_path, build_seconds=qres.seconds, derived_from=parent.name))
     return specs
