@@ -707,6 +707,39 @@ def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
     assert overlap_refined >= 0.9 and overlap_refined > overlap
 
 
+def test_equal_scores_take_the_top_k_in_key_order(tmp_path: Path) -> None:
+    """Duplicates of one image score the same: which copies made the top 10 and in which order was faiss's heap's
+    choice (keys 493, 411, 36.. of 41 copies, the first at 7). Equal scores now rank by key, the lowest first,
+    across the cut of the top k, alone or in a batch (faiss's BLAS path from 3 queries)."""
+    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+    from dtop_export.corpus.shards import write_manifest
+
+    n, dim = 3000, 64
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    copies = np.sort(np.r_[7, rng.choice(np.arange(8, n), 40, replace=False)])
+    x[copies] = x[7]
+    settings = CorpusSettings("m", "sha", dim, {}, 512, [1.0], 1000, "synthetic", n, "l")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(settings.n_shards()):
+        keys = list(settings.shard_keys(k))
+        write_shard(folder, Shard(k, keys, [f"i{j}" for j in keys], [f"p{j}" for j in keys], list(x[keys])), settings)
+    write_manifest(folder, settings, "complete")
+    build_corpus_index(folder, tmp_path / "flat.faiss", "flat")
+    index = CorpusIndex(tmp_path / "flat.faiss")
+    q = x[7] + 0.05 * rng.standard_normal(dim).astype(np.float32)
+    q /= np.linalg.norm(q)
+    batch = np.vstack([q, rng.standard_normal((4, dim)).astype(np.float32)])
+    for queries in (q[None], batch):
+        top = index.search(queries, 10)[0]
+        assert [h.key for h in top] == list(copies[:10]) and len({h.score for h in top}) == 1
+        wide = index.search(queries, 50)[0]  # all 41 copies in key order, then the next best images
+        assert [h.key for h in wide[:41]] == list(copies) and wide[40].score > wide[41].score
+        assert [h.rank for h in wide] == list(range(1, 51)) and [h.id for h in wide[:2]] == ["i7", f"i{copies[1]}"]
+
+
 def test_evaluate_accepts_a_shard_folder(small_onnx: Path, local_run: Path, tmp_path: Path) -> None:
     t = _table(local_run)
     np.save(tmp_path / "d.npy", t["descriptor"])

@@ -214,6 +214,7 @@ def build_corpus_index(
 # 256, 2 threads, medians of 5: 3 queries 0.053 -> 0.035 s, 10: 0.127 -> 0.048, 19: 0.259 -> 0.052 (same ids); 1 or 2
 # queries: the scan is as fast (benchmarks/README.md)
 BLAS_MIN_QUERIES = 3
+TIE_WINDOW = 4096  # rows past k searched for equal scores at the cut (duplicates of one image in a corpus)
 BLAS_DATABASE_ROWS = 65536  # faiss's default 1024 spends its time between tiny matrix products
 # queries per product: faiss's 4096 x 65536 rows would hold a 1 GiB block of scores for a large batch; 1024: 256 MiB
 # (300k x 256, 2000 queries, 2 threads: peak RSS 1138 -> 893 MB, 2.25 -> 2.72 s on a loaded machine)
@@ -359,15 +360,45 @@ class CorpusIndex:
         if k < 1:
             raise DToPError(f"-k must be >= 1, got {k}")
         search_params = self._search_params(nprobe, refine)
-        scores, keys = self.index.search(q, min(k, max(int(self.index.ntotal), 1)), params=search_params)
         out = []
-        for srow, krow in zip(scores, keys):
+        for srow, krow in self._ranked(q, k, search_params):
             hits = []
-            for rank, (s, key) in enumerate(((s, key) for s, key in zip(srow, krow) if key >= 0), start=1):
+            for rank, (s, key) in enumerate(zip(srow, krow), start=1):
                 j = int(np.searchsorted(self.keys, key))
                 hits.append(Hit(rank, float(s), int(key), self.ids[j].as_py(), self.paths[j].as_py()))
             out.append(hits)
         return out
+
+    def _ranked(self, q: np.ndarray, k: int, params: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, the top-``k`` (scores, keys), equal scores in key order: which of several equal-scoring rows
+        (duplicate images) make the top ``k`` is the lowest keys, whatever the batch, the faiss path or the
+        index type chose (faiss keeps the last rows it met). A query whose ``k``-th score continues past the
+        searched window is searched again, wider (up to ``k`` + :data:`TIE_WINDOW` rows)."""
+        n = int(self.index.ntotal)
+        width = min(k + 1, max(n, 1))  # one past k: a tie across the cut shows as the (k+1)-th score
+        scores, keys = self.index.search(q, width, params=params)
+        rows = {i: (scores[i], keys[i]) for i in range(len(q))}
+        open_rows = list(rows)
+        while open_rows and width < min(n, k + TIE_WINDOW):
+            open_rows = [i for i in open_rows if _tie_reaches_the_end(*rows[i], k)]
+            if not open_rows:
+                break
+            width = min(n, k + TIE_WINDOW, 2 * width)
+            wider = self.index.search(q[open_rows], width, params=params)
+            rows.update({i: (wider[0][j], wider[1][j]) for j, i in enumerate(open_rows)})
+        ranked = []
+        for i in range(len(q)):
+            s, key = rows[i]
+            found = key >= 0
+            s, key = s[found], key[found]
+            order = np.lexsort((key, -s))[:k]  # score descending, then key ascending
+            ranked.append((s[order], key[order]))
+        return ranked
+
+
+def _tie_reaches_the_end(scores: np.ndarray, keys: np.ndarray, k: int) -> bool:
+    """The ``k``-th best score is also the last one searched (a row beyond the window may share it)."""
+    return len(scores) > k and keys[-1] >= 0 and scores[k - 1] == scores[-1]
 
 
 def describe_index(path: Path) -> dict[str, Any]:
