@@ -138,6 +138,38 @@ def test_size_cache(tmp_path: Path) -> None:
     assert a.sizes == b.sizes
 
 
+def test_size_cache_is_for_the_file_it_was_read_from(tmp_path: Path) -> None:
+    """The size cache was keyed by path only: an image replaced by another (a re-download, a crop) kept its old
+    size, so its aspect group, and the set fingerprint a resume compares, were the old file's; a removed image of a
+    list-based set stayed "usable". Each line now holds the file's bytes and mtime; a changed file is read again,
+    a gone one is missing, and lines of the older width/height/path form are read again once."""
+    import os
+
+    make_folder(tmp_path / "data", classes=2, per_class=2)
+    cache = tmp_path / "sizes.tsv"
+    a = D.read_folder(tmp_path / "data", size_cache=cache)
+    img = tmp_path / "data" / "class0" / "0.jpg"
+    i = a.paths.index(str(img))
+    w, h = a.sizes[i]
+    write_image(img, 0, 0, size=(h + 40, w))  # another image under the same name: portrait -> landscape
+    os.utime(img, ns=(os.stat(img).st_atime_ns, os.stat(img).st_mtime_ns + 10**9))  # a later mtime, as a copy has
+    b = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert b.sizes[b.paths.index(str(img))] == (h + 40, w) and [s for j, s in enumerate(b.sizes) if j != i] == [
+        s for j, s in enumerate(a.sizes) if j != i
+    ]
+    line = next(x for x in cache.read_text().splitlines() if x.endswith("/class0/0.jpg"))
+    st = os.stat(img)
+    assert line.split("\t")[:4] == [str(h + 40), str(w), str(st.st_size), str(st.st_mtime_ns)]
+    cache.write_text("".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in zip(b.paths, [(1, 1)] * len(b))))  # older form
+    c = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert c.sizes == b.sizes  # not the (1, 1) of lines without the file's state
+    make_gldv2(tmp_path / "g")  # a list-based set: a file removed after its size was cached
+    listed = D.read_gldv2(tmp_path / "g", size_cache=cache)
+    Path(listed.paths[0]).unlink()
+    again = D.read_gldv2(tmp_path / "g", size_cache=cache)
+    assert len(again) == len(listed) - 1 and again.skipped["missing"] == listed.skipped["missing"] + 1
+
+
 def test_size_cache_with_file_names_that_are_not_utf8(tmp_path: Path) -> None:
     # found by a real-layouts audit: a file named in Latin-1 (b"caf\xe9.jpg", as old archives unpack) made the size
     # cache's write a UnicodeEncodeError traceback; a newline in a name would split its cache line

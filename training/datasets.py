@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,22 +77,38 @@ class TrainSet:
 # image scanning -------------------------------------------------------------------------------------------
 
 
-def _read_size_cache(path: Path | None) -> dict[str, tuple[int, int]]:
+# a cached size is the size of the file as it was: (width, height, bytes, mtime_ns)
+CachedSize = tuple[int, int, int, int]
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_size_cache(path: Path | None) -> dict[str, CachedSize]:
+    """``width, height, bytes, mtime_ns, path`` lines; lines of the older ``width, height, path`` form are dropped
+    (their files are read again once: a size without the file's state cannot tell a replaced image)."""
     if path is None or not path.is_file():
         return {}
     out = {}
     for line in path.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
-        parts = line.split("\t", 2)
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-            out[parts[2]] = (int(parts[0]), int(parts[1]))
+        parts = line.split("\t", 4)
+        if len(parts) == 5 and all(v.isdigit() for v in parts[:4]):
+            w, h, n, t = map(int, parts[:4])
+            out[parts[4]] = (w, h, n, t)
     return out
 
 
-def _write_size_cache(path: Path, sizes: dict[str, tuple[int, int]]) -> None:
+def _write_size_cache(path: Path, sizes: dict[str, CachedSize]) -> None:
     from dtop_export.atomic import atomic_write_bytes
 
     # file names as the file system has them (non-UTF-8 bytes kept); one with a tab or newline is read again
-    text = "".join(f"{w}\t{h}\t{p}\n" for p, (w, h) in sizes.items() if "\t" not in p and "\n" not in p)
+    text = "".join(f"{w}\t{h}\t{n}\t{t}\t{p}\n" for p, (w, h, n, t) in sizes.items() if "\t" not in p and "\n" not in p)
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
@@ -130,20 +147,27 @@ def finalize(
             first[p] = label
     entries = list(first.items())
     cache = _read_size_cache(size_cache)
-    todo = sorted({p for p, _ in entries if p not in cache})
-    if todo:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
-            for p, s in zip(todo, pool.map(partial(image_size, header_only=True), todo, chunksize=64)):
-                if s is not None:
-                    cache[p] = s
-        if size_cache is not None and size_cache.parent.is_dir():
-            _write_size_cache(size_cache, cache)
+    paths = [p for p, _ in entries]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        # a cached size counts for the file it was read from: same bytes and mtime (a replaced image is read again)
+        state = dict(zip(paths, pool.map(_file_state, paths, chunksize=256)))
+        stale = {p for p in paths if p in cache and cache[p][2:] != state[p]}
+        todo = sorted(p for p in paths if state[p] is not None and (p not in cache or p in stale))
+        # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
+        for p, s in zip(todo, pool.map(partial(image_size, header_only=True), todo, chunksize=64)):
+            st = state[p]
+            if s is not None and st is not None:
+                cache[p] = (*s, *st)
+            else:
+                cache.pop(p, None)
+    if (todo or stale) and size_cache is not None and size_cache.parent.is_dir():
+        _write_size_cache(size_cache, {p: v for p, v in cache.items() if p not in stale or p in todo})
     usable: list[tuple[str, str, tuple[int, int]]] = []
     for p, label in entries:
-        s = cache.get(p)
+        c = cache.get(p)
+        s = c[:2] if c is not None and c[2:] == state[p] else None
         if s is None:
-            reason = "missing" if not Path(p).exists() else unreadable_reason(p)
+            reason = "missing" if state[p] is None and not Path(p).exists() else unreadable_reason(p)
             skipped[reason] += 1
             files.append((reason, p))
             continue
