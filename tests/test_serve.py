@@ -5,6 +5,7 @@ with token auth, a SIGKILLed replica replaced, and (last) a graceful SIGTERM."""
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -388,6 +390,118 @@ def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypa
         app.metrics.forward_pass(r["batch"], r["batch_size"])  # type: ignore[attr-defined]
     assert results[0]["replica"] == results[1]["replica"]  # the same PID
     assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
+
+
+class GatedEngine(ShapeRefusingEngine):
+    """A stand-in engine whose first forward pass waits for ``release`` (the engine busy while requests queue up);
+    each pass records the value of ``REQUEST`` in the batching task's context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.contexts: list[object] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.contexts.append(REQUEST.get())
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the engine"
+        return super().embed(batch)
+
+
+REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
+def gated_replica(
+    monkeypatch: pytest.MonkeyPatch, max_batch_size: int, batch_wait_ms: float = 0
+) -> tuple[Any, GatedEngine]:
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    engine = GatedEngine()
+    engine.entered.set()  # the warm-up passes do not wait
+    monkeypatch.setattr(runtime, "open_model", lambda *_: engine)
+    replica = Embedder(
+        EngineSettings("m.onnx", max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, warmup_size=32)
+    )
+    engine.entered.clear()
+    engine.passes.clear()
+    engine.contexts.clear()
+    return replica, engine
+
+
+def test_cancelled_requests_take_no_place_in_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the engine runs a pass, three requests queue (--max-batch-size 2); the first one's caller goes away.
+    The next pass carries the two live requests (the old batcher took the cancelled one into the batch and dropped
+    it only then: two passes of 1 for two live requests); the cancelled one stays cancelled and the batcher lives."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2)
+    x = np.zeros((3, 32, 32), np.float32)
+
+    async def scenario() -> list[object]:
+        first = asyncio.create_task(replica.embed(x, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the engine is busy with the first request
+        gone, *live = [asyncio.create_task(replica.embed(x, time.time())) for _ in range(3)]
+        while replica._queue.qsize() < 3:
+            await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        engine.release.set()
+        out = await asyncio.wait_for(asyncio.gather(first, *live), 60)  # a hang detector, not a timing
+        assert not replica._worker.done()
+        return out
+
+    first, b, c = asyncio.run(scenario())
+    assert [p[0] for p in engine.passes] == [1, 2], engine.passes
+    assert b["batch"] == c["batch"] != first["batch"] and b["batch_size"] == 2
+
+
+def test_a_request_cancelled_during_an_earlier_pass_of_its_batch_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch of two shapes (two forward passes, one after the other); the second one's caller goes away while
+    the first pass runs: its pass is not run (it ran, for an answer no one reads), and the replica answers on."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2, batch_wait_ms=60_000)
+    square, wide = np.zeros((3, 32, 32), np.float32), np.zeros((3, 32, 64), np.float32)
+
+    async def scenario() -> object:
+        first = asyncio.create_task(replica.embed(square, time.time()))
+        gone = asyncio.create_task(replica.embed(wide, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the square pass runs
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        engine.release.set()
+        await asyncio.wait_for(first, 60)  # a hang detector, not a timing
+        return await asyncio.wait_for(
+            asyncio.gather(replica.embed(square, time.time()), replica.embed(square, time.time())), 60
+        )
+
+    asyncio.run(scenario())
+    assert engine.passes == [(1, 3, 32, 32), (2, 3, 32, 32)], engine.passes
+
+
+def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batching task starts inside the first request: it ran (for the replica's life) in a copy of that request's
+    context (Serve's request context: its id, route), so every later pass saw the first request's values."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    engine.entered.set()
+    x = np.zeros((3, 32, 32), np.float32)
+
+    async def request(name: str) -> object:
+        REQUEST.set(name)
+        return await replica.embed(x, time.time())
+
+    async def two() -> None:
+        await asyncio.create_task(request("first"))
+        await asyncio.create_task(request("second"))
+
+    asyncio.run(two())
+    assert engine.contexts == [None, None], engine.contexts
 
 
 def test_the_client_raises_service_error_for_a_retry_after_date() -> None:

@@ -15,6 +15,7 @@ the functions.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 import uuid
@@ -75,7 +76,9 @@ class Embedder:
         arrived = time.time()
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._serve_batches())
+            # in a context of its own: created inside this request, the task would otherwise carry the request's
+            # context variables (Serve's request context: its id, route...) for its whole life
+            self._worker = contextvars.Context().run(asyncio.get_running_loop().create_task, self._serve_batches())
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         item = Item(np.asarray(tensor, np.float32), submitted, loop.create_future(), loop.time())
@@ -86,25 +89,9 @@ class Embedder:
     async def _serve_batches(self) -> None:
         """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes)."""
         assert self._queue is not None
-        queue, limit, wait_s = self._queue, self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
-        loop = asyncio.get_running_loop()
+        queue = self._queue
         while True:
-            batch = [await queue.get()]
-            deadline = batch[0].queued + wait_s  # the first request waits at most --batch-wait-ms for company
-            while len(batch) < limit:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            batch = [item for item in batch if not item.answer.done()]
-            if not batch:
-                continue
+            batch = await self._next_batch(queue)
             try:
                 results = await self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
@@ -117,6 +104,31 @@ class Embedder:
                 else:
                     item.answer.set_result(result)
 
+    async def _next_batch(self, queue: asyncio.Queue[Item]) -> list[Item]:
+        """The next batch, of live requests only: at most ``max_batch_size``, the oldest waiting at most
+        ``batch_wait_ms`` for company. A request cancelled while it waits (its caller gone, its timeout) is dropped
+        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass."""
+        limit, wait_s = self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        batch: list[Item] = []
+        while True:
+            batch = [item for item in batch if not item.answer.done()]
+            if len(batch) >= limit:
+                return batch
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            if not batch:
+                batch.append(await queue.get())
+                continue
+            left = batch[0].queued + wait_s - loop.time()  # the oldest live request waits at most --batch-wait-ms
+            if left <= 0:
+                return batch
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except asyncio.TimeoutError:
+                continue  # the deadline has passed: the batch goes once those cancelled meanwhile are dropped
+
     async def _run_batch(self, items: list[Item]) -> list[dict[str, Any] | Exception]:
         """Each item's result, or the error of its own forward pass: each shape is a pass of its own, and one that
         fails (an input shape the engine refuses) fails only the requests in it."""
@@ -125,7 +137,10 @@ class Embedder:
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.tensor.shape), []).append(i)
         out: list[dict[str, Any] | Exception] = [{} for _ in items]
-        for rows in groups.values():
+        for shape_rows in groups.values():
+            rows = [i for i in shape_rows if not items[i].answer.done()]  # cancelled during an earlier pass: dropped
+            if not rows:
+                continue
             t0 = time.perf_counter()
             try:
                 batch = np.stack([items[i].tensor for i in rows])
