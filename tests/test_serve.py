@@ -371,7 +371,8 @@ def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch
 def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
     here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
-    passes as one: each was named PID:sequence)."""
+    passes as one: each was named PID:sequence), and the answers name two replicas (timing.replicas listed the PID,
+    one name for both)."""
     import asyncio
 
     import dtop_export.corpus.runtime as runtime
@@ -388,8 +389,26 @@ def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypa
     results = asyncio.run(one_each())
     for r in results:
         app.metrics.forward_pass(r["batch"], r["batch_size"])  # type: ignore[attr-defined]
-    assert results[0]["replica"] == results[1]["replica"]  # the same PID
     assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
+    assert results[0]["replica"] != results[1]["replica"], results
+    statuses = [asyncio.run(r.status()) for r in replicas]
+    assert [s["replica"] for s in statuses] == [r["replica"] for r in results]
+    assert statuses[0]["pid"] == statuses[1]["pid"] == os.getpid()
+
+
+def test_a_replica_is_named_by_serves_replica_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside Serve a replica answers with Serve's replica id (as ``serve status`` and Serve's logs name it)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="x7k2m9qa"))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(runtime, "open_model", lambda *_: ShapeRefusingEngine())
+    assert Embedder(EngineSettings("m.onnx", max_batch_size=1, warmup_size=32)).replica == "x7k2m9qa"
 
 
 class GatedEngine(ShapeRefusingEngine):
@@ -654,8 +673,8 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     ref = client.embed(photo("coffee.png"))[0]
     status, _, data = client.request("GET", "/readyz")
     assert status == 200
-    old = json.loads(data)["replica"]
-    assert psutil.Process(int(old)) in psutil.Process(service.proc.pid).children(recursive=True)
+    old, old_pid = json.loads(data)["replica"], json.loads(data)["pid"]
+    assert psutil.Process(old_pid) in psutil.Process(service.proc.pid).children(recursive=True)
     load: list[tuple[int, bytes]] = []
     stop = threading.Event()
 
@@ -687,7 +706,7 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     try:
         time.sleep(1.0)
         t0 = time.monotonic()
-        os.kill(int(old), signal.SIGKILL)
+        os.kill(old_pid, signal.SIGKILL)
         unready = 0
         while True:
             elapsed = time.monotonic() - t0
@@ -700,7 +719,7 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
                 timeline.append((elapsed, status, data[:200].decode(errors="replace"), key))
             if status == 200:
                 assert doc["warm"] and doc["replica"] != old, why("/readyz said 200 for the killed replica")
-                new = psutil.Process(int(doc["replica"]))
+                new = psutil.Process(doc["pid"])
                 assert new in psutil.Process(service.proc.pid).children(recursive=True), why("200 from a stranger")
                 break
             assert status == 503 and doc["ready"] is False, why("/readyz: neither 200 nor a 503 not-ready")

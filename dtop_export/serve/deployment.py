@@ -58,9 +58,9 @@ class Embedder:
 
         self.settings = settings
         self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
-        self.replica = f"{os.getpid()}"
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
+        self.replica = replica_name(self._passes)
         self.batches = 0
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
@@ -164,15 +164,28 @@ class Embedder:
         return out
 
     async def status(self) -> dict[str, Any]:
-        """Whether this replica is warm (always, once constructed), its engine and counters."""
+        """Whether this replica is warm (always, once constructed), its engine, name, process id and counters."""
         return {
             "warm": self.warm,
             "engine": self.engine.label,
             "descriptor_dim": int(self.engine.descriptor_dim),
             "replica": self.replica,
+            "pid": os.getpid(),  # on the replica's node
             "batches": self.batches,
             "images": self.images,
         }
+
+
+def replica_name(token: str) -> str:
+    """The name of this replica in answers and ``/readyz``: Serve's replica id (as in ``serve status`` and Serve's
+    logs), or ``token`` outside a Serve replica. A PID, the name before, is no name: replicas on two nodes (each
+    container counts its own PIDs) can share one."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a replica (RayServeException), or a Serve without replica ids
+        return token
 
 
 def combine_scales(descriptors: list[np.ndarray]) -> np.ndarray:
