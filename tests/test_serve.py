@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,37 +524,70 @@ def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch
     assert engine.contexts == [None, None], engine.contexts
 
 
-def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
-    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
-    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
-    import email.utils
+@contextmanager
+def answering(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
+    """The URL of a stand-in server (a proxy in front of the service) answering every POST with this answer."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from dtop_export.serve.client import ServiceError
-
-    class Busy(BaseHTTPRequestHandler):
+    class Fixed(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
-            self.send_response(503)
-            self.send_header("Retry-After", email.utils.formatdate(time.time() + 120, usegmt=True))
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *_: object) -> None:
             pass
 
-    with ThreadingHTTPServer(("127.0.0.1", 0), Busy) as server:
+    with ThreadingHTTPServer(("127.0.0.1", 0), Fixed) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            with pytest.raises(ServiceError) as err:
-                ServiceClient(f"http://127.0.0.1:{server.server_address[1]}", timeout=10).embed(png(8, 8))
+            yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+
+
+def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
+    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
+    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
+    import email.utils
+
+    from dtop_export.serve.client import ServiceError
+
+    body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
+    date = email.utils.formatdate(time.time() + 120, usegmt=True)
+    answer = answering(503, {"Retry-After": date, "Content-Type": "application/json"}, body)
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).embed(png(8, 8))
     assert err.value.status == 503 and err.value.message == "busy: retry later"
     assert err.value.retry_after is not None and 60 < err.value.retry_after <= 120
+
+
+def test_the_client_reads_ray_proxys_plain_text_503_as_overload_and_refuses_a_non_json_answer() -> None:
+    """Past the service's capacity + 128 requests Ray's proxy refuses a request itself: a plain-text 503 (Ray's
+    message; the service's ingress gives it Retry-After). The client raises ServiceError saying the service is over
+    capacity and when to retry (it passed Ray's text on, no advice); a 200 that is not JSON is a ServiceError too
+    (it was returned as {"error": text}: embed() failed with KeyError 'images')."""
+    from ray import serve
+
+    from dtop_export.serve.app import ingress_options
+    from dtop_export.serve.client import ServiceError
+    from dtop_export.serve.limits import Limits
+
+    ingress = serve.deployment(**ingress_options(Limits(), 10))(type("Ingress", (), {}))
+    assert ingress.backpressure_config.retry_after_s == 1 and ingress.backpressure_config.status_code == 503
+    ray_text = b"Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64)."
+    answer = answering(503, {"Retry-After": "1", "Content-Type": "text/plain; charset=utf-8"}, ray_text)
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).embed(png(8, 8))
+    assert err.value.status == 503 and err.value.retry_after == 1.0
+    assert "over capacity" in err.value.message and err.value.message.endswith("retry after 1 s"), err.value.message
+    assert "backpressure" in err.value.message
+    answer = answering(200, {"Content-Type": "text/html"}, b"<html>a captive portal</html>")
+    with answer as url, pytest.raises(ServiceError, match="not JSON"):
+        ServiceClient(url, timeout=10).embed(png(8, 8))
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------
