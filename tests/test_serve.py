@@ -503,6 +503,27 @@ def test_a_request_cancelled_during_an_earlier_pass_of_its_batch_is_not_run(monk
     assert engine.passes == [(1, 3, 32, 32), (2, 3, 32, 32)], engine.passes
 
 
+def test_a_requests_queue_time_counts_the_passes_of_its_batch_before_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch of two shapes: the second shape's pass waits for the first one's. Its queue time (queue_s,
+    dtop_serve_queue_seconds: the time a tensor waited for its forward pass) counted up to the batch's start only,
+    not the first pass it waited for."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2, batch_wait_ms=60_000)
+    small, large = np.zeros((3, 32, 32), np.float32), np.zeros((3, 64, 64), np.float32)
+
+    async def scenario() -> list[dict]:
+        calls = [asyncio.create_task(replica.embed(t, time.time())) for t in (small, large)]
+        await asyncio.to_thread(engine.entered.wait, 60)  # the first pass runs ...
+        await asyncio.sleep(0.05)  # ... a while (any while: the check compares the answers' own times)
+        engine.release.set()
+        return await asyncio.wait_for(asyncio.gather(*calls), 60)  # a hang detector, not a timing
+
+    first, second = asyncio.run(scenario())
+    assert engine.passes == [(1, 3, 32, 32), (1, 3, 64, 64)]
+    assert second["queue_s"] >= first["infer_s"] > 0, (first, second)
+
+
 def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batching task starts inside the first request: it ran (for the replica's life) in a copy of that request's
     context (Serve's request context: its id, route), so every later pass saw the first request's values."""

@@ -132,7 +132,6 @@ class Embedder:
     async def _run_batch(self, items: list[Item]) -> list[dict[str, Any] | Exception]:
         """Each item's result, or the error of its own forward pass: each shape is a pass of its own, and one that
         fails (an input shape the engine refuses) fails only the requests in it."""
-        start = time.time()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.tensor.shape), []).append(i)
@@ -141,7 +140,7 @@ class Embedder:
             rows = [i for i in shape_rows if not items[i].answer.done()]  # cancelled during an earlier pass: dropped
             if not rows:
                 continue
-            t0 = time.perf_counter()
+            start, t0 = time.time(), time.perf_counter()  # its wait includes the batch's passes before it
             try:
                 batch = np.stack([items[i].tensor for i in rows])
                 desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
