@@ -797,6 +797,13 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
             assert doc["status"] == status and doc["error"]
     after = client.embed(photo("coffee.png"))[0]
     assert np.abs(after - ref).max() <= 1e-5
+    # /readyz named the killed replica as Serve does (Serve's log of its death names it: Replica(id='...'), not a PID)
+    named = f"Replica(id='{old}'"
+    for _ in range(150):  # the relay of Ray's log lines may lag: a hang detector, not a timing
+        if named in service.output():
+            break
+        time.sleep(0.2)
+    assert named in service.output(), service.output()[-3000:]
     print(
         f"recovered in {recovery:.1f} s ({unready} x 503 from /readyz); under load: {codes.count(200)} x 200, "
         f"{len(codes) - codes.count(200)} x 5xx"
