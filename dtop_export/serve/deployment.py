@@ -4,12 +4,12 @@
 MODEL with :func:`dtop_export.corpus.runtime.open_model` (the engine opening ``embed`` uses: same file, options and
 ``--precision auto`` resolution) and warms it up in its constructor, so Serve routes nothing to it before it is
 ready. Each request carries one preprocessed tensor [3, H, W]. Batching is Triton's dynamic batcher: when the engine
-is free, the next batch takes every request already waiting (at most ``--max-batch-size``), waiting up to
-``--batch-wait-ms`` after its first one for more; only tensors of equal shape share a forward pass, as in corpus
-jobs. (``serve.batch`` forms its batches as requests arrive, even while the engine is busy, so under load it ran
-batches of 1-4 while a dozen requests waited: measured on r50-vitb16 here.) Every result says which forward pass it
-came from (replica, sequence number, size) and how long it waited, for the app's metrics. ray is imported inside
-the functions.
+is free, the next batch takes every live request already waiting (at most ``--max-batch-size``; one whose caller
+has gone takes no place), waiting up to ``--batch-wait-ms`` after its first one for more; only tensors of equal
+shape share a forward pass, as in corpus jobs. (``serve.batch`` forms its batches as requests arrive, even while
+the engine is busy, so under load it ran batches of 1-4 while a dozen requests waited: measured on r50-vitb16
+here.) Every result says which forward pass it came from (replica, sequence number, size) and how long it waited,
+for the app's metrics. ray is imported inside the functions.
 """
 
 from __future__ import annotations
