@@ -259,7 +259,7 @@ def replica_pid(port: int) -> int:
     status, data = get(port, "/readyz")
     if status != 200:
         raise RuntimeError(f"/readyz answered {status}")
-    return int(json.loads(data)["replica"])
+    return int(json.loads(data)["pid"])
 
 
 def kill_run(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
@@ -281,7 +281,7 @@ def kill_run(port: int, bodies: list[bytes], concurrency: int, seconds: float) -
     while time.perf_counter() - killed < seconds:
         try:
             status, data = get(port, "/readyz")
-            if status == 200 and int(json.loads(data)["replica"]) != old:
+            if status == 200 and int(json.loads(data)["pid"]) != old:
                 ready_after = time.perf_counter() - killed
                 break
         except OSError:

@@ -5,6 +5,7 @@ with token auth, a SIGKILLed replica replaced, and (last) a graceful SIGTERM."""
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import os
@@ -13,8 +14,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -369,7 +372,8 @@ def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch
 def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
     here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
-    passes as one: each was named PID:sequence)."""
+    passes as one: each was named PID:sequence), and the answers name two replicas (timing.replicas listed the PID,
+    one name for both)."""
     import asyncio
 
     import dtop_export.corpus.runtime as runtime
@@ -386,41 +390,225 @@ def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypa
     results = asyncio.run(one_each())
     for r in results:
         app.metrics.forward_pass(r["batch"], r["batch_size"])  # type: ignore[attr-defined]
-    assert results[0]["replica"] == results[1]["replica"]  # the same PID
     assert counter(app.metrics.render()[0].decode(), "dtop_serve_batch_size_count") == 2  # type: ignore[attr-defined]
+    assert results[0]["replica"] != results[1]["replica"], results
+    statuses = [asyncio.run(r.status()) for r in replicas]
+    assert [s["replica"] for s in statuses] == [r["replica"] for r in results]
+    assert statuses[0]["pid"] == statuses[1]["pid"] == os.getpid()
 
 
-def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
-    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
-    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
-    import email.utils
+def test_a_replica_is_named_by_serves_replica_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside Serve a replica answers with Serve's replica id (as ``serve status`` and Serve's logs name it)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="x7k2m9qa"))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    monkeypatch.setattr(runtime, "open_model", lambda *_: ShapeRefusingEngine())
+    assert Embedder(EngineSettings("m.onnx", max_batch_size=1, warmup_size=32)).replica == "x7k2m9qa"
+
+
+class GatedEngine(ShapeRefusingEngine):
+    """A stand-in engine whose first forward pass waits for ``release`` (the engine busy while requests queue up);
+    each pass records the value of ``REQUEST`` in the batching task's context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.contexts: list[object] = []
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.contexts.append(REQUEST.get())
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the engine"
+        return super().embed(batch)
+
+
+REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+
+
+def gated_replica(
+    monkeypatch: pytest.MonkeyPatch, max_batch_size: int, batch_wait_ms: float = 0
+) -> tuple[Any, GatedEngine]:
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings
+
+    engine = GatedEngine()
+    engine.entered.set()  # the warm-up passes do not wait
+    monkeypatch.setattr(runtime, "open_model", lambda *_: engine)
+    replica = Embedder(
+        EngineSettings("m.onnx", max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, warmup_size=32)
+    )
+    engine.entered.clear()
+    engine.passes.clear()
+    engine.contexts.clear()
+    return replica, engine
+
+
+def test_cancelled_requests_take_no_place_in_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the engine runs a pass, three requests queue (--max-batch-size 2); the first one's caller goes away.
+    The next pass carries the two live requests (the old batcher took the cancelled one into the batch and dropped
+    it only then: two passes of 1 for two live requests); the cancelled one stays cancelled and the batcher lives."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2)
+    x = np.zeros((3, 32, 32), np.float32)
+
+    async def scenario() -> list[object]:
+        first = asyncio.create_task(replica.embed(x, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the engine is busy with the first request
+        gone, *live = [asyncio.create_task(replica.embed(x, time.time())) for _ in range(3)]
+        while replica._queue.qsize() < 3:
+            await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        engine.release.set()
+        out = await asyncio.wait_for(asyncio.gather(first, *live), 60)  # a hang detector, not a timing
+        assert not replica._worker.done()
+        return out
+
+    first, b, c = asyncio.run(scenario())
+    assert [p[0] for p in engine.passes] == [1, 2], engine.passes
+    assert b["batch"] == c["batch"] != first["batch"] and b["batch_size"] == 2
+
+
+def test_a_request_cancelled_during_an_earlier_pass_of_its_batch_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch of two shapes (two forward passes, one after the other); the second one's caller goes away while
+    the first pass runs: its pass is not run (it ran, for an answer no one reads), and the replica answers on."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2, batch_wait_ms=60_000)
+    square, wide = np.zeros((3, 32, 32), np.float32), np.zeros((3, 32, 64), np.float32)
+
+    async def scenario() -> object:
+        first = asyncio.create_task(replica.embed(square, time.time()))
+        gone = asyncio.create_task(replica.embed(wide, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the square pass runs
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        engine.release.set()
+        await asyncio.wait_for(first, 60)  # a hang detector, not a timing
+        return await asyncio.wait_for(
+            asyncio.gather(replica.embed(square, time.time()), replica.embed(square, time.time())), 60
+        )
+
+    asyncio.run(scenario())
+    assert engine.passes == [(1, 3, 32, 32), (2, 3, 32, 32)], engine.passes
+
+
+def test_a_requests_queue_time_counts_the_passes_of_its_batch_before_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch of two shapes: the second shape's pass waits for the first one's. Its queue time (queue_s,
+    dtop_serve_queue_seconds: the time a tensor waited for its forward pass) counted up to the batch's start only,
+    not the first pass it waited for."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=2, batch_wait_ms=60_000)
+    small, large = np.zeros((3, 32, 32), np.float32), np.zeros((3, 64, 64), np.float32)
+
+    async def scenario() -> list[dict]:
+        calls = [asyncio.create_task(replica.embed(t, time.time())) for t in (small, large)]
+        await asyncio.to_thread(engine.entered.wait, 60)  # the first pass runs ...
+        await asyncio.sleep(0.05)  # ... a while (any while: the check compares the answers' own times)
+        engine.release.set()
+        return await asyncio.wait_for(asyncio.gather(*calls), 60)  # a hang detector, not a timing
+
+    first, second = asyncio.run(scenario())
+    assert engine.passes == [(1, 3, 32, 32), (1, 3, 64, 64)]
+    assert second["queue_s"] >= first["infer_s"] > 0, (first, second)
+
+
+def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batching task starts inside the first request: it ran (for the replica's life) in a copy of that request's
+    context (Serve's request context: its id, route), so every later pass saw the first request's values."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    engine.entered.set()
+    x = np.zeros((3, 32, 32), np.float32)
+
+    async def request(name: str) -> object:
+        REQUEST.set(name)
+        return await replica.embed(x, time.time())
+
+    async def two() -> None:
+        await asyncio.create_task(request("first"))
+        await asyncio.create_task(request("second"))
+
+    asyncio.run(two())
+    assert engine.contexts == [None, None], engine.contexts
+
+
+@contextmanager
+def answering(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
+    """The URL of a stand-in server (a proxy in front of the service) answering every POST with this answer."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from dtop_export.serve.client import ServiceError
-
-    class Busy(BaseHTTPRequestHandler):
+    class Fixed(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
-            self.send_response(503)
-            self.send_header("Retry-After", email.utils.formatdate(time.time() + 120, usegmt=True))
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *_: object) -> None:
             pass
 
-    with ThreadingHTTPServer(("127.0.0.1", 0), Busy) as server:
+    with ThreadingHTTPServer(("127.0.0.1", 0), Fixed) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            with pytest.raises(ServiceError) as err:
-                ServiceClient(f"http://127.0.0.1:{server.server_address[1]}", timeout=10).embed(png(8, 8))
+            yield f"http://127.0.0.1:{server.server_address[1]}"
         finally:
             server.shutdown()
+
+
+def test_the_client_raises_service_error_for_a_retry_after_date() -> None:
+    """A 503 whose Retry-After is an HTTP date (RFC 9110; what a proxy in front of the service may send): the client
+    raises ServiceError with the message and the seconds left (it raised ValueError: float('Fri, ...'))."""
+    import email.utils
+
+    from dtop_export.serve.client import ServiceError
+
+    body = json.dumps({"error": "busy: retry later", "status": 503}).encode()
+    date = email.utils.formatdate(time.time() + 120, usegmt=True)
+    answer = answering(503, {"Retry-After": date, "Content-Type": "application/json"}, body)
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).embed(png(8, 8))
     assert err.value.status == 503 and err.value.message == "busy: retry later"
     assert err.value.retry_after is not None and 60 < err.value.retry_after <= 120
+
+
+def test_the_client_reads_ray_proxys_plain_text_503_as_overload_and_refuses_a_non_json_answer() -> None:
+    """Past the service's capacity + 128 requests Ray's proxy refuses a request itself: a plain-text 503 (Ray's
+    message; the service's ingress gives it Retry-After). The client raises ServiceError saying the service is over
+    capacity and when to retry (it passed Ray's text on, no advice); a 200 that is not JSON is a ServiceError too
+    (it was returned as {"error": text}: embed() failed with KeyError 'images')."""
+    from ray import serve
+
+    from dtop_export.serve.app import ingress_options
+    from dtop_export.serve.client import ServiceError
+    from dtop_export.serve.limits import Limits
+
+    ingress = serve.deployment(**ingress_options(Limits(), 10))(type("Ingress", (), {}))
+    assert ingress.backpressure_config.retry_after_s == 1 and ingress.backpressure_config.status_code == 503
+    ray_text = b"Request dropped due to backpressure (num_queued_requests=64, max_queued_requests=64)."
+    answer = answering(503, {"Retry-After": "1", "Content-Type": "text/plain; charset=utf-8"}, ray_text)
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).embed(png(8, 8))
+    assert err.value.status == 503 and err.value.retry_after == 1.0
+    assert "over capacity" in err.value.message and err.value.message.endswith("retry after 1 s"), err.value.message
+    assert "backpressure" in err.value.message
+    answer = answering(200, {"Content-Type": "text/html"}, b"<html>a captive portal</html>")
+    with answer as url, pytest.raises(ServiceError, match="not JSON"):
+        ServiceClient(url, timeout=10).embed(png(8, 8))
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------
@@ -540,8 +728,8 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     ref = client.embed(photo("coffee.png"))[0]
     status, _, data = client.request("GET", "/readyz")
     assert status == 200
-    old = json.loads(data)["replica"]
-    assert psutil.Process(int(old)) in psutil.Process(service.proc.pid).children(recursive=True)
+    old, old_pid = json.loads(data)["replica"], json.loads(data)["pid"]
+    assert psutil.Process(old_pid) in psutil.Process(service.proc.pid).children(recursive=True)
     load: list[tuple[int, bytes]] = []
     stop = threading.Event()
 
@@ -573,7 +761,7 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     try:
         time.sleep(1.0)
         t0 = time.monotonic()
-        os.kill(int(old), signal.SIGKILL)
+        os.kill(old_pid, signal.SIGKILL)
         unready = 0
         while True:
             elapsed = time.monotonic() - t0
@@ -586,7 +774,7 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
                 timeline.append((elapsed, status, data[:200].decode(errors="replace"), key))
             if status == 200:
                 assert doc["warm"] and doc["replica"] != old, why("/readyz said 200 for the killed replica")
-                new = psutil.Process(int(doc["replica"]))
+                new = psutil.Process(doc["pid"])
                 assert new in psutil.Process(service.proc.pid).children(recursive=True), why("200 from a stranger")
                 break
             assert status == 503 and doc["ready"] is False, why("/readyz: neither 200 nor a 503 not-ready")
@@ -609,6 +797,13 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
             assert doc["status"] == status and doc["error"]
     after = client.embed(photo("coffee.png"))[0]
     assert np.abs(after - ref).max() <= 1e-5
+    # /readyz named the killed replica as Serve does (Serve's log of its death names it: Replica(id='...'), not a PID)
+    named = f"Replica(id='{old}'"
+    for _ in range(150):  # the relay of Ray's log lines may lag: a hang detector, not a timing
+        if named in service.output():
+            break
+        time.sleep(0.2)
+    assert named in service.output(), service.output()[-3000:]
     print(
         f"recovered in {recovery:.1f} s ({unready} x 503 from /readyz); under load: {codes.count(200)} x 200, "
         f"{len(codes) - codes.count(200)} x 5xx"

@@ -31,7 +31,16 @@ from typing import Any
 import numpy as np
 
 from dtop_export.serve.deployment import EngineSettings, combine_scales
-from dtop_export.serve.limits import Admission, Limits, RequestError, bounded_int, check_length, decode, read_images
+from dtop_export.serve.limits import (
+    RETRY_AFTER_S,
+    Admission,
+    Limits,
+    RequestError,
+    bounded_int,
+    check_length,
+    decode,
+    read_images,
+)
 
 APP_NAME = "dtop"
 API_VERSION = "v1"
@@ -326,6 +335,23 @@ class Service:
         return _json({"ready": bool(status.get("warm")), **status}, 200 if status.get("warm") else 503)
 
 
+def ingress_options(limits: Limits, capacity: int) -> dict[str, Any]:
+    """The ingress deployment's Serve options. The app's admission (``capacity`` requests) answers first, in JSON;
+    Serve's own bound behind it (64 more at once, 64 queued) is a backstop: past it Ray's proxy refuses a request
+    itself, a plain-text 503 with Ray's message (Ray 2.60 lets a deployment set that answer's status and
+    Retry-After, not its body), given the app's Retry-After. The client reads either as a ServiceError."""
+    return {
+        "name": "ingress",
+        "max_ongoing_requests": capacity + 64,
+        "max_queued_requests": 64,
+        "backpressure_config": {"retry_after_s": RETRY_AFTER_S},
+        "ray_actor_options": {"num_cpus": 0},
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": limits.request_timeout_s + 5,
+        "health_check_period_s": 2.0,
+    }
+
+
 def build_app(
     info: ServiceInfo,
     limits: Limits,
@@ -365,15 +391,7 @@ def build_app(
         settings, replicas, min_replicas, max_replicas, calls, cpus_per_replica, gpus_per_replica
     )
 
-    @serve.deployment(
-        name="ingress",
-        max_ongoing_requests=capacity + 64,  # the app's own admission (capacity) answers first, in JSON
-        max_queued_requests=64,
-        ray_actor_options={"num_cpus": 0},
-        graceful_shutdown_wait_loop_s=0.5,
-        graceful_shutdown_timeout_s=limits.request_timeout_s + 5,
-        health_check_period_s=2.0,
-    )
+    @serve.deployment(**ingress_options(limits, capacity))
     @serve.ingress(api)
     class Ingress:
         def __init__(self, embedder: Any) -> None:

@@ -103,10 +103,18 @@ class ServiceClient:
         try:
             doc = json.loads(data) if data else {}
         except json.JSONDecodeError:
-            doc = {"error": data[:200].decode(errors="replace")}
+            doc = None
         if status >= 400:
-            message = doc.get("error") if isinstance(doc, dict) else None
-            raise ServiceError(status, str(message or doc), retry_after(headers.get("retry-after")))
+            wait = retry_after(headers.get("retry-after"))
+            if isinstance(doc, dict) and doc.get("error"):
+                raise ServiceError(status, str(doc["error"]), wait)
+            text = " ".join(data[:200].decode(errors="replace").split()) or "no message"
+            if status in (429, 503):  # Ray's proxy past the service's backstop: plain text, not the service's JSON
+                advice = f"retry after {wait:g} s" if wait is not None else "retry later"
+                raise ServiceError(status, f"the service is over capacity (its proxy said: {text}): {advice}", wait)
+            raise ServiceError(status, text if doc is None else str(doc), wait)
+        if doc is None:
+            raise ServiceError(status, f"the answer is not JSON: {data[:200].decode(errors='replace')!r}")
         return doc
 
     def _upload(self, images: list[Image]) -> tuple[bytes, str]:

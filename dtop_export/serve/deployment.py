@@ -4,17 +4,18 @@
 MODEL with :func:`dtop_export.corpus.runtime.open_model` (the engine opening ``embed`` uses: same file, options and
 ``--precision auto`` resolution) and warms it up in its constructor, so Serve routes nothing to it before it is
 ready. Each request carries one preprocessed tensor [3, H, W]. Batching is Triton's dynamic batcher: when the engine
-is free, the next batch takes every request already waiting (at most ``--max-batch-size``), waiting up to
-``--batch-wait-ms`` after its first one for more; only tensors of equal shape share a forward pass, as in corpus
-jobs. (``serve.batch`` forms its batches as requests arrive, even while the engine is busy, so under load it ran
-batches of 1-4 while a dozen requests waited: measured on r50-vitb16 here.) Every result says which forward pass it
-came from (replica, sequence number, size) and how long it waited, for the app's metrics. ray is imported inside
-the functions.
+is free, the next batch takes every live request already waiting (at most ``--max-batch-size``; one whose caller
+has gone takes no place), waiting up to ``--batch-wait-ms`` after its first one for more; only tensors of equal
+shape share a forward pass, as in corpus jobs. (``serve.batch`` forms its batches as requests arrive, even while
+the engine is busy, so under load it ran batches of 1-4 while a dozen requests waited: measured on r50-vitb16
+here.) Every result says which forward pass it came from (replica, sequence number, size) and how long it waited,
+for the app's metrics. ray is imported inside the functions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 import uuid
@@ -57,9 +58,9 @@ class Embedder:
 
         self.settings = settings
         self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
-        self.replica = f"{os.getpid()}"
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
+        self.replica = replica_name(self._passes)
         self.batches = 0
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
@@ -75,7 +76,9 @@ class Embedder:
         arrived = time.time()
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._serve_batches())
+            # in a context of its own: created inside this request, the task would otherwise carry the request's
+            # context variables (Serve's request context: its id, route...) for its whole life
+            self._worker = contextvars.Context().run(asyncio.get_running_loop().create_task, self._serve_batches())
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         item = Item(np.asarray(tensor, np.float32), submitted, loop.create_future(), loop.time())
@@ -86,25 +89,9 @@ class Embedder:
     async def _serve_batches(self) -> None:
         """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes)."""
         assert self._queue is not None
-        queue, limit, wait_s = self._queue, self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
-        loop = asyncio.get_running_loop()
+        queue = self._queue
         while True:
-            batch = [await queue.get()]
-            deadline = batch[0].queued + wait_s  # the first request waits at most --batch-wait-ms for company
-            while len(batch) < limit:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            batch = [item for item in batch if not item.answer.done()]
-            if not batch:
-                continue
+            batch = await self._next_batch(queue)
             try:
                 results = await self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
@@ -117,16 +104,43 @@ class Embedder:
                 else:
                     item.answer.set_result(result)
 
+    async def _next_batch(self, queue: asyncio.Queue[Item]) -> list[Item]:
+        """The next batch, of live requests only: at most ``max_batch_size``, the oldest waiting at most
+        ``batch_wait_ms`` for company. A request cancelled while it waits (its caller gone, its timeout) is dropped
+        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass."""
+        limit, wait_s = self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        batch: list[Item] = []
+        while True:
+            batch = [item for item in batch if not item.answer.done()]
+            if len(batch) >= limit:
+                return batch
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            if not batch:
+                batch.append(await queue.get())
+                continue
+            left = batch[0].queued + wait_s - loop.time()  # the oldest live request waits at most --batch-wait-ms
+            if left <= 0:
+                return batch
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except asyncio.TimeoutError:
+                continue  # the deadline has passed: the batch goes once those cancelled meanwhile are dropped
+
     async def _run_batch(self, items: list[Item]) -> list[dict[str, Any] | Exception]:
         """Each item's result, or the error of its own forward pass: each shape is a pass of its own, and one that
         fails (an input shape the engine refuses) fails only the requests in it."""
-        start = time.time()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.tensor.shape), []).append(i)
         out: list[dict[str, Any] | Exception] = [{} for _ in items]
-        for rows in groups.values():
-            t0 = time.perf_counter()
+        for shape_rows in groups.values():
+            rows = [i for i in shape_rows if not items[i].answer.done()]  # cancelled during an earlier pass: dropped
+            if not rows:
+                continue
+            start, t0 = time.time(), time.perf_counter()  # its wait includes the batch's passes before it
             try:
                 batch = np.stack([items[i].tensor for i in rows])
                 desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
@@ -149,15 +163,28 @@ class Embedder:
         return out
 
     async def status(self) -> dict[str, Any]:
-        """Whether this replica is warm (always, once constructed), its engine and counters."""
+        """Whether this replica is warm (always, once constructed), its engine, name, process id and counters."""
         return {
             "warm": self.warm,
             "engine": self.engine.label,
             "descriptor_dim": int(self.engine.descriptor_dim),
             "replica": self.replica,
+            "pid": os.getpid(),  # on the replica's node
             "batches": self.batches,
             "images": self.images,
         }
+
+
+def replica_name(token: str) -> str:
+    """The name of this replica in answers and ``/readyz``: Serve's replica id (as in ``serve status`` and Serve's
+    logs), or ``token`` outside a Serve replica. A PID, the name before, is no name: replicas on two nodes (each
+    container counts its own PIDs) can share one."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a replica (RayServeException), or a Serve without replica ids
+        return token
 
 
 def combine_scales(descriptors: list[np.ndarray]) -> np.ndarray:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 MULTIPART = "multipart/form-data"
+RETRY_AFTER_S = 1.0  # what a 503 for overload tells the client to wait (the app's, and Ray's proxy's)
 
 
 class RequestError(DToPError):
@@ -214,7 +215,7 @@ class Admission:
     """The bounded queue in front of the model: at most ``capacity`` requests inside the service at once (each one
     holds at most one upload), the rest refused at the door with 503 + Retry-After instead of piling up."""
 
-    def __init__(self, capacity: int, retry_after_s: float = 1.0) -> None:
+    def __init__(self, capacity: int, retry_after_s: float = RETRY_AFTER_S) -> None:
         self.capacity = capacity
         self.inside = 0
         self.retry_after_s = retry_after_s
