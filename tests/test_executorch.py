@@ -344,16 +344,24 @@ def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
     assert f"dtop-export executorch CKPT.pt --size {SIZE // 2}" in str(e.value) and "--static" not in str(e.value)
 
 
-def _program_without_contract() -> bytes:
+def _program_without_contract(contract: dict[str, str] | None = None) -> bytes:
+    """A program of x * 2: without a dtop_metadata method, or with ``contract`` (JSON) as its dtop_metadata."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+
+    from dtop_export.engines.executorch import METADATA_METHOD
 
     class Double(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
     ep = torch.export.export(Double(), (torch.ones(1, 3, 16, 16),))
-    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    methods = None if contract is None else {METADATA_METHOD: json.dumps(contract)}
+    return (
+        to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=methods)
+        .to_executorch()
+        .buffer
+    )
 
 
 def test_mismatched_torch_and_executorch_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,6 +437,15 @@ def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None
     bare = tmp_path / "bare.pte"
     bare.write_bytes(_program_without_contract())
     fails(bare, r"carries no dtop-export contract \(no dtop_metadata method\)")
+    # a contract without a key names the program's maker, not `dtop-export onnx` (old code, for a .pte as for an .onnx)
+    partial = tmp_path / "partial.pte"
+    partial.write_bytes(_program_without_contract({"dtop.format": "dtop-export/executorch"}))
+    fails(partial, r"partial\.pte lacks metadata dtop\.input_name: re-export it with this version of dtop-export "
+          r"executorch$")  # fmt: skip
+    formatless = tmp_path / "formatless.pte"
+    formatless.write_bytes(_program_without_contract({}))
+    fails(formatless, r"no dtop-export metadata \(dtop\.format\): export the model with `dtop-export executorch "
+          r"CKPT\.pt`$")  # fmt: skip
     fails(small_pte, r"runs at the precision it was compiled with", "--precision", "bf16")
     # another size than the program's names `executorch --size`, not `onnx --static` (the Python engine's hint)
     fails(small_pte, rf"for {SIZE}x{SIZE} inputs only, got 256x256: resize, or compile a program of that size "
