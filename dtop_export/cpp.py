@@ -5,7 +5,7 @@ the ``cmake`` on PATH, or pip's when that one is older).
 
 :func:`build` configures with CMake (``-DOpenVINO_DIR=<site-packages>/openvino/cmake``), builds, optionally
 installs, and returns where the binaries are. Missing pieces (CMake, a C++ compiler, the ``openvino`` wheel,
-libjpeg/zlib development files) are one :class:`DToPError` line naming what to install. The C++ sources
+libjpeg/zlib/OpenSSL development files) are one :class:`DToPError` line naming what to install. The C++ sources
 travel in the wheel as ``dtop_export.cpp_sources`` (the repository's ``cpp/`` folder).
 
 Imports the standard library only; ``openvino``, ``executorch`` and ``cmake`` are located, not imported.
@@ -32,6 +32,7 @@ LOG_NAME = "dtop-build.log"
 _CMAKE_HINTS = (
     ("Could NOT find JPEG", "libjpeg development files not found: install them (Debian: apt install libjpeg-dev)"),
     ("Could NOT find ZLIB", "zlib development files not found: install them (Debian: apt install zlib1g-dev)"),
+    ("Could NOT find OpenSSL", "OpenSSL development files not found: install them (Debian: apt install libssl-dev)"),
     ("No CMAKE_CXX_COMPILER could be found", "no C++ compiler found: install g++ (apt install g++) or set CXX"),
     ('provided by "OpenVINO"', "CMake cannot use the openvino wheel's SDK: pip install --force-reinstall openvino"),
     ('provided by "executorch"', "CMake cannot use the executorch wheel's SDK: pip install 'dtop-export[edge]' again"),

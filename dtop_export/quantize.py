@@ -71,12 +71,19 @@ MIN_CALIB_IMAGES = 8  # fewer images than asked and fewer than this: refused (un
 
 
 def calibration_tensors(
-    paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
+    paths: Sequence[Path],
+    pp: PreprocessConfig,
+    sizes: Sequence[int],
+    limit: int,
+    square: bool = False,
+    check_only: bool = False,
 ) -> list[np.ndarray]:
     """``limit`` images spread evenly over ``paths`` (sets are often grouped by object; fewer than ``limit`` and than
     :data:`MIN_CALIB_IMAGES` available are refused), each at every size
     in ``sizes`` (longer side, or square crops), as model inputs [1, 3, H, W] made by the one preprocessing
-    path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std)."""
+    path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std).
+    ``check_only``: the images only check an INT8 model that needs no calibration (ExecuTorch's dynamic INT8), and
+    the refusals say so."""
     from dtop_export.preprocess import load_image, prepare, prepare_square
 
     if limit < 1:
@@ -85,11 +92,17 @@ def calibration_tensors(
         raise DToPError(f"calibration sizes must be >= the stride {pp.stride}, got {list(sizes)}")
     paths = list(paths)
     if not paths:
-        raise DToPError("no calibration images")
+        raise DToPError("no images to check the INT8 program on" if check_only else "no calibration images")
     if len(paths) < min(limit, MIN_CALIB_IMAGES):
+        what = (
+            f"check image(s) for the {limit} asked: an INT8 check on fewer than {MIN_CALIB_IMAGES} images says "
+            "little (dynamic INT8 needs no calibration; the images only check the program)"
+            if check_only
+            else f"calibration image(s) for the {limit} asked: INT8 ranges from fewer than {MIN_CALIB_IMAGES} images "
+            "are unreliable"
+        )
         raise DToPError(
-            f"{len(paths)} calibration image(s) for the {limit} asked: INT8 ranges from fewer than {MIN_CALIB_IMAGES} "
-            "images are unreliable: give a folder with more (--calib DIR), or ask for as few with --calib-count"
+            f"{len(paths)} {what}: give a folder with more (--calib DIR), or ask for as few with --calib-count"
         )
     picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
     out = []

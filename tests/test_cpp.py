@@ -180,13 +180,20 @@ def test_an_image_size_that_cannot_fit_is_one_line(
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+@pytest.fixture(scope="module")
+def small_ir(small_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_onnx`` as an IR from `dtop-export openvino` (small.xml + small.bin), read only."""
+    ir = tmp_path_factory.mktemp("cpp-ir") / "small.xml"
+    assert cli("openvino", str(small_onnx), "-o", str(ir)) == 0
+    return ir
+
+
 def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
-    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+    client: Path, small_onnx: Path, small_ir: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:
     """Under `--precision f16` the client counts the layers an IR from `dtop-export openvino` keeps FP32 (the
     sidecar's runtime names them); an .onnx carries none, and the client says so on stderr."""
-    ir = tmp_path / "small.xml"
-    assert cli("openvino", str(small_onnx), "-o", str(ir)) == 0
+    ir = small_ir
     from dtop_export.engines.openvino import count_fp32_islands, read_model
 
     islands = count_fp32_islands(read_model(ir))
@@ -203,6 +210,45 @@ def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
     r = _run(client, ir, image, "-o", tmp_path / "bf16.npy", "--precision", "bf16", "--no-progress")
     assert r.returncode == 0 and "warning" not in r.stderr  # bf16: OpenVINO's CPU plugin ignores the marks
     assert "FP32 islands" not in json.loads((tmp_path / "bf16.json").read_text())["engine"]["runtime"]
+
+
+def test_an_ir_refuses_a_bin_it_was_not_written_with(
+    client: Path, small_ir: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """dtop-embed ran an IR's .xml with whatever .bin lay beside it (OpenVINO reads the weights by offset: a .bin
+    left from another export of the same architecture ran silently with the wrong weights), where every Python reader
+    refuses it. The client checks the .bin against the sha256 the .xml records (dtop.weights_sha256), with the Python
+    readers' line; the pair as written runs (the client's sha256 is hashlib's), an IR without the entry is read as
+    before."""
+    import shutil
+
+    from dtop_export.engines.openvino import check_weights
+
+    xml, img = tmp_path / "deploy.xml", zoo["landscape.jpg"]
+    shutil.copy(small_ir, xml)
+    shutil.copy(small_ir.with_suffix(".bin"), xml.with_suffix(".bin"))
+    r = _run(client, xml, img, "-o", tmp_path / "ok.npy", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    stale = bytearray(small_ir.with_suffix(".bin").read_bytes())
+    stale[len(stale) // 2 : len(stale) // 2 + 64] = bytes(64)  # other weights, same size and layout
+    xml.with_suffix(".bin").write_bytes(bytes(stale))
+    r = _run(client, xml, img, "-o", tmp_path / "out.npy")
+    _fails(r, r"deploy.bin is not the .bin deploy.xml was written with \(sha256 differs.*copy the .xml and its .bin "
+           r"together, or write both again with `dtop-export openvino`$")  # fmt: skip
+    with pytest.raises(DToPError) as python:
+        check_weights(xml)
+    assert r.stderr.strip() == f"error: {python.value}"  # the same line as the Python readers
+    bare = tmp_path / "bare.xml"  # no entry (another tool, an older dtop-export): not checked, runs as before
+    text = xml.read_text()
+    bare.write_text(re.sub(r"<dtop\.weights_sha256 [^>]*/>", "", text))
+    assert "dtop.weights_sha256" in text and "dtop.weights_sha256" not in bare.read_text()
+    shutil.copy(xml.with_suffix(".bin"), bare.with_suffix(".bin"))
+    r = _run(client, bare, img, "-o", tmp_path / "bare.npy", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    xml.with_suffix(".bin").unlink()
+    r = _run(client, xml, img, "-o", tmp_path / "out.npy")
+    _fails(r, r"deploy.xml's weights deploy.bin not found: copy the .xml and its .bin together$")
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
 
 
 def test_minimal_example_compiles_runs_and_is_the_readme_one(

@@ -214,7 +214,7 @@ def program(client: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cpp-api")
     (d / "main.cpp").write_text(PROGRAM)
     cmd = ["c++", "-std=c++17", "-O1", "-Wall", "-Wextra", f"-I{REPO / 'cpp' / 'include'}", str(d / "main.cpp"),
-           str(client.parent / "libdtop.a"), str(libopenvino), "-ljpeg", "-lz", "-pthread",
+           str(client.parent / "libdtop.a"), str(libopenvino), "-ljpeg", "-lz", "-lcrypto", "-pthread",
            f"-Wl,-rpath,{libs}", "-o", str(d / "api")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -304,6 +304,42 @@ def test_an_existing_json_report_is_refused_before_the_work(
     assert report.read_text() == "{}" and not (tmp_path / "m.pte").exists()
 
 
+def test_int8_programs_of_several_sizes_are_named_int8_with_o(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`executorch --int8 -o d.pte --size 64,128` named its INT8 programs d.64.pte and d.128.pte (fp32 names; without
+    -o they are CKPT.S.int8.pte): now d.64.int8.pte and d.128.int8.pte, a stem's own .int8 moved behind the size."""
+    from dtop_export.cli.executorch import pte_outputs
+
+    ckpt, d = Path("m.pt"), tmp_path / "d.pte"
+    assert pte_outputs(ckpt, d, [64, 128], int8=True) == [tmp_path / "d.64.int8.pte", tmp_path / "d.128.int8.pte"]
+    assert pte_outputs(ckpt, tmp_path / "d.int8.pte", [64, 128], int8=True) == pte_outputs(ckpt, d, [64, 128], True)
+    assert pte_outputs(ckpt, d, [64, 128], int8=False) == [tmp_path / "d.64.pte", tmp_path / "d.128.pte"]
+    assert pte_outputs(ckpt, None, [64, 128], int8=True) == [Path("m.64.int8.pte"), Path("m.128.int8.pte")]
+    assert pte_outputs(ckpt, d, [64], int8=True) == [d]  # one size: -o as given
+    (tmp_path / "d.128.int8.pte").write_bytes(b"mine")  # the command refuses the name it would write, before work
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", "64,128", "--int8", "-o", str(d))
+    assert f"{tmp_path / 'd.128.int8.pte'} exists: pass --force" in line
+
+
+def test_too_few_check_images_are_not_called_calibration(
+    small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ExecuTorch's dynamic INT8 needs no calibration (the --calib images only check the program), but too few of
+    them were refused with quantize's "INT8 ranges from fewer than 8 images are unreliable"."""
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40 + i, 30), (10 * i, 20, 30)).save(calib / f"{i}.png")
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib),
+                  "-o", str(tmp_path / "q.pte"))  # fmt: skip
+    assert "2 check image(s) for the 16 asked: an INT8 check on fewer than 8 images says little" in line, line
+    assert "needs no calibration" in line and "ranges" not in line and "--calib-count" in line
+    assert not (tmp_path / "q.pte").exists()
+
+
 def test_int8_below_the_contract_is_not_written(
     small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -344,16 +380,24 @@ def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:
     assert f"dtop-export executorch CKPT.pt --size {SIZE // 2}" in str(e.value) and "--static" not in str(e.value)
 
 
-def _program_without_contract() -> bytes:
+def _program_without_contract(contract: dict[str, str] | None = None) -> bytes:
+    """A program of x * 2: without a dtop_metadata method, or with ``contract`` (JSON) as its dtop_metadata."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+
+    from dtop_export.engines.executorch import METADATA_METHOD
 
     class Double(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2
 
     ep = torch.export.export(Double(), (torch.ones(1, 3, 16, 16),))
-    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    methods = None if contract is None else {METADATA_METHOD: json.dumps(contract)}
+    return (
+        to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=methods)
+        .to_executorch()
+        .buffer
+    )
 
 
 def test_mismatched_torch_and_executorch_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,6 +473,15 @@ def test_cpp_bad_programs(client: Path, small_pte: Path, tmp_path: Path) -> None
     bare = tmp_path / "bare.pte"
     bare.write_bytes(_program_without_contract())
     fails(bare, r"carries no dtop-export contract \(no dtop_metadata method\)")
+    # a contract without a key names the program's maker, not `dtop-export onnx` (old code, for a .pte as for an .onnx)
+    partial = tmp_path / "partial.pte"
+    partial.write_bytes(_program_without_contract({"dtop.format": "dtop-export/executorch"}))
+    fails(partial, r"partial\.pte lacks metadata dtop\.input_name: re-export it with this version of dtop-export "
+          r"executorch$")  # fmt: skip
+    formatless = tmp_path / "formatless.pte"
+    formatless.write_bytes(_program_without_contract({}))
+    fails(formatless, r"no dtop-export metadata \(dtop\.format\): export the model with `dtop-export executorch "
+          r"CKPT\.pt`$")  # fmt: skip
     fails(small_pte, r"runs at the precision it was compiled with", "--precision", "bf16")
     # another size than the program's names `executorch --size`, not `onnx --static` (the Python engine's hint)
     fails(small_pte, rf"for {SIZE}x{SIZE} inputs only, got 256x256: resize, or compile a program of that size "

@@ -1,10 +1,16 @@
 // The OpenVINO implementation of dtop::Runtime (CPU by default; the inference precision is pinned to f32 unless
 // asked otherwise, because OpenVINO's CPU plugin would pick bf16 by itself on an AMX machine).
 #include <openvino/frontend/manager.hpp>
+#include <openssl/evp.h>
 #include <openvino/openvino.hpp>
 
 #include <algorithm>
+#include <array>
+#include <cctype>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -46,6 +52,79 @@ ov::Core& process_core() {
   return *core;
 }
 
+// sha256 of a file as 64 lowercase hex digits (Python's hashlib.sha256().hexdigest()), read in 4 MiB pieces: an IR's
+// .bin is ~350 MB for the full model.
+std::string file_sha256(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read " + path.string());
+  const std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw Error("OpenSSL has no sha256");
+  std::vector<char> buffer(std::size_t{4} << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const std::streamsize n = in.gcount();
+    if (n > 0 && EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<std::size_t>(n)) != 1) {
+      throw Error("sha256 of " + path.string() + " failed");
+    }
+  }
+  if (in.bad()) throw Error("cannot read " + path.string());
+  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
+  unsigned int size = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), digest.data(), &size) != 1) throw Error("sha256 of " + path.string() + " failed");
+  static const char* const kHex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < size; ++i) {
+    out += kHex[digest[i] >> 4];
+    out += kHex[digest[i] & 15];
+  }
+  return out;
+}
+
+// The value of the entry `key` that `dtop-export openvino` writes into an IR's <rt_info> (`<KEY value="..." />`, or
+// `<info name="KEY" value="..." />`), read from the .xml's text before OpenVINO reads the model (which needs the
+// .bin); empty when the .xml has none.
+std::string xml_entry(const std::string& xml, const std::string& key) {
+  for (const std::string& opening : {"<" + key, "name=\"" + key + "\""}) {
+    for (std::size_t at = xml.find(opening); at != std::string::npos; at = xml.find(opening, at + 1)) {
+      const std::size_t after = at + opening.size();
+      if (after >= xml.size() || !(std::isspace(static_cast<unsigned char>(xml[after])) || xml[after] == '/' ||
+                                   xml[after] == '>')) {
+        continue;  // a longer name that starts with key
+      }
+      const std::size_t open = xml.rfind('<', at), close = xml.find('>', at);
+      if (open == std::string::npos || close == std::string::npos) continue;
+      const std::size_t value = xml.find("value=\"", open);
+      if (value == std::string::npos || value > close) continue;
+      const std::size_t end = xml.find('"', value + 7);
+      if (end == std::string::npos || end > close) continue;
+      return xml.substr(value + 7, end - value - 7);
+    }
+  }
+  return "";
+}
+
+// Refuse an IR whose .bin is not the one its .xml was written with (the sha256 `dtop-export openvino` records as
+// dtop.weights_sha256): OpenVINO reads the weights by offset, so a .bin left from another export of the same
+// architecture (a retrained checkpoint, only the new .xml copied) ran silently with the old weights under the new
+// .xml's metadata. An IR without the entry (another tool, an older dtop-export) is not checked. The same check and
+// messages as the Python readers (engines/openvino.py check_weights).
+void check_weights(const std::filesystem::path& xml) {
+  std::ifstream in(xml, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string expected = xml_entry(text, "dtop.weights_sha256");
+  if (expected.empty()) return;
+  const std::filesystem::path weights = std::filesystem::path(xml).replace_extension(".bin");
+  if (!std::filesystem::is_regular_file(weights)) {
+    throw Error(xml.string() + "'s weights " + weights.filename().string() +
+                " not found: copy the .xml and its .bin together");
+  }
+  if (file_sha256(weights) != expected) {
+    throw Error(weights.string() + " is not the .bin " + xml.filename().string() +
+                " was written with (sha256 differs: left from another export?): copy the .xml and its .bin "
+                "together, or write both again with `dtop-export openvino`");
+  }
+}
+
 // Read with the frontend the suffix names (ov::Core::read_model would offer the file to every frontend, and
 // TensorFlow's logs its parse errors of a broken .onnx to stderr).
 std::shared_ptr<ov::Model> read_model(const std::string& path) {
@@ -54,6 +133,7 @@ std::shared_ptr<ov::Model> read_model(const std::string& path) {
   const std::string framework = ext == ".onnx" ? "onnx" : (ext == ".xml" ? "ir" : "");
   if (ext == ".pte") throw Error(path + " is an ExecuTorch program: open it with dtop::open_executorch");
   if (framework.empty()) throw Error(path + " is not an .onnx file or an OpenVINO IR (.xml + .bin)");
+  if (framework == "ir") check_weights(path);
   ov::frontend::FrontEndManager manager;
   const ov::frontend::FrontEnd::Ptr frontend = manager.load_by_framework(framework);
   const ov::frontend::InputModel::Ptr input = frontend->load(path);

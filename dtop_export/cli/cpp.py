@@ -34,8 +34,8 @@ def cpp_build(
     r"""Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
     .pte programs, when the \[edge] extra is installed); prints the binary's path.
 
-    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib development files (apt install cmake g++
-    libjpeg-dev zlib1g-dev). Run again after an upgrade: the build is incremental.
+    Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib/OpenSSL development files (apt install cmake g++
+    libjpeg-dev zlib1g-dev libssl-dev). Run again after an upgrade: the build is incremental.
     """
     from dtop_export.cpp import build
 

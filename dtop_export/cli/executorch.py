@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from dtop_export.cli.common import (
-    CalibOpt,
     ForceOpt,
     JsonOpt,
     app,
@@ -22,15 +21,17 @@ from dtop_export.errors import DToPError
 
 
 def pte_outputs(checkpoint: Path, output: Path | None, sizes: list[int], int8: bool) -> list[Path]:
-    """The files to write: ``-o`` as given for one size, ``-o``'s stem + ``.S.pte`` per size for several; by default
-    ``CHECKPOINT.S.pte`` (``.S.int8.pte``) next to the checkpoint."""
+    """The files to write: ``-o`` as given for one size; for several, ``-o``'s stem + ``.S.pte`` (``.S.int8.pte``, a
+    stem's own ``.int8`` moved behind the size); by default ``CHECKPOINT.S.pte`` (``.S.int8.pte``) next to the
+    checkpoint."""
     tail = ".int8.pte" if int8 else ".pte"
     if output is not None:
         if output.suffix.lower() != ".pte":
             raise DToPError(f"-o {output} should end in .pte")
         if len(sizes) == 1:
             return [output]
-        return [output.with_name(f"{output.stem}.{s}.pte") for s in sizes]
+        stem = output.stem[: -len(".int8")] if int8 and output.stem.lower().endswith(".int8") else output.stem
+        return [output.with_name(f"{stem}.{s}{tail}") for s in sizes]
     return [checkpoint.with_name(f"{checkpoint.stem}.{s}{tail}") for s in sizes]
 
 
@@ -46,7 +47,9 @@ def executorch(
     output: Annotated[
         Path | None,
         output_option(
-            "-o", "--output", help=".pte to write (several sizes: its stem + .SIZE.pte; default CKPT.SIZE[.int8].pte)."
+            "-o",
+            "--output",
+            help=".pte to write (several sizes: its stem + .SIZE[.int8].pte; default CKPT.SIZE[.int8].pte).",
         ),
     ] = None,
     int8: Annotated[
@@ -55,7 +58,12 @@ def executorch(
             "--int8", help="INT8: dynamic quantisation of the linear layers (XNNPACK QD8), checked on --calib."
         ),
     ] = False,
-    calib: CalibOpt = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            "--calib", help="Folder of images the INT8 program is checked on (default: the embedded sample set)."
+        ),
+    ] = None,
     calib_count: Annotated[
         int | None, typer.Option("--calib-count", help="Images the INT8 program is checked on (default 16).")
     ] = None,
@@ -122,7 +130,8 @@ def executorch(
                 from dtop_export.quantize import calibration_tensors
 
                 status.update(f"{out.name}: preparing {calib_count} check images at {s}x{s}")
-                tensors = calibration_tensors(paths, square_preprocess(ckpt.preprocess, s), [s], calib_count)
+                pp = square_preprocess(ckpt.preprocess, s)
+                tensors = calibration_tensors(paths, pp, [s], calib_count, check_only=True)
             r = write_pte(
                 ckpt, out, s, int8=int8, calib=tensors, calibration_source=source, keep_float=roles if int8 else (),
                 whiten=not no_whiten,

@@ -72,7 +72,8 @@ class Runtime {
 };
 
 /// Open an exported `.onnx` or an OpenVINO IR `.xml` with OpenVINO. Throws Error when the file is missing or
-/// not a model OpenVINO can read.
+/// not a model OpenVINO can read, or when an IR's `.bin` is missing or not the one its `.xml` records
+/// (dtop.weights_sha256, from `dtop-export openvino`).
 std::unique_ptr<Runtime> open_openvino(const std::string& model_path, const RuntimeOptions& options = {});
 
 }  // namespace dtop
