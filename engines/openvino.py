@@ -19,6 +19,9 @@ from dtop_export.errors import DToPError
 
 # engine precision -> OpenVINO's inference precision hint. int8: an INT8 model whose float parts run fp32.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+# dtop.inference_precision (the hint `openvino MODEL.pt --precision auto` measured) -> the engine precision it runs
+# at when none is asked for
+RECORDED_HINTS = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "fp16": "fp16", "f16": "fp16"}
 MODES = ("latency", "throughput")
 FRAMEWORKS = {".onnx": "onnx", ".xml": "ir"}
 log = logging.getLogger(__name__)
@@ -220,7 +223,9 @@ class OpenVinoEngine(Engine):
     precision: ``fp32`` (default; the CPU plugin's f32 path, pinned: OpenVINO would pick bf16 by itself on an
     AMX CPU), ``bf16`` or ``fp16`` (inference precision hints; bf16 pays only with AMX, measure first), or
     ``int8`` (an IR from ``dtop-export openvino --int8``, or a QDQ ONNX from ``dtop-export quantize``; taken from
-    the file's metadata when not given). threads: inference threads (default: OpenVINO's). mode: ``latency``
+    the file's metadata when not given). Not given, an fp32 IR runs at the hint it records as
+    ``dtop.inference_precision`` (``openvino MODEL.pt --precision auto``: what ``bench --recommend`` measured).
+    threads: inference threads (default: OpenVINO's). mode: ``latency``
     (one request, all cores) or ``throughput`` (OpenVINO's streams; for many concurrent requests). device:
     ``CPU`` (OpenVINO's name). A fixed-batch export runs in chunks of its batch, like the ONNX Runtime engine.
     """
@@ -245,7 +250,8 @@ class OpenVinoEngine(Engine):
         if "dtop.format" not in meta:
             raise DToPError(f"{path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
         file_precision = meta.get("dtop.precision", "fp32")
-        precision = precision or file_precision
+        recorded = RECORDED_HINTS.get(meta.get("dtop.inference_precision", "")) if file_precision == "fp32" else None
+        precision = precision or recorded or file_precision
         if precision not in INFERENCE_PRECISION:
             raise DToPError(f"unknown OpenVINO precision {precision!r}: choose {', '.join(INFERENCE_PRECISION)}")
         if (precision == "int8") != (file_precision == "int8"):

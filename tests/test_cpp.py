@@ -212,6 +212,31 @@ def test_f16_keeps_the_irs_fp32_islands_and_warns_without_them(
     assert "FP32 islands" not in json.loads((tmp_path / "bf16.json").read_text())["engine"]["runtime"]
 
 
+def test_an_ir_runs_at_the_hint_it_records_unless_told_otherwise(
+    client: Path, small_onnx: Path, small_ir: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """`openvino MODEL.pt --precision auto` records the hint `bench --recommend` measured (dtop.inference_precision);
+    dtop-embed ran such an IR at f32 unless given --precision. It now runs at the recorded hint (the sidecar says
+    which), --precision overrides it, and an IR without one stays f32."""
+    from dtop_export.openvino_ir import write_ir
+
+    hinted = tmp_path / "hinted.xml"
+    write_ir(small_onnx, hinted, inference_precision="fp16")
+    image = zoo["landscape.jpg"]
+
+    def engine(model: Path, name: str, *args: str) -> dict:
+        r = _run(client, model, image, "-o", tmp_path / f"{name}.npy", "--no-progress", *args)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+        return json.loads((tmp_path / f"{name}.json").read_text())["engine"]
+
+    recorded = engine(hinted, "recorded")
+    assert recorded["precision"] == "fp16" and "CPU fp16, " in recorded["runtime"], recorded
+    told = engine(hinted, "told", "--precision", "f32")
+    assert told["precision"] == "fp32" and told["runtime"].endswith("CPU f32"), told
+    plain = engine(small_ir, "plain")
+    assert plain["precision"] == "fp32" and plain["runtime"].endswith("CPU f32"), plain
+
+
 def test_an_ir_refuses_a_bin_it_was_not_written_with(
     client: Path, small_ir: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:

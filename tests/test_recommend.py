@@ -186,7 +186,11 @@ def test_auto_for_bench_and_the_cpp_facing_ir(
     printed = capsys.readouterr().out
     meta = model_metadata(read_model(out))
     assert meta["dtop.inference_precision"] == "bf16" and meta["dtop.derived_from"] == "hinted.onnx"
-    assert meta["dtop.precision"] == "fp32" and "dtop-embed --precision bf16" in printed
+    assert meta["dtop.precision"] == "fp32" and "runs with the bf16 hint it was measured with" in printed
+    from dtop_export.engines import load_engine
+
+    # the IR runs at the hint it records unless told otherwise (it ran fp32 unless given :bf16)
+    assert load_engine(out).precision == "bf16" and load_engine(out, precision="fp32").precision == "fp32"
 
     slow = _row("openvino fp32", 0.8)
     slow.options = {"runtime": "openvino"}

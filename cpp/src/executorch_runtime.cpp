@@ -84,7 +84,7 @@ class ExecuTorchRuntime final : public Runtime {
   ExecuTorchRuntime(const std::string& path, const RuntimeOptions& options) : path_(path), options_(options) {
     if (!std::filesystem::is_regular_file(path)) throw dtop::Error("model " + path + " not found");
     if (options.threads < 0) throw dtop::Error("threads must be >= 0 (0: ExecuTorch's default)");
-    if (options.precision != "f32" && options.precision != "fp32") {
+    if (!options.precision.empty() && options.precision != "f32" && options.precision != "fp32") {
       throw dtop::Error(path + " is an ExecuTorch program: it runs at the precision it was compiled with (" +
                         std::string("drop --precision ") + options.precision + ")");
     }

@@ -42,6 +42,11 @@ ov::element::Type precision_type(const std::string& name) {
   throw Error("unknown precision '" + name + "': choose f32, bf16 or f16");
 }
 
+// The engine's name of a precision hint: fp32, bf16, fp16 (what dtop-export writes in its reports).
+std::string precision_name(const ov::element::Type& type) {
+  return type == ov::element::bf16 ? "bf16" : (type == ov::element::f16 ? "fp16" : "fp32");
+}
+
 // The process's one ov::Core (thread-safe), never destroyed. Each Core loads a CPU plugin of its own, which gives the
 // thread that loads it an alternate signal stack and unmaps it when the plugin goes: runtimes freed in another order
 // than made, or on another thread, left that thread's signal stack pointing at unmapped memory, and the next signal
@@ -146,7 +151,7 @@ class OpenVinoRuntime final : public Runtime {
   OpenVinoRuntime(const std::string& path, const RuntimeOptions& options) : options_(options) {
     if (!std::filesystem::is_regular_file(path)) throw Error("model " + path + " not found");
     if (options.threads < 0) throw Error("threads must be >= 0 (0: OpenVINO's choice)");
-    const ov::element::Type precision = precision_type(options.precision);
+    if (!options.precision.empty()) precision_type(options.precision);  // an unknown one before the model is read
     ov::hint::PerformanceMode mode;
     if (options.performance == "latency") {
       mode = ov::hint::PerformanceMode::LATENCY;
@@ -163,6 +168,22 @@ class OpenVinoRuntime final : public Runtime {
       throw Error("OpenVINO cannot read " + path + ": " + first_reason(e.what()));
     }
     read_metadata();
+    // no precision asked for: the hint the model records (`openvino MODEL.pt --precision auto`: what bench --recommend
+    // measured within its contract), else f32; an INT8 model's float parts run f32
+    const auto recorded = metadata_.find("dtop.inference_precision");
+    const bool int8 = metadata_.count("dtop.precision") && metadata_.at("dtop.precision") == "int8";
+    if (options_.precision.empty()) {
+      options_.precision = recorded != metadata_.end() && !int8 ? recorded->second : "f32";
+    }
+    ov::element::Type precision;
+    try {
+      precision = precision_type(options_.precision);
+    } catch (const Error&) {
+      throw Error(path + " records dtop.inference_precision '" + options_.precision +
+                  "', not one of f32, bf16, f16: pass --precision");
+    }
+    precision_ = precision_name(precision);
+    int8_ = int8;
     // the key OpenVINO gives the IR attribute DisablePrecisionConversion (what dtop-export openvino writes on the
     // FP32 islands): those layers stay f32 under an f16 hint (the CPU plugin ignores the mark under bf16)
     for (const auto& op : model_->get_ops()) {
@@ -219,6 +240,8 @@ class OpenVinoRuntime final : public Runtime {
   }
 
   int fp32_islands() const override { return fp32_islands_; }
+
+  std::string inference_precision() const override { return int8_ ? "int8" : precision_; }
 
   bool concurrent() const override { return true; }
 
@@ -279,6 +302,8 @@ class OpenVinoRuntime final : public Runtime {
   }
 
   RuntimeOptions options_;
+  std::string precision_ = "fp32";  // the hint it runs with, by the engine's name
+  bool int8_ = false;               // an INT8 model (its float parts run at precision_)
   std::shared_ptr<ov::Model> model_;
   ov::CompiledModel compiled_;
   std::mutex pool_mutex_;

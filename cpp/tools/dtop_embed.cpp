@@ -36,7 +36,8 @@ constexpr const char* kUsage =
     "  --image-size N         longer side before scaling (default: the model's, from its metadata)\n"
     "  --batch-size N, -b N   same-shape images per forward pass (default 1)\n"
     "  --threads N            inference threads (default: the runtime's choice)\n"
-    "  --precision P          OpenVINO inference precision hint: f32 (default, exact), bf16, f16\n"
+    "  --precision P          OpenVINO inference precision hint: f32 (exact), bf16, f16 (default: the hint the\n"
+    "                         model records, dtop.inference_precision, as `openvino --precision auto` writes; else f32)\n"
     "  --max-pixels N         refuse images of more pixels (default 178956970, Pillow's limit)\n"
     "  --max-decode-mb N      refuse images whose decoding needs more MiB: the file, the RGB image and a rotated\n"
     "                         copy, the decoder's buffers; checked from the header (default 1024)\n"
@@ -95,7 +96,7 @@ std::vector<std::string> expand_images(const std::vector<std::string>& items) {
 }
 
 struct Args {
-  std::string model, output, sidecar, scales = "1", precision = "f32", device = "CPU", dump;
+  std::string model, output, sidecar, scales = "1", precision, device = "CPU", dump;
   std::vector<std::string> images;
   int image_size = 0, batch_size = 1, threads = 0;
   bool progress = true, force = false;
@@ -245,8 +246,8 @@ std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vect
   std::string s = "{\n  \"model\": " + quote(python_path(a.model)) + ",\n";
   // what `evaluate --distractors` and `search` check a descriptor file against (as `dtop-export embed` writes it)
   s += "  \"checkpoint_sha256\": " + quote(e.contract().checkpoint_sha256) + ",\n";
-  const bool pte = dtop::is_executorch_program(a.model);  // the precision a program was compiled with
-  const std::string precision = pte ? e.contract().precision : (a.precision == "f32" ? "fp32" : a.precision);
+  const bool pte = dtop::is_executorch_program(a.model);
+  const std::string precision = e.inference_precision();  // a program's compiled one; OpenVINO's hint (or int8)
   s += "  \"engine\": {\n    \"name\": " + quote(pte ? "executorch-cpp" : "openvino-cpp") +
        ",\n    \"precision\": " + quote(precision) +
        ",\n    \"device\": " + quote(a.device == "CPU" ? "cpu" : a.device) +
@@ -303,7 +304,7 @@ int run(int argc, char** argv) {
   options.precision = a.precision;
   options.device = a.device;
   dtop::Embedder embedder(open_runtime(a.model, options), a.model);
-  if ((a.precision == "f16" || a.precision == "fp16") && embedder.fp32_islands() == 0) {
+  if (embedder.inference_precision() == "fp16" && embedder.fp32_islands() == 0) {
     std::cerr << "warning: " << a.model << " marks no FP32 islands: under f16 its whitening and L2 norms run in "
               << "FP16 too; give dtop-embed the IR from `dtop-export openvino MODEL.onnx`\n";
   }

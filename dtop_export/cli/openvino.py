@@ -142,4 +142,7 @@ def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
         highlight=False,
     )
     if hint and hint != "fp32":
-        con.print(f"run it with the same hint: dtop-embed --precision {hint} (C++), MODEL.xml:{hint} (Python)")
+        con.print(
+            f"it runs with the {hint} hint it was measured with (dtop-embed, Python engines; --precision f32 / "
+            f"MODEL.xml:fp32 to override)"
+        )

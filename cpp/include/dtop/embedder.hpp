@@ -71,6 +71,8 @@ class Embedder {
   std::string describe() const { return runtime_->describe(); }
   /// See Runtime::fp32_islands.
   int fp32_islands() const { return runtime_->fp32_islands(); }
+  /// See Runtime::inference_precision.
+  std::string inference_precision() const { return runtime_->inference_precision(); }
 
   /// The model input of one image at one scale (resize + normalise). Throws Error on an Image whose rgb does not
   /// hold width * height * 3 bytes.

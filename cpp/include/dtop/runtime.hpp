@@ -41,12 +41,14 @@ struct Contract {
 };
 
 /// Runtime settings. threads: CPU inference threads (0 = the runtime's choice). precision: the inference
-/// precision hint, "f32" (default: exact parity), "bf16" or "f16". performance: "latency" (one OpenVINO stream: the
+/// precision hint, "f32" (exact parity), "bf16" or "f16"; "" (default): the hint the model records as
+/// `dtop.inference_precision` (an IR from `dtop-export openvino MODEL.pt --precision auto`: what `bench --recommend`
+/// measured within its contract on that CPU), else "f32". performance: "latency" (one OpenVINO stream: the
 /// forward passes of several threads run in turn) or "throughput" (streams that run them in parallel).
 struct RuntimeOptions {
   std::string device = "CPU";
   int threads = 0;
-  std::string precision = "f32";
+  std::string precision;
   std::string performance = "latency";
 };
 
@@ -69,6 +71,12 @@ class Runtime {
   /// Layers the model keeps FP32 under an f16 hint (the whitening, L2 norms, LayerNorm, Softmax of an IR from
   /// `dtop-export openvino`); 0 when it marks none.
   virtual int fp32_islands() const { return 0; }
+  /// The precision it runs at: "fp32", "bf16" or "fp16" (OpenVINO: RuntimeOptions::precision or the model's own
+  /// hint); by default the model's dtop.precision (what an ExecuTorch program was compiled as).
+  virtual std::string inference_precision() const {
+    const auto it = metadata().find("dtop.precision");
+    return it == metadata().end() ? "fp32" : it->second;
+  }
 };
 
 /// Open an exported `.onnx` or an OpenVINO IR `.xml` with OpenVINO. Throws Error when the file is missing or
