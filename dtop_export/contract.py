@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,10 +143,16 @@ class Engine(ABC):
         if x.shape[0] == 0:
             return self.no_descriptors()
         if static_hw is not None and tuple(x.shape[2:]) != tuple(static_hw):
-            raise ShapeError(
-                f"{self.source} was exported for {static_hw[0]}x{static_hw[1]} inputs only, got "
-                f"{x.shape[2]}x{x.shape[3]}: resize, or {self.resize_hint.format(h=x.shape[2], w=x.shape[3])}"
-            )
+            h, w = static_hw[0], static_hw[1]
+            fix = f"resize, or {self.resize_hint.format(h=x.shape[2], w=x.shape[3])}"
+            if h != w:  # no resize policy makes every photo HxW
+                fix = (
+                    "a photo resized by its longer side rarely has that shape: embed with the dynamic export "
+                    f"(re-export without --static) or a square one (--static {max(h, w)}x{max(h, w)}: the whole "
+                    "image resized to it)"
+                )
+            got = f"{x.shape[2]}x{x.shape[3]}"
+            raise ShapeError(f"{self.source} was exported for {h}x{w} inputs only, got {got}: {fix}")
         b = fixed_batch
         if not b or x.shape[0] == b:
             return np.asarray(run(x), dtype=np.float32)
@@ -171,8 +178,12 @@ def onnx_metadata(
     batch: int | None,
     precision: str = "fp32",
 ) -> dict[str, str]:
-    """``metadata_props`` of an exported file: everything a deployer needs, as strings."""
+    """``metadata_props`` of an exported file: everything a deployer needs, as strings. A square ``static_hw``
+    (``--static SxS``) takes the ``square`` resize policy at S, as an ExecuTorch program of that size does: a photo
+    resized by its longer side would rarely be SxS."""
     pp = ckpt.preprocess
+    if static_hw is not None and static_hw[0] == static_hw[1]:
+        pp = replace(pp, resize="square", size=int(static_hw[0]))
     wh = ckpt.whitening if whiten else None
     return {
         "dtop.format": MODEL_FORMAT,

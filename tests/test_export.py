@@ -188,8 +188,35 @@ def test_no_whiten_and_static_and_fixed_batch(tmp_path: Path, exported: tuple[Pa
     a, b = ref.embed(x), eng.embed(x)
     assert b.shape == (3, 256)
     assert ((a * b).sum(1)).min() >= 0.99999
-    with pytest.raises(DToPError, match="exported for 128x192 inputs only"):
+    with pytest.raises(DToPError, match="exported for 128x192 inputs only") as e:
         eng.embed(x[:2, :, :96, :96].copy())
+    assert "embed with the dynamic export" in str(e.value) and "--static 192x192" in str(e.value)  # not "resize"
+
+
+def test_a_square_static_export_embeds_photos(tmp_path: Path, exported: tuple[Path, Path]) -> None:
+    """`onnx --static SxS` kept the checkpoint's longer-side resize: `embed` of any non-square photo failed with "was
+    exported for SxS inputs only" (a longer-side resize cannot give SxS). It now records the square policy at S, as
+    a .pte of that size does: photos of any aspect embed, equal to the checkpoint on the same square inputs."""
+    from cli_helpers import cli
+    from PIL import Image
+
+    from dtop_export.contract import read_metadata
+    from dtop_export.preprocess import load_image, prepare
+
+    out = tmp_path / "sq.onnx"
+    export_onnx(exported[0], out, static_hw=(64, 64))
+    policy = json.loads(read_metadata(out)["dtop.resize_policy"])
+    assert (policy["policy"], policy["size"]) == ("square", 64)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(120, 80), (70, 150), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    assert cli("embed", str(out), str(photos), "-o", str(tmp_path / "d.npy"), "--no-progress") == 0
+    got = np.load(tmp_path / "d.npy")
+    eng, ref = load_engine(out), load_engine(exported[0])
+    x = np.stack([prepare(load_image(photos / f"{i}.png"), eng.preprocess, 64) for i in range(3)])
+    assert x.shape == (3, 3, 64, 64) and ((got * ref.embed(x)).sum(1)).min() >= 0.99999
 
 
 @pytest.mark.parametrize(
@@ -334,6 +361,7 @@ def test_cli_onnx_and_info(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     out = tmp_path / "c.onnx"
     assert out.exists() and "wrote" in r.stdout and "not whitened" in r.stdout
+    assert "note: a 64x96 export takes 64x96 tensors only" in " ".join(r.stdout.split()), r.stdout
     r = subprocess.run(
         [sys.executable, "-m", "dtop_export", "info", str(out), "--json"], capture_output=True, text=True
     )

@@ -68,6 +68,16 @@ def onnx(
     )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.stage_seconds.items())
     con.print(f"stages: {timings}", style="dim")
+    if static_hw and static_hw[0] != static_hw[1]:
+        con.print(
+            f"note: a {static} export takes {static} tensors only: `embed`, `evaluate` and the C++ client resize a "
+            f"photo by its longer side, which rarely gives {static}; for photos, --static "
+            f"{max(static_hw)}x{max(static_hw)} (the whole image resized to that square) or the dynamic export",
+            style="yellow",
+            soft_wrap=True,
+        )
+    elif static_hw:
+        con.print(f"resize policy: square at {static_hw[0]} (the whole image resized to {static}, as a .pte)")
     if fp16:
         from dtop_export.fp16.convert import convert_file, fp32_nodes_of
 
