@@ -234,6 +234,10 @@ def test_an_int8_candidate_below_the_contract_is_skipped_not_fatal(
     """`quantize` now refuses an INT8 model below the INT8 contract: `bench --recommend` lists it among the
     skipped candidates with the measured cosine (the other candidates are still built and measured), while
     `bench --derive int8` (no ``refused`` list) still fails with the refusal."""
+    from types import SimpleNamespace
+
+    import dtop_export.export as export
+    import dtop_export.optimize as optimize
     from dtop_export.int8_check import BelowContract
     from dtop_export.pipeline import artefacts
 
@@ -241,6 +245,9 @@ def test_an_int8_candidate_below_the_contract_is_skipped_not_fatal(
         raise BelowContract("the INT8 model breaks the INT8 contract", {"inputs": 12, "cosine_min": 0.95})
 
     monkeypatch.setattr(artefacts, "build_int8", below)
+    built = SimpleNamespace(seconds=0.0)  # the export and its rewrites are not what is tested here
+    monkeypatch.setattr(export, "export_onnx", lambda checkpoint, output, **_: built)
+    monkeypatch.setattr(optimize, "optimize_onnx", lambda source, output, **_: built)
     refused: list[tuple[str, str]] = []
     specs = artefacts.derive_specs(small_ckpt, ["onnx", "int8"], tmp_path / "w", refused=refused)
     assert [s.path.name for s in specs] == ["small.onnx"]
