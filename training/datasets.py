@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,15 @@ from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
 from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
-from dtop_export.training.scan import folder_entries, guess_layout, layout_setting, unreadable_reason
+from dtop_export.training.scan import (
+    file_state,
+    folder_entries,
+    guess_layout,
+    layout_setting,
+    read_size_cache,
+    unreadable_reason,
+    write_size_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,41 +84,6 @@ class TrainSet:
 # image scanning -------------------------------------------------------------------------------------------
 
 
-# a cached size is the size of the file as it was: (width, height, bytes, mtime_ns)
-CachedSize = tuple[int, int, int, int]
-
-
-def _file_state(path: str) -> tuple[int, int] | None:
-    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-def _read_size_cache(path: Path | None) -> dict[str, CachedSize]:
-    """``width, height, bytes, mtime_ns, path`` lines; lines of the older ``width, height, path`` form are dropped
-    (their files are read again once: a size without the file's state cannot tell a replaced image)."""
-    if path is None or not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
-        parts = line.split("\t", 4)
-        if len(parts) == 5 and all(v.isdigit() for v in parts[:4]):
-            w, h, n, t = map(int, parts[:4])
-            out[parts[4]] = (w, h, n, t)
-    return out
-
-
-def _write_size_cache(path: Path, sizes: dict[str, CachedSize]) -> None:
-    from dtop_export.atomic import atomic_write_bytes
-
-    # file names as the file system has them (non-UTF-8 bytes kept); one with a tab or newline is read again
-    text = "".join(f"{w}\t{h}\t{n}\t{t}\t{p}\n" for p, (w, h, n, t) in sizes.items() if "\t" not in p and "\n" not in p)
-    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
-
 def finalize(
     name: str,
     root: Path,
@@ -146,11 +118,11 @@ def finalize(
         else:
             first[p] = label
     entries = list(first.items())
-    cache = _read_size_cache(size_cache)
+    cache = read_size_cache(size_cache)
     paths = [p for p, _ in entries]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         # a cached size counts for the file it was read from: same bytes and mtime (a replaced image is read again)
-        state = dict(zip(paths, pool.map(_file_state, paths, chunksize=256)))
+        state = dict(zip(paths, pool.map(file_state, paths, chunksize=256)))
         stale = {p for p in paths if p in cache and cache[p][2:] != state[p]}
         todo = sorted(p for p in paths if state[p] is not None and (p not in cache or p in stale))
         # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
@@ -161,7 +133,7 @@ def finalize(
             else:
                 cache.pop(p, None)
     if (todo or stale) and size_cache is not None and size_cache.parent.is_dir():
-        _write_size_cache(size_cache, {p: v for p, v in cache.items() if p not in stale or p in todo})
+        write_size_cache(size_cache, {p: v for p, v in cache.items() if p not in stale or p in todo})
     usable: list[tuple[str, str, tuple[int, int]]] = []
     for p, label in entries:
         c = cache.get(p)

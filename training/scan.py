@@ -3,6 +3,8 @@
 * :func:`folder_entries`: the (image, class) pairs of a class-per-folder set with links resolved: a class folder
   that is a symbolic link to another class folder is that class, not a second one, and one image file reached
   twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
+* :func:`read_size_cache` / :func:`write_size_cache`: the run folder's ``image_sizes.tsv``, each image's size with
+  the file's bytes and mtime (:func:`file_state`) it was read from, so a replaced image is read again.
 * :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
 * :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
   holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set
@@ -153,6 +155,42 @@ def unreadable_reason(path: str) -> str:
     except Exception:  # noqa: BLE001 - the decoder's own refusal: corrupt or not an image
         return "unreadable"
     return "unreadable" if DecodeBudget().fits_header(w, h) else "over_decode_budget"
+
+
+# a cached size is the size of the file as it was: (width, height, bytes, mtime_ns)
+CachedSize = tuple[int, int, int, int]
+
+
+def file_state(path: str) -> tuple[int, int] | None:
+    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def read_size_cache(path: Path | None) -> dict[str, CachedSize]:
+    """``width, height, bytes, mtime_ns, path`` lines; lines of the older ``width, height, path`` form are dropped
+    (their files are read again once: a size without the file's state cannot tell a replaced image)."""
+    if path is None or not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
+        parts = line.split("\t", 4)
+        if len(parts) == 5 and all(v.isdigit() for v in parts[:4]):
+            w, h, n, t = map(int, parts[:4])
+            out[parts[4]] = (w, h, n, t)
+    return out
+
+
+def write_size_cache(path: Path, sizes: dict[str, CachedSize]) -> None:
+    """Write what :func:`read_size_cache` reads back (atomically)."""
+    from dtop_export.atomic import atomic_write_bytes
+
+    # file names as the file system has them (non-UTF-8 bytes kept); one with a tab or newline is read again
+    text = "".join(f"{w}\t{h}\t{n}\t{t}\t{p}\n" for p, (w, h, n, t) in sizes.items() if "\t" not in p and "\n" not in p)
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_skipped_files(path: Path, files: list[tuple[str, str]]) -> None:

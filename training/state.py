@@ -18,7 +18,7 @@ STATE_VERSION = 1
 RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "data.workers", "save_state_every", "threads", "out_dir"}
 
 
-# what a run writes in its folder besides its SETUP_FILES (see training/loop.py)
+# what a run writes in its folder besides its SETUP_FILES (see training/loop.py, run_logs.py)
 RUN_FILES = ("train_state.pt", "last.pt", "best.pt", "final.pt", "log.csv", "epochs.csv", "tb")
 # what a run writes in its folder as it reads its data: removed again when the start is refused (undo_setup)
 SETUP_FILES = ("config.yaml", "image_sizes.tsv", "skipped_images.tsv")
