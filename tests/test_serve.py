@@ -545,6 +545,41 @@ def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch
     assert engine.contexts == [None, None], engine.contexts
 
 
+def test_a_batcher_that_dies_fails_its_requests_and_the_next_request_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batching task ends with an error (a bug) holding one request and leaving another queued: both fail at
+    once with an error naming the batcher (they hung until --request-timeout: the next request started a new
+    queue and batcher, and nothing answered the old queue), and the next request is served by a new batcher."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    x = np.zeros((3, 32, 32), np.float32)
+    real = replica._next_batch
+
+    async def broken(queue: Any, held: list) -> list:
+        await real(queue, held)  # takes the next request, then fails
+        raise RuntimeError("a bug in the batcher")
+
+    async def scenario() -> tuple[object, list[object], object]:
+        first = asyncio.create_task(replica.embed(x, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the engine is busy with the first request
+        waiting = [asyncio.create_task(replica.embed(x, time.time())) for _ in range(2)]
+        while replica._queue.qsize() < 2:
+            await asyncio.sleep(0)
+        replica._next_batch = broken
+        engine.release.set()
+        done = await asyncio.wait_for(first, 60)  # a hang detector, not a timing
+        failed = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 60)
+        replica._next_batch = real
+        return done, failed, await asyncio.wait_for(replica.embed(x, time.time()), 60)
+
+    first, failed, after = asyncio.run(scenario())
+    assert isinstance(first, dict) and isinstance(after, dict) and after["batch"] != first["batch"]
+    assert all(isinstance(e, RuntimeError) and "batcher stopped" in str(e) for e in failed), failed
+    assert "a bug in the batcher" in str(failed[0])
+
+
 @contextmanager
 def answering(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
     """The URL of a stand-in server (a proxy in front of the service) answering every POST with this answer."""

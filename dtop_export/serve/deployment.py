@@ -9,7 +9,8 @@ has gone takes no place), waiting up to ``--batch-wait-ms`` after its first one 
 shape share a forward pass, as in corpus jobs. (``serve.batch`` forms its batches as requests arrive, even while
 the engine is busy, so under load it ran batches of 1-4 while a dozen requests waited: measured on r50-vitb16
 here.) Every result says which forward pass it came from (replica, sequence number, size) and how long it waited,
-for the app's metrics. ray is imported inside the functions.
+for the app's metrics. If the batching task ever ends with an error, the requests it held or left queued fail with
+it (they waited for their timeout) and the next request starts a new one. ray is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class Embedder:
             self._queue = asyncio.Queue()
             # in a context of its own: created inside this request, the task would otherwise carry the request's
             # context variables (Serve's request context: its id, route...) for its whole life
-            self._worker = contextvars.Context().run(asyncio.get_running_loop().create_task, self._serve_batches())
+            self._worker = contextvars.Context().run(
+                asyncio.get_running_loop().create_task, self._serve_batches(self._queue)
+            )
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         item = Item(np.asarray(tensor, np.float32), submitted, loop.create_future(), loop.time())
@@ -86,28 +89,40 @@ class Embedder:
         out = await item.answer  # cancelled with the request (its timeout): the batcher skips it
         return out | {"route_s": max(0.0, arrived - submitted)}
 
-    async def _serve_batches(self) -> None:
-        """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes)."""
-        assert self._queue is not None
-        queue = self._queue
-        while True:
-            batch = await self._next_batch(queue)
-            try:
-                results = await self._run_batch(batch)
-            except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
-                results = [e] * len(batch)
-            for item, result in zip(batch, results):
-                if item.answer.done():  # cancelled while its pass ran
-                    continue
-                if isinstance(result, BaseException):
-                    item.answer.set_exception(result)
-                else:
-                    item.answer.set_result(result)
+    async def _serve_batches(self, queue: asyncio.Queue[Item]) -> None:
+        """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes). Should
+        it ever end with an error, every request it took or left in ``queue`` fails with it (none waits for its
+        timeout), and the next request starts a new batcher."""
+        held: list[Item] = []  # taken from the queue and not yet answered
+        try:
+            while True:
+                batch = await self._next_batch(queue, held)
+                try:
+                    results = await self._run_batch(batch)
+                except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch
+                    results = [e] * len(batch)
+                for item, result in zip(batch, results):
+                    if item.answer.done():  # cancelled while its pass ran
+                        continue
+                    if isinstance(result, BaseException):
+                        item.answer.set_exception(result)
+                    else:
+                        item.answer.set_result(result)
+                held.clear()
+        except BaseException as e:
+            while not queue.empty():
+                held.append(queue.get_nowait())
+            failure = RuntimeError(f"the replica's batcher stopped ({type(e).__name__}: {e}): retry")
+            for item in held:
+                if not item.answer.done():
+                    item.answer.set_exception(failure)
+            raise
 
-    async def _next_batch(self, queue: asyncio.Queue[Item]) -> list[Item]:
+    async def _next_batch(self, queue: asyncio.Queue[Item], held: list[Item]) -> list[Item]:
         """The next batch, of live requests only: at most ``max_batch_size``, the oldest waiting at most
         ``batch_wait_ms`` for company. A request cancelled while it waits (its caller gone, its timeout) is dropped
-        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass."""
+        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass. Each
+        request taken from the queue is added to ``held`` too."""
         limit, wait_s = self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
         loop = asyncio.get_running_loop()
         batch: list[Item] = []
@@ -117,15 +132,18 @@ class Embedder:
                 return batch
             if not queue.empty():
                 batch.append(queue.get_nowait())
+                held.append(batch[-1])
                 continue
             if not batch:
                 batch.append(await queue.get())
+                held.append(batch[-1])
                 continue
             left = batch[0].queued + wait_s - loop.time()  # the oldest live request waits at most --batch-wait-ms
             if left <= 0:
                 return batch
             try:
                 batch.append(await asyncio.wait_for(queue.get(), left))
+                held.append(batch[-1])
             except asyncio.TimeoutError:
                 continue  # the deadline has passed: the batch goes once those cancelled meanwhile are dropped
 
