@@ -11,6 +11,11 @@ the engine is busy, so under load it ran batches of 1-4 while a dozen requests w
 here.) Every result says which forward pass it came from (replica, sequence number, size) and how long it waited,
 for the app's metrics. If the batching task ever ends with an error, the requests it held or left queued fail with
 it (they waited for their timeout) and the next request starts a new one. ray is imported inside the functions.
+
+Readiness: each answer also names the replica's Ray actor, and :func:`local_status` reads a replica's state in its
+own process (the app runs it through Ray's ``__ray_call__`` on that actor: a call Serve's request queue does not
+count, so a saturated replica still answers it, and a dead one fails it at once; see
+:mod:`dtop_export.serve.readiness`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import contextvars
 import os
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+# the replicas of this process by name (one per Serve replica process; several in tests), for local_status
+_LOCAL: weakref.WeakValueDictionary[str, Embedder] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,9 @@ class Embedder:
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
         self.replica = replica_name(self._passes)
+        self.actor = actor_address()  # (namespace, name) of this replica's Ray actor; None outside Serve
         self.batches = 0
+        self._pass_started: float | None = None  # perf_counter() at the start of the running forward pass
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -71,6 +82,7 @@ class Embedder:
         for b in sorted({1, settings.max_batch_size}):  # first passes compile/allocate: not on a user's request
             self.engine.embed(np.zeros((b, 3, side, side), np.float32))
         self.warm = True
+        _LOCAL[self.replica] = self
 
     async def embed(self, tensor: np.ndarray, submitted: float) -> dict[str, Any]:
         """The descriptor of one preprocessed image [3, H, W], with its forward pass's size and the times."""
@@ -159,6 +171,7 @@ class Embedder:
             if not rows:
                 continue
             start, t0 = time.time(), time.perf_counter()  # its wait includes the batch's passes before it
+            self._pass_started = t0
             try:
                 batch = np.stack([items[i].tensor for i in rows])
                 desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
@@ -166,6 +179,8 @@ class Embedder:
                 for i in rows:
                     out[i] = e
                 continue
+            finally:
+                self._pass_started = None
             infer_s = time.perf_counter() - t0
             self.batches += 1
             self.images += len(rows)
@@ -177,20 +192,58 @@ class Embedder:
                     "batch_size": len(rows),
                     "batch": f"{self._passes}:{self.batches}",
                     "replica": self.replica,
+                    "actor": self.actor,
                 }
         return out
 
     async def status(self) -> dict[str, Any]:
-        """Whether this replica is warm (always, once constructed), its engine, name, process id and counters."""
+        """:meth:`snapshot`, through Serve (a call it queues behind the embed calls)."""
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Whether this replica is warm (always, once constructed), its engine, names, process id, how long its
+        forward pass has run (0 between passes) and counters."""
+        started = self._pass_started
         return {
             "warm": self.warm,
             "engine": self.engine.label,
             "descriptor_dim": int(self.engine.descriptor_dim),
             "replica": self.replica,
+            "actor": self.actor,
             "pid": os.getpid(),  # on the replica's node
+            "pass_s": 0.0 if started is None else round(time.perf_counter() - started, 6),
             "batches": self.batches,
             "images": self.images,
         }
+
+
+def local_status(_actor: object, replica: str) -> dict[str, Any] | None:
+    """The :meth:`Embedder.snapshot` of ``replica`` if it lives in this process, else None. Run in the replica's
+    process by Ray's ``actor.__ray_call__.remote(local_status, replica)`` (``_actor``: the actor instance Ray
+    passes, Serve's, unused): it reads this module's own record of the replica, no Serve internals."""
+    embedder = _LOCAL.get(replica)
+    return None if embedder is None else embedder.snapshot()
+
+
+def actor_address() -> tuple[str, str] | None:
+    """(namespace, name) of this Serve replica's Ray actor (``ray.get_actor`` finds it by them), or None outside a
+    Serve replica (asked only inside one, where Ray runs: ``ray.get_runtime_context()`` would start Ray)."""
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        import ray
+
+        if not ray.is_initialized():  # a replica context without Ray (tests)
+            return None
+        name = ray.get_runtime_context().get_actor_name()
+        if not name:
+            return None
+        # Serve names its replicas' actors in a namespace of its own, not the worker's (runtime_context.namespace)
+        spaces = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+        return (str(spaces[0]) if spaces else "serve", str(name))
+    except Exception:  # noqa: BLE001 - not in a replica (RayServeException)
+        return None
 
 
 def replica_name(token: str) -> str:
