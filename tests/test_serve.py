@@ -545,6 +545,157 @@ def test_the_batching_task_does_not_carry_the_first_requests_context(monkeypatch
     assert engine.contexts == [None, None], engine.contexts
 
 
+class Routed:
+    """A stand-in for the model deployment's handle in front of ``replica``: embed calls reach it; status calls
+    wait forever, as Serve queues them behind the embed calls of a saturated replica (``max_ongoing_requests``
+    counts both)."""
+
+    def __init__(self, replica: Any) -> None:
+        self.replica, self.status_calls = replica, 0
+        outer = self
+
+        class embed:  # noqa: N801 - handle.embed.remote(...)
+            @staticmethod
+            def remote(*args: object) -> Any:
+                import asyncio
+
+                return asyncio.get_running_loop().create_task(outer.replica.embed(*args))
+
+        class status:  # noqa: N801
+            @staticmethod
+            def remote() -> Any:
+                import asyncio
+
+                outer.status_calls += 1
+                return asyncio.get_running_loop().create_future()  # never answered
+
+        self.embed, self.status = embed, status
+
+
+def test_readyz_says_200_for_a_saturated_replica_and_503_once_it_is_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz asked a replica through Serve, where the status call queues behind the embed calls: a saturated
+    replica (here: its status calls never answered, its engine busy with a pass) was 'not ready' (503 after 2 s).
+    Now the replica the app heard from (its embed answer names it and its actor) is asked directly (Ray's
+    __ray_call__ on its actor runs deployment.local_status, here called in process): 200 naming it, while its
+    engine is busy, without a status call through Serve; unready only when its pass runs past --request-timeout.
+    Once its actor is dead (the call fails: ActorDiedError) /readyz says 503 and never names it again."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from dtop_export.serve.deployment import local_status
+    from dtop_export.serve.readiness import check
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    replica.actor = ("serve", "SERVE_REPLICA::dtop#embedder#r1")  # what a replica inside Serve reports
+    engine.entered.set()
+    app: Any = app_without_cluster(Routed(replica))
+    app.routed_timeout_s = 0.2  # the fallback through Serve (never answered here): a bound, not a timing
+    dead: set[str] = set()
+    asked: list[tuple[str, tuple[str, str]]] = []
+
+    async def ask(name: str, address: tuple[str, str]) -> dict | None:
+        asked.append((name, address))
+        if name in dead:
+            raise ActorDiedError()
+        return local_status(None, name)
+
+    app.replicas.ask = ask
+
+    async def scenario() -> list[tuple[int, dict]]:
+        said = []
+        first = await app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True)
+        assert first.status_code == 200, first.body
+        engine.entered.clear()
+        busy = asyncio.create_task(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png"))))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the engine is busy with the second request
+        for _ in range(2):
+            r = await app.ready()
+            said.append((r.status_code, json.loads(r.body)))
+        # a pass that runs past --request-timeout (here 0 s: any running pass) makes its replica unready: its
+        # engine may hang (asked through Serve's queue, the old readiness timed out on it)
+        assert app.embedder.status_calls == 0  # nothing was queued behind the embed calls
+        said.append((0, await check(app.replicas, app.embedder, 0.05, stuck_s=0.0)))
+        engine.release.set()
+        assert (await asyncio.wait_for(busy, 60)).status_code == 200  # a hang detector, not a timing
+        dead.add(replica.replica)
+        asked.append(("-- dead --", ("", "")))
+        for _ in range(2):
+            r = await app.ready()
+            said.append((r.status_code, json.loads(r.body)))
+        return said
+
+    said = asyncio.run(scenario())
+    busy, (_, hung) = said[:2], said[2]
+    assert hung["ready"] is False and "forward pass has run" in hung["reason"], hung
+    assert [code for code, _ in busy] == [200, 200], busy
+    assert all(d["replica"] == replica.replica and d["via"] == "direct" and d["warm"] for _, d in busy), busy
+    assert busy[0][1]["batches"] == 1  # answered while the second pass ran
+    assert asked[0] == (replica.replica, replica.actor)
+    gone = said[3:]
+    assert [code for code, _ in gone] == [503, 503], gone
+    assert all(d["ready"] is False and "replica" not in d for _, d in gone), gone
+    after = [name for name, _ in asked[asked.index(("-- dead --", ("", ""))) + 1 :]]
+    assert app.replicas.known == {} and after == [replica.replica], after  # asked once dead, then forgotten
+
+
+def test_readiness_keeps_a_replica_that_is_slow_to_answer_and_forgets_one_gone_from_its_process() -> None:
+    """Replicas.ready: a replica whose direct call times out is kept (asked again next time) but not reported;
+    one whose process no longer holds it (local_status: None) or answers for another replica is forgotten; the most
+    recently heard warm one is reported."""
+    import asyncio
+
+    from dtop_export.serve.readiness import Replicas
+
+    async def ask(name: str, _: tuple[str, str]) -> dict | None:
+        if name == "slow":
+            await asyncio.get_running_loop().create_future()
+        return {"gone": None, "other": {"replica": "x", "warm": True}}.get(name, {"replica": name, "warm": True})
+
+    replicas = Replicas(ask, timeout_s=0.05)
+    for name in ("old", "gone", "slow", "other", "new"):
+        replicas.heard(name, ("serve", f"SERVE_REPLICA::{name}"))
+    replicas.heard("no-actor", None)  # outside Serve: nowhere to ask
+    status, why = asyncio.run(replicas.ready())
+    assert status == {"replica": "new", "warm": True} and why is None
+    assert list(replicas.known) == ["old", "slow", "new"]
+
+
+def test_a_batcher_that_dies_fails_its_requests_and_the_next_request_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batching task ends with an error (a bug) holding one request and leaving another queued: both fail at
+    once with an error naming the batcher (they hung until --request-timeout: the next request started a new
+    queue and batcher, and nothing answered the old queue), and the next request is served by a new batcher."""
+    import asyncio
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    x = np.zeros((3, 32, 32), np.float32)
+    real = replica._next_batch
+
+    async def broken(queue: Any, held: list) -> list:
+        await real(queue, held)  # takes the next request, then fails
+        raise RuntimeError("a bug in the batcher")
+
+    async def scenario() -> tuple[object, list[object], object]:
+        first = asyncio.create_task(replica.embed(x, time.time()))
+        await asyncio.to_thread(engine.entered.wait, 60)  # the engine is busy with the first request
+        waiting = [asyncio.create_task(replica.embed(x, time.time())) for _ in range(2)]
+        while replica._queue.qsize() < 2:
+            await asyncio.sleep(0)
+        replica._next_batch = broken
+        engine.release.set()
+        done = await asyncio.wait_for(first, 60)  # a hang detector, not a timing
+        failed = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 60)
+        replica._next_batch = real
+        return done, failed, await asyncio.wait_for(replica.embed(x, time.time()), 60)
+
+    first, failed, after = asyncio.run(scenario())
+    assert isinstance(first, dict) and isinstance(after, dict) and after["batch"] != first["batch"]
+    assert all(isinstance(e, RuntimeError) and "batcher stopped" in str(e) for e in failed), failed
+    assert "a bug in the batcher" in str(failed[0])
+
+
 @contextmanager
 def answering(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
     """The URL of a stand-in server (a proxy in front of the service) answering every POST with this answer."""
@@ -718,16 +869,19 @@ def test_listeners_are_loopback_only_except_serves_replica_grpc_and_ray_keeps_to
 
 
 def test_killed_replica_is_replaced_and_the_service_answers_again(service: Service) -> None:
-    """SIGKILL the model replica under load: /readyz never says 200 for the dead replica (503 with a reason while no
-    warm replica answers; how many 503s a poll sees depends on how fast Serve replaces it: none when the new replica
-    is warm inside one 2 s readiness call), then 200 naming a new, live replica; /healthz stays 200; every request
-    under load ends (no hang) as 200 with the right descriptor or a 5xx JSON error; all within RECOVERY_BOUND_S."""
+    """SIGKILL the model replica under load: /readyz (which asks the replicas it heard from directly) never says 200
+    for the dead replica (503 with a reason while no warm replica answers; how many 503s a poll sees depends on how
+    fast Serve replaces it: none when the new replica is warm inside one 2 s readiness call), then 200 naming a new,
+    live replica; /healthz stays 200; every request under load ends (no hang) as 200 with the right descriptor or a
+    5xx JSON error; all within RECOVERY_BOUND_S."""
     import psutil
 
     client = service.client
     ref = client.embed(photo("coffee.png"))[0]
     status, _, data = client.request("GET", "/readyz")
     assert status == 200
+    # the replica that answered the embed, asked directly (Ray's __ray_call__ on its actor: no queue in Serve)
+    assert json.loads(data)["via"] == "direct", data
     old, old_pid = json.loads(data)["replica"], json.loads(data)["pid"]
     assert psutil.Process(old_pid) in psutil.Process(service.proc.pid).children(recursive=True)
     load: list[tuple[int, bytes]] = []

@@ -6,7 +6,7 @@ Routes (FastAPI in a Ray Serve ingress deployment; see the README's "Serving")::
     POST /v1/embed    image(s) -> descriptor(s)        raw image body, or multipart with up to --max-images files
     POST /v1/search   image or descriptor -> top-k     ?k=10&nprobe=..., needs --index
     GET  /v1/model    the deployment contract (model, checkpoint, preprocessing, batching, limits, index)
-    GET  /healthz     live (the app answers)           GET /readyz  a warm replica answers (503 before)
+    GET  /healthz     live (the app answers)           GET /readyz  a warm replica is alive (see readiness.py)
     GET  /metrics     Prometheus text
 
 The app decodes and preprocesses uploads (:mod:`dtop_export.serve.limits`, the one decoding path) and sends each
@@ -41,6 +41,7 @@ from dtop_export.serve.limits import (
     decode,
     read_images,
 )
+from dtop_export.serve.readiness import Replicas, check
 
 APP_NAME = "dtop"
 API_VERSION = "v1"
@@ -133,6 +134,8 @@ class Service:
         self.admission = Admission(capacity)
         self.metrics = Metrics()
         self.draining = False  # set on shutdown: new requests get 503, the ones inside finish
+        self.replicas = Replicas()  # the model replicas heard from, asked directly by /readyz
+        self.routed_timeout_s = 2.0  # /readyz's status call through Serve (to a replica not heard from yet)
         self.index = None
         if info.index is not None:
             from dtop_export.corpus.index import CorpusIndex
@@ -207,6 +210,7 @@ class Service:
             descriptors.append(combine_scales([results[k + i]["descriptor"] for i in range(len(per_image))]))
             k += len(per_image)
         for r in results:
+            self.replicas.heard(r["replica"], r.get("actor"))
             self.metrics.queue.observe(r["queue_s"])
             self.metrics.forward_pass(r["batch"], r["batch_size"])
         self.metrics.images.inc(len(images))
@@ -323,16 +327,13 @@ class Service:
         return _json(payload)
 
     async def ready(self) -> Any:
+        """200 when a warm model replica is alive, however busy; 503 otherwise and while shutting down
+        (:func:`dtop_export.serve.readiness.check`)."""
         if self.draining:
             return _json({"ready": False, "reason": "shutting down"}, 503)
-        try:
-            status = await asyncio.wait_for(self.embedder.status.remote(), 2.0)
-        except Exception as e:  # noqa: BLE001 - no replica answered: not ready, whatever the reason
-            self.metrics.ready.set(0)
-            reason = "no warm replica answered within 2 s" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
-            return _json({"ready": False, "reason": reason}, 503, {"Retry-After": "1"})
-        self.metrics.ready.set(1 if status.get("warm") else 0)
-        return _json({"ready": bool(status.get("warm")), **status}, 200 if status.get("warm") else 503)
+        doc = await check(self.replicas, self.embedder, self.routed_timeout_s, self.limits.request_timeout_s)
+        self.metrics.ready.set(1 if doc["ready"] else 0)
+        return _json(doc, 200 if doc["ready"] else 503, None if doc["ready"] else {"Retry-After": "1"})
 
 
 def ingress_options(limits: Limits, capacity: int) -> dict[str, Any]:

@@ -9,7 +9,13 @@ has gone takes no place), waiting up to ``--batch-wait-ms`` after its first one 
 shape share a forward pass, as in corpus jobs. (``serve.batch`` forms its batches as requests arrive, even while
 the engine is busy, so under load it ran batches of 1-4 while a dozen requests waited: measured on r50-vitb16
 here.) Every result says which forward pass it came from (replica, sequence number, size) and how long it waited,
-for the app's metrics. ray is imported inside the functions.
+for the app's metrics. If the batching task ever ends with an error, the requests it held or left queued fail with
+it (they waited for their timeout) and the next request starts a new one. ray is imported inside the functions.
+
+Readiness: each answer also names the replica's Ray actor, and :func:`local_status` reads a replica's state in its
+own process (the app runs it through Ray's ``__ray_call__`` on that actor: a call Serve's request queue does not
+count, so a saturated replica still answers it, and a dead one fails it at once; see
+:mod:`dtop_export.serve.readiness`).
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ import contextvars
 import os
 import time
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+# the replicas of this process by name (one per Serve replica process; several in tests), for local_status
+_LOCAL: weakref.WeakValueDictionary[str, Embedder] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,9 @@ class Embedder:
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
         self.replica = replica_name(self._passes)
+        self.actor = actor_address()  # (namespace, name) of this replica's Ray actor; None outside Serve
         self.batches = 0
+        self._pass_started: float | None = None  # perf_counter() at the start of the running forward pass
         self.images = 0
         self._queue: asyncio.Queue[Item] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -70,6 +82,7 @@ class Embedder:
         for b in sorted({1, settings.max_batch_size}):  # first passes compile/allocate: not on a user's request
             self.engine.embed(np.zeros((b, 3, side, side), np.float32))
         self.warm = True
+        _LOCAL[self.replica] = self
 
     async def embed(self, tensor: np.ndarray, submitted: float) -> dict[str, Any]:
         """The descriptor of one preprocessed image [3, H, W], with its forward pass's size and the times."""
@@ -78,7 +91,9 @@ class Embedder:
             self._queue = asyncio.Queue()
             # in a context of its own: created inside this request, the task would otherwise carry the request's
             # context variables (Serve's request context: its id, route...) for its whole life
-            self._worker = contextvars.Context().run(asyncio.get_running_loop().create_task, self._serve_batches())
+            self._worker = contextvars.Context().run(
+                asyncio.get_running_loop().create_task, self._serve_batches(self._queue)
+            )
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         item = Item(np.asarray(tensor, np.float32), submitted, loop.create_future(), loop.time())
@@ -86,28 +101,40 @@ class Embedder:
         out = await item.answer  # cancelled with the request (its timeout): the batcher skips it
         return out | {"route_s": max(0.0, arrived - submitted)}
 
-    async def _serve_batches(self) -> None:
-        """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes)."""
-        assert self._queue is not None
-        queue = self._queue
-        while True:
-            batch = await self._next_batch(queue)
-            try:
-                results = await self._run_batch(batch)
-            except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch gets it
-                results = [e] * len(batch)
-            for item, result in zip(batch, results):
-                if item.answer.done():  # cancelled while its pass ran
-                    continue
-                if isinstance(result, BaseException):
-                    item.answer.set_exception(result)
-                else:
-                    item.answer.set_result(result)
+    async def _serve_batches(self, queue: asyncio.Queue[Item]) -> None:
+        """The dynamic batcher: one batch at a time, formed when the engine is free (see the module's notes). Should
+        it ever end with an error, every request it took or left in ``queue`` fails with it (none waits for its
+        timeout), and the next request starts a new batcher."""
+        held: list[Item] = []  # taken from the queue and not yet answered
+        try:
+            while True:
+                batch = await self._next_batch(queue, held)
+                try:
+                    results = await self._run_batch(batch)
+                except Exception as e:  # noqa: BLE001 - a failure outside the passes: every request of the batch
+                    results = [e] * len(batch)
+                for item, result in zip(batch, results):
+                    if item.answer.done():  # cancelled while its pass ran
+                        continue
+                    if isinstance(result, BaseException):
+                        item.answer.set_exception(result)
+                    else:
+                        item.answer.set_result(result)
+                held.clear()
+        except BaseException as e:
+            while not queue.empty():
+                held.append(queue.get_nowait())
+            failure = RuntimeError(f"the replica's batcher stopped ({type(e).__name__}: {e}): retry")
+            for item in held:
+                if not item.answer.done():
+                    item.answer.set_exception(failure)
+            raise
 
-    async def _next_batch(self, queue: asyncio.Queue[Item]) -> list[Item]:
+    async def _next_batch(self, queue: asyncio.Queue[Item], held: list[Item]) -> list[Item]:
         """The next batch, of live requests only: at most ``max_batch_size``, the oldest waiting at most
         ``batch_wait_ms`` for company. A request cancelled while it waits (its caller gone, its timeout) is dropped
-        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass."""
+        as it is seen, before or while the batch forms: it takes no place in the batch nor in a forward pass. Each
+        request taken from the queue is added to ``held`` too."""
         limit, wait_s = self.settings.max_batch_size, self.settings.batch_wait_ms / 1000.0
         loop = asyncio.get_running_loop()
         batch: list[Item] = []
@@ -117,15 +144,18 @@ class Embedder:
                 return batch
             if not queue.empty():
                 batch.append(queue.get_nowait())
+                held.append(batch[-1])
                 continue
             if not batch:
                 batch.append(await queue.get())
+                held.append(batch[-1])
                 continue
             left = batch[0].queued + wait_s - loop.time()  # the oldest live request waits at most --batch-wait-ms
             if left <= 0:
                 return batch
             try:
                 batch.append(await asyncio.wait_for(queue.get(), left))
+                held.append(batch[-1])
             except asyncio.TimeoutError:
                 continue  # the deadline has passed: the batch goes once those cancelled meanwhile are dropped
 
@@ -141,6 +171,7 @@ class Embedder:
             if not rows:
                 continue
             start, t0 = time.time(), time.perf_counter()  # its wait includes the batch's passes before it
+            self._pass_started = t0
             try:
                 batch = np.stack([items[i].tensor for i in rows])
                 desc = await asyncio.to_thread(self.engine.embed, batch)  # the loop keeps answering status calls
@@ -148,6 +179,8 @@ class Embedder:
                 for i in rows:
                     out[i] = e
                 continue
+            finally:
+                self._pass_started = None
             infer_s = time.perf_counter() - t0
             self.batches += 1
             self.images += len(rows)
@@ -159,20 +192,58 @@ class Embedder:
                     "batch_size": len(rows),
                     "batch": f"{self._passes}:{self.batches}",
                     "replica": self.replica,
+                    "actor": self.actor,
                 }
         return out
 
     async def status(self) -> dict[str, Any]:
-        """Whether this replica is warm (always, once constructed), its engine, name, process id and counters."""
+        """:meth:`snapshot`, through Serve (a call it queues behind the embed calls)."""
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Whether this replica is warm (always, once constructed), its engine, names, process id, how long its
+        forward pass has run (0 between passes) and counters."""
+        started = self._pass_started
         return {
             "warm": self.warm,
             "engine": self.engine.label,
             "descriptor_dim": int(self.engine.descriptor_dim),
             "replica": self.replica,
+            "actor": self.actor,
             "pid": os.getpid(),  # on the replica's node
+            "pass_s": 0.0 if started is None else round(time.perf_counter() - started, 6),
             "batches": self.batches,
             "images": self.images,
         }
+
+
+def local_status(_actor: object, replica: str) -> dict[str, Any] | None:
+    """The :meth:`Embedder.snapshot` of ``replica`` if it lives in this process, else None. Run in the replica's
+    process by Ray's ``actor.__ray_call__.remote(local_status, replica)`` (``_actor``: the actor instance Ray
+    passes, Serve's, unused): it reads this module's own record of the replica, no Serve internals."""
+    embedder = _LOCAL.get(replica)
+    return None if embedder is None else embedder.snapshot()
+
+
+def actor_address() -> tuple[str, str] | None:
+    """(namespace, name) of this Serve replica's Ray actor (``ray.get_actor`` finds it by them), or None outside a
+    Serve replica (asked only inside one, where Ray runs: ``ray.get_runtime_context()`` would start Ray)."""
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        import ray
+
+        if not ray.is_initialized():  # a replica context without Ray (tests)
+            return None
+        name = ray.get_runtime_context().get_actor_name()
+        if not name:
+            return None
+        # Serve names its replicas' actors in a namespace of its own, not the worker's (runtime_context.namespace)
+        spaces = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+        return (str(spaces[0]) if spaces else "serve", str(name))
+    except Exception:  # noqa: BLE001 - not in a replica (RayServeException)
+        return None
 
 
 def replica_name(token: str) -> str:
