@@ -369,6 +369,46 @@ def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch
     assert a["descriptor"].tolist() == [32.0] * 4 and a["batch_size"] == 2 and a["batch"] == c["batch"]
 
 
+def test_a_replicas_error_reaches_the_client_as_its_own_line() -> None:
+    """An error raised in a model replica (an engine refusing a shape, a batcher that stopped) reaches the app as
+    Ray's RayTaskError, whose text starts with Ray's task header in terminal colours: the 500 said "could not embed
+    the image: \\x1b[36mray::ServeReplica...() (pid=.., ip=..)", neither the reason nor what to do. It now gives the
+    replica's own first line."""
+    import asyncio
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise RuntimeError("input 32x64 is outside the engine's profile\nsecond line")
+    except RuntimeError as e:
+        failure = RayTaskError(
+            "ServeReplica:dtop:Embedder.handle_request", traceback.format_exc(), e,
+            proctitle="ray::ServeReplica:dtop:Embedder.handle_request", pid=123, ip="10.0.0.1",
+        ).as_instanceof_cause()  # fmt: skip
+
+    class Call:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            raise failure
+            yield  # pragma: no cover - makes this a generator
+
+        def cancel(self) -> None:
+            pass
+
+    class Embedder:
+        class embed:  # noqa: N801 - mimics handle.embed.remote(...)
+            @staticmethod
+            def remote(*_: object) -> Call:
+                return Call()
+
+    app = app_without_cluster(Embedder(), request_timeout_s=600)
+    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 500 and "\x1b" not in error and "pid=" not in error, error
+    said = "the model replica could not embed the image: RuntimeError: input 32x64 is outside the engine's profile"
+    assert error == said
+
+
 def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
     here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
