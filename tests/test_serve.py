@@ -800,6 +800,13 @@ def test_the_client_reads_ray_proxys_plain_text_503_as_overload_and_refuses_a_no
     answer = answering(200, {"Content-Type": "text/html"}, b"<html>a captive portal</html>")
     with answer as url, pytest.raises(ServiceError, match="not JSON"):
         ServiceClient(url, timeout=10).embed(png(8, 8))
+    # the service's own JSON 503 without an error line (/readyz: not ready, shutting down) is not the proxy's overload
+    answer = answering(503, {"Retry-After": "1"}, b'{"ready": false, "reason": "shutting down"}')
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).call("POST", "/readyz", b"")
+    assert err.value.message == "shutting down" and err.value.retry_after == 1.0, err.value.message
+    with answering(503, {}, b"") as url, pytest.raises(ServiceError, match="over capacity .*no message"):
+        ServiceClient(url, timeout=10).embed(png(8, 8))  # a proxy's empty 503 is still an overload
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------
