@@ -376,6 +376,7 @@ def test_a_replicas_error_reaches_the_client_as_its_own_line() -> None:
     replica's own first line."""
     import asyncio
     import traceback
+    from types import SimpleNamespace
 
     from ray.exceptions import RayTaskError
 
@@ -387,22 +388,17 @@ def test_a_replicas_error_reaches_the_client_as_its_own_line() -> None:
             proctitle="ray::ServeReplica:dtop:Embedder.handle_request", pid=123, ip="10.0.0.1",
         ).as_instanceof_cause()  # fmt: skip
 
-    class Call:
-        def __await__(self):  # type: ignore[no-untyped-def]
-            raise failure
-            yield  # pragma: no cover - makes this a generator
+    async def fails() -> None:
+        raise failure
 
-        def cancel(self) -> None:
-            pass
+    def remote(*_: object) -> asyncio.Task[None]:  # a Serve response: awaited, cancelled on failure
+        return asyncio.get_running_loop().create_task(fails())
 
-    class Embedder:
-        class embed:  # noqa: N801 - mimics handle.embed.remote(...)
-            @staticmethod
-            def remote(*_: object) -> Call:
-                return Call()
+    async def request() -> object:
+        return await app.embed(FakeRequest(png(32, 32), "image/png"))
 
-    app = app_without_cluster(Embedder(), request_timeout_s=600)
-    response = asyncio.run(app.observe("embed", lambda: app.embed(FakeRequest(png(32, 32), "image/png")), admit=True))
+    app = app_without_cluster(SimpleNamespace(embed=SimpleNamespace(remote=remote)), request_timeout_s=600)
+    response = asyncio.run(app.observe("embed", request, admit=True))
     error = json.loads(response.body)["error"]
     assert response.status_code == 500 and "\x1b" not in error and "pid=" not in error, error
     said = "the model replica could not embed the image: RuntimeError: input 32x64 is outside the engine's profile"
