@@ -250,7 +250,13 @@ class OpenVinoEngine(Engine):
         if "dtop.format" not in meta:
             raise DToPError(f"{path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
         file_precision = meta.get("dtop.precision", "fp32")
-        recorded = RECORDED_HINTS.get(meta.get("dtop.inference_precision", "")) if file_precision == "fp32" else None
+        hint = meta.get("dtop.inference_precision", "") if file_precision == "fp32" else ""
+        recorded = RECORDED_HINTS.get(hint)
+        if hint and recorded is None and not precision:  # as the C++ client refuses it
+            raise DToPError(
+                f"{path} records dtop.inference_precision {hint!r}, not one of f32, bf16, f16: give a precision "
+                f"({path.name}:fp32)"
+            )
         precision = precision or recorded or file_precision
         if precision not in INFERENCE_PRECISION:
             raise DToPError(f"unknown OpenVINO precision {precision!r}: choose {', '.join(INFERENCE_PRECISION)}")

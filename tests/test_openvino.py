@@ -237,6 +237,21 @@ def test_runtime_options_and_errors(small_onnx: Path, small_ckpt: Path, ir: Path
         OpenVinoEngine(junk)
 
 
+def test_an_ir_recording_an_unknown_hint_is_refused_unless_a_precision_is_given(ir: Path, tmp_path: Path) -> None:
+    """An IR whose dtop.inference_precision is none of OpenVINO's hints (an edited file): the C++ client refuses it
+    in one line unless given --precision, the Python engine ran it at fp32 without a word (and its sidecars said so).
+    It refuses too, unless given a precision."""
+    from dtop_export.openvino_ir import _save_atomic, _set_metadata
+
+    model = read_model(ir)
+    _set_metadata(model, {"dtop.inference_precision": "f8"})
+    odd = tmp_path / "odd.xml"
+    _save_atomic(model, odd)
+    with pytest.raises(DToPError, match=r"records dtop.inference_precision 'f8'.*odd.xml:fp32"):
+        OpenVinoEngine(odd)
+    assert OpenVinoEngine(odd, precision="fp32").precision == "fp32"
+
+
 def test_cli_refuses_bad_input(small_onnx: Path, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("openvino", str(small_onnx), "-o", str(ir)) == 2  # exists: needs --force
     assert "pass --force" in capsys.readouterr().err

@@ -369,6 +369,42 @@ def test_an_engine_error_fails_only_the_requests_of_its_forward_pass(monkeypatch
     assert a["descriptor"].tolist() == [32.0] * 4 and a["batch_size"] == 2 and a["batch"] == c["batch"]
 
 
+def test_a_replicas_error_reaches_the_client_as_its_own_line() -> None:
+    """An error raised in a model replica (an engine refusing a shape, a batcher that stopped) reaches the app as
+    Ray's RayTaskError, whose text starts with Ray's task header in terminal colours: the 500 said "could not embed
+    the image: \\x1b[36mray::ServeReplica...() (pid=.., ip=..)", neither the reason nor what to do. It now gives the
+    replica's own first line."""
+    import asyncio
+    import traceback
+    from types import SimpleNamespace
+
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise RuntimeError("input 32x64 is outside the engine's profile\nsecond line")
+    except RuntimeError as e:
+        failure = RayTaskError(
+            "ServeReplica:dtop:Embedder.handle_request", traceback.format_exc(), e,
+            proctitle="ray::ServeReplica:dtop:Embedder.handle_request", pid=123, ip="10.0.0.1",
+        ).as_instanceof_cause()  # fmt: skip
+
+    async def fails() -> None:
+        raise failure
+
+    def remote(*_: object) -> asyncio.Task[None]:  # a Serve response: awaited, cancelled on failure
+        return asyncio.get_running_loop().create_task(fails())
+
+    async def request() -> object:
+        return await app.embed(FakeRequest(png(32, 32), "image/png"))
+
+    app = app_without_cluster(SimpleNamespace(embed=SimpleNamespace(remote=remote)), request_timeout_s=600)
+    response = asyncio.run(app.observe("embed", request, admit=True))
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 500 and "\x1b" not in error and "pid=" not in error, error
+    said = "the model replica could not embed the image: RuntimeError: input 32x64 is outside the engine's profile"
+    assert error == said
+
+
 def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two replicas whose processes have the same PID (replicas on two nodes: each container counts its own PIDs;
     here both in this process) each run a forward pass: dtop_serve_batch_size counts two passes (it counted their
@@ -760,6 +796,13 @@ def test_the_client_reads_ray_proxys_plain_text_503_as_overload_and_refuses_a_no
     answer = answering(200, {"Content-Type": "text/html"}, b"<html>a captive portal</html>")
     with answer as url, pytest.raises(ServiceError, match="not JSON"):
         ServiceClient(url, timeout=10).embed(png(8, 8))
+    # the service's own JSON 503 without an error line (/readyz: not ready, shutting down) is not the proxy's overload
+    answer = answering(503, {"Retry-After": "1"}, b'{"ready": false, "reason": "shutting down"}')
+    with answer as url, pytest.raises(ServiceError) as err:
+        ServiceClient(url, timeout=10).call("POST", "/readyz", b"")
+    assert err.value.message == "shutting down" and err.value.retry_after == 1.0, err.value.message
+    with answering(503, {}, b"") as url, pytest.raises(ServiceError, match="over capacity .*no message"):
+        ServiceClient(url, timeout=10).embed(png(8, 8))  # a proxy's empty 503 is still an overload
 
 
 # overload, readiness, metrics, security ---------------------------------------------------------------------

@@ -138,6 +138,27 @@ def test_size_cache(tmp_path: Path) -> None:
     assert a.sizes == b.sizes
 
 
+def test_a_warm_size_cache_reads_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """test_size_cache held with the cache never used (every size read again gives the same sizes): a second scan
+    of unchanged files reads no image header and leaves the cache file as it was; a touched file alone is read."""
+    import os
+
+    from dtop_export.preprocess import image_size
+
+    make_folder(tmp_path / "data", classes=2, per_class=2)
+    cache = tmp_path / "sizes.tsv"
+    a = D.read_folder(tmp_path / "data", size_cache=cache)
+    written = cache.stat().st_mtime_ns, cache.read_bytes()
+    read: list[str] = []
+    monkeypatch.setattr(D, "image_size", lambda p, **kw: read.append(Path(p).name) or image_size(p, **kw))
+    b = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert (b.sizes, read) == (a.sizes, []) and (cache.stat().st_mtime_ns, cache.read_bytes()) == written
+    touched = Path(a.paths[1])
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    c = D.read_folder(tmp_path / "data", size_cache=cache)
+    assert (c.sizes, read) == (a.sizes, [touched.name])
+
+
 def test_size_cache_is_for_the_file_it_was_read_from(tmp_path: Path) -> None:
     """The size cache was keyed by path only: an image replaced by another (a re-download, a crop) kept its old
     size, so its aspect group, and the set fingerprint a resume compares, were the old file's; a removed image of a

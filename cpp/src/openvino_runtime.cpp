@@ -1,5 +1,6 @@
 // The OpenVINO implementation of dtop::Runtime (CPU by default; the inference precision is pinned to f32 unless
-// asked otherwise, because OpenVINO's CPU plugin would pick bf16 by itself on an AMX machine).
+// asked otherwise or the IR records a hint, dtop.inference_precision, because OpenVINO's CPU plugin would pick bf16 by
+// itself on an AMX machine).
 #include <openvino/frontend/manager.hpp>
 #include <openssl/evp.h>
 #include <openvino/openvino.hpp>

@@ -73,6 +73,14 @@ def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | 
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
+def replica_error(e: BaseException) -> str:
+    """The first line of what a model replica raised, with its type. A RayTaskError's own text starts with Ray's task
+    header in terminal colours (``ray::ServeReplica...() (pid=.., ip=..)``), not the error: its ``cause`` is."""
+    cause = getattr(e, "cause", None) or e
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def error_response(e: RequestError) -> Any:
     headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else None
     return _json(e.payload(), e.status, headers)
@@ -204,7 +212,7 @@ class Service:
         except (RayActorError, DeploymentUnavailableError) as e:
             raise RequestError(503, f"a model replica failed under the request ({type(e).__name__}): retry", 1.0) from e
         except RayTaskError as e:
-            raise RequestError(500, f"the model replica could not embed the image: {str(e).splitlines()[0]}") from e
+            raise RequestError(500, f"the model replica could not embed the image: {replica_error(e)}") from e
         descriptors, k = [], 0
         for per_image in tensors:
             descriptors.append(combine_scales([results[k + i]["descriptor"] for i in range(len(per_image))]))

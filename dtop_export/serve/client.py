@@ -108,11 +108,14 @@ class ServiceClient:
             wait = retry_after(headers.get("retry-after"))
             if isinstance(doc, dict) and doc.get("error"):
                 raise ServiceError(status, str(doc["error"]), wait)
+            if isinstance(doc, dict) and doc.get("reason"):  # /readyz's 503: not ready, and why
+                raise ServiceError(status, str(doc["reason"]), wait)
             text = " ".join(data[:200].decode(errors="replace").split()) or "no message"
-            if status in (429, 503):  # Ray's proxy past the service's backstop: plain text, not the service's JSON
+            plain = doc is None or not data  # not the service's JSON
+            if plain and status in (429, 503):  # Ray's proxy past the service's backstop: plain text
                 advice = f"retry after {wait:g} s" if wait is not None else "retry later"
                 raise ServiceError(status, f"the service is over capacity (its proxy said: {text}): {advice}", wait)
-            raise ServiceError(status, text if doc is None else str(doc), wait)
+            raise ServiceError(status, text if plain else str(doc), wait)
         if doc is None:
             raise ServiceError(status, f"the answer is not JSON: {data[:200].decode(errors='replace')!r}")
         return doc
