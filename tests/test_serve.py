@@ -403,6 +403,19 @@ def test_a_replicas_error_reaches_the_client_as_its_own_line() -> None:
     assert response.status_code == 500 and "\x1b" not in error and "pid=" not in error, error
     said = "the model replica could not embed the image: RuntimeError: input 32x64 is outside the engine's profile"
     assert error == said
+    from dtop_export.serve.deployment import BatcherStopped
+
+    try:  # a batcher that stopped: the next request is served by a new one, so 503 + Retry-After, not a 500
+        raise BatcherStopped("the replica's batcher stopped (RuntimeError: a bug): retry")
+    except BatcherStopped as e:
+        failure = RayTaskError("f", traceback.format_exc(), e, proctitle="ray::f", pid=1, ip="x").as_instanceof_cause()
+    response = asyncio.run(app.observe("embed", request, admit=True))
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "1", (response.status_code, error)
+    assert (
+        error == "the model replica failed under the request: BatcherStopped: the replica's batcher stopped "
+        "(RuntimeError: a bug): retry"
+    )
 
 
 def test_forward_passes_of_replicas_with_the_same_pid_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:

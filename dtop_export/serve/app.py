@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dtop_export.serve.deployment import EngineSettings, combine_scales
+from dtop_export.serve.deployment import BatcherStopped, EngineSettings, combine_scales
 from dtop_export.serve.limits import (
     RETRY_AFTER_S,
     Admission,
@@ -212,6 +212,8 @@ class Service:
         except (RayActorError, DeploymentUnavailableError) as e:
             raise RequestError(503, f"a model replica failed under the request ({type(e).__name__}): retry", 1.0) from e
         except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), BatcherStopped):  # the next request gets a new batcher
+                raise RequestError(503, f"the model replica failed under the request: {replica_error(e)}", 1.0) from e
             raise RequestError(500, f"the model replica could not embed the image: {replica_error(e)}") from e
         descriptors, k = [], 0
         for per_image in tensors:

@@ -50,6 +50,11 @@ class EngineSettings:
         return asdict(self)
 
 
+class BatcherStopped(RuntimeError):
+    """The replica's batching task ended with an error: the requests it held fail with this (the app answers 503 +
+    Retry-After: the next request starts a new batcher)."""
+
+
 @dataclass
 class Item:
     """One tensor to embed, when the app submitted it (``time.time()``, for the queue time) and its answer."""
@@ -124,7 +129,7 @@ class Embedder:
         except BaseException as e:
             while not queue.empty():
                 held.append(queue.get_nowait())
-            failure = RuntimeError(f"the replica's batcher stopped ({type(e).__name__}: {e}): retry")
+            failure = BatcherStopped(f"the replica's batcher stopped ({type(e).__name__}: {e}): retry")
             for item in held:
                 if not item.answer.done():
                     item.answer.set_exception(failure)
