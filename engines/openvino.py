@@ -163,6 +163,16 @@ def ir_metadata(xml: Path) -> dict[str, str]:
     return xml_metadata(xml) or model_metadata(read_model(xml))
 
 
+def recorded_precision(xml: Path) -> str | None:
+    """The precision an fp32 IR runs at when none is asked for: its recorded ``dtop.inference_precision`` (the hint
+    ``openvino MODEL.pt --precision auto`` measured), as an engine precision; None when it records none (or one
+    the engine refuses as it opens). Read from the ``.xml`` alone (:func:`xml_metadata`)."""
+    meta = xml_metadata(xml)
+    if meta.get("dtop.precision", "fp32") != "fp32":
+        return None
+    return RECORDED_HINTS.get(meta.get("dtop.inference_precision", ""))
+
+
 def xml_metadata(xml: Path) -> dict[str, str]:
     """The ``dtop.*`` entries of the ``<net>``'s own ``<rt_info>`` of the IR ``xml`` (none: an empty dict)."""
     import xml.etree.ElementTree as ET

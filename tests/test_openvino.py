@@ -252,6 +252,24 @@ def test_an_ir_recording_an_unknown_hint_is_refused_unless_a_precision_is_given(
     assert OpenVinoEngine(odd, precision="fp32").precision == "fp32"
 
 
+def test_a_corpus_job_names_the_precision_an_ir_runs_at(ir: Path, tmp_path: Path) -> None:
+    """An IR recording a hint runs at it unless told (since it did, it ran fp32): a corpus job's engine key said
+    neither, so a job begun when such an IR ran fp32 would have been continued at bf16, shards of both mixed under one
+    manifest. The job's options now name the precision the IR runs at; one asked for wins; an IR without one is
+    unchanged."""
+    from dtop_export.corpus.runtime import engine_options
+    from dtop_export.openvino_ir import _save_atomic, _set_metadata
+
+    model = read_model(ir)
+    _set_metadata(model, {"dtop.inference_precision": "bf16"})
+    hinted = tmp_path / "hinted.xml"
+    _save_atomic(model, hinted)
+    assert engine_options(str(hinted))[1] == {"precision": "bf16"}
+    assert engine_options(str(hinted), precision="fp32")[1] == {"precision": "fp32"}
+    assert engine_options(f"{hinted}:precision=fp16")[1] == {"precision": "fp16"}
+    assert "precision" not in engine_options(str(ir))[1]
+
+
 def test_cli_refuses_bad_input(small_onnx: Path, ir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("openvino", str(small_onnx), "-o", str(ir)) == 2  # exists: needs --force
     assert "pass --force" in capsys.readouterr().err

@@ -101,6 +101,14 @@ def engine_options(
         options["threads"] = threads
     if shared_cores and spec.kind == "onnx" and options.get("runtime") != "openvino":
         options.setdefault("spin", False)
+    if precision is None and "precision" not in options and spec.kind == "xml":
+        from dtop_export.engines.openvino import recorded_precision
+
+        # what the IR runs at unless told: named, so that a corpus job's settings say it (a job begun when such an
+        # IR ran at fp32 is not continued at bf16) and every replica opens it the same way
+        recorded = recorded_precision(spec.path)
+        if recorded is not None:
+            options["precision"] = recorded
     if precision is not None:
         if precision not in PRECISIONS:
             raise DToPError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
