@@ -675,19 +675,26 @@ def _synthetic(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
-    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+def _synthetic_shards(folder: Path, x: np.ndarray, shard_size: int) -> Path:
+    """``x`` (unit rows) as a complete shard folder, row i under key i, id ``i<i>``, path ``p<i>``."""
     from dtop_export.corpus.shards import write_manifest
 
-    n, dim = 50_000, 1536
-    x, q = _synthetic(n, dim, 0)
-    settings = CorpusSettings("m", "sha", dim, {}, 512, [1.0], 10_000, "synthetic", n, "l")
-    folder = tmp_path / "shards"
+    n, dim = x.shape
+    settings = CorpusSettings("m", "sha", dim, {}, 512, [1.0], shard_size, "synthetic", n, "l")
     folder.mkdir()
     for k in range(settings.n_shards()):
         keys = list(settings.shard_keys(k))
         write_shard(folder, Shard(k, keys, [f"i{j}" for j in keys], [f"p{j}" for j in keys], list(x[keys])), settings)
     write_manifest(folder, settings, "complete")
+    return folder
+
+
+def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
+    from dtop_export.corpus.index import CorpusIndex, build_corpus_index
+
+    n, dim = 50_000, 1536
+    x, q = _synthetic(n, dim, 0)
+    folder = _synthetic_shards(tmp_path / "shards", x, 10_000)
     assert len(ShardedDescriptors(folder)) == n
     build_corpus_index(folder, tmp_path / "flat.faiss", "flat")
     build_corpus_index(folder, tmp_path / "pq.faiss", "ivfpq", train_size=20_000, refine=4, nprobe=64)
@@ -712,7 +719,6 @@ def test_equal_scores_take_the_top_k_in_key_order(tmp_path: Path) -> None:
     choice (keys 493, 411, 36.. of 41 copies, the first at 7). Equal scores now rank by key, the lowest first,
     across the cut of the top k, alone or in a batch (faiss's BLAS path from 3 queries)."""
     from dtop_export.corpus.index import CorpusIndex, build_corpus_index
-    from dtop_export.corpus.shards import write_manifest
 
     n, dim = 3000, 64
     rng = np.random.default_rng(1)
@@ -720,14 +726,7 @@ def test_equal_scores_take_the_top_k_in_key_order(tmp_path: Path) -> None:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     copies = np.sort(np.r_[7, rng.choice(np.arange(8, n), 40, replace=False)])
     x[copies] = x[7]
-    settings = CorpusSettings("m", "sha", dim, {}, 512, [1.0], 1000, "synthetic", n, "l")
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for k in range(settings.n_shards()):
-        keys = list(settings.shard_keys(k))
-        write_shard(folder, Shard(k, keys, [f"i{j}" for j in keys], [f"p{j}" for j in keys], list(x[keys])), settings)
-    write_manifest(folder, settings, "complete")
-    build_corpus_index(folder, tmp_path / "flat.faiss", "flat")
+    build_corpus_index(_synthetic_shards(tmp_path / "shards", x, 1000), tmp_path / "flat.faiss", "flat")
     index = CorpusIndex(tmp_path / "flat.faiss")
     q = x[7] + 0.05 * rng.standard_normal(dim).astype(np.float32)
     q /= np.linalg.norm(q)
