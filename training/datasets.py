@@ -123,21 +123,20 @@ def finalize(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         # a cached size counts for the file it was read from: same bytes and mtime (a replaced image is read again)
         state = dict(zip(paths, pool.map(file_state, paths, chunksize=256)))
-        stale = {p for p in paths if p in cache and cache[p][2:] != state[p]}
-        todo = sorted(p for p in paths if state[p] is not None and (p not in cache or p in stale))
+        stale = [p for p in paths if p in cache and cache[p][2:] != state[p]]
+        for p in stale:
+            del cache[p]
+        todo = sorted(p for p in paths if state[p] is not None and p not in cache)
         # headers only: a PNG's EXIF after its pixels would cost a full decode (its group may then be off)
         for p, s in zip(todo, pool.map(partial(image_size, header_only=True), todo, chunksize=64)):
-            st = state[p]
-            if s is not None and st is not None:
-                cache[p] = (*s, *st)
-            else:
-                cache.pop(p, None)
+            if s is not None:
+                cache[p] = (*s, *state[p])
     if (todo or stale) and size_cache is not None and size_cache.parent.is_dir():
-        write_size_cache(size_cache, {p: v for p, v in cache.items() if p not in stale or p in todo})
+        write_size_cache(size_cache, cache)
     usable: list[tuple[str, str, tuple[int, int]]] = []
     for p, label in entries:
-        c = cache.get(p)
-        s = c[:2] if c is not None and c[2:] == state[p] else None
+        c = cache.get(p)  # every cached entry of this set is its file as it is now
+        s = None if c is None else c[:2]
         if s is None:
             reason = "missing" if state[p] is None and not Path(p).exists() else unreadable_reason(p)
             skipped[reason] += 1
