@@ -163,14 +163,12 @@ def ir_metadata(xml: Path) -> dict[str, str]:
     return xml_metadata(xml) or model_metadata(read_model(xml))
 
 
-def recorded_precision(xml: Path) -> str | None:
-    """The precision an fp32 IR runs at when none is asked for: its recorded ``dtop.inference_precision`` (the hint
-    ``openvino MODEL.pt --precision auto`` measured), as an engine precision; None when it records none (or one
-    the engine refuses as it opens). Read from the ``.xml`` alone (:func:`xml_metadata`)."""
-    meta = xml_metadata(xml)
-    if meta.get("dtop.precision", "fp32") != "fp32":
-        return None
-    return RECORDED_HINTS.get(meta.get("dtop.inference_precision", ""))
+def recorded_precision(meta: dict[str, str]) -> tuple[str, str | None]:
+    """(the hint, the engine precision) an fp32 model of metadata ``meta`` runs at when none is asked for: its
+    recorded ``dtop.inference_precision`` (the hint ``openvino MODEL.pt --precision auto`` measured); ("", None)
+    when it records none or is not fp32, (hint, None) for a hint the engine refuses as it opens."""
+    hint = meta.get("dtop.inference_precision", "") if meta.get("dtop.precision", "fp32") == "fp32" else ""
+    return hint, RECORDED_HINTS.get(hint)
 
 
 def xml_metadata(xml: Path) -> dict[str, str]:
@@ -260,8 +258,7 @@ class OpenVinoEngine(Engine):
         if "dtop.format" not in meta:
             raise DToPError(f"{path} has no dtop-export metadata: export it with `dtop-export onnx CKPT.pt`")
         file_precision = meta.get("dtop.precision", "fp32")
-        hint = meta.get("dtop.inference_precision", "") if file_precision == "fp32" else ""
-        recorded = RECORDED_HINTS.get(hint)
+        hint, recorded = recorded_precision(meta)
         if hint and recorded is None and not precision:  # as the C++ client refuses it
             raise DToPError(
                 f"{path} records dtop.inference_precision {hint!r}, not one of f32, bf16, f16: give a precision "

@@ -102,11 +102,11 @@ def engine_options(
     if shared_cores and spec.kind == "onnx" and options.get("runtime") != "openvino":
         options.setdefault("spin", False)
     if precision is None and "precision" not in options and spec.kind == "xml":
-        from dtop_export.engines.openvino import recorded_precision
+        from dtop_export.engines.openvino import recorded_precision, xml_metadata
 
         # what the IR runs at unless told: named, so that a corpus job's settings say it (a job begun when such an
         # IR ran at fp32 is not continued at bf16) and every replica opens it the same way
-        recorded = recorded_precision(spec.path)
+        recorded = recorded_precision(xml_metadata(spec.path))[1]  # the .xml alone: no OpenVINO import
         if recorded is not None:
             options["precision"] = recorded
     if precision is not None:
