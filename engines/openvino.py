@@ -171,6 +171,16 @@ def recorded_precision(meta: dict[str, str]) -> tuple[str, str | None]:
     return hint, RECORDED_HINTS.get(hint)
 
 
+def ran_at(compiled: Any, precision: str) -> str:
+    """The engine precision ``compiled`` runs at, asked for ``precision``: its inference precision property (the CPU
+    plugin keeps f32 where the CPU lacks the hint's arithmetic: bf16 without AVX512-BF16/AMX, f16 without AVX512-FP16),
+    ``int8`` for an INT8 model (its float parts at that property)."""
+    if precision == "int8":
+        return precision
+    name = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return RECORDED_HINTS.get(name, precision)
+
+
 def xml_metadata(xml: Path) -> dict[str, str]:
     """The ``dtop.*`` entries of the ``<net>``'s own ``<rt_info>`` of the IR ``xml`` (none: an empty dict)."""
     import xml.etree.ElementTree as ET
@@ -236,6 +246,7 @@ class OpenVinoEngine(Engine):
     threads: inference threads (default: OpenVINO's). mode: ``latency``
     (one request, all cores) or ``throughput`` (OpenVINO's streams; for many concurrent requests). device:
     ``CPU`` (OpenVINO's name). A fixed-batch export runs in chunks of its batch, like the ONNX Runtime engine.
+    ``precision`` afterwards is what the CPU runs (:func:`ran_at`: fp32, with a warning, for a hint it lacks).
     """
 
     name = "openvino"
@@ -300,6 +311,14 @@ class OpenVinoEngine(Engine):
             self.compiled = core().compile_model(ov_model, device, config)
         except Exception as e:  # noqa: BLE001
             raise DToPError(f"OpenVINO cannot compile {path} for {device}: {first_reason(str(e))}") from e
+        asked, precision = precision, ran_at(self.compiled, precision)
+        if precision != asked:
+            log.warning(
+                "%s: this CPU has no %s inference (OpenVINO's CPU plugin ignores the hint): it runs %s",
+                path,
+                asked,
+                precision,
+            )
         names = [set(o.get_names()) for o in self.compiled.outputs]
         self._output = next((i for i, n in enumerate(names) if meta.get("dtop.output_name", OUTPUT_NAME) in n), 0)
         self.request = self.compiled.create_infer_request()

@@ -252,6 +252,31 @@ def test_an_ir_recording_an_unknown_hint_is_refused_unless_a_precision_is_given(
     assert OpenVinoEngine(odd, precision="fp32").precision == "fp32"
 
 
+def test_a_hint_the_cpu_lacks_is_reported_as_what_runs(
+    ir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenVINO's CPU plugin ignores an inference precision hint the CPU cannot do (bf16 without AVX512-BF16/AMX,
+    f16 without AVX512-FP16) and runs f32: the engine said bf16 all the same, and so did the sidecars and bench rows
+    that read it. It reports what the compiled model runs, with a warning."""
+    import logging
+
+    from dtop_export.engines import openvino as ov_engine
+
+    real = ov_engine.core()
+    if "BF16" in real.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert OpenVinoEngine(ir, precision="bf16").precision == "bf16"  # this CPU has it: the hint holds
+
+    class CpuWithoutBf16:  # compiles as the CPU plugin does on such a CPU: the hint dropped, f32
+        def compile_model(self, model: Any, device: str, config: dict[Any, Any]) -> Any:
+            return real.compile_model(model, device, {"INFERENCE_PRECISION_HINT": "f32"})
+
+    monkeypatch.setattr(ov_engine, "core", CpuWithoutBf16)
+    with caplog.at_level(logging.WARNING, logger="dtop_export.engines.openvino"):
+        engine = OpenVinoEngine(ir, precision="bf16")
+    assert engine.precision == "fp32" and engine.describe()["precision"] == "fp32"
+    assert "has no bf16 inference" in caplog.text and "runs fp32" in caplog.text
+
+
 def test_a_corpus_job_names_the_precision_an_ir_runs_at(ir: Path, tmp_path: Path) -> None:
     """An IR recording a hint runs at it unless told (since it did, it ran fp32): a corpus job's engine key said
     neither, so a job begun when such an IR ran fp32 would have been continued at bf16, shards of both mixed under one

@@ -195,6 +195,10 @@ class OpenVinoRuntime final : public Runtime {
     try {
       compiled_ = process_core().compile_model(model_, options.device, config);
       idle_.push_back(compiled_.create_infer_request());
+      // what it runs at: the CPU plugin drops a hint the CPU lacks (bf16 without AVX512-BF16/AMX, f16 without
+      // AVX512-FP16) and runs f32
+      ran_ = compiled_.get_property(ov::hint::inference_precision);
+      precision_ = precision_name(ran_);
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
     }
@@ -234,10 +238,10 @@ class OpenVinoRuntime final : public Runtime {
   }
 
   std::string describe() const override {
+    const ov::element::Type asked = precision_type(options_.precision);
     return "openvino " + std::string(ov::get_openvino_version().buildNumber) + " " + options_.device + " " +
-           options_.precision + (fp32_islands_ && precision_type(options_.precision) == ov::element::f16
-                                     ? ", " + std::to_string(fp32_islands_) + " FP32 islands"
-                                     : "");
+           ran_.get_type_name() + (asked != ran_ ? " (" + asked.get_type_name() + " asked: this CPU lacks it)" : "") +
+           (fp32_islands_ && ran_ == ov::element::f16 ? ", " + std::to_string(fp32_islands_) + " FP32 islands" : "");
   }
 
   int fp32_islands() const override { return fp32_islands_; }
@@ -303,7 +307,9 @@ class OpenVinoRuntime final : public Runtime {
   }
 
   RuntimeOptions options_;
-  std::string precision_ = "fp32";  // the hint it runs with, by the engine's name
+  std::string precision_ = "fp32";  // the precision it runs at (ran_), by the engine's name
+  ov::element::Type ran_ = ov::element::f32;  // the compiled model's inference precision: the hint, unless the CPU
+                                              // lacks it (then f32)
   bool int8_ = false;               // an INT8 model (its float parts run at precision_)
   std::shared_ptr<ov::Model> model_;
   ov::CompiledModel compiled_;

@@ -304,7 +304,13 @@ int run(int argc, char** argv) {
   options.precision = a.precision;
   options.device = a.device;
   dtop::Embedder embedder(open_runtime(a.model, options), a.model);
-  if (embedder.inference_precision() == "fp16" && embedder.fp32_islands() == 0) {
+  const std::string ran = embedder.inference_precision();
+  const std::string asked = a.precision == "f32" ? "fp32" : (a.precision == "f16" ? "fp16" : a.precision);
+  if (!asked.empty() && ran != "int8" && asked != ran) {  // OpenVINO's CPU plugin drops a hint the CPU lacks
+    std::cerr << "warning: this CPU has no " << asked << " inference: OpenVINO runs " << a.model << " at " << ran
+              << "\n";
+  }
+  if (ran == "fp16" && embedder.fp32_islands() == 0) {
     std::cerr << "warning: " << a.model << " marks no FP32 islands: under f16 its whitening and L2 norms run in "
               << "FP16 too; give dtop-embed the IR from `dtop-export openvino MODEL.onnx`\n";
   }

@@ -72,7 +72,8 @@ class Runtime {
   /// `dtop-export openvino`); 0 when it marks none.
   virtual int fp32_islands() const { return 0; }
   /// The precision it runs at: "fp32", "bf16" or "fp16" (OpenVINO: RuntimeOptions::precision or the model's own
-  /// hint); by default the model's dtop.precision (what an ExecuTorch program was compiled as).
+  /// hint as the compiled model reports it: fp32 where the CPU lacks the hint's arithmetic); by default the model's
+  /// dtop.precision (what an ExecuTorch program was compiled as).
   virtual std::string inference_precision() const {
     const auto it = metadata().find("dtop.precision");
     return it == metadata().end() ? "fp32" : it->second;
