@@ -745,6 +745,95 @@ def test_a_batcher_that_dies_fails_its_requests_and_the_next_request_is_served(
     assert "a bug in the batcher" in str(failed[0])
 
 
+def test_serves_health_check_fails_a_replica_whose_pass_hangs_and_passes_a_busy_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serve replaces a replica whose check_health raises. A pass past --request-timeout (30 s) with requests waiting
+    is stuck for /readyz but only busy for Serve: the check passes until the pass has run 3 x --request-timeout
+    (90 s), then it raises naming the pass (there was no check: a hung engine kept its replica up, answering 504s,
+    forever). A short timeout restarts no replica before a minute (a slow first pass is no hang)."""
+    import asyncio
+
+    import dtop_export.corpus.runtime as runtime
+    from dtop_export.serve.deployment import Embedder, EngineSettings, Wedged
+    from dtop_export.serve.readiness import stuck
+
+    monkeypatch.setattr(runtime, "open_model", lambda *_: ShapeRefusingEngine())
+    settings = EngineSettings("m.onnx", max_batch_size=2, warmup_size=32)
+    replica = Embedder(settings, request_timeout_s=30)
+    asyncio.run(replica.check_health())  # idle
+    replica._queue = asyncio.Queue()
+    for _ in range(5):
+        replica._queue.put_nowait(None)  # requests waiting behind the pass
+    replica._pass_started = time.perf_counter() - 80  # running 80 s: past the request timeout, short of a hang
+    assert stuck(replica.snapshot(), 30) and "Serve replaces the replica if it runs 90 s" in stuck(
+        replica.snapshot(), 30
+    )
+    asyncio.run(replica.check_health())
+    replica._pass_started = time.perf_counter() - 95
+    with pytest.raises(Wedged, match=r"forward pass has run 9\d s, over 90 s"):
+        asyncio.run(replica.check_health())
+    assert "over 90 s" in stuck(replica.snapshot(), 30)  # /readyz says why Serve replaces it
+    replica._pass_started = None  # the pass ended after all
+    asyncio.run(replica.check_health())
+
+    short = Embedder(settings, request_timeout_s=1)
+    short._pass_started = time.perf_counter() - 30
+    asyncio.run(short.check_health())
+    assert short.snapshot()["replaced_after_s"] == 60.0
+    assert Embedder(settings).snapshot()["replaced_after_s"] is None  # no timeout: never a hang
+
+
+def test_serves_health_check_fails_a_replica_whose_batchers_keep_dying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batching task that dies fails its requests (503) and the next request starts another: one or two deaths
+    pass the health check; three in a row with no pass answered between (every request gets 503) fail it, naming
+    the error, and /readyz leaves the replica out while Serve replaces it; a pass that answers clears the count."""
+    import asyncio
+
+    from dtop_export.serve.deployment import BatcherStopped, Wedged
+    from dtop_export.serve.readiness import stuck
+
+    replica, engine = gated_replica(monkeypatch, max_batch_size=1)
+    engine.entered.set()
+    x = np.zeros((3, 32, 32), np.float32)
+    real = replica._next_batch
+
+    async def broken(queue: Any, held: list) -> list:
+        held.append(await queue.get())
+        raise RuntimeError("a bug in the batcher")
+
+    async def scenario() -> None:
+        replica._next_batch = broken
+        for _ in range(2):
+            with pytest.raises(BatcherStopped):
+                await asyncio.wait_for(replica.embed(x, time.time()), 60)  # a hang detector, not a timing
+            await replica.check_health()
+        with pytest.raises(BatcherStopped):
+            await asyncio.wait_for(replica.embed(x, time.time()), 60)
+        with pytest.raises(Wedged, match="died 3 times in a row.*a bug in the batcher"):
+            await replica.check_health()
+        assert "Serve replaces it" in stuck(replica.snapshot(), float("inf"))  # /readyz leaves it out meanwhile
+        replica._next_batch = real
+        assert isinstance(await asyncio.wait_for(replica.embed(x, time.time()), 60), dict)
+        await replica.check_health()
+
+    engine.release.set()
+    asyncio.run(scenario())
+
+
+def test_the_model_deployment_sets_its_health_check_and_serve_finds_it() -> None:
+    """Serve calls the deployment's ``check_health`` every 2 s (its consecutive failures replace the replica), given
+    30 s to answer; the options say so explicitly rather than leaning on Serve's defaults."""
+    from ray.serve._private.constants import HEALTH_CHECK_METHOD
+
+    from dtop_export.serve.deployment import Embedder, EngineSettings, embedder_options, hang_after
+
+    options = embedder_options(EngineSettings("m.onnx"), 2, 1, 1, 64, 1.0, 0.0)
+    assert options["health_check_period_s"] == 2.0 and options["health_check_timeout_s"] == 30.0
+    assert HEALTH_CHECK_METHOD == "check_health" and callable(getattr(Embedder, HEALTH_CHECK_METHOD))
+    assert hang_after(30) == 90 and hang_after(1) == 60 and hang_after(None) == float("inf")
+
+
 @contextmanager
 def answering(status: int, headers: dict[str, str], body: bytes) -> Iterator[str]:
     """The URL of a stand-in server (a proxy in front of the service) answering every POST with this answer."""
@@ -939,6 +1028,7 @@ def test_killed_replica_is_replaced_and_the_service_answers_again(service: Servi
     # the replica that answered the embed, asked directly (Ray's __ray_call__ on its actor: no queue in Serve)
     assert json.loads(data)["via"] == "direct", data
     old, old_pid = json.loads(data)["replica"], json.loads(data)["pid"]
+    assert json.loads(data)["replaced_after_s"] == 60  # --request-timeout 20 reached the replica: 3 x 20 s
     assert psutil.Process(old_pid) in psutil.Process(service.proc.pid).children(recursive=True)
     load: list[tuple[int, bytes]] = []
     stop = threading.Event()

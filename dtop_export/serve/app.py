@@ -380,7 +380,7 @@ def build_app(
     from starlette.exceptions import HTTPException
     from starlette.responses import Response
 
-    from dtop_export.serve.deployment import embedder_deployment
+    from dtop_export.serve.deployment import embedder_deployment, embedder_options
 
     api = FastAPI(title="dtop-export serve", version=API_VERSION, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -398,9 +398,9 @@ def build_app(
     # exceed a queue of 2): the app's admission is the bound users set; Serve's is a backstop behind it. Serve counts
     # model calls, one per image and scale: an admitted request makes up to max_images x scales of them.
     calls = capacity * limits.max_images * len(info.scales)
-    model = embedder_deployment(
-        settings, replicas, min_replicas, max_replicas, calls, cpus_per_replica, gpus_per_replica
-    )
+    options = embedder_options(settings, replicas, min_replicas, max_replicas, calls, cpus_per_replica,
+                               gpus_per_replica)  # fmt: skip
+    model = embedder_deployment(settings, options, limits.request_timeout_s)
 
     @serve.deployment(**ingress_options(limits, capacity))
     @serve.ingress(api)

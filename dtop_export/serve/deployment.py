@@ -12,6 +12,12 @@ here.) Every result says which forward pass it came from (replica, sequence numb
 for the app's metrics. If the batching task ever ends with an error, the requests it held or left queued fail with
 it (they waited for their timeout) and the next request starts a new one. ray is imported inside the functions.
 
+Health: Serve calls :meth:`Embedder.check_health` every ``health_check_period_s`` and replaces a replica that fails
+it :data:`UNHEALTHY_AFTER` times in a row, or does not answer within ``health_check_timeout_s`` (an event loop that
+no longer runs). It fails for a wedged replica only (:meth:`Embedder.wedged`): a forward pass running past
+:func:`hang_after` (a multiple of ``--request-timeout``, at least a minute), or :data:`BATCHER_DEATHS` batching
+tasks in a row that died with no forward pass answered between. A busy replica passes it however long its queue.
+
 Readiness: each answer also names the replica's Ray actor, and :func:`local_status` reads a replica's state in its
 own process (the app runs it through Ray's ``__ray_call__`` on that actor: a call Serve's request queue does not
 count, so a saturated replica still answers it, and a dead one fails it at once; see
@@ -34,6 +40,20 @@ import numpy as np
 # the replicas of this process by name (one per Serve replica process; several in tests), for local_status
 _LOCAL: weakref.WeakValueDictionary[str, Embedder] = weakref.WeakValueDictionary()
 
+# A forward pass running HANG_FACTOR x --request-timeout (at least HANG_FLOOR_S) hangs: Serve replaces its replica.
+# /readyz already calls a pass past 1 x --request-timeout stuck (every request waiting for it has timed out) and
+# pulls the replica from readiness; a restart costs more (the engine opened and warmed again: 6-22 s measured, more
+# for a TensorRT plan) and ends a pass that might still finish, so it waits for a pass no load explains: the longest
+# pass of a full batch measured here is ~6 s (r50-vitb16 INT8, 8 images), 5x under the default timeout of 30 s. The
+# floor: --request-timeout is the clients' patience, not the engine's pass time; a 1 s timeout must not restart a
+# replica whose first pass at a new shape is slow (an engine that compiles per shape, a GPU's lazy start).
+HANG_FACTOR = 3.0
+HANG_FLOOR_S = 60.0
+BATCHER_DEATHS = 3  # batching tasks that died in a row, no pass answered between: every request gets 503
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0  # the check reads two fields: only an event loop that no longer runs exceeds it
+UNHEALTHY_AFTER = 3  # Serve's consecutive failed checks before it replaces a replica (Ray 2.60, not an option)
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -48,6 +68,18 @@ class EngineSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def hang_after(request_timeout_s: float | None) -> float:
+    """How long a forward pass runs before its replica counts as wedged (see :data:`HANG_FACTOR`); never without a
+    request timeout."""
+    if request_timeout_s is None or request_timeout_s <= 0:
+        return float("inf")
+    return max(HANG_FACTOR * request_timeout_s, HANG_FLOOR_S)
+
+
+class Wedged(RuntimeError):
+    """The replica's engine or batcher is wedged: raised by :meth:`Embedder.check_health` (Serve replaces it)."""
 
 
 class BatcherStopped(RuntimeError):
@@ -68,10 +100,12 @@ class Item:
 class Embedder:
     """One engine in one replica (see the module's notes)."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, request_timeout_s: float | None = None) -> None:
         from dtop_export.corpus.runtime import node_threads, open_model
 
         self.settings = settings
+        self.hang_s = hang_after(request_timeout_s)
+        self._deaths, self._death = 0, ""  # batching tasks that died since a forward pass answered; the last why
         self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
@@ -127,6 +161,7 @@ class Embedder:
                         item.answer.set_result(result)
                 held.clear()
         except BaseException as e:
+            self._deaths, self._death = self._deaths + 1, f"{type(e).__name__}: {e}"
             while not queue.empty():
                 held.append(queue.get_nowait())
             failure = BatcherStopped(f"the replica's batcher stopped ({type(e).__name__}: {e}): retry")
@@ -187,6 +222,7 @@ class Embedder:
             finally:
                 self._pass_started = None
             infer_s = time.perf_counter() - t0
+            self._deaths = 0
             self.batches += 1
             self.images += len(rows)
             for j, i in enumerate(rows):
@@ -201,13 +237,36 @@ class Embedder:
                 }
         return out
 
+    async def check_health(self) -> None:
+        """Serve's health check: raises :class:`Wedged` (Serve replaces the replica) when :meth:`wedged` says why.
+        A coroutine: it runs on the replica's event loop, so a loop that no longer runs fails it by its timeout."""
+        why = self.wedged()
+        if why:
+            raise Wedged(why)
+
+    def wedged(self) -> str | None:
+        """Why this replica cannot recover by itself, or None: its forward pass has run past :attr:`hang_s` (an
+        engine that hangs holds the only engine thread), or its last :data:`BATCHER_DEATHS` batching tasks died
+        with no forward pass answered between (every request gets 503). One batcher that died is no reason: the
+        next request starts another."""
+        started = self._pass_started
+        pass_s = 0.0 if started is None else time.perf_counter() - started
+        if pass_s > self.hang_s:
+            limit = f"{HANG_FACTOR:g} x --request-timeout, at least {HANG_FLOOR_S:g} s"
+            return f"replica {self.replica}'s forward pass has run {pass_s:.0f} s, over {self.hang_s:g} s ({limit})"
+        if self._deaths >= BATCHER_DEATHS:
+            return (f"replica {self.replica}'s batching task died {self._deaths} times in a row with no forward "
+                    f"pass answered between (last: {self._death})")  # fmt: skip
+        return None
+
     async def status(self) -> dict[str, Any]:
         """:meth:`snapshot`, through Serve (a call it queues behind the embed calls)."""
         return self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         """Whether this replica is warm (always, once constructed), its engine, names, process id, how long its
-        forward pass has run (0 between passes) and counters."""
+        forward pass has run (0 between passes), after how long a pass Serve replaces it, whether it is wedged (why its
+        health check fails) and counters."""
         started = self._pass_started
         return {
             "warm": self.warm,
@@ -217,6 +276,8 @@ class Embedder:
             "actor": self.actor,
             "pid": os.getpid(),  # on the replica's node
             "pass_s": 0.0 if started is None else round(time.perf_counter() - started, 6),
+            "replaced_after_s": None if self.hang_s == float("inf") else self.hang_s,  # a pass this long: wedged
+            "wedged": self.wedged(),  # why Serve is replacing it (its health check fails), or None
             "batches": self.batches,
             "images": self.images,
         }
@@ -272,7 +333,15 @@ def combine_scales(descriptors: list[np.ndarray]) -> np.ndarray:
     return (total / max(float(np.linalg.norm(total)), 1e-12)).astype(np.float32)
 
 
-def embedder_deployment(
+def embedder_deployment(settings: EngineSettings, options: dict[str, Any], request_timeout_s: float | None) -> Any:
+    """The Serve deployment of :class:`Embedder` with ``options`` (:func:`embedder_options`), each replica told
+    ``request_timeout_s`` (``--request-timeout``: when its engine counts as hung, :func:`hang_after`)."""
+    from ray import serve
+
+    return serve.deployment(**options)(Embedder).bind(settings, request_timeout_s)
+
+
+def embedder_options(
     settings: EngineSettings,
     replicas: int | str,
     min_replicas: int,
@@ -280,21 +349,19 @@ def embedder_deployment(
     max_queue: int,
     cpus_per_replica: float,
     gpus_per_replica: float,
-) -> Any:
-    """The Serve deployment of :class:`Embedder`: ``replicas`` fixed, or ``"auto"`` (autoscaling between
+) -> dict[str, Any]:
+    """The model deployment's Serve options: ``replicas`` fixed, or ``"auto"`` (autoscaling between
     ``min_replicas`` and ``max_replicas`` on ongoing requests); at most ``max_queue`` calls (one per image and
     scale) waiting in front of the replicas (past it Serve raises BackPressureError: the app answers 503 +
-    Retry-After); replaced within seconds when a replica dies (health checks every 2 s); on shutdown each replica
-    finishes its requests first."""
-    from ray import serve
-
+    Retry-After); a replica that dies or is wedged (:meth:`Embedder.check_health`, every 2 s) is replaced; on
+    shutdown each replica finishes its requests first."""
     ongoing = 2 * settings.max_batch_size  # one batch running, the next one filling
     options: dict[str, Any] = {
         "name": "embedder",
         "max_ongoing_requests": ongoing,
         "max_queued_requests": max_queue,
-        "health_check_period_s": 2.0,
-        "health_check_timeout_s": 30.0,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_wait_loop_s": 0.5,
         "graceful_shutdown_timeout_s": 30.0,
         "max_constructor_retry_count": 2,  # an engine that cannot open fails the start, not after 20 tries
@@ -304,7 +371,7 @@ def embedder_deployment(
         options["autoscaling_config"] = autoscaling_config(settings.max_batch_size, min_replicas, max_replicas)
     else:
         options["num_replicas"] = int(replicas)
-    return serve.deployment(**options)(Embedder).bind(settings)
+    return options
 
 
 def autoscaling_config(max_batch_size: int, min_replicas: int, max_replicas: int) -> Any:

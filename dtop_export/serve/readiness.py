@@ -88,11 +88,16 @@ class Replicas:
 
 def stuck(status: dict[str, Any], stuck_s: float) -> str | None:
     """Why a replica whose forward pass has run over ``stuck_s`` (``--request-timeout``: every request waiting for
-    it has timed out) is not ready (its engine may hang: readiness through Serve's queue saw it as a timeout)."""
+    it has timed out) is not ready (its engine may hang: readiness through Serve's queue saw it as a timeout), or
+    one that is wedged (its health check fails: Serve is replacing it)."""
+    if status.get("wedged"):
+        return f"{status['wedged']}: Serve replaces it"
     pass_s = float(status.get("pass_s") or 0.0)
     if pass_s <= stuck_s:
         return None
-    return f"replica {status.get('replica')}'s forward pass has run {pass_s:.1f} s, over --request-timeout"
+    why = f"replica {status.get('replica')}'s forward pass has run {pass_s:.1f} s, over --request-timeout"
+    after = status.get("replaced_after_s")
+    return why if after is None else f"{why} (Serve replaces the replica if it runs {float(after):g} s)"
 
 
 async def check(
