@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +58,36 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     If the body raises, the temporary file is removed and ``dest`` is left untouched, so an interrupted
     or failed write never leaves a half-written file behind.
     """
-    dest = Path(dest)
-    parent = output_folder(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_paths([dest]) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600; the writer may also have re-created it
-        os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def atomic_paths(dests: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """All or nothing for several files: yield one temporary path next to each of ``dests``; only when the body
+    returns are they all flushed and then renamed onto ``dests`` (each rename atomic, in order).
+
+    If the body raises, every temporary file is removed and every ``dest`` is left as it was (an existing one too:
+    a command that replaces files under ``--force`` replaces none of them when one of its outputs fails).
+    """
+    targets = [Path(d) for d in dests]
+    temps: list[Path] = []
+    try:
+        for dest in targets:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=output_folder(dest))
+            os.close(fd)
+            temps.append(Path(tmp_name))
+        yield list(temps)
+        mode = new_file_mode()
+        for tmp in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)  # mkstemp made it 0600; the writer may also have re-created it
+        for tmp, dest in zip(temps, targets):
+            os.replace(tmp, dest)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -1,5 +1,7 @@
-"""The INT8 contract where an INT8 artefact is made: its descriptors against the fp32 model's on the inputs it was
-calibrated (or checked) on, and one refusal below the contract's cosine floor, before anything is written.
+"""The INT8 contract where an INT8 artefact is made: its descriptors against the fp32 model's on check inputs (images
+of the calibration source held out of calibration, :func:`~dtop_export.quantize.calibration_and_check`, or the
+calibration inputs where the source has too few; ExecuTorch's dynamic INT8 calibrates nothing, so its images only
+check), and one refusal below the contract's cosine floor, before anything is written.
 
 The three INT8 makers use it: ``quantize`` (ONNX Runtime QDQ), ``openvino --int8`` (the IR) and ``executorch
 --int8`` (the ``.pte``). Each runs its own artefact in its own runtime and passes the descriptors here; the report

@@ -19,11 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from dtop_export.quantize import CheckInputs
 
 
 @dataclass
@@ -185,14 +188,14 @@ def _descriptors(model: Any, tensors: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.array(request.infer({0: x})[out], dtype=np.float64).ravel() for x in tensors]
 
 
-def refuse_below_contract(check: dict[str, Any], recipe: str, source: str) -> None:
+def refuse_below_contract(check: dict[str, Any], recipe: str, source: str, inputs: str = "calibration inputs") -> None:
     """:func:`~dtop_export.int8_check.refuse_below_contract` for an INT8 IR: nothing written, what to try instead."""
     from dtop_export.int8_check import refuse_below_contract as refuse
 
     other = ["the default recipe (--recipe qdq)"] if recipe == "nncf" else []
     remedies = [*other, "more layers float (--keep-float)", "images like yours (--calib DIR)"]
     remedies.append("the fp32 IR (drop --int8)")
-    refuse(check, f"the INT8 IR ({recipe})", source, remedies)
+    refuse(check, f"the INT8 IR ({recipe})", source, remedies, inputs=inputs)
 
 
 def write_ir(
@@ -207,6 +210,7 @@ def write_ir(
     fast_bias_correction: bool = True,
     inference_precision: str | None = None,
     on_step: Callable[[str], None] | None = None,
+    check_inputs: CheckInputs | None = None,
 ) -> IRResult:
     """Convert the dtop-export ONNX ``onnx_path`` to an IR at ``output`` (``.xml``); INT8 when ``int8``, with the
     preprocessed calibration images ``calib`` ([1, 3, H, W] each, any mix of sizes).
@@ -220,12 +224,14 @@ def write_ir(
     ``dtop.inference_precision``: the hint the measured path ran with (the C++ client's ``--precision``). An fp32
     IR marks its FP32 islands (:func:`~dtop_export.engines.openvino.with_fp32_islands`; ``dtop.fp32_islands``
     counts the layers): under an f16 hint they stay FP32 (OpenVINO 2026.4's CPU plugin ignores the mark under bf16).
-    An INT8 IR is checked against the fp32 model on ``calib`` (:func:`check_int8`, recorded in
-    ``dtop.quantization``) and refused below the INT8 contract (:func:`refuse_below_contract`), nothing written.
+    An INT8 IR is checked against the fp32 model on ``check_inputs`` (images held out of calibration,
+    :func:`~dtop_export.quantize.calibration_and_check`; default ``calib`` itself) (:func:`check_int8`, recorded in
+    ``dtop.quantization`` with what it ran on) and refused below the INT8 contract (:func:`refuse_below_contract`),
+    nothing written.
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
-    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8, require_dynamic_shapes
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, CheckInputs, quantize_int8, require_dynamic_shapes
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -279,10 +285,11 @@ def write_ir(
                     "float_roles": roles,
                 }
         if int8:
-            say(f"checking the INT8 IR against the fp32 model on {len(calib)} inputs")
-            check = check_int8(read_model(onnx_path), model, calib)
+            on = check_inputs or CheckInputs(list(calib), None, held_out=False)
+            say(f"checking the INT8 IR against the fp32 model on {len(on.tensors)} {on.what()}")
+            check = check_int8(read_model(onnx_path), model, on.tensors) | on.record()
             calibration["check"] = check
-            refuse_below_contract(check, recipe, calibration_source)
+            refuse_below_contract(check, recipe, calibration_source, on.what())
         precision = "int8" if int8 or source_precision == "int8" else "fp32"
         islands = 0
         if precision == "fp32":

@@ -84,8 +84,6 @@ def calibration_tensors(
     path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std).
     ``check_only``: the images only check an INT8 model that needs no calibration (ExecuTorch's dynamic INT8), and
     the refusals say so."""
-    from dtop_export.preprocess import load_image, prepare, prepare_square
-
     if limit < 1:
         raise DToPError(f"--calib-count must be >= 1, got {limit}")
     if not sizes or min(sizes) < pp.stride:
@@ -104,14 +102,79 @@ def calibration_tensors(
         raise DToPError(
             f"{len(paths)} {what}: give a folder with more (--calib DIR), or ask for as few with --calib-count"
         )
-    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
+    return image_tensors(spread(paths, limit), pp, sizes, square)
+
+
+def image_tensors(
+    paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], square: bool = False
+) -> list[np.ndarray]:
+    """Each of ``paths`` at every size in ``sizes`` through the one preprocessing path, [1, 3, H, W] each."""
+    from dtop_export.preprocess import load_image, prepare, prepare_square
+
     out = []
-    for path in picked:
+    for path in paths:
         img = load_image(path)
         for size in sizes:
             x = prepare_square(img, pp, size) if square else prepare(img, pp, size)
             out.append(x[None])
     return out
+
+
+def spread(paths: Sequence[Path], n: int) -> list[Path]:
+    """``n`` of ``paths`` (all when fewer) spread evenly over them, in order: sets are often grouped by object."""
+    if n < 1 or not paths:
+        return []
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)]
+
+
+def split_calibration(paths: Sequence[Path], limit: int) -> tuple[list[Path], list[Path]]:
+    """(calibration images, held-out check images) of one source: the ``limit`` :func:`calibration_tensors`
+    calibrates on, and up to ``limit`` of the others, spread evenly over them, to check the INT8 model on (its own
+    calibration inputs flatter it). No check images when fewer than ``min(limit, MIN_CALIB_IMAGES)`` are left over:
+    the check then runs on the calibration images, and says so (:class:`CheckInputs`)."""
+    calib = spread(paths, limit)
+    used = set(calib)
+    rest = [p for p in paths if p not in used]
+    return calib, spread(rest, limit) if len(rest) >= min(limit, MIN_CALIB_IMAGES) else []
+
+
+@dataclass
+class CheckInputs:
+    """What an INT8 artefact is checked on against the fp32 model: the input tensors, the images they come from, and
+    whether those images were held out of calibration (recorded with the check in ``dtop.quantization``)."""
+
+    tensors: list[np.ndarray]
+    images: int | None
+    held_out: bool
+
+    def record(self) -> dict[str, Any]:
+        """The keys the check records: ``held_out``, ``images``."""
+        return {"held_out": self.held_out, **({"images": self.images} if self.images is not None else {})}
+
+    def what(self) -> str:
+        """What the inputs are, for messages: ``held-out inputs`` or ``calibration inputs``."""
+        return "held-out inputs" if self.held_out else "calibration inputs"
+
+
+def describe_check(check: dict[str, Any]) -> str:
+    """What a recorded check ran on, for the printed line: ``32 held-out inputs (16 images not used for
+    calibration)``, or ``the 32 calibration inputs (...: an optimistic check)``."""
+    if check.get("held_out"):
+        return f"{check['inputs']} held-out inputs ({check['images']} images not used for calibration)"
+    return f"the {check['inputs']} calibration inputs (too few images to hold any out: an optimistic check)"
+
+
+def calibration_and_check(
+    paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
+) -> tuple[list[np.ndarray], CheckInputs]:
+    """:func:`calibration_tensors` and the inputs to check the INT8 model on: the held-out images of
+    :func:`split_calibration` at the same sizes (as many inputs as calibration, or fewer), else the calibration
+    inputs themselves (``held_out`` false)."""
+    calib = calibration_tensors(paths, pp, sizes, limit, square=square)
+    picked, held = split_calibration(list(paths), limit)
+    if not held:
+        return calib, CheckInputs(calib, len(picked), held_out=False)
+    return calib, CheckInputs(image_tensors(held, pp, sizes, square), len(held), held_out=True)
 
 
 def require_dynamic_shapes(meta: dict[str, str], path: Path) -> None:
@@ -223,15 +286,17 @@ def quantize_int8(
     on_item: Callable[[], None] | None = None,
     check: bool = True,
     on_check: Callable[[int], Callable[[], None] | None] | None = None,
+    check_inputs: CheckInputs | None = None,
 ) -> QuantizeResult:
     """Statically quantise the dtop-export ONNX ``onnx_path`` to ``output`` (QDQ, atomic write).
 
     ``calib``: preprocessed images [1, 3, H, W] (any mix of sizes). ``keep_float``: roles of Conv/MatMul
     nodes (see :func:`node_roles`) left in float; by default the first stem conv and the attention matmuls.
     ``on_item`` is called once per calibration image (progress bars). ``check``: the INT8 model, run by ONNX
-    Runtime, against the fp32 one on ``calib`` (:func:`check_int8`, recorded in ``dtop.quantization``), refused
-    below the INT8 contract with nothing written (``openvino --int8`` checks the IR it converts instead);
-    ``on_check(total)``, called as the check starts, may return a callback invoked once per checked input.
+    Runtime, against the fp32 one on ``check_inputs`` (:func:`calibration_and_check`: images held out of
+    calibration; default ``calib`` itself) (:func:`check_int8`, recorded in ``dtop.quantization`` with what it ran
+    on), refused below the INT8 contract with nothing written (``openvino --int8`` checks the IR it converts
+    instead); ``on_check(total)``, called as the check starts, may return a callback invoked once per checked input.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -298,7 +363,11 @@ def quantize_int8(
             )
         qmodel = onnx.load(str(staged))
         seconds = time.perf_counter() - t0
-        checked = check_int8(named, staged, calib, on_check(len(calib)) if on_check else None) if check else None
+        on = check_inputs or CheckInputs(list(calib), None, held_out=False)
+        checked = None
+        if check:
+            checked = check_int8(named, staged, on.tensors, on_check(len(on.tensors)) if on_check else None)
+            checked |= on.record()
     calibration: dict[str, Any] = {
         "method": method,
         "images": len(calib),
@@ -319,7 +388,7 @@ def quantize_int8(
         more = more or [r for r in ("fc2", "fc1", "proj", "qkv", "elm") if r not in keep_float][:1]
         fix = [f"more layers float (--keep-float {','.join([*keep_float, *more])})"] if more else []
         remedies = [*fix, "images like yours (--calib DIR)", "the fp32 ONNX (no INT8)"]
-        refuse_below_contract(checked, "the INT8 model", calibration_source, remedies)
+        refuse_below_contract(checked, "the INT8 model", calibration_source, remedies, inputs=on.what())
     meta.update(
         {
             "dtop.precision": "int8",

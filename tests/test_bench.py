@@ -113,7 +113,9 @@ def test_int8_quantization_runs_at_two_sizes(small_opt: Path, small_onnx: Path, 
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["per_channel"]
     check = json.loads(meta["dtop.quantization"])["check"]  # the INT8 contract, checked where the file is written
     assert check["inputs"] == 12 and 0.99 <= check["cosine_min"] < 0.99999  # really INT8, not a copy of fp32
-    assert f"on the 12 calibration inputs: cosine min {check['cosine_min']:.5f}" in " ".join(printed.split())
+    assert check["held_out"] is True and check["images"] == 6  # on 6 images calibration did not see, at both sizes
+    line = "on 12 held-out inputs (6 images not used for calibration): cosine min"
+    assert f"{line} {check['cosine_min']:.5f}" in " ".join(printed.split())
     fp32, int8 = load_engine(small_onnx), load_engine(out)
     assert int8.precision == "int8"
     # original photos, not the sample set's calibration views
@@ -131,7 +133,7 @@ def test_default_calibration_set_is_the_evaluation_set_in_the_users_cache(
     """quantize / openvino --int8 / executorch --int8 without --calib: the embedded sample set, built where the
     evaluation set is ($XDG_CACHE_HOME/dtop-export/data), not in a folder every user of /tmp shares."""
     pytest.importorskip("skimage", reason="the embedded sample set is made from scikit-image's photos")
-    from dtop_export.quantize import default_calibration_images
+    from dtop_export.quantize import default_calibration_images, split_calibration
     from dtop_export.retrieval.datasets import resolve_dataset
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -141,8 +143,35 @@ def test_default_calibration_set_is_the_evaluation_set_in_the_users_cache(
     assert len(paths) == 90 and all(p.is_file() and p.is_relative_to(sample) for p in paths)
     assert source == f"embedded sample set, database images ({sample})"
     assert resolve_dataset("sample").folder == sample  # one copy: evaluation's
+    # the INT8 check ran on the calibration images themselves (optimistic): now on as many of the others
+    calib, held = split_calibration(paths, 16)
+    assert len(calib) == len(held) == 16 and not set(calib) & set(held) and set(held) <= set(paths)
+    assert calib[0] == paths[0] and calib[-1] == paths[-1]  # spread over the set, as calibration_tensors picks
     monkeypatch.setenv("DTOP_EXPORT_DATA", str(tmp_path / "data"))
     assert default_calibration_images()[0][0].is_relative_to(tmp_path / "data" / "sample")
+
+
+def test_a_source_too_small_to_hold_images_out_is_checked_on_its_calibration_inputs(tmp_path: Path) -> None:
+    """A --calib folder with too few images beyond calibration's: the check falls back to the calibration inputs
+    and the record and the printed line say so; with enough, it runs on the others, at the same sizes."""
+    from PIL import Image
+
+    from dtop_export.preprocess import PreprocessConfig
+    from dtop_export.quantize import calibration_and_check, describe_check, image_tensors, split_calibration
+
+    paths = []
+    for i in range(14):
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.new("RGB", (40 + i, 30), (10 * i, 20, 30)).save(paths[-1])
+    pp = PreprocessConfig(stride=16)
+    calib, on = calibration_and_check(paths[:8], pp, [32, 48], 6)
+    assert len(calib) == 12 and on.tensors is calib and on.record() == {"held_out": False, "images": 6}
+    assert describe_check({"inputs": 12, **on.record()}).startswith("the 12 calibration inputs (too few images")
+    calib, on = calibration_and_check(paths, pp, [32, 48], 6)
+    picked, held = split_calibration(paths, 6)
+    assert on.record() == {"held_out": True, "images": 6} and not set(picked) & set(held)
+    assert all(np.array_equal(a, b) for a, b in zip(on.tensors, image_tensors(held, pp, [32, 48]), strict=True))
+    assert describe_check({"inputs": 12, **on.record()}) == "12 held-out inputs (6 images not used for calibration)"
 
 
 def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) -> None:
@@ -168,7 +197,7 @@ def test_an_int8_model_below_the_contract_is_not_written(small_onnx: Path, tmp_p
     argv = ["quantize", str(small_onnx), "-o", str(out), "--keep-float", "", "--calib-count", "6"]
     assert cli(*argv, "--calib-sizes", "128,192") == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "the INT8 model breaks the INT8 contract on its 12 calibration inputs" in err, err
+    assert "the INT8 model breaks the INT8 contract on its 12 held-out inputs" in err, err
     assert "< 0.99 to the fp32 model, so nothing was written" in err
     assert "--keep-float first_conv,stem,attention,dpe" in err and "Traceback" not in err
     assert list(out.parent.iterdir()) == []

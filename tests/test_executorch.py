@@ -345,12 +345,15 @@ def test_int8_below_the_contract_is_not_written(
 ) -> None:
     """An INT8 program whose check on the --calib images fell below the INT8 contract (cosine 0.99) was written
     anyway, exit 0, with "BELOW" in a status line: now it is refused, one line saying what to try, nothing written.
-    (Export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
+    (The fold, export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
     from PIL import Image
 
-    from dtop_export.edge import pte
+    from dtop_export.edge import pte, xnnpack_form
     from dtop_export.edge.pte import Delegation
 
+    form = torch.nn.Identity()
+    form.descriptor_dim = 8
+    monkeypatch.setattr(xnnpack_form, "xnnpack_form", lambda ckpt, size, whiten: (form, {}))
     monkeypatch.setattr(pte, "_export", lambda module, example: None)
     monkeypatch.setattr(pte, "quantize_dynamic", lambda module, example, keep_float=(): None)
     monkeypatch.setattr(pte, "lower_to_xnnpack", lambda exported: (None, Delegation(1)))
@@ -368,6 +371,20 @@ def test_int8_below_the_contract_is_not_written(
     assert "breaks the INT8 contract on its 4 check images" in line and "cosine min 0.93000 < 0.99" in line
     assert "--keep-float fc1,fc2" in line and "nothing was written" in line
     assert list(out.parent.iterdir()) == []
+    # Several sizes, the second below the contract: the first size's program was on disk (exit 2, and a rerun
+    # needed --force); now every size is built and checked before any is put in place, and under --force an
+    # existing program of a size that passed stays as it was.
+    monkeypatch.setattr(pte, "check_int8", lambda fp32, program, tensors: {
+        "inputs": len(tensors), "cosine_min": 0.93 if tensors[0].shape[-1] == SIZE else 0.999, "cosine_mean": 0.99,
+    })  # fmt: skip
+    first = out.parent / "q.64.int8.pte"
+    for force in ((), ("--force",)):
+        line = _error(capsys, "executorch", str(small_ckpt), "--size", f"64,{SIZE}", "--int8", "--calib", str(calib),
+                      "--calib-count", "4", "-o", str(out), *force)  # fmt: skip
+        assert f"on its 4 check images ({calib}): cosine min 0.93000" in line
+        assert list(out.parent.iterdir()) == ([first] if force else [])  # no temporary file either
+        first.write_bytes(b"mine")
+    assert first.read_bytes() == b"mine"
 
 
 def test_another_size_names_the_programs_own_option(small_pte: Path) -> None:

@@ -122,37 +122,41 @@ def executorch(
         from dtop_export.quantize import default_calibration_images
 
         paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
-    results = []
-    for s, out in zip(sizes, outputs):
-        tensors = []
-        with con.status(f"{out.name}: preparing") as status:
-            if int8:
-                from dtop_export.quantize import calibration_tensors
+    from dtop_export.atomic import atomic_paths
 
-                status.update(f"{out.name}: preparing {calib_count} check images at {s}x{s}")
-                pp = square_preprocess(ckpt.preprocess, s)
-                tensors = calibration_tensors(paths, pp, [s], calib_count, check_only=True)
-            r = write_pte(
-                ckpt, out, s, int8=int8, calib=tensors, calibration_source=source, keep_float=roles if int8 else (),
-                whiten=not no_whiten,
-                on_stage=lambda name, o=out: status.update(f"{o.name}: {name}"),
-            )  # fmt: skip
-        results.append(r)
-        con.print(
-            f"wrote {r.path} ({r.size_bytes / 2**20:.1f} MiB, {r.precision}, input 1x3x{s}x{s}, "
-            f"{r.delegation.describe()}) in {r.seconds:.1f} s",
-            soft_wrap=True,
-            highlight=False,
-        )
-        con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
-        check = r.quantization.get("check")
-        if check:
-            con.print(  # below the contract write_pte refused the program
-                f"INT8 vs the fp32 program on {check['inputs']} images ({source}): cosine min "
-                f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (within the INT8 contract's "
-                f"{INT8_MIN_COSINE:g})",
+    results = []
+    with atomic_paths(outputs) as staged:  # all or nothing: a size that fails leaves no program of any size
+        for s, out, tmp in zip(sizes, outputs, staged):
+            tensors = []
+            with con.status(f"{out.name}: preparing") as status:
+                if int8:
+                    from dtop_export.quantize import calibration_tensors
+
+                    status.update(f"{out.name}: preparing {calib_count} check images at {s}x{s}")
+                    pp = square_preprocess(ckpt.preprocess, s)
+                    tensors = calibration_tensors(paths, pp, [s], calib_count, check_only=True)
+                r = write_pte(
+                    ckpt, out, s, int8=int8, calib=tensors, calibration_source=source,
+                    keep_float=roles if int8 else (), whiten=not no_whiten, staged=tmp,
+                    on_stage=lambda name, o=out: status.update(f"{o.name}: {name}"),
+                )  # fmt: skip
+            results.append(r)
+            con.print(
+                f"built {out.name} ({r.size_bytes / 2**20:.1f} MiB, {r.precision}, input 1x3x{s}x{s}, "
+                f"{r.delegation.describe()}) in {r.seconds:.1f} s",
                 soft_wrap=True,
                 highlight=False,
             )
+            con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
+            check = r.quantization.get("check")
+            if check:
+                con.print(  # below the contract write_pte refused the program
+                    f"INT8 vs the fp32 program on {check['inputs']} images ({source}): cosine min "
+                    f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (within the INT8 contract's "
+                    f"{INT8_MIN_COSINE:g})",
+                    soft_wrap=True,
+                    highlight=False,
+                )
+    con.print(f"wrote {', '.join(str(o) for o in outputs)}", soft_wrap=True, highlight=False)
     if json_out is not None:
         write_json(json_out, {"checkpoint": str(checkpoint), "programs": [r.to_dict() for r in results]})

@@ -66,7 +66,12 @@ def openvino(
     from dtop_export.errors import DToPError
     from dtop_export.openvino_ir import INT8_RECIPES, require_nncf, write_ir
     from dtop_export.preprocess import list_images
-    from dtop_export.quantize import calibration_tensors, default_calibration_images, require_dynamic_shapes
+    from dtop_export.quantize import (
+        calibration_and_check,
+        default_calibration_images,
+        describe_check,
+        require_dynamic_shapes,
+    )
 
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
@@ -92,17 +97,17 @@ def openvino(
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
     refuse_existing(output.with_suffix(".bin"), force=force)
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
-    tensors, source = [], ""
+    tensors, source, check_inputs = [], "", None
     con = console()
     with con.status("converting") as status:
         if int8:
             paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
             status.update(f"preparing {calib_count} calibration images at {sizes}")
             pp = preprocess_from_metadata(meta)
-            tensors = calibration_tensors(paths, pp, sizes, calib_count)
+            tensors, check_inputs = calibration_and_check(paths, pp, sizes, calib_count)
         r = write_ir(
             model, output, int8=int8, recipe=recipe, calib=tensors, calibration_source=source, keep_float=roles,
-            on_step=lambda text: status.update(text),
+            on_step=lambda text: status.update(text), check_inputs=check_inputs,
         )  # fmt: skip
     what = "fp32"
     if int8:
@@ -110,7 +115,7 @@ def openvino(
         check = r.calibration["check"]
         what = (f"INT8 ({recipe}, calibrated on {n} image(s) x {len(sizes)} size(s) = {len(tensors)} inputs from "
                 f"{source}; float: {', '.join(roles)}; cosine min {check['cosine_min']:.5f} to the fp32 model on "
-                "them, within the INT8 contract)")  # fmt: skip
+                f"{describe_check(check)}, within the INT8 contract)")  # fmt: skip
     con.print(
         f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {what}) "
         f"in {r.seconds:.1f} s",

@@ -48,7 +48,7 @@ def quantize(
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import build_int8
     from dtop_export.preprocess import list_images
-    from dtop_export.quantize import require_dynamic_shapes
+    from dtop_export.quantize import describe_check, require_dynamic_shapes
 
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
     require_dynamic_shapes(meta, model)
@@ -84,7 +84,7 @@ def quantize(
     )
     check = cal["check"]
     con.print(
-        f"INT8 vs fp32 (ONNX Runtime) on the {check['inputs']} calibration inputs: cosine min "
+        f"INT8 vs fp32 (ONNX Runtime) on {describe_check(check)}: cosine min "
         f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (the INT8 contract's floor: {INT8_MIN_COSINE:g})",
         soft_wrap=True,
         highlight=False,

@@ -275,10 +275,13 @@ def write_pte(
     keep_float: Sequence[str] = (),
     whiten: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    staged: str | Path | None = None,
 ) -> PteResult:
     """Write the ``.pte`` of ``checkpoint`` for ``size``² inputs to ``output`` (atomic). ``int8``: the dynamic
     INT8 recipe, checked against the fp32 program on ``calib`` (preprocessed [1, 3, size, size] tensors); a program
-    below the INT8 contract there is refused (:func:`refuse_below_contract`), not written."""
+    below the INT8 contract there is refused (:func:`refuse_below_contract`), not written. ``staged``: write the
+    bytes there instead (a temporary file of :func:`~dtop_export.atomic.atomic_paths` that the caller puts at
+    ``output`` once every program it makes is built and checked); the result still names ``output``."""
     import torch
 
     from dtop_export.atomic import atomic_write_bytes, output_folder
@@ -342,14 +345,17 @@ def write_pte(
     stage("emit")
     data = emit_program(edge, meta)
     stage("write")
-    atomic_write_bytes(output, data)
+    if staged is None:
+        atomic_write_bytes(output, data)
+    else:
+        Path(staged).write_bytes(data)
     stages = stage.seconds(2)
     return PteResult(
         path=output,
         size=size,
         precision=precision,
         seconds=time.perf_counter() - stage.start,
-        size_bytes=output.stat().st_size,
+        size_bytes=len(data),
         delegation=delegation,
         stage_seconds=stages,
         rewrites=rewrites,

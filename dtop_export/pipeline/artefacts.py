@@ -44,14 +44,15 @@ def build_int8(
     ``calib_paths`` default to the embedded sample set's database images. ``minmax`` calibrates at every size
     of ``calib_sizes`` (longer side); the histogram methods need one shape, so they take square crops at the
     largest size. ``on_calibration(total)`` may return a callback invoked once per calibration image, and
-    ``on_check(total)`` one invoked once per input of the INT8 check (the INT8 contract, refused below it).
+    ``on_check(total)`` one invoked once per input of the INT8 check (the INT8 contract, refused below it), which
+    runs on images of the same source held out of calibration where it has enough (:func:`calibration_and_check`).
     """
     from dtop_export.contract import preprocess_from_metadata, read_metadata
     from dtop_export.quantize import (
         CALIBRATION_METHODS,
         DEFAULT_FLOAT_ROLES,
         ROLES,
-        calibration_tensors,
+        calibration_and_check,
         default_calibration_images,
         quantize_int8,
     )
@@ -67,11 +68,11 @@ def build_int8(
         calib_paths, calib_source = default_calibration_images()
     square = method != "minmax"
     sizes = [max(calib_sizes)] if square and calib_sizes else list(calib_sizes)
-    tensors = calibration_tensors(calib_paths, pp, sizes, calib_count, square=square)
+    tensors, check_inputs = calibration_and_check(calib_paths, pp, sizes, calib_count, square=square)
     on_item = on_calibration(len(tensors)) if on_calibration else None
     return quantize_int8(
         onnx_path, output, tensors, method=method, keep_float=roles, calibration_source=calib_source,
-        on_item=on_item, on_check=on_check,
+        on_item=on_item, on_check=on_check, check_inputs=check_inputs,
     )  # fmt: skip
 
 
