@@ -303,6 +303,73 @@ def test_full_preset_fp16_builds_for_one_target(tmp_path: Path, full_export: tup
     assert r.size_bytes > 150 * 2**20 and r.info.profiles[0]["max"] == [8, 3, 1024, 1024]
 
 
+@needs_rtx
+def test_ctrl_c_stops_a_build_at_once_and_writes_nothing(
+    tmp_path: Path, tiny: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C while TensorRT builds arrives while TensorRT runs Python in a callback (its logger here): the old
+    builder raised KeyboardInterrupt in there, TensorRT caught it ("Exception caught in log()"), finished the
+    build and the plan was written, exit 0 (an audit, by hand). Now the build stops at TensorRT's next step,
+    nothing is written, TensorRT's BuildCanceled error is not shown, and progress names TensorRT's phases."""
+    import logging
+    import os
+    import signal
+
+    from dtop_export.engines.tensorrt.builder import build_engines
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+    from dtop_export.engines.tensorrt.targets import parse_target
+    from dtop_export.errors import Interrupted
+
+    heard: list[str] = []
+    sent: list[int] = []
+
+    class CtrlC(logging.Handler):  # the user's Ctrl-C, sent from inside the build (the first TensorRT log line)
+        def emit(self, record: logging.LogRecord) -> None:
+            if heard and not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    trt_log = logging.getLogger("dtop_export.engines.tensorrt")
+    caplog.set_level(logging.INFO, logger=trt_log.name)
+    handler = CtrlC()
+    trt_log.addHandler(handler)
+    plan = tmp_path / "tiny.plan"
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    try:
+        with pytest.raises(Interrupted, match="the TensorRT build was stopped; no plan written"):
+            build_engines(tiny, [plan], targets=[parse_target("sm86")], profiles=profiles, verbose=True,
+                          on_build=heard.append)  # fmt: skip
+    finally:
+        trt_log.removeHandler(handler)
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert any(": " in h for h in heard), heard  # "building the ... (1/1): Building engine (1/6)"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "BuildCanceled" in r.getMessage()]
+
+
+@needs_rtx
+def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force over an existing plan: the plan was replaced first, its sidecar after, so a stop in between (Ctrl-C,
+    a full disk) left the old sidecar (old precision, profiles, target) describing the new plan (an audit)."""
+    import dtop_export.engines.tensorrt.builder as builder_mod
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+
+    plan = tmp_path / "tiny.plan"
+    plan.write_bytes(b"old plan")
+    (tmp_path / "tiny.plan.json").write_text('{"format": "dtop-export/tensorrt-plan", "precision": {"mode": "fp16"}}')
+
+    def stop(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder_mod, "write_sidecar", stop)
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    with pytest.raises(KeyboardInterrupt):
+        builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
+    assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
+
+
 # flavour logic (no builds) --------------------------------------------------------------------------------------
 
 
