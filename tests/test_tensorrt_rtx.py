@@ -370,6 +370,30 @@ def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
 
 
+def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
+    tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
+    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit)."""
+    from cli_helpers import cli
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(tiny.read_bytes())
+    cases = [
+        (
+            ("-o", str(src), "--force"),
+            f"error: --output {src}: a TensorRT engine file ends in .plan (or .engine, .trt)",
+        ),
+        (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
+        (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+    ]
+    for args, message in cases:
+        assert cli("trt", str(src), "--target", "sm86", *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()
+
+
 # flavour logic (no builds) --------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ def trt(
     keep_fp32: KeepFp32Opt = None,
     fp16_onnx: Annotated[
         Path | None,
-        output_option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx)."),
+        output_option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx).", suffix=".onnx"),
     ] = None,
     print_trtexec: Annotated[
         bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec command and stop (no GPU needed).")
@@ -89,6 +89,7 @@ def trt(
     from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
     from dtop_export.engines.tensorrt.trtexec import default_trt_major, trtexec_command
     from dtop_export.fp16.convert import prepare_fp16_onnx
+    from dtop_export.suffixes import PLAN_SUFFIXES
 
     if backend not in BACKENDS:
         raise DToPError(f"unknown --backend {backend!r}: choose {', '.join(BACKENDS)}")
@@ -110,6 +111,8 @@ def trt(
     if not model.is_file():
         raise DToPError(f"ONNX file {model} not found")
     output = output or model.with_suffix(".plan")
+    if output.suffix.lower() not in PLAN_SUFFIXES:  # `embed`, `bench`, `info` tell a plan by its suffix
+        raise DToPError(f"--output {output}: a TensorRT engine file ends in .plan (or .engine, .trt)")
     outputs = plan_paths(output, targets) if targets else [output]
     if not print_trtexec:
         refuse_existing(*outputs, force=force)

@@ -195,8 +195,8 @@ def build_engines(
         raise DToPError(f"ONNX file {onnx_path} not found")
     if len(plans) != (len(targets) if targets else 1):
         raise ValueError(f"{len(plans)} plan paths for {len(targets) if targets else 1} build(s)")
-    if workspace_gb <= 0:
-        raise DToPError(f"--workspace must be > 0 GiB, got {workspace_gb:g}")
+    if not 0 < workspace_gb < float("inf"):  # NaN included
+        raise DToPError(f"--workspace must be a number of GiB > 0, got {workspace_gb:g}")
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
