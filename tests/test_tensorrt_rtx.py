@@ -130,7 +130,9 @@ def test_runner_refuses_a_plan_it_cannot_run_in_one_line(
         load_engine(plan)
     msg = str(e.value)
     assert "\n" not in msg and f"built with TensorRT-RTX {RTX_VERSION} for sm86 (no GPU)" in msg
-    assert "no CUDA GPU is visible" in msg
+    # where it runs, not the builder's "name its architecture: --target" hint (an audit)
+    assert "no CUDA GPU is visible (device 0); run it on a GPU of compute capability 8.6, Ampere" in msg
+    assert "--target" not in msg
     # on a GPU of another architecture: refused before TensorRT deserialises anything
     monkeypatch.setattr(install, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA GeForce RTX 4090", "8.9", index))
     with pytest.raises(DToPError, match=r"for sm86 \(no GPU\); this GPU .*RTX 4090 .*8\.9\).*--target sm89"):
