@@ -7,6 +7,7 @@ sidecar, info, runner and permission tests; the CLI tests build the tiny descrip
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -306,28 +307,30 @@ def test_full_preset_fp16_builds_for_one_target(tmp_path: Path, full_export: tup
 
 
 @needs_rtx
+@pytest.mark.parametrize("stopped", [1, 2])
 def test_ctrl_c_stops_a_build_at_once_and_writes_nothing(
-    tmp_path: Path, tiny: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny: Path, caplog: pytest.LogCaptureFixture, stopped: int
 ) -> None:
     """Ctrl-C while TensorRT builds arrives while TensorRT runs Python in a callback (its logger here): the old
     builder raised KeyboardInterrupt in there, TensorRT caught it ("Exception caught in log()"), finished the
     build and the plan was written, exit 0 (an audit, by hand). Now the build stops at TensorRT's next step,
-    nothing is written, TensorRT's BuildCanceled error is not shown, and progress names TensorRT's phases."""
+    nothing more is written (plans of earlier targets stay whole), TensorRT's BuildCanceled error is not shown,
+    and progress names TensorRT's phases."""
     import logging
     import os
     import signal
 
     from dtop_export.engines.tensorrt.builder import build_engines
     from dtop_export.engines.tensorrt.profiles import make_profiles
-    from dtop_export.engines.tensorrt.targets import parse_target
+    from dtop_export.engines.tensorrt.targets import parse_targets
     from dtop_export.errors import Interrupted
 
     heard: list[str] = []
     sent: list[int] = []
 
-    class CtrlC(logging.Handler):  # the user's Ctrl-C, sent from inside the build (the first TensorRT log line)
+    class CtrlC(logging.Handler):  # the user's Ctrl-C, sent from inside build number `stopped` (its first log line)
         def emit(self, record: logging.LogRecord) -> None:
-            if heard and not sent:
+            if any(f"({stopped}/2)" in h for h in heard) and not sent:
                 sent.append(1)
                 os.kill(os.getpid(), signal.SIGINT)
 
@@ -335,17 +338,19 @@ def test_ctrl_c_stops_a_build_at_once_and_writes_nothing(
     caplog.set_level(logging.INFO, logger=trt_log.name)
     handler = CtrlC()
     trt_log.addHandler(handler)
-    plan = tmp_path / "tiny.plan"
+    plans = [tmp_path / "tiny.sm86.plan", tmp_path / "tiny.sm89.plan"]
     profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    kept = "no plan written" if stopped == 1 else f"kept {plans[0]} (each with its sidecar)"
     try:
-        with pytest.raises(Interrupted, match="the TensorRT build was stopped; no plan written"):
-            build_engines(tiny, [plan], targets=[parse_target("sm86")], profiles=profiles, verbose=True,
+        with pytest.raises(Interrupted, match=f"^the TensorRT build was stopped; {re.escape(kept)}$"):
+            build_engines(tiny, plans, targets=parse_targets("sm86,sm89"), profiles=profiles, verbose=True,
                           on_build=heard.append)  # fmt: skip
     finally:
         trt_log.removeHandler(handler)
     assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    assert any(": " in h for h in heard), heard  # "building the ... (1/1): Building engine (1/6)"
+    left = [] if stopped == 1 else ["tiny.sm86.plan", "tiny.sm86.plan.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    assert any(": " in h for h in heard), heard  # "building the ... (1/2): Building engine (1/6)"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "BuildCanceled" in r.getMessage()]
 
 

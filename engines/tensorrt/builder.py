@@ -377,7 +377,7 @@ def build_engines(
 def _stop_if_interrupted(watch: BuildWatch, done: Sequence[BuildResult]) -> None:
     """Ctrl-C came during the build (:class:`BuildWatch`): stop, naming the plans already written whole."""
     if watch.interrupted:
-        kept = f"kept {', '.join(str(r.plan) for r in done)} and sidecars" if done else "no plan written"
+        kept = f"kept {', '.join(str(r.plan) for r in done)} (each with its sidecar)" if done else "no plan written"
         raise Interrupted(f"the TensorRT build was stopped; {kept}")
 
 
