@@ -7,6 +7,7 @@ sidecar, info, runner and permission tests; the CLI tests build the tiny descrip
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -130,7 +131,9 @@ def test_runner_refuses_a_plan_it_cannot_run_in_one_line(
         load_engine(plan)
     msg = str(e.value)
     assert "\n" not in msg and f"built with TensorRT-RTX {RTX_VERSION} for sm86 (no GPU)" in msg
-    assert "no CUDA GPU is visible" in msg
+    # where it runs, not the builder's "name its architecture: --target" hint (an audit)
+    assert "no CUDA GPU is visible (device 0); run it on a GPU of compute capability 8.6, Ampere" in msg
+    assert "--target" not in msg
     # on a GPU of another architecture: refused before TensorRT deserialises anything
     monkeypatch.setattr(install, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA GeForce RTX 4090", "8.9", index))
     with pytest.raises(DToPError, match=r"for sm86 \(no GPU\); this GPU .*RTX 4090 .*8\.9\).*--target sm89"):
@@ -301,6 +304,101 @@ def test_full_preset_fp16_builds_for_one_target(tmp_path: Path, full_export: tup
     net = r.info.precision["network"]
     assert not net["violations"] and net["islands_seen"] == len(r.info.precision["fp32_nodes"]) > 50
     assert r.size_bytes > 150 * 2**20 and r.info.profiles[0]["max"] == [8, 3, 1024, 1024]
+
+
+@needs_rtx
+@pytest.mark.parametrize("stopped", [1, 2])
+def test_ctrl_c_stops_a_build_at_once_and_writes_nothing(
+    tmp_path: Path, tiny: Path, caplog: pytest.LogCaptureFixture, stopped: int
+) -> None:
+    """Ctrl-C while TensorRT builds arrives while TensorRT runs Python in a callback (its logger here): the old
+    builder raised KeyboardInterrupt in there, TensorRT caught it ("Exception caught in log()"), finished the
+    build and the plan was written, exit 0 (an audit, by hand). Now the build stops at TensorRT's next step,
+    nothing more is written (plans of earlier targets stay whole), TensorRT's BuildCanceled error is not shown,
+    and progress names TensorRT's phases."""
+    import logging
+    import os
+    import signal
+
+    from dtop_export.engines.tensorrt.builder import build_engines
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+    from dtop_export.engines.tensorrt.targets import parse_targets
+    from dtop_export.errors import Interrupted
+
+    heard: list[str] = []
+    sent: list[int] = []
+
+    class CtrlC(logging.Handler):  # the user's Ctrl-C, sent from inside build number `stopped` (its first log line)
+        def emit(self, record: logging.LogRecord) -> None:
+            if any(f"({stopped}/2)" in h for h in heard) and not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    trt_log = logging.getLogger("dtop_export.engines.tensorrt")
+    caplog.set_level(logging.INFO, logger=trt_log.name)
+    handler = CtrlC()
+    trt_log.addHandler(handler)
+    plans = [tmp_path / "tiny.sm86.plan", tmp_path / "tiny.sm89.plan"]
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    kept = "no plan written" if stopped == 1 else f"kept {plans[0]} (each with its sidecar)"
+    try:
+        with pytest.raises(Interrupted, match=f"^the TensorRT build was stopped; {re.escape(kept)}$"):
+            build_engines(tiny, plans, targets=parse_targets("sm86,sm89"), profiles=profiles, verbose=True,
+                          on_build=heard.append)  # fmt: skip
+    finally:
+        trt_log.removeHandler(handler)
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    left = [] if stopped == 1 else ["tiny.sm86.plan", "tiny.sm86.plan.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
+    assert any(": " in h for h in heard), heard  # "building the ... (1/2): Building engine (1/6)"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "BuildCanceled" in r.getMessage()]
+
+
+@needs_rtx
+def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force over an existing plan: the plan was replaced first, its sidecar after, so a stop in between (Ctrl-C,
+    a full disk) left the old sidecar (old precision, profiles, target) describing the new plan (an audit)."""
+    import dtop_export.engines.tensorrt.builder as builder_mod
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+
+    plan = tmp_path / "tiny.plan"
+    plan.write_bytes(b"old plan")
+    (tmp_path / "tiny.plan.json").write_text('{"format": "dtop-export/tensorrt-plan", "precision": {"mode": "fp16"}}')
+
+    def stop(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builder_mod, "write_sidecar", stop)
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    with pytest.raises(KeyboardInterrupt):
+        builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
+    assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
+
+
+def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
+    tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
+    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit)."""
+    from cli_helpers import cli
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(tiny.read_bytes())
+    cases = [
+        (
+            ("-o", str(src), "--force"),
+            f"error: --output {src}: a TensorRT engine file ends in .plan (or .engine, .trt)",
+        ),
+        (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
+        (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+    ]
+    for args, message in cases:
+        assert cli("trt", str(src), "--target", "sm86", *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()
 
 
 # flavour logic (no builds) --------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def trt(
     no_tf32: Annotated[bool, typer.Option("--no-tf32", help="Disable TF32 (strict FP32 parity).")] = False,
     keep_fp32: KeepFp32Opt = None,
     fp16_onnx: Annotated[
-        Path | None, output_option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx).")
+        Path | None,
+        output_option("--fp16-onnx", help="Where the FP16 ONNX goes (default: OUTPUT.fp16.onnx).", suffix=".onnx"),
     ] = None,
     print_trtexec: Annotated[
         bool, typer.Option("--print-trtexec", help="Print the equivalent trtexec command and stop (no GPU needed).")
@@ -82,12 +83,13 @@ def trt(
     with --target, for named GPU architectures without one. --print-trtexec works anywhere; --self-test checks a
     machine end to end (exit 0 pass, 1 fail, 2 nothing to test with, 3 built but not run: needs a GPU)."""
     from dtop_export.contract import read_metadata
-    from dtop_export.engines.tensorrt.builder import build_engine, build_engines
+    from dtop_export.engines.tensorrt.builder import build_engines
     from dtop_export.engines.tensorrt.install import BACKENDS
     from dtop_export.engines.tensorrt.profiles import make_profiles
     from dtop_export.engines.tensorrt.targets import parse_targets, plan_paths
     from dtop_export.engines.tensorrt.trtexec import default_trt_major, trtexec_command
     from dtop_export.fp16.convert import prepare_fp16_onnx
+    from dtop_export.suffixes import PLAN_SUFFIXES
 
     if backend not in BACKENDS:
         raise DToPError(f"unknown --backend {backend!r}: choose {', '.join(BACKENDS)}")
@@ -109,6 +111,8 @@ def trt(
     if not model.is_file():
         raise DToPError(f"ONNX file {model} not found")
     output = output or model.with_suffix(".plan")
+    if output.suffix.lower() not in PLAN_SUFFIXES:  # `embed`, `bench`, `info` tell a plan by its suffix
+        raise DToPError(f"--output {output}: a TensorRT engine file ends in .plan (or .engine, .trt)")
     outputs = plan_paths(output, targets) if targets else [output]
     if not print_trtexec:
         refuse_existing(*outputs, force=force)
@@ -176,11 +180,8 @@ def trt(
         "device": device,
         "backend": backend,
     }
-    with con.status("building the TensorRT engine (minutes)") as status:
-        if targets:
-            results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
-        else:
-            results = [build_engine(model, output, **common)]
+    with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase shown as it starts
+        results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
     for r in results:
         p = r.info.precision
         net = p.get("network") or {}

@@ -42,9 +42,10 @@ from dtop_export.engines.tensorrt.install import (
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, write_sidecar
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
-from dtop_export.errors import DToPError
+from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
+from dtop_export.errors import DToPError, Interrupted
 from dtop_export.fp16.convert import prepare_fp16_onnx
 from dtop_export.logs import quiet_logger
 
@@ -194,8 +195,8 @@ def build_engines(
         raise DToPError(f"ONNX file {onnx_path} not found")
     if len(plans) != (len(targets) if targets else 1):
         raise ValueError(f"{len(plans)} plan paths for {len(targets) if targets else 1} build(s)")
-    if workspace_gb <= 0:
-        raise DToPError(f"--workspace must be > 0 GiB, got {workspace_gb:g}")
+    if not 0 < workspace_gb < float("inf"):  # NaN included
+        raise DToPError(f"--workspace must be a number of GiB > 0, got {workspace_gb:g}")
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
@@ -289,93 +290,95 @@ def build_engines(
         keep_nodes = [n for n in keep_nodes if n not in set(unmatched)]  # the sidecar lists what is FP32
     parse_seconds = time.perf_counter() - t0
 
-    results = []
-    for k, plan_path in enumerate(plans):
-        target = targets[k] if targets else None
-        t1 = time.perf_counter()
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-        if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)
-        if detailed_profile:
-            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if weak_typing:
-            config.set_flag(trt.BuilderFlag.FP16)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        if flavour.named_targets:  # TensorRT-RTX: the named compute capability, or the current GPU's
-            config.num_compute_capabilities = 1
-            cc = target.enum(trt) if target is not None else trt.ComputeCapability.CURRENT
-            if not config.set_compute_capability(cc, 0):
-                raise DToPError(f"{flavour.label} refused the build target {target.sm if target else 'current'}")
-        for p in profiles:
-            prof = builder.create_optimization_profile()
-            prof.set_shape(input_name, p.min, p.opt, p.max)
-            config.add_optimization_profile(prof)
-        cache_path = Path(timing_cache) if timing_cache is not None else None
-        if cache_path is not None:
-            load_timing_cache(config, cache_path)
+    results: list[BuildResult] = []
+    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; plans are written whole, sidecar last
+    with watch.deferring_ctrl_c():
+        for k, plan_path in enumerate(plans):
+            target = targets[k] if targets else None
+            t1 = time.perf_counter()
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+            if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+                config.clear_flag(trt.BuilderFlag.TF32)
+            if detailed_profile:
+                config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+            if weak_typing:
+                config.set_flag(trt.BuilderFlag.FP16)
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            if flavour.named_targets:  # TensorRT-RTX: the named compute capability, or the current GPU's
+                config.num_compute_capabilities = 1
+                cc = target.enum(trt) if target is not None else trt.ComputeCapability.CURRENT
+                if not config.set_compute_capability(cc, 0):
+                    raise DToPError(f"{flavour.label} refused the build target {target.sm if target else 'current'}")
+            for p in profiles:
+                prof = builder.create_optimization_profile()
+                prof.set_shape(input_name, p.min, p.opt, p.max)
+                config.add_optimization_profile(prof)
+            cache_path = Path(timing_cache) if timing_cache is not None else None
+            if cache_path is not None:
+                load_timing_cache(config, cache_path)
 
-        what = f"{flavour.label} {'FP16' if fp16 else 'FP32'} plan for " + (
-            f"{target.sm} (no GPU needed)" if target else (gpu.name if gpu else "this GPU")
-        )
-        if on_build is not None:
-            on_build(f"building the {what} ({k + 1}/{len(plans)})")
-        logger.reset()
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise DToPError(
-                f"{flavour.label} could not build the {what}: " + build_failure_hint(logger.last_error, workspace_gb)
+            what = f"{flavour.label} {'FP16' if fp16 else 'FP32'} plan for " + (
+                f"{target.sm} (no GPU needed)" if target else (gpu.name if gpu else "this GPU")
             )
-        atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
-        if cache_path is not None:
-            atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+            head = f"building the {what} ({k + 1}/{len(plans)})"
+            if on_build is not None:
+                on_build(head)
+                watch.report = lambda phase, head=head: on_build(f"{head}: {phase}")  # type: ignore[misc]
+            logger.reset()
+            monitor = watch.monitor(trt, logger)  # progress, and Ctrl-C's stop at the next step
+            if monitor is not None:
+                config.progress_monitor = monitor
+            serialized = builder.build_serialized_network(network, config)
+            _stop_if_interrupted(watch, results)
+            if serialized is None:
+                raise DToPError(
+                    f"{flavour.label} could not build the {what}: "
+                    + build_failure_hint(logger.last_error, workspace_gb)
+                )
+            sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan it was not written for
+            atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
+            if cache_path is not None:
+                atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
-        seconds = time.perf_counter() - t1 + (parse_seconds if k == 0 else 0.0)
-        info = plan_info(
-            flavour,
-            version,
-            built_for(gpu, target),
-            profiles,
-            precision={
-                "mode": "fp16" if fp16 else "fp32",
-                "typing": "weak" if weak_typing else "strong",
-                "tf32": bool(tf32),
-                "fp32_nodes": keep_nodes,
-                "fp32_layers_pinned": len(pinned),
-                "network": precision_facts,
-            },
-            onnx_path=onnx_path,
-            built_from=source,
-            built_metadata=built_meta,
-            build={
-                "seconds": round(seconds, 2),
-                "parse_seconds": round(parse_seconds, 2),
-                "workspace_gb": workspace_gb,
-                "timing_cache": str(timing_cache) if timing_cache else None,
-                "detailed_profile": detailed_profile,
-            },
-            input_name=input_name,
-            output_name=output_name,
-        )
-        side = write_sidecar(plan_path, info)
-        results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
+            seconds = time.perf_counter() - t1 + (parse_seconds if k == 0 else 0.0)
+            info = plan_info(
+                flavour,
+                version,
+                built_for(gpu, target),
+                profiles,
+                precision={
+                    "mode": "fp16" if fp16 else "fp32",
+                    "typing": "weak" if weak_typing else "strong",
+                    "tf32": bool(tf32),
+                    "fp32_nodes": keep_nodes,
+                    "fp32_layers_pinned": len(pinned),
+                    "network": precision_facts,
+                },
+                onnx_path=onnx_path,
+                built_from=source,
+                built_metadata=built_meta,
+                build={
+                    "seconds": round(seconds, 2),
+                    "parse_seconds": round(parse_seconds, 2),
+                    "workspace_gb": workspace_gb,
+                    "timing_cache": str(timing_cache) if timing_cache else None,
+                    "detailed_profile": detailed_profile,
+                },
+                input_name=input_name,
+                output_name=output_name,
+            )
+            side = write_sidecar(plan_path, info)
+            results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
+            _stop_if_interrupted(watch, results)
     return results
 
 
-def build_failure_hint(error: str, workspace_gb: float) -> str:
-    """The builder's last error and what to do: an out-of-memory naming its request gets the --workspace that
-    holds it (the largest profile shape's scratch; the GPU must have that much), anything else the general hint."""
-    import math
-    import re
-
-    m = re.search(r"OutOfMemory \(Requested size was (\d+) bytes", error or "")
-    if m:
-        need = math.ceil(int(m.group(1)) / 2**30)
-        return (
-            f"{error} (a tactic for the largest profile shape needs {need} GiB of scratch, over --workspace "
-            f"{workspace_gb:g}: pass --workspace {need + 1} if the GPU has it, or lower --max)"
-        )
-    return f"{error or 'see the TensorRT log'} (try a larger --workspace or a narrower profile)"
+def _stop_if_interrupted(watch: BuildWatch, done: Sequence[BuildResult]) -> None:
+    """Ctrl-C came during the build (:class:`BuildWatch`): stop, naming the plans already written whole."""
+    if watch.interrupted:
+        kept = f"kept {', '.join(str(r.plan) for r in done)} (each with its sidecar)" if done else "no plan written"
+        raise Interrupted(f"the TensorRT build was stopped; {kept}")
 
 
 def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:

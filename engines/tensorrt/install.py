@@ -298,15 +298,18 @@ def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
             trt.ILogger.__init__(self)
             self.last_error = ""
             self.verbose = verbose
+            self.stopping: Any = None  # callable: true once we asked TensorRT to stop (its errors then not shown)
 
         def reset(self) -> None:
             """Forget the last error (before each build, load or run, so a stale one is never blamed)."""
             self.last_error = ""
+            self.stopping = None
 
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.last_error = " ".join(str(msg).split())
-                log.error("TensorRT: %s", msg)
+                if self.stopping is None or not self.stopping():
+                    log.error("TensorRT: %s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
                 log.warning("TensorRT: %s", msg)
             elif self.verbose:

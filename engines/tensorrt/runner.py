@@ -23,9 +23,11 @@ import numpy as np
 
 from dtop_export.atomic import atomic_write_bytes
 from dtop_export.contract import Engine, preprocess_from_metadata
+from dtop_export.engines.tensorrt import install
 from dtop_export.engines.tensorrt.install import create_runtime, process_logger, require_tensorrt_and_gpu, use_device
 from dtop_export.engines.tensorrt.profiles import Profile, format_shape, select_profile, split_batches
 from dtop_export.engines.tensorrt.sidecar import compatibility, read_sidecar
+from dtop_export.engines.tensorrt.targets import describe
 from dtop_export.errors import DToPError, ShapeError
 
 log = logging.getLogger("dtop_export.engines.tensorrt")
@@ -58,7 +60,11 @@ class TensorRTEngine(Engine):
         try:
             trt, gpu = require_tensorrt_and_gpu(device, self.flavour)
         except DToPError as e:
-            raise DToPError(f"{self.source} was built with {self.info.built_with()}: {e}") from e
+            why = str(e)
+            if install.cuda_gpu(device) is None and self.flavour in install.installed_flavours():
+                cc = str(self.info.gpu.get("compute_capability", "?"))  # not the builder's --target hint: it is built
+                why = f"no CUDA GPU is visible (device {device}); run it on a GPU of {describe(cc)}"
+            raise DToPError(f"{self.source} was built with {self.info.built_with()}: {why}") from e
         problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour)
         if problem:
             raise DToPError(f"{self.source}: {problem}")
