@@ -401,6 +401,39 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()
 
 
+def test_a_build_that_writes_no_plan_leaves_no_fp16_onnx(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`trt --fp16` writes the FP16 ONNX (its intermediate) before it builds: a build stopped by Ctrl-C or refused
+    left it beside no plan, and the rerun was refused for it ("exists: pass --force"; an audit). A build that writes
+    no plan now removes the FP16 ONNX it wrote; one that wrote a plan keeps it (the sidecar names it)."""
+    from cli_helpers import cli
+
+    import dtop_export.engines.tensorrt.builder as builder_mod
+    from dtop_export.errors import Interrupted
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes(tiny.read_bytes())
+
+    def stopped(onnx: Path, plans: list[Path], **kw: object) -> None:
+        Path(str(kw["fp16_onnx_path"])).write_bytes(b"fp16 onnx")  # as prepare_fp16_onnx does, before the build
+        raise Interrupted("the TensorRT build was stopped; no plan written")
+
+    monkeypatch.setattr(builder_mod, "build_engines", stopped)
+    assert cli("trt", str(src), "--fp16", "--target", "sm86") == 130
+    assert "no plan written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+    def one_written(onnx: Path, plans: list[Path], **kw: object) -> None:
+        Path(str(kw["fp16_onnx_path"])).write_bytes(b"fp16 onnx")
+        plans[0].write_bytes(b"plan")
+        raise Interrupted("the TensorRT build was stopped; kept the first")
+
+    monkeypatch.setattr(builder_mod, "build_engines", one_written)
+    assert cli("trt", str(src), "--fp16", "--target", "sm86,sm89") == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "m.sm86.plan"]
+
+
 # flavour logic (no builds) --------------------------------------------------------------------------------------
 
 

@@ -180,8 +180,17 @@ def trt(
         "device": device,
         "backend": backend,
     }
-    with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase shown as it starts
-        results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
+    # the FP16 ONNX is the build's intermediate: a build that writes no plan (Ctrl-C, a refusal) leaves none either
+    fp16_made = fp16 and not weak_typing and fp16_path.resolve() != model.resolve()
+    before = {p: file_state(p) for p in [*outputs, fp16_path]}
+    try:
+        with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase as it starts
+            results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
+    except BaseException:
+        untouched = all(file_state(p) == before[p] for p in outputs)
+        if fp16_made and untouched and file_state(fp16_path) != before[fp16_path]:
+            fp16_path.unlink(missing_ok=True)
+        raise
     for r in results:
         p = r.info.precision
         net = p.get("network") or {}
@@ -199,3 +208,12 @@ def trt(
             "(`dtop-export parity`/`embed` there check it)",
             soft_wrap=True,
         )
+
+
+def file_state(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, None when absent: whether a build wrote (or replaced) it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
