@@ -63,6 +63,23 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered on exit) in the main thread: a few renames run whole."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
 def atomic_paths(dests: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
     """All or nothing for several files: yield one temporary path next to each of ``dests``; only when the body
     returns are they all flushed and then renamed onto ``dests`` (each rename atomic, in order).
@@ -83,8 +100,9 @@ def atomic_paths(dests: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.chmod(tmp, mode)  # mkstemp made it 0600; the writer may also have re-created it
-        for tmp, dest in zip(temps, targets):
-            os.replace(tmp, dest)
+        with signals_held():  # Ctrl-C or SIGTERM between two renames would leave some files new, some old
+            for tmp, dest in zip(temps, targets):
+                os.replace(tmp, dest)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -177,7 +177,10 @@ def ran_at(compiled: Any, precision: str) -> str:
     ``int8`` for an INT8 model (its float parts at that property)."""
     if precision == "int8":
         return precision
-    name = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    try:
+        name = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    except Exception:  # noqa: BLE001 - a device whose compiled model does not report it: the hint asked for
+        return precision
     return RECORDED_HINTS.get(name, precision)
 
 
@@ -314,8 +317,9 @@ class OpenVinoEngine(Engine):
         asked, precision = precision, ran_at(self.compiled, precision)
         if precision != asked:
             log.warning(
-                "%s: this CPU has no %s inference (OpenVINO's CPU plugin ignores the hint): it runs %s",
+                "%s: %s has no %s inference (OpenVINO ignores the hint): it runs %s",
                 path,
+                "this CPU" if device.upper() == "CPU" else device,
                 asked,
                 precision,
             )

@@ -172,8 +172,8 @@ def test_int8_ir_meets_its_contract(
     recipe with the larger ΔmAP, and on an AMX Xeon its 3.3e-3 similarity error flips 31 near-tie pairs of the
     20-query set (Hard mAP +2.4), so for it the parity verdict is only required to be reported and explained.
     Since the maker checks on images held out of calibration, `openvino --int8 --recipe nncf` refuses this model's
-    IR on the AMD EPYC here (cos min 0.98982 at 512 px): nncf is made by the library, checked on its calibration
-    inputs (held_out false), to test what NNCF quantised."""
+    IR on the Intel Xeon with AMX here (cos min 0.98982 at 512 px): nncf is made by the library, checked on its
+    calibration inputs (held_out false), to test what NNCF quantised."""
     from dtop_export.openvino_ir import ignored_names, write_ir
     from dtop_export.quantize import DEFAULT_FLOAT_ROLES, calibration_tensors, default_calibration_images
 

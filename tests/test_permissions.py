@@ -47,6 +47,29 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, expected: int
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_several_files_are_put_in_place_whole_through_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """atomic_paths renames its files one by one: Ctrl-C between two renames left some files new and some old (a
+    review). The signal now waits until every file is in place, then arrives as usual."""
+    import signal
+
+    from dtop_export import atomic
+
+    dests = [tmp_path / "a.pte", tmp_path / "b.pte"]
+    for d in dests:
+        d.write_bytes(b"old")
+    replace = os.replace
+
+    def ctrl_c_after_the_first(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(atomic.os, "replace", ctrl_c_after_the_first)
+    with pytest.raises(KeyboardInterrupt), atomic.atomic_paths(dests) as temps:
+        for t in temps:
+            t.write_bytes(b"new")
+    assert [d.read_bytes() for d in dests] == [b"new", b"new"] and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_checkpoint_onnx_and_fp16_onnx_are_readable_by_others(
     tmp_path: Path, small_ckpt: Path, small_onnx: Path
 ) -> None:

@@ -6,11 +6,13 @@ sidecar, info, runner and permission tests; the CLI tests build the tiny descrip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -367,11 +369,23 @@ def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     plan.write_bytes(b"old plan")
     (tmp_path / "tiny.plan.json").write_text('{"format": "dtop-export/tensorrt-plan", "precision": {"mode": "fp16"}}')
 
+    sidecar = (tmp_path / "tiny.plan.json").read_text()
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+
+    @contextlib.contextmanager
+    def disk_full(dest: Path) -> Iterator[Path]:  # the new plan's bytes cannot be written
+        yield tmp_path / "no-such-folder" / "x.tmp"
+
+    with monkeypatch.context() as m:  # the old plan and its sidecar stay, usable (the sidecar went first: a plan
+        m.setattr(builder_mod, "atomic_path", disk_full)  # without one, which read_sidecar refuses; a review)
+        with pytest.raises(FileNotFoundError):
+            builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
+    assert plan.read_bytes() == b"old plan" and (tmp_path / "tiny.plan.json").read_text() == sidecar
+
     def stop(*args: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(builder_mod, "write_sidecar", stop)
-    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
     with pytest.raises(KeyboardInterrupt):
         builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
     assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
@@ -431,6 +445,11 @@ def test_a_build_that_writes_no_plan_leaves_no_fp16_onnx(
 
     monkeypatch.setattr(builder_mod, "build_engines", one_written)
     assert cli("trt", str(src), "--fp16", "--target", "sm86,sm89") == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "m.sm86.plan"]
+    # a --force rebuild stopped before any plan: the FP16 ONNX was there before it (the kept plan's sidecar names
+    # it), so it stays (it was removed; a review)
+    monkeypatch.setattr(builder_mod, "build_engines", stopped)
+    assert cli("trt", str(src), "--fp16", "--target", "sm86,sm89", "--force") == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "m.sm86.plan"]
 
 

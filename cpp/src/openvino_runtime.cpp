@@ -195,13 +195,17 @@ class OpenVinoRuntime final : public Runtime {
     try {
       compiled_ = process_core().compile_model(model_, options.device, config);
       idle_.push_back(compiled_.create_infer_request());
-      // what it runs at: the CPU plugin drops a hint the CPU lacks (bf16 without AVX512-BF16/AMX, f16 without
-      // AVX512-FP16) and runs f32
-      ran_ = compiled_.get_property(ov::hint::inference_precision);
-      precision_ = precision_name(ran_);
     } catch (const std::exception& e) {
       throw Error("OpenVINO cannot compile " + path + " for " + options.device + ": " + first_reason(e.what()));
     }
+    // what it runs at: the CPU plugin drops a hint the CPU lacks (bf16 without AVX512-BF16/AMX, f16 without
+    // AVX512-FP16) and runs f32; a device that does not report it: the hint asked for
+    ran_ = precision;
+    try {
+      ran_ = compiled_.get_property(ov::hint::inference_precision);
+    } catch (const std::exception&) {
+    }
+    precision_ = precision_name(ran_);
     // the images would go to another input, or another output be read as the descriptor, silently
     input_index_ = port_index(compiled_.inputs(), "dtop.input_name", "inputs", path);
     output_index_ = port_index(compiled_.outputs(), "dtop.output_name", "outputs", path);

@@ -307,8 +307,8 @@ int run(int argc, char** argv) {
   const std::string ran = embedder.inference_precision();
   const std::string asked = a.precision == "f32" ? "fp32" : (a.precision == "f16" ? "fp16" : a.precision);
   if (!asked.empty() && ran != "int8" && asked != ran) {  // OpenVINO's CPU plugin drops a hint the CPU lacks
-    std::cerr << "warning: this CPU has no " << asked << " inference: OpenVINO runs " << a.model << " at " << ran
-              << "\n";
+    std::cerr << "warning: " << (a.device == "CPU" ? std::string("this CPU") : a.device) << " has no " << asked
+              << " inference: OpenVINO runs " << a.model << " at " << ran << "\n";
   }
   if (ran == "fp16" && embedder.fp32_islands() == 0) {
     std::cerr << "warning: " << a.model << " marks no FP32 islands: under f16 its whitening and L2 norms run in "

@@ -180,7 +180,7 @@ def trt(
         "device": device,
         "backend": backend,
     }
-    # the FP16 ONNX is the build's intermediate: a build that writes no plan (Ctrl-C, a refusal) leaves none either
+    # the FP16 ONNX is the build's intermediate: a build that writes no plan (Ctrl-C, a refusal) leaves none it made
     fp16_made = fp16 and not weak_typing and fp16_path.resolve() != model.resolve()
     before = {p: file_state(p) for p in [*outputs, fp16_path]}
     try:
@@ -188,7 +188,7 @@ def trt(
             results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
     except BaseException:
         untouched = all(file_state(p) == before[p] for p in outputs)
-        if fp16_made and untouched and file_state(fp16_path) != before[fp16_path]:
+        if fp16_made and untouched and before[fp16_path] is None:  # one this run made (one there before stays)
             fp16_path.unlink(missing_ok=True)
         raise
     for r in results:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtop_export.atomic import atomic_write_bytes
+from dtop_export.atomic import atomic_path, atomic_write_bytes
 from dtop_export.contract import load_onnx, metadata_of
 from dtop_export.digest import file_sha256
 from dtop_export.engines.tensorrt.install import (
@@ -332,12 +332,11 @@ def build_engines(
             serialized = builder.build_serialized_network(network, config)
             _stop_if_interrupted(watch, results)
             if serialized is None:
-                raise DToPError(
-                    f"{flavour.label} could not build the {what}: "
-                    + build_failure_hint(logger.last_error, workspace_gb)
-                )
-            sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan it was not written for
-            atomic_write_bytes(plan_path, bytes(memoryview(serialized)))
+                hint = build_failure_hint(logger.last_error, workspace_gb)
+                raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
+            with atomic_path(plan_path) as staged:  # the old sidecar goes once the new plan is on disk
+                staged.write_bytes(memoryview(serialized))
+                sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan not written for it
             if cache_path is not None:
                 atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
