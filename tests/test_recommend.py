@@ -79,11 +79,16 @@ def test_bench_recommend_measures_and_stores(
 ) -> None:
     """The candidates live next to the stored choice in the cache (a temporary folder vanished under
     `--precision auto`). (The parity check runs at 128 px here, not the set's 256: a quarter of the pixels, ~25 s
-    less CI; what is tested is the build, time, check and store.)"""
+    less CI; INT8 calibrates on 8 images at 128 px, ~20 s less; what is tested is the build, time, check and
+    store.)"""
     from dtop_export.bench import recommend
+    from dtop_export.pipeline import artefacts
 
     measure = recommend.measure
     monkeypatch.setattr(recommend, "measure", lambda *a, **k: measure(*a, **{**k, "image_size": 128}))
+    derive = artefacts.derive_specs  # INT8 calibrated and checked on 8 images at 128 px, not 16 at 320 and 512
+    monkeypatch.setattr(artefacts, "derive_specs", lambda *a, **k: derive(*a, **{**k, "calib_sizes": (128,),
+                                                                                   "calib_count": 8}))  # fmt: skip
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(_empty(tmp_path / "tmp")))
     out = tmp_path / "rec.json"
