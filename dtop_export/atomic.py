@@ -1,5 +1,6 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; and the reader of
-the format-tagged JSON files written that way (manifests, sidecars).
+"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; the reader of the
+format-tagged JSON files written that way (manifests, sidecars); and :func:`file_state`, what tells that a file was
+written or replaced since it was last seen.
 
 A temporary file is created private (``mkstemp``: 0600); the file that replaces ``dest`` gets the mode a plain
 ``open()`` would have given it under the process umask (0644 under umask 022), so a model written by one
@@ -49,6 +50,16 @@ def output_folder(dest: str | os.PathLike[str]) -> Path:
     if not parent.is_dir():
         raise DToPError(f"output folder {parent} does not exist: create it or choose another path")
     return parent
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission): a file written or
+    replaced since (an atomic write's rename too) has another state."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 @contextlib.contextmanager
