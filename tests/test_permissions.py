@@ -70,6 +70,52 @@ def test_several_files_are_put_in_place_whole_through_ctrl_c(tmp_path: Path, mon
     assert [d.read_bytes() for d in dests] == [b"new", b"new"] and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("hard_links", [True, False], ids=["links", "no-links"])
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_several_files_stay_old_when_a_rename_fails_partway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int, hard_links: bool
+) -> None:
+    """atomic_paths (executorch --size 256,384): a rename that failed partway (EXDEV, permissions) left the files
+    renamed before it new and the rest old (a review). Now every destination holds its old bytes again, one that
+    was not there is not there, no temporary or backup file stays, and the error is raised; also where the file
+    system has no hard links (the old files are moved aside instead)."""
+    import errno
+
+    from dtop_export import atomic
+
+    dests = [tmp_path / "a.pte", tmp_path / "new.pte", tmp_path / "b.pte"]
+    old = {dests[0]: b"old a", dests[2]: b"old b"}
+    for d, data in old.items():
+        d.write_bytes(data)
+    replace, renames = os.replace, []
+
+    def fails_on_one(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if str(src).endswith(".tmp"):
+            renames.append(dst)
+            if len(renames) == failing:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "replace", fails_on_one)
+    if not hard_links:
+        monkeypatch.setattr(atomic.os, "link", no_links)
+    with pytest.raises(OSError, match="cross-device"), atomic.atomic_paths(dests) as temps:
+        for t in temps:
+            t.write_bytes(b"new")
+    assert len(renames) == failing
+    assert {d: d.read_bytes() for d in dests if d.exists()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pte", "b.pte"]
+    monkeypatch.setattr(atomic.os, "replace", replace)  # and when every rename succeeds, no backup stays either
+    with atomic.atomic_paths(dests) as temps:
+        for t in temps:
+            t.write_bytes(b"new")
+    assert [d.read_bytes() for d in dests] == [b"new"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pte", "b.pte", "new.pte"]
+
+
 def test_checkpoint_onnx_and_fp16_onnx_are_readable_by_others(
     tmp_path: Path, small_ckpt: Path, small_onnx: Path
 ) -> None:
