@@ -75,19 +75,28 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (delivered on exit) in the main thread: a few renames run whole."""
+    """SIGINT and SIGTERM held back in the main thread, then delivered on exit through the handlers they had: a few
+    renames run whole. The handlers are swapped for ones that note the signal, rather than the signal blocked in the
+    main thread: the kernel gives a signal sent to the process to any thread that does not block it (a native thread
+    of torch's or a runtime's), and Python then runs the handler in the main thread all the same."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    arrived: list[int] = []
+    # a handler installed outside Python (getsignal: None) cannot be put back, so it stays
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None}
+    for s in before:
+        signal.signal(s, lambda signum, frame: arrived.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(arrived):
+            signal.raise_signal(s)
 
 
 @contextlib.contextmanager
