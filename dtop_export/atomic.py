@@ -1,5 +1,6 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; and the reader of
-the format-tagged JSON files written that way (manifests, sidecars).
+"""Atomic file writes: a temp file in the destination folder, fsync, then ``os.replace``; the reader of the
+format-tagged JSON files written that way (manifests, sidecars); and :func:`file_state`, what tells that a file was
+written or replaced since it was last seen.
 
 A temporary file is created private (``mkstemp``: 0600); the file that replaces ``dest`` gets the mode a plain
 ``open()`` would have given it under the process umask (0644 under umask 022), so a model written by one
@@ -51,6 +52,16 @@ def output_folder(dest: str | os.PathLike[str]) -> Path:
     return parent
 
 
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission): a file written or
+    replaced since (an atomic write's rename too) has another state."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success it is renamed onto ``dest``.
@@ -64,19 +75,28 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held back (delivered on exit) in the main thread: a few renames run whole."""
+    """SIGINT and SIGTERM held back in the main thread, then delivered on exit through the handlers they had: a few
+    renames run whole. The handlers are swapped for ones that note the signal, rather than the signal blocked in the
+    main thread: the kernel gives a signal sent to the process to any thread that does not block it (a native thread
+    of torch's or a runtime's), and Python then runs the handler in the main thread all the same."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    arrived: list[int] = []
+    # a handler installed outside Python (getsignal: None) cannot be put back, so it stays
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None}
+    for s in before:
+        signal.signal(s, lambda signum, frame: arrived.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(arrived):
+            signal.raise_signal(s)
 
 
 @contextlib.contextmanager
@@ -85,7 +105,8 @@ def atomic_paths(dests: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
     returns are they all flushed and then renamed onto ``dests`` (each rename atomic, in order).
 
     If the body raises, every temporary file is removed and every ``dest`` is left as it was (an existing one too:
-    a command that replaces files under ``--force`` replaces none of them when one of its outputs fails).
+    a command that replaces files under ``--force`` replaces none of them when one of its outputs fails). So too
+    when a rename fails partway (:func:`_put_in_place`): the files already renamed are put back.
     """
     targets = [Path(d) for d in dests]
     temps: list[Path] = []
@@ -101,12 +122,57 @@ def atomic_paths(dests: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]
                 os.fsync(fh.fileno())
             os.chmod(tmp, mode)  # mkstemp made it 0600; the writer may also have re-created it
         with signals_held():  # Ctrl-C or SIGTERM between two renames would leave some files new, some old
-            for tmp, dest in zip(temps, targets):
-                os.replace(tmp, dest)
+            _put_in_place(temps, targets)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _put_in_place(temps: Sequence[Path], targets: Sequence[Path]) -> None:
+    """Rename each of ``temps`` onto its target; when one rename fails (EXDEV, permissions), the targets renamed
+    before it get their old files back (or are removed where there was none) and the error is raised. The old files
+    are kept under a second name until every rename is done: a hard link (each target stays in place, so a reader
+    sees its old file or its new one), else, where the file system has no hard links, the old file moved aside.
+    One target needs none: its one rename does all or nothing."""
+    backups: dict[Path, Path] = {}
+    done: list[Path] = []
+    try:
+        for dest in targets if len(targets) > 1 else ():
+            if os.path.lexists(dest) and not (dest.is_dir() and not dest.is_symlink()):  # a folder: its rename fails
+                backups[dest] = _second_name(dest)
+        for tmp, dest in zip(temps, targets, strict=True):
+            os.replace(tmp, dest)
+            done.append(dest)
+    except BaseException:
+        for dest in done:
+            if dest not in backups:
+                dest.unlink(missing_ok=True)
+        for dest, backup in backups.items():
+            with contextlib.suppress(OSError):  # a backup that cannot be put back stays, under its name
+                os.replace(backup, dest)  # a link to the file still at dest: rename(2) does nothing, so unlink
+                backup.unlink(missing_ok=True)
+        raise
+    for backup in backups.values():
+        with contextlib.suppress(OSError):
+            backup.unlink()
+
+
+def _second_name(dest: Path) -> Path:
+    """A new hidden name next to ``dest`` for its file (a link itself, not what it points to): a hard link, else
+    (no hard links there) ``dest`` moved to it."""
+    while True:
+        backup = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.old")
+        try:
+            os.link(dest, backup, follow_symlinks=False)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:
+            if os.path.lexists(backup):
+                continue
+            os.rename(dest, backup)
+            return backup
 
 
 def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:

@@ -77,11 +77,12 @@ def calibration_tensors(
     limit: int,
     square: bool = False,
     check_only: bool = False,
+    picked: Sequence[Path] | None = None,
 ) -> list[np.ndarray]:
     """``limit`` images spread evenly over ``paths`` (sets are often grouped by object; fewer than ``limit`` and than
-    :data:`MIN_CALIB_IMAGES` available are refused), each at every size
-    in ``sizes`` (longer side, or square crops), as model inputs [1, 3, H, W] made by the one preprocessing
-    path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std).
+    :data:`MIN_CALIB_IMAGES` available are refused), or those ``picked`` from them already (:func:`split_calibration`),
+    each at every size in ``sizes`` (longer side, or square crops), as model inputs [1, 3, H, W] made by the one
+    preprocessing path every engine sees (:mod:`dtop_export.preprocess`: EXIF, RGB, resize, stride rounding, mean/std).
     ``check_only``: the images only check an INT8 model that needs no calibration (ExecuTorch's dynamic INT8), and
     the refusals say so."""
     if limit < 1:
@@ -102,7 +103,7 @@ def calibration_tensors(
         raise DToPError(
             f"{len(paths)} {what}: give a folder with more (--calib DIR), or ask for as few with --calib-count"
         )
-    return image_tensors(spread(paths, limit), pp, sizes, square)
+    return image_tensors(spread(paths, limit) if picked is None else picked, pp, sizes, square)
 
 
 def image_tensors(
@@ -170,8 +171,8 @@ def calibration_and_check(
     """:func:`calibration_tensors` and the inputs to check the INT8 model on: the held-out images of
     :func:`split_calibration` at the same sizes (as many inputs as calibration, or fewer), else the calibration
     inputs themselves (``held_out`` false)."""
-    calib = calibration_tensors(paths, pp, sizes, limit, square=square)
     picked, held = split_calibration(list(paths), limit)
+    calib = calibration_tensors(paths, pp, sizes, limit, square=square, picked=picked)
     if not held:
         return calib, CheckInputs(calib, len(picked), held_out=False)
     return calib, CheckInputs(image_tensors(held, pp, sizes, square), len(held), held_out=True)

@@ -174,6 +174,28 @@ def test_a_source_too_small_to_hold_images_out_is_checked_on_its_calibration_inp
     assert describe_check({"inputs": 12, **on.record()}) == "12 held-out inputs (6 images not used for calibration)"
 
 
+def test_calibration_and_check_pick_the_same_images_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which images of a source calibrate and which are held out to check (pinned: calibration_and_check picked the
+    calibration images twice, in calibration_tensors and in split_calibration; now once). Images are not read."""
+    from dtop_export import quantize
+    from dtop_export.errors import DToPError
+    from dtop_export.preprocess import PreprocessConfig
+
+    monkeypatch.setattr(quantize, "image_tensors", lambda paths, pp, sizes, square=False: [
+        f"{p.stem}@{s}" for p in paths for s in sizes])  # fmt: skip
+    paths = [Path(f"{i:02d}.png") for i in range(14)]
+    pp = PreprocessConfig(stride=16)
+    calib, on = quantize.calibration_and_check(paths, pp, [32, 48], 6)
+    assert [x for x in calib if x.endswith("@32")] == ["00@32", "03@32", "05@32", "08@32", "10@32", "13@32"]
+    assert on.tensors == [f"{i:02d}@{s}" for i in (1, 2, 6, 7, 11, 12) for s in (32, 48)] and on.held_out
+    calib, on = quantize.calibration_and_check(paths[:8], pp, [32], 6)  # 2 left over: checked on calibration's
+    assert calib == ["00@32", "01@32", "03@32", "04@32", "06@32", "07@32"] and on.tensors is calib
+    assert not on.held_out and on.images == 6
+    assert quantize.calibration_tensors(paths, pp, [32], 3) == ["00@32", "06@32", "13@32"]  # its own pick
+    with pytest.raises(DToPError, match="3 calibration image"):
+        quantize.calibration_and_check(paths[:3], pp, [32], 6)
+
+
 def test_quantize_rejects_bad_input(small_onnx: Path, tmp_path: Path, capsys) -> None:
     img_dir = tmp_path / "empty"
     img_dir.mkdir()

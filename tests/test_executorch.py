@@ -340,12 +340,9 @@ def test_too_few_check_images_are_not_called_calibration(
     assert not (tmp_path / "q.pte").exists()
 
 
-def test_int8_below_the_contract_is_not_written(
-    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An INT8 program whose check on the --calib images fell below the INT8 contract (cosine 0.99) was written
-    anyway, exit 0, with "BELOW" in a status line: now it is refused, one line saying what to try, nothing written.
-    (The fold, export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
+def _stub_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cosine_min: float) -> Path:
+    """write_pte with its fold, export, quantisation, lowering and check stubbed (the check gives ``cosine_min``);
+    returns a --calib folder of 4 images."""
     from PIL import Image
 
     from dtop_export.edge import pte, xnnpack_form
@@ -359,11 +356,43 @@ def test_int8_below_the_contract_is_not_written(
     monkeypatch.setattr(pte, "lower_to_xnnpack", lambda exported: (None, Delegation(1)))
     monkeypatch.setattr(pte, "emit_program", lambda edge, meta, keep=False: b"program")
     monkeypatch.setattr(pte, "check_int8", lambda fp32, program, tensors: {
-        "inputs": len(tensors), "cosine_min": 0.93, "cosine_mean": 0.97})  # fmt: skip
+        "inputs": len(tensors), "cosine_min": cosine_min, "cosine_mean": 0.97})  # fmt: skip
     calib = tmp_path / "calib"
     calib.mkdir()
     for i in range(4):
         Image.new("RGB", (40 + i, 30), (10 * i, 20, 30)).save(calib / f"{i}.png")
+    return calib
+
+
+def test_an_int8_programs_check_is_recorded_held_out_as_the_other_int8_checks(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """quantize's and openvino --int8's checks record held_out (and images) and print what they ran on; executorch
+    --int8's recorded neither (its line said "on 4 images"). Its dynamic recipe calibrates nothing, so its check
+    images are held out of calibration: held_out true, printed as the others print it. (Build stubbed.)"""
+    from dtop_export.quantize import describe_check
+
+    calib = _stub_the_build(monkeypatch, tmp_path, cosine_min=0.995)
+    report = tmp_path / "r.json"
+    assert cli("executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib), "--calib-count",
+               "4", "-o", str(tmp_path / "q.pte"), "--json", str(report)) == 0  # fmt: skip
+    check = json.loads(report.read_text())["programs"][0]["quantization"]["check"]
+    assert check == {"inputs": 4, "cosine_min": 0.995, "cosine_mean": 0.97, "held_out": True, "images": 4,
+                     "source": str(calib)}  # fmt: skip
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"INT8 vs the fp32 program on {describe_check(check)} from {calib}: cosine min 0.99500" in out, out
+    assert describe_check(check) == "4 held-out inputs (4 images not used for calibration)"
+
+
+def test_int8_below_the_contract_is_not_written(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An INT8 program whose check on the --calib images fell below the INT8 contract (cosine 0.99) was written
+    anyway, exit 0, with "BELOW" in a status line: now it is refused, one line saying what to try, nothing written.
+    (The fold, export, quantisation and lowering are stubbed: only the check's verdict matters here.)"""
+    from dtop_export.edge import pte
+
+    calib = _stub_the_build(monkeypatch, tmp_path, cosine_min=0.93)
     out = tmp_path / "out" / "q.pte"
     out.parent.mkdir()
     line = _error(capsys, "executorch", str(small_ckpt), "--size", str(SIZE), "--int8", "--calib", str(calib),

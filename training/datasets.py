@@ -30,12 +30,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dtop_export.atomic import file_state
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
 from dtop_export.retrieval.datasets import gnd_entries, load_pickle
 from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
 from dtop_export.training.scan import (
-    file_state,
     folder_entries,
     guess_layout,
     layout_setting,

@@ -4,7 +4,8 @@
   that is a symbolic link to another class folder is that class, not a second one, and one image file reached
   twice (a link to it, a hard link, a class folder linked into another) is used once, under its first class.
 * :func:`read_size_cache` / :func:`write_size_cache`: the run folder's ``image_sizes.tsv``, each image's size with
-  the file's bytes and mtime (:func:`file_state`) it was read from, so a replaced image is read again.
+  the file's bytes and mtime (:func:`dtop_export.atomic.file_state`) it was read from, so a replaced image is read
+  again.
 * :func:`write_skipped_files`: the run folder's list of every file a set skipped, and why.
 * :func:`guess_layout`: which of the downloaded layouts (GLDv2, GLDv1, SfM-120k, NC-clean, revisitop) a folder
   holds, from its list files, so that a reader pointed at another layout can say which ``data.dataset`` to set
@@ -159,15 +160,6 @@ def unreadable_reason(path: str) -> str:
 
 # a cached size is the size of the file as it was: (width, height, bytes, mtime_ns)
 CachedSize = tuple[int, int, int, int]
-
-
-def file_state(path: str) -> tuple[int, int] | None:
-    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 def read_size_cache(path: Path | None) -> dict[str, CachedSize]:

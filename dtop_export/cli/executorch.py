@@ -150,8 +150,10 @@ def executorch(
             con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
             check = r.quantization.get("check")
             if check:
+                from dtop_export.quantize import describe_check
+
                 con.print(  # below the contract write_pte refused the program
-                    f"INT8 vs the fp32 program on {check['inputs']} images ({source}): cosine min "
+                    f"INT8 vs the fp32 program on {describe_check(check)} from {source}: cosine min "
                     f"{check['cosine_min']:.5f}, mean {check['cosine_mean']:.5f} (within the INT8 contract's "
                     f"{INT8_MIN_COSINE:g})",
                     soft_wrap=True,

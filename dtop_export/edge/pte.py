@@ -252,6 +252,15 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
     return agreement(fp32_out, int8_out, "the fp32 model in PyTorch (eager, the same fold)")
 
 
+def check_record(check: dict[str, Any], images: int, source: str) -> dict[str, Any]:
+    """``check`` (:func:`check_int8`, on ``images`` images of ``source``) as ``dtop.quantization`` records it, with the
+    keys of quantize's and openvino's checks (:meth:`~dtop_export.quantize.CheckInputs.record`): ``held_out`` true,
+    since the dynamic recipe calibrates nothing, so every check image is one calibration never saw."""
+    from dtop_export.quantize import CheckInputs
+
+    return check | CheckInputs([], images, held_out=True).record() | {"source": source}
+
+
 def refuse_below_contract(check: dict[str, Any], source: str, keep_float: Sequence[str]) -> None:
     """:func:`~dtop_export.int8_check.refuse_below_contract` for an INT8 program (its images only check it: the
     dynamic recipe calibrates nothing): nothing written, what to try instead."""
@@ -338,7 +347,7 @@ def write_pte(
     if int8 and calib:
         stage("check")
         check = check_int8(fp32_module, emit_program(edge, meta, keep=True), calib)
-        quantization["check"] = check | {"source": calibration_source}
+        quantization["check"] = check_record(check, len(calib), calibration_source)
         refuse_below_contract(check, calibration_source, keep_float)
     if quantization:
         meta["dtop.quantization"] = json.dumps(quantization, sort_keys=True)
