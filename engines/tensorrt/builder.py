@@ -41,7 +41,7 @@ from dtop_export.engines.tensorrt.install import (
     version_tuple,
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
-from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
+from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, make_profiles
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
@@ -271,7 +271,7 @@ def build_engines(
         raise DToPError(f"{source.name} has {network.num_inputs} inputs: a dtop-export model has one (images)")
     inp = network.get_input(0)
     input_name, net_shape = inp.name, tuple(inp.shape)
-    _check_static_dims(net_shape, profiles)
+    check_static_dims(net_shape, profiles)
     output_name = network.get_output(0).name if network.num_outputs else "descriptors"
     precision_facts: dict[str, Any] = {}
     if strong:
@@ -393,20 +393,6 @@ def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
         }
     assert gpu is not None
     return {"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index, "target": None}
-
-
-def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) -> None:
-    """A static ONNX dimension must equal min = opt = max of every profile."""
-    if len(net_shape) != 4:
-        raise DToPError(f"the network input has rank {len(net_shape)}: expected images [B, 3, H, W]")
-    names = ("batch", "channels", "height", "width")
-    for p in profiles:
-        for d, (fixed, lo, op, hi) in enumerate(zip(net_shape, p.min, p.opt, p.max)):
-            if fixed >= 0 and not fixed == lo == op == hi:
-                raise DToPError(
-                    f"the ONNX fixes {names[d]} = {fixed} but the profile asks {lo}..{hi}: make --min/--opt/--max "
-                    f"use {fixed} there, or re-export without --static/--batch"
-                )
 
 
 def plan_info(
