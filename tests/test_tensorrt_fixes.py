@@ -105,6 +105,36 @@ def test_runner_selects_the_device_before_the_runtime(
     assert cuda_calls == ["set_device(1)", "init", "Runtime"]
 
 
+def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device 1` (a runner's device=1) on a one-GPU machine was answered "no CUDA GPU is visible (device 1)" (the
+    lead's brief): it names the GPUs there are, for a build and for a plan's run alike."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(install, "import_tensorrt", lambda flavour=install.TENSORRT: _fake_trt())
+    monkeypatch.setattr(install, "installed_flavours", lambda: [install.TENSORRT, install.RTX])
+    for flavour in (install.TENSORRT, install.RTX):
+        with pytest.raises(DToPError, match=r"^device 1 does not exist: this machine has 1 CUDA GPU \(0\)$"):
+            install.require_tensorrt_and_gpu(1, flavour)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"plan")
+    info = _info()
+    info.backend, info.gpu = "rtx", {"name": None, "compute_capability": "8.6", "target": "sm86"}
+    write_sidecar(plan, info)
+    with pytest.raises(DToPError) as e:
+        runner_mod.TensorRTEngine(plan, device=1)
+    assert str(e.value) == (
+        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: this machine has "
+        "1 CUDA GPU (0)"
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    with pytest.raises(
+        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: this machine has 3 CUDA GPUs \(0\.\.2\)$"
+    ):
+        runner_mod.TensorRTEngine(plan, device=3)
+
+
 # 2. the CUDA mismatch, and the extras -------------------------------------------------------------------
 
 
