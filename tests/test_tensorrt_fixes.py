@@ -303,6 +303,7 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
         "11.4.0.106",
         builder_mod.built_for(GpuInfo("NVIDIA H200", "9.0", 0), None),
         make_profiles(),
+        plan=tmp_path / "m.plan",
         precision={"mode": "fp16", "typing": "strong", "fp32_nodes": islands},
         onnx_path=dtop_onnx(),
         built_from=fp16_path,
@@ -314,7 +315,9 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
     assert info.build["cuda"] == "13" and info.build["driver_cuda"] == "13.0" and info.build["seconds"] == 1.0
     assert info.metadata["dtop.precision"] == "fp16" and "dtop.fp16" in info.metadata  # the file TensorRT built
     assert read_metadata(dtop_onnx()).get("dtop.precision", "fp32") == "fp32"
-    assert info.onnx["built_from"] == str(fp16_path)
+    assert info.onnx["built_from"] == "m.fp16.onnx" and info.onnx_file(tmp_path / "m.plan", "built_from") == str(
+        fp16_path
+    )
     assert info.backend == "tensorrt" and info.gpu == {"name": "NVIDIA H200", "compute_capability": "9.0", "index": 0,
                                                        "target": None}  # fmt: skip
 

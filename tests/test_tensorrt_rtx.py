@@ -158,6 +158,45 @@ def test_runner_refuses_a_plan_it_cannot_run_in_one_line(
     copy.unlink()
 
 
+@needs_rtx
+def test_the_rebuild_hint_names_the_onnx_from_any_folder(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar recorded the ONNX path relative to the folder the build ran in, so the hint to rebuild a plan named
+    a file that is not there from any other folder (the lead's brief) -> paths relative to the plan's folder, resolved
+    when read (also after the folder moved with its ONNX); an older sidecar's path is given as recorded."""
+    from cli_helpers import cli
+
+    from dtop_export.engines import load_engine
+    from dtop_export.engines.tensorrt.sidecar import sidecar_path
+
+    for folder in ("models", "elsewhere"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(tiny.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert cli("trt", "models/m.onnx", "--fp16", *TINY_PROFILE, "--target", "sm86") == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(install, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA GeForce RTX 4090", "8.9", index))
+    with pytest.raises(DToPError) as e:
+        load_engine("../models/m.plan")
+    hint = re.search(r"`dtop-export trt (\S+) --target sm89`", str(e.value))
+    assert hint and Path(hint[1]).resolve() == (tmp_path / "models" / "m.onnx").resolve(), str(e.value)
+    (tmp_path / "models").rename(tmp_path / "moved")
+    with pytest.raises(DToPError, match=re.escape(f"`dtop-export trt {tmp_path / 'moved' / 'm.onnx'} --target sm89`")):
+        load_engine("../moved/m.plan")
+    capsys.readouterr()
+    assert cli("info", "../moved/m.plan", "--json") == 0
+    onnx_info = json.loads(capsys.readouterr().out)["onnx"]
+    assert onnx_info["path"] == str(tmp_path / "moved" / "m.onnx")
+    assert onnx_info["built_from"] == str(tmp_path / "moved" / "m.fp16.onnx")
+    side = sidecar_path(tmp_path / "moved" / "m.plan")  # written before: relative to where the build ran
+    old = json.loads(side.read_text())
+    old["onnx"] = {"path": "models/m.onnx", "sha256": old["onnx"]["sha256"]}
+    side.write_text(json.dumps(old))
+    with pytest.raises(DToPError, match=re.escape("`dtop-export trt models/m.onnx --target sm89`")):
+        load_engine("../moved/m.plan")
+
+
 # the CLI -------------------------------------------------------------------------------------------------------
 
 

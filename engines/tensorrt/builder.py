@@ -42,7 +42,7 @@ from dtop_export.engines.tensorrt.install import (
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, sidecar_path, write_sidecar
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
 from dtop_export.errors import DToPError, Interrupted
@@ -346,6 +346,7 @@ def build_engines(
                 version,
                 built_for(gpu, target),
                 profiles,
+                plan=plan_path,
                 precision={
                     "mode": "fp16" if fp16 else "fp32",
                     "typing": "weak" if weak_typing else "strong",
@@ -401,6 +402,7 @@ def plan_info(
     gpu: dict[str, Any],
     profiles: Sequence[Profile],
     *,
+    plan: Path,
     precision: dict[str, Any],
     onnx_path: Path,
     built_from: Path,
@@ -409,9 +411,10 @@ def plan_info(
     input_name: str,
     output_name: str,
 ) -> PlanInfo:
-    """The sidecar of a finished build. ``metadata`` is that of the ONNX TensorRT parsed (``built_from``: the
-    FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32 islands); ``build.cuda`` is the
-    CUDA that the flavour's wheels were built for and ``build.driver_cuda`` what the driver supports."""
+    """The sidecar of ``plan``, a finished build (ONNX paths relative to its folder). ``metadata`` is that of the ONNX
+    TensorRT parsed (``built_from``: the FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32
+    islands); ``build.cuda`` is the CUDA that the flavour's wheels were built for and ``build.driver_cuda`` what the
+    driver supports."""
     from dtop_export import __version__
 
     trt_cuda = tensorrt_cuda_major(flavour)
@@ -421,7 +424,7 @@ def plan_info(
         gpu=gpu,
         profiles=[p.to_dict() for p in profiles],
         precision=precision,
-        onnx={"path": str(onnx_path), "sha256": file_sha256(onnx_path), "built_from": str(built_from)},
+        onnx=onnx_record(plan, onnx_path, built_from, file_sha256(onnx_path)),
         build={
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cuda": str(trt_cuda) if trt_cuda else None,

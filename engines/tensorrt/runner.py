@@ -66,7 +66,7 @@ class TensorRTEngine(Engine):
                 cc = str(self.info.gpu.get("compute_capability", "?"))  # not the builder's --target hint: it is built
                 why = f"no CUDA GPU is visible (device {device}); run it on a GPU of {describe(cc)}"
             raise DToPError(f"{self.source} was built with {self.info.built_with()}: {why}") from e
-        problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour)
+        problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour, self.source)
         if problem:
             raise DToPError(f"{self.source}: {problem}")
         if warning:
