@@ -135,6 +135,41 @@ def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatc
         runner_mod.TensorRTEngine(plan, device=3)
 
 
+# While the build runs, TensorRT holds the main thread in C++ (SIGINT blocked there stands for it: Python's handler
+# cannot run on it); sys.stderr is a pipe the main thread waits on without running Python.
+CTRL_C_TWICE = """
+import os, select, signal, sys
+from pathlib import Path
+from dtop_export.engines.tensorrt.watch import BuildWatch
+
+r, w = os.pipe()
+sys.stderr = open(w, "w")
+watch = BuildWatch()
+watch.kept.append(Path("m.sm86.plan"))
+with watch.deferring_ctrl_c(), watch.building():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.kill(os.getpid(), signal.SIGINT)
+    heard = select.select([r], [], [], 20)[0] and os.read(r, 1000)
+    os.write(2, heard or b"nothing heard while TensorRT builds\\n")
+    os.kill(os.getpid(), signal.SIGINT)
+    select.select([], [], [], 20)
+print("not aborted")
+"""
+
+
+def test_ctrl_c_during_a_build_is_answered_at_once_and_a_second_one_aborts(tmp_path: Path) -> None:
+    """Ctrl-C during a build showed nothing until TensorRT's next step (Python runs its handler only then, in a
+    callback), which may be minutes away on a big model, and there was no way to stop now (the lead's brief): a
+    listener thread answers at once, and a second Ctrl-C while TensorRT builds exits 130 at once, naming the plans
+    kept (nothing else is on disk: the build writes after TensorRT returns)."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_TWICE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and "not aborted" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        "stopping at TensorRT's next step (Ctrl-C again to abort now)",
+        "interrupted: the TensorRT build was aborted; kept m.sm86.plan (each with its sidecar)",
+    ]
+
+
 # 2. the CUDA mismatch, and the extras -------------------------------------------------------------------
 
 

@@ -45,7 +45,7 @@ from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, ma
 from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
-from dtop_export.errors import DToPError, Interrupted
+from dtop_export.errors import DToPError
 from dtop_export.fp16.convert import prepare_fp16_onnx
 from dtop_export.logs import quiet_logger
 
@@ -329,8 +329,9 @@ def build_engines(
             monitor = watch.monitor(trt, logger)  # progress, and Ctrl-C's stop at the next step
             if monitor is not None:
                 config.progress_monitor = monitor
-            serialized = builder.build_serialized_network(network, config)
-            _stop_if_interrupted(watch, results)
+            with watch.building():  # a second Ctrl-C in here exits at once
+                serialized = builder.build_serialized_network(network, config)
+            watch.stop_if_interrupted()
             if serialized is None:
                 hint = build_failure_hint(logger.last_error, workspace_gb)
                 raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
@@ -370,15 +371,9 @@ def build_engines(
             )
             side = write_sidecar(plan_path, info)
             results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
-            _stop_if_interrupted(watch, results)
+            watch.kept.append(plan_path)
+            watch.stop_if_interrupted()
     return results
-
-
-def _stop_if_interrupted(watch: BuildWatch, done: Sequence[BuildResult]) -> None:
-    """Ctrl-C came during the build (:class:`BuildWatch`): stop, naming the plans already written whole."""
-    if watch.interrupted:
-        kept = f"kept {', '.join(str(r.plan) for r in done)} (each with its sidecar)" if done else "no plan written"
-        raise Interrupted(f"the TensorRT build was stopped; {kept}")
 
 
 def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
