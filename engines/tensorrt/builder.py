@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtop_export.atomic import atomic_path, atomic_write_bytes
+from dtop_export.atomic import atomic_paths, atomic_write_bytes, output_folder
 from dtop_export.contract import load_onnx, metadata_of
 from dtop_export.digest import file_sha256
 from dtop_export.engines.tensorrt.install import (
@@ -46,8 +46,9 @@ from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
 from dtop_export.errors import DToPError
-from dtop_export.fp16.convert import prepare_fp16_onnx
+from dtop_export.fp16.convert import fp16_onnx_model
 from dtop_export.logs import quiet_logger
+from dtop_export.onnx_graph import name_nodes
 
 log = logging.getLogger("dtop_export.engines.tensorrt")
 
@@ -139,12 +140,13 @@ def build_engine(
     TensorRT-RTX for the named compute capability ``target`` (``"sm86"``; no GPU needed).
 
     ``fp16``: strongly typed FP16 ONNX with FP32 islands (written to ``fp16_onnx_path``, default
-    ``<plan>.fp16.onnx``), or with ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands'
-    layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` (TensorRT) is
-    loaded when it exists and saved after the build (a corrupt or foreign cache is replaced, with a warning).
-    ``tf32=False`` for strict FP32 parity. ``detailed_profile`` keeps per-layer precision for the engine
-    inspector (the self-test reads it). ``device`` is made current before any TensorRT object exists.
-    ``backend``: ``auto`` (the installed flavour; TensorRT when both are), ``tensorrt`` or ``rtx``.
+    ``<plan>.fp16.onnx``, with the first plan: a build that writes no plan leaves an old one as it was), or with
+    ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands' layers pinned to FP32. ``profiles``
+    default to :func:`make_profiles`'s. ``timing_cache`` (TensorRT) is loaded when it exists and saved after the
+    build (a corrupt or foreign cache is replaced, with a warning). ``tf32=False`` for strict FP32 parity.
+    ``detailed_profile`` keeps per-layer precision for the engine inspector (the self-test reads it). ``device``
+    is made current before any TensorRT object exists. ``backend``: ``auto`` (the installed flavour; TensorRT when
+    both are), ``tensorrt`` or ``rtx``.
     """
     targets = None if target is None else [parse_target(target) if isinstance(target, str) else target]
     return build_engines(
@@ -229,10 +231,14 @@ def build_engines(
 
     # what the parser reads, and which nodes stay FP32
     keep_nodes: list[str] = []
-    source = onnx_path
-    if fp16 and not weak_typing:
-        dst = Path(fp16_onnx_path) if fp16_onnx_path else plans[0].with_suffix(".fp16.onnx")
-        source, keep_nodes = prepare_fp16_onnx(onnx_path, dst, keep_fp32_nodes)
+    source, parsed_model, fp16_model = onnx_path, named_model, None
+    if fp16 and not weak_typing:  # the FP16 ONNX goes to disk with the first plan: a build that writes no plan
+        fp16_model, keep_nodes = fp16_onnx_model(onnx_path, keep_fp32_nodes)  # leaves none (an old one as it was)
+        if fp16_model is not None:
+            source = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
+            output_folder(source)  # a missing folder fails now, not after the build
+            name_nodes(fp16_model)
+            parsed_model = fp16_model
     elif fp16:
         from dtop_export.fp16.convert import plan_fp32_islands
 
@@ -242,7 +248,6 @@ def build_engines(
 
         fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
         keep_nodes = fp32_nodes_of(named_model)
-    parsed_model = named_model if source == onnx_path else _onnx_facts(source)[0]
     built_meta = metadata_of(parsed_model)
 
     if gpu is not None and not targets:
@@ -263,9 +268,10 @@ def build_engines(
     if not parsed:
         lines = parser_error_lines(parser) or [logger.last_error or "unknown parser error"]
         more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        checked = onnx_path if fp16_model is not None else source  # an FP16 ONNX is not written without a plan
         raise DToPError(
             f"{flavour.label}'s ONNX parser rejected {source.name}: {lines[0]}{more}; "
-            f"`dtop-export check {source} --target tensorrt` lists every problem"
+            f"`dtop-export check {checked} --target tensorrt` lists every problem"
         )
     if network.num_inputs != 1:
         raise DToPError(f"{source.name} has {network.num_inputs} inputs: a dtop-export model has one (images)")
@@ -335,8 +341,10 @@ def build_engines(
             if serialized is None:
                 hint = build_failure_hint(logger.last_error, workspace_gb)
                 raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
-            with atomic_path(plan_path) as staged:  # the old sidecar goes once the new plan is on disk
-                staged.write_bytes(memoryview(serialized))
+            with atomic_paths([source, plan_path] if fp16_model is not None and k == 0 else [plan_path]) as staged:
+                staged[-1].write_bytes(memoryview(serialized))  # the FP16 ONNX and the first plan go into place
+                if len(staged) == 2:  # together
+                    staged[0].write_bytes(fp16_model.SerializeToString())
                 sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan not written for it
             if cache_path is not None:
                 atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
