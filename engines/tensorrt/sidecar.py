@@ -136,7 +136,11 @@ def describe_plan(plan: str | Path) -> dict[str, Any]:
         "gpu": info.gpu,
         "precision": info.precision,
         "profiles": info.profiles,
-        "onnx": info.onnx | {k: info.onnx_file(plan, k) for k in ("path", "built_from") if k in info.onnx},
+        "onnx": {
+            k: info.onnx_file(plan, k) if k in ("path", "built_from") else v  # paths from here
+            for k, v in info.onnx.items()
+            if k != "relative_to"
+        },
         "build": info.build,
         "io": {"input": info.input_name, "output": info.output_name},
     } | metadata_report(info.metadata)

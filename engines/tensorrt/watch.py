@@ -89,10 +89,10 @@ class BuildWatch:
         """A thread that hears each SIGINT the moment it arrives (the C-level handler writes its number to a pipe),
         whatever the main thread is doing. Not where another wakeup fd is set (an event loop's) or can be."""
         read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
         try:
+            os.set_blocking(write_fd, False)
             previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        except (ValueError, OSError):
+        except (ValueError, OSError):  # Windows takes a socket there: the handler says it, at the next callback
             previous = None
         if previous != -1:
             if previous is not None:
