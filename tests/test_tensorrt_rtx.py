@@ -434,7 +434,8 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
     tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
-    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit)."""
+    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit); `--fp16-onnx MODEL`
+    replaced the float32 MODEL with its FP16 conversion."""
     from cli_helpers import cli
 
     src = tmp_path / "m.onnx"
@@ -446,6 +447,10 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
         ),
         (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
         (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+        (  # the FP16 conversion replaced the float32 source, without --force (an audit, by hand)
+            ("--fp16", "--fp16-onnx", str(src)),
+            f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
+        ),
     ]
     for args, message in cases:
         assert cli("trt", str(src), "--target", "sm86", *args) == 2

@@ -202,6 +202,9 @@ def build_engines(
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
+    fp16_dst = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
+    if fp16 and not weak_typing and not onnx_is_fp16 and fp16_dst.resolve() == onnx_path.resolve():
+        raise DToPError(f"--fp16-onnx {fp16_dst} is the float32 ONNX it is made from: name another file")
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
     flavour = resolve_flavour(backend, named_target=bool(targets))
@@ -235,7 +238,7 @@ def build_engines(
     if fp16 and not weak_typing:  # the FP16 ONNX goes to disk with the first plan: a build that writes no plan
         fp16_model, keep_nodes = fp16_onnx_model(onnx_path, keep_fp32_nodes)  # leaves none (an old one as it was)
         if fp16_model is not None:
-            source = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
+            source = fp16_dst
             output_folder(source)  # a missing folder fails now, not after the build
             name_nodes(fp16_model)
             parsed_model = fp16_model
