@@ -1,8 +1,8 @@
 """The JSON sidecar of a ``.plan`` (``model.plan.json``): the backend (TensorRT or TensorRT-RTX) and its version,
 the GPU or named target, profiles, precision (FP32 islands, the parsed network's types), the ONNX it was built
-from (path, SHA-256; since format 2's ``relative_to: plan`` the paths are relative to the plan's folder) and the
-model's deployment metadata. The runner reads it before TensorRT does, so an engine
-built by another backend, version or for another GPU fails with that message instead of crashing."""
+from (SHA-256, and paths relative to the plan's folder: ``onnx.relative_to`` is ``plan``; older sidecars hold them
+relative to where the build ran) and the model's deployment metadata. The runner reads it before TensorRT does, so
+an engine built by another backend, version or for another GPU fails with that message instead of crashing."""
 
 from __future__ import annotations
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dtop_export.errors import Interrupted
+
 
 class BuildWatch:
     """Ctrl-C noted (not raised) and optimizer phases reported while TensorRT builds; see the module notes."""
@@ -71,8 +73,6 @@ class BuildWatch:
     def stop_if_interrupted(self) -> None:
         """Ctrl-C came during the build: stop (:class:`~dtop_export.errors.Interrupted`), naming the plans kept."""
         if self.interrupted:
-            from dtop_export.errors import Interrupted
-
             raise Interrupted(f"the TensorRT build was stopped; {self.kept_line()}")
 
     @contextlib.contextmanager
@@ -109,14 +109,14 @@ class BuildWatch:
                     if signum == signal.SIGINT:
                         self._press()
 
+        self._listening = True  # from here each SIGINT is the listener's (counted once)
         thread = threading.Thread(target=listen, name="dtop-export-ctrl-c", daemon=True)
         thread.start()
-        self._listening = True
         try:
             yield
         finally:
-            self._listening = False
             signal.set_wakeup_fd(-1)
+            self._listening = False
             os.write(write_fd, b"\0")
             thread.join()
             _close(read_fd, write_fd)
