@@ -105,6 +105,71 @@ def test_runner_selects_the_device_before_the_runtime(
     assert cuda_calls == ["set_device(1)", "init", "Runtime"]
 
 
+def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device 1` (a runner's device=1) on a one-GPU machine was answered "no CUDA GPU is visible (device 1)" (the
+    lead's brief): it names the GPUs there are, for a build and for a plan's run alike."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(install, "import_tensorrt", lambda flavour=install.TENSORRT: _fake_trt())
+    monkeypatch.setattr(install, "installed_flavours", lambda: [install.TENSORRT, install.RTX])
+    for flavour in (install.TENSORRT, install.RTX):
+        with pytest.raises(DToPError, match=r"^device 1 does not exist: this machine has 1 CUDA GPU \(0\)$"):
+            install.require_tensorrt_and_gpu(1, flavour)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"plan")
+    info = _info()
+    info.backend, info.gpu = "rtx", {"name": None, "compute_capability": "8.6", "target": "sm86"}
+    write_sidecar(plan, info)
+    with pytest.raises(DToPError) as e:
+        runner_mod.TensorRTEngine(plan, device=1)
+    assert str(e.value) == (
+        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: this machine has "
+        "1 CUDA GPU (0)"
+    )
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    with pytest.raises(
+        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: this machine has 3 CUDA GPUs \(0\.\.2\)$"
+    ):
+        runner_mod.TensorRTEngine(plan, device=3)
+
+
+# While the build runs, TensorRT holds the main thread in C++ (SIGINT blocked there stands for it: Python's handler
+# cannot run on it); sys.stderr is a pipe the main thread waits on without running Python.
+CTRL_C_TWICE = """
+import os, select, signal, sys
+from pathlib import Path
+from dtop_export.engines.tensorrt.watch import BuildWatch
+
+r, w = os.pipe()
+sys.stderr = open(w, "w")
+watch = BuildWatch()
+watch.kept.append(Path("m.sm86.plan"))
+with watch.deferring_ctrl_c(), watch.building():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.kill(os.getpid(), signal.SIGINT)
+    heard = select.select([r], [], [], 20)[0] and os.read(r, 1000)
+    os.write(2, heard or b"nothing heard while TensorRT builds\\n")
+    os.kill(os.getpid(), signal.SIGINT)
+    select.select([], [], [], 20)
+print("not aborted")
+"""
+
+
+def test_ctrl_c_during_a_build_is_answered_at_once_and_a_second_one_aborts(tmp_path: Path) -> None:
+    """Ctrl-C during a build showed nothing until TensorRT's next step (Python runs its handler only then, in a
+    callback), which may be minutes away on a big model, and there was no way to stop now (the lead's brief): a
+    listener thread answers at once, and a second Ctrl-C while TensorRT builds exits 130 at once, naming the plans
+    kept (nothing else is on disk: the build writes after TensorRT returns)."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_TWICE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and "not aborted" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        "stopping at TensorRT's next step (Ctrl-C again to abort now)",
+        "interrupted: the TensorRT build was aborted; kept m.sm86.plan (each with its sidecar)",
+    ]
+
+
 # 2. the CUDA mismatch, and the extras -------------------------------------------------------------------
 
 
@@ -273,6 +338,7 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
         "11.4.0.106",
         builder_mod.built_for(GpuInfo("NVIDIA H200", "9.0", 0), None),
         make_profiles(),
+        plan=tmp_path / "m.plan",
         precision={"mode": "fp16", "typing": "strong", "fp32_nodes": islands},
         onnx_path=dtop_onnx(),
         built_from=fp16_path,
@@ -284,7 +350,9 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
     assert info.build["cuda"] == "13" and info.build["driver_cuda"] == "13.0" and info.build["seconds"] == 1.0
     assert info.metadata["dtop.precision"] == "fp16" and "dtop.fp16" in info.metadata  # the file TensorRT built
     assert read_metadata(dtop_onnx()).get("dtop.precision", "fp32") == "fp32"
-    assert info.onnx["built_from"] == str(fp16_path)
+    assert info.onnx["built_from"] == "m.fp16.onnx" and info.onnx_file(tmp_path / "m.plan", "built_from") == str(
+        fp16_path
+    )
     assert info.backend == "tensorrt" and info.gpu == {"name": "NVIDIA H200", "compute_capability": "9.0", "index": 0,
                                                        "target": None}  # fmt: skip
 

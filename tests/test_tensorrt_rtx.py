@@ -158,6 +158,45 @@ def test_runner_refuses_a_plan_it_cannot_run_in_one_line(
     copy.unlink()
 
 
+@needs_rtx
+def test_the_rebuild_hint_names_the_onnx_from_any_folder(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sidecar recorded the ONNX path relative to the folder the build ran in, so the hint to rebuild a plan named
+    a file that is not there from any other folder (the lead's brief) -> paths relative to the plan's folder, resolved
+    when read (also after the folder moved with its ONNX); an older sidecar's path is given as recorded."""
+    from cli_helpers import cli
+
+    from dtop_export.engines import load_engine
+    from dtop_export.engines.tensorrt.sidecar import sidecar_path
+
+    for folder in ("models", "elsewhere"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(tiny.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert cli("trt", "models/m.onnx", "--fp16", *TINY_PROFILE, "--target", "sm86") == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(install, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA GeForce RTX 4090", "8.9", index))
+    with pytest.raises(DToPError) as e:
+        load_engine("../models/m.plan")
+    hint = re.search(r"`dtop-export trt (\S+) --target sm89`", str(e.value))
+    assert hint and Path(hint[1]).resolve() == (tmp_path / "models" / "m.onnx").resolve(), str(e.value)
+    (tmp_path / "models").rename(tmp_path / "moved")
+    with pytest.raises(DToPError, match=re.escape(f"`dtop-export trt {tmp_path / 'moved' / 'm.onnx'} --target sm89`")):
+        load_engine("../moved/m.plan")
+    capsys.readouterr()
+    assert cli("info", "../moved/m.plan", "--json") == 0
+    onnx_info = json.loads(capsys.readouterr().out)["onnx"]
+    assert onnx_info["path"] == str(tmp_path / "moved" / "m.onnx")
+    assert onnx_info["built_from"] == str(tmp_path / "moved" / "m.fp16.onnx") and "relative_to" not in onnx_info
+    side = sidecar_path(tmp_path / "moved" / "m.plan")  # written before: relative to where the build ran
+    old = json.loads(side.read_text())
+    old["onnx"] = {"path": "models/m.onnx", "sha256": old["onnx"]["sha256"]}
+    side.write_text(json.dumps(old))
+    with pytest.raises(DToPError, match=re.escape("`dtop-export trt models/m.onnx --target sm89`")):
+        load_engine("../moved/m.plan")
+
+
 # the CLI -------------------------------------------------------------------------------------------------------
 
 
@@ -373,11 +412,11 @@ def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
 
     @contextlib.contextmanager
-    def disk_full(dest: Path) -> Iterator[Path]:  # the new plan's bytes cannot be written
-        yield tmp_path / "no-such-folder" / "x.tmp"
+    def disk_full(dests: list[Path]) -> Iterator[list[Path]]:  # the new plan's bytes cannot be written
+        yield [tmp_path / "no-such-folder" / "x.tmp" for _ in dests]
 
     with monkeypatch.context() as m:  # the old plan and its sidecar stay, usable (the sidecar went first: a plan
-        m.setattr(builder_mod, "atomic_path", disk_full)  # without one, which read_sidecar refuses; a review)
+        m.setattr(builder_mod, "atomic_paths", disk_full)  # without one, which read_sidecar refuses; a review)
         with pytest.raises(FileNotFoundError):
             builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
     assert plan.read_bytes() == b"old plan" and (tmp_path / "tiny.plan.json").read_text() == sidecar
@@ -395,7 +434,8 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
     tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
-    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit)."""
+    `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit); `--fp16-onnx MODEL`
+    replaced the float32 MODEL with its FP16 conversion."""
     from cli_helpers import cli
 
     src = tmp_path / "m.onnx"
@@ -407,6 +447,10 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
         ),
         (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
         (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+        (  # the FP16 conversion replaced the float32 source, without --force (an audit, by hand)
+            ("--fp16", "--fp16-onnx", str(src)),
+            f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
+        ),
     ]
     for args, message in cases:
         assert cli("trt", str(src), "--target", "sm86", *args) == 2
@@ -415,42 +459,47 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()
 
 
+@needs_rtx
 def test_a_build_that_writes_no_plan_leaves_no_fp16_onnx(
     tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`trt --fp16` writes the FP16 ONNX (its intermediate) before it builds: a build stopped by Ctrl-C or refused
-    left it beside no plan, and the rerun was refused for it ("exists: pass --force"; an audit). A build that writes
-    no plan now removes the FP16 ONNX it wrote; one that wrote a plan keeps it (the sidecar names it)."""
+    """`trt --fp16` wrote the FP16 ONNX (its intermediate) before it built: a build stopped by Ctrl-C or refused
+    left it beside no plan, and the rerun was refused for it (an audit); the CLI then removed one it had made, but a
+    --force rebuild stopped before any plan left the rewritten FP16 ONNX beside the kept plan, whose sidecar
+    describes the old one (a review). The FP16 ONNX now goes to disk with the first plan: a stopped build leaves
+    none, or the old one as it was, and no temp file."""
     from cli_helpers import cli
 
     import dtop_export.engines.tensorrt.builder as builder_mod
-    from dtop_export.errors import Interrupted
+    from dtop_export.engines.tensorrt.watch import BuildWatch
 
+    class CtrlCIn(BuildWatch):  # Ctrl-C in build number `at` (from 1), before TensorRT's first step
+        at = 1
+
+        def monitor(self, trt: object, logger: object) -> object:
+            self.builds = getattr(self, "builds", 0) + 1
+            self.interrupted = self.interrupted or self.builds == self.at
+            return super().monitor(trt, logger)
+
+    monkeypatch.setattr(builder_mod, "BuildWatch", CtrlCIn)
     src = tmp_path / "m.onnx"
     src.write_bytes(tiny.read_bytes())
-
-    def stopped(onnx: Path, plans: list[Path], **kw: object) -> None:
-        Path(str(kw["fp16_onnx_path"])).write_bytes(b"fp16 onnx")  # as prepare_fp16_onnx does, before the build
-        raise Interrupted("the TensorRT build was stopped; no plan written")
-
-    monkeypatch.setattr(builder_mod, "build_engines", stopped)
-    assert cli("trt", str(src), "--fp16", "--target", "sm86") == 130
+    args = ("trt", str(src), "--fp16", *TINY_PROFILE, "--target")
+    assert cli(*args, "sm86") == 130
     assert "no plan written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
-
-    def one_written(onnx: Path, plans: list[Path], **kw: object) -> None:
-        Path(str(kw["fp16_onnx_path"])).write_bytes(b"fp16 onnx")
-        plans[0].write_bytes(b"plan")
-        raise Interrupted("the TensorRT build was stopped; kept the first")
-
-    monkeypatch.setattr(builder_mod, "build_engines", one_written)
-    assert cli("trt", str(src), "--fp16", "--target", "sm86,sm89") == 130
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "m.sm86.plan"]
-    # a --force rebuild stopped before any plan: the FP16 ONNX was there before it (the kept plan's sidecar names
-    # it), so it stays (it was removed; a review)
-    monkeypatch.setattr(builder_mod, "build_engines", stopped)
-    assert cli("trt", str(src), "--fp16", "--target", "sm86,sm89", "--force") == 130
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx", "m.sm86.plan"]
+    CtrlCIn.at = 2  # in the second of two targets: the first plan stays, and the FP16 ONNX it was built from
+    assert cli(*args, "sm86,sm89") == 130
+    kept = ["m.fp16.onnx", "m.onnx", "m.sm86.plan", "m.sm86.plan.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    fp16 = (tmp_path / "m.fp16.onnx").read_bytes()
+    CtrlCIn.at = 1  # a --force rebuild that would write another FP16 ONNX, stopped before any plan
+    assert cli(*args, "sm86,sm89", "--force", "--keep-fp32", "head_fc") == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept and (tmp_path / "m.fp16.onnx").read_bytes() == fp16
+    CtrlCIn.at = 0  # and when it writes its plans, the new FP16 ONNX with them
+    assert cli(*args, "sm86,sm89", "--force", "--keep-fp32", "head_fc") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "m.sm89.plan", "m.sm89.plan.json"])
+    assert (tmp_path / "m.fp16.onnx").read_bytes() != fp16
 
 
 # flavour logic (no builds) --------------------------------------------------------------------------------------

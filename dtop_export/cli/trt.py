@@ -180,17 +180,8 @@ def trt(
         "device": device,
         "backend": backend,
     }
-    # the FP16 ONNX is the build's intermediate: a build that writes no plan (Ctrl-C, a refusal) leaves none it made
-    fp16_made = fp16 and not weak_typing and fp16_path.resolve() != model.resolve()
-    before = {p: file_state(p) for p in [*outputs, fp16_path]}
-    try:
-        with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase as it starts
-            results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
-    except BaseException:
-        untouched = all(file_state(p) == before[p] for p in outputs)
-        if fp16_made and untouched and before[fp16_path] is None:  # one this run made (one there before stays)
-            fp16_path.unlink(missing_ok=True)
-        raise
+    with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase as it starts
+        results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
     for r in results:
         p = r.info.precision
         net = p.get("network") or {}
@@ -208,12 +199,3 @@ def trt(
             "(`dtop-export parity`/`embed` there check it)",
             soft_wrap=True,
         )
-
-
-def file_state(path: Path) -> tuple[int, int] | None:
-    """(inode, mtime in ns) of ``path``, None when absent: whether a build wrote (or replaced) it."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns

@@ -315,12 +315,23 @@ def prepare_fp16_onnx(
     else its FP16 conversion written to ``out_path``. Returns (path, FP32 island nodes)."""
     import onnx
 
+    converted, fp32_nodes = fp16_onnx_model(onnx_path, keep_fp32_nodes, keep_fp32_ops)
+    if converted is None:
+        return Path(onnx_path), fp32_nodes
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(converted, str(tmp))
+    return Path(out_path), fp32_nodes
+
+
+def fp16_onnx_model(
+    onnx_path: Path, keep_fp32_nodes: Sequence[str] = (), keep_fp32_ops: Sequence[str] | None = None
+) -> tuple[onnx.ModelProto | None, list[str]]:
+    """(the FP16 conversion of ``onnx_path``, its FP32 island nodes), in memory; (None, the islands it records) when
+    ``onnx_path`` is FP16 already (:func:`prepare_fp16_onnx` without the write)."""
     model = load_onnx(onnx_path)
     if is_fp16_model(model):
         if keep_fp32_nodes:
             raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
-        return Path(onnx_path), fp32_nodes_of(model)
+        return None, fp32_nodes_of(model)
     converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
-    with atomic_path(out_path) as tmp:
-        onnx.save_model(converted, str(tmp))
-    return Path(out_path), fp32_nodes_of(converted)
+    return converted, fp32_nodes_of(converted)

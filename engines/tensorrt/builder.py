@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtop_export.atomic import atomic_path, atomic_write_bytes
+from dtop_export.atomic import atomic_paths, atomic_write_bytes, output_folder
 from dtop_export.contract import load_onnx, metadata_of
 from dtop_export.digest import file_sha256
 from dtop_export.engines.tensorrt.install import (
@@ -41,13 +41,14 @@ from dtop_export.engines.tensorrt.install import (
     version_tuple,
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
-from dtop_export.engines.tensorrt.profiles import Profile, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, sidecar_path, write_sidecar
+from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, make_profiles
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, write_sidecar
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
-from dtop_export.errors import DToPError, Interrupted
-from dtop_export.fp16.convert import prepare_fp16_onnx
+from dtop_export.errors import DToPError
+from dtop_export.fp16.convert import fp16_onnx_model
 from dtop_export.logs import quiet_logger
+from dtop_export.onnx_graph import name_nodes
 
 log = logging.getLogger("dtop_export.engines.tensorrt")
 
@@ -139,12 +140,13 @@ def build_engine(
     TensorRT-RTX for the named compute capability ``target`` (``"sm86"``; no GPU needed).
 
     ``fp16``: strongly typed FP16 ONNX with FP32 islands (written to ``fp16_onnx_path``, default
-    ``<plan>.fp16.onnx``), or with ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands'
-    layers pinned to FP32. ``profiles`` default to :func:`make_profiles`'s. ``timing_cache`` (TensorRT) is
-    loaded when it exists and saved after the build (a corrupt or foreign cache is replaced, with a warning).
-    ``tf32=False`` for strict FP32 parity. ``detailed_profile`` keeps per-layer precision for the engine
-    inspector (the self-test reads it). ``device`` is made current before any TensorRT object exists.
-    ``backend``: ``auto`` (the installed flavour; TensorRT when both are), ``tensorrt`` or ``rtx``.
+    ``<plan>.fp16.onnx``, with the first plan: a build that writes no plan leaves an old one as it was), or with
+    ``weak_typing`` (TensorRT 10.0–10.11) the FP16 flag with the islands' layers pinned to FP32. ``profiles``
+    default to :func:`make_profiles`'s. ``timing_cache`` (TensorRT) is loaded when it exists and saved after the
+    build (a corrupt or foreign cache is replaced, with a warning). ``tf32=False`` for strict FP32 parity.
+    ``detailed_profile`` keeps per-layer precision for the engine inspector (the self-test reads it). ``device``
+    is made current before any TensorRT object exists. ``backend``: ``auto`` (the installed flavour; TensorRT when
+    both are), ``tensorrt`` or ``rtx``.
     """
     targets = None if target is None else [parse_target(target) if isinstance(target, str) else target]
     return build_engines(
@@ -200,6 +202,9 @@ def build_engines(
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
+    fp16_dst = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
+    if fp16 and not weak_typing and not onnx_is_fp16 and fp16_dst.resolve() == onnx_path.resolve():
+        raise DToPError(f"--fp16-onnx {fp16_dst} is the float32 ONNX it is made from: name another file")
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
     flavour = resolve_flavour(backend, named_target=bool(targets))
@@ -229,10 +234,14 @@ def build_engines(
 
     # what the parser reads, and which nodes stay FP32
     keep_nodes: list[str] = []
-    source = onnx_path
-    if fp16 and not weak_typing:
-        dst = Path(fp16_onnx_path) if fp16_onnx_path else plans[0].with_suffix(".fp16.onnx")
-        source, keep_nodes = prepare_fp16_onnx(onnx_path, dst, keep_fp32_nodes)
+    source, parsed_model, fp16_model = onnx_path, named_model, None
+    if fp16 and not weak_typing:  # the FP16 ONNX goes to disk with the first plan: a build that writes no plan
+        fp16_model, keep_nodes = fp16_onnx_model(onnx_path, keep_fp32_nodes)  # leaves none (an old one as it was)
+        if fp16_model is not None:
+            source = fp16_dst
+            output_folder(source)  # a missing folder fails now, not after the build
+            name_nodes(fp16_model)
+            parsed_model = fp16_model
     elif fp16:
         from dtop_export.fp16.convert import plan_fp32_islands
 
@@ -242,7 +251,6 @@ def build_engines(
 
         fp16 = True  # the file's types decide: an FP16 ONNX builds FP16 even without the flag
         keep_nodes = fp32_nodes_of(named_model)
-    parsed_model = named_model if source == onnx_path else _onnx_facts(source)[0]
     built_meta = metadata_of(parsed_model)
 
     if gpu is not None and not targets:
@@ -263,15 +271,16 @@ def build_engines(
     if not parsed:
         lines = parser_error_lines(parser) or [logger.last_error or "unknown parser error"]
         more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        checked = onnx_path if fp16_model is not None else source  # an FP16 ONNX is not written without a plan
         raise DToPError(
             f"{flavour.label}'s ONNX parser rejected {source.name}: {lines[0]}{more}; "
-            f"`dtop-export check {source} --target tensorrt` lists every problem"
+            f"`dtop-export check {checked} --target tensorrt` lists every problem"
         )
     if network.num_inputs != 1:
         raise DToPError(f"{source.name} has {network.num_inputs} inputs: a dtop-export model has one (images)")
     inp = network.get_input(0)
     input_name, net_shape = inp.name, tuple(inp.shape)
-    _check_static_dims(net_shape, profiles)
+    check_static_dims(net_shape, profiles)
     output_name = network.get_output(0).name if network.num_outputs else "descriptors"
     precision_facts: dict[str, Any] = {}
     if strong:
@@ -329,13 +338,16 @@ def build_engines(
             monitor = watch.monitor(trt, logger)  # progress, and Ctrl-C's stop at the next step
             if monitor is not None:
                 config.progress_monitor = monitor
-            serialized = builder.build_serialized_network(network, config)
-            _stop_if_interrupted(watch, results)
+            with watch.building():  # a second Ctrl-C in here exits at once
+                serialized = builder.build_serialized_network(network, config)
+            watch.stop_if_interrupted()
             if serialized is None:
                 hint = build_failure_hint(logger.last_error, workspace_gb)
                 raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
-            with atomic_path(plan_path) as staged:  # the old sidecar goes once the new plan is on disk
-                staged.write_bytes(memoryview(serialized))
+            with atomic_paths([source, plan_path] if fp16_model is not None and k == 0 else [plan_path]) as staged:
+                staged[-1].write_bytes(memoryview(serialized))  # the FP16 ONNX and the first plan go into place
+                if len(staged) == 2:  # together
+                    staged[0].write_bytes(fp16_model.SerializeToString())
                 sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan not written for it
             if cache_path is not None:
                 atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -346,6 +358,7 @@ def build_engines(
                 version,
                 built_for(gpu, target),
                 profiles,
+                plan=plan_path,
                 precision={
                     "mode": "fp16" if fp16 else "fp32",
                     "typing": "weak" if weak_typing else "strong",
@@ -369,15 +382,9 @@ def build_engines(
             )
             side = write_sidecar(plan_path, info)
             results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
-            _stop_if_interrupted(watch, results)
+            watch.kept.append(plan_path)
+            watch.stop_if_interrupted()
     return results
-
-
-def _stop_if_interrupted(watch: BuildWatch, done: Sequence[BuildResult]) -> None:
-    """Ctrl-C came during the build (:class:`BuildWatch`): stop, naming the plans already written whole."""
-    if watch.interrupted:
-        kept = f"kept {', '.join(str(r.plan) for r in done)} (each with its sidecar)" if done else "no plan written"
-        raise Interrupted(f"the TensorRT build was stopped; {kept}")
 
 
 def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
@@ -395,26 +402,13 @@ def built_for(gpu: GpuInfo | None, target: Target | None) -> dict[str, Any]:
     return {"name": gpu.name, "compute_capability": gpu.compute_capability, "index": gpu.index, "target": None}
 
 
-def _check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) -> None:
-    """A static ONNX dimension must equal min = opt = max of every profile."""
-    if len(net_shape) != 4:
-        raise DToPError(f"the network input has rank {len(net_shape)}: expected images [B, 3, H, W]")
-    names = ("batch", "channels", "height", "width")
-    for p in profiles:
-        for d, (fixed, lo, op, hi) in enumerate(zip(net_shape, p.min, p.opt, p.max)):
-            if fixed >= 0 and not fixed == lo == op == hi:
-                raise DToPError(
-                    f"the ONNX fixes {names[d]} = {fixed} but the profile asks {lo}..{hi}: make --min/--opt/--max "
-                    f"use {fixed} there, or re-export without --static/--batch"
-                )
-
-
 def plan_info(
     flavour: Flavour,
     tensorrt_version: str,
     gpu: dict[str, Any],
     profiles: Sequence[Profile],
     *,
+    plan: Path,
     precision: dict[str, Any],
     onnx_path: Path,
     built_from: Path,
@@ -423,9 +417,10 @@ def plan_info(
     input_name: str,
     output_name: str,
 ) -> PlanInfo:
-    """The sidecar of a finished build. ``metadata`` is that of the ONNX TensorRT parsed (``built_from``: the
-    FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32 islands); ``build.cuda`` is the
-    CUDA that the flavour's wheels were built for and ``build.driver_cuda`` what the driver supports."""
+    """The sidecar of ``plan``, a finished build (ONNX paths relative to its folder). ``metadata`` is that of the ONNX
+    TensorRT parsed (``built_from``: the FP16 file for strongly typed FP16, with its ``dtop.precision`` and FP32
+    islands); ``build.cuda`` is the CUDA that the flavour's wheels were built for and ``build.driver_cuda`` what the
+    driver supports."""
     from dtop_export import __version__
 
     trt_cuda = tensorrt_cuda_major(flavour)
@@ -435,7 +430,7 @@ def plan_info(
         gpu=gpu,
         profiles=[p.to_dict() for p in profiles],
         precision=precision,
-        onnx={"path": str(onnx_path), "sha256": file_sha256(onnx_path), "built_from": str(built_from)},
+        onnx=onnx_record(plan, onnx_path, built_from, file_sha256(onnx_path)),
         build={
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cuda": str(trt_cuda) if trt_cuda else None,

@@ -137,17 +137,39 @@ def cuda_gpu(index: int = 0) -> GpuInfo | None:
     return GpuInfo(torch.cuda.get_device_name(index), f"{major}.{minor}", index)
 
 
+def cuda_device_count() -> int:
+    """How many CUDA GPUs torch sees (0 without CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def missing_device(index: int) -> str | None:
+    """``device 1 does not exist: this machine has 1 CUDA GPU (0)`` when there are GPUs but not ``index``; None when
+    it exists or there is none (a different problem, said differently)."""
+    n = cuda_device_count()
+    if n == 0 or 0 <= index < n:
+        return None
+    return f"device {index} does not exist: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (" + (
+        f"0..{n - 1})" if n > 2 else ", ".join(map(str, range(n))) + ")"
+    )
+
+
 def require_tensorrt_and_gpu(index: int = 0, flavour: Flavour = TENSORRT) -> tuple[ModuleType, GpuInfo]:
     """``flavour`` and a CUDA GPU it supports, or one :class:`DToPError` line naming what is missing."""
     gpu = cuda_gpu(index)
     try:
         trt = import_tensorrt(flavour)
     except DToPError as e:
-        if gpu is None:
+        if gpu is None and cuda_device_count() == 0:
             raise DToPError(
                 f"{flavour.label} is not installed and no CUDA GPU is visible: {flavour.install_hint}"
             ) from e
         raise
+    if gpu is None and (missing := missing_device(index)):
+        raise DToPError(missing)
     if gpu is None:
         if flavour.named_targets:
             raise DToPError(

@@ -113,3 +113,17 @@ def split_batches(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int
         stop = min(start + max_batch, n)
         out.append((start, stop, max(0, min_batch - (stop - start))))
     return out
+
+
+def check_static_dims(net_shape: Sequence[int], profiles: Sequence[Profile]) -> None:
+    """A static ONNX dimension must equal min = opt = max of every profile."""
+    if len(net_shape) != 4:
+        raise DToPError(f"the network input has rank {len(net_shape)}: expected images [B, 3, H, W]")
+    names = ("batch", "channels", "height", "width")
+    for p in profiles:
+        for d, (fixed, lo, op, hi) in enumerate(zip(net_shape, p.min, p.opt, p.max)):
+            if fixed >= 0 and not fixed == lo == op == hi:
+                raise DToPError(
+                    f"the ONNX fixes {names[d]} = {fixed} but the profile asks {lo}..{hi}: make --min/--opt/--max "
+                    f"use {fixed} there, or re-export without --static/--batch"
+                )

@@ -61,11 +61,12 @@ class TensorRTEngine(Engine):
             trt, gpu = require_tensorrt_and_gpu(device, self.flavour)
         except DToPError as e:
             why = str(e)
-            if install.cuda_gpu(device) is None and self.flavour in install.installed_flavours():
+            no_gpu = install.cuda_gpu(device) is None and install.cuda_device_count() == 0  # none (not: no such index)
+            if no_gpu and self.flavour in install.installed_flavours():
                 cc = str(self.info.gpu.get("compute_capability", "?"))  # not the builder's --target hint: it is built
                 why = f"no CUDA GPU is visible (device {device}); run it on a GPU of {describe(cc)}"
             raise DToPError(f"{self.source} was built with {self.info.built_with()}: {why}") from e
-        problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour)
+        problem, warning = compatibility(self.info, trt.__version__, gpu, self.flavour, self.source)
         if problem:
             raise DToPError(f"{self.source}: {problem}")
         if warning:

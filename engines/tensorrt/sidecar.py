@@ -1,11 +1,13 @@
 """The JSON sidecar of a ``.plan`` (``model.plan.json``): the backend (TensorRT or TensorRT-RTX) and its version,
 the GPU or named target, profiles, precision (FP32 islands, the parsed network's types), the ONNX it was built
-from (path, SHA-256) and the model's deployment metadata. The runner reads it before TensorRT does, so an engine
-built by another backend, version or for another GPU fails with that message instead of crashing."""
+from (SHA-256, and paths relative to the plan's folder: ``onnx.relative_to`` is ``plan``; older sidecars hold them
+relative to where the build ran) and the model's deployment metadata. The runner reads it before TensorRT does, so
+an engine built by another backend, version or for another GPU fails with that message instead of crashing."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,15 @@ class PlanInfo:
         where = f"on {name} (compute capability {cc})" if name else f"for {self.gpu.get('target') or cc} (no GPU)"
         return f"{self.flavour.label} {self.tensorrt_version} {where}"
 
+    def onnx_file(self, plan: str | Path | None, key: str = "path") -> str:
+        """The ONNX recorded under ``key`` (``path``: the source, ``built_from``: what TensorRT parsed) as a path that
+        works from any folder: resolved against ``plan``'s folder. A sidecar without ``relative_to`` recorded it
+        relative to the folder the build ran in, which is unknown: given as recorded."""
+        recorded = str(self.onnx.get(key) or "model.onnx")
+        if plan is None or self.onnx.get("relative_to") != "plan":
+            return recorded
+        return os.path.normpath(Path(plan).absolute().parent / recorded)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -64,6 +75,21 @@ def sidecar_path(plan: str | Path) -> Path:
     """``model.plan`` -> ``model.plan.json``."""
     plan = Path(plan)
     return plan.with_name(plan.name + ".json")
+
+
+def onnx_record(plan: str | Path, onnx_path: Path, built_from: Path, sha256: str) -> dict[str, str]:
+    """The sidecar's ``onnx``: the source ONNX and the one TensorRT parsed, relative to ``plan``'s folder
+    (:meth:`PlanInfo.onnx_file` resolves them), so a rebuild hint works from any folder, also once the plan's
+    folder was copied elsewhere with its ONNX."""
+    folder = Path(plan).absolute().parent
+
+    def relative(path: Path) -> str:
+        try:
+            return os.path.relpath(path.absolute(), folder)
+        except ValueError:  # on another drive (Windows)
+            return str(path.absolute())
+
+    return {"path": relative(onnx_path), "sha256": sha256, "built_from": relative(built_from), "relative_to": "plan"}
 
 
 def write_sidecar(plan: str | Path, info: PlanInfo) -> Path:
@@ -110,17 +136,21 @@ def describe_plan(plan: str | Path) -> dict[str, Any]:
         "gpu": info.gpu,
         "precision": info.precision,
         "profiles": info.profiles,
-        "onnx": info.onnx,
+        "onnx": {
+            k: info.onnx_file(plan, k) if k in ("path", "built_from") else v  # paths from here
+            for k, v in info.onnx.items()
+            if k != "relative_to"
+        },
         "build": info.build,
         "io": {"input": info.input_name, "output": info.output_name},
     } | metadata_report(info.metadata)
 
 
 def compatibility(
-    info: PlanInfo, tensorrt_version: str, gpu: GpuInfo, flavour: Flavour | None = None
+    info: PlanInfo, tensorrt_version: str, gpu: GpuInfo, flavour: Flavour | None = None, plan: str | Path | None = None
 ) -> tuple[str | None, str | None]:
-    """(error, warning) for running an engine described by ``info`` with ``flavour`` (default: the plan's own)
-    ``tensorrt_version`` on ``gpu``.
+    """(error, warning) for running an engine described by ``info`` (the sidecar of ``plan``: the rebuild hint names
+    its ONNX from there) with ``flavour`` (default: the plan's own) ``tensorrt_version`` on ``gpu``.
 
     Plans are tied to the backend that built them (TensorRT or TensorRT-RTX), its exact version and the GPU's
     compute capability; a different GPU model of the same compute capability loads but may run slower than on
@@ -130,7 +160,7 @@ def compatibility(
     built = info.built_with()
     here = f"{flavour.label} {tensorrt_version} on {gpu.name} (compute capability {gpu.compute_capability})"
     built_gpu, built_cc = info.gpu.get("name"), str(info.gpu.get("compute_capability", "?"))
-    onnx = info.onnx.get("path", "model.onnx")
+    onnx = info.onnx_file(plan)
     rebuild = f"rebuild it here with `dtop-export trt {onnx}`"
     if info.backend == "rtx" and gpu.compute_capability not in RTX_COMPUTE_CAPABILITIES:
         rebuild = (

@@ -7,31 +7,125 @@ lost and the plan written anyway. :class:`BuildWatch` turns Ctrl-C into a flag f
 hands TensorRT an ``IProgressMonitor`` (TensorRT 10.0+, TensorRT-RTX) that reports each optimizer phase and
 answers "stop" at the next step once the flag is set; the builder then raises
 :class:`~dtop_export.errors.Interrupted` before it writes anything more.
+
+Python runs a signal handler only when the main thread runs Python, which during a build is TensorRT's next
+callback (~1 s later on the small preset here, minutes where TensorRT times tactics), so the handler alone tells
+the user nothing until then. A listener thread woken through :func:`signal.set_wakeup_fd` says at once that the
+build stops at the next step (TensorRT-RTX 1.7 releases the GIL while it builds, measured; a binding that held it
+would delay the line to the next callback, as before); a second Ctrl-C while TensorRT builds exits 130 at once:
+nothing is on disk then but finished plans (each with its sidecar), since the build writes its files only after
+TensorRT returns and the FP16 ONNX only with the first plan.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+from dtop_export.errors import Interrupted
 
 
 class BuildWatch:
     """Ctrl-C noted (not raised) and optimizer phases reported while TensorRT builds; see the module notes."""
 
+    STOPPING = "stopping at TensorRT's next step (Ctrl-C again to abort now)"
+
     def __init__(self) -> None:
         self.interrupted = False
         self.report: Callable[[str], None] | None = None  # hears "Timing tactics (2/3)"
+        self.kept: list[Path] = []  # plans written whole (each with its sidecar): what a stop keeps
+        self._presses = 0
+        self._in_build = False
+        self._listening = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._listening:  # no listener thread: the handler runs at TensorRT's next callback
+            self._press()
         self.interrupted = True
+
+    def _press(self) -> None:
+        """One Ctrl-C: the first says that the build stops at the next step, a second one during the build exits."""
+        self._presses += 1
+        self.interrupted = True
+        if self._presses == 1:
+            with contextlib.suppress(Exception):  # no stderr to tell it on: the stop still comes
+                print(self.STOPPING, file=sys.stderr, flush=True)
+        elif self._in_build:
+            self._abort_now()
+
+    def _abort_now(self) -> None:
+        """Exit 130 at once, TensorRT still building (no exception reaches Python through TensorRT's callbacks)."""
+        with contextlib.suppress(OSError):
+            if os.isatty(1):
+                os.write(1, b"\x1b[?25h\n")  # the status line hid the cursor, and nothing else will show it again
+            os.write(2, f"interrupted: the TensorRT build was aborted; {self.kept_line()}\n".encode())
+        os._exit(130)
+
+    def kept_line(self) -> str:
+        return f"kept {', '.join(map(str, self.kept))} (each with its sidecar)" if self.kept else "no plan written"
+
+    def stop_if_interrupted(self) -> None:
+        """Ctrl-C came during the build: stop (:class:`~dtop_export.errors.Interrupted`), naming the plans kept."""
+        if self.interrupted:
+            raise Interrupted(f"the TensorRT build was stopped; {self.kept_line()}")
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Around ``build_serialized_network``: a second Ctrl-C in here exits at once."""
+        self._in_build = True
+        try:
+            yield
+        finally:
+            self._in_build = False
+
+    @contextlib.contextmanager
+    def _listener(self) -> Iterator[None]:
+        """A thread that hears each SIGINT the moment it arrives (the C-level handler writes its number to a pipe),
+        whatever the main thread is doing. Not where another wakeup fd is set (an event loop's) or can be."""
+        read_fd, write_fd = os.pipe()
+        try:
+            os.set_blocking(write_fd, False)
+            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # Windows takes a socket there: the handler says it, at the next callback
+            previous = None
+        if previous != -1:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            _close(read_fd, write_fd)
+            yield
+            return
+
+        def listen() -> None:
+            while data := os.read(read_fd, 64):
+                for signum in data:
+                    if signum == 0:  # the end, written below
+                        return
+                    if signum == signal.SIGINT:
+                        self._press()
+
+        self._listening = True  # from here each SIGINT is the listener's (counted once)
+        thread = threading.Thread(target=listen, name="dtop-export-ctrl-c", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(-1)
+            self._listening = False
+            os.write(write_fd, b"\0")
+            thread.join()
+            _close(read_fd, write_fd)
 
     @contextlib.contextmanager
     def deferring_ctrl_c(self) -> Iterator[BuildWatch]:
-        """While inside: SIGINT sets :attr:`interrupted` instead of raising (only on the main thread, and only
-        where Python's own Ctrl-C handler is installed: a caller with its own keeps it)."""
+        """While inside: SIGINT sets :attr:`interrupted` instead of raising, said at once by a listener thread (only
+        on the main thread, and only where Python's own Ctrl-C handler is installed: a caller with its own keeps
+        it)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -41,7 +135,8 @@ class BuildWatch:
             return
         signal.signal(signal.SIGINT, self._on_signal)
         try:
-            yield self
+            with self._listener():
+                yield self
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -79,6 +174,11 @@ class BuildWatch:
                 self.steps.pop(phase_name, None)
 
         return _Monitor()
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def build_failure_hint(error: str, workspace_gb: float) -> str:
