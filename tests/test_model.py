@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dtop_export.errors import DToPError, ShapeError
 from dtop_export.model import DToP, DynamicPosEmbed, WaveBlock, build_model, get_preset, parameter_counts
-from dtop_export.model.backbone import create_vit, make_same_padding_static
+from dtop_export.model.backbone import StdConv2dStaticSame, create_vit, make_same_padding_static
 
 
 @pytest.mark.parametrize(("h", "w"), [(256, 256), (192, 320), (320, 192), (64, 128), (16, 16)])
@@ -121,6 +121,56 @@ def test_static_same_padding_equals_timm_dynamic_padding() -> None:
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             torch.testing.assert_close(static(x), stem(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_standardisation_runs_once_per_state_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a gradient the stem's standardised weights are computed once per state of the weights and reused
+    (the same bits as computing them in every pass, the old forward); an optimiser step, loaded weights or a
+    move are never served a stale copy, and a pass that records a gradient computes them (and drops the copy)."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).eval()
+    convs = [m for m in model.modules() if isinstance(m, StdConv2dStaticSame)]
+    calls: list[StdConv2dStaticSame] = []
+    standardize = StdConv2dStaticSame.standardized_weight
+
+    def counted(self: StdConv2dStaticSame) -> torch.Tensor:
+        calls.append(self)
+        return standardize(self)
+
+    monkeypatch.setattr(StdConv2dStaticSame, "standardized_weight", counted)
+    x = torch.randn(2, 3, 64, 96)
+
+    def every_pass() -> torch.Tensor:  # the forward as it was: standardised in the pass
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(StdConv2dStaticSame, "inference_weight", counted)
+            return model(x)
+
+    with torch.no_grad():
+        first, again = model(x), model(x)
+    with torch.inference_mode():
+        third = model(x)
+    assert len(calls) == len(convs) > 0  # once each, for three passes
+    assert torch.equal(first, every_pass()) and torch.equal(again, first) and torch.equal(third, first)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()  # records a gradient: computed in the pass, the copies dropped
+    assert not any("_standardized" in c.__dict__ for c in convs)
+    optimizer.step()  # updates the weights in place
+    with torch.no_grad():
+        stepped = model(x)
+    assert torch.equal(stepped, every_pass()) and not torch.equal(stepped, first)
+
+    with torch.no_grad():
+        model(x)  # cached again, then the weights change in place behind it
+    torch.manual_seed(1)
+    model.load_state_dict(build_model(get_preset("small")).state_dict())
+    with torch.no_grad():
+        loaded = model(x)
+    assert torch.equal(loaded, every_pass()) and not torch.equal(loaded, stepped)
+    model.double()  # new tensors (dtype and storage): recomputed, in float64
+    with torch.no_grad():
+        assert model(x.double()).dtype == torch.float64
+    assert {c.__dict__["_standardized"][2].dtype for c in convs} == {torch.float64}
 
 
 def test_only_strided_same_layers_pad_and_only_their_asymmetric_part(small_model: DToP) -> None:

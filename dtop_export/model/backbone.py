@@ -157,13 +157,31 @@ class StdConv2dStaticSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(self.static_pad):
             x = F.pad(x, self.static_pad)
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.inference_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
         return (w - mean) / torch.sqrt(var + self.eps)
+
+    def inference_weight(self) -> torch.Tensor:
+        """:meth:`standardized_weight`, computed once per state of the weight while no gradient is recorded (eval,
+        validation, the fp32 parity reference): the same ops on the same weight, so the same bits, without redoing
+        them in every forward pass (on a CPU, ~0.35 s of each pass of the r50-vitb16 model, half of it at 64-128 px).
+        The state is the weight tensor itself, its storage and its version counter (bumped by every in-place
+        update: an optimiser step, ``load_state_dict``, ``.to()``). Traced (torch.compile, torch.export), or
+        recording a gradient, it is computed in the forward pass as before, and a cached copy is dropped."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            self.__dict__.pop("_standardized", None)
+            return self.standardized_weight()
+        w = self.weight
+        state = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_standardized")
+        if cached is None or cached[0] is not w or cached[1] != state:
+            cached = (w, state, self.standardized_weight())
+            self.__dict__["_standardized"] = cached
+        return cached[2]
 
 
 class MaxPool2dStaticSame(nn.MaxPool2d):
