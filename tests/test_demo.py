@@ -119,16 +119,22 @@ def test_demo_rebuilds_from_a_given_checkpoint(
     demo_dir: tuple[Path, subprocess.CompletedProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--checkpoint replaces training; its whitening is kept; downstream stages are rebuilt, not reused. (In the
-    test's process, the FP16 preview on 8 of the set's 110 images: the stages are what is tested, and the full
-    audit is the first run's; this saves ~30 s of CI.)"""
+    test's process, the FP16 preview on 8 of the set's 110 images and parity + evaluation at 96 px instead of the
+    set's 256: the stages are what is tested, the full-size runs are the first run's; this saves ~45 s of CI.)"""
+    import dataclasses
+
     from dtop_export.fp16 import audit
     from dtop_export.pipeline.demo import DemoSettings, run_demo
+    from dtop_export.retrieval import datasets
 
     work, first = demo_dir
     assert first.returncode == 0
-    real_audit = audit.fp16_audit
+    real_audit, real_resolve = audit.fp16_audit, datasets.resolve_dataset
     monkeypatch.setattr(
         audit, "fp16_audit", lambda onnx_path, ds: real_audit(onnx_path, ds.images[:8], image_size=ds.image_size)
+    )
+    monkeypatch.setattr(
+        datasets, "resolve_dataset", lambda *a, **kw: dataclasses.replace(real_resolve(*a, **kw), image_size=96)
     )
     result = run_demo(DemoSettings(workdir=work, checkpoint=work / "model.pt", progress=False))
     assert result.passed
@@ -139,6 +145,7 @@ def test_demo_rebuilds_from_a_given_checkpoint(
     assert stages["onnx"]["status"] == "built" and stages["parity"]["status"] == "built"
     report = json.loads((work / "parity.json").read_text())
     assert report["passed"] and [e["engine"]["precision"] for e in report["engines"]] == ["fp32"]
+    assert report["image_size"] == 96  # the patch reached the rebuilt stages
 
 
 @pytest.mark.parametrize(
