@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,9 @@ def output_folder(dest: str | os.PathLike[str]) -> Path:
 
 
 def file_state(path: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission): a file written or
-    replaced since (an atomic write's rename too) has another state."""
+    """(bytes, mtime_ns) of ``path``, None when it cannot be stat'ed (gone, no permission): a file written since
+    (an atomic write's rename too) has another state, unless it kept its size and its mtime was set back (``cp -p``,
+    ``rsync -t``, ``tar x``) or the file system's clock is coarser than the two writes."""
     try:
         st = os.stat(path)
     except OSError:
@@ -95,8 +96,22 @@ def signals_held() -> Iterator[None]:
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(arrived):
+        _deliver(dict.fromkeys(arrived))
+
+
+def _deliver(signums: Iterable[int]) -> None:
+    """Raise each signal in turn through its handler; one whose handler raises (KeyboardInterrupt) does not keep
+    the next from being delivered (Ctrl-C then SIGTERM: the SIGTERM handler runs too); the first error is raised."""
+    import signal
+
+    error: BaseException | None = None
+    for s in signums:
+        try:
             signal.raise_signal(s)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once every signal is delivered
+            error = error or e
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ def bake_weight_standardization(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, StdConv2dStaticSame):
             m.weight.copy_(m.standardized_weight())
+            m.__dict__.pop("_standardized", None)  # a cached copy (cache_weight_standardization) is of no use now
             m.__class__ = Conv2dStaticPad
             count += 1
     return count

@@ -86,6 +86,10 @@ class TorchEngine(Engine):
     cuDNN's TF32 off (process-wide settings, as PyTorch has them): float32 convolutions are float32, the fp32
     reference's and a bf16/fp16 engine's FP32 first convolution alike, whichever engine a process opened first
     (an fp32 engine alone turned it off: a later fp16 engine's parity then differed from one opened alone).
+
+    Eager fp32/``half`` engines standardise the stem's weights once, not in every pass
+    (:func:`~dtop_export.model.backbone.cache_weight_standardization`, the same bits): change the model's weights
+    after building the engine only through tracked in-place ops (``load_state_dict``, ``copy_``), never ``.data``.
     """
 
     name = "pytorch"
@@ -141,6 +145,10 @@ class TorchEngine(Engine):
             self.model = model.eval().to(device)
         if cast == "half":
             self.model = self.model.half()
+        if cast != "autocast" and self.compile_mode is None:  # autocast folds it; compiled, inductor freezes it
+            from dtop_export.model.backbone import cache_weight_standardization
+
+            cache_weight_standardization(self.model)  # the engine's weights are fixed: standardised once
         if on_cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cudnn.allow_tf32 = False  # float32 convolutions in float32 (matmuls: PyTorch's default)

@@ -123,10 +123,15 @@ def test_static_same_padding_equals_timm_dynamic_padding() -> None:
             torch.testing.assert_close(static(x), stem(x), rtol=1e-5, atol=1e-5)
 
 
-def test_weight_standardisation_runs_once_per_state_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a gradient the stem's standardised weights are computed once per state of the weights and reused
-    (the same bits as computing them in every pass, the old forward); an optimiser step, loaded weights or a
-    move are never served a stale copy, and a pass that records a gradient computes them (and drops the copy)."""
+def test_weight_standardisation_cached_once_per_state_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With caching on (and no gradient recorded) the stem's standardised weights are computed once per state of
+    the weights and reused, the same bits as computing them in every pass; an optimiser step, loaded weights, a
+    dtype round trip or inference-mode weights are never served a stale copy; off (the default), every pass
+    computes them, and the eager fp32 engine turns it on."""
+    from dtop_export.engines.pytorch import TorchEngine
+    from dtop_export.model.backbone import cache_weight_standardization, weight_standardization_cached
+    from dtop_export.preprocess import default_preprocess
+
     torch.manual_seed(0)
     model = build_model(get_preset("small")).eval()
     convs = [m for m in model.modules() if isinstance(m, StdConv2dStaticSame)]
@@ -146,31 +151,47 @@ def test_weight_standardisation_runs_once_per_state_of_the_weights(monkeypatch: 
             return model(x)
 
     with torch.no_grad():
-        first, again = model(x), model(x)
+        model(x), model(x)
+    assert len(calls) == 2 * len(convs) > 0  # off by default
+    calls.clear()
+    with weight_standardization_cached(model):
+        with torch.no_grad():
+            first, again = model(x), model(x)
+        with torch.inference_mode():
+            third = model(x)
+        assert len(calls) == len(convs)  # once each, for three passes
+        assert torch.equal(first, every_pass()) and torch.equal(again, first) and torch.equal(third, first)
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(x).square().sum().backward()  # records a gradient: computed in the pass
+        with torch.no_grad():
+            model(x)  # cached at the weights before the step
+        optimizer.step()  # updates the weights in place
+        with torch.no_grad():
+            stepped = model(x)
+        assert torch.equal(stepped, every_pass()) and not torch.equal(stepped, first)
+
+        torch.manual_seed(1)
+        model.load_state_dict(build_model(get_preset("small")).state_dict())
+        with torch.no_grad():
+            loaded = model(x)
+        assert torch.equal(loaded, every_pass()) and not torch.equal(loaded, stepped)
+        model.half().float()  # new storage each way, the weights rounded to fp16
+        with torch.no_grad():
+            rounded = model(x)
+        assert torch.equal(rounded, every_pass()) and not torch.equal(rounded, loaded)
+    assert not any("_standardized" in c.__dict__ for c in convs)  # off again, the copies dropped
+
+    with torch.inference_mode():  # inference-mode weights have no version counter: never cached
+        frozen = build_model(get_preset("small")).eval()
+    cache_weight_standardization(frozen)
     with torch.inference_mode():
-        third = model(x)
-    assert len(calls) == len(convs) > 0  # once each, for three passes
-    assert torch.equal(first, every_pass()) and torch.equal(again, first) and torch.equal(third, first)
+        frozen(x)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model(x).square().sum().backward()  # records a gradient: computed in the pass, the copies dropped
-    assert not any("_standardized" in c.__dict__ for c in convs)
-    optimizer.step()  # updates the weights in place
-    with torch.no_grad():
-        stepped = model(x)
-    assert torch.equal(stepped, every_pass()) and not torch.equal(stepped, first)
-
-    with torch.no_grad():
-        model(x)  # cached again, then the weights change in place behind it
-    torch.manual_seed(1)
-    model.load_state_dict(build_model(get_preset("small")).state_dict())
-    with torch.no_grad():
-        loaded = model(x)
-    assert torch.equal(loaded, every_pass()) and not torch.equal(loaded, stepped)
-    model.double()  # new tensors (dtype and storage): recomputed, in float64
-    with torch.no_grad():
-        assert model(x.double()).dtype == torch.float64
-    assert {c.__dict__["_standardized"][2].dtype for c in convs} == {torch.float64}
+    calls.clear()
+    engine = TorchEngine(model, default_preprocess("dtop_tiny_r_s16", model.stride))
+    engine.embed(x.numpy()), engine.embed(x.numpy())
+    assert len(calls) == len(convs)
 
 
 def test_only_strided_same_layers_pad_and_only_their_asymmetric_part(small_model: DToP) -> None:

@@ -96,6 +96,26 @@ def test_several_files_are_put_in_place_whole_through_ctrl_c(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler put back
 
 
+def test_every_held_signal_is_delivered_when_one_handler_raises() -> None:
+    """Ctrl-C then SIGTERM while signals are held: on release the SIGINT handler raises KeyboardInterrupt, which
+    stopped the loop that re-raises them, and the SIGTERM was lost (a review): both are delivered now, the
+    KeyboardInterrupt raised after."""
+    import signal
+
+    from dtop_export import atomic
+
+    heard: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic.signals_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            assert heard == []  # held
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert heard == [signal.SIGTERM]
+
+
 @pytest.mark.parametrize("hard_links", [True, False], ids=["links", "no-links"])
 @pytest.mark.parametrize("failing", [1, 2, 3])
 def test_several_files_stay_old_when_a_rename_fails_partway(

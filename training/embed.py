@@ -47,6 +47,7 @@ def embed_paths(
     from dataclasses import replace
 
     from dtop_export.errors import DToPError
+    from dtop_export.model.backbone import weight_standardization_cached
     from dtop_export.preprocess import load_image, prepare
 
     cfg = replace(preprocess, stride=model.stride)
@@ -54,24 +55,25 @@ def embed_paths(
     model.eval()
     out = []
     try:
-        for i, p in enumerate(paths):
-            try:
-                img = load_image(p)
-            except DToPError:
-                if failed is None:
-                    raise
-                failed.append(i)
-                out.append(torch.zeros(1, model.descriptor_dim))
-                continue
-            bbx = bboxes[i] if bboxes else None
-            acc = None
-            for s in scales:
-                x = torch.from_numpy(prepare(img, cfg, size, s, bbx))[None].to(device)
-                d = _forward(model, x)
-                acc = d if acc is None else acc + d
-            out.append(F.normalize(acc, dim=-1).cpu())
-            if progress is not None:
-                progress(1)
+        with weight_standardization_cached(model):  # the weights are fixed for the pass: standardised once
+            for i, p in enumerate(paths):
+                try:
+                    img = load_image(p)
+                except DToPError:
+                    if failed is None:
+                        raise
+                    failed.append(i)
+                    out.append(torch.zeros(1, model.descriptor_dim))
+                    continue
+                bbx = bboxes[i] if bboxes else None
+                acc = None
+                for s in scales:
+                    x = torch.from_numpy(prepare(img, cfg, size, s, bbx))[None].to(device)
+                    d = _forward(model, x)
+                    acc = d if acc is None else acc + d
+                out.append(F.normalize(acc, dim=-1).cpu())
+                if progress is not None:
+                    progress(1)
     finally:
         model.train(was_training)
     if not out:
