@@ -435,25 +435,34 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
 ) -> None:
     """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
     `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit); `--fp16-onnx MODEL`
-    replaced the float32 MODEL with its FP16 conversion."""
+    replaced the float32 MODEL with its FP16 conversion, and still did with --print-trtexec (a review: the refusal
+    was the builder's alone)."""
     from cli_helpers import cli
 
     src = tmp_path / "m.onnx"
     src.write_bytes(tiny.read_bytes())
+    rtx = ("--target", "sm86")
     cases = [
         (
-            ("-o", str(src), "--force"),
+            (*rtx, "-o", str(src), "--force"),
             f"error: --output {src}: a TensorRT engine file ends in .plan (or .engine, .trt)",
         ),
-        (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
-        (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+        ((*rtx, "--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
+        (
+            (*rtx, "--fp16", "--fp16-onnx", str(tmp_path / "x.plan")),
+            f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx",
+        ),
         (  # the FP16 conversion replaced the float32 source, without --force (an audit, by hand)
-            ("--fp16", "--fp16-onnx", str(src)),
+            (*rtx, "--fp16", "--fp16-onnx", str(src)),
+            f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
+        ),
+        (  # the same with --print-trtexec, which converts without the builder (a review)
+            ("--fp16", "--fp16-onnx", str(src), "--print-trtexec", "--trt-version", "10"),
             f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
         ),
     ]
     for args, message in cases:
-        assert cli("trt", str(src), "--target", "sm86", *args) == 2
+        assert cli("trt", str(src), *args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()

@@ -46,7 +46,7 @@ from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
 from dtop_export.errors import DToPError
-from dtop_export.fp16.convert import fp16_onnx_model
+from dtop_export.fp16.convert import fp16_onnx_model, refuse_fp16_over_source
 from dtop_export.logs import quiet_logger
 from dtop_export.onnx_graph import name_nodes
 
@@ -203,8 +203,8 @@ def build_engines(
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
     fp16_dst = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
-    if fp16 and not weak_typing and not onnx_is_fp16 and fp16_dst.resolve() == onnx_path.resolve():
-        raise DToPError(f"--fp16-onnx {fp16_dst} is the float32 ONNX it is made from: name another file")
+    if fp16 and not weak_typing and not onnx_is_fp16:
+        refuse_fp16_over_source(onnx_path, fp16_dst)
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
     flavour = resolve_flavour(backend, named_target=bool(targets))
