@@ -424,10 +424,44 @@ def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     def stop(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(builder_mod, "write_sidecar", stop)
-    with pytest.raises(KeyboardInterrupt):
-        builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
-    assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
+    with monkeypatch.context() as m:  # a stop while the new sidecar is written: the plan is not replaced either
+        m.setattr(builder_mod, "sidecar_text", stop)
+        with pytest.raises(KeyboardInterrupt):
+            builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
+    assert plan.read_bytes() == b"old plan" and (tmp_path / "tiny.plan.json").read_text() == sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.plan", "tiny.plan.json"]
+
+
+@needs_rtx
+def test_a_failed_rename_keeps_the_old_plan_its_sidecar_and_fp16_onnx(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old sidecar was removed before the plan and FP16 ONNX were renamed into place, so a rename that failed
+    (and was rolled back) left the old plan without its sidecar, which read_sidecar refuses (a review): the plan, its
+    sidecar and the FP16 ONNX are now renamed together, all or nothing."""
+    import os
+
+    import dtop_export.engines.tensorrt.builder as builder_mod
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+
+    src = tmp_path / "tiny.onnx"
+    src.write_bytes(tiny.read_bytes())
+    old = {"tiny.plan": b"old plan", "tiny.plan.json": b'{"format": "dtop-export/tensorrt-plan"}',
+           "tiny.fp16.onnx": b"old fp16 onnx"}  # fmt: skip
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    replace = os.replace
+
+    def full_disk_at_the_sidecar(a: str | Path, b: str | Path) -> None:  # the last of the three renames fails
+        if str(a).endswith(".tmp") and Path(b).name == "tiny.plan.json":
+            raise OSError(28, "No space left on device")
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_sidecar)
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    with pytest.raises(OSError, match="No space left"):
+        builder_mod.build_engine(src, tmp_path / "tiny.plan", fp16=True, target="sm86", profiles=profiles)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "tiny.onnx"} == old
 
 
 def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(

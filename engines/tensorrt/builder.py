@@ -42,7 +42,7 @@ from dtop_export.engines.tensorrt.install import (
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, write_sidecar
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, sidecar_text
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
 from dtop_export.errors import DToPError
@@ -344,14 +344,6 @@ def build_engines(
             if serialized is None:
                 hint = build_failure_hint(logger.last_error, workspace_gb)
                 raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
-            with atomic_paths([source, plan_path] if fp16_model is not None and k == 0 else [plan_path]) as staged:
-                staged[-1].write_bytes(memoryview(serialized))  # the FP16 ONNX and the first plan go into place
-                if len(staged) == 2:  # together
-                    staged[0].write_bytes(fp16_model.SerializeToString())
-                sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan not written for it
-            if cache_path is not None:
-                atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-
             seconds = time.perf_counter() - t1 + (parse_seconds if k == 0 else 0.0)
             info = plan_info(
                 flavour,
@@ -380,7 +372,16 @@ def build_engines(
                 input_name=input_name,
                 output_name=output_name,
             )
-            side = write_sidecar(plan_path, info)
+            side = sidecar_path(plan_path)
+            together = [source, plan_path, side] if fp16_model is not None and k == 0 else [plan_path, side]
+            with atomic_paths(together) as staged:  # the plan, its sidecar (and the FP16 ONNX with the first plan)
+                staged[-2].write_bytes(memoryview(serialized))  # go into place together or not at all: a sidecar
+                staged[-1].write_text(sidecar_text(info))  # never describes a plan not written for it
+                if len(staged) == 3:
+                    staged[0].write_bytes(fp16_model.SerializeToString())
+            if cache_path is not None:
+                atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+
             results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
             watch.kept.append(plan_path)
             watch.stop_if_interrupted()

@@ -92,10 +92,15 @@ def onnx_record(plan: str | Path, onnx_path: Path, built_from: Path, sha256: str
     return {"path": relative(onnx_path), "sha256": sha256, "built_from": relative(built_from), "relative_to": "plan"}
 
 
+def sidecar_text(info: PlanInfo) -> str:
+    """The sidecar file's text for ``info``."""
+    return json.dumps(info.to_dict(), indent=1, sort_keys=True) + "\n"
+
+
 def write_sidecar(plan: str | Path, info: PlanInfo) -> Path:
     """Write ``info`` next to ``plan`` (atomic); returns the sidecar path."""
     path = sidecar_path(plan)
-    atomic_write_text(path, json.dumps(info.to_dict(), indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, sidecar_text(info))
     return path
 
 
