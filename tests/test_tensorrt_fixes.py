@@ -107,15 +107,17 @@ def test_runner_selects_the_device_before_the_runtime(
 
 def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--device 1` (a runner's device=1) on a one-GPU machine was answered "no CUDA GPU is visible (device 1)" (the
-    lead's brief): it names the GPUs there are, for a build and for a plan's run alike."""
+    lead's brief): it names the GPUs there are, for a build and for a plan's run alike; "this machine has 1 CUDA GPU"
+    where CUDA_VISIBLE_DEVICES hid the others, numbered from 0 (a review) -> what is visible, and that variable."""
     import torch
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(install, "import_tensorrt", lambda flavour=install.TENSORRT: _fake_trt())
     monkeypatch.setattr(install, "installed_flavours", lambda: [install.TENSORRT, install.RTX])
     for flavour in (install.TENSORRT, install.RTX):
-        with pytest.raises(DToPError, match=r"^device 1 does not exist: this machine has 1 CUDA GPU \(0\)$"):
+        with pytest.raises(DToPError, match=r"^device 1 does not exist: 1 CUDA GPU is visible \(0\)$"):
             install.require_tensorrt_and_gpu(1, flavour)
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"plan")
@@ -125,14 +127,18 @@ def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatc
     with pytest.raises(DToPError) as e:
         runner_mod.TensorRTEngine(plan, device=1)
     assert str(e.value) == (
-        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: this machine has "
-        "1 CUDA GPU (0)"
+        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: 1 CUDA GPU is "
+        "visible (0)"
     )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(
-        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: this machine has 3 CUDA GPUs \(0\.\.2\)$"
+        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: 3 CUDA GPUs are visible \(0\.\.2\)$"
     ):
         runner_mod.TensorRTEngine(plan, device=3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3,5")
+    with pytest.raises(DToPError, match=r"^device 3 does not exist: 3 CUDA GPUs are visible \(0\.\.2\) "
+                       r"\(CUDA_VISIBLE_DEVICES=1,3,5: visible GPUs are numbered from 0\)$"):  # fmt: skip
+        install.require_tensorrt_and_gpu(3)
 
 
 # While the build runs, TensorRT holds the main thread in C++ (SIGINT blocked there stands for it: Python's handler
