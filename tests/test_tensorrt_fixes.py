@@ -176,6 +176,46 @@ def test_ctrl_c_during_a_build_is_answered_at_once_and_a_second_one_aborts(tmp_p
     ]
 
 
+def test_ctrl_c_outside_tensorrts_build_promises_no_abort(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first Ctrl-C always said "(Ctrl-C again to abort now)", also while a plan, its sidecar or the timing cache
+    were being written, where a second one is ignored by design (a review): there it says the files are finished."""
+    from dtop_export.engines.tensorrt.watch import BuildWatch
+
+    watch = BuildWatch()
+    watch._press()
+    watch._press()  # ignored here: the files being written are finished first
+    assert capsys.readouterr().err.splitlines() == [
+        "stopping before TensorRT's next build (files being written are finished first)"
+    ]
+    assert watch.interrupted
+    inside = BuildWatch()
+    with inside.building():
+        inside._press()
+    assert capsys.readouterr().err.splitlines() == ["stopping at TensorRT's next step (Ctrl-C again to abort now)"]
+
+
+def test_a_stop_names_the_old_plans_of_targets_not_reached(tmp_path: Path) -> None:
+    """A `--force --target sm86,sm89` rebuild stopped after the first plan left the old sm89 plan (its sidecar
+    describing the previous FP16 ONNX) beside the new files, unnamed (a review): the stop line names it."""
+    from dtop_export.engines.tensorrt.watch import BuildWatch
+    from dtop_export.errors import Interrupted
+
+    plans = [tmp_path / f"m.{sm}.plan" for sm in ("sm86", "sm89", "sm120")]
+    plans[1].write_bytes(b"old plan")  # sm120 was never built: nothing to name
+    watch = BuildWatch()
+    watch.planned = plans
+    assert watch.kept_line() == "no plan written"  # the old plans then all belong to the old build
+    plans[0].write_bytes(b"new plan")
+    watch.kept.append(plans[0])
+    watch.interrupted = True
+    with pytest.raises(Interrupted) as e:
+        watch.stop_if_interrupted()
+    assert str(e.value) == (
+        f"the TensorRT build was stopped; kept {plans[0]} (each with its sidecar); the old {plans[1]} of targets not "
+        "reached kept as they were: rebuild them"
+    )
+
+
 # 2. the CUDA mismatch, and the extras -------------------------------------------------------------------
 
 

@@ -300,7 +300,8 @@ def build_engines(
     parse_seconds = time.perf_counter() - t0
 
     results: list[BuildResult] = []
-    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; plans are written whole, sidecar last
+    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; each plan is written with its sidecar
+    watch.planned = list(plans)
     with watch.deferring_ctrl_c():
         for k, plan_path in enumerate(plans):
             target = targets[k] if targets else None
