@@ -115,6 +115,29 @@ def test_sidecar_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
 
 
+def test_sidecar_onnx_paths_follow_linked_folders(tmp_path: Path) -> None:
+    """The ONNX path was recorded and resolved lexically against the plan's folder, so a plan built through a linked
+    folder, or read through a link to it, named the wrong ONNX (a review): real folders both ways now."""
+    from dtop_export.engines.tensorrt.sidecar import onnx_record
+
+    tmp_path = tmp_path.resolve()
+    real = tmp_path / "data" / "x"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    onnx_file = tmp_path / "m.onnx"  # built as link/m.plan from m.onnx beside the link
+    info = _info()
+    info.onnx = onnx_record(tmp_path / "link" / "m.plan", onnx_file, onnx_file, "ab" * 32)
+    for plan in (tmp_path / "link" / "m.plan", real / "m.plan"):  # read through the link or from the real folder
+        assert info.onnx_file(plan) == str(onnx_file) and info.onnx_file(plan, "built_from") == str(onnx_file)
+    release = tmp_path / "releases" / "v3"  # current.plan -> releases/v3/m.plan, its sidecar linked beside it
+    release.mkdir(parents=True)
+    info.onnx = onnx_record(release / "m.plan", release / "m.onnx", release / "m.onnx", "ab" * 32)
+    write_sidecar(release / "m.plan", info)
+    (tmp_path / "current.plan").symlink_to(release / "m.plan")
+    (tmp_path / "current.plan.json").symlink_to(release / "m.plan.json")
+    assert read_sidecar(tmp_path / "current.plan").onnx_file(tmp_path / "current.plan") == str(release / "m.onnx")
+
+
 def test_info_describes_a_plan_from_its_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`info model.plan` needs neither TensorRT nor a GPU: it reads the sidecar."""
     from cli_helpers import cli

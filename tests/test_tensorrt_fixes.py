@@ -107,15 +107,17 @@ def test_runner_selects_the_device_before_the_runtime(
 
 def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--device 1` (a runner's device=1) on a one-GPU machine was answered "no CUDA GPU is visible (device 1)" (the
-    lead's brief): it names the GPUs there are, for a build and for a plan's run alike."""
+    lead's brief): it names the GPUs there are, for a build and for a plan's run alike; "this machine has 1 CUDA GPU"
+    where CUDA_VISIBLE_DEVICES hid the others, numbered from 0 (a review) -> what is visible, and that variable."""
     import torch
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(install, "import_tensorrt", lambda flavour=install.TENSORRT: _fake_trt())
     monkeypatch.setattr(install, "installed_flavours", lambda: [install.TENSORRT, install.RTX])
     for flavour in (install.TENSORRT, install.RTX):
-        with pytest.raises(DToPError, match=r"^device 1 does not exist: this machine has 1 CUDA GPU \(0\)$"):
+        with pytest.raises(DToPError, match=r"^device 1 does not exist: 1 CUDA GPU is visible \(0\)$"):
             install.require_tensorrt_and_gpu(1, flavour)
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"plan")
@@ -125,14 +127,18 @@ def test_a_device_past_the_gpu_count_is_named_as_such(tmp_path: Path, monkeypatc
     with pytest.raises(DToPError) as e:
         runner_mod.TensorRTEngine(plan, device=1)
     assert str(e.value) == (
-        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: this machine has "
-        "1 CUDA GPU (0)"
+        f"{plan} was built with TensorRT-RTX 10.8.0.43 for sm86 (no GPU): device 1 does not exist: 1 CUDA GPU is "
+        "visible (0)"
     )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     with pytest.raises(
-        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: this machine has 3 CUDA GPUs \(0\.\.2\)$"
+        DToPError, match=r"sm86 \(no GPU\): device 3 does not exist: 3 CUDA GPUs are visible \(0\.\.2\)$"
     ):
         runner_mod.TensorRTEngine(plan, device=3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3,5")
+    with pytest.raises(DToPError, match=r"^device 3 does not exist: 3 CUDA GPUs are visible \(0\.\.2\) "
+                       r"\(CUDA_VISIBLE_DEVICES=1,3,5: visible GPUs are numbered from 0\)$"):  # fmt: skip
+        install.require_tensorrt_and_gpu(3)
 
 
 # While the build runs, TensorRT holds the main thread in C++ (SIGINT blocked there stands for it: Python's handler
@@ -168,6 +174,46 @@ def test_ctrl_c_during_a_build_is_answered_at_once_and_a_second_one_aborts(tmp_p
         "stopping at TensorRT's next step (Ctrl-C again to abort now)",
         "interrupted: the TensorRT build was aborted; kept m.sm86.plan (each with its sidecar)",
     ]
+
+
+def test_ctrl_c_outside_tensorrts_build_promises_no_abort(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first Ctrl-C always said "(Ctrl-C again to abort now)", also while a plan, its sidecar or the timing cache
+    were being written, where a second one is ignored by design (a review): there it says the files are finished."""
+    from dtop_export.engines.tensorrt.watch import BuildWatch
+
+    watch = BuildWatch()
+    watch._press()
+    watch._press()  # ignored here: the files being written are finished first
+    assert capsys.readouterr().err.splitlines() == [
+        "stopping before TensorRT's next build (files being written are finished first)"
+    ]
+    assert watch.interrupted
+    inside = BuildWatch()
+    with inside.building():
+        inside._press()
+    assert capsys.readouterr().err.splitlines() == ["stopping at TensorRT's next step (Ctrl-C again to abort now)"]
+
+
+def test_a_stop_names_the_old_plans_of_targets_not_reached(tmp_path: Path) -> None:
+    """A `--force --target sm86,sm89` rebuild stopped after the first plan left the old sm89 plan (its sidecar
+    describing the previous FP16 ONNX) beside the new files, unnamed (a review): the stop line names it."""
+    from dtop_export.engines.tensorrt.watch import BuildWatch
+    from dtop_export.errors import Interrupted
+
+    plans = [tmp_path / f"m.{sm}.plan" for sm in ("sm86", "sm89", "sm120")]
+    plans[1].write_bytes(b"old plan")  # sm120 was never built: nothing to name
+    watch = BuildWatch()
+    watch.planned = plans
+    assert watch.kept_line() == "no plan written"  # the old plans then all belong to the old build
+    plans[0].write_bytes(b"new plan")
+    watch.kept.append(plans[0])
+    watch.interrupted = True
+    with pytest.raises(Interrupted) as e:
+        watch.stop_if_interrupted()
+    assert str(e.value) == (
+        f"the TensorRT build was stopped; kept {plans[0]} (each with its sidecar); the old {plans[1]} of targets not "
+        "reached kept as they were: rebuild them"
+    )
 
 
 # 2. the CUDA mismatch, and the extras -------------------------------------------------------------------

@@ -424,10 +424,44 @@ def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     def stop(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(builder_mod, "write_sidecar", stop)
-    with pytest.raises(KeyboardInterrupt):
-        builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
-    assert plan.read_bytes() != b"old plan" and not (tmp_path / "tiny.plan.json").exists()
+    with monkeypatch.context() as m:  # a stop while the new sidecar is written: the plan is not replaced either
+        m.setattr(builder_mod, "sidecar_text", stop)
+        with pytest.raises(KeyboardInterrupt):
+            builder_mod.build_engine(tiny, plan, target="sm86", profiles=profiles)
+    assert plan.read_bytes() == b"old plan" and (tmp_path / "tiny.plan.json").read_text() == sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.plan", "tiny.plan.json"]
+
+
+@needs_rtx
+def test_a_failed_rename_keeps_the_old_plan_its_sidecar_and_fp16_onnx(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old sidecar was removed before the plan and FP16 ONNX were renamed into place, so a rename that failed
+    (and was rolled back) left the old plan without its sidecar, which read_sidecar refuses (a review): the plan, its
+    sidecar and the FP16 ONNX are now renamed together, all or nothing."""
+    import os
+
+    import dtop_export.engines.tensorrt.builder as builder_mod
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+
+    src = tmp_path / "tiny.onnx"
+    src.write_bytes(tiny.read_bytes())
+    old = {"tiny.plan": b"old plan", "tiny.plan.json": b'{"format": "dtop-export/tensorrt-plan"}',
+           "tiny.fp16.onnx": b"old fp16 onnx"}  # fmt: skip
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    replace = os.replace
+
+    def full_disk_at_the_sidecar(a: str | Path, b: str | Path) -> None:  # the last of the three renames fails
+        if str(a).endswith(".tmp") and Path(b).name == "tiny.plan.json":
+            raise OSError(28, "No space left on device")
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_sidecar)
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    with pytest.raises(OSError, match="No space left"):
+        builder_mod.build_engine(src, tmp_path / "tiny.plan", fp16=True, target="sm86", profiles=profiles)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "tiny.onnx"} == old
 
 
 def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
@@ -435,25 +469,34 @@ def test_trt_cli_refuses_a_wrong_output_name_or_workspace_in_one_line(
 ) -> None:
     """`-o model.onnx` wrote a TensorRT plan under an ONNX name (with --force over the source ONNX itself), which
     `info`/`embed` then read as ONNX; `--workspace nan` was a ValueError traceback (an audit); `--fp16-onnx MODEL`
-    replaced the float32 MODEL with its FP16 conversion."""
+    replaced the float32 MODEL with its FP16 conversion, and still did with --print-trtexec (a review: the refusal
+    was the builder's alone)."""
     from cli_helpers import cli
 
     src = tmp_path / "m.onnx"
     src.write_bytes(tiny.read_bytes())
+    rtx = ("--target", "sm86")
     cases = [
         (
-            ("-o", str(src), "--force"),
+            (*rtx, "-o", str(src), "--force"),
             f"error: --output {src}: a TensorRT engine file ends in .plan (or .engine, .trt)",
         ),
-        (("--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
-        (("--fp16", "--fp16-onnx", str(tmp_path / "x.plan")), f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx"),
+        ((*rtx, "--workspace", "nan"), "error: --workspace must be a number of GiB > 0, got nan"),
+        (
+            (*rtx, "--fp16", "--fp16-onnx", str(tmp_path / "x.plan")),
+            f"--fp16-onnx {tmp_path / 'x.plan'} should end in .onnx",
+        ),
         (  # the FP16 conversion replaced the float32 source, without --force (an audit, by hand)
-            ("--fp16", "--fp16-onnx", str(src)),
+            (*rtx, "--fp16", "--fp16-onnx", str(src)),
+            f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
+        ),
+        (  # the same with --print-trtexec, which converts without the builder (a review)
+            ("--fp16", "--fp16-onnx", str(src), "--print-trtexec", "--trt-version", "10"),
             f"error: --fp16-onnx {src} is the float32 ONNX it is made from: name another file",
         ),
     ]
     for args, message in cases:
-        assert cli("trt", str(src), "--target", "sm86", *args) == 2
+        assert cli("trt", str(src), *args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and src.read_bytes() == tiny.read_bytes()

@@ -318,9 +318,17 @@ def prepare_fp16_onnx(
     converted, fp32_nodes = fp16_onnx_model(onnx_path, keep_fp32_nodes, keep_fp32_ops)
     if converted is None:
         return Path(onnx_path), fp32_nodes
+    refuse_fp16_over_source(onnx_path, out_path)
     with atomic_path(out_path) as tmp:
         onnx.save_model(converted, str(tmp))
     return Path(out_path), fp32_nodes
+
+
+def refuse_fp16_over_source(onnx_path: str | Path, out_path: str | Path) -> None:
+    """One line when the FP16 ONNX made from the float32 ``onnx_path`` would be written over ``onnx_path`` itself
+    (the same file, through any link): the source is never replaced by its conversion."""
+    if Path(out_path).resolve() == Path(onnx_path).resolve():
+        raise DToPError(f"--fp16-onnx {out_path} is the float32 ONNX it is made from: name another file")
 
 
 def fp16_onnx_model(

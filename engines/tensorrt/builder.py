@@ -42,11 +42,11 @@ from dtop_export.engines.tensorrt.install import (
 )
 from dtop_export.engines.tensorrt.network import fp32_layers, network_precision, parser_error_lines, pin_layers_fp32
 from dtop_export.engines.tensorrt.profiles import Profile, check_static_dims, make_profiles
-from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, write_sidecar
+from dtop_export.engines.tensorrt.sidecar import PlanInfo, onnx_record, sidecar_path, sidecar_text
 from dtop_export.engines.tensorrt.targets import Target, parse_target
 from dtop_export.engines.tensorrt.watch import BuildWatch, build_failure_hint
 from dtop_export.errors import DToPError
-from dtop_export.fp16.convert import fp16_onnx_model
+from dtop_export.fp16.convert import fp16_onnx_model, refuse_fp16_over_source
 from dtop_export.logs import quiet_logger
 from dtop_export.onnx_graph import name_nodes
 
@@ -203,8 +203,8 @@ def build_engines(
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
     fp16_dst = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
-    if fp16 and not weak_typing and not onnx_is_fp16 and fp16_dst.resolve() == onnx_path.resolve():
-        raise DToPError(f"--fp16-onnx {fp16_dst} is the float32 ONNX it is made from: name another file")
+    if fp16 and not weak_typing and not onnx_is_fp16:
+        refuse_fp16_over_source(onnx_path, fp16_dst)
     stride = int(meta.get("dtop.stride", 16))
     profiles = list(profiles) if profiles else make_profiles(stride=stride)
     flavour = resolve_flavour(backend, named_target=bool(targets))
@@ -300,7 +300,8 @@ def build_engines(
     parse_seconds = time.perf_counter() - t0
 
     results: list[BuildResult] = []
-    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; plans are written whole, sidecar last
+    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; each plan is written with its sidecar
+    watch.planned = list(plans)
     with watch.deferring_ctrl_c():
         for k, plan_path in enumerate(plans):
             target = targets[k] if targets else None
@@ -344,14 +345,6 @@ def build_engines(
             if serialized is None:
                 hint = build_failure_hint(logger.last_error, workspace_gb)
                 raise DToPError(f"{flavour.label} could not build the {what}: {hint}")
-            with atomic_paths([source, plan_path] if fp16_model is not None and k == 0 else [plan_path]) as staged:
-                staged[-1].write_bytes(memoryview(serialized))  # the FP16 ONNX and the first plan go into place
-                if len(staged) == 2:  # together
-                    staged[0].write_bytes(fp16_model.SerializeToString())
-                sidecar_path(plan_path).unlink(missing_ok=True)  # a sidecar never describes a plan not written for it
-            if cache_path is not None:
-                atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-
             seconds = time.perf_counter() - t1 + (parse_seconds if k == 0 else 0.0)
             info = plan_info(
                 flavour,
@@ -380,7 +373,16 @@ def build_engines(
                 input_name=input_name,
                 output_name=output_name,
             )
-            side = write_sidecar(plan_path, info)
+            side = sidecar_path(plan_path)
+            together = [source, plan_path, side] if fp16_model is not None and k == 0 else [plan_path, side]
+            with atomic_paths(together) as staged:  # the plan, its sidecar (and the FP16 ONNX with the first plan)
+                staged[-2].write_bytes(memoryview(serialized))  # go into place together or not at all: a sidecar
+                staged[-1].write_text(sidecar_text(info))  # never describes a plan not written for it
+                if len(staged) == 3:
+                    staged[0].write_bytes(fp16_model.SerializeToString())
+            if cache_path is not None:
+                atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+
             results.append(BuildResult(plan_path, side, info, seconds, plan_path.stat().st_size, source))
             watch.kept.append(plan_path)
             watch.stop_if_interrupted()

@@ -147,14 +147,18 @@ def cuda_device_count() -> int:
 
 
 def missing_device(index: int) -> str | None:
-    """``device 1 does not exist: this machine has 1 CUDA GPU (0)`` when there are GPUs but not ``index``; None when
-    it exists or there is none (a different problem, said differently)."""
+    """``device 1 does not exist: 1 CUDA GPU is visible (0)`` when there are GPUs but not ``index`` (with
+    ``CUDA_VISIBLE_DEVICES`` set, what it says: the visible GPUs are numbered from 0); None when it exists or there is
+    none (a different problem, said differently)."""
+    import os
+
     n = cuda_device_count()
     if n == 0 or 0 <= index < n:
         return None
-    return f"device {index} does not exist: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (" + (
-        f"0..{n - 1})" if n > 2 else ", ".join(map(str, range(n))) + ")"
-    )
+    numbers = f"0..{n - 1}" if n > 2 else ", ".join(map(str, range(n)))
+    line = f"device {index} does not exist: {n} CUDA GPU{'s are' if n > 1 else ' is'} visible ({numbers})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return line if visible is None else f"{line} (CUDA_VISIBLE_DEVICES={visible}: visible GPUs are numbered from 0)"
 
 
 def require_tensorrt_and_gpu(index: int = 0, flavour: Flavour = TENSORRT) -> tuple[ModuleType, GpuInfo]:

@@ -52,12 +52,13 @@ class PlanInfo:
 
     def onnx_file(self, plan: str | Path | None, key: str = "path") -> str:
         """The ONNX recorded under ``key`` (``path``: the source, ``built_from``: what TensorRT parsed) as a path that
-        works from any folder: resolved against ``plan``'s folder. A sidecar without ``relative_to`` recorded it
-        relative to the folder the build ran in, which is unknown: given as recorded."""
+        works from any folder: resolved against the real folder of ``plan``'s sidecar (links followed: a plan reached
+        through a linked folder, or a link to a plan with one to its sidecar). A sidecar without ``relative_to``
+        recorded it relative to the folder the build ran in, which is unknown: given as recorded."""
         recorded = str(self.onnx.get(key) or "model.onnx")
         if plan is None or self.onnx.get("relative_to") != "plan":
             return recorded
-        return os.path.normpath(Path(plan).absolute().parent / recorded)
+        return os.path.normpath(Path(os.path.realpath(sidecar_path(plan))).parent / recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,22 +81,29 @@ def sidecar_path(plan: str | Path) -> Path:
 def onnx_record(plan: str | Path, onnx_path: Path, built_from: Path, sha256: str) -> dict[str, str]:
     """The sidecar's ``onnx``: the source ONNX and the one TensorRT parsed, relative to ``plan``'s folder
     (:meth:`PlanInfo.onnx_file` resolves them), so a rebuild hint works from any folder, also once the plan's
-    folder was copied elsewhere with its ONNX."""
-    folder = Path(plan).absolute().parent
+    folder was copied elsewhere with its ONNX. Both are real paths (links followed), as the reader resolves them: ``..``
+    after a linked folder is the parent of where it points."""
+    folder = os.path.realpath(Path(plan).absolute().parent)
 
     def relative(path: Path) -> str:
+        real = os.path.realpath(path)
         try:
-            return os.path.relpath(path.absolute(), folder)
+            return os.path.relpath(real, folder)
         except ValueError:  # on another drive (Windows)
-            return str(path.absolute())
+            return real
 
     return {"path": relative(onnx_path), "sha256": sha256, "built_from": relative(built_from), "relative_to": "plan"}
+
+
+def sidecar_text(info: PlanInfo) -> str:
+    """The sidecar file's text for ``info``."""
+    return json.dumps(info.to_dict(), indent=1, sort_keys=True) + "\n"
 
 
 def write_sidecar(plan: str | Path, info: PlanInfo) -> Path:
     """Write ``info`` next to ``plan`` (atomic); returns the sidecar path."""
     path = sidecar_path(plan)
-    atomic_write_text(path, json.dumps(info.to_dict(), indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, sidecar_text(info))
     return path
 
 

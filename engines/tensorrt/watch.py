@@ -35,11 +35,13 @@ class BuildWatch:
     """Ctrl-C noted (not raised) and optimizer phases reported while TensorRT builds; see the module notes."""
 
     STOPPING = "stopping at TensorRT's next step (Ctrl-C again to abort now)"
+    STOPPING_OUTSIDE = "stopping before TensorRT's next build (files being written are finished first)"
 
     def __init__(self) -> None:
         self.interrupted = False
         self.report: Callable[[str], None] | None = None  # hears "Timing tactics (2/3)"
         self.kept: list[Path] = []  # plans written whole (each with its sidecar): what a stop keeps
+        self.planned: list[Path] = []  # every plan the build writes: those not reached may hold old plans
         self._presses = 0
         self._in_build = False
         self._listening = False
@@ -50,12 +52,13 @@ class BuildWatch:
         self.interrupted = True
 
     def _press(self) -> None:
-        """One Ctrl-C: the first says that the build stops at the next step, a second one during the build exits."""
+        """One Ctrl-C: the first says that the build stops at the next step, a second one during the build exits
+        (outside it, files being written, it is not promised: they are finished first)."""
         self._presses += 1
         self.interrupted = True
         if self._presses == 1:
             with contextlib.suppress(Exception):  # no stderr to tell it on: the stop still comes
-                print(self.STOPPING, file=sys.stderr, flush=True)
+                print(self.STOPPING if self._in_build else self.STOPPING_OUTSIDE, file=sys.stderr, flush=True)
         elif self._in_build:
             self._abort_now()
 
@@ -68,7 +71,15 @@ class BuildWatch:
         os._exit(130)
 
     def kept_line(self) -> str:
-        return f"kept {', '.join(map(str, self.kept))} (each with its sidecar)" if self.kept else "no plan written"
+        """What a stop leaves: the plans written, and the old plans of targets not reached once some were (their
+        sidecars describe the files of an earlier build, the FP16 ONNX too)."""
+        if not self.kept:
+            return "no plan written"
+        line = f"kept {', '.join(map(str, self.kept))} (each with its sidecar)"
+        old = [p for p in self.planned if p not in self.kept and p.exists()]
+        if old:
+            line += f"; the old {', '.join(map(str, old))} of targets not reached kept as they were: rebuild them"
+        return line
 
     def stop_if_interrupted(self) -> None:
         """Ctrl-C came during the build: stop (:class:`~dtop_export.errors.Interrupted`), naming the plans kept."""
