@@ -87,9 +87,9 @@ class TorchEngine(Engine):
     reference's and a bf16/fp16 engine's FP32 first convolution alike, whichever engine a process opened first
     (an fp32 engine alone turned it off: a later fp16 engine's parity then differed from one opened alone).
 
-    Eager fp32/``half`` engines standardise the stem's weights once, not in every pass
-    (:func:`~dtop_export.model.backbone.cache_weight_standardization`, the same bits): change the model's weights
-    after building the engine only through tracked in-place ops (``load_state_dict``, ``copy_``), never ``.data``.
+    Eager fp32/``half`` engines opened with :meth:`from_checkpoint` (a model of their own) standardise the stem's
+    weights once, not in every pass (:func:`~dtop_export.model.backbone.cache_weight_standardization`, the same
+    bits); a model passed in is left as the caller set it.
     """
 
     name = "pytorch"
@@ -145,10 +145,6 @@ class TorchEngine(Engine):
             self.model = model.eval().to(device)
         if cast == "half":
             self.model = self.model.half()
-        if cast != "autocast" and self.compile_mode is None:  # autocast folds it; compiled, inductor freezes it
-            from dtop_export.model.backbone import cache_weight_standardization
-
-            cache_weight_standardization(self.model)  # the engine's weights are fixed: standardised once
         if on_cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cudnn.allow_tf32 = False  # float32 convolutions in float32 (matmuls: PyTorch's default)
@@ -175,15 +171,19 @@ class TorchEngine(Engine):
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, whiten: bool = True, **kwargs: object) -> TorchEngine:
         from dtop_export.checkpoint import load_checkpoint
+        from dtop_export.model.backbone import cache_weight_standardization
 
         ckpt: Checkpoint = load_checkpoint(path)
-        return cls(
+        engine = cls(
             ckpt.build_model(),
             ckpt.preprocess,
             whitening=ckpt.whitening if whiten else None,
             source=Path(path),
             **kwargs,  # type: ignore[arg-type]
         )
+        if engine.cast != "autocast" and engine.compile_mode is None:  # autocast folds it; inductor freezes it
+            cache_weight_standardization(engine.model)  # a model of its own, whose weights stay: standardised once
+        return engine
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         import torch

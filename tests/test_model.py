@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,11 +124,14 @@ def test_static_same_padding_equals_timm_dynamic_padding() -> None:
             torch.testing.assert_close(static(x), stem(x), rtol=1e-5, atol=1e-5)
 
 
-def test_weight_standardisation_cached_once_per_state_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_standardisation_cached_once_per_state_of_the_weights(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """With caching on (and no gradient recorded) the stem's standardised weights are computed once per state of
     the weights and reused, the same bits as computing them in every pass; an optimiser step, loaded weights, a
     dtype round trip or inference-mode weights are never served a stale copy; off (the default), every pass
     computes them, and the eager fp32 engine turns it on."""
+    from dtop_export.checkpoint import new_provenance, save_checkpoint
     from dtop_export.engines.pytorch import TorchEngine
     from dtop_export.model.backbone import cache_weight_standardization, weight_standardization_cached
     from dtop_export.preprocess import default_preprocess
@@ -180,6 +184,14 @@ def test_weight_standardisation_cached_once_per_state_of_the_weights(monkeypatch
         with torch.no_grad():
             rounded = model(x)
         assert torch.equal(rounded, every_pass()) and not torch.equal(rounded, loaded)
+        # the key's address is pinned by an alias of the weight's own storage (it cannot come back as another's)
+        assert all(c.__dict__["_standardized"][0].data_ptr() == c.weight.data_ptr() for c in convs)
+        adam = torch.optim.Adam(model.parameters(), lr=0.5, foreach=True)  # foreach kernels bump versions too
+        model(x).square().sum().backward()
+        adam.step()
+        with torch.no_grad():
+            adamed = model(x)
+        assert torch.equal(adamed, every_pass()) and not torch.equal(adamed, rounded)
     assert not any("_standardized" in c.__dict__ for c in convs)  # off again, the copies dropped
 
     with torch.inference_mode():  # inference-mode weights have no version counter: never cached
@@ -188,8 +200,12 @@ def test_weight_standardisation_cached_once_per_state_of_the_weights(monkeypatch
     with torch.inference_mode():
         frozen(x)
 
+    TorchEngine(model, default_preprocess("dtop_tiny_r_s16", model.stride))  # the caller's model: left as it is
+    assert not any("_standardized" in c.__dict__ for c in convs)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, default_preprocess("dtop_tiny_r_s16", model.stride), provenance=new_provenance("t"))
+    engine = TorchEngine.from_checkpoint(ckpt)  # a model of its own: cached
     calls.clear()
-    engine = TorchEngine(model, default_preprocess("dtop_tiny_r_s16", model.stride))
     engine.embed(x.numpy()), engine.embed(x.numpy())
     assert len(calls) == len(convs)
 

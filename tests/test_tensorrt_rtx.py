@@ -150,6 +150,7 @@ def test_runner_refuses_a_plan_it_cannot_run_in_one_line(
     copy.write_bytes(b"x")
     info = read_sidecar(plan)
     info.tensorrt_version = "1.6.1.120"
+    info.build.pop("plan_bytes")  # a stand-in plan of 1 byte: its size is not what this checks
     write_sidecar(copy, info)
     monkeypatch.setattr(install, "cuda_gpu", lambda index=0: GpuInfo("NVIDIA RTX A6000", "8.6", index))
     with pytest.raises(DToPError, match=r"built with TensorRT-RTX 1\.6\.1\.120.*has TensorRT-RTX " + RTX_VERSION):
@@ -694,3 +695,72 @@ def test_default_runtime_cache_lives_in_the_user_cache(tmp_path: Path, monkeypat
     assert first.name.startswith("model-")
     info.build["built_at"] = "2"  # a rebuild: a new cache
     assert default_runtime_cache(tmp_path / "model.plan", info, GpuInfo("RTX 4090", "8.9")) != first
+
+
+@needs_rtx
+def test_ctrl_c_between_two_targets_starts_no_next_build(tmp_path: Path, tiny: Path) -> None:
+    """Ctrl-C after the first plan was written, before the second build began (its builder config, profiles,
+    timing cache) said 'stopping before TensorRT's next build', and the next build started all the same (a review)
+    -> nothing checked the stop before it: now it stops there, the first plan kept."""
+    import os
+    import signal
+
+    from dtop_export.engines.tensorrt.builder import build_engines
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+    from dtop_export.engines.tensorrt.targets import parse_targets
+    from dtop_export.errors import Interrupted
+
+    heard: list[str] = []
+
+    def on_build(text: str) -> None:
+        heard.append(text)
+        if text.endswith("(2/2)"):  # the second build's head: announced before TensorRT is called
+            os.kill(os.getpid(), signal.SIGINT)
+
+    plans = [tmp_path / "tiny.sm86.plan", tmp_path / "tiny.sm89.plan"]
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    with pytest.raises(Interrupted, match=re.escape(f"kept {plans[0]} (each with its sidecar)")):
+        build_engines(tiny, plans, targets=parse_targets("sm86,sm89"), profiles=profiles, on_build=on_build)
+    assert any(h.endswith("(2/2)") for h in heard) and not any("(2/2): " in h for h in heard), heard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.sm86.plan", "tiny.sm86.plan.json"]
+
+
+@needs_rtx
+def test_a_plan_and_a_sidecar_of_two_builds_are_refused_and_a_linked_fp16_onnx_is_named_as_written(
+    tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crash between the renames of a plan and its sidecar (SIGKILL, power loss: not the signals held) left a new
+    plan beside the old sidecar, which was trusted (a review) -> the sidecar records the plan's size and a plan of
+    another size is refused in one line (a sidecar without it reads as before). An --fp16-onnx destination that
+    was a link was recorded as the file it pointed to, which the build then replaced by a file of its own (a
+    review) -> recorded as written."""
+    from cli_helpers import cli
+
+    from dtop_export.engines.tensorrt.sidecar import read_sidecar, sidecar_path
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "old.fp16.onnx").write_bytes(b"old")
+    fp16 = tmp_path / "m.fp16.onnx"
+    fp16.symlink_to(tmp_path / "shared" / "old.fp16.onnx")
+    (tmp_path / "m.onnx").write_bytes(tiny.read_bytes())
+    plan = tmp_path / "m.plan"
+    args = ["--fp16", *TINY_PROFILE, "--target", "sm86", "-o", str(plan), "--fp16-onnx", str(fp16), "--force"]
+    assert cli("trt", str(tmp_path / "m.onnx"), *args) == 0
+    info = read_sidecar(plan)
+    assert info.build["plan_bytes"] == plan.stat().st_size
+    assert Path(info.onnx_file(plan, "built_from")) == fp16.resolve() and not fp16.is_symlink()
+    assert (tmp_path / "shared" / "old.fp16.onnx").read_bytes() == b"old"
+
+    with plan.open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DToPError, match="they are not from the same build"):
+        read_sidecar(plan)
+    capsys.readouterr()
+    assert cli("info", str(plan)) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rebuild with `dtop-export trt`" in err and "Traceback" not in err
+    side = sidecar_path(plan)
+    d = json.loads(side.read_text())
+    del d["build"]["plan_bytes"]
+    side.write_text(json.dumps(d))
+    assert "plan_bytes" not in read_sidecar(plan).build  # an older sidecar reads as before

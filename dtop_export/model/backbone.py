@@ -183,7 +183,7 @@ class StdConv2dStaticSame(nn.Conv2d):
         ):
             return self.standardized_weight()
         state = (w.data_ptr(), w._version, w.dtype, w.device, self.eps)
-        if not cache or cache[1] != state:
+        if not cache or cache[1] != state or cache[0].data_ptr() != w.data_ptr():  # a deep copy's alias: not its own
             # the detached alias keeps the storage alive, so its address cannot come back as another weight's
             cache[:] = [w.detach(), state, self.standardized_weight()]
         return cache[2]

@@ -339,6 +339,7 @@ def build_engines(
             monitor = watch.monitor(trt, logger)  # progress, and Ctrl-C's stop at the next step
             if monitor is not None:
                 config.progress_monitor = monitor
+            watch.stop_if_interrupted()  # Ctrl-C after the last plan was written: no next build
             with watch.building():  # a second Ctrl-C in here exits at once
                 serialized = builder.build_serialized_network(network, config)
             watch.stop_if_interrupted()
@@ -369,6 +370,7 @@ def build_engines(
                     "workspace_gb": workspace_gb,
                     "timing_cache": str(timing_cache) if timing_cache else None,
                     "detailed_profile": detailed_profile,
+                    "plan_bytes": len(memoryview(serialized)),  # read_sidecar: the plan beside it is this one
                 },
                 input_name=input_name,
                 output_name=output_name,

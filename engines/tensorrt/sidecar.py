@@ -81,12 +81,13 @@ def sidecar_path(plan: str | Path) -> Path:
 def onnx_record(plan: str | Path, onnx_path: Path, built_from: Path, sha256: str) -> dict[str, str]:
     """The sidecar's ``onnx``: the source ONNX and the one TensorRT parsed, relative to ``plan``'s folder
     (:meth:`PlanInfo.onnx_file` resolves them), so a rebuild hint works from any folder, also once the plan's
-    folder was copied elsewhere with its ONNX. Both are real paths (links followed), as the reader resolves them: ``..``
-    after a linked folder is the parent of where it points."""
+    folder was copied elsewhere with its ONNX. Both are in their folders' real paths (linked folders followed, as the
+    reader resolves them: ``..`` after a linked folder is the parent of where it points); a file that is itself a
+    link is named as the link (the FP16 ONNX written with the first plan replaces a link at its destination)."""
     folder = os.path.realpath(Path(plan).absolute().parent)
 
-    def relative(path: Path) -> str:
-        real = os.path.realpath(path)
+    def relative(path: Path) -> str:  # the folder's real path, not the file's: the FP16 ONNX's destination may be a
+        real = os.path.join(os.path.realpath(Path(path).absolute().parent), Path(path).name)  # link it replaces
         try:
             return os.path.relpath(real, folder)
         except ValueError:  # on another drive (Windows)
@@ -121,9 +122,17 @@ def read_sidecar(plan: str | Path, path: str | Path | None = None) -> PlanInfo:
     if int(d.get("format_version", 0)) > SIDECAR_VERSION:
         raise DToPError(f"{path} was written by a newer dtop-export: upgrade dtop-export")
     try:
-        return PlanInfo.from_dict(d)
+        info = PlanInfo.from_dict(d)
     except TypeError as e:
         raise DToPError(f"{path} is incomplete ({e}): rebuild the engine with `dtop-export trt`") from e
+    expected = info.build.get("plan_bytes")  # sidecars before 2026-12 do not record it
+    size = Path(plan).stat().st_size if Path(plan).is_file() else None
+    if expected is not None and size is not None and size != expected:
+        raise DToPError(
+            f"{path} describes a plan of {expected} bytes, but {plan} has {size}: they are not from the same build "
+            "(a build stopped between writing the two, or a file copied over one): rebuild with `dtop-export trt`"
+        )
+    return info
 
 
 def describe_plan(plan: str | Path) -> dict[str, Any]:
