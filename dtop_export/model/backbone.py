@@ -182,9 +182,10 @@ class StdConv2dStaticSame(nn.Conv2d):
             or w.is_inference()
         ):
             return self.standardized_weight()
-        state = (w.data_ptr(), w._version, w.dtype, w.device, self.eps)
-        if not cache or cache[1] != state or cache[0].data_ptr() != w.data_ptr():  # a deep copy's alias: not its own
-            # the detached alias keeps the storage alive, so its address cannot come back as another weight's
+        state = (w._version, w.dtype, w.device, self.eps)
+        # the storage: the detached alias keeps it alive, so its address cannot come back as another weight's (a deep
+        # copy's alias is a storage of its own, whose address no weight has)
+        if not cache or cache[1] != state or cache[0].data_ptr() != w.data_ptr():
             cache[:] = [w.detach(), state, self.standardized_weight()]
         return cache[2]
 
