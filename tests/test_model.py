@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,18 @@ def test_weight_standardisation_cached_once_per_state_of_the_weights(
         with torch.no_grad():
             adamed = model(x)
         assert torch.equal(adamed, every_pass()) and not torch.equal(adamed, rounded)
+        # a pickled or deep-copied module keeps caching on but carries no copy of the stem's weights
+        saved = io.BytesIO()
+        torch.save(model, saved)
+        saved.seek(0)
+        for twin in (torch.load(saved, weights_only=False), copy.deepcopy(model)):
+            twins = [m for m in twin.modules() if isinstance(m, StdConv2dStaticSame)]
+            assert all(m.__dict__["_standardized"] == [] for m in twins)
+            calls.clear()
+            with torch.no_grad():
+                assert torch.equal(twin(x), adamed) and torch.equal(twin(x), adamed)
+            assert calls == twins  # its own copy, computed once
+        assert all(c.__dict__["_standardized"] for c in convs)  # the original's copies kept
     assert not any("_standardized" in c.__dict__ for c in convs)  # off again, the copies dropped
 
     with torch.inference_mode():  # inference-mode weights have no version counter: never cached
@@ -367,3 +380,31 @@ def test_small_preset_uses_descriptor_normalisation(small_model: DToP) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(small_model.descriptors(x), F.normalize(small_model(x), dim=-1))
+
+
+def test_in_training_validation_standardises_the_stem_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Validation during training embeds every image of its set with fixed weights: the stem's standardised weights
+    are computed once for the whole pass (not in every image's pass), and the model is left uncached after."""
+    import dtop_export.retrieval.evaluate as evaluate_module
+    from dtop_export.preprocess import default_preprocess
+    from dtop_export.training.config import ValSection
+    from dtop_export.training.validate import validate
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("small")).train()
+    convs = [m for m in model.modules() if isinstance(m, StdConv2dStaticSame)]
+    calls: list[StdConv2dStaticSame] = []
+    standardize = StdConv2dStaticSame.standardized_weight
+    monkeypatch.setattr(StdConv2dStaticSame, "standardized_weight", lambda m: calls.append(m) or standardize(m))
+    images = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+
+    def evaluate(engine, root, name, **kwargs):  # noqa: ANN001, ANN003, ANN202 - three images' passes
+        for _ in range(3):
+            engine.embed(images)
+        return type("Result", (), {"map": {"easy": 1.0, "medium": 2.0, "hard": 3.0}})()
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    got = validate(model, default_preprocess("dtop_tiny_r_s16", model.stride), ValSection(root=str(tmp_path)))
+    assert got == {"easy": 1.0, "medium": 2.0, "hard": 3.0}
+    assert calls == convs  # once each, for three passes
+    assert model.training and not any("_standardized" in c.__dict__ for c in convs)

@@ -21,6 +21,7 @@ def validate(
     """mAP in percent ``{'easy', 'medium', 'hard'}`` on ``<val.root>/<val.name>`` (model left in its mode)."""
     from dataclasses import replace
 
+    from dtop_export.model.backbone import weight_standardization_cached
     from dtop_export.retrieval.datasets import default_data_root
     from dtop_export.retrieval.evaluate import evaluate
     from dtop_export.training.embed import ModelEmbedder
@@ -29,7 +30,8 @@ def validate(
     engine = ModelEmbedder(model, replace(preprocess, stride=model.stride), device=str(device))
     was_training = model.training
     try:
-        res = evaluate(engine, root, cfg.name, scales=tuple(cfg.scales), progress=progress, image_size=cfg.size)
+        with weight_standardization_cached(model):  # the weights are fixed for the pass: standardised once
+            res = evaluate(engine, root, cfg.name, scales=tuple(cfg.scales), progress=progress, image_size=cfg.size)
     finally:
         model.train(was_training)
     return {k: float(res.map[k]) for k in ("easy", "medium", "hard")}

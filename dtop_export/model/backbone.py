@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,14 @@ class StdConv2dStaticSame(nn.Conv2d):
         if any(self.static_pad):
             x = F.pad(x, self.static_pad)
         return F.conv2d(x, self.inference_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of a whole module, ``copy.deepcopy``) without a cached copy of the weights: the
+        copy keeps caching on, if it was, and computes its own on first use."""
+        state = super().__getstate__()
+        if "_standardized" in state:
+            state["_standardized"] = []
+        return state
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
