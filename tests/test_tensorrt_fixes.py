@@ -202,8 +202,7 @@ def test_a_stop_names_the_old_plans_of_targets_not_reached(tmp_path: Path) -> No
 
     plans = [tmp_path / f"m.{sm}.plan" for sm in ("sm86", "sm89", "sm120")]
     plans[1].write_bytes(b"old plan")  # sm120 was never built: nothing to name
-    watch = BuildWatch()
-    watch.planned = plans
+    watch = BuildWatch(plans)
     assert watch.kept_line() == "no plan written"  # the old plans then all belong to the old build
     plans[0].write_bytes(b"new plan")
     watch.kept.append(plans[0])
@@ -387,6 +386,7 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
         plan=tmp_path / "m.plan",
         precision={"mode": "fp16", "typing": "strong", "fp32_nodes": islands},
         onnx_path=dtop_onnx(),
+        onnx_sha256="f" * 64,
         built_from=fp16_path,
         built_metadata=read_metadata(fp16_path),
         build={"seconds": 1.0},
@@ -394,6 +394,7 @@ def test_sidecar_records_tensorrts_cuda_and_the_built_files_metadata(
         output_name="descriptors",
     )
     assert info.build["cuda"] == "13" and info.build["driver_cuda"] == "13.0" and info.build["seconds"] == 1.0
+    assert info.onnx["sha256"] == "f" * 64
     assert info.metadata["dtop.precision"] == "fp16" and "dtop.fp16" in info.metadata  # the file TensorRT built
     assert read_metadata(dtop_onnx()).get("dtop.precision", "fp32") == "fp32"
     assert info.onnx["built_from"] == "m.fp16.onnx" and info.onnx_file(tmp_path / "m.plan", "built_from") == str(

@@ -726,6 +726,34 @@ def test_ctrl_c_between_two_targets_starts_no_next_build(tmp_path: Path, tiny: P
 
 
 @needs_rtx
+def test_the_sidecar_hashes_the_onnx_that_was_read_not_the_file_after_the_build(tmp_path: Path, tiny: Path) -> None:
+    """The sidecar's ``onnx.sha256`` hashed the source file after each target's build (the last note: once per
+    target): an ONNX re-exported during a long build was recorded as the plan's source. It is hashed once, when
+    it is read: every plan of a multi-target build names the file it was built from."""
+    import shutil
+
+    from dtop_export.digest import file_sha256
+    from dtop_export.engines.tensorrt.builder import build_engines
+    from dtop_export.engines.tensorrt.profiles import make_profiles
+    from dtop_export.engines.tensorrt.sidecar import read_sidecar
+    from dtop_export.engines.tensorrt.targets import parse_targets
+
+    onnx = tmp_path / "tiny.onnx"
+    shutil.copyfile(tiny, onnx)
+    read = file_sha256(onnx)
+
+    def on_build(text: str) -> None:  # a re-export lands while the plans are built
+        with onnx.open("ab") as f:
+            f.write(b"x")
+
+    plans = [tmp_path / "tiny.sm86.plan", tmp_path / "tiny.sm89.plan"]
+    profiles = make_profiles(*([s] for s in TINY_PROFILE[1::2]), stride=16)
+    build_engines(onnx, plans, targets=parse_targets("sm86,sm89"), profiles=profiles, on_build=on_build)
+    assert file_sha256(onnx) != read
+    assert [read_sidecar(p).onnx["sha256"] for p in plans] == [read, read]
+
+
+@needs_rtx
 def test_a_plan_and_a_sidecar_of_two_builds_are_refused_and_a_linked_fp16_onnx_is_named_as_written(
     tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

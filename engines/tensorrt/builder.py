@@ -202,6 +202,7 @@ def build_engines(
     if weak_typing and not fp16:
         raise DToPError("--weak-typing only applies to --fp16 builds")
     named_model, meta, node_names, onnx_is_fp16 = _onnx_facts(onnx_path)
+    onnx_sha256 = file_sha256(onnx_path)  # the file read now (the sidecar's; one hash for every target)
     fp16_dst = Path(fp16_onnx_path or plans[0].with_suffix(".fp16.onnx"))
     if fp16 and not weak_typing and not onnx_is_fp16:
         refuse_fp16_over_source(onnx_path, fp16_dst)
@@ -300,8 +301,7 @@ def build_engines(
     parse_seconds = time.perf_counter() - t0
 
     results: list[BuildResult] = []
-    watch = BuildWatch()  # Ctrl-C stops the build at TensorRT's next step; each plan is written with its sidecar
-    watch.planned = list(plans)
+    watch = BuildWatch(plans)  # Ctrl-C stops the build at TensorRT's next step; each plan is written with its sidecar
     with watch.deferring_ctrl_c():
         for k, plan_path in enumerate(plans):
             target = targets[k] if targets else None
@@ -362,6 +362,7 @@ def build_engines(
                     "network": precision_facts,
                 },
                 onnx_path=onnx_path,
+                onnx_sha256=onnx_sha256,
                 built_from=source,
                 built_metadata=built_meta,
                 build={
@@ -415,6 +416,7 @@ def plan_info(
     plan: Path,
     precision: dict[str, Any],
     onnx_path: Path,
+    onnx_sha256: str,
     built_from: Path,
     built_metadata: dict[str, str],
     build: dict[str, Any],
@@ -434,7 +436,7 @@ def plan_info(
         gpu=gpu,
         profiles=[p.to_dict() for p in profiles],
         precision=precision,
-        onnx=onnx_record(plan, onnx_path, built_from, file_sha256(onnx_path)),
+        onnx=onnx_record(plan, onnx_path, built_from, onnx_sha256),
         build={
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cuda": str(trt_cuda) if trt_cuda else None,

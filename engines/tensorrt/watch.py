@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ class BuildWatch:
     STOPPING = "stopping at TensorRT's next step (Ctrl-C again to abort now)"
     STOPPING_OUTSIDE = "stopping before TensorRT's next build (files being written are finished first)"
 
-    def __init__(self) -> None:
+    def __init__(self, planned: Sequence[Path] = ()) -> None:
         self.interrupted = False
         self.report: Callable[[str], None] | None = None  # hears "Timing tactics (2/3)"
         self.kept: list[Path] = []  # plans written whole (each with its sidecar): what a stop keeps
-        self.planned: list[Path] = []  # every plan the build writes: those not reached may hold old plans
+        self.planned = list(planned)  # every plan the build writes: those not reached may hold old plans
         self._presses = 0
         self._in_build = False
         self._listening = False
