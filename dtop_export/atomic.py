@@ -159,14 +159,22 @@ def _put_in_place(temps: Sequence[Path], targets: Sequence[Path]) -> None:
         for tmp, dest in zip(temps, targets, strict=True):
             os.replace(tmp, dest)
             done.append(dest)
-    except BaseException:
+    except BaseException as error:
         for dest in done:
             if dest not in backups:
                 dest.unlink(missing_ok=True)
+        stranded: list[str] = []
         for dest, backup in backups.items():
-            with contextlib.suppress(OSError):  # a backup that cannot be put back stays, under its name
-                os.replace(backup, dest)  # a link to the file still at dest: rename(2) does nothing, so unlink
+            try:
+                if dest in done or not os.path.lexists(dest):  # else dest still holds the old file (linked)
+                    os.replace(backup, dest)
                 backup.unlink(missing_ok=True)
+            except OSError:  # it stays under its second name: the error says where
+                stranded.append(f"the old {dest} is kept as {backup.name}")
+        if stranded:
+            raise DToPError(
+                f"{error}; putting the old files back failed too: {'; '.join(stranded)} (rename it back by hand)"
+            ) from error
         raise
     for backup in backups.values():
         with contextlib.suppress(OSError):

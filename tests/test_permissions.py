@@ -162,6 +162,37 @@ def test_several_files_stay_old_when_a_rename_fails_partway(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pte", "b.pte", "new.pte"]
 
 
+def test_old_files_that_cannot_be_put_back_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a rename fails partway and putting an old file back fails too, it stayed under a hidden second name
+    with nothing saying so (the last note): the one-line error names it, with the rename's own error."""
+    import errno
+
+    from dtop_export import atomic
+    from dtop_export.errors import DToPError
+
+    dests = [tmp_path / "a.pte", tmp_path / "b.pte"]
+    for d in dests:
+        d.write_bytes(b"old " + d.name.encode())
+    replace = os.replace
+
+    def fails(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if str(dst).endswith("b.pte") or str(src).endswith(".old"):  # the second rename, then every put-back
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", fails)
+    with pytest.raises(DToPError) as e, atomic.atomic_paths(dests) as temps:
+        for t in temps:
+            t.write_bytes(b"new")
+    (backup,) = [p for p in tmp_path.iterdir() if p.name.startswith(".a.pte.")]
+    assert backup.read_bytes() == b"old a.pte" and dests[0].read_bytes() == b"new"
+    assert str(e.value) == (
+        f"[Errno 18] Invalid cross-device link; putting the old files back failed too: the old {dests[0]} is kept "
+        f"as {backup.name} (rename it back by hand)"
+    )
+    assert isinstance(e.value.__cause__, OSError) and "\n" not in str(e.value)
+
+
 def test_checkpoint_onnx_and_fp16_onnx_are_readable_by_others(
     tmp_path: Path, small_ckpt: Path, small_onnx: Path
 ) -> None:
