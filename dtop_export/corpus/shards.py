@@ -16,6 +16,7 @@ refused unless the caller clears the folder (``--force``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
 META_KEY = b"dtop.shard"
+# The temporary files atomic_path makes for a shard or the manifest (mkstemp: "." + name + "." + 8 random + ".tmp"):
+# a killed run leaves them; any other hidden .tmp file in the folder is someone else's.
+TEMP_FILE = re.compile(r"\.(shard-\d{5,}\.parquet|manifest\.json)\.[a-z0-9_]+\.tmp")
 
 
 def shard_name(index: int) -> str:
@@ -222,7 +226,8 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
         raise DToPError(f"{folder} exists and is not a folder: choose another -o")
     folder.mkdir(parents=True, exist_ok=True)
     for tmp in folder.glob(".*.tmp"):  # left by a killed run (the caller holds the folder's lock)
-        tmp.unlink(missing_ok=True)
+        if TEMP_FILE.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
     if force:
         for p in folder.glob(SHARD_GLOB):
             p.unlink()
