@@ -7,6 +7,9 @@ work; relative paths in a list or table are relative to the list's folder. Local
 the source's resolved location (symbolic links and ``..`` resolved), so that they open from any working directory
 and ``src`` and ``/abs/src`` list the same items. The listing order is the key order (``key`` = row number), so
 re-running a job lists the same items in the same order.
+
+The ids and paths of a table are its cells' exact text: a CSV's ``path`` and ``id`` columns are read as strings
+(``0001`` stays ``0001``), a Parquet table's must be strings (an integer ``id`` column is taken as its decimal text).
 """
 
 from __future__ import annotations
@@ -127,8 +130,10 @@ def _read_table(source: str) -> tuple[Any, Locate]:
             data = read_bytes(source)
             import pyarrow as pa
 
+            text = {name: pa.string() for name in ("path", "id")}  # their exact text: `0001` is not `1`
             table = pacsv.read_csv(
-                pa.BufferReader(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
+                pa.BufferReader(data),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=text),
             )
             return table, _csv_lines(data)
         if is_uri(source):
@@ -165,7 +170,17 @@ def _csv_lines(data: bytes) -> Locate:
 
 
 def _column(table: Any, name: str, source: str, locate: Locate) -> list[str]:
-    """A table column as strings; a null or empty cell is refused with where it is."""
+    """A table column as strings; a null or empty cell is refused with where it is, and so is a column of another
+    type than text (an ``id`` column of integers is taken as their decimal text: ``1`` and ``001`` are one id)."""
+    import pyarrow as pa
+
+    kind = table.schema.field(name).type
+    text = kind if not pa.types.is_dictionary(kind) else kind.value_type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text) or pa.types.is_string_view(text)) and not (
+        name == "id" and pa.types.is_integer(text)
+    ):
+        allowed = "strings or integers" if name == "id" else "strings"
+        raise DToPError(f"{source}: the {name!r} column holds {kind}, not text: store its values as {allowed}")
     values = table.column(name).to_pylist()
     for n, v in enumerate(values):
         if v is None or str(v).strip() == "":
