@@ -3,13 +3,75 @@ UTF-8, skipped images embedded again (--retry-skipped), and the temporary files 
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from cli_helpers import cli
+from PIL import Image
 
-from dtop_export.corpus.shards import MANIFEST, CorpusSettings, prepare_folder, shard_name
+from dtop_export.corpus.embed import CorpusJob, embed_corpus
+from dtop_export.corpus.shards import MANIFEST, CorpusSettings, prepare_folder, read_shard, shard_name
 from dtop_export.corpus.source import list_source
 from dtop_export.errors import DToPError
+from dtop_export.preprocess import DecodeBudget
+
+SIZE = 64  # the small model at its smallest useful size: these tests are about bookkeeping, not descriptors
+
+
+def _images(folder: Path, sizes: dict[str | bytes, tuple[int, int]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in sizes.items():
+        target = os.path.join(os.fsencode(folder), name) if isinstance(name, bytes) else folder / name
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(target, format="PNG")
+    return folder
+
+
+def test_retry_skipped_embeds_what_a_raised_limit_admits(
+    small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An image over --max-pixels is skipped and its shard is complete: a re-run with a higher limit reuses the shard
+    (as before), --retry-skipped embeds the skipped image again, keeping the shard's other rows and other shards."""
+    src = _images(tmp_path / "src", {"a.png": (40, 40), "big.png": (100, 100), "c.png": (48, 64)})
+    out = tmp_path / "out"
+    args = ("embed", str(small_onnx), str(src), "-o", str(out), "--image-size", str(SIZE), "--shard-size", "2")
+    assert cli(*args, "--no-progress", "--max-pixels", "5000") == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "skipped 1 image(s) (1 over --max-pixels)" in said and "unreadable" not in said
+    assert "re-run with --retry-skipped" in said
+    manifest = json.loads((out / MANIFEST).read_text())
+    [skip] = manifest["skipped"]
+    assert skip["id"] == "big.png" and "raise --max-pixels and re-run with --retry-skipped" in skip["error"]
+    assert manifest["last_run"]["skip_reasons"] == {"over --max-pixels": 1}
+    first = read_shard(out / shard_name(0))
+    kept_mtime = (out / shard_name(1)).stat().st_mtime_ns
+
+    def job(**kw: object) -> CorpusJob:
+        return CorpusJob(str(small_onnx), str(src), out, image_size=SIZE, shard_size=2, progress=False, **kw)
+
+    again = embed_corpus(job())  # the default budget admits it, but the complete shard is reused
+    assert again.processed == 0 and again.skipped == 1
+    retried = embed_corpus(job(retry_skipped=True))
+    assert (retried.processed, retried.shards_written, retried.shards_reused) == (1, 1, 1)
+    assert (retried.embedded, retried.skipped, retried.skip_reasons) == (3, 0, {})
+    shard = read_shard(out / shard_name(0))
+    assert shard["id"] == ["a.png", "big.png"] and list(shard["key"]) == [0, 1]
+    np.testing.assert_array_equal(shard["descriptor"][0], first["descriptor"][0])  # a.png: its row, kept
+    assert abs(float(np.linalg.norm(shard["descriptor"][1])) - 1) < 1e-5
+    assert (out / shard_name(1)).stat().st_mtime_ns == kept_mtime  # a shard without skips is not rewritten
+    assert json.loads((out / MANIFEST).read_text())["skipped"] == []
+    assert embed_corpus(job(retry_skipped=True)).processed == 0  # nothing left to retry
+    # still over a limit: skipped again, the shard rewritten with the new reason
+    assert embed_corpus(job(force=True, decode=DecodeBudget(max_pixels=5000))).skipped == 1
+    again = embed_corpus(job(retry_skipped=True, decode=DecodeBudget(max_pixels=2000)))
+    assert (again.processed, again.skipped, again.skip_reasons) == (1, 1, {"over --max-pixels": 1})
+    [skip] = json.loads((out / MANIFEST).read_text())["skipped"]
+    assert skip["id"] == "big.png" and "over the limit of 2000" in skip["error"]
+    assert cli("embed", str(small_onnx), str(src), "-o", str(tmp_path / "x.npy"), "--retry-skipped") == 2
+    assert "--retry-skipped is for folder output" in capsys.readouterr().err
 
 
 def test_table_ids_and_paths_keep_their_text(tmp_path: Path) -> None:

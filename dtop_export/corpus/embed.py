@@ -31,7 +31,7 @@ from dtop_export.corpus.runtime import (
     engine_options,
     model_contract,
 )
-from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
+from dtop_export.corpus.shards import CorpusSettings, Shard, corpus_error, write_shard
 from dtop_export.errors import DToPError, Interrupted, find_cause
 from dtop_export.preprocess import DecodeBudget
 
@@ -65,12 +65,14 @@ class CorpusJob:
     workers: int | None = None  # in-process decode workers (default: every core)
     decode_pool: str = "auto"  # in-process decode workers: thread, process, auto (processes for a CUDA engine)
     gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
+    retry_skipped: bool = False  # embed again the images complete shards skipped (over the budget, read errors)
 
 
 @dataclass
 class CorpusSummary:
-    """What a corpus job did: images listed / embedded / skipped (in all shards), images processed and shards
-    written by this run, shards reused from earlier runs, wall time, per-actor rates."""
+    """What a corpus job did: images listed / embedded / skipped (in all shards), how many were skipped for what
+    (:func:`~dtop_export.corpus.shards.skip_reason`), images processed and shards written by this run, shards reused
+    from earlier runs, wall time, per-actor rates."""
 
     mode: str
     images: int
@@ -86,6 +88,7 @@ class CorpusSummary:
     steady_images_per_s: float | None = None  # the images after the first result over the time after it
     startup: dict[str, float] = field(default_factory=dict)  # the fixed costs: listing, model load, warm-up...
     feed: dict[str, Any] = field(default_factory=dict)  # the decode pool's work and what ran concurrently
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # {"over --max-pixels": 2, "unreadable": 1, ...}
 
     @property
     def images_per_s(self) -> float:
@@ -112,7 +115,8 @@ class ShardAssembler:
     """Collects per-(image, scale) results of the pending shards and writes each shard once it is complete.
 
     ``add(key, scale, descriptor)`` and ``fail(key, error)`` return the number of images that became complete
-    (0 or 1); repeated deliveries of the same (key, scale) are counted in ``duplicates`` and ignored.
+    (0 or 1); repeated deliveries of the same (key, scale) are counted in ``duplicates`` and ignored. ``retry``:
+    complete shards to write again with their skipped images embedded anew (``shards_with_skipped``).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class ShardAssembler:
         items: list[CorpusItem],
         pending: list[int],
         on_shard: Callable[[int], None] | None = None,
+        retry: dict[int, Shard] | None = None,
     ) -> None:
         self.folder, self.settings, self.on_shard = folder, settings, on_shard
         self.n_scales = len(settings.scales)
@@ -129,9 +134,10 @@ class ShardAssembler:
         self.open: dict[int, Shard] = {}
         self.remaining: dict[int, int] = {}
         self.work: dict[int, _Pending] = {}
-        for k in pending:
-            keys = settings.shard_keys(k)
-            self.open[k] = Shard(k)
+        for k, shard in [(k, Shard(k)) for k in pending] + sorted((retry or {}).items()):
+            keys = settings.shard_keys(k) if k in pending else [int(s["key"]) for s in shard.skipped]
+            shard.skipped = []
+            self.open[k] = shard
             self.remaining[k] = len(keys)
             for key in keys:
                 self.shard_of[key] = k
@@ -173,7 +179,8 @@ class ShardAssembler:
         if p is None:
             self.duplicates += 1
             return 0
-        self.open[self.shard_of[key]].skipped.append({"key": key, "id": p.item.id, "path": p.item.path, "error": error})
+        record = {"key": key, "id": p.item.id, "path": p.item.path, "error": corpus_error(error)}
+        self.open[self.shard_of[key]].skipped.append(record)
         self.skipped += 1
         return self._finish(key)
 
@@ -311,19 +318,30 @@ def _run_job(
     start: tuple[float, dict[str, float]],
     say: Callable[[str], None],
 ) -> CorpusSummary:
-    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
+    from collections import Counter
+
+    from dtop_export.corpus.shards import (
+        collect_skipped,
+        prepare_folder,
+        shards_with_skipped,
+        skip_reason,
+        write_manifest,
+    )
 
     t0, startup = start
     feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
+    done = sorted(set(range(n_shards)) - set(pending))
+    retry = shards_with_skipped(job.output, settings, done) if job.retry_skipped else {}
     say(
         f"{len(items)} images in {n_shards} shard(s) of {job.shard_size}: "
         + (f"{n_shards - len(pending)} already complete, " if len(pending) < n_shards else "")
+        + (f"{len(retry)} with skipped images to retry, " if retry else "")
         + f"{len(pending)} to write"
     )
     write_manifest(job.output, settings, "running")
-    assembler = ShardAssembler(job.output, settings, items, pending)
+    assembler = ShardAssembler(job.output, settings, items, pending, retry=retry)
     n_todo = len(assembler.work)
     with progress_bar(job.progress and n_todo > 0) as bar:
         task = bar.add_task("embedding" + (" (ray)" if job.use_ray else ""), total=n_todo)
@@ -350,6 +368,7 @@ def _run_job(
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
     skipped = collect_skipped(job.output, range(n_shards))
+    reasons = Counter(skip_reason(s["error"]) for s in skipped)
     summary = CorpusSummary(
         mode="ray" if job.use_ray else "local",
         images=len(items),
@@ -357,7 +376,7 @@ def _run_job(
         embedded=len(items) - len(skipped),
         skipped=len(skipped),
         shards_written=assembler.written,
-        shards_reused=n_shards - len(pending),
+        shards_reused=n_shards - len(pending) - len(retry),
         wall_s=end - t0,
         duplicates=assembler.duplicates,
         actors=stats,
@@ -365,6 +384,7 @@ def _run_job(
         steady_images_per_s=steady_rate(first[0], (end, n_todo)) if first else None,
         startup={k: round(v, 4) for k, v in startup.items()},
         feed=feed,
+        skip_reasons=dict(reasons.most_common()),
     )
     write_manifest(
         job.output,

@@ -290,6 +290,41 @@ def shard_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def shards_with_skipped(folder: Path, settings: CorpusSettings, indices: Sequence[int]) -> dict[int, Shard]:
+    """The complete shards among ``indices`` that recorded skipped images (``--retry-skipped``), each as a
+    :class:`Shard` holding the rows it has and, as ``skipped``, the images to embed again."""
+    out: dict[int, Shard] = {}
+    for k in indices:
+        info = shard_info(folder / shard_name(k))
+        if not info or not info.get("skipped") or not shard_is_complete(folder, k, settings):
+            continue
+        rows = read_shard(folder / shard_name(k))
+        keys = [int(x) for x in rows["key"]]
+        out[k] = Shard(k, keys, rows["id"], rows["path"], list(rows["descriptor"]), list(info["skipped"]))
+    return out
+
+
+# the decode budget's advice in a skipped image's error ("... (raise it with --max-pixels or DecodeBudget.max_pixels)")
+_RAISE_LIMIT = re.compile(r"\(raise it with (--max-[a-z-]+) or DecodeBudget\.\w+\)")
+
+
+def corpus_error(error: str) -> str:
+    """A skipped image's reason as a corpus job records it: over the decode budget, the advice says to re-run with
+    ``--retry-skipped`` too (a shard that skipped an image is reused as it is otherwise)."""
+    return _RAISE_LIMIT.sub(r"(raise \1 and re-run with --retry-skipped)", error)
+
+
+def skip_reason(error: str) -> str:
+    """What kind of skip ``error`` records: ``over --max-pixels`` (or another decode limit), ``not found``,
+    ``read error`` (the file system's: worth a retry) or ``unreadable`` (not an image, truncated...)."""
+    limit = re.search(r"\(raise (?:it with )?(--max-[a-z-]+) ", error)
+    if limit:
+        return f"over {limit.group(1)}"
+    if error.startswith("image ") and error.endswith(" not found"):
+        return "not found"
+    return "read error" if "[Errno " in error else "unreadable"
+
+
 def collect_skipped(folder: Path, indices: Sequence[int]) -> list[dict[str, Any]]:
     """The skipped images recorded in the given shards, in key order."""
     out: list[dict[str, Any]] = []
