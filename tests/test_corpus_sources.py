@@ -99,6 +99,38 @@ def test_table_ids_and_paths_keep_their_text(tmp_path: Path) -> None:
     assert [Path(i.path).name for i in list_source(tmp_path / "d.parquet")] == ["a.jpg", "b.jpg"]
 
 
+def test_file_names_that_are_not_utf8_are_left_out_and_counted(
+    small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name that is not UTF-8 cannot be a Parquet string: the file is left out of the listing (the same on
+    every run, so the job resumes) with one warning line, and counted as skipped; no traceback."""
+    src = _images(tmp_path / "src", {"ok.png": (40, 40), b"caf\xe9.png": (40, 40), b"\xff.png": (40, 40)})
+    left_out: list[str] = []
+    assert [i.id for i in list_source(src, left_out)] == ["ok.png"] and len(left_out) == 2
+    out = tmp_path / "out"
+    args = ("embed", str(small_onnx), str(src), "-o", str(out), "--image-size", str(SIZE), "--no-progress")
+    assert cli(*args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: left out 2 file(s) whose names are not UTF-8 (first: b'" in said
+    assert "skipped 2 image(s) (2 file name not UTF-8)" in said and "--retry-skipped" not in said
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["counts"] == {"images": 3, "embedded": 1, "skipped": 2}
+    assert sorted(e["path"] for e in manifest["left_out"]) == sorted(
+        repr(os.fsencode(src / n)) for n in (os.fsdecode(b"caf\xe9.png"), os.fsdecode(b"\xff.png"))
+    )
+    again = embed_corpus(CorpusJob(str(small_onnx), str(src), out, image_size=SIZE, progress=False))
+    assert (again.processed, again.shards_reused, again.skipped) == (0, 1, 2)  # resumed: the same listing
+    uri: list[str] = []  # pyarrow.fs lists them too, but cannot name them as text
+    assert [i.id for i in list_source(f"file://{src}", uri)] == ["ok.png"] and len(uri) == 2
+    only_bad = _images(tmp_path / "bad", {b"\xe9.png": (40, 40)})
+    with pytest.raises(DToPError, match=r"lists no images whose names are UTF-8 \(1 are not: rename them\)"):
+        list_source(only_bad)
+    named = os.path.join(os.fsencode(tmp_path), b"ph\xf6tos")
+    os.mkdir(named)
+    with pytest.raises(DToPError, match=r"source b'.*ph\\xf6tos' has a name that is not UTF-8: rename it"):
+        list_source(os.fsdecode(named))
+
+
 def test_a_run_removes_only_its_own_temporary_files(tmp_path: Path) -> None:
     """-o may be any folder (-o .): a run removes the temporary names atomic_path gives shards and the manifest,
     never another hidden .tmp file."""

@@ -70,9 +70,9 @@ class CorpusJob:
 
 @dataclass
 class CorpusSummary:
-    """What a corpus job did: images listed / embedded / skipped (in all shards), how many were skipped for what
-    (:func:`~dtop_export.corpus.shards.skip_reason`), images processed and shards written by this run, shards reused
-    from earlier runs, wall time, per-actor rates."""
+    """What a corpus job did: images found / embedded / skipped (in all shards, and the files left out of the listing),
+    how many were skipped for what (:func:`~dtop_export.corpus.shards.skip_reason`), images processed and shards
+    written by this run, shards reused from earlier runs, wall time, per-actor rates."""
 
     mode: str
     images: int
@@ -271,8 +271,14 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)
     t0 = time.perf_counter()
-    items = list_source(job.source)
+    left_out: list[str] = []
+    items = list_source(job.source, left_out)
     startup = {"listing_s": time.perf_counter() - t0}
+    if left_out:
+        from dtop_export.corpus.source import shown_name
+
+        (log or (lambda _: None))(f"warning: left out {len(left_out)} file(s) whose names are not UTF-8 (first: "
+                                  f"{shown_name(left_out[0])}): rename them to embed them")  # fmt: skip
     contract = model_contract(job.model)
     settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
@@ -291,7 +297,8 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         job.output.mkdir(parents=True, exist_ok=True)
         with folder_lock(job.output, "embed job"):
             try:
-                return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
+                start = (t0, startup, left_out)
+                return _run_job(job, items, contract, settings, ray_plan, start, log or (lambda _: None))
             except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
 
@@ -315,7 +322,7 @@ def _run_job(
     contract: ModelContract,
     settings: CorpusSettings,
     ray_plan: Any,
-    start: tuple[float, dict[str, float]],
+    start: tuple[float, dict[str, float], list[str]],
     say: Callable[[str], None],
 ) -> CorpusSummary:
     from collections import Counter
@@ -327,8 +334,9 @@ def _run_job(
         skip_reason,
         write_manifest,
     )
+    from dtop_export.corpus.source import shown_name
 
-    t0, startup = start
+    t0, startup, left_out = start
     feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
@@ -368,13 +376,13 @@ def _run_job(
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
     skipped = collect_skipped(job.output, range(n_shards))
-    reasons = Counter(skip_reason(s["error"]) for s in skipped)
+    reasons = Counter([skip_reason(s["error"]) for s in skipped] + ["file name not UTF-8"] * len(left_out))
     summary = CorpusSummary(
         mode="ray" if job.use_ray else "local",
-        images=len(items),
+        images=len(items) + len(left_out),
         processed=n_todo,
         embedded=len(items) - len(skipped),
-        skipped=len(skipped),
+        skipped=len(skipped) + len(left_out),
         shards_written=assembler.written,
         shards_reused=n_shards - len(pending) - len(retry),
         wall_s=end - t0,
@@ -395,6 +403,7 @@ def _run_job(
             "shards": n_shards,
             "last_run": summary.to_dict(),
             "skipped": skipped,
+            "left_out": [{"path": shown_name(p), "error": "file name not UTF-8"} for p in left_out],
         },
     )
     return summary
