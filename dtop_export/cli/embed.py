@@ -162,17 +162,27 @@ def embed(
     max_decode_mb: MaxDecodeMbOpt = DecodeBudget.max_decode_mb,
     max_scans: MaxScansOpt = DecodeBudget.max_scans,
     json_out: JsonOpt = None,
+    retry_skipped: Annotated[
+        bool,
+        typer.Option(
+            "--retry-skipped",
+            help="Folder output: embed again the images earlier runs skipped (over the decode budget, read errors); "
+            "their shards are rewritten, the rest reused.",
+        ),
+    ] = False,
 ) -> None:
     """Descriptors of images: OUTPUT.npy (n x N float32) + OUTPUT.json, or a folder of Parquet shards.
 
     Unreadable images, and images over the decode budget (--max-pixels, --max-decode-mb, --max-scans), are
     reported and skipped. Folder output is resumable: re-running the same command writes only the shards that
-    are missing.
+    are missing; --retry-skipped also embeds again the images they skipped (after raising a limit, say).
     """
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
     budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
+    if retry_skipped and output.suffix.lower() == ".npy":
+        raise DToPError("--retry-skipped is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
     if output.suffix.lower() == ".npy":
         if use_ray or gpu_decode:
             flag = "--ray" if use_ray else "--gpu-decode"
@@ -189,7 +199,7 @@ def embed(
         model=model, source=images[0], output=output, batch_size=batch_size, scales=sc, image_size=image_size,
         threads=threads, precision=precision, shard_size=shard_size, force=force, progress=progress,
         use_ray=use_ray, address=address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-        decode=budget, workers=workers, decode_pool=decode_pool, gpu_decode=gpu_decode,
+        decode=budget, workers=workers, decode_pool=decode_pool, gpu_decode=gpu_decode, retry_skipped=retry_skipped,
     )  # fmt: skip
     _embed_shards(job, json_out)
 
@@ -231,7 +241,11 @@ def _embed_shards(job: CorpusJob, json_out: Path | None) -> None:
             per.add_row(a.name, str(a.images), f"{a.busy_s:.1f}", f"{a.images_per_s:.2f}", f"{a.startup_s:.1f}")
         con.print(per)
     if summary.skipped:
-        con.print(f"skipped {summary.skipped} unreadable image(s): listed in {job.output / 'manifest.json'}")
+        reasons = ", ".join(f"{n} {why}" for why, n in summary.skip_reasons.items())
+        retry = any(why.startswith("over ") or why in ("read error", "not found") for why in summary.skip_reasons)
+        hint = "; to embed them, raise the limit or fix the files and re-run with --retry-skipped" if retry else ""
+        con.print(f"skipped {summary.skipped} image(s) ({reasons}): listed in {job.output / 'manifest.json'}{hint}",
+                  markup=False, soft_wrap=True)  # fmt: skip
     if json_out:
         write_json(json_out, summary.to_dict())
 

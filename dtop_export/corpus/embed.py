@@ -15,13 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dtop_export.corpus.pool import POOL_KINDS
+from dtop_export.corpus.progress import progress_bar, steady_rate
 from dtop_export.corpus.runtime import (
     ActorStats,
     ModelContract,
@@ -31,7 +31,7 @@ from dtop_export.corpus.runtime import (
     engine_options,
     model_contract,
 )
-from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
+from dtop_export.corpus.shards import CorpusSettings, Shard, corpus_error, write_shard
 from dtop_export.errors import DToPError, Interrupted, find_cause
 from dtop_export.preprocess import DecodeBudget
 
@@ -65,11 +65,13 @@ class CorpusJob:
     workers: int | None = None  # in-process decode workers (default: every core)
     decode_pool: str = "auto"  # in-process decode workers: thread, process, auto (processes for a CUDA engine)
     gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
+    retry_skipped: bool = False  # embed again the images complete shards skipped (over the budget, read errors)
 
 
 @dataclass
 class CorpusSummary:
-    """What a corpus job did: images listed / embedded / skipped (in all shards), images processed and shards
+    """What a corpus job did: images found / embedded / skipped (in all shards, and the files left out of the listing),
+    how many were skipped for what (:func:`~dtop_export.corpus.shards.skip_reason`), images processed and shards
     written by this run, shards reused from earlier runs, wall time, per-actor rates."""
 
     mode: str
@@ -86,6 +88,7 @@ class CorpusSummary:
     steady_images_per_s: float | None = None  # the images after the first result over the time after it
     startup: dict[str, float] = field(default_factory=dict)  # the fixed costs: listing, model load, warm-up...
     feed: dict[str, Any] = field(default_factory=dict)  # the decode pool's work and what ran concurrently
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # {"over --max-pixels": 2, "unreadable": 1, ...}
 
     @property
     def images_per_s(self) -> float:
@@ -112,7 +115,8 @@ class ShardAssembler:
     """Collects per-(image, scale) results of the pending shards and writes each shard once it is complete.
 
     ``add(key, scale, descriptor)`` and ``fail(key, error)`` return the number of images that became complete
-    (0 or 1); repeated deliveries of the same (key, scale) are counted in ``duplicates`` and ignored.
+    (0 or 1); repeated deliveries of the same (key, scale) are counted in ``duplicates`` and ignored. ``retry``:
+    complete shards to write again with their skipped images embedded anew (``shards_with_skipped``).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class ShardAssembler:
         items: list[CorpusItem],
         pending: list[int],
         on_shard: Callable[[int], None] | None = None,
+        retry: dict[int, Shard] | None = None,
     ) -> None:
         self.folder, self.settings, self.on_shard = folder, settings, on_shard
         self.n_scales = len(settings.scales)
@@ -129,9 +134,10 @@ class ShardAssembler:
         self.open: dict[int, Shard] = {}
         self.remaining: dict[int, int] = {}
         self.work: dict[int, _Pending] = {}
-        for k in pending:
-            keys = settings.shard_keys(k)
-            self.open[k] = Shard(k)
+        for k, shard in [(k, Shard(k)) for k in pending] + sorted((retry or {}).items()):
+            keys = settings.shard_keys(k) if k in pending else [int(s["key"]) for s in shard.skipped]
+            shard.skipped = []
+            self.open[k] = shard
             self.remaining[k] = len(keys)
             for key in keys:
                 self.shard_of[key] = k
@@ -173,7 +179,8 @@ class ShardAssembler:
         if p is None:
             self.duplicates += 1
             return 0
-        self.open[self.shard_of[key]].skipped.append({"key": key, "id": p.item.id, "path": p.item.path, "error": error})
+        record = {"key": key, "id": p.item.id, "path": p.item.path, "error": corpus_error(error)}
+        self.open[self.shard_of[key]].skipped.append(record)
         self.skipped += 1
         return self._finish(key)
 
@@ -191,63 +198,6 @@ class ShardAssembler:
     @property
     def complete(self) -> bool:
         return not self.work
-
-
-def steady_rate(first: tuple[float, int], end: tuple[float, int]) -> float | None:
-    """Images per second after the first result, from its (time, images done) and the job's end: the rate a
-    longer job of the same kind approaches, start-up (listing, cluster, model load) excluded. None when
-    nothing came after the first result."""
-    if end[0] <= first[0] or end[1] <= first[1]:
-        return None
-    return (end[1] - first[1]) / (end[0] - first[0])
-
-
-def average_rate(completed: float, elapsed: float | None) -> float | None:
-    """Completed items per second since the start; None before the first item."""
-    return completed / elapsed if completed and elapsed else None
-
-
-def progress_bar(enabled: bool) -> Any:
-    """The driver's bar: description, bar, done/total, images/s, elapsed and ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        """Images per second since the job started: Ray delivers whole batches at once, and rich's windowed
-        speed over a burst of same-instant updates reads hundreds of images per second."""
-
-        def render(self, task: Any) -> Text:
-            rate = average_rate(task.completed, task.elapsed)
-            return Text(f"{rate:.2f} img/s" if rate else "- img/s")
-
-    class EtaColumn(ProgressColumn):
-        """Time left at the average rate (rich's estimate uses the windowed speed, see :class:`RateColumn`)."""
-
-        def render(self, task: Any) -> Text:
-            rate = average_rate(task.completed, task.elapsed)
-            if task.finished:
-                return Text("0:00:00")
-            if not rate or task.total is None:
-                return Text("-:--:--")
-            return Text(str(timedelta(seconds=round((task.total - task.completed) / rate))))
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        EtaColumn(),
-        disable=not enabled,
-    )
 
 
 def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContract, engine: str) -> CorpusSettings:
@@ -321,8 +271,14 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
     check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)
     t0 = time.perf_counter()
-    items = list_source(job.source)
+    left_out: list[str] = []
+    items = list_source(job.source, left_out)
     startup = {"listing_s": time.perf_counter() - t0}
+    if left_out:
+        from dtop_export.corpus.source import shown_name
+
+        (log or (lambda _: None))(f"warning: left out {len(left_out)} file(s) whose names are not UTF-8 (first: "
+                                  f"{shown_name(left_out[0])}): rename them to embed them")  # fmt: skip
     contract = model_contract(job.model)
     settings = job_settings(job, items, contract, engine)
     job.image_size = settings.image_size
@@ -341,7 +297,8 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         job.output.mkdir(parents=True, exist_ok=True)
         with folder_lock(job.output, "embed job"):
             try:
-                return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
+                start = (t0, startup, left_out)
+                return _run_job(job, items, contract, settings, ray_plan, start, log or (lambda _: None))
             except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
 
@@ -365,22 +322,34 @@ def _run_job(
     contract: ModelContract,
     settings: CorpusSettings,
     ray_plan: Any,
-    start: tuple[float, dict[str, float]],
+    start: tuple[float, dict[str, float], list[str]],
     say: Callable[[str], None],
 ) -> CorpusSummary:
-    from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
+    from collections import Counter
 
-    t0, startup = start
+    from dtop_export.corpus.shards import (
+        collect_skipped,
+        prepare_folder,
+        shards_with_skipped,
+        skip_reason,
+        write_manifest,
+    )
+    from dtop_export.corpus.source import shown_name
+
+    t0, startup, left_out = start
     feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
+    done = sorted(set(range(n_shards)) - set(pending))
+    retry = shards_with_skipped(job.output, settings, done) if job.retry_skipped else {}
     say(
         f"{len(items)} images in {n_shards} shard(s) of {job.shard_size}: "
         + (f"{n_shards - len(pending)} already complete, " if len(pending) < n_shards else "")
+        + (f"{len(retry)} with skipped images to retry, " if retry else "")
         + f"{len(pending)} to write"
     )
     write_manifest(job.output, settings, "running")
-    assembler = ShardAssembler(job.output, settings, items, pending)
+    assembler = ShardAssembler(job.output, settings, items, pending, retry=retry)
     n_todo = len(assembler.work)
     with progress_bar(job.progress and n_todo > 0) as bar:
         task = bar.add_task("embedding" + (" (ray)" if job.use_ray else ""), total=n_todo)
@@ -407,14 +376,15 @@ def _run_job(
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
     skipped = collect_skipped(job.output, range(n_shards))
+    reasons = Counter([skip_reason(s["error"]) for s in skipped] + ["file name not UTF-8"] * len(left_out))
     summary = CorpusSummary(
         mode="ray" if job.use_ray else "local",
-        images=len(items),
+        images=len(items) + len(left_out),
         processed=n_todo,
         embedded=len(items) - len(skipped),
-        skipped=len(skipped),
+        skipped=len(skipped) + len(left_out),
         shards_written=assembler.written,
-        shards_reused=n_shards - len(pending),
+        shards_reused=n_shards - len(pending) - len(retry),
         wall_s=end - t0,
         duplicates=assembler.duplicates,
         actors=stats,
@@ -422,6 +392,7 @@ def _run_job(
         steady_images_per_s=steady_rate(first[0], (end, n_todo)) if first else None,
         startup={k: round(v, 4) for k, v in startup.items()},
         feed=feed,
+        skip_reasons=dict(reasons.most_common()),
     )
     write_manifest(
         job.output,
@@ -432,6 +403,7 @@ def _run_job(
             "shards": n_shards,
             "last_run": summary.to_dict(),
             "skipped": skipped,
+            "left_out": [{"path": shown_name(p), "error": "file name not UTF-8"} for p in left_out],
         },
     )
     return summary

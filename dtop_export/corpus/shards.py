@@ -16,6 +16,7 @@ refused unless the caller clears the folder (``--force``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
 META_KEY = b"dtop.shard"
+# The temporary files atomic_path makes for a shard or the manifest (mkstemp: "." + name + "." + 8 random + ".tmp"):
+# a killed run leaves them; any other hidden .tmp file in the folder is someone else's.
+TEMP_FILE = re.compile(r"\.(shard-\d{5,}\.parquet|manifest\.json)\.[a-z0-9_]+\.tmp")
 
 
 def shard_name(index: int) -> str:
@@ -222,7 +226,8 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
         raise DToPError(f"{folder} exists and is not a folder: choose another -o")
     folder.mkdir(parents=True, exist_ok=True)
     for tmp in folder.glob(".*.tmp"):  # left by a killed run (the caller holds the folder's lock)
-        tmp.unlink(missing_ok=True)
+        if TEMP_FILE.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
     if force:
         for p in folder.glob(SHARD_GLOB):
             p.unlink()
@@ -283,6 +288,41 @@ def shard_files(folder: str | Path) -> list[Path]:
     if not files:
         raise DToPError(f"{folder} holds no {SHARD_GLOB} files: run `dtop-export embed MODEL SOURCE -o {folder}` first")
     return files
+
+
+def shards_with_skipped(folder: Path, settings: CorpusSettings, indices: Sequence[int]) -> dict[int, Shard]:
+    """The complete shards among ``indices`` that recorded skipped images (``--retry-skipped``), each as a
+    :class:`Shard` holding the rows it has and, as ``skipped``, the images to embed again."""
+    out: dict[int, Shard] = {}
+    for k in indices:
+        info = shard_info(folder / shard_name(k))
+        if not info or not info.get("skipped") or not shard_is_complete(folder, k, settings):
+            continue
+        rows = read_shard(folder / shard_name(k))
+        keys = [int(x) for x in rows["key"]]
+        out[k] = Shard(k, keys, rows["id"], rows["path"], list(rows["descriptor"]), list(info["skipped"]))
+    return out
+
+
+# the decode budget's advice in a skipped image's error ("... (raise it with --max-pixels or DecodeBudget.max_pixels)")
+_RAISE_LIMIT = re.compile(r"\(raise it with (--max-[a-z-]+) or DecodeBudget\.\w+\)")
+
+
+def corpus_error(error: str) -> str:
+    """A skipped image's reason as a corpus job records it: over the decode budget, the advice says to re-run with
+    ``--retry-skipped`` too (a shard that skipped an image is reused as it is otherwise)."""
+    return _RAISE_LIMIT.sub(r"(raise \1 and re-run with --retry-skipped)", error)
+
+
+def skip_reason(error: str) -> str:
+    """What kind of skip ``error`` records: ``over --max-pixels`` (or another decode limit), ``not found``,
+    ``read error`` (the file system's: worth a retry) or ``unreadable`` (not an image, truncated...)."""
+    limit = re.search(r"\(raise (?:it with )?(--max-[a-z-]+) ", error)
+    if limit:
+        return f"over {limit.group(1)}"
+    if error.startswith("image ") and error.endswith(" not found"):
+        return "not found"
+    return "read error" if "[Errno " in error else "unreadable"
 
 
 def collect_skipped(folder: Path, indices: Sequence[int]) -> list[dict[str, Any]]:

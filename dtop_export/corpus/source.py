@@ -7,6 +7,12 @@ work; relative paths in a list or table are relative to the list's folder. Local
 the source's resolved location (symbolic links and ``..`` resolved), so that they open from any working directory
 and ``src`` and ``/abs/src`` list the same items. The listing order is the key order (``key`` = row number), so
 re-running a job lists the same items in the same order.
+
+The ids and paths of a table are its cells' exact text: a CSV's ``path`` and ``id`` columns are read as strings
+(``0001`` stays ``0001``), a Parquet table's must be strings (an integer ``id`` column is taken as its decimal text).
+A folder's files whose names are not UTF-8 cannot be stored in the shards (Parquet strings are UTF-8): they are left
+out of the listing (:func:`list_source`'s ``left_out``) the same way on every run, so a resumed job lists the same
+items.
 """
 
 from __future__ import annotations
@@ -94,23 +100,46 @@ def _parent(path: str) -> str:
     return str(Path(path).parent)
 
 
-def _list_folder(source: str) -> list[tuple[str, str]]:
+def is_utf8(name: str) -> bool:
+    """False for a file name that is not valid UTF-8 (Python holds its stray bytes as surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_name(name: str) -> str:
+    """A file name for messages: ``repr`` of its bytes when it is not UTF-8 (``b'caf\\xe9.jpg'``), else as is."""
+    return name if is_utf8(name) else repr(os.fsencode(name))
+
+
+def _list_folder(source: str, left_out: list[str]) -> list[tuple[str, str]]:
     from dtop_export.preprocess import IMAGE_SUFFIXES
 
     if not is_uri(source):
         from dtop_export.preprocess import list_images
 
         root = Path(source)
-        return [(p.relative_to(root).as_posix(), str(p)) for p in list_images(root)]
+        pairs = [(p.relative_to(root).as_posix(), str(p)) for p in list_images(root)]
+        left_out += [path for _, path in pairs if not is_utf8(path)]
+        return [(i, path) for i, path in pairs if is_utf8(path)]
     import pyarrow.fs as pafs
 
     fs, inner = _filesystem(source)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
     scheme = source.partition("://")[0]
-    files = sorted(
-        i.path for i in infos if i.type == pafs.FileType.File and PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not files:
+    files, bad = [], []
+    for i in infos:
+        try:
+            path = i.path  # pyarrow.fs decodes a name when it is read: one that is not UTF-8 raises here
+        except UnicodeDecodeError as e:
+            path = os.fsdecode(e.object)
+        if i.type == pafs.FileType.File and PurePosixPath(path).suffix.lower() in IMAGE_SUFFIXES:
+            (files if is_utf8(path) else bad).append(path)
+    files.sort()
+    left_out += sorted(f"{scheme}://{p}" for p in bad)
+    if not files and not bad:
         raise DToPError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source}")
     root = PurePosixPath(inner)
     return [(PurePosixPath(f).relative_to(root).as_posix(), f"{scheme}://{f}") for f in files]
@@ -127,8 +156,10 @@ def _read_table(source: str) -> tuple[Any, Locate]:
             data = read_bytes(source)
             import pyarrow as pa
 
+            text = {name: pa.string() for name in ("path", "id")}  # their exact text: `0001` is not `1`
             table = pacsv.read_csv(
-                pa.BufferReader(data), convert_options=pacsv.ConvertOptions(strings_can_be_null=False)
+                pa.BufferReader(data),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=text),
             )
             return table, _csv_lines(data)
         if is_uri(source):
@@ -165,7 +196,17 @@ def _csv_lines(data: bytes) -> Locate:
 
 
 def _column(table: Any, name: str, source: str, locate: Locate) -> list[str]:
-    """A table column as strings; a null or empty cell is refused with where it is."""
+    """A table column as strings; a null or empty cell is refused with where it is, and so is a column of another
+    type than text (an ``id`` column of integers is taken as their decimal text: ``1`` and ``001`` are one id)."""
+    import pyarrow as pa
+
+    kind = table.schema.field(name).type
+    text = kind if not pa.types.is_dictionary(kind) else kind.value_type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text) or pa.types.is_string_view(text)) and not (
+        name == "id" and pa.types.is_integer(text)
+    ):
+        allowed = "strings or integers" if name == "id" else "strings"
+        raise DToPError(f"{source}: the {name!r} column holds {kind}, not text: store its values as {allowed}")
     values = table.column(name).to_pylist()
     for n, v in enumerate(values):
         if v is None or str(v).strip() == "":
@@ -195,11 +236,13 @@ def _list_text(source: str) -> tuple[list[tuple[str, str]], Locate]:
     return [(ln, _join(base, ln)) for _, ln in kept], lambda n: f"line {kept[n][0]}"
 
 
-def list_source(source: str | Path) -> list[CorpusItem]:
+def list_source(source: str | Path, left_out: list[str] | None = None) -> list[CorpusItem]:
     """The items of SOURCE (see the module docstring), keyed 0..n-1 in listing order.
 
-    Refuses a missing source, an empty one and duplicate ids, each with one line saying what to fix.
+    Refuses a missing source, an empty one and duplicate ids, each with one line saying what to fix. A folder's files
+    whose names are not UTF-8 are left out of the items and their paths appended to ``left_out``.
     """
+    left_out = left_out if left_out is not None else []
     typed = source = str(source)
     if is_uri(source):
         import pyarrow.fs as pafs
@@ -214,15 +257,18 @@ def list_source(source: str | Path) -> list[CorpusItem]:
             raise DToPError(f"source {source} not found: give a folder, a text file of paths or a Parquet/CSV table")
         is_dir = Path(source).is_dir()
         source = os.path.realpath(source)  # stored paths open from anywhere; `src` and `/abs/src` are one source
+        if not is_utf8(source):
+            raise DToPError(f"source {shown_name(source)} has a name that is not UTF-8: rename it or a folder above")
     locate: Locate = _rows
     if is_dir:
-        pairs = _list_folder(source)  # ids are relative paths: never twice
+        pairs = _list_folder(source, left_out)  # ids are relative paths: never twice
     elif PurePosixPath(typed).suffix.lower() in TABLE_SUFFIXES:
         pairs, locate = _list_table(source)
     else:
         pairs, locate = _list_text(source)
     if not pairs:
-        raise DToPError(f"{typed} lists no images")
+        names = f" whose names are UTF-8 ({len(left_out)} are not: rename them)" if left_out else ""
+        raise DToPError(f"{typed} lists no images{names}")
     seen: dict[str, int] = {}
     for n, (i, _) in enumerate(pairs):
         if i in seen:
