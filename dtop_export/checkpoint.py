@@ -194,17 +194,58 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for key in ("config", "state_dict", "preprocess"):
         if not isinstance(payload.get(key), dict):
             raise CheckpointError(f"{path} is missing its '{key}' section")
-    config = DToPConfig.from_dict(payload["config"])
-    whitening = Whitening.from_dict(payload["whitening"]) if payload.get("whitening") else None
+    config = _section(DToPConfig, payload, "config", path)
+    preprocess = _section(PreprocessConfig, payload, "preprocess", path)
+    whitening = _whitening(payload.get("whitening"), config.descriptor_dim, path)
     return Checkpoint(
         config=config,
         state_dict=payload["state_dict"],
-        preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
+        preprocess=preprocess,
         whitening=whitening,
         provenance=payload.get("provenance") or {},
         path=path,
         sha256=file_sha256(path),
     )
+
+
+def _section(cls: type, payload: dict[str, Any], key: str, path: Path) -> Any:
+    """The ``config`` or ``preprocess`` section as its dataclass: values of the wrong type or out of range (a file
+    edited by hand or written by another tool) are a one-line error naming the field, not a failure far from it."""
+    from dtop_export.errors import DToPError
+    from dtop_export.fields import check_field_types
+
+    try:
+        check_field_types(cls, payload[key])
+        section = cls.from_dict(payload[key])
+        if isinstance(section, PreprocessConfig):
+            section.validate()
+    except DToPError as e:  # a newer file's unknown fields already say to upgrade
+        fix = "" if "upgrade" in str(e) else " (fix the file or re-create the checkpoint)"
+        raise CheckpointError(f"{path}: its {key}: {e}{fix}") from e
+    return section
+
+
+def _whitening(d: Any, n: int, path: Path) -> Whitening | None:
+    """The ``whitening`` section: a float ``mean`` [N] and ``proj`` [d, N] (1 <= d <= N, N the model's descriptor
+    size), or nothing."""
+    import torch
+
+    if not d:
+        return None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: its whitening is a {type(d).__name__}, not a mapping of mean and proj")
+    mean, proj = d.get("mean"), d.get("proj")
+    for name, t in (("mean", mean), ("proj", proj)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise CheckpointError(f"{path}: its whitening has no floating-point tensor '{name}'")
+    if tuple(mean.shape) != (n,) or proj.ndim != 2 or proj.shape[1] != n or not 1 <= proj.shape[0] <= n:
+        raise CheckpointError(
+            f"{path}: its whitening does not fit the model's {n}-d descriptors (mean {tuple(mean.shape)}, proj "
+            f"{tuple(proj.shape)}; want mean ({n},) and proj (d, {n}) with d <= {n}): learn it again for this model"
+        )
+    if not isinstance(d.get("kind", "lw"), str) or not isinstance(d.get("info", {}), dict):
+        raise CheckpointError(f"{path}: its whitening's kind must be a string and its info a mapping")
+    return Whitening.from_dict(d)
 
 
 def load_state_dict_checked(

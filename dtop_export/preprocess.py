@@ -59,6 +59,19 @@ class PreprocessConfig:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    def validate(self) -> None:
+        """Raise :class:`DToPError` for values no image can be prepared with (a file's, checked on load)."""
+        if self.stride < 1 or self.size < 1:
+            raise DToPError(f"preprocessing stride and size must be >= 1, got stride {self.stride}, size {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise DToPError(f"preprocessing mean/std need 3 values each, std > 0: got {self.mean}, {self.std}")
+        if self.resize not in ("longest_side", "square"):
+            raise DToPError(f"unknown preprocessing resize {self.resize!r}: longest_side or square")
+        if self.interpolation not in _RESAMPLE:
+            raise DToPError(f"unknown interpolation {self.interpolation!r}: choose one of {', '.join(_RESAMPLE)}")
+        if (self.color_order, self.layout) != ("RGB", "NCHW"):
+            raise DToPError(f"preprocessing must be RGB, NCHW; got {self.color_order}, {self.layout}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         names = {f.name for f in dataclasses.fields(cls)}

@@ -75,6 +75,64 @@ def test_newer_format_version(tmp_path: Path, small_ckpt: Path) -> None:
         load_checkpoint(p)
 
 
+def _edited(small_ckpt: Path, section: str, **changes: object) -> dict:
+    payload = torch.load(small_ckpt, weights_only=True)
+    if section == "whitening" and "value" in changes:
+        payload["whitening"] = changes["value"]
+    else:
+        payload[section] = {**(payload[section] or {}), **changes}
+    return payload
+
+
+WHITENING_OK = {"mean": torch.zeros(256), "proj": torch.eye(128, 256), "kind": "lw", "info": {}}
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "said"),
+    [
+        ("whitening", {"value": {"proj": torch.eye(256)}}, "no floating-point tensor 'mean'"),
+        ("whitening", {"value": [torch.zeros(256)]}, "whitening is a list, not a mapping"),
+        ("whitening", {"value": {**WHITENING_OK, "proj": torch.eye(128, 200)}}, r"want mean \(256,\) and proj"),
+        ("whitening", {"value": {**WHITENING_OK, "proj": torch.eye(300, 256)}}, r"with d <= 256"),
+        ("config", {"num_layers": "four"}, "field num_layers is 'four': not a valid int"),
+        ("config", {"fuse": "avg"}, "field fuse is 'avg': not a valid one of 'sum', 'concat', 'max'"),
+        ("config", {"num_layers": 0}, "num_layers .k. must be >= 1"),
+        ("preprocess", {"stride": 0}, "stride and size must be >= 1"),
+        ("preprocess", {"mean": [0.5]}, r"field mean is \[0.5\]: not a valid tuple"),
+        ("preprocess", {"std": [0.5, 0.0, 0.5]}, "std > 0"),
+        ("preprocess", {"interpolation": "magic"}, "unknown interpolation 'magic'"),
+        ("preprocess", {"size": True}, "field size is True: not a valid int"),
+    ],
+)
+def test_a_malformed_section_is_one_line_naming_it(
+    tmp_path: Path, small_ckpt: Path, section: str, changes: dict, said: str
+) -> None:
+    """A checkpoint whose whitening, config or preprocessing a hand or another tool edited failed far from the file:
+    KeyError 'mean', a TypeError in the model's constructor, a ZeroDivisionError in a resize, a whitening of the
+    wrong size deep inside torch.export after 20 s of tracing, a 1-value mean written into the ONNX metadata (a
+    review). Each is now a CheckpointError on load, naming the file and the field."""
+    p = tmp_path / "edited.pt"
+    torch.save(_edited(small_ckpt, section, **changes), p)
+    with pytest.raises(CheckpointError, match=said) as e:
+        load_checkpoint(p)
+    assert str(e.value).startswith(f"{p}: its {section}") and "\n" not in str(e.value)
+
+
+def test_a_malformed_checkpoint_is_one_line_in_the_cli(
+    tmp_path: Path, small_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli_helpers import cli
+
+    p = tmp_path / "edited.pt"
+    torch.save(_edited(small_ckpt, "config", num_layers="four"), p)
+    assert cli("onnx", str(p), "-o", str(tmp_path / "m.onnx")) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "num_layers is 'four'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.onnx").exists()
+    torch.save(_edited(small_ckpt, "whitening", value=WHITENING_OK), p)  # a well-formed whitening loads
+    assert load_checkpoint(p).whitening.out_dim == 128
+
+
 def test_config_weights_mismatch_names_keys(tmp_path: Path, small_ckpt: Path) -> None:
     p = tmp_path / "mm.pt"
     cfg = get_preset("small").replace(descriptor_dim=128).to_dict()
