@@ -28,14 +28,15 @@ from dtop_export.corpus.runtime import (
     check_gpu_decode,
     check_model_options,
     check_placement,
-    engine_options,
     model_contract,
+    resolve_engine,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, write_shard
 from dtop_export.errors import DToPError, Interrupted, find_cause
 from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
     from dtop_export.corpus.source import CorpusItem
 
 DEFAULT_SHARD_SIZE = 1000
@@ -65,6 +66,11 @@ class CorpusJob:
     workers: int | None = None  # in-process decode workers (default: every core)
     decode_pool: str = "auto"  # in-process decode workers: thread, process, auto (processes for a CUDA engine)
     gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
+
+    def __post_init__(self) -> None:
+        from dtop_export.corpus.cluster import cluster_address
+
+        self.address = cluster_address(self.address)  # `local`: a local cluster, as no address
 
 
 @dataclass
@@ -270,15 +276,14 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         listing_sha256=listing_sha256(items),
         engine=engine,
         checkpoint_sha256=checkpoint_of(job.model) or "",
+        gpu_decode=job.gpu_decode,
     )
 
 
-def engine_key(job: CorpusJob) -> str:
-    """``file.onnx:runtime=openvino,precision=bf16``: what runs, without the thread count. Resolves MODEL's
-    options (``--precision auto`` included) once, so bad options fail here, before any output."""
-    path, options = engine_options(job.model, None, job.precision)
-    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "threads")
-    return path.name + (f":{opts}" if opts else "")
+def engine_key(engine: EngineSpec) -> str:
+    """``file.onnx:runtime=openvino,precision=bf16``: what runs (:func:`resolve_engine`), without the thread count."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(engine.options.items()) if k != "threads")
+    return engine.path.name + (f":{opts}" if opts else "")
 
 
 def check_job(job: CorpusJob) -> None:
@@ -317,14 +322,16 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         from dtop_export.corpus.ray_pipeline import require_ray_data
 
         require_ray_data()
-    engine = engine_key(job)
+    # MODEL's options (--precision auto included) resolved once, here: bad options fail before any output, and the
+    # in-process engine or every Ray actor opens what the settings record
+    resolved = resolve_engine(job.model, job.precision)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
-    check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)
+    check_model_options(resolved, job.threads, local_threads=not job.use_ray)
     t0 = time.perf_counter()
     items = list_source(job.source)
     startup = {"listing_s": time.perf_counter() - t0}
     contract = model_contract(job.model)
-    settings = job_settings(job, items, contract, engine)
+    settings = job_settings(job, items, contract, engine_key(resolved))
     job.image_size = settings.image_size
     ray_plan = None
     if not job.use_ray:  # a Ray job's memory is its nodes': plan_ray checks it against theirs
@@ -333,7 +340,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         from dtop_export.corpus.ray_pipeline import plan_ray
 
         t1 = time.perf_counter()
-        ray_plan = plan_ray(job, contract)
+        ray_plan = plan_ray(job, contract, resolved)
         startup["cluster_s"] = time.perf_counter() - t1  # started (or joined) and checked against the job
     try:
         from dtop_export.corpus.lock import folder_lock
@@ -341,7 +348,8 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         job.output.mkdir(parents=True, exist_ok=True)
         with folder_lock(job.output, "embed job"):
             try:
-                return _run_job(job, items, contract, settings, ray_plan, (t0, startup), log or (lambda _: None))
+                run = (t0, startup, resolved)
+                return _run_job(job, items, contract, settings, ray_plan, run, log or (lambda _: None))
             except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
 
@@ -365,12 +373,12 @@ def _run_job(
     contract: ModelContract,
     settings: CorpusSettings,
     ray_plan: Any,
-    start: tuple[float, dict[str, float]],
+    run: tuple[float, dict[str, float], EngineSpec],
     say: Callable[[str], None],
 ) -> CorpusSummary:
     from dtop_export.corpus.shards import collect_skipped, prepare_folder, write_manifest
 
-    t0, startup = start
+    t0, startup, engine = run
     feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
@@ -402,7 +410,7 @@ def _run_job(
         else:
             from dtop_export.corpus.feed import run_local
 
-            stats = run_local(job, assembler, advance, feed, startup)
+            stats = run_local(job, assembler, advance, feed, startup, engine)
     end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")
