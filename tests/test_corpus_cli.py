@@ -12,9 +12,70 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import cli
+from PIL import Image
 
-from dtop_export.corpus.shards import MANIFEST, prepare_folder
+from dtop_export.corpus.shards import MANIFEST, prepare_folder, shard_name
 from dtop_export.errors import DToPError
+
+SIZE = 64  # the small model at 64 px: a few milliseconds an image
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """Three tiny images of different sizes."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(40, 30), (30, 50), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_the_same_folder_command_with_json_resumes_and_replaces_its_summary(
+    small_onnx: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`embed SRC -o FOLDER --json run.json` run again after an interruption was refused (run.json exists), and
+    --force deleted every finished shard: now the summary is replaced and only the missing shard is written."""
+    out, summary = tmp_path / "shards", tmp_path / "run.json"
+    args = ["embed", str(small_onnx), str(photos), "-o", str(out), "--json", str(summary), "--shard-size", "2"]
+    args += ["--image-size", str(SIZE), "--no-progress"]
+    assert cli(*args) == 0
+    assert json.loads(summary.read_text())["shards_written"] == 2
+    kept = (out / shard_name(0)).stat().st_mtime_ns
+    (out / shard_name(1)).unlink()  # interrupted before the second shard
+    assert cli(*args) == 0, capsys.readouterr().err
+    again = json.loads(summary.read_text())
+    assert again["shards_written"] == 1 and again["shards_reused"] == 1 and again["processed"] == 1
+    assert (out / shard_name(0)).stat().st_mtime_ns == kept
+    assert cli("embed", "--help") == 0
+    assert "delete the folder's shards and manifest" in " ".join(capsys.readouterr().out.replace("│", " ").split())
+
+
+def test_npy_output_writes_its_json_summary_and_all_three_files_together(
+    small_onnx: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`embed m img -o d.npy --json run.json` wrote no run.json; the matrix went into place before the model was
+    hashed and its sidecar written, so a failure there left a new matrix beside an old sidecar."""
+    npy, summary = tmp_path / "d.npy", tmp_path / "run.json"
+    base = ["embed", str(small_onnx), str(photos), "-o", str(npy), "--no-progress"]
+    assert cli(*base, "--json", str(npy.with_suffix(".json"))) == 2
+    assert "sidecar" in capsys.readouterr().err and not npy.exists()
+    assert cli(*base, "--json", str(summary), "--image-size", str(SIZE)) == 0
+    run = json.loads(summary.read_text())
+    assert run["mode"] == "local" and run["images"] == run["embedded"] == 3 and run["skipped"] == 0
+    assert np.load(npy).shape[0] == 3
+    assert cli(*base, "--json", str(summary), "--image-size", str(SIZE)) == 2  # exists: --force
+    assert "--force" in capsys.readouterr().err
+    before = {p: p.read_bytes() for p in (npy, npy.with_suffix(".json"), summary)}
+
+    def unhashable(*_: Any) -> str:
+        raise DToPError("cannot hash the model")
+
+    monkeypatch.setattr("dtop_export.corpus.shards.file_sha256", unhashable)
+    assert cli(*base, "--json", str(summary), "--image-size", str(SIZE + 32), "--force") == 2
+    assert {p: p.read_bytes() for p in before} == before  # none of the three replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_index_and_its_sidecars_go_into_place_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,6 +107,37 @@ def test_index_and_its_sidecars_go_into_place_together(tmp_path: Path, monkeypat
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in files} == before
     assert CorpusIndex(out).index.ntotal == 12
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--address", "auto"], "--address needs --ray"),
+        (["--actors", "1"], "--actors needs --ray"),  # the default value, given: refused too
+        (["--gpus-per-actor", "1"], "--gpus-per-actor needs --ray"),
+        (["--cpus-per-actor", "1"], "--cpus-per-actor needs --ray"),
+        (["--ray", "--workers", "2"], "--workers is for the in-process run"),
+        (["--ray", "--decode-pool", "thread"], "--decode-pool is for the in-process run"),
+        (["-o", "X.npy", "--shard-size", "5"], "--shard-size is for folder output"),
+        (["-o", "X.npy", "--workers", "2"], "--workers is for folder output"),
+    ],
+)
+def test_options_of_the_other_mode_are_refused_in_one_line(
+    small_onnx: Path,
+    photos: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    said: str,
+) -> None:
+    out = tmp_path / "out"
+    args = ["embed", str(small_onnx), str(photos), "-o", str(out), "--no-progress"]
+    if "-o" in extra:
+        args[4], extra = str(tmp_path / extra[1]), extra[2:]
+    assert cli(*args, *extra) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == [photos]  # nothing written
 
 
 def test_gpu_decode_is_in_the_fingerprint_and_older_folders_resume_without_it(small_onnx: Path, tmp_path: Path) -> None:
