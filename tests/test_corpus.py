@@ -575,6 +575,28 @@ def test_ray_multiscale_equals_in_process(small_onnx: Path, corpus: Path, ray_cl
     _assert_same(_exactly_once(tmp_path / "b"), _table(tmp_path / "a"))
 
 
+def test_ray_precision_auto_is_resolved_once_by_the_driver(
+    small_ckpt: Path, small_onnx: Path, corpus: Path, ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`embed --ray --precision auto` resolved `auto` in every actor, from its own node's recommendations (another
+    CPU: another file or none), while the manifest named the driver's choice. Now the driver resolves it once and
+    every actor opens that. Here only the driver has a recommendation (a stand-in): the actors of the old code
+    found none and the job stopped."""
+    calls: list[Path] = []
+
+    def recommended(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+        calls.append(checkpoint)
+        return small_onnx, {}
+
+    monkeypatch.setattr("dtop_export.bench.recommend.resolve_auto", recommended)
+    src = tmp_path / "list.txt"
+    src.write_text("\n".join(str(p) for p in sorted((corpus / "sample").glob("*.jpg"))[:4]) + "\n")
+    out = tmp_path / "auto"
+    job = CorpusJob(str(small_ckpt), str(src), out, image_size=SIZE, precision="auto", use_ray=True, progress=False)
+    assert embed_corpus(job).embedded == 4 and calls == [small_ckpt]
+    assert json.loads((out / MANIFEST).read_text())["settings"]["engine"] == small_onnx.name
+
+
 def _actor_pids() -> list[int]:
     import psutil
 

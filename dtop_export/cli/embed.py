@@ -3,6 +3,7 @@ in-process or on Ray)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,6 +19,7 @@ from dtop_export.cli.common import (
     app,
     at_least,
     console,
+    option_name,
     output_file,
     refuse_existing,
     write_json,
@@ -62,8 +64,34 @@ def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
     return value
 
 
+# options of one mode, refused in another (given on the command line, not their defaults): Ray's placement without
+# --ray; the in-process decode pool with --ray (Ray's read tasks decode); shard and pool options with -o X.npy
+RAY_ONLY = ("address", "actors", "gpus_per_actor", "cpus_per_actor")
+IN_PROCESS_ONLY = ("workers", "decode_pool")
+FOLDER_ONLY = ("shard_size", "workers", "decode_pool")
+
+
+def _refuse_other_mode(ctx: typer.Context, npy: bool, use_ray: bool) -> None:
+    """One line for the first option the user gave that the chosen mode would ignore."""
+    params = {p.name: p for p in ctx.command.params}
+
+    def given(names: tuple[str, ...]) -> list[str]:  # by name: typer's click is its own copy (typer._click)
+        sources = [ctx.get_parameter_source(n) for n in names]
+        return [
+            option_name(params[n]) for n, s in zip(names, sources) if s and s.name in ("COMMANDLINE", "ENVIRONMENT")
+        ]
+
+    if not use_ray and (flags := given(RAY_ONLY)):
+        raise DToPError(f"{flags[0]} needs --ray (it places the Ray job): add --ray, or leave {flags[0]} out")
+    if npy and (flags := given(FOLDER_ONLY)):
+        raise DToPError(f"{flags[0]} is for folder output (Parquet shards): give -o a folder, or leave {flags[0]} out")
+    if use_ray and (flags := given(IN_PROCESS_ONLY)):
+        raise DToPError(f"{flags[0]} is for the in-process run (Ray's read tasks decode): leave it out with --ray")
+
+
 @app.command()
 def embed(
+    ctx: typer.Context,
     model: Annotated[
         str,
         typer.Argument(
@@ -113,7 +141,10 @@ def embed(
     force: Annotated[
         bool,
         typer.Option(
-            "--force", "-f", help="Overwrite X.npy/X.json and --json; folder output: replace shards of other settings."
+            "--force",
+            "-f",
+            help="Overwrite X.npy, X.json and --json; folder output: delete the folder's shards and manifest and "
+            "start over (without it a re-run resumes; the --json summary of a folder job is always replaced).",
         ),
     ] = False,
     use_ray: Annotated[bool, typer.Option("--ray", help="Run the folder job as a Ray Data pipeline.")] = False,
@@ -181,16 +212,22 @@ def embed(
 
     sc = parse_scales(scales)
     budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
-    if retry_skipped and output.suffix.lower() == ".npy":
+    npy = output.suffix.lower() == ".npy"
+    _refuse_other_mode(ctx, npy, use_ray)
+    if retry_skipped and npy:
         raise DToPError("--retry-skipped is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
-    if output.suffix.lower() == ".npy":
+    if npy:
         if use_ray or gpu_decode:
             flag = "--ray" if use_ray else "--gpu-decode"
             raise DToPError(f"{flag} is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
-        refuse_existing(output, output.with_suffix(".json"), force=force)
-        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget)
+        sidecar = output.with_suffix(".json")
+        if json_out is not None and json_out.resolve() in (output.resolve(), sidecar.resolve()):
+            raise DToPError(f"--json {json_out} is the matrix or its sidecar: give the run summary another file name")
+        refuse_existing(output, sidecar, json_out, force=force)
+        _embed_npy(model, images, output, batch_size, sc, image_size, progress, threads, precision, budget, json_out)
         return
-    refuse_existing(json_out, force=force)
+    # a folder job's --json is the summary of its latest run, as the manifest: replaced (atomically) without --force,
+    # so that the same command line resumes an interrupted job
     if len(images) != 1:
         raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
     from dtop_export.corpus.embed import CorpusJob
@@ -261,10 +298,13 @@ def _embed_npy(
     threads: int | None,
     precision: str | None,
     budget: DecodeBudget,
+    json_out: Path | None = None,
 ) -> None:
+    import time
+
     import numpy as np
 
-    from dtop_export.atomic import atomic_path
+    from dtop_export.atomic import atomic_paths
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.runtime import open_model
     from dtop_export.corpus.shards import file_sha256
@@ -274,6 +314,7 @@ def _embed_npy(
     from dtop_export.retrieval.datasets import NPY_FORMAT
     from dtop_export.retrieval.extract import extract
 
+    t0 = time.perf_counter()
     if not any(Path(i).exists() for i in images):
         raise DToPError(f"{Path(images[0])} not found: give image files or folders of images")
     paths = expand_images([Path(i) for i in images])
@@ -288,31 +329,44 @@ def _embed_npy(
             engine, paths, None, sc, None, progress, image_size=size, batch_size=batch_size, errors=errors,
             description="embedding", load=lambda p: load_image(p, budget=budget),
         )  # fmt: skip
+    wall = time.perf_counter() - t0
     for _, msg in errors:
         typer.echo(f"skipped: {msg}", err=True)
     skipped = {i for i, _ in errors}
     kept = [str(p) for i, p in enumerate(paths) if i not in skipped]
     if not kept:
         raise DToPError(f"none of the {len(paths)} images could be read")
-    with atomic_path(output) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, desc)
     sidecar = output.with_suffix(".json")
-    write_json(
-        sidecar,
-        {
-            "format": NPY_FORMAT,
-            "model": str(model),
-            "model_sha256": file_sha256(parse_spec(model).path),
-            "checkpoint_sha256": checkpoint_of(model) or "",
-            "engine": engine.describe(),
-            "descriptor_dim": int(desc.shape[1]),
-            "image_size": size,
-            "scales": list(sc),
-            "images": kept,
-            "skipped": [{"path": str(paths[i]), "error": msg} for i, msg in errors],
-        },
-    )
+    info = {
+        "format": NPY_FORMAT,
+        "model": str(model),
+        "model_sha256": file_sha256(parse_spec(model).path),  # hashed before any file goes into place
+        "checkpoint_sha256": checkpoint_of(model) or "",
+        "engine": engine.describe(),
+        "descriptor_dim": int(desc.shape[1]),
+        "image_size": size,
+        "scales": list(sc),
+        "images": kept,
+        "skipped": [{"path": str(paths[i]), "error": msg} for i, msg in errors],
+    }
+    # the run summary, as a folder job's (CorpusSummary.to_dict) where its fields apply
+    summary = {
+        "mode": "local",
+        "images": len(paths),
+        "processed": len(paths),
+        "embedded": len(kept),
+        "skipped": len(errors),
+        "wall_s": wall,
+        "images_per_s": round(len(paths) / wall, 3) if wall > 0 else 0.0,
+    }
+    files = [output, sidecar] + ([json_out] if json_out else [])
+    with atomic_paths(files) as tmps:  # the matrix, its sidecar and --json: all in place, or none
+        with open(tmps[0], "wb") as fh:
+            np.save(fh, desc)
+        for tmp, payload in zip(tmps[1:], (info, summary)):
+            tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     typer.echo(
         f"wrote {output} ({desc.shape[0]} x {desc.shape[1]} float32) and {sidecar}"
+        + (f" and {json_out}" if json_out else "")
         + (f"; skipped {len(errors)} unreadable image(s)" if errors else "")
     )

@@ -101,12 +101,19 @@ def _single_machine_mode() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+def cluster_address(address: str | None) -> str | None:
+    """``address`` as :func:`connect` takes it: None for a local cluster (no address, or ``local``, Ray's own name
+    for one), else unchanged."""
+    return None if address is None or address.strip() == "local" else address
+
+
 def connect(address: str | None, **init_options: Any) -> bool:
     """Connect to the Ray cluster at ``address``, or start a local one locked to this machine (see the module's
-    notes) when ``address`` is None; True when this call started the connection (the caller shuts it down).
-    ``init_options`` go to ``ray.init`` (e.g. ``num_cpus``)."""
+    notes) when ``address`` is None or ``local``; True when this call started the connection (the caller shuts it
+    down). ``init_options`` go to ``ray.init`` (e.g. ``num_cpus``)."""
     import ray
 
+    address = cluster_address(address)
     if ray.is_initialized():
         return False
     quiet_notices()

@@ -28,14 +28,15 @@ from dtop_export.corpus.runtime import (
     check_gpu_decode,
     check_model_options,
     check_placement,
-    engine_options,
     model_contract,
+    resolve_engine,
 )
 from dtop_export.corpus.shards import CorpusSettings, Shard, corpus_error, write_shard
 from dtop_export.errors import DToPError, Interrupted, find_cause
 from dtop_export.preprocess import DecodeBudget
 
 if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
     from dtop_export.corpus.source import CorpusItem
 
 DEFAULT_SHARD_SIZE = 1000
@@ -66,6 +67,11 @@ class CorpusJob:
     decode_pool: str = "auto"  # in-process decode workers: thread, process, auto (processes for a CUDA engine)
     gpu_decode: bool = False  # decode JPEGs on the engine's CUDA device (torchvision.io.decode_jpeg)
     retry_skipped: bool = False  # embed again the images complete shards skipped (over the budget, read errors)
+
+    def __post_init__(self) -> None:
+        from dtop_export.corpus.cluster import cluster_address
+
+        self.address = cluster_address(self.address)  # `local`: a local cluster, as no address
 
 
 @dataclass
@@ -220,15 +226,14 @@ def job_settings(job: CorpusJob, items: list[CorpusItem], contract: ModelContrac
         listing_sha256=listing_sha256(items),
         engine=engine,
         checkpoint_sha256=checkpoint_of(job.model) or "",
+        gpu_decode=job.gpu_decode,
     )
 
 
-def engine_key(job: CorpusJob) -> str:
-    """``file.onnx:runtime=openvino,precision=bf16``: what runs, without the thread count. Resolves MODEL's
-    options (``--precision auto`` included) once, so bad options fail here, before any output."""
-    path, options = engine_options(job.model, None, job.precision)
-    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "threads")
-    return path.name + (f":{opts}" if opts else "")
+def engine_key(engine: EngineSpec) -> str:
+    """``file.onnx:runtime=openvino,precision=bf16``: what runs (:func:`resolve_engine`), without the thread count."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(engine.options.items()) if k != "threads")
+    return engine.path.name + (f":{opts}" if opts else "")
 
 
 def check_job(job: CorpusJob) -> None:
@@ -267,9 +272,11 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         from dtop_export.corpus.ray_pipeline import require_ray_data
 
         require_ray_data()
-    engine = engine_key(job)
+    # MODEL's options (--precision auto included) resolved once, here: bad options fail before any output, and the
+    # in-process engine or every Ray actor opens what the settings record
+    resolved = resolve_engine(job.model, job.precision)
     check_placement(job.model, job.use_ray, job.gpus_per_actor)
-    check_model_options(job.model, job.threads, job.precision, local_threads=not job.use_ray)
+    check_model_options(resolved, job.threads, local_threads=not job.use_ray)
     t0 = time.perf_counter()
     left_out: list[str] = []
     items = list_source(job.source, left_out)
@@ -280,7 +287,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         (log or (lambda _: None))(f"warning: left out {len(left_out)} file(s) whose names are not UTF-8 (first: "
                                   f"{shown_name(left_out[0])}): rename them to embed them")  # fmt: skip
     contract = model_contract(job.model)
-    settings = job_settings(job, items, contract, engine)
+    settings = job_settings(job, items, contract, engine_key(resolved))
     job.image_size = settings.image_size
     ray_plan = None
     if not job.use_ray:  # a Ray job's memory is its nodes': plan_ray checks it against theirs
@@ -289,7 +296,7 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         from dtop_export.corpus.ray_pipeline import plan_ray
 
         t1 = time.perf_counter()
-        ray_plan = plan_ray(job, contract)
+        ray_plan = plan_ray(job, contract, resolved)
         startup["cluster_s"] = time.perf_counter() - t1  # started (or joined) and checked against the job
     try:
         from dtop_export.corpus.lock import folder_lock
@@ -297,8 +304,8 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
         job.output.mkdir(parents=True, exist_ok=True)
         with folder_lock(job.output, "embed job"):
             try:
-                start = (t0, startup, left_out)
-                return _run_job(job, items, contract, settings, ray_plan, start, log or (lambda _: None))
+                run = (t0, startup, left_out, resolved)
+                return _run_job(job, items, contract, settings, ray_plan, run, log or (lambda _: None))
             except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
 
@@ -322,7 +329,7 @@ def _run_job(
     contract: ModelContract,
     settings: CorpusSettings,
     ray_plan: Any,
-    start: tuple[float, dict[str, float], list[str]],
+    run: tuple[float, dict[str, float], list[str], EngineSpec],
     say: Callable[[str], None],
 ) -> CorpusSummary:
     from collections import Counter
@@ -336,7 +343,7 @@ def _run_job(
     )
     from dtop_export.corpus.source import shown_name
 
-    t0, startup, left_out = start
+    t0, startup, left_out, engine = run
     feed: dict[str, Any] = {}
     pending = prepare_folder(job.output, settings, job.force)
     n_shards = settings.n_shards()
@@ -371,7 +378,7 @@ def _run_job(
         else:
             from dtop_export.corpus.feed import run_local
 
-            stats = run_local(job, assembler, advance, feed, startup)
+            stats = run_local(job, assembler, advance, feed, startup, engine)
     end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")

@@ -43,6 +43,7 @@ from dtop_export.errors import DToPError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from dtop_export.bench.spec import EngineSpec
     from dtop_export.contract import Engine
     from dtop_export.corpus.embed import CorpusJob, ShardAssembler
     from dtop_export.corpus.gpu_decode import DeviceJpegDecoder
@@ -358,9 +359,12 @@ def run_local(
     advance: Callable[[int], None],
     feed: dict[str, Any] | None = None,
     startup: dict[str, float] | None = None,
+    spec: EngineSpec | None = None,
 ) -> list[ActorStats]:
     """Embed the assembler's pending items in this process (see the module); ``feed`` receives the
-    :class:`FeedStats` as a dict, ``startup`` the fixed costs (model load, header scan, warm-up) in seconds."""
+    :class:`FeedStats` as a dict, ``startup`` the fixed costs (model load, header scan, warm-up) in seconds;
+    ``spec``: what to open (:func:`~dtop_export.corpus.runtime.resolve_engine`; default: the job's MODEL with
+    its ``--precision``)."""
     from dtop_export.corpus.runtime import ActorStats, open_model
 
     stats = ActorStats("local")
@@ -368,7 +372,8 @@ def run_local(
     if not todo:
         return [stats]
     t0 = time.perf_counter()
-    with open_model(job.model, job.threads, job.precision, shared_cores=True) as engine:
+    model, precision = (spec, None) if spec is not None else (job.model, job.precision)
+    with open_model(model, job.threads, precision, shared_cores=True) as engine:
         if startup is not None:
             startup["model_load_s"] = time.perf_counter() - t0
         size = int(job.image_size or engine.preprocess.size)

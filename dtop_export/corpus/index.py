@@ -121,7 +121,7 @@ def build_corpus_index(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dtop_export.atomic import atomic_path
+    from dtop_export.atomic import atomic_paths
     from dtop_export.corpus.integrity import check_rows, verify_folder
     from dtop_export.corpus.shards import read_shard
     from dtop_export.digest import file_sha256
@@ -183,7 +183,8 @@ def build_corpus_index(
     if len(np.unique(all_keys)) != len(all_keys):  # only under force can shards overlap
         raise DToPError(f"{folder} holds some keys twice (shards of another job): remove the foreign shards")
     meta_path, ids_path = sidecar_paths(output)
-    with atomic_path(output) as tmp:
+    # the index and its two sidecars go into place together (all or nothing), the index's sha256 taken first
+    with atomic_paths([output, ids_path, meta_path]) as (tmp, ids_tmp, meta_tmp):
         faiss.write_index(index, str(tmp))
         index_sha = file_sha256(tmp)
         info = {
@@ -202,10 +203,8 @@ def build_corpus_index(
         }  # fmt: skip
         table = pa.table({"key": pa.array(all_keys, pa.int64()), "id": ids, "path": paths})
         table = table.replace_schema_metadata({IDS_META_KEY: index_sha.encode()})
-        with atomic_path(ids_path) as ids_tmp:
-            pq.write_table(table, ids_tmp)
-        with atomic_path(meta_path) as meta_tmp:
-            meta_tmp.write_text(json.dumps(info, indent=2) + "\n")
+        pq.write_table(table, ids_tmp)
+        meta_tmp.write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 

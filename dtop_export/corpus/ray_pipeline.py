@@ -35,6 +35,7 @@ import numpy as np
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
     from dtop_export.corpus.embed import CorpusJob, ShardAssembler
     from dtop_export.corpus.runtime import ActorStats, ModelContract
 
@@ -141,10 +142,9 @@ class EmbedActor:
 
     def __init__(
         self,
-        model: str,
+        model: str | EngineSpec,
         threads: int | None,
         batch_size: int,
-        precision: str | None = None,
         descriptor_dim: int = 0,
         warmup_shapes: list[tuple[int, int]] | None = None,
     ) -> None:
@@ -160,8 +160,9 @@ class EmbedActor:
         self.open_error = ""
         t0 = time.perf_counter()
         try:
-            # read tasks share the node; threads fitted to it (the driver counted Ray's logical CPUs)
-            self.engine = open_model(model, node_threads(threads), precision, shared_cores=True)
+            # read tasks share the node; threads fitted to it (the driver counted Ray's logical CPUs); MODEL as the
+            # driver resolved it (--precision auto: the driver's choice, not this node's)
+            self.engine = open_model(model, node_threads(threads), shared_cores=True)
             self.load_s = time.perf_counter() - t0
             self.warmup_s = warm_up(self.engine, warmup_shapes or [], batch_size) if needs_warmup(self.engine) else 0.0
             self.reported = False
@@ -265,9 +266,10 @@ def actor_remote_args(job: CorpusJob, cpus: float) -> dict[str, float]:
 @dataclass
 class RayPlan:
     """A Ray job checked against its cluster before anything is written: the connection (and whether this job
-    started it), the actors' CPUs and threads, the model input's longer side and scales, and the rows per read
-    task."""
+    started it), the actors' CPUs and threads, the model input's longer side and scales, the rows per read
+    task, and the engine every actor opens (:func:`~dtop_export.corpus.runtime.resolve_engine`, on the driver)."""
 
+    engine: EngineSpec
     started: bool
     resources: dict[str, float]
     cpus: float
@@ -292,7 +294,7 @@ def require_ray_data() -> None:
         raise DToPError("--ray needs Ray Data: pip install 'dtop-export[ray]'") from e
 
 
-def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
+def plan_ray(job: CorpusJob, contract: ModelContract, engine: EngineSpec) -> RayPlan:
     """Connect to (or start) the cluster and check the job against it: Ray installed, the address reachable, the
     actors' CPUs and GPUs available, one image's memory within a node's. Nothing is written; on a refusal a local
     cluster this call started is shut down again."""
@@ -315,7 +317,7 @@ def plan_ray(job: CorpusJob, contract: ModelContract) -> RayPlan:
         if started:
             ray.shutdown()
         raise
-    return RayPlan(started, res, cpus, threads, size, scales, rows)
+    return RayPlan(engine, started, res, cpus, threads, size, scales, rows)
 
 
 def run_ray(
@@ -380,9 +382,8 @@ def run_ray(
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
-            "model": job.model,
+            "model": plan.engine,
             "threads": threads,
-            "precision": job.precision,
             "batch_size": job.batch_size,
             "descriptor_dim": contract.descriptor_dim,
             "warmup_shapes": warmup,

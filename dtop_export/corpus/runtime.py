@@ -76,9 +76,10 @@ def model_contract(model: str) -> ModelContract:
 
 
 def engine_options(
-    model: str, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
+    model: str | EngineSpec, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
 ) -> tuple[Path, dict[str, Any]]:
-    """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them) with ``threads`` CPU
+    """(file, engine options) of MODEL (a file or ``FILE:options`` as ``bench`` takes them, or the
+    :class:`EngineSpec` :func:`resolve_engine` made of one) with ``threads`` CPU
     threads (every CPU engine takes them, PyTorch sets torch's; a TensorRT plan has none) and ``precision`` (the
     runtimes that choose one at load time: PyTorch, OpenVINO; a file for ONNX Runtime or TensorRT carries its
     own, so only ``fp32``/None is accepted there; an ExecuTorch ``.pte`` checks it against its own; ``auto``: the
@@ -86,9 +87,9 @@ def engine_options(
     corpus job's decoding) runs on the engine's cores, so ONNX Runtime's idle threads sleep instead of spinning
     (``spin=false``, unless MODEL sets it): measured on 2 cores, a spinning session left the decoding 0.79 of a
     perfect overlap, a sleeping one 1.00. Bad options are a :class:`DToPError`, before any work."""
-    from dtop_export.bench.spec import PRECISIONS, parse_spec
+    from dtop_export.bench.spec import PRECISIONS, EngineSpec, parse_spec
 
-    spec = parse_spec(model)
+    spec = model if isinstance(model, EngineSpec) else parse_spec(model)
     if not spec.path.is_file():
         raise DToPError(f"model file {spec.path} not found")
     options = dict(spec.options)
@@ -122,6 +123,16 @@ def engine_options(
     return spec.path, options
 
 
+def resolve_engine(model: str, precision: str | None = None) -> EngineSpec:
+    """What MODEL with ``precision`` runs, threads left out: ``--precision auto`` resolved (on the machine that calls
+    this: a corpus job's driver, whose choice every Ray actor then opens) and an OpenVINO IR's recorded precision
+    named. :func:`engine_options` and :func:`open_model` take it as MODEL, with ``precision`` None."""
+    from dtop_export.bench.spec import EngineSpec
+
+    path, options = engine_options(model, None, precision)
+    return EngineSpec(path, options)
+
+
 def node_threads(threads: int | None) -> int | None:
     """``threads`` capped at the CPUs this process may run on: what a Ray actor or Serve replica opens its engine
     with. The driver sizes them from Ray's logical CPUs (``--num-cpus``, a CPU quota), which a node's affinity can
@@ -134,7 +145,7 @@ def node_threads(threads: int | None) -> int | None:
 
 
 def check_model_options(
-    model: str, threads: int | None = None, precision: str | None = None, local_threads: bool = True
+    model: str | EngineSpec, threads: int | None = None, precision: str | None = None, local_threads: bool = True
 ) -> None:
     """MODEL's engine options (``MODEL:key=value``, ``threads``, ``precision``) checked as :func:`open_model` will
     use them, without opening it: a corpus job refuses a typo before its output folder exists, not when the engine
@@ -207,7 +218,7 @@ def check_gpu_decode(model: str, use_ray: bool) -> None:
 
 
 def open_model(
-    model: str, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
+    model: str | EngineSpec, threads: int | None = None, precision: str | None = None, shared_cores: bool = False
 ) -> Engine:
     """The engine of MODEL with the options of :func:`engine_options`."""
     from dtop_export.engines import load_engine

@@ -67,6 +67,7 @@ class CorpusSettings:
     listing_sha256: str
     engine: str = ""  # the file and options that ran (--precision, --precision auto), threads left out
     checkpoint_sha256: str = ""  # the checkpoint the model was exported from (dtop_export.identity); "" unknown
+    gpu_decode: bool = False  # --gpu-decode: JPEGs decoded on the GPU (another decoder, its own parity contract)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -76,6 +77,8 @@ class CorpusSettings:
         d.pop("model")
         d.pop("source")
         d.pop("checkpoint_sha256")  # follows from the model file (model_sha256); absent from older shards
+        if not d["gpu_decode"]:
+            del d["gpu_decode"]  # recorded only when on: older shards and manifests (the CPU decoder) lack it
         return d
 
     def n_shards(self) -> int:
@@ -100,6 +103,7 @@ _FIELD_NAMES = {
     "n_items": "number of images",
     "listing_sha256": "source listing",
     "engine": "engine/precision",
+    "gpu_decode": "decoder (--gpu-decode)",
     "format": "format",
     "format_version": "format version",
 }
@@ -239,6 +243,8 @@ def prepare_folder(folder: Path, settings: CorpusSettings, force: bool) -> list[
         old = {
             k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "source", "checkpoint_sha256")
         }
+        if not old.get("gpu_decode", True):
+            del old["gpu_decode"]  # as fingerprint(): recorded only when on
         changed = _differences(old, settings.fingerprint())
         if changed:
             raise DToPError(

@@ -43,6 +43,11 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     force: bool = False
 
+    def __post_init__(self) -> None:
+        from dtop_export.corpus.cluster import cluster_address
+
+        self.address = cluster_address(self.address)  # `local`: a local cluster, as no address
+
 
 def check_port_free(host: str, port: int) -> None:
     """Refuse, before starting anything, a port another process holds (Serve would retry its proxy forever)."""
