@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -185,6 +186,28 @@ def test_convert_file_and_refuse_fp16_twice(tmp_path) -> None:
     assert numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "conv.w")).dtype == np.float16
     with pytest.raises(DToPError, match="already FP16"):
         convert_file(dst, tmp_path / "again.onnx")
+
+
+def test_onnx_fp16_keeps_the_old_file_when_the_conversion_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`onnx --fp16 --force` renamed the float32 export onto the output, then converted it in place: a conversion
+    that failed removed the file, the old good one already gone; a kill left a float32 model under the .fp16.onnx
+    name (a review). The float32 export now goes to a hidden folder, and only the FP16 file is put in place."""
+    from cli_helpers import cli
+
+    import dtop_export.fp16.convert as convert
+
+    out = tmp_path / "m.fp16.onnx"
+    out.write_bytes(b"the old good FP16 model")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise DToPError("conversion failed")
+
+    monkeypatch.setattr(convert, "convert_to_fp16", fails)
+    assert cli("onnx", str(dtop_ckpt()), "--fp16", "-o", str(out), "--force") != 0
+    assert "conversion failed" in capsys.readouterr().err
+    assert out.read_bytes() == b"the old good FP16 model" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def test_onnx_cli_fp16(tmp_path) -> None:

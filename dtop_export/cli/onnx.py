@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from dtop_export.atomic import output_folder
 from dtop_export.cli.common import app, console, output_option, output_path, refuse_existing
 
 
@@ -49,20 +52,37 @@ def onnx(
 
         check_image_size(max(static_hw), batch=batch or 1, option="--static's longer side", batch_option="--batch")
     con = console()
-    with con.status("exporting") as status:
-        result = export_onnx(
-            checkpoint,
-            output,
-            opset=opset,
-            static_hw=static_hw,
-            batch=batch,
-            whiten=not no_whiten,
-            on_stage=lambda s: status.update(f"exporting: {s}"),
-        )
+    with contextlib.ExitStack() as stack:
+        exported = output
+        if fp16:  # the float32 export goes to a hidden folder beside it: only the FP16 file is put in place, once
+            hidden = stack.enter_context(tempfile.TemporaryDirectory(dir=output_folder(output), prefix="."))
+            exported = Path(hidden) / "float32.onnx"
+        with con.status("exporting") as status:
+            result = export_onnx(
+                checkpoint,
+                exported,
+                opset=opset,
+                static_hw=static_hw,
+                batch=batch,
+                whiten=not no_whiten,
+                on_stage=lambda s: status.update(f"exporting: {s}"),
+            )
+        if fp16:
+            from dtop_export.fp16.convert import convert_file, fp32_nodes_of
+
+            with con.status("converting to FP16"):
+                fp16_model = convert_file(exported, output)
+    _report(con, result, output, static, static_hw, batch)
+    if fp16:
+        con.print(f"converted to FP16: {len(fp32_nodes_of(fp16_model))} nodes kept FP32 (casts around them)")
+
+
+def _report(con: Any, result: Any, output: Path, static: str | None, static_hw: Any, batch: int | None) -> None:
+    """What ``onnx`` wrote: the file, its shapes and descriptor, the stages' times, a static shape's caveat."""
     whitening = "whitened" if '"applied": true' in result.metadata["dtop.whitening"] else "not whitened"
     dims = "dynamic batch/height/width" if not (static_hw or batch) else f"static {static or ''} batch {batch or 'dyn'}"
     con.print(
-        f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, opset {result.opset}, {result.nodes} nodes, "
+        f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, opset {result.opset}, {result.nodes} nodes, "
         f"{dims}, descriptor {result.metadata['dtop.descriptor_dim']}-d {whitening}) in {result.seconds:.1f} s",
         soft_wrap=True,
     )
@@ -78,12 +98,3 @@ def onnx(
         )
     elif static_hw:
         con.print(f"resize policy: square at {static_hw[0]} (the whole image resized to {static}, as a .pte)")
-    if fp16:
-        from dtop_export.fp16.convert import convert_file, fp32_nodes_of
-
-        try:
-            fp16_model = convert_file(output, output)
-        except BaseException:
-            output.unlink(missing_ok=True)
-            raise
-        con.print(f"converted to FP16: {len(fp32_nodes_of(fp16_model))} nodes kept FP32 (casts around them)")
