@@ -66,6 +66,9 @@ def test_precision_auto_runs_the_stored_choice(
         small_onnx,
         {"runtime": "openvino", "threads": 1},
     )
+    # MODEL:auto (and MODEL:precision=auto) reached the engine as a precision named "auto" (a review): the same
+    for spec in (f"{small_ckpt}:auto", f"{small_ckpt}:precision=auto"):
+        assert engine_options(spec, threads=1) == (small_onnx, {"runtime": "openvino", "threads": 1})
     img = Path(__file__).parent.parent / "docs" / "retrieval.png"
     out = tmp_path / "d.npy"
     assert cli("embed", str(small_ckpt), str(img), "-o", str(out), "--precision", "auto", "--no-progress") == 0

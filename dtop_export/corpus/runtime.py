@@ -93,6 +93,9 @@ def engine_options(
     if not spec.path.is_file():
         raise DToPError(f"model file {spec.path} not found")
     options = dict(spec.options)
+    if options.get("precision") == "auto" and precision in (None, "auto"):  # MODEL:auto is --precision auto
+        del options["precision"]
+        precision = "auto"
     if precision == "auto":  # the file + options `bench --recommend` measured fastest within contract here
         from dtop_export.bench.recommend import resolve_auto
 
