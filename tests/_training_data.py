@@ -5,9 +5,44 @@ from __future__ import annotations
 import csv
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from dtop_export.training.config import TrainConfig
+
+# the training tests' run: the small preset on tiny images (groups of area ~64^2), one thread, no validation
+BASE = [
+    "model.preset=small",
+    "data.dataset=folder",
+    "data.workers=0",
+    "sampler.base_size=64",
+    "sampler.batch_size=4",
+    "sampler.aspect_ratios=[0.75, 1.0, 1.333, 2.0]",
+    "optim.optimizer=adamw",
+    "optim.lr=1e-3",
+    "optim.warmup_epochs=0.5",
+    "epochs=2",
+    "val.enabled=false",
+    "progress=false",
+    "log_every=1",
+    "threads=1",
+]
+
+
+def train_config(out: Path, data: Path, *extra: str) -> TrainConfig:
+    """BASE (+ ``extra``) on the set at ``data``, writing to ``out``."""
+    from dtop_export.training.config import load_config
+
+    return load_config(None, [*BASE, f"data.root={data}", f"out_dir={out}", *extra])
+
+
+def train_sets(data: Path, *extra: str) -> list[str]:
+    """BASE (+ ``extra``) as ``train -s`` options."""
+    return [a for item in [*BASE, f"data.root={data}", *extra] for a in ("-s", item)]
+
 
 # (width, height) cycle: landscape, portrait, square, wide — several aspect groups
 SIZES = [(64, 48), (48, 64), (64, 64), (96, 48)]

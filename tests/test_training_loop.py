@@ -10,30 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _training_data import make_folder, make_revisitop
+from _training_data import BASE, make_folder, make_revisitop, train_config, train_sets
 from cli_helpers import cli
 
 from dtop_export.checkpoint import load_checkpoint
 from dtop_export.errors import DToPError
 from dtop_export.training.config import TrainConfig, load_config
 from dtop_export.training.loop import Trainer
-
-BASE = [
-    "model.preset=small",
-    "data.dataset=folder",
-    "data.workers=0",
-    "sampler.base_size=64",
-    "sampler.batch_size=4",
-    "sampler.aspect_ratios=[0.75, 1.0, 1.333, 2.0]",
-    "optim.optimizer=adamw",
-    "optim.lr=1e-3",
-    "optim.warmup_epochs=0.5",
-    "epochs=2",
-    "val.enabled=false",
-    "progress=false",
-    "log_every=1",
-    "threads=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +25,8 @@ def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("folder"), classes=3, per_class=8)
 
 
-def _cfg(out: Path, data: Path, *extra: str) -> TrainConfig:
-    return load_config(None, [*BASE, f"data.root={data}", f"out_dir={out}", *extra])
-
-
-def _cli_sets(data: Path, *extra: str) -> list[str]:
-    """BASE (+ ``extra``) as ``train -s`` options."""
-    return [a for item in [*BASE, f"data.root={data}", *extra] for a in ("-s", item)]
+_cfg = train_config
+_cli_sets = train_sets
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

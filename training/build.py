@@ -38,15 +38,34 @@ def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype]:
     return True, torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def build_train_model(m: ModelSection, seed: int, device: torch.device) -> tuple[DToP, PreprocessConfig, str]:
+def build_train_model(
+    m: ModelSection, seed: int, device: torch.device, resume_state: dict[str, Any] | None = None
+) -> tuple[DToP, PreprocessConfig, str]:
     """(model in train mode on ``device``, its preprocessing, where its weights came from for provenance): from
-    ``m.init``'s checkpoint (``m.overrides`` only those without weights) or a fresh ``m.preset``."""
+    ``m.init``'s checkpoint (``m.overrides`` only those without weights) or a fresh ``m.preset``. A resumed
+    fine-tuning run is rebuilt from its ``resume_state`` (architecture, preprocessing, weights): the ``m.init`` file
+    may have moved since."""
     from dtop_export.checkpoint import load_checkpoint
     from dtop_export.model import build_model, get_preset
     from dtop_export.preprocess import default_preprocess
 
     torch.manual_seed(seed)
-    if m.init:
+    if m.init and resume_state is not None and resume_state.get("model_config") is not None:
+        from dtop_export.checkpoint import load_state_dict_checked
+        from dtop_export.model.config import DToPConfig
+        from dtop_export.preprocess import PreprocessConfig
+
+        with torch.device("meta"):  # the state's weights replace any initialisation
+            model = build_model(DToPConfig.from_dict(resume_state["model_config"]))
+        load_state_dict_checked(model, resume_state["model"], Path(resume_state["_path"]), assign=True)
+        preprocess = PreprocessConfig.from_dict(resume_state["preprocess"])
+        init_source = f"checkpoint:{m.init}"
+    elif m.init:
+        if resume_state is not None and not Path(m.init).exists():
+            raise DToPError(
+                f"model.init {m.init} not found: resuming this fine-tuning run needs it (its train_state.pt, written "
+                "by an older dtop-export, does not record the model's architecture): put the checkpoint back there"
+            )
         ckpt = load_checkpoint(m.init)
         if m.overrides:  # those without weights (config.INIT_OVERRIDES): dropout, WaveBlock, head BN at inference
             ckpt = replace(ckpt, config=ckpt.config.replace(**m.overrides))

@@ -78,7 +78,9 @@ class SamplerSection:
     Images are assigned to the aspect-ratio group (W/H) nearest in log scale; every group has one fixed
     input size of area ≈ ``base_size``², both sides multiples of the model stride; a batch holds images of
     one group only, so every batch has its own H×W and DPE resamples per batch.
-    batch_size: images per step on each process (the global batch is batch_size × processes × accum_steps).
+    batch_size: images per step on each process (the global batch is batch_size × processes × accum_steps); with
+        ``loss.name: contrastive``, tuples per step (cirtorch's meaning), each of 1 query + 1 positive + ``loss.nnum``
+        negatives: ``batch_size`` × (2 + nnum) images per step (5 tuples at nnum 5: 35 images).
     """
 
     base_size: int = 384
@@ -226,6 +228,15 @@ class TrainConfig:
             if value is not None and not within(value, rule):
                 raise DToPError(f"{key} must be {rule}; got {value}")
 
+    def tuple_size(self) -> int:
+        """Images per sample of a batch: a (query, positive, ``loss.nnum`` negatives) tuple with the contrastive loss,
+        else one image."""
+        return 2 + self.loss.nnum if self.loss.name == "contrastive" else 1
+
+    def images_per_step(self) -> int:
+        """Images one process's batch holds: ``sampler.batch_size`` samples of :meth:`tuple_size` images."""
+        return self.sampler.batch_size * self.tuple_size()
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists instead of tuples): goes into checkpoints' provenance and the YAML dump."""
         return plain(dataclasses.asdict(self))
@@ -366,6 +377,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise DToPError(f"{path} must hold a mapping of config sections at the top level")
         data = loaded or {}
+    return TrainConfig.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``data`` (a config as a dict, changed in place) with the ``section.key=value`` overrides set; a key under a
+    value that is not a section (``epochs.x=3``) is one line."""
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -374,7 +391,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise DToPError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
-    return TrainConfig.from_dict(data)
+    return data
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -5,6 +5,8 @@ own. In a single process each is a no-op (or the obvious answer)."""
 from __future__ import annotations
 
 import hashlib
+import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -13,17 +15,45 @@ from torch import nn
 
 from dtop_export.errors import DToPError
 
+# how long a collective waits for the other processes (seconds): they wait in one while rank 0 scans a first run's
+# image headers (hours for millions of files on a network disk) and while it validates; NCCL's own default is 10 min
+TIMEOUT_ENV = "DTOP_EXPORT_DDP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600
+
+
+def group_timeout() -> timedelta:
+    """The process group's timeout: ``$DTOP_EXPORT_DDP_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT_S`."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DToPError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds > 0 (default {DEFAULT_TIMEOUT_S})")
+    return timedelta(seconds=seconds)
+
 
 def init_process(world: int, local_rank: int) -> torch.device:
-    """Join the process group if there is one and not yet joined (NCCL on GPUs, gloo on CPU); this process's
-    device: GPU ``local_rank``, or the CPU."""
+    """Join the process group if there is one and not yet joined (NCCL on GPUs, gloo on CPU, with
+    :func:`group_timeout`); this process's device: GPU ``local_rank``, or the CPU."""
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=group_timeout())
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def any_process(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any process (a collective under DDP: every process calls it); ``flag`` alone."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
 
 
 def gather(obj: Any, world: int) -> list[Any]:

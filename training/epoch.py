@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from dtop_export.errors import DToPError, Interrupted
 from dtop_export.retrieval.metrics import format_map
+from dtop_export.training.ddp import any_process
 from dtop_export.training.state import rng_state
 from dtop_export.training.stop import GroupStop, StopRequested, ignore_stop_signals, signal_name
 
@@ -67,6 +68,7 @@ class EpochLoop:
     best: dict[str, Any]
     initial_metrics: dict[str, Any] | None
     skipped_decode: int
+    decode_failed_run: int
     continue_hint: str | None
     _stop: GroupStop
     _boundary_rng: dict[str, Any] | None
@@ -99,7 +101,7 @@ class EpochLoop:
             n_img, secs, loss_avg = self._train_epoch(epoch, position, bar, loader_gen, use_amp, amp_dtype)
             if position == 0 and math.isnan(loss_avg):  # the group's loss: not one usable batch on any process
                 raise DToPError(
-                    f"epoch {epoch + 1}: no batch had two images that decode ({self.skipped_decode} failed to):"
+                    f"epoch {epoch + 1}: no batch had two images that decode ({self.decode_failures()} failed to):"
                     f" the images of data.root {self.cfg.data.root} are unreadable; nothing was trained"
                 )
             self._totals[0] += n_img
@@ -141,13 +143,25 @@ class EpochLoop:
         the state of the epoch's last step, from which a --resume validates again and writes the epoch's
         checkpoints."""
         metrics: dict[str, Any] = {}
+        failed: DToPError | None = None
         if self.is_main:
             with contextlib.suppress(StopRequested), self._stop.raising():
-                metrics = self.validate()
-        if self._stop.agree(self.device):
+                try:
+                    metrics = self.validate()
+                except DToPError as e:  # (the set changed since the start's check): the epoch's steps are kept
+                    failed = e
+        stop = self._stop.agree(self.device)
+        failed_any = any_process(failed is not None, self.world, self.device)
+        if stop or failed_any:
             self.sampler.position = self._boundary_position
             self.save_state(self._boundary_rng)
-            raise self._stopped(self._epoch_note(epoch))
+            if stop:
+                raise self._stopped(self._epoch_note(epoch))
+            why = f"{failed}" if failed is not None else "the validation on process 0 failed (its error is there)"
+            raise DToPError(
+                f"{why}; the training state of epoch {epoch + 1}'s last step was saved: fix the validation set and "
+                f"{self._resume_hint()}{self._epoch_note(epoch)}"
+            )
         return metrics
 
     def _resume_hint(self) -> str:
@@ -259,7 +273,9 @@ class EpochLoop:
                     else:
                         self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
-                lr = self.opt.param_groups[0]["lr"] / self.opt.param_groups[0].get("lr_mult", 1.0)  # this step's
+                # this step's base LR (optim.lr x the schedule): a group's LR over its multiplier fails at
+                # backbone_lr_mult=0 (a frozen backbone's group sorts first)
+                lr = cfg.optim.lr * self.sched.lr_lambdas[0](self.sched.last_epoch)
                 with warnings.catch_warnings():  # a step whose images all failed to decode has no optimiser step
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
                     self.sched.step()  # the schedule advances anyway: a function of the step (resume, DDP)
@@ -276,7 +292,7 @@ class EpochLoop:
                 images_epoch += images_step
                 bar.update(avg, lr, ips)
                 if self.global_step % max(1, cfg.log_every) == 0 or pos == n_batches:
-                    self.logs.step(self.epoch, self.global_step, avg, lr, ips, now - t_epoch)
+                    self.logs.step(self.epoch + 1, self.global_step, avg, lr, ips, now - t_epoch)  # 1-based
                 step_loss, step_parts, images_step, backward_done = 0.0, 0, 0, False
                 self._boundary_rng, self._boundary_position = rng_state(self.device), pos
                 self._epoch_so_far = {
@@ -312,6 +328,7 @@ class EpochLoop:
         }
         self.history.append(row)
         self.logs.epoch(row)
+        self.decode_failed_run = self.decode_failures()  # every process's (a collective): the line, the checkpoints
         # the sampler has finished this epoch: a resume starts the next one
         self.epoch = epoch + 1
         self.sampler.set_epoch(epoch + 1, 0)
@@ -327,8 +344,8 @@ class EpochLoop:
             msg = f"epoch {epoch + 1}/{self.cfg.epochs}: loss {loss:.4f}, {row['images_per_s']:.1f} img/s"
             if metrics:
                 msg += f", mAP {format_map(metrics)} (E/M/H)"
-            if self.skipped_decode:  # counted in provenance.skipped_images too; a user should not have to look
-                msg += f"; {self.skipped_decode} image(s) failed to decode so far, dropped from their batches"
+            if self.decode_failed_run:  # counted in provenance.skipped_images too; a user should not have to look
+                msg += f"; {self.decode_failed_run} image(s) failed to decode so far, dropped from their batches"
             log.info("%s", msg)
         self.save_state(rng_state(self.device))
         self._boundary_rng = None  # the state just written is the one to resume from until the next step

@@ -105,7 +105,10 @@ class Trainer(EpochLoop):
         resume: str | Path | None = None,
         callbacks: list[Callable[[Trainer], None]] | None = None,
     ) -> None:
+        from dtop_export.training.validate import check_val_set
+
         cfg.validate()
+        check_val_set(cfg.val)  # before any work: not after the training set's scan, nor at a resumed epoch's end
         self.cfg = cfg
         self.resume_state = read_state(resume) if resume is not None else None
         # a state from before small aspect groups merged (no merge_small) resumes with its groups as they were
@@ -134,7 +137,8 @@ class Trainer(EpochLoop):
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"value": -1.0, "epoch": None}
         self.initial_metrics: dict[str, Any] | None = None
-        self.skipped_decode = 0
+        self.skipped_decode = 0  # this process's images that failed to decode (rank 0: and those of the state)
+        self.decode_failed_run = 0  # the run's, every process's: at the last epoch's end (checkpoints)
         self._boundary_rng: dict[str, Any] | None = None
         # the current epoch's loss sum, loss count, images and seconds at the last step (saved with the state, so
         # an epoch resumed mid-way reports the same loss and img/s as one run through)
@@ -157,6 +161,7 @@ class Trainer(EpochLoop):
     def save_state(self, rng: dict[str, Any] | None = None) -> Path | None:
         """Write ``train_state.pt`` atomically (collective under DDP: every rank must call it)."""
         rngs = gather(rng or rng_state(self.device), self.world)
+        failed = self.decode_failures()  # the run's (a collective too)
         if not self.is_main:
             self._saved_step = self.global_step
             return None
@@ -168,6 +173,9 @@ class Trainer(EpochLoop):
             "epoch": self.epoch,
             "step": self.global_step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            # the architecture and preprocessing: a resumed fine-tuning run needs no model.init file
+            "model_config": self.model.cfg.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
             "head": None if self.head is None else {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -178,7 +186,7 @@ class Trainer(EpochLoop):
             "history": self.history,
             "initial_metrics": self.initial_metrics,
             "tuples": getattr(self.dataset, "tuples_state", lambda: None)(),
-            "skipped_decode": self.skipped_decode,
+            "skipped_decode": failed,
             "epoch_so_far": dict(self._epoch_so_far),
             "data": self._set_fingerprint,
         }
@@ -196,6 +204,12 @@ class Trainer(EpochLoop):
             self.head.load_state_dict(st["head"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
+        # the optimiser restored the LR of the state's schedule; this run's may be longer (more --epochs: the cosine
+        # re-stretched over the new total), so its next step's LR is the new schedule's (the same one otherwise)
+        s = self.sched
+        for g, base, factor in zip(self.opt.param_groups, s.base_lrs, s.lr_lambdas):
+            g["lr"] = base * factor(s.last_epoch)
+        s._last_lr = [g["lr"] for g in self.opt.param_groups]  # (what get_last_lr() reports)
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.epoch, self.global_step = int(st["epoch"]), int(st["step"])
@@ -203,12 +217,16 @@ class Trainer(EpochLoop):
         self.best = st.get("best") or self.best
         self.history = list(st.get("history") or [])
         self.initial_metrics = st.get("initial_metrics")
-        self.skipped_decode = int(st.get("skipped_decode", 0))
+        self.skipped_decode = restored_decode_failures(st, self.rank)
         self._epoch_so_far = {**NO_PROGRESS, **(st.get("epoch_so_far") or {})}
         if st.get("tuples") is not None:
             self.dataset.load_tuples_state(st["tuples"])
         self._resume_sampler = st["sampler"]
         set_rng_state(st["rng"][self.rank], self.device)
+
+    def decode_failures(self) -> int:
+        """The run's images that failed to decode so far: every process's (a collective under DDP)."""
+        return sum(gather(self.skipped_decode, self.world))
 
     # checkpoints ------------------------------------------------------------------------------------------
 
@@ -221,7 +239,7 @@ class Trainer(EpochLoop):
             training_root=str(self.ts.root),
             training_images=len(self.ts),
             training_classes=self.ts.num_classes,
-            skipped_images={**self.ts.skipped, "decode_failed": self.skipped_decode},
+            skipped_images={**self.ts.skipped, "decode_failed": self.decode_failed_run},
             epoch=self.epoch,
             step=self.global_step,
             metrics=metrics,
@@ -307,7 +325,9 @@ class Trainer(EpochLoop):
         if self.world > 1:
             dist.barrier()
         random.seed(cfg.seed)
-        self.model, self.preprocess, self.init_source = build_train_model(cfg.model, cfg.seed, self.device)
+        self.model, self.preprocess, self.init_source = build_train_model(
+            cfg.model, cfg.seed, self.device, self.resume_state
+        )
         self.ts, self._set_fingerprint, self.dataset = load_train_data(
             cfg, self.out, self.preprocess, self.rank, self.world, self.resume_state
         )
@@ -334,7 +354,8 @@ class Trainer(EpochLoop):
             counts = [len(self.sampler)] * cfg.epochs
         if min(counts) == 0:
             raise DToPError(
-                f"{self.ts.name}: not one full batch of {cfg.sampler.batch_size} per process in any aspect group "
+                f"{self.ts.name}: not one full batch of {cfg.sampler.batch_size}"
+                f"{' tuples' if cfg.tuple_size() > 1 else ''} per process in any aspect group "
                 f"({len(self.ts)} images, {self.world} process(es)); "
                 "lower sampler.batch_size or set sampler.drop_last=false"
             )
@@ -386,7 +407,7 @@ class Trainer(EpochLoop):
             self.logs.close()
 
         extra = check_replicas(self.model, self.world)
-        self.skipped_decode = sum(gather(self.skipped_decode, self.world))  # every process's failures
+        self.decode_failed_run = self.decode_failures()  # every process's failures
         final = (
             self._save_ckpt("final.pt", self.history[-1]["metrics"] if self.history else {}, **extra)
             if self.is_main
@@ -404,6 +425,12 @@ class Trainer(EpochLoop):
             history=self.history,
             images_per_second=self._totals[0] / self._totals[1] if self._totals[1] else 0.0,
         )
+
+
+def restored_decode_failures(state: dict[str, Any], rank: int) -> int:
+    """The decode failures a resumed process starts from: the state's count is the run's, every process's, so rank 0
+    carries it and the others start from 0 (their sum, :meth:`Trainer.decode_failures`, counts it once)."""
+    return int(state.get("skipped_decode", 0)) if rank == 0 else 0
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:

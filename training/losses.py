@@ -28,17 +28,21 @@ class ArcFace(nn.Module):
         self.mm = math.sin(math.pi - margin) * margin
 
     def logits(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Margin-adjusted, scaled logits [B, C] for descriptors x [B, N] (normalised here)."""
-        cos = F.linear(F.normalize(x.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
-        cos = cos.clamp(-1.0, 1.0)
-        target = cos.gather(1, labels[:, None])
-        sin = (1.0 - target.pow(2)).clamp_min(0.0).sqrt()
-        phi = target * self.cos_m - sin * self.sin_m
-        phi = torch.where(target > self.th, phi, target - self.mm)
-        return self.scale * cos.scatter(1, labels[:, None], phi)
+        """Margin-adjusted, scaled logits [B, C] for descriptors x [B, N] (normalised here), in fp32 under AMP too:
+        autocast would run the cosines' matmul in bf16/fp16, and the margin and s·cos with them."""
+        with torch.autocast(x.device.type, enabled=False):
+            cos = F.linear(F.normalize(x.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
+            cos = cos.clamp(-1.0, 1.0)
+            target = cos.gather(1, labels[:, None])
+            sin = (1.0 - target.pow(2)).clamp_min(0.0).sqrt()
+            phi = target * self.cos_m - sin * self.sin_m
+            phi = torch.where(target > self.th, phi, target - self.mm)
+            return self.scale * cos.scatter(1, labels[:, None], phi)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(x, labels), labels)
+        logits = self.logits(x, labels)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.cross_entropy(logits, labels)
 
     def extra_repr(self) -> str:
         c, n = self.weight.shape

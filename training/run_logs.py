@@ -1,6 +1,6 @@
 """A training run's logs in its folder: ``log.csv`` (a row per logged optimiser step), ``epochs.csv`` (a row per
 epoch, with its validation mAP) and TensorBoard's ``tb/`` when ``torch.utils.tensorboard`` imports. Written by
-rank 0 only; a resumed run drops the rows written after the state it resumes from."""
+rank 0 only; a resumed run drops the rows (and TensorBoard events) written after the state it resumes from."""
 
 from __future__ import annotations
 
@@ -42,12 +42,14 @@ class RunLogs:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.folder / "tb"))
+            # resumed: TensorBoard drops the events of the steps after the state (those are trained again)
+            self._tb = SummaryWriter(str(self.folder / "tb"), purge_step=step + 1 if resumed else None)
         except (ImportError, ModuleNotFoundError):
             self._tb = None
 
     def step(self, epoch: int, step: int, loss: float, lr: float, ips: float, secs: float) -> None:
-        """One optimiser step: its mean loss, learning rate, images/s and the seconds into the epoch."""
+        """One optimiser step of ``epoch`` (1-based, as in ``epochs.csv`` and the console): its mean loss, learning
+        rate, images/s and the seconds into the epoch."""
         if not self.enabled:
             return
         with open(self.steps_csv, "a") as fh:

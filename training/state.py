@@ -60,9 +60,12 @@ def undo_setup(folder: str | Path, before: set[str]) -> None:
 
 def clear_run(folder: str | Path) -> None:
     """Remove what :func:`previous_run` finds, so that a run started again from scratch (``train --force``) does not
-    append to the old logs or leave the old ``best.pt`` / ``epoch-NNN.pt`` beside its own."""
+    append to the old logs or leave the old ``best.pt`` / ``epoch-NNN.pt`` beside its own; and the old
+    ``skipped_images.tsv``, which the new run writes only when it skips a file (the size cache stays: it checks each
+    file's bytes and mtime)."""
     import shutil
 
+    (Path(folder) / "skipped_images.tsv").unlink(missing_ok=True)
     for p in previous_run(folder):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -61,7 +61,13 @@ def train(
     data_root: Annotated[Path | None, typer.Option("--data-root", help="data.root: the dataset folder.")] = None,
     epochs: Annotated[int | None, typer.Option(callback=at_least(1), help="Number of epochs.")] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", callback=at_least(2), help="Images per step per process (>= 2).")
+        int | None,
+        typer.Option(
+            "--batch-size",
+            callback=at_least(2),
+            help="Images per step per process (>= 2); with loss.name=contrastive, tuples per step per process "
+            "(cirtorch's meaning: 1 query + 1 positive + loss.nnum negatives each).",
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option(callback=above(0), help="Base learning rate (optim.lr).")] = None,
     force: Annotated[
@@ -121,9 +127,11 @@ def train(
     from dtop_export.training.loop import Trainer
     from dtop_export.training.state import clear_run
 
-    # a group's input has the area of a base_size square: a lower bound of one step (training keeps activations too)
-    check_image_size(cfg.sampler.base_size, batch=cfg.sampler.batch_size, option="sampler.base_size",
-                     batch_option="sampler.batch_size")  # fmt: skip
+    # a group's input has the area of a base_size square: a lower bound of one step (training keeps activations too);
+    # with the contrastive loss a batch is sampler.batch_size tuples of 2 + loss.nnum images each (cirtorch's meaning)
+    images, per = cfg.images_per_step(), cfg.tuple_size()
+    check_image_size(cfg.sampler.base_size, batch=images, option="sampler.base_size",
+                     batch_option="sampler.batch_size" + (f" (tuples of {per} images)" if per > 1 else ""))  # fmt: skip
     _refuse_previous_run(Path(cfg.out_dir), resume, force)
     trainer = Trainer(cfg, resume=resume)
     if force and resume is None and int(os.environ.get("RANK", "0")) == 0:
@@ -158,13 +166,6 @@ def _refuse_previous_run(out: Path, resume: Path | None, force: bool) -> None:
 
 
 def _apply(cfg, sets: list[str]):  # noqa: ANN001, ANN202 - TrainConfig is imported lazily
-    from dtop_export.training.config import TrainConfig, parse_override
+    from dtop_export.training.config import TrainConfig, apply_overrides
 
-    d = cfg.to_dict()
-    for item in sets:
-        keys, value = parse_override(item)
-        node = d
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return TrainConfig.from_dict(d)
+    return TrainConfig.from_dict(apply_overrides(cfg.to_dict(), sets))
