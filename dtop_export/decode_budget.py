@@ -26,6 +26,16 @@ EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PI
 _JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
 
 
+class OverBudget(DToPError):
+    """An image over a :class:`DecodeBudget`, refused by :func:`check_budget`: ``limit`` names the bound
+    (``"pixels"``, ``"scans"`` or ``"decode_mb"``), ``need`` what the image takes and ``allowed`` the budget's
+    value, so that a caller (the service) can word the refusal for its own options."""
+
+    def __init__(self, message: str, limit: str, need: int, allowed: int) -> None:
+        super().__init__(message)
+        self.limit, self.need, self.allowed = limit, need, allowed
+
+
 @dataclass(frozen=True)
 class DecodeBudget:
     """What decoding one image may cost; an image over it is refused before any pixel buffer is allocated.
@@ -110,19 +120,22 @@ def check_budget(img: Image.Image, data: bytes, budget: DecodeBudget) -> None:
     """Refuse (:class:`DToPError`) an opened, not yet decoded image over ``budget``, from its header."""
     w, h = img.size
     if w * h > budget.max_pixels:
-        raise DToPError(
+        raise OverBudget(
             f"{w} x {h} = {w * h} pixels, over the limit of {budget.max_pixels} "
-            "(raise it with --max-pixels or DecodeBudget.max_pixels)"
-        )
+            "(raise it with --max-pixels or DecodeBudget.max_pixels)",
+            "pixels", w * h, budget.max_pixels,
+        )  # fmt: skip
     work, scans = _decoder_work(img, data)
     if scans > budget.max_scans:
-        raise DToPError(
+        raise OverBudget(
             f"{scans} JPEG scans, over the limit of {budget.max_scans} "
-            "(raise it with --max-scans or DecodeBudget.max_scans)"
-        )
+            "(raise it with --max-scans or DecodeBudget.max_scans)",
+            "scans", scans, budget.max_scans,
+        )  # fmt: skip
     need = decode_bytes(len(data), w, h, work)
     if need > budget.max_decode_mb * MIB:
-        raise DToPError(
+        raise OverBudget(
             f"decoding needs {-(-need // MIB)} MB, over the budget of {budget.max_decode_mb} MB "
-            "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
-        )
+            "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)",
+            "decode_mb", -(-need // MIB), budget.max_decode_mb,
+        )  # fmt: skip

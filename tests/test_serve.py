@@ -226,14 +226,16 @@ class FakeRequest:
         yield self.body
 
 
-def app_without_cluster(embedder: object = None, **limits: float) -> object:
+def app_without_cluster(
+    embedder: object = None, capacity: int = 4, engine: dict | None = None, **limits: float
+) -> object:
     """The app's routes with a stand-in for the model deployment (no Ray needed)."""
     from dtop_export.serve.app import Service as App
     from dtop_export.serve.app import ServiceInfo
     from dtop_export.serve.limits import Limits
 
-    info = ServiceInfo("m.onnx", "0" * 64, "1" * 64, 8, {"size": 64}, 64)
-    return App(info, Limits(**limits), embedder=embedder, capacity=4)  # type: ignore[arg-type]
+    info = ServiceInfo("m.onnx", "0" * 64, "1" * 64, 8, {"size": 64}, 64, engine=engine or {})
+    return App(info, Limits(**limits), embedder=embedder, capacity=capacity)  # type: ignore[arg-type]
 
 
 def test_search_without_an_index_is_a_404() -> None:
@@ -255,7 +257,11 @@ def test_a_query_descriptor_json_past_pythons_limits_is_a_400(body: bytes) -> No
     import asyncio
 
     app = app_without_cluster()
-    response = asyncio.run(app.observe("search", lambda: app._descriptor(FakeRequest(body, "application/json"))))
+
+    async def parse() -> object:
+        return app._descriptor(body)
+
+    response = asyncio.run(app.observe("search", parse))
     doc = json.loads(response.body)
     assert response.status_code == 400 and doc["status"] == 400 and "internal" not in doc["error"], doc
 
@@ -308,14 +314,7 @@ def test_a_failed_model_call_cancels_the_requests_other_calls() -> None:
         def cancel(self) -> None:
             pending.append(f"cancelled {self.n}")
 
-    class Embedder:
-        def __init__(self) -> None:
-            self.calls = 0
-
-        @property
-        def embed(self) -> object:
-            return self
-
+    class Embedder(Echo):  # calls that fail or wait
         def remote(self, *_: object) -> Call:
             self.calls += 1
             return Call(self.calls - 1)
@@ -326,6 +325,278 @@ def test_a_failed_model_call_cancels_the_requests_other_calls() -> None:
     assert response.status_code == 503 and "--max-queue" in json.loads(response.body)["error"]
     assert {"cancelled 0", "cancelled 2"} <= set(pending), pending
     assert app.admission.inside == 0
+
+
+class SlowRequest(FakeRequest):
+    """A slow client: its headers and 4 bytes of its body, then nothing."""
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        yield self.body[:4]
+        await asyncio.Event().wait()
+
+
+class GoneRequest(FakeRequest):
+    """A client that goes away during its upload: 4 bytes, then ``error`` from the body's stream."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(png(32, 32), "image/png")
+        self.error = error
+
+    async def stream(self):  # type: ignore[no-untyped-def]
+        yield self.body[:4]
+        raise self.error
+
+
+class Echo:
+    """A model deployment that answers every call at once (``handle.embed.remote(tensor, sent)``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @property
+    def embed(self) -> object:
+        return self
+
+    def remote(self, tensor: np.ndarray, sent: float) -> object:
+        import asyncio
+
+        self.calls += 1
+        answer = {"descriptor": np.full(8, 8**-0.5, np.float32), "replica": "r", "queue_s": 0.0, "route_s": 0.0,
+                  "infer_s": 0.0, "batch": f"b{self.calls}", "batch_size": 1}  # fmt: skip
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(answer)
+        return future
+
+
+def test_slow_uploads_hold_no_place_in_the_models_queue_and_get_a_json_408() -> None:
+    """Two clients that sent their headers and 4 bytes, on a service of capacity 2: a normal request is answered
+    (the old app admitted a request before reading its body: the two slow uploads filled it, 503); past
+    --max-uploads an upload is refused (503 + Retry-After); at --request-timeout each slow upload gets the app's JSON
+    408 (the old app's timeout started only at the model calls: Ray's proxy cut them later, a plain-text 408)."""
+    import asyncio
+
+    app = app_without_cluster(Echo(), capacity=2, max_uploads=3, request_timeout_s=3)
+
+    def embed(request: FakeRequest) -> object:
+        return app.observe("embed", lambda: app.embed(request), admit=True)
+
+    async def scenario() -> tuple[object, object, list[object]]:
+        slow = [asyncio.ensure_future(embed(SlowRequest(png(32, 32), "image/png"))) for _ in range(2)]
+        while app.intake.uploads.inside < 2:
+            await asyncio.sleep(0.01)
+        normal = await embed(FakeRequest(png(32, 32), "image/png"))
+        slow.append(asyncio.ensure_future(embed(SlowRequest(png(32, 32), "image/png"))))
+        while app.intake.uploads.inside < 3:
+            await asyncio.sleep(0.01)
+        refused = await embed(FakeRequest(png(32, 32), "image/png"))
+        return normal, refused, await asyncio.wait_for(asyncio.gather(*slow), 60)
+
+    normal, refused, slow = asyncio.run(scenario())
+    assert normal.status_code == 200, normal.body
+    assert refused.status_code == 503 and "--max-uploads" in json.loads(refused.body)["error"]
+    assert int(refused.headers["retry-after"]) >= 1
+    for r in slow:
+        doc = json.loads(r.body)
+        assert r.status_code == 408 and doc["status"] == 408 and "--request-timeout" in doc["error"], doc
+    assert app.inside == 0 and app.admission.inside == 0
+    metrics = app.metrics.render()[0].decode()
+    assert counter(metrics, "dtop_serve_requests_total", route="embed", status="408") == 3
+
+
+def test_images_decode_on_a_bounded_pool_within_the_services_decode_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests of 3 images at once: at most the pool's threads decode at the same time (the old app decoded
+    every image of every request in parallel on the default pool, min(32, cores + 4) threads, each up to ~290 MiB
+    for a small all-zero PNG under --max-pixels); each decode's budget is the service's (--max-pixels, 12 bytes a
+    pixel), not DecodeBudget's defaults (1 GiB an image)."""
+    import asyncio
+
+    import dtop_export.serve.intake as intake
+    from dtop_export.serve.limits import Limits, decode_budget
+
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counting_decode(*_: object) -> list[np.ndarray]:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)  # long enough for the other images to start, were they allowed to
+        with lock:
+            now[0] -= 1
+        return [np.zeros((3, 32, 32), np.float32)]
+
+    monkeypatch.setattr(intake, "decode", counting_decode)
+    monkeypatch.setattr(intake, "decode_threads", lambda: 2)
+    app = app_without_cluster(Echo(), capacity=4)
+    body, kind = multipart([(f"p{i}.png", png(32, 32)) for i in range(3)])
+
+    async def three() -> list[object]:
+        return await asyncio.gather(
+            *(app.observe("embed", lambda: app.embed(FakeRequest(body, kind)), admit=True) for _ in range(3))
+        )
+
+    assert [r.status_code for r in asyncio.run(three())] == [200] * 3
+    assert app.intake.threads == 2 and peak[0] == 2, peak
+    budget = decode_budget(Limits(max_pixels=40_000_000, max_upload_mb=20))
+    assert budget.max_pixels == 40_000_000 and budget.max_decode_mb == -(-(12 * 40_000_000 + 20 * 2**20) // 2**20)
+
+
+@pytest.mark.parametrize("gone", ["ClientDisconnect", "TaskCancelledError"])
+def test_a_client_that_goes_away_during_its_upload_is_a_499_not_a_server_error(
+    gone: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette's ClientDisconnect (the client closed its connection) and Ray's TaskCancelledError (the proxy
+    cancelled the request) from the body's stream: counted as 499, no traceback logged (the old app logged
+    'request failed' with a traceback and counted a 500)."""
+    import asyncio
+    import logging
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    error = ClientDisconnect() if gone == "ClientDisconnect" else TaskCancelledError()
+    app = app_without_cluster(Echo())
+    with caplog.at_level(logging.INFO, logger="dtop_export.serve"):
+        response = asyncio.run(app.observe("embed", lambda: app.embed(GoneRequest(error)), admit=True))
+    assert response.status_code == 499 and not caplog.records, [r.getMessage() for r in caplog.records]
+    metrics = app.metrics.render()[0].decode()
+    assert counter(metrics, "dtop_serve_requests_total", route="embed", status="499") == 1
+    assert counter(metrics, "dtop_serve_requests_total", route="embed", status="500") == 0
+    assert app.inside == 0
+
+
+def jpeg_of_scans(n: int) -> bytes:
+    """A small baseline JPEG whose scan is repeated to ``n`` start-of-scan markers."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 140, 200)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    sos, eoi = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:sos] + data[sos:eoi] * n + data[eoi:]
+
+
+def progressive_cmyk_jpeg() -> bytes:
+    """A 1 MP progressive CMYK JPEG: ~14 MB to decode (4 components' coefficients besides the RGB)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("CMYK", (1000, 1000)).save(buf, format="JPEG", progressive=True)
+    return buf.getvalue()
+
+
+def ico() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="ICO")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "says", "never"),
+    [
+        ("ico", 400, "send a JPEG, PNG", "complete file"),
+        ("truncated png", 400, "send the complete file", "Pillow"),
+        ("jpeg of 150 scans", 413, "over the server's limit of 100: send it as a baseline JPEG", "--max-scans"),
+        ("over the decode budget", 413, "MB to decode, over the server's limit of 12 MB", "--max-decode-mb"),
+    ],
+)
+def test_decode_refusals_give_advice_the_service_can_take(case: str, status: int, says: str, never: str) -> None:
+    """Each refusal says what the client can do: the old app appended 'send the complete file' to every decoding
+    error (an ICO upload: 'not an image file Pillow can read: send the complete file') and passed on DecodeBudget's
+    'raise it with --max-scans or DecodeBudget.max_scans', options serve does not have (and a 400)."""
+    from dtop_export.serve.limits import Limits, RequestError, decode
+
+    data = {
+        "ico": ico,
+        "truncated png": lambda: png(64, 48)[:-40],
+        "jpeg of 150 scans": lambda: jpeg_of_scans(150),
+        "over the decode budget": progressive_cmyk_jpeg,
+    }[case]()
+    limits = Limits(max_pixels=1_000_000, max_upload_mb=0.1)  # a decode budget of 12 MB an image
+    from dtop_export.preprocess import PreprocessConfig
+
+    with pytest.raises(RequestError) as err:
+        decode("upload", data, PreprocessConfig.from_dict({"size": 64}), 64, (1.0,), limits)
+    assert err.value.status == status and says in err.value.message and never not in err.value.message, err.value
+
+
+def test_a_form_of_text_fields_only_is_not_called_too_many_images() -> None:
+    """17 text fields and no file: the old app said '413 more than 16 images'."""
+    import asyncio
+
+    fields = "".join(f'--xyz\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n' for i in range(17))
+    request = FakeRequest((fields + "--xyz--\r\n").encode(), "multipart/form-data; boundary=xyz")
+    app = app_without_cluster(Echo())
+    response = asyncio.run(app.observe("embed", lambda: app.embed(request), admit=True))
+    message = json.loads(response.body)["error"]
+    assert response.status_code == 400 and "text fields" in message and "images in one request" not in message
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` RGB pixels and holds none (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decoding_leaves_the_warning_filters_alone_and_still_refuses_bombs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode runs in worker threads: the old one wrapped load_image in warnings.catch_warnings, which saves and
+    restores the process's filters; two decodes interleaved (A in, B in, A out, B out) left the 'error' filter of B
+    in place for every thread. Without it, decompression bombs are still refused by the header check (over
+    --max-pixels; over Pillow's own limit, 900 MP) before any pixel is decoded."""
+    import warnings
+
+    import dtop_export.preprocess as preprocess
+    from dtop_export.preprocess import PreprocessConfig
+    from dtop_export.serve.limits import Limits, RequestError, decode
+
+    cfg, limits = PreprocessConfig.from_dict({"size": 64}), Limits()
+    for data, max_pixels in ((png(2000, 1000), 1_000_000), (png_header(30_000, 30_000), 10**10)):
+        with pytest.raises(RequestError) as err:
+            decode("bomb", data, cfg, 64, (1.0,), Limits(max_pixels=max_pixels))
+        assert err.value.status == 413 and "downscale it" in err.value.message, err.value
+    real_load = preprocess.load_image
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def sequenced_load(name: str, **kwargs: object) -> object:
+        if name == "a":
+            a_in.set()
+            assert b_in.wait(10)
+        else:
+            b_in.set()
+            assert a_out.wait(10)
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(preprocess, "load_image", sequenced_load)
+    before = list(warnings.filters)
+    out: dict[str, object] = {}
+    a = threading.Thread(target=lambda: out.__setitem__("a", decode("a", png(32, 32), cfg, 64, (1.0,), limits)))
+    b = threading.Thread(target=lambda: out.__setitem__("b", decode("b", png(32, 32), cfg, 64, (1.0,), limits)))
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    a.join(10)
+    a_out.set()
+    b.join(10)
+    assert set(out) == {"a", "b"} and warnings.filters == before
+
+
+def test_the_model_route_names_the_servers_files_without_their_folders() -> None:
+    """GET /v1/model gave the model's file name at the top, and its full path on the server in engine.model."""
+    import asyncio
+
+    app = app_without_cluster(engine={"model": "/srv/secret/models/m.onnx", "threads": 1})
+    response = asyncio.run(app.observe("model", app.model))
+    doc = json.loads(response.body)
+    assert doc["engine"]["model"] == "m.onnx" and doc["model"] == "m.onnx" and b"/srv" not in response.body
 
 
 class ShapeRefusingEngine:
@@ -1155,6 +1426,30 @@ def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.
     assert cli("serve", str(small_onnx), "--max-upload-mb", "0") == 2
     err = capsys.readouterr().err
     assert "--replicas" in err and "--max-upload-mb" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--gpus-per-replica", "-1"), ("--gpus-per-replica", "nan"), ("--max-upload-mb", "inf"),
+     ("--batch-wait-ms", "nan"), ("--request-timeout", "inf"), ("--max-pixels", "inf"), ("--max-pixels", "nan"),
+     ("--max-uploads", "0")],
+    ids=lambda o: " ".join(o),
+)  # fmt: skip
+def test_serve_refuses_values_that_would_break_later_in_one_line(
+    option: tuple[str, str], small_onnx: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Values that passed the old checks and broke later: --gpus-per-replica -1 (Ray's traceback after the cluster
+    started), --max-upload-mb inf (OverflowError: every upload a 500), --batch-wait-ms nan, --max-pixels inf (an
+    OverflowError traceback). Each is one line now, before any cluster starts."""
+    import dtop_export.corpus.cluster as cluster
+
+    def no_cluster(*_args: object) -> None:
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(cluster, "connect", no_cluster)
+    assert cli("serve", str(small_onnx), *option) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and option[0] in err, err
 
 
 def test_serve_without_python_multipart_is_one_line(

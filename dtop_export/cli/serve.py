@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -54,12 +55,30 @@ def serve(
         int, typer.Option("--max-queue", help="Requests waiting for a replica; past it: 503 + Retry-After.")
     ] = 64,
     request_timeout: Annotated[
-        float, typer.Option("--request-timeout", help="Seconds a request may take; past it: 504.")
+        float,
+        typer.Option(
+            "--request-timeout",
+            help="Seconds a request may take from its arrival, its upload included: an upload not received by then "
+            "gets 408, an answer not ready 504.",
+        ),
     ] = 30.0,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body (MiB).")] = 20.0,
+    max_uploads: Annotated[
+        int,
+        typer.Option(
+            "--max-uploads",
+            help="Request bodies received at once; past it: 503 + Retry-After. A request uploads before it takes "
+            "a place in the model's queue, so slow clients hold these, not the queue's places.",
+        ),
+    ] = 64,
     max_images: Annotated[int, typer.Option("--max-images", help="Images per multipart request.")] = 16,
     max_pixels: Annotated[
-        float, typer.Option("--max-pixels", help="Largest image, in megapixels (decompression bombs are refused).")
+        float,
+        typer.Option(
+            "--max-pixels",
+            help="Largest image, in megapixels (decompression bombs are refused); also sets the memory one image "
+            "may take to decode (12 bytes a pixel).",
+        ),
     ] = 40.0,
     max_k: Annotated[int, typer.Option("--max-k", help="Largest k a search may ask for.")] = 100,
     precision: Annotated[
@@ -86,9 +105,11 @@ def serve(
         raise DToPError(f"--replicas must be a number or auto, got {replicas!r}")
     if index is not None and scales != "1":
         raise DToPError("--scales comes from the index's corpus with --index: leave it out")
+    if not (math.isfinite(max_pixels) and max_pixels * 1e6 >= 1):
+        raise DToPError(f"--max-pixels must be a positive, finite number of megapixels, got {max_pixels}")
     limits = Limits(
         max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=int(max_pixels * 1e6), max_k=max_k,
-        max_queue=max_queue, request_timeout_s=request_timeout,
+        max_queue=max_queue, request_timeout_s=request_timeout, max_uploads=max_uploads,
     )  # fmt: skip
     opts = ServeOptions(
         model=model, index=index, host=host, port=port, address=address,

@@ -11,9 +11,11 @@ Routes (FastAPI in a Ray Serve ingress deployment; see the README's "Serving")::
 
 The app decodes and preprocesses uploads (:mod:`dtop_export.serve.limits`, the one decoding path) and sends each
 image's tensors to the model deployment (:mod:`dtop_export.serve.deployment`); scales are combined as ``embed``
-combines them. Errors are ``{"error": "...", "status": N}``: 4xx for bad requests, 503 + Retry-After when the queue
-is full or a replica died under the request, 504 past ``--request-timeout``. ray, fastapi and prometheus_client are
-imported inside the functions.
+combines them. A request's body is read before it takes a place in the model's queue, under a count of its own
+(:mod:`dtop_export.serve.intake`); ``--request-timeout`` counts from the request's arrival. Errors are
+``{"error": "...", "status": N}``: 4xx for bad requests, 408 for an upload not received in time, 503 +
+Retry-After when the queue is full or a replica died under the request, 504 past ``--request-timeout``; a client
+that went away is counted as 499. ray, fastapi and prometheus_client are imported inside the functions.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations (``request: Request``, a
@@ -22,8 +24,8 @@ import asyncio
 import base64
 import json
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dtop_export.serve.deployment import BatcherStopped, EngineSettings, combine_scales
+from dtop_export.serve.intake import CLIENT_CLOSED, Intake, left
 from dtop_export.serve.limits import (
     RETRY_AFTER_S,
     Admission,
@@ -38,15 +41,14 @@ from dtop_export.serve.limits import (
     RequestError,
     bounded_int,
     check_length,
-    decode,
     read_images,
 )
+from dtop_export.serve.metrics import Metrics
 from dtop_export.serve.readiness import Replicas, check
 
 APP_NAME = "dtop"
 API_VERSION = "v1"
 ENCODINGS = ("json", "base64")
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -86,39 +88,6 @@ def error_response(e: RequestError) -> Any:
     return _json(e.payload(), e.status, headers)
 
 
-class Metrics:
-    """The app's Prometheus metrics, in a registry of its own."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "dtop_serve_requests", "Requests by route and HTTP status", ["route", "status"], registry=r
-        )
-        self.latency = Histogram("dtop_serve_request_seconds", "Request latency by route", ["route"], registry=r)
-        self.queue = Histogram("dtop_serve_queue_seconds", "Time a tensor waited for its forward pass", registry=r)
-        self.batch = Histogram("dtop_serve_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r)
-        self.images = Counter("dtop_serve_images", "Images embedded", registry=r)
-        self.inflight = Gauge("dtop_serve_inflight", "Requests inside the service", registry=r)
-        self.ready = Gauge("dtop_serve_ready", "1 when a warm replica answered the last readiness check", registry=r)
-        self._seen: OrderedDict[str, None] = OrderedDict()  # forward passes already counted (one per batch)
-
-    def forward_pass(self, batch: str, size: int) -> None:
-        if batch in self._seen:
-            return
-        self._seen[batch] = None
-        if len(self._seen) > 4096:
-            self._seen.popitem(last=False)
-        self.batch.observe(size)
-
-    def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
 async def all_or_none(calls: list[Any], timeout_s: float) -> list[Any]:
     """The answers of a request's model calls (Serve responses), in order; when one fails, time runs out or the
     request is cancelled (its client gone), the others are cancelled before the error goes on: none keeps a place
@@ -134,12 +103,15 @@ async def all_or_none(calls: list[Any], timeout_s: float) -> list[Any]:
 class Service:
     """The routes' work, given the model deployment's handle (plain Python: the ingress class wraps it)."""
 
-    def __init__(self, info: ServiceInfo, limits: Limits, embedder: Any, capacity: int) -> None:
+    def __init__(
+        self, info: ServiceInfo, limits: Limits, embedder: Any, capacity: int, decode_threads: int | None = None
+    ) -> None:
         from dtop_export.preprocess import PreprocessConfig
 
         self.info, self.limits, self.embedder = info, limits, embedder
         self.preprocess = PreprocessConfig.from_dict(info.preprocess)
         self.admission = Admission(capacity)
+        self.intake = Intake(limits, self.preprocess, info.image_size, info.scales, decode_threads)
         self.metrics = Metrics()
         self.draining = False  # set on shutdown: new requests get 503, the ones inside finish
         self.replicas = Replicas()  # the model replicas heard from, asked directly by /readyz
@@ -154,53 +126,74 @@ class Service:
 
     async def observe(self, route: str, handler: Callable[[], Any], admit: bool = False) -> Any:
         """Run ``handler`` (a coroutine function returning a response), turning :class:`RequestError` into its JSON
-        response and anything else into a 500; count and time it."""
+        response and anything else into a 500; count and time it. ``admit``: refuse the request at the door while
+        shutting down or while the model's queue is full (before its upload is read)."""
         t0 = time.perf_counter()
-        entered = False
         try:
             if admit:
                 if self.draining:
                     raise RequestError(503, "the service is shutting down: retry on another instance", 1.0)
-                self.admission.enter()
-                entered = True
-                self.metrics.inflight.set(self.admission.inside)
+                self.admission.check()
             response = await handler()
         except RequestError as e:
             response = error_response(e)
+        except asyncio.CancelledError:  # Serve cancelled the request (its client left): no answer goes out
+            self._count(route, CLIENT_CLOSED, t0)
+            raise
         except Exception as e:  # noqa: BLE001 - the service answers every request, in JSON
             import logging
 
             logging.getLogger("dtop_export.serve").exception("request failed")
             response = _json({"error": f"internal error: {type(e).__name__}: {e}", "status": 500}, 500)
-        finally:
-            if entered:
-                self.admission.leave()
-                self.metrics.inflight.set(self.admission.inside)
-        self.metrics.requests.labels(route, str(response.status_code)).inc()
-        self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        self._count(route, response.status_code, t0)
         return response
+
+    def _count(self, route: str, status: int, t0: float) -> None:
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+    @property
+    def inside(self) -> int:
+        """Requests inside the service: uploading, or uploaded and in the model's queue."""
+        return self.admission.inside + self.intake.uploads.inside
+
+    async def _receive(self, read: Callable[[], Any], deadline: float) -> Any:
+        """The body, read by ``read`` under an upload slot until ``deadline`` (:meth:`Intake.receive`)."""
+        self.metrics.uploads.set(self.intake.uploads.inside + 1)
+        try:
+            return await self.intake.receive(read, deadline)
+        finally:
+            self.metrics.uploads.set(self.intake.uploads.inside)
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """A place in the model's queue (503 when full), for an uploaded request."""
+        self.admission.enter()
+        self.metrics.inflight.set(self.admission.inside)
+        try:
+            yield
+        finally:
+            self.admission.leave()
+            self.metrics.inflight.set(self.admission.inside)
 
     async def _images(self, request: Any) -> list[tuple[str, bytes]]:
         check_length(request.headers.get("content-length"), self.limits)
         return await read_images(request.headers.get("content-type"), request.headers, request.stream(), self.limits)
 
-    async def _embed_images(self, images: list[tuple[str, bytes]]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """Decode, preprocess and embed ``images`` (all scales in parallel); their descriptors and the timing."""
+    async def _embed_images(
+        self, images: list[tuple[str, bytes]], deadline: float
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Decode, preprocess and embed ``images`` (all scales in parallel) by ``deadline``; their descriptors and
+        the timing."""
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         t0 = time.perf_counter()
-        size, scales = self.info.image_size, self.info.scales
-        tensors = await asyncio.gather(
-            *(
-                asyncio.to_thread(decode, name, data, self.preprocess, size, scales, self.limits)
-                for name, data in images
-            )
-        )
+        tensors = await self.intake.decode(images, deadline)
         decode_s = time.perf_counter() - t0
         calls = [self.embedder.embed.remote(t, time.time()) for per_image in tensors for t in per_image]
         try:
-            results = await all_or_none(calls, self.limits.request_timeout_s)
+            results = await all_or_none(calls, left(deadline))
         except asyncio.TimeoutError as e:
             raise RequestError(
                 504, f"no answer within {self.limits.request_timeout_s:g} s (--request-timeout): retry later"
@@ -246,11 +239,13 @@ class Service:
 
     async def embed(self, request: Any) -> Any:
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.limits.request_timeout_s
         encoding = request.query_params.get("encoding", "json")
         if encoding not in ENCODINGS:
             raise RequestError(422, f"encoding={encoding!r}: choose {' or '.join(ENCODINGS)}")
-        images = await self._images(request)
-        descriptors, timing = await self._embed_images(images)
+        images = await self._receive(lambda: self._images(request), deadline)
+        async with self._admitted():
+            descriptors, timing = await self._embed_images(images, deadline)
         out = []
         for (name, _), d in zip(images, descriptors):
             if encoding == "json":
@@ -262,6 +257,7 @@ class Service:
 
     async def search(self, request: Any) -> Any:
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.limits.request_timeout_s
         if self.index is None:
             raise RequestError(
                 404, "this service has no index: start it with `dtop-export serve MODEL --index X.faiss`"
@@ -277,16 +273,19 @@ class Service:
         timing: dict[str, Any] = {}
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if kind == "application/json":
-            query = await self._descriptor(request)
-            name = "descriptor"
+            body = await self._receive(lambda: self._body(request), deadline)
+            query, name, images = self._descriptor(body), "descriptor", None
         else:
-            images = await self._images(request)
+            images = await self._receive(lambda: self._images(request), deadline)
             if len(images) != 1:
                 raise RequestError(413, f"search takes one image per request, got {len(images)}")
-            descriptors, timing = await self._embed_images(images)
-            query, name = descriptors[0], images[0][0]
-        t1 = time.perf_counter()
-        hits = (await asyncio.to_thread(self.index.search, query[None, :], k, nprobe))[0]
+            name = images[0][0]
+        async with self._admitted():
+            if images is not None:
+                descriptors, timing = await self._embed_images(images, deadline)
+                query = descriptors[0]
+            t1 = time.perf_counter()
+            hits = (await asyncio.to_thread(self.index.search, query[None, :], k, nprobe))[0]
         timing["search_ms"] = round((time.perf_counter() - t1) * 1000, 3)
         timing["total_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return _json(
@@ -299,13 +298,15 @@ class Service:
             }
         )
 
-    async def _descriptor(self, request: Any) -> np.ndarray:
-        """A query descriptor sent as JSON: ``{"descriptor": [floats]}`` or ``{"descriptor_b64": "..."}``
-        (float32 little-endian, as ``/v1/embed?encoding=base64`` returns it)."""
+    async def _body(self, request: Any) -> bytes:
         from dtop_export.serve.limits import capped
 
         check_length(request.headers.get("content-length"), self.limits)
-        body = b"".join([c async for c in capped(request.stream(), self.limits)])
+        return b"".join([c async for c in capped(request.stream(), self.limits)])
+
+    def _descriptor(self, body: bytes) -> np.ndarray:
+        """A query descriptor sent as JSON: ``{"descriptor": [floats]}`` or ``{"descriptor_b64": "..."}``
+        (float32 little-endian, as ``/v1/embed?encoding=base64`` returns it)."""
         try:
             doc = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -330,10 +331,13 @@ class Service:
         return q
 
     async def model(self) -> Any:
+        """The contract; the server's files by name only (their folders say nothing a client needs)."""
         payload = {**self._identity(), "api": API_VERSION, **self.info.to_dict(), "limits": self.limits.to_dict()}
         payload["model"] = Path(self.info.model).name
+        if "model" in payload["engine"]:
+            payload["engine"] = {**payload["engine"], "model": Path(str(payload["engine"]["model"])).name}
         if self.index is not None:
-            payload["index"] = {"path": str(self.index.path), **{k: self.index.info[k] for k in ("type", "ntotal")}}
+            payload["index"] = {"path": self.index.path.name, **{k: self.index.info[k] for k in ("type", "ntotal")}}
         return _json(payload)
 
     async def ready(self) -> Any:
@@ -347,13 +351,14 @@ class Service:
 
 
 def ingress_options(limits: Limits, capacity: int) -> dict[str, Any]:
-    """The ingress deployment's Serve options. The app's admission (``capacity`` requests) answers first, in JSON;
-    Serve's own bound behind it (64 more at once, 64 queued) is a backstop: past it Ray's proxy refuses a request
+    """The ingress deployment's Serve options. The app's admission (``--max-uploads`` uploads, ``capacity``
+    requests) answers first, in JSON; Serve's own bound behind it (64 more at once, 64 queued) is a backstop: past
+    it Ray's proxy refuses a request
     itself, a plain-text 503 with Ray's message (Ray 2.60 lets a deployment set that answer's status and
     Retry-After, not its body), given the app's Retry-After. The client reads either as a ServiceError."""
     return {
         "name": "ingress",
-        "max_ongoing_requests": capacity + 64,
+        "max_ongoing_requests": capacity + limits.max_uploads + 64,
         "max_queued_requests": 64,
         "backpressure_config": {"retry_after_s": RETRY_AFTER_S},
         "ray_actor_options": {"num_cpus": 0},
@@ -436,9 +441,9 @@ def build_app(
         async def drain(self) -> int:
             """Stop admitting requests (the driver's graceful shutdown); the number still inside."""
             self.service.draining = True
-            return self.service.admission.inside
+            return self.service.inside
 
         async def inflight(self) -> int:
-            return self.service.admission.inside
+            return self.service.inside
 
     return Ingress.bind(model)

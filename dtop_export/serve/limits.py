@@ -3,18 +3,21 @@ the bounded queue. Every refusal is a :class:`RequestError` carrying its HTTP st
 to do; the app turns it into ``{"error": ..., "status": ...}``.
 
 Uploads are read through a byte cap (``--max-upload-mb``) before anything is parsed, the image header is checked
-against ``--max-pixels`` before decoding (a decompression bomb is refused without allocating it), and decoding
-itself is :func:`dtop_export.preprocess.load_image` (the one decoding path) on the bytes. The server never fetches
-a URL a client names. Imports starlette/PIL inside the functions that need them.
+against ``--max-pixels`` and the decode budget derived from it (:func:`decode_budget`) before decoding (a
+decompression bomb is refused without allocating it), and decoding itself is
+:func:`dtop_export.preprocess.load_image` (the one decoding path) on the bytes. The server never fetches a URL a
+client names. Imports starlette/PIL inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from dtop_export.decode_budget import MIB, DecodeBudget
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 MULTIPART = "multipart/form-data"
 RETRY_AFTER_S = 1.0  # what a 503 for overload tells the client to wait (the app's, and Ray's proxy's)
+# Bytes a pixel may cost while it decodes (DecodeBudget.max_decode_mb): RGB and its rotated copy (6) plus the
+# decoder's own, up to 6 more (a progressive 4:4:4 JPEG's coefficients; an interlaced RGBA PNG's raw image: 4).
+DECODE_BYTES_PER_PIXEL = 12
 
 
 class RequestError(DToPError):
@@ -50,19 +56,21 @@ class Limits:
     max_k: int = 100
     max_queue: int = 64
     request_timeout_s: float = 30.0
+    max_uploads: int = 64
 
     def __post_init__(self) -> None:
         checks = {
-            "--max-upload-mb": self.max_upload_mb > 0,
+            "--max-upload-mb": math.isfinite(self.max_upload_mb) and self.max_upload_mb > 0,
             "--max-images": self.max_images >= 1,
             "--max-pixels": self.max_pixels >= 1,
             "--max-k": self.max_k >= 1,
             "--max-queue": self.max_queue >= 0,
-            "--request-timeout": self.request_timeout_s > 0,
+            "--request-timeout": math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0,
+            "--max-uploads": self.max_uploads >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise DToPError(f"{', '.join(bad)} must be positive (--max-queue may be 0): got {self}")
+            raise DToPError(f"{', '.join(bad)} must be positive, finite numbers (--max-queue may be 0): got {self}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -70,6 +78,14 @@ class Limits:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def decode_budget(limits: Limits) -> DecodeBudget:
+    """What decoding one upload may cost on this service: ``--max-pixels``, and the memory an image of that many
+    pixels may take while it decodes (:data:`DECODE_BYTES_PER_PIXEL` a pixel, plus the file): every JPEG, PNG,
+    WebP, BMP, GIF or TIFF under ``--max-pixels`` fits, bar a progressive CMYK JPEG near the limit."""
+    need = DECODE_BYTES_PER_PIXEL * limits.max_pixels + limits.max_upload_bytes
+    return DecodeBudget(max_pixels=limits.max_pixels, max_decode_mb=-(-need // MIB))
 
 
 def media_type(content_type: str | None) -> str:
@@ -131,12 +147,13 @@ async def read_images(
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        status = 413 if "Too many" in e.message else 400
-        message = (
-            f"more than {limits.max_images} images in one request (--max-images): split it"
-            if status == 413
-            else f"malformed multipart body: {e.message}"
-        )
+        if "Too many files" in e.message:
+            status, message = 413, f"more than {limits.max_images} images in one request (--max-images): split it"
+        elif "Too many fields" in e.message:  # text parts: the service reads none of them
+            status = 400
+            message = f"the form holds more than {limits.max_images} text fields: send only the images, as file parts"
+        else:
+            status, message = 400, f"malformed multipart body: {e.message}"
         raise RequestError(status, message) from e
     files = [(v.filename or k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
     try:
@@ -151,51 +168,63 @@ async def read_images(
     return out
 
 
+NOT_AN_IMAGE = "send a JPEG, PNG, WebP, BMP, GIF, TIFF or PPM file"
+
+
 def check_header(name: str, data: bytes, limits: Limits) -> None:
-    """Refuse an upload whose header names no image format Pillow reads (400), or declares more than
-    ``limits.max_pixels`` pixels (413: a decompression bomb, a small file that decodes to gigabytes, is refused
-    before it is decoded)."""
+    """Refuse an upload whose header names no image format the service decodes (400), or whose image is over the
+    server's limits (413): more than ``limits.max_pixels`` pixels, or over the decode budget
+    (:func:`decode_budget`: too many JPEG scans, too much memory to decode). A decompression bomb, a small file
+    that decodes to gigabytes, is refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    from dtop_export.decode_budget import DECODE_FORMATS, OverBudget, check_budget
+
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
             w, h = im.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise RequestError(
-            400, f"{name} is not an image: send a JPEG, PNG, WebP, BMP, GIF or TIFF file ({type(e).__name__})"
-        ) from e
+            if w * h > limits.max_pixels:
+                raise RequestError(
+                    413,
+                    f"image {name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the server's limit of "
+                    f"{limits.max_pixels / 1e6:g} MP (--max-pixels): downscale it before sending",
+                )
+            check_budget(im, data, decode_budget(limits))
+    except OverBudget as e:
+        if e.limit == "scans":
+            message = f"a JPEG of {e.need} scans, over the server's limit of {e.allowed}: send it as a baseline JPEG"
+        else:
+            message = (
+                f"{e.need} MB to decode, over the server's limit of {e.allowed} MB an image (from --max-pixels): "
+                "downscale it before sending"
+            )
+        raise RequestError(413, f"image {name} is {message}") from e
     except Image.DecompressionBombError as e:  # over twice Pillow's own limit
         raise RequestError(413, f"image {name} is a decompression bomb ({e}): downscale it before sending") from e
-    if w * h > limits.max_pixels:
-        raise RequestError(
-            413,
-            f"image {name} is {w}x{h} = {w * h / 1e6:.0f} MP, over the server's limit of "
-            f"{limits.max_pixels / 1e6:g} MP (--max-pixels): downscale it before sending",
-        )
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise RequestError(400, f"{name} is not an image: {NOT_AN_IMAGE} ({type(e).__name__})") from e
 
 
 def decode(
     name: str, data: bytes, cfg: PreprocessConfig, image_size: int, scales: tuple[float, ...], limits: Limits
 ) -> list[np.ndarray]:
     """The model inputs [3, H, W] of one uploaded image, one per scale: the header checks, then the one decoding and
-    preprocessing path (:func:`~dtop_export.preprocess.load_image` on the bytes, :func:`~dtop_export.preprocess
-    .prepare`). A truncated or otherwise undecodable file is a 400."""
-    import warnings
-
-    from PIL import Image
+    preprocessing path (:func:`~dtop_export.preprocess.load_image` on the bytes, within :func:`decode_budget`;
+    :func:`~dtop_export.preprocess.prepare`). A file whose pixels do not decode (truncated, damaged) is a 400.
+    Sets no warning filter: this runs in worker threads, and ``warnings.catch_warnings`` changes the process's
+    filters for every thread (the header check and the budget decide, not Pillow's DecompressionBombWarning)."""
+    from PIL import UnidentifiedImageError
 
     from dtop_export.preprocess import load_image, prepare
 
     check_header(name, data, limits)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = load_image(name, data=data)
+        img = load_image(name, data=data, budget=decode_budget(limits))
         return [prepare(img, cfg, image_size, s) for s in scales]
-    except Image.DecompressionBombWarning as e:  # header and decoder disagree: refuse all the same
-        raise RequestError(413, f"image {name} is over Pillow's decompression-bomb limit: downscale it") from e
     except DToPError as e:
-        raise RequestError(400, f"{e}: send the complete file") from e
+        if isinstance(e.__cause__, UnidentifiedImageError):
+            raise RequestError(400, f"{name} is not an image: {NOT_AN_IMAGE}") from e
+        raise RequestError(400, f"{e}: the file is damaged or incomplete: send the complete file") from e
 
 
 def bounded_int(name: str, value: str | None, default: int, low: int, high: int) -> int:
@@ -212,22 +241,33 @@ def bounded_int(name: str, value: str | None, default: int, low: int, high: int)
 
 
 class Admission:
-    """The bounded queue in front of the model: at most ``capacity`` requests inside the service at once (each one
-    holds at most one upload), the rest refused at the door with 503 + Retry-After instead of piling up."""
+    """A bounded count: at most ``capacity`` requests inside at once (the model's queue: requests uploaded and
+    being decoded or embedded; or, with ``what``, the uploads being received), the rest refused with 503 +
+    Retry-After instead of piling up."""
 
-    def __init__(self, capacity: int, retry_after_s: float = RETRY_AFTER_S) -> None:
+    def __init__(
+        self, capacity: int, retry_after_s: float = RETRY_AFTER_S, what: str = "at capacity ({n} requests in flight)"
+    ) -> None:
         self.capacity = capacity
         self.inside = 0
         self.retry_after_s = retry_after_s
+        self.what = what
 
-    def enter(self) -> None:
-        if self.inside >= self.capacity:
+    @property
+    def full(self) -> bool:
+        return self.inside >= self.capacity
+
+    def check(self) -> None:
+        """503 when full, without entering."""
+        if self.full:
             raise RequestError(
                 503,
-                f"the service is at capacity ({self.capacity} requests in flight): retry after "
-                f"{self.retry_after_s:g} s",
+                f"the service is {self.what.format(n=self.capacity)}: retry after {self.retry_after_s:g} s",
                 retry_after_s=self.retry_after_s,
             )
+
+    def enter(self) -> None:
+        self.check()
         self.inside += 1
 
     def leave(self) -> None:

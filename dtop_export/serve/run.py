@@ -4,6 +4,7 @@ gracefully (new requests refused, the ones inside answered). ray is imported ins
 """
 
 import logging
+import math
 import signal
 import socket
 import threading
@@ -260,8 +261,13 @@ def _check_options(opts: ServeOptions) -> None:
         raise DToPError(
             f"--min/--max replicas must satisfy 1 <= min <= max, got {opts.min_replicas}, {opts.max_replicas}"
         )
-    if opts.max_batch_size < 1 or opts.batch_wait_ms < 0:
-        raise DToPError("--max-batch-size must be >= 1 and --batch-wait-ms >= 0")
+    if opts.max_batch_size < 1 or not (math.isfinite(opts.batch_wait_ms) and opts.batch_wait_ms >= 0):
+        raise DToPError(
+            f"--max-batch-size must be >= 1 and --batch-wait-ms a finite number >= 0, got {opts.max_batch_size}, "
+            f"{opts.batch_wait_ms}"
+        )
+    if not (math.isfinite(opts.gpus_per_replica) and opts.gpus_per_replica >= 0):
+        raise DToPError(f"--gpus-per-replica must be a finite number >= 0, got {opts.gpus_per_replica}")
     if opts.threads is not None and opts.threads < 1:
         raise DToPError(f"--threads must be >= 1, got {opts.threads}")
     if not 0 < opts.port < 65536:
