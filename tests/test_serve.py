@@ -1530,3 +1530,42 @@ def test_a_proxy_that_does_not_start_is_one_line(failure: object, says: str, mon
         _start_proxy(ServeOptions("model.onnx"), {"log_level": "WARNING"})
     message = str(err.value)
     assert "\n" not in message and says in message, message
+
+
+def test_precision_auto_is_resolved_once_by_the_driver_for_every_replica(
+    small_ckpt: Path, small_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve m.pt --precision auto` passed "auto" to every replica, which resolved it from its own node's `bench
+    --recommend` cache (found by a corpus review: the same as `embed --ray`): replicas on other CPUs could run other
+    files, and a node with no recommendation failed. The driver resolves it once; each replica opens exactly that."""
+    from dtop_export.bench import recommend
+    from dtop_export.corpus import runtime
+    from dtop_export.serve.deployment import Embedder
+    from dtop_export.serve.run import ServeOptions, engine_settings
+
+    resolved: list[Path] = []
+
+    def choice(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+        resolved.append(checkpoint)
+        return small_onnx, {"runtime": "openvino", "precision": "bf16"}
+
+    monkeypatch.setattr(recommend, "resolve_auto", choice)
+    settings = engine_settings(ServeOptions(model=str(small_ckpt), precision="auto", threads=2), image_size=64)
+    assert resolved == [small_ckpt]
+    assert (settings.model, settings.precision, settings.threads) == (str(small_onnx), None, 2)
+    assert settings.options == {"runtime": "openvino", "precision": "bf16"}
+
+    class Opened(Exception):  # noqa: N818 - the replica got as far as opening its engine: what is checked
+        pass
+
+    def fails_if_resolved_again(*args: object) -> None:
+        raise AssertionError("a replica resolved --precision auto itself")
+
+    def open_model(*args: Any) -> None:
+        raise Opened(runtime.engine_options(*args))
+
+    monkeypatch.setattr(recommend, "resolve_auto", fails_if_resolved_again)
+    monkeypatch.setattr(runtime, "open_model", open_model)
+    with pytest.raises(Opened) as e:
+        Embedder(settings)
+    assert e.value.args[0] == (small_onnx, {"runtime": "openvino", "precision": "bf16", "threads": 2})

@@ -33,6 +33,7 @@ import time
 import uuid
 import weakref
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,9 @@ class EngineSettings:
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     warmup_size: int = 256  # the square input of the warm-up passes (the service's image size)
+    # the engine options the driver resolved (``--precision auto`` included): every replica opens ``model`` with
+    # exactly these, whatever its node's own recommendation; None: MODEL's own (``file.onnx:openvino``) and precision
+    options: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,7 +110,12 @@ class Embedder:
         self.settings = settings
         self.hang_s = hang_after(request_timeout_s)
         self._deaths, self._death = 0, ""  # batching tasks that died since a forward pass answered; the last why
-        self.engine = open_model(settings.model, node_threads(settings.threads), settings.precision)
+        model: Any = settings.model
+        if settings.options is not None:
+            from dtop_export.bench.spec import EngineSpec
+
+            model = EngineSpec(Path(settings.model), dict(settings.options))
+        self.engine = open_model(model, node_threads(settings.threads), settings.precision)
         # the forward passes' names: a PID names no replica across nodes (each container counts its own PIDs)
         self._passes = uuid.uuid4().hex[:12]
         self.replica = replica_name(self._passes)

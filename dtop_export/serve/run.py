@@ -99,6 +99,19 @@ def service_info(opts: ServeOptions) -> ServiceInfo:
     )
 
 
+def engine_settings(opts: ServeOptions, image_size: int) -> EngineSettings:
+    """How every replica opens MODEL: ``--precision auto`` resolved once, here (the file and options `bench
+    --recommend` chose on this machine), not by each replica from its own node's cache, so every replica runs the
+    same file at the same precision and ``/v1/model`` names it."""
+    from dtop_export.corpus.runtime import resolve_engine
+
+    resolved = resolve_engine(opts.model, opts.precision)
+    return EngineSettings(
+        str(resolved.path), opts.threads or 1, None, opts.max_batch_size, opts.batch_wait_ms,
+        warmup_size=image_size, options=dict(resolved.options),
+    )  # fmt: skip
+
+
 def parses_multipart() -> bool:
     """Whether Starlette can parse a multipart upload: its own test (``starlette.formparsers`` imports
     ``python_multipart``, or an old python-multipart's ``multipart.multipart``). A module merely named ``multipart``
@@ -135,10 +148,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
     info = service_info(opts)
     if opts.address is None:
         check_port_free(opts.host, opts.port)
-    threads = opts.threads or 1
-    settings = EngineSettings(
-        opts.model, threads, opts.precision, opts.max_batch_size, opts.batch_wait_ms, warmup_size=info.image_size
-    )
+    settings = engine_settings(opts, info.image_size)
     info = replace(
         info,
         engine=settings.to_dict() | {"replicas": opts.replicas, "gpus_per_replica": opts.gpus_per_replica},
@@ -148,7 +158,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
     serve_was_running, deployed = True, False  # until known: a failure before then leaves a cluster's Serve alone
     _on_signals(stop)  # after Ray's start (its core worker installs handlers of its own), before Serve's
     try:
-        _check_resources(opts, float(threads), ray.cluster_resources())
+        _check_resources(opts, float(settings.threads or 1), ray.cluster_resources())
         if opts.host not in ("127.0.0.1", "localhost", "::1"):
             say(f"warning: listening on {opts.host}: anyone who can reach this machine can use the service "
                 "(it has no authentication; put it behind a proxy or a firewall)")  # fmt: skip
@@ -158,7 +168,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         _start_proxy(opts, quiet)
         app = build_app(
             info, opts.limits, settings, opts.replicas, opts.min_replicas, opts.max_replicas,
-            cpus_per_replica=float(threads), gpus_per_replica=opts.gpus_per_replica,
+            cpus_per_replica=float(settings.threads or 1), gpus_per_replica=opts.gpus_per_replica,
         )  # fmt: skip
         count = (
             f"{opts.min_replicas} replica(s), autoscaled up to {opts.max_replicas} (a replica per "
