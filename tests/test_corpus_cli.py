@@ -50,6 +50,11 @@ def test_the_same_folder_command_with_json_resumes_and_replaces_its_summary(
     assert (out / shard_name(0)).stat().st_mtime_ns == kept
     assert cli("embed", "--help") == 0
     assert "delete the folder's shards and manifest" in " ".join(capsys.readouterr().out.replace("│", " ").split())
+    manifest = (out / MANIFEST).read_bytes()
+    for own in (MANIFEST, shard_name(0)):  # the summary would overwrite the job's own files: refused, nothing written
+        assert cli(*args[:5], "--json", str(out / own), *args[7:]) == 2
+        assert "one of the folder's own files" in capsys.readouterr().err
+    assert (out / MANIFEST).read_bytes() == manifest and (out / shard_name(0)).stat().st_mtime_ns == kept
 
 
 def test_npy_output_writes_its_json_summary_and_all_three_files_together(

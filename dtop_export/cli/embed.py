@@ -230,6 +230,12 @@ def embed(
     # so that the same command line resumes an interrupted job
     if len(images) != 1:
         raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
+    if (
+        json_out is not None
+        and json_out.resolve().parent == output.resolve()
+        and (json_out.name in ("manifest.json", ".dtop-export.lock") or json_out.name.startswith("shard-"))
+    ):
+        raise DToPError(f"--json {json_out} is one of the folder's own files: give the run summary another file name")
     from dtop_export.corpus.embed import CorpusJob
 
     job = CorpusJob(
