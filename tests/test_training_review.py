@@ -105,6 +105,10 @@ def test_a_missing_validation_set_is_refused_before_any_work(
     assert err.startswith("error: validation set not found") and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
     Trainer(train_config(tmp_path / "run", data, "val.enabled=true", f"val.root={val}", "val.name=tiny"))  # a good one
+    # only rank 0 validates: the other ranks of a multi-node run need not see the set (a review), nor check it
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("RANK", "1"), m.setenv("WORLD_SIZE", "2"), m.setenv("LOCAL_RANK", "1")
+        assert Trainer(train_config(tmp_path / "run", data, *nowhere)).rank == 1
 
 
 def test_a_validation_set_that_fails_mid_run_keeps_the_epochs_state(tmp_path: Path, data: Path) -> None:

@@ -108,7 +108,8 @@ class Trainer(EpochLoop):
         from dtop_export.training.validate import check_val_set
 
         cfg.validate()
-        check_val_set(cfg.val)  # before any work: not after the training set's scan, nor at a resumed epoch's end
+        if dist_info()[0] == 0:  # only rank 0 validates (other nodes may not have the set); torchrun stops the rest
+            check_val_set(cfg.val)  # before any work: not after the training set's scan, nor at a resumed epoch's end
         self.cfg = cfg
         self.resume_state = read_state(resume) if resume is not None else None
         # a state from before small aspect groups merged (no merge_small) resumes with its groups as they were

@@ -202,7 +202,8 @@ def _column(table: Any, name: str, source: str, locate: Locate) -> list[str]:
 
     kind = table.schema.field(name).type
     text = kind if not pa.types.is_dictionary(kind) else kind.value_type
-    if not (pa.types.is_string(text) or pa.types.is_large_string(text) or pa.types.is_string_view(text)) and not (
+    string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16; pyproject allows 14
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text) or string_view(text)) and not (
         name == "id" and pa.types.is_integer(text)
     ):
         allowed = "strings or integers" if name == "id" else "strings"
