@@ -26,6 +26,20 @@ EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # orientation -> PI
 _JPEG_MARKER = re.compile(rb"\xff[\x02-\xcf\xd9-\xfe]")
 
 
+def open_image(fp: object, formats: tuple[str, ...] = DECODE_FORMATS) -> Image.Image:
+    """``PIL.Image.open`` without Pillow's DecompressionBombWarning (an image between 1x and 2x its
+    ``MAX_IMAGE_PIXELS``): the decode budget decides, and the warning would only repeat it. The warning is ignored by
+    one filter added to the process's list (once; ``append``: the caller's own filters come first), not by
+    ``warnings.catch_warnings`` around each open, which saves and restores every filter of the process and is not
+    thread-safe: images decode in worker threads (a corpus job's, the service's)."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)  # no-op once present
+    return Image.open(fp, formats=formats)
+
+
 class OverBudget(DToPError):
     """An image over a :class:`DecodeBudget`, refused by :func:`check_budget`: ``limit`` names the bound
     (``"pixels"``, ``"scans"`` or ``"decode_mb"``), ``need`` what the image takes and ``allowed`` the budget's

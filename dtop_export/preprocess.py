@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtop_export.decode_budget import DECODE_FORMATS, EXIF_TRANSPOSE, MIB, DecodeBudget, check_budget
+from dtop_export.decode_budget import EXIF_TRANSPOSE, MIB, DecodeBudget, check_budget, open_image
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
@@ -160,9 +160,8 @@ def load_image(
     decoder raised, is one :class:`DToPError` line naming the file.
     """
     import io
-    import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     budget = budget or DecodeBudget()
     try:
@@ -174,9 +173,7 @@ def load_image(
                     "(raise it with --max-decode-mb or DecodeBudget.max_decode_mb)"
                 )
             data = Path(path).read_bytes()
-        with warnings.catch_warnings():  # the budget decides; Pillow's DecompressionBombWarning would only repeat it
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        img = open_image(io.BytesIO(data))  # the budget decides, not Pillow's DecompressionBombWarning
         with img:
             check_budget(img, data, budget)
             img.load()
@@ -321,15 +318,11 @@ def image_size(path: str | Path, header_only: bool = False) -> tuple[int, int] |
     from the file's header without decoding; None for a missing or non-image file, one the decoder fails on, or
     one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find).
     ``header_only``: never decode; a PNG whose EXIF follows its pixels is then taken as unrotated."""
-    import warnings
 
-    from PIL import Image
 
     budget = DecodeBudget()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path, formats=DECODE_FORMATS)
+        im = open_image(path)
         with im:
             w, h = im.size
             if not budget.fits_header(w, h):

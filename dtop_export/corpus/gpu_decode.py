@@ -42,15 +42,14 @@ def inspect_jpeg(path: str, budget: DecodeBudget | None = None) -> Encoded | Non
     """The file as :class:`Encoded` when the device can decode it, None when the CPU should (any other format, a
     mode or coding nvJPEG's RGB path does not take, a file Pillow's header reader refuses: the CPU path then
     reports it as usual). Raises :class:`DToPError` for a file over ``budget``, as the CPU path does."""
-    from PIL import Image
 
     from dtop_export.corpus.source import read_bytes
-    from dtop_export.preprocess import DECODE_FORMATS, DecodeBudget, check_budget
+    from dtop_export.decode_budget import DecodeBudget, check_budget, open_image
 
     budget = budget or DecodeBudget()
     try:
         data = read_bytes(path)
-        img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        img = open_image(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - the CPU path decodes it, or says why it cannot
         return None
     with img:

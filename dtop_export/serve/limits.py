@@ -178,10 +178,10 @@ def check_header(name: str, data: bytes, limits: Limits) -> None:
     that decodes to gigabytes, is refused before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from dtop_export.decode_budget import DECODE_FORMATS, OverBudget, check_budget
+    from dtop_export.decode_budget import OverBudget, check_budget, open_image
 
     try:
-        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
+        with open_image(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > limits.max_pixels:
                 raise RequestError(
@@ -211,8 +211,8 @@ def decode(
     """The model inputs [3, H, W] of one uploaded image, one per scale: the header checks, then the one decoding and
     preprocessing path (:func:`~dtop_export.preprocess.load_image` on the bytes, within :func:`decode_budget`;
     :func:`~dtop_export.preprocess.prepare`). A file whose pixels do not decode (truncated, damaged) is a 400.
-    Sets no warning filter: this runs in worker threads, and ``warnings.catch_warnings`` changes the process's
-    filters for every thread (the header check and the budget decide, not Pillow's DecompressionBombWarning)."""
+    Saves and restores no warning filters: this runs in worker threads, and ``warnings.catch_warnings`` changes the
+    process's filters for every thread (see :func:`~dtop_export.decode_budget.open_image`)."""
     from PIL import UnidentifiedImageError
 
     from dtop_export.preprocess import load_image, prepare
