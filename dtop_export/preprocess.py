@@ -319,7 +319,6 @@ def image_size(path: str | Path, header_only: bool = False) -> tuple[int, int] |
     one too large for the default :class:`DecodeBudget` (whose EXIF a PNG would decode the pixels to find).
     ``header_only``: never decode; a PNG whose EXIF follows its pixels is then taken as unrotated."""
 
-
     budget = DecodeBudget()
     try:
         im = open_image(path)

@@ -438,6 +438,9 @@ def test_images_decode_on_a_bounded_pool_within_the_services_decode_budget(monke
 
     assert [r.status_code for r in asyncio.run(three())] == [200] * 3
     assert app.intake.threads == 2 and peak[0] == 2, peak
+    # GPU replicas may embed faster than 4 threads decode (a review): --decode-threads sets the pool's size
+    assert intake.Intake(Limits(decode_threads=6), app.preprocess, 64, (1.0,)).threads == 6
+    assert intake.Intake(Limits(), app.preprocess, 64, (1.0,)).threads == 2  # 0: the default
     budget = decode_budget(Limits(max_pixels=40_000_000, max_upload_mb=20))
     assert budget.max_pixels == 40_000_000 and budget.max_decode_mb == -(-(12 * 40_000_000 + 20 * 2**20) // 2**20)
 
@@ -1428,7 +1431,7 @@ def test_serve_refuses_bad_options_in_one_line(small_onnx: Path, capsys: pytest.
     "option",
     [("--gpus-per-replica", "-1"), ("--gpus-per-replica", "nan"), ("--max-upload-mb", "inf"),
      ("--batch-wait-ms", "nan"), ("--request-timeout", "inf"), ("--max-pixels", "inf"), ("--max-pixels", "nan"),
-     ("--max-uploads", "0")],
+     ("--max-uploads", "0"), ("--decode-threads", "-1")],
     ids=lambda o: " ".join(o),
 )  # fmt: skip
 def test_serve_refuses_values_that_would_break_later_in_one_line(

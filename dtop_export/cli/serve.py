@@ -71,6 +71,14 @@ def serve(
             "a place in the model's queue, so slow clients hold these, not the queue's places.",
         ),
     ] = 64,
+    decode_threads: Annotated[
+        int,
+        typer.Option(
+            "--decode-threads",
+            help="Images the ingress decodes at once (0: its CPUs, at most 4); raise it when GPU replicas wait for "
+            "decoding. Each may hold one decode budget of memory (12 bytes a pixel of --max-pixels).",
+        ),
+    ] = 0,
     max_images: Annotated[int, typer.Option("--max-images", help="Images per multipart request.")] = 16,
     max_pixels: Annotated[
         float,
@@ -109,7 +117,7 @@ def serve(
         raise DToPError(f"--max-pixels must be a positive, finite number of megapixels, got {max_pixels}")
     limits = Limits(
         max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=int(max_pixels * 1e6), max_k=max_k,
-        max_queue=max_queue, request_timeout_s=request_timeout, max_uploads=max_uploads,
+        max_queue=max_queue, request_timeout_s=request_timeout, max_uploads=max_uploads, decode_threads=decode_threads,
     )  # fmt: skip
     opts = ServeOptions(
         model=model, index=index, host=host, port=port, address=address,

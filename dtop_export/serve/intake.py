@@ -31,7 +31,9 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads the answer
 
 
 def decode_threads() -> int:
-    """Images the ingress decodes at once: its process's CPUs, at most :data:`MAX_DECODE_THREADS`."""
+    """Images the ingress decodes at once by default (``--decode-threads 0``): its process's CPUs, at most
+    :data:`MAX_DECODE_THREADS`, which feeds CPU replicas; GPU replicas may embed faster than 4 threads decode:
+    raise ``--decode-threads`` there (each thread may hold one decode budget of memory)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -69,7 +71,7 @@ class Intake:
     ) -> None:
         self.limits, self.preprocess, self.image_size, self.scales = limits, preprocess, image_size, scales
         self.uploads = Admission(limits.max_uploads, what="receiving {n} uploads already (--max-uploads)")
-        self.threads = threads or decode_threads()
+        self.threads = threads or limits.decode_threads or decode_threads()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dtop-decode")
 
     async def receive(self, read: Callable[[], Awaitable[T]], deadline: float) -> T:

@@ -57,6 +57,7 @@ class Limits:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     max_uploads: int = 64
+    decode_threads: int = 0  # images the ingress decodes at once; 0: its CPUs, at most 4 (serve.intake.decode_threads)
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,10 +68,12 @@ class Limits:
             "--max-queue": self.max_queue >= 0,
             "--request-timeout": math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0,
             "--max-uploads": self.max_uploads >= 1,
+            "--decode-threads": self.decode_threads >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise DToPError(f"{', '.join(bad)} must be positive, finite numbers (--max-queue may be 0): got {self}")
+            zero = "--max-queue and --decode-threads may be 0"
+            raise DToPError(f"{', '.join(bad)} must be positive, finite numbers ({zero}): got {self}")
 
     @property
     def max_upload_bytes(self) -> int:
