@@ -253,3 +253,27 @@ def test_force_clears_the_old_skipped_list_and_a_resume_purges_tensorboard(
     logs.open(resumed=True, step=5)
     logs.open(resumed=False, step=0)
     assert opened == [{"purge_step": 6}, {"purge_step": None}]
+
+
+def test_a_resumed_run_of_the_old_0_based_log_csv_counts_every_row_from_1(tmp_path: Path) -> None:
+    """A review: --resume of a run written before log.csv's epochs became 1-based kept its 0-based rows and appended
+    1-based ones, two conventions in one file. The rows kept are renumbered once; a 1-based log is left as it was."""
+    from dtop_export.training.run_logs import STEP_HEADER, RunLogs
+
+    def rows(folder: Path) -> list[tuple[str, str]]:
+        return [(r["epoch"], r["step"]) for r in csv.DictReader((folder / "log.csv").open())]
+
+    for epochs, want in (
+        ("0011", [("1", "1"), ("1", "2"), ("2", "3")]),
+        ("1122", [("1", "1"), ("1", "2"), ("2", "3")]),
+    ):
+        run = tmp_path / epochs
+        run.mkdir()
+        (run / "log.csv").write_text(
+            STEP_HEADER + "".join(f"{e},{s},1.0,0.001,5.0,1.0\n" for s, e in enumerate(epochs, 1))
+        )
+        logs = RunLogs(run)
+        logs.open(resumed=True, step=3)
+        logs.step(2, 4, 1.0, 0.001, 5.0, 1.0)
+        logs.close()
+        assert rows(run) == [*want, ("2", "4")]

@@ -34,6 +34,8 @@ class RunLogs:
                 if p.is_file():  # drop rows written after the state we resume from
                     rows = list(csv.reader(p.read_text().splitlines()))
                     keep = [rows[0]] + [r for r in rows[1:] if r and int(float(r[1])) <= step]
+                    if p == self.steps_csv and any(r[0] == "0" for r in keep[1:]):  # 0-based: written before 1-based
+                        keep[1:] = [[str(int(r[0]) + 1), *r[1:]] for r in keep[1:]]  # epochs, the rows now appended
                     atomic_write_text(p, "".join(",".join(r) + "\n" for r in keep))
         if not self.steps_csv.is_file():
             atomic_write_text(self.steps_csv, STEP_HEADER)
