@@ -45,8 +45,9 @@ def demo(
 ) -> None:
     """Run the whole toolkit on the embedded data: train, whiten, export, parity, evaluate, picture.
 
-    About 7 minutes on 2 CPU cores with the small preset; re-runs reuse what is already built (--force
-    rebuilds). Exit code 1 when an artefact fails its parity contract.
+    About 7 minutes on 2 idle CPU cores with the small preset (longer while other work shares them); re-runs reuse
+    what is already built and continue an interrupted training (--force rebuilds). Exit code 1 when an artefact
+    fails its parity contract.
     """
     from dtop_export.pipeline.demo import DemoSettings, run_demo
 

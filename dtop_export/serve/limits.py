@@ -205,7 +205,7 @@ def check_header(name: str, data: bytes, limits: Limits) -> None:
     except Image.DecompressionBombError as e:  # over twice Pillow's own limit
         raise RequestError(413, f"image {name} is a decompression bomb ({e}): downscale it before sending") from e
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise RequestError(400, f"{name} is not an image: {NOT_AN_IMAGE} ({type(e).__name__})") from e
+        raise RequestError(400, f"{name} is not an image: {NOT_AN_IMAGE}") from e
 
 
 def decode(
