@@ -274,17 +274,84 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "whiten", "embed", "index", "evaluate", "parity", "quantize", "bench", "check", "demo"]
-)
+    "command",
+    [
+        "train", "whiten", "embed", "index", "evaluate", "parity", "quantize", "bench", "check", "demo",
+        # spinners: executorch, onnx, trt, openvino, optimize and cpp's refused --no-progress (a README walkthrough)
+        "executorch", "onnx", "trt", "openvino", "optimize", "cpp build", "cpp parity",
+    ],
+)  # fmt: skip
 def test_commands_with_progress_bars_take_no_progress(command: str) -> None:
-    """Every command that draws a progress bar can be told not to (`--no-progress`), for logs and scripts."""
+    """Every command that draws a progress bar or a spinner can be told not to (`--no-progress`), for logs and
+    scripts, and takes `--progress` too (train and whiten took only --no-progress)."""
     import typer
 
     from dtop_export.cli import app
 
-    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    cmd = typer.main.get_command(app)
+    for name in command.split():
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
     flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
-    assert "--no-progress" in flags, f"{command} has no --no-progress"
+    assert {"--progress", "--no-progress"} <= flags, f"{command} has no --progress/--no-progress"
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [([], "false"), (["--progress"], "true"), (["--no-progress"], "false")],
+)
+def test_train_progress_option_overrides_the_config_only_when_given(args: list[str], shown: str, capsys) -> None:  # noqa: ANN001
+    """train's --progress (new) turns the bar on over a config's progress: false; left out, the config decides."""
+    from cli_helpers import cli
+
+    assert cli("train", "--print-config", "-s", "progress=false", *args) == 0
+    assert f"\nprogress: {shown}\n" in capsys.readouterr().out
+
+
+def test_commands_draw_spinners_only_through_the_progress_option() -> None:
+    """A spinner drawn with rich's console.status directly cannot be turned off: the commands use common.spinner,
+    which --no-progress silences."""
+    import dtop_export.cli as cli_package
+
+    folder = Path(cli_package.__file__).parent
+    direct = [p.name for p in sorted(folder.glob("*.py")) if p.name != "common.py" and ".status(" in p.read_text()]
+    assert direct == []
+
+
+def test_no_progress_draws_no_spinner(small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`onnx --no-progress` draws no spinner (the export itself stubbed: the wiring is tested); `spinner` and the
+    demo's reporter draw nothing on a terminal when told not to."""
+    import io
+    from types import SimpleNamespace
+
+    from cli_helpers import cli
+    from rich.console import Console
+
+    import dtop_export.export as export_module
+    from dtop_export.cli.common import rich_reporter, spinner
+
+    def fake_export(checkpoint: Path, output: Path, on_stage: object = None, **kwargs: object) -> SimpleNamespace:
+        output.write_bytes(b"onnx")
+        meta = {"dtop.whitening": '{"applied": false}', "dtop.descriptor_dim": "256"}
+        return SimpleNamespace(opset=18, nodes=1, metadata=meta, seconds=0.0, stage_seconds={})
+
+    drawn: list[str] = []
+    real_status = Console.status
+    monkeypatch.setattr(export_module, "export_onnx", fake_export)
+    monkeypatch.setattr(Console, "status", lambda self, text, **kw: drawn.append(text) or real_status(self, text))
+    assert cli("onnx", str(small_ckpt), "-o", str(tmp_path / "a.onnx"), "--no-progress") == 0
+    assert drawn == []
+    assert cli("onnx", str(small_ckpt), "-o", str(tmp_path / "b.onnx"), "--progress") == 0
+    assert drawn == ["exporting"]  # the patch sees a spinner that is drawn
+    monkeypatch.setattr(Console, "status", real_status)
+
+    for enabled in (False, True):
+        out = io.StringIO()
+        con = Console(file=out, force_terminal=True)
+        with spinner(con, "working", enabled) as status:
+            status.update("still working")
+        with rich_reporter(con, enabled).status("working") as update:
+            update("still working")
+        assert bool(out.getvalue()) is enabled
 
 
 def test_bench_engine_error_leaves_stdout_empty(tmp_path: Path) -> None:

@@ -11,10 +11,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dtop_export.pipeline.stages import Reporter
 from dtop_export.retrieval.visualize import COLOURS
 
 EXE = [sys.executable, "-m", "dtop_export"]
 TINY = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--no-progress"]
+
+
+class Notes(Reporter):
+    """A reporter that keeps the stage headers and notes the demo prints; ``stop_at``: raise Stop at that stage."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stages: list[str] = []
+        self.notes: list[str] = []
+        self.stop_at = stop_at
+
+    def stage(self, number: int, title: str) -> None:
+        self.stages.append(f"[{number}] {title}")
+        if number == self.stop_at:
+            raise Stop
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+class Stop(Exception):
+    pass
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess:
@@ -164,6 +186,23 @@ def test_demo_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
     assert not (tmp_path / "w").exists()
 
 
+def test_the_training_stage_says_that_a_checkpoint_replaces_it(small_ckpt: Path, tmp_path: Path) -> None:
+    """`demo --checkpoint X.pt` headed its stage 2 `train on the embedded training set`, and trained nothing (a README
+    walkthrough): the header says training is skipped (stopped at that header: the stage itself is
+    test_demo_rebuilds_from_a_given_checkpoint's)."""
+    from dtop_export.pipeline.demo import DemoSettings, run_demo
+
+    said = Notes(stop_at=2)
+    with pytest.raises(Stop):
+        run_demo(DemoSettings(workdir=tmp_path / "w", checkpoint=small_ckpt, progress=False), said)
+    assert said.stages[1] == f"[2] training skipped: --checkpoint {small_ckpt}"
+    # a re-run's line when it continues a training: the epoch it goes on with, 1-based, and the state's step
+    from dtop_export.pipeline.demo import continuing_line
+
+    assert continuing_line(5, 67, 15) == "continuing the interrupted training: epoch 6/15, step 67"
+    assert continuing_line(15, 300, 15) == "continuing the interrupted training: epoch 15/15, step 300"
+
+
 def test_demo_workdir_that_is_a_file(tmp_path: Path) -> None:
     f = tmp_path / "file"
     f.write_text("x")
@@ -178,9 +217,6 @@ def test_demo_continues_an_interrupted_training(tmp_path: Path, monkeypatch: pyt
     line says to run the demo again, which continues the interrupted training (a README audit)."""
     from dtop_export.pipeline.demo import DemoSettings, run_demo
     from dtop_export.training import loop
-
-    class Stop(Exception):
-        pass
 
     resumed: list[object] = []
     init = loop.Trainer.__init__
@@ -215,12 +251,15 @@ def test_demo_continues_an_interrupted_training(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr("dtop_export.training.whitening.whiten_checkpoint", stop)
     settings = DemoSettings(workdir=tmp_path / "w", epochs=2, steps_per_epoch=2, batch_size=4, progress=False)
     with pytest.raises(KeyboardInterrupt) as interrupted:
-        run_demo(settings)
+        run_demo(settings, Notes())
     said = str(interrupted.value)  # the CLI's 'interrupted: ...' line
     assert "state saved at step" in said and "run the same `dtop-export demo` again to continue" in said
     assert "--resume" not in said
+    again = Notes()
     with pytest.raises(Stop):
-        run_demo(settings)
+        run_demo(settings, again)
+    # the re-run says that it continues (it said nothing): interrupted at step 3, in the second epoch
+    assert "continuing the interrupted training: epoch 2/2, step 3" in again.notes
     train = tmp_path / "w" / "train"
     assert resumed == [None, train] and (train / "final.pt").is_file()
     steps = [int(row.split(",")[1]) for row in (train / "log.csv").read_text().splitlines()[1:]]

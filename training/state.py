@@ -73,17 +73,20 @@ def clear_run(folder: str | Path) -> None:
             p.unlink()
 
 
-def interrupted_run(folder: str | Path, config: dict[str, Any], may_change: set[str]) -> bool:
-    """Whether ``folder`` holds the ``train_state.pt`` of a run of ``config`` (the keys in ``may_change`` aside), which
-    a caller that retrains the same thing (the demo) continues instead of starting over; unreadable: no."""
+def interrupted_run(folder: str | Path, config: dict[str, Any], may_change: set[str]) -> tuple[int, int] | None:
+    """The (0-based epoch, step) at which ``folder``'s ``train_state.pt`` was saved when it is the state of a run of
+    ``config`` (the keys in ``may_change`` aside), which a caller that retrains the same thing (the demo) continues
+    instead of starting over; None when there is none (or it is unreadable, or of another config)."""
     state_file = Path(folder) / "train_state.pt"
     if not state_file.is_file():
-        return False
+        return None
     try:
-        state = read_state(state_file)
+        state = read_state(state_file, mmap=True)
     except DToPError:
-        return False
-    return not [k for k in config_changes(state["config"], config) if k not in may_change]
+        return None
+    if [k for k in config_changes(state["config"], config) if k not in may_change]:
+        return None
+    return int(state["epoch"]), int(state["step"])
 
 
 def dist_info() -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from dtop_export.cli.common import (
     output_option,
     progress_bar,
     refuse_existing,
+    spinner,
 )
 from dtop_export.errors import DToPError
 
@@ -104,7 +105,7 @@ def bench(
     check_image_size(max(size_list), batch=max(batch_list), option="--sizes", batch_option="--batch")
     refuse_existing(json_out, plot, markdown, force=force)
     if recommend:
-        _recommend(models, max(size_list), threads, runs, workdir, json_out)
+        _recommend(models, max(size_list), threads, runs, workdir, json_out, progress)
         return
     if precision not in (None, "auto"):
         raise DToPError(f"bench --precision takes only 'auto' (got {precision!r}); other precisions go after a colon, "
@@ -123,7 +124,7 @@ def bench(
                 calib_paths, source = list_images(calib), str(calib)
             wd = workdir or Path(tempfile.mkdtemp(prefix="dtop-bench-"))
             kinds = [k.strip() for k in derive.split(",") if k.strip()]
-            with con.status("building") as status:
+            with spinner(con, "building", progress) as status:
                 specs += derive_specs(
                     ckpt,
                     kinds,
@@ -194,7 +195,13 @@ def auto_specs(specs: list[EngineSpec], add: bool) -> list[EngineSpec]:
 
 
 def _recommend(
-    models: list[str], size: int, threads: int | None, runs: int, workdir: Path | None, json_out: Path | None
+    models: list[str],
+    size: int,
+    threads: int | None,
+    runs: int,
+    workdir: Path | None,
+    json_out: Path | None,
+    progress: bool,
 ) -> None:
     from rich.table import Table
 
@@ -209,7 +216,7 @@ def _recommend(
     if not ckpt.is_file():
         raise DToPError(f"checkpoint {ckpt} not found")
     con = console()
-    with quiet_ort_logs(), con.status("building") as status:
+    with quiet_ort_logs(), spinner(con, "building", progress) as status:
         rec, stored = rec_mod.recommend(ckpt, size, threads, runs, workdir, on_stage=lambda s: status.update(s))
     table = Table(title=f"{ckpt.name} on {rec.cpu} ({', '.join(rec.features) or 'features unknown'}), "
                   f"{rec.threads} threads, {size}², batch 1")  # fmt: skip

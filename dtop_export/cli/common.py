@@ -77,6 +77,24 @@ def progress_bar(con: Console | None = None, transient: bool = False, enabled: b
     )
 
 
+class _NoSpinner:
+    """What :func:`spinner` yields under ``--no-progress``: its text updates go nowhere."""
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def spinner(con: Console, text: str, enabled: bool = True) -> Iterator[Any]:
+    """``con.status(text)``: a spinner for a step without a progress bar, whose ``update`` changes its text; nothing
+    is drawn unless ``enabled`` (``--no-progress``)."""
+    if not enabled:
+        yield _NoSpinner()
+        return
+    with con.status(text) as status:
+        yield status
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """``payload`` as indented JSON, written atomically."""
     from dtop_export.atomic import atomic_write_text
@@ -204,8 +222,8 @@ def open_engine(model: Path | str, precision: str | None = None, **options: Any)
     return load_engine(path, **{**written, **options})
 
 
-def rich_reporter(con: Console) -> Reporter:
-    """A :class:`~dtop_export.pipeline.stages.Reporter` that draws a rule per stage and spinners."""
+def rich_reporter(con: Console, progress: bool = True) -> Reporter:
+    """A :class:`~dtop_export.pipeline.stages.Reporter` that draws a rule per stage and spinners (``progress``)."""
     from dtop_export.pipeline.stages import Reporter
 
     class RichReporter(Reporter):
@@ -217,7 +235,7 @@ def rich_reporter(con: Console) -> Reporter:
 
         @contextlib.contextmanager
         def status(self, text: str) -> Iterator[Callable[[str], None]]:
-            with con.status(text) as status:
+            with spinner(con, text, progress) as status:
                 yield lambda update: status.update(update)
 
     return RichReporter()

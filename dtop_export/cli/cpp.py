@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import ForceOpt, app, at_least, console, output_option, refuse_existing
+from dtop_export.cli.common import ForceOpt, ProgressOpt, app, at_least, console, output_option, refuse_existing
 
 cpp_app = typer.Typer(help="The C++ client: build dtop-embed and the dtop::Embedder library.", no_args_is_help=True)
 app.add_typer(cpp_app, name="cpp")
@@ -30,6 +30,7 @@ def cpp_build(
     werror: Annotated[
         bool, typer.Option("--werror", help="Compiler warnings are errors (the project's tests build so).")
     ] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     r"""Configure and build the C++ client with the installed openvino wheel's SDK (and the executorch wheel's, for
     .pte programs, when the \[edge] extra is installed); prints the binary's path.
@@ -37,6 +38,7 @@ def cpp_build(
     Needs CMake >= 3.16, a C++17 compiler and the libjpeg/zlib/OpenSSL development files (apt install cmake g++
     libjpeg-dev zlib1g-dev libssl-dev). Run again after an upgrade: the build is incremental.
     """
+    from dtop_export.cli.common import spinner
     from dtop_export.cpp import build
 
     con = console()
@@ -44,7 +46,7 @@ def cpp_build(
         result = build(build_dir, jobs, "Debug" if debug_build else "Release", prefix, werror=werror)
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
-    with con.status("building the C++ client") as status:
+    with spinner(con, "building the C++ client", progress) as status:
         result = build(
             build_dir,
             jobs,
@@ -91,6 +93,7 @@ def cpp_parity(
     ] = None,
     json_out: Annotated[Path | None, output_option("--json", help="Also write the report as JSON.")] = None,
     force: ForceOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """C++ client vs Python on the same model and files: descriptor cosine (>= 0.9999) and model-input
     difference (0 levels) per image, and the same skipped files. Exits 1 when the client breaks the contract."""
@@ -98,7 +101,7 @@ def cpp_parity(
 
     from rich.table import Table
 
-    from dtop_export.cli.common import write_json
+    from dtop_export.cli.common import spinner, write_json
     from dtop_export.cpp import EMBED_TOOL, default_build_dir
     from dtop_export.cpp_parity import MAX_LEVELS, MIN_COSINE, check_binary, compare, write_format_zoo
     from dtop_export.errors import DToPError
@@ -118,7 +121,7 @@ def cpp_parity(
         paths = expand_images(images) if images else sorted(write_format_zoo(tmp).values())
         if not paths:
             raise DToPError("no images given")
-        with con.status(f"embedding {len(paths)} images with {exe.name} and Python"):
+        with spinner(con, f"embedding {len(paths)} images with {exe.name} and Python", progress):
             report = compare(exe, model, paths, image_size, sc, batch_size, threads)
     table = Table(title=f"C++ client vs Python: {model.name}, {image_size}px, scales {list(sc)}")
     for col in ("image", "cosine", "input max-abs", "levels"):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, rich_reporter
+from dtop_export.cli.common import ProgressOpt, app, console, rich_reporter
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -41,7 +41,7 @@ def demo(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Rebuild every stage, even if its files exist.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Run the whole toolkit on the embedded data: train, whiten, export, parity, evaluate, picture.
 
@@ -64,7 +64,7 @@ def demo(
         progress=progress,
     )
     con = console()
-    result = run_demo(settings, rich_reporter(con))
+    result = run_demo(settings, rich_reporter(con, progress))
     _summary(con, result)
     if not result.passed:
         for line in result.failures():

@@ -10,11 +10,13 @@ import typer
 from dtop_export.cli.common import (
     ForceOpt,
     JsonOpt,
+    ProgressOpt,
     app,
     console,
     output_option,
     parse_int_list,
     refuse_existing,
+    spinner,
     write_json,
 )
 from dtop_export.errors import DToPError
@@ -74,6 +76,7 @@ def executorch(
     no_whiten: Annotated[bool, typer.Option("--no-whiten", help="Leave the checkpoint's whitening out.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = None,
+    progress: ProgressOpt = True,
 ) -> None:
     r"""Compile a checkpoint to ExecuTorch programs for phones, ARM boards and embedded Linux: one .pte per square
     size, the position embedding resampled once for it, whitening and L2 norms folded in, every operator delegated to
@@ -128,7 +131,7 @@ def executorch(
     with atomic_paths(outputs) as staged:  # all or nothing: a size that fails leaves no program of any size
         for s, out, tmp in zip(sizes, outputs, staged):
             tensors = []
-            with con.status(f"{out.name}: preparing") as status:
+            with spinner(con, f"{out.name}: preparing", progress) as status:
                 if int8:
                     from dtop_export.quantize import calibration_tensors
 

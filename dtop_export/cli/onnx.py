@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from dtop_export.atomic import output_folder
-from dtop_export.cli.common import app, console, output_option, output_path, refuse_existing
+from dtop_export.cli.common import ProgressOpt, app, console, output_option, output_path, refuse_existing, spinner
 
 
 @app.command()
@@ -33,6 +33,7 @@ def onnx(
         ),
     ] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Export a checkpoint to one self-contained ONNX file: dynamic batch/height/width, DPE in-graph,
     batchnorm and whitening folded, metadata for deployers."""
@@ -57,7 +58,7 @@ def onnx(
         if fp16:  # the float32 export goes to a hidden folder beside it: only the FP16 file is put in place, once
             hidden = stack.enter_context(tempfile.TemporaryDirectory(dir=output_folder(output), prefix="."))
             exported = Path(hidden) / "float32.onnx"
-        with con.status("exporting") as status:
+        with spinner(con, "exporting", progress) as status:
             result = export_onnx(
                 checkpoint,
                 exported,
@@ -70,7 +71,7 @@ def onnx(
         if fp16:
             from dtop_export.fp16.convert import convert_file, fp32_nodes_of
 
-            with con.status("converting to FP16"):
+            with spinner(con, "converting to FP16", progress):
                 fp16_model = convert_file(exported, output)
     _report(con, result, output, static, static_hw, batch)
     if fp16:

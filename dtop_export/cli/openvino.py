@@ -13,6 +13,7 @@ from dtop_export.cli.common import (
     CalibSizesOpt,
     ForceOpt,
     KeepFloatOpt,
+    ProgressOpt,
     app,
     console,
     new_output,
@@ -20,6 +21,7 @@ from dtop_export.cli.common import (
     output_option,
     parse_int_list,
     refuse_existing,
+    spinner,
 )
 
 
@@ -57,6 +59,7 @@ def openvino(
         ),
     ] = None,
     force: ForceOpt = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Convert to an OpenVINO IR (.xml + .bin) that keeps the deployment metadata and dynamic
     batch/height/width; --int8 quantises it, calibrated on real images through the one preprocessing path
@@ -80,7 +83,7 @@ def openvino(
             raise DToPError(f"openvino --precision takes only 'auto' (got {precision!r}); INT8 is --int8")
         if int8:
             raise DToPError("--precision auto chooses fp32, bf16 or INT8 from the measurement: drop --int8")
-        _auto_ir(model, output, force)
+        _auto_ir(model, output, force, progress)
         return
     if int8 and recipe == "nncf":
         require_nncf()  # after the options' own refusals; before the input, the output and the calibration
@@ -99,7 +102,7 @@ def openvino(
     roles = [r.strip() for r in keep_float.split(",") if r.strip()]
     tensors, source, check_inputs = [], "", None
     con = console()
-    with con.status("converting") as status:
+    with spinner(con, "converting", progress) as status:
         if int8:
             paths, source = (list_images(calib), str(calib)) if calib is not None else default_calibration_images()
             status.update(f"preparing {calib_count} calibration images at {sizes}")
@@ -124,7 +127,7 @@ def openvino(
     )
 
 
-def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
+def _auto_ir(checkpoint: Path, output: Path | None, force: bool, progress: bool) -> None:
     """``openvino CKPT.pt --precision auto``: the IR of the OpenVINO candidate ``bench --recommend`` chose."""
     from dtop_export.bench.recommend import recommended
     from dtop_export.contract import read_metadata
@@ -137,7 +140,7 @@ def _auto_ir(checkpoint: Path, output: Path | None, force: bool) -> None:
     output = new_output(checkpoint, output, ".int8.xml" if int8 else ".xml", force)
     refuse_existing(output.with_suffix(".bin"), force=force)
     con = console()
-    with con.status(f"converting {source.name}") as status:
+    with spinner(con, f"converting {source.name}", progress) as status:
         r = write_ir(source, output, inference_precision=hint, on_step=lambda text: status.update(text))
     con.print(
         f"wrote {r.path} + {r.path.with_suffix('.bin').name} ({r.size_bytes / 2**20:.1f} MiB, {r.precision}) from "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import app, console, new_output, onnx_input, output_option, parse_int_list
+from dtop_export.cli.common import ProgressOpt, app, console, new_output, onnx_input, output_option, parse_int_list
 
 
 @app.command()
@@ -25,9 +25,11 @@ def optimize(
         str, typer.Option("--check", help="Sizes at which to verify against MODEL ('' to skip).")
     ] = "256,384",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Rewrite an exported model for ONNX Runtime on CPU: DPE resize as matmuls, fused MultiHeadAttention,
     ORT's transformer fusions. Verified against the input; the result runs in ONNX Runtime only."""
+    from dtop_export.cli.common import spinner
     from dtop_export.logs import quiet_ort_logs
     from dtop_export.optimize import check_optimizable, optimize_onnx
 
@@ -35,7 +37,7 @@ def optimize(
     output = new_output(model, output, ".opt.onnx", force)
     sizes = tuple(parse_int_list(check, "--check")) if check.strip() else ()
     con = console()
-    with quiet_ort_logs(), con.status("optimising"):
+    with quiet_ort_logs(), spinner(con, "optimising", progress):
         r = optimize_onnx(
             model,
             output,

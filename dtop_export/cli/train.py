@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import above, app, at_least
+from dtop_export.cli.common import ProgressOpt, above, app, at_least
 from dtop_export.errors import DToPError
 
 _SHORTCUTS = {
@@ -37,6 +37,7 @@ def setup_logging() -> None:
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def train(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML config (sections as in training/config.py).")
     ] = None,
@@ -80,7 +81,7 @@ def train(
         ),
     ] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config and exit.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs only).")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train DToP (group-size batches, ArcFace or contrastive); checkpoints + state in the run folder.
 
@@ -106,8 +107,9 @@ def train(
     if resume is not None and out is None and not any(s.split("=", 1)[0].strip() == "out_dir" for s in sets):
         # the run continues in its own folder, not in --config's out_dir (or the default runs/train)
         sets.append(f"out_dir={resume if resume.is_dir() else resume.parent}")
-    if no_progress:
-        sets.append("progress=false")
+    source = ctx.get_parameter_source("progress")  # left out: the config's (default: on)
+    if source is not None and source.name != "DEFAULT":
+        sets.append(f"progress={str(progress).lower()}")
     setup_logging()
     from dtop_export.training.config import TrainConfig, dump_config, load_config
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import KeepFp32Opt, app, console, output_option, parse_keep_fp32, refuse_existing
+from dtop_export.cli.common import KeepFp32Opt, ProgressOpt, app, console, output_option, refuse_existing
 from dtop_export.errors import DToPError
 
 _SHAPE_HELP = "Profile {} shape BxCxHxW (default {}); repeat --min/--opt/--max for several profiles."
@@ -77,11 +77,13 @@ def trt(
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Overwrite an existing engine (and the FP16 ONNX that --fp16 writes).")
     ] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     r"""Build a TensorRT engine (.plan + .plan.json sidecar) with dynamic-shape profiles: with TensorRT on this GPU
     (`pip install 'dtop-export\[cuda12]'`, or \[cuda13]), or with TensorRT-RTX (\[rtx-cuda12]) on this GPU or,
     with --target, for named GPU architectures without one. --print-trtexec works anywhere; --self-test checks a
     machine end to end (exit 0 pass, 1 fail, 2 nothing to test with, 3 built but not run: needs a GPU)."""
+    from dtop_export.cli.common import parse_keep_fp32, spinner
     from dtop_export.contract import read_metadata
     from dtop_export.engines.tensorrt.builder import build_engines
     from dtop_export.engines.tensorrt.install import BACKENDS
@@ -180,7 +182,8 @@ def trt(
         "device": device,
         "backend": backend,
     }
-    with con.status("building the TensorRT engine (minutes)") as status:  # each optimizer phase as it starts
+    # the spinner names each optimizer phase as it starts
+    with spinner(con, "building the TensorRT engine (minutes)", progress) as status:
         results = build_engines(model, outputs, targets=targets, on_build=status.update, **common)
     for r in results:
         p = r.info.precision

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dtop_export.cli.common import ForceOpt, app, at_least, output_option, refuse_existing
+from dtop_export.cli.common import ForceOpt, ProgressOpt, app, at_least, output_option, refuse_existing
 from dtop_export.cli.train import setup_logging
 from dtop_export.errors import DToPError
 
@@ -41,7 +41,7 @@ def whiten(
     ] = "auto",
     output: Annotated[Path | None, output_option("-o", "--output", help="Write here instead of in place.")] = None,
     force: ForceOpt = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    progress: ProgressOpt = True,
 ) -> None:
     """Learn whitening (supervised Lw from pairs, or PCA from images) and store it in the checkpoint."""
     try:
@@ -72,7 +72,7 @@ def whiten(
         dim=dim,
         size=size,
         scales=scale_list,
-        progress=not no_progress,
+        progress=progress,
         shrinkage=shrink,
     )
     what = f"{wh.info.get('pairs')} pairs, " if wh.kind == "lw" else ""

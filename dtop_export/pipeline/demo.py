@@ -183,7 +183,7 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             load_checkpoint(s.checkpoint)  # fails early with a clear message on a bad file
             _copy(s.checkpoint, trained)
             st.status = "skipped"
-            st.note = f"training skipped: starting from {s.checkpoint}"
+            st.note = f"starting from {s.checkpoint} (copied to {trained})"
             st.facts = {"source": str(s.checkpoint)}
             return
         from dtop_export.training.config import SAMPLE_CONFIG, load_config
@@ -205,10 +205,12 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             sets.append(f"max_steps_per_epoch={s.steps_per_epoch}")
         cfg = load_config(SAMPLE_CONFIG, sets)
         # an interrupted training of these settings continues; any other run there goes first (its logs got appended to)
-        resume = not s.force and interrupted_run(train_dir, cfg.to_dict(), {"progress", "out_dir", "threads"})
-        if not resume:
+        saved = None if s.force else interrupted_run(train_dir, cfg.to_dict(), {"progress", "out_dir", "threads"})
+        if saved is None:
             clear_run(train_dir)
-        trainer = Trainer(cfg, resume=train_dir if resume else None)
+        else:
+            say.note(continuing_line(*saved, cfg.epochs))
+        trainer = Trainer(cfg, resume=train_dir if saved is not None else None)
         trainer.continue_hint = "run the same `dtop-export demo` again to continue (--force starts over)"
         result = trainer.run()
         if result.final is None:
@@ -227,9 +229,7 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
             f"{format_map(prov.get('initial_metrics'))} -> {format_map(prov.get('metrics'))}"
         )
 
-    run.stage(
-        "train", "train on the embedded training set", [trained], build_train, train_key, _loads_checkpoint(trained)
-    )
+    run.stage("train", train_title(s.checkpoint), [trained], build_train, train_key, _loads_checkpoint(trained))
 
     # 3. whiten ------------------------------------------------------------------------------------------
     def build_whiten(st: Stage) -> None:
@@ -390,6 +390,19 @@ def run_demo(settings: DemoSettings, reporter: Reporter | None = None) -> DemoRe
     run.summary["seconds"] = round(result.seconds, 1)
     run.save()
     return result
+
+
+def train_title(checkpoint: Path | None) -> str:
+    """The training stage's header: what it does, or that ``--checkpoint`` replaces it."""
+    if checkpoint is None:
+        return "train on the embedded training set"
+    return f"training skipped: --checkpoint {checkpoint}"
+
+
+def continuing_line(epoch: int, step: int, epochs: int) -> str:
+    """What a re-run says when it continues an interrupted training: the 1-based epoch it goes on with (``epoch``: the
+    0-based one the state was saved in, or the next after a finished one) and the step the state was saved at."""
+    return f"continuing the interrupted training: epoch {min(epoch + 1, epochs)}/{epochs}, step {step}"
 
 
 def _loads_checkpoint(path: Path) -> Callable[[], bool]:
