@@ -397,8 +397,10 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=2000, help="per point")
     ap.add_argument("--photos", type=int, default=24)
     ap.add_argument("--kill-seconds", type=float, default=30.0)
+    ap.add_argument("--decode-threads", type=int, default=0, help="the service's --decode-threads (0: its default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    from dtop_export.bench.harness import machine_info
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     photos = write_photos(work / "photos", args.photos, aspects=[(4, 3)])
@@ -407,9 +409,10 @@ def main() -> None:
     serve_args = [args.model, "--image-size", str(args.image_size), "--threads", str(args.threads),
                   "--replicas", str(args.replicas), "--max-batch-size", str(args.max_batch_size),
                   "--batch-wait-ms", str(args.batch_wait_ms), "--max-queue", str(args.max_queue),
-                  "--request-timeout", "60"] + (["--precision", args.precision] if args.precision else [])  # fmt: skip
+                  "--request-timeout", "60", "--decode-threads", str(args.decode_threads)] + (
+                     ["--precision", args.precision] if args.precision else [])  # fmt: skip
     report: dict[str, Any] = {
-        "cpu": "AMD EPYC (Zen 4), AVX-512 + BF16 + VNNI, no AMX; 2 cores shared with other developers' jobs",
+        "machine": machine_info(),  # the CPU and its features (the figures of results/cpu-epyc/ came from an EPYC)
         "command": " ".join(["dtop-export", "serve", *serve_args, "--port", str(port)]),
         "benchmark": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
         "photos": f"{len(photos)} JPEG q90, 4:3, 1024 px longer side (one input shape at --image-size)",

@@ -427,7 +427,7 @@ def test_images_decode_on_a_bounded_pool_within_the_services_decode_budget(monke
         return [np.zeros((3, 32, 32), np.float32)]
 
     monkeypatch.setattr(intake, "decode", counting_decode)
-    monkeypatch.setattr(intake, "decode_threads", lambda: 2)
+    monkeypatch.setattr(intake, "DECODE_THREADS", 2)
     app = app_without_cluster(Echo(), capacity=4)
     body, kind = multipart([(f"p{i}.png", png(32, 32)) for i in range(3)])
 
@@ -441,6 +441,8 @@ def test_images_decode_on_a_bounded_pool_within_the_services_decode_budget(monke
     # GPU replicas may embed faster than 4 threads decode (a review): --decode-threads sets the pool's size
     assert intake.Intake(Limits(decode_threads=6), app.preprocess, 64, (1.0,)).threads == 6
     assert intake.Intake(Limits(), app.preprocess, 64, (1.0,)).threads == 2  # 0: the default
+    monkeypatch.undo()
+    assert intake.Intake(Limits(), app.preprocess, 64, (1.0,)).threads == 4  # whatever the CPUs (2 here: 2 was slower)
     budget = decode_budget(Limits(max_pixels=40_000_000, max_upload_mb=20))
     assert budget.max_pixels == 40_000_000 and budget.max_decode_mb == -(-(12 * 40_000_000 + 20 * 2**20) // 2**20)
 

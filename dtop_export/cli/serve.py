@@ -75,7 +75,7 @@ def serve(
         int,
         typer.Option(
             "--decode-threads",
-            help="Images the ingress decodes at once (0: its CPUs, at most 4); raise it when GPU replicas wait for "
+            help="Images the ingress decodes at once (0: 4); raise it when GPU replicas wait for "
             "decoding. Each may hold one decode budget of memory (12 bytes a pixel of --max-pixels).",
         ),
     ] = 0,

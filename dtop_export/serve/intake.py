@@ -1,10 +1,11 @@
 """Taking a request's upload in, within bounds: the body is read before the request takes a place in the model's
 queue (a slow client holds an upload slot, ``--max-uploads``, never a model slot), within the request's deadline
 (``--request-timeout``, counted from the request's arrival: past it while uploading, a JSON 408), and decoded on a
-pool of a few threads (:func:`decode_threads`), each image within :func:`~dtop_export.serve.limits.decode_budget`.
+pool of a few threads (``--decode-threads``, :data:`DECODE_THREADS` by default), each image within
+:func:`~dtop_export.serve.limits.decode_budget`.
 
 What the ingress holds at most, then: (``--max-uploads`` + the model's capacity) request bodies of at most
-``--max-upload-mb`` each, and :func:`decode_threads` images decoding at once of at most the decode budget each
+``--max-upload-mb`` each, and ``--decode-threads`` images decoding at once of at most the decode budget each
 (12 bytes a pixel of ``--max-pixels``, plus the file). A client that goes away while uploading is counted as 499
 (client closed request), not as a server error. ray and starlette are imported inside the functions.
 """
@@ -12,7 +13,6 @@ What the ingress holds at most, then: (``--max-uploads`` + the model's capacity)
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,19 +26,12 @@ if TYPE_CHECKING:
     from dtop_export.preprocess import PreprocessConfig
 
 T = TypeVar("T")
-MAX_DECODE_THREADS = 4  # decoding faster than the model embeds buys nothing; each thread may hold a decode budget
+# Images the ingress decodes at once by default (``--decode-threads 0``), whatever its CPUs: on 2 cores, 2 threads
+# served 3-6% fewer images/s than 4 or 6 (benchmarks/results/cpu-amx/serve_decode_threads/: a decode waits
+# for its request's other work, so more threads than cores keep the cores busy), and 4 bound the memory to 4 decode
+# budgets. GPU replicas may embed faster than 4 threads decode: raise --decode-threads there.
+DECODE_THREADS = 4
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads the answer
-
-
-def decode_threads() -> int:
-    """Images the ingress decodes at once by default (``--decode-threads 0``): its process's CPUs, at most
-    :data:`MAX_DECODE_THREADS`, which feeds CPU replicas; GPU replicas may embed faster than 4 threads decode:
-    raise ``--decode-threads`` there (each thread may hold one decode budget of memory)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DECODE_THREADS, cpus))
 
 
 def left(deadline: float) -> float:
@@ -71,7 +64,7 @@ class Intake:
     ) -> None:
         self.limits, self.preprocess, self.image_size, self.scales = limits, preprocess, image_size, scales
         self.uploads = Admission(limits.max_uploads, what="receiving {n} uploads already (--max-uploads)")
-        self.threads = threads or limits.decode_threads or decode_threads()
+        self.threads = threads or limits.decode_threads or DECODE_THREADS
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dtop-decode")
 
     async def receive(self, read: Callable[[], Awaitable[T]], deadline: float) -> T:

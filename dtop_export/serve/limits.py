@@ -57,7 +57,7 @@ class Limits:
     max_queue: int = 64
     request_timeout_s: float = 30.0
     max_uploads: int = 64
-    decode_threads: int = 0  # images the ingress decodes at once; 0: its CPUs, at most 4 (serve.intake.decode_threads)
+    decode_threads: int = 0  # images the ingress decodes at once; 0: 4 (serve.intake.DECODE_THREADS)
 
     def __post_init__(self) -> None:
         checks = {
