@@ -36,7 +36,10 @@ def open_image(fp: object, formats: tuple[str, ...] = DECODE_FORMATS) -> Image.I
 
     from PIL import Image
 
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)  # no-op once present
+    # looked up first: filterwarnings itself, even a no-op, resets every "once per location" registry (each
+    # image would then show again the warnings a job shows once)
+    if ("ignore", None, Image.DecompressionBombWarning, None, 0) not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)
     return Image.open(fp, formats=formats)
 
 

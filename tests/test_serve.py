@@ -589,6 +589,17 @@ def test_decoding_leaves_the_warning_filters_alone_and_still_refuses_bombs(monke
     assert set(out) == set("abcd") and after == before
     assert not [w for w in heard if issubclass(w.category, Image.DecompressionBombWarning)]
 
+    def once() -> None:
+        warnings.warn("shown once from here", UserWarning, stacklevel=1)  # one place: this line
+
+    with warnings.catch_warnings(record=True) as heard:  # decodes between two warnings of a job shown once a place:
+        warnings.simplefilter("default")  # the first fix's filterwarnings call on each open reset that registry
+        decode("warm", png(32, 32), cfg, 64, (1.0,), limits)
+        for _ in range(3):
+            once()
+            decode("again", png(32, 32), cfg, 64, (1.0,), limits)
+    assert [str(w.message) for w in heard] == ["shown once from here"]
+
 
 def test_the_model_route_names_the_servers_files_without_their_folders() -> None:
     """GET /v1/model gave the model's file name at the top, and its full path on the server in engine.model."""
