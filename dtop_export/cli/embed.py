@@ -68,7 +68,7 @@ def _npy_output(param: typer.CallbackParam, value: Path) -> Path:
 # --ray; the in-process decode pool with --ray (Ray's read tasks decode); shard and pool options with -o X.npy
 RAY_ONLY = ("address", "actors", "gpus_per_actor", "cpus_per_actor")
 IN_PROCESS_ONLY = ("workers", "decode_pool")
-FOLDER_ONLY = ("shard_size", "workers", "decode_pool")
+FOLDER_ONLY = ("shard_size", "workers", "decode_pool", "retry_skipped")
 
 
 def _refuse_other_mode(ctx: typer.Context, npy: bool, use_ray: bool) -> None:
@@ -87,6 +87,15 @@ def _refuse_other_mode(ctx: typer.Context, npy: bool, use_ray: bool) -> None:
         raise DToPError(f"{flags[0]} is for folder output (Parquet shards): give -o a folder, or leave {flags[0]} out")
     if use_ray and (flags := given(IN_PROCESS_ONLY)):
         raise DToPError(f"{flags[0]} is for the in-process run (Ray's read tasks decode): leave it out with --ray")
+
+
+def _folder_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a folder job keeps in its folder: the manifest, the lock, a shard (any
+    ``shard-*`` name)."""
+    from dtop_export.corpus.lock import LOCK_NAME
+    from dtop_export.corpus.shards import MANIFEST
+
+    return name in (MANIFEST, LOCK_NAME) or name.startswith("shard-")
 
 
 @app.command()
@@ -214,8 +223,6 @@ def embed(
     budget = DecodeBudget(max_pixels, max_decode_mb, max_scans)
     npy = output.suffix.lower() == ".npy"
     _refuse_other_mode(ctx, npy, use_ray)
-    if retry_skipped and npy:
-        raise DToPError("--retry-skipped is for folder output (Parquet shards): give -o a folder (e.g. -o embeddings/)")
     if npy:
         if use_ray or gpu_decode:
             flag = "--ray" if use_ray else "--gpu-decode"
@@ -230,11 +237,7 @@ def embed(
     # so that the same command line resumes an interrupted job
     if len(images) != 1:
         raise DToPError(f"folder output embeds one SOURCE (a folder, list or table), got {len(images)}")
-    if (
-        json_out is not None
-        and json_out.resolve().parent == output.resolve()
-        and (json_out.name in ("manifest.json", ".dtop-export.lock") or json_out.name.startswith("shard-"))
-    ):
+    if json_out is not None and json_out.resolve().parent == output.resolve() and _folder_file(json_out.name):
         raise DToPError(f"--json {json_out} is one of the folder's own files: give the run summary another file name")
     from dtop_export.corpus.embed import CorpusJob
 

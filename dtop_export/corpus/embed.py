@@ -378,7 +378,7 @@ def _run_job(
         else:
             from dtop_export.corpus.feed import run_local
 
-            stats = run_local(job, assembler, advance, feed, startup, engine)
+            stats = run_local(job, engine, assembler, advance, feed, startup)
     end = time.perf_counter()
     if not assembler.complete:
         raise DToPError(f"{len(assembler.work)} image(s) were never returned by the pipeline: re-run the command")

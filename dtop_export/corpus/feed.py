@@ -355,16 +355,15 @@ class Feeder:
 
 def run_local(
     job: CorpusJob,
+    spec: EngineSpec,
     assembler: ShardAssembler,
     advance: Callable[[int], None],
     feed: dict[str, Any] | None = None,
     startup: dict[str, float] | None = None,
-    spec: EngineSpec | None = None,
 ) -> list[ActorStats]:
-    """Embed the assembler's pending items in this process (see the module); ``feed`` receives the
-    :class:`FeedStats` as a dict, ``startup`` the fixed costs (model load, header scan, warm-up) in seconds;
-    ``spec``: what to open (:func:`~dtop_export.corpus.runtime.resolve_engine`; default: the job's MODEL with
-    its ``--precision``)."""
+    """Embed the assembler's pending items in this process (see the module) with the engine ``spec`` names (the
+    job's MODEL as :func:`~dtop_export.corpus.runtime.resolve_engine` resolved it); ``feed`` receives the
+    :class:`FeedStats` as a dict, ``startup`` the fixed costs (model load, header scan, warm-up) in seconds."""
     from dtop_export.corpus.runtime import ActorStats, open_model
 
     stats = ActorStats("local")
@@ -372,8 +371,7 @@ def run_local(
     if not todo:
         return [stats]
     t0 = time.perf_counter()
-    model, precision = (spec, None) if spec is not None else (job.model, job.precision)
-    with open_model(model, job.threads, precision, shared_cores=True) as engine:
+    with open_model(spec, job.threads, shared_cores=True) as engine:
         if startup is not None:
             startup["model_load_s"] = time.perf_counter() - t0
         size = int(job.image_size or engine.preprocess.size)
