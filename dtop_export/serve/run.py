@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtop_export.errors import DToPError
 from dtop_export.serve.app import APP_NAME, ServiceInfo, build_app
 from dtop_export.serve.deployment import EngineSettings
 from dtop_export.serve.limits import Limits
+
+if TYPE_CHECKING:
+    from dtop_export.bench.spec import EngineSpec
 
 SERVE_INSTALL = "pip install 'dtop-export[serve]'"  # Ray Serve and python-multipart (Starlette's form parser)
 
@@ -99,13 +102,13 @@ def service_info(opts: ServeOptions) -> ServiceInfo:
     )
 
 
-def engine_settings(opts: ServeOptions, image_size: int) -> EngineSettings:
+def engine_settings(opts: ServeOptions, image_size: int, resolved: "EngineSpec | None" = None) -> EngineSettings:
     """How every replica opens MODEL: ``--precision auto`` resolved once, here (the file and options `bench
-    --recommend` chose on this machine), not by each replica from its own node's cache, so every replica runs the
-    same file at the same precision and ``/v1/model`` names it."""
+    --recommend` chose on this machine; ``resolved`` when the caller did it already), not by each replica from its
+    own node's cache, so every replica runs the same file at the same precision and ``/v1/model`` names it."""
     from dtop_export.corpus.runtime import resolve_engine
 
-    resolved = resolve_engine(opts.model, opts.precision)
+    resolved = resolved or resolve_engine(opts.model, opts.precision)
     return EngineSettings(
         str(resolved.path), opts.threads or 1, None, opts.max_batch_size, opts.batch_wait_ms,
         warmup_size=image_size, options=dict(resolved.options),
@@ -136,7 +139,7 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         raise DToPError(f"serve needs python-multipart for multipart uploads: {SERVE_INSTALL}")
     from dtop_export.bench.spec import parse_spec
     from dtop_export.corpus.cluster import connect
-    from dtop_export.corpus.runtime import check_model_options, gpu_reason
+    from dtop_export.corpus.runtime import check_model_options, gpu_reason, resolve_engine
 
     _check_options(opts)
     why = gpu_reason(parse_spec(opts.model))
@@ -144,11 +147,12 @@ def run_service(opts: ServeOptions, say: Callable[[str], None], stop: threading.
         raise DToPError(f"{opts.model} runs on a GPU ({why}): give --gpus-per-replica (Ray hides GPUs from replicas "
                         "that reserve none)")  # fmt: skip
     # bad options: one line, before any cluster; threads checked here on a local cluster, on its node by a replica
-    check_model_options(opts.model, opts.threads, opts.precision, local_threads=opts.address is None)
+    resolved = resolve_engine(opts.model, opts.precision)  # once: what is checked is what every replica opens
+    check_model_options(resolved, opts.threads, local_threads=opts.address is None)
     info = service_info(opts)
     if opts.address is None:
         check_port_free(opts.host, opts.port)
-    settings = engine_settings(opts, info.image_size)
+    settings = engine_settings(opts, info.image_size, resolved)
     info = replace(
         info,
         engine=settings.to_dict() | {"replicas": opts.replicas, "gpus_per_replica": opts.gpus_per_replica},
