@@ -50,26 +50,30 @@ def build_train_model(
     from dtop_export.preprocess import default_preprocess
 
     torch.manual_seed(seed)
-    if m.init and resume_state is not None and resume_state.get("model_config") is not None:
-        from dtop_export.checkpoint import load_state_dict_checked
-        from dtop_export.model.config import DToPConfig
-        from dtop_export.preprocess import PreprocessConfig
+    if m.init:
+        if resume_state is not None and resume_state.get("model_config") is not None:
+            from dtop_export.checkpoint import Checkpoint
+            from dtop_export.model.config import DToPConfig
+            from dtop_export.preprocess import PreprocessConfig
 
-        with torch.device("meta"):  # the state's weights replace any initialisation
-            model = build_model(DToPConfig.from_dict(resume_state["model_config"]))
-        load_state_dict_checked(model, resume_state["model"], Path(resume_state["_path"]), assign=True)
-        preprocess = PreprocessConfig.from_dict(resume_state["preprocess"])
-        init_source = f"checkpoint:{m.init}"
-    elif m.init:
-        if resume_state is not None and not Path(m.init).exists():
-            raise DToPError(
-                f"model.init {m.init} not found: resuming this fine-tuning run needs it (its train_state.pt, written "
-                "by an older dtop-export, does not record the model's architecture): put the checkpoint back there"
+            # the state's architecture (overrides applied), preprocessing and weights, as a checkpoint would hold them
+            ckpt = Checkpoint(
+                config=DToPConfig.from_dict(resume_state["model_config"]),
+                state_dict=resume_state["model"],
+                preprocess=PreprocessConfig.from_dict(resume_state["preprocess"]),
+                path=Path(resume_state["_path"]),
             )
-        ckpt = load_checkpoint(m.init)
-        if m.overrides:  # those without weights (config.INIT_OVERRIDES): dropout, WaveBlock, head BN at inference
-            ckpt = replace(ckpt, config=ckpt.config.replace(**m.overrides))
-        model = ckpt.build_model()
+        else:
+            if resume_state is not None and not Path(m.init).exists():
+                raise DToPError(
+                    f"model.init {m.init} not found: resuming this fine-tuning run needs it (its train_state.pt, "
+                    "written by an older dtop-export, does not record the model's architecture): put the checkpoint "
+                    "back there"
+                )
+            ckpt = load_checkpoint(m.init)
+            if m.overrides:  # those without weights (config.INIT_OVERRIDES): dropout, WaveBlock, head BN at inference
+                ckpt = replace(ckpt, config=ckpt.config.replace(**m.overrides))
+        model = ckpt.build_model()  # on the meta device, then the weights: no initialisation computed
         preprocess = ckpt.preprocess
         init_source = f"checkpoint:{m.init}"
     else:
