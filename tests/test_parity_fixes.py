@@ -1,0 +1,190 @@
+"""Parity, the FP16 audit, optimize and info on files and data sets they did not handle: a setup without positives,
+fixed-shape exports, NaN outputs, derived (INT8, optimised) ONNX files, a --no-whiten export, an empty file. Tiny
+synthetic ONNX graphs stand in for exports wherever the check reads only the graph's shape and metadata."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_helpers import cli
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from dtop_export.errors import DToPError
+
+DIM = 8
+
+
+def tiny_onnx(
+    path: Path,
+    *,
+    batch: int | str = "b",
+    hw: tuple[int, int] | None = None,
+    meta: dict[str, str] | None = None,
+    nan: bool = False,
+) -> Path:
+    """A dtop-export-like ONNX (``images`` [B, 3, H, W] -> L2-normalised ``descriptors`` [B, 8]): channel means
+    through a fixed matrix, normalised; ``hw`` fixes H x W as a ``--static`` export does (with its square metadata),
+    ``batch`` an int as ``--batch``; ``nan``: every descriptor NaN."""
+    h, w = hw or ("h", "w")
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, h, w])
+    y = helper.make_tensor_value_info("descriptors", TensorProto.FLOAT, [batch, DIM])
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, DIM)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [
+        helper.make_node("ReduceMean", ["images", "axes"], ["m"], keepdims=0, name="mean"),
+        helper.make_node("MatMul", ["m", "w"], ["z"], name="proj"),
+        helper.make_node("LpNormalization", ["z"], ["n"], axis=1, p=2, name="l2"),
+    ]
+    if nan:
+        nodes += [helper.make_node("Sub", ["n", "n"], ["zero"]), helper.make_node("Div", ["zero", "zero"], ["d"])]
+    nodes.append(helper.make_node("Identity", ["d" if nan else "n"], ["descriptors"], name="out"))
+    graph = helper.make_graph(nodes, "tiny", [x], [y], [weight, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    props = {"dtop.descriptor_dim": str(DIM), "dtop.precision": "fp32", "dtop.stride": "16"}
+    if hw is not None:
+        props |= {
+            "dtop.static_hw": json.dumps(list(hw)),
+            "dtop.resize_policy": json.dumps({"policy": "square", "size": hw[0], "interpolation": "bilinear"}),
+        }
+    for k, v in (props | (meta or {})).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_set(folder: Path, image_size: int = 64, hard: bool = True) -> Path:
+    """A revisitop-layout set (``gnd_tiny.pkl`` + ``jpg/``): 2 queries, 4 database images of noise; ``hard=False``:
+    no query has hard positives (the Hard setup has no mean)."""
+    rng = np.random.default_rng(0)
+    (folder / "jpg").mkdir(parents=True)
+    names = [f"db{i}" for i in range(4)]
+    for name in [*names, "q0", "q1"]:
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "jpg" / f"{name}.jpg")
+    gnd = [{"bbx": None, "easy": [i], "hard": [i + 2] if hard else [], "junk": []} for i in range(2)]
+    cfg = {"imlist": names, "qimlist": ["q0", "q1"], "gnd": gnd, "image_size": image_size}
+    (folder / "gnd_tiny.pkl").write_bytes(pickle.dumps(cfg))
+    return folder
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# 1. a setup without positives --------------------------------------------------------------------------------------
+
+
+def _no_hard_set() -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((12, 8)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:3] + 0.01
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return db, q, [{"easy": [i, i + 3], "hard": [], "junk": []} for i in range(3)]  # no query has hard images
+
+
+def test_a_setup_without_positives_passes_and_reports_null() -> None:
+    """Hard mAP is NaN for both (no query has hard positives): an identical engine failed `map_delta_hard nan > 0.05`
+    and the JSON held bare NaN; now the setup passes as "no positives", `—` in the table, null in strict JSON."""
+    from dtop_export.parity import ParityReport, compare, contract_for
+    from dtop_export.retrieval.metrics import evaluate_descriptors
+
+    db, q, gnd = _no_hard_set()
+    metrics = evaluate_descriptors(db, q, gnd)
+    assert np.isnan(metrics["map"]["hard"])
+    res = compare((db, q), (db.copy(), q.copy()), gnd, contract_for("fp32"), metrics["map"], "same")
+    assert res.passed, res.failures()
+    hard = next(c for c in res.checks if c.metric == "map_delta_hard")
+    assert hard.passed and hard.value == "no positives"
+    reference = {"label": "ref", "engine": {}, "map": metrics["map"], "mp": metrics["mp"]}
+    report = ParityReport("tiny", 12, 3, (1.0,), 64, False, reference, [res])
+    payload = json.dumps(report.to_dict(), allow_nan=False)  # raised ValueError: NaN in map, map_delta, mp
+    d = json.loads(payload)
+    assert d["reference"]["map"]["hard"] is None and d["engines"][0]["map_delta"]["hard"] is None
+    assert d["passed"] is True
+    table = report.table()
+    assert "nan" not in table.lower() and "/ — |" in table
+
+
+def test_a_setup_without_positives_on_one_side_only_fails() -> None:
+    """A reference mAP that is NaN where the engine's is a number (or the other way) cannot be the same ground
+    truth: it fails, named."""
+    from dtop_export.parity import compare, contract_for
+    from dtop_export.retrieval.metrics import evaluate_descriptors
+
+    db, q, gnd = _no_hard_set()
+    gnd = [{**g, "hard": [i + 6]} for i, g in enumerate(gnd)]  # hard positives: the engine's Hard mAP is a number
+    ref_map = {**evaluate_descriptors(db, q, gnd)["map"], "hard": float("nan")}
+    res = compare((db, q), (db, q), gnd, contract_for("fp32"), ref_map, "same")
+    assert not res.passed
+    assert res.failures() == ["map_delta_hard reference mAP undefined (expected a mAP as the engine's)"]
+
+
+def test_cli_writes_strict_json(tmp_path: Path) -> None:
+    from dtop_export.cli.common import write_json
+
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"v": float("nan")}, strict=True)
+    assert not (tmp_path / "x.json").exists()
+
+
+# 7. a --no-whiten export against its whitened checkpoint -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whitened_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dtop_export.checkpoint import random_checkpoint
+
+    return random_checkpoint("small", tmp_path_factory.mktemp("wh") / "wh.pt", seed=0, source="test")
+
+
+def _whitening(applied: bool) -> dict[str, str]:
+    return {"dtop.whitening": json.dumps({"applied": applied, "kind": "lw" if applied else None})}
+
+
+def test_a_no_whiten_export_gets_an_unwhitened_reference(whitened_ckpt: Path, small_ckpt: Path, tmp_path: Path) -> None:
+    """Parity of a --no-whiten export against its whitened checkpoint failed with cosine ~0, read as an accuracy
+    problem: the reference now runs without its whitening too, and says so; both kinds in one run are refused."""
+    from dtop_export.identity import reference_whitening
+
+    plain = tiny_onnx(tmp_path / "plain.onnx", meta=_whitening(False))
+    whitened = tiny_onnx(tmp_path / "whitened.onnx", meta=_whitening(True))
+    whiten, note = reference_whitening([plain], whitened_ckpt)
+    assert whiten is False and note.startswith(f"note: {plain} was exported with --no-whiten") and "(lw)" in note
+    assert reference_whitening([whitened], whitened_ckpt) == (True, None)
+    assert reference_whitening([plain], small_ckpt) == (
+        True,
+        None,
+    )  # a checkpoint without whitening: the same either way
+    for mixed in ([plain, whitened], [plain, whitened_ckpt]):
+        with pytest.raises(DToPError, match="exported with --no-whiten, .* applies the checkpoint's whitening"):
+            reference_whitening(mixed, whitened_ckpt)
+
+
+def test_cli_parity_runs_the_reference_unwhitened_for_a_no_whiten_export(
+    whitened_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dtop_export.retrieval.datasets as datasets
+    from dtop_export.engines.pytorch import TorchEngine
+
+    seen = {}
+
+    def stop(path: Path, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise DToPError("stopped")
+
+    monkeypatch.setattr(datasets, "resolve_dataset", lambda *a: None)
+    monkeypatch.setattr(TorchEngine, "from_checkpoint", stop)
+    plain = tiny_onnx(tmp_path / "plain.onnx", meta=_whitening(False))
+    assert cli("parity", str(whitened_ckpt), str(plain), "--no-progress") == 2
+    assert seen == {"whiten": False}
+    assert "was exported with --no-whiten: the reference runs" in capsys.readouterr().err
