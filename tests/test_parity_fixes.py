@@ -188,3 +188,49 @@ def test_cli_parity_runs_the_reference_unwhitened_for_a_no_whiten_export(
     assert cli("parity", str(whitened_ckpt), str(plain), "--no-progress") == 2
     assert seen == {"whiten": False}
     assert "was exported with --no-whiten: the reference runs" in capsys.readouterr().err
+
+
+# 2, 3. optimize's self-check: fixed shapes, ONNX Runtime errors, NaN ---------------------------------------------
+
+
+def test_optimize_checks_a_fixed_batch_or_static_export_at_its_shape(tmp_path: Path) -> None:
+    """`optimize` of a `--batch 1` or `--static` export fed batch 2 at HxW(3/4 H): an onnxruntime traceback."""
+    from dtop_export.optimize import _compare
+
+    checked = {}
+    for name, kw in (("b1", {"batch": 1}), ("s64", {"hw": (64, 64)}), ("b1s", {"batch": 1, "hw": (32, 48)})):
+        a = tiny_onnx(tmp_path / f"{name}.onnx", **kw)
+        worst, checked[name] = _compare(a, a, {}, (256, 384))
+        assert worst == 0.0
+    assert checked == {"b1": ["1x3x256x192", "1x3x384x288"], "s64": ["2x3x64x64"], "b1s": ["1x3x32x48"]}
+    from dtop_export.optimize import check_shapes
+
+    assert check_shapes(["b", 3, "h", "w"], (256, 384), 16) == [(2, 3, 256, 192), (2, 3, 384, 288)]
+
+
+def test_optimize_turns_onnxruntime_errors_into_one_line(tmp_path: Path) -> None:
+    from dtop_export.optimize import _compare
+
+    a = tiny_onnx(tmp_path / "a.onnx")
+    b = tiny_onnx(tmp_path / "b.onnx", batch=3)  # another fixed batch than the check's: fails at run time
+    with pytest.raises(DToPError, match=r"^the optimised a.onnx fails in ONNX Runtime at 2x3x256x192: "):
+        _compare(a, b, {}, (256,))
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(DToPError, match="^ONNX Runtime cannot load the optimised a.onnx"):
+        _compare(a, tmp_path / "bad.onnx", {}, (256,))
+
+
+def test_optimize_and_int8_checks_never_pass_nan(tmp_path: Path) -> None:
+    """max(0.0, nan) is 0.0 and min([1.0, 1.0, nan]) is 1.0: a NaN-producing optimised model was written, and an
+    INT8 artefact with a NaN descriptor (not the first) passed the INT8 check."""
+    from dtop_export.int8_check import BelowContract, agreement, refuse_below_contract
+    from dtop_export.optimize import _compare
+
+    a, b = tiny_onnx(tmp_path / "a.onnx"), tiny_onnx(tmp_path / "nan.onnx", nan=True)
+    assert _compare(a, b, {}, (64, 96))[0] == float("inf")
+    fp32 = [np.ones((1, 4))] * 3
+    int8 = [np.ones((1, 4)), np.ones((1, 4)), np.full((1, 4), np.nan)]
+    check = agreement(fp32, int8, "x")
+    assert np.isnan(check["cosine_min"])
+    with pytest.raises(BelowContract, match="cosine min nan"):
+        refuse_below_contract(check, "the INT8 ONNX", "", ["a", "b"])
