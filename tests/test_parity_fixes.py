@@ -234,3 +234,34 @@ def test_optimize_and_int8_checks_never_pass_nan(tmp_path: Path) -> None:
     assert np.isnan(check["cosine_min"])
     with pytest.raises(BelowContract, match="cosine min nan"):
         refuse_below_contract(check, "the INT8 ONNX", "", ["a", "b"])
+
+
+# 5, 8. the engine contract's fixed-size error, and an ONNX file without a graph --------------------------------------
+
+
+def test_info_refuses_an_onnx_file_without_a_graph(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """protobuf parses 0 bytes as an empty ModelProto: `info` printed empty tables and exited 0."""
+    from dtop_export.contract import load_onnx
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert cli("info", str(empty)) == 2
+    assert one_line_error(capsys) == f"error: {empty} is not a readable ONNX file (empty file)"
+    no_graph = tmp_path / "nograph.onnx"
+    no_graph.write_bytes(onnx.ModelProto(ir_version=9).SerializeToString())
+    with pytest.raises(DToPError, match=r"\(no graph\)$"):
+        load_onnx(no_graph)
+
+
+def test_a_static_engine_without_a_file_is_named_by_its_label() -> None:
+    from dtop_export.contract import Engine
+    from dtop_export.preprocess import PreprocessConfig
+
+    class Static(Engine):
+        name, stride, descriptor_dim, preprocess = "static", 16, 4, PreprocessConfig()
+
+        def embed(self, images: np.ndarray) -> np.ndarray:
+            return self.embed_exported(images, lambda x: x[:, 0, 0, :4], static_hw=(32, 32))
+
+    with pytest.raises(DToPError, match=r"^the static fp32 cpu model was exported for 32x32 inputs only"):
+        Static().embed(np.zeros((1, 3, 64, 64), np.float32))
