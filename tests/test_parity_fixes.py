@@ -265,3 +265,102 @@ def test_a_static_engine_without_a_file_is_named_by_its_label() -> None:
 
     with pytest.raises(DToPError, match=r"^the static fp32 cpu model was exported for 32x32 inputs only"):
         Static().embed(np.zeros((1, 3, 64, 64), np.float32))
+
+
+# 4. FP16 of a derived file -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("meta", "kind"),
+    [
+        ({"dtop.precision": "int8"}, "INT8"),
+        ({"dtop.optimized": "{}"}, "optimised for ONNX Runtime"),
+    ],
+)
+def test_fp16_refuses_an_int8_or_optimised_onnx(
+    tmp_path: Path, meta: dict[str, str], kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check --fp16-audit` and `trt --fp16` of an optimised or INT8 ONNX: an onnx InferenceError traceback."""
+    from dtop_export.fp16.convert import convert_to_fp16, fp16_onnx_model
+
+    path = tiny_onnx(tmp_path / "derived.onnx", meta={**meta, "dtop.derived_from": "model.onnx"})
+    expected = f"derived.onnx is {kind}.*: give the fp32 export it came from \\(model.onnx\\)"
+    with pytest.raises(DToPError, match=expected):
+        fp16_onnx_model(path)
+    with pytest.raises(DToPError, match="give the fp32 export it came from"):
+        convert_to_fp16(onnx.load(str(path)))
+    assert cli("check", str(path), "--fp16-audit", "--images", str(tmp_path), "--no-progress") == 2
+    assert "give the fp32 export it came from (model.onnx) to audit" in one_line_error(capsys)
+
+
+def test_fp16_conversion_checker_errors_are_one_line() -> None:
+    """The ONNX checker raises InferenceError (not ValidationError) for a graph the converter breaks (QDQ nodes)."""
+    from dtop_export.fp16.convert import convert_to_fp16
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("descriptors", TensorProto.FLOAT, [1, 4])
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4), np.int8), "q"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["wt"], name="dq"),
+        helper.make_node("MatMul", ["images", "wt"], ["descriptors"], name="mm"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "qdq", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)]
+    )
+    model.ir_version = 8
+    with pytest.raises(DToPError, match="^the FP16 model fails the ONNX checker"):
+        convert_to_fp16(model)
+
+
+# 5, 6, 9. the FP16 audit: a square --static export's size, option ranges, no ΔmAP without queries ---------------
+
+
+def test_fp16_audit_runs_a_square_static_export_at_its_size(tmp_path: Path) -> None:
+    """The audit took the data set's size (64) over a `--static 32x32` export's own, and its error named `None`."""
+    from dtop_export.fp16.audit import fp16_audit
+
+    model = tiny_onnx(tmp_path / "s32.onnx", hw=(32, 32))
+    data = tiny_set(tmp_path / "tiny", image_size=64)
+    result = fp16_audit(model, data, crop_queries=False)
+    assert result.image_size == 32 and result.shapes == ["32x32"] and result.passed
+    with pytest.raises(DToPError) as refused:  # an in-memory variant of the file: it named `None`
+        fp16_audit(model, data, image_size=64, crop_queries=False)
+    assert str(refused.value).startswith(f"{model} was exported for 32x32 inputs only, got 64x64")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--limit", "-3", "--limit must be >= 1, got -3"),
+        ("--limit", "0", "--limit must be >= 1, got 0"),
+        ("--underflow", "-1", "--underflow must be >= 0, got -1"),
+        ("--underflow", "5", "--underflow must be < 1"),
+    ],
+)
+def test_fp16_audit_options_are_range_checked(
+    tmp_path: Path, option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_onnx(tmp_path / "m.onnx")
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.jpg")
+    args = ["check", str(model), "--fp16-audit", "--images", str(tmp_path), "--no-progress"]
+    assert cli(*args, option, value) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_fp16_audit_of_plain_images_claims_no_map(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain image folder has no queries: the verdict named |ΔmAP| <= 0.2 all the same."""
+    model = tiny_onnx(tmp_path / "m.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(images / f"{i}.jpg")
+    out = tmp_path / "audit.json"
+    args = ["--fp16-audit", "--images", str(images), "--image-size", "64", "--no-progress", "--json", str(out)]
+    assert cli("check", str(model), *args) == 0
+    text = capsys.readouterr().out
+    assert "FP16 contract met (cosine >= 0.999)" in text and "mAP" not in text
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
