@@ -152,7 +152,8 @@ class Engine(ABC):
                     "image resized to it)"
                 )
             got = f"{x.shape[2]}x{x.shape[3]}"
-            raise ShapeError(f"{self.source} was exported for {h}x{w} inputs only, got {got}: {fix}")
+            what = self.source or f"the {self.label} model"  # an in-memory model has no file
+            raise ShapeError(f"{what} was exported for {h}x{w} inputs only, got {got}: {fix}")
         b = fixed_batch
         if not b or x.shape[0] == b:
             return np.asarray(run(x), dtype=np.float32)
@@ -245,12 +246,16 @@ def load_onnx(path: str | Path, weights: bool = True) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise DToPError(f"ONNX file {path} not found")
-    try:
-        return onnx.load(str(path), load_external_data=weights)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
-        from dtop_export.onnx_metadata import other_format
+    from dtop_export.onnx_metadata import other_format
 
+    try:
+        proto = onnx.load(str(path), load_external_data=weights)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the same user error
         raise DToPError(other_format(path) or f"{path} is not a readable ONNX file ({e.__class__.__name__})") from e
+    if not proto.ir_version or not proto.HasField("graph"):  # protobuf parses an empty file as an empty message
+        missing = "empty file" if not path.stat().st_size else "no graph" if proto.ir_version else "no ir_version"
+        raise DToPError(other_format(path) or f"{path} is not a readable ONNX file ({missing})")
+    return proto
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

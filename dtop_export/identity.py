@@ -6,11 +6,14 @@ sha256 that every export writes into the model's metadata (``dtop.checkpoint_sha
 identity) can: a model of another checkpoint gives descriptors in another space, and its scores against the corpus
 (~0.04 for random weights) look like results but mean nothing. :func:`check_model_for_corpus` is the one check
 ``search``, ``evaluate --distractors`` and ``serve --index`` make; :func:`check_exported_from` the one ``parity``
-makes. Imports onnx/openvino inside the functions.
+makes, with :func:`reference_whitening` (an export made with ``--no-whiten`` is compared with its checkpoint run
+without whitening). Imports onnx/openvino inside the functions.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +38,24 @@ def checkpoint_of(model: str | Path) -> str | None:
     digest, else the ``dtop.checkpoint_sha256`` metadata of an ONNX file, an OpenVINO IR, an ExecuTorch program or a
     TensorRT plan's sidecar; None when the file carries none (not exported by dtop-export, or from an in-memory
     model)."""
-    from dtop_export.engines import CHECKPOINT_SUFFIXES, IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
+    from dtop_export.engines import CHECKPOINT_SUFFIXES
 
     path = _path(model)
     if path is None:
         return None
-    suffix = path.suffix.lower()
-    meta: dict[str, str] = {}
-    if suffix in CHECKPOINT_SUFFIXES:
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         from dtop_export.digest import file_sha256
 
         return file_sha256(path)
+    return _metadata(path).get(KEY) or None
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The ``dtop.*`` metadata of an exported model file (empty for a checkpoint or a file that carries none)."""
+    from dtop_export.engines import IR_SUFFIXES, PLAN_SUFFIXES, PTE_SUFFIXES
+
+    suffix = path.suffix.lower()
+    meta: dict[str, str] = {}
     if suffix == ".onnx":
         from dtop_export.contract import read_metadata
 
@@ -64,8 +74,49 @@ def checkpoint_of(model: str | Path) -> str | None:
         try:
             meta = read_sidecar(path).metadata
         except DToPError:
-            return None
-    return meta.get(KEY) or None
+            return {}
+    return meta
+
+
+def reference_whitening(models: Sequence[str | Path], reference: str | Path) -> tuple[bool, str | None]:
+    """Whether ``parity``'s reference (the checkpoint ``reference``) applies its whitening, and a note to print when
+    it does not: exports made with ``--no-whiten`` (``dtop.whitening`` not applied) are compared with the checkpoint
+    run without its whitening too, since against the whitened one they fail by construction (cosine ~0) and the
+    failure would read as an accuracy problem. Exports of both kinds in one run are refused in one line (one
+    reference cannot match both). Reads the checkpoint only when an export was made without whitening."""
+    from dtop_export.engines import CHECKPOINT_SUFFIXES
+
+    applied: dict[str, bool] = {}
+    for m in models:
+        path = _path(m)
+        if path is None:
+            continue
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            applied[str(m)] = True  # a checkpoint MODEL runs with its whitening
+            continue
+        try:
+            applied[str(m)] = bool(json.loads(_metadata(path).get("dtop.whitening", "")).get("applied"))
+        except (json.JSONDecodeError, AttributeError):
+            continue  # records nothing: not ours to judge
+    unwhitened = [m for m, a in applied.items() if not a]
+    if not unwhitened:
+        return True, None
+    from dtop_export.checkpoint import load_checkpoint
+
+    whitening = load_checkpoint(reference).whitening
+    if whitening is None:  # nothing to leave out: the same reference either way
+        return True, None
+    whitened = [m for m, a in applied.items() if a]
+    if whitened:
+        raise DToPError(
+            f"{unwhitened[0]} was exported with --no-whiten, {whitened[0]} applies the checkpoint's whitening: one "
+            f"reference ({reference}) cannot match both; check them in separate parity runs"
+        )
+    were = "was" if len(unwhitened) == 1 else "were"
+    return False, (
+        f"note: {', '.join(unwhitened)} {were} exported with --no-whiten: the reference runs {reference} without "
+        f"its whitening ({whitening.kind}) too"
+    )
 
 
 def corpus_checkpoint(corpus: dict[str, Any]) -> str | None:

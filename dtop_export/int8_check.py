@@ -44,7 +44,13 @@ def agreement(fp32: Iterable[np.ndarray], int8: Iterable[np.ndarray], reference:
         cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0)))
     if not cos:
         raise DToPError("no inputs to check the INT8 model on")
-    return {"inputs": len(cos), "cosine_min": min(cos), "cosine_mean": float(np.mean(cos)), "reference": reference}
+    # np.min, not min(): a NaN cosine (a NaN descriptor) is the minimum, where min() skips it unless it comes first
+    return {
+        "inputs": len(cos),
+        "cosine_min": float(np.min(cos)),
+        "cosine_mean": float(np.mean(cos)),
+        "reference": reference,
+    }
 
 
 def refuse_below_contract(
@@ -53,7 +59,7 @@ def refuse_below_contract(
     """:class:`BelowContract` when ``check`` (:func:`agreement`) is below :data:`INT8_MIN_COSINE`: the ``artefact``
     (e.g. "the INT8 IR (qdq)") is not written; the message names the ``inputs`` (what they were: calibration
     inputs, check images) and ``source``, the worst cosine and what to try (``remedies``)."""
-    if check["cosine_min"] >= INT8_MIN_COSINE:
+    if check["cosine_min"] >= INT8_MIN_COSINE:  # False for NaN: refused
         return
     raise BelowContract(
         f"{artefact} breaks the INT8 contract on its {check['inputs']} {inputs}"

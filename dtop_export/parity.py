@@ -153,12 +153,12 @@ class EngineParity:
             "cosine_mean": _f(self.cosine_mean),
             "max_abs": _f(self.max_abs),
             "top10_agreement": _f(self.topk_agreement),
-            "map": {k: round(v, 4) for k, v in self.map.items()},
-            "map_delta": {k: round(v, 4) for k, v in self.map_delta.items()},
+            "map": {k: _f(v, 4) for k, v in self.map.items()},
+            "map_delta": {k: _f(v, 4) for k, v in self.map_delta.items()},
             "similarity_error_rms": _f(self.similarity_error_rms),
-            "rank_swaps": {k: asdict(v) for k, v in self.rank_swaps.items()},
+            "rank_swaps": json_safe({k: asdict(v) for k, v in self.rank_swaps.items()}),
             "checks": [
-                {"metric": c.metric, "value": c.value, "limit": c.limit, "op": c.op, "passed": c.passed}
+                {"metric": c.metric, "value": json_safe(c.value), "limit": c.limit, "op": c.op, "passed": c.passed}
                 for c in self.checks
             ],
             "passed": self.passed,
@@ -168,8 +168,22 @@ class EngineParity:
         }
 
 
-def _f(v: float) -> float | None:
-    return None if v is None or not np.isfinite(v) else float(v)
+def _f(v: float, digits: int | None = None) -> float | None:
+    if v is None or not np.isfinite(v):
+        return None
+    return float(v) if digits is None else round(float(v), digits)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists, tuples) replaced by None, as strict JSON
+    needs: a setup without positives has a NaN mAP, ``null`` in a report, never a bare ``NaN``."""
+    if isinstance(value, float):
+        return _f(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 @dataclass
@@ -202,7 +216,7 @@ class ParityReport:
             "scales": list(self.scales),
             "image_size": self.image_size,
             "crop_queries": self.crop_queries,
-            "reference": self.reference,
+            "reference": json_safe(self.reference),
             "engines": [e.to_dict() for e in self.engines],
             "passed": self.passed,
             "failures": self.failures(),
@@ -216,20 +230,21 @@ class ParityReport:
             "| mAP E / M / H | ΔmAP E / M / H | result |"
         )
         lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        ref_map = " / ".join(f"{self.reference['map'][s]:.2f}" for s in SETUP_LETTERS)
+        ref_map = " / ".join(cell(self.reference["map"][s], ".2f") for s in SETUP_LETTERS)
         lines.append(f"| {self.reference['label']} (reference) | fp32 | — | — | — | — | {ref_map} | — | reference |")
         for e in self.engines:
-            maps = " / ".join(f"{e.map[s]:.2f}" for s in SETUP_LETTERS) if e.map else "—"
-            deltas = " / ".join(f"{e.map_delta[s]:+.2f}" for s in SETUP_LETTERS) if e.map_delta else "—"
+            maps = " / ".join(cell(e.map[s], ".2f") for s in SETUP_LETTERS) if e.map else "—"
+            deltas = " / ".join(cell(e.map_delta[s], "+.2f") for s in SETUP_LETTERS) if e.map_delta else "—"
             result = e.verdict()
             lines.append(
-                f"| {e.label} | {e.contract.precision} | {_cell(e.cosine_min, '.6f')} | {_cell(e.cosine_mean, '.6f')} "
-                f"| {_cell(e.max_abs, '.2e')} | {_cell(e.topk_agreement, '.3f')} | {maps} | {deltas} | {result} |"
+                f"| {e.label} | {e.contract.precision} | {cell(e.cosine_min, '.6f')} | {cell(e.cosine_mean, '.6f')} "
+                f"| {cell(e.max_abs, '.2e')} | {cell(e.topk_agreement, '.3f')} | {maps} | {deltas} | {result} |"
             )
         return "\n".join(lines)
 
 
-def _cell(v: float, fmt: str) -> str:
+def cell(v: float, fmt: str) -> str:
+    """``v`` formatted, or ``—`` when it is None or NaN (a table's empty cell)."""
     return "—" if v is None or np.isnan(v) else format(v, fmt)
 
 
@@ -324,6 +339,10 @@ def compare(
     if contract.max_abs is not None:
         res.checks.append(Check("max_abs", res.max_abs, contract.max_abs, "<=", bool(res.max_abs <= contract.max_abs)))
     for s in SETUPS if gnd is not None else ():
+        undefined = _map_undefined(ref_map, res.map, s)
+        if undefined:  # a setup where no query has positives has no mean: nothing to compare
+            res.checks.append(_no_positives_check(s, undefined))
+            continue
         d = res.map_delta.get(s, float("nan"))
         swaps = res.rank_swaps.get(s)
         why = swaps.describe(res.similarity_error_rms) if swaps else ""
@@ -333,6 +352,24 @@ def compare(
             within, ties = True, swaps.near_tie_label(s, res.similarity_error_rms)
         res.checks.append(Check(f"map_delta_{s}", abs(d), contract.map_delta, "<=", within, why, ties))
     return res
+
+
+def _map_undefined(ref_map: dict[str, float] | None, engine_map: dict[str, float], setup: str) -> str:
+    """Which side's mAP of ``setup`` is NaN (no query of the setup has positives): ``both``, ``reference`` or
+    ``engine``; "" when both are numbers or the engine's was not computed (non-finite descriptors)."""
+    ref, eng = (ref_map or {}).get(setup), engine_map.get(setup)
+    if ref is None or eng is None or not (np.isnan(ref) or np.isnan(eng)):
+        return ""
+    return "both" if np.isnan(ref) and np.isnan(eng) else "reference" if np.isnan(ref) else "engine"
+
+
+def _no_positives_check(setup: str, side: str) -> Check:
+    """A setup without positives has no mAP on either side: passed, nothing to compare. On one side only it fails
+    (the same ground truth cannot give one engine positives and not the other)."""
+    if side == "both":
+        return Check(f"map_delta_{setup}", "no positives", "no positives", "==", True)
+    other = "engine" if side == "reference" else "reference"
+    return Check(f"map_delta_{setup}", f"{side} mAP undefined", f"a mAP as the {other}'s", "==", False)
 
 
 def parity(

@@ -13,12 +13,21 @@ from dtop_export.cli.common import (
     KeepFp32Opt,
     ProgressOpt,
     app,
+    at_least,
     console,
     output_option,
     parse_keep_fp32,
     refuse_existing,
 )
 from dtop_export.errors import DToPError
+
+
+def _share(param: typer.CallbackParam, value: float) -> float:
+    """``--underflow``: a share of values, 0 <= share < 1 (1 or more would flag nothing, a negative one everything)."""
+    at_least(0)(param, value)
+    if not value < 1:
+        raise DToPError(f"--underflow must be < 1 (a share of the values), got {value:g}")
+    return value
 
 
 @app.command()
@@ -36,10 +45,16 @@ def check(
     ] = "sample",
     image_size: Annotated[int | None, typer.Option("--image-size", help="Longer image side (default: set's).")] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", help="Audit at most this many images (plain folders).")
+        int | None,
+        typer.Option("--limit", callback=at_least(1), help="Audit at most this many images (plain folders)."),
     ] = None,
     underflow: Annotated[
-        float, typer.Option("--underflow", help="Flag tensors with more than this share of values flushed to 0.")
+        float,
+        typer.Option(
+            "--underflow",
+            callback=_share,
+            help="Flag tensors with more than this share (0 <= share < 1) of non-zero values flushed to 0.",
+        ),
     ] = 0.01,
     keep_fp32: KeepFp32Opt = None,
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Whole query images, not their boxes.")] = False,
@@ -127,19 +142,20 @@ def check(
             con.print(f"keep in FP32 (pass to `trt --fp16 --keep-fp32`): {','.join(result.keep_fp32_nodes)}")
         else:
             con.print("no tensor leaves FP16 range: the default FP32 islands suffice")
+        map_term = ", |ΔmAP| <= 0.2" if result.map_evaluated else ""  # plain images: no queries, no mAP
         if result.passed:
             ties = result.final.near_ties()
             con.print(
-                "FP16 contract met (cosine >= 0.999, |ΔmAP| <= 0.2"
+                f"FP16 contract met (cosine >= 0.999{map_term}"
                 + (f" or every flip a near-tie): near-ties: {'; '.join(ties)}" if ties else ")")
             )
         else:
-            con.print("FP16 contract NOT met (cosine >= 0.999, finite, |ΔmAP| <= 0.2)", style="bold red")
+            con.print(f"FP16 contract NOT met (cosine >= 0.999, finite{map_term})", style="bold red")
             failed = True
     if json_out is not None:
         from dtop_export.atomic import atomic_write_text
 
-        atomic_write_text(json_out, json.dumps(report, indent=2, default=str) + "\n")
+        atomic_write_text(json_out, json.dumps(report, indent=2, default=str, allow_nan=False) + "\n")
     if failed:
         raise typer.Exit(code=1)
 

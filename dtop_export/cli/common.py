@@ -95,11 +95,11 @@ def spinner(con: Console, text: str, enabled: bool = True) -> Iterator[Any]:
         yield status
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """``payload`` as indented JSON, written atomically."""
+def write_json(path: Path, payload: dict[str, Any], strict: bool = False) -> None:
+    """``payload`` as indented JSON, written atomically; ``strict``: refuse NaN/inf (not JSON) instead of writing it."""
     from dtop_export.atomic import atomic_write_text
 
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str, allow_nan=not strict) + "\n")
 
 
 def onnx_input(src: Path) -> dict[str, str]:

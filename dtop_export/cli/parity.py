@@ -48,7 +48,7 @@ def parity(
 ) -> None:
     """Descriptor and mAP parity of every MODEL against the PyTorch reference; exit 1 if any contract fails."""
     from dtop_export.engines.pytorch import TorchEngine
-    from dtop_export.identity import check_exported_from
+    from dtop_export.identity import check_exported_from, reference_whitening
     from dtop_export.parity import parity as run_parity
     from dtop_export.retrieval.datasets import resolve_dataset
     from dtop_export.retrieval.extract import parse_scales
@@ -63,16 +63,19 @@ def parity(
     refuse_existing(json_out, force=force)
     for m in models:  # before any work: an export of another checkpoint fails by construction
         check_exported_from(m, reference)
+    whiten, note = reference_whitening(models, reference)  # a --no-whiten export: the reference without it too
     sc = parse_scales(scales)
     if image_size is not None:
         from dtop_export.memory import check_image_size
 
         check_image_size(image_size, sc, batch_size)
     ds = resolve_dataset(dataset, data_root)
-    ref = TorchEngine.from_checkpoint(reference)
+    if note:
+        typer.echo(note, err=True)
+    ref = TorchEngine.from_checkpoint(reference, whiten=whiten)
     engines = [open_engine(m) for m in models]
     if fp16_emulate:
-        engines.append(TorchEngine.from_checkpoint(reference, precision="fp16"))
+        engines.append(TorchEngine.from_checkpoint(reference, precision="fp16", whiten=whiten))
     try:
         report = run_parity(ref, engines, ds, sc, not no_crop, batch_size, progress, image_size)
     finally:
@@ -84,7 +87,7 @@ def parity(
         f"scales {', '.join(f'{s:g}' for s in sc)}: {report.seconds:.1f} s"
     )
     if json_out is not None:
-        write_json(json_out, report.to_dict())
+        write_json(json_out, report.to_dict(), strict=True)  # strict JSON: no bare NaN
         typer.echo(f"wrote {json_out}")
     if not report.passed:
         for line in report.failures():

@@ -74,7 +74,9 @@ class Fp16AuditResult:
         return self.final.passed
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "runs"}
+        from dtop_export.parity import json_safe
+
+        d = {k: json_safe(v) for k, v in asdict(self).items() if k != "runs"}
         d["runs"] = [{**r.to_dict(), "finite": r.finite, "fp32_nodes": r.engine.get("fp32_nodes")} for r in self.runs]
         d["cosine_contract"] = self.final.contract.cosine_min
         d["map_contract"] = self.final.contract.map_delta
@@ -82,8 +84,15 @@ class Fp16AuditResult:
         d["near_ties"] = self.final.near_ties()
         return d
 
+    @property
+    def map_evaluated(self) -> bool:
+        """Whether mAP was compared at all (a revisitop set; a plain image folder has no queries)."""
+        return bool(self.map_fp32)
+
     def table(self) -> str:
         """Markdown: one row per FP16 variant, then the out-of-range tensors."""
+        from dtop_export.parity import cell
+
         setups = list(self.map_fp32)
         head = "| variant | FP32 nodes | cosine min | cosine mean | finite | result |"
         head += "".join(f" ΔmAP {s[0].upper()} |" for s in setups)
@@ -92,10 +101,10 @@ class Fp16AuditResult:
             finite = "yes" if r.finite else "NO"
             result = r.verdict()
             row = (
-                f"| {r.label} | {r.engine.get('fp32_nodes')} | {r.cosine_min:.6f} | {r.cosine_mean:.6f} | {finite} "
-                f"| {result} |"
+                f"| {r.label} | {r.engine.get('fp32_nodes')} | {cell(r.cosine_min, '.6f')} "
+                f"| {cell(r.cosine_mean, '.6f')} | {finite} | {result} |"
             )
-            row += "".join(f" {r.map_delta.get(s, float('nan')):+.2f} |" for s in setups)
+            row += "".join(f" {cell(r.map_delta.get(s, float('nan')), '+.2f')} |" for s in setups)
             lines.append(row)
         if self.findings:
             lines += ["", "| tensor | node | op | max abs | flushed to 0 | reason |", "|---|---|---|---:|---:|---|"]
@@ -148,18 +157,30 @@ def fp16_audit(
     the nodes that read those tensors (so that they never pass through FP16).
     """
     from dtop_export.engines.ort import OnnxRuntimeEngine
-    from dtop_export.fp16.convert import convert_to_fp16, is_fp16_model, name_nodes, plan_fp32_islands
+    from dtop_export.fp16.convert import (
+        convert_to_fp16,
+        is_fp16_model,
+        name_nodes,
+        plan_fp32_islands,
+        refuse_derived,
+    )
     from dtop_export.fp16.emulate import emulate_fp16, instrument_ranges
     from dtop_export.parity import compare, contract_for
+    from dtop_export.preprocess import input_size
     from dtop_export.retrieval.extract import extract_many
     from dtop_export.retrieval.metrics import evaluate_descriptors
 
+    if limit is not None and limit < 1:
+        raise DToPError(f"the audit's image limit must be >= 1, got {limit}")
+    if not 0 <= underflow_threshold < 1:
+        raise DToPError(f"the underflow share must be >= 0 and < 1 (a share of values), got {underflow_threshold:g}")
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)
     name_nodes(model)
     if is_fp16_model(model):
         raise DToPError(f"{onnx_path} is already FP16: audit the float32 export it was made from")
+    refuse_derived(model, onnx_path, "audit")
     if not any(o.name == OUTPUT_NAME for o in model.graph.output):
         raise DToPError(f"{onnx_path} is not a dtop-export model: no output '{OUTPUT_NAME}'")
     pp = preprocess_from_metadata(metadata_of(model))
@@ -170,14 +191,14 @@ def fp16_audit(
             ("queries", dataset.queries, dataset.bboxes if crop_queries else None),
             ("database", dataset.images, None),
         ]
-        size = image_size or dataset.image_size or pp.size
+        size = input_size(pp, image_size, dataset.image_size)  # a square --static export: its own size
         if crop_queries and any(b is None for b in dataset.bboxes):
             raise DToPError(f"{dataset.name}: some queries have no bounding box: pass --no-crop")
     else:
         if limit:
             paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).round().astype(int)]
         groups = [("images", paths, None)]
-        size = image_size or pp.size
+        size = input_size(pp, image_size)
 
     # FP32 reference with range statistics
     stats_model, watched = instrument_ranges(model)
@@ -194,7 +215,9 @@ def fp16_audit(
             nonzero[i] += float(np.nan_to_num(res[f"{t}__nz"]))
 
     def session(m: onnx.ModelProto, **kw: Any) -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(m, threads=threads, graph_optimization="basic", **kw)
+        engine = OnnxRuntimeEngine(m, threads=threads, graph_optimization="basic", **kw)
+        engine.source = onnx_path  # an in-memory variant of this file: its errors name it
+        return engine
 
     reference = session(stats_model, on_run=collect)
     del stats_model

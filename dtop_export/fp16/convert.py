@@ -257,8 +257,11 @@ def convert_to_fp16(
     converted = onnx.shape_inference.infer_shapes(converted)
     try:
         onnx.checker.check_model(converted, full_check=True)
-    except onnx.checker.ValidationError as e:  # pragma: no cover - would be a converter bug
-        raise DToPError(f"the FP16 model fails the ONNX checker: {str(e).splitlines()[0]}") from e
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:  # a graph it cannot convert
+        raise DToPError(
+            f"the FP16 model fails the ONNX checker: {str(e).splitlines()[0]} (convert the fp32 export from "
+            "`dtop-export onnx`)"
+        ) from e
     return converted
 
 
@@ -294,15 +297,35 @@ def convert_file(
     model = onnx.load(str(src))
     if is_fp16_model(model):
         raise DToPError(f"{src} is already FP16: convert the float32 export")
+    refuse_derived(model, src)
     out = convert_to_fp16(model, keep_fp32_ops, keep_fp32_nodes)
     with atomic_path(dst) as tmp:
         onnx.save_model(out, str(tmp))
     return out
 
 
+def refuse_derived(model: onnx.ModelProto, source: str | Path = "the model", what: str = "convert to FP16") -> None:
+    """Refuse, in one line, a file that is not the fp32 export itself (an INT8 file, an ONNX Runtime-optimised one:
+    their QDQ or com.microsoft nodes do not convert to FP16), naming the export it was made from
+    (``dtop.derived_from``). ``what``: what would have been done with it."""
+    meta = metadata_of(model)
+    precision = meta.get("dtop.precision", "fp32")
+    if precision != "fp32":
+        kind = precision.upper()
+    elif "dtop.optimized" in meta:
+        kind = "optimised for ONNX Runtime (com.microsoft operators)"
+    else:
+        return
+    origin = meta.get("dtop.derived_from")
+    raise DToPError(
+        f"{source} is {kind}: give the fp32 export it came from ({origin or 'what `dtop-export onnx` wrote'}) to {what}"
+    )
+
+
 def _check_float32(model: onnx.ModelProto) -> None:
     if is_fp16_model(model):
         raise DToPError("the model is already FP16: convert the float32 export")
+    refuse_derived(model)
     bad = [i.name for i in model.graph.input if i.type.tensor_type.elem_type not in (FLOAT, 0)]
     if bad:
         raise DToPError(f"input(s) {', '.join(bad)} are not float32: expected a float32 dtop-export model")
@@ -341,5 +364,6 @@ def fp16_onnx_model(
         if keep_fp32_nodes:
             raise DToPError(f"{onnx_path} is already FP16: pass the float32 export to add --keep-fp32 nodes")
         return None, fp32_nodes_of(model)
+    refuse_derived(model, onnx_path)
     converted = convert_to_fp16(model, keep_fp32_ops or DEFAULT_KEEP_FP32_OPS, keep_fp32_nodes)
     return converted, fp32_nodes_of(converted)
