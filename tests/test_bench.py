@@ -250,3 +250,40 @@ def test_a_plan_is_opened_without_cpu_threads(monkeypatch: pytest.MonkeyPatch, t
         with pytest.raises(Opened):
             run_bench([EngineSpec(path=path, options={}, label=None)], [64], [1], threads=1)
     assert seen == [(".plan", {}), (".onnx", {"threads": 1})]
+
+
+def test_each_pytorch_engine_runs_on_its_own_threads(small_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch has one thread count per process and the PyTorch engine set it only when it opened: the harness opens
+    every engine before timing, so the last PyTorch engine's count ran them all (`a.pt a.pt:threads=1` timed both on
+    1 thread under a header saying "same thread count"), and the matmul ceiling was read at that count too."""
+    import torch
+
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec
+    from dtop_export.engines.pytorch import TorchEngine
+
+    seen: dict[int, set[int]] = {}
+    descriptors = TorchEngine._descriptors
+
+    def recording(self: TorchEngine, x: object) -> object:
+        seen.setdefault(id(self), set()).add(torch.get_num_threads())
+        return descriptors(self, x)
+
+    peaks: list[int] = []
+
+    def fake_peak(device: str, precision: str, threads: int | None = None, **_: object) -> float:
+        peaks.append(threads or torch.get_num_threads())
+        return 100.0
+
+    monkeypatch.setattr(TorchEngine, "_descriptors", recording)
+    monkeypatch.setattr(peak, "matmul_peak", fake_peak)
+    before = torch.get_num_threads()
+    try:
+        specs = [EngineSpec(small_ckpt, label="two"), EngineSpec(small_ckpt, {"threads": 1}, label="one")]
+        report = run_bench(specs, [64], [1], runs=2, warmup=1, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert [r.label for r in report.engines] == ["two", "one"]
+    assert list(seen.values()) == [{2}, {1}]  # in load order: "two" on 2 threads in every pass, "one" on 1
+    assert peaks == [2]  # the ceiling at --threads

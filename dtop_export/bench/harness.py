@@ -12,7 +12,8 @@ How it measures (so the numbers can be trusted on a shared, noisy machine):
    Peak memory = the highest RSS seen minus the RSS before loading, i.e. weights plus the largest
    working set. This pass also warms every engine at every shape.
 2. *Timed pass*: for each (size, batch), ``warmup`` + ``runs`` rounds; in each round every engine runs
-   once, in turn (interleaved), so drifting load hits all engines alike. Same thread count everywhere.
+   once, in turn (interleaved), so drifting load hits all engines alike. Same thread count everywhere unless a
+   spec sets its own (``MODEL:threads=1``); a PyTorch engine sets torch's process-wide count before each call.
 
 The load average before and after is recorded: numbers taken with load above the core count are noise.
 """
@@ -309,7 +310,7 @@ def run_bench(
         for res, engine in zip(results, engines):
             key = peak_key(engine.device, engine.precision)
             if key is not None and key not in peaks:
-                peaks[key] = matmul_peak(*key.split())
+                peaks[key] = matmul_peak(*key.split(), threads=threads)  # the engines' threads, not torch's last
             for t in res.timings:
                 t.gflops_per_s = gflops[t.size] * t.images_per_s
                 t.peak_pct = 100 * t.gflops_per_s / peaks[key] if key is not None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 # The precisions torch can run a dense GEMM in on each device type (CPU fp16 GEMMs are reference loops on CPUs
 # without AVX512-FP16: no ceiling worth the name; int8 engines are read against none).
@@ -18,16 +19,31 @@ def peak_key(device: str, precision: str) -> str | None:
     return f"{device} {precision}" if precision in DTYPES.get(kind, ()) else None
 
 
-def matmul_peak(device: str, precision: str, n: int | None = None, runs: int = 5) -> float:
+def matmul_peak(device: str, precision: str, n: int | None = None, runs: int = 5, threads: int | None = None) -> float:
     """GFLOP/s of ``n`` x ``n`` x ``n`` matmuls (2 flops per multiply-add) on ``device`` in ``precision``: median of
     ``runs`` after two warm-ups. Default ``n``: 8192 on a GPU, 2048 on a CPU. CUDA fp32 is read with TF32 off
-    (PyTorch's default for matmuls), as the fp32 engine runs."""
+    (PyTorch's default for matmuls), as the fp32 engine runs. ``threads``: torch's CPU threads while measuring (the
+    engines' count, ``bench --threads``; torch's process-wide count is put back after)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     n = n or (8192 if cuda else 2048)
+    before = torch.get_num_threads()
+    if cuda or not threads or threads == before:
+        return _gemm_gflops(dev, dtype, n, runs)
+    torch.set_num_threads(threads)
+    try:
+        return _gemm_gflops(dev, dtype, n, runs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gemm_gflops(dev: Any, dtype: Any, n: int, runs: int) -> float:
+    import torch
+
+    cuda = dev.type == "cuda"
     a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
     times = []
     with torch.inference_mode():
