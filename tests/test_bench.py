@@ -287,3 +287,31 @@ def test_each_pytorch_engine_runs_on_its_own_threads(small_ckpt: Path, monkeypat
     assert [r.label for r in report.engines] == ["two", "one"]
     assert list(seen.values()) == [{2}, {1}]  # in load order: "two" on 2 threads in every pass, "one" on 1
     assert peaks == [2]  # the ceiling at --threads
+
+
+def test_a_tf32_plan_is_read_against_the_tf32_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT plan builds with TF32 allowed (TensorRT's default; `trt --no-tf32` turns it off) and its runner
+    said fp32: its GFLOP/s was read against the strict fp32 GEMM ceiling (TF32 off), several times lower than what its
+    matmuls ran at. Its sidecar's tf32 record now picks a TF32 ceiling, measured with TF32 on, under a key of its own.
+    (No GPU here: the GEMMs themselves are not run.)"""
+    import torch
+
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import ceiling_key
+
+    class Plan:
+        name, precision, device = "tensorrt", "fp32", "cuda:0"
+
+        def __init__(self, tf32: bool | None) -> None:
+            self.tf32 = tf32
+
+        def describe(self) -> dict[str, object]:
+            return {"name": self.name, "precision": self.precision, "device": self.device, "tf32": self.tf32}
+
+    assert ceiling_key(Plan(True)) == "cuda:0 tf32"
+    assert ceiling_key(Plan(False)) == ceiling_key(Plan(None)) == "cuda:0 fp32"
+    seen: list[bool] = []
+    monkeypatch.setattr(peak, "_gemm_gflops", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or 1.0)
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert peak.matmul_peak("cuda:0", "tf32") == peak.matmul_peak("cuda:0", "fp32") == 1.0
+    assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 == before

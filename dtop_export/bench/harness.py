@@ -304,11 +304,11 @@ def run_bench(
     peaks: dict[str, float] = {}
     ckpt = next((sp.path for sp in specs if sp.kind == "checkpoint"), None)
     if count_flops and ckpt is not None:
-        from dtop_export.bench.peak import matmul_peak, peak_key
+        from dtop_export.bench.peak import matmul_peak
 
         gflops = model_gflops(ckpt, sizes)
         for res, engine in zip(results, engines):
-            key = peak_key(engine.device, engine.precision)
+            key = ceiling_key(engine)
             if key is not None and key not in peaks:
                 peaks[key] = matmul_peak(*key.split(), threads=threads)  # the engines' threads, not torch's last
             for t in res.timings:
@@ -331,6 +331,16 @@ def run_bench(
         seconds=time.perf_counter() - t_start,
         matmul_peaks=peaks,
     )
+
+
+def ceiling_key(engine: Any) -> str | None:
+    """The matmul ceiling ``engine``'s GFLOP/s is read against (:func:`~dtop_export.bench.peak.peak_key`): its device
+    and precision, and for an fp32 engine whose description says ``tf32`` (a TensorRT plan built with TF32 allowed,
+    TensorRT's default) the TF32 one: its float32 matmuls run on the tensor cores."""
+    from dtop_export.bench.peak import peak_key
+
+    tf32 = engine.precision == "fp32" and str(engine.device).startswith("cuda") and bool(engine.describe().get("tf32"))
+    return peak_key(engine.device, engine.precision, tf32=tf32)
 
 
 def bench_steps(n_engines: int, n_shapes: int, runs: int, warmup: int) -> int:
