@@ -315,3 +315,25 @@ def test_a_tf32_plan_is_read_against_the_tf32_ceiling(monkeypatch: pytest.Monkey
     before = torch.backends.cuda.matmul.allow_tf32
     assert peak.matmul_peak("cuda:0", "tf32") == peak.matmul_peak("cuda:0", "fp32") == 1.0
     assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_gflops_only_for_the_rows_of_the_counted_model(
+    small_ckpt: Path, small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLOPs are counted on the first checkpoint's model, and every row got GFLOP/s from them: `bench a.pt other.pt`
+    (or another model's .onnx) reported GFLOP/s and % of peak for a model whose FLOPs nobody counted. Only the
+    checkpoint and the files exported from it (their dtop.checkpoint_sha256) have them now; the others '—'."""
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec
+    from dtop_export.checkpoint import random_checkpoint
+
+    monkeypatch.setattr(peak, "matmul_peak", lambda *a, **k: 100.0)
+    other = random_checkpoint("small", tmp_path / "other.pt", seed=1)
+    specs = [EngineSpec(small_ckpt), EngineSpec(other, label="other"), EngineSpec(small_onnx)]
+    report = run_bench(specs, [64], [1], runs=1, warmup=0, threads=1)
+    rates = {r.label: r.timings[0].gflops_per_s for r in report.engines}
+    assert [rates[r.label] is None for r in report.engines] == [False, True, False], rates
+    assert report.engines[1].timings[0].peak_pct is None and report.flops_model == "small.pt"
+    text = report.to_markdown()
+    assert "Forward GFLOP per image of small.pt" in text and "No GFLOP/s for other: another model" in text

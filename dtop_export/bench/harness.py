@@ -1,7 +1,8 @@
 """The benchmark run: every engine side by side, interleaved, in one process (``dtop-export bench``).
 
 Per engine: latency p50/p90 and images/s per (size, batch), speed ratio against PyTorch eager fp32,
-achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter``), cosine against the reference
+achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter`` on the first checkpoint's model; only the
+rows of that model, the checkpoint or a file exported from it, have them), cosine against the reference
 engine's output on the same input, first-call time (load + first forward), peak memory, and for
 exported files their size and build time. Reports: Markdown, JSON, PNG (latency vs size).
 
@@ -307,7 +308,10 @@ def run_bench(
         from dtop_export.bench.peak import matmul_peak
 
         gflops = model_gflops(ckpt, sizes)
-        for res, engine in zip(results, engines):
+        counted = _same_model(ckpt)
+        for spec, res, engine in zip(specs, results, engines):
+            if not counted(spec.path):  # another model: these FLOPs are not its own
+                continue
             key = ceiling_key(engine)
             if key is not None and key not in peaks:
                 peaks[key] = matmul_peak(*key.split(), threads=threads)  # the engines' threads, not torch's last
@@ -327,10 +331,32 @@ def run_bench(
         load_before=load_before,
         load_after=list(os.getloadavg()),
         gflops_per_image=gflops,
+        flops_model=ckpt.name if gflops and ckpt is not None else None,
         engines=results,
         seconds=time.perf_counter() - t_start,
         matmul_peaks=peaks,
     )
+
+
+def _same_model(checkpoint: Path) -> Callable[[Path], bool]:
+    """Whether a model file is ``checkpoint`` or was exported from it (the checkpoint's sha256, which every export
+    records as ``dtop.checkpoint_sha256``: ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan sidecar); a file
+    that records none is not."""
+    from dtop_export.identity import checkpoint_of
+
+    digests: dict[Path, str | None] = {}
+
+    def digest(path: Path) -> str | None:
+        key = path.resolve()
+        if key not in digests:
+            try:
+                digests[key] = checkpoint_of(path)
+            except (DToPError, OSError, ValueError):
+                digests[key] = None
+        return digests[key]
+
+    mine = digest(checkpoint)
+    return lambda path: mine is not None and digest(path) == mine
 
 
 def ceiling_key(engine: Any) -> str | None:
