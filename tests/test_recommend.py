@@ -262,3 +262,28 @@ def test_an_int8_candidate_below_the_contract_is_skipped_not_fatal(
     assert refused == [("int8", "below the INT8 contract: cosine min 0.95000 < 0.99 on 12 inputs")]
     with pytest.raises(BelowContract, match="breaks the INT8 contract"):
         artefacts.derive_specs(small_ckpt, ["int8"], tmp_path / "w2")
+
+
+def test_bench_recommend_refuses_the_options_it_does_not_use(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`bench --recommend` ignored --markdown, --plot, --batch, --warmup, --derive, --no-flops and --precision: it
+    ran for minutes, exit 0, and the Markdown or PNG asked for was never written. Each is refused in one line now,
+    before anything is built."""
+    from dtop_export.bench import recommend
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("measured despite an option --recommend does not use")
+
+    monkeypatch.setattr(recommend, "recommend", never)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    for extra, named in ((["--markdown", str(md)], "--markdown"), (["--plot", str(png)], "--plot"),
+                         (["--batch", "1,8"], "--batch"), (["--warmup", "3"], "--warmup"),
+                         (["--derive", "int8"], "--derive"), (["--no-flops"], "--no-flops"),
+                         (["--precision", "auto"], "--precision"),
+                         (["--markdown", str(md), "--warmup", "0"], "--warmup, --markdown")):  # fmt: skip
+        assert cli("bench", "--recommend", str(small_ckpt), *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert f"--recommend does not use {named}: leave" in err and len(err.strip().splitlines()) == 1, err
+    assert not md.exists() and not png.exists() and not (tmp_path / "cache").exists()
