@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from dtop_export.bench.recommend import LOSSY_MARGIN
 from dtop_export.cli.common import (
     ForceOpt,
     ProgressOpt,
@@ -83,8 +84,9 @@ def bench(
         typer.Option(
             "--recommend",
             help="From one checkpoint: build, time (largest --sizes, batch 1) and check every CPU path this CPU can "
-            "make pay, pick the fastest within its contract, store it for `--precision auto`. Uses --sizes, --threads, "
-            "--runs, --workdir and --json; refuses the other report and timing options.",
+            f"make pay, pick the fastest within its contract (bf16/fp16/int8 only when at least {LOSSY_MARGIN:g}x as "
+            "fast as eager fp32 and as the fastest fp32 path), store it for `--precision auto`. Uses --sizes, "
+            "--threads, --runs, --workdir and --json; refuses the other report and timing options.",
         ),
     ] = False,
     progress: ProgressOpt = True,
