@@ -429,6 +429,27 @@ def test_an_existing_output_is_kept_unless_force(
     assert out.read_bytes() == first and json.loads(out.with_suffix(".json").read_text())["images"] == [str(image)]
 
 
+def test_a_sidecar_named_as_the_output_is_refused(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """`-o X.npy --json X.npy` wrote the matrix and then the JSON over it, exit 0: the descriptors were gone. Refused
+    in one line now, however the two are spelled (another path to the file, a link to it), nothing written."""
+    out, image = tmp_path / "out.npy", zoo["grey.png"]
+    (tmp_path / "sub").mkdir()
+    for sidecar in (out, tmp_path / "sub" / ".." / "out.npy"):
+        _fails(
+            _run(client, small_onnx, image, "-o", out, "--json", sidecar), r"--json .*out.npy is the output .*out.npy"
+        )
+    out.write_bytes(b"previous")
+    (tmp_path / "link.json").symlink_to(out)
+    _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "link.json", "--force"), r"is the output")
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.json",
+        "out.npy",
+        "sub",
+    ]
+
+
 def test_parity_cli_passes_and_reports(
     client: Path, small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

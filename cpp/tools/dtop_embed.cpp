@@ -132,6 +132,18 @@ int to_int(const std::string& flag, const std::string& v) {
   throw dtop::Error(flag + " expects an integer, got '" + v + "'");
 }
 
+// Whether two paths name one file, existing or not (symlinks, "..", "." and doubled slashes resolved as far as the
+// folders exist).
+bool same_file(const std::string& a, const std::string& b) {
+  auto resolve = [](const std::string& p, std::error_code& ec) {
+    const fs::path absolute = fs::absolute(p, ec);
+    return ec ? fs::path() : fs::weakly_canonical(absolute, ec);
+  };
+  std::error_code ea, eb;
+  const fs::path pa = resolve(a, ea), pb = resolve(b, eb);
+  return ea || eb ? fs::path(a).lexically_normal() == fs::path(b).lexically_normal() : pa == pb;
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
@@ -184,6 +196,10 @@ Args parse_args(int argc, char** argv) {
   if (a.output.empty()) throw dtop::Error("no output given: add -o OUT.npy");
   if (fs::path(a.output).extension() != ".npy") throw dtop::Error("output " + a.output + " should end in .npy");
   if (a.sidecar.empty()) a.sidecar = fs::path(a.output).replace_extension(".json").string();
+  if (same_file(a.output, a.sidecar)) {  // the sidecar was written over the matrix (exit 0)
+    throw dtop::Error("--json " + a.sidecar + " is the output " + a.output +
+                      ": give the sidecar another name, or leave --json out (OUT with .json)");
+  }
   if (a.image_size < 0) throw dtop::Error("--image-size must be positive");
   if (a.batch_size < 1) throw dtop::Error("batch size must be >= 1, got " + std::to_string(a.batch_size));
   if (a.threads < 0) throw dtop::Error("--threads must be >= 0");
