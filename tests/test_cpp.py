@@ -161,6 +161,45 @@ def test_embed_output_matches_python_embed(
     assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
 
 
+def test_file_names_that_are_not_utf8_are_named_as_python_names_them(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """A file name in another encoding (b"caf\xe9.jpg", Latin-1) went into the sidecar as its raw bytes: invalid
+    JSON, and `cpp parity` died in a UnicodeDecodeError traceback reading it. The client writes such a byte as the
+    escape Python's json.dumps writes for it (\udce9, os.fsdecode's surrogate), so both sidecars name the file alike;
+    valid UTF-8 (é) and a broken sequence in one name too. Parity passes on such files, and a sidecar that is not UTF-8
+    (an older client's) is one line."""
+    import os
+
+    names = [os.fsdecode(b"caf\xe9.jpg"), os.fsdecode(b"ok\xc3\xa9\xe2\x82x.png")]
+    links = []
+    for name, target in zip(names, ("landscape.jpg", "grey.png")):
+        links.append(tmp_path / name)
+        links[-1].symlink_to(zoo[target])
+    r = _run(client, small_onnx, *links, "-o", tmp_path / "cpp.npy", "--image-size", 128, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert cli("embed", str(small_onnx), *map(str, links), "-o", str(tmp_path / "py.npy"), "--image-size", "128",
+               "--no-progress") == 0  # fmt: skip
+    cpp_side = json.loads((tmp_path / "cpp.json").read_bytes().decode("utf-8"))
+    py_side = json.loads((tmp_path / "py.json").read_text())
+    assert cpp_side["images"] == py_side["images"] == [str(p) for p in links]
+    report = compare(client, small_onnx, links, image_size=128)
+    assert report.passed, report.failures()
+    assert [r.path for r in report.images] == [str(p) for p in links]
+
+    fake = tmp_path / "old-client"  # writes what the client wrote before: the name's bytes as they are
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --help ]; then echo "usage: dtop-embed MODEL IMAGE..."; exit 0; fi\n'
+        'while [ "$1" != -o ]; do shift; done\n'
+        f'cp {tmp_path / "cpp.npy"} "$2"\n'
+        'printf \'{"images": ["caf\\351.jpg"], "skipped": []}\' > "${2%.npy}.json"\n'
+    )
+    fake.chmod(0o755)
+    with pytest.raises(DToPError, match="wrote a sidecar that is not UTF-8 JSON \\('utf-8' codec can't decode"):
+        compare(fake, small_onnx, links, image_size=128)
+
+
 def test_an_image_size_that_cannot_fit_is_one_line(
     client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:
