@@ -438,6 +438,20 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Only -o's folder was checked, with access(), which says yes to root in /proc: `-o /proc/x.npy` as root, or a
+    --json in a missing folder, failed after every image was embedded (and --dump-inputs written). Both outputs'
+    folders are checked now, and the temp file the writer makes is made there first."""
+    out, dump, image = tmp_path / "out.npy", tmp_path / "dump", zoo["grey.png"]
+    _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "nope" / "x.json", "--dump-inputs", dump),
+           r"cannot write .*nope/x.json: folder .*nope does not exist")  # fmt: skip
+    _fails(_run(client, small_onnx, image, "-o", "/proc/dtop-test.npy", "--dump-inputs", dump),
+           r"cannot write /proc/dtop-test.npy")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # no dump, no output, no temp file
+
+
 def test_an_existing_output_is_kept_unless_force(
     client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:
