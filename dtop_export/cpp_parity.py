@@ -221,7 +221,8 @@ def run_binary(binary: Path, args: list[str], timeout: float = 1800) -> subproce
     """Run ``dtop-embed`` (:func:`check_binary`) with ``args``."""
     path = check_binary(binary)
     try:
-        return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=timeout)
+        # errors="replace": its messages name files as the OS has them, bytes that need not be UTF-8
+        return subprocess.run([str(path), *args], capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise DToPError(f"{binary} did not finish within {timeout:g} s") from e
 
@@ -256,7 +257,11 @@ def compare(
         if not out.is_file() or not out.with_suffix(".json").is_file():
             raise DToPError(f"{binary} exited 0 without writing {out.name} and its .json: is it dtop-embed?")
         cpp = np.load(out)
-        side = json.loads(out.with_suffix(".json").read_text())
+        try:
+            side = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        except ValueError as e:  # UnicodeDecodeError too: a client that wrote a file name's bytes as they were
+            raise DToPError(f"{binary} wrote a sidecar that is not UTF-8 JSON ({e}): build it again with "
+                            "`dtop-export cpp build`, or give --binary a current dtop-embed") from e  # fmt: skip
         report.skipped_cpp = [s["path"] for s in side["skipped"]]
         engine = load_engine(model, threads=threads)
         errors: list[tuple[int, str]] = []

@@ -87,6 +87,10 @@ class TorchEngine(Engine):
     reference's and a bf16/fp16 engine's FP32 first convolution alike, whichever engine a process opened first
     (an fp32 engine alone turned it off: a later fp16 engine's parity then differed from one opened alone).
 
+    threads: torch's intra-op threads. PyTorch has one count per process: it is set when the engine opens and again
+    before each :meth:`embed` that finds another, so two engines of one process (``bench a.pt a.pt:threads=1``) each
+    run on their own.
+
     Eager fp32/``half`` engines opened with :meth:`from_checkpoint` (a model of their own) standardise the stem's
     weights once, not in every pass (:func:`~dtop_export.model.backbone.cache_weight_standardization`, the same
     bits); a model passed in is left as the caller set it.
@@ -116,6 +120,7 @@ class TorchEngine(Engine):
 
         if threads:
             torch.set_num_threads(threads)
+        self.threads = int(threads) if threads else None
         if precision not in ("fp32", "bf16", "fp16"):
             raise DToPError(f"pytorch engine precision must be fp32, bf16 or fp16, got {precision!r}")
         if compile not in COMPILE_MODES:
@@ -191,6 +196,8 @@ class TorchEngine(Engine):
         x = torch.from_numpy(self.check_images(images)).to(self.device)
         if x.shape[0] == 0:
             return self.no_descriptors()
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # process-wide: another engine of this process may have set its own
         with torch.inference_mode():
             return self._descriptors(x).cpu().numpy().astype(np.float32)
 

@@ -250,3 +250,90 @@ def test_a_plan_is_opened_without_cpu_threads(monkeypatch: pytest.MonkeyPatch, t
         with pytest.raises(Opened):
             run_bench([EngineSpec(path=path, options={}, label=None)], [64], [1], threads=1)
     assert seen == [(".plan", {}), (".onnx", {"threads": 1})]
+
+
+def test_each_pytorch_engine_runs_on_its_own_threads(small_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch has one thread count per process and the PyTorch engine set it only when it opened: the harness opens
+    every engine before timing, so the last PyTorch engine's count ran them all (`a.pt a.pt:threads=1` timed both on
+    1 thread under a header saying "same thread count"), and the matmul ceiling was read at that count too."""
+    import torch
+
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec
+    from dtop_export.engines.pytorch import TorchEngine
+
+    seen: dict[int, set[int]] = {}
+    descriptors = TorchEngine._descriptors
+
+    def recording(self: TorchEngine, x: object) -> object:
+        seen.setdefault(id(self), set()).add(torch.get_num_threads())
+        return descriptors(self, x)
+
+    peaks: list[int] = []
+
+    def fake_peak(device: str, precision: str, threads: int | None = None, **_: object) -> float:
+        peaks.append(threads or torch.get_num_threads())
+        return 100.0
+
+    monkeypatch.setattr(TorchEngine, "_descriptors", recording)
+    monkeypatch.setattr(peak, "matmul_peak", fake_peak)
+    before = torch.get_num_threads()
+    try:
+        specs = [EngineSpec(small_ckpt, label="two"), EngineSpec(small_ckpt, {"threads": 1}, label="one")]
+        report = run_bench(specs, [64], [1], runs=2, warmup=1, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert [r.label for r in report.engines] == ["two", "one"]
+    assert list(seen.values()) == [{2}, {1}]  # in load order: "two" on 2 threads in every pass, "one" on 1
+    assert peaks == [2]  # the ceiling at --threads
+
+
+def test_a_tf32_plan_is_read_against_the_tf32_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT plan builds with TF32 allowed (TensorRT's default; `trt --no-tf32` turns it off) and its runner
+    said fp32: its GFLOP/s was read against the strict fp32 GEMM ceiling (TF32 off), several times lower than what its
+    matmuls ran at. Its sidecar's tf32 record now picks a TF32 ceiling, measured with TF32 on, under a key of its own.
+    (No GPU here: the GEMMs themselves are not run.)"""
+    import torch
+
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import ceiling_key
+
+    class Plan:
+        name, precision, device = "tensorrt", "fp32", "cuda:0"
+
+        def __init__(self, tf32: bool | None) -> None:
+            self.tf32 = tf32
+
+        def describe(self) -> dict[str, object]:
+            return {"name": self.name, "precision": self.precision, "device": self.device, "tf32": self.tf32}
+
+    assert ceiling_key(Plan(True)) == "cuda:0 tf32"
+    assert ceiling_key(Plan(False)) == ceiling_key(Plan(None)) == "cuda:0 fp32"
+    seen: list[bool] = []
+    monkeypatch.setattr(peak, "_gemm_gflops", lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or 1.0)
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert peak.matmul_peak("cuda:0", "tf32") == peak.matmul_peak("cuda:0", "fp32") == 1.0
+    assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_gflops_only_for_the_rows_of_the_counted_model(
+    small_ckpt: Path, small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLOPs are counted on the first checkpoint's model, and every row got GFLOP/s from them: `bench a.pt other.pt`
+    (or another model's .onnx) reported GFLOP/s and % of peak for a model whose FLOPs nobody counted. Only the
+    checkpoint and the files exported from it (their dtop.checkpoint_sha256) have them now; the others '—'."""
+    from dtop_export.bench import peak
+    from dtop_export.bench.harness import run_bench
+    from dtop_export.bench.spec import EngineSpec
+    from dtop_export.checkpoint import random_checkpoint
+
+    monkeypatch.setattr(peak, "matmul_peak", lambda *a, **k: 100.0)
+    other = random_checkpoint("small", tmp_path / "other.pt", seed=1)
+    specs = [EngineSpec(small_ckpt), EngineSpec(other, label="other"), EngineSpec(small_onnx)]
+    report = run_bench(specs, [64], [1], runs=1, warmup=0, threads=1)
+    rates = {r.label: r.timings[0].gflops_per_s for r in report.engines}
+    assert [rates[r.label] is None for r in report.engines] == [False, True, False], rates
+    assert report.engines[1].timings[0].peak_pct is None and report.flops_model == "small.pt"
+    text = report.to_markdown()
+    assert "Forward GFLOP per image of small.pt" in text and "No GFLOP/s for other: another model" in text

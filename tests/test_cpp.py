@@ -161,6 +161,45 @@ def test_embed_output_matches_python_embed(
     assert jc["engine"]["name"] == "openvino-cpp" and jc["engine"]["precision"] == "fp32"
 
 
+def test_file_names_that_are_not_utf8_are_named_as_python_names_them(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """A file name in another encoding (b"caf\xe9.jpg", Latin-1) went into the sidecar as its raw bytes: invalid
+    JSON, and `cpp parity` died in a UnicodeDecodeError traceback reading it. The client writes such a byte as the
+    escape Python's json.dumps writes for it (\udce9, os.fsdecode's surrogate), so both sidecars name the file alike;
+    valid UTF-8 (é) and a broken sequence in one name too. Parity passes on such files, and a sidecar that is not UTF-8
+    (an older client's) is one line."""
+    import os
+
+    names = [os.fsdecode(b"caf\xe9.jpg"), os.fsdecode(b"ok\xc3\xa9\xe2\x82x.png")]
+    links = []
+    for name, target in zip(names, ("landscape.jpg", "grey.png")):
+        links.append(tmp_path / name)
+        links[-1].symlink_to(zoo[target])
+    r = _run(client, small_onnx, *links, "-o", tmp_path / "cpp.npy", "--image-size", 128, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert cli("embed", str(small_onnx), *map(str, links), "-o", str(tmp_path / "py.npy"), "--image-size", "128",
+               "--no-progress") == 0  # fmt: skip
+    cpp_side = json.loads((tmp_path / "cpp.json").read_bytes().decode("utf-8"))
+    py_side = json.loads((tmp_path / "py.json").read_text())
+    assert cpp_side["images"] == py_side["images"] == [str(p) for p in links]
+    report = compare(client, small_onnx, links, image_size=128)
+    assert report.passed, report.failures()
+    assert [r.path for r in report.images] == [str(p) for p in links]
+
+    fake = tmp_path / "old-client"  # writes what the client wrote before: the name's bytes as they are
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = --help ]; then echo "usage: dtop-embed MODEL IMAGE..."; exit 0; fi\n'
+        'while [ "$1" != -o ]; do shift; done\n'
+        f'cp {tmp_path / "cpp.npy"} "$2"\n'
+        'printf \'{"images": ["caf\\351.jpg"], "skipped": []}\' > "${2%.npy}.json"\n'
+    )
+    fake.chmod(0o755)
+    with pytest.raises(DToPError, match="wrote a sidecar that is not UTF-8 JSON \\('utf-8' codec can't decode"):
+        compare(fake, small_onnx, links, image_size=128)
+
+
 def test_an_image_size_that_cannot_fit_is_one_line(
     client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -399,6 +438,20 @@ def test_bad_images_and_arguments(client: Path, small_onnx: Path, zoo: dict[str,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out.npy"]  # no temp files left behind
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """Only -o's folder was checked, with access(), which says yes to root in /proc: `-o /proc/x.npy` as root, or a
+    --json in a missing folder, failed after every image was embedded (and --dump-inputs written). Both outputs'
+    folders are checked now, and the temp file the writer makes is made there first."""
+    out, dump, image = tmp_path / "out.npy", tmp_path / "dump", zoo["grey.png"]
+    _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "nope" / "x.json", "--dump-inputs", dump),
+           r"cannot write .*nope/x.json: folder .*nope does not exist")  # fmt: skip
+    _fails(_run(client, small_onnx, image, "-o", "/proc/dtop-test.npy", "--dump-inputs", dump),
+           r"cannot write /proc/dtop-test.npy")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # no dump, no output, no temp file
+
+
 def test_an_existing_output_is_kept_unless_force(
     client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -427,6 +480,27 @@ def test_an_existing_output_is_kept_unless_force(
     r = _run(client, small_onnx, image, "-o", out, "--force", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == first and json.loads(out.with_suffix(".json").read_text())["images"] == [str(image)]
+
+
+def test_a_sidecar_named_as_the_output_is_refused(
+    client: Path, small_onnx: Path, zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """`-o X.npy --json X.npy` wrote the matrix and then the JSON over it, exit 0: the descriptors were gone. Refused
+    in one line now, however the two are spelled (another path to the file, a link to it), nothing written."""
+    out, image = tmp_path / "out.npy", zoo["grey.png"]
+    (tmp_path / "sub").mkdir()
+    for sidecar in (out, tmp_path / "sub" / ".." / "out.npy"):
+        _fails(
+            _run(client, small_onnx, image, "-o", out, "--json", sidecar), r"--json .*out.npy is the output .*out.npy"
+        )
+    out.write_bytes(b"previous")
+    (tmp_path / "link.json").symlink_to(out)
+    _fails(_run(client, small_onnx, image, "-o", out, "--json", tmp_path / "link.json", "--force"), r"is the output")
+    assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.json",
+        "out.npy",
+        "sub",
+    ]
 
 
 def test_parity_cli_passes_and_reports(

@@ -576,7 +576,11 @@ def test_cpp_build_says_why_without_executorch(monkeypatch: pytest.MonkeyPatch) 
 
 def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte: Path, tmp_path: Path) -> None:
     """`cpp build --prefix` installs dtop::executorch; another CMake project links it with
-    find_package(dtop COMPONENTS executorch) and runs a .pte through dtop::Embedder."""
+    find_package(dtop COMPONENTS executorch) and runs a .pte through dtop::Embedder.
+
+    ExecuTorch's thread pool is the process's and XNNPACK keeps the one it loaded with: a second program opened with
+    other threads rebuilt the pool under the first (its passes then ran on freed memory). Now refused while a program
+    is open; threads 0 takes the pool as it is; with none open a new count sizes it again."""
     from dtop_export.cpp import build, executorch_plan, openvino_sdk
 
     prefix = tmp_path / "prefix"
@@ -584,12 +588,7 @@ def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte
     assert (prefix / "lib" / "cmake" / "dtop" / "dtopExecutorchTargets.cmake").is_file()
     app = tmp_path / "app"
     app.mkdir()
-    (app / "main.cpp").write_text(
-        "#include <cstdio>\n#include <dtop/embedder.hpp>\n#include <dtop/executorch.hpp>\n"
-        "int main(int argc, char** argv) {\n  if (argc != 3) return 2;\n"
-        "  dtop::Embedder e(dtop::open_executorch(argv[1]), argv[1]);\n"
-        '  const auto d = e.embed(dtop::load_image(argv[2]));\n  std::printf("%zu\\n", d.size());\n}\n'
-    )
+    (app / "main.cpp").write_text(APP)
     (app / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.28)\nproject(app CXX)\nset(CMAKE_CXX_STANDARD 17)\n"
         "find_package(dtop REQUIRED COMPONENTS executorch)\nadd_executable(app main.cpp)\n"
@@ -607,7 +606,46 @@ def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte
     Image.new("RGB", (50, 70), (200, 100, 0)).save(tmp_path / "a.png")
     r = subprocess.run([str(app / "b" / "app"), str(small_pte), str(tmp_path / "a.png")], capture_output=True,
                        text=True, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
-    assert r.returncode == 0 and r.stdout.strip() == "256", r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "256",
+        f"refused: {small_pte}: ExecuTorch's thread pool is the process's, and the 1 ExecuTorch program(s) open in it "
+        "run on 2 threads: open this one with threads 2 (or 0), or close them first",
+        "default: 2 threads, same descriptor: 1",
+        "alone: 1 threads",
+    ], r.stdout
+
+
+APP = r"""#include <cstdio>
+#include <string>
+
+#include <dtop/embedder.hpp>
+#include <dtop/executorch.hpp>
+
+std::string threads(const dtop::Embedder& e) { return e.describe().substr(e.describe().rfind("XNNPACK ") + 8); }
+
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  dtop::RuntimeOptions two, one;
+  two.threads = 2;
+  one.threads = 1;
+  {
+    dtop::Embedder e(dtop::open_executorch(argv[1], two), argv[1]);
+    const auto d = e.embed(dtop::load_image(argv[2]));
+    std::printf("%zu\n", d.size());
+    try {
+      dtop::Embedder other(dtop::open_executorch(argv[1], one), argv[1]);
+      std::printf("opened: %s\n", threads(other).c_str());
+    } catch (const dtop::Error& x) {
+      std::printf("refused: %s\n", x.what());
+    }
+    dtop::Embedder same(dtop::open_executorch(argv[1]), argv[1]);
+    std::printf("default: %s, same descriptor: %d\n", threads(same).c_str(), e.embed(dtop::load_image(argv[2])) == d);
+  }
+  dtop::Embedder alone(dtop::open_executorch(argv[1], one), argv[1]);
+  std::printf("alone: %s\n", threads(alone).c_str());
+}
+"""
 
 
 # the full model --------------------------------------------------------------------------------------------------

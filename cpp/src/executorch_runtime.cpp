@@ -70,6 +70,13 @@ std::size_t usable_cpus() {
   return 0;
 }
 
+// ExecuTorch's thread pool is the process's, and XNNPACK takes its pthreadpool when a program's forward method loads
+// and keeps it: resizing the pool destroys that pthreadpool, so a resize while any program is open left it running on
+// freed memory (ThreadPool::_unsafe_reset_threadpool says as much). The pool is sized only while no program of this
+// process is open; opening, sizing and loading the forward method happen under this mutex, counted in open_programs.
+std::mutex pool_mutex;
+std::size_t open_programs = 0;
+
 // "(code: the runtime's last error line)" for an error message.
 std::string reason(Error error) {
   std::string text = executorch::runtime::to_string(error);
@@ -98,18 +105,42 @@ class ExecuTorchRuntime final : public Runtime {
                         "): export it again with `dtop-export executorch`");
     }
     read_metadata();
+    std::lock_guard<std::mutex> lock(pool_mutex);
     // The pool is the process's: --threads sizes it; by default ExecuTorch's size, capped at the usable CPUs (two
-    // threads on one CPU under taskset made every forward pass wait).
+    // threads on one CPU under taskset made every forward pass wait). Only while no other program is open.
     if (auto* pool = executorch::extension::threadpool::get_threadpool(); pool != nullptr) {
-      std::size_t wanted = options.threads > 0 ? static_cast<std::size_t>(options.threads) : pool->get_thread_count();
+      const std::size_t have = pool->get_thread_count();
+      std::size_t wanted = options.threads > 0 ? static_cast<std::size_t>(options.threads) : have;
       if (const std::size_t cpus = usable_cpus(); options.threads == 0 && cpus > 0 && wanted > cpus) wanted = cpus;
-      if (pool->get_thread_count() != wanted) pool->_unsafe_reset_threadpool(static_cast<std::uint32_t>(wanted));
+      if (wanted != have && open_programs > 0) {
+        if (options.threads > 0) {
+          throw dtop::Error(path + ": ExecuTorch's thread pool is the process's, and the " +
+                            std::to_string(open_programs) + " ExecuTorch program(s) open in it run on " +
+                            std::to_string(have) + " threads: open this one with threads " + std::to_string(have) +
+                            " (or 0), or close them first");
+        }
+        wanted = have;  // the default: the pool as the open programs have it
+      }
+      if (wanted != have) pool->_unsafe_reset_threadpool(static_cast<std::uint32_t>(wanted));
       threads_ = pool->get_thread_count();
     }
     if (const Error e = module_->load_forward(); e != Error::Ok) {
       throw dtop::Error("ExecuTorch cannot load " + path + "'s forward method (" + reason(e) + ")");
     }
+    ++open_programs;
+    counted_ = true;
   }
+
+  ~ExecuTorchRuntime() override {
+    module_.reset();  // its XNNPACK runtime (and its hold on the pool) goes first
+    if (counted_) {
+      std::lock_guard<std::mutex> lock(pool_mutex);
+      --open_programs;
+    }
+  }
+
+  ExecuTorchRuntime(const ExecuTorchRuntime&) = delete;
+  ExecuTorchRuntime& operator=(const ExecuTorchRuntime&) = delete;
 
   const Metadata& metadata() const override { return metadata_; }
 
@@ -173,6 +204,7 @@ class ExecuTorchRuntime final : public Runtime {
   std::string path_;
   RuntimeOptions options_;
   std::size_t threads_ = 0;  // the pool's size when this program was opened
+  bool counted_ = false;     // in open_programs
   std::unique_ptr<Module> module_;
   Metadata metadata_;
 };

@@ -157,9 +157,54 @@ class Parser {
 
 Value parse(const std::string& text) { return Parser(text).document(); }
 
+namespace {
+
+// Bytes of the well-formed UTF-8 sequence at text[i] (RFC 3629: shortest form, no surrogates, up to U+10FFFF), 0 when
+// the byte at i starts none.
+std::size_t utf8_sequence(const std::string& text, std::size_t i) {
+  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(text[k]); };
+  const unsigned char c = byte(i);
+  if (c < 0x80) return 1;
+  std::size_t n = 0;
+  unsigned char low = 0x80, high = 0xBF;  // the range of the second byte
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    if (c == 0xE0) low = 0xA0;   // no overlong forms
+    if (c == 0xED) high = 0x9F;  // no surrogates
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    if (c == 0xF0) low = 0x90;
+    if (c == 0xF4) high = 0x8F;  // up to U+10FFFF
+  } else {
+    return 0;
+  }
+  if (i + n > text.size()) return 0;
+  for (std::size_t k = 1; k < n; ++k) {
+    const unsigned char b = byte(i + k);
+    if (b < (k == 1 ? low : 0x80) || b > (k == 1 ? high : 0xBF)) return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
 std::string quote(const std::string& text) {
   std::string out = "\"";
-  for (const char c : text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (static_cast<unsigned char>(c) >= 0x80) {
+      if (const std::size_t n = utf8_sequence(text, i); n > 0) {
+        out.append(text, i, n);
+        i += n - 1;
+      } else {  // not UTF-8 (a file name in another encoding): the escape Python's json.dumps writes for the byte
+        char buf[8];  // that os.fsdecode made a lone surrogate (surrogateescape), so both sides name the file alike
+        std::snprintf(buf, sizeof(buf), "\\udc%02x", static_cast<unsigned char>(c));
+        out += buf;
+      }
+      continue;
+    }
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;

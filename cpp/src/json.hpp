@@ -24,7 +24,8 @@ struct Value {
 /// Parse one JSON document; throws std::invalid_argument with the position on malformed input.
 Value parse(const std::string& text);
 
-/// `text` as a JSON string literal (quoted, escaped).
+/// `text` as a JSON string literal (quoted, escaped): UTF-8 kept as it is, a byte that is not part of well-formed
+/// UTF-8 written as \udcXX, the lone surrogate Python's os.fsdecode makes of it (json.dumps writes the same).
 std::string quote(const std::string& text);
 
 /// A double as JSON (shortest round-trip form, like Python's repr).

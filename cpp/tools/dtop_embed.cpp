@@ -1,10 +1,13 @@
 // dtop-embed MODEL IMAGE... -o OUT.npy: the C++ twin of `dtop-export embed` (same .npy, same .json sidecar).
+#include <fcntl.h>
 #include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <new>
@@ -132,6 +135,18 @@ int to_int(const std::string& flag, const std::string& v) {
   throw dtop::Error(flag + " expects an integer, got '" + v + "'");
 }
 
+// Whether two paths name one file, existing or not (symlinks, "..", "." and doubled slashes resolved as far as the
+// folders exist).
+bool same_file(const std::string& a, const std::string& b) {
+  auto resolve = [](const std::string& p, std::error_code& ec) {
+    const fs::path absolute = fs::absolute(p, ec);
+    return ec ? fs::path() : fs::weakly_canonical(absolute, ec);
+  };
+  std::error_code ea, eb;
+  const fs::path pa = resolve(a, ea), pb = resolve(b, eb);
+  return ea || eb ? fs::path(a).lexically_normal() == fs::path(b).lexically_normal() : pa == pb;
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
@@ -184,6 +199,10 @@ Args parse_args(int argc, char** argv) {
   if (a.output.empty()) throw dtop::Error("no output given: add -o OUT.npy");
   if (fs::path(a.output).extension() != ".npy") throw dtop::Error("output " + a.output + " should end in .npy");
   if (a.sidecar.empty()) a.sidecar = fs::path(a.output).replace_extension(".json").string();
+  if (same_file(a.output, a.sidecar)) {  // the sidecar was written over the matrix (exit 0)
+    throw dtop::Error("--json " + a.sidecar + " is the output " + a.output +
+                      ": give the sidecar another name, or leave --json out (OUT with .json)");
+  }
   if (a.image_size < 0) throw dtop::Error("--image-size must be positive");
   if (a.batch_size < 1) throw dtop::Error("batch size must be >= 1, got " + std::to_string(a.batch_size));
   if (a.threads < 0) throw dtop::Error("--threads must be >= 0");
@@ -268,6 +287,28 @@ std::string sidecar_json(const Args& a, const dtop::Embedder& e, const std::vect
   return s;
 }
 
+// Refuse, before any work, an output whose folder is missing or will not take the file: access() says yes for root in
+// /proc, where the write failed after every image was embedded. The temp file the writer makes there is made now.
+void check_writable(const std::string& out) {
+  const fs::path dir = fs::path(out).has_parent_path() ? fs::path(out).parent_path() : fs::path(".");
+  std::error_code dir_error;  // e.g. "File name too long": one error line, not a std::filesystem_error (exit 1)
+  if (!fs::is_directory(dir, dir_error)) {
+    const bool missing = !dir_error || dir_error == std::errc::no_such_file_or_directory ||
+                         dir_error == std::errc::not_a_directory;
+    throw dtop::Error("cannot write " + out + ": " +
+                      (missing ? "folder " + dir.string() + " does not exist" : dir_error.message()));
+  }
+  if (::access(dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + out + ": folder " + dir.string() + " is not writable");
+  const fs::path probe = dir / ("." + fs::path(out).filename().string() + ".tmp" + std::to_string(::getpid()));
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    if (errno == EEXIST) return;
+    throw dtop::Error("cannot write " + out + ": " + std::strerror(errno));
+  }
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
 int run(int argc, char** argv) {
   const Args a = parse_args(argc, argv);
   const std::vector<double> scales = dtop::parse_scales(a.scales);
@@ -276,15 +317,7 @@ int run(int argc, char** argv) {
     throw dtop::Error("no images given (folders are searched for .jpg, .jpeg, .png, .bmp, .gif, .tif, .tiff, .webp, "
                       ".ppm, .pgm)");
   }
-  const fs::path out_dir = fs::path(a.output).has_parent_path() ? fs::path(a.output).parent_path() : fs::path(".");
-  std::error_code dir_error;  // e.g. "File name too long": one error line, not a std::filesystem_error (exit 1)
-  if (!fs::is_directory(out_dir, dir_error)) {
-    const bool missing = !dir_error || dir_error == std::errc::no_such_file_or_directory ||
-                         dir_error == std::errc::not_a_directory;
-    throw dtop::Error("cannot write " + a.output + ": " +
-                      (missing ? "folder " + out_dir.string() + " does not exist" : dir_error.message()));
-  }
-  if (::access(out_dir.c_str(), W_OK) != 0) throw dtop::Error("cannot write " + a.output + ": folder " + out_dir.string() + " is not writable");
+  for (const std::string& out : {a.output, a.sidecar}) check_writable(out);
   // as `dtop-export embed`: an existing output (a dangling symlink too) is kept unless --force, a folder never
   // replaced; both before any work
   std::vector<std::string> existing;

@@ -1,7 +1,8 @@
 """The benchmark run: every engine side by side, interleaved, in one process (``dtop-export bench``).
 
 Per engine: latency p50/p90 and images/s per (size, batch), speed ratio against PyTorch eager fp32,
-achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter``), cosine against the reference
+achieved GFLOP/s (FLOPs counted once with ``torch.utils.flop_counter`` on the first checkpoint's model; only the
+rows of that model, the checkpoint or a file exported from it, have them), cosine against the reference
 engine's output on the same input, first-call time (load + first forward), peak memory, and for
 exported files their size and build time. Reports: Markdown, JSON, PNG (latency vs size).
 
@@ -12,7 +13,8 @@ How it measures (so the numbers can be trusted on a shared, noisy machine):
    Peak memory = the highest RSS seen minus the RSS before loading, i.e. weights plus the largest
    working set. This pass also warms every engine at every shape.
 2. *Timed pass*: for each (size, batch), ``warmup`` + ``runs`` rounds; in each round every engine runs
-   once, in turn (interleaved), so drifting load hits all engines alike. Same thread count everywhere.
+   once, in turn (interleaved), so drifting load hits all engines alike. Same thread count everywhere unless a
+   spec sets its own (``MODEL:threads=1``); a PyTorch engine sets torch's process-wide count before each call.
 
 The load average before and after is recorded: numbers taken with load above the core count are noise.
 """
@@ -303,13 +305,16 @@ def run_bench(
     peaks: dict[str, float] = {}
     ckpt = next((sp.path for sp in specs if sp.kind == "checkpoint"), None)
     if count_flops and ckpt is not None:
-        from dtop_export.bench.peak import matmul_peak, peak_key
+        from dtop_export.bench.peak import matmul_peak
 
         gflops = model_gflops(ckpt, sizes)
-        for res, engine in zip(results, engines):
-            key = peak_key(engine.device, engine.precision)
+        counted = _same_model(ckpt)
+        for spec, res, engine in zip(specs, results, engines):
+            if not counted(spec.path):  # another model: these FLOPs are not its own
+                continue
+            key = ceiling_key(engine)
             if key is not None and key not in peaks:
-                peaks[key] = matmul_peak(*key.split())
+                peaks[key] = matmul_peak(*key.split(), threads=threads)  # the engines' threads, not torch's last
             for t in res.timings:
                 t.gflops_per_s = gflops[t.size] * t.images_per_s
                 t.peak_pct = 100 * t.gflops_per_s / peaks[key] if key is not None else None
@@ -326,10 +331,42 @@ def run_bench(
         load_before=load_before,
         load_after=list(os.getloadavg()),
         gflops_per_image=gflops,
+        flops_model=ckpt.name if gflops and ckpt is not None else None,
         engines=results,
         seconds=time.perf_counter() - t_start,
         matmul_peaks=peaks,
     )
+
+
+def _same_model(checkpoint: Path) -> Callable[[Path], bool]:
+    """Whether a model file is ``checkpoint`` or was exported from it (the checkpoint's sha256, which every export
+    records as ``dtop.checkpoint_sha256``: ONNX, OpenVINO IR, ExecuTorch program, TensorRT plan sidecar); a file
+    that records none is not."""
+    from dtop_export.identity import checkpoint_of
+
+    digests: dict[Path, str | None] = {}
+
+    def digest(path: Path) -> str | None:
+        key = path.resolve()
+        if key not in digests:
+            try:
+                digests[key] = checkpoint_of(path)
+            except (DToPError, OSError, ValueError):
+                digests[key] = None
+        return digests[key]
+
+    mine = digest(checkpoint)
+    return lambda path: mine is not None and digest(path) == mine
+
+
+def ceiling_key(engine: Any) -> str | None:
+    """The matmul ceiling ``engine``'s GFLOP/s is read against (:func:`~dtop_export.bench.peak.peak_key`): its device
+    and precision, and for an fp32 engine whose description says ``tf32`` (a TensorRT plan built with TF32 allowed,
+    TensorRT's default) the TF32 one: its float32 matmuls run on the tensor cores."""
+    from dtop_export.bench.peak import peak_key
+
+    tf32 = engine.precision == "fp32" and str(engine.device).startswith("cuda") and bool(engine.describe().get("tf32"))
+    return peak_key(engine.device, engine.precision, tf32=tf32)
 
 
 def bench_steps(n_engines: int, n_shapes: int, runs: int, warmup: int) -> int:

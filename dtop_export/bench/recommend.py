@@ -8,9 +8,11 @@ Intel Xeon without AMX, which is why it is measured), an OpenVINO f16 hint (AVX5
 islands of the FP16 ONNX kept FP32), and the static INT8 (QDQ) file in ONNX Runtime and OpenVINO (VNNI or
 AMX-INT8). All are timed side by side (interleaved, same threads; the bench
 harness) and checked against the fp32 reference on the embedded set (the parity contracts); :func:`pick` takes
-the fastest that passes, and never one slower than the reference. The choice is stored per checkpoint (sha256)
-and CPU (name + features) under ``~/.cache/dtop-export/recommend/``, the files it measured next to it (one folder
-per checkpoint and CPU, :func:`models_dir`); ``--precision auto`` reads it back.
+the fastest that passes, and never one slower than the reference; one less exact than fp32 (bf16, fp16, int8) only
+when it is :data:`LOSSY_MARGIN` times as fast as the reference and as the fastest fp32 candidate (the timings are
+medians of a few runs on a possibly busy machine: their spread is stored with each row). The choice is stored per
+checkpoint (sha256) and CPU (name + features) under ``~/.cache/dtop-export/recommend/``, the files it measured
+next to it (one folder per checkpoint and CPU, :func:`models_dir`); ``--precision auto`` reads it back.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
     from dtop_export.bench.spec import EngineSpec
 
 FORMAT = "dtop-export/recommendation"
+# How much faster than the reference, and than the fastest exact (fp32) candidate that qualified, a candidate less
+# exact than fp32 (bf16, fp16, int8) must measure to be chosen: a median of a few runs at batch 1 on a shared machine
+# moves by a few percent, and a lossy path is not worth a gain the noise can make.
+LOSSY_MARGIN = 1.05
 
 
 @dataclass
@@ -43,6 +49,15 @@ class Measured:
     map_delta_max: float = 0.0
     passed: bool = True
     reference: bool = False
+    # latency at the recommendation's size, batch 1 (ms): the spread of the timed runs behind ``speedup``
+    p10_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Held to the fp32 contract (the reference, an fp32 export): no margin needed to be chosen."""
+        return self.precision == "fp32"
 
 
 @dataclass
@@ -64,17 +79,30 @@ class Recommendation:
 
 
 def qualifies(row: Measured, ref: Measured) -> bool:
-    """A candidate may be chosen: it passed its contract and did not measure slower than the reference."""
-    return row.passed and row.speedup >= ref.speedup
+    """A candidate may be chosen: it passed its contract and did not measure slower than the reference; one less
+    exact than fp32 measured at least :data:`LOSSY_MARGIN` times as fast."""
+    return row.passed and row.speedup >= ref.speedup * (1.0 if row.exact else LOSSY_MARGIN)
+
+
+def fastest(ok: Sequence[Measured]) -> Measured:
+    """The fastest of rows that :func:`qualifies`: the fastest exact one (the reference on a tie), unless a less
+    exact one is at least :data:`LOSSY_MARGIN` times as fast as it."""
+    exact = [r for r in ok if r.exact]
+    best = max(exact, key=lambda r: (r.speedup, r.reference)) if exact else None
+    lossy = [r for r in ok if not r.exact and (best is None or r.speedup >= best.speedup * LOSSY_MARGIN)]
+    if lossy:
+        return max(lossy, key=lambda r: r.speedup)
+    if best is None:
+        raise ValueError("no row qualifies")
+    return best
 
 
 def pick(rows: Sequence[Measured]) -> Measured:
-    """The fastest row that :func:`qualifies` (the reference always does)."""
+    """The :func:`fastest` row that :func:`qualifies` (the reference always does)."""
     ref = next((r for r in rows if r.reference), None)
     if ref is None:
         raise ValueError("no reference row")
-    ok = [r for r in rows if qualifies(r, ref)]
-    return max(ok, key=lambda r: (r.speedup, r.reference))
+    return fastest([r for r in rows if qualifies(r, ref)])
 
 
 def native_bf16(features: Sequence[str]) -> bool:
@@ -138,6 +166,8 @@ def measure(
 ) -> Recommendation:
     """Build, time (at ``size``², batch 1) and check every candidate for ``checkpoint``; returns the
     recommendation (not yet stored). ``image_size`` is the parity check's (default: the embedded set's)."""
+    import numpy as np
+
     from dtop_export.bench.harness import cpu_features, machine_info, run_bench
     from dtop_export.engines import load_engine
     from dtop_export.parity import parity
@@ -168,6 +198,10 @@ def measure(
         t = res.timing(size, 1)
         speed = float(t.speedup) if t is not None and t.speedup is not None else 0.0
         row = Measured(spec.label or res.label, str(spec.path.resolve()), dict(spec.options), res.precision, speed)
+        if t is not None:
+            row.p10_ms, row.p50_ms, row.p90_ms = (
+                round(float(np.percentile(t.times_s, q)) * 1e3, 3) for q in (10, 50, 90)
+            )
         if i == 0:
             row.reference = True
         else:
@@ -309,7 +343,7 @@ def recommended(checkpoint: Path, runtime: str | None = None) -> dict[str, Any]:
                 f"no {runtime} candidate for {checkpoint.name} met its contract and beat PyTorch fp32 on this CPU "
                 f"(the recommendation here is {choice['label']}): deploy that, or export the fp32 file"
             )
-        choice = asdict(max(ok, key=lambda r: r.speedup))
+        choice = asdict(fastest(ok))
     if not Path(choice["path"]).is_file():
         raise DToPError(
             f"the recommended file {choice['path']} is gone: run `dtop-export bench --recommend {checkpoint}` again"

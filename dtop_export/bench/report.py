@@ -67,6 +67,7 @@ class BenchReport:
     engines: list[EngineResult]
     seconds: float = 0.0
     matmul_peaks: dict[str, float] = field(default_factory=dict)  # "cuda fp16" -> GFLOP/s, measured this run
+    flops_model: str | None = None  # the checkpoint gflops_per_image counts (rows of other models have no GFLOP/s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -114,7 +115,11 @@ class BenchReport:
             )
         if self.gflops_per_image:
             per = ", ".join(f"{s}²: {g:.1f}" for s, g in sorted(self.gflops_per_image.items()))
-            lines += ["", f"Forward GFLOP per image (torch.utils.flop_counter): {per}."]
+            of = f" of {self.flops_model}" if self.flops_model else ""
+            lines += ["", f"Forward GFLOP per image{of} (torch.utils.flop_counter): {per}."]
+            others = [e.label for e in self.engines if all(t.gflops_per_s is None for t in e.timings)]
+            if others:
+                lines.append(f"No GFLOP/s for {', '.join(others)}: another model than the one counted.")
         if self.matmul_peaks:
             peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in self.matmul_peaks.items())
             lines += [f"Matmul ceilings measured in this run (square GEMMs, the % of peak column): {peaks}."]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from dtop_export.bench.recommend import LOSSY_MARGIN
 from dtop_export.cli.common import (
     ForceOpt,
     ProgressOpt,
@@ -83,7 +84,9 @@ def bench(
         typer.Option(
             "--recommend",
             help="From one checkpoint: build, time (largest --sizes, batch 1) and check every CPU path this CPU can "
-            "make pay, pick the fastest within its contract, store it for `--precision auto`.",
+            f"make pay, pick the fastest within its contract (bf16/fp16/int8 only when at least {LOSSY_MARGIN:g}x as "
+            "fast as eager fp32 and as the fastest fp32 path), store it for `--precision auto`. Uses --sizes, "
+            "--threads, --runs, --workdir and --json; refuses the other report and timing options.",
         ),
     ] = False,
     progress: ProgressOpt = True,
@@ -100,6 +103,10 @@ def bench(
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import derive_specs
 
+    if recommend:
+        _refuse_unused_by_recommend(batch=batch != "1", warmup=warmup != 1, derive=derive is not None,
+                                    plot=plot is not None, markdown=markdown is not None, no_flops=no_flops,
+                                    precision=precision is not None)  # fmt: skip
     size_list = parse_int_list(sizes, "--sizes")
     batch_list = parse_int_list(batch, "--batch")
     check_image_size(max(size_list), batch=max(batch_list), option="--sizes", batch_option="--batch")
@@ -192,6 +199,16 @@ def auto_specs(specs: list[EngineSpec], add: bool) -> list[EngineSpec]:
         elif wants:
             raise DToPError(f"{s.path.name}:auto: auto starts from the checkpoint (.pt) `bench --recommend` measured")
     return out
+
+
+def _refuse_unused_by_recommend(**given: bool) -> None:
+    """--recommend times batch 1 at the largest --sizes after one warm-up and writes --json only: an option it would
+    ignore is refused in one line, before any work (`--recommend --markdown r.md` wrote nothing, exit 0)."""
+    unused = [f"--{name.replace('_', '-')}" for name, yes in given.items() if yes]
+    if unused:
+        them = "it" if len(unused) == 1 else "them"
+        raise DToPError(f"--recommend does not use {', '.join(unused)}: leave {them} out (it times batch 1 at the "
+                        "largest --sizes after one warm-up, and writes its report with --json)")  # fmt: skip
 
 
 def _recommend(

@@ -212,6 +212,7 @@ class TensorRTEngine(Engine):
             "tensorrt_version": self.info.tensorrt_version,
             "gpu": self.info.gpu.get("name") or self.info.gpu.get("target"),
             "typing": self.info.precision.get("typing"),
+            "tf32": self.info.precision.get("tf32"),  # float32 layers may run in TF32 (bench reads them against it)
             "profiles": [p.describe() for p in self.profiles],
         }
 

@@ -55,7 +55,9 @@ using Progress = std::function<void(std::size_t, std::size_t)>;
 /// the forward passes run in parallel on the one compiled model, each on an infer request of its own (the runtime
 /// keeps as many as threads have run at once); open it with RuntimeOptions::performance "throughput" for OpenVINO to
 /// give them streams of their own, under "latency" it runs them in turn on its one stream. On a runtime that is not
-/// Runtime::concurrent() (ExecuTorch) the forward passes take turns; for parallel ones open one Embedder per thread.
+/// Runtime::concurrent() (ExecuTorch) the forward passes take turns. An Embedder per thread does not make ExecuTorch's
+/// parallel either: every program of a process runs on its one XNNPACK thread pool, whose parallel sections take turns
+/// (open them with the same threads, or 0; see open_executorch); for parallel passes use OpenVINO or processes.
 /// Ownership: results are returned by value; nothing refers to the caller's images or tensors after a call returns.
 /// Movable, not copyable; a moved-from Embedder may only be destroyed or assigned to.
 class Embedder {
