@@ -257,7 +257,8 @@ def test_evaluate_crops_queries_to_their_box(tmp_path: Path) -> None:
     res = evaluate(engine, tmp_path, "tiny", progress=False, image_size=64)
     # cropped, each query is a pure colour: its own object's two views rank first
     assert res.map == pytest.approx({"easy": 100.0, "medium": 100.0, "hard": 100.0})
-    assert engine.calls[0][2:] == (48, 64)  # the 30x20 box resized to 64 x 42.7 -> 48
+    # the 30x20 box of a 40x40 query at 64 px: never enlarged (cirtorch), 30x20 -> stride 16: 32x16 (was 64x48)
+    assert engine.calls[0][2:] == (16, 32)
     uncropped = TinyImageEngine()
     evaluate(uncropped, tmp_path, "tiny", progress=False, image_size=64, crop_queries=False)
     assert uncropped.calls[0][2:] == (64, 64)  # the whole 40x40 query
