@@ -229,6 +229,77 @@ def test_load_revisitop_rejects_bad_ground_truth(tmp_path: Path) -> None:
         load_revisitop(tmp_path, "tiny")
 
 
+def _rewrite_gnd(folder: Path, change, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:  # noqa: ANN001
+    with open(folder / "gnd_tiny.pkl", "rb") as fh:
+        cfg = pickle.load(fh)
+    change(cfg)
+    with open(folder / "gnd_tiny.pkl", "wb") as fh:
+        pickle.dump(cfg, fh, protocol=protocol)
+
+
+def _set_query(key: str, value: object):  # noqa: ANN202
+    return lambda cfg: cfg["gnd"][1].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set_query("bbx", "abc"), r"query 1 \(q_green\) bbx 'abc' is not a box: give 4 finite numbers"),
+        (_set_query("bbx", [1.0, 2.0, 3.0]), r"query 1 \(q_green\) bbx \[1.0, 2.0, 3.0\] is not a box"),
+        (_set_query("bbx", [1.0, float("nan"), 3.0, 4.0]), r"query 1 \(q_green\) bbx \[1.0, nan, 3.0, 4.0\]"),
+        (_set_query("bbx", np.array([1.0, 2.0, np.inf, 4.0])), r"query 1 \(q_green\) bbx \[1.0, 2.0, inf, 4.0\]"),
+        (_set_query("bbx", [5.0, 10.0, 5.0, 30.0]), r"query 1 \(q_green\) bbx .* with x2 > x1 and y2 > y1"),
+        (_set_query("bbx", [5.0, 30.0, 35.0, 10.0]), r"query 1 \(q_green\) bbx .* is not a box"),
+        (_set_query("junk", None), r"query 1 \(q_green\) junk is None: give a list of database image indices"),
+        (_set_query("hard", [1.7]), r"query 1 \(q_green\) hard is \[1.7\]: give a list of database image"),
+        (_set_query("easy", ["2"]), r"query 1 \(q_green\) easy is \['2'\]: give a list"),
+        (_set_query("easy", [True]), r"query 1 \(q_green\) easy is \[True\]: give a list"),
+        (_set_query("easy", 2), r"query 1 \(q_green\) easy is 2: give a list"),
+        (_set_query("easy", [-1]), r"query 1 \(q_green\) easy index out of range 0..5"),
+        (_set_query("easy", np.array([6])), r"query 1 \(q_green\) easy index out of range 0..5: \[6\]"),
+        (lambda cfg: cfg.update(qimlist=[], gnd=[]), r"qimlist is empty: a revisitop set needs at least one query"),
+        (lambda cfg: cfg.update(imlist=[]), r"imlist is empty: a revisitop set needs at least one database image"),
+        (lambda cfg: cfg.update(imlist="red0"), r"imlist should be a list of image names"),
+        (lambda cfg: cfg["gnd"].pop(), r"3 queries but 2 ground-truth entries"),
+        (lambda cfg: cfg.update(gnd=None), r"gnd is a NoneType, not a list of one entry per query"),
+    ],
+)
+def test_malformed_ground_truth_is_one_line_naming_the_query_and_key(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
+    """Found by review: a box of text, None for a list, a NaN box, fractional indices and empty lists gave
+    tracebacks (ValueError, TypeError), failed mid-extraction, were rounded silently (1.7 -> 1) or embedded the whole
+    set to print only dashes."""
+    folder = _write_tiny_set(tmp_path)
+    _rewrite_gnd(folder, change)
+    with pytest.raises(DToPError, match=message):
+        load_revisitop(tmp_path, "tiny")
+
+
+def test_whole_numbers_of_any_type_are_read_as_indices(tmp_path: Path) -> None:
+    folder = _write_tiny_set(tmp_path)
+    _rewrite_gnd(folder, lambda cfg: cfg["gnd"][0].update(easy=np.array([0], dtype=np.int32), hard=[1.0], junk=()))
+    ds = load_revisitop(tmp_path, "tiny")
+    assert ds.gnd[0] == {"easy": [0], "hard": [1], "junk": []} and all(type(i) is int for i in ds.gnd[0]["hard"])
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("empty", [False, True])
+def test_numpy_ground_truth_loads_at_every_pickle_protocol(tmp_path: Path, protocol: int, empty: bool) -> None:
+    """Found by review: the safe unpickler refused ordinary numpy pickles: protocol 5 (numpy's ``_frombuffer``) and
+    empty arrays at protocol <= 2 (``__builtin__.bytes``)."""
+    folder = _write_tiny_set(tmp_path)
+
+    def as_numpy(cfg: dict) -> None:
+        for g in cfg["gnd"]:
+            g["bbx"] = np.asarray(g["bbx"], dtype=np.float64)
+            for k in ("easy", "hard", "junk"):
+                g[k] = np.asarray([] if empty and k == "junk" else g[k] or [0], dtype=np.int64)
+
+    _rewrite_gnd(folder, as_numpy, protocol)
+    ds = load_revisitop(tmp_path, "tiny")
+    assert ds.bboxes[0] == [5.0, 10.0, 35.0, 30.0] and ds.gnd[1]["easy"] == [2] and ds.gnd[1]["hard"] == [3]
+    assert ds.gnd[1]["junk"] == ([] if empty else [0])
+
+
 class _Evil:
     def __reduce__(self):  # noqa: ANN204
         import os
