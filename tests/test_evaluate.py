@@ -152,6 +152,23 @@ def test_positions_path_equals_ranks_path_on_random_data() -> None:
     assert np.allclose(a[1], b[1], equal_nan=True) and np.allclose(a[3], b[3], equal_nan=True)
 
 
+def test_an_index_listed_twice_counts_once_on_both_paths() -> None:
+    """Found by review: the positions path kept an index listed twice in a ground-truth list (27.08 mAP) where
+    revisitop's ``compute_map`` finds each image once (6.25)."""
+    db = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.9, 0.5, 0.2]], dtype=np.float32)
+    gnd = [{"easy": [0, 0], "hard": [], "junk": []}]
+    assert evaluate_descriptors(db, q, gnd)["map"]["easy"] == pytest.approx(6.25)
+    assert revisited_metrics(gnd, ranks=rank_database(db, q))["map"]["easy"] == pytest.approx(6.25)
+    rng = np.random.default_rng(8)
+    db = rng.normal(size=(30, 8)).astype(np.float32)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    gnd = [{"ok": rng.integers(0, 30, size=5), "junk": rng.integers(0, 30, size=4)} for _ in q]  # with repeats
+    a = compute_map(rank_database(db, q), gnd, [1, 5, 10])
+    b = compute_map_positions(ranking_positions(db, q), gnd, [1, 5, 10])
+    assert a[0] == pytest.approx(b[0]) and np.allclose(a[1], b[1]) and np.allclose(a[3], b[3])
+
+
 def test_distractors_equal_a_full_ranking_of_the_concatenation() -> None:
     rng = np.random.default_rng(4)
     db = rng.normal(size=(40, 6)).round(1).astype(np.float32)
@@ -171,6 +188,25 @@ def test_distractors_equal_a_full_ranking_of_the_concatenation() -> None:
     assert all(got["map"][s] <= evaluate_descriptors(db, q, gnd)["map"][s] + 1e-9 for s in got["map"])
     with pytest.raises(DToPError, match="distractor descriptors are 5-d"):
         evaluate_descriptors(db, q, gnd, distractors=dis[:, :5])
+
+
+@pytest.mark.parametrize(("n_db", "nq", "dim"), [(7, 70, 128), (50, 3, 256), (600, 1, 1536)])
+def test_a_distractor_that_copies_a_database_image_ties_with_it(n_db: int, nq: int, dim: int) -> None:
+    """Found by review: database and distractor scores came from matrix products of different shapes, which BLAS
+    computes with different kernels (~3e-8 apart), so an exact copy of a database image among the distractors ranked
+    before it in 275 of 600 pairs; ties go to the database image."""
+    rng = np.random.default_rng(n_db)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    db, q = unit(rng.normal(size=(n_db, dim))), unit(rng.normal(size=(nq, dim)))
+    others = unit(rng.normal(size=(3000, dim)))
+    dis = np.concatenate([others[:1000], db[::-1], others[1000:]])  # every database image once more, mid-file
+    above = np.argsort(rank_database(db, q), axis=0)  # how many database images rank before each
+    expected = ranking_positions(db, q, others) + above  # their copies rank before too; its own copy after it
+    assert np.array_equal(ranking_positions(db, q, dis), expected)
+    assert np.array_equal(ranking_positions(db, q, dis, chunk=333), expected)
 
 
 # data set loading ------------------------------------------------------------------------------------
