@@ -209,6 +209,20 @@ def test_a_distractor_that_copies_a_database_image_ties_with_it(n_db: int, nq: i
     assert np.array_equal(ranking_positions(db, q, dis, chunk=333), expected)
 
 
+def test_distractors_that_are_no_npy_file_are_named_as_such(tmp_path: Path) -> None:
+    """Found by review: a file named .npy that is not one got numpy's advice to load it unsafely with allow_pickle."""
+    from dtop_export.corpus.integrity import open_distractors
+
+    fake = tmp_path / "r1m.npy"
+    fake.write_text("descriptors, honest\n")
+    with pytest.raises(DToPError) as e:
+        open_distractors(fake)
+    assert str(e.value) == f"cannot read distractor descriptors {fake}: not a NumPy .npy array file"
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DToPError, match="objects.npy: Array can't be memory-mapped: Python objects"):
+        open_distractors(tmp_path / "objects.npy")
+
+
 # data set loading ------------------------------------------------------------------------------------
 
 
