@@ -263,9 +263,13 @@ def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
     """Crop to a revisitop query box ``(x1, y1, x2, y2)`` in pixels, rounded like PIL, clamped to the image."""
-    if len(bbx) != 4:
-        raise DToPError(f"a bounding box has 4 numbers (x1, y1, x2, y2), got {list(bbx)}")
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+    try:
+        values = [float(v) for v in bbx]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise DToPError(f"a bounding box has 4 finite numbers (x1, y1, x2, y2), got {list(bbx)}")
+    x1, y1, x2, y2 = (int(round(v)) for v in values)
     x1, x2 = max(0, min(x1, img.width)), max(0, min(x2, img.width))
     y1, y2 = max(0, min(y1, img.height)), max(0, min(y2, img.height))
     if x2 <= x1 or y2 <= y1:

@@ -183,8 +183,11 @@ def test_crop_bbox_rounds_like_pil_and_clamps() -> None:
     assert clamped.size == (80, 30) and np.array_equal(np.asarray(clamped), a[:30])
     with pytest.raises(DToPError, match="empty"):
         crop_bbox(img, (90, 0, 100, 10))
-    with pytest.raises(DToPError, match="4 numbers"):
+    with pytest.raises(DToPError, match="4 finite numbers"):
         crop_bbox(img, (1, 2, 3))
+    for box in ((1, float("nan"), 30, 40), (1, 2, float("inf"), 40), ("a", "b", "c", "d")):  # was a ValueError
+        with pytest.raises(DToPError, match="4 finite numbers"):
+            crop_bbox(img, box)
 
 
 def test_prepare_is_crop_then_resize_then_normalise() -> None:
