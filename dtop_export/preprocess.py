@@ -4,7 +4,8 @@ Engines (through :mod:`dtop_export.retrieval.extract`), INT8 calibration, whiten
 step, ``embed`` and the demo all go through here: decoding with EXIF orientation within a decode budget
 (:class:`DecodeBudget`, measured in :mod:`dtop_export.decode_budget`), any PIL mode to 8-bit RGB (alpha composited
 on white, 16-bit scaled), the ``longest_side`` resize with sides rounded to the stride (``floor(v + 0.5)``) or the
-``square`` one of a fixed-size program, ``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set.
+``square`` one of a fixed-size program (a query cropped to its box is never enlarged: :func:`crop_side`),
+``(x / 255 - mean) / std``, and :func:`list_images` with one suffix set.
 The contract's values (:class:`PreprocessConfig`) travel in the checkpoint and in every exported model's metadata.
 """
 
@@ -193,7 +194,7 @@ RESIZE_POLICIES = ("longest_side", "square")
 
 
 def model_size(
-    width: int, height: int, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
+    width: int, height: int, cfg: PreprocessConfig, size: float | None = None, scale: float = 1.0
 ) -> tuple[int, int]:
     """(width, height) the model sees: longer side ``size*scale`` keeping aspect, sides rounded to the stride
     (``longest_side``), or a ``size*scale`` square rounded to the stride (``square``)."""
@@ -215,7 +216,7 @@ def model_size(
 
 
 def resize_for_model(
-    img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0
+    img: Image.Image, cfg: PreprocessConfig, size: float | None = None, scale: float = 1.0
 ) -> Image.Image:
     """Resize so the longer side is ``size*scale`` (default ``cfg.size``) keeping the aspect ratio, then round
     each side to the nearest multiple of ``cfg.stride`` (at least one stride); a ``square`` policy resizes the
@@ -262,9 +263,13 @@ def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 def crop_bbox(img: Image.Image, bbx: Sequence[float]) -> Image.Image:
     """Crop to a revisitop query box ``(x1, y1, x2, y2)`` in pixels, rounded like PIL, clamped to the image."""
-    if len(bbx) != 4:
-        raise DToPError(f"a bounding box has 4 numbers (x1, y1, x2, y2), got {list(bbx)}")
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+    try:
+        values = [float(v) for v in bbx]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise DToPError(f"a bounding box has 4 finite numbers (x1, y1, x2, y2), got {list(bbx)}")
+    x1, y1, x2, y2 = (int(round(v)) for v in values)
     x1, x2 = max(0, min(x1, img.width)), max(0, min(x2, img.width))
     y1, y2 = max(0, min(y1, img.height)), max(0, min(y2, img.height))
     if x2 <= x1 or y2 <= y1:
@@ -286,11 +291,25 @@ def prepare(
 def prepare_pixels(img: Image.Image, cfg: PreprocessConfig, size: int | None = None, scale: float = 1.0,
                    bbx: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
     """:func:`prepare` before the normalisation: uint8 RGB [H, W, 3] (a quarter of the float32 bytes), for engines
-    that normalise a batch themselves (``Engine.embed_pixels``)."""
+    that normalise a batch themselves (``Engine.embed_pixels``). A query cropped to ``bbx`` is resized as
+    :func:`crop_side` says (never enlarged, as in cirtorch); without a box the image's longer side becomes
+    ``size * scale``."""
     import numpy as np
 
-    img = crop_bbox(img, bbx) if bbx is not None else img
+    if bbx is not None:
+        full = img.size
+        img = crop_bbox(img, bbx)
+        if cfg.resize == "longest_side":  # a square program takes its one size, crop or not
+            size = crop_side(full, img.size, size or cfg.size)
     return np.asarray(resize_for_model(to_rgb(img), cfg, size, scale), dtype=np.uint8)
+
+
+def crop_side(full: tuple[int, int], crop: tuple[int, int], size: float) -> float:
+    """The longer side a query crop is resized to (before the scale, then rounded to the stride like any image):
+    the crop at the scale its whole image gets at ``size``, never enlarged, i.e.
+    ``max(crop) * min(1, size / max(full))``: cirtorch's ``ImagesFromList`` (crop, then ``thumbnail`` to
+    ``size * max(crop) / max(full)``), which revisitop's evaluation uses; multi-scale then rescales that image."""
+    return max(crop) * min(1.0, size / max(full))
 
 
 def prepare_square(img: Image.Image, cfg: PreprocessConfig, side: int) -> np.ndarray:

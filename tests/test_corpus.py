@@ -711,6 +711,33 @@ def _synthetic_shards(folder: Path, x: np.ndarray, shard_size: int) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(
+    ("train_size", "message"),
+    [
+        ("3", "--train-size 3 is too small: IVF-PQ with nlist=5 and 4-bit codes trains on at least 16 vectors"),
+        ("500", "--train-size 500 is larger than the corpus (200 descriptors)"),
+    ],
+)
+def test_index_names_a_train_size_it_cannot_train_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], train_size: str, message: str
+) -> None:
+    """Found by review: `index --type ivfpq --train-size 3` on a corpus of 200 said 'needs at least 16 vectors to train
+    ..., got 3: use exact (flat) search', blaming the corpus, after sampling; --train-size is now checked up front."""
+    pytest.importorskip("faiss")
+    from dtop_export.corpus.index import build_corpus_index
+
+    x = np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    folder = _synthetic_shards(tmp_path / "shards", x, 100)
+    out = tmp_path / "pq.faiss"
+    assert cli("index", str(folder), "-o", str(out), "--type", "ivfpq", "--train-size", train_size) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "flat" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+    with pytest.raises(DToPError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_corpus_index(folder, out, "ivfpq", train_size=int(train_size))
+
+
 def test_ivfpq_recall_on_50k(tmp_path: Path) -> None:
     from dtop_export.corpus.index import CorpusIndex, build_corpus_index
 

@@ -152,6 +152,23 @@ def test_positions_path_equals_ranks_path_on_random_data() -> None:
     assert np.allclose(a[1], b[1], equal_nan=True) and np.allclose(a[3], b[3], equal_nan=True)
 
 
+def test_an_index_listed_twice_counts_once_on_both_paths() -> None:
+    """Found by review: the positions path kept an index listed twice in a ground-truth list (27.08 mAP) where
+    revisitop's ``compute_map`` finds each image once (6.25)."""
+    db = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.9, 0.5, 0.2]], dtype=np.float32)
+    gnd = [{"easy": [0, 0], "hard": [], "junk": []}]
+    assert evaluate_descriptors(db, q, gnd)["map"]["easy"] == pytest.approx(6.25)
+    assert revisited_metrics(gnd, ranks=rank_database(db, q))["map"]["easy"] == pytest.approx(6.25)
+    rng = np.random.default_rng(8)
+    db = rng.normal(size=(30, 8)).astype(np.float32)
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    gnd = [{"ok": rng.integers(0, 30, size=5), "junk": rng.integers(0, 30, size=4)} for _ in q]  # with repeats
+    a = compute_map(rank_database(db, q), gnd, [1, 5, 10])
+    b = compute_map_positions(ranking_positions(db, q), gnd, [1, 5, 10])
+    assert a[0] == pytest.approx(b[0]) and np.allclose(a[1], b[1]) and np.allclose(a[3], b[3])
+
+
 def test_distractors_equal_a_full_ranking_of_the_concatenation() -> None:
     rng = np.random.default_rng(4)
     db = rng.normal(size=(40, 6)).round(1).astype(np.float32)
@@ -171,6 +188,39 @@ def test_distractors_equal_a_full_ranking_of_the_concatenation() -> None:
     assert all(got["map"][s] <= evaluate_descriptors(db, q, gnd)["map"][s] + 1e-9 for s in got["map"])
     with pytest.raises(DToPError, match="distractor descriptors are 5-d"):
         evaluate_descriptors(db, q, gnd, distractors=dis[:, :5])
+
+
+@pytest.mark.parametrize(("n_db", "nq", "dim"), [(7, 70, 128), (50, 3, 256), (600, 1, 1536)])
+def test_a_distractor_that_copies_a_database_image_ties_with_it(n_db: int, nq: int, dim: int) -> None:
+    """Found by review: database and distractor scores came from matrix products of different shapes, which BLAS
+    computes with different kernels (~3e-8 apart), so an exact copy of a database image among the distractors ranked
+    before it in 275 of 600 pairs; ties go to the database image."""
+    rng = np.random.default_rng(n_db)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    db, q = unit(rng.normal(size=(n_db, dim))), unit(rng.normal(size=(nq, dim)))
+    others = unit(rng.normal(size=(3000, dim)))
+    dis = np.concatenate([others[:1000], db[::-1], others[1000:]])  # every database image once more, mid-file
+    above = np.argsort(rank_database(db, q), axis=0)  # how many database images rank before each
+    expected = ranking_positions(db, q, others) + above  # their copies rank before too; its own copy after it
+    assert np.array_equal(ranking_positions(db, q, dis), expected)
+    assert np.array_equal(ranking_positions(db, q, dis, chunk=333), expected)
+
+
+def test_distractors_that_are_no_npy_file_are_named_as_such(tmp_path: Path) -> None:
+    """Found by review: a file named .npy that is not one got numpy's advice to load it unsafely with allow_pickle."""
+    from dtop_export.corpus.integrity import open_distractors
+
+    fake = tmp_path / "r1m.npy"
+    fake.write_text("descriptors, honest\n")
+    with pytest.raises(DToPError) as e:
+        open_distractors(fake)
+    assert str(e.value) == f"cannot read distractor descriptors {fake}: not a NumPy .npy array file"
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DToPError, match="objects.npy: Array can't be memory-mapped: Python objects"):
+        open_distractors(tmp_path / "objects.npy")
 
 
 # data set loading ------------------------------------------------------------------------------------
@@ -229,6 +279,77 @@ def test_load_revisitop_rejects_bad_ground_truth(tmp_path: Path) -> None:
         load_revisitop(tmp_path, "tiny")
 
 
+def _rewrite_gnd(folder: Path, change, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:  # noqa: ANN001
+    with open(folder / "gnd_tiny.pkl", "rb") as fh:
+        cfg = pickle.load(fh)
+    change(cfg)
+    with open(folder / "gnd_tiny.pkl", "wb") as fh:
+        pickle.dump(cfg, fh, protocol=protocol)
+
+
+def _set_query(key: str, value: object):  # noqa: ANN202
+    return lambda cfg: cfg["gnd"][1].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set_query("bbx", "abc"), r"query 1 \(q_green\) bbx 'abc' is not a box: give 4 finite numbers"),
+        (_set_query("bbx", [1.0, 2.0, 3.0]), r"query 1 \(q_green\) bbx \[1.0, 2.0, 3.0\] is not a box"),
+        (_set_query("bbx", [1.0, float("nan"), 3.0, 4.0]), r"query 1 \(q_green\) bbx \[1.0, nan, 3.0, 4.0\]"),
+        (_set_query("bbx", np.array([1.0, 2.0, np.inf, 4.0])), r"query 1 \(q_green\) bbx \[1.0, 2.0, inf, 4.0\]"),
+        (_set_query("bbx", [5.0, 10.0, 5.0, 30.0]), r"query 1 \(q_green\) bbx .* with x2 > x1 and y2 > y1"),
+        (_set_query("bbx", [5.0, 30.0, 35.0, 10.0]), r"query 1 \(q_green\) bbx .* is not a box"),
+        (_set_query("junk", None), r"query 1 \(q_green\) junk is None: give a list of database image indices"),
+        (_set_query("hard", [1.7]), r"query 1 \(q_green\) hard is \[1.7\]: give a list of database image"),
+        (_set_query("easy", ["2"]), r"query 1 \(q_green\) easy is \['2'\]: give a list"),
+        (_set_query("easy", [True]), r"query 1 \(q_green\) easy is \[True\]: give a list"),
+        (_set_query("easy", 2), r"query 1 \(q_green\) easy is 2: give a list"),
+        (_set_query("easy", [-1]), r"query 1 \(q_green\) easy index out of range 0..5"),
+        (_set_query("easy", np.array([6])), r"query 1 \(q_green\) easy index out of range 0..5: \[6\]"),
+        (lambda cfg: cfg.update(qimlist=[], gnd=[]), r"qimlist is empty: a revisitop set needs at least one query"),
+        (lambda cfg: cfg.update(imlist=[]), r"imlist is empty: a revisitop set needs at least one database image"),
+        (lambda cfg: cfg.update(imlist="red0"), r"imlist should be a list of image names"),
+        (lambda cfg: cfg["gnd"].pop(), r"3 queries but 2 ground-truth entries"),
+        (lambda cfg: cfg.update(gnd=None), r"gnd is a NoneType, not a list of one entry per query"),
+    ],
+)
+def test_malformed_ground_truth_is_one_line_naming_the_query_and_key(tmp_path: Path, change, message: str) -> None:  # noqa: ANN001
+    """Found by review: a box of text, None for a list, a NaN box, fractional indices and empty lists gave
+    tracebacks (ValueError, TypeError), failed mid-extraction, were rounded silently (1.7 -> 1) or embedded the whole
+    set to print only dashes."""
+    folder = _write_tiny_set(tmp_path)
+    _rewrite_gnd(folder, change)
+    with pytest.raises(DToPError, match=message):
+        load_revisitop(tmp_path, "tiny")
+
+
+def test_whole_numbers_of_any_type_are_read_as_indices(tmp_path: Path) -> None:
+    folder = _write_tiny_set(tmp_path)
+    _rewrite_gnd(folder, lambda cfg: cfg["gnd"][0].update(easy=np.array([0], dtype=np.int32), hard=[1.0], junk=()))
+    ds = load_revisitop(tmp_path, "tiny")
+    assert ds.gnd[0] == {"easy": [0], "hard": [1], "junk": []} and all(type(i) is int for i in ds.gnd[0]["hard"])
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("empty", [False, True])
+def test_numpy_ground_truth_loads_at_every_pickle_protocol(tmp_path: Path, protocol: int, empty: bool) -> None:
+    """Found by review: the safe unpickler refused ordinary numpy pickles: protocol 5 (numpy's ``_frombuffer``) and
+    empty arrays at protocol <= 2 (``__builtin__.bytes``)."""
+    folder = _write_tiny_set(tmp_path)
+
+    def as_numpy(cfg: dict) -> None:
+        for g in cfg["gnd"]:
+            g["bbx"] = np.asarray(g["bbx"], dtype=np.float64)
+            for k in ("easy", "hard", "junk"):
+                g[k] = np.asarray([] if empty and k == "junk" else g[k] or [0], dtype=np.int64)
+
+    _rewrite_gnd(folder, as_numpy, protocol)
+    ds = load_revisitop(tmp_path, "tiny")
+    assert ds.bboxes[0] == [5.0, 10.0, 35.0, 30.0] and ds.gnd[1]["easy"] == [2] and ds.gnd[1]["hard"] == [3]
+    assert ds.gnd[1]["junk"] == ([] if empty else [0])
+
+
 class _Evil:
     def __reduce__(self):  # noqa: ANN204
         import os
@@ -257,7 +378,8 @@ def test_evaluate_crops_queries_to_their_box(tmp_path: Path) -> None:
     res = evaluate(engine, tmp_path, "tiny", progress=False, image_size=64)
     # cropped, each query is a pure colour: its own object's two views rank first
     assert res.map == pytest.approx({"easy": 100.0, "medium": 100.0, "hard": 100.0})
-    assert engine.calls[0][2:] == (48, 64)  # the 30x20 box resized to 64 x 42.7 -> 48
+    # the 30x20 box of a 40x40 query at 64 px: never enlarged (cirtorch), 30x20 -> stride 16: 32x16 (was 64x48)
+    assert engine.calls[0][2:] == (16, 32)
     uncropped = TinyImageEngine()
     evaluate(uncropped, tmp_path, "tiny", progress=False, image_size=64, crop_queries=False)
     assert uncropped.calls[0][2:] == (64, 64)  # the whole 40x40 query

@@ -183,8 +183,11 @@ def test_crop_bbox_rounds_like_pil_and_clamps() -> None:
     assert clamped.size == (80, 30) and np.array_equal(np.asarray(clamped), a[:30])
     with pytest.raises(DToPError, match="empty"):
         crop_bbox(img, (90, 0, 100, 10))
-    with pytest.raises(DToPError, match="4 numbers"):
+    with pytest.raises(DToPError, match="4 finite numbers"):
         crop_bbox(img, (1, 2, 3))
+    for box in ((1, float("nan"), 30, 40), (1, 2, float("inf"), 40), ("a", "b", "c", "d")):  # was a ValueError
+        with pytest.raises(DToPError, match="4 finite numbers"):
+            crop_bbox(img, box)
 
 
 def test_prepare_is_crop_then_resize_then_normalise() -> None:
@@ -192,10 +195,40 @@ def test_prepare_is_crop_then_resize_then_normalise() -> None:
     a = np.zeros((100, 200, 3), dtype=np.uint8)
     a[:, 100:] = 255
     img = Image.fromarray(a)
-    t = prepare(img, cfg, 64, bbx=(100, 0, 200, 50))  # the white half, 100x50 -> 64x32
-    assert t.shape == (3, 32, 64) and np.allclose(t, (1.0 - 0.5) / 0.5)
+    t = prepare(img, cfg, 64, bbx=(100, 0, 200, 50))  # the white half at the whole image's scale: 100x50 -> 32x16
+    assert t.shape == (3, 16, 32) and np.allclose(t, (1.0 - 0.5) / 0.5)
     t2 = prepare(img, cfg, 64, scale=0.5)
     assert t2.shape == (3, 16, 32)
+
+
+@pytest.mark.parametrize(
+    ("full", "size", "box", "scale", "resize", "hw"),
+    [
+        # the review's case: a 200x150 box of a 1024x768 photo at 1024 stays 200x150 (-> stride 16: 208x144)
+        ((1024, 768), 1024, (400, 300, 600, 450), 1.0, "longest_side", (144, 208)),
+        ((1024, 768), 1024, (400, 300, 600, 450), math.sqrt(2), "longest_side", (208, 288)),  # then rescaled
+        ((2048, 1536), 1024, (800, 600, 1200, 900), 1.0, "longest_side", (144, 208)),  # shrunk as its photo is
+        ((500, 400), 1024, (0, 0, 300, 200), 1.0, "longest_side", (208, 304)),  # a small photo: not enlarged
+        ((1024, 768), 64, (400, 300, 600, 450), 1.0, "square", (64, 64)),  # a fixed-size program: its one size
+    ],
+)
+def test_query_crops_are_never_enlarged(
+    full: tuple[int, int], size: int, box: tuple[int, ...], scale: float, resize: str, hw: tuple[int, int]
+) -> None:
+    """Found by review: a query crop was resized to the full longer side (a 200x150 box of a 1024 px photo became
+    1024x768); cirtorch crops, then ``thumbnail``s to the scale of the whole photo (never enlarging)."""
+    from dtop_export.preprocess import prepare_pixels
+
+    cfg = PreprocessConfig(stride=16, resize=resize, size=size)
+    img = Image.new("RGB", full, (10, 20, 30))
+    assert prepare(img, cfg, size, scale, box).shape == (3, *hw)
+    assert prepare_pixels(img, cfg, size, scale, box).shape == (*hw, 3)
+
+
+def test_the_path_without_a_box_still_fills_the_size() -> None:
+    cfg = PreprocessConfig(stride=16)
+    assert prepare(Image.new("RGB", (1024, 768)), cfg, 1024).shape == (3, 768, 1024)
+    assert prepare(Image.new("RGB", (500, 400)), cfg, 1024).shape == (3, 816, 1024)  # enlarged, as always
 
 
 # one preprocessing path for every consumer -------------------------------------------------------------------

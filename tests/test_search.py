@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,37 @@ def test_an_index_and_a_shard_folder_swapped_are_named_as_such(
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
         assert "not found" not in err and "pickle" not in err and "warning" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+@needs_faiss
+def test_search_picture_draws_an_unreadable_result_as_a_grey_tile(
+    small_index: Path, small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Found by review: `search --picture` wrote --json, then failed (exit 2) on a result image it could not read (moved
+    since it was embedded), leaving the JSON behind; now that result is a grey tile with a warning line."""
+    from cli_helpers import cli
+    from PIL import Image
+
+    import dtop_export.corpus.source as source
+
+    read = source.load_item
+    gone: list[str] = []
+
+    def load_item(path: str, budget: object = None) -> Image.Image:
+        if not gone:
+            gone.append(path)
+        if path == gone[0]:
+            raise DToPError(f"image {path} not found")
+        return read(path)
+
+    monkeypatch.setattr(source, "load_item", load_item)
+    j, pic = tmp_path / "hits.json", tmp_path / "hits.png"
+    args = ("search", str(small_index), str(small_onnx), _query(), "-k", "3", "--json", str(j), "--picture", str(pic))
+    assert cli(*args) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"warning: --picture: image {gone[0]} not found: drawn as a grey tile\n"
+    assert captured.out.endswith(f"wrote {j}\nwrote {pic}\n")
+    hits = json.loads(j.read_text())["queries"][0]["results"]
+    assert gone[0] == hits[0]["path"]
+    img = np.asarray(Image.open(pic).convert("RGB"))
+    assert tuple(img[24 + 20, 4 + 164 + 20]) == (200, 200, 200)  # the first result's tile: the grey placeholder

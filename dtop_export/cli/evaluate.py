@@ -45,7 +45,11 @@ def evaluate(
     json_out: JsonOpt = None,
     picture: Annotated[
         Path | None,
-        output_option("--picture", help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked."),
+        output_option(
+            "--picture",
+            help="Write a PNG of 5 queries and their top-5 results, correct/wrong marked (ranked with --distractors "
+            "as the table is: a distractor is a grey tile).",
+        ),
     ] = None,
     progress: ProgressOpt = True,
     precision: Annotated[
@@ -72,8 +76,14 @@ def evaluate(
     sc = parse_scales(scales)
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
+    if json_out is not None and picture is not None and json_out.resolve() == picture.resolve():
+        raise DToPError(f"--json and --picture both name {picture}: give two files")
     refuse_existing(json_out, picture, force=force)
     ds = resolve_dataset(dataset, data_root)
+    if picture is not None:  # before anything is embedded: a picture of nothing would fail only at the end
+        from dtop_export.retrieval.visualize import check_picture
+
+        check_picture(ds)
     provenance = None
     if distractors is not None:
         from dtop_export.identity import check_distractors
@@ -100,17 +110,28 @@ def evaluate(
         result = evaluate_dataset(
             engine, ds, sc, not no_crop, batch_size, progress, size, distractors=dis,
             on_extract=(lambda db, q: captured.update(db=db, q=q)) if picture is not None else None,
+            on_rank=(lambda positions: captured.update(positions=positions)) if picture is not None else None,
         )  # fmt: skip
     typer.echo(result.table())
     typer.echo(
         f"{engine.label}, {result.image_size}px, scales {', '.join(f'{s:g}' for s in sc)}, "
         f"queries {'cropped' if not no_crop else 'uncropped'}: {result.seconds:.1f} s"
     )
-    if json_out is not None:
-        write_json(json_out, {"model": str(model), **result.to_dict()})
-        typer.echo(f"wrote {json_out}")
-    if picture is not None:
-        from dtop_export.retrieval.visualize import retrieval_picture
+    outputs = [p for p in (json_out, picture) if p is not None]
+    if not outputs:
+        return
+    from dtop_export.atomic import atomic_paths
 
-        retrieval_picture(ds, captured["db"], captured["q"], picture, crop_queries=not no_crop)
-        typer.echo(f"wrote {picture}")
+    with atomic_paths(outputs) as temps:  # written as one set: a picture that fails leaves no --json behind
+        tmp = dict(zip(outputs, temps))
+        if picture is not None:
+            from dtop_export.retrieval.visualize import retrieval_picture
+
+            retrieval_picture(
+                ds, captured["db"], captured["q"], tmp[picture], crop_queries=not no_crop,
+                positions=captured["positions"], n_distractors=result.n_distractors,
+            )  # fmt: skip
+        if json_out is not None:
+            write_json(tmp[json_out], {"model": str(model), **result.to_dict()})
+    for path in outputs:
+        typer.echo(f"wrote {path}")

@@ -82,10 +82,10 @@ def index(
     check_index_options(kind, nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, train_size=train_size, refine=refine)
     verified = verify_folder(shards, force)  # refusals come before the progress bar is drawn
     total = verified.n_rows
-    if kind == "ivfpq" and total:
-        from dtop_export.retrieval.search import ivfpq_params
+    if kind == "ivfpq" and total:  # the corpus, then --train-size, before anything is read or trained
+        from dtop_export.corpus.index import ivfpq_training
 
-        ivfpq_params(total, verified.settings.descriptor_dim, nlist, m, nbits)
+        ivfpq_training(total, verified.settings.descriptor_dim, nlist, m, nbits, train_size)
     con = console()
 
     def note(text: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,6 +18,11 @@ from dtop_export.cli.common import (
     write_json,
 )
 from dtop_export.errors import DToPError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from dtop_export.corpus.index import Hit
 
 
 @app.command()
@@ -61,6 +66,8 @@ def search(
 
     if picture is not None and picture.suffix.lower() != ".png":
         raise DToPError(f"--picture {picture} should end in .png")
+    if json_out is not None and picture is not None and json_out.resolve() == picture.resolve():
+        raise DToPError(f"--json and --picture both name {picture}: give two files")
     refuse_existing(json_out, picture, force=force)
     idx = CorpusIndex(index_file)
     if nprobe is not None and idx.info["type"] == "flat":  # as `index` says of IVF-PQ options for a flat index
@@ -89,32 +96,52 @@ def search(
         for h in hits:
             table.add_row(str(h.rank), f"{h.score:.4f}", h.id, h.path)
         con.print(table)
-    if json_out is not None:
-        write_json(
-            json_out,
-            {
-                "index": str(index_file),
-                "model": model,
-                "k": k,
-                "queries": [
-                    {"query": str(p), "results": [h.__dict__ for h in hits]} for p, hits in zip(paths, results)
-                ],
-            },
-        )
-        con.print(f"wrote {json_out}", markup=False)
-    if picture is not None:
-        from dtop_export.corpus.source import load_item
-        from dtop_export.preprocess import load_image
-        from dtop_export.retrieval.visualize import retrieval_grid
+    outputs = [p for p in (json_out, picture) if p is not None]
+    if not outputs:
+        return
+    from dtop_export.atomic import atomic_paths
 
-        top = [hits[:8] for hits in results]
-        retrieval_grid(
-            [load_image(p) for p in paths],
-            [[load_item(h.path) for h in hits] for hits in top],
-            [["result"] * len(hits) for hits in top],
-            picture,
-            captions=[p.name for p in paths],
-            result_captions=[[f"#{h.rank} {h.score:.3f}" for h in hits] for hits in top],
-            legend="blue: query   grey: results, best first (score = cosine similarity)",
-        )
-        con.print(f"wrote {picture}", markup=False)
+    with atomic_paths(outputs) as temps:  # written as one set, the picture first: an error leaves neither behind
+        tmp = dict(zip(outputs, temps))
+        if picture is not None:
+            _draw(paths, results, tmp[picture])
+        if json_out is not None:
+            write_json(
+                tmp[json_out],
+                {
+                    "index": str(index_file),
+                    "model": model,
+                    "k": k,
+                    "queries": [
+                        {"query": str(p), "results": [h.__dict__ for h in hits]} for p, hits in zip(paths, results)
+                    ],
+                },
+            )
+    for path in outputs:
+        con.print(f"wrote {path}", markup=False)
+
+
+def _draw(paths: list[Path], results: list[list[Hit]], output: Path) -> None:
+    """The --picture: each query and its top results (at most 8); a result image that cannot be read now (moved,
+    deleted, unreachable since it was embedded) is a grey tile, with a warning line naming it."""
+    from dtop_export.corpus.source import load_item
+    from dtop_export.preprocess import load_image
+    from dtop_export.retrieval.visualize import placeholder, retrieval_grid
+
+    def tile(path: str) -> Image.Image:
+        try:
+            return load_item(path)
+        except DToPError as e:
+            typer.echo(f"warning: --picture: {e}: drawn as a grey tile", err=True)
+            return placeholder("cannot read\nthis image")
+
+    top = [hits[:8] for hits in results]
+    retrieval_grid(
+        [load_image(p) for p in paths],
+        [[tile(h.path) for h in hits] for hits in top],
+        [["result"] * len(hits) for hits in top],
+        output,
+        captions=[p.name for p in paths],
+        result_captions=[[f"#{h.rank} {h.score:.3f}" for h in hits] for hits in top],
+        legend="blue: query   grey: results, best first (score = cosine similarity)",
+    )

@@ -69,6 +69,22 @@ def check_index_options(kind: str, **given: int | None) -> list[str]:
     return []
 
 
+def ivfpq_training(n: int, dim: int, nlist: int | None, m: int | None, nbits: int | None,
+                   train_size: int | None) -> tuple[int, int, int, int]:  # fmt: skip
+    """(nlist, m, nbits, training rows) of an IVF-PQ over ``n`` descriptors: :func:`ivfpq_params`' defaults and
+    checks, and ``train_size`` (default 64 per cell or 39 per PQ centroid, at most 200k) checked as such."""
+    from dtop_export.retrieval.search import ivfpq_params
+
+    nlist, m, nbits = ivfpq_params(n, dim, nlist, m, nbits)
+    size, need = train_size or min(n, max(64 * nlist, 39 * 2**nbits), 200_000), max(nlist, 2**nbits)
+    if size > n:
+        raise DToPError(f"--train-size {size} is larger than the corpus ({n} descriptors)")
+    if size < need:
+        raise DToPError(f"--train-size {size} is too small: IVF-PQ with nlist={nlist} and {nbits}-bit codes trains "
+                        f"on at least {need} vectors (raise it, or leave it out for the default)")  # fmt: skip
+    return nlist, m, nbits, size
+
+
 def _quiet_clustering(index: Any) -> None:
     """faiss prints a ``WARNING clustering`` line per k-means (one per PQ sub-quantiser: dozens) when a training
     set is below 39 points per centroid; the caller says it once instead."""
@@ -125,7 +141,7 @@ def build_corpus_index(
     from dtop_export.corpus.integrity import check_rows, verify_folder
     from dtop_export.corpus.shards import read_shard
     from dtop_export.digest import file_sha256
-    from dtop_export.retrieval.search import ivfpq_params, new_ivfpq
+    from dtop_export.retrieval.search import new_ivfpq
 
     say = note or (lambda _text: None)
     folder, output = Path(folder), Path(output)
@@ -144,10 +160,7 @@ def build_corpus_index(
     if kind == "flat":
         index = flat_index(dim, n)
     else:
-        nlist, m, nbits = ivfpq_params(n, dim, nlist, m, nbits)
-        size = train_size or min(n, max(64 * nlist, 39 * 2**nbits), 200_000)
-        if size > n:
-            raise DToPError(f"--train-size {size} is larger than the corpus ({n} descriptors)")
+        nlist, m, nbits, size = ivfpq_training(n, dim, nlist, m, nbits, train_size)
         sample = _sample_rows(files, rows, size, seed)
         ivf = new_ivfpq(len(sample), dim, nlist, m, nbits, seed)
         _quiet_clustering(ivf)

@@ -233,7 +233,11 @@ def open_distractors(
     try:
         d = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise DToPError(f"cannot read distractor descriptors {path}: {e}") from e
+        try:  # numpy takes any other file for a pickle, and suggests unpickling it
+            reason = e if path.open("rb").read(6) == b"\x93NUMPY" else "not a NumPy .npy array file"
+        except OSError:
+            reason = e
+        raise DToPError(f"cannot read distractor descriptors {path}: {reason}") from e
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         import json

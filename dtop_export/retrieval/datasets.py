@@ -59,25 +59,82 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
     if missing:
         raise DToPError(f"{pkl} is not a revisitop ground-truth file: no {', '.join(missing)}")
-    if len(cfg["gnd"]) != len(cfg["qimlist"]):
-        raise DToPError(f"{pkl}: {len(cfg['qimlist'])} queries but {len(cfg['gnd'])} ground-truth entries")
+    imlist, qimlist = _names(cfg, "imlist", pkl), _names(cfg, "qimlist", pkl)
+    entries = cfg["gnd"].tolist() if isinstance(cfg["gnd"], np.ndarray) else cfg["gnd"]
+    if not isinstance(entries, (list, tuple)):
+        raise DToPError(f"{pkl}: gnd is a {type(entries).__name__}, not a list of one entry per query")
+    if len(entries) != len(qimlist):
+        raise DToPError(f"{pkl}: {len(qimlist)} queries but {len(entries)} ground-truth entries")
     ext, qext = cfg.get("ext", ".jpg"), cfg.get("qext", ".jpg")
     jpg = folder / "jpg"
-    n_db = len(cfg["imlist"])
-    for i, g in enumerate(gnd_entries(cfg["gnd"], pkl)):
-        for key in ("easy", "hard", "junk"):
-            idx = np.asarray(g.get(key, []), dtype=np.int64)
-            if len(idx) and (idx.min() < 0 or idx.max() >= n_db):
-                raise DToPError(f"{pkl}: query {i} {key} index out of range 0..{n_db - 1}")
+    bboxes, gnd = [], []
+    for i, g in enumerate(gnd_entries(entries, pkl)):
+        where = f"{pkl}: query {i} ({qimlist[i]})"
+        bboxes.append(_box(g.get("bbx"), where))
+        gnd.append({k: _indices(g.get(k, []), len(imlist), f"{where} {k}") for k in ("easy", "hard", "junk")})
     return RevisitopDataset(
         name=name,
         folder=folder,
-        images=[jpg / f"{n}{ext}" for n in cfg["imlist"]],
-        queries=[jpg / f"{n}{qext}" for n in cfg["qimlist"]],
-        bboxes=[list(map(float, g["bbx"])) if g.get("bbx") is not None else None for g in cfg["gnd"]],
-        gnd=[{k: list(g.get(k, [])) for k in ("easy", "hard", "junk")} for g in cfg["gnd"]],
+        images=[jpg / f"{n}{ext}" for n in imlist],
+        queries=[jpg / f"{n}{qext}" for n in qimlist],
+        bboxes=bboxes,
+        gnd=gnd,
         image_size=cfg.get("image_size"),
     )
+
+
+def _names(cfg: dict[str, Any], key: str, pkl: Path) -> list[str]:
+    """``imlist``/``qimlist``: a non-empty list of image names (an empty one would embed a set to score nothing)."""
+    names = cfg[key]
+    what = "database image" if key == "imlist" else "query"
+    if isinstance(names, np.ndarray) and names.ndim == 1:
+        names = names.tolist()
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DToPError(f"{pkl}: {key} should be a list of image names, one per {what}")
+    if not names:
+        raise DToPError(f"{pkl}: {key} is empty: a revisitop set needs at least one {what}")
+    return list(names)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _box(bbx: Any, where: str) -> list[float] | None:
+    """A query's ``bbx``: None, or 4 finite numbers x1, y1, x2, y2 with x2 > x1 and y2 > y1."""
+    if bbx is None:
+        return None
+    try:
+        ok = not isinstance(bbx, (str, bytes, dict)) and len(bbx) == 4
+        ok = ok and not any(isinstance(v, (str, bytes, bool, np.bool_)) for v in bbx)
+        box = [float(v) for v in bbx] if ok else []
+    except (TypeError, ValueError):
+        box = []
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise DToPError(
+            f"{where} bbx {_shown(bbx)} is not a box: give 4 finite numbers x1, y1, x2, y2 with x2 > x1 and y2 > y1"
+        )
+    return box
+
+
+def _indices(value: Any, n_db: int, where: str) -> list[int]:
+    """An ``easy``/``hard``/``junk`` list: database indices, whole numbers in ``0..n_db-1`` (never rounded)."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    ok = isinstance(value, (list, tuple))
+    items = list(value) if ok else []
+    for v in items:
+        whole = isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
+        if not whole or isinstance(v, (bool, np.bool_)):
+            ok = False
+            break
+    if not ok:
+        raise DToPError(f"{where} is {_shown(value)}: give a list of database image indices (whole numbers)")
+    out = [int(v) for v in items]
+    if out and (min(out) < 0 or max(out) >= n_db):
+        raise DToPError(f"{where} index out of range 0..{n_db - 1}: {_shown(value)}")
+    return out
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -94,6 +151,12 @@ class _SafeUnpickler(pickle.Unpickler):
         ("builtins", "frozenset"),
         ("collections", "OrderedDict"),
         ("_codecs", "encode"),
+        # what numpy writes for ordinary arrays too: protocol 5 (array bytes in the pickle, rebuilt by _frombuffer)
+        # and protocol <= 2 for empty arrays (bytes() of nothing): constructors of data, nothing else
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "bytes"),
+        ("__builtin__", "bytes"),
     }
 
     def find_class(self, module: str, name: str) -> Any:

@@ -14,7 +14,7 @@ import numpy as np
 from dtop_export.errors import DToPError
 from dtop_export.retrieval.datasets import RevisitopDataset, load_distractors, resolve_dataset
 from dtop_export.retrieval.extract import extract, progress_bar
-from dtop_export.retrieval.metrics import SETUPS, evaluate_descriptors
+from dtop_export.retrieval.metrics import SETUPS, ranking_positions, revisited_metrics
 
 if TYPE_CHECKING:
     from dtop_export.contract import Engine
@@ -118,8 +118,12 @@ def evaluate_dataset(
     image_size: int | None = None,
     distractors: str | Path | np.ndarray | None = None,
     on_extract: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    on_rank: Callable[[np.ndarray], None] | None = None,
 ) -> EvalResult:
-    """:func:`evaluate` on an already loaded :class:`RevisitopDataset`."""
+    """:func:`evaluate` on an already loaded :class:`RevisitopDataset`. ``on_extract(db, queries)`` gets the
+    descriptors, ``on_rank(positions)`` the place of every database image in each query's ranking (distractors
+    included: :func:`~dtop_export.retrieval.metrics.ranking_positions`), e.g. for a picture that agrees with the
+    table."""
     t0 = time.perf_counter()
     size = evaluation_size(ds, engine, image_size)
     bboxes = ds.bboxes if crop_queries else None
@@ -150,7 +154,10 @@ def evaluate_dataset(
     dis = load_distractors(distractors) if isinstance(distractors, (str, Path)) else distractors
     with progress_bar(progress and dis is not None and len(dis) > 0) as prog:
         task = prog.add_task("distractors", total=0 if dis is None else len(dis))
-        metrics = evaluate_descriptors(db, q, ds.gnd, dis, advance=lambda n: prog.advance(task, n))
+        positions = ranking_positions(db, q, dis, advance=lambda n: prog.advance(task, n))
+    if on_rank is not None:
+        on_rank(positions)
+    metrics = revisited_metrics(ds.gnd, positions=positions)
     return EvalResult(
         dataset=ds.name,
         map=metrics["map"],

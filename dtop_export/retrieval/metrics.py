@@ -13,7 +13,9 @@ The metric code follows revisitop's ``evaluate.py`` exactly (cirtorch's ``utils/
 The ranking is by descending inner product of L2-normalised descriptors; ties are broken by database
 index (stable sort), so results never depend on the sort algorithm. With +R1M distractors (a ``.npy``
 descriptor file) the distractors rank after database images they tie with, and only the positions of
-the database images are computed (exactly as if the full ranking had been sorted).
+the database images are computed (exactly as if the full ranking had been sorted). Database images and
+distractors are scored by one routine (:func:`score_rows`, fixed-size blocks), so an exact copy of a database
+image among the distractors scores exactly the same and ties with it.
 
 Imports numpy only: no images, no engines.
 """
@@ -101,8 +103,8 @@ def compute_map_positions(
     in each query's full ranking (which may also hold distractors). Same results, no full sort needed."""
     positions = np.asarray(positions)
 
-    def places(i: int, ids: np.ndarray) -> np.ndarray:
-        return np.sort(positions[ids, i]) if len(ids) else np.empty(0, dtype=np.int64)
+    def places(i: int, ids: np.ndarray) -> np.ndarray:  # an id listed twice is one image, as revisitop's isin finds it
+        return np.sort(positions[np.unique(ids), i]) if len(ids) else np.empty(0, dtype=np.int64)
 
     return _per_query(gnd, kappas, places)
 
@@ -173,10 +175,30 @@ def revisited_metrics(
 # ranking --------------------------------------------------------------------------------------------
 
 
+SCORE_BLOCK = 4096  # rows per matrix product in score_rows: every row goes through one product of one shape
+
+
+def score_rows(rows: np.ndarray, queries: np.ndarray, block: int = SCORE_BLOCK) -> np.ndarray:
+    """Inner products [len(rows), n_queries] in float32, computed ``block`` rows at a time, each block copied into
+    one buffer of ``block`` rows (the last one zero-padded), so a row's score never depends on how many rows came
+    with it: BLAS picks other kernels for other shapes (a 7-row product differs from a 4096-row one by ~1e-7), and
+    an exact copy of a database image among the distractors must tie with it exactly."""
+    queries = np.asarray(queries, dtype=np.float32)
+    n, dim = len(rows), queries.shape[1]
+    out = np.empty((n, len(queries)), dtype=np.float32)
+    buf = np.zeros((block, dim), dtype=np.float32)
+    qt = queries.T
+    for start in range(0, n, block):
+        part = np.asarray(rows[start : start + block], dtype=np.float32)
+        buf[: len(part)] = part
+        buf[len(part) :] = 0
+        out[start : start + len(part)] = (buf @ qt)[: len(part)]
+    return out
+
+
 def rank_database(db: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Full ranking [n_db, n_queries] by descending inner product; ties by database index."""
-    scores = np.asarray(db, dtype=np.float32) @ np.asarray(queries, dtype=np.float32).T
-    return np.argsort(-scores, axis=0, kind="stable")
+    """Full ranking [n_db, n_queries] by descending inner product (:func:`score_rows`); ties by database index."""
+    return np.argsort(-score_rows(db, queries), axis=0, kind="stable")
 
 
 def ranking_positions(
@@ -188,12 +210,15 @@ def ranking_positions(
 ) -> np.ndarray:
     """0-based place [n_db, n_queries] of every database image in each query's ranking over db + distractors.
 
-    Equal to inverting ``argsort(-scores(concat(db, distractors)), kind="stable")``, without building it.
-    ``advance(rows)`` is called after each chunk of distractors is ranked (a progress bar: +R1M is minutes).
+    Equal to inverting ``argsort(-scores(concat(db, distractors)), kind="stable")``, without building it: database
+    images and distractors are scored by the same :func:`score_rows`, so a distractor that is an exact copy of a
+    database image ties with it, and ties go to the database image. ``advance(rows)`` is called after each chunk of
+    distractors is ranked (a progress bar: +R1M is minutes).
     """
     db = np.asarray(db, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.float32)
-    ranks = rank_database(db, queries)
+    scores = score_rows(db, queries)  # [n_db, nq]
+    ranks = np.argsort(-scores, axis=0, kind="stable")
     n_db, nq = ranks.shape
     positions = np.empty((n_db, nq), dtype=np.int64)
     cols = np.arange(nq)[None, :]
@@ -205,10 +230,8 @@ def ranking_positions(
             f"distractor descriptors are {distractors.shape[1]}-d but the model's are {db.shape[1]}-d: "
             "extract them with the same model"
         )
-    scores = db @ queries.T  # [n_db, nq]
     for start in range(0, len(distractors), chunk):
-        d = np.asarray(distractors[start : start + chunk], dtype=np.float32)
-        ds = np.sort(d @ queries.T, axis=0)  # ascending, [m, nq]
+        ds = np.sort(score_rows(distractors[start : start + chunk], queries), axis=0)  # ascending, [m, nq]
         m = ds.shape[0]
         for q in range(nq):
             # distractors scoring strictly higher rank before; ties go to the database image (lower index)

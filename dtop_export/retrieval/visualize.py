@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from dtop_export.atomic import atomic_path
+from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
     from dtop_export.retrieval.datasets import RevisitopDataset
@@ -87,6 +88,26 @@ def pick_queries(aps: Sequence[float | None], n: int) -> list[int]:
     return [scored[p][1] for p in picks]
 
 
+def placeholder(text: str, size: int = 160) -> Image.Image:
+    """A grey square saying ``text``: the tile of a result whose image is not drawn (a distractor known only by its
+    descriptor, an image that cannot be read)."""
+    img = Image.new("RGB", (size, size), (200, 200, 200))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(text.splitlines()):
+        draw.text((8, size // 2 - 12 + 14 * i), line, fill=(60, 60, 60))
+    return img
+
+
+def check_picture(dataset: RevisitopDataset) -> None:
+    """Refuse a picture of a data set where no query has positives (easy or hard images): it would show nothing
+    (what ``evaluate --picture`` checks before embedding anything)."""
+    if not any(len(g["easy"]) or len(g["hard"]) for g in dataset.gnd):
+        raise DToPError(
+            f"--picture: no query of {dataset.name} has easy or hard images to show (its ground truth lists none): "
+            "leave --picture out"
+        )
+
+
 def retrieval_picture(
     dataset: RevisitopDataset,
     db: np.ndarray,
@@ -97,28 +118,46 @@ def retrieval_picture(
     setup: str = "medium",
     crop_queries: bool = True,
     tile: int = 160,
+    positions: np.ndarray | None = None,
+    n_distractors: int = 0,
 ) -> Path:
     """PNG of ``n_queries`` queries of ``dataset`` (spread from best to worst AP in ``setup``) and their
     top-``k`` results from descriptors ``db`` [n_db, N] and ``queries`` [n_q, N], each result marked
-    correct / junk / wrong by the revisitop ground truth of that setup."""
+    correct / junk / wrong by the revisitop ground truth of that setup.
+
+    ``positions`` [n_db, n_q]: where each database image ranks among the database and ``n_distractors`` distractors
+    (:func:`~dtop_export.retrieval.metrics.ranking_positions` with the distractors, as the evaluation ranked them): the
+    APs and the top-``k`` are then those of that ranking, a distractor drawn as a grey tile marked wrong (its image is
+    not read). Without it the database is ranked alone.
+    """
     from dtop_export.preprocess import crop_bbox, load_image
-    from dtop_export.retrieval.metrics import rank_database, revisited_metrics, setup_gnd
+    from dtop_export.retrieval.metrics import ranking_positions, revisited_metrics, setup_gnd
 
     if db.shape[0] != dataset.n_images or queries.shape[0] != dataset.n_queries:
         raise ValueError("descriptors do not match the data set")
-    ranks = rank_database(db, queries)  # [n_db, n_q]
-    aps = revisited_metrics(dataset.gnd, ranks=ranks)["aps"][setup]
+    check_picture(dataset)
+    if positions is None:
+        positions = ranking_positions(db, queries)
+    if positions.shape != (dataset.n_images, dataset.n_queries):
+        raise ValueError("positions do not match the data set")
+    aps = revisited_metrics(dataset.gnd, positions=positions)["aps"][setup]
     gnd = setup_gnd(dataset.gnd, setup)
-    q_imgs, results, labels, captions = [], [], [], []
+    q_imgs, results, labels, captions, texts = [], [], [], [], []
     for qi in pick_queries(aps, n_queries):
         img = load_image(dataset.queries[qi])
         bbx = dataset.bboxes[qi]
         q_imgs.append(crop_bbox(img, bbx) if crop_queries and bbx is not None else img)
         ok, junk = set(map(int, gnd[qi]["ok"])), set(map(int, gnd[qi]["junk"]))
-        top = [int(j) for j in ranks[:k, qi]]
-        results.append([load_image(dataset.images[j]) for j in top])
+        top: list[int | None] = [None] * min(k, dataset.n_images + n_distractors)  # None: a distractor
+        for j in np.flatnonzero(positions[:, qi] < len(top)):
+            top[int(positions[j, qi])] = int(j)
+        results.append([placeholder("distractor", tile) if j is None else load_image(dataset.images[j]) for j in top])
         labels.append(["positive" if j in ok else "junk" if j in junk else "negative" for j in top])
+        names = ["distractor" if j is None else lab for j, lab in zip(top, labels[-1])]
+        texts.append([f"#{r} {name}" for r, name in enumerate(names, 1)])
         captions.append(f"query {qi}: AP {aps[qi]:.0f}% ({setup})")
     if not q_imgs:
-        raise ValueError(f"no query of {dataset.name} has positives in the {setup} setup")
-    return retrieval_grid(q_imgs, results, labels, output, tile=tile, captions=captions)
+        raise DToPError(f"--picture: no query of {dataset.name} has positives in the {setup} setup")
+    legend = LEGEND + ("   grey tile: a distractor" if n_distractors else "")
+    return retrieval_grid(q_imgs, results, labels, output, tile=tile, captions=captions, result_captions=texts,
+                          legend=legend)  # fmt: skip
