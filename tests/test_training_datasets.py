@@ -602,3 +602,24 @@ def test_a_file_system_without_inode_numbers_folds_no_images(tmp_path: Path, mon
     monkeypatch.setattr(Path, "stat", no_inode)
     ts = D.read_folder(tmp_path, min_per_class=1)
     assert (len(ts), ts.skipped) == (6, {})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("hard", [1.7], r"query 0 \(q_0\) hard is \[1\.7\]: give a list of database image indices"),
+        ("easy", [0, 99], r"query 0 \(q_0\) easy index out of range 0\.\.11"),
+        ("easy", None, r"query 0 \(q_0\) easy is None"),
+    ],
+)
+def test_revisitop_positives_are_checked_as_evaluate_checks_them(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    # a fractional index was rounded down (hard: [1.7] read as 1), one out of range was an IndexError
+    make_revisitop(tmp_path)
+    p = tmp_path / "tiny" / "gnd_tiny.pkl"
+    cfg = pickle.loads(p.read_bytes())
+    cfg["gnd"][0][key] = value
+    p.write_bytes(pickle.dumps(cfg))
+    with pytest.raises(DToPError, match=message):
+        D.read_revisitop(tmp_path, "tiny")

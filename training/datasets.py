@@ -33,7 +33,7 @@ from typing import Any
 from dtop_export.atomic import file_state
 from dtop_export.errors import DToPError
 from dtop_export.preprocess import image_size
-from dtop_export.retrieval.datasets import gnd_entries, load_pickle
+from dtop_export.retrieval.datasets import db_indices, gnd_entries, load_pickle
 from dtop_export.training.lists import as_list, csv_rows, path_label_lines, read_text, sfm120k_lists
 from dtop_export.training.scan import (
     folder_entries,
@@ -389,8 +389,8 @@ def read_revisitop(root: str | Path | None, name: str = "sample", **kw: Any) -> 
 
     owner: dict[int, int] = {}
     for qi, g in enumerate(gnd):
-        for di in [*as_list(g.get("easy", [])), *as_list(g.get("hard", []))]:
-            di = int(di)
+        where = f"{gnd_path}: query {qi} ({qimlist[qi]})"
+        for di in [d for k in ("easy", "hard") for d in db_indices(g.get(k, []), len(imlist), f"{where} {k}")]:
             if di in owner:
                 parent[find(qi)] = find(owner[di])
             else:

@@ -71,7 +71,7 @@ def load_revisitop_folder(folder: str | Path, name: str) -> RevisitopDataset:
     for i, g in enumerate(gnd_entries(entries, pkl)):
         where = f"{pkl}: query {i} ({qimlist[i]})"
         bboxes.append(_box(g.get("bbx"), where))
-        gnd.append({k: _indices(g.get(k, []), len(imlist), f"{where} {k}") for k in ("easy", "hard", "junk")})
+        gnd.append({k: db_indices(g.get(k, []), len(imlist), f"{where} {k}") for k in ("easy", "hard", "junk")})
     return RevisitopDataset(
         name=name,
         folder=folder,
@@ -118,7 +118,7 @@ def _box(bbx: Any, where: str) -> list[float] | None:
     return box
 
 
-def _indices(value: Any, n_db: int, where: str) -> list[int]:
+def db_indices(value: Any, n_db: int, where: str) -> list[int]:
     """An ``easy``/``hard``/``junk`` list: database indices, whole numbers in ``0..n_db-1`` (never rounded)."""
     if isinstance(value, np.ndarray) and value.ndim == 1:
         value = value.tolist()
