@@ -106,6 +106,10 @@ def evaluate(
         f"{engine.label}, {result.image_size}px, scales {', '.join(f'{s:g}' for s in sc)}, "
         f"queries {'cropped' if not no_crop else 'uncropped'}: {result.seconds:.1f} s"
     )
+    from dtop_export.int8_check import calibration_overlap_note
+
+    if note := calibration_overlap_note(engine, [*ds.images, *ds.queries], "mAP"):  # graded on its calibration images
+        typer.echo(note)
     if json_out is not None:
         write_json(json_out, {"model": str(model), **result.to_dict()})
         typer.echo(f"wrote {json_out}")
