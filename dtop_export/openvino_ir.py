@@ -26,7 +26,7 @@ import numpy as np
 from dtop_export.errors import DToPError
 
 if TYPE_CHECKING:
-    from dtop_export.quantize import CheckInputs
+    from dtop_export.int8_check import CheckInputs
 
 
 @dataclass
@@ -51,21 +51,24 @@ def _set_metadata(model: Any, updates: dict[str, str]) -> None:
 
 
 def _save_atomic(model: Any, xml: Path) -> None:
-    """``ov.save_model`` into a temp folder next to ``xml``, then rename the .bin, then the .xml (the entry
-    point), so a reader never sees a new .xml with an old or half-written .bin (and the .xml names its .bin by
-    sha256, :func:`stamp_weights`, so a reader that finds an old .xml with the new .bin, or any .xml with another
-    .bin, refuses the pair)."""
+    """``ov.save_model`` into a temp folder next to ``xml``, then the pair put in place by
+    :func:`~dtop_export.atomic.atomic_paths`: the .bin renamed first, then the .xml (the entry point), with Ctrl-C and
+    SIGTERM held between the two renames and the old pair put back when the second fails, so a reader never sees a new
+    .xml with an old or half-written .bin, nor an old .xml with the new .bin (and the .xml names its .bin by sha256,
+    :func:`stamp_weights`, so a reader that finds any .xml with another .bin refuses the pair)."""
     import openvino as ov
 
-    from dtop_export.atomic import output_folder
+    from dtop_export.atomic import atomic_paths, output_folder
 
     parent = output_folder(xml)
     with tempfile.TemporaryDirectory(prefix=".dtop-ir-", dir=parent) as tmp:
         staged = Path(tmp) / xml.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
         stamp_weights(staged)
-        for src, dest in zip(ir_files(staged), ir_files(xml)):
-            os.replace(src, dest)
+        bin_file, xml_file = ir_files(xml)[::-1]
+        with atomic_paths([bin_file, xml_file]) as temps:
+            for src, temp in zip(ir_files(staged)[::-1], temps, strict=True):
+                os.replace(src, temp)
 
 
 def stamp_weights(xml: Path) -> None:
@@ -145,12 +148,14 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     from dtop_export.logs import quiet_logger, quiet_logging
+    from dtop_export.quantize import printed_to_log
 
     nncf.set_log_level(logging.WARNING)  # its INFO lines list every op it leaves float
     ignored = ignored_names(onnx_path, roles, model)
     # NNCF imports torch.utils.cpp_extension while it quantises, which logs "No CUDA runtime is found" on a
     # machine with a CUDA toolkit and no GPU: nothing here compiles CUDA code
-    with quiet_logging(), quiet_logger("torch.utils.cpp_extension"):
+    # and draws rich progress bars on stdout (no switch turns them off): the command's spinner says what runs
+    with quiet_logging(), quiet_logger("torch.utils.cpp_extension"), printed_to_log():
         return nncf.quantize(
             model,
             nncf.Dataset(list(calib)),
@@ -231,7 +236,8 @@ def write_ir(
     """
     from dtop_export.contract import read_metadata
     from dtop_export.engines.openvino import model_metadata, read_model, with_fp32_islands
-    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, CheckInputs, quantize_int8, require_dynamic_shapes
+    from dtop_export.int8_check import CheckInputs, calibration_files
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, ROLES, quantize_int8, require_dynamic_shapes
 
     t0 = time.perf_counter()
     onnx_path, output = Path(onnx_path), Path(output)
@@ -262,9 +268,11 @@ def write_ir(
         if int8 and recipe == "qdq":
             say(f"calibrating and quantising (QDQ) on {len(calib)} inputs")
             staged = Path(tmp) / "int8.onnx"
+            # not checked (the IR it converts to is, below); its calibration images recorded (check_inputs)
             q = quantize_int8(
-                onnx_path, staged, calib, keep_float=roles, calibration_source=calibration_source, check=False
-            )  # the IR it converts to is checked below
+                onnx_path, staged, calib, keep_float=roles, calibration_source=calibration_source, check=False,
+                check_inputs=check_inputs,
+            )  # fmt: skip
             model = read_model(staged)
             calibration = {**q.calibration, "recipe": "qdq (dtop-export quantize, converted)"}
         else:
@@ -281,6 +289,7 @@ def write_ir(
                     "images": len(calib),
                     "shapes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib}),
                     "source": calibration_source,
+                    **({"files": calibration_files(check_inputs.calibrated)} if check_inputs else {}),
                     "model_type": "transformer (LayerNorm, Softmax, GELU float), no SmoothQuant, min/max ranges",
                     "float_roles": roles,
                 }

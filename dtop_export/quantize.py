@@ -9,15 +9,19 @@ normalisations, and by default the first stem conv (3 input channels, no gain) a
 matmuls (QKᵀ and attention·V: a uint8 softmax rounds most of 1000+ attention weights to zero).
 
 The quantised model keeps dynamic batch/height/width: scales are per tensor, not per shape, and the
-calibration set mixes several image sizes so the ranges cover the sizes it will see.
+calibration set mixes several image sizes so the ranges cover the sizes it will see. By default it is the embedded
+calibration set (:func:`default_calibration_images`), no image of which is in the embedded evaluation set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,7 @@ import numpy as np
 
 from dtop_export.atomic import atomic_path
 from dtop_export.errors import DToPError
+from dtop_export.int8_check import CheckInputs, calibration_files
 
 if TYPE_CHECKING:
     import onnx
@@ -35,7 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# --method -> ONNX Runtime's CalibrationMethod
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 @dataclass
@@ -53,18 +59,24 @@ class QuantizeResult:
 # calibration images ----------------------------------------------------------------------------------
 
 
-def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
-    """The embedded sample set's database images, built on first use in ``cache_dir``, by default where the
-    evaluation set is (:func:`~dtop_export.retrieval.datasets.default_data_root`: ``$DTOP_EXPORT_DATA``, else
-    ``$XDG_CACHE_HOME/dtop-export/data``), one copy per user rather than one shared folder in /tmp. Returns (paths,
-    a one-line description of the source)."""
-    from dtop_export.retrieval.datasets import default_data_root, load_revisitop
-    from dtop_export.retrieval.sample_data import NAME, build_sample_dataset
+CALIBRATION_SET = "calib-sample"  # the embedded calibration set's folder, next to the evaluation set's
 
-    root = cache_dir or default_data_root()
-    build_sample_dataset(root)
-    ds = load_revisitop(root, NAME)
-    return [p for p in ds.images if p.is_file()], f"embedded sample set, database images ({ds.folder})"
+
+def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
+    """The embedded calibration set: 3 views of each photo of the embedded training set made by its recipe
+    (:func:`~dtop_export.training.sample.build_training_sample`: random crop, rotation, illumination, JPEG; a seed of
+    their own, up to 512 px), 60 images, none of them an image of the embedded evaluation set (``--dataset sample``,
+    which grades INT8 models: calibrated on its own images, their ΔmAP there was optimistic). Built on first use in
+    ``cache_dir/calib-sample``, by default next to the evaluation set
+    (:func:`~dtop_export.retrieval.datasets.default_data_root`: ``$DTOP_EXPORT_DATA``, else
+    ``$XDG_CACHE_HOME/dtop-export/data``). Returns (paths, a one-line description of the source)."""
+    from dtop_export.preprocess import list_images
+    from dtop_export.retrieval.datasets import default_data_root
+    from dtop_export.training.sample import build_training_sample
+
+    root = (cache_dir or default_data_root()) / CALIBRATION_SET
+    build_training_sample(root, views_per_class=3, seed=1, max_side=512)
+    return list_images(root), f"embedded calibration set, no image of the evaluation set ({root})"
 
 
 MIN_CALIB_IMAGES = 8  # fewer images than asked and fewer than this: refused (unless asked for that few)
@@ -109,12 +121,16 @@ def calibration_tensors(
 def image_tensors(
     paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], square: bool = False
 ) -> list[np.ndarray]:
-    """Each of ``paths`` at every size in ``sizes`` through the one preprocessing path, [1, 3, H, W] each."""
+    """Each of ``paths`` at every size in ``sizes`` through the one preprocessing path, [1, 3, H, W] each; an image
+    that cannot be read is refused naming ``--calib``."""
     from dtop_export.preprocess import load_image, prepare, prepare_square
 
     out = []
     for path in paths:
-        img = load_image(path)
+        try:
+            img = load_image(path)
+        except DToPError as e:
+            raise DToPError(f"{e}: remove it from the --calib images, or give another folder") from None
         for size in sizes:
             x = prepare_square(img, pp, size) if square else prepare(img, pp, size)
             out.append(x[None])
@@ -139,32 +155,6 @@ def split_calibration(paths: Sequence[Path], limit: int) -> tuple[list[Path], li
     return calib, spread(rest, limit) if len(rest) >= min(limit, MIN_CALIB_IMAGES) else []
 
 
-@dataclass
-class CheckInputs:
-    """What an INT8 artefact is checked on against the fp32 model: the input tensors, the images they come from, and
-    whether those images were held out of calibration (recorded with the check in ``dtop.quantization``)."""
-
-    tensors: list[np.ndarray]
-    images: int | None
-    held_out: bool
-
-    def record(self) -> dict[str, Any]:
-        """The keys the check records: ``held_out``, ``images``."""
-        return {"held_out": self.held_out, **({"images": self.images} if self.images is not None else {})}
-
-    def what(self) -> str:
-        """What the inputs are, for messages: ``held-out inputs`` or ``calibration inputs``."""
-        return "held-out inputs" if self.held_out else "calibration inputs"
-
-
-def describe_check(check: dict[str, Any]) -> str:
-    """What a recorded check ran on, for the printed line: ``32 held-out inputs (16 images not used for
-    calibration)``, or ``the 32 calibration inputs (...: an optimistic check)``."""
-    if check.get("held_out"):
-        return f"{check['inputs']} held-out inputs ({check['images']} images not used for calibration)"
-    return f"the {check['inputs']} calibration inputs (too few images to hold any out: an optimistic check)"
-
-
 def calibration_and_check(
     paths: Sequence[Path], pp: PreprocessConfig, sizes: Sequence[int], limit: int, square: bool = False
 ) -> tuple[list[np.ndarray], CheckInputs]:
@@ -174,8 +164,14 @@ def calibration_and_check(
     picked, held = split_calibration(list(paths), limit)
     calib = calibration_tensors(paths, pp, sizes, limit, square=square, picked=picked)
     if not held:
-        return calib, CheckInputs(calib, len(picked), held_out=False)
-    return calib, CheckInputs(image_tensors(held, pp, sizes, square), len(held), held_out=True)
+        return calib, CheckInputs(calib, len(picked), held_out=False, calibrated=picked)
+    return calib, CheckInputs(image_tensors(held, pp, sizes, square), len(held), held_out=True, calibrated=picked)
+
+
+def require_fp32(meta: dict[str, str], path: Path) -> None:
+    """One line for a model that is not the fp32 export (an INT8 or FP16 file), before any calibration image is read."""
+    if meta.get("dtop.precision", "fp32") != "fp32":
+        raise DToPError(f"{path} is already {meta['dtop.precision']}: quantise the fp32 export")
 
 
 def require_dynamic_shapes(meta: dict[str, str], path: Path) -> None:
@@ -293,11 +289,14 @@ def quantize_int8(
 
     ``calib``: preprocessed images [1, 3, H, W] (any mix of sizes). ``keep_float``: roles of Conv/MatMul
     nodes (see :func:`node_roles`) left in float; by default the first stem conv and the attention matmuls.
-    ``on_item`` is called once per calibration image (progress bars). ``check``: the INT8 model, run by ONNX
+    ``on_item`` is called once per calibration image (progress bars); what ONNX Runtime's histogram calibrators print
+    is kept off stdout (logged at debug level). ``check``: the INT8 model, run by ONNX
     Runtime, against the fp32 one on ``check_inputs`` (:func:`calibration_and_check`: images held out of
     calibration; default ``calib`` itself) (:func:`check_int8`, recorded in ``dtop.quantization`` with what it ran
     on), refused below the INT8 contract with nothing written (``openvino --int8`` checks the IR it converts
     instead); ``on_check(total)``, called as the check starts, may return a callback invoked once per checked input.
+    ``check_inputs.calibrated``, the calibration images, are recorded as ``files``
+    (:func:`~dtop_export.int8_check.calibration_files`).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -310,6 +309,7 @@ def quantize_int8(
         raise DToPError(f"ONNX file {onnx_path} not found")
     if method not in CALIBRATION_METHODS:
         raise DToPError(f"unknown calibration method {method!r}: choose {', '.join(CALIBRATION_METHODS)}")
+    on = check_inputs or CheckInputs(list(calib), None, held_out=False)
     if not calib:
         raise DToPError("no calibration images")
     if method != "minmax" and len({x.shape for x in calib}) > 1:
@@ -319,8 +319,7 @@ def quantize_int8(
         )
     model = onnx.load(str(onnx_path))
     meta = metadata_of(model)
-    if meta.get("dtop.precision", "fp32") != "fp32":
-        raise DToPError(f"{onnx_path} is already {meta['dtop.precision']}: quantise the fp32 export")
+    require_fp32(meta, onnx_path)
     require_dynamic_shapes(meta, onnx_path)
     if [i.name for i in model.graph.input] != [INPUT_NAME]:
         raise DToPError(f"{onnx_path} is not a dtop-export model (input must be '{INPUT_NAME}')")
@@ -328,11 +327,6 @@ def quantize_int8(
     if exclude_nodes:
         keep += [n for n in quant if n in set(exclude_nodes)]
         quant = [n for n in quant if n not in set(exclude_nodes)]
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
     with tempfile.TemporaryDirectory(prefix="dtop-quant-") as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save_model(model, str(named))  # node names filled in by plan_quantization
@@ -340,7 +334,7 @@ def quantize_int8(
         staged = Path(tmp) / "int8.onnx"
         from dtop_export.logs import quiet_logging
 
-        with quiet_logging():
+        with quiet_logging(), printed_to_log(method != "minmax"):  # the histogram calibrators print
             quantize_static(
                 str(named),
                 str(staged),
@@ -352,7 +346,7 @@ def quantize_int8(
                 reduce_range=False,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
+                calibrate_method=CalibrationMethod[CALIBRATION_METHODS[method]],
                 extra_options={
                     "CalibTensorRangeSymmetric": False,
                     # MatMul outputs stay float: ONNX Runtime runs DQ→MatMul as MatMulIntegerToFloat (no
@@ -364,7 +358,6 @@ def quantize_int8(
             )
         qmodel = onnx.load(str(staged))
         seconds = time.perf_counter() - t0
-        on = check_inputs or CheckInputs(list(calib), None, held_out=False)
         checked = None
         if check:
             checked = check_int8(named, staged, on.tensors, on_check(len(on.tensors)) if on_check else None)
@@ -374,6 +367,7 @@ def quantize_int8(
         "images": len(calib),
         "shapes": sorted({f"{x.shape[2]}x{x.shape[3]}" for x in calib}),
         "source": calibration_source,
+        **({"files": calibration_files(on.calibrated)} if on.calibrated else {}),
         "per_channel": per_channel,
         "activations": "uint8 per-tensor asymmetric",
         "weights": "int8 per-channel symmetric" if per_channel else "int8 per-tensor symmetric",
@@ -401,8 +395,6 @@ def quantize_int8(
     set_metadata(qmodel, meta)
     with atomic_path(output) as tmp_out:
         onnx.save_model(qmodel, str(tmp_out))
-    from collections import Counter
-
     ops = Counter(n.op_type for n in qmodel.graph.node)
     q_types = {"QuantizeLinear", "DequantizeLinear"}
     return QuantizeResult(
@@ -421,9 +413,10 @@ def check_int8(
     """:func:`~dtop_export.int8_check.agreement` of the INT8 ONNX with the fp32 one, both run by ONNX Runtime on
     the CPU, on ``calib`` ([1, 3, H, W] each, one run per input)."""
     from dtop_export.engines.ort import OnnxRuntimeEngine
+    from dtop_export.host import usable_cpus
     from dtop_export.int8_check import agreement
 
-    threads = cpu_count()
+    threads = usable_cpus()
     ref, q = OnnxRuntimeEngine(fp32, threads=threads), OnnxRuntimeEngine(int8, threads=threads)
     a, b = [], []
     for x in calib:
@@ -434,8 +427,19 @@ def check_int8(
     return agreement(a, b, "the fp32 ONNX in ONNX Runtime (CPU)")
 
 
-def cpu_count() -> int:
-    """Cores this process may use."""
-    from dtop_export.host import usable_cpus
-
-    return usable_cpus()
+@contextlib.contextmanager
+def printed_to_log(enabled: bool = True) -> Iterator[None]:
+    """While ``enabled``, what is printed to stdout (ONNX Runtime's histogram calibrators, NNCF's progress bars) is
+    logged at debug level instead: stdout keeps the command's own lines. A live display that writes to
+    ``sys.stdout`` pauses meanwhile."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("printed: %s", line)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,19 +207,40 @@ def describe_pte(path: str | Path) -> dict[str, Any]:
     } | metadata_report(meta)
 
 
-def set_threads(threads: int | None) -> None:
-    """Size ExecuTorch's thread pool (one per process, shared by every program: XNNPACK runs on it). None: its own
-    size (a thread per core of the machine) capped at the CPUs this process may run on (``taskset``, a cgroup
-    cpuset, a Ray worker's), which ExecuTorch does not look at: twice the threads of the CPUs made every pass wait."""
+_POOL_DEFAULT: list[int] = []  # the pool's own size, read once, before any engine resized it
+# the engines whose loaded method runs on the pool as it is: XNNPACK keeps a pointer to the pool it was loaded with,
+# so resizing the pool (a new pool) under them crashed the process on their next run
+_OPEN: weakref.WeakSet[ExecuTorchEngine] = weakref.WeakSet()
+
+
+def set_threads(threads: int | None, program: str = "a program") -> int:
+    """Size ExecuTorch's thread pool (one per process, shared by every program: XNNPACK runs on it) for ``program`` and
+    return the size. None: the pool's own size (a thread per core of the machine, as read before the first engine of
+    the process resized it, not what an earlier engine left) capped at the CPUs this process may run on (``taskset``,
+    a cgroup cpuset, a Ray worker's), which ExecuTorch does not look at: twice the threads of the CPUs made every pass
+    wait. While engines loaded at another size are open, one line instead: every program of a process runs at one
+    size (``bench a.pte:threads=1 b.pte`` timed b on one thread, and resizing the pool under a loaded program
+    crashes it)."""
     import executorch.extension.pybindings.portable_lib as lib
 
     from dtop_export.host import usable_cpus
 
-    with native_log():  # the pool's first use probes the CPU, at Info level on stderr
-        current = lib._threadpool_get_thread_count()
-        wanted = threads or min(current, usable_cpus())  # 0 as None: a pool of no threads cannot run
-        if current != wanted:
-            lib._unsafe_reset_threadpool(wanted)
+    if not _POOL_DEFAULT:
+        with native_log():  # the pool's first use probes the CPU, at Info level on stderr
+            _POOL_DEFAULT.append(lib._threadpool_get_thread_count())
+    size = threads or min(_POOL_DEFAULT[0], usable_cpus())  # 0 as None: a pool of no threads cannot run
+    current = lib._threadpool_get_thread_count()
+    if current != size:
+        open_ = sorted({e.source.name if e.source else "a program" for e in _OPEN})
+        if open_:
+            raise DToPError(
+                f"ExecuTorch runs every program of a process on one thread pool, at {current} thread(s) for the "
+                f"open {', '.join(open_)}: open {program} with threads={current} too (or give every .pte the same "
+                f"threads=), or close the others first"
+            )
+        with native_log():
+            lib._unsafe_reset_threadpool(size)
+    return size
 
 
 def _zeros(shape: tuple[int, ...]) -> Any:
@@ -232,8 +254,8 @@ class ExecuTorchEngine(Engine):
 
     precision: the program's own (from its metadata); another value is an error, since a program runs at the
     precision it was compiled with. threads: ExecuTorch's thread pool size (process-wide; default: its own, one per
-    core, capped at the CPUs the process may run on). Inputs must be the program's size (``static_hw``); batches run
-    in chunks of its fixed batch.
+    core, capped at the CPUs the process may run on; the programs open at once share one size, :func:`set_threads`).
+    Inputs must be the program's size (``static_hw``); batches run in chunks of its fixed batch.
     """
 
     name = "executorch"
@@ -256,7 +278,7 @@ class ExecuTorchEngine(Engine):
             )
             raise DToPError(f"{path} is a {file_precision} program, not {precision}: {hint}")
         self.threads = threads
-        set_threads(threads)
+        self.pool_threads = set_threads(threads, str(path.name))
         with native_log() as log:
             try:
                 self.method = self.program.load_method("forward")
@@ -278,6 +300,7 @@ class ExecuTorchEngine(Engine):
         hw = json.loads(meta.get("dtop.static_hw") or "null")
         self.static_hw = tuple(int(v) for v in hw) if hw else None
         self.fixed_batch = json.loads(meta.get("dtop.fixed_batch") or "null")
+        _OPEN.add(self)
 
     @staticmethod
     def _input_shape(meta: dict[str, str]) -> tuple[int, ...]:
@@ -293,10 +316,13 @@ class ExecuTorchEngine(Engine):
     def _run(self, x: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.threads:
-            set_threads(self.threads)
         out = self.method.execute([torch.from_numpy(x)])[0]
         return np.array(out.numpy(), dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        """The program's method released: the thread pool may be resized for other programs."""
+        _OPEN.discard(self)
+        self.method = None
 
     def describe(self) -> dict[str, Any]:
         from importlib.metadata import version

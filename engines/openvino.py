@@ -281,9 +281,16 @@ class OpenVinoEngine(Engine):
         precision = precision or recorded or file_precision
         if precision not in INFERENCE_PRECISION:
             raise DToPError(f"unknown OpenVINO precision {precision!r}: choose {', '.join(INFERENCE_PRECISION)}")
-        if (precision == "int8") != (file_precision == "int8"):
-            hint = "make one with `dtop-export openvino MODEL.onnx --int8`" if precision == "int8" else "drop :int8"
-            raise DToPError(f"{path} is a {file_precision} model, not {precision}: {hint}")
+        if file_precision == "int8" and precision != "int8":
+            raise DToPError(
+                f"{path} is an int8 model, not {precision}: drop :{precision} (an INT8 model runs its float parts "
+                "in f32)"
+            )
+        if precision == "int8" and file_precision != "int8":
+            raise DToPError(
+                f"{path} is not an INT8 model ({file_precision}): make one with `dtop-export openvino MODEL.onnx "
+                "--int8`"
+            )
         if mode not in MODES:
             raise DToPError(f"unknown OpenVINO mode {mode!r}: choose latency or throughput")
         if threads is not None and threads < 1:

@@ -291,6 +291,62 @@ def test_bad_input_is_one_line(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bare.pte", "img", "truncated.pte"]
 
 
+def test_sizes_and_roles_are_checked_before_the_work(
+    small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--size` was the one size option without the memory check (`--size 4096 --int8`: a traceback or the OOM
+    killer), and `--int8 --keep-float bogus` was refused by the build, after the checkpoint was read and the check
+    images prepared: both are one line now, before the work, nothing written."""
+    from dtop_export import checkpoint
+
+    out = tmp_path / "x.pte"
+    line = _error(capsys, "executorch", str(small_ckpt), "--size", "100000", "-o", str(out))
+    assert line.startswith("error: --size 100000 needs at least") and "--size " in line.split("use ", 1)[-1]
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    line = _error(capsys, "executorch", str(small_ckpt), "--int8", "--keep-float", "bogus", "-o", str(out))
+    assert line == "error: unknown INT8 role(s) bogus: choose from qkv, proj, fc1, fc2"
+    line = _error(capsys, "executorch", str(small_ckpt), "--int8", "--keep-float", "qkv,proj,fc1,fc2", "-o", str(out))
+    assert "leaves no layer to quantise" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_programs_open_together_share_one_pool_size_and_a_later_one_gets_the_default(
+    small_pte: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bench a.pte:threads=1 b.pte` timed b on one thread: the pool is the process's, and an engine without threads
+    took min(the pool as the engine before left it, the CPUs). It cannot simply be resized for b: XNNPACK keeps the
+    pool a method was loaded with, and running a after the pool was replaced crashes the process. So: while a is open
+    b is refused in one line naming the size to give; once a is closed, b gets the pool's own size (read before any
+    engine resized it) capped at the CPUs."""
+    import os
+
+    import executorch.extension.pybindings.portable_lib as lib
+
+    from dtop_export import host
+    from dtop_export.engines import load_engine
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: the pool's own size is one thread")
+    before = lib._threadpool_get_thread_count()
+    monkeypatch.setattr(host, "usable_cpus", lambda: 2)
+    x = _images(1)
+    try:
+        with load_engine(small_pte, threads=1) as one:
+            with pytest.raises(DToPError) as e:
+                load_engine(small_pte)
+            assert str(e.value) == (
+                "ExecuTorch runs every program of a process on one thread pool, at 1 thread(s) for the open small.pte:"
+                " open small.pte with threads=1 too (or give every .pte the same threads=), or close the others first"
+            )
+            with load_engine(small_pte, threads=1) as same:  # the same size: both run
+                assert np.allclose(one.embed(x), same.embed(x), atol=1e-6)
+        with load_engine(small_pte) as default:
+            default.embed(x)
+            assert lib._threadpool_get_thread_count() == 2 and default.pool_threads == 2
+    finally:
+        lib._unsafe_reset_threadpool(before)
+
+
 def test_an_existing_json_report_is_refused_before_the_work(
     small_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,7 +426,7 @@ def test_an_int8_programs_check_is_recorded_held_out_as_the_other_int8_checks(
     """quantize's and openvino --int8's checks record held_out (and images) and print what they ran on; executorch
     --int8's recorded neither (its line said "on 4 images"). Its dynamic recipe calibrates nothing, so its check
     images are held out of calibration: held_out true, printed as the others print it. (Build stubbed.)"""
-    from dtop_export.quantize import describe_check
+    from dtop_export.int8_check import describe_check
 
     calib = _stub_the_build(monkeypatch, tmp_path, cosine_min=0.995)
     report = tmp_path / "r.json"

@@ -165,12 +165,19 @@ def _quantized_inputs(op: Any) -> bool:
 
 @pytest.mark.parametrize("recipe", ["qdq", "nncf"])
 def test_int8_ir_meets_its_contract(
-    small_ckpt: Path, small_onnx: Path, sample: RevisitopDataset, tmp_path: Path, recipe: str
+    small_ckpt: Path,
+    small_onnx: Path,
+    sample: RevisitopDataset,
+    tmp_path: Path,
+    recipe: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Both recipes: an INT8 IR (really quantised, the float roles left float) within the INT8 cosine contract.
     The whole contract (|ΔmAP| <= 1.0 too) is what `--recipe qdq` promises; `nncf` is documented as the faster
     recipe with the larger ΔmAP, and on an AMX Xeon its 3.3e-3 similarity error flips 31 near-tie pairs of the
-    20-query set (Hard mAP +2.4), so for it the parity verdict is only required to be reported and explained.
+    20-query set (Hard mAP +2.4), and since it is no longer calibrated on the images parity grades it on, its cosine
+    there fell to 0.988 (an Intel Xeon with AMX here), so for it the parity verdict is only required to be reported and
+    explained.
     Since the maker checks on images held out of calibration, `openvino --int8 --recipe nncf` refuses this model's
     IR on the Intel Xeon with AMX here (cos min 0.98982 at 512 px): nncf is made by the library, checked on its
     calibration inputs (held_out false), to test what NNCF quantised."""
@@ -184,6 +191,7 @@ def test_int8_ir_meets_its_contract(
         paths, source = default_calibration_images()
         calib = calibration_tensors(paths, preprocess_from_metadata(read_metadata(small_onnx)), [320, 512], 16)
         write_ir(small_onnx, out, int8=True, recipe="nncf", calib=calib, calibration_source=source)
+        assert capsys.readouterr().out == ""  # NNCF's progress bars kept off stdout (they were drawn there)
     model = read_model(out)
     meta = model_metadata(model)
     assert meta["dtop.precision"] == "int8" and json.loads(meta["dtop.quantization"])["recipe"].startswith(recipe)
@@ -200,11 +208,12 @@ def test_int8_ir_meets_its_contract(
     assert engine.precision == "int8"
     report = parity(TorchEngine.from_checkpoint(small_ckpt), [engine], sample, progress=False)
     result = report.engines[0]
-    assert 0.99 <= result.cosine_min < 0.99999  # within the INT8 cosine contract, and not a copy of the fp32 model
+    assert 0.98 <= result.cosine_min < 0.99999  # really INT8 (not a copy of the fp32 model), near the contract
     if recipe == "qdq":
         assert report.passed, report.failures()  # cos >= 0.99, |ΔmAP| <= 1.0
-    elif not report.passed:
-        assert all("positive/negative pairs flipped" in f for f in report.failures()), report.failures()
+    elif not report.passed:  # graded on images it was not calibrated on, nncf's cosine may fall under 0.99 too
+        for c in (c for c in result.checks if not c.passed):  # and every ΔmAP it fails comes from flipped pairs
+            assert c.metric == "cosine_min" or "positive/negative pairs flipped" in c.why, c.describe()
 
 
 def test_an_int8_ir_below_the_contract_is_not_written(
@@ -235,7 +244,7 @@ def test_runtime_options_and_errors(small_onnx: Path, small_ckpt: Path, ir: Path
         load_engine(small_ckpt, runtime="openvino")
     with pytest.raises(DToPError, match="unknown runtime"):
         load_engine(small_onnx, runtime="ncnn")
-    with pytest.raises(DToPError, match="is a fp32 model, not int8"):
+    with pytest.raises(DToPError, match=r"is not an INT8 model \(fp32\): make one"):
         OpenVinoEngine(ir, precision="int8")
     with pytest.raises(DToPError, match="unknown OpenVINO precision"):
         OpenVinoEngine(ir, precision="fp8")
@@ -486,3 +495,102 @@ def test_fp32_islands_run_fp32_under_an_f16_hint() -> None:
     x = _x(2, 64, 96)
     got, ref = OpenVinoEngine(src, precision="fp16", threads=1).embed(x), load_engine(src).embed(x)
     assert float((got * ref).sum(1).min()) >= 0.999
+
+
+def _copy_ir(ir: Path, dest: Path, precision: str | None = None) -> Path:
+    """A copy of ``ir`` at ``dest`` (its .bin too), its recorded ``dtop.precision`` set to ``precision``."""
+    import shutil
+
+    shutil.copy(ir.with_suffix(".bin"), dest.with_suffix(".bin"))
+    text = ir.read_text()
+    if precision is not None:
+        text = text.replace('<dtop.precision value="fp32" />', f'<dtop.precision value="{precision}" />')
+    dest.write_text(text)
+    return dest
+
+
+def test_a_float_hint_on_an_int8_ir_names_the_hint_to_drop(ir: Path, tmp_path: Path) -> None:
+    """`embed s.int8.xml:bf16` said "is a int8 model, not bf16: drop :int8", an option the user never wrote: now
+    "an int8 model, not bf16: drop :bf16" and why (its float parts run in f32)."""
+    int8 = _copy_ir(ir, tmp_path / "s.int8.xml", "int8")
+    for hint in ("bf16", "fp16"):
+        with pytest.raises(DToPError) as e:
+            OpenVinoEngine(int8, precision=hint)
+        assert f"s.int8.xml is an int8 model, not {hint}: drop :{hint} (an INT8 model runs its float parts" in str(
+            e.value
+        )
+        assert ":int8" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra", [[], ["--precision", "auto"]], ids=["fp32", "auto"])
+def test_int8_options_without_int8_are_refused(
+    small_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    """`openvino --recipe nncf --calib cal --calib-count 3 --keep-float elm` without --int8 wrote an fp32 IR, exit
+    0, every option ignored (with --precision auto too): each is refused in one line, as `executorch` does, nothing
+    written."""
+    out = tmp_path / "r.xml"
+    for option in (["--recipe", "nncf"], ["--calib", str(tmp_path)], ["--calib-count", "3"], ["--calib-sizes", "64"],
+                   ["--keep-float", "elm"]):  # fmt: skip
+        assert cli("openvino", str(small_onnx), "-o", str(out), *option, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {option[0]} applies to --int8 only: ") and err.count("\n") == 1, err
+        assert ("add --int8" in err) is not bool(extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_int8_onnx_is_refused_before_calibration(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`openvino p.int8.onnx --int8` (and `quantize p.int8.onnx`) read and preprocessed the calibration images before
+    refusing the INT8 input: now its metadata refuses it first."""
+    import onnx
+
+    import dtop_export.quantize as quantize
+    from dtop_export.contract import metadata_of, set_metadata
+
+    model = onnx.load(str(small_onnx))
+    set_metadata(model, {**metadata_of(model), "dtop.precision": "int8"})
+    q = tmp_path / "p.int8.onnx"
+    onnx.save_model(model, str(q))
+    monkeypatch.setattr(quantize, "default_calibration_images", lambda *a: pytest.fail("calibration images read"))
+    for argv in (["openvino", str(q), "--int8", "-o", str(tmp_path / "o.xml")],
+                 ["quantize", str(q), "-o", str(tmp_path / "o.onnx")]):  # fmt: skip
+        assert cli(*argv) == 2
+        assert capsys.readouterr().err == f"error: {q} is already int8: quantise the fp32 export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.int8.onnx"]
+
+
+def test_an_ir_replaced_is_put_back_whole_when_its_second_file_cannot_be_renamed(
+    small_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The IR's two files were renamed over the old ones one after the other, with nothing in between: a Ctrl-C
+    between the two renames, or a second rename that failed, left one file new and the other old. Now the pair is
+    put in place as atomic_paths does (the .bin first, signals held, the old pair put back when a rename fails), no
+    temporary file left."""
+    import errno
+    import os
+
+    from dtop_export.openvino_ir import write_ir
+
+    out = tmp_path / "r.xml"
+    out.write_bytes(b"old xml")
+    out.with_suffix(".bin").write_bytes(b"old bin")
+    replace, renamed = os.replace, []
+
+    def second_fails(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) in (out, out.with_suffix(".bin")) and not Path(src).name.endswith(".old"):
+            renamed.append(Path(dst).suffix)
+            if len(renamed) == 2:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="cross-device"):
+        write_ir(small_onnx, out)
+    assert out.read_bytes() == b"old xml" and out.with_suffix(".bin").read_bytes() == b"old bin"
+    assert renamed == [".bin", ".xml"]  # the entry point last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.bin", "r.xml"]
+    monkeypatch.setattr(os, "replace", replace)
+    write_ir(small_onnx, out)  # and without the failure, the new pair, which reads
+    assert read_model(out) is not None and out.with_suffix(".bin").stat().st_size > 1000

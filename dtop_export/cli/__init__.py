@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
+import threading
+from typing import Any
 
 import typer
 
@@ -51,9 +54,11 @@ __all__ = ["app", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: runs the app and turns user errors into one line + exit code 2."""
+    """Console-script entry point: runs the app and turns user errors into one line + exit code 2, and SIGTERM (a
+    timeout, ``docker stop``, a CI job cancelled) into what Ctrl-C does: temporary files removed, exit code 143."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("DTOP_EXPORT_DEBUG") == "1"
+    before = _on_sigterm()
     try:
         app(args=args, prog_name="dtop-export")
     except DToPError as e:
@@ -82,10 +87,31 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(getattr(interrupt, "exit_code", 130))  # 143: stopped by SIGTERM
         raise
     finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
         if argv is None:
             # The process exits next: spare the interpreter its final collection over everything the command
             # made (about 2 s after an r50-vitb16 export, whose tracing leaves millions of objects behind).
             gc.freeze()
+
+
+def _on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Interrupted` (exit code 143) in the main thread, as Ctrl-C raises KeyboardInterrupt,
+    so that the temporary files of the command are removed on the way out (by default SIGTERM ends the process where
+    it stands). Returns the handler it replaced (None: none replaced, off the main thread or where SIGTERM is ignored
+    or handled outside Python). Commands that stop gracefully (``train``, ``serve``) install their own while they
+    run."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    before = signal.getsignal(signal.SIGTERM)
+    if before in (signal.SIG_IGN, None):
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted("SIGTERM: files are written whole or not at all", signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return before
 
 
 def _interrupted(interrupt: BaseException) -> None:

@@ -269,15 +269,20 @@ NoCropOpt = Annotated[bool, typer.Option("--no-crop", help="Use whole query imag
 JsonOpt = Annotated[Path | None, output_option("--json", help="Also write the results as JSON to this file.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 CalibOpt = Annotated[
-    Path | None, typer.Option("--calib", help="Folder of calibration images (default: the embedded sample set).")
+    Path | None, typer.Option("--calib", help="Folder of calibration images (default: the embedded calibration set).")
 ]
-CalibCountOpt = Annotated[int, typer.Option("--calib-count", callback=at_least(1), help="Calibration images to use.")]
-CalibSizesOpt = Annotated[str, typer.Option("--calib-sizes", help="Longer-side sizes each image is calibrated at.")]
+CalibCountOpt = Annotated[
+    int | None, typer.Option("--calib-count", callback=at_least(1), help="Calibration images to use [default: 16].")
+]
+CalibSizesOpt = Annotated[
+    str | None, typer.Option("--calib-sizes", help="Longer-side sizes each image is calibrated at [default: 320,512].")
+]
 KeepFloatOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--keep-float",
-        help="Conv/MatMul roles left in float: first_conv, stem, elm, qkv, proj, fc1, fc2, attention, dpe.",
+        help="Conv/MatMul roles left in float: first_conv, stem, elm, qkv, proj, fc1, fc2, attention, dpe "
+        "[default: first_conv,stem,attention,dpe].",
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")]

@@ -117,6 +117,10 @@ def evaluate(
         f"{engine.label}, {result.image_size}px, scales {', '.join(f'{s:g}' for s in sc)}, "
         f"queries {'cropped' if not no_crop else 'uncropped'}: {result.seconds:.1f} s"
     )
+    from dtop_export.int8_check import calibration_overlap_note
+
+    if note := calibration_overlap_note(engine, [*ds.images, *ds.queries], "mAP"):  # graded on its calibration images
+        typer.echo(note)
     outputs = [p for p in (json_out, picture) if p is not None]
     if not outputs:
         return

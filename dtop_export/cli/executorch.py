@@ -87,9 +87,10 @@ def executorch(
             if value is not None:
                 raise DToPError(f"{flag} applies to --int8 only: add --int8, or drop {flag}")
     calib_count = 16 if calib_count is None else calib_count
-    from dtop_export.edge.pte import DEFAULT_KEEP_FLOAT
+    from dtop_export.edge.pte import DEFAULT_KEEP_FLOAT, check_keep_float
 
     roles = DEFAULT_KEEP_FLOAT if keep_float is None else [r.strip() for r in keep_float.split(",") if r.strip()]
+    check_keep_float(roles if int8 else ())  # before the checkpoint is read and a program built
     if calib_count < 1:
         raise DToPError(f"--calib-count must be >= 1, got {calib_count}")
     if checkpoint.suffix.lower() in (".pte", ".onnx", ".xml"):
@@ -118,6 +119,9 @@ def executorch(
             raise DToPError(
                 f"--size {s} is not a multiple of the model stride {stride}: try {lower} or {lower + stride}"
             )
+    from dtop_export.memory import check_image_size
+
+    check_image_size(max(sizes), stride=stride, option="--size")  # before minutes of work (and the OOM killer)
     con = console()
     paths, source = [], ""
     if int8:
@@ -153,7 +157,7 @@ def executorch(
             con.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.stage_seconds.items()), style="dim")
             check = r.quantization.get("check")
             if check:
-                from dtop_export.quantize import describe_check
+                from dtop_export.int8_check import describe_check
 
                 con.print(  # below the contract write_pte refused the program
                     f"INT8 vs the fp32 program on {describe_check(check)} from {source}: cosine min "

@@ -39,17 +39,17 @@ def openvino(
     ] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantise to INT8 (calibration images).")] = False,
     recipe: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--recipe",
             help="INT8 recipe: qdq (dtop-export quantize's calibration, converted; meets the contract) or nncf "
-            "(NNCF post-training quantisation; ~5% faster here, larger ΔmAP).",
+            "(NNCF post-training quantisation; ~5% faster here, larger ΔmAP) [default: qdq].",
         ),
-    ] = "qdq",
+    ] = None,
     calib: CalibOpt = None,
-    calib_count: CalibCountOpt = 16,
-    calib_sizes: CalibSizesOpt = "320,512",
-    keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
+    calib_count: CalibCountOpt = None,
+    calib_sizes: CalibSizesOpt = None,
+    keep_float: KeepFloatOpt = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -67,15 +67,24 @@ def openvino(
     writes the IR the C++ client should run on this CPU, as measured by `bench --recommend`."""
     from dtop_export.contract import preprocess_from_metadata
     from dtop_export.errors import DToPError
+    from dtop_export.int8_check import describe_check
     from dtop_export.openvino_ir import INT8_RECIPES, require_nncf, write_ir
+    from dtop_export.pipeline.artefacts import DEFAULT_CALIB_COUNT, DEFAULT_CALIB_SIZES
     from dtop_export.preprocess import list_images
     from dtop_export.quantize import (
+        DEFAULT_FLOAT_ROLES,
         calibration_and_check,
         default_calibration_images,
-        describe_check,
         require_dynamic_shapes,
+        require_fp32,
     )
 
+    int8_only = {"--recipe": recipe, "--calib": calib, "--calib-count": calib_count, "--calib-sizes": calib_sizes}
+    for flag, value in {**int8_only, "--keep-float": keep_float}.items():
+        if value is not None and not int8:  # an fp32 IR would ignore it
+            fix = "drop it" if precision is not None else "add --int8, or drop it"
+            raise DToPError(f"{flag} applies to --int8 only: {fix}")
+    recipe = recipe or "qdq"
     if recipe not in INT8_RECIPES:
         raise DToPError(f"unknown --recipe {recipe!r}: choose {', '.join(INT8_RECIPES)}")
     if precision is not None:
@@ -88,9 +97,11 @@ def openvino(
     if int8 and recipe == "nncf":
         require_nncf()  # after the options' own refusals; before the input, the output and the calibration
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
+    sizes: list[int] = []
     if int8:
+        require_fp32(meta, model)  # an INT8 file: before the calibration images are read
         require_dynamic_shapes(meta, model)
-    sizes = parse_int_list(calib_sizes, "--calib-sizes") if int8 else []
+        sizes = list(DEFAULT_CALIB_SIZES) if calib_sizes is None else parse_int_list(calib_sizes, "--calib-sizes")
     if sizes:
         from dtop_export.memory import check_image_size
 
@@ -99,7 +110,8 @@ def openvino(
     if output.suffix.lower() != ".xml":
         raise DToPError(f"output {output} should end in .xml (the .bin is written next to it)")
     refuse_existing(output.with_suffix(".bin"), force=force)
-    roles = [r.strip() for r in keep_float.split(",") if r.strip()]
+    roles = list(DEFAULT_FLOAT_ROLES) if keep_float is None else [r.strip() for r in keep_float.split(",") if r.strip()]
+    calib_count = DEFAULT_CALIB_COUNT if calib_count is None else calib_count
     tensors, source, check_inputs = [], "", None
     con = console()
     with spinner(con, "converting", progress) as status:

@@ -13,7 +13,9 @@ from dtop_export.cli.common import ProgressOpt, app, console, new_output, onnx_i
 @app.command()
 def optimize(
     model: Annotated[Path, typer.Argument(help="An fp32 ONNX file from `dtop-export onnx`.")],
-    output: Annotated[Path | None, output_option("-o", "--output", help="Default: MODEL.opt.onnx.")] = None,
+    output: Annotated[
+        Path | None, output_option("-o", "--output", help="Default: MODEL.opt.onnx.", suffix=".onnx")
+    ] = None,
     no_attention: Annotated[
         bool, typer.Option("--no-attention", help="Keep attention as exported (no MultiHeadAttention fusion).")
     ] = False,

@@ -86,6 +86,11 @@ def parity(
         f"{ds.name}: {report.n_queries} queries, {report.n_images} images, {report.image_size}px, "
         f"scales {', '.join(f'{s:g}' for s in sc)}: {report.seconds:.1f} s"
     )
+    from dtop_export.int8_check import calibration_overlap_note
+
+    for e in engines:  # an INT8 model graded on its own calibration images
+        if note := calibration_overlap_note(e, [*ds.images, *ds.queries], "ΔmAP"):
+            typer.echo(note)
     if json_out is not None:
         write_json(json_out, report.to_dict(), strict=True)  # strict JSON: no bare NaN
         typer.echo(f"wrote {json_out}")

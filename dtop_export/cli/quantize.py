@@ -28,34 +28,49 @@ from dtop_export.cli.common import (
 @app.command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="An fp32 ONNX file (`onnx`, or `optimize` for the fastest).")],
-    output: Annotated[Path | None, output_option("-o", "--output", help="Default: MODEL.int8.onnx.")] = None,
+    output: Annotated[
+        Path | None, output_option("-o", "--output", help="Default: MODEL.int8.onnx.", suffix=".onnx")
+    ] = None,
     calib: CalibOpt = None,
-    calib_count: CalibCountOpt = 16,
-    calib_sizes: CalibSizesOpt = "320,512",
+    calib_count: CalibCountOpt = None,
+    calib_sizes: CalibSizesOpt = None,
     method: Annotated[
         str,
-        typer.Option("--method", help="Calibration: minmax (mixed sizes), percentile or entropy (square crops)."),
+        typer.Option(
+            "--method",
+            help="Calibration: minmax (mixed sizes), percentile or entropy (square crops at one --calib-sizes size, "
+            "default 512).",
+        ),
     ] = "minmax",
-    keep_float: KeepFloatOpt = "first_conv,stem,attention,dpe",
+    keep_float: KeepFloatOpt = None,
     force: ForceOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Statically quantise to INT8 (QDQ; int8 per-channel weights, uint8 activations) with calibration
     images. Dynamic shapes are kept; LayerNorm, Softmax, GELU, GroupNorm, the DPE resize, FCs, whitening
     and the L2 norms stay float."""
-    from dtop_export.int8_check import INT8_MIN_COSINE
+    from dtop_export.errors import DToPError
+    from dtop_export.int8_check import INT8_MIN_COSINE, describe_check
     from dtop_export.logs import quiet_ort_logs
     from dtop_export.memory import check_image_size
-    from dtop_export.pipeline.artefacts import build_int8
+    from dtop_export.pipeline.artefacts import DEFAULT_CALIB_COUNT, DEFAULT_CALIB_SIZES, build_int8
     from dtop_export.preprocess import list_images
-    from dtop_export.quantize import describe_check, require_dynamic_shapes
+    from dtop_export.quantize import DEFAULT_FLOAT_ROLES, require_dynamic_shapes, require_fp32
 
     meta = onnx_input(model)  # a file that is not ONNX: one line, before "the output exists"
+    require_fp32(meta, model)  # an INT8 file: before the calibration images are read
     require_dynamic_shapes(meta, model)
-    sizes = parse_int_list(calib_sizes, "--calib-sizes")
+    sizes = parse_int_list(calib_sizes, "--calib-sizes") if calib_sizes is not None else list(DEFAULT_CALIB_SIZES)
+    if method != "minmax":  # one shape: square crops at one size (build_int8 would take the largest)
+        if calib_sizes is not None and len(sizes) > 1:
+            raise DToPError(
+                f"--method {method} calibrates at one size (square crops; an ONNX Runtime limitation): give one "
+                f"--calib-sizes (e.g. {max(sizes)}), or use --method minmax for several"
+            )
+        sizes = [max(sizes)]
     check_image_size(max(sizes), stride=int(meta.get("dtop.stride", 16)), option="--calib-sizes")
     output = new_output(model, output, ".int8.onnx", force)  # the input is checked above
-    roles = [r.strip() for r in keep_float.split(",") if r.strip()]
+    roles = list(DEFAULT_FLOAT_ROLES) if keep_float is None else [r.strip() for r in keep_float.split(",") if r.strip()]
     paths, source = (list_images(calib), str(calib)) if calib is not None else (None, "")
     con = console()
     with quiet_ort_logs(), progress_bar(con, enabled=progress) as prog:
@@ -70,7 +85,8 @@ def quantize(
             return lambda: prog.advance(task)
 
         r = build_int8(
-            model, output, calib_paths=paths, calib_source=source, calib_sizes=sizes, calib_count=calib_count,
+            model, output, calib_paths=paths, calib_source=source, calib_sizes=sizes,
+            calib_count=DEFAULT_CALIB_COUNT if calib_count is None else calib_count,
             method=method, keep_float=roles, on_calibration=calibrating, on_check=checking,
         )  # fmt: skip
     cal = r.calibration

@@ -254,9 +254,9 @@ def check_int8(fp32: torch.nn.Module, program: bytes, tensors: Sequence[np.ndarr
 
 def check_record(check: dict[str, Any], images: int, source: str) -> dict[str, Any]:
     """``check`` (:func:`check_int8`, on ``images`` images of ``source``) as ``dtop.quantization`` records it, with the
-    keys of quantize's and openvino's checks (:meth:`~dtop_export.quantize.CheckInputs.record`): ``held_out`` true,
+    keys of quantize's and openvino's checks (:meth:`~dtop_export.int8_check.CheckInputs.record`): ``held_out`` true,
     since the dynamic recipe calibrates nothing, so every check image is one calibration never saw."""
-    from dtop_export.quantize import CheckInputs
+    from dtop_export.int8_check import CheckInputs
 
     return check | CheckInputs([], images, held_out=True).record() | {"source": source}
 
@@ -271,6 +271,15 @@ def refuse_below_contract(check: dict[str, Any], source: str, keep_float: Sequen
     fix = [f"keeping more block layers float (--keep-float {roles})"] if more else []
     remedies = [*fix, "checking it on images like yours (--calib DIR)", "shipping the fp32 program (drop --int8)"]
     refuse(check, "the INT8 program", source, remedies, inputs="check images")
+
+
+def check_keep_float(keep_float: Sequence[str]) -> None:
+    """One line for ``--keep-float`` roles that are not :data:`INT8_ROLES`, or that leave nothing to quantise."""
+    unknown = sorted(set(keep_float) - set(INT8_ROLES))
+    if unknown:
+        raise DToPError(f"unknown INT8 role(s) {', '.join(unknown)}: choose from {', '.join(INT8_ROLES)}")
+    if set(keep_float) >= set(INT8_ROLES):
+        raise DToPError("--keep-float leaves no layer to quantise: drop a role, or drop --int8")
 
 
 def write_pte(
@@ -306,11 +315,7 @@ def write_pte(
     require_executorch()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     whiten = whiten and ckpt.whitening is not None
-    unknown = sorted(set(keep_float) - set(INT8_ROLES))
-    if unknown:
-        raise DToPError(f"unknown INT8 role(s) {', '.join(unknown)}: choose from {', '.join(INT8_ROLES)}")
-    if set(keep_float) >= set(INT8_ROLES):
-        raise DToPError("--keep-float leaves no layer to quantise: drop a role, or drop --int8")
+    check_keep_float(keep_float)
     bad = [tuple(x.shape) for x in calib if tuple(x.shape) != (1, 3, size, size)]
     if bad:
         raise DToPError(f"calibration tensors must be [1, 3, {size}, {size}], got {bad[0]}")

@@ -41,7 +41,9 @@ def build_int8(
     """Statically quantise ``onnx_path`` to ``output`` with calibration images run through the one
     preprocessing path (the model's own contract, read from its metadata).
 
-    ``calib_paths`` default to the embedded sample set's database images. ``minmax`` calibrates at every size
+    ``calib_paths`` default to the embedded calibration set (:func:`~dtop_export.quantize.default_calibration_images`:
+    no image of the embedded evaluation set, which grades the model). A model that is not the fp32 export is refused
+    before the calibration images are read. ``minmax`` calibrates at every size
     of ``calib_sizes`` (longer side); the histogram methods need one shape, so they take square crops at the
     largest size. ``on_calibration(total)`` may return a callback invoked once per calibration image, and
     ``on_check(total)`` one invoked once per input of the INT8 check (the INT8 contract, refused below it), which
@@ -55,6 +57,7 @@ def build_int8(
         calibration_and_check,
         default_calibration_images,
         quantize_int8,
+        require_fp32,
     )
 
     roles = list(DEFAULT_FLOAT_ROLES if keep_float is None else keep_float)
@@ -63,7 +66,9 @@ def build_int8(
         raise DToPError(f"unknown node role(s) {', '.join(bad)} in --keep-float: choose from {', '.join(ROLES)}")
     if method not in CALIBRATION_METHODS:
         raise DToPError(f"unknown --method {method!r}: choose {', '.join(CALIBRATION_METHODS)}")
-    pp = preprocess_from_metadata(read_metadata(onnx_path))
+    meta = read_metadata(onnx_path)
+    require_fp32(meta, onnx_path)
+    pp = preprocess_from_metadata(meta)
     if calib_paths is None:
         calib_paths, calib_source = default_calibration_images()
     square = method != "minmax"
