@@ -63,9 +63,9 @@ CALIBRATION_SET = "calib-sample"  # the embedded calibration set's folder, next 
 
 
 def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path], str]:
-    """The embedded calibration set: 3 views of each photo of the embedded training set made by its recipe
-    (:func:`~dtop_export.training.sample.build_training_sample`: random crop, rotation, illumination, JPEG; a seed of
-    their own, up to 512 px), 60 images, none of them an image of the embedded evaluation set (``--dataset sample``,
+    """The embedded calibration set: 3 views of each photo of the embedded training set (also the evaluation set's
+    photos) made by its recipe (:func:`~dtop_export.training.sample.build_training_sample`: random crop, rotation,
+    illumination, JPEG; a seed of their own, up to 512 px), 60 images, no file of the evaluation set (``sample``,
     which grades INT8 models: calibrated on its own images, their ΔmAP there was optimistic). Built on first use in
     ``cache_dir/calib-sample``, by default next to the evaluation set
     (:func:`~dtop_export.retrieval.datasets.default_data_root`: ``$DTOP_EXPORT_DATA``, else
@@ -75,7 +75,10 @@ def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path
     from dtop_export.training.sample import build_training_sample
 
     root = (cache_dir or default_data_root()) / CALIBRATION_SET
-    build_training_sample(root, views_per_class=3, seed=1, max_side=512)
+    try:
+        build_training_sample(root, views_per_class=3, seed=1, max_side=512)
+    except DToPError as e:  # e.g. a read-only data folder that holds only the evaluation set
+        raise DToPError(f"{e}: give --calib DIR, or build it with `dtop-export data sample $DTOP_EXPORT_DATA`") from e
     return list_images(root), f"embedded calibration set, no image of the evaluation set ({root})"
 
 

@@ -623,3 +623,48 @@ def test_revisitop_positives_are_checked_as_evaluate_checks_them(
     p.write_bytes(pickle.dumps(cfg))
     with pytest.raises(DToPError, match=message):
         D.read_revisitop(tmp_path, "tiny")
+
+
+def test_embedded_set_builds_beside_its_place_and_never_deletes_a_foreign_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The set was written in place after unlinking the old views: a second job building it at once deleted the
+    first's images while it listed them (12 calibration images of 60, no message), and a data.root that was a folder
+    of the user's own got views written into it. Now it is built beside its place and renamed in: a build that finds
+    the same set put there meanwhile keeps it; another recipe's set is replaced; a folder that is not the set is
+    refused; a folder it cannot write is one line (quantize's names --calib)."""
+    pytest.importorskip("skimage", reason="the embedded training set is made from scikit-image's photos")
+    from dtop_export.quantize import default_calibration_images
+    from dtop_export.training import sample
+
+    root = tmp_path / "set"
+    make_view, nested = sample._make_view, []
+
+    def racing(*args: object) -> object:  # another job builds and finishes while this one writes its first view
+        if not nested:
+            nested.append(root)
+            sample.build_training_sample(root, views_per_class=1, max_side=48)
+        return make_view(*args)
+
+    monkeypatch.setattr(sample, "_make_view", racing)
+    assert sample.build_training_sample(root, views_per_class=1, max_side=48) == root
+    monkeypatch.setattr(sample, "_make_view", make_view)
+    assert len(list(root.glob("*/*.jpg"))) == len(sample.PHOTOS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temporary folder left
+    sample.build_training_sample(root, views_per_class=2, max_side=48)  # another recipe: replaced whole
+    assert len(list(root.glob("*/*.jpg"))) == 2 * len(sample.PHOTOS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "photos" / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(DToPError, match=r"mine exists and is not the embedded image set: remove it or choose"):
+        sample.build_training_sample(mine, views_per_class=1, max_side=48)
+    assert [p.name for p in mine.rglob("*")] == ["photos", "keep.jpg"]
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(sample.tempfile, "mkdtemp", read_only)
+    with pytest.raises(DToPError, match=r"cannot build the embedded image set .*: Read-only file system: give --calib"):
+        default_calibration_images(tmp_path / "ro")

@@ -12,11 +12,15 @@ which is enough to show that training works, not a benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
+from dtop_export.atomic import new_folder_mode
 from dtop_export.errors import DToPError
 
 RECIPE_VERSION = 2
@@ -68,8 +72,6 @@ def build_training_sample(
     root: str | Path | None = None, views_per_class: int = 24, seed: int = 0, max_side: int = 320
 ) -> Path:
     """Write (or reuse) ``root/<class>/<view>.jpg`` and return ``root``."""
-    from PIL import Image
-
     root = Path(root).expanduser() if root else default_root()
     recipe = {"version": RECIPE_VERSION, "views": views_per_class, "seed": seed, "max_side": max_side}
     marker = root / "RECIPE.json"
@@ -79,13 +81,26 @@ def build_training_sample(
                 return root
         except json.JSONDecodeError:
             pass
+    if root.exists() and (not root.is_dir() or any(p.name not in {*PHOTOS, marker.name} for p in root.iterdir())):
+        raise DToPError(f"{root} exists and is not the embedded image set: remove it or choose another folder")
     src = _photo_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # a build interrupted from here on is redone next time
-    for cls in PHOTOS:  # views of another recipe must not linger
-        for old in (root / cls).glob("*.jpg") if (root / cls).is_dir() else ():
-            old.unlink()
-    from dtop_export.atomic import atomic_path, atomic_write_text
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    except OSError as e:
+        raise DToPError(f"cannot build the embedded image set {root}: {e.strerror or e}") from e
+    try:  # built beside root and renamed into place: never half-written, and two builds at once do not mix
+        os.chmod(tmp, new_folder_mode())  # mkdtemp's 0700 would outlive the rename
+        _write_views(tmp, src, views_per_class, seed, max_side)
+        (tmp / marker.name).write_text(json.dumps(recipe))
+        _swap_in(tmp, root, recipe)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _write_views(folder: Path, src: Path, views_per_class: int, seed: int, max_side: int) -> None:
+    from PIL import Image
 
     for cls, files in PHOTOS.items():
         photos = []
@@ -96,14 +111,36 @@ def build_training_sample(
                     photos.append(im.convert("RGB"))
         if not photos:
             continue
-        (root / cls).mkdir(exist_ok=True)
+        (folder / cls).mkdir(exist_ok=True)
         rng = random.Random(f"{seed}:{cls}")
         for v in range(views_per_class):
             view = _make_view(photos[v % len(photos)], rng, max_side)
-            with atomic_path(root / cls / f"{v:03d}.jpg") as tmp:
-                view.save(tmp, format="JPEG", quality=rng.randint(60, 95))
-    atomic_write_text(marker, json.dumps(recipe))
-    return root
+            view.save(folder / cls / f"{v:03d}.jpg", format="JPEG", quality=rng.randint(60, 95))
+
+
+def _swap_in(tmp: Path, root: Path, recipe: dict) -> None:
+    """Rename the built set ``tmp`` to ``root``; an older set there (another recipe, or a build of an older version
+    interrupted halfway) is moved aside first. Another process that put the same recipe's set there first wins."""
+    old = None
+    try:
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
+            with contextlib.suppress(FileNotFoundError):  # another build moved it aside first
+                os.replace(root, old / root.name)
+        os.replace(tmp, root)
+    except OSError:
+        if _recipe_of(root) != recipe:
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _recipe_of(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "RECIPE.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _make_view(img, rng: random.Random, max_side: int):  # noqa: ANN001, ANN202 - PIL images

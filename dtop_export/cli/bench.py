@@ -57,7 +57,8 @@ def bench(
         ),
     ] = None,
     calib: Annotated[
-        Path | None, typer.Option("--calib", help="Calibration images for --derive int8 (default: sample set).")
+        Path | None,
+        typer.Option("--calib", help="Calibration images for --derive int8 (default: the embedded calibration set)."),
     ] = None,
     workdir: Annotated[
         Path | None,

@@ -15,13 +15,19 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("sample")
 def data_sample(
-    root: Annotated[Path, typer.Argument(help="Folder to build into; the set lands in ROOT/sample.")],
+    root: Annotated[
+        Path, typer.Argument(help="Folder to build into: ROOT/sample, and INT8 calibration's ROOT/calib-sample.")
+    ],
     force: Annotated[bool, typer.Option("--force", "-f", help="Rebuild even if a valid copy exists.")] = False,
 ) -> None:
-    """Build the embedded sample set (revisitop layout, from scikit-image's photos): deterministic, cached."""
+    """Build the embedded sample set (revisitop layout, from scikit-image's photos) and the embedded calibration set
+    (INT8's default --calib): deterministic, cached."""
+    from dtop_export.quantize import CALIBRATION_SET, default_calibration_images
     from dtop_export.retrieval.datasets import load_revisitop_folder
     from dtop_export.retrieval.sample_data import NAME, build_sample_dataset
 
     folder = build_sample_dataset(root, force=force)
     ds = load_revisitop_folder(folder, NAME)
     typer.echo(f"{folder}: {ds.n_images} database images, {ds.n_queries} queries")
+    calib, _ = default_calibration_images(Path(root))  # INT8 calibration's default, built here up front too
+    typer.echo(f"{Path(root) / CALIBRATION_SET}: {len(calib)} calibration images (none of them an image of {NAME})")

@@ -63,7 +63,7 @@ def executorch(
     calib: Annotated[
         Path | None,
         typer.Option(
-            "--calib", help="Folder of images the INT8 program is checked on (default: the embedded sample set)."
+            "--calib", help="Folder of images the INT8 program is checked on (default: the embedded calibration set)."
         ),
     ] = None,
     calib_count: Annotated[
