@@ -316,6 +316,8 @@ class ExecuTorchEngine(Engine):
     def _run(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        if self.method is None:
+            raise DToPError(f"{self.source} was closed: open it again to embed with it")
         out = self.method.execute([torch.from_numpy(x)])[0]
         return np.array(out.numpy(), dtype=np.float32, copy=True)
 

@@ -343,6 +343,8 @@ def test_programs_open_together_share_one_pool_size_and_a_later_one_gets_the_def
         with load_engine(small_pte) as default:
             default.embed(x)
             assert lib._threadpool_get_thread_count() == 2 and default.pool_threads == 2
+        with pytest.raises(DToPError, match=r"small\.pte was closed: open it again"):  # was an AttributeError
+            default.embed(x)
     finally:
         lib._unsafe_reset_threadpool(before)
 
