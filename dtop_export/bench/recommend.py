@@ -207,7 +207,7 @@ def measure(
         else:
             p = par.engines[i - 1]
             row.cosine_min = float(p.cosine_min)
-            row.map_delta_max = max((abs(v) for v in p.map_delta.values()), default=0.0)
+            row.map_delta_max = max((abs(v) for v in p.map_delta.values() if v == v), default=0.0)  # NaN: no positives
             row.passed = p.passed
         rows.append(row)
     info = machine_info()
