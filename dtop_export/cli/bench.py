@@ -93,7 +93,8 @@ def bench(
     force: ForceOpt = False,
 ) -> None:
     """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
-    first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
+    first-call time, peak memory, file size and build time. Interleaved runs, same thread count (--threads) unless a
+    spec sets its own (model.onnx:threads=1; its % of peak is then read against a ceiling at those threads)."""
     import tempfile
 
     from dtop_export.atomic import atomic_write_text
