@@ -95,7 +95,7 @@ def _walk(f: BinaryIO, size: int) -> dict[str, str]:
             raise _Malformed(f"field {number} runs past the end of the file")
         f.seek(skip, os.SEEK_CUR)
     if GRAPH not in seen or IR_VERSION not in seen:
-        raise _Malformed("no graph" if GRAPH not in seen else "no ir_version")
+        raise _Malformed("empty file" if not size else "no graph" if GRAPH not in seen else "no ir_version")
     return meta
 
 

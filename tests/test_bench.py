@@ -276,7 +276,8 @@ def test_a_plan_is_opened_without_cpu_threads(monkeypatch: pytest.MonkeyPatch, t
 def test_each_pytorch_engine_runs_on_its_own_threads(small_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch has one thread count per process and the PyTorch engine set it only when it opened: the harness opens
     every engine before timing, so the last PyTorch engine's count ran them all (`a.pt a.pt:threads=1` timed both on
-    1 thread under a header saying "same thread count"), and the matmul ceiling was read at that count too."""
+    1 thread under a header saying "same thread count"), and the matmul ceiling was read at that count too; then
+    at --threads for both (the threads=1 row's % of peak read against a two-thread ceiling)."""
     import torch
 
     from dtop_export.bench import peak
@@ -307,7 +308,9 @@ def test_each_pytorch_engine_runs_on_its_own_threads(small_ckpt: Path, monkeypat
         torch.set_num_threads(before)
     assert [r.label for r in report.engines] == ["two", "one"]
     assert list(seen.values()) == [{2}, {1}]  # in load order: "two" on 2 threads in every pass, "one" on 1
-    assert peaks == [2]  # the ceiling at --threads
+    # a ceiling per thread count: "one"'s % of peak was read against the ceiling at --threads (2)
+    assert peaks == [2, 1] and set(report.matmul_peaks) == {"cpu fp32", "cpu fp32 threads=1"}
+    assert all(t.peak_pct == pytest.approx(t.gflops_per_s) for r in report.engines for t in r.timings)  # 100 GFLOP/s
 
 
 def test_a_tf32_plan_is_read_against_the_tf32_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -711,6 +711,19 @@ def _synthetic_shards(folder: Path, x: np.ndarray, shard_size: int) -> Path:
     return folder
 
 
+def test_the_default_train_size_trains_any_nlist_the_corpus_allows() -> None:
+    """The default training sample stopped at 200k rows: `index --type ivfpq --nlist 300000` on 1M descriptors said
+    "--train-size 200000 is too small ... (raise it, or leave it out for the default)" though none was given. The
+    default now grows to what nlist needs (at most the corpus); a --train-size given below it is still named."""
+    from dtop_export.corpus.index import ivfpq_training
+
+    assert ivfpq_training(1_000_000, 256, 300_000, None, 8, None) == (300_000, 32, 8, 300_000)
+    assert ivfpq_training(1_000_000, 256, 1000, None, 8, None)[3] == 64_000  # 64 per cell, under the 200k cap
+    assert ivfpq_training(1_000_000, 256, 10_000, None, 8, None)[3] == 200_000
+    with pytest.raises(DToPError, match="--train-size 200000 is too small"):
+        ivfpq_training(1_000_000, 256, 300_000, None, 8, 200_000)
+
+
 @pytest.mark.parametrize(
     ("train_size", "message"),
     [

@@ -5,7 +5,9 @@ per run (module fixtures, 128² inputs); the full model is ``slow``."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -638,7 +640,8 @@ def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte
 
     ExecuTorch's thread pool is the process's and XNNPACK keeps the one it loaded with: a second program opened with
     other threads rebuilt the pool under the first (its passes then ran on freed memory). Now refused while a program
-    is open; threads 0 takes the pool as it is; with none open a new count sizes it again."""
+    is open; threads 0 takes the pool as it is; with none open a new count sizes it again, and 0 sizes it to
+    ExecuTorch's own size capped at the CPUs (it kept what the last program left: 1 thread after a threads-1 one)."""
     from dtop_export.cpp import build, executorch_plan, openvino_sdk
 
     prefix = tmp_path / "prefix"
@@ -662,6 +665,9 @@ def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte
     from PIL import Image
 
     Image.new("RGB", (50, 70), (200, 100, 0)).save(tmp_path / "a.png")
+    # the pool's own size, in a process of its own (this one's pool was resized by other tests)
+    probe = "import executorch.extension.pybindings.portable_lib as lib; print(lib._threadpool_get_thread_count())"
+    pool_default = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()[-1])
     r = subprocess.run([str(app / "b" / "app"), str(small_pte), str(tmp_path / "a.png")], capture_output=True,
                        text=True, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -671,6 +677,7 @@ def test_find_package_dtop_with_the_executorch_component(client: Path, small_pte
         "run on 2 threads: open this one with threads 2 (or 0), or close them first",
         "default: 2 threads, same descriptor: 1",
         "alone: 1 threads",
+        f"default again: {min(pool_default, len(os.sched_getaffinity(0)))} threads",
     ], r.stdout
 
 
@@ -700,8 +707,12 @@ int main(int argc, char** argv) {
     dtop::Embedder same(dtop::open_executorch(argv[1]), argv[1]);
     std::printf("default: %s, same descriptor: %d\n", threads(same).c_str(), e.embed(dtop::load_image(argv[2])) == d);
   }
-  dtop::Embedder alone(dtop::open_executorch(argv[1], one), argv[1]);
-  std::printf("alone: %s\n", threads(alone).c_str());
+  {
+    dtop::Embedder alone(dtop::open_executorch(argv[1], one), argv[1]);
+    std::printf("alone: %s\n", threads(alone).c_str());
+  }
+  dtop::Embedder fresh(dtop::open_executorch(argv[1]), argv[1]);
+  std::printf("default again: %s\n", threads(fresh).c_str());
 }
 """
 

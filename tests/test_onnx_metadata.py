@@ -78,7 +78,7 @@ def test_reading_metadata_does_not_import_onnx(small_onnx: Path) -> None:
     ("content", "says"),
     [
         (b"hello, this is not a model\n" * 20, "is not a readable ONNX file (wire type"),
-        (b"", "is not a readable ONNX file (no graph)"),
+        (b"", "is not a readable ONNX file (empty file)"),  # as `info` says (contract.load_onnx); "no graph" before
         (b"\x08\x08", "is not a readable ONNX file (no graph)"),
         ("truncated", "is not a readable ONNX file (field 7 runs past the end of the file)"),
         (b"\x08\x88\x88", "is not a readable ONNX file (file ends inside a varint)"),

@@ -309,3 +309,8 @@ def test_bench_recommend_refuses_the_options_it_does_not_use(
         err = capsys.readouterr().err
         assert f"--recommend does not use {named}: leave" in err and len(err.strip().splitlines()) == 1, err
     assert not md.exists() and not png.exists() and not (tmp_path / "cache").exists()
+    # --batch as read, not as typed: "1,1" and " 1" are the batch 1 it times (refused as "--batch" before)
+    monkeypatch.setattr(recommend, "recommend", lambda *_, **__: (_ for _ in ()).throw(DToPError("reached")))
+    for given in ("1,1", " 1"):
+        assert cli("bench", "--recommend", str(small_ckpt), "--batch", given) == 2
+        assert capsys.readouterr().err.strip().endswith("reached"), given

@@ -73,9 +73,11 @@ std::size_t usable_cpus() {
 // ExecuTorch's thread pool is the process's, and XNNPACK takes its pthreadpool when a program's forward method loads
 // and keeps it: resizing the pool destroys that pthreadpool, so a resize while any program is open left it running on
 // freed memory (ThreadPool::_unsafe_reset_threadpool says as much). The pool is sized only while no program of this
-// process is open; opening, sizing and loading the forward method happen under this mutex, counted in open_programs.
+// process is open: sizing it and loading the forward method (XNNPACK's hold on the pool) happen under this mutex,
+// counted in open_programs; Module::load and the metadata method run before it (neither touches the pool).
 std::mutex pool_mutex;
 std::size_t open_programs = 0;
+std::size_t pool_default = 0;  // the pool's own size, read before this file first resized it (0: not read yet)
 
 // "(code: the runtime's last error line)" for an error message.
 std::string reason(Error error) {
@@ -106,11 +108,13 @@ class ExecuTorchRuntime final : public Runtime {
     }
     read_metadata();
     std::lock_guard<std::mutex> lock(pool_mutex);
-    // The pool is the process's: --threads sizes it; by default ExecuTorch's size, capped at the usable CPUs (two
-    // threads on one CPU under taskset made every forward pass wait). Only while no other program is open.
+    // The pool is the process's: threads sizes it; 0 is ExecuTorch's own size (as it was before the first resize, not
+    // what an earlier program left), capped at the usable CPUs (two threads on one CPU under taskset made every
+    // forward pass wait). Only while no other program is open.
     if (auto* pool = executorch::extension::threadpool::get_threadpool(); pool != nullptr) {
       const std::size_t have = pool->get_thread_count();
-      std::size_t wanted = options.threads > 0 ? static_cast<std::size_t>(options.threads) : have;
+      if (pool_default == 0) pool_default = have;
+      std::size_t wanted = options.threads > 0 ? static_cast<std::size_t>(options.threads) : pool_default;
       if (const std::size_t cpus = usable_cpus(); options.threads == 0 && cpus > 0 && wanted > cpus) wanted = cpus;
       if (wanted != have && open_programs > 0) {
         if (options.threads > 0) {

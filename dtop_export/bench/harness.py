@@ -312,9 +312,11 @@ def run_bench(
         for spec, res, engine in zip(specs, results, engines):
             if not counted(spec.path):  # another model: these FLOPs are not its own
                 continue
-            key = ceiling_key(engine)
+            key, own = ceiling_key(engine), spec.options.get("threads") or threads
+            if key is not None and key.startswith("cpu") and own != threads:  # a spec's threads=: its own ceiling
+                key = f"{key} threads={own}"
             if key is not None and key not in peaks:
-                peaks[key] = matmul_peak(*key.split(), threads=threads)  # the engines' threads, not torch's last
+                peaks[key] = matmul_peak(*key.split()[:2], threads=own)  # the engine's threads, not torch's last
             for t in res.timings:
                 t.gflops_per_s = gflops[t.size] * t.images_per_s
                 t.peak_pct = 100 * t.gflops_per_s / peaks[key] if key is not None else None

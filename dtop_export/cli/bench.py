@@ -94,7 +94,8 @@ def bench(
     force: ForceOpt = False,
 ) -> None:
     """Benchmark engines side by side: latency p50/p90, images/s, speed-up vs PyTorch eager fp32, GFLOP/s,
-    first-call time, peak memory, file size and build time. Interleaved runs, same thread count."""
+    first-call time, peak memory, file size and build time. Interleaved runs, same thread count (--threads) unless a
+    spec sets its own (model.onnx:threads=1; its % of peak is then read against a ceiling at those threads)."""
     import tempfile
 
     from dtop_export.atomic import atomic_write_text
@@ -104,12 +105,12 @@ def bench(
     from dtop_export.memory import check_image_size
     from dtop_export.pipeline.artefacts import derive_specs
 
-    if recommend:
-        _refuse_unused_by_recommend(batch=batch != "1", warmup=warmup != 1, derive=derive is not None,
+    batch_list = parse_int_list(batch, "--batch")
+    if recommend:  # --batch as read: "1,1" and " 1" are the batch 1 it times
+        _refuse_unused_by_recommend(batch=set(batch_list) != {1}, warmup=warmup != 1, derive=derive is not None,
                                     plot=plot is not None, markdown=markdown is not None, no_flops=no_flops,
                                     precision=precision is not None)  # fmt: skip
     size_list = parse_int_list(sizes, "--sizes")
-    batch_list = parse_int_list(batch, "--batch")
     check_image_size(max(size_list), batch=max(batch_list), option="--sizes", batch_option="--batch")
     refuse_existing(json_out, plot, markdown, force=force)
     if recommend:

@@ -48,7 +48,9 @@ def index(
     train_size: Annotated[
         int | None,
         typer.Option(
-            "--train-size", callback=at_least(1), help="IVF-PQ training sample (default 64 per cell, <= 200k)."
+            "--train-size",
+            callback=at_least(1),
+            help="IVF-PQ training sample (default 64 per cell, <= 200k unless --nlist needs more).",
         ),
     ] = None,
     refine: Annotated[

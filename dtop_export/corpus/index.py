@@ -72,11 +72,13 @@ def check_index_options(kind: str, **given: int | None) -> list[str]:
 def ivfpq_training(n: int, dim: int, nlist: int | None, m: int | None, nbits: int | None,
                    train_size: int | None) -> tuple[int, int, int, int]:  # fmt: skip
     """(nlist, m, nbits, training rows) of an IVF-PQ over ``n`` descriptors: :func:`ivfpq_params`' defaults and
-    checks, and ``train_size`` (default 64 per cell or 39 per PQ centroid, at most 200k) checked as such."""
+    checks, and ``train_size`` (default 64 per cell or 39 per PQ centroid, at most 200k unless ``nlist`` or the codes
+    need more to train at all, never more than ``n``) checked as such."""
     from dtop_export.retrieval.search import ivfpq_params
 
     nlist, m, nbits = ivfpq_params(n, dim, nlist, m, nbits)
-    size, need = train_size or min(n, max(64 * nlist, 39 * 2**nbits), 200_000), max(nlist, 2**nbits)
+    need = max(nlist, 2**nbits)  # ivfpq_params checked n >= need: the default always trains
+    size = train_size or min(n, max(min(max(64 * nlist, 39 * 2**nbits), 200_000), need))
     if size > n:
         raise DToPError(f"--train-size {size} is larger than the corpus ({n} descriptors)")
     if size < need:
@@ -124,14 +126,14 @@ def build_corpus_index(
     """Index the shards of ``folder`` into ``output`` (+ sidecars, all written atomically); returns the sidecar.
 
     The folder is checked first (:func:`~dtop_export.corpus.integrity.verify_folder`, each shard's rows as they are
-    added: :func:`~dtop_export.corpus.integrity.check_rows`); ``force`` indexes what can be indexed, with a note.
-    IVF-PQ trains on ``train_size`` random rows (default: 64 per cell or 39 per PQ centroid, whichever is more,
-    at most 200k); ``nlist``/``m``/``nbits`` default as :func:`~dtop_export.retrieval.search.ivfpq_params`,
-    ``nprobe`` to 16. ``refine`` > 0 re-ranks ``refine * k`` IVF-PQ candidates with 8-bit scalar-quantised vectors
-    (N more bytes per image; recovers the exact top-k order that PQ alone blurs). ``advance(rows)`` is called
-    after each shard is added; ``note(text)`` gets what the user should know (ignored options, a small training
-    set, what ``force`` let through); ``trained()`` is called once IVF-PQ's sampling and k-means are done (minutes at
-    1M: a progress bar of their own).
+    added: :func:`~dtop_export.corpus.integrity.check_rows`); ``force`` indexes what can be indexed, with a note. IVF-PQ
+    trains on ``train_size`` random rows (default: 64 per cell or 39 per PQ centroid, whichever is more, at most 200k or
+    what ``nlist`` needs); ``nlist``/``m``/``nbits`` default as :func:`~dtop_export.retrieval.search.ivfpq_params`,
+    ``nprobe`` to 16. ``refine`` > 0 re-ranks ``refine * k`` IVF-PQ candidates with 8-bit scalar-quantised vectors (N
+    more bytes per image; recovers the exact top-k order that PQ alone blurs). ``advance(rows)`` is called after each
+    shard is added; ``note(text)`` gets what the user should know (ignored options, a small training set, what ``force``
+    let through); ``trained()`` is called once IVF-PQ's sampling and k-means are done (minutes at 1M: a progress bar of
+    their own).
     """
     import faiss
     import pyarrow as pa

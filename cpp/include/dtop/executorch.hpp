@@ -20,10 +20,12 @@ namespace dtop {
 
 /// Open a dtop-export `.pte`. options.threads sizes ExecuTorch's thread pool (one per process, shared by every program:
 /// XNNPACK keeps the pool it loaded with; 0 = its default, one thread per core, capped at the CPUs the process may run
-/// on). The pool is sized only while no other program is open: with programs open, 0 takes the pool as it is and
-/// another count than theirs is refused (an Error). options.precision must be "f32" (a program runs at the precision
-/// it was compiled with: an INT8 program's quantised layers compute in int8 whatever the hint). Throws Error when the
-/// file is missing, truncated, not a .pte, or carries no dtop-export contract.
+/// on, whatever size an earlier, closed program left). The pool is sized only while no other program is open: with
+/// programs open, 0 takes the pool as it is and another count than theirs is refused (an Error). The Python engine
+/// differs there: it refuses a default that is not the open programs' size instead of adopting it. options.precision
+/// must be "f32" (a program runs at the precision it was compiled with: an INT8 program's quantised layers compute in
+/// int8 whatever the hint). Throws Error when the file is missing, truncated, not a .pte, or carries no dtop-export
+/// contract.
 std::unique_ptr<Runtime> open_executorch(const std::string& model_path, const RuntimeOptions& options = {});
 
 /// True for a path ending in .pte (case-insensitive): what open_executorch takes.
