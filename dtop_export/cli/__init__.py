@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if interrupt is None or debug:
             raise
         _interrupted(interrupt)
-        sys.exit(130)
+        sys.exit(getattr(interrupt, "exit_code", 130))
     except SystemExit as e:
         interrupt = find_cause(e, KeyboardInterrupt)
         if e.code == 130 and interrupt is not None:
