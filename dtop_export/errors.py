@@ -28,6 +28,15 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+def raise_interrupted(signum: int, frame: object) -> None:
+    """The CLI's SIGTERM handler: SIGTERM raises :class:`Interrupted` (exit code 143) as Ctrl-C raises
+    KeyboardInterrupt. Code that defers Ctrl-C (a TensorRT build, whose callbacks swallow exceptions) defers the
+    signals this handles too."""
+    import signal
+
+    raise Interrupted(f"{signal.Signals(signum).name}: files are written whole or not at all", signum)
+
+
 def find_cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
     """The first exception of ``kind`` in the chain that led to ``error`` (its causes and contexts): typer raises
     ``Exit(130) from`` Ctrl-C's KeyboardInterrupt, and a C extension interrupted while it loads raises

@@ -414,6 +414,20 @@ def test_ctrl_c_while_a_c_extension_loads_is_an_interrupt(monkeypatch: pytest.Mo
     assert exit_info.value.code == 130
     assert "interrupted: files are written whole or not at all" in capsys.readouterr().err
 
+    def terminated_import(args: list[str], prog_name: str) -> None:  # SIGTERM there: 143, not 130 (a review)
+        from dtop_export.errors import raise_interrupted
+
+        try:
+            raise_interrupted(15, None)
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(cli_module, "app", terminated_import)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["embed"])
+    assert exit_info.value.code == 143
+    assert "interrupted: SIGTERM: files are written whole or not at all" in capsys.readouterr().err
+
     def broken_import(args: list[str], prog_name: str) -> None:
         raise ImportError("no module named nothing")
 
@@ -422,14 +436,19 @@ def test_ctrl_c_while_a_c_extension_loads_is_an_interrupt(monkeypatch: pytest.Mo
         cli_module.main(["embed"])
 
 
-@pytest.mark.parametrize("command", ["executorch", "quantize"])
+@pytest.mark.parametrize("command", ["executorch", "quantize", "embed"])
 def test_sigterm_leaves_no_temporary_file(command: str, small_ckpt: Path, small_onnx: Path, tmp_path: Path) -> None:
     """SIGTERM (`timeout`, `docker stop`, a CI job cancelled) ended a command where it stood, unlike Ctrl-C:
     `executorch` left its staged `.s.pte.XXXX.tmp` next to the output, `quantize` its `dtop-quant-*` folder in
-    $TMPDIR (20 MB; 0.5 GB for r50-vitb16). Now it stops as Ctrl-C does: exit 143, one line, nothing staged left."""
+    $TMPDIR (20 MB; 0.5 GB for r50-vitb16). Now it stops as Ctrl-C does: exit 143, one line, nothing staged left.
+    A local `embed` job says how many shards are complete, with 143 too (it exited 130, a review)."""
     import os
+    import re
     import signal
     import time
+
+    import numpy as np
+    from PIL import Image
 
     if command == "executorch":
         pytest.importorskip("executorch.runtime", reason="the [edge] extra")
@@ -438,15 +457,22 @@ def test_sigterm_leaves_no_temporary_file(command: str, small_ckpt: Path, small_
     out.mkdir()
     if command == "executorch":
         argv, staged = ["executorch", str(small_ckpt), "--size", "128", "-o", str(out / "s.pte")], out
-    else:
+    elif command == "quantize":
         argv = ["quantize", str(small_onnx), "-o", str(out / "q.onnx"), "--calib-count", "8", "--calib-sizes", "128"]
         staged = tmp
+    else:  # the job has started once its manifest is written: SIGTERM in the middle of it
+        images, rng = tmp_path / "images", np.random.default_rng(0)
+        images.mkdir()
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(images / f"p{i}.png")
+        argv, staged = ["embed", str(small_onnx), str(images), "-o", str(out / "c"), "--shard-size", "4"], out / "c"
+    pattern = {"executorch": ".*.tmp", "quantize": "dtop-*", "embed": "manifest.json"}[command]
     env = {**os.environ, "TMPDIR": str(tmp)}
     proc = subprocess.Popen([*EXE, *argv, "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     try:
         for _ in range(6000):  # a hang detector, not a timing: until the command has staged its work
-            if list(staged.glob(".*.tmp" if command == "executorch" else "dtop-*")) or proc.poll() is not None:
+            if list(staged.glob(pattern)) or proc.poll() is not None:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
@@ -455,6 +481,13 @@ def test_sigterm_leaves_no_temporary_file(command: str, small_ckpt: Path, small_
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == "interrupted: SIGTERM: files are written whole or not at all", err[-3000:]
     assert "Traceback" not in err
+    if command == "embed":
+        assert re.fullmatch(
+            rf"interrupted: \d+ of 6 shard\(s\) are complete in {re.escape(str(out / 'c'))} \(each shard is written "
+            r"whole\); run the same command again to embed the rest",
+            err.strip().splitlines()[-1],
+        ), err[-3000:]
+        return
+    assert err.strip().splitlines()[-1] == "interrupted: SIGTERM: files are written whole or not at all", err[-3000:]
     assert list(out.iterdir()) == [] and not list(tmp.glob("dtop-*"))

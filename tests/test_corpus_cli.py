@@ -196,3 +196,38 @@ def test_address_local_is_a_local_cluster(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(cluster, "token_auth_enabled", lambda: True)
     assert cluster.connect("local") is True
     assert len(calls) == 1 and "address" not in calls[0] and calls[0]["_node_ip_address"] == "127.0.0.1"
+
+
+def test_connecting_to_ray_keeps_the_sigterm_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray.init` installs its own SIGTERM handler (`sys.exit(signum)`), which replaced the CLI's: SIGTERM during
+    `embed --ray` skipped the interrupt's cleanup and line (a review). connect puts the previous handler back, also
+    when ray.init fails (a stub here: no cluster is started)."""
+    import signal
+    import sys
+
+    ray = pytest.importorskip("ray")
+
+    from dtop_export.corpus import cluster
+    from dtop_export.errors import raise_interrupted
+
+    def init_like_ray(**kw: Any) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        if kw.get("address") == "bad":
+            raise RuntimeError("no cluster there")
+
+    for key in (*cluster.LOCAL_CLUSTER_ENV, "RAY_AUTH_MODE"):
+        monkeypatch.setenv(key, os.environ.get(key, "token"))  # restored after the test
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_like_ray)
+    monkeypatch.setattr(cluster, "token_auth_enabled", lambda: True)
+    monkeypatch.setattr(cluster, "check_reachable", lambda address, gcs: None)
+    monkeypatch.setattr(cluster, "gcs_address", lambda address: None)
+    before = signal.signal(signal.SIGTERM, raise_interrupted)  # what main() installs
+    try:
+        assert cluster.connect("local") is True
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupted
+        with pytest.raises(RuntimeError, match="no cluster there"):
+            cluster.connect("bad")
+        assert signal.getsignal(signal.SIGTERM) is raise_interrupted
+    finally:
+        signal.signal(signal.SIGTERM, before)

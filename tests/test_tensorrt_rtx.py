@@ -397,6 +397,40 @@ def test_ctrl_c_stops_a_build_at_once_and_writes_nothing(
 
 
 @needs_rtx
+def test_sigterm_stops_a_trt_build_exit_143_and_writes_nothing(
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM (`timeout`, `docker stop`) while TensorRT builds: the CLI's handler raised Interrupted inside a
+    TensorRT callback, TensorRT swallowed it and the plan was written, exit 0 (a review), where before the CLI had a
+    SIGTERM handler the process died with nothing written. Now it stops the build as Ctrl-C does: exit 143, no plan,
+    and the handlers are the CLI's again afterwards."""
+    import os
+    import signal
+
+    from dtop_export.cli import main
+    from dtop_export.engines.tensorrt import watch
+
+    sent: list[str] = []
+    say = watch.BuildWatch._say
+
+    def term_in_build(self: watch.BuildWatch, text: str) -> None:  # TensorRT's first phase: the build is under way
+        if not sent:
+            sent.append(text)
+            os.kill(os.getpid(), signal.SIGTERM)
+        say(self, text)
+
+    monkeypatch.setattr(watch.BuildWatch, "_say", term_in_build)
+    before = signal.getsignal(signal.SIGTERM)
+    plan = tmp_path / "tiny.plan"
+    with pytest.raises(SystemExit) as e:
+        main(["trt", str(tiny), "--target", "sm86", *TINY_PROFILE, "-o", str(plan), "--no-progress"])
+    assert e.value.code == 143 and sent, (e.value.code, sent)
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted: the TensorRT build was stopped; no plan written"
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@needs_rtx
 def test_a_rebuild_never_leaves_the_old_sidecar_beside_the_new_plan(
     tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,7 @@ from dtop_export.cli import (  # noqa: F401 - each module registers the command 
     whiten,
 )
 from dtop_export.cli.common import app
-from dtop_export.errors import DToPError, Interrupted, find_cause
+from dtop_export.errors import DToPError, Interrupted, find_cause, raise_interrupted
 
 __all__ = ["app", "main"]
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if interrupt is None or debug:
             raise
         _interrupted(interrupt)
-        sys.exit(130)
+        sys.exit(getattr(interrupt, "exit_code", 130))
     except SystemExit as e:
         interrupt = find_cause(e, KeyboardInterrupt)
         if e.code == 130 and interrupt is not None:
@@ -106,11 +106,7 @@ def _on_sigterm() -> Any:
     before = signal.getsignal(signal.SIGTERM)
     if before in (signal.SIG_IGN, None):
         return None
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Interrupted("SIGTERM: files are written whole or not at all", signum)
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     return before
 
 

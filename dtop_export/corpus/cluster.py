@@ -120,6 +120,12 @@ def connect(address: str | None, **init_options: Any) -> bool:
     quiet_worker_lines()
     options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
     options.update(init_options)
+    with _keeping_sigterm():
+        _init(ray, address, options)
+    return True
+
+
+def _init(ray: Any, address: str | None, options: dict[str, Any]) -> None:
     try:
         if address is None:
             with _single_machine_mode():
@@ -155,7 +161,25 @@ def connect(address: str | None, **init_options: Any) -> bool:
         if isinstance(e, ConnectionError):
             raise DToPError(f"cannot reach the Ray cluster at {address}: {e}; start one with `ray start --head`") from e
         raise
-    return True
+
+
+@contextlib.contextmanager
+def _keeping_sigterm() -> Iterator[None]:
+    """``ray.init`` installs a SIGTERM handler of its own (``sys.exit(signum)``), replacing the CLI's, which stops a
+    command as Ctrl-C does (its temporary files removed, exit 143): put back the handler that was there (main
+    thread only; ``serve`` installs its own after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, before)
 
 
 def _token_problem(error: BaseException) -> tuple[str | None, str]:

@@ -309,14 +309,16 @@ def embed_corpus(job: CorpusJob, log: Callable[[str], None] | None = None) -> Co
             except BaseException as e:  # Ctrl-C, also as the cause of another error (a C extension loading)
                 from dtop_export.corpus.shards import shard_is_complete
 
-                if find_cause(e, KeyboardInterrupt) is None:
+                cause = find_cause(e, KeyboardInterrupt)
+                if cause is None:
                     raise
 
                 n = settings.n_shards()
                 done = sum(shard_is_complete(job.output, k, settings) for k in range(n))
                 raise Interrupted(
                     f"{done} of {n} shard(s) are complete in {job.output} (each shard is written whole); run the same "
-                    "command again to embed the rest"
+                    "command again to embed the rest",
+                    getattr(cause, "exit_code", 130) - 128,  # SIGTERM's Interrupted: exit code 143
                 ) from e
     finally:
         if ray_plan is not None:

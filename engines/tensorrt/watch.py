@@ -15,6 +15,10 @@ build stops at the next step (TensorRT-RTX 1.7 releases the GIL while it builds,
 would delay the line to the next callback, as before); a second Ctrl-C while TensorRT builds exits 130 at once:
 nothing is on disk then but finished plans (each with its sidecar), since the build writes its files only after
 TensorRT returns and the FP16 ONNX only with the first plan.
+
+SIGTERM, which the CLI turns into :class:`~dtop_export.errors.Interrupted` too
+(:func:`~dtop_export.errors.raise_interrupted`), was lost the same way (the plan written, exit 0): while the CLI's
+handler is installed it is deferred like Ctrl-C, and the stop raises ``Interrupted`` with its number (exit code 143).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dtop_export.errors import Interrupted
+from dtop_export.errors import Interrupted, raise_interrupted
 
 
 class BuildWatch:
@@ -42,33 +46,43 @@ class BuildWatch:
         self.report: Callable[[str], None] | None = None  # hears "Timing tactics (2/3)"
         self.kept: list[Path] = []  # plans written whole (each with its sidecar): what a stop keeps
         self.planned = list(planned)  # every plan the build writes: those not reached may hold old plans
+        self.signum = int(signal.SIGINT)  # the signal that stopped the build (SIGTERM: exit code 143)
         self._presses = 0
         self._in_build = False
         self._listening = False
+        self._deferred: set[int] = set()  # the signals turned into the flag while inside deferring_ctrl_c
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.interrupted:  # before the listener thread heard it, or without one
+            self.signum = int(signum)
         if not self._listening:  # no listener thread: the handler runs at TensorRT's next callback
-            self._press()
+            self._press(signum)
         self.interrupted = True
 
-    def _press(self) -> None:
-        """One Ctrl-C: the first says that the build stops at the next step, a second one during the build exits
-        (outside it, files being written, it is not promised: they are finished first)."""
+    def _press(self, signum: int = signal.SIGINT) -> None:
+        """One Ctrl-C (or SIGTERM): the first says that the build stops at the next step, a second one during the
+        build exits (outside it, files being written, it is not promised: they are finished first)."""
         self._presses += 1
+        if not self.interrupted:
+            self.signum = int(signum)
         self.interrupted = True
         if self._presses == 1:
+            line = self.STOPPING if self._in_build else self.STOPPING_OUTSIDE
+            if signum != signal.SIGINT:
+                line = f"{signal.Signals(signum).name}: {line}"
             with contextlib.suppress(Exception):  # no stderr to tell it on: the stop still comes
-                print(self.STOPPING if self._in_build else self.STOPPING_OUTSIDE, file=sys.stderr, flush=True)
+                print(line, file=sys.stderr, flush=True)
         elif self._in_build:
-            self._abort_now()
+            self._abort_now(signum)
 
-    def _abort_now(self) -> None:
-        """Exit 130 at once, TensorRT still building (no exception reaches Python through TensorRT's callbacks)."""
+    def _abort_now(self, signum: int = signal.SIGINT) -> None:
+        """Exit 128 + ``signum`` (130 for Ctrl-C) at once, TensorRT still building (no exception reaches Python
+        through TensorRT's callbacks)."""
         with contextlib.suppress(OSError):
             if os.isatty(1):
                 os.write(1, b"\x1b[?25h\n")  # the status line hid the cursor, and nothing else will show it again
             os.write(2, f"interrupted: the TensorRT build was aborted; {self.kept_line()}\n".encode())
-        os._exit(130)
+        os._exit(128 + int(signum))
 
     def kept_line(self) -> str:
         """What a stop leaves: the plans written, and the old plans of targets not reached once some were (their
@@ -82,9 +96,10 @@ class BuildWatch:
         return line
 
     def stop_if_interrupted(self) -> None:
-        """Ctrl-C came during the build: stop (:class:`~dtop_export.errors.Interrupted`), naming the plans kept."""
+        """Ctrl-C (or SIGTERM) came during the build: stop (:class:`~dtop_export.errors.Interrupted`, exit code 128 +
+        the signal's number), naming the plans kept."""
         if self.interrupted:
-            raise Interrupted(f"the TensorRT build was stopped; {self.kept_line()}")
+            raise Interrupted(f"the TensorRT build was stopped; {self.kept_line()}", self.signum)
 
     @contextlib.contextmanager
     def building(self) -> Iterator[None]:
@@ -97,8 +112,9 @@ class BuildWatch:
 
     @contextlib.contextmanager
     def _listener(self) -> Iterator[None]:
-        """A thread that hears each SIGINT the moment it arrives (the C-level handler writes its number to a pipe),
-        whatever the main thread is doing. Not where another wakeup fd is set (an event loop's) or can be."""
+        """A thread that hears each deferred signal (SIGINT, SIGTERM) the moment it arrives (the C-level handler
+        writes its number to a pipe), whatever the main thread is doing. Not where another wakeup fd is set (an
+        event loop's) or can be."""
         read_fd, write_fd = os.pipe()
         try:
             os.set_blocking(write_fd, False)
@@ -117,10 +133,10 @@ class BuildWatch:
                 for signum in data:
                     if signum == 0:  # the end, written below
                         return
-                    if signum == signal.SIGINT:
-                        self._press()
+                    if signum in self._deferred:
+                        self._press(signum)
 
-        self._listening = True  # from here each SIGINT is the listener's (counted once)
+        self._listening = True  # from here each deferred signal is the listener's (counted once)
         thread = threading.Thread(target=listen, name="dtop-export-ctrl-c", daemon=True)
         thread.start()
         try:
@@ -134,22 +150,27 @@ class BuildWatch:
 
     @contextlib.contextmanager
     def deferring_ctrl_c(self) -> Iterator[BuildWatch]:
-        """While inside: SIGINT sets :attr:`interrupted` instead of raising, said at once by a listener thread (only
-        on the main thread, and only where Python's own Ctrl-C handler is installed: a caller with its own keeps
-        it)."""
+        """While inside: SIGINT (and SIGTERM) set :attr:`interrupted` instead of raising, said at once by a listener
+        thread (only on the main thread, and only where Python's own Ctrl-C handler, or the CLI's SIGTERM one, is
+        installed: a caller with its own keeps it; SIGTERM's default still ends the process, with nothing written)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is not signal.default_int_handler:
+        mine = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: raise_interrupted}
+        previous = {s: signal.getsignal(s) for s in mine}
+        self._deferred = {int(s) for s in mine if previous[s] is mine[s]}
+        if not self._deferred:
             yield self
             return
-        signal.signal(signal.SIGINT, self._on_signal)
         try:
+            for s in self._deferred:
+                signal.signal(s, self._on_signal)
             with self._listener():
                 yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s in self._deferred:
+                signal.signal(s, previous[s])
+            self._deferred = set()
 
     def _say(self, text: str) -> None:
         if self.report is not None:
