@@ -208,12 +208,14 @@ def test_connecting_to_ray_keeps_the_sigterm_handler(monkeypatch: pytest.MonkeyP
     ray = pytest.importorskip("ray")
 
     from dtop_export.corpus import cluster
-    from dtop_export.errors import raise_interrupted
+    from dtop_export.errors import Interrupted, raise_interrupted
 
     def init_like_ray(**kw: Any) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         if kw.get("address") == "bad":
             raise RuntimeError("no cluster there")
+        if kw.get("address") == "slow":  # SIGTERM while the node starts: Ray's handler runs
+            os.kill(os.getpid(), signal.SIGTERM)
 
     for key in (*cluster.LOCAL_CLUSTER_ENV, "RAY_AUTH_MODE"):
         monkeypatch.setenv(key, os.environ.get(key, "token"))  # restored after the test
@@ -229,5 +231,8 @@ def test_connecting_to_ray_keeps_the_sigterm_handler(monkeypatch: pytest.MonkeyP
         with pytest.raises(RuntimeError, match="no cluster there"):
             cluster.connect("bad")
         assert signal.getsignal(signal.SIGTERM) is raise_interrupted
+        with pytest.raises(Interrupted) as stopped:  # was SystemExit(15): no cleanup line, exit 15
+            cluster.connect("slow")
+        assert stopped.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) is raise_interrupted
     finally:
         signal.signal(signal.SIGTERM, before)

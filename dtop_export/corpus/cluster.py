@@ -177,6 +177,12 @@ def _keeping_sigterm() -> Iterator[None]:
     before = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as e:  # SIGTERM while ray.init starts a node: its handler's sys.exit(15), not the CLI's
+        from dtop_export.errors import raise_interrupted
+
+        if e.code == signal.SIGTERM and before is raise_interrupted:
+            raise_interrupted(signal.SIGTERM, None)  # Interrupted: the cleanup, its line, exit 143
+        raise
     finally:
         if before is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, before)
