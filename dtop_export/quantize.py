@@ -78,7 +78,9 @@ def default_calibration_images(cache_dir: Path | None = None) -> tuple[list[Path
     try:
         build_training_sample(root, views_per_class=3, seed=1, max_side=512)
     except DToPError as e:  # e.g. a read-only data folder that holds only the evaluation set
-        raise DToPError(f"{e}: give --calib DIR, or build it with `dtop-export data sample $DTOP_EXPORT_DATA`") from e
+        raise DToPError(
+            f"{e}: give --calib DIR, or build it where it can be written: dtop-export data sample {root.parent}"
+        ) from e
     return list_images(root), f"embedded calibration set, no image of the evaluation set ({root})"
 
 

@@ -642,13 +642,15 @@ def test_embedded_set_builds_beside_its_place_and_never_deletes_a_foreign_folder
 
     def racing(*args: object) -> object:  # another job builds and finishes while this one writes its first view
         if not nested:
-            nested.append(root)
+            nested.append(0)
             sample.build_training_sample(root, views_per_class=1, max_side=48)
+            nested[0] = root.stat().st_ino
         return make_view(*args)
 
     monkeypatch.setattr(sample, "_make_view", racing)
     assert sample.build_training_sample(root, views_per_class=1, max_side=48) == root
     monkeypatch.setattr(sample, "_make_view", make_view)
+    assert root.stat().st_ino == nested[0]  # the other job's set kept, never moved aside under its readers
     assert len(list(root.glob("*/*.jpg"))) == len(sample.PHOTOS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no temporary folder left
     sample.build_training_sample(root, views_per_class=2, max_side=48)  # another recipe: replaced whole
@@ -658,9 +660,10 @@ def test_embedded_set_builds_beside_its_place_and_never_deletes_a_foreign_folder
     mine = tmp_path / "mine"
     (mine / "photos").mkdir(parents=True)
     (mine / "photos" / "keep.jpg").write_bytes(b"x")
+    (mine / ".DS_Store").write_bytes(b"")  # a dot-file alone would not make it foreign
     with pytest.raises(DToPError, match=r"mine exists and is not the embedded image set: remove it or choose"):
         sample.build_training_sample(mine, views_per_class=1, max_side=48)
-    assert [p.name for p in mine.rglob("*")] == ["photos", "keep.jpg"]
+    assert sorted(p.name for p in mine.rglob("*")) == [".DS_Store", "keep.jpg", "photos"]
 
     def read_only(*args: object, **kwargs: object) -> str:
         raise PermissionError(30, "Read-only file system")

@@ -81,7 +81,7 @@ def build_training_sample(
                 return root
         except json.JSONDecodeError:
             pass
-    if root.exists() and (not root.is_dir() or any(p.name not in {*PHOTOS, marker.name} for p in root.iterdir())):
+    if root.exists() and (not root.is_dir() or any(_foreign(p, marker.name) for p in root.iterdir())):
         raise DToPError(f"{root} exists and is not the embedded image set: remove it or choose another folder")
     src = _photo_dir()
     try:
@@ -94,6 +94,8 @@ def build_training_sample(
         _write_views(tmp, src, views_per_class, seed, max_side)
         (tmp / marker.name).write_text(json.dumps(recipe))
         _swap_in(tmp, root, recipe)
+    except OSError as e:  # no space, a mount point that cannot be renamed, ...
+        raise DToPError(f"cannot build the embedded image set {root}: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -119,8 +121,11 @@ def _write_views(folder: Path, src: Path, views_per_class: int, seed: int, max_s
 
 
 def _swap_in(tmp: Path, root: Path, recipe: dict) -> None:
-    """Rename the built set ``tmp`` to ``root``; an older set there (another recipe, or a build of an older version
-    interrupted halfway) is moved aside first. Another process that put the same recipe's set there first wins."""
+    """Rename the built set ``tmp`` to ``root``. The same recipe's set already there (another job built it
+    meanwhile) is kept, ours dropped; another recipe's (or an older version's build interrupted halfway) is moved
+    aside first."""
+    if _recipe_of(root) == recipe:
+        return
     old = None
     try:
         if root.exists():
@@ -129,11 +134,16 @@ def _swap_in(tmp: Path, root: Path, recipe: dict) -> None:
                 os.replace(root, old / root.name)
         os.replace(tmp, root)
     except OSError:
-        if _recipe_of(root) != recipe:
+        if _recipe_of(root) != recipe:  # not another job's same set, put there in between
             raise
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _foreign(entry: Path, marker: str) -> bool:
+    """An entry that is not the set's: neither a class folder nor its marker (dot-files such as .DS_Store are fine)."""
+    return entry.name not in {*PHOTOS, marker} and not entry.name.startswith(".")
 
 
 def _recipe_of(root: Path) -> dict | None:

@@ -18,7 +18,14 @@ def data_sample(
     root: Annotated[
         Path, typer.Argument(help="Folder to build into: ROOT/sample, and INT8 calibration's ROOT/calib-sample.")
     ],
-    force: Annotated[bool, typer.Option("--force", "-f", help="Rebuild even if a valid copy exists.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Rebuild sample/ even if a valid copy exists (calib-sample/ is rebuilt when its recipe changes).",
+        ),
+    ] = False,
 ) -> None:
     """Build the embedded sample set (revisitop layout, from scikit-image's photos) and the embedded calibration set
     (INT8's default --calib): deterministic, cached."""
