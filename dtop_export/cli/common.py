@@ -204,6 +204,26 @@ def refuse_existing(*paths: Path | None, force: bool) -> None:
         )
 
 
+def check_report_files(json_out: Path | None, picture: Path | None) -> None:
+    """``--json`` and ``--picture`` of a command that writes both (``evaluate``, ``search``): the picture a .png,
+    and two files, before any work."""
+    if picture is not None and picture.suffix.lower() != ".png":
+        raise DToPError(f"--picture {picture} should end in .png")
+    if json_out is not None and picture is not None and json_out.resolve() == picture.resolve():
+        raise DToPError(f"--json and --picture both name {picture}: give two files")
+
+
+@contextlib.contextmanager
+def written_together(*paths: Path | None) -> Iterator[dict[Path, Path]]:
+    """The outputs given (None: not asked for) written as one set: yields each one's temporary file to write, all
+    renamed into place when the body returns, none when it raises (:func:`~dtop_export.atomic.atomic_paths`)."""
+    from dtop_export.atomic import atomic_paths
+
+    outputs = [p for p in paths if p is not None]
+    with atomic_paths(outputs) as temps:
+        yield dict(zip(outputs, temps))
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"224,384,512"`` -> [224, 384, 512] (the library's parser, imported lazily)."""
     from dtop_export.bench.spec import parse_int_list as parse

@@ -18,13 +18,14 @@ from dtop_export.cli.common import (
     ProgressOpt,
     ScalesOpt,
     app,
+    check_report_files,
     open_engine,
     output_option,
     progress_bar,
     refuse_existing,
     write_json,
+    written_together,
 )
-from dtop_export.errors import DToPError
 
 
 @app.command()
@@ -74,10 +75,7 @@ def evaluate(
     from dtop_export.retrieval.extract import parse_scales
 
     sc = parse_scales(scales)
-    if picture is not None and picture.suffix.lower() != ".png":
-        raise DToPError(f"--picture {picture} should end in .png")
-    if json_out is not None and picture is not None and json_out.resolve() == picture.resolve():
-        raise DToPError(f"--json and --picture both name {picture}: give two files")
+    check_report_files(json_out, picture)
     refuse_existing(json_out, picture, force=force)
     ds = resolve_dataset(dataset, data_root)
     if picture is not None:  # before anything is embedded: a picture of nothing would fail only at the end
@@ -121,13 +119,7 @@ def evaluate(
 
     if note := calibration_overlap_note(engine, [*ds.images, *ds.queries], "mAP"):  # graded on its calibration images
         typer.echo(note)
-    outputs = [p for p in (json_out, picture) if p is not None]
-    if not outputs:
-        return
-    from dtop_export.atomic import atomic_paths
-
-    with atomic_paths(outputs) as temps:  # written as one set: a picture that fails leaves no --json behind
-        tmp = dict(zip(outputs, temps))
+    with written_together(json_out, picture) as tmp:  # a picture that fails leaves no --json behind
         if picture is not None:
             from dtop_export.retrieval.visualize import retrieval_picture
 
@@ -137,5 +129,5 @@ def evaluate(
             )  # fmt: skip
         if json_out is not None:
             write_json(tmp[json_out], {"model": str(model), **result.to_dict()})
-    for path in outputs:
+    for path in tmp:
         typer.echo(f"wrote {path}")

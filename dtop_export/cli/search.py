@@ -12,10 +12,12 @@ from dtop_export.cli.common import (
     JsonOpt,
     app,
     at_least,
+    check_report_files,
     console,
     output_option,
     refuse_existing,
     write_json,
+    written_together,
 )
 from dtop_export.errors import DToPError
 
@@ -64,10 +66,7 @@ def search(
     from dtop_export.preprocess import IMAGE_SUFFIXES, expand_images
     from dtop_export.retrieval.extract import extract
 
-    if picture is not None and picture.suffix.lower() != ".png":
-        raise DToPError(f"--picture {picture} should end in .png")
-    if json_out is not None and picture is not None and json_out.resolve() == picture.resolve():
-        raise DToPError(f"--json and --picture both name {picture}: give two files")
+    check_report_files(json_out, picture)
     refuse_existing(json_out, picture, force=force)
     idx = CorpusIndex(index_file)
     if nprobe is not None and idx.info["type"] == "flat":  # as `index` says of IVF-PQ options for a flat index
@@ -96,13 +95,7 @@ def search(
         for h in hits:
             table.add_row(str(h.rank), f"{h.score:.4f}", h.id, h.path)
         con.print(table)
-    outputs = [p for p in (json_out, picture) if p is not None]
-    if not outputs:
-        return
-    from dtop_export.atomic import atomic_paths
-
-    with atomic_paths(outputs) as temps:  # written as one set, the picture first: an error leaves neither behind
-        tmp = dict(zip(outputs, temps))
+    with written_together(json_out, picture) as tmp:  # the picture first: an error leaves neither behind
         if picture is not None:
             _draw(paths, results, tmp[picture])
         if json_out is not None:
@@ -117,7 +110,7 @@ def search(
                     ],
                 },
             )
-    for path in outputs:
+    for path in tmp:
         con.print(f"wrote {path}", markup=False)
 
 
