@@ -1,9 +1,11 @@
-"""Quieting chatty libraries: Python logging for a while (ONNX Runtime's Python tools, one named logger), single
-notices for good (:class:`DropMessages`), and ONNX Runtime's C++ logger."""
+"""Quieting chatty libraries: Python logging for a while (ONNX Runtime's Python tools, one named logger), what they
+print to stdout (:func:`printed_to_log`), single notices for good (:class:`DropMessages`), and ONNX Runtime's C++
+logger."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from collections.abc import Iterator
 
@@ -37,6 +39,24 @@ def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def printed_to_log(enabled: bool = True) -> Iterator[None]:
+    """While ``enabled``, what is printed to stdout (ONNX Runtime's histogram calibrators, NNCF's progress bars) is
+    logged at debug level instead: stdout keeps the command's own lines. A live display that writes to
+    ``sys.stdout`` pauses meanwhile."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger(__name__).debug("printed: %s", line)
 
 
 @contextlib.contextmanager

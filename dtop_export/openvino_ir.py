@@ -147,8 +147,7 @@ def _nncf_int8(onnx_path: Path, model: Any, calib: Sequence[np.ndarray], roles: 
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    from dtop_export.logs import quiet_logger, quiet_logging
-    from dtop_export.quantize import printed_to_log
+    from dtop_export.logs import printed_to_log, quiet_logger, quiet_logging
 
     nncf.set_log_level(logging.WARNING)  # its INFO lines list every op it leaves float
     ignored = ignored_names(onnx_path, roles, model)

@@ -20,8 +20,6 @@ Quantise it with :mod:`dtop_export.quantize` for the fastest CPU path.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 import time
@@ -35,7 +33,7 @@ import numpy as np
 from dtop_export.atomic import atomic_path
 from dtop_export.contract import load_onnx, metadata_of, set_metadata
 from dtop_export.errors import DToPError
-from dtop_export.logs import quiet_logging
+from dtop_export.logs import printed_to_log, quiet_logging
 from dtop_export.onnx_graph import attr
 from dtop_export.onnx_rewrites import MS_DOMAIN, fuse_attention, rewrite_dpe_resize
 
@@ -145,7 +143,7 @@ def _ort_transformer_fusions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, d
     with (
         tempfile.TemporaryDirectory(prefix="dtop-ortopt-") as tmp,
         quiet_logging(),
-        contextlib.redirect_stdout(io.StringIO()),
+        printed_to_log(),
     ):
         src = Path(tmp) / "in.onnx"
         onnx.save_model(model, str(src))

@@ -15,8 +15,6 @@ calibration set (:func:`default_calibration_images`), no image of which is in th
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import tempfile
@@ -337,7 +335,7 @@ def quantize_int8(
         onnx.save_model(model, str(named))  # node names filled in by plan_quantization
         del model
         staged = Path(tmp) / "int8.onnx"
-        from dtop_export.logs import quiet_logging
+        from dtop_export.logs import printed_to_log, quiet_logging
 
         with quiet_logging(), printed_to_log(method != "minmax"):  # the histogram calibrators print
             quantize_static(
@@ -430,21 +428,3 @@ def check_int8(
         if on_item is not None:
             on_item()
     return agreement(a, b, "the fp32 ONNX in ONNX Runtime (CPU)")
-
-
-@contextlib.contextmanager
-def printed_to_log(enabled: bool = True) -> Iterator[None]:
-    """While ``enabled``, what is printed to stdout (ONNX Runtime's histogram calibrators, NNCF's progress bars) is
-    logged at debug level instead: stdout keeps the command's own lines. A live display that writes to
-    ``sys.stdout`` pauses meanwhile."""
-    if not enabled:
-        yield
-        return
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        for line in buffer.getvalue().splitlines():
-            if line.strip():
-                log.debug("printed: %s", line)
